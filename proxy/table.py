@@ -1,0 +1,302 @@
+"""THE CONTRACT between controller and proxy: the routing table, its JSON form and its lookup.
+
+The controller compiles MailRoutes into a ``RoutingTable`` and ships its canonical JSON; every
+proxy parses it with ``from_json`` and answers "which route owns this login?" with ``lookup``.
+The version is the SHA-256 of the canonical JSON, so republishing equal content is a no-op and
+status can cite the exact table a proxy runs. This module is the only part of ``proxy`` the
+controller may import. Pure: no I/O, no clocks, no logging.
+
+Lookup precedence (design.md): exact user, then exact domain, then the longest wildcard domain
+(``*.example.com`` matches any name below example.com, not example.com itself), then the
+catch-all ``"*"``. Only routes that serve the asked protocol take part. Names compare
+case-insensitively (RFC 5321 section 2.4 for domains; user names are folded as Dovecot's
+default ``auth_username_format = %Lu`` does).
+"""
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+Protocol = Literal["imap", "pop3", "submission", "smtp"]
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+BackendTls = Literal["none", "starttls", "tls"]
+ClientInfo = Literal["none", "proxy-v2", "xclient", "id"]
+Balance = Literal["user-hash", "round-robin", "least-connections"]
+AuthMode = Literal["backend", "http"]
+
+TABLE_API_VERSION = "mailgress.io/table/v1"
+CATCH_ALL = "*"
+WILDCARD_PREFIX = "*."
+
+
+class TableError(ValueError):
+    """A table document that does not follow this contract."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    """One ready address of a backend Service."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where one protocol of a route goes, and how the proxy talks to it."""
+
+    service: str  # namespace/name of the backend Service, for logs and status
+    endpoints: tuple[Endpoint, ...]
+    tls: BackendTls = "none"
+    client_info: ClientInfo = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAuth:
+    """nginx auth_http settings of a route (auth mode ``http``)."""
+
+    url: str
+    timeout_seconds: float = 5.0
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A compiled MailRoute: what it matches and where each protocol goes."""
+
+    name: str  # namespace/name of the MailRoute
+    generation: int
+    users: tuple[str, ...]
+    domains: tuple[str, ...]
+    upstreams: tuple[tuple[Protocol, Upstream], ...]  # sorted by protocol, at most one each
+    balance: Balance = "user-hash"
+    auth: AuthMode = "backend"
+    http_auth: HttpAuth | None = None
+
+    def upstream(self, protocol: Protocol) -> Upstream | None:
+        for candidate, upstream in self.upstreams:
+            if candidate == protocol:
+                return upstream
+        return None
+
+
+def _empty_index() -> dict[Protocol, dict[str, Route]]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    """An immutable, versioned set of routes. Build it with ``make_table`` or ``from_json``."""
+
+    routes: tuple[Route, ...]
+    version: str
+    # Per protocol, every match key (a user, a domain, "*.suffix" or "*") to its route.
+    _index: dict[Protocol, dict[str, Route]] = field(default_factory=_empty_index, compare=False, repr=False)
+
+
+def _fold(name: str) -> str:
+    return name.strip().lower()
+
+
+def domain_of(address: str) -> str:
+    """The domain part of ``user@domain`` (empty when there is none), folded to lower case."""
+    _, at, domain = address.rpartition("@")
+    return _fold(domain) if at else ""
+
+
+def _build_index(routes: tuple[Route, ...]) -> dict[Protocol, dict[str, Route]]:
+    index: dict[Protocol, dict[str, Route]] = {protocol: {} for protocol in PROTOCOLS}
+    for route in routes:
+        keys = [_fold(user) for user in route.users] + [_fold(domain) for domain in route.domains]
+        for protocol, _ in route.upstreams:
+            for key in keys:
+                # The compiler resolves conflicts; a hand-made table keeps the first claim.
+                index[protocol].setdefault(key, route)
+    return index
+
+
+def lookup(table: RoutingTable, protocol: Protocol, login: str) -> Route | None:
+    """The route that owns ``login`` (a user name or, for inbound SMTP, a recipient address).
+
+    Returns None when no route serves this login for this protocol.
+    """
+    keys = table._index.get(protocol)
+    if not keys:
+        return None
+    folded = _fold(login)
+    route = keys.get(folded)
+    if route is not None and "@" in folded:
+        return route
+    domain = domain_of(folded)
+    if domain:
+        route = keys.get(domain)
+        if route is not None:
+            return route
+        # Longest wildcard first: walk up the labels of the domain.
+        labels = domain.split(".")
+        for start in range(1, len(labels)):
+            route = keys.get(WILDCARD_PREFIX + ".".join(labels[start:]))
+            if route is not None:
+                return route
+    elif route is not None:
+        return route  # an exact user without a domain part ("ceo")
+    return keys.get(CATCH_ALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical JSON
+
+
+def _route_document(route: Route) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "name": route.name,
+        "generation": route.generation,
+        "users": list(route.users),
+        "domains": list(route.domains),
+        "balance": route.balance,
+        "auth": route.auth,
+        "upstreams": {
+            protocol: {
+                "service": upstream.service,
+                "endpoints": [{"host": e.host, "port": e.port} for e in upstream.endpoints],
+                "tls": upstream.tls,
+                "clientInfo": upstream.client_info,
+            }
+            for protocol, upstream in route.upstreams
+        },
+    }
+    if route.http_auth is not None:
+        document["httpAuth"] = {
+            "url": route.http_auth.url,
+            "timeoutSeconds": route.http_auth.timeout_seconds,
+            "headers": [list(pair) for pair in route.http_auth.headers],
+        }
+    return document
+
+
+def _canonical(routes: tuple[Route, ...]) -> bytes:
+    body = {"apiVersion": TABLE_API_VERSION, "routes": [_route_document(r) for r in routes]}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def make_table(routes: tuple[Route, ...] | list[Route]) -> RoutingTable:
+    """Build a table: routes sorted by name, version = sha256 of the canonical JSON."""
+    ordered = tuple(sorted(routes, key=lambda route: route.name))
+    version = "sha256:" + hashlib.sha256(_canonical(ordered)).hexdigest()
+    return RoutingTable(routes=ordered, version=version, _index=_build_index(ordered))
+
+
+EMPTY_TABLE = make_table(())
+
+
+def to_json(table: RoutingTable) -> bytes:
+    """The canonical JSON document, with the version, as the controller publishes it."""
+    body = json.loads(_canonical(table.routes))
+    body["version"] = table.version
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _expect(document: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in document:
+        raise TableError(f"{where}: missing {key!r}")
+    value = document[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TableError(f"{where}: {key!r} has the wrong type")
+    return value
+
+
+def _choice(value: Any, allowed: tuple[str, ...], where: str) -> Any:
+    if value not in allowed:
+        raise TableError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _parse_upstream(document: Any, where: str) -> Upstream:
+    if not isinstance(document, dict):
+        raise TableError(f"{where}: not an object")
+    endpoints = []
+    for number, item in enumerate(_expect(document, "endpoints", list, where)):
+        spot = f"{where}.endpoints[{number}]"
+        if not isinstance(item, dict):
+            raise TableError(f"{spot}: not an object")
+        port = _expect(item, "port", int, spot)
+        if not 0 < port < 65536:
+            raise TableError(f"{spot}: port {port} out of range")
+        endpoints.append(Endpoint(host=_expect(item, "host", str, spot), port=port))
+    return Upstream(
+        service=_expect(document, "service", str, where),
+        endpoints=tuple(endpoints),
+        tls=_choice(_expect(document, "tls", str, where), get_args(BackendTls), where),
+        client_info=_choice(_expect(document, "clientInfo", str, where), get_args(ClientInfo), where),
+    )
+
+
+def _parse_route(document: Any, where: str) -> Route:
+    if not isinstance(document, dict):
+        raise TableError(f"{where}: not an object")
+    upstreams = _expect(document, "upstreams", dict, where)
+    for protocol in upstreams:
+        _choice(protocol, PROTOCOLS, f"{where}.upstreams")
+    http_auth = None
+    if "httpAuth" in document:
+        spot = f"{where}.httpAuth"
+        raw = _expect(document, "httpAuth", dict, where)
+        headers = _expect(raw, "headers", list, spot)
+        pairs_ok = all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
+            for pair in headers
+        )
+        if not pairs_ok:
+            raise TableError(f"{spot}: headers must be [name, value] pairs")
+        http_auth = HttpAuth(
+            url=_expect(raw, "url", str, spot),
+            timeout_seconds=float(_expect(raw, "timeoutSeconds", (int, float), spot)),
+            headers=tuple((name, value) for name, value in headers),
+        )
+    names = (_expect(document, "users", list, where), _expect(document, "domains", list, where))
+    if not all(isinstance(name, str) for group in names for name in group):
+        raise TableError(f"{where}: users and domains must be strings")
+    return Route(
+        name=_expect(document, "name", str, where),
+        generation=_expect(document, "generation", int, where),
+        users=tuple(names[0]),
+        domains=tuple(names[1]),
+        upstreams=tuple(
+            (protocol, _parse_upstream(upstreams[protocol], f"{where}.upstreams.{protocol}"))
+            for protocol in PROTOCOLS
+            if protocol in upstreams
+        ),
+        balance=_choice(_expect(document, "balance", str, where), get_args(Balance), where),
+        auth=_choice(_expect(document, "auth", str, where), get_args(AuthMode), where),
+        http_auth=http_auth,
+    )
+
+
+def from_json(data: bytes | str) -> RoutingTable:
+    """Parse and check a published table; the version must match the content.
+
+    Raises:
+        TableError: the document is not a table of this API version, or was altered.
+    """
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TableError(f"not JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise TableError("table: not an object")
+    if document.get("apiVersion") != TABLE_API_VERSION:
+        raise TableError(f"table: apiVersion must be {TABLE_API_VERSION!r}")
+    routes = [
+        _parse_route(item, f"routes[{number}]")
+        for number, item in enumerate(_expect(document, "routes", list, "table"))
+    ]
+    table = make_table(routes)
+    claimed = _expect(document, "version", str, "table")
+    if claimed != table.version:
+        raise TableError(f"table: version {claimed} does not match its content ({table.version})")
+    return table
