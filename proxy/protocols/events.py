@@ -15,6 +15,7 @@ and a ``BackendLogin``; its verdict goes back to the front-end as ``LoginAccepte
 ``LoginRejected`` or ``LoginUnavailable``. Nothing here does I/O or reads a clock.
 """
 
+import typing
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
@@ -202,3 +203,17 @@ class BackendFailed:
 
 
 Command = Send | Close | StartTls | Authenticate | Relay | LoginSucceeded | LoginFailed | BackendFailed
+
+
+class FrontendMachine(typing.Protocol):
+    """What the driver needs of a protocol's ``Frontend``."""
+
+    def start(self) -> list[Command]: ...
+
+    def handle(self, event: Event) -> list[Command]: ...
+
+
+class BackendMachine(typing.Protocol):
+    """What the driver needs of a protocol's ``BackendLogin``."""
+
+    def handle(self, event: Event) -> list[Command]: ...

@@ -1,0 +1,211 @@
+"""The proxy's settings file: listeners, admin port, timeouts and the route source.
+
+One format serves the standalone mode (MailRoute files plus a ``services`` stand-in for
+EndpointSlices) and, later, the Helm chart's ConfigMap. ``parse`` checks a loaded document and
+turns every mistake into a ``SettingsError`` naming the offending key; ``load`` reads the file.
+Never holds credentials.
+"""
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from proxy.table import Endpoint
+
+ListenerProtocol = Literal["imap", "pop3", "submission", "smtp"]
+
+# nginx's `timeout` (60 s) bounds everything before login; RFC 5321 section 4.5.3.2.7 asks an SMTP
+# server to wait at least 5 minutes for a command, but before login a short bound is what keeps
+# slow-loris clients from holding sockets, and real clients log in within seconds.
+DEFAULT_PRE_LOGIN_TIMEOUT = 60.0
+DEFAULT_BACKEND_CONNECT_TIMEOUT = 5.0
+# A backend must answer each login step in this time (nginx reuses `timeout`, 60 s).
+DEFAULT_BACKEND_LOGIN_TIMEOUT = 30.0
+# After login: IMAP IDLE clients re-issue IDLE every 29 minutes (RFC 2177), so anything below
+# 30 minutes would cut idling clients; one hour leaves margin. nginx's proxy_timeout is 24 h.
+DEFAULT_IDLE_TIMEOUT = 3600.0
+# nginx max_errors default.
+DEFAULT_MAX_ERRORS = 5
+
+
+class SettingsError(ValueError):
+    """The settings document is wrong; the message names the key and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    name: str
+    protocol: ListenerProtocol
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    pre_login: float = DEFAULT_PRE_LOGIN_TIMEOUT
+    backend_connect: float = DEFAULT_BACKEND_CONNECT_TIMEOUT
+    backend_login: float = DEFAULT_BACKEND_LOGIN_TIMEOUT
+    idle: float = DEFAULT_IDLE_TIMEOUT
+
+
+ServiceEndpoints = Mapping[tuple[str, str, str], tuple[Endpoint, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    listeners: tuple[ListenerSettings, ...]
+    admin: AdminSettings | None
+    server_name: str
+    timeouts: Timeouts
+    max_errors: int
+    route_files: tuple[Path, ...]
+    # (namespace, service, port as written in the MailRoute) -> addresses: stand-in for EndpointSlices.
+    services: ServiceEndpoints
+
+
+def _require(document: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in document:
+        raise SettingsError(f"{where}: missing {key!r}")
+    value = document[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SettingsError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _address(value: str, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError as error:
+        raise SettingsError(f"{where}: {value!r} is not an IP address") from error
+
+
+def _port(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise SettingsError(f"{where}: port must be a number from 1 to 65535, got {value!r}")
+    return value
+
+
+def parse_endpoint(text: str, where: str) -> Endpoint:
+    """``"127.0.0.1:143"`` or ``"[::1]:143"`` -> Endpoint."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit():
+        raise SettingsError(f"{where}: {text!r} is not host:port")
+    return Endpoint(host=_address(host.strip("[]"), where), port=_port(int(port), where))
+
+
+def _listeners(items: Any) -> tuple[ListenerSettings, ...]:
+    if not isinstance(items, list) or not items:
+        raise SettingsError("listeners: expected a non-empty list")
+    listeners = []
+    for number, item in enumerate(items):
+        where = f"listeners[{number}]"
+        if not isinstance(item, dict):
+            raise SettingsError(f"{where}: expected a mapping")
+        protocol = _require(item, "protocol", str, where)
+        if protocol not in get_args(ListenerProtocol):
+            raise SettingsError(f"{where}.protocol: {protocol!r} is not one of imap, pop3, submission, smtp")
+        listeners.append(
+            ListenerSettings(
+                name=str(item.get("name", protocol)),
+                protocol=protocol,
+                address=_address(_require(item, "address", str, where), f"{where}.address"),
+                port=_port(item.get("port"), f"{where}.port"),
+            )
+        )
+    names = [listener.name for listener in listeners]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise SettingsError(f"listeners: duplicate names {', '.join(duplicates)}")
+    return tuple(listeners)
+
+
+def _services(document: Any) -> ServiceEndpoints:
+    if not isinstance(document, dict):
+        raise SettingsError("services: expected a mapping of 'namespace/name' to ports")
+    services: dict[tuple[str, str, str], tuple[Endpoint, ...]] = {}
+    for reference, ports in document.items():
+        namespace, slash, name = str(reference).partition("/")
+        if not slash or not namespace or not name:
+            raise SettingsError(f"services: {reference!r} must be written namespace/name")
+        if not isinstance(ports, dict):
+            raise SettingsError(f"services.{reference}: expected a mapping of port to addresses")
+        for port, addresses in ports.items():
+            where = f"services.{reference}.{port}"
+            if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+                raise SettingsError(f"{where}: expected a list of 'host:port' strings")
+            services[(namespace, name, str(port))] = tuple(parse_endpoint(a, where) for a in addresses)
+    return services
+
+
+def _seconds(document: Mapping[str, Any], key: str, default: float) -> float:
+    value = document.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise SettingsError(f"timeouts.{key}: expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def parse(document: Any, base: Path) -> ProxySettings:
+    """Check a loaded settings document; relative route paths are taken from ``base``."""
+    if not isinstance(document, dict):
+        raise SettingsError("settings: expected a mapping at the top level")
+    known = {"listeners", "admin", "serverName", "timeouts", "maxErrors", "routes", "services"}
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise SettingsError(
+            f"settings: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    admin = None
+    if "admin" in document:
+        raw = _require(document, "admin", dict, "settings")
+        admin = AdminSettings(
+            address=_address(_require(raw, "address", str, "admin"), "admin.address"),
+            port=_port(raw.get("port"), "admin.port"),
+        )
+    raw_timeouts = document.get("timeouts", {})
+    if not isinstance(raw_timeouts, dict):
+        raise SettingsError("timeouts: expected a mapping")
+    timeouts = Timeouts(
+        pre_login=_seconds(raw_timeouts, "preLogin", DEFAULT_PRE_LOGIN_TIMEOUT),
+        backend_connect=_seconds(raw_timeouts, "backendConnect", DEFAULT_BACKEND_CONNECT_TIMEOUT),
+        backend_login=_seconds(raw_timeouts, "backendLogin", DEFAULT_BACKEND_LOGIN_TIMEOUT),
+        idle=_seconds(raw_timeouts, "idle", DEFAULT_IDLE_TIMEOUT),
+    )
+    routes = document.get("routes", [])
+    if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+        raise SettingsError("routes: expected a list of MailRoute file paths")
+    max_errors = document.get("maxErrors", DEFAULT_MAX_ERRORS)
+    if isinstance(max_errors, bool) or not isinstance(max_errors, int) or max_errors < 1:
+        raise SettingsError(f"maxErrors: expected a positive whole number, got {max_errors!r}")
+    server_name = document.get("serverName", "mailgress")
+    if not isinstance(server_name, str) or not server_name or any(c.isspace() for c in server_name):
+        raise SettingsError(f"serverName: expected a host name without spaces, got {server_name!r}")
+    return ProxySettings(
+        listeners=_listeners(document.get("listeners")),
+        admin=admin,
+        server_name=server_name,
+        timeouts=timeouts,
+        max_errors=max_errors,
+        route_files=tuple((base / route).resolve() for route in routes),
+        services=_services(document.get("services", {})),
+    )
+
+
+def load(path: Path) -> ProxySettings:
+    """Read and check a settings file."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise SettingsError(f"{path}: cannot read: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise SettingsError(f"{path}: not valid YAML: {error}") from error
+    return parse(document, path.parent)
