@@ -41,23 +41,14 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from proxy.protocols import events
-from proxy.protocols.events import Command, Event, FrontendConfig
+from proxy.protocols.events import Command, Event, FrontendConfig, FrontendMachine
 
 CRLF = b"\r\n"
 AUTHENTICATE_KEYS = frozenset(
     {"user", "tag", "protocol", "mechanism", "authzid", "password", "helo", "envelope"}
 )
-
-
-class FrontendMachine(Protocol):
-    """What the runner drives: the front-end shape from ``proxy.protocols.events``."""
-
-    def start(self) -> list[Command]: ...
-
-    def handle(self, event: Event) -> list[Command]: ...
 
 
 @dataclass(frozen=True, slots=True)
