@@ -1,0 +1,24 @@
+# The two commands README.md promises, plus the pieces they are made of.
+#   make demo   install everything, start Dovecot/Postfix demo backends and mailgress standalone
+#   make test   install everything the tests need and run the whole suite
+VENV ?= .venv
+PYTHON ?= python3
+
+.PHONY: demo test system-packages venv
+
+system-packages:
+	bash testbed/install-system-packages.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: system-packages venv
+	$(VENV)/bin/python -m testbed.demo
+
+test: system-packages venv
+	$(VENV)/bin/pytest

@@ -1,0 +1,74 @@
+"""The settings file: a good document parses; each mistake gets a message naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy import settings
+from proxy.table import Endpoint
+
+GOOD = """
+listeners:
+  - {name: imap, protocol: imap, address: 127.0.0.1, port: 1143}
+  - {name: mx, protocol: smtp, address: "::1", port: 1025}
+admin: {address: 127.0.0.1, port: 9901}
+serverName: mx.example
+timeouts: {preLogin: 30, idle: 600}
+routes: [routes/mailroutes.yaml]
+services:
+  mail/dovecot: {"143": ["127.0.0.1:10143", "[::1]:10143"]}
+"""
+
+
+def test_good_settings_parse(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(GOOD)
+    loaded = settings.load(path)
+    assert [listener.name for listener in loaded.listeners] == ["imap", "mx"]
+    assert loaded.listeners[1].address == "::1"
+    assert loaded.admin == settings.AdminSettings("127.0.0.1", 9901)
+    assert loaded.timeouts.pre_login == 30.0
+    assert loaded.timeouts.backend_connect == settings.DEFAULT_BACKEND_CONNECT_TIMEOUT
+    assert loaded.route_files == ((tmp_path / "routes" / "mailroutes.yaml").resolve(),)
+    assert loaded.services[("mail", "dovecot", "143")] == (Endpoint("127.0.0.1", 10143), Endpoint("::1", 10143))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"listeners": []}, "listeners: expected a non-empty list"),
+        ({"listeners": [{"protocol": "nntp", "address": "127.0.0.1", "port": 1}]}, "'nntp' is not one of"),
+        ({"listeners": [{"protocol": "imap", "address": "localhost", "port": 1}]}, "not an IP address"),
+        ({"listeners": [{"protocol": "imap", "address": "127.0.0.1", "port": 0}]}, "port must be a number"),
+        (
+            {
+                "listeners": [
+                    {"protocol": "imap", "address": "127.0.0.1", "port": 1},
+                    {"protocol": "imap", "address": "127.0.0.1", "port": 2},
+                ]
+            },
+            "duplicate names imap",
+        ),
+        ({"services": {"dovecot": {"143": ["127.0.0.1:1"]}}}, "must be written namespace/name"),
+        ({"services": {"mail/d": {"143": ["127.0.0.1"]}}}, "is not host:port"),
+        ({"timeouts": {"idle": -1}}, "timeouts.idle: expected a positive number"),
+        ({"maxErrors": 0}, "maxErrors"),
+        ({"serverName": "two words"}, "serverName"),
+        ({"colour": "blue"}, "unknown keys colour"),
+    ],
+)
+def test_mistakes_are_named(change: dict[str, object], message: str) -> None:
+    document = yaml.safe_load(GOOD)
+    document.update(change)
+    with pytest.raises(settings.SettingsError, match=message):
+        settings.parse(document, Path("/"))
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(settings.SettingsError, match="cannot read"):
+        settings.load(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listeners: [\n")
+    with pytest.raises(settings.SettingsError, match="not valid YAML"):
+        settings.load(broken)
