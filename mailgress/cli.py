@@ -1,0 +1,106 @@
+"""The ``mailgress`` console script.
+
+Subcommands:
+  mailgress proxy --config FILE      run a proxy (standalone: MailRoute files from the settings)
+  mailgress routes check FILE...     validate MailRoute manifests offline, print the compiled table
+Errors in the user's files end the command with a clear message and exit status 2, never a
+traceback.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvloop
+
+from mailgress import standalone
+from proxy import settings as proxy_settings
+from proxy import table
+from proxy.server import listeners, process
+from proxy.server.routes import TableHolder
+
+EXIT_USAGE = 2
+EXIT_INVALID_ROUTES = 1
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_proxy(arguments: argparse.Namespace) -> int:
+    _configure_logging(arguments.log_level)
+    try:
+        settings = proxy_settings.load(Path(arguments.config))
+        # Fail fast on unreadable or broken route files; later edits are only warned about.
+        standalone.mailroute_bodies(standalone.read_manifests(settings.route_files))
+    except (proxy_settings.SettingsError, standalone.ManifestError) as error:
+        print(f"mailgress: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not settings.route_files:
+        print("mailgress: the settings name no MailRoute files under 'routes'", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def source(holder: TableHolder) -> None:
+        await standalone.watch(settings.route_files, settings.services, holder)
+
+    try:
+        uvloop.run(process.run(settings, source))
+    except listeners.ListenerError as error:
+        print(f"mailgress: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def _check_routes(arguments: argparse.Namespace) -> int:
+    services: proxy_settings.ServiceEndpoints = {}
+    try:
+        if arguments.settings:
+            services = proxy_settings.load(Path(arguments.settings)).services
+        bodies = standalone.mailroute_bodies(standalone.read_manifests([Path(p) for p in arguments.files]))
+    except (proxy_settings.SettingsError, standalone.ManifestError) as error:
+        print(f"mailgress: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    compiled, problems = standalone.compile_bodies(bodies, services)
+    print(json.dumps(json.loads(table.to_json(compiled.table)), indent=2, sort_keys=True))
+    invalid = False
+    for problem in problems:
+        print(f"{problem.route}: {problem.message}", file=sys.stderr)
+        invalid = invalid or problem.message.startswith("Accepted=")
+    if not bodies:
+        print("mailgress: no MailRoute objects found", file=sys.stderr)
+        return EXIT_INVALID_ROUTES
+    return EXIT_INVALID_ROUTES if invalid else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mailgress", description="Kubernetes-native mail ingress.")
+    commands = top.add_subparsers(dest="command", required=True)
+    proxy = commands.add_parser("proxy", help="run a mail proxy")
+    proxy.add_argument("--config", required=True, help="settings file (YAML)")
+    proxy.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    proxy.set_defaults(handler=_run_proxy)
+    routes = commands.add_parser("routes", help="work with MailRoute manifests offline")
+    route_commands = routes.add_subparsers(dest="routes_command", required=True)
+    check = route_commands.add_parser("check", help="validate MailRoutes and print the compiled table")
+    check.add_argument("files", nargs="+", help="MailRoute YAML files")
+    check.add_argument("--settings", help="proxy settings whose 'services' resolve the backends")
+    check.set_defaults(handler=_check_routes)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parser().parse_args(argv)
+    handler = arguments.handler
+    result: int = handler(arguments)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Standalone route source: MailRoute files on disk compiled into the proxy's routing table.
+
+Reads the MailRoute manifests named in the settings (the same YAML users ``kubectl apply``),
+compiles them with the controller's pure compiler against the ``services`` stand-in for
+EndpointSlices, and installs the table. The files are re-read every ``POLL_INTERVAL`` seconds
+and a changed content is compiled and swapped in; open sessions are untouched. A file that
+cannot be read or parsed keeps the last good table in force. Problems with single objects are
+logged with the same messages the controller writes into MailRoute status.
+"""
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controller import compiler, mailroute
+from proxy.server.routes import TableHolder
+from proxy.table import Endpoint
+
+log = logging.getLogger("mailgress.standalone")
+
+# Edits must take effect within two seconds (issue "Proxy core"); four reads a second of a few
+# small files cost nothing measurable.
+POLL_INTERVAL = 0.25
+MAILROUTE_API_VERSION = "mailgress.io/v1alpha1"
+
+
+class ManifestError(ValueError):
+    """A route file that cannot be read or is not YAML; the message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One object that did not make it into the table as written, and why."""
+
+    route: str
+    message: str
+
+
+def read_manifests(paths: Sequence[Path]) -> list[tuple[Path, bytes]]:
+    contents = []
+    for path in paths:
+        try:
+            contents.append((path, path.read_bytes()))
+        except OSError as error:
+            raise ManifestError(f"{path}: cannot read: {error.strerror}") from error
+    return contents
+
+
+def mailroute_bodies(contents: Sequence[tuple[Path, bytes]]) -> list[Mapping[str, Any]]:
+    """Every MailRoute document in the files; other kinds are skipped."""
+    bodies: list[Mapping[str, Any]] = []
+    for path, content in contents:
+        try:
+            documents = list(yaml.safe_load_all(content))
+        except yaml.YAMLError as error:
+            raise ManifestError(f"{path}: not valid YAML: {error}") from error
+        for document in documents:
+            if document is None:
+                continue
+            if not isinstance(document, dict):
+                raise ManifestError(f"{path}: every YAML document must be a mapping")
+            if document.get("kind") == "MailRoute" and document.get("apiVersion") == MAILROUTE_API_VERSION:
+                bodies.append(document)
+    return bodies
+
+
+def compile_bodies(
+    bodies: Sequence[Mapping[str, Any]], services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]]
+) -> tuple[compiler.Compiled, list[Problem]]:
+    """Parse and compile; every object that is not Accepted or not resolved becomes a Problem."""
+    compiled = compiler.compile_table([mailroute.parse(body) for body in bodies], services)
+    problems = [
+        Problem(
+            route=key,
+            message=f"{condition.type}={condition.status} ({condition.reason}): {condition.message}",
+        )
+        for key, conditions in sorted(compiled.conditions.items())
+        for condition in conditions
+        if condition.type in ("Accepted", "ResolvedRefs") and condition.status != "True"
+    ]
+    return compiled, problems
+
+
+async def watch(
+    paths: Sequence[Path],
+    services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]],
+    holder: TableHolder,
+) -> None:
+    """Keep ``holder`` in step with the route files until cancelled."""
+    last: list[tuple[Path, bytes]] | None = None
+    last_error = ""
+    while True:
+        try:
+            contents = read_manifests(paths)
+            if contents != last:
+                last = contents
+                compiled, problems = compile_bodies(mailroute_bodies(contents), services)
+                for problem in problems:
+                    log.warning("MailRoute %s: %s", problem.route, problem.message)
+                holder.swap(compiled.table)
+            last_error = ""
+        except ManifestError as error:
+            if str(error) != last_error:  # once per distinct problem, not every poll
+                log.error("%s; keeping the routing table in use", error)
+            last_error = str(error)
+            last = None
+        await asyncio.sleep(POLL_INTERVAL)

@@ -1,0 +1,161 @@
+"""Route a login, connect to the chosen backend endpoint and replay the login there.
+
+Called by the session driver when its front-end machine asks to ``Authenticate``. Looks the
+login up in the current table, orders the endpoints by the route's balance policy, connects
+with a timeout, and drives the protocol's ``BackendLogin`` machine over the socket. An endpoint
+that refuses, times out or breaks the dialogue is skipped for the next one; when none is left
+the client gets the temporary failure. A refused password is final (the backend's verdict).
+Never logs a credential: only the user name, route and endpoint.
+"""
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from proxy import balancing, table
+from proxy.protocols import events, imap, pop3, proxyheader, smtp
+from proxy.server.context import ProxyContext
+
+log = logging.getLogger(__name__)
+
+# One read of a backend's login reply; replies before login are a few lines.
+RECV_SIZE = 16384
+
+BACKEND_LOGINS: dict[table.Protocol, type[events.BackendMachine]] = {
+    "imap": imap.BackendLogin,
+    "pop3": pop3.BackendLogin,
+    "submission": smtp.BackendLogin,
+    "smtp": smtp.BackendLogin,
+}
+
+Outcome = Literal["accepted", "rejected", "unavailable", "no_route"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoginOutcome:
+    """The verdict for the front-end, and on success the logged-in backend socket."""
+
+    event: events.LoginAccepted | events.LoginRejected | events.LoginUnavailable
+    outcome: Outcome
+    route: str = "-"
+    endpoint: table.Endpoint | None = None
+    backend: socket.socket | None = None
+    buffered: bytes = b""  # backend bytes that followed its success reply
+
+
+async def _connect(endpoint: table.Endpoint, timeout: float) -> socket.socket:
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (endpoint.host, endpoint.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+Verdict = events.LoginSucceeded | events.LoginFailed | events.BackendFailed
+
+
+async def _replay_login(machine: events.BackendMachine, sock: socket.socket) -> Verdict:
+    """Feed the backend's bytes to the machine and carry out its commands until a verdict."""
+    loop = asyncio.get_running_loop()
+    while True:
+        data = await loop.sock_recv(sock, RECV_SIZE)
+        event: events.Event = events.DataReceived(data) if data else events.ConnectionClosed()
+        for command in machine.handle(event):
+            match command:
+                case events.Send(data=payload):
+                    await loop.sock_sendall(sock, payload)
+                case events.LoginSucceeded() | events.LoginFailed() | events.BackendFailed():
+                    return command
+                case _:
+                    # StartTls towards backends and anything else belong to later work.
+                    return events.BackendFailed(f"backend dialogue needs {type(command).__name__}")
+        if not data:
+            return events.BackendFailed("backend closed the connection during login")
+
+
+def _endpoint_order(
+    context: ProxyContext, route: table.Route, upstream: table.Upstream, key: str
+) -> list[table.Endpoint]:
+    context.sessions_started += 1
+    order = balancing.endpoint_order(upstream.endpoints, route.balance, key, context.sessions_started)
+    if route.balance == "least-connections":
+        order.sort(key=lambda endpoint: context.active[endpoint])  # stable: ties keep round-robin order
+    return order
+
+
+async def login(
+    context: ProxyContext,
+    request: events.LoginRequest,
+    client: events.ClientAddress,
+    local: events.ClientAddress,
+) -> LoginOutcome:
+    """Route ``request`` and log in on a backend; never raises for network trouble.
+
+    Args:
+        client: where the client connects from; ``local``: the proxy address it reached, both
+            for the PROXY header a ``proxy-v2`` upstream gets (as nginx sends it).
+    """
+    route = table.lookup(context.tables.current, request.protocol, request.routing_key)
+    if route is None:
+        return LoginOutcome(events.LoginRejected(), "no_route")
+    upstream = route.upstream(request.protocol)
+    assert upstream is not None  # lookup only returns routes serving the protocol
+    if route.auth == "http":
+        # auth_http is the next piece of work; until it exists such routes never log anyone in.
+        log.warning("route %s asks for auth_http, which this proxy does not support yet", route.name)
+        return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
+    timeouts = context.settings.timeouts
+    config = events.BackendConfig(
+        server_name=context.settings.server_name, client=client, client_info=upstream.client_info
+    )
+    metrics = context.metrics
+    for endpoint in _endpoint_order(context, route, upstream, request.routing_key.lower()):
+        started = time.monotonic()
+        try:
+            sock = await _connect(endpoint, timeouts.backend_connect)
+        except (OSError, TimeoutError) as error:
+            metrics.backend_connect_failures.labels(protocol=request.protocol).inc()
+            log.warning("backend %s of %s unreachable: %s", endpoint, route.name, _describe(error))
+            continue
+        metrics.backend_connect_seconds.labels(protocol=request.protocol).observe(time.monotonic() - started)
+        machine = BACKEND_LOGINS[request.protocol](request, config)
+        try:
+            async with asyncio.timeout(timeouts.backend_login):
+                if upstream.client_info == "proxy-v2":
+                    header = proxyheader.build_v2((client.host, client.port), (local.host, local.port))
+                    await asyncio.get_running_loop().sock_sendall(sock, header)
+                verdict = await _replay_login(machine, sock)
+        except (OSError, TimeoutError) as error:
+            verdict = events.BackendFailed(_describe(error))
+        except BaseException:
+            sock.close()
+            raise
+        match verdict:
+            case events.LoginSucceeded(reply=reply, buffered=buffered):
+                return LoginOutcome(
+                    events.LoginAccepted(reply), "accepted", route.name, endpoint, sock, buffered
+                )
+            case events.LoginFailed(reply=reply):
+                sock.close()
+                return LoginOutcome(events.LoginRejected(reply), "rejected", route.name, endpoint)
+            case events.BackendFailed(reason=reason):
+                sock.close()
+                log.warning("backend %s of %s failed the login dialogue: %s", endpoint, route.name, reason)
+    return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return type(error).__name__

@@ -1,0 +1,24 @@
+"""What every session of a proxy process shares: settings, the table holder, metrics, counters.
+
+Built once by the process entry point and handed to listeners and sessions; it holds no
+sockets of its own.
+"""
+
+import collections
+from dataclasses import dataclass, field
+
+from proxy.metrics import ProxyMetrics
+from proxy.server.routes import TableHolder
+from proxy.settings import ProxySettings
+from proxy.table import Endpoint
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    settings: ProxySettings
+    tables: TableHolder
+    metrics: ProxyMetrics
+    # Sessions started so far: the round-robin position.
+    sessions_started: int = 0
+    # Relayed sessions per backend endpoint, for least-connections.
+    active: collections.Counter[Endpoint] = field(default_factory=collections.Counter)
