@@ -162,7 +162,7 @@ class _Parser:
     def parse(self) -> _Command:
         """Raises: _SyntaxError, _Incomplete."""
         tag = self._take(_TAG_CHARS)
-        if not tag or len(tag) > MAX_TAG:
+        if not tag or len(tag) > MAX_TAG or self._peek() not in (ord(" "), None):
             raise _SyntaxError("Invalid tag")
         self.tag = tag
         self._space()
