@@ -1,0 +1,828 @@
+"""SMTP before login: the client-facing ``Frontend`` and the ``BackendLogin`` replay.
+
+The session driver (proxy.server.session) runs a ``Frontend`` per submission or inbound-MX
+client; the backend driver (proxy.server.backends) runs a ``BackendLogin`` per backend attempt.
+Submission (``inbound=False``): EHLO, STARTTLS, AUTH PLAIN/LOGIN, and the credentials go out as
+``Authenticate``. Inbound MX (``inbound=True``): EHLO, MAIL FROM, and the first RCPT TO whose
+address passes the relay checks goes out as ``Authenticate``, routed by recipient.
+Pure: no I/O, no clocks, no logging; never puts a password into a reply, reason or repr.
+
+Theory of operation (front-end)::
+
+    CONNECTED --EHLO/HELO--> READY
+    READY --AUTH without initial response--> AUTH_PLAIN / AUTH_LOGIN_USERNAME --> ...
+    READY / AUTH_* --credentials complete--> AUTHENTICATING             (submission)
+    READY --MAIL FROM--> MAIL --RCPT TO passing the relay checks--> AUTHENTICATING  (inbound)
+    AUTHENTICATING --LoginAccepted--> RELAYING
+    AUTHENTICATING --LoginRejected / LoginUnavailable--> READY (submission) or MAIL (inbound)
+    CONNECTED / READY --STARTTLS--> STARTING_TLS --TlsEstablished--> CONNECTED
+    any --QUIT, max_errors, over-long line, TimedOut, ConnectionClosed--> CLOSED
+
+RFC 5321 section 4.1.4 fixes the order (EHLO first, EHLO resets a transaction); RFC 3207
+section 4.2 makes STARTTLS forget everything the client said before it; RFC 4954 section 4
+fixes the AUTH exchange (``334`` continuations, ``*`` cancels with 501, undecodable data is
+501 5.5.2); RFC 2920: pipelined commands are answered in order and the bytes behind the
+command that triggered ``Authenticate`` are held for the backend (``Relay``). Enhanced
+status codes follow RFC 3463 (RFC 4954 section 6 for the AUTH ones). Every 4xx/5xx reply counts
+towards ``max_errors`` (refused logins and recipients too: no password or address guessing
+for ever) except the temporary failures, which are not the client's fault; the last error is
+followed by ``421`` and a close, as Postfix does. ``helo`` and ``envelope`` in the
+``LoginRequest`` are the client's command lines without their CRLF, for the backend replay and
+for auth_http's Auth-SMTP-* headers.
+
+Never an open relay: a recipient is routed only if it is a plain ``local@domain`` (no source
+route, percent hack, bang path, quoted local part hiding one of those, or address literal) and
+the routing table owns it (``LoginRejected(None)`` renders ``550 5.7.1``); submission refuses
+MAIL, RCPT and DATA before login. What passes the proxy reaches the backend verbatim, so the
+backend parses the very address the proxy checked. The backend must still refuse relaying for
+the proxy's own address: after the first RCPT the proxy relays bytes and sees no more commands.
+Deliberate deviations: no SIZE in EHLO (the proxy does not know the backend's limit), no
+SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it).
+
+The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``;
+with client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
+NAME=[UNAVAILABLE]`` (the attributes it lists, xtext-encoded) and, after its fresh ``220``,
+``EHLO <the client's own name>``. Without XCLIENT the backend takes the proxy for the client,
+so the proxy introduces itself by its own name: replaying the client's name would only put
+an unverifiable name next to the proxy's address. Then submission sends ``AUTH PLAIN`` (235 is
+success); inbound replays MAIL FROM and RCPT TO, and whatever the backend answers to RCPT is
+the client's reply, as nginx does. A MAIL refused with 5xx becomes the client's RCPT reply
+(Postfix itself reports sender refusals at RCPT time by default), with 4xx it is a backend
+failure, so the client hears 451 and retries: either way no mail is accepted that the backend
+did not take.
+"""
+
+import ipaddress
+import re
+from enum import Enum, auto
+from typing import assert_never
+
+from proxy.protocols import sasl
+from proxy.protocols.errors import LineTooLongError, LocalProtocolError, RemoteProtocolError
+from proxy.protocols.events import (
+    Authenticate,
+    BackendConfig,
+    BackendFailed,
+    ClientAddress,
+    Close,
+    Command,
+    ConnectionClosed,
+    DataReceived,
+    Event,
+    FrontendConfig,
+    LoginAccepted,
+    LoginFailed,
+    LoginRejected,
+    LoginRequest,
+    LoginSucceeded,
+    LoginUnavailable,
+    Relay,
+    Send,
+    StartTls,
+    StartTlsPolicy,
+    TimedOut,
+    TlsEstablished,
+)
+from proxy.protocols.lines import LineBuffer
+
+CRLF = b"\r\n"
+# RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets including its CRLF
+# (LineBuffer limits count without the line end).
+MAX_COMMAND_LINE = 512 - len(CRLF)
+# RFC 4954 section 4 keeps the AUTH command itself within that limit but not the client's
+# responses to 334 challenges. The longest response the offered mechanisms can produce is
+# PLAIN's: three RFC 4616 fields of at most 255 octets and two NULs, which base64 makes 1024.
+MAX_SASL_LINE = 4 * ((3 * sasl.MAX_PLAIN_FIELD + 2 + 2) // 3)
+# RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets including its CRLF.
+MAX_REPLY_LINE = 512 - len(CRLF)
+# RFC 5321 sets no limit on the lines of one reply; a Postfix EHLO reply has about a dozen.
+# The bound keeps a broken backend from growing one reply for ever.
+MAX_REPLY_LINES = 100
+# RFC 5321 sections 4.5.3.1.1 to 4.5.3.1.3: local part, domain and whole path, in octets.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+# Bytes a client may pipeline behind the command that triggered Authenticate while the login
+# or routing runs (they go to the backend first). RFC 2920 groups end at DATA, so a real client
+# sends a few hundred octets here; 64 KiB keeps a client from parking data in the proxy.
+MAX_HELD_BYTES = 64 * 1024
+
+MECHANISMS = (b"PLAIN", b"LOGIN")
+# The "=" initial response stands for an empty one (RFC 4954 section 4).
+EMPTY_INITIAL_RESPONSE = b"="
+
+# Replies (RFC 5321 section 4.2, enhanced codes RFC 3463 / RFC 4954 section 6).
+REPLY_OK = b"250 2.0.0 Ok" + CRLF
+REPLY_SENDER_OK = b"250 2.1.0 Ok" + CRLF
+REPLY_BYE = b"221 2.0.0 Bye" + CRLF
+REPLY_READY_FOR_TLS = b"220 2.0.0 Ready to start TLS" + CRLF
+REPLY_UNKNOWN = b"500 5.5.2 Error: command not recognized" + CRLF
+REPLY_BAD_SYNTAX = b"500 5.5.2 Error: bad syntax" + CRLF
+REPLY_NOT_IMPLEMENTED = b"502 5.5.1 Error: command not implemented" + CRLF
+REPLY_VRFY = b"502 5.5.1 VRFY command is disabled" + CRLF
+REPLY_HELO_FIRST = b"503 5.5.1 Error: send HELO/EHLO first" + CRLF
+REPLY_NESTED_MAIL = b"503 5.5.1 Error: nested MAIL command" + CRLF
+REPLY_NEED_MAIL = b"503 5.5.1 Error: need MAIL command" + CRLF
+REPLY_NEED_RCPT = b"503 5.5.1 Error: need RCPT command" + CRLF
+REPLY_IN_TRANSACTION = b"503 5.5.1 Error: MAIL transaction in progress" + CRLF
+REPLY_NO_AUTH_HERE = b"503 5.5.1 Error: authentication not enabled" + CRLF
+REPLY_NO_RECIPIENTS = b"554 5.5.1 Error: no valid recipients" + CRLF
+REPLY_TLS_ACTIVE = b"554 5.5.1 Error: TLS already active" + CRLF
+REPLY_MECHANISM = b"504 5.5.4 Unrecognized authentication type" + CRLF
+REPLY_CANCELLED = b"501 5.7.0 Authentication cancelled" + CRLF
+REPLY_BAD_SASL = b"501 5.5.2 Cannot decode response" + CRLF
+REPLY_AUTH_REQUIRED = b"530 5.7.0 Authentication required" + CRLF
+REPLY_TLS_REQUIRED = b"530 5.7.0 Must issue a STARTTLS command first" + CRLF
+REPLY_AUTH_FAILED = b"535 5.7.8 Authentication credentials invalid" + CRLF
+REPLY_AUTH_UNAVAILABLE = b"454 4.7.0 Temporary authentication failure" + CRLF
+REPLY_RELAY_DENIED = b"550 5.7.1 Relay access denied" + CRLF
+REPLY_SOURCE_ROUTE = b"550 5.7.1 Source routes are not accepted" + CRLF
+REPLY_ADDRESS_LITERAL = b"550 5.7.1 Address literals are not accepted" + CRLF
+REPLY_ROUTE_UNAVAILABLE = b"451 4.4.1 Mail server unavailable, try again later" + CRLF
+REPLY_BAD_SENDER = b"501 5.1.7 Bad sender address syntax" + CRLF
+REPLY_BAD_RECIPIENT = b"501 5.1.3 Bad recipient address syntax" + CRLF
+REPLY_BAD_PARAMETERS = b"501 5.5.4 Syntax error in parameters" + CRLF
+
+
+def _syntax(usage: str) -> bytes:
+    return f"501 5.5.4 Syntax: {usage}".encode() + CRLF
+
+
+def _closing(enhanced: str, server_name: str, why: str) -> bytes:
+    """RFC 5321 section 3.8: a 421 reply before the server closes the channel."""
+    return f"421 {enhanced} {server_name} {why}".encode() + CRLF
+
+
+# ---------------------------------------------------------------------------------------------
+# Envelope addresses (RFC 5321 section 4.1.2)
+
+
+class AddressError(RemoteProtocolError):
+    """An envelope address the proxy refuses; ``reply`` is the SMTP reply that says why."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__(reply.decode("ascii").rstrip())
+        self.reply = reply
+
+
+# atext = ALPHA / DIGIT / "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "/" / "="
+#         / "?" / "^" / "_" / "`" / "{" / "|" / "}" / "~"           (RFC 5322 section 3.2.3)
+# Dot-string = Atom *("." Atom)
+_DOT_STRING = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+# Quoted-string = DQUOTE *QcontentSMTP DQUOTE
+# QcontentSMTP = qtextSMTP / quoted-pairSMTP; qtextSMTP = %d32-33 / %d35-91 / %d93-126
+# quoted-pairSMTP = %d92 %d32-126
+_QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+# sub-domain = Let-dig [Ldh-str]; Domain = sub-domain *("." sub-domain)
+_SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*"
+# address-literal = "[" ( IPv4 / IPv6 / General-address-literal ) "]", loosely: refused anyway
+_ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+# A-d-l = At-domain *( "," At-domain ); At-domain = "@" Domain (a source route)
+_ADL = rf"@{_DOMAIN}(?:,@{_DOMAIN})*"
+# Path = "<" [ A-d-l ":" ] Mailbox ">"; Mailbox = Local-part "@" ( Domain / address-literal )
+_PATH = re.compile(
+    rf"<(?:(?P<route>{_ADL}):)?"
+    rf"(?P<local>{_DOT_STRING}|{_QUOTED_STRING})@(?P<domain>{_DOMAIN}|{_ADDRESS_LITERAL})>"
+)
+# RFC 5321 section 4.1.1.3: "<Postmaster>" without a domain must be accepted.
+_POSTMASTER = re.compile(r"<(?P<local>postmaster)>", re.IGNORECASE)
+# esmtp-param = esmtp-keyword ["=" esmtp-value]; esmtp-value = 1*(%d33-60 / %d62-126)
+_PARAMETER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3c\x3e-\x7e]+)?")
+# In a recipient's local part these make a backend forward elsewhere: the percent hack
+# (user%other@here), bang paths (other!user@here), and inside quotes an "@" or escapes.
+_RELAY_MARKERS = frozenset("@%!\\")
+
+
+def _path(text: str, bad: bytes, *, reverse: bool) -> re.Match[str] | None:
+    """Match ``Path [SP Mail-parameters]``: None for the null reverse path ``<>``, and a
+    forward path may be ``<Postmaster>``.
+
+    Raises:
+        AddressError: with ``bad`` for a malformed path, or a parameter syntax error.
+    """
+    if reverse and (text == "<>" or text.startswith("<> ")):
+        match, rest = None, text[2:]
+    else:
+        match = _PATH.match(text) or (None if reverse else _POSTMASTER.match(text))
+        if match is None or len(match[0]) > MAX_PATH:
+            raise AddressError(bad)
+        if "domain" in match.groupdict() and (
+            len(match["local"]) > MAX_LOCAL_PART or len(match["domain"]) > MAX_DOMAIN
+        ):
+            raise AddressError(bad)
+        rest = text[match.end() :]
+    if rest and not rest.startswith(" "):
+        raise AddressError(bad)
+    if not all(_PARAMETER.fullmatch(word) for word in rest.split()):
+        raise AddressError(REPLY_BAD_PARAMETERS)
+    return match
+
+
+def check_reverse_path(text: str) -> None:
+    """Check the argument of ``MAIL FROM:`` (RFC 5321 section 4.1.1.2): syntax only.
+
+    The sender takes no part in routing, so it only has to be well-formed.
+
+    Raises:
+        AddressError: the reply to send instead of 250.
+    """
+    _path(text, REPLY_BAD_SENDER, reverse=True)
+
+
+def parse_forward_path(text: str) -> str:
+    """Check the argument of ``RCPT TO:`` and return the address to route by.
+
+    Raises:
+        AddressError: the reply to send: 501 for bad syntax, 550 5.7.1 for anything that would
+            make a backend forward the message elsewhere.
+    """
+    match = _path(text, REPLY_BAD_RECIPIENT, reverse=False)
+    assert match is not None  # only a reverse path may be null
+    if "domain" not in match.groupdict():
+        return match["local"]  # <Postmaster>
+    if match["route"]:
+        raise AddressError(REPLY_SOURCE_ROUTE)
+    if match["domain"].startswith("["):
+        raise AddressError(REPLY_ADDRESS_LITERAL)
+    if _RELAY_MARKERS.intersection(match["local"]):
+        raise AddressError(REPLY_RELAY_DENIED)
+    return f"{match['local']}@{match['domain']}"
+
+
+def _command_text(line: bytes) -> str | None:
+    """The line as text if it is printable ASCII (RFC 5321 section 2.4: commands are ASCII;
+    without SMTPUTF8 so are addresses, and no control character may reach a backend)."""
+    if all(0x20 <= byte < 0x7F for byte in line):
+        return line.decode("ascii")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Front-end
+
+
+class State(Enum):
+    """Where the front-end dialogue stands (RFC 5321 section 4.1.4 order of commands)."""
+
+    CONNECTED = auto()  # greeted; EHLO or HELO expected
+    READY = auto()  # after EHLO/HELO, no transaction
+    AUTH_PLAIN = auto()  # waiting for the PLAIN response
+    AUTH_LOGIN_USERNAME = auto()  # waiting for the LOGIN username
+    AUTH_LOGIN_PASSWORD = auto()  # waiting for the LOGIN password
+    MAIL = auto()  # inbound: MAIL FROM accepted, waiting for a routable RCPT TO
+    STARTING_TLS = auto()  # StartTls emitted, waiting for TlsEstablished
+    AUTHENTICATING = auto()  # Authenticate emitted, waiting for the verdict
+    RELAYING = auto()  # Relay emitted: the driver copies bytes now
+    CLOSED = auto()
+
+
+_SASL = frozenset({State.AUTH_PLAIN, State.AUTH_LOGIN_USERNAME, State.AUTH_LOGIN_PASSWORD})
+# States in which complete lines from the client are interpreted.
+_READING = frozenset({State.CONNECTED, State.READY, State.MAIL}) | _SASL
+
+
+def _printable(text: str) -> bool:
+    return not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
+
+
+class Frontend:
+    """The SMTP dialogue with the client up to the login or the first routed recipient."""
+
+    __slots__ = (
+        "_buffer",
+        "_config",
+        "_errors",
+        "_helo",
+        "_mail",
+        "_sasl_username",
+        "_started",
+        "_state",
+        "_tls_active",
+    )
+
+    def __init__(self, config: FrontendConfig) -> None:
+        self._config = config
+        self._buffer = LineBuffer(MAX_COMMAND_LINE)
+        self._state = State.CONNECTED
+        self._started = False
+        self._tls_active = config.tls_active
+        self._errors = 0
+        self._helo = b""  # the client's EHLO/HELO line
+        self._mail = b""  # inbound: the client's MAIL FROM line
+        self._sasl_username = ""  # the LOGIN mechanism's username while its password is due
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def start(self) -> list[Command]:
+        """The greeting (RFC 5321 section 4.2, code 220).
+
+        Raises:
+            LocalProtocolError: called twice.
+        """
+        if self._started:
+            raise LocalProtocolError("start() called twice")
+        self._started = True
+        return [Send(f"220 {self._config.server_name} ESMTP ready".encode() + CRLF)]
+
+    def handle(self, event: Event) -> list[Command]:
+        """Take one event; return what the driver must do, in order.
+
+        Once closed, the machine ignores events still in flight (a read or a verdict that raced
+        with the close). Bytes arriving between STARTTLS and the handshake are discarded.
+
+        Raises:
+            LocalProtocolError: before ``start()``, after ``Relay``, or an event this state
+                cannot take (a verdict nobody asked for, a handshake nobody started).
+        """
+        if not self._started:
+            raise LocalProtocolError("handle() before start()")
+        if self._state is State.CLOSED:
+            return []
+        if self._state is State.RELAYING:
+            raise LocalProtocolError(f"{type(event).__name__} after Relay")
+        match event:
+            case DataReceived(data=data):
+                return self._receive(data)
+            case ConnectionClosed():
+                return self._close("client closed the connection")
+            case TimedOut():
+                # Plaintext must not go into a TLS handshake under way.
+                timeout = self._closing("4.4.2", "Error: timeout exceeded")
+                return self._close("timed out", None if self._state is State.STARTING_TLS else timeout)
+            case TlsEstablished():
+                self._expect(State.STARTING_TLS, event)
+                self._tls_active = True
+                self._enter(State.CONNECTED)
+                return []
+            case LoginAccepted(reply=reply):
+                self._expect(State.AUTHENTICATING, event)
+                self._enter(State.RELAYING)
+                return [Send(reply), Relay(self._buffer.take_all())]
+            case LoginRejected(reply=reply):
+                self._expect(State.AUTHENTICATING, event)
+                # Inbound stays in the transaction: the client may try other recipients.
+                self._enter(State.MAIL if self._config.inbound else State.READY)
+                refusal = REPLY_RELAY_DENIED if self._config.inbound else REPLY_AUTH_FAILED
+                return self._refuse(refusal if reply is None else reply) + self._interpret()
+            case LoginUnavailable():
+                self._expect(State.AUTHENTICATING, event)
+                self._enter(State.MAIL if self._config.inbound else State.READY)
+                reply = REPLY_ROUTE_UNAVAILABLE if self._config.inbound else REPLY_AUTH_UNAVAILABLE
+                return [Send(reply), *self._interpret()]
+            case _:
+                assert_never(event)
+
+    # -----------------------------------------------------------------------------------------
+    # Plumbing
+
+    def _expect(self, state: State, event: Event) -> None:
+        if self._state is not state:
+            raise LocalProtocolError(f"{type(event).__name__} in state {self._state.name}")
+
+    def _enter(self, state: State) -> None:
+        self._state = state
+        self._buffer.max_line = MAX_SASL_LINE if state in _SASL else MAX_COMMAND_LINE
+
+    def _receive(self, data: bytes) -> list[Command]:
+        if self._state is State.STARTING_TLS:
+            return []  # RFC 3207 section 4.2, CVE-2014-3556: plaintext behind STARTTLS is never read
+        self._buffer.feed(data)
+        if self._state is State.AUTHENTICATING:
+            if len(self._buffer) > MAX_HELD_BYTES:
+                notice = self._closing("4.7.0", "Error: too much data before the login completed")
+                return self._close("client pipelined too much data during login", notice)
+            return []
+        return self._interpret()
+
+    def _interpret(self) -> list[Command]:
+        """Answer every complete line, in order, while the state reads lines."""
+        commands: list[Command] = []
+        while self._state in _READING:
+            try:
+                line = self._buffer.pop_line()
+            except LineTooLongError:
+                notice = self._closing("4.7.0", "Error: line too long, closing connection")
+                return commands + self._close("line too long", notice)
+            if line is None:
+                break
+            commands += self._sasl(line) if self._state in _SASL else self._command(line)
+        return commands
+
+    def _closing(self, enhanced: str, why: str) -> bytes:
+        return _closing(enhanced, self._config.server_name, why)
+
+    def _refuse(self, reply: bytes) -> list[Command]:
+        """An error reply; the ``max_errors``-th one is followed by 421 and a close (Postfix's
+        hard error limit, nginx's max_errors)."""
+        self._errors += 1
+        if self._errors >= self._config.max_errors:
+            notice = self._closing("4.7.0", "Error: too many errors, closing connection")
+            return [Send(reply), *self._close("too many errors", notice)]
+        return [Send(reply)]
+
+    def _close(self, reason: str, reply: bytes | None = None) -> list[Command]:
+        self._enter(State.CLOSED)
+        commands: list[Command] = [] if reply is None else [Send(reply)]
+        return [*commands, Close(reason)]
+
+    def _starttls_offered(self) -> bool:
+        return self._config.starttls is not StartTlsPolicy.OFF and not self._tls_active
+
+    def _tls_required(self) -> bool:
+        return self._config.starttls is StartTlsPolicy.REQUIRED and not self._tls_active
+
+    # -----------------------------------------------------------------------------------------
+    # Commands (RFC 5321 section 4.1.1, RFC 3207, RFC 4954)
+
+    def _command(self, line: bytes) -> list[Command]:
+        text = _command_text(line)
+        if text is None or not text:
+            return self._refuse(REPLY_BAD_SYNTAX)
+        verb, _, argument = text.partition(" ")
+        match verb.upper():
+            case "EHLO" | "HELO" as verb_name:
+                return self._hello(line, verb_name, argument.strip())
+            case "STARTTLS":
+                return self._starttls(argument)
+            case "AUTH":
+                return self._auth(argument)
+            case "MAIL":
+                return self._mail_from(line, argument)
+            case "RCPT":
+                return self._rcpt_to(line, argument)
+            case "DATA":
+                return self._data()
+            case "RSET" if not argument:
+                if self._state is State.MAIL:
+                    self._mail = b""
+                    self._enter(State.READY)
+                return [Send(REPLY_OK)]
+            case "NOOP":  # RFC 5321 section 4.1.1.9: NOOP may carry a string, which is ignored
+                return [Send(REPLY_OK)]
+            case "QUIT" if not argument:
+                return self._close("client quit", REPLY_BYE)
+            case "RSET" | "QUIT":
+                return self._refuse(_syntax(verb.upper()))
+            case "VRFY":
+                return self._refuse(REPLY_VRFY)
+            case _:
+                return self._refuse(REPLY_UNKNOWN)
+
+    def _hello(self, line: bytes, verb: str, name: str) -> list[Command]:
+        if not name:
+            return self._refuse(_syntax(f"{verb} hostname"))
+        # RFC 5321 section 4.1.4: EHLO/HELO also ends a transaction, as RSET does.
+        self._helo, self._mail = line, b""
+        self._enter(State.READY)
+        server_name = self._config.server_name.encode()
+        if verb == "HELO":
+            return [Send(b"250 " + server_name + CRLF)]
+        extensions = [server_name, b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES"]
+        if self._starttls_offered():
+            extensions.append(b"STARTTLS")
+        if not self._config.inbound and not self._tls_required():
+            extensions.append(b"AUTH " + b" ".join(MECHANISMS))
+        last = len(extensions) - 1
+        return [Send(b"250" + (b" " if i == last else b"-") + ext + CRLF) for i, ext in enumerate(extensions)]
+
+    def _starttls(self, argument: str) -> list[Command]:
+        if argument:
+            return self._refuse(_syntax("STARTTLS"))
+        if self._tls_active:
+            return self._refuse(REPLY_TLS_ACTIVE)
+        if not self._starttls_offered():
+            return self._refuse(REPLY_NOT_IMPLEMENTED)
+        if self._state is State.MAIL:
+            return self._refuse(REPLY_IN_TRANSACTION)
+        # RFC 3207 section 4.2: forget all the client said; it must EHLO again.
+        self._buffer.clear()
+        self._helo, self._mail = b"", b""
+        self._enter(State.STARTING_TLS)
+        return [Send(REPLY_READY_FOR_TLS), StartTls()]
+
+    def _auth(self, argument: str) -> list[Command]:
+        if self._config.inbound:
+            return self._refuse(REPLY_NO_AUTH_HERE)
+        if self._state is State.CONNECTED:
+            return self._refuse(REPLY_HELO_FIRST)
+        if self._tls_required():
+            return self._refuse(REPLY_TLS_REQUIRED)
+        mechanism, _, initial = argument.partition(" ")
+        if not mechanism or " " in initial:
+            return self._refuse(_syntax("AUTH mechanism [initial-response]"))
+        match mechanism.upper():
+            case "PLAIN":
+                stage, challenge = State.AUTH_PLAIN, b""  # RFC 4954 section 4: an empty challenge
+            case "LOGIN":
+                stage, challenge = State.AUTH_LOGIN_USERNAME, sasl.LOGIN_USERNAME_PROMPT
+            case _:
+                return self._refuse(REPLY_MECHANISM)
+        if not initial:
+            self._enter(stage)
+            return [Send(b"334 " + challenge + CRLF)]
+        response = initial.encode("ascii")
+        return self._sasl_step(stage, b"" if response == EMPTY_INITIAL_RESPONSE else response)
+
+    def _sasl(self, line: bytes) -> list[Command]:
+        """A continuation line of an AUTH exchange."""
+        stage = self._state
+        self._enter(State.READY)
+        if line == sasl.CANCEL:
+            return self._refuse(REPLY_CANCELLED)
+        return self._sasl_step(stage, line)
+
+    def _sasl_step(self, stage: State, response: bytes) -> list[Command]:
+        """Take the client's SASL response for ``stage``: the next prompt, or the login."""
+        try:
+            if stage is State.AUTH_PLAIN:
+                return self._authenticate(sasl.parse_plain(response))
+            if stage is State.AUTH_LOGIN_USERNAME:
+                self._sasl_username = sasl.parse_login_field(response, "username")
+                if not self._sasl_username:
+                    return self._refuse(REPLY_BAD_SASL)
+                self._enter(State.AUTH_LOGIN_PASSWORD)
+                return [Send(b"334 " + sasl.LOGIN_PASSWORD_PROMPT + CRLF)]
+            password = sasl.parse_login_field(response, "password")
+        except sasl.SaslError:
+            return self._refuse(REPLY_BAD_SASL)
+        credentials = sasl.Credentials(self._sasl_username, password, sasl.Mechanism.LOGIN)
+        return self._authenticate(credentials)
+
+    def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
+        # Control characters in a name would reach logs and auth_http headers; no account has them.
+        if not (_printable(credentials.username) and _printable(credentials.password)):
+            return self._refuse(REPLY_AUTH_FAILED)
+        self._enter(State.AUTHENTICATING)
+        request = LoginRequest(
+            protocol="submission", routing_key=credentials.username, credentials=credentials, helo=self._helo
+        )
+        return [Authenticate(request)]
+
+    def _mail_from(self, line: bytes, argument: str) -> list[Command]:
+        if not self._config.inbound:
+            return self._refuse(REPLY_AUTH_REQUIRED)
+        if self._tls_required():
+            return self._refuse(REPLY_TLS_REQUIRED)
+        if self._state is State.CONNECTED:
+            return self._refuse(REPLY_HELO_FIRST)
+        if self._state is State.MAIL:
+            return self._refuse(REPLY_NESTED_MAIL)
+        prefix, path = argument[:5], argument[5:].lstrip(" ")  # clients often write "FROM: <a@b>"
+        if prefix.upper() != "FROM:":
+            return self._refuse(_syntax("MAIL FROM:<address>"))
+        try:
+            check_reverse_path(path)
+        except AddressError as error:
+            return self._refuse(error.reply)
+        self._mail = line
+        self._enter(State.MAIL)
+        return [Send(REPLY_SENDER_OK)]
+
+    def _rcpt_to(self, line: bytes, argument: str) -> list[Command]:
+        if not self._config.inbound:
+            return self._refuse(REPLY_AUTH_REQUIRED)
+        if self._state is not State.MAIL:
+            return self._refuse(REPLY_NEED_MAIL)
+        prefix, path = argument[:3], argument[3:].lstrip(" ")
+        if prefix.upper() != "TO:":
+            return self._refuse(_syntax("RCPT TO:<address>"))
+        try:
+            recipient = parse_forward_path(path)
+        except AddressError as error:
+            return self._refuse(error.reply)
+        self._enter(State.AUTHENTICATING)
+        request = LoginRequest(
+            protocol="smtp", routing_key=recipient, helo=self._helo, envelope=(self._mail, line)
+        )
+        return [Authenticate(request)]
+
+    def _data(self) -> list[Command]:
+        if not self._config.inbound:
+            return self._refuse(REPLY_AUTH_REQUIRED)
+        # RFC 5321 section 3.3: DATA needs at least one accepted recipient, and the proxy
+        # accepts none itself (the first routed one hands the session over to a backend).
+        return self._refuse(REPLY_NO_RECIPIENTS if self._state is State.MAIL else REPLY_NEED_RCPT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend login
+
+
+class BackendState(Enum):
+    """Which backend reply the login replay waits for."""
+
+    GREETING = auto()  # the 220 greeting
+    EHLO = auto()  # the reply to EHLO <server_name>
+    XCLIENT = auto()  # the reply to XCLIENT (Postfix greets afresh with 220)
+    CLIENT_EHLO = auto()  # the reply to EHLO <the client's name>, after XCLIENT
+    AUTH_CHALLENGE = auto()  # the 334 to AUTH PLAIN sent without initial response
+    AUTH = auto()  # the verdict on AUTH PLAIN
+    MAIL = auto()  # the reply to the client's MAIL FROM
+    RCPT = auto()  # the reply to the client's RCPT TO, which goes to the client
+    DONE = auto()  # a verdict was given
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 section 4: "+", "=" and anything outside "!".."~" become "+XX" (upper hex)."""
+    return "".join(
+        char if "!" <= char <= "~" and char not in "+=" else "".join(f"+{byte:02X}" for byte in char.encode())
+        for char in value
+    )
+
+
+def _xclient_address(client: ClientAddress) -> str | None:
+    """Postfix's ADDR value (IPv6 with the "IPV6:" prefix), or None if the host is not an IP."""
+    try:
+        address = ipaddress.ip_address(client.host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is None:
+            return f"IPV6:{address}"
+        address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 client
+    return str(address)
+
+
+def _extensions(lines: list[bytes]) -> dict[str, frozenset[str]]:
+    """The EHLO keywords (RFC 5321 section 4.1.1.1) with their parameters, upper-cased."""
+    extensions: dict[str, frozenset[str]] = {}
+    for line in lines[1:]:
+        words = line[4:].decode("ascii", "replace").upper().split()
+        if words:
+            extensions[words[0]] = frozenset(words[1:])
+    return extensions
+
+
+class BackendLogin:
+    """Replays a submission login (EHLO, XCLIENT, AUTH PLAIN) or an inbound envelope (EHLO,
+    XCLIENT, MAIL FROM, RCPT TO) on one backend."""
+
+    __slots__ = ("_buffer", "_config", "_helo_name", "_reply", "_request", "_state")
+
+    def __init__(self, request: LoginRequest, config: BackendConfig) -> None:
+        """Prepare the replay of ``request``; the backend speaks first.
+
+        Raises:
+            LocalProtocolError: a submission request without credentials, an inbound one
+                without its MAIL and RCPT lines, or lines that are not single printable lines.
+        """
+        if request.protocol == "submission" and request.credentials is None:
+            raise LocalProtocolError("a submission login needs credentials")
+        if request.protocol == "smtp" and len(request.envelope) != 2:
+            raise LocalProtocolError("an inbound SMTP login needs the MAIL FROM and RCPT TO lines")
+        if request.protocol not in ("submission", "smtp"):
+            raise LocalProtocolError(f"not an SMTP request: {request.protocol}")
+        if any(_command_text(line) is None for line in (request.helo, *request.envelope)):
+            raise LocalProtocolError("HELO and envelope lines must be printable ASCII")
+        self._request = request
+        self._config = config
+        self._buffer = LineBuffer(MAX_REPLY_LINE)
+        self._state = BackendState.GREETING
+        self._reply: list[bytes] = []  # lines of the multi-line reply being read
+        # The client's own name, for the EHLO after XCLIENT (nginx replays it the same way).
+        _, _, name = request.helo.partition(b" ")
+        self._helo_name = name.strip() or config.server_name.encode()
+
+    @property
+    def state(self) -> BackendState:
+        return self._state
+
+    def handle(self, event: Event) -> list[Command]:
+        """Take one event from the backend side; return the lines to send and, once, a verdict.
+
+        After the verdict, a close or timeout that raced with it is ignored.
+
+        Raises:
+            LocalProtocolError: bytes after the verdict, or a front-end event.
+        """
+        match event:
+            case DataReceived(data=data):
+                if self._state is BackendState.DONE:
+                    raise LocalProtocolError("backend data after the login verdict")
+                self._buffer.feed(data)
+                return self._read()
+            case ConnectionClosed():
+                return self._fail("backend closed the connection")
+            case TimedOut():
+                return self._fail("backend login timed out")
+            case TlsEstablished() | LoginAccepted() | LoginRejected() | LoginUnavailable():
+                raise LocalProtocolError(f"{type(event).__name__} is not an event for a backend login")
+            case _:
+                assert_never(event)
+
+    def _read(self) -> list[Command]:
+        """Collect reply lines (RFC 5321 section 4.2.1: ``code-text`` until ``code text``)."""
+        commands: list[Command] = []
+        while self._state is not BackendState.DONE:
+            try:
+                line = self._buffer.pop_line()
+            except LineTooLongError:
+                return commands + self._fail(f"backend reply line too long in state {self._state.name}")
+            if line is None:
+                break
+            code = line[:3]
+            separator = line[3:4]
+            if not (
+                len(code) == 3
+                and code.isdigit()
+                and code[:1] in b"2345"
+                and separator in (b"", b" ", b"-")
+                and (not self._reply or self._reply[0][:3] == code)
+            ):
+                # Never quote the backend: a broken one might echo the AUTH line.
+                return commands + self._fail(f"backend sent a malformed reply in state {self._state.name}")
+            self._reply.append(line)
+            if len(self._reply) > MAX_REPLY_LINES:
+                return commands + self._fail(f"backend reply too long in state {self._state.name}")
+            if separator == b"-":
+                continue
+            lines, self._reply = self._reply, []
+            commands += self._on_reply(int(code), lines)
+        return commands
+
+    def _on_reply(self, code: int, lines: list[bytes]) -> list[Command]:
+        reply = b"".join(line + CRLF for line in lines)
+        match self._state:
+            case BackendState.GREETING if code == 220:
+                self._state = BackendState.EHLO
+                return [Send(b"EHLO " + self._config.server_name.encode() + CRLF)]
+            case BackendState.EHLO if code == 250:
+                extensions = _extensions(lines)
+                xclient = self._xclient(extensions.get("XCLIENT"))
+                if xclient is None:
+                    return self._login(extensions)
+                self._state = BackendState.XCLIENT
+                return [Send(xclient)]
+            case BackendState.XCLIENT if code in (220, 250):
+                self._state = BackendState.CLIENT_EHLO
+                return [Send(b"EHLO " + self._helo_name + CRLF)]
+            case BackendState.CLIENT_EHLO if code == 250:
+                return self._login(_extensions(lines))
+            case BackendState.AUTH_CHALLENGE if code == 334:
+                self._state = BackendState.AUTH
+                return [Send(self._plain_response() + CRLF)]
+            case BackendState.AUTH | BackendState.AUTH_CHALLENGE:
+                return self._auth_verdict(code, reply)
+            case BackendState.MAIL if code == 250:
+                self._state = BackendState.RCPT
+                return [Send(self._request.envelope[1] + CRLF)]
+            case BackendState.MAIL if code >= 500:
+                # The sender refused for good: the client hears it as the answer to its RCPT.
+                return self._verdict(LoginFailed(reply=reply))
+            case BackendState.RCPT:
+                return self._verdict(LoginSucceeded(reply=reply, buffered=self._buffer.take_all()))
+            case _:
+                return self._fail(f"backend answered {code} in state {self._state.name}")
+
+    def _xclient(self, attributes: frozenset[str] | None) -> bytes | None:
+        """``XCLIENT`` with the attributes the backend lists, when wanted and possible."""
+        client = self._config.client
+        if self._config.client_info != "xclient" or client is None or attributes is None:
+            return None
+        address = _xclient_address(client)
+        if address is None or "ADDR" not in attributes:
+            return None
+        # NAME: the proxy resolves no names; without it Postfix would keep the proxy's own.
+        values = (("ADDR", address), ("PORT", str(client.port)), ("NAME", "[UNAVAILABLE]"))
+        fields = " ".join(f"{name}={xtext(value)}" for name, value in values if name in attributes)
+        return b"XCLIENT " + fields.encode("ascii") + CRLF
+
+    def _login(self, extensions: dict[str, frozenset[str]]) -> list[Command]:
+        if self._request.protocol == "smtp":
+            self._state = BackendState.MAIL
+            return [Send(self._request.envelope[0] + CRLF)]
+        if "PLAIN" not in extensions.get("AUTH", frozenset()):
+            # Sending AUTH anyway would make a configuration problem look like a bad password.
+            return self._fail("backend does not offer AUTH PLAIN")
+        command = b"AUTH PLAIN " + self._plain_response()
+        if len(command) <= MAX_COMMAND_LINE:
+            self._state = BackendState.AUTH
+            return [Send(command + CRLF)]
+        # RFC 4954 section 4: an initial response that would overflow the line goes after 334.
+        self._state = BackendState.AUTH_CHALLENGE
+        return [Send(b"AUTH PLAIN" + CRLF)]
+
+    def _plain_response(self) -> bytes:
+        credentials = self._request.credentials
+        assert credentials is not None  # checked in __init__ for submission
+        return sasl.plain_response(credentials)
+
+    def _auth_verdict(self, code: int, reply: bytes) -> list[Command]:
+        if code == 235:
+            return self._verdict(LoginSucceeded(reply=reply, buffered=self._buffer.take_all()))
+        if code >= 500:
+            return self._verdict(LoginFailed(reply=reply))
+        # 4xx (454 4.7.0 temporary authentication failure) or nonsense: another endpoint may do.
+        return self._fail(f"backend answered {code} to AUTH")
+
+    def _verdict(self, verdict: Command) -> list[Command]:
+        self._state = BackendState.DONE
+        return [verdict]
+
+    def _fail(self, reason: str) -> list[Command]:
+        if self._state is BackendState.DONE:
+            return []
+        return self._verdict(BackendFailed(reason))
