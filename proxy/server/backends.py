@@ -12,6 +12,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +25,9 @@ log = logging.getLogger(__name__)
 # One read of a backend's login reply; replies before login are a few lines.
 RECV_SIZE = 16384
 
-BACKEND_LOGINS: dict[table.Protocol, type[events.BackendMachine]] = {
+BACKEND_LOGINS: dict[
+    table.Protocol, Callable[[events.LoginRequest, events.BackendConfig], events.BackendMachine]
+] = {
     "imap": imap.BackendLogin,
     "pop3": pop3.BackendLogin,
     "submission": smtp.BackendLogin,

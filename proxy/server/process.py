@@ -8,7 +8,8 @@ SIGTERM stop accepting and close the sessions that are left.
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # A table source keeps the holder up to date for as long as it runs; it installs a first table
 # as soon as it has one.
-TableSource = Callable[[TableHolder], Awaitable[None]]
+TableSource = Callable[[TableHolder], Coroutine[Any, Any, None]]
 
 
 async def run(settings: ProxySettings, source: TableSource) -> None:

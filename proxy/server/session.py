@@ -13,6 +13,7 @@ import collections
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy import table
@@ -27,7 +28,7 @@ log = logging.getLogger("mailgress.session")
 # by the machines far below this.
 RECV_SIZE = 16384
 
-FRONTENDS: dict[table.Protocol, type[events.FrontendMachine]] = {
+FRONTENDS: dict[table.Protocol, Callable[[events.FrontendConfig], events.FrontendMachine]] = {
     "imap": imap.Frontend,
     "pop3": pop3.Frontend,
     "submission": smtp.Frontend,
