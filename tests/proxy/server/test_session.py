@@ -8,6 +8,7 @@ that never touch a backend, and what the session log line says (and never says).
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,6 @@ async def fake_backend(**options: str) -> AsyncIterator[FakeImapBackend]:
 
 
 def dead_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])  # closed again: nothing listens there
@@ -257,7 +256,7 @@ async def test_session_log_line_names_the_user_never_the_password(
     async with fake_backend() as backend:
         proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
         for password in (PASSWORD, "wrong-" + PASSWORD):
-            _, reader, writer = await login(proxy.port, "alice@alpha.example", password=password)
+            _, _, writer = await login(proxy.port, "alice@alpha.example", password=password)
             writer.close()
         for _ in range(int(WAIT / 0.05)):
             if sum("session protocol=imap" in r.getMessage() for r in caplog.records) >= 2:
