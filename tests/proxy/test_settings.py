@@ -31,7 +31,10 @@ def test_good_settings_parse(tmp_path: Path) -> None:
     assert loaded.timeouts.pre_login == 30.0
     assert loaded.timeouts.backend_connect == settings.DEFAULT_BACKEND_CONNECT_TIMEOUT
     assert loaded.route_files == ((tmp_path / "routes" / "mailroutes.yaml").resolve(),)
-    assert loaded.services[("mail", "dovecot", "143")] == (Endpoint("127.0.0.1", 10143), Endpoint("::1", 10143))
+    assert loaded.services[("mail", "dovecot", "143")] == (
+        Endpoint("127.0.0.1", 10143),
+        Endpoint("::1", 10143),
+    )
 
 
 @pytest.mark.parametrize(
