@@ -1,0 +1,577 @@
+"""Tests for proxy/protocols/pop3.py: transcripts, limits, driver misuse, backend login, fuzzing.
+
+The transcripts in transcripts/pop3/ carry the front-end's dialogue; this module runs them
+(whole and cut into random chunks), then covers what a transcript cannot express: limits in
+octets, LocalProtocolError for driver misuse, the BackendLogin dialogue, redaction, and
+hypothesis fuzzing of both machines. ``mutated``, ``pieces`` and ``drive`` are protocol-neutral
+and also serve test_smtp.py.
+"""
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.protocols import events, pop3, sasl
+from proxy.protocols.errors import LocalProtocolError
+from proxy.protocols.events import (
+    Authenticate,
+    BackendConfig,
+    BackendFailed,
+    ClientAddress,
+    Close,
+    Command,
+    ConnectionClosed,
+    DataReceived,
+    FrontendConfig,
+    FrontendMachine,
+    LoginAccepted,
+    LoginFailed,
+    LoginRejected,
+    LoginRequest,
+    LoginSucceeded,
+    LoginUnavailable,
+    Relay,
+    Send,
+    StartTls,
+    StartTlsPolicy,
+    TimedOut,
+    TlsEstablished,
+)
+from tests.proxy.protocols import transcript
+
+TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts" / "pop3").glob("*.txt"))
+# Deterministic runs (no example database, fixed seed) and no timing: the machine is shared.
+FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PASSWORD = "Pa55-unique-W0rd"
+CREDENTIALS = sasl.Credentials("alice", PASSWORD)
+FRONTEND_COMMANDS = (Send, Close, StartTls, Authenticate, Relay)
+VERDICTS = (LoginSucceeded, LoginFailed, BackendFailed)
+
+
+def started(config: FrontendConfig | None = None) -> pop3.Frontend:
+    frontend = pop3.Frontend(config or FrontendConfig())
+    frontend.start()
+    return frontend
+
+
+def sent(commands: list[Command]) -> bytes:
+    return b"".join(command.data for command in commands if isinstance(command, Send))
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcripts
+
+
+def test_there_are_transcripts_for_every_scenario_family() -> None:
+    assert len(TRANSCRIPTS) >= 25
+
+
+@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
+def test_transcript(path: Path) -> None:
+    loaded = transcript.load(path)
+    assert loaded.description, "every transcript opens with a comment saying what it proves"
+    transcript.run(loaded, pop3.Frontend)
+
+
+@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
+@FUZZ
+@given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
+def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
+    loaded = transcript.load(path)
+    whole = transcript.run(loaded, pop3.Frontend)
+    assert transcript.run(loaded, pop3.Frontend, chunks=chunks) == whole
+
+
+# ---------------------------------------------------------------------------------------------
+# Front-end details a transcript cannot carry
+
+
+def test_command_line_of_exactly_255_octets_is_accepted() -> None:
+    line = b"USER " + b"u" * (pop3.MAX_COMMAND_LINE - len(b"USER "))
+    assert len(line + b"\r\n") == 255  # RFC 2449 section 4
+    frontend = started()
+    assert frontend.handle(DataReceived(line + b"\r\n")) == [Send(b"+OK\r\n")]
+    commands = frontend.handle(DataReceived(line + b"x\r\n"))
+    assert commands == [Send(pop3.REPLY_TOO_LONG), Close("line too long")]
+
+
+def test_sasl_line_of_the_largest_plain_response_is_accepted() -> None:
+    credentials = sasl.Credentials("u" * 255, "p" * 255, sasl.Mechanism.PLAIN, authzid="z" * 255)
+    response = sasl.plain_response(credentials)
+    assert len(response) == pop3.MAX_SASL_LINE == 1024
+    frontend = started()
+    assert frontend.handle(DataReceived(b"AUTH PLAIN\r\n")) == [Send(b"+ \r\n")]
+    (command,) = frontend.handle(DataReceived(response + b"\r\n"))
+    assert isinstance(command, Authenticate)
+    assert command.request.credentials == credentials
+
+
+def test_initial_response_is_held_to_the_command_limit() -> None:
+    """RFC 5034 section 4: a client must not send an initial response that overflows 255 octets."""
+    response = sasl.plain_response(sasl.Credentials("u" * 100, "p" * 100))
+    frontend = started()
+    commands = frontend.handle(DataReceived(b"AUTH PLAIN " + response + b"\r\n"))
+    assert commands == [Send(pop3.REPLY_TOO_LONG), Close("line too long")]
+
+
+def test_pipelined_bytes_during_login_are_bounded() -> None:
+    frontend = started()
+    assert isinstance(frontend.handle(DataReceived(b"USER a\r\nPASS b\r\n"))[-1], Authenticate)
+    assert frontend.handle(DataReceived(b"x" * pop3.MAX_HELD_BYTES)) == []
+    commands = frontend.handle(DataReceived(b"x"))
+    assert commands == [Send(pop3.REPLY_TOO_MUCH), Close("client pipelined too much data during login")]
+    assert frontend.state is pop3.State.CLOSED
+
+
+def test_states_follow_rfc_1939() -> None:
+    frontend = pop3.Frontend(FrontendConfig(starttls=StartTlsPolicy.ON))
+    assert frontend.state is pop3.State.AUTHORIZATION
+    frontend.start()
+    frontend.handle(DataReceived(b"AUTH LOGIN\r\n"))
+    assert frontend.state is pop3.State.AUTH_LOGIN_USERNAME
+    frontend.handle(DataReceived(b"YWxpY2U=\r\n"))
+    assert frontend.state is pop3.State.AUTH_LOGIN_PASSWORD
+    frontend.handle(DataReceived(b"*\r\nSTLS\r\n"))
+    assert frontend.state is pop3.State.STARTING_TLS
+    frontend.handle(TlsEstablished())
+    frontend.handle(DataReceived(b"AUTH PLAIN\r\n"))
+    assert frontend.state is pop3.State.AUTH_PLAIN
+    frontend.handle(DataReceived(b"AGFsaWNlAHNlY3JldA==\r\n"))
+    assert frontend.state is pop3.State.AUTHENTICATING
+    frontend.handle(LoginAccepted(b"+OK\r\n"))
+    assert frontend.state is pop3.State.TRANSACTION
+
+
+def test_login_request_carries_protocol_and_redacted_credentials() -> None:
+    frontend = started()
+    (command,) = frontend.handle(DataReceived(b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n"))[1:]
+    assert command == Authenticate(
+        LoginRequest(protocol="pop3", routing_key="alice", credentials=CREDENTIALS)
+    )
+    assert PASSWORD not in repr(command)
+
+
+def test_handle_before_start_is_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        pop3.Frontend(FrontendConfig()).handle(DataReceived(b"CAPA\r\n"))
+
+
+def test_start_twice_is_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        started().start()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [TlsEstablished(), LoginAccepted(b"+OK\r\n"), LoginRejected(), LoginUnavailable()],
+    ids=lambda event: type(event).__name__,
+)
+def test_verdicts_and_tls_news_out_of_turn_are_misuse(event: events.Event) -> None:
+    with pytest.raises(LocalProtocolError):
+        started().handle(event)
+
+
+def test_events_after_relay_are_misuse() -> None:
+    frontend = started()
+    frontend.handle(DataReceived(b"USER a\r\nPASS b\r\n"))
+    frontend.handle(LoginAccepted(b"+OK\r\n"))
+    with pytest.raises(LocalProtocolError):
+        frontend.handle(DataReceived(b"STAT\r\n"))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [DataReceived(b"NOOP\r\n"), ConnectionClosed(), TimedOut(), LoginAccepted(b"+OK\r\n"), LoginRejected()],
+    ids=lambda event: type(event).__name__,
+)
+def test_after_close_events_in_flight_are_ignored(event: events.Event) -> None:
+    frontend = started()
+    frontend.handle(DataReceived(b"USER a\r\nPASS b\r\n"))
+    assert frontend.handle(ConnectionClosed()) == [Close("client closed the connection")]
+    assert frontend.handle(event) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend login
+
+
+def backend_login(
+    config: BackendConfig | None = None, credentials: sasl.Credentials = CREDENTIALS
+) -> pop3.BackendLogin:
+    request = LoginRequest(protocol="pop3", routing_key=credentials.username, credentials=credentials)
+    return pop3.BackendLogin(request, config or BackendConfig())
+
+
+def feed(machine: pop3.BackendLogin, *lines: bytes) -> list[Command]:
+    return machine.handle(DataReceived(b"".join(line + b"\r\n" for line in lines)))
+
+
+XCLIENT = BackendConfig(client=ClientAddress("192.0.2.7", 40123), client_info="xclient")
+
+
+def test_backend_login_with_user_and_pass() -> None:
+    login = backend_login()
+    assert feed(login, b"+OK Dovecot ready.") == [Send(b"USER alice\r\n")]
+    assert feed(login, b"+OK") == [Send(b"PASS " + PASSWORD.encode() + b"\r\n")]
+    commands = login.handle(DataReceived(b"+OK Logged in.\r\n+OK early"))
+    assert commands == [LoginSucceeded(reply=b"+OK Logged in.\r\n", buffered=b"+OK early")]
+    assert login.state is pop3.BackendState.DONE
+
+
+def test_backend_login_in_one_read() -> None:
+    """A backend that answers everything at once (it cannot, but the machine must not care)."""
+    commands = feed(backend_login(), b"+OK hi", b"+OK", b"+OK Logged in.")
+    assert commands == [
+        Send(b"USER alice\r\n"),
+        Send(b"PASS " + PASSWORD.encode() + b"\r\n"),
+        LoginSucceeded(reply=b"+OK Logged in.\r\n"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("host", "addr"),
+    [
+        ("192.0.2.7", b"192.0.2.7"),
+        ("2001:db8::7", b"2001:db8::7"),
+        ("::ffff:192.0.2.7", b"192.0.2.7"),
+    ],
+)
+def test_backend_login_sends_xclient_when_the_greeting_offers_it(host: str, addr: bytes) -> None:
+    login = backend_login(BackendConfig(client=ClientAddress(host, 40123), client_info="xclient"))
+    assert feed(login, b"+OK [XCLIENT] Dovecot ready.") == [
+        Send(b"XCLIENT ADDR=" + addr + b" PORT=40123\r\n")
+    ]
+    assert login.state is pop3.BackendState.XCLIENT
+    assert feed(login, b"+OK Updated") == [Send(b"USER alice\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("config", "greeting"),
+    [
+        (XCLIENT, b"+OK Dovecot ready."),  # an untrusting Dovecot does not offer it
+        (BackendConfig(client=ClientAddress("192.0.2.7", 1)), b"+OK [XCLIENT] ready."),  # not asked for
+        (BackendConfig(client_info="xclient"), b"+OK [XCLIENT] ready."),  # no client address
+        (BackendConfig(client=ClientAddress("/run/sock", 0), client_info="xclient"), b"+OK [XCLIENT] hi"),
+    ],
+)
+def test_backend_login_sends_no_xclient_unless_asked_offered_and_possible(
+    config: BackendConfig, greeting: bytes
+) -> None:
+    assert feed(backend_login(config), greeting) == [Send(b"USER alice\r\n")]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        b"-ERR [AUTH] Authentication failed.",
+        b"-ERR [IN-USE] Mailbox is locked.",  # the client should see why; another endpoint will not help
+        b"-ERR [SYS/PERM] Account disabled.",
+        b"-ERR",
+    ],
+)
+def test_backend_refusal_after_pass_goes_to_the_client(refusal: bytes) -> None:
+    login = backend_login()
+    feed(login, b"+OK hi", b"+OK")
+    assert feed(login, refusal) == [LoginFailed(reply=refusal + b"\r\n")]
+
+
+def test_backend_refusing_user_is_a_refusal() -> None:
+    login = backend_login()
+    feed(login, b"+OK hi")
+    assert feed(login, b"-ERR [AUTH] Unknown user.") == [LoginFailed(reply=b"-ERR [AUTH] Unknown user.\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason"),
+    [
+        ([b"-ERR go away"], "backend greeting was -ERR"),
+        ([b"* OK IMAP4rev1"], "backend sent a malformed response in state GREETING"),
+        ([b"+OKAY"], "backend sent a malformed response in state GREETING"),
+        (
+            [b"+OK hi", b"+OK", b"-ERR [SYS/TEMP] Storage down."],
+            "backend reported a temporary failure ([SYS/TEMP])",
+        ),
+        ([b"+OK hi", b"-ERR [SYS/TEMP] Auth down."], "backend reported a temporary failure ([SYS/TEMP])"),
+        ([b"+OK hi", b"+OK", b"garbage"], "backend sent a malformed response in state PASS"),
+    ],
+)
+def test_backend_failures(lines: list[bytes], reason: str) -> None:
+    commands = feed(backend_login(), *lines)
+    assert commands[-1] == BackendFailed(reason)
+
+
+def test_backend_refusing_xclient_fails_the_login() -> None:
+    login = backend_login(XCLIENT)
+    feed(login, b"+OK [XCLIENT] ready")
+    assert feed(login, b"-ERR You are not from trusted IP") == [BackendFailed("backend refused XCLIENT")]
+
+
+def test_backend_close_and_timeout_fail_the_login_once() -> None:
+    login = backend_login()
+    assert login.handle(ConnectionClosed()) == [BackendFailed("backend closed the connection")]
+    assert login.handle(TimedOut()) == []  # raced with the verdict
+    assert backend_login().handle(TimedOut()) == [BackendFailed("backend login timed out")]
+
+
+def test_backend_response_limit() -> None:
+    line = b"+OK " + b"x" * (pop3.MAX_RESPONSE_LINE - 4)
+    assert len(line + b"\r\n") == 512  # RFC 2449 section 4
+    assert feed(backend_login(), line) == [Send(b"USER alice\r\n")]
+    commands = feed(backend_login(), line + b"x")
+    assert commands == [BackendFailed("backend response too long in state GREETING")]
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        sasl.Credentials("ali\r\nce", PASSWORD),
+        sasl.Credentials("alice", "pass\nQUIT"),
+        sasl.Credentials("a", "\x00"),
+    ],
+)
+def test_backend_login_never_sends_credentials_that_would_break_the_line(
+    credentials: sasl.Credentials,
+) -> None:
+    login = backend_login(credentials=credentials)
+    assert feed(login, b"+OK hi") == [LoginFailed(reply=pop3.REPLY_AUTH_FAILED)]
+
+
+def test_backend_login_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        pop3.BackendLogin(LoginRequest(protocol="pop3", routing_key="alice"), BackendConfig())
+    with pytest.raises(LocalProtocolError):
+        pop3.BackendLogin(
+            LoginRequest(protocol="imap", routing_key="a", credentials=CREDENTIALS), BackendConfig()
+        )
+    login = backend_login()
+    for event in (TlsEstablished(), LoginAccepted(b"+OK\r\n"), LoginRejected(), LoginUnavailable()):
+        with pytest.raises(LocalProtocolError):
+            login.handle(event)
+    feed(login, b"-ERR no")
+    with pytest.raises(LocalProtocolError):
+        login.handle(DataReceived(b"+OK\r\n"))
+
+
+def test_frontend_and_backend_compose() -> None:
+    """The front-end's request drives the backend login, whose verdict the front-end relays."""
+    frontend = started()
+    *_, authenticate = frontend.handle(DataReceived(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nSTAT\r\n"))
+    assert isinstance(authenticate, Authenticate)
+    login = pop3.BackendLogin(authenticate.request, BackendConfig())
+    wire = feed(login, b"+OK ready") + feed(login, b"+OK") + feed(login, b"+OK Logged in.")
+    assert sent(wire) == b"USER alice\r\nPASS secret\r\n"
+    verdict = wire[-1]
+    assert isinstance(verdict, LoginSucceeded)
+    assert frontend.handle(LoginAccepted(verdict.reply)) == [Send(b"+OK Logged in.\r\n"), Relay(b"STAT\r\n")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Redaction
+
+
+REDACTION_DIALOGUES = [
+    b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n",
+    b"AUTH PLAIN " + sasl.plain_response(CREDENTIALS) + b"\r\n",
+    b"AUTH LOGIN YWxpY2U=\r\n" + sasl.encode_base64(PASSWORD.encode()) + b"\r\n",
+]
+
+
+@pytest.mark.parametrize("dialogue", REDACTION_DIALOGUES)
+@pytest.mark.parametrize(
+    "verdict",
+    [LoginAccepted(b"+OK in\r\n"), LoginRejected(), LoginUnavailable(), TimedOut(), ConnectionClosed()],
+    ids=lambda event: type(event).__name__,
+)
+def test_frontend_never_shows_the_password(dialogue: bytes, verdict: events.Event) -> None:
+    frontend = started()
+    commands = frontend.handle(DataReceived(dialogue))
+    commands += frontend.handle(verdict)
+    assert any(isinstance(command, Authenticate) for command in commands)
+    for command in commands:
+        assert PASSWORD not in repr(command)
+        assert PASSWORD not in str(command)
+    assert PASSWORD not in repr(frontend)
+
+
+@pytest.mark.parametrize(
+    "responses",
+    [
+        [b"+OK Logged in."],
+        [b"-ERR [AUTH] no"],
+        [b"-ERR [SYS/TEMP] down"],
+        [b"PASS " + PASSWORD.encode()],
+        [b"+"],
+    ],
+)
+def test_backend_never_shows_the_password_outside_its_pass_line(responses: list[bytes]) -> None:
+    login = backend_login()
+    feed(login, b"+OK hi")
+    (pass_line,) = feed(login, b"+OK")
+    assert pass_line == Send(b"PASS " + PASSWORD.encode() + b"\r\n")
+    for command in feed(login, *responses):
+        if isinstance(command, BackendFailed):
+            assert PASSWORD not in command.reason
+    with pytest.raises(LocalProtocolError) as raised:
+        login.handle(DataReceived(b"more\r\n"))
+    assert PASSWORD not in str(raised.value)
+    assert PASSWORD not in repr(login)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: mutated client input and random backend replies never make handle() raise
+
+INTERESTING = b'\r\n *=+-.:<>@%!"\\\x00\x7f\xff0123456789'
+
+
+@st.composite
+def mutated(draw: st.DrawFn, data: bytes) -> bytes:
+    """``data`` with a few bytes inserted, deleted or bit-flipped."""
+    buffer = bytearray(data)
+    for _ in range(draw(st.integers(min_value=0, max_value=6))):
+        position = draw(st.integers(min_value=0, max_value=len(buffer)))
+        match draw(st.sampled_from(["insert", "delete", "flip"])):
+            case "insert":
+                byte = draw(st.sampled_from(INTERESTING) | st.integers(min_value=0, max_value=255))
+                buffer.insert(position, byte)
+            case "delete" if position < len(buffer):
+                del buffer[position]
+            case "flip" if position < len(buffer):
+                buffer[position] ^= 1 << draw(st.integers(min_value=0, max_value=7))
+    return bytes(buffer)
+
+
+def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
+    """``data`` cut into pieces of the given sizes (cycled)."""
+    offset = 0
+    for index in range(len(data)):  # bounded: at least one byte per piece
+        if offset >= len(data):
+            return
+        size = sizes[index % len(sizes)]
+        yield data[offset : offset + size]
+        offset += size
+
+
+def drive(
+    frontend: FrontendMachine, data: bytes, sizes: list[int], verdicts: list[events.Event]
+) -> list[Command]:
+    """Play a driver: feed pieces, answer Authenticate and StartTls, stop at Close or Relay."""
+    emitted = frontend.start()
+    verdict_index = 0
+    for piece in pieces(data, sizes):
+        pending = frontend.handle(DataReceived(piece))
+        for _ in range(len(data) + 1):  # each answer consumes input or ends the dialogue
+            emitted += pending
+            if any(isinstance(command, Close | Relay) for command in pending):
+                return emitted
+            if any(isinstance(command, StartTls) for command in pending):
+                pending = frontend.handle(TlsEstablished())
+            elif any(isinstance(command, Authenticate) for command in pending):
+                pending = frontend.handle(verdicts[verdict_index % len(verdicts)])
+                verdict_index += 1
+            else:
+                break
+    return emitted + frontend.handle(ConnectionClosed())
+
+
+def check_fuzzed_dialogue(commands: list[Command]) -> None:
+    """What must hold for any dialogue: front-end commands only, Relay last, whole lines."""
+    assert all(isinstance(command, FRONTEND_COMMANDS) for command in commands)
+    relays = [index for index, command in enumerate(commands) if isinstance(command, Relay)]
+    assert relays == [] or relays == [len(commands) - 1]
+    assert all(not isinstance(command, Send) or command.data.endswith(b"\r\n") for command in commands)
+    assert PASSWORD.encode() not in sent(commands)
+
+
+VALID_CLIENT_DATA = [transcript.load(path).client_data for path in TRANSCRIPTS] + REDACTION_DIALOGUES
+CONFIGS = [
+    FrontendConfig(),
+    FrontendConfig(starttls=StartTlsPolicy.ON),
+    FrontendConfig(starttls=StartTlsPolicy.REQUIRED, max_errors=3),
+]
+
+
+@settings(FUZZ, max_examples=400)
+@given(
+    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(mutated),
+    sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
+    config=st.sampled_from(CONFIGS),
+    verdicts=st.lists(
+        st.sampled_from([LoginAccepted(b"+OK in\r\n"), LoginRejected(), LoginUnavailable()]),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_frontend_survives_mutated_input(
+    data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
+) -> None:
+    check_fuzzed_dialogue(drive(pop3.Frontend(config), data, sizes, verdicts))
+
+
+BACKEND_LINES = [
+    b"+OK Dovecot ready.",
+    b"+OK [XCLIENT] Dovecot ready.",
+    b"+OK",
+    b"+OK Logged in.",
+    b"-ERR [AUTH] Authentication failed.",
+    b"-ERR [SYS/TEMP] down",
+    b"-ERR [IN-USE] locked",
+    b"-ERR",
+    b"+ ",
+    b"* OK IMAP",
+    b"",
+]
+
+
+def verdict_given(login: pop3.BackendLogin) -> bool:
+    return login.state is pop3.BackendState.DONE
+
+
+def fuzz_backend(
+    handle: Callable[[events.Event], list[Command]],
+    done: Callable[[], bool],
+    data: bytes,
+    sizes: list[int],
+    closes: bool,
+) -> list[Command]:
+    """Feed ``data`` in pieces until a verdict; then optionally the backend's close."""
+    commands: list[Command] = []
+    for piece in pieces(data, sizes):
+        commands += handle(DataReceived(piece))
+        if done():
+            break
+    if closes:
+        commands += handle(ConnectionClosed())
+    verdicts = [command for command in commands if isinstance(command, VERDICTS)]
+    assert all(
+        isinstance(command, Send | LoginSucceeded | LoginFailed | BackendFailed) for command in commands
+    )
+    assert len(verdicts) <= 1
+    assert (verdicts != []) == done()
+    if commands and not isinstance(commands[-1], Send):
+        assert commands[-1] is verdicts[0]  # nothing follows the verdict
+    for verdict in verdicts:
+        assert PASSWORD not in repr(verdict)
+    return commands
+
+
+@settings(FUZZ, max_examples=300)
+@given(
+    lines=st.lists(st.sampled_from(BACKEND_LINES) | st.binary(max_size=40), max_size=6),
+    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
+    use_xclient=st.booleans(),
+    closes=st.booleans(),
+)
+def test_backend_login_survives_random_replies(
+    lines: list[bytes], sizes: list[int], use_xclient: bool, closes: bool
+) -> None:
+    login = backend_login(XCLIENT if use_xclient else BackendConfig())
+    data = b"".join(line + b"\r\n" for line in lines)
+    commands = fuzz_backend(login.handle, lambda: verdict_given(login), data, sizes, closes)
+    if closes:
+        assert verdict_given(login)
+    for command in commands:
+        if isinstance(command, Send) and PASSWORD.encode() in command.data:
+            assert command.data == b"PASS " + PASSWORD.encode() + b"\r\n"
