@@ -1,0 +1,653 @@
+"""Tests for proxy/protocols/imap.py: transcripts, limits, driver misuse, backend login, fuzzing.
+
+The transcripts in transcripts/imap/ carry most of the front-end's behaviour; this module runs
+them (whole and cut into random chunks), then covers what a transcript cannot express: limits
+measured in kilobytes, LocalProtocolError for driver misuse, the BackendLogin dialogue, and
+hypothesis fuzzing of both machines with mutated input.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.protocols import events, imap, sasl
+from proxy.protocols.errors import LocalProtocolError
+from proxy.protocols.events import (
+    Authenticate,
+    BackendConfig,
+    BackendFailed,
+    ClientAddress,
+    Close,
+    Command,
+    ConnectionClosed,
+    DataReceived,
+    FrontendConfig,
+    LoginAccepted,
+    LoginFailed,
+    LoginRejected,
+    LoginRequest,
+    LoginSucceeded,
+    LoginUnavailable,
+    Relay,
+    Send,
+    StartTls,
+    StartTlsPolicy,
+    TimedOut,
+    TlsEstablished,
+)
+from tests.proxy.protocols import transcript
+
+TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts" / "imap").glob("*.txt"))
+# Deterministic runs (no example database, fixed seed) and no timing: the machine is shared.
+FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PASSWORD = "Pa55-unique-W0rd"
+COMMAND_TYPES = (
+    Send,
+    Close,
+    StartTls,
+    Authenticate,
+    Relay,
+    LoginSucceeded,
+    LoginFailed,
+    BackendFailed,
+)
+
+
+def started(config: FrontendConfig | None = None) -> imap.Frontend:
+    frontend = imap.Frontend(config or FrontendConfig())
+    frontend.start()
+    return frontend
+
+
+def sent(commands: list[Command]) -> bytes:
+    return b"".join(command.data for command in commands if isinstance(command, Send))
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcripts
+
+
+def test_there_are_transcripts_for_every_scenario_family() -> None:
+    assert len(TRANSCRIPTS) >= 12
+
+
+@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
+def test_transcript(path: Path) -> None:
+    loaded = transcript.load(path)
+    assert loaded.description, "every transcript opens with a comment saying what it proves"
+    transcript.run(loaded, imap.Frontend)
+
+
+@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
+@FUZZ
+@given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
+def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
+    loaded = transcript.load(path)
+    whole = transcript.run(loaded, imap.Frontend)
+    assert transcript.run(loaded, imap.Frontend, chunks=chunks) == whole
+
+
+# ---------------------------------------------------------------------------------------------
+# Front-end limits and details a transcript cannot carry
+
+
+def test_greeting_is_one_line_with_capabilities() -> None:
+    greeting = imap.Frontend(FrontendConfig(server_name="mx.example")).start()
+    assert greeting == [
+        Send(b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] mx.example ready\r\n")
+    ]
+
+
+def test_line_too_long_gets_bad_and_close() -> None:
+    frontend = started()
+    commands = frontend.handle(DataReceived(b"a" * (imap.MAX_COMMAND_LINE + 1)))
+    assert commands == [Send(b"* BAD Command line too long\r\n"), Close("line too long")]
+    assert frontend.state is imap.State.LOGOUT
+
+
+def test_line_of_exactly_the_limit_is_accepted() -> None:
+    frontend = started()
+    line = b"a NOOP" + b" " * (imap.MAX_COMMAND_LINE - 6)
+    assert len(line) == imap.MAX_COMMAND_LINE
+    # The padding is bad syntax, but the line is read and answered, not refused as too long.
+    assert frontend.handle(DataReceived(line + b"\r\n")) == [
+        Send(b"a BAD Unexpected characters after the command\r\n")
+    ]
+
+
+def test_command_line_limit_counts_every_segment_of_a_command() -> None:
+    frontend = started()
+    first = b'a ID ("' + b"n" * 5000 + b'" {1+}\r\nx'
+    second = b' "' + b"v" * 4000 + b'")\r\n'
+    commands = frontend.handle(DataReceived(first + second))
+    assert commands == [Send(b"* BAD Command line too long\r\n"), Close("command too long")]
+
+
+def test_literal_limit_counts_every_literal_of_a_command() -> None:
+    frontend = started()
+    half = imap.MAX_LITERAL_OCTETS // 2
+    assert frontend.handle(DataReceived(b"a LOGIN {%d}\r\n" % half)) == [
+        Send(b"+ Ready for literal data\r\n")
+    ]
+    commands = frontend.handle(DataReceived(b"u" * half + b" {%d}\r\n" % (half + 1)))
+    assert commands == [
+        Send(b"a BAD [TOOBIG] Literal too large before login\r\n"),
+        Close("literal too large"),
+    ]
+
+
+def test_literal_of_exactly_the_limit_is_accepted() -> None:
+    frontend = started()
+    size = imap.MAX_LITERAL_OCTETS
+    frontend.handle(DataReceived(b"a LOGIN {%d+}\r\n" % size))
+    commands = frontend.handle(DataReceived(b"u" * size + b" secret\r\n"))
+    assert len(commands) == 1
+    assert isinstance(commands[0], Authenticate)
+    assert commands[0].request.routing_key == "u" * size
+
+
+def test_pipelined_bytes_during_login_are_bounded() -> None:
+    frontend = started()
+    assert isinstance(frontend.handle(DataReceived(b"a LOGIN alice secret\r\n"))[0], Authenticate)
+    assert frontend.handle(DataReceived(b"x" * imap.MAX_PIPELINED_OCTETS)) == []
+    commands = frontend.handle(DataReceived(b"x"))
+    assert commands == [
+        Send(b"* BYE Too much data sent before login completed\r\n"),
+        Close("too much pipelined data during login"),
+    ]
+
+
+def test_pipelined_bytes_in_the_login_packet_are_bounded_too() -> None:
+    frontend = started()
+    commands = frontend.handle(
+        DataReceived(b"a LOGIN alice secret\r\n" + b"x" * (imap.MAX_PIPELINED_OCTETS + 1))
+    )
+    assert [type(command) for command in commands] == [Authenticate, Send, Close]
+
+
+def test_timeout_while_a_login_is_pending_says_bye() -> None:
+    frontend = started()
+    frontend.handle(DataReceived(b"a LOGIN alice secret\r\n"))
+    assert frontend.handle(TimedOut()) == [
+        Send(b"* BYE Autologout; idle for too long\r\n"),
+        Close("idle timeout"),
+    ]
+
+
+def test_states_follow_rfc_3501() -> None:
+    frontend = imap.Frontend(FrontendConfig())
+    states = [frontend.state]
+    frontend.start()
+    frontend.handle(DataReceived(b"a LOGIN alice secret\r\nb SELECT INBOX\r\n"))
+    states.append(frontend.state)
+    assert frontend.handle(LoginAccepted(b"a OK done\r\n")) == [
+        Send(b"a OK done\r\n"),
+        Relay(b"b SELECT INBOX\r\n"),
+    ]
+    states.append(frontend.state)
+    assert states == [imap.State.NOT_AUTHENTICATED, imap.State.NOT_AUTHENTICATED, imap.State.AUTHENTICATED]
+
+
+def test_login_request_carries_protocol_tag_and_redacted_credentials() -> None:
+    frontend = started()
+    (command,) = frontend.handle(
+        DataReceived(b'tag1 LOGIN "user@example.org" "' + PASSWORD.encode() + b'"\r\n')
+    )
+    assert command == Authenticate(
+        LoginRequest(
+            protocol="imap",
+            routing_key="user@example.org",
+            credentials=sasl.Credentials("user@example.org", PASSWORD),
+            tag=b"tag1",
+        )
+    )
+    assert PASSWORD not in repr(command)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver misuse raises LocalProtocolError; nothing else does
+
+
+def test_handle_before_start_is_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        imap.Frontend(FrontendConfig()).handle(DataReceived(b"a NOOP\r\n"))
+
+
+def test_start_twice_is_misuse() -> None:
+    frontend = started()
+    with pytest.raises(LocalProtocolError):
+        frontend.start()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [LoginAccepted(b"a OK\r\n"), LoginRejected(), LoginUnavailable(), TlsEstablished()],
+    ids=lambda event: type(event).__name__,
+)
+def test_verdicts_and_tls_news_out_of_turn_are_misuse(event: events.Event) -> None:
+    frontend = started()
+    with pytest.raises(LocalProtocolError):
+        frontend.handle(event)
+
+
+def test_events_after_relay_are_misuse() -> None:
+    frontend = started()
+    frontend.handle(DataReceived(b"a LOGIN alice secret\r\n"))
+    frontend.handle(LoginAccepted(b"a OK\r\n"))
+    for event in (DataReceived(b"b NOOP\r\n"), ConnectionClosed(), TimedOut()):
+        with pytest.raises(LocalProtocolError):
+            frontend.handle(event)
+
+
+def test_after_close_only_the_eof_is_accepted() -> None:
+    frontend = started()
+    assert frontend.handle(ConnectionClosed()) == [Close("client closed the connection")]
+    assert frontend.handle(ConnectionClosed()) == []
+    with pytest.raises(LocalProtocolError):
+        frontend.handle(DataReceived(b"a NOOP\r\n"))
+
+
+# ---------------------------------------------------------------------------------------------
+# BackendLogin
+
+
+def backend_login(
+    config: BackendConfig | None = None, username: str = "alice", password: str = PASSWORD
+) -> imap.BackendLogin:
+    credentials = sasl.Credentials(username, password)
+    request = LoginRequest(protocol="imap", routing_key=username, credentials=credentials, tag=b"a1")
+    return imap.BackendLogin(request, config or BackendConfig())
+
+
+def feed(machine: imap.BackendLogin, *lines: bytes) -> list[Command]:
+    return machine.handle(DataReceived(b"".join(line + b"\r\n" for line in lines)))
+
+
+def test_backend_login_with_synchronizing_literals() -> None:
+    login = backend_login()
+    assert feed(login, b"* OK Dovecot ready.") == [Send(b"a1 LOGIN {5}\r\n")]
+    states = [login.state]
+    assert feed(login, b"+ OK") == [Send(b"alice {%d}\r\n" % len(PASSWORD))]
+    assert feed(login, b"+ OK") == [Send(PASSWORD.encode() + b"\r\n")]
+    commands = feed(
+        login, b"* CAPABILITY IMAP4rev1 IDLE", b"a1 OK [CAPABILITY IMAP4rev1] Logged in", b"* 3 EXISTS"
+    )
+    assert commands == [
+        LoginSucceeded(
+            reply=b"* CAPABILITY IMAP4rev1 IDLE\r\na1 OK [CAPABILITY IMAP4rev1] Logged in\r\n",
+            buffered=b"* 3 EXISTS\r\n",
+        )
+    ]
+    assert [*states, login.state] == [imap.BackendState.LOGIN, imap.BackendState.LOGGED_IN]
+
+
+def test_backend_login_uses_literal_plus_when_advertised() -> None:
+    login = backend_login(username="bøb")
+    commands = feed(login, b"* OK [CAPABILITY IMAP4rev1 SASL-IR literal+ ID] ready")
+    user = "bøb".encode()
+    expected = b"a1 LOGIN {%d+}\r\n%b {%d+}\r\n%b\r\n" % (len(user), user, len(PASSWORD), PASSWORD.encode())
+    assert commands == [Send(expected)]
+    assert feed(login, b"a1 OK Logged in") == [LoginSucceeded(b"a1 OK Logged in\r\n")]
+
+
+def test_backend_login_sends_client_address_with_id_first() -> None:
+    config = BackendConfig(client=ClientAddress("2001:db8::7", 40123), client_info="id")
+    login = backend_login(config)
+    (command,) = feed(login, b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready")
+    assert isinstance(command, Send)
+    assert command.data.startswith(
+        b'a1-ID ID ("x-originating-ip" "2001:db8::7" "x-originating-port" "40123")\r\na1 LOGIN {5+}\r\n'
+    )
+    # The ID's own replies never reach the client; only the LOGIN's do.
+    commands = feed(login, b'* ID ("name" "Dovecot")', b"a1-ID OK ID completed.", b"a1 OK Logged in")
+    assert commands == [LoginSucceeded(b"a1 OK Logged in\r\n")]
+
+
+@pytest.mark.parametrize("status", [b"NO", b"BAD"])
+def test_backend_login_tolerates_a_refused_id(status: bytes) -> None:
+    login = backend_login(BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id"))
+    feed(login, b"* OK ready")
+    assert feed(login, b"a1-ID " + status + b" not allowed", b"+ go on") == [
+        Send(b"alice {%d}\r\n" % len(PASSWORD))
+    ]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        BackendConfig(client_info="id"),
+        BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="proxy-v2"),
+    ],
+    ids=["no-client-address", "other-forwarding"],
+)
+def test_backend_login_sends_no_id_unless_asked_with_an_address(config: BackendConfig) -> None:
+    assert feed(backend_login(config), b"* OK ready") == [Send(b"a1 LOGIN {5}\r\n")]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.", b"a1 BAD Error in IMAP command", b"a1 no nope"],
+)
+def test_backend_refusal_goes_to_the_client(reply: bytes) -> None:
+    login = backend_login()
+    feed(login, b"* OK [CAPABILITY LITERAL+] ready")
+    assert feed(login, reply) == [LoginFailed(reply + b"\r\n")]
+    assert login.state is imap.BackendState.FAILED
+
+
+def test_backend_refusing_the_first_literal_is_a_refusal() -> None:
+    login = backend_login()
+    feed(login, b"* OK ready")
+    assert feed(login, b"a1 NO [CONTACTADMIN] Account disabled") == [
+        LoginFailed(b"a1 NO [CONTACTADMIN] Account disabled\r\n")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason"),
+    [
+        ([b"* BYE Too many connections"], "backend greeted with BYE"),
+        ([b"* PREAUTH welcome"], "backend greeted with PREAUTH"),
+        ([b"+OK POP3 ready"], "backend greeting is not an IMAP greeting"),
+        ([b"* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] ready"], "backend refuses LOGIN (LOGINDISABLED)"),
+        ([b"* OK ready", b"a1 NO [UNAVAILABLE] Try later"], "backend answered LOGIN with NO [UNAVAILABLE]"),
+        ([b"* OK ready", b"a1 NO [SERVERBUG] oops"], "backend answered LOGIN with NO [SERVERBUG]"),
+        ([b"* OK ready", b"a1 PREAUTH x"], "backend answered LOGIN with PREAUTH []"),
+        ([b"* OK ready", b"* BYE shutting down"], "backend said BYE during login"),
+        ([b"* OK ready", b"garbage"], "backend sent an unexpected line during login"),
+        ([b"* OK ready", b"b7 OK wrong tag"], "backend sent an unexpected line during login"),
+        ([b"* OK ready", b"+", b"+", b"+"], "backend sent an unexpected continuation during login"),
+        (
+            [b"* OK [CAPABILITY LITERAL+] ready", b"+ OK"],
+            "backend sent an unexpected continuation during login",
+        ),
+    ],
+)
+def test_backend_failures(lines: list[bytes], reason: str) -> None:
+    login = backend_login()
+    commands = feed(login, *lines)
+    assert commands[-1] == BackendFailed(reason)
+    assert login.state is imap.BackendState.FAILED
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason"),
+    [
+        ([b"* OK ready", b"* BYE go away"], "backend said BYE during login"),
+        ([b"* OK ready", b"+ too early"], "backend sent an unexpected line in reply to ID"),
+        ([b"* OK ready", b"a1-ID PREAUTH x"], "backend sent an unexpected status in reply to ID"),
+    ],
+)
+def test_backend_failures_around_id(lines: list[bytes], reason: str) -> None:
+    login = backend_login(BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id"))
+    assert feed(login, *lines)[-1] == BackendFailed(reason)
+
+
+def test_backend_close_and_timeout_fail_the_login() -> None:
+    assert backend_login().handle(ConnectionClosed()) == [
+        BackendFailed("backend closed the connection during login")
+    ]
+    assert backend_login().handle(TimedOut()) == [BackendFailed("backend login timed out")]
+
+
+def test_backend_reply_limits() -> None:
+    login = backend_login()
+    assert login.handle(DataReceived(b"*" * (imap.MAX_BACKEND_REPLY + 1))) == [
+        BackendFailed("backend reply line too long")
+    ]
+    login = backend_login()
+    feed(login, b"* OK [CAPABILITY LITERAL+] ready")
+    line = b"* " + b"x" * 1000
+    commands = feed(login, *[line] * (imap.MAX_BACKEND_REPLY // len(line) + 1))
+    assert commands == [BackendFailed("backend sent too many untagged lines during login")]
+
+
+def test_backend_login_refuses_credentials_imap_cannot_carry() -> None:
+    assert feed(backend_login(password="a\x00b"), b"* OK ready") == [
+        BackendFailed("login name or password contains NUL, which IMAP cannot carry")
+    ]
+
+
+def test_backend_login_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        imap.BackendLogin(LoginRequest(protocol="pop3", routing_key="a", tag=b"a1"), BackendConfig())
+    with pytest.raises(LocalProtocolError):
+        imap.BackendLogin(LoginRequest(protocol="imap", routing_key="a", tag=b"a1"), BackendConfig())
+    credentials = sasl.Credentials("a", "b")
+    with pytest.raises(LocalProtocolError):
+        imap.BackendLogin(LoginRequest("imap", "a", credentials), BackendConfig())
+    login = backend_login()
+    for event in (TlsEstablished(), LoginAccepted(b""), LoginRejected(), LoginUnavailable()):
+        with pytest.raises(LocalProtocolError):
+            login.handle(event)
+    feed(login, b"* OK [CAPABILITY LITERAL+] ready")
+    feed(login, b"a1 OK in")
+    with pytest.raises(LocalProtocolError):
+        login.handle(DataReceived(b"* 1 EXISTS\r\n"))
+
+
+def test_frontend_and_backend_compose() -> None:
+    """The front-end's request drives the backend login; its reply reaches the client verbatim."""
+    frontend = started()
+    (authenticate,) = frontend.handle(
+        DataReceived(b"c7 AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\nc8 NOOP\r\n")
+    )
+    assert isinstance(authenticate, Authenticate)
+    login = imap.BackendLogin(authenticate.request, BackendConfig())
+    assert feed(login, b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready") == [
+        Send(b"c7 LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n")
+    ]
+    (verdict,) = feed(login, b"c7 OK [CAPABILITY IMAP4rev1 IDLE] Logged in")
+    assert isinstance(verdict, LoginSucceeded)
+    assert frontend.handle(LoginAccepted(verdict.reply)) == [
+        Send(b"c7 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"),
+        Relay(b"c8 NOOP\r\n"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Redaction: the password shows only where it must go (the backend's LOGIN literal)
+
+REDACTION_DIALOGUES = [
+    b"a LOGIN alice " + PASSWORD.encode() + b"\r\n",
+    b'a LOGIN "alice" "' + PASSWORD.encode() + b'"\r\n',
+    b"a LOGIN alice {%d+}\r\n%b\r\n" % (len(PASSWORD), PASSWORD.encode()),
+    b"a AUTHENTICATE PLAIN " + sasl.plain_response(sasl.Credentials("alice", PASSWORD)) + b"\r\n",
+    b"a AUTHENTICATE LOGIN YWxpY2U=\r\n" + sasl.encode_base64(PASSWORD.encode()) + b"\r\n",
+]
+
+
+@pytest.mark.parametrize("dialogue", REDACTION_DIALOGUES)
+@pytest.mark.parametrize(
+    "verdict",
+    [LoginAccepted(b"a OK in\r\n"), LoginRejected(), LoginUnavailable(), TimedOut(), ConnectionClosed()],
+    ids=lambda event: type(event).__name__,
+)
+def test_frontend_never_shows_the_password(dialogue: bytes, verdict: events.Event) -> None:
+    frontend = started()
+    commands = frontend.handle(DataReceived(dialogue))
+    commands += frontend.handle(verdict)
+    assert any(isinstance(command, Authenticate) for command in commands)
+    for command in commands:
+        assert PASSWORD not in repr(command)
+        assert PASSWORD not in str(command)
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        [b"a1 OK Logged in"],
+        [b"a1 NO [AUTHENTICATIONFAILED] Authentication failed."],
+        [b"a1 NO [UNAVAILABLE] down"],
+        [b"* BYE bye"],
+        [b"junk"],
+    ],
+)
+def test_backend_never_shows_the_password_outside_its_login(replies: list[bytes]) -> None:
+    login = backend_login()
+    (login_command,) = feed(login, b"* OK [CAPABILITY LITERAL+] ready")
+    assert isinstance(login_command, Send)
+    assert PASSWORD.encode() in login_command.data
+    for command in feed(login, *replies):
+        assert PASSWORD not in repr(command)
+    with pytest.raises(LocalProtocolError) as raised:
+        login.handle(DataReceived(b"more\r\n"))
+    assert PASSWORD not in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: mutated client input and random backend replies never make handle() raise
+
+INTERESTING = b'\r\n{}+"\\ *()=]\x00\xff0123456789'
+
+
+@st.composite
+def mutated(draw: st.DrawFn, data: bytes) -> bytes:
+    buffer = bytearray(data)
+    for _ in range(draw(st.integers(min_value=0, max_value=6))):
+        position = draw(st.integers(min_value=0, max_value=len(buffer)))
+        match draw(st.sampled_from(["insert", "delete", "flip"])):
+            case "insert":
+                byte = draw(st.sampled_from(INTERESTING) | st.integers(min_value=0, max_value=255))
+                buffer.insert(position, byte)
+            case "delete" if position < len(buffer):
+                del buffer[position]
+            case "flip" if position < len(buffer):
+                buffer[position] ^= 1 << draw(st.integers(min_value=0, max_value=7))
+    return bytes(buffer)
+
+
+def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
+    offset = 0
+    for index in range(len(data)):  # bounded: at least one byte per piece
+        if offset >= len(data):
+            return
+        size = sizes[index % len(sizes)]
+        yield data[offset : offset + size]
+        offset += size
+
+
+def drive(
+    frontend: imap.Frontend, data: bytes, sizes: list[int], verdicts: list[events.Event]
+) -> list[Command]:
+    """Play a driver: feed pieces, answer Authenticate and StartTls, stop at Close or Relay."""
+    emitted = frontend.start()
+    verdict_index = 0
+    for piece in pieces(data, sizes):
+        pending = frontend.handle(DataReceived(piece))
+        for _ in range(len(data) + 1):  # each answer consumes input, so this ends
+            emitted += pending
+            if any(isinstance(command, Close | Relay) for command in pending):
+                return emitted
+            if any(isinstance(command, StartTls) for command in pending):
+                pending = frontend.handle(TlsEstablished())
+            elif any(isinstance(command, Authenticate) for command in pending):
+                verdict = verdicts[verdict_index % len(verdicts)]
+                verdict_index += 1
+                pending = frontend.handle(verdict)
+            else:
+                break
+    return emitted + frontend.handle(ConnectionClosed())
+
+
+VALID_CLIENT_DATA = [transcript.load(path).client_data for path in TRANSCRIPTS]
+CONFIGS = [
+    FrontendConfig(),
+    FrontendConfig(starttls=StartTlsPolicy.ON),
+    FrontendConfig(starttls=StartTlsPolicy.REQUIRED, max_errors=3),
+]
+
+
+@settings(FUZZ, max_examples=400)
+@given(
+    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(mutated),
+    sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
+    config=st.sampled_from(CONFIGS),
+    verdicts=st.lists(
+        st.sampled_from([LoginAccepted(b"a OK in\r\n"), LoginRejected(), LoginUnavailable()]),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_frontend_survives_mutated_input(
+    data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
+) -> None:
+    commands = drive(imap.Frontend(config), data, sizes, verdicts)
+    assert all(isinstance(command, COMMAND_TYPES) for command in commands)
+    assert not any(isinstance(command, LoginSucceeded | LoginFailed | BackendFailed) for command in commands)
+    relays = [index for index, command in enumerate(commands) if isinstance(command, Relay)]
+    assert relays == [] or relays == [len(commands) - 1]
+    assert all(not isinstance(command, Send) or command.data.endswith(b"\r\n") for command in commands)
+
+
+BACKEND_LINES = [
+    b"* OK ready",
+    b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready",
+    b"* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] ready",
+    b"* BYE no",
+    b"* PREAUTH hi",
+    b"+ OK",
+    b"+",
+    b"* CAPABILITY IMAP4rev1",
+    b"* ID NIL",
+    b"a1-ID OK done",
+    b"a1-ID NO nope",
+    b"a1 OK Logged in",
+    b"a1 NO [AUTHENTICATIONFAILED] no",
+    b"a1 NO [UNAVAILABLE] down",
+    b"a1 BAD what",
+    b"a1 [",
+    b"",
+]
+
+
+@settings(FUZZ, max_examples=300)
+@given(
+    lines=st.lists(st.sampled_from(BACKEND_LINES) | st.binary(max_size=40), max_size=8),
+    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
+    use_id=st.booleans(),
+    closes=st.booleans(),
+)
+def test_backend_login_survives_random_replies(
+    lines: list[bytes], sizes: list[int], use_id: bool, closes: bool
+) -> None:
+    config = BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id" if use_id else "none")
+    login = backend_login(config)
+    data = b"".join(line + b"\r\n" for line in lines)
+    commands: list[Command] = []
+    for piece in pieces(data, sizes):
+        commands += login.handle(DataReceived(piece))
+        if login.state in (imap.BackendState.LOGGED_IN, imap.BackendState.FAILED):
+            break
+    else:
+        if closes:
+            commands += login.handle(ConnectionClosed())
+    assert all(
+        isinstance(command, Send | LoginSucceeded | LoginFailed | BackendFailed) for command in commands
+    )
+    verdicts = [command for command in commands if not isinstance(command, Send)]
+    assert len(verdicts) <= 1
+    assert (verdicts != []) == (login.state in (imap.BackendState.LOGGED_IN, imap.BackendState.FAILED))
+    for verdict in verdicts:
+        assert PASSWORD not in repr(verdict)
+
+
+@FUZZ
+@given(reply=st.sampled_from(BACKEND_LINES[5:]), sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4))
+def test_backend_login_split_anywhere_gives_the_same_commands(reply: bytes, sizes: list[int]) -> None:
+    dialogue = b"* OK ready\r\n+ OK\r\n+ OK\r\n" + reply + b"\r\na1 OK in\r\n* 1 EXISTS\r\n"
+    whole = backend_login().handle(DataReceived(dialogue))
+    login = backend_login()
+    split: list[Command] = []
+    rest = b""  # what a driver reads after the verdict: it relays that itself
+    for piece in pieces(dialogue, sizes):
+        if login.state in (imap.BackendState.LOGGED_IN, imap.BackendState.FAILED):
+            rest += piece
+        else:
+            split += login.handle(DataReceived(piece))
+    if split and isinstance(split[-1], LoginSucceeded):
+        split[-1] = LoginSucceeded(split[-1].reply, split[-1].buffered + rest)
+    assert split == whole
