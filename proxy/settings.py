@@ -17,6 +17,7 @@ import yaml
 from proxy.table import Endpoint
 
 ListenerProtocol = Literal["imap", "pop3", "submission", "smtp"]
+ListenerTls = Literal["none", "starttls", "implicit"]
 
 # nginx's `timeout` (60 s) bounds everything before login; RFC 5321 section 4.5.3.2.7 asks an SMTP
 # server to wait at least 5 minutes for a command, but before login a short bound is what keeps
@@ -37,11 +38,35 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateFiles:
+    """A PEM certificate chain and its key, as Kubernetes mounts a TLS Secret (tls.crt, tls.key)."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerSettings:
     name: str
     protocol: ListenerProtocol
     address: str
     port: int
+    tls: ListenerTls = "none"
+    # With tls: starttls, refuse every login before the client switched to TLS.
+    starttls_required: bool = False
+    # The first is the default; the others are chosen by SNI from the names they carry.
+    certificates: tuple[CertificateFiles, ...] = ()
+    # Peers allowed to send a PROXY protocol header; empty: the listener takes no PROXY header.
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTlsSettings:
+    """How the proxy checks backends that a route reaches over TLS or STARTTLS."""
+
+    ca_file: Path | None = None  # None: the system's trusted CAs
+    # An explicit opt-out of certificate verification, for lab setups only.
+    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +96,7 @@ class ProxySettings:
     route_files: tuple[Path, ...]
     # (namespace, service, port as written in the MailRoute) -> addresses: stand-in for EndpointSlices.
     services: ServiceEndpoints
+    backend_tls: BackendTlsSettings = BackendTlsSettings()
 
 
 def _require(document: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
@@ -103,25 +129,95 @@ def parse_endpoint(text: str, where: str) -> Endpoint:
     return Endpoint(host=_address(host.strip("[]"), where), port=_port(int(port), where))
 
 
-def _listeners(items: Any) -> tuple[ListenerSettings, ...]:
-    if not isinstance(items, list) or not items:
-        raise SettingsError("listeners: expected a non-empty list")
-    listeners = []
-    for number, item in enumerate(items):
-        where = f"listeners[{number}]"
-        if not isinstance(item, dict):
-            raise SettingsError(f"{where}: expected a mapping")
-        protocol = _require(item, "protocol", str, where)
-        if protocol not in get_args(ListenerProtocol):
-            raise SettingsError(f"{where}.protocol: {protocol!r} is not one of imap, pop3, submission, smtp")
-        listeners.append(
-            ListenerSettings(
-                name=str(item.get("name", protocol)),
-                protocol=protocol,
-                address=_address(_require(item, "address", str, where), f"{where}.address"),
-                port=_port(item.get("port"), f"{where}.port"),
+def _certificates(item: Mapping[str, Any], where: str, base: Path) -> tuple[CertificateFiles, ...]:
+    raw = item.get("certificates", [])
+    if not isinstance(raw, list):
+        raise SettingsError(f"{where}.certificates: expected a list of {{cert, key}} file pairs")
+    files = []
+    for number, pair in enumerate(raw):
+        spot = f"{where}.certificates[{number}]"
+        if not isinstance(pair, dict):
+            raise SettingsError(f"{spot}: expected a mapping with cert and key")
+        files.append(
+            CertificateFiles(
+                cert=(base / _require(pair, "cert", str, spot)).resolve(),
+                key=(base / _require(pair, "key", str, spot)).resolve(),
             )
         )
+    return tuple(files)
+
+
+def _networks(
+    item: Mapping[str, Any], where: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    raw = item.get("proxyProtocol")
+    if raw is None:
+        return ()
+    spot = f"{where}.proxyProtocol"
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{spot}: expected {{trustedCidrs: [...]}}")
+    cidrs = _require(raw, "trustedCidrs", list, spot)
+    if not cidrs:
+        raise SettingsError(f"{spot}.trustedCidrs: name at least one network, or leave proxyProtocol out")
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(str(cidr), strict=True))
+        except ValueError as error:
+            raise SettingsError(f"{spot}.trustedCidrs: {cidr!r} is not a network ({error})") from error
+    return tuple(networks)
+
+
+def _listener(item: Any, where: str, base: Path) -> ListenerSettings:
+    if not isinstance(item, dict):
+        raise SettingsError(f"{where}: expected a mapping")
+    protocol = _require(item, "protocol", str, where)
+    if protocol not in get_args(ListenerProtocol):
+        raise SettingsError(f"{where}.protocol: {protocol!r} is not one of imap, pop3, submission, smtp")
+    tls = item.get("tls", "none")
+    if tls not in get_args(ListenerTls):
+        raise SettingsError(f"{where}.tls: {tls!r} is not one of none, starttls, implicit")
+    starttls = item.get("starttls", "optional")
+    if starttls not in ("optional", "required"):
+        raise SettingsError(f"{where}.starttls: {starttls!r} is not one of optional, required")
+    if starttls == "required" and tls != "starttls":
+        raise SettingsError(f"{where}.starttls: 'required' needs tls: starttls")
+    certificates = _certificates(item, where, base)
+    if tls != "none" and not certificates:
+        raise SettingsError(f"{where}.certificates: tls: {tls} needs at least one certificate and key")
+    if protocol == "smtp" and starttls == "required":
+        # RFC 3207 section 4: a publicly-referenced MX must not require STARTTLS.
+        raise SettingsError(f"{where}.starttls: an inbound MX listener must not require STARTTLS (RFC 3207)")
+    return ListenerSettings(
+        name=str(item.get("name", protocol)),
+        protocol=protocol,
+        address=_address(_require(item, "address", str, where), f"{where}.address"),
+        port=_port(item.get("port"), f"{where}.port"),
+        tls=tls,
+        starttls_required=starttls == "required",
+        certificates=certificates,
+        proxy_protocol_from=_networks(item, where),
+    )
+
+
+def _backend_tls(document: Any, base: Path) -> BackendTlsSettings:
+    if not isinstance(document, dict):
+        raise SettingsError("backendTls: expected {caFile: PATH, insecureSkipVerify: false}")
+    ca_file = document.get("caFile")
+    if ca_file is not None and not isinstance(ca_file, str):
+        raise SettingsError("backendTls.caFile: expected a file path")
+    skip = document.get("insecureSkipVerify", False)
+    if not isinstance(skip, bool):
+        raise SettingsError("backendTls.insecureSkipVerify: expected true or false")
+    return BackendTlsSettings(
+        ca_file=(base / ca_file).resolve() if ca_file else None, insecure_skip_verify=skip
+    )
+
+
+def _listeners(items: Any, base: Path) -> tuple[ListenerSettings, ...]:
+    if not isinstance(items, list) or not items:
+        raise SettingsError("listeners: expected a non-empty list")
+    listeners = [_listener(item, f"listeners[{number}]", base) for number, item in enumerate(items)]
     names = [listener.name for listener in listeners]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -158,7 +254,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
     """Check a loaded settings document; relative route paths are taken from ``base``."""
     if not isinstance(document, dict):
         raise SettingsError("settings: expected a mapping at the top level")
-    known = {"listeners", "admin", "serverName", "timeouts", "maxErrors", "routes", "services"}
+    known = {"listeners", "admin", "serverName", "timeouts", "maxErrors", "routes", "services", "backendTls"}
     unknown = sorted(set(document) - known)
     if unknown:
         raise SettingsError(
@@ -190,13 +286,14 @@ def parse(document: Any, base: Path) -> ProxySettings:
     if not isinstance(server_name, str) or not server_name or any(c.isspace() for c in server_name):
         raise SettingsError(f"serverName: expected a host name without spaces, got {server_name!r}")
     return ProxySettings(
-        listeners=_listeners(document.get("listeners")),
+        listeners=_listeners(document.get("listeners"), base),
         admin=admin,
         server_name=server_name,
         timeouts=timeouts,
         max_errors=max_errors,
         route_files=tuple((base / route).resolve() for route in routes),
         services=_services(document.get("services", {})),
+        backend_tls=_backend_tls(document.get("backendTls", {}), base),
     )
 
 

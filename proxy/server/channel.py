@@ -1,0 +1,196 @@
+"""One side of a session before the relay: a byte channel that may switch to TLS midway.
+
+A plaintext connection stays a bare socket (``SocketChannel``: the cheapest reads, and the relay
+can splice it); the moment TLS is needed (an implicit-TLS listener, STARTTLS, a TLS backend) the
+socket becomes an asyncio transport (``TransportChannel``) and ``loop.start_tls`` wraps it.
+The session and the backend login only ever ``recv``, ``send`` and ``start_tls``; the relay
+takes the socket or the transport, with whatever arrived but was not read yet.
+"""
+
+import asyncio
+import socket
+import ssl
+from typing import Protocol
+
+# One read from a peer before login; pre-login dialogues are a few short lines.
+RECV_SIZE = 16384
+# Stop reading from a peer when this much arrived unread (only a misbehaving peer gets there
+# before login: the machines bound lines and literals far below it).
+MAX_UNREAD = 256 * 1024
+
+
+class Channel(Protocol):
+    """What the session driver and the backend login need of a connection."""
+
+    @property
+    def tls(self) -> ssl.SSLObject | None: ...
+
+    async def recv(self) -> bytes: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def start_tls(
+        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SocketChannel:
+    """A non-blocking plaintext socket, read and written through the event loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.upgraded: TransportChannel | None = None
+
+    @property
+    def tls(self) -> ssl.SSLObject | None:
+        return self.upgraded.tls if self.upgraded else None
+
+    async def recv(self) -> bytes:
+        if self.upgraded:
+            return await self.upgraded.recv()
+        return await asyncio.get_running_loop().sock_recv(self.sock, RECV_SIZE)
+
+    async def send(self, data: bytes) -> None:
+        if self.upgraded:
+            await self.upgraded.send(data)
+        else:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def start_tls(
+        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None
+    ) -> None:
+        """Hand the socket to a transport and run the TLS handshake on it."""
+        self.upgraded = await TransportChannel.from_socket(self.sock)
+        await self.upgraded.start_tls(context, server_side=server_side, server_hostname=server_hostname)
+
+    def close(self) -> None:
+        if self.upgraded:
+            self.upgraded.close()  # the transport owns the socket now
+        else:
+            self.sock.close()
+
+
+class _Receiver(asyncio.Protocol):
+    """Collects what a transport reads until the channel asks for it; honours flow control."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.unread = bytearray()
+        self.eof = False
+        self.error: Exception | None = None
+        self._readable: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._reading_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.unread += data
+        if len(self.unread) > MAX_UNREAD and self.transport and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # keep our writing side open: a reply may still be on its way out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.error = exc
+        self._wake()
+        if self._writable and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    def _wake(self) -> None:
+        if self._readable and not self._readable.done():
+            self._readable.set_result(None)
+
+    async def wait_readable(self) -> None:
+        if self.unread or self.eof:
+            return
+        self._readable = asyncio.get_running_loop().create_future()
+        await self._readable
+
+    async def wait_writable(self) -> None:
+        if self._writable is not None:
+            await self._writable
+
+    def take(self) -> bytes:
+        data = bytes(self.unread)
+        self.unread.clear()
+        if self._reading_paused and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+
+class TransportChannel:
+    """An asyncio transport (plain, or TLS after ``start_tls``) read through a ``_Receiver``."""
+
+    def __init__(self, transport: asyncio.Transport, receiver: _Receiver) -> None:
+        self.transport = transport
+        self.receiver = receiver
+
+    @classmethod
+    async def from_socket(
+        cls,
+        sock: socket.socket,
+        context: ssl.SSLContext | None = None,
+        handshake_timeout: float | None = None,
+    ) -> "TransportChannel":
+        """Wrap an accepted socket; with ``context``, run the server-side TLS handshake first."""
+        receiver = _Receiver()
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: receiver, sock, ssl=context, ssl_handshake_timeout=handshake_timeout if context else None
+        )
+        return cls(transport, receiver)
+
+    @property
+    def tls(self) -> ssl.SSLObject | None:
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        return ssl_object if isinstance(ssl_object, ssl.SSLObject) else None
+
+    async def recv(self) -> bytes:
+        await self.receiver.wait_readable()
+        if not self.receiver.unread and self.receiver.error is not None:
+            raise self.receiver.error
+        return self.receiver.take()
+
+    async def send(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.transport.write(data)
+        await self.receiver.wait_writable()
+
+    async def start_tls(
+        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None
+    ) -> None:
+        # Plaintext that arrived after the STARTTLS command is dropped, never read (CVE-2014-3556).
+        self.receiver.take()
+        upgraded = await asyncio.get_running_loop().start_tls(
+            self.transport, self.receiver, context, server_side=server_side, server_hostname=server_hostname
+        )
+        if upgraded is None:
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        self.transport = upgraded
+
+    def take_unread(self) -> bytes:
+        """What arrived but was not read: handed to the relay with the transport."""
+        return self.receiver.take()
+
+    def close(self) -> None:
+        self.transport.close()
