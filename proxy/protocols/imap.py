@@ -26,23 +26,28 @@ later bytes stay buffered, because they are the client's pipelined commands for 
 (``Relay.buffered``) if the login succeeds, and ours to answer if it fails. After STARTTLS
 everything the client pipelined in plaintext is dropped and never read (CVE-2014-3556).
 
-Where we differ from nginx on purpose: response codes from RFC 5530; SASL cancel ``*`` and the
-empty initial response ``=`` are honoured (RFC 3501 section 6.2.2, RFC 4959); PLAIN with an
-authorization identity other than the user is refused instead of silently ignored; ID is
-answered instead of being an invalid command; literals are bounded by a named limit.
+Where we differ from nginx on purpose: the greeting carries the capabilities; response codes
+come from RFC 5530; SASL cancel ``*`` and the empty initial response ``=`` are honoured
+(RFC 3501 section 6.2.2, RFC 4959); PLAIN with an authorization identity other than the user
+is refused instead of silently ignored; ID is answered (``* ID NIL``) instead of being an
+invalid command; literals are bounded by a named limit, not by a buffer size.
 
 Theory of operation (BackendLogin)
 ----------------------------------
 Wait for the ``* OK`` greeting, then send (in one write) an optional ID carrying the client's
 address and ``<client tag> LOGIN`` with the name and password as literals, non-synchronizing
 when the greeting advertised LITERAL+, else synchronizing (one ``+`` round trip each, as
-nginx). The client's tag is reused so the backend's tagged reply reaches the client verbatim.
+nginx). The client's tag is reused so the backend's tagged reply reaches the client verbatim
+(line by line: a backend's bare LF line ends come out as CRLF). Where nginx gives up on any
+unexpected reply, we tell a refusal of the credentials (``LoginFailed``) from a backend at
+fault (``BackendFailed``: [UNAVAILABLE], [SERVERBUG], BYE, garbage), which the driver may retry
+elsewhere.
 """
 
 import enum
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import assert_never
 
 from proxy.protocols import sasl
@@ -338,7 +343,7 @@ class _Phase(enum.Enum):
     CLOSED = enum.auto()
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _SaslExchange:
     """An AUTHENTICATE in progress: LOGIN asks for the user name first, then the password."""
 
@@ -489,7 +494,6 @@ class Frontend:
             self._segments.clear()
             return self._bad(None, b"Empty command line")
         if sum(map(len, self._segments)) > MAX_COMMAND_LINE:
-            self._reset_command()
             return [self._send(b"* BAD Command line too long"), *self._close("command too long")]
         parser = _Parser(self._segments, self._literals)
         try:
@@ -509,7 +513,6 @@ class Frontend:
     def _await_literal(self, parser: _Parser, pending: _Incomplete) -> list[Command]:
         assert parser.tag is not None  # a literal is only reached after the tag parsed
         if sum(map(len, self._literals)) + pending.size > MAX_LITERAL_OCTETS:
-            self._reset_command()
             reply = self._tagged(parser.tag, b"BAD [TOOBIG] Literal too large before login")
             return [reply, *self._close("literal too large")]
         if parser.name == "LOGIN" and self._privacy_required() and pending.synchronizing:
@@ -592,9 +595,10 @@ class Frontend:
             if exchange.mechanism is sasl.Mechanism.PLAIN:
                 credentials = sasl.parse_plain(line)
             elif exchange.username is None:
-                exchange.username = sasl.parse_login_field(line, "user name")
-                if not exchange.username:
+                username = sasl.parse_login_field(line, "user name")
+                if not username:
                     raise sasl.SaslError("empty user name")
+                self._sasl = replace(exchange, username=username)
                 return [self._send(b"+ " + sasl.LOGIN_PASSWORD_PROMPT)]
             else:
                 password = sasl.parse_login_field(line, "password")
