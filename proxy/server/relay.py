@@ -1,0 +1,523 @@
+"""The relay: once a login succeeded, copy bytes both ways until both sides are done.
+
+``session`` calls ``relay`` with the two connected sockets; a TLS driver calls
+``relay_transports`` with two transports (from ``loop.start_tls``). Plaintext sockets on Linux
+take a zero-copy path (socket -> pipe -> socket with ``os.splice``, the bytes never enter
+Python); everything else takes a transport/Protocol path with flow control. Both half-close
+like TCP, end on an idle timeout, close both sides, and count exactly the bytes handed to the
+kernel towards each peer (one blind spot: on the transport path, bytes still buffered when a peer
+resets during the final flush count as sent). The relay never parses, never logs, never touches
+a credential.
+
+Hot path rules (nginx is the benchmark): no timer is rescheduled per chunk (the idle watchdog
+reads a last-activity timestamp when it fires), and the splice path allocates nothing per
+chunk beyond the integers ``os.splice`` returns.
+"""
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+# ---------------------------------------------------------------------------------------------
+# Limits and sizes
+
+# Capacity of a splice pipe, and the most one os.splice call moves. nginx's default
+# proxy_buffer is one page (4 KiB), and measured here that halves its throughput against 64 KiB;
+# a 64 KiB pipe also holds a whole loopback TCP segment (64 KiB MTU). Larger pipes measured no
+# faster here, and a blocked direction pins up to this much kernel memory.
+PIPE_SIZE = 64 * 1024
+# Empty pipes kept for reuse. A pump holds a pipe only while bytes sit in it (a blocked
+# writer), so a busy proxy needs about one pipe per blocked direction plus one: 5,000 idle
+# sessions cost their two sockets and no pipes (the descriptor limit here is 20,000).
+IDLE_PIPES_KEPT = 16
+# Reads per readiness callback on one direction before yielding to the event loop, so one
+# fast connection cannot starve the others; a read that leaves the pipe short of full means the
+# socket is drained anyway.
+READS_PER_WAKEUP = 4
+# Transport path back-pressure: when a peer's write buffer passes the high-water mark, stop
+# reading from the other side until it drains below the low-water mark. One read can overshoot
+# the mark by at most one read (asyncio and uvloop read up to 256 KiB at a time), so a slow reader
+# costs at most about 320 KiB of Python memory per direction. These are asyncio's own defaults.
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = 16 * 1024
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+SPLICE_AVAILABLE = hasattr(os, "splice")
+
+# How a relay ended (RelayResult.ended_by).
+CLIENT = "client"  # the client closed first (EOF), then the backend
+BACKEND = "backend"  # the backend closed first, then the client
+IDLE = "idle"  # no byte in either direction for idle_timeout seconds
+ERROR = "error"  # a reset or socket error on either side
+CANCELLED = "cancelled"  # the task was cancelled (CancelledError is re-raised to the caller)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    upstream_bytes: int  # client -> backend, including `to_backend`
+    downstream_bytes: int  # backend -> client, including `to_client`
+    ended_by: str  # "client" | "backend" | "idle" | "error" | "cancelled"
+
+
+async def relay(
+    client: socket.socket,
+    backend: socket.socket,
+    *,
+    to_backend: bytes = b"",
+    to_client: bytes = b"",
+    idle_timeout: float,
+    splice: bool = True,
+) -> RelayResult:
+    """Relay between two connected TCP sockets until both have closed; close both.
+
+    Args:
+        client, backend: connected sockets; the relay owns them from now on.
+        to_backend: bytes the client pipelined before the login finished; sent first.
+        to_client: backend bytes read during the login; delivered to the client first.
+        idle_timeout: seconds without a byte in either direction before both are closed.
+        splice: use the zero-copy path when the platform has ``os.splice``.
+
+    Returns:
+        Bytes handed to each peer, and which event ended the relay.
+
+    Raises:
+        asyncio.CancelledError: the task was cancelled; both sockets are closed first.
+    """
+    client.setblocking(False)
+    backend.setblocking(False)
+    loop = asyncio.get_running_loop()
+    if splice and SPLICE_AVAILABLE:
+        spliced = _SpliceRelay(
+            loop, client, backend, to_backend=to_backend, to_client=to_client, idle_timeout=idle_timeout
+        )
+        return await _wait(spliced.done, spliced.finish)
+    # The transports start reading as soon as they exist, before both are wrapped; their
+    # protocols hold what arrives until linked (_Side.data_received).
+    state = _TransportRelay(loop, idle_timeout)
+    try:
+        await loop.connect_accepted_socket(lambda: state.client, client)
+        await loop.create_connection(lambda: state.backend, sock=backend)
+    except BaseException:
+        state.finish(ERROR)  # aborts whichever transport exists
+        client.close()
+        backend.close()
+        raise
+    return await state.run(to_backend, to_client)
+
+
+async def relay_transports(
+    client: asyncio.Transport,
+    backend: asyncio.Transport,
+    *,
+    to_backend: bytes = b"",
+    to_client: bytes = b"",
+    idle_timeout: float,
+) -> RelayResult:
+    """Relay between two transports (plain or TLS) until both have closed; close both.
+
+    The caller hands the transports over synchronously after its last read, before either
+    saw EOF (their protocols are replaced here), and passes what it read but did not forward as
+    ``to_backend`` and ``to_client``. TLS cannot half-close: an EOF on either side of a TLS
+    transport ends the relay once what is buffered has been flushed.
+
+    Returns and raises as ``relay``.
+    """
+    state = _TransportRelay(asyncio.get_running_loop(), idle_timeout)
+    for side, transport in ((state.client, client), (state.backend, backend)):
+        side.transport = transport
+        transport.set_protocol(side)
+    return await state.run(to_backend, to_client)
+
+
+async def _wait(done: "asyncio.Future[RelayResult]", finish: Callable[[str], None]) -> RelayResult:
+    """Await the relay's end; on cancellation close everything, then re-raise."""
+    try:
+        return await done
+    except asyncio.CancelledError:
+        finish(CANCELLED)
+        raise
+
+
+class _IdleWatch:
+    """Calls ``on_idle`` once nothing moved for ``timeout`` seconds.
+
+    Relays store ``loop.time()`` in ``last_activity`` when bytes move; the one timer is only
+    re-armed when it fires, for ``last_activity + timeout``. If nothing moved since it was armed,
+    the full timeout has passed without a byte.
+    """
+
+    __slots__ = ("_armed_for", "_handle", "_on_idle", "last_activity", "loop", "timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, on_idle: Callable[[], None]) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self._on_idle = on_idle
+        self.last_activity = self._armed_for = loop.time()
+        self._handle = loop.call_at(self._armed_for + timeout, self._fire)
+
+    def _fire(self) -> None:
+        if self.last_activity == self._armed_for:
+            self._on_idle()
+            return
+        self._armed_for = self.last_activity
+        self._handle = self.loop.call_at(self._armed_for + self.timeout, self._fire)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-copy path: socket -> pipe -> socket with os.splice
+#
+# Each direction is a _Pump. Its invariant: the reader on the source is registered only while
+# the pump holds nothing (no head bytes, empty pipe), and the writer on the destination only
+# while it does. So a pipe is always empty when a read starts (EAGAIN then means "no data", never
+# "pipe full"), EOF can be forwarded at once, and a slow reader stops the reads from the other side
+# after one pipe's worth: back-pressure comes from the kernel's socket buffers.
+
+_idle_pipes: list[tuple[int, int]] = []
+
+
+def _take_pipe() -> tuple[int, int]:
+    if _idle_pipes:
+        return _idle_pipes.pop()
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    # Refused over the per-user pipe memory budget: the default size works, only slower.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return read_end, write_end
+
+
+def _drop_pipe(pipe: tuple[int, int], *, empty: bool) -> None:
+    if empty and len(_idle_pipes) < IDLE_PIPES_KEPT:
+        _idle_pipes.append(pipe)
+        return
+    os.close(pipe[0])
+    os.close(pipe[1])
+
+
+class _Pump:
+    """One direction of a spliced relay: src socket -> pipe -> dst socket."""
+
+    __slots__ = (
+        "clock",
+        "dst",
+        "dst_fd",
+        "eof",
+        "head",
+        "in_pipe",
+        "loop",
+        "moved",
+        "name",
+        "pipe",
+        "relay",
+        "src_fd",
+        "watch",
+        "writing",
+    )
+
+    def __init__(
+        self, relay: "_SpliceRelay", src: socket.socket, dst: socket.socket, head: bytes, name: str
+    ) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.clock = relay.loop.time
+        self.watch = relay.watch
+        self.src_fd = src.fileno()
+        self.dst = dst
+        self.dst_fd = dst.fileno()
+        self.name = name  # who closed first when this pump sees EOF
+        self.head = memoryview(head)  # bytes to deliver before anything read from src
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0
+        self.moved = 0  # bytes handed to dst, head included
+        self.eof = False
+        self.writing = False  # a writer callback is registered on dst
+
+    def start(self) -> None:
+        if self.head:
+            self._on_writable()
+        else:
+            self.loop.add_reader(self.src_fd, self._on_readable)
+
+    def _flush(self) -> bool:
+        """Write the head, then the pipe, to dst; True when nothing is left to write."""
+        while self.head:
+            try:
+                sent = os.write(self.dst_fd, self.head)
+            except BlockingIOError:
+                return False
+            self.head = self.head[sent:]
+            self.moved += sent
+        while self.in_pipe:
+            assert self.pipe is not None
+            try:
+                spliced = os.splice(self.pipe[0], self.dst_fd, self.in_pipe, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return False
+            self.in_pipe -= spliced
+            self.moved += spliced
+        return True
+
+    def _on_readable(self) -> None:
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                if self.pipe is None:
+                    self.pipe = _take_pipe()
+                try:
+                    spliced = os.splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    break  # a spurious wakeup, or the socket is drained
+                if spliced == 0:
+                    self._at_eof()
+                    return
+                self.in_pipe = spliced
+                self.watch.last_activity = self.clock()
+                if not self._flush():
+                    self.loop.remove_reader(self.src_fd)
+                    self.loop.add_writer(self.dst_fd, self._on_writable)
+                    self.writing = True
+                    return
+                if spliced < PIPE_SIZE:
+                    break
+        except OSError:
+            self.relay.finish(ERROR)
+            return
+        self._release_pipe()
+
+    def _on_writable(self) -> None:
+        try:
+            flushed = self._flush()
+        except OSError:
+            self.relay.finish(ERROR)
+            return
+        self.watch.last_activity = self.clock()
+        if not flushed:
+            if not self.writing:
+                self.loop.add_writer(self.dst_fd, self._on_writable)
+                self.writing = True
+            return
+        if self.writing:
+            self.loop.remove_writer(self.dst_fd)
+            self.writing = False
+        self._release_pipe()
+        self.loop.add_reader(self.src_fd, self._on_readable)
+
+    def _at_eof(self) -> None:
+        self.loop.remove_reader(self.src_fd)
+        self._release_pipe()
+        self.eof = True
+        self.relay.pump_ended(self)
+
+    def _release_pipe(self) -> None:
+        if self.pipe is not None and not self.in_pipe:
+            _drop_pipe(self.pipe, empty=True)
+            self.pipe = None
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.src_fd)
+        self.loop.remove_writer(self.dst_fd)
+        if self.pipe is not None:
+            _drop_pipe(self.pipe, empty=not self.in_pipe)
+            self.pipe = None
+
+
+class _SpliceRelay:
+    """Both pumps of one spliced relay, its idle watchdog and its end."""
+
+    __slots__ = ("backend", "client", "done", "down", "finished", "first_eof", "loop", "up", "watch")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        backend: socket.socket,
+        *,
+        to_backend: bytes,
+        to_client: bytes,
+        idle_timeout: float,
+    ) -> None:
+        self.loop = loop
+        self.client = client
+        self.backend = backend
+        self.done: asyncio.Future[RelayResult] = loop.create_future()
+        self.finished = False
+        self.first_eof = ""
+        self.watch = _IdleWatch(loop, idle_timeout, lambda: self.finish(IDLE))
+        self.up = _Pump(self, client, backend, to_backend, CLIENT)
+        self.down = _Pump(self, backend, client, to_client, BACKEND)
+        self.up.start()
+        if not self.finished:
+            self.down.start()
+
+    def pump_ended(self, pump: _Pump) -> None:
+        """``pump`` read EOF with nothing held: half-close its destination, as TCP would."""
+        try:
+            pump.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.finish(ERROR)
+            return
+        self.first_eof = self.first_eof or pump.name
+        if self.up.eof and self.down.eof:
+            self.finish(self.first_eof)
+
+    def finish(self, ended_by: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.watch.cancel()
+        self.up.close()
+        self.down.close()
+        self.client.close()
+        self.backend.close()
+        if not self.done.done():  # a cancelled wait has cancelled it already
+            self.done.set_result(RelayResult(self.up.moved, self.down.moved, ended_by))
+
+
+# ---------------------------------------------------------------------------------------------
+# Transport path: each side's Protocol writes what it receives to the other side's transport.
+# Flow control is asyncio's: a transport whose write buffer passes the high-water mark calls
+# pause_writing() on its own protocol, which pauses reading on the other transport.
+
+
+class _Side(asyncio.Protocol):
+    """One end of a transport relay: what its own transport receives goes to ``out``, the
+    peer's transport; and when its own transport's write buffer is full, ``out`` stops reading."""
+
+    __slots__ = ("clock", "eof", "forwarded", "held", "name", "out", "peer", "state", "transport", "watch")
+
+    def __init__(self, state: "_TransportRelay", name: str) -> None:
+        self.state = state
+        self.name = name
+        self.clock = state.loop.time
+        self.watch = state.watch
+        self.peer = self  # the other side, set by _TransportRelay
+        # uvloop's transports implement asyncio.Transport without subclassing it, hence the casts.
+        self.transport: asyncio.Transport | None = None
+        self.out: asyncio.Transport | None = None  # the peer's transport, once the relay runs
+        self.held: list[bytes] = []  # received before the relay ran (both sockets being wrapped)
+        self.forwarded = 0  # bytes written to out
+        self.eof = False
+
+    def own(self) -> asyncio.Transport:
+        assert self.transport is not None, "connection_made has not run"
+        return self.transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        out = self.out
+        if out is None:
+            self.held.append(data)
+            self.own().pause_reading()
+            return
+        out.write(data)
+        self.forwarded += len(data)
+        self.watch.last_activity = self.clock()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.out is not None:
+            self.state.side_ended(self)
+        return True  # keep the transport open: the other direction may still be flowing
+
+    def pause_writing(self) -> None:
+        assert self.out is not None, "nothing is written before the relay runs"
+        self.out.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.out is not None, "nothing is written before the relay runs"
+        self.watch.last_activity = self.clock()  # the slow reader took bytes
+        if not self.peer.eof:  # reading again after EOF is undefined under uvloop
+            self.out.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.side_lost(exc)
+
+
+class _TransportRelay:
+    """Both sides of a transport relay, its idle watchdog and its end."""
+
+    __slots__ = ("backend", "client", "done", "finished", "first_eof", "loop", "lost", "result", "watch")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float) -> None:
+        self.loop = loop
+        self.watch = _IdleWatch(loop, idle_timeout, lambda: self.finish(IDLE))
+        self.client = _Side(self, CLIENT)
+        self.backend = _Side(self, BACKEND)
+        self.client.peer, self.backend.peer = self.backend, self.client
+        self.done: asyncio.Future[RelayResult] = loop.create_future()
+        self.finished = False
+        self.first_eof = ""
+        self.lost = 0  # transports whose connection_lost has run
+        self.result = RelayResult(0, 0, ERROR)
+
+    async def run(self, to_backend: bytes, to_client: bytes) -> RelayResult:
+        if self.finished:  # reset while the sockets were being wrapped: close the late one too
+            self._close(graceful=False)
+        else:
+            self._link(to_backend, to_client)
+        return await _wait(self.done, self.finish)
+
+    def _link(self, to_backend: bytes, to_client: bytes) -> None:
+        pairs = ((self.client, self.backend.own(), to_backend), (self.backend, self.client.own(), to_client))
+        for side, out, head in pairs:
+            side.out = out
+            out.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+            if not side.eof:
+                side.own().resume_reading()
+            # Writes come after resume_reading: one that fills the buffer pauses the reader again.
+            held = b"".join([head, *side.held])
+            side.held.clear()
+            if held:
+                out.write(held)
+                side.forwarded += len(held)
+        for side in (self.client, self.backend):
+            if side.eof and not self.finished:
+                self.side_ended(side)
+
+    def side_ended(self, side: _Side) -> None:
+        """``side`` sent EOF: half-close its peer (after the peer's buffer drains) if possible."""
+        self.first_eof = self.first_eof or side.name
+        out = side.out
+        assert out is not None
+        if side.peer.eof or not out.can_write_eof():  # TLS cannot half-close: end with a flush
+            self.finish(self.first_eof)
+        else:
+            out.write_eof()
+
+    def side_lost(self, exc: Exception | None) -> None:
+        self.lost += 1
+        if not self.finished:  # not closed by us: a reset, or a transport that closed itself
+            self.finish(ERROR if exc is not None else self.first_eof or ERROR)
+        if self.lost == 2 and not self.done.done():  # a cancelled wait has cancelled it already
+            self.done.set_result(self.result)
+
+    def finish(self, ended_by: str) -> None:
+        """Close both transports: flushed when both sides ended well, aborted otherwise."""
+        if self.finished:
+            return
+        self.finished = True
+        self.watch.cancel()
+        graceful = ended_by in (CLIENT, BACKEND)
+        up, down = self.client.forwarded, self.backend.forwarded
+        if not graceful:  # an abort drops what is still buffered: count only what reached the kernel
+            up -= self.client.out.get_write_buffer_size() if self.client.out else 0
+            down -= self.backend.out.get_write_buffer_size() if self.backend.out else 0
+        self.result = RelayResult(up, down, ended_by)
+        self._close(graceful=graceful)
+
+    def _close(self, *, graceful: bool) -> None:
+        for side in (self.client, self.backend):
+            if side.transport is None:
+                continue  # still being wrapped; run() closes it
+            if graceful:
+                side.transport.close()
+            else:
+                side.transport.abort()
