@@ -1,12 +1,14 @@
 """The proxy's settings file: listeners, admin port, timeouts and the route source.
 
 One format serves the standalone mode (MailRoute files plus a ``services`` stand-in for
-EndpointSlices) and, later, the Helm chart's ConfigMap. ``parse`` checks a loaded document and
-turns every mistake into a ``SettingsError`` naming the offending key; ``load`` reads the file.
-Never holds credentials.
+EndpointSlices) and, later, the Helm chart's ConfigMap. In a cluster ``controller`` takes the
+place of ``routes`` and ``services``: the proxy subscribes to the controller's push channel.
+``parse`` checks a loaded document and turns every mistake into a ``SettingsError`` naming the
+offending key; ``load`` reads the file. Never holds credentials (only the path to the token).
 """
 
 import ipaddress
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,16 @@ class BackendTlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ControllerSettings:
+    """The controller's push channel: where it is, and how this proxy joins it."""
+
+    url: str  # http(s)://host:port of the controller's Service
+    token_file: Path  # the bearer token, from a mounted Secret; read at every connect
+    proxy_name: str | None  # None: the POD_NAME environment variable, else the host name
+    snapshot_file: Path | None  # the table ConfigMap, mounted: served while the controller is away
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     address: str
     port: int
@@ -97,6 +109,7 @@ class ProxySettings:
     # (namespace, service, port as written in the MailRoute) -> addresses: stand-in for EndpointSlices.
     services: ServiceEndpoints
     backend_tls: BackendTlsSettings = BackendTlsSettings()
+    controller: ControllerSettings | None = None  # None: standalone, tables from route_files
 
 
 def _require(document: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
@@ -243,6 +256,30 @@ def _services(document: Any) -> ServiceEndpoints:
     return services
 
 
+def _controller(document: Any, base: Path) -> ControllerSettings:
+    if not isinstance(document, dict):
+        raise SettingsError("controller: expected {url, tokenFile, proxyName, snapshotFile}")
+    unknown = sorted(set(document) - {"url", "tokenFile", "proxyName", "snapshotFile"})
+    if unknown:
+        raise SettingsError(f"controller: unknown keys {', '.join(map(str, unknown))}")
+    url = _require(document, "url", str, "controller")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise SettingsError(f"controller.url: expected http(s)://host:port, got {url!r}")
+    name = document.get("proxyName")
+    if name is not None and (not isinstance(name, str) or not name or any(c.isspace() for c in name)):
+        raise SettingsError(f"controller.proxyName: expected a pod name, got {name!r}")
+    snapshot = document.get("snapshotFile")
+    if snapshot is not None and not isinstance(snapshot, str):
+        raise SettingsError("controller.snapshotFile: expected a file path")
+    return ControllerSettings(
+        url=url.rstrip("/"),
+        token_file=(base / _require(document, "tokenFile", str, "controller")).resolve(),
+        proxy_name=name,
+        snapshot_file=(base / snapshot).resolve() if snapshot else None,
+    )
+
+
 def _seconds(document: Mapping[str, Any], key: str, default: float) -> float:
     value = document.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -254,7 +291,17 @@ def parse(document: Any, base: Path) -> ProxySettings:
     """Check a loaded settings document; relative route paths are taken from ``base``."""
     if not isinstance(document, dict):
         raise SettingsError("settings: expected a mapping at the top level")
-    known = {"listeners", "admin", "serverName", "timeouts", "maxErrors", "routes", "services", "backendTls"}
+    known = {
+        "listeners",
+        "admin",
+        "serverName",
+        "timeouts",
+        "maxErrors",
+        "routes",
+        "services",
+        "backendTls",
+        "controller",
+    }
     unknown = sorted(set(document) - known)
     if unknown:
         raise SettingsError(
@@ -285,6 +332,14 @@ def parse(document: Any, base: Path) -> ProxySettings:
     server_name = document.get("serverName", "mailgress")
     if not isinstance(server_name, str) or not server_name or any(c.isspace() for c in server_name):
         raise SettingsError(f"serverName: expected a host name without spaces, got {server_name!r}")
+    controller = None
+    if "controller" in document:
+        if "routes" in document or "services" in document:
+            raise SettingsError(
+                "controller: cannot be combined with routes or services "
+                "(in a cluster the controller sends the table; standalone, leave controller out)"
+            )
+        controller = _controller(document["controller"], base)
     return ProxySettings(
         listeners=_listeners(document.get("listeners"), base),
         admin=admin,
@@ -294,6 +349,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
         route_files=tuple((base / route).resolve() for route in routes),
         services=_services(document.get("services", {})),
         backend_tls=_backend_tls(document.get("backendTls", {}), base),
+        controller=controller,
     )
 
 
