@@ -435,17 +435,21 @@ class Frontend:
     # -- events ----------------------------------------------------------------------------------
 
     def _data_received(self, data: bytes) -> list[Command]:
-        if self._phase is _Phase.TLS:
-            return []  # plaintext pipelined behind STARTTLS: never interpreted (CVE-2014-3556)
+        match self._phase:
+            case _Phase.TLS:
+                return []  # plaintext pipelined behind STARTTLS: never interpreted (CVE-2014-3556)
+            case _Phase.LOGIN:
+                # Held for the backend (or for us, if the login fails). Only this path grows
+                # the buffer while a login is pending, so the limit is checked here; a packet
+                # that carried the login itself is bounded by the driver's read size, and
+                # Authenticate is always the last command of a batch.
+                self._buffer.feed(data)
+                if len(self._buffer) > MAX_PIPELINED_OCTETS:
+                    reply = self._send(b"* BYE Too much data sent before login completed")
+                    return [reply, *self._close("too much pipelined data during login")]
+                return []
         self._buffer.feed(data)
-        # While a login is decided, bytes are held for the backend (or for us, if it fails).
-        commands = [] if self._phase is _Phase.LOGIN else self._process()
-        if self._phase is _Phase.LOGIN and len(self._buffer) > MAX_PIPELINED_OCTETS:
-            commands += [
-                self._send(b"* BYE Too much data sent before login completed"),
-                *self._close("too much pipelined data during login"),
-            ]
-        return commands
+        return self._process()
 
     def _expect_login_pending(self) -> None:
         if self._phase is not _Phase.LOGIN:

@@ -160,12 +160,13 @@ def test_pipelined_bytes_during_login_are_bounded() -> None:
     ]
 
 
-def test_pipelined_bytes_in_the_login_packet_are_bounded_too() -> None:
+def test_authenticate_ends_its_batch_and_keeps_the_rest_of_the_packet() -> None:
+    """The driver acts on Authenticate at once: nothing may follow it in the same list."""
     frontend = started()
-    commands = frontend.handle(
-        DataReceived(b"a LOGIN alice secret\r\n" + b"x" * (imap.MAX_PIPELINED_OCTETS + 1))
-    )
-    assert [type(command) for command in commands] == [Authenticate, Send, Close]
+    rest = b"b NOOP\r\n" + b"x" * (imap.MAX_PIPELINED_OCTETS + 1)
+    commands = frontend.handle(DataReceived(b"a LOGIN alice secret\r\n" + rest))
+    assert [type(command) for command in commands] == [Authenticate]
+    assert frontend.handle(LoginAccepted(b"a OK\r\n")) == [Send(b"a OK\r\n"), Relay(rest)]
 
 
 def test_timeout_while_a_login_is_pending_says_bye() -> None:
@@ -532,16 +533,19 @@ def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
 
 def drive(
     frontend: imap.Frontend, data: bytes, sizes: list[int], verdicts: list[events.Event]
-) -> list[Command]:
-    """Play a driver: feed pieces, answer Authenticate and StartTls, stop at Close or Relay."""
-    emitted = frontend.start()
+) -> list[list[Command]]:
+    """Play a driver: feed pieces, answer Authenticate and StartTls, stop at Close or Relay.
+
+    Returns every list of commands the machine returned, in order.
+    """
+    batches = [frontend.start()]
     verdict_index = 0
     for piece in pieces(data, sizes):
         pending = frontend.handle(DataReceived(piece))
         for _ in range(len(data) + 1):  # each answer consumes input, so this ends
-            emitted += pending
+            batches.append(pending)
             if any(isinstance(command, Close | Relay) for command in pending):
-                return emitted
+                return batches
             if any(isinstance(command, StartTls) for command in pending):
                 pending = frontend.handle(TlsEstablished())
             elif any(isinstance(command, Authenticate) for command in pending):
@@ -550,7 +554,7 @@ def drive(
                 pending = frontend.handle(verdict)
             else:
                 break
-    return emitted + frontend.handle(ConnectionClosed())
+    return [*batches, frontend.handle(ConnectionClosed())]
 
 
 VALID_CLIENT_DATA = [transcript.load(path).client_data for path in TRANSCRIPTS]
@@ -575,9 +579,16 @@ CONFIGS = [
 def test_frontend_survives_mutated_input(
     data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
 ) -> None:
-    commands = drive(imap.Frontend(config), data, sizes, verdicts)
+    batches = drive(imap.Frontend(config), data, sizes, verdicts)
+    commands = [command for batch in batches for command in batch]
     assert all(isinstance(command, COMMAND_TYPES) for command in commands)
     assert not any(isinstance(command, LoginSucceeded | LoginFailed | BackendFailed) for command in commands)
+    # The driver acts on Authenticate at once, so it always ends the batch it is in.
+    assert all(
+        not isinstance(command, Authenticate) or index == len(batch) - 1
+        for batch in batches
+        for index, command in enumerate(batch)
+    )
     relays = [index for index, command in enumerate(commands) if isinstance(command, Relay)]
     assert relays == [] or relays == [len(commands) - 1]
     assert all(not isinstance(command, Send) or command.data.endswith(b"\r\n") for command in commands)
