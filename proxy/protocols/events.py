@@ -60,6 +60,9 @@ class BackendConfig:
     server_name: str = "mailgress"  # the name the proxy uses in its own EHLO
     client: ClientAddress | None = None
     client_info: Literal["none", "proxy-v2", "xclient", "id"] = "none"
+    # The route wants STARTTLS towards this backend: the machine asks with ``StartTls`` after the
+    # greeting (and capabilities) and goes on after ``TlsEstablished``; no credential before it.
+    starttls: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +135,10 @@ class Send:
     """Write these bytes to the peer, in order."""
 
     data: bytes
+
+    def __repr__(self) -> str:
+        # A Send towards a backend carries the password: never show the bytes themselves.
+        return f"Send(<{len(self.data)} bytes>)"
 
 
 @dataclass(frozen=True, slots=True)

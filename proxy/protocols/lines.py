@@ -34,12 +34,13 @@ class LineBuffer:
         newline = self._buffer.find(b"\n", self._scanned)
         if newline < 0:
             self._scanned = len(self._buffer)
-            if self._scanned > self.max_line:
+            # A trailing CR may be the first half of the CRLF: it does not count yet.
+            if self._scanned - self._buffer.endswith(b"\r") > self.max_line:
                 raise LineTooLongError(f"line longer than {self.max_line} bytes")
             return None
-        if newline + 1 > self.max_line + 2:
-            raise LineTooLongError(f"line longer than {self.max_line} bytes")
         end = newline - 1 if newline > 0 and self._buffer[newline - 1] == 0x0D else newline
+        if end > self.max_line:
+            raise LineTooLongError(f"line longer than {self.max_line} bytes")
         line = bytes(self._buffer[:end])
         del self._buffer[: newline + 1]
         self._scanned = 0
