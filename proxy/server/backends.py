@@ -11,6 +11,7 @@ Never logs a credential: only the user name, route and endpoint.
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +19,10 @@ from typing import Literal
 
 from proxy import balancing, table
 from proxy.protocols import events, imap, pop3, proxyheader, smtp
+from proxy.server.channel import SocketChannel, TransportChannel
 from proxy.server.context import ProxyContext
 
 log = logging.getLogger(__name__)
-
-# One read of a backend's login reply; replies before login are a few lines.
-RECV_SIZE = 16384
 
 BACKEND_LOGINS: dict[
     table.Protocol, Callable[[events.LoginRequest, events.BackendConfig], events.BackendMachine]
@@ -45,7 +44,7 @@ class LoginOutcome:
     outcome: Outcome
     route: str = "-"
     endpoint: table.Endpoint | None = None
-    backend: socket.socket | None = None
+    backend: SocketChannel | TransportChannel | None = None
     buffered: bytes = b""  # backend bytes that followed its success reply
 
 
@@ -66,23 +65,36 @@ async def _connect(endpoint: table.Endpoint, timeout: float) -> socket.socket:
 Verdict = events.LoginSucceeded | events.LoginFailed | events.BackendFailed
 
 
-async def _replay_login(machine: events.BackendMachine, sock: socket.socket) -> Verdict:
+async def _replay_login(
+    machine: events.BackendMachine,
+    channel: SocketChannel | TransportChannel,
+    tls: ssl.SSLContext,
+    server_hostname: str,
+) -> Verdict:
     """Feed the backend's bytes to the machine and carry out its commands until a verdict."""
-    loop = asyncio.get_running_loop()
+    event: events.Event | None = None
     while True:
-        data = await loop.sock_recv(sock, RECV_SIZE)
-        event: events.Event = events.DataReceived(data) if data else events.ConnectionClosed()
-        for command in machine.handle(event):
+        if event is None:
+            data = await channel.recv()
+            event = events.DataReceived(data) if data else events.ConnectionClosed()
+        commands, event = machine.handle(event), None
+        for command in commands:
             match command:
                 case events.Send(data=payload):
-                    await loop.sock_sendall(sock, payload)
+                    await channel.send(payload)
+                case events.StartTls():
+                    await channel.start_tls(tls, server_side=False, server_hostname=server_hostname)
+                    event = events.TlsEstablished()
                 case events.LoginSucceeded() | events.LoginFailed() | events.BackendFailed():
                     return command
-                case _:
-                    # StartTls towards backends and anything else belong to later work.
-                    return events.BackendFailed(f"backend dialogue needs {type(command).__name__}")
-        if not data:
-            return events.BackendFailed("backend closed the connection during login")
+                case other:
+                    return events.BackendFailed(f"backend dialogue emitted {type(other).__name__}")
+
+
+def server_name(upstream: table.Upstream) -> str:
+    """The name a backend's certificate must carry: its Service's cluster DNS name."""
+    namespace, _, name = upstream.service.partition("/")
+    return f"{name}.{namespace}.svc"
 
 
 def _endpoint_order(
@@ -118,8 +130,12 @@ async def login(
         return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
     timeouts = context.settings.timeouts
     config = events.BackendConfig(
-        server_name=context.settings.server_name, client=client, client_info=upstream.client_info
+        server_name=context.settings.server_name,
+        client=client,
+        client_info=upstream.client_info,
+        starttls=upstream.tls == "starttls",
     )
+    hostname = server_name(upstream)
     metrics = context.metrics
     for endpoint in _endpoint_order(context, route, upstream, request.routing_key.lower()):
         started = time.monotonic()
@@ -131,27 +147,30 @@ async def login(
             continue
         metrics.backend_connect_seconds.labels(protocol=request.protocol).observe(time.monotonic() - started)
         machine = BACKEND_LOGINS[request.protocol](request, config)
+        channel: SocketChannel | TransportChannel = SocketChannel(sock)
         try:
             async with asyncio.timeout(timeouts.backend_login):
                 if upstream.client_info == "proxy-v2":
                     header = proxyheader.build_v2((client.host, client.port), (local.host, local.port))
-                    await asyncio.get_running_loop().sock_sendall(sock, header)
-                verdict = await _replay_login(machine, sock)
-        except (OSError, TimeoutError) as error:
+                    await channel.send(header)  # before any TLS: the header is for the TCP peer
+                if upstream.tls == "tls":
+                    channel = await TransportChannel.connect_tls(sock, context.backend_tls, hostname)
+                verdict = await _replay_login(machine, channel, context.backend_tls, hostname)
+        except (OSError, TimeoutError, ssl.SSLError) as error:
             verdict = events.BackendFailed(_describe(error))
         except BaseException:
-            sock.close()
+            channel.close()
             raise
         match verdict:
             case events.LoginSucceeded(reply=reply, buffered=buffered):
                 return LoginOutcome(
-                    events.LoginAccepted(reply), "accepted", route.name, endpoint, sock, buffered
+                    events.LoginAccepted(reply), "accepted", route.name, endpoint, channel, buffered
                 )
             case events.LoginFailed(reply=reply):
-                sock.close()
+                channel.close()
                 return LoginOutcome(events.LoginRejected(reply), "rejected", route.name, endpoint)
             case events.BackendFailed(reason=reason):
-                sock.close()
+                channel.close()
                 log.warning("backend %s of %s failed the login dialogue: %s", endpoint, route.name, reason)
     return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
 
@@ -159,6 +178,8 @@ async def login(
 def _describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "timed out"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate not trusted ({error.verify_message})"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return type(error).__name__

@@ -159,6 +159,17 @@ class TransportChannel:
         )
         return cls(transport, receiver)
 
+    @classmethod
+    async def connect_tls(
+        cls, sock: socket.socket, context: ssl.SSLContext, server_hostname: str
+    ) -> "TransportChannel":
+        """Wrap a connected client socket and run the TLS handshake (a backend reached over TLS)."""
+        receiver = _Receiver()
+        transport, _ = await asyncio.get_running_loop().create_connection(
+            lambda: receiver, sock=sock, ssl=context, server_hostname=server_hostname
+        )
+        return cls(transport, receiver)
+
     @property
     def tls(self) -> ssl.SSLObject | None:
         ssl_object = self.transport.get_extra_info("ssl_object")
@@ -194,3 +205,22 @@ class TransportChannel:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def transport_channel(channel: "SocketChannel | TransportChannel") -> "TransportChannel | None":
+    """The transport behind a channel, or None while it is still a bare socket."""
+    return channel.upgraded if isinstance(channel, SocketChannel) else channel
+
+
+async def as_transport(channel: "SocketChannel | TransportChannel") -> TransportChannel:
+    """Turn a bare-socket channel into a transport one (for a relay where the other side is TLS).
+
+    Take its unread bytes only after every side is converted, and hand the transports to the relay
+    without an ``await`` in between, so nothing arriving in the gap is lost.
+    """
+    existing = transport_channel(channel)
+    if existing is not None:
+        return existing
+    assert isinstance(channel, SocketChannel)
+    channel.upgraded = await TransportChannel.from_socket(channel.sock)
+    return channel.upgraded

@@ -5,6 +5,7 @@ sockets of its own.
 """
 
 import collections
+import ssl
 from dataclasses import dataclass, field
 
 from proxy.metrics import ProxyMetrics
@@ -18,6 +19,8 @@ class ProxyContext:
     settings: ProxySettings
     tables: TableHolder
     metrics: ProxyMetrics
+    # Client context for backends reached over TLS or STARTTLS (certificates.backend_context).
+    backend_tls: ssl.SSLContext
     # Sessions started so far: the round-robin position.
     sessions_started: int = 0
     # Relayed sessions per backend endpoint, for least-connections.

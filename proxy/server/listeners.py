@@ -10,6 +10,7 @@ import logging
 import socket
 
 from proxy.server import session
+from proxy.server.certificates import CertificateStore
 from proxy.server.context import ProxyContext
 from proxy.settings import ListenerSettings
 
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 
 # The accept queue; nginx's default backlog is 511 on Linux.
 LISTEN_BACKLOG = 511
+# How often certificate files are checked for renewal: new connections get a renewed certificate
+# within this many seconds.
+CERTIFICATE_POLL_INTERVAL = 1.0
 
 
 class ListenerError(OSError):
@@ -45,43 +49,64 @@ class Listeners:
 
     def __init__(self, context: ProxyContext) -> None:
         self._context = context
-        self._sockets: list[tuple[ListenerSettings, socket.socket]] = []
+        self._sockets: list[tuple[session.Listener, socket.socket]] = []
         self._accepting: list[asyncio.Task[None]] = []
         self.sessions: set[asyncio.Task[None]] = set()
 
     def bind_all(self) -> None:
+        """Load certificates and bind every listener; raises CertificateError or ListenerError."""
         try:
-            for listener in self._context.settings.listeners:
-                self._sockets.append((listener, bind(listener)))
-        except ListenerError:
+            for settings in self._context.settings.listeners:
+                certificates = (
+                    CertificateStore(settings.name, settings.certificates) if settings.certificates else None
+                )
+                self._sockets.append((session.Listener(settings, certificates), bind(settings)))
+        except BaseException:
             self.close()
             raise
 
+    @property
+    def addresses(self) -> dict[str, tuple[str, int]]:
+        """Each listener's bound address (port 0 in the settings means the kernel chose one)."""
+        return {listener.settings.name: sock.getsockname()[:2] for listener, sock in self._sockets}
+
     def start(self) -> None:
         for listener, sock in self._sockets:
+            settings = listener.settings
             self._accepting.append(
-                asyncio.create_task(self._accept(listener, sock), name=f"accept-{listener.name}")
+                asyncio.create_task(self._accept(listener, sock), name=f"accept-{settings.name}")
             )
             log.info(
-                "listening for %s on %s:%d (%s)",
-                listener.protocol,
-                listener.address,
-                listener.port,
-                listener.name,
+                "listening for %s on %s:%d (%s, tls %s)",
+                settings.protocol,
+                settings.address,
+                sock.getsockname()[1],
+                settings.name,
+                settings.tls,
             )
+        stores = [listener.certificates for listener, _ in self._sockets if listener.certificates]
+        if stores:
+            self._accepting.append(asyncio.create_task(self._watch_certificates(stores), name="certificates"))
+
+    @staticmethod
+    async def _watch_certificates(stores: list[CertificateStore]) -> None:
+        while True:
+            await asyncio.sleep(CERTIFICATE_POLL_INTERVAL)
+            for store in stores:
+                store.refresh()
 
     @property
     def listening(self) -> bool:
         return bool(self._accepting) and not any(task.done() for task in self._accepting)
 
-    async def _accept(self, listener: ListenerSettings, sock: socket.socket) -> None:
+    async def _accept(self, listener: session.Listener, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
                 client, _ = await loop.sock_accept(sock)
             except OSError as error:
                 # EMFILE and friends: say so, back off briefly instead of spinning.
-                log.error("accept on %s failed: %s", listener.name, error.strerror)
+                log.error("accept on %s failed: %s", listener.settings.name, error.strerror)
                 self._context.metrics.refusals.labels(reason="accept_error").inc()
                 await asyncio.sleep(0.1)
                 continue

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from proxy import metrics as proxy_metrics
-from proxy.server import admin, listeners
+from proxy.server import admin, certificates, listeners
 from proxy.server.context import ProxyContext
 from proxy.server.routes import TableHolder
 from proxy.settings import ProxySettings
@@ -30,7 +30,12 @@ async def run(settings: ProxySettings, source: TableSource) -> None:
     """Serve until SIGINT/SIGTERM (or until cancelled)."""
     registry = CollectorRegistry()
     metrics = proxy_metrics.create(registry)
-    context = ProxyContext(settings=settings, tables=TableHolder(metrics), metrics=metrics)
+    context = ProxyContext(
+        settings=settings,
+        tables=TableHolder(metrics),
+        metrics=metrics,
+        backend_tls=certificates.backend_context(settings.backend_tls),
+    )
     server = listeners.Listeners(context)
     server.bind_all()
     loop = asyncio.get_running_loop()

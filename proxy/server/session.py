@@ -1,32 +1,34 @@
-"""Drive one client connection: the protocol front-end before login, then the relay.
+"""Drive one client connection: PROXY header, TLS, the protocol front-end, then the relay.
 
-The listener hands over an accepted, non-blocking socket. The session feeds the client's bytes
-to the protocol's ``Frontend`` machine and carries out its commands: replies go to the client,
-``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sockets to ``relay``. The
-pre-login phase is bounded by one deadline (slow clients cannot hold a socket open past it).
-Exactly one INFO line per session is logged when it ends; it names the user but never a
+The listener hands over an accepted, non-blocking socket. A listener that trusts a load balancer
+first reads its PROXY header (only trusted peers may connect there); an implicit-TLS listener
+runs the handshake. Then the session feeds the client's bytes to the protocol's ``Frontend``
+machine and carries out its commands: replies go to the client, ``StartTls`` upgrades the
+channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides to ``relay``.
+Everything before login is bounded by one deadline (slow clients cannot hold a socket open past
+it). Exactly one INFO line per session is logged when it ends; it names the user but never a
 password.
 """
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy import table
-from proxy.protocols import events, imap, pop3, smtp
+from proxy.protocols import events, imap, pop3, proxyheader, smtp
 from proxy.server import backends, relay
+from proxy.server.certificates import CertificateStore
+from proxy.server.channel import SocketChannel, TransportChannel, as_transport
 from proxy.server.context import ProxyContext
 from proxy.settings import ListenerSettings
 
 log = logging.getLogger("mailgress.session")
-
-# One read from a client before login; commands are short, literals before login are capped
-# by the machines far below this.
-RECV_SIZE = 16384
 
 FRONTENDS: dict[table.Protocol, Callable[[events.FrontendConfig], events.FrontendMachine]] = {
     "imap": imap.Frontend,
@@ -34,6 +36,18 @@ FRONTENDS: dict[table.Protocol, Callable[[events.FrontendConfig], events.Fronten
     "submission": smtp.Frontend,
     "smtp": smtp.Frontend,
 }
+STARTTLS_POLICY = {
+    ("starttls", True): events.StartTlsPolicy.REQUIRED,
+    ("starttls", False): events.StartTlsPolicy.ON,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A listener's settings and, for TLS listeners, its live certificates."""
+
+    settings: ListenerSettings
+    certificates: CertificateStore | None = None
 
 
 @dataclass(slots=True)
@@ -50,6 +64,15 @@ class SessionRecord:
     downstream_bytes: int = 0
 
 
+class SessionEnded(Exception):
+    """The session ends before the front-end ran (untrusted peer, bad PROXY header, TLS failure)."""
+
+    def __init__(self, outcome: str, refusal: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.refusal = refusal  # the refusals metric's reason label
+
+
 def _address(sock: socket.socket, *, peer: bool) -> events.ClientAddress:
     try:
         address = sock.getpeername() if peer else sock.getsockname()
@@ -58,21 +81,37 @@ def _address(sock: socket.socket, *, peer: bool) -> events.ClientAddress:
     return events.ClientAddress(host=str(address[0]), port=int(address[1]))
 
 
-async def serve(context: ProxyContext, listener: ListenerSettings, client: socket.socket) -> None:
+async def serve(context: ProxyContext, listener: Listener, client: socket.socket) -> None:
     """Run one client session to its end; never raises except on cancellation."""
+    settings = listener.settings
     peer = _address(client, peer=True)
-    record = SessionRecord(protocol=listener.protocol, client=f"{peer.host}:{peer.port}")
+    record = SessionRecord(protocol=settings.protocol, client=f"{peer.host}:{peer.port}")
     metrics = context.metrics
-    metrics.connections.labels(listener=listener.name, protocol=listener.protocol).inc()
-    metrics.sessions_active.labels(protocol=listener.protocol).inc()
+    metrics.connections.labels(listener=settings.name, protocol=settings.protocol).inc()
+    metrics.sessions_active.labels(protocol=settings.protocol).inc()
     started = time.monotonic()
+    channel: SocketChannel | TransportChannel = SocketChannel(client)
     try:
-        await _run(context, listener, client, peer, record)
-    except OSError as error:
-        record.outcome = f"connection error ({error.strerror or type(error).__name__})"
+        deadline = asyncio.get_running_loop().time() + context.settings.timeouts.pre_login
+        async with asyncio.timeout_at(deadline):
+            peer, local = await _real_addresses(listener, client, peer, record)
+            if settings.tls == "implicit":
+                assert listener.certificates is not None
+                channel = await _handshake(channel, listener.certificates.context)
+        await _converse(
+            context, listener, channel=channel, peer=peer, local=local, deadline=deadline, record=record
+        )
+    except SessionEnded as ended:
+        record.outcome = ended.outcome
+        metrics.refusals.labels(reason=ended.refusal).inc()
+    except TimeoutError:
+        record.outcome = "timed out before the dialogue began"
+        metrics.refusals.labels(reason="pre_login_timeout").inc()
+    except (OSError, ssl.SSLError) as error:
+        record.outcome = f"connection error ({getattr(error, 'strerror', None) or type(error).__name__})"
     finally:
-        client.close()
-        metrics.sessions_active.labels(protocol=listener.protocol).dec()
+        channel.close()
+        metrics.sessions_active.labels(protocol=settings.protocol).dec()
         log.info(
             "session protocol=%s client=%s user=%s route=%s backend=%s outcome=%s "
             "bytes_up=%d bytes_down=%d duration=%.3fs",
@@ -88,23 +127,89 @@ async def serve(context: ProxyContext, listener: ListenerSettings, client: socke
         )
 
 
-async def _run(
+async def _handshake(channel: SocketChannel | TransportChannel, context: ssl.SSLContext) -> TransportChannel:
+    assert isinstance(channel, SocketChannel)
+    try:
+        return await TransportChannel.from_socket(channel.sock, context)
+    except (ssl.SSLError, ConnectionError) as error:
+        raise SessionEnded(f"TLS handshake failed ({type(error).__name__})", "tls_handshake") from error
+
+
+async def _read_exactly(client: socket.socket, size: int) -> bytes:
+    """Read exactly ``size`` bytes: a PROXY header must not swallow what follows (a TLS hello)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < size:
+        chunk = await loop.sock_recv(client, size - len(data))
+        if not chunk:
+            raise SessionEnded("closed while sending its PROXY header", "proxy_header")
+        data += chunk
+    return data
+
+
+async def _read_proxy_header(client: socket.socket) -> proxyheader.ProxyHeader:
+    # v2 announces its length in its first 16 bytes; v1 is one line of at most 107 bytes.
+    data = await _read_exactly(client, proxyheader.V2_FIXED_LENGTH)
+    try:
+        while (header := proxyheader.parse(data)) is None:
+            more = (
+                1
+                if not data.startswith(proxyheader.V2_SIGNATURE)
+                else int.from_bytes(data[14:16]) + 16 - len(data)
+            )
+            data += await _read_exactly(client, more)
+    except proxyheader.ProxyHeaderError as error:
+        raise SessionEnded(f"bad PROXY header ({error})", "proxy_header") from error
+    return header
+
+
+async def _real_addresses(
+    listener: Listener, client: socket.socket, peer: events.ClientAddress, record: SessionRecord
+) -> tuple[events.ClientAddress, events.ClientAddress]:
+    """The client's and the proxy's address, as a trusted PROXY header states them."""
+    local = _address(client, peer=False)
+    trusted = listener.settings.proxy_protocol_from
+    if not trusted:
+        return peer, local
+    try:
+        peer_ip = ipaddress.ip_address(peer.host)
+    except ValueError:
+        peer_ip = None
+    if peer_ip is None or not any(peer_ip in network for network in trusted):
+        # Only the load balancer may speak here: anyone else could forge the client address.
+        raise SessionEnded("refused: not a trusted PROXY protocol peer", "proxy_untrusted")
+    header = await _read_proxy_header(client)
+    if header.source is None:  # LOCAL / UNKNOWN: the balancer's own health check
+        return peer, local
+    real = events.ClientAddress(*header.source)
+    record.client = f"{real.host}:{real.port} via {peer.host}:{peer.port}"
+    destination = events.ClientAddress(*header.destination) if header.destination else local
+    return real, destination
+
+
+async def _converse(
     context: ProxyContext,
-    listener: ListenerSettings,
-    client: socket.socket,
+    listener: Listener,
+    *,
+    channel: SocketChannel | TransportChannel,
     peer: events.ClientAddress,
+    local: events.ClientAddress,
+    deadline: float,
     record: SessionRecord,
 ) -> None:
-    loop = asyncio.get_running_loop()
     settings = context.settings
-    frontend = FRONTENDS[listener.protocol](
+    listener_settings = listener.settings
+    frontend = FRONTENDS[listener_settings.protocol](
         events.FrontendConfig(
             server_name=settings.server_name,
-            inbound=listener.protocol == "smtp",
+            starttls=STARTTLS_POLICY.get(
+                (listener_settings.tls, listener_settings.starttls_required), events.StartTlsPolicy.OFF
+            ),
+            tls_active=listener_settings.tls == "implicit",
+            inbound=listener_settings.protocol == "smtp",
             max_errors=settings.max_errors,
         )
     )
-    deadline = loop.time() + settings.timeouts.pre_login
     pending: collections.deque[events.Command] = collections.deque(frontend.start())
     login: backends.LoginOutcome | None = None
     try:
@@ -112,38 +217,43 @@ async def _run(
             while pending:
                 match pending.popleft():
                     case events.Send(data=data):
-                        await loop.sock_sendall(client, data)
+                        await channel.send(data)
                     case events.Close(reason=reason):
                         record.outcome = reason
                         return
                     case events.Authenticate(request=request):
                         record.user = request.routing_key
-                        login = await backends.login(context, request, peer, _address(client, peer=False))
+                        login = await backends.login(context, request, peer, local)
                         record.route = login.route
                         record.backend = str(login.endpoint) if login.endpoint else "-"
-                        context.metrics.logins.labels(protocol=listener.protocol, outcome=login.outcome).inc()
+                        context.metrics.logins.labels(
+                            protocol=listener_settings.protocol, outcome=login.outcome
+                        ).inc()
                         record.outcome = f"login {login.outcome}"
                         pending.extend(frontend.handle(login.event))
                     case events.Relay(buffered=buffered):
-                        assert login is not None
+                        assert login is not None and login.backend is not None
                         await _relay(
                             context,
-                            listener=listener,
-                            client=client,
+                            listener_settings,
+                            channel=channel,
                             login=login,
                             buffered=buffered,
                             record=record,
                         )
                         return
                     case events.StartTls():
-                        # Listeners do not offer STARTTLS yet, so machines are never configured to ask.
-                        record.outcome = "STARTTLS requested but TLS is not configured"
-                        return
+                        assert listener.certificates is not None  # machines ask only when offered
+                        async with asyncio.timeout_at(deadline):
+                            await channel.start_tls(
+                                listener.certificates.context, server_side=True, server_hostname=None
+                            )
+                        pending.extend(frontend.handle(events.TlsEstablished()))
                     case other:
                         raise AssertionError(f"front-end emitted {other!r}")
             try:
                 async with asyncio.timeout_at(deadline):
-                    data = await loop.sock_recv(client, RECV_SIZE)
+                    data = await channel.recv()
             except TimeoutError:
                 context.metrics.refusals.labels(reason="pre_login_timeout").inc()
                 pending.extend(frontend.handle(events.TimedOut()))
@@ -156,23 +266,37 @@ async def _run(
 
 async def _relay(
     context: ProxyContext,
-    *,
     listener: ListenerSettings,
-    client: socket.socket,
+    *,
+    channel: SocketChannel | TransportChannel,
     login: backends.LoginOutcome,
     buffered: bytes,
     record: SessionRecord,
 ) -> None:
-    assert login.backend is not None and login.endpoint is not None
+    backend = login.backend
+    assert backend is not None and login.endpoint is not None
+    idle = context.settings.timeouts.idle
     context.active[login.endpoint] += 1
     try:
-        result = await relay.relay(
-            client,
-            login.backend,
-            to_backend=buffered,
-            to_client=login.buffered,
-            idle_timeout=context.settings.timeouts.idle,
-        )
+        if (
+            isinstance(channel, SocketChannel)
+            and channel.upgraded is None
+            and isinstance(backend, SocketChannel)
+            and backend.upgraded is None
+        ):
+            result = await relay.relay(
+                channel.sock, backend.sock, to_backend=buffered, to_client=login.buffered, idle_timeout=idle
+            )
+        else:
+            client_side, backend_side = await as_transport(channel), await as_transport(backend)
+            # No await between taking what is unread and handing the transports over.
+            result = await relay.relay_transports(
+                client_side.transport,
+                backend_side.transport,
+                to_backend=buffered + client_side.take_unread(),
+                to_client=login.buffered + backend_side.take_unread(),
+                idle_timeout=idle,
+            )
     finally:
         context.active[login.endpoint] -= 1
         if context.active[login.endpoint] <= 0:

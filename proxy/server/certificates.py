@@ -1,0 +1,146 @@
+"""TLS server contexts for listeners: certificates from files, chosen by SNI, reloaded on change.
+
+Kubernetes mounts a TLS Secret as files and cert-manager rewrites them on renewal; the store
+notices a changed file (modification time, size or inode) on its next ``refresh`` and builds a
+new context, which only connections accepted afterwards use: open sessions keep the context
+they were accepted with. A renewal that leaves the files broken keeps the previous context in
+force and says so in the log. The first certificate is the default; each other one answers for
+the DNS names in its subjectAltName (wildcards as RFC 6125 section 6.4.3 allows: one label).
+"""
+
+import contextlib
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.settings import BackendTlsSettings, CertificateFiles
+
+log = logging.getLogger(__name__)
+
+# RFC 8996 retired TLS 1.0 and 1.1; nginx's default ssl_protocols is TLSv1.2 TLSv1.3 too.
+MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+class CertificateError(ValueError):
+    """A certificate or key file that cannot be loaded; the message names the file."""
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    status = os.stat(path)
+    return status.st_mtime_ns, status.st_size, status.st_ino
+
+
+def dns_names(cert_file: Path) -> tuple[str, ...]:
+    """The DNS names in a PEM certificate's subjectAltName, lower-cased."""
+    # The stdlib has no public PEM parser; this helper backs ssl's own tests and has been stable
+    # since Python 3.3. It is only used to learn the names, never to trust anything.
+    decode = getattr(ssl, "_ssl")._test_decode_cert  # noqa: B009
+    try:
+        decoded: dict[str, Any] = decode(str(cert_file))
+    except (OSError, ssl.SSLError) as error:
+        raise CertificateError(f"{cert_file}: not a PEM certificate ({error})") from error
+    return tuple(value.lower() for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS")
+
+
+def _server_context(files: CertificateFiles) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = MINIMUM_TLS_VERSION
+    try:
+        context.load_cert_chain(files.cert, files.key)
+    except (OSError, ssl.SSLError) as error:
+        raise CertificateError(f"{files.cert} / {files.key}: cannot load ({error})") from error
+    return context
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("*."):
+        head, dot, rest = name.partition(".")
+        return bool(head) and bool(dot) and rest == pattern[2:]
+    return pattern == name
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    stamps: tuple[tuple[int, int, int], ...]
+    context: ssl.SSLContext
+
+
+class CertificateStore:
+    """The current server context of one listener."""
+
+    def __init__(self, listener: str, files: tuple[CertificateFiles, ...]) -> None:
+        self._listener = listener
+        self._files = files
+        self._loaded = self._load()  # a broken file at start is fatal: raise to the caller
+        self._failed: tuple[tuple[int, int, int], ...] | None = None
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self._loaded.context
+
+    def _stamps(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple(_stamp(path) for files in self._files for path in (files.cert, files.key))
+
+    def _load(self) -> _Loaded:
+        try:
+            stamps = self._stamps()
+        except OSError as error:
+            raise CertificateError(
+                f"listener {self._listener}: {error.filename}: {error.strerror}"
+            ) from error
+        contexts = [_server_context(files) for files in self._files]
+        by_name = [
+            (name, context)
+            for files, context in zip(self._files, contexts, strict=True)
+            for name in dns_names(files.cert)
+        ]
+        default = contexts[0]
+
+        def choose(ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+            if server_name:
+                wanted = server_name.lower()
+                for pattern, context in by_name:
+                    if _matches(pattern, wanted):
+                        ssl_object.context = context
+                        return
+            ssl_object.context = default
+
+        if len(contexts) > 1:
+            default.sni_callback = choose
+        return _Loaded(stamps, default)
+
+    def refresh(self) -> bool:
+        """Reload when a file changed; True when a new context is in force."""
+        try:
+            stamps = self._stamps()
+            if stamps in (self._loaded.stamps, self._failed):
+                return False
+            self._loaded = self._load()
+        except (OSError, CertificateError) as error:
+            # Report a broken renewal once, not at every poll; a further change is tried again.
+            with contextlib.suppress(OSError):
+                self._failed = self._stamps()
+            log.error("listener %s: keeping the certificates in use: %s", self._listener, error)
+            return False
+        log.info("listener %s: certificates reloaded", self._listener)
+        return True
+
+
+def backend_context(settings: BackendTlsSettings) -> ssl.SSLContext:
+    """The client context for backends reached over TLS or STARTTLS.
+
+    Verifies the backend's certificate and name against ``ca_file`` (or the system CAs) unless
+    the settings explicitly opt out.
+    """
+    try:
+        context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    except (OSError, ssl.SSLError) as error:
+        raise CertificateError(f"backendTls.caFile {settings.ca_file}: cannot load ({error})") from error
+    context.minimum_version = MINIMUM_TLS_VERSION
+    if settings.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
