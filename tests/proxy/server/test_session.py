@@ -20,10 +20,11 @@ from prometheus_client import CollectorRegistry
 from mailgress import standalone
 from proxy import metrics as proxy_metrics
 from proxy.protocols import proxyheader
+from proxy.server import certificates
 from proxy.server.context import ProxyContext
 from proxy.server.listeners import Listeners
 from proxy.server.routes import TableHolder
-from proxy.settings import ListenerSettings, ProxySettings, Timeouts
+from proxy.settings import BackendTlsSettings, ListenerSettings, ProxySettings, Timeouts
 from proxy.table import Endpoint
 
 PASSWORD = "s3cret-Password-never-logged"
@@ -131,13 +132,18 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
         )
         registry = CollectorRegistry()
         metrics = proxy_metrics.create(registry)
-        context = ProxyContext(settings=settings, tables=TableHolder(metrics), metrics=metrics)
+        context = ProxyContext(
+            settings=settings,
+            tables=TableHolder(metrics),
+            metrics=metrics,
+            backend_tls=certificates.backend_context(BackendTlsSettings()),
+        )
         context.tables.swap(compiled.table)
         listeners = Listeners(context)
         listeners.bind_all()
         listeners.start()
         started.append(listeners)
-        port = int(listeners._sockets[0][1].getsockname()[1])
+        port = listeners.addresses["imap"][1]
         return RunningProxy(port, context, registry)
 
     yield start
