@@ -1,0 +1,275 @@
+"""The compiler: parsed MailRoutes and backend endpoints in, one routing table and conditions out.
+
+The reconciler (and ``mailgress routes check``) calls ``compile_table`` with every MailRoute it
+knows, parsed or not, and the ready endpoints of every backend Service port those routes name.
+Pure and deterministic (Contour's DAG build, in small): the output does not depend on the order
+of the input, equal input gives an equal ``table.version``, and a user's mistake becomes a
+condition on that user's object, never an exception. No I/O, no clocks, no logging.
+
+Rules, in order:
+1. A ``SpecError`` is Accepted=False/Invalid and stays out of the table; so is every copy of
+   a namespace/name given more than once (possible only with files).
+2. Routes claim (protocol, key) pairs, a key being a user or a domain as written (the table
+   folds case; the CRD already insists on lower case). Oldest first (creationTimestamp, then
+   namespace/name as Gateway API breaks ties), a route whose claims are all free is Accepted
+   and takes them; a route with any taken claim is Accepted=False/Conflicted, names the owner
+   and is left out entirely. Whole-route exclusion is deliberate: a route is one mailbox
+   placement, and serving half of it (its IMAP but not its SMTP, or some domains only) would
+   split a user's mail between backends without anyone having asked for it. Only accepted
+   routes claim keys, so a route that loses to an older one does not block a third.
+3. Backends resolve only in the route's own namespace: the ``ServiceKey`` is always the route's
+   namespace. A missing key is BackendNotFound, an empty endpoint list NoReadyEndpoints; either
+   way the route stays in the table with no endpoints for that protocol, so its users get a
+   temporary failure rather than "no such user" (and no catch-all steals them meanwhile).
+4. Programmed is Unknown/Pending for routes in the table (the operator sets it from proxy
+   acks) and False/Invalid for the rest.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from controller import conditions, mailroute
+from proxy import table
+
+ServiceKey = tuple[str, str, str]  # (namespace, Service name, port as the MailRoute wrote it, as str)
+# Aliases: inside Compiled the field names "table" and "conditions" shadow the modules.
+_Table = table.RoutingTable
+_Conditions = tuple[conditions.Condition, ...]
+_Counts = tuple[tuple[table.Protocol, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """One compilation: the table to publish and what to write into each object's status.
+
+    ``conditions`` and ``endpoint_counts`` are keyed by "namespace/name" and sorted by it;
+    ``endpoint_counts`` has every valid route (also conflicted ones), one count per protocol.
+    """
+
+    table: _Table
+    conditions: Mapping[str, _Conditions]
+    endpoint_counts: Mapping[str, _Counts]
+
+
+def service_key(route: mailroute.MailRoute, spec: mailroute.ProtocolSpec) -> ServiceKey:
+    """The Service port a protocol block refers to, always in the route's own namespace."""
+    return (route.namespace, spec.backend.service, str(spec.backend.port))
+
+
+def service_keys(routes: Sequence[mailroute.MailRoute | mailroute.SpecError]) -> list[ServiceKey]:
+    """Every Service port these routes refer to, sorted: what the caller must resolve."""
+    return sorted(
+        {
+            service_key(route, spec)
+            for route in routes
+            if isinstance(route, mailroute.MailRoute)
+            for _, spec in route.protocols
+        }
+    )
+
+
+def _claims(route: mailroute.MailRoute) -> list[tuple[table.Protocol, str, str]]:
+    """(protocol, kind, key) for every key the route claims, in a fixed order.
+
+    Keys are compared as written: the CRD only admits lower-case users and domains, which is
+    what the table's case folding turns every login into.
+    """
+    keys = sorted({("user", user) for user in route.users} | {("domain", domain) for domain in route.domains})
+    return [(protocol, kind, key) for protocol, _ in route.protocols for kind, key in keys]
+
+
+def _conflict_message(
+    loser: mailroute.MailRoute, winner: mailroute.MailRoute, claim: tuple[table.Protocol, str, str]
+) -> str:
+    protocol, kind, key = claim
+    why = (
+        "created earlier"
+        if winner.creation_timestamp < loser.creation_timestamp
+        else "equally old and first by namespace/name"
+    )
+    return f'{kind} "{key}" is already routed for {protocol} by {winner.key} ({why}); this route is not used'
+
+
+def _resolve(
+    route: mailroute.MailRoute, endpoints: Mapping[ServiceKey, Sequence[table.Endpoint]]
+) -> tuple[tuple[tuple[table.Protocol, table.Upstream], ...], conditions.Condition]:
+    """The route's upstreams (endpoints sorted, duplicates dropped) and its ResolvedRefs."""
+    upstreams: list[tuple[table.Protocol, table.Upstream]] = []
+    missing: list[str] = []
+    empty: list[str] = []
+    for protocol, spec in route.protocols:
+        key = service_key(route, spec)
+        found = endpoints.get(key)
+        where = f"{protocol}: Service {route.namespace}/{spec.backend.service} port {spec.backend.port}"
+        if found is None:
+            missing.append(f"{where} not found")
+        elif not found:
+            empty.append(f"{where} has no ready endpoints")
+        upstream = table.Upstream(
+            service=f"{route.namespace}/{spec.backend.service}",
+            endpoints=tuple(sorted(set(found or ()))),
+            tls=spec.tls,
+            client_info=spec.client_info,
+        )
+        upstreams.append((protocol, upstream))
+    if missing:
+        status = conditions.Condition(
+            "ResolvedRefs",
+            "False",
+            conditions.Reason.BACKEND_NOT_FOUND,
+            "; ".join(missing + empty),
+            route.generation,
+        )
+    elif empty:
+        status = conditions.Condition(
+            "ResolvedRefs", "False", conditions.Reason.NO_READY_ENDPOINTS, "; ".join(empty), route.generation
+        )
+    else:
+        status = conditions.Condition(
+            "ResolvedRefs",
+            "True",
+            conditions.Reason.RESOLVED_REFS,
+            "every backend Service port has ready endpoints",
+            route.generation,
+        )
+    return tuple(upstreams), status
+
+
+def _invalid(error: mailroute.SpecError) -> tuple[conditions.Condition, ...]:
+    generation = error.generation
+    where = f"{error.field}: " if error.field else ""
+    return (
+        conditions.Condition(
+            "Accepted", "False", conditions.Reason.INVALID, where + error.message, generation
+        ),
+        conditions.Condition(
+            "ResolvedRefs",
+            "Unknown",
+            conditions.Reason.PENDING,
+            "not resolved: the spec is invalid",
+            generation,
+        ),
+        conditions.Condition(
+            "Programmed",
+            "False",
+            conditions.Reason.INVALID,
+            "not in the routing table: the spec is invalid",
+            generation,
+        ),
+    )
+
+
+def _split(
+    routes: Sequence[mailroute.MailRoute | mailroute.SpecError],
+) -> tuple[list[mailroute.MailRoute], list[mailroute.SpecError]]:
+    """Valid routes and errors. A namespace/name given more than once (two files defining one
+    route in standalone mode; the API server cannot) becomes one error and no copy is used:
+    picking one would depend on file order."""
+    groups: dict[str, list[mailroute.MailRoute | mailroute.SpecError]] = {}
+    for route in routes:
+        groups.setdefault(route.key, []).append(route)
+    valid: list[mailroute.MailRoute] = []
+    invalid: list[mailroute.SpecError] = []
+    for group in groups.values():
+        first = group[0]
+        if len(group) > 1:
+            message = (
+                f"Duplicate value: {json.dumps(first.name)}: {len(group)} MailRoutes "
+                f"in namespace {first.namespace} have this name"
+            )
+            generation = max(route.generation for route in group)
+            created = min(route.creation_timestamp for route in group)
+            invalid.append(
+                mailroute.SpecError(
+                    first.namespace, first.name, generation, created, "metadata.name", message
+                )
+            )
+        elif isinstance(first, mailroute.MailRoute):
+            valid.append(first)
+        else:
+            invalid.append(first)
+    return valid, invalid
+
+
+def compile_table(
+    routes: Sequence[mailroute.MailRoute | mailroute.SpecError],
+    endpoints: Mapping[ServiceKey, Sequence[table.Endpoint]],
+) -> Compiled:
+    """Compile every MailRoute into one routing table plus per-object conditions.
+
+    Args:
+        routes: every known MailRoute, as ``mailroute.parse`` returned it, in any order.
+        endpoints: the ready endpoints of each Service port the routes name (see
+            ``service_keys``); a key left out means the Service or port does not exist, an
+            empty sequence that it has no ready endpoints.
+
+    Returns:
+        The table (routes sorted, version = hash of the content) and, per "namespace/name",
+        the Accepted, ResolvedRefs and Programmed conditions and the endpoint counts.
+
+    """
+    valid, invalid = _split(routes)
+    valid.sort(key=lambda route: (route.creation_timestamp, route.key))
+    owners: dict[tuple[table.Protocol, str], mailroute.MailRoute] = {}
+    compiled_routes: list[table.Route] = []
+    found: dict[str, _Conditions] = {}
+    counts: dict[str, _Counts] = {}
+    for route in valid:
+        generation = route.generation
+        upstreams, resolved = _resolve(route, endpoints)
+        counts[route.key] = tuple((protocol, len(upstream.endpoints)) for protocol, upstream in upstreams)
+        claims = _claims(route)
+        taken = next((claim for claim in claims if (claim[0], claim[2]) in owners), None)
+        if taken is not None:
+            winner = owners[(taken[0], taken[2])]
+            message = _conflict_message(route, winner, taken)
+            found[route.key] = (
+                conditions.Condition("Accepted", "False", conditions.Reason.CONFLICTED, message, generation),
+                resolved,
+                conditions.Condition(
+                    "Programmed",
+                    "False",
+                    conditions.Reason.INVALID,
+                    f"not in the routing table: it conflicts with {winner.key}",
+                    generation,
+                ),
+            )
+            continue
+        owners.update(((protocol, key), route) for protocol, _, key in claims)
+        compiled_routes.append(
+            table.Route(
+                name=route.key,
+                generation=generation,
+                users=tuple(sorted(route.users)),
+                domains=tuple(sorted(route.domains)),
+                upstreams=upstreams,
+                balance=route.balance,
+                auth=route.auth,
+                http_auth=route.http_auth,
+            )
+        )
+        found[route.key] = (
+            conditions.Condition(
+                "Accepted",
+                "True",
+                conditions.Reason.ACCEPTED,
+                "the route is valid and its claims are free",
+                generation,
+            ),
+            resolved,
+            conditions.Condition(
+                "Programmed",
+                "Unknown",
+                conditions.Reason.PENDING,
+                "waiting for the proxies to apply the routing table",
+                generation,
+            ),
+        )
+    for error in invalid:
+        found[error.key] = _invalid(error)
+    return Compiled(
+        table=table.make_table(compiled_routes),
+        conditions=dict(sorted(found.items())),
+        endpoint_counts=dict(sorted(counts.items())),
+    )
