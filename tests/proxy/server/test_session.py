@@ -6,166 +6,21 @@ that never touch a backend, and what the session log line says (and never says).
 """
 
 import asyncio
-import contextlib
 import logging
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-import yaml
-from prometheus_client import CollectorRegistry
 
-from mailgress import standalone
-from proxy import metrics as proxy_metrics
 from proxy.protocols import proxyheader
-from proxy.server import certificates
-from proxy.server.context import ProxyContext
-from proxy.server.listeners import Listeners
-from proxy.server.routes import TableHolder
-from proxy.settings import BackendTlsSettings, ListenerSettings, ProxySettings, Timeouts
 from proxy.table import Endpoint
-
-PASSWORD = "s3cret-Password-never-logged"
-WAIT = 10.0  # generous bound for any single step on a loaded machine
-
-
-@dataclass
-class FakeImapBackend:
-    """Greets, accepts one LOGIN (LITERAL+), then echoes whatever it gets after that."""
-
-    password: str = PASSWORD
-    received: list[bytes] = field(default_factory=list)
-    logins: int = 0
-    server: asyncio.Server | None = None
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] fake ready\r\n")
-        buffer = b""
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while b"LOGIN" not in buffer or not buffer.endswith(b"\r\n") or buffer.count(b"\r\n") < 3:
-                chunk = await reader.read(4096)
-                if not chunk:
-                    return
-                buffer += chunk
-            self.received.append(buffer)
-            tag = _login_tag(buffer)
-            if self.password.encode() in buffer:
-                self.logins += 1
-                writer.write(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
-                while chunk := await reader.read(4096):
-                    writer.write(b"echo:" + chunk)
-            else:
-                writer.write(tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
-        writer.close()
-
-
-def _login_tag(buffer: bytes) -> bytes:
-    for line in buffer.split(b"\r\n"):
-        parts = line.split(b" ")
-        if len(parts) > 1 and parts[1].upper() == b"LOGIN":
-            return parts[0]
-    raise AssertionError(f"no LOGIN in {buffer!r}")
-
-
-@contextlib.asynccontextmanager
-async def fake_backend(**options: str) -> AsyncIterator[FakeImapBackend]:
-    backend = FakeImapBackend(**options)
-    backend.server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
-    try:
-        yield backend
-    finally:
-        backend.server.close()
-
-
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # closed again: nothing listens there
-
-
-@dataclass
-class RunningProxy:
-    port: int
-    context: ProxyContext
-    registry: CollectorRegistry
-
-    def metric(self, name: str, **labels: str) -> float:
-        value = self.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
-
-
-ProxyFactory = Callable[..., Awaitable[RunningProxy]]
-
-
-@pytest.fixture
-async def start_proxy() -> AsyncIterator[ProxyFactory]:
-    started: list[Listeners] = []
-
-    async def start(spec: dict[str, object], endpoints: list[Endpoint], **timeouts: float) -> RunningProxy:
-        route = {
-            "apiVersion": "mailgress.io/v1alpha1",
-            "kind": "MailRoute",
-            "metadata": {"name": "alpha", "namespace": "mail"},
-            "spec": {
-                "domains": ["alpha.example"],
-                "imap": {"backend": {"service": "dovecot", "port": 143}},
-                **spec,
-            },
-        }
-        services = {("mail", "dovecot", "143"): tuple(endpoints)}
-        compiled, _ = standalone.compile_bodies([yaml.safe_load(yaml.safe_dump(route))], services)
-        settings = ProxySettings(
-            listeners=(ListenerSettings("imap", "imap", "127.0.0.1", 0),),
-            admin=None,
-            server_name="proxy.test",
-            timeouts=Timeouts(**timeouts),
-            max_errors=3,
-            route_files=(Path("unused"),),
-            services=services,
-        )
-        registry = CollectorRegistry()
-        metrics = proxy_metrics.create(registry)
-        context = ProxyContext(
-            settings=settings,
-            tables=TableHolder(metrics),
-            metrics=metrics,
-            backend_tls=certificates.backend_context(BackendTlsSettings()),
-        )
-        context.tables.swap(compiled.table)
-        listeners = Listeners(context)
-        listeners.bind_all()
-        listeners.start()
-        started.append(listeners)
-        port = listeners.addresses["imap"][1]
-        return RunningProxy(port, context, registry)
-
-    yield start
-    for listeners in started:
-        listeners.close()
-        await listeners.stop_sessions()
-
-
-async def imap_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    greeting = await asyncio.wait_for(reader.readline(), WAIT)
-    assert greeting.startswith(b"* OK")
-    return reader, writer
-
-
-async def login(
-    port: int, user: str, password: str = PASSWORD, pipelined: bytes = b""
-) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await imap_client(port)
-    writer.write(f'a1 LOGIN {user} "{password}"\r\n'.encode() + pipelined)
-    reply = await asyncio.wait_for(reader.readline(), WAIT)
-    return reply, reader, writer
+from tests.proxy.server.conftest import (
+    PASSWORD,
+    WAIT,
+    ProxyFactory,
+    dead_port,
+    fake_backend,
+    imap_client,
+    login,
+)
 
 
 async def test_login_reaches_backend_and_pipelined_bytes_follow(start_proxy: ProxyFactory) -> None:
