@@ -1,0 +1,807 @@
+"""Tests for proxy/protocols/smtp.py: transcripts, open relay, addresses, backend login, fuzzing.
+
+The transcripts in transcripts/smtp/ carry the front-end's dialogue in both modes (submission
+and inbound MX); this module runs them (whole and cut into random chunks), then checks that
+nothing gets past the relay checks, the envelope address grammar, limits in octets, driver
+misuse, the BackendLogin dialogue (EHLO, XCLIENT, AUTH PLAIN, MAIL/RCPT replay), redaction,
+and hypothesis fuzzing of both machines (with the protocol-neutral helpers of test_pop3).
+"""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.protocols import events, sasl, smtp
+from proxy.protocols.errors import LocalProtocolError
+from proxy.protocols.events import (
+    Authenticate,
+    BackendConfig,
+    BackendFailed,
+    ClientAddress,
+    Close,
+    Command,
+    ConnectionClosed,
+    DataReceived,
+    FrontendConfig,
+    LoginAccepted,
+    LoginFailed,
+    LoginRejected,
+    LoginRequest,
+    LoginSucceeded,
+    LoginUnavailable,
+    Relay,
+    Send,
+    StartTlsPolicy,
+    TimedOut,
+    TlsEstablished,
+)
+from tests.proxy.protocols import transcript
+from tests.proxy.protocols.test_pop3 import (
+    FUZZ,
+    PASSWORD,
+    check_fuzzed_dialogue,
+    drive,
+    fuzz_backend,
+    mutated,
+)
+
+TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts" / "smtp").glob("*.txt"))
+CREDENTIALS = sasl.Credentials("alice@example.com", PASSWORD, sasl.Mechanism.PLAIN)
+INBOUND = FrontendConfig(inbound=True)
+EHLO = b"EHLO client.example\r\n"
+ENVELOPE = (b"MAIL FROM:<alice@sender.example>", b"RCPT TO:<bob@example.com>")
+
+
+def started(config: FrontendConfig | None = None) -> smtp.Frontend:
+    frontend = smtp.Frontend(config or FrontendConfig())
+    frontend.start()
+    return frontend
+
+
+def sent(commands: list[Command]) -> bytes:
+    return b"".join(command.data for command in commands if isinstance(command, Send))
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcripts
+
+
+def test_there_are_transcripts_for_every_scenario_family() -> None:
+    assert len(TRANSCRIPTS) >= 30
+    assert sum(path.name.startswith("mx-") for path in TRANSCRIPTS) >= 10
+
+
+@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
+def test_transcript(path: Path) -> None:
+    loaded = transcript.load(path)
+    assert loaded.description, "every transcript opens with a comment saying what it proves"
+    transcript.run(loaded, smtp.Frontend)
+
+
+@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
+@FUZZ
+@given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
+def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
+    loaded = transcript.load(path)
+    whole = transcript.run(loaded, smtp.Frontend)
+    assert transcript.run(loaded, smtp.Frontend, chunks=chunks) == whole
+
+
+# ---------------------------------------------------------------------------------------------
+# Never an open relay
+
+
+MX_PREFIX = b"EHLO sender.example\r\nMAIL FROM:<spammer@sender.example>\r\n"
+RELAY_ATTEMPTS = [
+    pytest.param(
+        INBOUND, MX_PREFIX + b"RCPT TO:<victim%elsewhere.example@example.com>\r\n", id="percent-hack"
+    ),
+    pytest.param(INBOUND, MX_PREFIX + b"RCPT TO:<elsewhere.example!victim@example.com>\r\n", id="bang-path"),
+    pytest.param(
+        INBOUND, MX_PREFIX + b"RCPT TO:<@example.com:victim@elsewhere.example>\r\n", id="source-route"
+    ),
+    pytest.param(
+        INBOUND, MX_PREFIX + b"RCPT TO:<@a.example,@b.example:v@elsewhere.example>\r\n", id="source-route-2"
+    ),
+    pytest.param(
+        INBOUND, MX_PREFIX + b'RCPT TO:<"victim@elsewhere.example"@example.com>\r\n', id="quoted-at"
+    ),
+    pytest.param(
+        INBOUND, MX_PREFIX + b'RCPT TO:<"victim%elsewhere.example"@example.com>\r\n', id="quoted-percent"
+    ),
+    pytest.param(
+        INBOUND, MX_PREFIX + b'RCPT TO:<"elsewhere.example!victim"@example.com>\r\n', id="quoted-bang"
+    ),
+    pytest.param(INBOUND, MX_PREFIX + b"RCPT TO:<victim@[192.0.2.66]>\r\n", id="address-literal"),
+    pytest.param(INBOUND, MX_PREFIX + b"RCPT TO:<victim@elsewhere.example@example.com>\r\n", id="two-ats"),
+    pytest.param(INBOUND, MX_PREFIX + b"RCPT TO:victim@elsewhere.example\r\n", id="no-brackets"),
+    pytest.param(INBOUND, MX_PREFIX + b"RCPT TO:<victim@example.com\r\n>\r\n", id="split-line"),
+    pytest.param(
+        INBOUND, MX_PREFIX + b"RCPT TO:<victim@example.com>\rRCPT TO:<v@elsewhere.example>\r\n", id="bare-cr"
+    ),
+    pytest.param(INBOUND, b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\n", id="no-ehlo"),
+    pytest.param(INBOUND, b"EHLO x\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n", id="no-mail"),
+    pytest.param(INBOUND, b"EHLO x\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", id="auth-on-mx"),
+    pytest.param(
+        FrontendConfig(),
+        b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n",
+        id="submission",
+    ),
+    pytest.param(FrontendConfig(), b"MAIL FROM:<a@b.example>\r\n", id="submission-without-ehlo"),
+    pytest.param(
+        FrontendConfig(starttls=StartTlsPolicy.REQUIRED),
+        b"EHLO x\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+        id="submission-auth-before-required-tls",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "dialogue"), RELAY_ATTEMPTS)
+def test_nothing_gets_past_without_a_route(config: FrontendConfig, dialogue: bytes) -> None:
+    frontend = started(config)
+    commands = frontend.handle(DataReceived(dialogue))
+    assert not any(isinstance(command, Authenticate | Relay) for command in commands)
+    replies = sent(commands).split(b"\r\n")
+    assert any(reply[:1] == b"5" for reply in replies)
+    assert frontend.state is not smtp.State.RELAYING
+
+
+def test_an_unrouted_domain_is_refused_and_nothing_is_relayed() -> None:
+    frontend = started(INBOUND)
+    commands = frontend.handle(DataReceived(MX_PREFIX + b"RCPT TO:<victim@elsewhere.example>\r\nDATA\r\n"))
+    assert isinstance(commands[-1], Authenticate)
+    assert commands[-1].request.routing_key == "victim@elsewhere.example"
+    commands = frontend.handle(LoginRejected())
+    assert commands == [
+        Send(b"550 5.7.1 Relay access denied\r\n"),
+        Send(b"554 5.5.1 Error: no valid recipients\r\n"),
+    ]
+    assert frontend.state is smtp.State.MAIL
+
+
+# ---------------------------------------------------------------------------------------------
+# Envelope addresses
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        ("<bob@example.com>", "bob@example.com"),
+        ("<Bob.Smith+tag@Mail.Example.COM>", "Bob.Smith+tag@Mail.Example.COM"),
+        ("<o'brien@example.com>", "o'brien@example.com"),
+        ('<"john smith"@example.com>', '"john smith"@example.com'),
+        ("<bob@example.com> NOTIFY=NEVER ORCPT=rfc822;bob@example.com", "bob@example.com"),
+        ("<postmaster>", "postmaster"),
+        ("<POSTMASTER> NOTIFY=NEVER", "POSTMASTER"),
+        ("<a@b>", "a@b"),
+    ],
+)
+def test_forward_path_gives_the_routing_key(path: str, key: str) -> None:
+    assert smtp.parse_forward_path(path) == key
+
+
+@pytest.mark.parametrize(
+    ("path", "reply"),
+    [
+        ("bob@example.com", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob@example.com", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob>", smtp.REPLY_BAD_RECIPIENT),
+        ("<>", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob@>", smtp.REPLY_BAD_RECIPIENT),
+        ("<@example.com>", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob..smith@example.com>", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob@example..com>", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob@example.com.>", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob@exa_mple.com>", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob@example.com>x", smtp.REPLY_BAD_RECIPIENT),
+        ("<postmaster@>", smtp.REPLY_BAD_RECIPIENT),
+        ("<" + "b" * 65 + "@example.com>", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob@" + "d" * 252 + ".com>", smtp.REPLY_BAD_RECIPIENT),
+        ("<bob@example.com> =x", smtp.REPLY_BAD_PARAMETERS),
+        ("<bob@example.com> A=b=c", smtp.REPLY_BAD_PARAMETERS),
+        ("<@relay.example:bob@example.com>", smtp.REPLY_SOURCE_ROUTE),
+        ("<a%b@example.com>", smtp.REPLY_RELAY_DENIED),
+        ("<a!b@example.com>", smtp.REPLY_RELAY_DENIED),
+        ('<"a@b"@example.com>', smtp.REPLY_RELAY_DENIED),
+        ('<"a\\"b"@example.com>', smtp.REPLY_RELAY_DENIED),
+        ("<bob@[IPv6:::1]>", smtp.REPLY_ADDRESS_LITERAL),
+    ],
+)
+def test_forward_path_refusals(path: str, reply: bytes) -> None:
+    with pytest.raises(smtp.AddressError) as raised:
+        smtp.parse_forward_path(path)
+    assert raised.value.reply == reply
+    assert str(raised.value) == reply.decode().rstrip()
+
+
+def test_path_length_limits_follow_rfc_5321() -> None:
+    local = "l" * smtp.MAX_LOCAL_PART
+    domain = "d" * 62 + "." + "d" * 62 + "." + "e" * 63  # 189 octets: the path is 256
+    path = f"<{local}@{domain}>"
+    assert len(path) == smtp.MAX_PATH
+    assert smtp.parse_forward_path(path) == f"{local}@{domain}"
+    for too_long in (f"<{local}@e{domain}>", f"<l{local}@example.com>"):
+        with pytest.raises(smtp.AddressError):
+            smtp.parse_forward_path(too_long)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "<>",
+        "<> SIZE=100",
+        "<alice@sender.example>",
+        "<@relay.example:alice@sender.example>",
+        "<a%b@c.example>",
+    ],
+)
+def test_reverse_path_checks_syntax_only(path: str) -> None:
+    smtp.check_reverse_path(path)
+
+
+@pytest.mark.parametrize("path", ["<postmaster>", "<alice>", "alice@sender.example", "<<>>", "<> x=", ""])
+def test_reverse_path_refusals(path: str) -> None:
+    with pytest.raises(smtp.AddressError):
+        smtp.check_reverse_path(path)
+
+
+@FUZZ
+@given(text=st.text(alphabet=st.sampled_from('<>@.,:%!"\\ abc-=[]'), max_size=80))
+def test_address_parsing_never_raises_anything_else(text: str) -> None:
+    for parse in (smtp.parse_forward_path, smtp.check_reverse_path):
+        try:
+            parse(text)
+        except smtp.AddressError as error:
+            assert error.reply.startswith((b"501 ", b"550 "))
+
+
+# ---------------------------------------------------------------------------------------------
+# Front-end details a transcript cannot carry
+
+
+def test_command_line_of_exactly_512_octets_is_accepted() -> None:
+    line = b"NOOP " + b"x" * (smtp.MAX_COMMAND_LINE - len(b"NOOP "))
+    assert len(line + b"\r\n") == 512  # RFC 5321 section 4.5.3.1.4
+    frontend = started()
+    assert frontend.handle(DataReceived(line + b"\r\n")) == [Send(smtp.REPLY_OK)]
+    commands = frontend.handle(DataReceived(line + b"x\r\n"))
+    assert commands == [
+        Send(b"421 4.7.0 mailgress Error: line too long, closing connection\r\n"),
+        Close("line too long"),
+    ]
+
+
+def test_sasl_line_of_the_largest_plain_response_is_accepted() -> None:
+    credentials = sasl.Credentials("u" * 255, "p" * 255, sasl.Mechanism.PLAIN, authzid="z" * 255)
+    response = sasl.plain_response(credentials)
+    assert len(response) == smtp.MAX_SASL_LINE == 1024
+    frontend = started()
+    frontend.handle(DataReceived(EHLO))
+    assert frontend.handle(DataReceived(b"AUTH PLAIN\r\n")) == [Send(b"334 \r\n")]
+    (command,) = frontend.handle(DataReceived(response + b"\r\n"))
+    assert isinstance(command, Authenticate)
+    assert command.request.credentials == credentials
+
+
+def test_pipelined_bytes_during_login_are_bounded() -> None:
+    frontend = started(INBOUND)
+    commands = frontend.handle(DataReceived(b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<a@b.example>\r\n"))
+    assert isinstance(commands[-1], Authenticate)
+    assert frontend.handle(DataReceived(b"x" * smtp.MAX_HELD_BYTES)) == []
+    commands = frontend.handle(DataReceived(b"x"))
+    assert commands == [
+        Send(b"421 4.7.0 mailgress Error: too much data before the login completed\r\n"),
+        Close("client pipelined too much data during login"),
+    ]
+
+
+def test_states_follow_the_order_of_commands() -> None:
+    frontend = smtp.Frontend(FrontendConfig(starttls=StartTlsPolicy.ON))
+    assert frontend.state is smtp.State.CONNECTED
+    frontend.start()
+    frontend.handle(DataReceived(EHLO + b"AUTH LOGIN\r\n"))
+    assert frontend.state is smtp.State.AUTH_LOGIN_USERNAME
+    frontend.handle(DataReceived(b"YWxpY2U=\r\n"))
+    assert frontend.state is smtp.State.AUTH_LOGIN_PASSWORD
+    frontend.handle(DataReceived(b"*\r\nSTARTTLS\r\n"))
+    assert frontend.state is smtp.State.STARTING_TLS
+    frontend.handle(TlsEstablished())
+    assert frontend.state is smtp.State.CONNECTED
+    frontend.handle(DataReceived(EHLO + b"AUTH PLAIN\r\n"))
+    assert frontend.state is smtp.State.AUTH_PLAIN
+    frontend.handle(DataReceived(b"AGFsaWNlAHNlY3JldA==\r\n"))
+    assert frontend.state is smtp.State.AUTHENTICATING
+    frontend.handle(LoginAccepted(b"235 ok\r\n"))
+    assert frontend.state is smtp.State.RELAYING
+    inbound = started(INBOUND)
+    inbound.handle(DataReceived(EHLO))
+    assert inbound.state is smtp.State.READY
+    inbound.handle(DataReceived(b"MAIL FROM:<>\r\n"))
+    assert inbound.state is smtp.State.MAIL
+
+
+def test_login_requests_carry_helo_envelope_and_redacted_credentials() -> None:
+    frontend = started()
+    auth = b"AUTH PLAIN " + sasl.plain_response(CREDENTIALS) + b"\r\n"
+    (command,) = frontend.handle(DataReceived(EHLO + auth))[-1:]
+    assert command == Authenticate(
+        LoginRequest(
+            protocol="submission",
+            routing_key="alice@example.com",
+            credentials=CREDENTIALS,
+            helo=b"EHLO client.example",
+        )
+    )
+    assert PASSWORD not in repr(command)
+    inbound = started(INBOUND)
+    (command,) = inbound.handle(DataReceived(EHLO + b"\r\n".join(ENVELOPE) + b"\r\n"))[-1:]
+    assert command == Authenticate(
+        LoginRequest(
+            protocol="smtp", routing_key="bob@example.com", helo=b"EHLO client.example", envelope=ENVELOPE
+        )
+    )
+
+
+def test_handle_before_start_is_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        smtp.Frontend(FrontendConfig()).handle(DataReceived(EHLO))
+
+
+def test_start_twice_is_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        started().start()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [TlsEstablished(), LoginAccepted(b"235 ok\r\n"), LoginRejected(), LoginUnavailable()],
+    ids=lambda event: type(event).__name__,
+)
+def test_verdicts_and_tls_news_out_of_turn_are_misuse(event: events.Event) -> None:
+    with pytest.raises(LocalProtocolError):
+        started().handle(event)
+
+
+def test_events_after_relay_are_misuse() -> None:
+    frontend = started(INBOUND)
+    frontend.handle(DataReceived(EHLO + b"\r\n".join(ENVELOPE) + b"\r\n"))
+    frontend.handle(LoginAccepted(b"250 ok\r\n"))
+    with pytest.raises(LocalProtocolError):
+        frontend.handle(DataReceived(b"DATA\r\n"))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        DataReceived(b"NOOP\r\n"),
+        ConnectionClosed(),
+        TimedOut(),
+        LoginAccepted(b"235 ok\r\n"),
+        LoginRejected(),
+    ],
+    ids=lambda event: type(event).__name__,
+)
+def test_after_close_events_in_flight_are_ignored(event: events.Event) -> None:
+    frontend = started()
+    frontend.handle(DataReceived(EHLO + b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"))
+    assert frontend.handle(TimedOut())[-1] == Close("timed out")
+    assert frontend.handle(event) == []
+
+
+def test_credentials_with_control_characters_are_refused() -> None:
+    frontend = started()
+    response = sasl.encode_base64(b"\x00ali\rce\x00secret")
+    commands = frontend.handle(DataReceived(EHLO + b"AUTH PLAIN " + response + b"\r\n"))
+    assert commands[-1] == Send(smtp.REPLY_AUTH_FAILED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend login
+
+
+def submission_login(
+    config: BackendConfig | None = None,
+    credentials: sasl.Credentials = CREDENTIALS,
+    helo: bytes = b"EHLO client.example",
+) -> smtp.BackendLogin:
+    request = LoginRequest(
+        protocol="submission", routing_key=credentials.username, credentials=credentials, helo=helo
+    )
+    return smtp.BackendLogin(request, config or BackendConfig())
+
+
+def inbound_login(config: BackendConfig | None = None) -> smtp.BackendLogin:
+    request = LoginRequest(
+        protocol="smtp", routing_key="bob@example.com", helo=b"EHLO client.example", envelope=ENVELOPE
+    )
+    return smtp.BackendLogin(request, config or BackendConfig())
+
+
+def feed(machine: smtp.BackendLogin, *lines: bytes) -> list[Command]:
+    return machine.handle(DataReceived(b"".join(line + b"\r\n" for line in lines)))
+
+
+POSTFIX_EHLO = [b"250-postfix.example", b"250-PIPELINING", b"250-AUTH PLAIN LOGIN", b"250 8BITMIME"]
+POSTFIX_XCLIENT_EHLO = [
+    b"250-postfix.example",
+    b"250-XCLIENT NAME ADDR PROTO HELO PORT LOGIN",
+    b"250 AUTH PLAIN",
+]
+AUTH_LINE = b"AUTH PLAIN " + sasl.plain_response(CREDENTIALS) + b"\r\n"
+XCLIENT = BackendConfig(client=ClientAddress("192.0.2.7", 40123), client_info="xclient")
+
+
+def test_submission_login_with_auth_plain() -> None:
+    login = submission_login()
+    assert feed(login, b"220 postfix.example ESMTP") == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, *POSTFIX_EHLO) == [Send(AUTH_LINE)]
+    assert feed(login, b"235 2.7.0 Authentication successful") == [
+        LoginSucceeded(reply=b"235 2.7.0 Authentication successful\r\n")
+    ]
+    assert login.state is smtp.BackendState.DONE
+
+
+def test_multi_line_replies_may_arrive_in_any_pieces() -> None:
+    login = submission_login(BackendConfig(server_name="proxy.example"))
+    assert login.handle(DataReceived(b"220-postfix.example ESMTP\r\n220-")) == []
+    assert login.handle(DataReceived(b"second line\r\n220 last\r\n250-postfix")) == [
+        Send(b"EHLO proxy.example\r\n")
+    ]
+    assert login.handle(DataReceived(b".example\r\n250-AUTH PLAIN\r")) == []
+    assert login.handle(DataReceived(b"\n250 8BITMIME\r\n")) == [Send(AUTH_LINE)]
+
+
+@pytest.mark.parametrize(
+    ("client", "fields"),
+    [
+        (ClientAddress("192.0.2.7", 40123), b"ADDR=192.0.2.7 PORT=40123 NAME=[UNAVAILABLE]"),
+        (ClientAddress("2001:db8::7", 1), b"ADDR=IPV6:2001:db8::7 PORT=1 NAME=[UNAVAILABLE]"),
+        (ClientAddress("::ffff:192.0.2.7", 2), b"ADDR=192.0.2.7 PORT=2 NAME=[UNAVAILABLE]"),
+    ],
+)
+def test_xclient_tells_postfix_the_real_client(client: ClientAddress, fields: bytes) -> None:
+    login = submission_login(BackendConfig(client=client, client_info="xclient"))
+    feed(login, b"220 postfix.example ESMTP")
+    assert feed(login, *POSTFIX_XCLIENT_EHLO) == [Send(b"XCLIENT " + fields + b"\r\n")]
+    # Postfix greets afresh; the client's own EHLO name is replayed, then the login.
+    assert feed(login, b"220 postfix.example ESMTP") == [Send(b"EHLO client.example\r\n")]
+    assert feed(login, b"250-postfix.example", b"250 AUTH PLAIN") == [Send(AUTH_LINE)]
+
+
+def test_xclient_sends_only_the_attributes_the_backend_lists() -> None:
+    login = inbound_login(XCLIENT)
+    feed(login, b"220 mx")
+    assert feed(login, b"250-mx", b"250 XCLIENT ADDR HELO") == [Send(b"XCLIENT ADDR=192.0.2.7\r\n")]
+    assert feed(login, b"250 2.0.0 Ok") == [Send(b"EHLO client.example\r\n")]
+    assert feed(login, b"250 mx") == [Send(ENVELOPE[0] + b"\r\n")]
+
+
+def test_xclient_after_a_helo_client_replays_its_name_with_ehlo() -> None:
+    login = submission_login(XCLIENT, helo=b"HELO old.example")
+    feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
+    assert feed(login, b"220 mx") == [Send(b"EHLO old.example\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("config", "ehlo"),
+    [
+        (XCLIENT, POSTFIX_EHLO),  # not offered (Postfix lists it only for authorized hosts)
+        (BackendConfig(client=ClientAddress("192.0.2.7", 1)), POSTFIX_XCLIENT_EHLO),  # not asked for
+        (BackendConfig(client_info="xclient"), POSTFIX_XCLIENT_EHLO),  # no client address known
+        (
+            BackendConfig(client=ClientAddress("/run/proxy.sock", 0), client_info="xclient"),
+            POSTFIX_XCLIENT_EHLO,
+        ),
+        (XCLIENT, [b"250-mx", b"250-XCLIENT NAME PORT", b"250 AUTH PLAIN"]),  # ADDR not supported
+    ],
+)
+def test_no_xclient_unless_asked_offered_and_possible(config: BackendConfig, ehlo: list[bytes]) -> None:
+    login = submission_login(config)
+    feed(login, b"220 mx")
+    assert feed(login, *ehlo) == [Send(AUTH_LINE)]
+
+
+def test_xtext_encoding_follows_rfc_3461() -> None:
+    assert smtp.xtext("192.0.2.7") == "192.0.2.7"
+    assert smtp.xtext("a+b=c d") == "a+2Bb+3Dc+20d"
+    assert smtp.xtext("\x7f\x00é") == "+7F+00+C3+A9"
+
+
+def test_backend_refusing_xclient_fails_the_login() -> None:
+    login = submission_login(XCLIENT)
+    feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
+    assert feed(login, b"550 5.7.0 Error: insufficient authorization") == [
+        BackendFailed("backend answered 550 in state XCLIENT")
+    ]
+
+
+def test_long_credentials_go_after_a_334_challenge() -> None:
+    """RFC 4954 section 4: no initial response that would make the AUTH line overflow 512 octets."""
+    credentials = sasl.Credentials("u" * 200, "p" * 200)
+    login = submission_login(credentials=credentials)
+    feed(login, b"220 mx")
+    assert feed(login, *POSTFIX_EHLO) == [Send(b"AUTH PLAIN\r\n")]
+    assert feed(login, b"334 ") == [Send(sasl.plain_response(credentials) + b"\r\n")]
+    assert feed(login, b"235 2.7.0 ok") == [LoginSucceeded(reply=b"235 2.7.0 ok\r\n")]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        [b"535 5.7.8 Error: authentication failed: authentication failure"],
+        [b"535-5.7.8 Error: authentication failed", b"535 5.7.8 try again"],
+        [b"534 5.7.9 Authentication mechanism is too weak"],
+    ],
+)
+def test_backend_auth_refusal_goes_to_the_client(refusal: list[bytes]) -> None:
+    login = submission_login()
+    feed(login, b"220 mx", *POSTFIX_EHLO)
+    assert feed(login, *refusal) == [LoginFailed(reply=b"".join(line + b"\r\n" for line in refusal))]
+
+
+def test_inbound_replays_the_envelope_and_passes_on_any_rcpt_reply() -> None:
+    login = inbound_login()
+    assert feed(login, b"220 mx") == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, b"250-mx", b"250 PIPELINING") == [Send(ENVELOPE[0] + b"\r\n")]
+    assert feed(login, b"250 2.1.0 Ok") == [Send(ENVELOPE[1] + b"\r\n")]
+    # As nginx: even a refusal of the recipient is the client's reply; the session is proxied.
+    commands = login.handle(DataReceived(b"550 5.1.1 <bob@example.com>: Recipient address rejected\r\n"))
+    assert commands == [LoginSucceeded(reply=b"550 5.1.1 <bob@example.com>: Recipient address rejected\r\n")]
+
+
+def test_inbound_success_keeps_what_follows_the_rcpt_reply() -> None:
+    login = inbound_login()
+    commands = feed(login, b"220 mx", b"250 mx", b"250 2.1.0 Ok")
+    assert sent(commands) == b"EHLO mailgress\r\n" + b"\r\n".join(ENVELOPE) + b"\r\n"
+    assert login.handle(DataReceived(b"250 2.1.5 Ok\r\n354 early")) == [
+        LoginSucceeded(reply=b"250 2.1.5 Ok\r\n", buffered=b"354 early")
+    ]
+
+
+def test_inbound_sender_refused_for_good_is_the_clients_rcpt_reply() -> None:
+    login = inbound_login()
+    feed(login, b"220 mx", b"250 mx")
+    refusal = b"553 5.1.8 <alice@sender.example>: Sender address rejected: Domain not found\r\n"
+    assert login.handle(DataReceived(refusal)) == [LoginFailed(reply=refusal)]
+
+
+def test_inbound_sender_refused_for_now_is_a_backend_failure() -> None:
+    login = inbound_login()
+    feed(login, b"220 mx", b"250 mx")
+    assert feed(login, b"451 4.3.0 Temporary lookup failure") == [
+        BackendFailed("backend answered 451 in state MAIL")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason"),
+    [
+        ([b"554 5.3.2 No service"], "backend answered 554 in state GREETING"),
+        ([b"220 mx", b"502 5.5.2 EHLO not recognized"], "backend answered 502 in state EHLO"),
+        ([b"220 mx", b"250 mx"], "backend does not offer AUTH PLAIN"),
+        ([b"220 mx", b"250-mx", b"250 AUTH LOGIN"], "backend does not offer AUTH PLAIN"),
+        (
+            [b"220 mx", *POSTFIX_EHLO, b"454 4.7.0 Temporary authentication failure"],
+            "backend answered 454 to AUTH",
+        ),
+        ([b"220 mx", *POSTFIX_EHLO, b"334 "], "backend answered 334 to AUTH"),
+        ([b"* OK IMAP4rev1"], "backend sent a malformed reply in state GREETING"),
+        ([b"220-mx", b"250 mixed codes"], "backend sent a malformed reply in state GREETING"),
+        ([b"22 short"], "backend sent a malformed reply in state GREETING"),
+        ([b"220_mx"], "backend sent a malformed reply in state GREETING"),
+        ([b"120 delayed"], "backend sent a malformed reply in state GREETING"),
+        ([b"220 mx", b"650 nonsense"], "backend sent a malformed reply in state EHLO"),
+    ],
+)
+def test_backend_failures(lines: list[bytes], reason: str) -> None:
+    assert feed(submission_login(), *lines)[-1] == BackendFailed(reason)
+
+
+def test_backend_close_and_timeout_fail_the_login_once() -> None:
+    login = inbound_login()
+    assert login.handle(TimedOut()) == [BackendFailed("backend login timed out")]
+    assert login.handle(ConnectionClosed()) == []  # raced with the verdict
+    assert inbound_login().handle(ConnectionClosed()) == [BackendFailed("backend closed the connection")]
+
+
+def test_backend_reply_limits() -> None:
+    line = b"220 " + b"x" * (smtp.MAX_REPLY_LINE - 4)
+    assert len(line + b"\r\n") == 512  # RFC 5321 section 4.5.3.1.5
+    assert feed(submission_login(), line) == [Send(b"EHLO mailgress\r\n")]
+    assert feed(submission_login(), line + b"x") == [
+        BackendFailed("backend reply line too long in state GREETING")
+    ]
+    endless = [b"220-more"] * smtp.MAX_REPLY_LINES
+    assert feed(submission_login(), *endless) == []  # 100 lines, still open
+    assert feed(submission_login(), *endless, b"220-more") == [
+        BackendFailed("backend reply too long in state GREETING")
+    ]
+    assert feed(submission_login(), *endless[1:], b"220 end") == [Send(b"EHLO mailgress\r\n")]
+
+
+def test_backend_login_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        smtp.BackendLogin(LoginRequest(protocol="submission", routing_key="alice"), BackendConfig())
+    with pytest.raises(LocalProtocolError):
+        smtp.BackendLogin(
+            LoginRequest(protocol="smtp", routing_key="a@b", envelope=ENVELOPE[:1]), BackendConfig()
+        )
+    with pytest.raises(LocalProtocolError):
+        smtp.BackendLogin(
+            LoginRequest(protocol="pop3", routing_key="a", credentials=CREDENTIALS), BackendConfig()
+        )
+    with pytest.raises(LocalProtocolError):
+        bad_envelope = (ENVELOPE[0], b"RCPT TO:<a@b.example>\r\nRCPT TO:<evil@c.example>")
+        smtp.BackendLogin(
+            LoginRequest(protocol="smtp", routing_key="a@b", envelope=bad_envelope), BackendConfig()
+        )
+    login = submission_login()
+    for event in (TlsEstablished(), LoginAccepted(b"235\r\n"), LoginRejected(), LoginUnavailable()):
+        with pytest.raises(LocalProtocolError):
+            login.handle(event)
+    feed(login, b"554 no")
+    with pytest.raises(LocalProtocolError):
+        login.handle(DataReceived(b"220 late\r\n"))
+
+
+@pytest.mark.parametrize("inbound", [False, True], ids=["submission", "inbound"])
+def test_frontend_and_backend_compose(inbound: bool) -> None:
+    """The front-end's request drives the backend login, whose verdict the front-end relays."""
+    frontend = started(FrontendConfig(inbound=inbound))
+    login_line = b"\r\n".join(ENVELOPE) if inbound else b"AUTH PLAIN " + sasl.plain_response(CREDENTIALS)
+    *_, authenticate = frontend.handle(DataReceived(EHLO + login_line + b"\r\nDATA\r\n"))
+    assert isinstance(authenticate, Authenticate)
+    login = smtp.BackendLogin(authenticate.request, XCLIENT)
+    wire = feed(login, b"220 mx") + feed(login, *POSTFIX_XCLIENT_EHLO) + feed(login, b"220 mx")
+    wire += feed(login, *POSTFIX_EHLO)
+    wire += feed(login, b"250 2.1.0 Ok", b"250 2.1.5 Ok") if inbound else feed(login, b"235 2.7.0 Ok")
+    expected = [
+        b"EHLO mailgress",
+        b"XCLIENT ADDR=192.0.2.7 PORT=40123 NAME=[UNAVAILABLE]",
+        b"EHLO client.example",
+    ]
+    expected += list(ENVELOPE) if inbound else [AUTH_LINE.rstrip()]
+    assert sent(wire) == b"".join(line + b"\r\n" for line in expected)
+    verdict = wire[-1]
+    assert isinstance(verdict, LoginSucceeded)
+    assert frontend.handle(LoginAccepted(verdict.reply)) == [Send(verdict.reply), Relay(b"DATA\r\n")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Redaction
+
+
+PLAIN_RESPONSE = sasl.plain_response(CREDENTIALS)
+REDACTION_DIALOGUES = [
+    EHLO + b"AUTH PLAIN " + PLAIN_RESPONSE + b"\r\n",
+    EHLO + b"AUTH PLAIN\r\n" + PLAIN_RESPONSE + b"\r\n",
+    EHLO + b"AUTH LOGIN YWxpY2U=\r\n" + sasl.encode_base64(PASSWORD.encode()) + b"\r\n",
+]
+
+
+@pytest.mark.parametrize("dialogue", REDACTION_DIALOGUES)
+@pytest.mark.parametrize(
+    "verdict",
+    [LoginAccepted(b"235 ok\r\n"), LoginRejected(), LoginUnavailable(), TimedOut(), ConnectionClosed()],
+    ids=lambda event: type(event).__name__,
+)
+def test_frontend_never_shows_the_password(dialogue: bytes, verdict: events.Event) -> None:
+    frontend = started()
+    commands = frontend.handle(DataReceived(dialogue))
+    commands += frontend.handle(verdict)
+    assert any(isinstance(command, Authenticate) for command in commands)
+    for command in commands:
+        assert PASSWORD not in repr(command)
+        assert PLAIN_RESPONSE.decode() not in repr(command)
+    assert PASSWORD not in repr(frontend)
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        [b"235 ok"],
+        [b"535 5.7.8 no"],
+        [b"454 4.7.0 later"],
+        [b"500 unknown command AUTH PLAIN " + PLAIN_RESPONSE],
+        [b"x"],
+    ],
+)
+def test_backend_never_shows_the_password_outside_its_auth_line(replies: list[bytes]) -> None:
+    login = submission_login()
+    feed(login, b"220 mx")
+    assert feed(login, *POSTFIX_EHLO) == [Send(AUTH_LINE)]
+    for command in feed(login, *replies):
+        if isinstance(command, BackendFailed):
+            assert PASSWORD not in command.reason
+            assert PLAIN_RESPONSE.decode() not in command.reason
+    with pytest.raises(LocalProtocolError) as raised:
+        login.handle(DataReceived(b"more\r\n"))
+    assert PLAIN_RESPONSE.decode() not in str(raised.value)
+    assert PASSWORD not in repr(login)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: mutated client input and random backend replies never make handle() raise
+
+
+VALID_CLIENT_DATA = [transcript.load(path).client_data for path in TRANSCRIPTS] + REDACTION_DIALOGUES
+CONFIGS = [
+    FrontendConfig(),
+    FrontendConfig(starttls=StartTlsPolicy.ON),
+    FrontendConfig(starttls=StartTlsPolicy.REQUIRED, max_errors=3),
+    FrontendConfig(inbound=True),
+    FrontendConfig(inbound=True, starttls=StartTlsPolicy.REQUIRED, max_errors=20),
+]
+
+
+@settings(FUZZ, max_examples=400)
+@given(
+    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(mutated),
+    sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
+    config=st.sampled_from(CONFIGS),
+    verdicts=st.lists(
+        st.sampled_from([LoginAccepted(b"250 ok\r\n"), LoginRejected(), LoginUnavailable()]),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_frontend_survives_mutated_input(
+    data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
+) -> None:
+    commands = drive(smtp.Frontend(config), data, sizes, verdicts)
+    check_fuzzed_dialogue(commands)
+    for command in commands:
+        if isinstance(command, Authenticate) and command.request.protocol == "smtp":
+            # Whatever got routed is a plain local@domain (or the domain-less postmaster).
+            local, _, domain = command.request.routing_key.rpartition("@")
+            assert not set("%!\\[]").intersection(command.request.routing_key)
+            assert (local and domain) or command.request.routing_key.lower() == "postmaster"
+
+
+BACKEND_LINES = [
+    b"220 mx ESMTP",
+    b"220-mx",
+    b"250-mx",
+    b"250-XCLIENT NAME ADDR PORT",
+    b"250-AUTH PLAIN LOGIN",
+    b"250 AUTH PLAIN",
+    b"250 2.1.0 Ok",
+    b"235 2.7.0 Authentication successful",
+    b"334 ",
+    b"535 5.7.8 Error: authentication failed",
+    b"454 4.7.0 Temporary authentication failure",
+    b"550 5.1.1 Recipient address rejected",
+    b"421 4.3.2 Service shutting down",
+    b"+OK",
+    b"",
+]
+
+
+def verdict_given(login: smtp.BackendLogin) -> bool:
+    return login.state is smtp.BackendState.DONE
+
+
+@settings(FUZZ, max_examples=400)
+@given(
+    lines=st.lists(st.sampled_from(BACKEND_LINES) | st.binary(max_size=40), max_size=10),
+    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
+    inbound=st.booleans(),
+    use_xclient=st.booleans(),
+    closes=st.booleans(),
+)
+def test_backend_login_survives_random_replies(
+    lines: list[bytes], sizes: list[int], inbound: bool, use_xclient: bool, closes: bool
+) -> None:
+    config = XCLIENT if use_xclient else BackendConfig()
+    login = inbound_login(config) if inbound else submission_login(config)
+    data = b"".join(line + b"\r\n" for line in lines)
+    commands = fuzz_backend(login.handle, lambda: verdict_given(login), data, sizes, closes)
+    if closes:
+        assert verdict_given(login)
+    for command in commands:
+        if isinstance(command, Send) and PLAIN_RESPONSE in command.data:
+            assert command.data in (AUTH_LINE, PLAIN_RESPONSE + b"\r\n")
+        if isinstance(command, Send):
+            assert command.data.count(b"\r\n") == 1 and command.data.endswith(b"\r\n")
