@@ -20,6 +20,7 @@ from proxy.protocols.events import (
     Authenticate,
     BackendConfig,
     BackendFailed,
+    BackendMachine,
     ClientAddress,
     Close,
     Command,
@@ -575,3 +576,37 @@ def test_backend_login_survives_random_replies(
     for command in commands:
         if isinstance(command, Send) and PASSWORD.encode() in command.data:
             assert command.data == b"PASS " + PASSWORD.encode() + b"\r\n"
+
+
+def split_backend_dialogue(
+    make: Callable[[], BackendMachine],
+    done: Callable[[BackendMachine], bool],
+    dialogue: bytes,
+    sizes: list[int],
+) -> None:
+    """Feeding a backend dialogue in pieces gives what feeding it whole gives; bytes a driver
+    reads after the verdict it relays itself, so they join the verdict's ``buffered``."""
+    whole = make().handle(DataReceived(dialogue))
+    login = make()
+    split: list[Command] = []
+    rest = b""
+    for piece in pieces(dialogue, sizes):
+        if done(login):
+            rest += piece
+        else:
+            split += login.handle(DataReceived(piece))
+    assert isinstance(split[-1], LoginSucceeded)
+    split[-1] = LoginSucceeded(split[-1].reply, split[-1].buffered + rest)
+    assert split == whole
+
+
+@FUZZ
+@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5))
+def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
+    dialogue = b"+OK [XCLIENT] Dovecot ready.\r\n+OK Updated\r\n+OK\r\n+OK Logged in.\r\n+OK 2 messages\r\n"
+    split_backend_dialogue(
+        lambda: backend_login(XCLIENT),
+        lambda login: isinstance(login, pop3.BackendLogin) and verdict_given(login),
+        dialogue,
+        sizes,
+    )

@@ -19,6 +19,7 @@ from proxy.protocols.events import (
     Authenticate,
     BackendConfig,
     BackendFailed,
+    BackendMachine,
     ClientAddress,
     Close,
     Command,
@@ -45,6 +46,7 @@ from tests.proxy.protocols.test_pop3 import (
     drive,
     fuzz_backend,
     mutated,
+    split_backend_dialogue,
 )
 
 TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts" / "smtp").glob("*.txt"))
@@ -805,3 +807,22 @@ def test_backend_login_survives_random_replies(
             assert command.data in (AUTH_LINE, PLAIN_RESPONSE + b"\r\n")
         if isinstance(command, Send):
             assert command.data.count(b"\r\n") == 1 and command.data.endswith(b"\r\n")
+
+
+@FUZZ
+@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5), inbound=st.booleans())
+def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int], inbound: bool) -> None:
+    """Multi-line replies cut anywhere read the same."""
+    final = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" if inbound else b"235 2.7.0 Ok\r\n"
+    dialogue = (
+        b"220-mx ESMTP\r\n220 more\r\n250-mx\r\n250-XCLIENT NAME ADDR PORT\r\n250 AUTH PLAIN\r\n"
+        b"220 mx again\r\n250-mx\r\n250 AUTH PLAIN LOGIN\r\n" + final + b"354 early\r\n"
+    )
+
+    def make() -> smtp.BackendLogin:
+        return inbound_login(XCLIENT) if inbound else submission_login(XCLIENT)
+
+    def done(login: BackendMachine) -> bool:
+        return isinstance(login, smtp.BackendLogin) and verdict_given(login)
+
+    split_backend_dialogue(make, done, dialogue, sizes)
