@@ -2,13 +2,14 @@
 
 Starts the standard backends under run/demo/, puts a welcome message into every user's empty INBOX,
 writes run/demo/proxy/mailgress.yaml (routes: examples/mailroutes.yaml; listeners on the README's
-ports), starts ``mailgress proxy`` and prints the users and ``curl``/``swaks`` lines to try. Ctrl-C
-(or the proxy exiting) stops everything it started. Demo passwords are printed on purpose; they
-exist only on this loopback testbed.
+ports, or free ones with --free-ports), starts ``mailgress proxy`` and prints the users and
+``curl``/``swaks`` lines to try. Ctrl-C, SIGTERM, SIGHUP or the proxy exiting stop everything it
+started. Demo passwords are printed on purpose; they exist only on this loopback testbed.
 """
 
 import argparse
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ DEMO_DIRECTORY = REPOSITORY / "run" / "demo"
 EXAMPLE_ROUTES = REPOSITORY / "examples" / "mailroutes.yaml"
 # The ports of the README's settings example, so its commands work as written.
 DEMO_PORTS = proxysettings.ProxyPorts(imap=1143, pop3=1110, submission=1587, smtp=1025, admin=9901)
+# The last line the demo prints once everything runs (tests wait for it).
+READY_LINE = "Ctrl-C stops everything."
 # How often the demo checks that the proxy is still alive while waiting for Ctrl-C.
 WATCH_INTERVAL = 0.5
 
@@ -62,10 +65,10 @@ def run(directory: Path, ports: proxysettings.ProxyPorts) -> int:
             print(f"mailgress proxy: settings {settings.path}, log {proxy.log_path}")
             print(
                 f"  IMAP {ports.imap}, POP3 {ports.pop3}, submission {ports.submission}, "
-                f"MX {ports.smtp}, admin http://127.0.0.1:{ports.admin}/"
+                f"MX {ports.smtp}, admin http://{mailservers.LOOPBACK}:{ports.admin}/"
             )
             print(try_lines(bed, ports))
-            print("Ctrl-C stops everything.", flush=True)
+            print(READY_LINE, flush=True)
             try:
                 while proxy.returncode is None:
                     time.sleep(WATCH_INTERVAL)
@@ -81,9 +84,15 @@ def run(directory: Path, ports: proxysettings.ProxyPorts) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--directory", type=Path, default=DEMO_DIRECTORY, help="where everything lives")
+    parser.add_argument("--free-ports", action="store_true", help="not the README's ports, free ones")
     arguments = parser.parse_args(argv)
+    # Whatever ends the demo, the servers it started must be stopped: turn the usual termination
+    # signals into the KeyboardInterrupt that unwinds the context managers.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
+    ports = proxysettings.ProxyPorts.free() if arguments.free_ports else DEMO_PORTS
     try:
-        return run(arguments.directory.resolve(), DEMO_PORTS)
+        return run(arguments.directory.resolve(), ports)
     except mailservers.MailServerError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1
