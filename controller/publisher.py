@@ -1,0 +1,260 @@
+"""The controller's end of the push channel: every proxy's table stream, and what each acked.
+
+The reconciler calls ``publish(table)`` with each compiled table; each proxy pod keeps one
+long-lived stream open here and receives the new version at once, then acknowledges what it did
+with it. ``acks()`` is what the reconciler turns into the Programmed condition, and ``on_change``
+tells it when to look again. Never imports kopf; never logs, echoes or stores the token itself.
+
+Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``):
+- ``GET /v1/tables/stream?proxy=NAME`` -> 200, chunked NDJSON: one canonical table
+  (``table.to_json``) per line, the current one first, then every newly published version.
+  An empty line every ``heartbeat`` seconds lets the proxy tell a quiet controller from a dead
+  one. 503 before the first ``publish`` (the proxy then serves its snapshot and retries).
+- ``POST /v1/acks`` with ``{"proxy", "version", "accepted", "error"}`` -> 204.
+- A missing or wrong token gets 401 with an empty body on both, before anything else is looked
+  at; a malformed request gets 400 with an empty body.
+Delivery: a stream always ends up with the newest table, in publish order. A version that a
+newer one superseded before it could be written to a slow stream is skipped, never reordered
+(level-based, as xDS snapshots). Republishing the version already out is a no-op.
+Acks: a proxy's entry lives as long as its stream. A new stream under the same name replaces the
+old one and forgets its ack; a stream that ends drops the entry; an ack from a proxy without an
+open stream is dropped (it acks again on its next stream, whose first line is the current table).
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from proxy import table
+
+log = logging.getLogger(__name__)
+
+STREAM_PATH = "/v1/tables/stream"
+ACK_PATH = "/v1/acks"
+NDJSON = "application/x-ndjson"
+# The proxy reconnects after three missed heartbeats (proxy/server/subscriber.py).
+HEARTBEAT_INTERVAL = 15.0
+# Proxy names are pod names: Kubernetes object names are RFC 1123 DNS subdomains, at most 253
+# characters.
+MAX_PROXY_NAME = 253
+PROXY_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# An ack is a few short strings; anything bigger is not one of ours.
+MAX_ACK_BODY = 64 * 1024
+# What is kept of an ack's version and error: "sha256:" and 64 hex digits fit with room, and an
+# error message stays readable in a MailRoute condition.
+MAX_VERSION_LENGTH = 128
+MAX_ERROR_LENGTH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """What a proxy did with a table: applied it (accepted) or kept its last good one (error)."""
+
+    version: str
+    accepted: bool
+    error: str
+
+
+class _Stream:
+    """One open table stream: its proxy, and the signal that something is waiting to be sent."""
+
+    __slots__ = ("closed", "proxy", "wake")
+
+    def __init__(self, proxy: str) -> None:
+        self.proxy = proxy
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+
+class Publisher:
+    """Serves the table streams and collects acks; one per controller process."""
+
+    def __init__(self, token: str, *, heartbeat: float = HEARTBEAT_INTERVAL) -> None:
+        if not token:
+            raise ValueError("the push channel token must not be empty")
+        # Only a digest is kept: comparing two equal-length digests in constant time reveals
+        # neither the token nor its length.
+        self._token_digest = hashlib.sha256(token.encode()).digest()
+        self._heartbeat = heartbeat
+        self._version: str | None = None
+        self._line = b""
+        self._streams: dict[str, _Stream] = {}
+        self._acks: dict[str, Ack] = {}
+        self._callbacks: list[Callable[[], None]] = []
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful when ``start`` was given port 0)."""
+        return self._port
+
+    async def start(self, address: str, port: int) -> None:
+        """Listen on ``address:port`` until ``stop``."""
+        if self._runner is not None:
+            raise RuntimeError("the publisher is already started")
+        app = web.Application(client_max_size=MAX_ACK_BODY)
+        app.router.add_get(STREAM_PATH, self._serve_stream, allow_head=False)
+        app.router.add_post(ACK_PATH, self._receive_ack)
+        # Handler cancellation: a proxy that hangs up ends its stream handler at once, so its
+        # ack is dropped and on_change fires without waiting for the next write to fail.
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, address, port)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._port = int(runner.addresses[0][1])
+        self._runner = runner
+        log.info("push channel listening on %s:%d", address, self._port)
+
+    async def stop(self) -> None:
+        """End every stream (proxies keep their table and reconnect) and stop listening."""
+        for stream in list(self._streams.values()):
+            stream.close()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    def publish(self, new: table.RoutingTable) -> None:
+        """Push ``new`` to every connected proxy now, and to every proxy that connects later.
+
+        Args:
+            new: the compiled table; its canonical JSON goes out unchanged.
+        Returns:
+            None. Publishing the version already out does nothing.
+        """
+        if new.version == self._version:
+            return
+        self._line = table.to_json(new) + b"\n"
+        self._version = new.version
+        log.info("publishing routing table %s to %d proxies", new.version, len(self._streams))
+        for stream in self._streams.values():
+            stream.wake.set()
+
+    def acks(self) -> Mapping[str, Ack]:
+        """Proxy name -> its latest ack, for every proxy with an open stream that has acked."""
+        return dict(self._acks)
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a proxy connects, acks something new, or goes away."""
+        self._callbacks.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                # A broken listener must not tear down a proxy's stream or lose its ack.
+                log.exception("push channel change callback failed")
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        digest = hashlib.sha256(presented.strip().encode()).digest()
+        # The scheme is public; only the token comparison has to be constant-time.
+        return hmac.compare_digest(digest, self._token_digest) and scheme.lower() == "bearer"
+
+    async def _serve_stream(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return _unauthorized()
+        proxy = request.query.get("proxy", "")
+        if not _valid_proxy_name(proxy):
+            return web.Response(status=400)
+        if self._version is None:
+            return web.Response(status=503)
+        response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+        await response.prepare(request)
+        stream = _Stream(proxy)
+        previous = self._streams.get(proxy)
+        if previous is not None:
+            previous.close()
+        self._acks.pop(proxy, None)
+        self._streams[proxy] = stream
+        log.info("proxy %s connected", proxy)
+        self._changed()
+        try:
+            await self._feed(stream, response)
+        except ConnectionError:
+            pass  # the proxy went away mid-write; the finally block forgets it
+        finally:
+            if self._streams.get(proxy) is stream:
+                del self._streams[proxy]
+                self._acks.pop(proxy, None)
+                log.info("proxy %s disconnected", proxy)
+                self._changed()
+        return response
+
+    async def _feed(self, stream: _Stream, response: web.StreamResponse) -> None:
+        sent: str | None = None
+        while not stream.closed:
+            # Clear before looking: a publish during the write below sets it again.
+            stream.wake.clear()
+            if sent != self._version:
+                sent, line = self._version, self._line
+                await response.write(line)
+                continue
+            try:
+                async with asyncio.timeout(self._heartbeat):
+                    await stream.wake.wait()
+            except TimeoutError:
+                await response.write(b"\n")
+
+    async def _receive_ack(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        try:
+            document: Any = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            return web.Response(status=413)
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+            return web.Response(status=400)
+        ack = _parse_ack(document)
+        if ack is None:
+            return web.Response(status=400)
+        proxy, received = ack
+        if proxy not in self._streams:
+            log.debug("ack from proxy %s without an open stream dropped", proxy)
+        elif self._acks.get(proxy) != received:
+            self._acks[proxy] = received
+            if received.accepted:
+                log.info("proxy %s applied routing table %s", proxy, received.version)
+            else:
+                log.warning("proxy %s rejected routing table %s: %s", proxy, received.version, received.error)
+            self._changed()
+        return web.Response(status=204)
+
+
+def _unauthorized() -> web.Response:
+    # RFC 6750 section 3: a 401 names the scheme; the body says nothing.
+    return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _valid_proxy_name(name: str) -> bool:
+    return len(name) <= MAX_PROXY_NAME and PROXY_NAME.fullmatch(name) is not None
+
+
+def _parse_ack(document: Any) -> tuple[str, Ack] | None:
+    """(proxy, Ack) from an ack body, or None when it is not one."""
+    if not isinstance(document, dict):
+        return None
+    proxy, version = document.get("proxy"), document.get("version")
+    accepted, error = document.get("accepted"), document.get("error", "")
+    if not isinstance(proxy, str) or not _valid_proxy_name(proxy):
+        return None
+    if not isinstance(version, str) or not isinstance(accepted, bool) or not isinstance(error, str):
+        return None
+    return proxy, Ack(version=version[:MAX_VERSION_LENGTH], accepted=accepted, error=error[:MAX_ERROR_LENGTH])

@@ -1,0 +1,344 @@
+"""The controller's end of the push channel, spoken to over loopback HTTP as a proxy would.
+
+A real Publisher listens on 127.0.0.1; a plain aiohttp client opens streams and posts acks, so
+every status code, header and body is the one a proxy sees. Waits are bounded: a stream read or
+an on_change wait that takes longer than ``BOUND`` fails the test; no assertion is about time.
+"""
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controller import publisher
+from proxy import table
+
+TOKEN = "push-token-that-must-never-be-logged"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BOUND = 10.0  # seconds any single wait may take before the test fails
+MAX_CHANGES = 100  # on_change notifications one wait may see before it gives up
+
+
+def sample_table(port: int) -> table.RoutingTable:
+    upstream = table.Upstream(service="mail/dovecot", endpoints=(table.Endpoint("127.0.0.1", port),))
+    route = table.Route(
+        name="mail/example", generation=1, users=(), domains=("example.com",), upstreams=(("imap", upstream),)
+    )
+    return table.make_table([route])
+
+
+FIRST = sample_table(10143)
+SECOND = sample_table(20143)
+
+
+class Changes:
+    """Counts on_change calls and waits, bounded, until a condition on the publisher holds."""
+
+    def __init__(self, channel: publisher.Publisher) -> None:
+        self.count = 0
+        self._event = asyncio.Event()
+        channel.on_change(self._changed)
+
+    def _changed(self) -> None:
+        self.count += 1
+        self._event.set()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(BOUND):
+            for _ in range(MAX_CHANGES):
+                if condition():
+                    return
+                self._event.clear()
+                await self._event.wait()
+        raise AssertionError("the condition never held")
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[publisher.Publisher]:
+    started = publisher.Publisher(TOKEN)
+    await started.start("127.0.0.1", 0)
+    yield started
+    await started.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
+        yield session
+
+
+def base(channel: publisher.Publisher) -> str:
+    return f"http://127.0.0.1:{channel.port}"
+
+
+async def open_stream(
+    client: aiohttp.ClientSession, channel: publisher.Publisher, proxy: str = "proxy-a"
+) -> aiohttp.ClientResponse:
+    # No total timeout: the stream outlives it; every read below is bounded instead.
+    response = await client.get(
+        base(channel) + publisher.STREAM_PATH,
+        params={"proxy": proxy},
+        headers=AUTH,
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    assert response.status == 200
+    return response
+
+
+async def next_line(response: aiohttp.ClientResponse) -> bytes:
+    async with asyncio.timeout(BOUND):
+        return await response.content.readline()
+
+
+async def next_table(response: aiohttp.ClientResponse) -> table.RoutingTable:
+    return table.from_json(await next_line(response))
+
+
+async def post_ack(client: aiohttp.ClientSession, channel: publisher.Publisher, body: Any) -> int:
+    async with client.post(base(channel) + publisher.ACK_PATH, json=body, headers=AUTH) as response:
+        return response.status
+
+
+def ack_body(proxy: str, version: str, accepted: bool = True, error: str = "") -> dict[str, Any]:
+    return {"proxy": proxy, "version": version, "accepted": accepted, "error": error}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+    ],
+    ids=["none", "wrong", "wrong-scheme", "empty", "longer"],
+)
+async def test_without_the_token_a_request_gets_401_and_learns_nothing(
+    channel: publisher.Publisher, client: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    channel.publish(FIRST)
+    url = base(channel)
+    async with client.get(
+        url + publisher.STREAM_PATH, params={"proxy": "proxy-a"}, headers=headers
+    ) as response:
+        assert (response.status, await response.read()) == (401, b"")
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    body = ack_body("proxy-a", FIRST.version)
+    async with client.post(url + publisher.ACK_PATH, json=body, headers=headers) as response:
+        assert (response.status, await response.read()) == (401, b"")
+    # Even a malformed request is refused for the token first: no hint about what is valid.
+    async with client.post(url + publisher.ACK_PATH, data=b"[", headers=headers) as response:
+        assert (response.status, await response.read()) == (401, b"")
+    assert channel.acks() == {}
+
+
+async def test_no_stream_before_the_first_table(
+    channel: publisher.Publisher, client: aiohttp.ClientSession
+) -> None:
+    url = base(channel) + publisher.STREAM_PATH
+    async with client.get(url, params={"proxy": "proxy-a"}, headers=AUTH) as response:
+        assert (response.status, await response.read()) == (503, b"")
+
+
+@pytest.mark.parametrize("proxy", ["", "Proxy-A", "proxy_a", "-proxy", "a" * 254, "proxy a"])
+async def test_a_stream_needs_a_pod_name(
+    channel: publisher.Publisher, client: aiohttp.ClientSession, proxy: str
+) -> None:
+    channel.publish(FIRST)
+    url = base(channel) + publisher.STREAM_PATH
+    async with client.get(url, params={"proxy": proxy}, headers=AUTH) as response:
+        assert (response.status, await response.read()) == (400, b"")
+
+
+async def test_the_stream_starts_with_the_current_table_and_carries_each_new_one(
+    channel: publisher.Publisher, client: aiohttp.ClientSession
+) -> None:
+    channel.publish(FIRST)
+    response = await open_stream(client, channel)
+    assert response.headers["Content-Type"] == publisher.NDJSON
+    first = await next_line(response)
+    assert first == table.to_json(FIRST) + b"\n"
+    channel.publish(FIRST)  # the same version again: nothing goes out
+    channel.publish(SECOND)
+    assert (await next_table(response)).version == SECOND.version
+    channel.publish(FIRST)  # going back is a new push, too
+    assert (await next_table(response)).version == FIRST.version
+    response.close()
+
+
+async def test_superseded_versions_are_skipped_never_reordered(
+    channel: publisher.Publisher, client: aiohttp.ClientSession
+) -> None:
+    channel.publish(FIRST)
+    response = await open_stream(client, channel)
+    assert (await next_table(response)).version == FIRST.version
+    third = sample_table(30143)
+    # Published back to back, before the stream's writer runs: only the newest goes out.
+    channel.publish(SECOND)
+    channel.publish(third)
+    assert (await next_table(response)).version == third.version
+    channel.publish(FIRST)
+    assert (await next_table(response)).version == FIRST.version
+    response.close()
+
+
+async def test_acks_are_recorded_per_open_stream_and_dropped_when_it_ends(
+    channel: publisher.Publisher, client: aiohttp.ClientSession
+) -> None:
+    changes = Changes(channel)
+    channel.publish(FIRST)
+    response = await open_stream(client, channel)
+    await next_table(response)
+    await changes.wait_until(lambda: changes.count == 1)  # connected
+    assert channel.acks() == {}
+    assert await post_ack(client, channel, ack_body("proxy-a", FIRST.version)) == 204
+    assert channel.acks() == {"proxy-a": publisher.Ack(FIRST.version, accepted=True, error="")}
+    assert changes.count == 2
+    # The same ack again changes nothing and notifies nobody.
+    assert await post_ack(client, channel, ack_body("proxy-a", FIRST.version)) == 204
+    assert changes.count == 2
+    rejected = ack_body("proxy-a", "sha256:bad", accepted=False, error="version does not match")
+    assert await post_ack(client, channel, rejected) == 204
+    assert channel.acks()["proxy-a"] == publisher.Ack("sha256:bad", False, "version does not match")
+    assert changes.count == 3
+    response.close()  # the proxy goes away
+    await changes.wait_until(lambda: "proxy-a" not in channel.acks())
+    assert changes.count == 4
+
+
+async def test_an_ack_from_a_proxy_without_a_stream_is_dropped(
+    channel: publisher.Publisher, client: aiohttp.ClientSession
+) -> None:
+    channel.publish(FIRST)
+    assert await post_ack(client, channel, ack_body("proxy-z", FIRST.version)) == 204
+    assert channel.acks() == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[" * 50_000,
+        b"[]",
+        json.dumps({"version": "v", "accepted": True}).encode(),
+        json.dumps(ack_body("Not A Pod", "v")).encode(),
+        json.dumps({"proxy": "proxy-a", "version": 1, "accepted": True}).encode(),
+        json.dumps({"proxy": "proxy-a", "version": "v", "accepted": "yes"}).encode(),
+        json.dumps({"proxy": "proxy-a", "version": "v", "accepted": False, "error": 3}).encode(),
+    ],
+    ids=["not-json", "deep", "list", "no-proxy", "bad-name", "version-type", "accepted-type", "error-type"],
+)
+async def test_a_malformed_ack_gets_400(
+    channel: publisher.Publisher, client: aiohttp.ClientSession, body: bytes
+) -> None:
+    channel.publish(FIRST)
+    response = await open_stream(client, channel)
+    async with client.post(base(channel) + publisher.ACK_PATH, data=body, headers=AUTH) as reply:
+        assert (reply.status, await reply.read()) == (400, b"")
+    assert channel.acks() == {}
+    response.close()
+
+
+async def test_an_oversized_ack_gets_413_and_long_fields_are_cut(
+    channel: publisher.Publisher, client: aiohttp.ClientSession
+) -> None:
+    channel.publish(FIRST)
+    response = await open_stream(client, channel)
+    huge = b'{"proxy": "proxy-a", "pad": "' + b"x" * publisher.MAX_ACK_BODY + b'"}'
+    async with client.post(base(channel) + publisher.ACK_PATH, data=huge, headers=AUTH) as reply:
+        assert (reply.status, await reply.read()) == (413, b"")
+    long_ack = ack_body("proxy-a", "v" * 5000, accepted=False, error="e" * 5000)
+    assert await post_ack(client, channel, long_ack) == 204
+    recorded = channel.acks()["proxy-a"]
+    assert len(recorded.version) == publisher.MAX_VERSION_LENGTH
+    assert len(recorded.error) == publisher.MAX_ERROR_LENGTH
+    response.close()
+
+
+async def test_a_new_stream_under_the_same_name_replaces_the_old_one(
+    channel: publisher.Publisher, client: aiohttp.ClientSession
+) -> None:
+    channel.publish(FIRST)
+    old = await open_stream(client, channel)
+    await next_table(old)
+    assert await post_ack(client, channel, ack_body("proxy-a", FIRST.version)) == 204
+    new = await open_stream(client, channel)  # the pod restarted under the same name
+    assert (await next_table(new)).version == FIRST.version
+    assert await next_line(old) == b""  # the old stream was ended
+    assert channel.acks() == {}  # the restarted proxy has not acked yet
+    assert await post_ack(client, channel, ack_body("proxy-a", FIRST.version)) == 204
+    assert channel.acks()["proxy-a"].version == FIRST.version
+    new.close()
+
+
+async def test_an_idle_stream_carries_heartbeats(client: aiohttp.ClientSession) -> None:
+    channel = publisher.Publisher(TOKEN, heartbeat=0.01)
+    await channel.start("127.0.0.1", 0)
+    try:
+        channel.publish(FIRST)
+        response = await open_stream(client, channel)
+        await next_table(response)
+        assert await next_line(response) == b"\n"
+        channel.publish(SECOND)  # a table still goes out between heartbeats
+        lines = [await next_line(response) for _ in range(5)]
+        assert table.to_json(SECOND) + b"\n" in lines
+        assert set(lines) <= {b"\n", table.to_json(SECOND) + b"\n"}
+        response.close()
+    finally:
+        await channel.stop()
+
+
+async def test_stop_ends_every_stream(client: aiohttp.ClientSession) -> None:
+    channel = publisher.Publisher(TOKEN)
+    await channel.start("127.0.0.1", 0)
+    channel.publish(FIRST)
+    streams = [await open_stream(client, channel, f"proxy-{n}") for n in range(3)]
+    for stream in streams:
+        await next_table(stream)
+    await channel.stop()
+    for stream in streams:
+        assert await next_line(stream) == b""
+    assert channel.acks() == {}
+
+
+async def test_a_failing_change_callback_does_not_break_the_channel(
+    channel: publisher.Publisher, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("listener bug")
+
+    channel.on_change(broken)
+    channel.publish(FIRST)
+    response = await open_stream(client, channel)
+    await next_table(response)
+    assert await post_ack(client, channel, ack_body("proxy-a", FIRST.version)) == 204
+    assert channel.acks()["proxy-a"].accepted
+    assert "change callback failed" in caplog.text
+    response.close()
+
+
+def test_an_empty_token_is_refused() -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        publisher.Publisher("")
+
+
+async def test_the_token_never_reaches_the_log(
+    channel: publisher.Publisher, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    channel.publish(FIRST)
+    response = await open_stream(client, channel)
+    await next_table(response)
+    await post_ack(client, channel, ack_body("proxy-a", FIRST.version))
+    await post_ack(client, channel, ack_body("proxy-b", FIRST.version))
+    async with client.get(base(channel) + publisher.STREAM_PATH, headers={"Authorization": "Bearer x"}):
+        pass
+    response.close()
+    assert "proxy-a" in caplog.text
+    assert TOKEN not in caplog.text
+    assert TOKEN not in repr(channel)
