@@ -1,0 +1,207 @@
+"""The proxy's end of the push channel: follow the controller's table stream, swap, acknowledge.
+
+``mailgress proxy`` runs ``Subscriber(settings.controller).run`` as the process's table source
+when the settings name a controller. It holds one stream open (``GET /v1/tables/stream``, one
+canonical table per NDJSON line, empty lines are heartbeats; wire protocol in
+controller/publisher.py), checks every table with ``table.from_json`` (the version must match the
+content), installs it with ``TableHolder.swap`` (open sessions keep their backend) and
+acknowledges it with ``POST /v1/acks``, also when it was already in use, so a restarted controller
+learns what every proxy serves. A rejected table is acked with its error and the last good table
+stays. Acks go out in order, before the next line is read.
+
+Outages: whatever the controller does, the last table stays in force. A stream that fails or ends
+is reopened after an exponential backoff with full jitter (bounded by ``Backoff.cap``, reset by
+every table received). Until a first table arrived, each failed attempt tries the snapshot file
+(the controller's ConfigMap, mounted), so a proxy that starts while the controller is away
+serves, and switches to the stream as soon as it comes. Never logs the token.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from proxy import table
+from proxy.protocols.errors import LineTooLongError
+from proxy.protocols.lines import LineBuffer
+from proxy.server.routes import TableHolder
+from proxy.settings import ControllerSettings
+
+log = logging.getLogger(__name__)
+
+STREAM_PATH = "/v1/tables/stream"
+ACK_PATH = "/v1/acks"
+# The controller writes a heartbeat every 15 s; three missed ones mean the stream is dead even
+# if TCP has not noticed (a controller node that vanished without a FIN).
+STREAM_IDLE_TIMEOUT = 45.0
+CONNECT_TIMEOUT = 5.0
+ACK_TIMEOUT = 10.0
+# One table is one line. 10,000 routes take a few MB; this bounds what a broken peer can make
+# the proxy buffer.
+MAX_TABLE_BYTES = 64 * 1024 * 1024
+# What an ack carries of a rejected table's claimed version and of the error message.
+MAX_ACK_TEXT = 1024
+
+
+class ChannelError(Exception):
+    """The stream could not be opened or broke off; the message is safe to log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**n))."""
+
+    base: float = 0.25
+    cap: float = 5.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        # The exponent is clamped so a long outage cannot overflow the float.
+        return rng.uniform(0.0, min(self.cap, self.base * 2.0 ** min(attempt, 32)))
+
+
+def resolve_proxy_name(configured: str | None) -> str:
+    """The name this proxy acks under: the setting, else POD_NAME (downward API), else the host name."""
+    return configured or os.environ.get("POD_NAME") or socket.gethostname()
+
+
+class Subscriber:
+    """Keeps a TableHolder in step with the controller for as long as ``run`` runs."""
+
+    def __init__(
+        self, settings: ControllerSettings, *, backoff: Backoff = Backoff(), rng: random.Random | None = None
+    ) -> None:
+        self._settings = settings
+        self._name = resolve_proxy_name(settings.proxy_name)
+        self._backoff = backoff
+        self._rng = rng or random.Random()  # noqa: S311  jitter, not cryptography
+        self._attempt = 0
+        self._reported: dict[str, str] = {}  # "stream" / "snapshot" -> the last problem logged
+
+    async def run(self, holder: TableHolder) -> None:
+        """Follow the controller until cancelled; never returns on its own."""
+        timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=STREAM_IDLE_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    await self._follow(session, holder)
+                    self._report("stream", "the controller ended the table stream")
+                except ChannelError as error:
+                    self._report("stream", str(error))
+                if not holder.ready:
+                    self._serve_snapshot(holder)
+                delay = self._backoff.delay(self._attempt, self._rng)
+                self._attempt += 1
+                await asyncio.sleep(delay)
+
+    def _report(self, kind: str, problem: str) -> None:
+        # Once per distinct problem: a long outage must not flood the log every few seconds.
+        if self._reported.get(kind) != problem:
+            log.warning("push channel: %s; the table in use stays, retrying", problem)
+        self._reported[kind] = problem
+
+    def _token(self) -> str:
+        # Re-read at every connect: a rotated Secret takes effect without a restart.
+        try:
+            token = self._settings.token_file.read_text().strip()
+        except OSError as error:
+            path = self._settings.token_file
+            raise ChannelError(f"cannot read the token file {path}: {error.strerror}") from error
+        if not token:
+            raise ChannelError(f"the token file {self._settings.token_file} is empty")
+        return token
+
+    async def _follow(self, session: aiohttp.ClientSession, holder: TableHolder) -> None:
+        headers = {"Authorization": f"Bearer {self._token()}"}
+        url = self._settings.url + STREAM_PATH
+        try:
+            async with session.get(url, params={"proxy": self._name}, headers=headers) as response:
+                if response.status != 200:
+                    raise ChannelError(f"the controller answered {response.status} to the stream request")
+                log.info("push channel: following %s as %s", self._settings.url, self._name)
+                self._reported.clear()
+                lines = LineBuffer(MAX_TABLE_BYTES)
+                async for chunk in response.content.iter_any():
+                    lines.feed(chunk)
+                    while (line := lines.pop_line()) is not None:
+                        if line.strip():  # an empty line is a heartbeat
+                            await self._apply(session, holder, line, headers)
+        except LineTooLongError as error:
+            raise ChannelError(f"a table line exceeded {MAX_TABLE_BYTES} bytes") from error
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise ChannelError(f"{type(error).__name__}: {error}") from error
+
+    async def _apply(
+        self, session: aiohttp.ClientSession, holder: TableHolder, line: bytes, headers: dict[str, str]
+    ) -> None:
+        try:
+            # A large table takes a while to parse; a thread keeps the sessions' loop responsive.
+            new = await asyncio.to_thread(table.from_json, line)
+        except (table.TableError, RecursionError) as error:
+            # RecursionError: a document nested deeper than the JSON parser goes.
+            version, message = _claimed_version(line), str(error) or type(error).__name__
+            log.error(
+                "push channel: routing table %s rejected: %s; keeping %s",
+                version or "(no version)",
+                message,
+                holder.current.version if holder.ready else "no table",
+            )
+            await self._ack(session, headers, version, accepted=False, error=message)
+        else:
+            holder.swap(new)
+            await self._ack(session, headers, new.version, accepted=True, error="")
+        self._attempt = 0  # the channel works: the next outage starts the backoff afresh
+
+    async def _ack(
+        self,
+        session: aiohttp.ClientSession,
+        headers: dict[str, str],
+        version: str,
+        *,
+        accepted: bool,
+        error: str,
+    ) -> None:
+        body = {
+            "proxy": self._name,
+            "version": version[:MAX_ACK_TEXT],
+            "accepted": accepted,
+            "error": error[:MAX_ACK_TEXT],
+        }
+        url = self._settings.url + ACK_PATH
+        timeout = aiohttp.ClientTimeout(total=ACK_TIMEOUT)
+        async with session.post(url, json=body, headers=headers, timeout=timeout) as response:
+            if response.status != 204:
+                # The stream is reopened and its first line acked again: no ack is lost.
+                raise ChannelError(f"the controller answered {response.status} to an ack")
+
+    def _serve_snapshot(self, holder: TableHolder) -> None:
+        path = self._settings.snapshot_file
+        if path is None:
+            return
+        try:
+            snapshot = table.from_json(path.read_bytes())
+        except OSError as error:
+            self._report("snapshot", f"cannot read the snapshot {path}: {error.strerror}")
+            return
+        except (table.TableError, RecursionError) as error:
+            self._report("snapshot", f"the snapshot {path} is not a valid table: {error}")
+            return
+        log.info(
+            "push channel: serving the snapshot %s (%s) until the controller answers", path, snapshot.version
+        )
+        holder.swap(snapshot)
+
+
+def _claimed_version(line: bytes) -> str:
+    """The version a rejected table claims, if it is JSON enough to say; else empty."""
+    try:
+        document: Any = json.loads(line)
+    except (ValueError, RecursionError):
+        return ""
+    version = document.get("version") if isinstance(document, dict) else None
+    return version if isinstance(version, str) else ""

@@ -1,0 +1,392 @@
+"""The proxy's end of the push channel, against the real controller Publisher over loopback.
+
+Each test runs real Subscribers (fast backoff) against a real ``controller.publisher.Publisher``
+on 127.0.0.1 and watches what a proxy would serve (``TableHolder.current``) and what the
+controller learns (``Publisher.acks``). A small fake controller covers lines the real one never
+sends (not JSON, nested too deep). Waits poll a condition a bounded number of times; no
+assertion is about time. Also covers the settings' ``controller`` key, which only this uses.
+"""
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from controller import publisher
+from proxy import metrics as proxy_metrics
+from proxy import settings, table
+from proxy.server import subscriber
+from proxy.server.routes import TableHolder
+
+TOKEN = "push-token-that-must-never-be-logged"
+FAST = subscriber.Backoff(base=0.005, cap=0.05)
+POLL = 0.01
+POLLS = 1000  # POLL * POLLS = 10 s: the most any single wait may take before the test fails
+
+
+def sample_table(port: int) -> table.RoutingTable:
+    upstream = table.Upstream(service="mail/dovecot", endpoints=(table.Endpoint("127.0.0.1", port),))
+    route = table.Route(
+        name="mail/example", generation=1, users=(), domains=("example.com",), upstreams=(("imap", upstream),)
+    )
+    return table.make_table([route])
+
+
+FIRST = sample_table(10143)
+SECOND = sample_table(20143)
+THIRD = sample_table(30143)
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(POLLS):
+        if condition():
+            return
+        await asyncio.sleep(POLL)
+    raise AssertionError(f"never happened: {what}")
+
+
+def accepted(version: str) -> publisher.Ack:
+    return publisher.Ack(version=version, accepted=True, error="")
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Proxy:
+    """One subscribed proxy: its holder and the task running its subscriber."""
+
+    name: str
+    holder: TableHolder
+    task: "asyncio.Task[None]"
+
+
+class Cluster:
+    """Token and snapshot files, and the proxies started against one controller port."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.port = port
+        self.token_file = directory / "token"
+        self.token_file.write_text(TOKEN + "\n")  # as a Secret volume may hold it
+        self.snapshot_file = directory / "snapshot.json"
+        self.proxies: list[Proxy] = []
+
+    def settings(self, name: str, *, snapshot: bool = True) -> settings.ControllerSettings:
+        return settings.ControllerSettings(
+            url=f"http://127.0.0.1:{self.port}",
+            token_file=self.token_file,
+            proxy_name=name,
+            snapshot_file=self.snapshot_file if snapshot else None,
+        )
+
+    def start_proxy(self, name: str, *, snapshot: bool = True) -> Proxy:
+        holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+        follower = subscriber.Subscriber(self.settings(name, snapshot=snapshot), backoff=FAST)
+        proxy = Proxy(name, holder, asyncio.create_task(follower.run(holder)))
+        self.proxies.append(proxy)
+        return proxy
+
+    async def stop_proxy(self, proxy: Proxy) -> None:
+        proxy.task.cancel()
+        await asyncio.gather(proxy.task, return_exceptions=True)
+
+    async def controller(self) -> publisher.Publisher:
+        started = publisher.Publisher(TOKEN)
+        await started.start("127.0.0.1", self.port)
+        return started
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    made = Cluster(tmp_path, unused_port())
+    yield made
+    for proxy in made.proxies:
+        await made.stop_proxy(proxy)
+
+
+@pytest.fixture
+async def controller(cluster: Cluster) -> AsyncIterator[publisher.Publisher]:
+    started = await cluster.controller()
+    yield started
+    await started.stop()
+
+
+def serving(proxy: Proxy, version: str) -> Callable[[], bool]:
+    return lambda: proxy.holder.ready and proxy.holder.current.version == version
+
+
+async def test_initial_table_then_each_update_is_applied_and_acked(
+    cluster: Cluster, controller: publisher.Publisher
+) -> None:
+    controller.publish(FIRST)
+    proxy = cluster.start_proxy("proxy-a")
+    await eventually(lambda: controller.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
+    assert serving(proxy, FIRST.version)()
+    controller.publish(SECOND)
+    await eventually(lambda: controller.acks().get("proxy-a") == accepted(SECOND.version), "second ack")
+    assert serving(proxy, SECOND.version)()
+
+
+async def test_a_tampered_table_is_rejected_reported_and_the_last_good_one_kept(
+    cluster: Cluster, controller: publisher.Publisher
+) -> None:
+    controller.publish(FIRST)
+    proxy = cluster.start_proxy("proxy-a")
+    await eventually(lambda: controller.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
+    # SECOND's routes under a version that does not match them: what an altered document looks like.
+    tampered = table.RoutingTable(routes=SECOND.routes, version="sha256:" + "0" * 64)
+    controller.publish(tampered)
+    await eventually(lambda: controller.acks()["proxy-a"].version == tampered.version, "the rejection")
+    ack = controller.acks()["proxy-a"]
+    assert not ack.accepted
+    assert "does not match its content" in ack.error
+    assert serving(proxy, FIRST.version)()
+    controller.publish(THIRD)  # the channel still works after a rejection
+    await eventually(lambda: controller.acks()["proxy-a"] == accepted(THIRD.version), "third ack")
+    assert serving(proxy, THIRD.version)()
+
+
+async def test_without_the_right_token_the_proxy_gets_nothing_and_says_why(
+    cluster: Cluster, controller: publisher.Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    cluster.token_file.write_text("not-the-token")
+    controller.publish(FIRST)
+    proxy = cluster.start_proxy("proxy-a", snapshot=False)
+    await eventually(lambda: "answered 401" in caplog.text, "the 401 logged")
+    assert not proxy.holder.ready
+    assert controller.acks() == {}
+    cluster.token_file.write_text(TOKEN)  # the Secret is fixed: the next attempt reads it again
+    await eventually(lambda: controller.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
+    assert TOKEN not in caplog.text
+
+
+async def test_the_proxy_keeps_serving_through_a_controller_restart(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    first_controller = await cluster.controller()
+    first_controller.publish(FIRST)
+    proxy = cluster.start_proxy("proxy-a")
+    await eventually(lambda: first_controller.acks().get("proxy-a") == accepted(FIRST.version), "ack")
+    await first_controller.stop()
+    await eventually(lambda: "ended the table stream" in caplog.text, "the outage noticed")
+    assert serving(proxy, FIRST.version)()
+    second_controller = await cluster.controller()
+    try:
+        # The restarted controller learns what the proxy serves: it acks the same table again.
+        second_controller.publish(FIRST)
+        await eventually(lambda: second_controller.acks().get("proxy-a") == accepted(FIRST.version), "re-ack")
+        second_controller.publish(SECOND)
+        await eventually(lambda: second_controller.acks().get("proxy-a") == accepted(SECOND.version), "ack")
+        assert serving(proxy, SECOND.version)()
+    finally:
+        await second_controller.stop()
+
+
+async def test_a_proxy_that_starts_while_the_controller_is_away_serves_the_snapshot(
+    cluster: Cluster,
+) -> None:
+    cluster.snapshot_file.write_bytes(table.to_json(FIRST))
+    proxy = cluster.start_proxy("proxy-a")
+    await eventually(serving(proxy, FIRST.version), "the snapshot served")
+    controller = await cluster.controller()
+    try:
+        controller.publish(SECOND)
+        await eventually(lambda: controller.acks().get("proxy-a") == accepted(SECOND.version), "ack")
+        assert serving(proxy, SECOND.version)()
+    finally:
+        await controller.stop()
+
+
+async def test_before_the_first_publish_the_proxy_serves_the_snapshot(
+    cluster: Cluster, controller: publisher.Publisher
+) -> None:
+    cluster.snapshot_file.write_bytes(table.to_json(FIRST))
+    proxy = cluster.start_proxy("proxy-a")  # the controller answers 503: no table yet
+    await eventually(serving(proxy, FIRST.version), "the snapshot served")
+    controller.publish(SECOND)
+    await eventually(lambda: controller.acks().get("proxy-a") == accepted(SECOND.version), "ack")
+    assert serving(proxy, SECOND.version)()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read the snapshot"), (b"{}", "is not a valid table")],
+    ids=["missing", "invalid"],
+)
+async def test_an_unusable_snapshot_is_reported_and_the_proxy_stays_not_ready(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture, content: bytes | None, message: str
+) -> None:
+    if content is not None:
+        cluster.snapshot_file.write_bytes(content)
+    proxy = cluster.start_proxy("proxy-a")
+    await eventually(lambda: message in caplog.text, "the snapshot problem logged")
+    assert not proxy.holder.ready
+
+
+async def test_several_proxies_follow_one_controller(
+    cluster: Cluster, controller: publisher.Publisher
+) -> None:
+    names = [f"proxy-{number}" for number in range(3)]
+    controller.publish(FIRST)
+    proxies = [cluster.start_proxy(name) for name in names]
+    await eventually(lambda: controller.acks() == {n: accepted(FIRST.version) for n in names}, "all acks")
+    controller.publish(SECOND)
+    await eventually(lambda: controller.acks() == {n: accepted(SECOND.version) for n in names}, "all acks")
+    assert all(serving(proxy, SECOND.version)() for proxy in proxies)
+    await cluster.stop_proxy(proxies[0])  # one pod goes away: the controller forgets its ack
+    await eventually(lambda: set(controller.acks()) == set(names[1:]), "the departed proxy dropped")
+
+
+# A fake controller for lines the real one never sends.
+
+
+FakeController = Callable[[bytes], Awaitable[list[dict[str, Any]]]]
+
+
+@pytest.fixture
+async def fake_controller(cluster: Cluster) -> AsyncIterator[FakeController]:
+    """Starts a controller that streams FIRST then the given line; returns the acks it records."""
+    runners: list[web.AppRunner] = []
+
+    async def start(broken: bytes) -> list[dict[str, Any]]:
+        acks: list[dict[str, Any]] = []
+
+        async def stream(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse()
+            await response.prepare(request)
+            await response.write(table.to_json(FIRST) + b"\n" + broken + b"\n")
+            await asyncio.Event().wait()  # held open until the proxy hangs up
+            return response
+
+        async def ack(request: web.Request) -> web.Response:
+            acks.append(await request.json())
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_get(subscriber.STREAM_PATH, stream)
+        app.router.add_post(subscriber.ACK_PATH, ack)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", cluster.port).start()
+        return acks
+
+    yield start
+    # The proxies hang up first: a stream held open would keep the runner's cleanup waiting.
+    for proxy in cluster.proxies:
+        await cluster.stop_proxy(proxy)
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("line", "version"),
+    [
+        (b"not json", ""),
+        (b"[" * 100_000, ""),
+        (b'{"version": 5}', ""),
+        (b'{"apiVersion": "mailgress.io/table/v1", "version": "sha256:forged"}', "sha256:forged"),
+    ],
+    ids=["not-json", "nested-too-deep", "version-not-a-string", "missing-routes"],
+)
+async def test_a_broken_line_is_acked_as_rejected(
+    cluster: Cluster, fake_controller: FakeController, line: bytes, version: str
+) -> None:
+    acks = await fake_controller(line)
+    proxy = cluster.start_proxy("proxy-a")
+    await eventually(lambda: len(acks) == 2, "two acks")
+    good, bad = acks
+    assert good == {"proxy": "proxy-a", "version": FIRST.version, "accepted": True, "error": ""}
+    assert (bad["version"], bad["accepted"]) == (version, False)
+    assert bad["error"]
+    assert len(bad["error"]) <= subscriber.MAX_ACK_TEXT
+    assert serving(proxy, FIRST.version)()
+
+
+# Backoff and naming.
+
+
+def test_backoff_is_full_jitter_under_an_exponential_bound() -> None:
+    backoff = subscriber.Backoff(base=0.25, cap=5.0)
+    rng = random.Random(7)
+    for attempt in range(12):
+        bound = min(5.0, 0.25 * 2**attempt)
+        delays = [backoff.delay(attempt, rng) for _ in range(50)]
+        assert all(0.0 <= delay <= bound for delay in delays)
+        assert max(delays) > bound / 2  # spread over the whole range, not pinned near zero
+    assert 0.0 <= backoff.delay(100_000, rng) <= 5.0  # a long outage stays capped
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    monkeypatch.delenv("POD_NAME", raising=False)
+    yield monkeypatch
+
+
+def test_the_proxy_name_comes_from_settings_then_pod_name_then_host_name(
+    clean_environment: pytest.MonkeyPatch,
+) -> None:
+    assert subscriber.resolve_proxy_name(None) == socket.gethostname()
+    clean_environment.setenv("POD_NAME", "mailgress-proxy-7d9f")
+    assert subscriber.resolve_proxy_name(None) == "mailgress-proxy-7d9f"
+    assert subscriber.resolve_proxy_name("proxy-a") == "proxy-a"
+
+
+# The settings' controller key.
+
+LISTENERS = [{"protocol": "imap", "address": "127.0.0.1", "port": 1143}]
+
+
+def test_the_controller_key_parses(tmp_path: Path) -> None:
+    document = {
+        "listeners": LISTENERS,
+        "controller": {
+            "url": "http://mailgress-controller.mail.svc:8080/",
+            "tokenFile": "token/token",
+            "snapshotFile": "snapshot/table.json",
+        },
+    }
+    parsed = settings.parse(document, tmp_path)
+    assert parsed.controller == settings.ControllerSettings(
+        url="http://mailgress-controller.mail.svc:8080",
+        token_file=(tmp_path / "token/token").resolve(),
+        proxy_name=None,
+        snapshot_file=(tmp_path / "snapshot/table.json").resolve(),
+    )
+    assert parsed.route_files == ()
+
+
+@pytest.mark.parametrize(
+    ("extra", "controller", "message"),
+    [
+        ({"routes": ["r.yaml"]}, {"url": "http://c:1", "tokenFile": "t"}, "cannot be combined"),
+        ({"services": {}}, {"url": "http://c:1", "tokenFile": "t"}, "cannot be combined"),
+        ({}, {"url": "http://c:1"}, "controller: missing 'tokenFile'"),
+        ({}, {"tokenFile": "t"}, "controller: missing 'url'"),
+        ({}, {"url": "ftp://c:1", "tokenFile": "t"}, "controller.url"),
+        ({}, {"url": "http://c:1/?a=b", "tokenFile": "t"}, "controller.url"),
+        ({}, {"url": "http://c:1", "tokenFile": "t", "proxyName": ""}, "controller.proxyName"),
+        ({}, {"url": "http://c:1", "tokenFile": "t", "snapshotFile": 3}, "controller.snapshotFile"),
+        ({}, {"url": "http://c:1", "tokenFile": "t", "token": "x"}, "unknown keys token"),
+        ({}, "http://c:1", "controller: expected"),
+    ],
+)
+def test_controller_key_mistakes_name_the_key(
+    tmp_path: Path, extra: dict[str, Any], controller: Any, message: str
+) -> None:
+    document = {"listeners": LISTENERS, "controller": controller, **extra}
+    with pytest.raises(settings.SettingsError, match=message):
+        settings.parse(document, tmp_path)
