@@ -1,7 +1,8 @@
 """The ``mailgress`` console script.
 
 Subcommands:
-  mailgress proxy --config FILE      run a proxy (standalone: MailRoute files from the settings)
+  mailgress proxy --config FILE      run a proxy (standalone: MailRoute files from the settings;
+                                     with a 'controller' key: tables pushed by the controller)
   mailgress routes check FILE...     validate MailRoute manifests offline, print the compiled table
 Errors in the user's files end the command with a clear message and exit status 2, never a
 traceback.
@@ -19,7 +20,7 @@ import uvloop
 from mailgress import standalone
 from proxy import settings as proxy_settings
 from proxy import table
-from proxy.server import listeners, process
+from proxy.server import listeners, process, subscriber
 from proxy.server.routes import TableHolder
 
 EXIT_USAGE = 2
@@ -43,12 +44,18 @@ def _run_proxy(arguments: argparse.Namespace) -> int:
     except (proxy_settings.SettingsError, standalone.ManifestError) as error:
         print(f"mailgress: {error}", file=sys.stderr)
         return EXIT_USAGE
-    if not settings.route_files:
-        print("mailgress: the settings name no MailRoute files under 'routes'", file=sys.stderr)
+    if settings.controller is None and not settings.route_files:
+        print(
+            "mailgress: the settings name no MailRoute files under 'routes' and no 'controller'",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
     async def source(holder: TableHolder) -> None:
-        await standalone.watch(settings.route_files, settings.services, holder)
+        if settings.controller is not None:
+            await subscriber.Subscriber(settings.controller).run(holder)
+        else:
+            await standalone.watch(settings.route_files, settings.services, holder)
 
     try:
         uvloop.run(process.run(settings, source))
