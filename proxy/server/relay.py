@@ -11,7 +11,7 @@ a credential.
 
 Hot path rules (nginx is the benchmark): no timer is rescheduled per chunk (the idle watchdog
 reads a last-activity timestamp when it fires), and the splice path allocates nothing per
-chunk beyond the integers ``os.splice`` returns.
+chunk beyond the integers ``os.splice`` returns and the float of that timestamp.
 """
 
 import asyncio
