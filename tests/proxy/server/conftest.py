@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from mailgress import standalone
 from proxy import metrics as proxy_metrics
+from proxy.protocols import proxyheader
 from proxy.server import certificates
 from proxy.server.context import ProxyContext
 from proxy.server.listeners import Listeners
@@ -67,7 +68,8 @@ class FakeImapBackend:
                     return
                 buffer += chunk
             self.received.append(buffer)
-            tag = _login_tag(buffer)
+            header = proxyheader.parse(buffer) if buffer.startswith(proxyheader.V2_SIGNATURE) else None
+            tag = _login_tag(buffer[header.length :] if header else buffer)
             if self.password.encode() in buffer:
                 self.logins += 1
                 writer.write(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
