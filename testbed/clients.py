@@ -18,9 +18,12 @@ import os
 import poplib
 import re
 import smtplib
+import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
 
 from testbed import mailservers
 
@@ -29,6 +32,8 @@ REDACTED = "<redacted>"
 CLIENT_TIMEOUT = 120.0
 # Socket timeout of the Python clients: each read and write, not the whole session.
 SOCKET_TIMEOUT = 30.0
+# RawClient reads at most this much while waiting for one reply or for the peer to close.
+RAW_READ_LIMIT = 1024 * 1024
 # Long enough to hold an encoded SASL PLAIN response for any testbed user.
 _BASE64_TOKEN = re.compile(r"[A-Za-z0-9+/]{8,}={0,2}")
 
@@ -227,3 +232,69 @@ def pop3_auth_plain(client: poplib.POP3, user: mailservers.User) -> bytes:
     # poplib has no AUTH command; _shortcmd is how its own user()/pass_() send theirs.
     reply: bytes = client._shortcmd(f"AUTH PLAIN {sasl_plain(user)}")  # type: ignore[attr-defined]
     return reply
+
+
+class RawClient:
+    """A plain socket speaking a line protocol by hand, for what library clients refuse to send.
+
+    Every read is bounded by the socket timeout and by RAW_READ_LIMIT, so a silent or endless
+    peer fails the test instead of hanging it.
+    """
+
+    def __init__(self, port: int, timeout: float = SOCKET_TIMEOUT) -> None:
+        self._socket = socket.create_connection((mailservers.LOOPBACK, port), timeout=timeout)
+        self._buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self._socket.sendall(data)
+
+    def line(self) -> bytes:
+        """The next line with its line end; b"" once the peer has closed (TimeoutError if silent)."""
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > RAW_READ_LIMIT:
+                raise AssertionError(f"no line end in {RAW_READ_LIMIT} bytes")
+            chunk = self._socket.recv(65536)
+            if not chunk:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line + b"\n"
+
+    def reply(self, prefix: bytes, max_lines: int = 1000) -> bytes:
+        """Skip lines up to the first that starts with ``prefix`` (a tag, ``+OK``...); b"" if closed."""
+        for _ in range(max_lines):
+            line = self.line()
+            if not line or line.startswith(prefix):
+                return line
+        raise AssertionError(f"no line starting with {prefix!r} within {max_lines} lines")
+
+    def command(self, line: bytes, prefix: bytes) -> bytes:
+        """Send ``line`` with CRLF and return the reply line starting with ``prefix``."""
+        self.send(line + b"\r\n")
+        return self.reply(prefix)
+
+    def until_closed(self) -> bytes:
+        """Everything the peer sends until it closes (TimeoutError if it stays open and silent)."""
+        received = self._buffer
+        self._buffer = b""
+        while len(received) <= RAW_READ_LIMIT:
+            chunk = self._socket.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+        raise AssertionError(f"the peer sent more than {RAW_READ_LIMIT} bytes without closing")
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -728,6 +728,29 @@ class Dovecot(_Daemon):
             for match in _LOGIN_LINE.finditer(self.log_text())
         ]
 
+    def wait_logins(
+        self, user: str, count: int, protocol: str | None = None, timeout: float = START_TIMEOUT
+    ) -> list[Login]:
+        """Wait until the log shows at least ``count`` logins of ``user`` (over ``protocol``).
+
+        Dovecot's log process writes the line a moment after the client already has its OK.
+
+        Raises:
+            MailServerError: fewer logins were logged within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            logins = [
+                login
+                for login in self.logins()
+                if login.user == user.lower() and protocol in (None, login.protocol)
+            ]
+            if len(logins) >= count:
+                return logins
+            if time.monotonic() >= deadline:
+                raise MailServerError(f"{self.name}: {len(logins)} of {count} logins of {user} logged")
+            time.sleep(POLL_INTERVAL)
+
     def add_user(self, user: User) -> None:
         """Add (or change) an account; a running Dovecot sees it at the next login.
 

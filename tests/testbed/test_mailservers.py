@@ -16,7 +16,6 @@ import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 
@@ -36,18 +35,6 @@ def pgrep_session(session: int) -> list[str]:
     return result.stdout.split()
 
 
-def command(stream: BinaryIO, line: bytes) -> bytes:
-    """Send one IMAP command; return its tagged reply (untagged lines before it are skipped)."""
-    stream.write(line + b"\r\n")
-    stream.flush()
-    tag = line.split(b" ", 1)[0] + b" "
-    for _ in range(100):
-        reply = stream.readline()
-        if not reply or reply.startswith(tag):
-            return reply
-    raise AssertionError(f"no tagged reply to {line.split(b' ')[:2]!r} within 100 lines")
-
-
 # -- IMAP and POP3 on the two Dovecots ----------------------------------------------------------
 
 
@@ -62,7 +49,9 @@ def test_alice_logs_in_on_dovecot_alpha_and_not_on_beta(backends: Backends) -> N
         pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"),
     ):
         client.login(alice.address, alice.password)
-    assert mailservers.Login("imap", alice.address, "PLAIN", LOOPBACK) in backends.alpha.logins()
+    assert mailservers.Login("imap", alice.address, "PLAIN", LOOPBACK) in backends.alpha.wait_logins(
+        alice.address, 1
+    )
     assert all(login.user != alice.address for login in backends.beta.logins())
 
 
@@ -113,6 +102,13 @@ def test_a_stored_message_is_fetched_byte_for_byte_over_imap_and_pop3(
 
 def test_pop3_user_pass_and_auth_plain(backends: Backends) -> None:
     anna = backends.user("anna@alpha.example")
+    before = len(
+        [
+            login
+            for login in backends.alpha.logins()
+            if login.user == anna.address and login.protocol == "pop3"
+        ]
+    )
     with clients.pop3(backends.alpha.pop3_port) as pop:
         pop.user(anna.address)
         pop.pass_(anna.password)  # raises poplib.error_proto unless +OK
@@ -123,21 +119,21 @@ def test_pop3_user_pass_and_auth_plain(backends: Backends) -> None:
     with clients.pop3(backends.beta.pop3_port) as pop, pytest.raises(poplib.error_proto):
         pop.user(anna.address)
         pop.pass_(anna.password)
-    methods = {login.method for login in backends.alpha.logins() if login.protocol == "pop3"}
-    assert {"PLAIN"} <= methods
+    backends.alpha.wait_logins(anna.address, before + 2, protocol="pop3")
 
 
 def test_client_ip_forwarding_is_trusted_from_loopback(backends: Backends) -> None:
     """IMAP ID x-originating-ip changes Dovecot's rip=; POP3 offers XCLIENT; Postfix offers XCLIENT."""
     ava = backends.user("ava@alpha.example")
-    with socket.create_connection((LOOPBACK, backends.alpha.imap_port), timeout=10) as connection:
-        stream = connection.makefile("rwb")
-        stream.readline()
-        assert command(stream, b'a ID ("x-originating-ip" "192.0.2.7")').startswith(b"a OK")
-        assert command(stream, b"b AUTHENTICATE PLAIN " + clients.sasl_plain(ava).encode()).startswith(
+    with clients.RawClient(backends.alpha.imap_port) as raw:
+        raw.line()
+        assert raw.command(b'a ID ("x-originating-ip" "192.0.2.7")', b"a ").startswith(b"a OK")
+        assert raw.command(b"b AUTHENTICATE PLAIN " + clients.sasl_plain(ava).encode(), b"b ").startswith(
             b"b OK"
         )
-    assert mailservers.Login("imap", ava.address, "PLAIN", "192.0.2.7") in backends.alpha.logins()
+    assert mailservers.Login("imap", ava.address, "PLAIN", "192.0.2.7") in backends.alpha.wait_logins(
+        ava.address, 1
+    )
     with clients.pop3(backends.alpha.pop3_port) as pop:
         assert b"[XCLIENT]" in pop.getwelcome()
     with clients.smtp(backends.postfix.smtp_port) as smtp:
@@ -289,8 +285,9 @@ def test_two_dovecots_run_side_by_side_and_stop_without_leftovers(scratch_direct
             client.login(one.address, one.password)
         with clients.imap(second.imap_port) as client:
             client.login(two.address, two.password)
-        assert [login.user for login in first.logins()] == [one.address]
-        assert [login.user for login in second.logins()] == [two.address]
+        assert [login.user for login in first.wait_logins(one.address, 1)] == [one.address]
+        assert [login.user for login in second.wait_logins(two.address, 1)] == [two.address]
+        assert [login.user for login in first.logins() + second.logins()] == [one.address, two.address]
     assert [pgrep_session(session) for session in sessions] == [[], []]
     assert not first.running
     first.stop()  # idempotent
