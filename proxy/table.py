@@ -62,7 +62,8 @@ class HttpAuth:
 
     url: str
     timeout_seconds: float = 5.0
-    headers: tuple[tuple[str, str], ...] = ()
+    # Extra request headers often carry a shared secret: never in a repr.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)

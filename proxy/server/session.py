@@ -101,6 +101,9 @@ async def serve(context: ProxyContext, listener: Listener, client: socket.socket
         await _converse(
             context, listener, channel=channel, peer=peer, local=local, deadline=deadline, record=record
         )
+    except asyncio.CancelledError:
+        record.outcome = "closed: the proxy is stopping"
+        raise
     except SessionEnded as ended:
         record.outcome = ended.outcome
         metrics.refusals.labels(reason=ended.refusal).inc()
