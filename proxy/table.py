@@ -288,6 +288,8 @@ def from_json(data: bytes | str) -> RoutingTable:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TableError(f"not JSON: {error}") from error
+    except RecursionError as error:  # nesting deeper than any table has
+        raise TableError("not a table: nested too deeply") from error
     if not isinstance(document, dict):
         raise TableError("table: not an object")
     if document.get("apiVersion") != TABLE_API_VERSION:

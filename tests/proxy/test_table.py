@@ -109,6 +109,11 @@ def test_garbage_never_escapes_as_anything_but_table_error(data: bytes) -> None:
         table.from_json(data)
 
 
+def test_deeply_nested_json_is_a_table_error() -> None:
+    with pytest.raises(table.TableError, match="nested too deeply"):
+        table.from_json("[" * 100_000 + "]" * 100_000)
+
+
 def test_endpoint_text_form() -> None:
     assert str(Endpoint("127.0.0.1", 143)) == "127.0.0.1:143"
     assert str(Endpoint("::1", 143)) == "[::1]:143"
