@@ -47,7 +47,7 @@ elsewhere.
 import enum
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import assert_never
 
 from proxy.protocols import sasl
@@ -343,15 +343,6 @@ class _Phase(enum.Enum):
     CLOSED = enum.auto()
 
 
-@dataclass(frozen=True, slots=True)
-class _SaslExchange:
-    """An AUTHENTICATE in progress: LOGIN asks for the user name first, then the password."""
-
-    tag: bytes
-    mechanism: sasl.Mechanism
-    username: str | None = None
-
-
 class Frontend:
     """The IMAP server the client sees until it has logged in."""
 
@@ -366,7 +357,8 @@ class Frontend:
         self._segments: list[bytes] = []
         self._literals: list[bytes] = []
         self._literal_size = 0
-        self._sasl: _SaslExchange | None = None
+        self._sasl: sasl.SaslExchange | None = None  # an AUTHENTICATE waiting for a response
+        self._sasl_tag = b""
         self._login_tag = b""
 
     @property
@@ -575,52 +567,40 @@ class Frontend:
     def _start_sasl(self, tag: bytes, arguments: tuple[bytes, ...]) -> list[Command]:
         if self._privacy_required():
             return [self._tagged(tag, _PRIVACY_REQUIRED)]
-        mechanism = _MECHANISMS.get(arguments[0])
-        if mechanism is None:
+        step = sasl.begin(arguments[0], arguments[1] if len(arguments) > 1 else None)
+        if step is None:
             # RFC 3501 section 6.2.2: an unsupported mechanism gets NO.
             return [self._tagged(tag, b"NO Unsupported authentication mechanism")]
-        self._sasl = _SaslExchange(tag, mechanism)
-        self._phase = _Phase.SASL
-        if len(arguments) == 1:
-            prompt = b"+ " if mechanism is sasl.Mechanism.PLAIN else b"+ " + sasl.LOGIN_USERNAME_PROMPT
-            return [self._send(prompt)]
-        # RFC 4959: "=" stands for an empty initial response.
-        return self._sasl_response(b"" if arguments[1] == b"=" else arguments[1])
+        return self._sasl_step(tag, step)
 
     def _sasl_response(self, line: bytes) -> list[Command]:
         """One client response in an AUTHENTICATE exchange (RFC 3501 section 6.2.2)."""
         exchange = self._sasl
         assert exchange is not None  # the SASL phase always has an exchange
-        if line == sasl.CANCEL:
-            self._end_sasl()
-            # Not counted as an error: the client chose to stop.
-            return [self._tagged(exchange.tag, b"BAD Authentication cancelled")]
-        try:
-            if exchange.mechanism is sasl.Mechanism.PLAIN:
-                credentials = sasl.parse_plain(line)
-            elif exchange.username is None:
-                username = sasl.parse_login_field(line, "user name")
-                if not username:
-                    raise sasl.SaslError("empty user name")
-                self._sasl = replace(exchange, username=username)
-                return [self._send(b"+ " + sasl.LOGIN_PASSWORD_PROMPT)]
-            else:
-                password = sasl.parse_login_field(line, "password")
-                credentials = sasl.Credentials(exchange.username, password, sasl.Mechanism.LOGIN)
-        except sasl.SaslError as error:
-            self._end_sasl()
-            return self._bad(exchange.tag, b"Invalid authentication data: " + str(error).encode())
-        self._end_sasl()
-        if credentials.authzid not in ("", credentials.username):
-            # We can only replay a login as the user itself; acting as someone else would
-            # silently open the wrong mailbox.
-            message = b"NO [AUTHORIZATIONFAILED] Authorization identity must be the user name"
-            return [self._tagged(exchange.tag, message)]
-        return self._authenticate(exchange.tag, credentials)
+        return self._sasl_step(self._sasl_tag, exchange.respond(line))
 
-    def _end_sasl(self) -> None:
+    def _sasl_step(self, tag: bytes, step: sasl.SaslStep) -> list[Command]:
+        if isinstance(step, sasl.SaslExchange):
+            self._sasl, self._sasl_tag = step, tag
+            self._phase = _Phase.SASL
+            return [self._send(b"+ " + step.challenge)]
         self._sasl = None
         self._phase = _Phase.COMMAND
+        match step:
+            case sasl.SaslCancelled():
+                # Not counted as an error: the client chose to stop.
+                return [self._tagged(tag, b"BAD Authentication cancelled")]
+            case sasl.SaslInvalid(reason):
+                return self._bad(tag, b"Invalid authentication data: " + reason.encode())
+            case sasl.Credentials() if step.authzid not in ("", step.username):
+                # We can only replay a login as the user itself; acting as someone else would
+                # silently open the wrong mailbox.
+                message = b"NO [AUTHORIZATIONFAILED] Authorization identity must be the user name"
+                return [self._tagged(tag, message)]
+            case sasl.Credentials():
+                return self._authenticate(tag, step)
+            case _:
+                assert_never(step)
 
     def _authenticate(self, tag: bytes, credentials: sasl.Credentials) -> list[Command]:
         if not credentials.username:
@@ -639,7 +619,10 @@ class Frontend:
         if not self._tls and self._config.starttls is not StartTlsPolicy.OFF:
             words.append(b"STARTTLS")
         # RFC 3501 section 6.2.3: LOGINDISABLED, and no AUTH=, while plaintext login is refused.
-        words += [b"LOGINDISABLED"] if self._privacy_required() else [b"AUTH=PLAIN", b"AUTH=LOGIN"]
+        if self._privacy_required():
+            words.append(b"LOGINDISABLED")
+        else:
+            words += [b"AUTH=" + name for name in sasl.MECHANISMS]
         return b" ".join(words)
 
     def _privacy_required(self) -> bool:
@@ -672,7 +655,6 @@ class Frontend:
 
 
 _PRIVACY_REQUIRED = b"NO [PRIVACYREQUIRED] Plaintext login is disabled, use STARTTLS first"
-_MECHANISMS = {b"PLAIN": sasl.Mechanism.PLAIN, b"LOGIN": sasl.Mechanism.LOGIN}
 
 
 # ---------------------------------------------------------------------------------------------

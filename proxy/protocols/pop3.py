@@ -69,10 +69,8 @@ CRLF = b"\r\n"
 # RFC 2449 section 4: a command line is at most 255 octets including its CRLF (LineBuffer
 # limits count without the line end).
 MAX_COMMAND_LINE = 255 - len(CRLF)
-# RFC 5034 section 4 exempts the client's SASL responses from that limit. The longest response
-# the offered mechanisms can produce is PLAIN's: three RFC 4616 fields of at most 255 octets and
-# two NULs, 767 octets, which base64 turns into 1024.
-MAX_SASL_LINE = 4 * ((3 * sasl.MAX_PLAIN_FIELD + 2 + 2) // 3)
+# RFC 5034 section 4 exempts the client's SASL responses from that limit (see sasl.py).
+MAX_SASL_LINE = sasl.MAX_RESPONSE_LINE
 # RFC 2449 section 4: a response line is at most 512 octets including its CRLF.
 MAX_RESPONSE_LINE = 512 - len(CRLF)
 # Bytes a client may pipeline behind its login command while the login runs (they go to the
@@ -103,9 +101,6 @@ REPLY_TIMEOUT = b"-ERR [SYS/TEMP] Disconnected for inactivity." + CRLF
 REPLY_TOO_LONG = b"-ERR Line too long." + CRLF
 REPLY_TOO_MUCH = b"-ERR Too much data before the login completed." + CRLF
 
-MECHANISMS = (b"PLAIN", b"LOGIN")
-# The "=" initial response stands for an empty one (RFC 5034 section 4).
-EMPTY_INITIAL_RESPONSE = b"="
 # RFC 2449 section 6: what the backends (Dovecot) offer after login, advertised before it so a
 # client's cached CAPA stays true; RESP-CODES and AUTH-RESP-CODE because the replies carry them.
 BASE_CAPABILITIES = (b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING")
@@ -131,6 +126,13 @@ _READING = frozenset(
 _SASL = frozenset({State.AUTH_PLAIN, State.AUTH_LOGIN_USERNAME, State.AUTH_LOGIN_PASSWORD})
 
 
+def _sasl_state(exchange: sasl.SaslExchange) -> State:
+    """The AUTH_* state that waits for the response to ``exchange``'s challenge."""
+    if exchange.mechanism is sasl.Mechanism.PLAIN:
+        return State.AUTH_PLAIN
+    return State.AUTH_LOGIN_USERNAME if exchange.username is None else State.AUTH_LOGIN_PASSWORD
+
+
 def _printable(text: str) -> bool:
     """No control characters: they could not be replayed on a USER/PASS line (a CR or LF would
     end it and start a command of the client's choosing) and no real account uses them."""
@@ -152,7 +154,7 @@ class Frontend:
         "_buffer",
         "_config",
         "_errors",
-        "_sasl_username",
+        "_sasl_exchange",
         "_started",
         "_state",
         "_tls_active",
@@ -167,7 +169,7 @@ class Frontend:
         self._tls_active = config.tls_active
         self._errors = 0
         self._user: str | None = None  # USER accepted, PASS expected
-        self._sasl_username = ""  # the LOGIN mechanism's username while its password is due
+        self._sasl_exchange: sasl.SaslExchange | None = None  # the AUTH waiting for a response
 
     @property
     def state(self) -> State:
@@ -310,7 +312,7 @@ class Frontend:
     def _capa(self) -> list[Command]:
         capabilities = list(BASE_CAPABILITIES)
         if not self._tls_required():  # as nginx: no login offered before the required TLS
-            capabilities += [b"USER", b"SASL " + b" ".join(MECHANISMS)]
+            capabilities += [b"USER", b"SASL " + b" ".join(sasl.MECHANISMS)]
         if self._starttls_offered():
             capabilities.append(b"STLS")
         return [Send(REPLY_CAPA), *(Send(name + CRLF) for name in capabilities), Send(END_OF_LIST)]
@@ -353,45 +355,30 @@ class Frontend:
             return self._refuse(REPLY_TLS_REQUIRED)
         self._user = None
         if not argument:
-            mechanisms = (Send(name + CRLF) for name in MECHANISMS)
+            mechanisms = (Send(name + CRLF) for name in sasl.MECHANISMS)
             return [Send(REPLY_MECHANISMS), *mechanisms, Send(END_OF_LIST)]
         mechanism, _, initial = argument.partition(b" ")
-        match mechanism.upper():
-            case b"PLAIN":
-                stage, challenge = State.AUTH_PLAIN, b""  # RFC 5034 section 4: an empty challenge
-            case b"LOGIN":
-                stage, challenge = State.AUTH_LOGIN_USERNAME, sasl.LOGIN_USERNAME_PROMPT
-            case _:
-                return self._refuse(REPLY_MECHANISM)
-        if not initial:
-            self._enter(stage)
-            return [Send(b"+ " + challenge + CRLF)]
-        return self._sasl_step(stage, b"" if initial == EMPTY_INITIAL_RESPONSE else initial)
+        step = sasl.begin(mechanism, initial or None)
+        if step is None:
+            return self._refuse(REPLY_MECHANISM)
+        return self._sasl_step(step)
 
     def _sasl(self, line: bytes) -> list[Command]:
-        """A continuation line of an AUTH exchange."""
-        stage = self._state
+        """A continuation line of an AUTH exchange (RFC 5034 section 4)."""
+        exchange = self._sasl_exchange
+        assert exchange is not None  # the AUTH_* states always have an exchange
         self._enter(State.AUTHORIZATION)
-        if line == sasl.CANCEL:
-            return self._refuse(REPLY_CANCELLED)
-        return self._sasl_step(stage, line)
+        return self._sasl_step(exchange.respond(line))
 
-    def _sasl_step(self, stage: State, response: bytes) -> list[Command]:
-        """Take the client's SASL response for ``stage``: the next prompt, or the login."""
-        try:
-            if stage is State.AUTH_PLAIN:
-                return self._authenticate(sasl.parse_plain(response))
-            if stage is State.AUTH_LOGIN_USERNAME:
-                self._sasl_username = sasl.parse_login_field(response, "username")
-                if not self._sasl_username:
-                    return self._refuse(REPLY_BAD_SASL)
-                self._enter(State.AUTH_LOGIN_PASSWORD)
-                return [Send(b"+ " + sasl.LOGIN_PASSWORD_PROMPT + CRLF)]
-            password = sasl.parse_login_field(response, "password")
-        except sasl.SaslError:
-            return self._refuse(REPLY_BAD_SASL)
-        credentials = sasl.Credentials(self._sasl_username, password, sasl.Mechanism.LOGIN)
-        return self._authenticate(credentials)
+    def _sasl_step(self, step: sasl.SaslStep) -> list[Command]:
+        """Where the client's SASL response leads: the next challenge, a refusal, or the login."""
+        if isinstance(step, sasl.Credentials):
+            return self._authenticate(step)
+        if not isinstance(step, sasl.SaslExchange):
+            return self._refuse(REPLY_CANCELLED if isinstance(step, sasl.SaslCancelled) else REPLY_BAD_SASL)
+        self._sasl_exchange = step
+        self._enter(_sasl_state(step))
+        return [Send(b"+ " + step.challenge + CRLF)]
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
         if not (_printable(credentials.username) and _printable(credentials.password)):

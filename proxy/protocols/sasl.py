@@ -1,9 +1,11 @@
 """SASL pieces shared by the IMAP, POP3 and SMTP machines: credentials, PLAIN and LOGIN.
 
 Decodes what clients send for AUTHENTICATE/AUTH PLAIN (RFC 4616) and LOGIN (draft-murchison-
-sasl-login), and encodes the PLAIN response the proxy sends to a backend. Credentials carry a
-redacting ``repr`` so that no log line, traceback or test failure can ever show a password.
-Pure: no I/O, no logging.
+sasl-login), runs the protocol-neutral part of that exchange (``begin`` and ``SaslExchange``:
+challenges, the ``*`` cancel, the ``=`` initial response), and encodes the PLAIN response the
+proxy sends to a backend. The front-ends keep only their own framing (``+ `` or ``334 ``) and
+replies. Credentials carry a redacting ``repr`` so that no log line, traceback or test failure
+can ever show a password. Pure: no I/O, no logging.
 """
 
 import base64
@@ -20,6 +22,13 @@ LOGIN_USERNAME_PROMPT = b"VXNlcm5hbWU6"
 LOGIN_PASSWORD_PROMPT = b"UGFzc3dvcmQ6"
 # RFC 4422 section 3.5 / RFC 3501 section 6.2.2: a lone "*" cancels an exchange.
 CANCEL = b"*"
+# RFC 4959 (IMAP), RFC 5034 section 4 (POP3), RFC 4954 section 4 (SMTP): "=" as the initial
+# response stands for an empty one.
+EMPTY_INITIAL_RESPONSE = b"="
+# RFC 5034 section 4 and RFC 4954 section 4 exempt the client's responses from the command line
+# limit. The longest response the offered mechanisms can produce is PLAIN's: three RFC 4616
+# fields of at most 255 octets and two NULs, 767 octets, which base64 turns into 1024.
+MAX_RESPONSE_LINE = 4 * ((3 * MAX_PLAIN_FIELD + 2 + 2) // 3)
 
 
 class Mechanism(Enum):
@@ -28,6 +37,10 @@ class Mechanism(Enum):
     NATIVE = "native"  # IMAP LOGIN, POP3 USER/PASS
     PLAIN = "plain"
     LOGIN = "login"
+
+
+# The SASL mechanisms the front-ends offer, by their RFC 4422 names, in the advertised order.
+MECHANISMS = {b"PLAIN": Mechanism.PLAIN, b"LOGIN": Mechanism.LOGIN}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,3 +110,80 @@ def plain_response(credentials: Credentials) -> bytes:
         (credentials.authzid.encode(), credentials.username.encode(), credentials.password.encode())
     )
     return encode_base64(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exchange (RFC 4422 section 3): the server challenges, the client responds, until the
+# mechanism has the credentials. The front-ends frame challenges and replies in their protocol.
+
+
+@dataclass(frozen=True, slots=True)
+class SaslCancelled:
+    """The client answered a challenge with "*": the exchange ends without credentials."""
+
+
+@dataclass(frozen=True, slots=True)
+class SaslInvalid:
+    """The client's response was malformed; ``reason`` says how, never what it contained."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SaslExchange:
+    """An exchange waiting for the client's next response to ``challenge``.
+
+    PLAIN takes everything in one response to an empty challenge (RFC 4616 section 2); LOGIN
+    asks for the user name, then the password. Holds no password: the response that carries
+    one completes the exchange.
+    """
+
+    mechanism: Mechanism
+    username: str | None = None  # LOGIN: the user name, once the client gave it
+
+    @property
+    def challenge(self) -> bytes:
+        """The base64 challenge to send in the protocol's continuation (empty for PLAIN)."""
+        if self.mechanism is Mechanism.PLAIN:
+            return b""
+        return LOGIN_USERNAME_PROMPT if self.username is None else LOGIN_PASSWORD_PROMPT
+
+    def respond(self, line: bytes) -> "SaslStep":
+        """Take the client's continuation line (without its line end): "*" cancels."""
+        if line == CANCEL:
+            return SaslCancelled()
+        return self._answer(line)
+
+    def _answer(self, response: bytes) -> "SaslStep":
+        try:
+            if self.mechanism is Mechanism.PLAIN:
+                return parse_plain(response)
+            if self.username is None:
+                username = parse_login_field(response, "user name")
+                if not username:
+                    return SaslInvalid("empty user name")
+                return SaslExchange(self.mechanism, username)
+            return Credentials(self.username, parse_login_field(response, "password"), Mechanism.LOGIN)
+        except SaslError as error:
+            return SaslInvalid(str(error))
+
+
+# What one client response leads to: the next challenge (the exchange that waits for its
+# answer), complete credentials, a cancel, or malformed data.
+SaslStep = SaslExchange | Credentials | SaslCancelled | SaslInvalid
+
+
+def begin(name: bytes, initial: bytes | None) -> SaslStep | None:
+    """Start an exchange for the mechanism ``name`` (any case), with the client's initial
+    response if it gave one (RFC 4422 section 3.3; "=" stands for an empty one).
+
+    Returns None when the mechanism is not one we offer. "*" is no cancel here: only a
+    response to a challenge can cancel (RFC 4954 section 4), so it is malformed data.
+    """
+    mechanism = MECHANISMS.get(name.upper())
+    if mechanism is None:
+        return None
+    exchange = SaslExchange(mechanism)
+    if initial is None:
+        return exchange
+    return exchange._answer(b"" if initial == EMPTY_INITIAL_RESPONSE else initial)

@@ -90,9 +90,8 @@ CRLF = b"\r\n"
 # (LineBuffer limits count without the line end).
 MAX_COMMAND_LINE = 512 - len(CRLF)
 # RFC 4954 section 4 keeps the AUTH command itself within that limit but not the client's
-# responses to 334 challenges. The longest response the offered mechanisms can produce is
-# PLAIN's: three RFC 4616 fields of at most 255 octets and two NULs, which base64 makes 1024.
-MAX_SASL_LINE = 4 * ((3 * sasl.MAX_PLAIN_FIELD + 2 + 2) // 3)
+# responses to 334 challenges (see sasl.py).
+MAX_SASL_LINE = sasl.MAX_RESPONSE_LINE
 # RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets including its CRLF.
 MAX_REPLY_LINE = 512 - len(CRLF)
 # RFC 5321 sets no limit on the lines of one reply; a Postfix EHLO reply has about a dozen.
@@ -106,10 +105,6 @@ MAX_PATH = 256
 # or routing runs (they go to the backend first). RFC 2920 groups end at DATA, so a real client
 # sends a few hundred octets here; 64 KiB keeps a client from parking data in the proxy.
 MAX_HELD_BYTES = 64 * 1024
-
-MECHANISMS = (b"PLAIN", b"LOGIN")
-# The "=" initial response stands for an empty one (RFC 4954 section 4).
-EMPTY_INITIAL_RESPONSE = b"="
 
 # Replies (RFC 5321 section 4.2, enhanced codes RFC 3463 / RFC 4954 section 6).
 REPLY_OK = b"250 2.0.0 Ok" + CRLF
@@ -282,6 +277,13 @@ _SASL = frozenset({State.AUTH_PLAIN, State.AUTH_LOGIN_USERNAME, State.AUTH_LOGIN
 _READING = frozenset({State.CONNECTED, State.READY, State.MAIL}) | _SASL
 
 
+def _sasl_state(exchange: sasl.SaslExchange) -> State:
+    """The AUTH_* state that waits for the response to ``exchange``'s challenge."""
+    if exchange.mechanism is sasl.Mechanism.PLAIN:
+        return State.AUTH_PLAIN
+    return State.AUTH_LOGIN_USERNAME if exchange.username is None else State.AUTH_LOGIN_PASSWORD
+
+
 def _printable(text: str) -> bool:
     return not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
 
@@ -295,7 +297,7 @@ class Frontend:
         "_errors",
         "_helo",
         "_mail",
-        "_sasl_username",
+        "_sasl_exchange",
         "_started",
         "_state",
         "_tls_active",
@@ -310,7 +312,7 @@ class Frontend:
         self._errors = 0
         self._helo = b""  # the client's EHLO/HELO line
         self._mail = b""  # inbound: the client's MAIL FROM line
-        self._sasl_username = ""  # the LOGIN mechanism's username while its password is due
+        self._sasl_exchange: sasl.SaslExchange | None = None  # the AUTH waiting for a response
 
     @property
     def state(self) -> State:
@@ -484,7 +486,7 @@ class Frontend:
         if self._starttls_offered():
             extensions.append(b"STARTTLS")
         if not self._config.inbound and not self._tls_required():
-            extensions.append(b"AUTH " + b" ".join(MECHANISMS))
+            extensions.append(b"AUTH " + b" ".join(sasl.MECHANISMS))
         last = len(extensions) - 1
         return [Send(b"250" + (b" " if i == last else b"-") + ext + CRLF) for i, ext in enumerate(extensions)]
 
@@ -513,43 +515,27 @@ class Frontend:
         mechanism, _, initial = argument.partition(" ")
         if not mechanism or " " in initial:
             return self._refuse(_syntax("AUTH mechanism [initial-response]"))
-        match mechanism.upper():
-            case "PLAIN":
-                stage, challenge = State.AUTH_PLAIN, b""  # RFC 4954 section 4: an empty challenge
-            case "LOGIN":
-                stage, challenge = State.AUTH_LOGIN_USERNAME, sasl.LOGIN_USERNAME_PROMPT
-            case _:
-                return self._refuse(REPLY_MECHANISM)
-        if not initial:
-            self._enter(stage)
-            return [Send(b"334 " + challenge + CRLF)]
-        response = initial.encode("ascii")
-        return self._sasl_step(stage, b"" if response == EMPTY_INITIAL_RESPONSE else response)
+        step = sasl.begin(mechanism.encode("ascii"), initial.encode("ascii") or None)
+        if step is None:
+            return self._refuse(REPLY_MECHANISM)
+        return self._sasl_step(step)
 
     def _sasl(self, line: bytes) -> list[Command]:
-        """A continuation line of an AUTH exchange."""
-        stage = self._state
+        """A continuation line of an AUTH exchange (RFC 4954 section 4)."""
+        exchange = self._sasl_exchange
+        assert exchange is not None  # the AUTH_* states always have an exchange
         self._enter(State.READY)
-        if line == sasl.CANCEL:
-            return self._refuse(REPLY_CANCELLED)
-        return self._sasl_step(stage, line)
+        return self._sasl_step(exchange.respond(line))
 
-    def _sasl_step(self, stage: State, response: bytes) -> list[Command]:
-        """Take the client's SASL response for ``stage``: the next prompt, or the login."""
-        try:
-            if stage is State.AUTH_PLAIN:
-                return self._authenticate(sasl.parse_plain(response))
-            if stage is State.AUTH_LOGIN_USERNAME:
-                self._sasl_username = sasl.parse_login_field(response, "username")
-                if not self._sasl_username:
-                    return self._refuse(REPLY_BAD_SASL)
-                self._enter(State.AUTH_LOGIN_PASSWORD)
-                return [Send(b"334 " + sasl.LOGIN_PASSWORD_PROMPT + CRLF)]
-            password = sasl.parse_login_field(response, "password")
-        except sasl.SaslError:
-            return self._refuse(REPLY_BAD_SASL)
-        credentials = sasl.Credentials(self._sasl_username, password, sasl.Mechanism.LOGIN)
-        return self._authenticate(credentials)
+    def _sasl_step(self, step: sasl.SaslStep) -> list[Command]:
+        """Where the client's SASL response leads: the next challenge, a refusal, or the login."""
+        if isinstance(step, sasl.Credentials):
+            return self._authenticate(step)
+        if not isinstance(step, sasl.SaslExchange):
+            return self._refuse(REPLY_CANCELLED if isinstance(step, sasl.SaslCancelled) else REPLY_BAD_SASL)
+        self._sasl_exchange = step
+        self._enter(_sasl_state(step))
+        return [Send(b"334 " + step.challenge + CRLF)]
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
         # Control characters in a name would reach logs and auth_http headers; no account has them.

@@ -6,11 +6,10 @@ measured in kilobytes, LocalProtocolError for driver misuse, the BackendLogin di
 hypothesis fuzzing of both machines with mutated input.
 """
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.protocols import events, imap, sasl
@@ -33,37 +32,20 @@ from proxy.protocols.events import (
     LoginUnavailable,
     Relay,
     Send,
-    StartTls,
     StartTlsPolicy,
     TimedOut,
     TlsEstablished,
 )
 from tests.proxy.protocols import transcript
+from tests.proxy.protocols.transcript import FUZZ, PASSWORD
 
-TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts" / "imap").glob("*.txt"))
-# Deterministic runs (no example database, fixed seed) and no timing: the machine is shared.
-FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-PASSWORD = "Pa55-unique-W0rd"
-COMMAND_TYPES = (
-    Send,
-    Close,
-    StartTls,
-    Authenticate,
-    Relay,
-    LoginSucceeded,
-    LoginFailed,
-    BackendFailed,
-)
+TRANSCRIPTS = transcript.paths("imap")
 
 
 def started(config: FrontendConfig | None = None) -> imap.Frontend:
     frontend = imap.Frontend(config or FrontendConfig())
     frontend.start()
     return frontend
-
-
-def sent(commands: list[Command]) -> bytes:
-    return b"".join(command.data for command in commands if isinstance(command, Send))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,18 +58,14 @@ def test_there_are_transcripts_for_every_scenario_family() -> None:
 
 @pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
 def test_transcript(path: Path) -> None:
-    loaded = transcript.load(path)
-    assert loaded.description, "every transcript opens with a comment saying what it proves"
-    transcript.run(loaded, imap.Frontend)
+    transcript.check(path, imap.Frontend)
 
 
 @pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
 @FUZZ
 @given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
 def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
-    loaded = transcript.load(path)
-    whole = transcript.run(loaded, imap.Frontend)
-    assert transcript.run(loaded, imap.Frontend, chunks=chunks) == whole
+    transcript.check_split(path, imap.Frontend, chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,61 +480,6 @@ def test_backend_never_shows_the_password_outside_its_login(replies: list[bytes]
 # ---------------------------------------------------------------------------------------------
 # Fuzzing: mutated client input and random backend replies never make handle() raise
 
-INTERESTING = b'\r\n{}+"\\ *()=]\x00\xff0123456789'
-
-
-@st.composite
-def mutated(draw: st.DrawFn, data: bytes) -> bytes:
-    buffer = bytearray(data)
-    for _ in range(draw(st.integers(min_value=0, max_value=6))):
-        position = draw(st.integers(min_value=0, max_value=len(buffer)))
-        match draw(st.sampled_from(["insert", "delete", "flip"])):
-            case "insert":
-                byte = draw(st.sampled_from(INTERESTING) | st.integers(min_value=0, max_value=255))
-                buffer.insert(position, byte)
-            case "delete" if position < len(buffer):
-                del buffer[position]
-            case "flip" if position < len(buffer):
-                buffer[position] ^= 1 << draw(st.integers(min_value=0, max_value=7))
-    return bytes(buffer)
-
-
-def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
-    offset = 0
-    for index in range(len(data)):  # bounded: at least one byte per piece
-        if offset >= len(data):
-            return
-        size = sizes[index % len(sizes)]
-        yield data[offset : offset + size]
-        offset += size
-
-
-def drive(
-    frontend: imap.Frontend, data: bytes, sizes: list[int], verdicts: list[events.Event]
-) -> list[list[Command]]:
-    """Play a driver: feed pieces, answer Authenticate and StartTls, stop at Close or Relay.
-
-    Returns every list of commands the machine returned, in order.
-    """
-    batches = [frontend.start()]
-    verdict_index = 0
-    for piece in pieces(data, sizes):
-        pending = frontend.handle(DataReceived(piece))
-        for _ in range(len(data) + 1):  # each answer consumes input, so this ends
-            batches.append(pending)
-            if any(isinstance(command, Close | Relay) for command in pending):
-                return batches
-            if any(isinstance(command, StartTls) for command in pending):
-                pending = frontend.handle(TlsEstablished())
-            elif any(isinstance(command, Authenticate) for command in pending):
-                verdict = verdicts[verdict_index % len(verdicts)]
-                verdict_index += 1
-                pending = frontend.handle(verdict)
-            else:
-                break
-    return [*batches, frontend.handle(ConnectionClosed())]
-
-
 VALID_CLIENT_DATA = [transcript.load(path).client_data for path in TRANSCRIPTS]
 CONFIGS = [
     FrontendConfig(),
@@ -567,7 +490,7 @@ CONFIGS = [
 
 @settings(FUZZ, max_examples=400)
 @given(
-    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(mutated),
+    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(transcript.mutated),
     sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
     config=st.sampled_from(CONFIGS),
     verdicts=st.lists(
@@ -579,19 +502,11 @@ CONFIGS = [
 def test_frontend_survives_mutated_input(
     data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
 ) -> None:
-    batches = drive(imap.Frontend(config), data, sizes, verdicts)
-    commands = [command for batch in batches for command in batch]
-    assert all(isinstance(command, COMMAND_TYPES) for command in commands)
-    assert not any(isinstance(command, LoginSucceeded | LoginFailed | BackendFailed) for command in commands)
-    # The driver acts on Authenticate at once, so it always ends the batch it is in.
-    assert all(
-        not isinstance(command, Authenticate) or index == len(batch) - 1
-        for batch in batches
-        for index, command in enumerate(batch)
-    )
-    relays = [index for index, command in enumerate(commands) if isinstance(command, Relay)]
-    assert relays == [] or relays == [len(commands) - 1]
-    assert all(not isinstance(command, Send) or command.data.endswith(b"\r\n") for command in commands)
+    transcript.check_fuzzed_dialogue(transcript.drive(imap.Frontend(config), data, sizes, verdicts))
+
+
+def verdict_given(login: imap.BackendLogin) -> bool:
+    return login.state in (imap.BackendState.LOGGED_IN, imap.BackendState.FAILED)
 
 
 BACKEND_LINES = [
@@ -626,39 +541,12 @@ def test_backend_login_survives_random_replies(
     lines: list[bytes], sizes: list[int], use_id: bool, closes: bool
 ) -> None:
     config = BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id" if use_id else "none")
-    login = backend_login(config)
     data = b"".join(line + b"\r\n" for line in lines)
-    commands: list[Command] = []
-    for piece in pieces(data, sizes):
-        commands += login.handle(DataReceived(piece))
-        if login.state in (imap.BackendState.LOGGED_IN, imap.BackendState.FAILED):
-            break
-    else:
-        if closes:
-            commands += login.handle(ConnectionClosed())
-    assert all(
-        isinstance(command, Send | LoginSucceeded | LoginFailed | BackendFailed) for command in commands
-    )
-    verdicts = [command for command in commands if not isinstance(command, Send)]
-    assert len(verdicts) <= 1
-    assert (verdicts != []) == (login.state in (imap.BackendState.LOGGED_IN, imap.BackendState.FAILED))
-    for verdict in verdicts:
-        assert PASSWORD not in repr(verdict)
+    transcript.fuzz_backend(backend_login(config), verdict_given, data, sizes, closes)
 
 
 @FUZZ
 @given(reply=st.sampled_from(BACKEND_LINES[5:]), sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4))
 def test_backend_login_split_anywhere_gives_the_same_commands(reply: bytes, sizes: list[int]) -> None:
     dialogue = b"* OK ready\r\n+ OK\r\n+ OK\r\n" + reply + b"\r\na1 OK in\r\n* 1 EXISTS\r\n"
-    whole = backend_login().handle(DataReceived(dialogue))
-    login = backend_login()
-    split: list[Command] = []
-    rest = b""  # what a driver reads after the verdict: it relays that itself
-    for piece in pieces(dialogue, sizes):
-        if login.state in (imap.BackendState.LOGGED_IN, imap.BackendState.FAILED):
-            rest += piece
-        else:
-            split += login.handle(DataReceived(piece))
-    if split and isinstance(split[-1], LoginSucceeded):
-        split[-1] = LoginSucceeded(split[-1].reply, split[-1].buffered + rest)
-    assert split == whole
+    transcript.split_backend_dialogue(backend_login, verdict_given, [dialogue], sizes)

@@ -3,15 +3,13 @@
 The transcripts in transcripts/pop3/ carry the front-end's dialogue; this module runs them
 (whole and cut into random chunks), then covers what a transcript cannot express: limits in
 octets, LocalProtocolError for driver misuse, the BackendLogin dialogue, redaction, and
-hypothesis fuzzing of both machines. ``mutated``, ``pieces`` and ``drive`` are protocol-neutral
-and also serve test_smtp.py.
+hypothesis fuzzing of both machines (with the protocol-neutral helpers of transcript.py).
 """
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.protocols import events, pop3, sasl
@@ -20,14 +18,12 @@ from proxy.protocols.events import (
     Authenticate,
     BackendConfig,
     BackendFailed,
-    BackendMachine,
     ClientAddress,
     Close,
     Command,
     ConnectionClosed,
     DataReceived,
     FrontendConfig,
-    FrontendMachine,
     LoginAccepted,
     LoginFailed,
     LoginRejected,
@@ -36,30 +32,21 @@ from proxy.protocols.events import (
     LoginUnavailable,
     Relay,
     Send,
-    StartTls,
     StartTlsPolicy,
     TimedOut,
     TlsEstablished,
 )
 from tests.proxy.protocols import transcript
+from tests.proxy.protocols.transcript import FUZZ, PASSWORD, sent
 
-TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts" / "pop3").glob("*.txt"))
-# Deterministic runs (no example database, fixed seed) and no timing: the machine is shared.
-FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-PASSWORD = "Pa55-unique-W0rd"
+TRANSCRIPTS = transcript.paths("pop3")
 CREDENTIALS = sasl.Credentials("alice", PASSWORD)
-FRONTEND_COMMANDS = (Send, Close, StartTls, Authenticate, Relay)
-VERDICTS = (LoginSucceeded, LoginFailed, BackendFailed)
 
 
 def started(config: FrontendConfig | None = None) -> pop3.Frontend:
     frontend = pop3.Frontend(config or FrontendConfig())
     frontend.start()
     return frontend
-
-
-def sent(commands: list[Command]) -> bytes:
-    return b"".join(command.data for command in commands if isinstance(command, Send))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,18 +59,14 @@ def test_there_are_transcripts_for_every_scenario_family() -> None:
 
 @pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
 def test_transcript(path: Path) -> None:
-    loaded = transcript.load(path)
-    assert loaded.description, "every transcript opens with a comment saying what it proves"
-    transcript.run(loaded, pop3.Frontend)
+    transcript.check(path, pop3.Frontend)
 
 
 @pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
 @FUZZ
 @given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
 def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
-    loaded = transcript.load(path)
-    whole = transcript.run(loaded, pop3.Frontend)
-    assert transcript.run(loaded, pop3.Frontend, chunks=chunks) == whole
+    transcript.check_split(path, pop3.Frontend, chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,68 +407,6 @@ def test_backend_never_shows_the_password_outside_its_pass_line(responses: list[
 # ---------------------------------------------------------------------------------------------
 # Fuzzing: mutated client input and random backend replies never make handle() raise
 
-INTERESTING = b'\r\n *=+-.:<>@%!"\\\x00\x7f\xff0123456789'
-
-
-@st.composite
-def mutated(draw: st.DrawFn, data: bytes) -> bytes:
-    """``data`` with a few bytes inserted, deleted or bit-flipped."""
-    buffer = bytearray(data)
-    for _ in range(draw(st.integers(min_value=0, max_value=6))):
-        position = draw(st.integers(min_value=0, max_value=len(buffer)))
-        match draw(st.sampled_from(["insert", "delete", "flip"])):
-            case "insert":
-                byte = draw(st.sampled_from(INTERESTING) | st.integers(min_value=0, max_value=255))
-                buffer.insert(position, byte)
-            case "delete" if position < len(buffer):
-                del buffer[position]
-            case "flip" if position < len(buffer):
-                buffer[position] ^= 1 << draw(st.integers(min_value=0, max_value=7))
-    return bytes(buffer)
-
-
-def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
-    """``data`` cut into pieces of the given sizes (cycled)."""
-    offset = 0
-    for index in range(len(data)):  # bounded: at least one byte per piece
-        if offset >= len(data):
-            return
-        size = sizes[index % len(sizes)]
-        yield data[offset : offset + size]
-        offset += size
-
-
-def drive(
-    frontend: FrontendMachine, data: bytes, sizes: list[int], verdicts: list[events.Event]
-) -> list[Command]:
-    """Play a driver: feed pieces, answer Authenticate and StartTls, stop at Close or Relay."""
-    emitted = frontend.start()
-    verdict_index = 0
-    for piece in pieces(data, sizes):
-        pending = frontend.handle(DataReceived(piece))
-        for _ in range(len(data) + 1):  # each answer consumes input or ends the dialogue
-            emitted += pending
-            if any(isinstance(command, Close | Relay) for command in pending):
-                return emitted
-            if any(isinstance(command, StartTls) for command in pending):
-                pending = frontend.handle(TlsEstablished())
-            elif any(isinstance(command, Authenticate) for command in pending):
-                pending = frontend.handle(verdicts[verdict_index % len(verdicts)])
-                verdict_index += 1
-            else:
-                break
-    return emitted + frontend.handle(ConnectionClosed())
-
-
-def check_fuzzed_dialogue(commands: list[Command]) -> None:
-    """What must hold for any dialogue: front-end commands only, Relay last, whole lines."""
-    assert all(isinstance(command, FRONTEND_COMMANDS) for command in commands)
-    relays = [index for index, command in enumerate(commands) if isinstance(command, Relay)]
-    assert relays == [] or relays == [len(commands) - 1]
-    assert all(not isinstance(command, Send) or command.data.endswith(b"\r\n") for command in commands)
-    assert PASSWORD.encode() not in sent(commands)
-
-
 VALID_CLIENT_DATA = [transcript.load(path).client_data for path in TRANSCRIPTS] + REDACTION_DIALOGUES
 CONFIGS = [
     FrontendConfig(),
@@ -496,7 +417,7 @@ CONFIGS = [
 
 @settings(FUZZ, max_examples=400)
 @given(
-    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(mutated),
+    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(transcript.mutated),
     sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
     config=st.sampled_from(CONFIGS),
     verdicts=st.lists(
@@ -508,7 +429,7 @@ CONFIGS = [
 def test_frontend_survives_mutated_input(
     data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
 ) -> None:
-    check_fuzzed_dialogue(drive(pop3.Frontend(config), data, sizes, verdicts))
+    transcript.check_fuzzed_dialogue(transcript.drive(pop3.Frontend(config), data, sizes, verdicts))
 
 
 BACKEND_LINES = [
@@ -530,34 +451,6 @@ def verdict_given(login: pop3.BackendLogin) -> bool:
     return login.state is pop3.BackendState.DONE
 
 
-def fuzz_backend(
-    handle: Callable[[events.Event], list[Command]],
-    done: Callable[[], bool],
-    data: bytes,
-    sizes: list[int],
-    closes: bool,
-) -> list[Command]:
-    """Feed ``data`` in pieces until a verdict; then optionally the backend's close."""
-    commands: list[Command] = []
-    for piece in pieces(data, sizes):
-        commands += handle(DataReceived(piece))
-        if done():
-            break
-    if closes:
-        commands += handle(ConnectionClosed())
-    verdicts = [command for command in commands if isinstance(command, VERDICTS)]
-    assert all(
-        isinstance(command, Send | LoginSucceeded | LoginFailed | BackendFailed) for command in commands
-    )
-    assert len(verdicts) <= 1
-    assert (verdicts != []) == done()
-    if commands and not isinstance(commands[-1], Send):
-        assert commands[-1] is verdicts[0]  # nothing follows the verdict
-    for verdict in verdicts:
-        assert PASSWORD not in repr(verdict)
-    return commands
-
-
 @settings(FUZZ, max_examples=300)
 @given(
     lines=st.lists(st.sampled_from(BACKEND_LINES) | st.binary(max_size=40), max_size=6),
@@ -570,7 +463,7 @@ def test_backend_login_survives_random_replies(
 ) -> None:
     login = backend_login(XCLIENT if use_xclient else BackendConfig())
     data = b"".join(line + b"\r\n" for line in lines)
-    commands = fuzz_backend(login.handle, lambda: verdict_given(login), data, sizes, closes)
+    commands = transcript.fuzz_backend(login, verdict_given, data, sizes, closes)
     if closes:
         assert verdict_given(login)
     for command in commands:
@@ -578,35 +471,11 @@ def test_backend_login_survives_random_replies(
             assert command.data == b"PASS " + PASSWORD.encode() + b"\r\n"
 
 
-def split_backend_dialogue(
-    make: Callable[[], BackendMachine],
-    done: Callable[[BackendMachine], bool],
-    dialogue: bytes,
-    sizes: list[int],
-) -> None:
-    """Feeding a backend dialogue in pieces gives what feeding it whole gives; bytes a driver
-    reads after the verdict it relays itself, so they join the verdict's ``buffered``."""
-    whole = make().handle(DataReceived(dialogue))
-    login = make()
-    split: list[Command] = []
-    rest = b""
-    for piece in pieces(dialogue, sizes):
-        if done(login):
-            rest += piece
-        else:
-            split += login.handle(DataReceived(piece))
-    assert isinstance(split[-1], LoginSucceeded)
-    split[-1] = LoginSucceeded(split[-1].reply, split[-1].buffered + rest)
-    assert split == whole
-
-
 @FUZZ
 @given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5))
 def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
     dialogue = b"+OK [XCLIENT] Dovecot ready.\r\n+OK Updated\r\n+OK\r\n+OK Logged in.\r\n+OK 2 messages\r\n"
-    split_backend_dialogue(
-        lambda: backend_login(XCLIENT),
-        lambda login: isinstance(login, pop3.BackendLogin) and verdict_given(login),
-        dialogue,
-        sizes,
+    commands = transcript.split_backend_dialogue(
+        lambda: backend_login(XCLIENT), verdict_given, [dialogue], sizes
     )
+    assert isinstance(commands[-1], LoginSucceeded)

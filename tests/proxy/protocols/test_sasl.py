@@ -1,4 +1,5 @@
-"""Tests for proxy/protocols/sasl.py: redacted credentials, strict base64, PLAIN and LOGIN."""
+"""Tests for proxy/protocols/sasl.py: redacted credentials, strict base64, PLAIN and LOGIN, and
+the protocol-neutral exchange (challenges, cancel, initial responses) the front-ends share."""
 
 import base64
 
@@ -124,3 +125,104 @@ field = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=
 def test_plain_response_round_trips_through_parse_plain(authzid: str, username: str, password: str) -> None:
     credentials = sasl.Credentials(username, password, sasl.Mechanism.PLAIN, authzid)
     assert sasl.parse_plain(sasl.plain_response(credentials)) == credentials
+
+
+# ---------------------------------------------------------------------------------------------
+# The exchange
+
+
+def test_response_limit_fits_the_largest_plain_response() -> None:
+    credentials = sasl.Credentials("u" * 255, "p" * 255, sasl.Mechanism.PLAIN, authzid="z" * 255)
+    assert len(sasl.plain_response(credentials)) == sasl.MAX_RESPONSE_LINE == 1024
+
+
+@pytest.mark.parametrize("name", [b"CRAM-MD5", b"", b"PLAIN ", b"XOAUTH2"])
+def test_begin_refuses_mechanisms_we_do_not_offer(name: bytes) -> None:
+    assert sasl.begin(name, None) is None
+    assert sasl.begin(name, b"AGFsaWNlAHNlY3JldA==") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "challenge"),
+    [
+        (b"PLAIN", b""),
+        (b"plain", b""),
+        (b"LOGIN", sasl.LOGIN_USERNAME_PROMPT),
+        (b"Login", sasl.LOGIN_USERNAME_PROMPT),
+    ],
+)
+def test_begin_without_initial_response_challenges(name: bytes, challenge: bytes) -> None:
+    step = sasl.begin(name, None)
+    assert isinstance(step, sasl.SaslExchange)
+    assert step.challenge == challenge
+
+
+def test_plain_with_initial_response_completes_at_once() -> None:
+    response = sasl.plain_response(sasl.Credentials("alice", PASSWORD))
+    assert sasl.begin(b"PLAIN", response) == sasl.Credentials("alice", PASSWORD, sasl.Mechanism.PLAIN)
+
+
+def test_plain_after_its_empty_challenge() -> None:
+    exchange = sasl.begin(b"PLAIN", None)
+    assert isinstance(exchange, sasl.SaslExchange)
+    step = exchange.respond(b64(b"admin\x00alice\x00" + PASSWORD.encode()))
+    assert step == sasl.Credentials("alice", PASSWORD, sasl.Mechanism.PLAIN, authzid="admin")
+
+
+def test_login_asks_for_the_user_name_then_the_password() -> None:
+    exchange = sasl.begin(b"LOGIN", None)
+    assert isinstance(exchange, sasl.SaslExchange)
+    password_due = exchange.respond(b64(b"alice"))
+    assert password_due == sasl.SaslExchange(sasl.Mechanism.LOGIN, "alice")
+    assert isinstance(password_due, sasl.SaslExchange)
+    assert password_due.challenge == sasl.LOGIN_PASSWORD_PROMPT
+    assert password_due.respond(b64(PASSWORD.encode())) == sasl.Credentials(
+        "alice", PASSWORD, sasl.Mechanism.LOGIN
+    )
+
+
+def test_login_takes_the_user_name_as_initial_response() -> None:
+    step = sasl.begin(b"LOGIN", b64(b"alice"))
+    assert step == sasl.SaslExchange(sasl.Mechanism.LOGIN, "alice")
+
+
+def test_login_allows_an_empty_password() -> None:
+    step = sasl.SaslExchange(sasl.Mechanism.LOGIN, "alice").respond(b"")
+    assert step == sasl.Credentials("alice", "", sasl.Mechanism.LOGIN)
+
+
+@pytest.mark.parametrize(
+    "exchange",
+    [
+        sasl.SaslExchange(sasl.Mechanism.PLAIN),
+        sasl.SaslExchange(sasl.Mechanism.LOGIN),
+        sasl.SaslExchange(sasl.Mechanism.LOGIN, "alice"),
+    ],
+    ids=["plain", "login-user-name", "login-password"],
+)
+def test_star_cancels_at_every_challenge(exchange: sasl.SaslExchange) -> None:
+    assert exchange.respond(sasl.CANCEL) == sasl.SaslCancelled()
+
+
+@pytest.mark.parametrize(
+    ("name", "initial", "reason"),
+    [
+        (b"PLAIN", b"*", "invalid base64"),  # only a response to a challenge can cancel
+        (b"PLAIN", b"=", "PLAIN response needs exactly two NUL separators"),
+        (b"PLAIN", b"not base64!", "invalid base64"),
+        (b"LOGIN", b"=", "empty user name"),
+        (b"LOGIN", b"//4=", "user name is not UTF-8"),
+        (b"LOGIN", b64(b"u" * 256), "user name longer than 255 octets"),
+    ],
+)
+def test_malformed_responses_are_invalid(name: bytes, initial: bytes, reason: str) -> None:
+    assert sasl.begin(name, initial) == sasl.SaslInvalid(reason)
+
+
+def test_invalid_password_responses_never_show_the_password() -> None:
+    exchange = sasl.SaslExchange(sasl.Mechanism.LOGIN, "alice")
+    for response in (PASSWORD.encode(), b64(PASSWORD.encode() + b"\xff"), b64(PASSWORD.encode() * 20)):
+        step = exchange.respond(response)
+        assert isinstance(step, sasl.SaslInvalid)
+        assert PASSWORD not in repr(step)
+    assert PASSWORD not in repr(exchange.respond(b64(PASSWORD.encode())))

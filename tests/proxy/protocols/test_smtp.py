@@ -4,7 +4,7 @@ The transcripts in transcripts/smtp/ carry the front-end's dialogue in both mode
 and inbound MX); this module runs them (whole and cut into random chunks), then checks that
 nothing gets past the relay checks, the envelope address grammar, limits in octets, driver
 misuse, the BackendLogin dialogue (EHLO, XCLIENT, AUTH PLAIN, MAIL/RCPT replay), redaction,
-and hypothesis fuzzing of both machines (with the protocol-neutral helpers of test_pop3).
+and hypothesis fuzzing of both machines (with the protocol-neutral helpers of transcript.py).
 """
 
 from pathlib import Path
@@ -19,7 +19,6 @@ from proxy.protocols.events import (
     Authenticate,
     BackendConfig,
     BackendFailed,
-    BackendMachine,
     ClientAddress,
     Close,
     Command,
@@ -39,17 +38,9 @@ from proxy.protocols.events import (
     TlsEstablished,
 )
 from tests.proxy.protocols import transcript
-from tests.proxy.protocols.test_pop3 import (
-    FUZZ,
-    PASSWORD,
-    check_fuzzed_dialogue,
-    drive,
-    fuzz_backend,
-    mutated,
-    split_backend_dialogue,
-)
+from tests.proxy.protocols.transcript import FUZZ, PASSWORD, sent
 
-TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts" / "smtp").glob("*.txt"))
+TRANSCRIPTS = transcript.paths("smtp")
 CREDENTIALS = sasl.Credentials("alice@example.com", PASSWORD, sasl.Mechanism.PLAIN)
 INBOUND = FrontendConfig(inbound=True)
 EHLO = b"EHLO client.example\r\n"
@@ -60,10 +51,6 @@ def started(config: FrontendConfig | None = None) -> smtp.Frontend:
     frontend = smtp.Frontend(config or FrontendConfig())
     frontend.start()
     return frontend
-
-
-def sent(commands: list[Command]) -> bytes:
-    return b"".join(command.data for command in commands if isinstance(command, Send))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,18 +64,14 @@ def test_there_are_transcripts_for_every_scenario_family() -> None:
 
 @pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
 def test_transcript(path: Path) -> None:
-    loaded = transcript.load(path)
-    assert loaded.description, "every transcript opens with a comment saying what it proves"
-    transcript.run(loaded, smtp.Frontend)
+    transcript.check(path, smtp.Frontend)
 
 
 @pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
 @FUZZ
 @given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
 def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
-    loaded = transcript.load(path)
-    whole = transcript.run(loaded, smtp.Frontend)
-    assert transcript.run(loaded, smtp.Frontend, chunks=chunks) == whole
+    transcript.check_split(path, smtp.Frontend, chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,7 +723,7 @@ CONFIGS = [
 
 @settings(FUZZ, max_examples=400)
 @given(
-    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(mutated),
+    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(transcript.mutated),
     sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
     config=st.sampled_from(CONFIGS),
     verdicts=st.lists(
@@ -752,8 +735,8 @@ CONFIGS = [
 def test_frontend_survives_mutated_input(
     data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
 ) -> None:
-    commands = drive(smtp.Frontend(config), data, sizes, verdicts)
-    check_fuzzed_dialogue(commands)
+    batches = transcript.drive(smtp.Frontend(config), data, sizes, verdicts)
+    commands = transcript.check_fuzzed_dialogue(batches)
     for command in commands:
         if isinstance(command, Authenticate) and command.request.protocol == "smtp":
             # Whatever got routed is a plain local@domain (or the domain-less postmaster).
@@ -799,7 +782,7 @@ def test_backend_login_survives_random_replies(
     config = XCLIENT if use_xclient else BackendConfig()
     login = inbound_login(config) if inbound else submission_login(config)
     data = b"".join(line + b"\r\n" for line in lines)
-    commands = fuzz_backend(login.handle, lambda: verdict_given(login), data, sizes, closes)
+    commands = transcript.fuzz_backend(login, verdict_given, data, sizes, closes)
     if closes:
         assert verdict_given(login)
     for command in commands:
@@ -822,7 +805,5 @@ def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int], 
     def make() -> smtp.BackendLogin:
         return inbound_login(XCLIENT) if inbound else submission_login(XCLIENT)
 
-    def done(login: BackendMachine) -> bool:
-        return isinstance(login, smtp.BackendLogin) and verdict_given(login)
-
-    split_backend_dialogue(make, done, dialogue, sizes)
+    commands = transcript.split_backend_dialogue(make, verdict_given, [dialogue], sizes)
+    assert isinstance(commands[-1], LoginSucceeded)
