@@ -244,7 +244,8 @@ def test_ok_alone_leaves_server_and_credentials_to_the_route() -> None:
         b"Auth-Status: OK\nAuth-Server: ::1\nAuth-Port: 143\n\n",
         b"HTTP/1.0 500 Whatever\nauth-status:OK\nAUTH-SERVER:   ::1   \nauth-port: 143\r\n\n",
         # The last of a header wins.
-        b"Auth-Status: OK\r\nAuth-Server: 10.0.0.1\r\nAuth-Server: ::1\r\nAuth-Port: 1\r\nAuth-Port: 143\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 10.0.0.1\r\nAuth-Server: ::1\r\n"
+        b"Auth-Port: 1\r\nAuth-Port: 143\r\n\r\n",
         # Unknown headers and a body are ignored.
         b"HTTP/1.0 200 OK\r\nX-Other: x\r\nAuth-Status: OK\r\nAuth-Server: ::1\r\nAuth-Port: 143\r\n\r\nbody",
     ],
