@@ -1,4 +1,4 @@
-"""The proxy's settings file: listeners, admin port, timeouts and the route source.
+"""The proxy's settings file: listeners, admin port, timeouts, abuse limits and the route source.
 
 One format serves the standalone mode (MailRoute files plus a ``services`` stand-in for
 EndpointSlices) and, later, the Helm chart's ConfigMap. In a cluster ``controller`` takes the
@@ -33,6 +33,20 @@ DEFAULT_BACKEND_LOGIN_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 3600.0
 # nginx max_errors default.
 DEFAULT_MAX_ERRORS = 5
+# Abuse limits (proxy/server/limits.py). Concurrent sessions from one client address: Postfix's
+# smtpd_client_connection_count_limit is 50, but an office behind NAT whose mail clients each hold
+# several IMAP connections (one per watched folder) needs more.
+DEFAULT_CONNECTIONS_PER_IP = 100
+# Failed logins before further logins are refused for `lockout` seconds: few for one user (someone
+# guessing its password), more for one address (an office behind NAT mistyping for many users).
+DEFAULT_FAILED_LOGINS_PER_USER = 10
+DEFAULT_FAILED_LOGINS_PER_IP = 30
+# The second failure's refusal is held back this long, each further one twice as long up to the
+# cap; Dovecot's auth penalty starts at 2 s and caps at 15 s (AUTH_PENALTY_MAX_SECS).
+DEFAULT_FIRST_LOGIN_DELAY = 1.0
+DEFAULT_MAX_LOGIN_DELAY = 15.0
+# How long a tripped lock refuses logins; failures are remembered as long after the last one.
+DEFAULT_LOGIN_LOCKOUT = 300.0
 
 
 class SettingsError(ValueError):
@@ -95,6 +109,23 @@ class Timeouts:
     idle: float = DEFAULT_IDLE_TIMEOUT
 
 
+@dataclass(frozen=True, slots=True)
+class FailedLoginSettings:
+    """When failed logins slow down and then lock out a user or a client address."""
+
+    per_user: int = DEFAULT_FAILED_LOGINS_PER_USER
+    per_ip: int = DEFAULT_FAILED_LOGINS_PER_IP
+    first_delay: float = DEFAULT_FIRST_LOGIN_DELAY
+    max_delay: float = DEFAULT_MAX_LOGIN_DELAY
+    lockout: float = DEFAULT_LOGIN_LOCKOUT
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    connections_per_ip: int = DEFAULT_CONNECTIONS_PER_IP
+    failed_logins: FailedLoginSettings = FailedLoginSettings()
+
+
 ServiceEndpoints = Mapping[tuple[str, str, str], tuple[Endpoint, ...]]
 
 
@@ -110,6 +141,7 @@ class ProxySettings:
     services: ServiceEndpoints
     backend_tls: BackendTlsSettings = BackendTlsSettings()
     controller: ControllerSettings | None = None  # None: standalone, tables from route_files
+    limits: LimitSettings = LimitSettings()
 
 
 def _require(document: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
@@ -280,11 +312,55 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
     )
 
 
-def _seconds(document: Mapping[str, Any], key: str, default: float) -> float:
+def _spot(where: str, key: str) -> str:
+    """The dotted name of ``key`` inside ``where`` (empty: the top level), for error messages."""
+    return f"{where}.{key}" if where else key
+
+
+def _seconds(document: Mapping[str, Any], key: str, default: float, where: str = "timeouts") -> float:
     value = document.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise SettingsError(f"timeouts.{key}: expected a positive number of seconds, got {value!r}")
+        raise SettingsError(f"{_spot(where, key)}: expected a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def _count(document: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    value = document.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingsError(f"{_spot(where, key)}: expected a positive whole number, got {value!r}")
+    return value
+
+
+def _mapping(document: Mapping[str, Any], key: str, known: set[str], where: str) -> Mapping[str, Any]:
+    """An optional nested mapping (empty when absent) that may hold only ``known`` keys."""
+    value = document.get(key, {})
+    spot = _spot(where, key)
+    if not isinstance(value, dict):
+        raise SettingsError(f"{spot}: expected a mapping")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise SettingsError(
+            f"{spot}: unknown keys {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})"
+        )
+    return value
+
+
+def _limits(document: Mapping[str, Any]) -> LimitSettings:
+    raw = _mapping(document, "limits", {"connectionsPerIp", "failedLogins"}, "")
+    where = "limits.failedLogins"
+    failures = _mapping(
+        raw, "failedLogins", {"perUser", "perIp", "firstDelay", "maxDelay", "lockout"}, "limits"
+    )
+    return LimitSettings(
+        connections_per_ip=_count(raw, "connectionsPerIp", DEFAULT_CONNECTIONS_PER_IP, "limits"),
+        failed_logins=FailedLoginSettings(
+            per_user=_count(failures, "perUser", DEFAULT_FAILED_LOGINS_PER_USER, where),
+            per_ip=_count(failures, "perIp", DEFAULT_FAILED_LOGINS_PER_IP, where),
+            first_delay=_seconds(failures, "firstDelay", DEFAULT_FIRST_LOGIN_DELAY, where),
+            max_delay=_seconds(failures, "maxDelay", DEFAULT_MAX_LOGIN_DELAY, where),
+            lockout=_seconds(failures, "lockout", DEFAULT_LOGIN_LOCKOUT, where),
+        ),
+    )
 
 
 def parse(document: Any, base: Path) -> ProxySettings:
@@ -301,6 +377,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
         "services",
         "backendTls",
         "controller",
+        "limits",
     }
     unknown = sorted(set(document) - known)
     if unknown:
@@ -326,9 +403,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
     routes = document.get("routes", [])
     if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
         raise SettingsError("routes: expected a list of MailRoute file paths")
-    max_errors = document.get("maxErrors", DEFAULT_MAX_ERRORS)
-    if isinstance(max_errors, bool) or not isinstance(max_errors, int) or max_errors < 1:
-        raise SettingsError(f"maxErrors: expected a positive whole number, got {max_errors!r}")
+    max_errors = _count(document, "maxErrors", DEFAULT_MAX_ERRORS, "")
     server_name = document.get("serverName", "mailgress")
     if not isinstance(server_name, str) or not server_name or any(c.isspace() for c in server_name):
         raise SettingsError(f"serverName: expected a host name without spaces, got {server_name!r}")
@@ -350,6 +425,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
         services=_services(document.get("services", {})),
         backend_tls=_backend_tls(document.get("backendTls", {}), base),
         controller=controller,
+        limits=_limits(document),
     )
 
 
