@@ -1,7 +1,7 @@
 """What every session of a proxy process shares: settings, the table holder, metrics, counters.
 
 Built once by the process entry point and handed to listeners and sessions; it holds no
-sockets of its own.
+sockets of its own. The abuse limits are built from the settings, so every listener shares them.
 """
 
 import collections
@@ -9,6 +9,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from proxy.metrics import ProxyMetrics
+from proxy.server.limits import Limits
 from proxy.server.routes import TableHolder
 from proxy.settings import ProxySettings
 from proxy.table import Endpoint
@@ -25,3 +26,8 @@ class ProxyContext:
     sessions_started: int = 0
     # Relayed sessions per backend endpoint, for least-connections.
     active: collections.Counter[Endpoint] = field(default_factory=collections.Counter)
+    # Failed-login throttle and connections per client address, shared by all listeners.
+    limits: Limits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = Limits(self.settings.limits)
