@@ -42,7 +42,7 @@ def create(registry: CollectorRegistry) -> ProxyMetrics:
         ),
         logins=Counter(
             f"{PREFIX}_logins",
-            "Login attempts by outcome (accepted, rejected, unavailable, no_route).",
+            "Login attempts by outcome (accepted, rejected, unavailable, no_route, throttled).",
             ["protocol", "outcome"],
             registry=registry,
         ),
@@ -76,7 +76,7 @@ def create(registry: CollectorRegistry) -> ProxyMetrics:
         ),
         refusals=Counter(
             f"{PREFIX}_refusals",
-            "Sessions refused or closed by a limit, by reason.",
+            "Sessions refused or closed, and logins refused, by a limit, by reason.",
             ["reason"],
             registry=registry,
         ),

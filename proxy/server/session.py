@@ -6,12 +6,15 @@ runs the handshake. Then the session feeds the client's bytes to the protocol's 
 machine and carries out its commands: replies go to the client, ``StartTls`` upgrades the
 channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides to ``relay``.
 Everything before login is bounded by one deadline (slow clients cannot hold a socket open past
-it). Exactly one INFO line per session is logged when it ends; it names the user but never a
-password.
+it). The shared ``limits`` refuse a client address over its connection limit (once a trusted PROXY
+header has named the real one) and logins locked by failed attempts, and hold back the refusal of
+each further failure. Exactly one INFO line per session is logged when it ends; it names the user
+but never a password.
 """
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 from proxy import table
 from proxy.protocols import events, imap, pop3, proxyheader, smtp
-from proxy.server import backends, relay
+from proxy.server import backends, limits, relay
 from proxy.server.certificates import CertificateStore
 from proxy.server.channel import SocketChannel, TransportChannel, as_transport
 from proxy.server.context import ProxyContext
@@ -36,6 +39,8 @@ FRONTENDS: dict[table.Protocol, Callable[[events.FrontendConfig], events.Fronten
     "submission": smtp.Frontend,
     "smtp": smtp.Frontend,
 }
+# How a lock is named in the session log line.
+LOCKED_SUBJECT: dict[limits.Scope, str] = {"ip": "client address", "user": "user"}
 STARTTLS_POLICY = {
     ("starttls", True): events.StartTlsPolicy.REQUIRED,
     ("starttls", False): events.StartTlsPolicy.ON,
@@ -62,6 +67,7 @@ class SessionRecord:
     outcome: str = "closed"
     upstream_bytes: int = 0
     downstream_bytes: int = 0
+    held_back: float = 0.0  # seconds the failed-login throttle held refusals back
 
 
 class SessionEnded(Exception):
@@ -91,10 +97,15 @@ async def serve(context: ProxyContext, listener: Listener, client: socket.socket
     metrics.sessions_active.labels(protocol=settings.protocol).inc()
     started = time.monotonic()
     channel: SocketChannel | TransportChannel = SocketChannel(client)
+    counted: str | None = None  # the address holding a connection slot
     try:
         deadline = asyncio.get_running_loop().time() + context.settings.timeouts.pre_login
         async with asyncio.timeout_at(deadline):
             peer, local = await _real_addresses(listener, client, peer, record)
+            if not context.limits.connections.acquire(peer.host):
+                _refuse_connection(settings, client, context.settings.server_name)
+                raise SessionEnded("refused: too many connections from this address", "connection_limit")
+            counted = peer.host
             if settings.tls == "implicit":
                 assert listener.certificates is not None
                 channel = await _handshake(channel, listener.certificates.context)
@@ -114,10 +125,12 @@ async def serve(context: ProxyContext, listener: Listener, client: socket.socket
         record.outcome = f"connection error ({getattr(error, 'strerror', None) or type(error).__name__})"
     finally:
         channel.close()
+        if counted is not None:
+            context.limits.connections.release(counted)
         metrics.sessions_active.labels(protocol=settings.protocol).dec()
         log.info(
             "session protocol=%s client=%s user=%s route=%s backend=%s outcome=%s "
-            "bytes_up=%d bytes_down=%d duration=%.3fs",
+            "bytes_up=%d bytes_down=%d duration=%.3fs held_back=%gs",
             record.protocol,
             record.client,
             record.user,
@@ -127,7 +140,19 @@ async def serve(context: ProxyContext, listener: Listener, client: socket.socket
             record.upstream_bytes,
             record.downstream_bytes,
             time.monotonic() - started,
+            record.held_back,
         )
+
+
+def _refuse_connection(settings: ListenerSettings, client: socket.socket, server_name: str) -> None:
+    """Say why before closing, where the client expects plaintext first."""
+    if settings.tls == "implicit":
+        # A TLS handshake just to say no would spend the CPU the limit is there to save: a
+        # plain close, which clients take as a failed connection and retry later.
+        return
+    # One short line into an empty send buffer; a client that cannot take it is not waited for.
+    with contextlib.suppress(OSError):
+        client.send(limits.connection_refusal(settings.protocol, server_name))
 
 
 async def _handshake(channel: SocketChannel | TransportChannel, context: ssl.SSLContext) -> TransportChannel:
@@ -225,15 +250,10 @@ async def _converse(
                         record.outcome = reason
                         return
                     case events.Authenticate(request=request):
-                        record.user = request.routing_key
-                        login = await backends.login(context, request, peer, local)
-                        record.route = login.route
-                        record.backend = str(login.endpoint) if login.endpoint else "-"
-                        context.metrics.logins.labels(
-                            protocol=listener_settings.protocol, outcome=login.outcome
-                        ).inc()
-                        record.outcome = f"login {login.outcome}"
-                        pending.extend(frontend.handle(login.event))
+                        verdict, login = await _authenticate(
+                            context, request, peer=peer, local=local, deadline=deadline, record=record
+                        )
+                        pending.extend(frontend.handle(verdict))
                     case events.Relay(buffered=buffered):
                         assert login is not None and login.backend is not None
                         await _relay(
@@ -265,6 +285,54 @@ async def _converse(
     finally:
         if login is not None and login.backend is not None:
             login.backend.close()  # the relay has closed it already unless something broke first
+
+
+async def _authenticate(
+    context: ProxyContext,
+    request: events.LoginRequest,
+    *,
+    peer: events.ClientAddress,
+    local: events.ClientAddress,
+    deadline: float,
+    record: SessionRecord,
+) -> tuple[
+    events.LoginAccepted | events.LoginRejected | events.LoginUnavailable, backends.LoginOutcome | None
+]:
+    """Route and log in within the failed-login limits: the verdict for the front-end, and the
+    login (None when a lock refused it before any backend was asked)."""
+    record.user = request.routing_key
+    metrics, throttle, clock = context.metrics, context.limits.logins, context.limits.clock
+    # Inbound MX routes a recipient and tries no password: max_errors bounds its guessing.
+    guarded = request.credentials is not None
+    lock = throttle.locked(peer.host, request.routing_key, clock()) if guarded else None
+    if lock is not None:
+        metrics.logins.labels(protocol=request.protocol, outcome="throttled").inc()
+        metrics.refusals.labels(reason=f"login_lockout_{lock.scope}").inc()
+        record.outcome = f"login refused: {LOCKED_SUBJECT[lock.scope]} locked after too many failed logins"
+        return events.LoginUnavailable(), None
+    login = await backends.login(context, request, peer, local)
+    record.route = login.route
+    record.backend = str(login.endpoint) if login.endpoint else "-"
+    metrics.logins.labels(protocol=request.protocol, outcome=login.outcome).inc()
+    record.outcome = f"login {login.outcome}"
+    if guarded and login.outcome == "accepted":
+        throttle.succeeded(request.routing_key)
+    elif guarded and login.outcome in ("rejected", "no_route"):  # no_route too: no hint who exists
+        penalty = throttle.failed(peer.host, request.routing_key, clock())
+        for scope in penalty.locked:
+            locked = limits.client_key(peer.host) if scope == "ip" else limits.user_key(request.routing_key)
+            log.warning(
+                "too many failed logins: %s %r refused for %gs",
+                LOCKED_SUBJECT[scope],
+                locked,
+                throttle.settings.lockout,
+            )
+        # Never past the pre-login deadline, which then ends the session as usual.
+        delay = max(0.0, min(penalty.delay, deadline - asyncio.get_running_loop().time()))
+        if delay:
+            record.held_back += delay
+            await asyncio.sleep(delay)
+    return login.event, login
 
 
 async def _relay(
