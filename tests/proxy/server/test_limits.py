@@ -1,0 +1,459 @@
+"""Abuse limits: the failed-login throttle and connection counts as pure bookkeeping with a hand-set
+clock, their settings, and the session driver applying them on loopback (scripted backends).
+
+Time in the throttle is injected (``FakeClock``): lockouts start and end without waiting. Real
+delays are set to hundredths of a second and observed in the session log line, never timed.
+"""
+
+import asyncio
+import base64
+import dataclasses
+import ipaddress
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from proxy import settings as proxy_settings
+from proxy.server.limits import (
+    MAX_TRACKED_USERS,
+    ConnectionCounts,
+    Limits,
+    Lock,
+    LoginThrottle,
+    Penalty,
+    client_key,
+    connection_refusal,
+)
+from proxy.server.listeners import Listeners
+from proxy.settings import FailedLoginSettings, LimitSettings, ListenerSettings, SettingsError
+from proxy.table import Endpoint
+from testbed.tlscerts import TestAuthority
+from tests.proxy.server.conftest import (
+    PASSWORD,
+    WAIT,
+    ProxyFactory,
+    RunningProxy,
+    dead_port,
+    fake_backend,
+    login,
+)
+
+STEP = 0.01  # polling step while waiting for sessions to end (bounded by WAIT)
+
+
+@dataclasses.dataclass
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def throttle(**overrides: Any) -> LoginThrottle:
+    return LoginThrottle(FailedLoginSettings(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# The throttle's bookkeeping
+
+
+def test_delay_is_zero_then_doubles_up_to_the_cap() -> None:
+    defaults = throttle()
+    assert [defaults.delay(n) for n in range(1, 8)] == [0.0, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0]
+    assert defaults.delay(10**6) == proxy_settings.DEFAULT_MAX_LOGIN_DELAY  # no overflow
+    assert throttle(first_delay=0.5, max_delay=3).delay(4) == 2.0
+
+
+def test_failures_of_a_user_lock_it_until_lockout_after_the_last() -> None:
+    limits = throttle(per_user=3, per_ip=100, lockout=60)
+    penalties = [limits.failed("192.0.2.1", "alice@alpha.example", now) for now in (0.0, 1.0, 2.0)]
+    assert penalties == [Penalty(0.0), Penalty(1.0), Penalty(2.0, ("user",))]
+    # Case does not make another user, and another address does not help.
+    assert limits.locked("198.51.100.9", "ALICE@alpha.example", 2.0) == Lock("user", 62.0)
+    assert limits.locked("198.51.100.9", "alice@alpha.example", 61.9) == Lock("user", 62.0)
+    assert limits.locked("198.51.100.9", "alice@alpha.example", 62.0) is None
+    assert limits.tracked("user") == 0  # expired records are gone, not merely ignored
+    assert limits.locked("192.0.2.1", "bob@alpha.example", 2.0) is None
+
+
+def test_failures_from_an_address_lock_it_for_every_user() -> None:
+    limits = throttle(per_user=100, per_ip=3, lockout=60)
+    for number in range(3):
+        limits.failed("192.0.2.1", f"user{number}@alpha.example", float(number))
+    assert limits.locked("192.0.2.1", "anyone@alpha.example", 3.0) == Lock("ip", 62.0)
+    assert limits.locked("192.0.2.2", "anyone@alpha.example", 3.0) is None
+
+
+def test_a_lock_is_announced_once() -> None:
+    limits = throttle(per_user=2, per_ip=2)
+    assert limits.failed("192.0.2.1", "alice", 0.0).locked == ()
+    assert limits.failed("192.0.2.1", "alice", 0.0).locked == ("ip", "user")
+    assert limits.failed("192.0.2.1", "alice", 0.0).locked == ()  # in flight while it locked
+
+
+def test_success_forgets_the_users_failures_not_the_addresses() -> None:
+    limits = throttle(per_user=3, per_ip=5)
+    for _ in range(2):
+        limits.failed("192.0.2.1", "alice", 0.0)
+    limits.succeeded("ALICE")
+    assert limits.failed("192.0.2.1", "alice", 0.0).delay == limits.delay(3)  # the address's count
+    limits.failed("192.0.2.1", "alice", 0.0)
+    assert limits.locked("192.0.2.1", "bob", 0.0) is None
+    limits.failed("192.0.2.1", "bob", 0.0)
+    assert limits.locked("192.0.2.1", "bob", 0.0) == Lock("ip", 300.0)
+
+
+def test_records_expire_in_order_of_their_last_failure() -> None:
+    limits = throttle(lockout=10)
+    limits.failed("192.0.2.1", "alice", 0.0)
+    limits.failed("192.0.2.2", "bob", 5.0)
+    limits.failed("192.0.2.1", "alice", 6.0)  # alice is now the most recent
+    assert limits.locked("192.0.2.3", "carol", 15.5) is None
+    assert (limits.tracked("ip"), limits.tracked("user")) == (1, 1)  # bob and 192.0.2.2 expired
+    assert limits.failed("192.0.2.1", "alice", 15.5).delay == limits.delay(3)
+
+
+def test_spraying_users_and_addresses_keeps_memory_bounded() -> None:
+    limits = LoginThrottle(FailedLoginSettings(per_user=2, per_ip=10**6), max_addresses=4, max_users=4)
+    limits.failed("192.0.2.1", "victim", 0.0)
+    for number in range(1000):  # no time passes: nothing expires, only the cap holds
+        limits.failed(f"10.0.{number // 256}.{number % 256}", f"sprayed{number}", 0.0)
+    assert (limits.tracked("ip"), limits.tracked("user")) == (4, 4)
+    assert limits.failed("192.0.2.1", "victim", 0.0).locked == ()  # its first failure was evicted
+    assert limits.failed("10.0.3.231", "sprayed999", 0.0).delay == limits.delay(2)  # recent ones kept
+    assert MAX_TRACKED_USERS >= 10_000
+
+
+def test_ipv6_clients_count_by_their_64() -> None:
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_key("192.0.2.7") == "192.0.2.7"
+
+
+def test_connection_counts_refuse_above_the_limit_and_forget_closed_addresses() -> None:
+    counts = ConnectionCounts(2)
+    assert [counts.acquire("2001:db8::1"), counts.acquire("2001:db8::2"), counts.acquire("2001:db8::3")] == [
+        True,
+        True,
+        False,
+    ]
+    assert counts.acquire("192.0.2.1")
+    counts.release("2001:db8::2")
+    assert counts.acquire("2001:db8::3")
+    for address in ("2001:db8::1", "2001:db8::3", "192.0.2.1"):
+        counts.release(address)
+    assert len(counts) == 0
+
+
+@pytest.mark.parametrize(
+    ("protocol", "line"),
+    [
+        ("imap", b"* BYE [UNAVAILABLE] Too many connections from your address, try again later\r\n"),
+        ("pop3", b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"),
+        ("submission", b"421 4.7.0 mx.example Error: too many connections from your address\r\n"),
+        ("smtp", b"421 4.7.0 mx.example Error: too many connections from your address\r\n"),
+    ],
+)
+def test_connection_refusal_is_each_protocols_temporary_refusal(
+    protocol: proxy_settings.ListenerProtocol, line: bytes
+) -> None:
+    assert connection_refusal(protocol, "mx.example") == line
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+LISTENERS = [{"protocol": "imap", "address": "127.0.0.1", "port": 1143}]
+
+
+def parse_limits(limits: Any) -> LimitSettings:
+    return proxy_settings.parse({"listeners": LISTENERS, "limits": limits}, Path("/")).limits
+
+
+def test_limit_settings_default_and_read_back() -> None:
+    assert proxy_settings.parse({"listeners": LISTENERS}, Path("/")).limits == LimitSettings()
+    assert LimitSettings() == LimitSettings(
+        connections_per_ip=100,
+        failed_logins=FailedLoginSettings(per_user=10, per_ip=30, first_delay=1, max_delay=15, lockout=300),
+    )
+    document = {
+        "connectionsPerIp": 20,
+        "failedLogins": {"perUser": 5, "perIp": 50, "firstDelay": 0.5, "maxDelay": 4, "lockout": 900},
+    }
+    assert parse_limits(document) == LimitSettings(20, FailedLoginSettings(5, 50, 0.5, 4.0, 900.0))
+    assert parse_limits({"failedLogins": {"perUser": 3}}).failed_logins.per_ip == 30
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ([], "limits: expected a mapping"),
+        ({"perUser": 3}, "limits: unknown keys perUser"),
+        ({"connectionsPerIp": 0}, "limits.connectionsPerIp: expected a positive whole number"),
+        ({"connectionsPerIp": True}, "limits.connectionsPerIp: expected a positive whole number"),
+        ({"failedLogins": 5}, "limits.failedLogins: expected a mapping"),
+        ({"failedLogins": {"window": 5}}, "limits.failedLogins: unknown keys window"),
+        ({"failedLogins": {"perIp": 2.5}}, "limits.failedLogins.perIp: expected a positive whole number"),
+        ({"failedLogins": {"lockout": 0}}, "limits.failedLogins.lockout: expected a positive number"),
+        ({"failedLogins": {"maxDelay": "15s"}}, "limits.failedLogins.maxDelay: expected a positive number"),
+    ],
+)
+def test_limit_settings_mistakes_name_the_key(limits: Any, message: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{message}"):
+        parse_limits(limits)
+
+
+# ---------------------------------------------------------------------------------------------
+# The session driver applying them
+
+
+def install(
+    proxy: RunningProxy, *, connections: int = 100, clock: FakeClock | None = None, **failed: Any
+) -> FakeClock:
+    """Give the running proxy fresh limits: tiny real delays, a hand-set clock."""
+    clock = clock or FakeClock()
+    settings = FailedLoginSettings(**{"first_delay": 0.01, "max_delay": 0.02, **failed})
+    proxy.context.limits = Limits(LimitSettings(connections, settings), clock)
+    return clock
+
+
+async def sessions_settle(proxy: RunningProxy, remaining: int = 0) -> None:
+    """Wait until at most ``remaining`` sessions are open (the others have logged their end)."""
+    for _ in range(int(WAIT / STEP)):
+        if len(proxy.listeners.sessions) <= remaining:
+            return
+        await asyncio.sleep(STEP)
+    raise AssertionError(f"{len(proxy.listeners.sessions)} sessions still open after {WAIT} s")
+
+
+async def attempt(proxy: RunningProxy, user: str, password: str = PASSWORD) -> bytes:
+    """One IMAP login on a fresh connection; the reply line. The session is ended afterwards."""
+    reply, _, writer = await login(proxy.port, user, password=password)
+    writer.close()
+    await sessions_settle(proxy)
+    return reply
+
+
+def session_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("session ")]
+
+
+async def test_failed_logins_are_held_back_then_refused_without_a_backend(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        clock = install(proxy, per_user=3, per_ip=100, lockout=60)
+        replies = [await attempt(proxy, "alice@alpha.example", "wrong") for _ in range(3)]
+        assert all(reply.startswith(b"a1 NO [AUTHENTICATIONFAILED]") for reply in replies), replies
+        assert len(backend.received) == 3
+        # Locked now: even the right password is refused, and the backend never hears of it.
+        assert await attempt(proxy, "Alice@alpha.example") == (
+            b"a1 NO [UNAVAILABLE] Service temporarily unavailable, try again later\r\n"
+        )
+        assert len(backend.received) == 3
+        clock.now += 60
+        assert (await attempt(proxy, "alice@alpha.example")).startswith(b"a1 OK")
+        assert backend.logins == 1
+    held_back = [line.rpartition(" held_back=")[2] for line in session_lines(caplog)]
+    assert held_back == ["0s", "0.01s", "0.02s", "0s", "0s"]
+    assert "too many failed logins: user 'alice@alpha.example' refused for 60s" in caplog.text
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="login_lockout_user") == 1
+    assert proxy.metric("mailgress_proxy_logins_total", protocol="imap", outcome="throttled") == 1
+
+
+async def test_failures_from_one_address_lock_it_for_every_user(start_proxy: ProxyFactory) -> None:
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        install(proxy, per_user=100, per_ip=3)
+        # Unknown users count too: a refusal without a backend must look like any other.
+        for number in range(3):
+            assert (await attempt(proxy, f"guess{number}@other.example")).startswith(b"a1 NO [AUTH")
+        assert (await attempt(proxy, "alice@alpha.example")).startswith(b"a1 NO [UNAVAILABLE]")
+        assert backend.received == []
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="login_lockout_ip") == 1
+
+
+async def test_a_successful_login_resets_the_users_count(start_proxy: ProxyFactory) -> None:
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        install(proxy, per_user=3, per_ip=100)
+        for password in ("wrong", "wrong", PASSWORD, "wrong", "wrong"):
+            await attempt(proxy, "alice@alpha.example", password)
+        assert (await attempt(proxy, "alice@alpha.example")).startswith(b"a1 OK")
+        assert backend.logins == 2
+
+
+async def test_every_listener_shares_the_lockout_in_its_own_words(start_proxy: ProxyFactory) -> None:
+    proxy = await start_proxy({}, [Endpoint("127.0.0.1", dead_port())])
+    install(proxy, per_user=1, per_ip=100)
+    assert (await attempt(proxy, "alice@other.example", "wrong")).startswith(b"a1 NO [AUTH")
+    # Two more listeners on the same context: a POP3 and a submission one.
+    context = proxy.context
+    context.settings = dataclasses.replace(
+        context.settings,
+        listeners=(
+            ListenerSettings("pop3", "pop3", "127.0.0.1", 0),
+            ListenerSettings("submission", "submission", "127.0.0.1", 0),
+        ),
+    )
+    more = Listeners(context)
+    more.bind_all()
+    more.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", more.addresses["pop3"][1])
+        writer.write(b"USER alice@other.example\r\nPASS whatever\r\n")
+        lines = [await asyncio.wait_for(reader.readline(), WAIT) for _ in range(3)]
+        assert lines[2] == b"-ERR [SYS/TEMP] Temporary authentication failure, try again later.\r\n", lines
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", more.addresses["submission"][1])
+        plain = base64.b64encode(b"\0alice@other.example\0whatever")
+        writer.write(b"EHLO client.example\r\nAUTH PLAIN " + plain + b"\r\n")
+        for _ in range(20):  # greeting and EHLO lines, then the AUTH reply
+            line = await asyncio.wait_for(reader.readline(), WAIT)
+            if not line.startswith(b"2"):
+                break
+        assert line == b"454 4.7.0 Temporary authentication failure\r\n"
+        writer.close()
+    finally:
+        more.close()
+        await more.stop_sessions()
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="login_lockout_user") == 2
+
+
+async def greeting(port: int, first_bytes: bytes = b"") -> tuple[bytes, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(first_bytes)
+    return await asyncio.wait_for(reader.readline(), WAIT), writer
+
+
+@pytest.mark.parametrize(
+    ("protocol", "greets", "refusal"),
+    [
+        ("imap", b"* OK", b"* BYE [UNAVAILABLE] Too many connections"),
+        ("pop3", b"+OK", b"-ERR [SYS/TEMP] Too many connections"),
+        ("submission", b"220 ", b"421 4.7.0 proxy.test Error: too many connections"),
+        ("smtp", b"220 ", b"421 4.7.0 proxy.test Error: too many connections"),
+    ],
+)
+async def test_connections_above_the_limit_get_the_protocols_refusal(
+    start_proxy: ProxyFactory, protocol: str, greets: bytes, refusal: bytes
+) -> None:
+    proxy = await start_proxy({}, [Endpoint("127.0.0.1", dead_port())], listener={"protocol": protocol})
+    install(proxy, connections=2)
+    first, first_writer = await greeting(proxy.port)
+    second, second_writer = await greeting(proxy.port)
+    assert first.startswith(greets) and second.startswith(greets)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(refusal)
+    assert await asyncio.wait_for(reader.read(), WAIT) == b""  # and closed
+    writer.close()
+    first_writer.close()
+    await sessions_settle(proxy, remaining=1)
+    again, again_writer = await greeting(proxy.port)  # a slot was given back
+    assert again.startswith(greets)
+    for open_writer in (second_writer, again_writer):
+        open_writer.close()
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="connection_limit") == 1
+
+
+async def test_connection_limit_counts_the_client_behind_a_trusted_proxy_header(
+    start_proxy: ProxyFactory,
+) -> None:
+    proxy = await start_proxy(
+        {},
+        [Endpoint("127.0.0.1", dead_port())],
+        listener={"proxy_protocol_from": (ipaddress.ip_network("127.0.0.0/8"),)},
+    )
+    install(proxy, connections=1)
+    writers = []
+    for source in ("192.0.2.7", "192.0.2.8", "192.0.2.7"):
+        line, writer = await greeting(proxy.port, f"PROXY TCP4 {source} 198.51.100.1 4000 143\r\n".encode())
+        writers.append(writer)
+        assert line.startswith(b"* BYE" if len(writers) == 3 else b"* OK"), (source, line)
+    for writer in writers:
+        writer.close()
+
+
+async def test_implicit_tls_listener_over_the_limit_closes_without_a_handshake(
+    start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    authority = TestAuthority(tmp_path / "ca")
+    issued = authority.issue("mail", ["mail.alpha.example"])
+    proxy = await start_proxy(
+        {},
+        [Endpoint("127.0.0.1", dead_port())],
+        listener={
+            "tls": "implicit",
+            "certificates": (proxy_settings.CertificateFiles(issued.cert, issued.key),),
+        },
+    )
+    install(proxy, connections=1)
+    tls = ssl.create_default_context(cafile=str(authority.cert))
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", proxy.port, ssl=tls, server_hostname="mail.alpha.example"), WAIT
+    )
+    assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(b"* OK")
+    refused_reader, refused_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    # No plaintext line into a TLS port, and no handshake either: closed at once.
+    assert await asyncio.wait_for(refused_reader.read(), WAIT) == b""
+    refused_writer.close()
+    writer.close()
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="connection_limit") == 1
+
+
+async def test_one_byte_per_second_cannot_outlast_the_pre_login_deadline(start_proxy: ProxyFactory) -> None:
+    proxy = await start_proxy({}, [Endpoint("127.0.0.1", dead_port())], pre_login=2.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(b"* OK")
+    line = b'a1 LOGIN alice@alpha.example "trickled-one-byte-at-a-time"\r\n'
+    closed = asyncio.ensure_future(reader.read())  # everything until the proxy closes
+    sent = 0
+    for byte in line:  # a few dozen seconds at most; the deadline ends it after a few
+        if closed.done():
+            break
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        except ConnectionError:
+            break
+        sent += 1
+        await asyncio.wait([closed], timeout=1.0)
+    rest = await asyncio.wait_for(closed, WAIT)
+    writer.close()
+    assert sent < len(line)
+    assert rest == b"* BYE Autologout; idle for too long\r\n"
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="pre_login_timeout") == 1
+
+
+async def test_metrics_never_name_a_user_or_an_address(start_proxy: ProxyFactory) -> None:
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        install(proxy, connections=1, per_user=2, per_ip=100)
+        for password in (PASSWORD, "wrong", "wrong", PASSWORD):
+            await attempt(proxy, "alice@alpha.example", password)
+        _, held = await greeting(proxy.port)
+        refused, refused_writer = await greeting(proxy.port)
+        assert refused.startswith(b"* BYE")
+        for writer in (held, refused_writer):
+            writer.close()
+        await sessions_settle(proxy)
+    allowed = {"listener", "protocol", "outcome", "direction", "reason", "version", "le"}
+    reasons = set()
+    for family in proxy.registry.collect():
+        for sample in family.samples:
+            assert set(sample.labels) <= allowed, sample
+            assert not any("@" in value or "127.0.0.1" in value for value in sample.labels.values()), sample
+            if "reason" in sample.labels:
+                reasons.add(sample.labels["reason"])
+    assert {"connection_limit", "login_lockout_user"} <= reasons
+    exposition = generate_latest(proxy.registry)
+    assert b"alice" not in exposition
+    leaked = PASSWORD.encode() in exposition  # outside the assert: a failure must not print it
+    assert not leaked, "the test password is in the metrics exposition"
