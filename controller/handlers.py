@@ -1,0 +1,161 @@
+"""kopf glue, and the only module that imports kopf besides the process entry (controller.operator).
+
+controller.operator calls ``register`` on a fresh kopf registry. The handlers stay thin (style
+anchors 6.2): four indexes keep small views of MailRoutes (``mailroute.parse``), Services and
+EndpointSlices (controller.endpoints) and proxy Pods (Ready or not); an ``on.event`` handler per
+kind only wakes the reconciler, which reads the indexes afresh. kopf runs resource handlers only
+once every index holds its initial listing, so the first such call opens the reconciler's sync
+gate; a handler on the MailRoute CRD itself guarantees one call even with no object at all.
+Never writes to the API here (the reconciler does, through controller.operator.KubeApi), never
+raises on a user's object: a broken MailRoute is a SpecError in the index, not a handler error.
+
+No handler changes objects, so kopf adds no finalizer and no annotation to MailRoutes: deleting
+one never waits for the controller. Proxy pods are watched with a server-side label selector and
+field selector (the controller's namespace only).
+"""
+
+import asyncio
+import copy
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from controller import endpoints, mailroute, reconciler
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION = mailroute.API_VERSION.split("/")
+PLURAL = "mailroutes"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+SLICES = ("discovery.k8s.io", "v1", "endpointslices")
+SERVICES = ("v1", "services")
+PODS = ("v1", "pods")
+CRDS = ("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+# Index ids: kopf passes each index to every handler as a keyword argument of this name.
+ROUTES_INDEX = "mailroute_index"
+SERVICES_INDEX = "service_index"
+SLICES_INDEX = "endpointslice_index"
+PROXIES_INDEX = "proxy_index"
+
+
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """What the handlers are connected to (built by controller.operator.run)."""
+
+    namespace: str  # the controller's namespace: proxy pods live here
+    proxy_labels: Mapping[str, str]
+    login: Callable[[], kopf.ConnectionInfo]
+    publisher: reconciler.Publisher
+    cluster: reconciler.Cluster
+    holdoff: float = reconciler.HOLDOFF_SECONDS
+
+
+def _pod_ready(body: Mapping[str, Any]) -> bool:
+    """A pod counts while its Ready condition is True and it is not being deleted."""
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return False
+    found = body.get("status", {}).get("conditions") or []
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in found if isinstance(c, Mapping)
+    )
+
+
+def inputs(indices: Mapping[str, Mapping[Any, Iterable[Any]]]) -> reconciler.Inputs:
+    """The reconciler's view of the four kopf indexes at this moment.
+
+    kopf's ``Index`` maps each key to a ``Store`` of the values every object returned for it;
+    the keys are the tuples and names the index functions below return.
+    """
+    services: dict[tuple[str, str], endpoints.Service] = {}
+    for key, store in indices[SERVICES_INDEX].items():
+        services[key] = next(iter(store))  # a Service's (namespace, name) is unique
+    return reconciler.Inputs(
+        routes=[entry for store in indices[ROUTES_INDEX].values() for entry in store],
+        services=services,
+        slices={key: list(store) for key, store in indices[SLICES_INDEX].items()},
+        proxies={str(key): any(store) for key, store in indices[PROXIES_INDEX].items()},
+    )
+
+
+def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
+    """Define every handler of the operator on ``registry``."""
+    state: dict[str, Any] = {}
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return wiring.login()
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+        labels = ",".join(f"{key}={value}" for key, value in sorted(wiring.proxy_labels.items()))
+        settings.watching.label_selectors[PODS] = labels
+        settings.watching.field_selectors[PODS] = f"metadata.namespace={wiring.namespace}"
+        # Only our own handlers' problems are worth an Event; kopf's progress chatter is not.
+        settings.posting.level = logging.WARNING
+        indices = {name: kwargs[name] for name in (ROUTES_INDEX, SERVICES_INDEX, SLICES_INDEX, PROXIES_INDEX)}
+        worker = reconciler.Reconciler(
+            read=lambda: inputs(indices),
+            publisher=wiring.publisher,
+            cluster=wiring.cluster,
+            holdoff=wiring.holdoff,
+        )
+        state["reconciler"] = worker
+        state["task"] = asyncio.create_task(worker.run(), name="mailgress reconciler")
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        task = state.pop("task", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    @kopf.on.probe(id="table", registry=registry)
+    def table_probe(**_: Any) -> str:
+        worker = state.get("reconciler")
+        current = None if worker is None else worker.table
+        return "none yet" if current is None else current.version
+
+    @kopf.index(GROUP, VERSION, PLURAL, id=ROUTES_INDEX, registry=registry)
+    def mailroute_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+        metadata = body.get("metadata", {})
+        entry = reconciler.RouteEntry(
+            route=mailroute.parse(body),
+            uid=str(metadata.get("uid", "")),
+            resource_version=str(metadata.get("resourceVersion", "")),
+            status=copy.deepcopy(dict(body.get("status") or {})),
+        )
+        return {(namespace, name): entry}
+
+    @kopf.index(*SERVICES, id=SERVICES_INDEX, registry=registry)
+    def service_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        view = endpoints.service_view(body)
+        return {} if view is None else {(view.namespace, view.name): view}
+
+    @kopf.index(*SLICES, id=SLICES_INDEX, registry=registry)
+    def endpointslice_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        view = endpoints.slice_view(body)
+        return {} if view is None else {(view.namespace, view.service): view}
+
+    @kopf.index(
+        *PODS, id=PROXIES_INDEX, labels=dict(wiring.proxy_labels), field="metadata.namespace",
+        value=wiring.namespace, registry=registry,
+    )  # fmt: skip
+    def proxy_index(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
+        return {name: _pod_ready(body)}
+
+    def wake(**_: Any) -> None:
+        worker: reconciler.Reconciler = state["reconciler"]
+        worker.mark_synced()
+        worker.touch()
+
+    kopf.on.event(GROUP, VERSION, PLURAL, id="mailroute_changed", registry=registry)(wake)
+    kopf.on.event(*SERVICES, id="service_changed", registry=registry)(wake)
+    kopf.on.event(*SLICES, id="endpointslice_changed", registry=registry)(wake)
+    kopf.on.event(
+        *PODS, id="proxy_changed", labels=dict(wiring.proxy_labels), field="metadata.namespace",
+        value=wiring.namespace, registry=registry,
+    )(wake)  # fmt: skip
+    kopf.on.event(*CRDS, id="crd_changed", field="metadata.name", value=CRD_NAME, registry=registry)(wake)

@@ -1,0 +1,414 @@
+"""The ``mailgress controller`` process: settings, the API writer, and kopf's run.
+
+mailgress/cli.py calls ``main``; tests call ``run`` with a kubeconfig that points at the
+emulator. ``run`` loads the Kubernetes client configuration (a kubeconfig, or the pod's service
+account), starts the push channel (controller.publisher), registers controller.handlers on a
+fresh kopf registry and runs kopf until stopped. ``KubeApi`` is the reconciler's ``Cluster``:
+the few writes kopf does not make for us (status patches with a resourceVersion precondition,
+the snapshot ConfigMap, Events), over aiohttp with the same credentials kopf logs in with.
+Never logs the push token or an API bearer token; never imports anything of the proxy but the
+table contract.
+
+Settings (flag, then environment variable, then default):
+  --namespace          MAILGRESS_NAMESPACE, POD_NAMESPACE    the controller's namespace (proxy pods,
+                                                             snapshot ConfigMap); else the service
+                                                             account's, else "default"
+  --proxy-selector     MAILGRESS_PROXY_SELECTOR              labels of proxy pods
+                                                             (app.kubernetes.io/component=proxy)
+  --listen-address     MAILGRESS_LISTEN_ADDRESS              push channel address (0.0.0.0)
+  --listen-port        MAILGRESS_LISTEN_PORT                 push channel port (9400)
+  --token-file         MAILGRESS_TOKEN_FILE                  file holding the push channel token
+                                                             (a mounted Secret); required
+  --snapshot-configmap MAILGRESS_SNAPSHOT_CONFIGMAP          ConfigMap for the table snapshot
+                                                             (mailgress-routing-table)
+  --kubeconfig         KUBECONFIG                            kubeconfig file; else in-cluster
+  --health             MAILGRESS_HEALTH                      kopf liveness URL
+                                                             (http://0.0.0.0:8081/healthz; "" = off)
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import ssl
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kopf
+import kubernetes.client
+import kubernetes.config
+import uvloop
+
+from controller import handlers, publisher, reconciler
+from controller.mailroute import API_VERSION, KIND
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROXY_SELECTOR = "app.kubernetes.io/component=proxy"
+DEFAULT_LISTEN_ADDRESS = "0.0.0.0"
+DEFAULT_LISTEN_PORT = 9400
+DEFAULT_SNAPSHOT_CONFIGMAP = "mailgress-routing-table"
+DEFAULT_HEALTH = "http://0.0.0.0:8081/healthz"
+DEFAULT_NAMESPACE = "default"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+MAX_PORT = 65535  # RFC 793 section 3.1
+# One API write must not hold a pass forever; kopf's own requests use the same order of magnitude.
+REQUEST_TIMEOUT_SECONDS = 30.0
+# Who posts the Events (core/v1 Event source.component and reportingComponent).
+COMPONENT = "mailgress-controller"
+EXIT_USAGE = 2
+
+
+class SettingsError(ValueError):
+    """A flag or environment variable with a value the controller cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``run`` needs, resolved from flags and the environment."""
+
+    namespace: str
+    proxy_selector: Mapping[str, str]
+    listen_address: str
+    listen_port: int
+    token_file: Path
+    snapshot_configmap: str
+    kubeconfig: Path | None
+    health: str
+    log_level: str = "info"
+
+
+def _selector(text: str) -> dict[str, str]:
+    """An equality-based label selector "k=v,k2=v2" (what kopf's label filter takes)."""
+    labels: dict[str, str] = {}
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        key, equals, value = part.partition("=")
+        if not equals or not key.strip() or value.startswith("="):
+            raise SettingsError(f"--proxy-selector: {part!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    if not labels:
+        raise SettingsError("--proxy-selector must name at least one label")
+    return labels
+
+
+def parser() -> argparse.ArgumentParser:
+    """The flags of ``mailgress controller`` (also used by mailgress/cli.py)."""
+    flags = argparse.ArgumentParser(prog="mailgress controller", description="Run the MailRoute operator.")
+    flags.add_argument("--namespace", help="the controller's namespace (proxy pods, snapshot ConfigMap)")
+    flags.add_argument("--proxy-selector", help="label selector of proxy pods, k=v[,k=v]")
+    flags.add_argument("--listen-address", help="push channel listen address")
+    flags.add_argument("--listen-port", help="push channel listen port")
+    flags.add_argument("--token-file", help="file with the push channel token")
+    flags.add_argument("--snapshot-configmap", help="ConfigMap that keeps the table snapshot")
+    flags.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
+    flags.add_argument("--health", help='kopf liveness endpoint URL ("" to disable)')
+    flags.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return flags
+
+
+def settings_from(arguments: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Resolve flags, then environment variables, then defaults.
+
+    Raises:
+        SettingsError: a value is missing or malformed.
+    """
+
+    def pick(flag: str | None, *names: str, default: str | None = None) -> str | None:
+        if flag is not None:
+            return flag
+        return next((environ[name] for name in names if environ.get(name)), default)
+
+    namespace = pick(arguments.namespace, "MAILGRESS_NAMESPACE", "POD_NAMESPACE")
+    if namespace is None:
+        try:
+            namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or DEFAULT_NAMESPACE
+        except OSError:
+            namespace = DEFAULT_NAMESPACE
+    port_text = pick(arguments.listen_port, "MAILGRESS_LISTEN_PORT", default=str(DEFAULT_LISTEN_PORT)) or ""
+    if not port_text.isdigit() or int(port_text) > MAX_PORT:
+        raise SettingsError(f"--listen-port: {port_text!r} is not a port number")
+    token_file = pick(arguments.token_file, "MAILGRESS_TOKEN_FILE")
+    if not token_file:
+        raise SettingsError("--token-file (or MAILGRESS_TOKEN_FILE) is required: the push channel token")
+    kubeconfig = pick(arguments.kubeconfig, "KUBECONFIG")
+    return Settings(
+        namespace=namespace,
+        proxy_selector=_selector(
+            pick(arguments.proxy_selector, "MAILGRESS_PROXY_SELECTOR", default=DEFAULT_PROXY_SELECTOR) or ""
+        ),
+        listen_address=pick(
+            arguments.listen_address, "MAILGRESS_LISTEN_ADDRESS", default=DEFAULT_LISTEN_ADDRESS
+        )
+        or DEFAULT_LISTEN_ADDRESS,
+        listen_port=int(port_text),
+        token_file=Path(token_file),
+        snapshot_configmap=pick(
+            arguments.snapshot_configmap, "MAILGRESS_SNAPSHOT_CONFIGMAP", default=DEFAULT_SNAPSHOT_CONFIGMAP
+        )
+        or DEFAULT_SNAPSHOT_CONFIGMAP,
+        # KUBECONFIG may list several files; kopf and kubectl merge them, we take the first.
+        kubeconfig=Path(kubeconfig.split(os.pathsep)[0]) if kubeconfig else None,
+        health=pick(arguments.health, "MAILGRESS_HEALTH", default=DEFAULT_HEALTH) or "",
+        log_level=arguments.log_level,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials
+
+
+def kube_configuration(kubeconfig: Path | None) -> kubernetes.client.Configuration:
+    """The client configuration: the kubeconfig file if given, else the pod's service account.
+
+    Raises:
+        SettingsError: neither can be loaded.
+    """
+    configuration = kubernetes.client.Configuration()
+    try:
+        if kubeconfig is not None:
+            load = kubernetes.config.load_kube_config
+            load(config_file=str(kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except (kubernetes.config.ConfigException, OSError) as error:
+        where = f"kubeconfig {kubeconfig}" if kubeconfig else "the in-cluster service account"
+        raise SettingsError(f"cannot load Kubernetes credentials from {where}: {error}") from error
+    return configuration
+
+
+def _authorization(configuration: kubernetes.client.Configuration) -> str | None:
+    # As kopf.login_via_client: clients after 36.0.1 keep the token under "BearerToken"; calling
+    # the getter (not reading api_key) runs the refresh hook of rotating service-account tokens.
+    header: str | None = configuration.get_api_key_with_prefix(
+        "BearerToken"
+    ) or configuration.get_api_key_with_prefix("authorization")
+    return header
+
+
+def connection_info(configuration: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials from the client configuration (what ``kopf.login_via_client`` does)."""
+    header = _authorization(configuration)
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (
+        (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    )
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
+
+
+def _ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLContext | bool:
+    if not configuration.host.startswith("https:"):
+        return False
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    if not configuration.verify_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# ---------------------------------------------------------------------------------------------
+# The reconciler's API writes
+
+
+class KubeApi:
+    """``reconciler.Cluster`` over aiohttp: status patches, the snapshot ConfigMap, Events."""
+
+    def __init__(
+        self, configuration: kubernetes.client.Configuration, namespace: str, configmap: str
+    ) -> None:
+        self._configuration = configuration
+        self._namespace = namespace
+        self._configmap = configmap
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            base_url=self._configuration.host.rstrip("/") + "/",
+            connector=aiohttp.TCPConnector(ssl=_ssl_context(self._configuration)),
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS),
+        )
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self, content_type: str) -> dict[str, str]:
+        headers = {"Content-Type": content_type, "Accept": "application/json", "User-Agent": COMPONENT}
+        credential = _authorization(self._configuration)
+        if not credential and self._configuration.username:
+            credential = self._configuration.get_basic_auth_token()
+        if credential:
+            headers["Authorization"] = credential
+        return headers
+
+    async def _call(self, method: str, path: str, body: Mapping[str, Any], content_type: str) -> int:
+        """The HTTP status of one request; network trouble and 5xx are ClusterError."""
+        if self._session is None:
+            raise RuntimeError("KubeApi.start() was not called")
+        try:
+            async with self._session.request(
+                method, path.lstrip("/"), json=body, headers=self._headers(content_type)
+            ) as response:
+                await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise reconciler.ClusterError(f"{method} {path}: {error!r}") from error
+        if status >= 500 or status in (401, 403, 429):
+            raise reconciler.ClusterError(f"{method} {path}: HTTP {status}")
+        return status
+
+    async def patch_status(
+        self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]
+    ) -> bool:
+        group, version = API_VERSION.split("/")
+        path = f"/apis/{group}/{version}/namespaces/{namespace}/mailroutes/{name}/status"
+        # A resourceVersion in a merge patch is a precondition: 409 if the object moved on.
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        code = await self._call("PATCH", path, body, "application/merge-patch+json")
+        if code in (404, 409):
+            return False
+        if code >= 300:
+            raise reconciler.ClusterError(f"PATCH {path}: HTTP {code}")
+        return True
+
+    async def save_snapshot(self, document: bytes) -> None:
+        base = f"/api/v1/namespaces/{self._namespace}/configmaps"
+        data = {"data": {reconciler.SNAPSHOT_KEY: document.decode()}}
+        code = await self._call("PATCH", f"{base}/{self._configmap}", data, "application/merge-patch+json")
+        if code == 404:
+            created = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": self._configmap}, **data}
+            code = await self._call("POST", base, created, "application/json")
+        if code >= 300:
+            raise reconciler.ClusterError(f"saving the snapshot ConfigMap {self._configmap}: HTTP {code}")
+
+    async def post_event(self, entry: reconciler.RouteEntry, kind: str, reason: str, message: str) -> None:
+        now = reconciler.utc_now()
+        route = entry.route
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{route.name}.", "namespace": route.namespace},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": route.name,
+                "namespace": route.namespace,
+                "uid": entry.uid,
+                "resourceVersion": entry.resource_version,
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message,
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        code = await self._call(
+            "POST", f"/api/v1/namespaces/{route.namespace}/events", event, "application/json"
+        )
+        if code >= 300:
+            # An Event is a courtesy: a refusal (e.g. the namespace is terminating) is logged only.
+            log.warning("Event %s for %s was refused: HTTP %d", reason, route.key, code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def read_token(path: Path) -> str:
+    """The push channel token from its file (a mounted Secret), surrounding whitespace removed."""
+    try:
+        token = path.read_text().strip()
+    except OSError as error:
+        raise SettingsError(f"cannot read the token file {path}: {error.strerror}") from error
+    if not token:
+        raise SettingsError(f"the token file {path} is empty")
+    return token
+
+
+async def run(
+    settings: Settings,
+    *,
+    channel: publisher.Publisher | None = None,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
+    holdoff: float = reconciler.HOLDOFF_SECONDS,
+) -> None:
+    """Run the operator until ``stop_flag`` is set (or SIGTERM/SIGINT in the main thread).
+
+    Args:
+        settings: as ``settings_from`` resolved them.
+        channel: the publisher to start on the settings' address (tests keep a reference to
+            learn its port); None makes one with the token from the settings' token file.
+        stop_flag, ready_flag: passed to kopf.operator.
+        holdoff: the reconciler's debounce (tests shorten it).
+
+    Raises:
+        SettingsError: credentials or the token cannot be loaded.
+    """
+    configuration = kube_configuration(settings.kubeconfig)
+    if channel is None:
+        channel = publisher.Publisher(token=read_token(settings.token_file))
+    await channel.start(settings.listen_address, settings.listen_port)
+    api = KubeApi(configuration, settings.namespace, settings.snapshot_configmap)
+    await api.start()
+    registry = kopf.OperatorRegistry()
+    handlers.register(
+        registry,
+        handlers.Wiring(
+            namespace=settings.namespace,
+            proxy_labels=dict(settings.proxy_selector),
+            login=lambda: connection_info(configuration),
+            publisher=channel,
+            cluster=api,
+            holdoff=holdoff,
+        ),
+    )
+    try:
+        await kopf.operator(
+            registry=registry,
+            clusterwide=True,
+            standalone=True,
+            liveness_endpoint=settings.health or None,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        await api.stop()
+        await channel.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mailgress controller``: run until SIGTERM; exit status 2 on bad settings."""
+    arguments = parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, arguments.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = settings_from(arguments, os.environ)
+        uvloop.run(run(settings))
+    except SettingsError as error:
+        print(f"mailgress controller: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0

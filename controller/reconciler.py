@@ -1,0 +1,331 @@
+"""The level-based reconciler: debounce, sync gate, compile, publish, status, snapshot.
+
+controller.handlers starts one ``Reconciler`` per operator and calls ``touch`` whenever a
+MailRoute, Service, EndpointSlice or proxy Pod changes, and ``mark_synced`` once kopf has
+filled every index (kopf holds resource handlers until then). The publisher calls
+``acks_changed`` when a proxy connects, acks or leaves. Each pass reads everything afresh
+through ``read`` (never an event's diff: Contour's level-based build), so a lost or repeated
+event costs nothing but a pass.
+
+One pass: compile every MailRoute with the resolved endpoints (controller.compiler, pure);
+publish the table if its version is new and write it to the snapshot ConfigMap; then compute
+each MailRoute's status (Accepted and ResolvedRefs from the compiler, Programmed from which ready
+proxy pods run a table that holds this generation) and patch the ones that differ, merging our
+conditions into the object's list (controller.conditions.merge: others' conditions stay) with
+the object's resourceVersion as a precondition, and post an Event per condition that turned
+True or False. Never imports kopf: the Kubernetes API is behind ``Cluster``; never publishes
+before the sync gate opened (a half-listed cluster would withdraw routes from every proxy).
+"""
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from controller import compiler, conditions, endpoints, mailroute
+from proxy import table
+
+log = logging.getLogger(__name__)
+
+# Contour's event handler waits 100 ms after an event for more to come, and never longer than
+# 500 ms in all: a burst (kubectl apply -f of many routes) becomes one compilation.
+HOLDOFF_SECONDS = 0.1
+MAX_HOLDOFF_SECONDS = 0.5
+# A failed API write is retried on a later pass; this one comes at the latest after that long.
+RETRY_SECONDS = 5.0
+# Published tables remembered to tell which generation an acked version holds. A proxy that acks
+# something older than this many publications counts as not running any current generation.
+MAX_REMEMBERED_TABLES = 64
+# The ConfigMap key proxies read the snapshot from (mounted as a file; the canonical table JSON).
+SNAPSHOT_KEY = "table.json"
+# events.k8s.io/v1 caps an Event's note at 1 kB; the core/v1 message is shown in the same place.
+MAX_EVENT_MESSAGE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """A MailRoute as last seen: parsed, plus what writing its status needs."""
+
+    route: mailroute.MailRoute | mailroute.SpecError
+    uid: str
+    resource_version: str
+    status: Mapping[str, Any]  # the object's .status as seen (others' conditions included)
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """Everything one pass reads: the operator's indexes at one moment."""
+
+    routes: Sequence[RouteEntry]
+    services: Mapping[tuple[str, str], endpoints.Service]
+    slices: Mapping[tuple[str, str], Sequence[endpoints.Slice]]
+    proxies: Mapping[str, bool]  # proxy pod name -> Ready
+
+
+class Ack(Protocol):
+    """What a proxy reported for a table version (controller.publisher.Ack)."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def accepted(self) -> bool: ...
+    @property
+    def error(self) -> str: ...
+
+
+class Publisher(Protocol):
+    """The push channel's controller end (controller.publisher.Publisher)."""
+
+    def publish(self, new: table.RoutingTable) -> None: ...
+    def acks(self) -> Mapping[str, Ack]: ...
+    def on_change(self, callback: Callable[[], None]) -> None: ...
+
+
+class ClusterError(Exception):
+    """A Kubernetes API call failed for a reason a later retry may not have (5xx, network)."""
+
+
+class Cluster(Protocol):
+    """The Kubernetes API writes a pass makes."""
+
+    async def patch_status(
+        self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]
+    ) -> bool:
+        """Merge-patch a MailRoute's status if it still has ``resource_version``.
+
+        Returns False when the object changed meanwhile (409) or is gone (404); its next watch
+        event brings a new pass. Raises ClusterError for anything else.
+        """
+        ...
+
+    async def save_snapshot(self, document: bytes) -> None:
+        """Store the table JSON under SNAPSHOT_KEY in the snapshot ConfigMap (create or patch)."""
+        ...
+
+    async def post_event(self, entry: RouteEntry, kind: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event (``kind`` Normal or Warning) about the MailRoute."""
+        ...
+
+
+def utc_now() -> str:
+    """RFC 3339 in UTC at second precision, as metav1.Time serialises."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(slots=True)
+class _Published:
+    """The tables published so far (newest last) and which route generations each holds."""
+
+    history: list[tuple[str, dict[str, int]]] = field(default_factory=list)
+
+    @property
+    def latest(self) -> str | None:
+        return self.history[-1][0] if self.history else None
+
+    def add(self, new: table.RoutingTable) -> None:
+        self.history.append((new.version, {route.name: route.generation for route in new.routes}))
+        del self.history[:-MAX_REMEMBERED_TABLES]
+
+    def generation(self, version: str | None, key: str) -> int | None:
+        for known, generations in reversed(self.history):
+            if known == version:
+                return generations.get(key)
+        return None
+
+
+class Reconciler:
+    """Turns the indexes into one published table and every MailRoute's status."""
+
+    def __init__(
+        self,
+        *,
+        read: Callable[[], Inputs],
+        publisher: Publisher,
+        cluster: Cluster,
+        holdoff: float = HOLDOFF_SECONDS,
+        max_holdoff: float = MAX_HOLDOFF_SECONDS,
+        now: Callable[[], str] = utc_now,
+    ) -> None:
+        self._read = read
+        self._publisher = publisher
+        self._cluster = cluster
+        self._holdoff = holdoff
+        self._max_holdoff = max_holdoff
+        self._now = now
+        self._wake = asyncio.Event()
+        self._synced = False
+        # What the last compilation was made of: equal input is not compiled again (status
+        # writes come back as watch events, and must not cost a compilation each).
+        self._compiled_from: tuple[list[Any], dict[compiler.ServiceKey, Any]] | None = None
+        self._compiled: compiler.Compiled | None = None
+        self._published = _Published()
+        self._snapshot: str | None = None  # version last written to the ConfigMap
+        self._applied: dict[str, str] = {}  # proxy -> last version it accepted
+        self._rejected: dict[str, Ack] = {}  # proxy -> its rejection of a version it did not apply
+        # key -> (resourceVersion we patched against, status we wrote): until the watch brings
+        # our own write back, the index still shows the old status.
+        self._written: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.passes = 0  # completed passes, for tests and the probe
+        publisher.on_change(self.acks_changed)
+
+    @property
+    def table(self) -> table.RoutingTable | None:
+        """The table of the last pass (None before the first)."""
+        return None if self._compiled is None else self._compiled.table
+
+    def touch(self) -> None:
+        """An input may have changed: run a pass (after the holdoff)."""
+        self._wake.set()
+
+    def mark_synced(self) -> None:
+        """Every index holds its initial listing: passes may run from now on."""
+        if not self._synced:
+            self._synced = True
+            log.info("initial listing complete: routing tables will be published")
+            self._wake.set()
+
+    def acks_changed(self) -> None:
+        """The publisher saw a proxy connect, ack or leave: recompute Programmed."""
+        for proxy, ack in self._publisher.acks().items():
+            if ack.accepted:
+                self._applied[proxy] = ack.version
+                self._rejected.pop(proxy, None)
+            else:
+                self._rejected[proxy] = ack
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Pass after pass, each after a quiet holdoff, until cancelled."""
+        while True:
+            await self._wake.wait()
+            if not self._synced:
+                self._wake.clear()
+                continue
+            await self._settle()
+            try:
+                await self.reconcile()
+            except ClusterError as error:
+                log.warning("Kubernetes API write failed, retrying in %.0f s: %s", RETRY_SECONDS, error)
+                asyncio.get_running_loop().call_later(RETRY_SECONDS, self._wake.set)
+            except Exception:
+                # A bug in one pass must not end reconciling for good: log it, try again later.
+                log.exception("reconcile pass failed, retrying in %.0f s", RETRY_SECONDS)
+                asyncio.get_running_loop().call_later(RETRY_SECONDS, self._wake.set)
+
+    async def _settle(self) -> None:
+        """Wait until no change came for ``holdoff`` seconds, or ``max_holdoff`` passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_holdoff
+        while True:
+            self._wake.clear()
+            wait = min(self._holdoff, deadline - loop.time())
+            if wait <= 0:
+                return
+            try:
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+
+    async def reconcile(self) -> None:
+        """One pass: compile if an input changed, publish, snapshot, write statuses."""
+        inputs = self._read()
+        routes: list[Any] = [entry.route for entry in inputs.routes]
+        resolved = endpoints.resolve(compiler.service_keys(routes), inputs.services, inputs.slices)
+        if self._compiled is None or self._compiled_from != (routes, resolved):
+            self._compiled = compiler.compile_table(routes, resolved)
+            self._compiled_from = (routes, dict(resolved))
+        compiled = self._compiled
+        if compiled.table.version != self._published.latest:
+            self._publisher.publish(compiled.table)
+            self._published.add(compiled.table)
+        for proxy in set(self._applied) - set(inputs.proxies):
+            del self._applied[proxy]  # the pod is gone; a new one of that name acks afresh
+        if self._snapshot != compiled.table.version:
+            await self._cluster.save_snapshot(table.to_json(compiled.table))
+            self._snapshot = compiled.table.version
+        await self._write_statuses(inputs, compiled)
+        self.passes += 1
+
+    def _programmed(self, key: str, generation: int, ready: Sequence[str]) -> conditions.Condition:
+        """Programmed for a route in the table: which ready proxies run this generation."""
+        running = sum(
+            1 for proxy in ready if self._published.generation(self._applied.get(proxy), key) == generation
+        )
+        message = f"{running} of {len(ready)} proxies"
+        if ready and running == len(ready):
+            return conditions.Condition(
+                "Programmed", "True", conditions.Reason.PROGRAMMED, message, generation
+            )
+        if not ready:
+            message += ": no proxy pod is ready"
+        latest = self._published.latest
+        for proxy in ready:
+            rejection = self._rejected.get(proxy)
+            if rejection is not None and rejection.version == latest:
+                message += f"; {proxy} rejected table {latest}: {rejection.error}"
+        return conditions.Condition("Programmed", "Unknown", conditions.Reason.PENDING, message, generation)
+
+    def _desired(
+        self, entry: RouteEntry, compiled: compiler.Compiled, ready: Sequence[str], current: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        route = entry.route
+        ours = list(compiled.conditions[route.key])
+        if self._published.generation(self._published.latest, route.key) == route.generation:
+            ours = [c for c in ours if c.type != "Programmed"]
+            ours.append(self._programmed(route.key, route.generation, ready))
+        existing = current.get("conditions")
+        latest = self._published.latest or ""
+        counts = compiled.endpoint_counts.get(route.key, ())
+        return {
+            "observedGeneration": route.generation,
+            "conditions": conditions.merge(existing if isinstance(existing, list) else [], ours, self._now()),
+            # None deletes the field (merge patch): an invalid route serves nothing.
+            "protocols": ",".join(p for p, _ in route.protocols)
+            if isinstance(route, mailroute.MailRoute)
+            else None,
+            "endpoints": dict(counts) or None,
+            "proxies": {
+                "programmed": sum(1 for proxy in ready if self._applied.get(proxy) == latest),
+                "total": len(ready),
+                "version": latest,
+            },
+        }
+
+    async def _write_statuses(self, inputs: Inputs, compiled: compiler.Compiled) -> None:
+        ready = sorted(proxy for proxy, is_ready in inputs.proxies.items() if is_ready)
+        seen: set[str] = set()
+        for entry in inputs.routes:
+            key = entry.route.key
+            seen.add(key)
+            written = self._written.get(key)
+            current = written[1] if written and written[0] == entry.resource_version else entry.status
+            desired = self._desired(entry, compiled, ready, current)
+            if all(current.get(name) == value for name, value in desired.items()):
+                continue
+            namespace, name = entry.route.namespace, entry.route.name
+            if not await self._cluster.patch_status(namespace, name, entry.resource_version, desired):
+                continue  # changed or gone meanwhile: its watch event brings another pass
+            self._written[key] = (entry.resource_version, desired)
+            await self._post_transitions(entry, current.get("conditions"), desired["conditions"])
+        for key in set(self._written) - seen:
+            del self._written[key]
+
+    async def _post_transitions(self, entry: RouteEntry, before: Any, after: list[Any]) -> None:
+        """An Event for each of our conditions that became True or False (or changed reason)."""
+        previous = {
+            item.get("type"): (item.get("status"), item.get("reason"))
+            for item in (before if isinstance(before, list) else [])
+            if isinstance(item, Mapping)
+        }
+        for item in after:
+            kind, status, reason = item["type"], item["status"], item["reason"]
+            if kind not in conditions.CONDITION_TYPES or status == "Unknown":
+                continue
+            if previous.get(kind) != (status, reason):
+                message = f"{kind}={status}: {item['message']}"[:MAX_EVENT_MESSAGE]
+                await self._cluster.post_event(
+                    entry, "Normal" if status == "True" else "Warning", reason, message
+                )

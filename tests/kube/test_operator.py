@@ -1,0 +1,253 @@
+"""The real kopf operator (controller.operator.run) against the emulator, with proxies acking on
+the real push channel: MailRoute status, the published table, the snapshot ConfigMap, Events."""
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from proxy import table
+from tests.kube.conftest import (
+    CONTROLLER_NAMESPACE,
+    NAMESPACE,
+    AccessLog,
+    Api,
+    Controller,
+    ControllerRunner,
+    FakeProxy,
+    condition,
+    create_backend,
+    create_crd,
+    create_route,
+    eventually,
+    imap_route,
+    mailroute_body,
+    proxy_pod,
+    route_path,
+    snapshot_of,
+    status_of,
+)
+from tests.kube.emulator import Emulator
+
+PROXIES = ("proxy-a", "proxy-b")
+
+
+async def create_proxy_pods(api: Api, names: tuple[str, ...] = PROXIES) -> None:
+    for name in names:
+        await api.create(f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/pods", proxy_pod(name))
+
+
+@contextlib.asynccontextmanager
+async def fake_proxies(
+    controller: Controller, *, rejecting: tuple[str, ...] = ()
+) -> AsyncIterator[list[FakeProxy]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(FakeProxy(name, controller.port, reject=name in rejecting))
+            for name in PROXIES
+        ]
+
+
+def is_(emulator: Emulator, name: str, kind: str, status: str, reason: str) -> bool:
+    found = condition(emulator, name, kind)
+    return (found.get("status"), found.get("reason")) == (status, reason)
+
+
+def event_reasons(emulator: Emulator, name: str) -> list[str]:
+    return sorted(
+        obj.raw["reason"]
+        for (resource, namespace, _), obj in emulator.objects.items()
+        if resource.plural == "events" and namespace == NAMESPACE and not obj.deleted
+        if obj.raw.get("involvedObject", {}).get("name") == name
+    )
+
+
+def route_names(current: table.RoutingTable | None) -> list[str]:
+    return [] if current is None else [route.name for route in current.routes]
+
+
+async def test_route_becomes_accepted_resolved_and_programmed(
+    emulator: Emulator, api: Api, controller: Controller
+) -> None:
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1", "10.0.0.2"])
+    async with fake_proxies(controller) as proxies:
+        await create_route(api, imap_route("example", "example.com"))
+        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "Programmed")
+        assert condition(emulator, "example", "Programmed")["message"] == "2 of 2 proxies"
+        assert is_(emulator, "example", "Accepted", "True", "Accepted")
+        assert is_(emulator, "example", "ResolvedRefs", "True", "ResolvedRefs")
+        status = status_of(emulator, "example")
+        assert status["observedGeneration"] == 1
+        assert all(item["observedGeneration"] == 1 for item in status["conditions"])
+        assert status["protocols"] == "imap"
+        assert status["endpoints"] == {"imap": 2}
+        for proxy in proxies:
+            assert proxy.latest is not None
+            assert route_names(proxy.latest) == ["mail/example"]
+            assert status["proxies"] == {"programmed": 2, "total": 2, "version": proxy.latest.version}
+            (upstream,) = [u for _, u in proxy.latest.routes[0].upstreams]
+            assert [str(e) for e in upstream.endpoints] == ["10.0.0.1:10143", "10.0.0.2:10143"]
+        await eventually(lambda: len(event_reasons(emulator, "example")) == 3, "three Events")
+        assert event_reasons(emulator, "example") == ["Accepted", "Programmed", "ResolvedRefs"]
+
+
+async def test_nothing_is_published_before_the_initial_listing(
+    emulator: Emulator, api: Api, controller_runner: ControllerRunner
+) -> None:
+    """Routes that exist when the controller starts are all in the very first table."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    names = ["first", "second", "third"]
+    for index, name in enumerate(names):
+        await create_route(api, imap_route(name, f"d{index}.example"))
+    controller = await controller_runner.start()
+    async with fake_proxies(controller) as proxies:
+        await eventually(lambda: all(proxy.tables for proxy in proxies), "a first table")
+        for proxy in proxies:
+            assert route_names(proxy.tables[0]) == [f"mail/{name}" for name in sorted(names)]
+        await eventually(
+            lambda: all(is_(emulator, name, "Programmed", "True", "Programmed") for name in names),
+            "all Programmed",
+        )
+
+
+async def test_conflicting_route_names_the_winner(
+    emulator: Emulator, api: Api, controller: Controller
+) -> None:
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    async with fake_proxies(controller) as proxies:
+        await create_route(api, imap_route("alpha", "example.com"))
+        await eventually(
+            lambda: is_(emulator, "alpha", "Programmed", "True", "Programmed"), "alpha Programmed"
+        )
+        await create_route(api, imap_route("beta", "example.com"))
+        await eventually(lambda: is_(emulator, "beta", "Accepted", "False", "Conflicted"), "beta Conflicted")
+        assert "mail/alpha" in condition(emulator, "beta", "Accepted")["message"]
+        assert is_(emulator, "beta", "Programmed", "False", "Invalid")
+        assert is_(emulator, "alpha", "Accepted", "True", "Accepted")
+        assert all(route_names(proxy.latest) == ["mail/alpha"] for proxy in proxies)
+        await eventually(lambda: "Conflicted" in event_reasons(emulator, "beta"), "a Conflicted Event")
+
+
+async def test_invalid_route_is_not_accepted(emulator: Emulator, api: Api, controller: Controller) -> None:
+    """The emulator enforces no schema, so the controller's own validation has to catch it."""
+    await create_route(api, mailroute_body("broken", {"domains": ["example.com"]}))
+    await eventually(lambda: is_(emulator, "broken", "Accepted", "False", "Invalid"), "Invalid")
+    assert (
+        "at least one of imap, pop3, submission or smtp"
+        in condition(emulator, "broken", "Accepted")["message"]
+    )
+    assert "protocols" not in status_of(emulator, "broken")
+
+
+async def test_service_without_ready_endpoints(emulator: Emulator, api: Api, controller: Controller) -> None:
+    await create_backend(api, "dovecot", ["10.0.0.1"], ready=False)
+    await create_route(api, imap_route("example", "example.com"))
+    await eventually(
+        lambda: is_(emulator, "example", "ResolvedRefs", "False", "NoReadyEndpoints"), "NoReadyEndpoints"
+    )
+    assert status_of(emulator, "example")["endpoints"] == {"imap": 0}
+    await create_route(api, imap_route("elsewhere", "example.org", service="missing"))
+    await eventually(
+        lambda: is_(emulator, "elsewhere", "ResolvedRefs", "False", "BackendNotFound"), "BackendNotFound"
+    )
+
+
+async def test_spec_change_and_deletion_reach_the_proxies_and_the_snapshot(
+    emulator: Emulator, api: Api, controller: Controller
+) -> None:
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    await create_backend(api, "dovecot2", ["10.0.0.2"])
+    async with fake_proxies(controller) as proxies:
+        await create_route(api, imap_route("keep", "example.org"))
+        await create_route(api, imap_route("example", "example.com"))
+        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "Programmed")
+
+        await api.patch(route_path("example"), {"spec": {"imap": {"backend": {"service": "dovecot2"}}}})
+        await eventually(
+            lambda: (
+                condition(emulator, "example", "Programmed").get("observedGeneration") == 2
+                and is_(emulator, "example", "Programmed", "True", "Programmed")
+            ),
+            "generation 2 Programmed",
+        )
+        for proxy in proxies:
+            assert proxy.latest is not None
+            route = table.lookup(proxy.latest, "imap", "user@example.com")
+            assert route is not None
+            assert (route.generation, route.upstream("imap").service) == (2, "mail/dovecot2")  # type: ignore[union-attr]
+        snapshot = snapshot_of(emulator)
+        assert snapshot is not None
+        assert table.from_json(snapshot) == proxies[0].latest
+
+        await api.delete(route_path("example"))
+        await eventually(
+            lambda: all(route_names(p.latest) == ["mail/keep"] for p in proxies), "route withdrawn"
+        )
+        await eventually(
+            lambda: table.from_json(snapshot_of(emulator) or "") == proxies[0].latest, "snapshot"
+        )
+
+
+async def test_rejected_table_keeps_programmed_pending_and_others_conditions(
+    emulator: Emulator, api: Api, controller: Controller
+) -> None:
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    async with fake_proxies(controller, rejecting=("proxy-b",)):
+        await create_route(api, imap_route("example", "example.com"))
+        await eventually(
+            lambda: "rejected" in condition(emulator, "example", "Programmed").get("message", ""), "rejection"
+        )
+        programmed = condition(emulator, "example", "Programmed")
+        assert (programmed["status"], programmed["reason"]) == ("Unknown", "Pending")
+        assert programmed["message"].startswith("1 of 2 proxies; proxy-b rejected table sha256:")
+
+        # Someone else's condition, written the way any client writes status.
+        foreign = {
+            "type": "example.com/Audited",
+            "status": "True",
+            "reason": "Reviewed",
+            "message": "by the mail team",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }
+        conditions = [*status_of(emulator, "example")["conditions"], foreign]
+        await api.patch(route_path("example") + "/status", {"status": {"conditions": conditions}})
+        # proxy-b stops being ready: every ready proxy now runs the route.
+        await api.patch(
+            f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/pods/proxy-b/status",
+            {"status": {"conditions": [{"type": "Ready", "status": "False"}]}},
+        )
+        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "Programmed")
+        assert condition(emulator, "example", "Programmed")["message"] == "1 of 1 proxies"
+        assert condition(emulator, "example", "example.com/Audited") == foreign
+
+
+async def test_controller_accesses_are_recorded(
+    emulator: Emulator, api: Api, controller_runner: ControllerRunner, controller_accesses: AccessLog
+) -> None:
+    """The session's access log names what the controller needs RBAC for."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    controller = await controller_runner.start()
+    async with fake_proxies(controller):
+        await create_route(api, imap_route("example", "example.com"))
+        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "Programmed")
+        await eventually(lambda: len(event_reasons(emulator, "example")) == 3, "three Events")
+    await controller_runner.stop()
+    recorded = controller_accesses.load()
+    for needed in (
+        {"verb": "watch", "group": "mailgress.io", "resource": "mailroutes"},
+        {"verb": "patch", "group": "mailgress.io", "resource": "mailroutes", "subresource": "status"},
+        {"verb": "list", "resource": "pods"},
+        {"verb": "watch", "group": "discovery.k8s.io", "resource": "endpointslices"},
+        {"verb": "watch", "resource": "services"},
+        {"verb": "create", "resource": "events"},
+        {"verb": "create", "resource": "configmaps"},
+        {"verb": "watch", "group": "apiextensions.k8s.io", "resource": "customresourcedefinitions"},
+    ):
+        assert needed in recorded, f"{needed} not recorded"
+    assert not any(entry.get("verb") in ("update", "delete", "deletecollection") for entry in recorded)
