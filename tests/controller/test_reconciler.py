@@ -1,0 +1,390 @@
+"""The reconciler with a fake publisher and a fake API: the sync gate, debounce, Programmed from
+acks, status writes (others' conditions kept, one write per change), Events, the snapshot."""
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from controller import endpoints, mailroute, reconciler
+from proxy import table
+
+NOW = "2026-11-26T12:00:00Z"
+# Loop turns a pass needs at most here (no I/O in the fakes): a bounded wait, not a duration.
+MAX_TURNS = 200
+
+
+@dataclass(frozen=True)
+class Ack:
+    version: str
+    accepted: bool = True
+    error: str = ""
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.published: list[table.RoutingTable] = []
+        self.current: dict[str, Ack] = {}
+        self.callbacks: list[Callable[[], None]] = []
+
+    def publish(self, new: table.RoutingTable) -> None:
+        self.published.append(new)
+
+    def acks(self) -> Mapping[str, Ack]:
+        return dict(self.current)
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self.callbacks.append(callback)
+
+    def ack(self, proxy: str, *, accepted: bool = True, version: str | None = None, error: str = "") -> None:
+        self.current[proxy] = Ack(version or self.published[-1].version, accepted, error)
+        for callback in self.callbacks:
+            callback()
+
+
+@dataclass
+class FakeCluster:
+    patches: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    snapshots: list[bytes] = field(default_factory=list)
+    events: list[tuple[str, str, str, str]] = field(default_factory=list)
+    refuse: bool = False  # answer every status patch as a 409
+    failures: int = 0  # raise ClusterError on this many next status patches
+
+    async def patch_status(
+        self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]
+    ) -> bool:
+        if self.failures:
+            self.failures -= 1
+            raise reconciler.ClusterError("HTTP 503")
+        if self.refuse:
+            return False
+        self.patches.append((f"{namespace}/{name}", resource_version, dict(status)))
+        return True
+
+    async def save_snapshot(self, document: bytes) -> None:
+        self.snapshots.append(document)
+
+    async def post_event(self, entry: reconciler.RouteEntry, kind: str, reason: str, message: str) -> None:
+        self.events.append((entry.route.key, kind, reason, message))
+
+    def last_status(self, key: str) -> dict[str, Any]:
+        return [status for name, _, status in self.patches if name == key][-1]
+
+
+def route_body(name: str, domain: str, *, generation: int = 1, port: int = 143) -> dict[str, Any]:
+    return {
+        "apiVersion": mailroute.API_VERSION,
+        "kind": mailroute.KIND,
+        "metadata": {
+            "namespace": "mail",
+            "name": name,
+            "generation": generation,
+            "creationTimestamp": f"2026-01-01T00:00:0{len(name) % 10}Z",
+        },
+        "spec": {"domains": [domain], "imap": {"backend": {"service": "dovecot", "port": port}}},
+    }
+
+
+def entry(
+    body: dict[str, Any], *, version: str = "1", status: dict[str, Any] | None = None
+) -> reconciler.RouteEntry:
+    return reconciler.RouteEntry(
+        mailroute.parse(body),
+        uid="uid-" + body["metadata"]["name"],
+        resource_version=version,
+        status=status or {},
+    )
+
+
+DOVECOT = endpoints.Service("mail", "dovecot", (endpoints.ServicePort("imap", 143, "TCP"),))
+SLICE = endpoints.Slice("mail", "dovecot", "dovecot-a", (("imap", 10143),), ("10.0.0.1",), ())
+
+
+@dataclass
+class World:
+    """What the indexes hold; ``read`` is what the reconciler is given."""
+
+    routes: list[reconciler.RouteEntry] = field(default_factory=list)
+    proxies: dict[str, bool] = field(
+        default_factory=lambda: {"proxy-a": True, "proxy-b": True, "proxy-c": False}
+    )
+
+    def read(self) -> reconciler.Inputs:
+        return reconciler.Inputs(
+            routes=list(self.routes),
+            services={("mail", "dovecot"): DOVECOT},
+            slices={("mail", "dovecot"): [SLICE]},
+            proxies=dict(self.proxies),
+        )
+
+
+@pytest.fixture
+def world() -> World:
+    return World(routes=[entry(route_body("example", "example.com"))])
+
+
+@pytest.fixture
+def publisher() -> FakePublisher:
+    return FakePublisher()
+
+
+@pytest.fixture
+def cluster() -> FakeCluster:
+    return FakeCluster()
+
+
+@pytest.fixture
+def worker(world: World, publisher: FakePublisher, cluster: FakeCluster) -> reconciler.Reconciler:
+    return reconciler.Reconciler(
+        read=world.read, publisher=publisher, cluster=cluster, holdoff=0, now=lambda: NOW
+    )
+
+
+def conditions_of(status: Mapping[str, Any]) -> dict[str, tuple[str, str, str]]:
+    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in status["conditions"]}
+
+
+async def turns_until(check: Callable[[], bool]) -> None:
+    for _ in range(MAX_TURNS):
+        if check():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("not reached")
+
+
+async def test_nothing_is_published_before_the_sync_gate_opens(
+    worker: reconciler.Reconciler, publisher: FakePublisher
+) -> None:
+    task = asyncio.create_task(worker.run())
+    try:
+        for _ in range(20):
+            worker.touch()
+            await asyncio.sleep(0)
+        assert publisher.published == []
+        assert worker.passes == 0
+        worker.mark_synced()
+        await turns_until(lambda: worker.passes == 1)
+        assert [route.name for route in publisher.published[0].routes] == ["mail/example"]
+    finally:
+        task.cancel()
+
+
+async def test_a_burst_of_changes_is_one_pass(
+    worker: reconciler.Reconciler, publisher: FakePublisher
+) -> None:
+    worker.mark_synced()
+    for _ in range(50):
+        worker.touch()
+    task = asyncio.create_task(worker.run())
+    try:
+        await turns_until(lambda: worker.passes == 1)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert worker.passes == 1
+        assert len(publisher.published) == 1
+    finally:
+        task.cancel()
+
+
+async def test_max_holdoff_caps_the_wait(
+    world: World, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """A holdoff of an hour still runs at once when the cap is zero."""
+    worker = reconciler.Reconciler(
+        read=world.read, publisher=publisher, cluster=cluster, holdoff=3600, max_holdoff=0
+    )
+    worker.mark_synced()
+    task = asyncio.create_task(worker.run())
+    try:
+        await turns_until(lambda: worker.passes == 1)
+    finally:
+        task.cancel()
+
+
+async def test_api_failure_is_retried(
+    worker: reconciler.Reconciler, cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconciler, "RETRY_SECONDS", 0)
+    cluster.failures = 1
+    worker.mark_synced()
+    task = asyncio.create_task(worker.run())
+    try:
+        await turns_until(lambda: len(cluster.patches) == 1)
+        assert cluster.failures == 0
+    finally:
+        task.cancel()
+
+
+async def test_programmed_follows_the_acks_of_ready_proxies(
+    worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    await worker.reconcile()
+    first = conditions_of(cluster.last_status("mail/example"))
+    assert first["Accepted"] == ("True", "Accepted", "the route is valid and its claims are free")
+    assert first["ResolvedRefs"][:2] == ("True", "ResolvedRefs")
+    assert first["Programmed"] == ("Unknown", "Pending", "0 of 2 proxies")
+
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-c")  # not ready: does not count either way
+    await worker.reconcile()
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"] == (
+        "Unknown",
+        "Pending",
+        "1 of 2 proxies",
+    )
+
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    status = cluster.last_status("mail/example")
+    assert conditions_of(status)["Programmed"] == ("True", "Programmed", "2 of 2 proxies")
+    assert status["proxies"] == {"programmed": 2, "total": 2, "version": publisher.published[-1].version}
+    assert status["endpoints"] == {"imap": 1}
+    assert status["protocols"] == "imap"
+    assert status["observedGeneration"] == 1
+
+
+async def test_a_later_table_with_the_same_generation_still_counts(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    world.routes.append(entry(route_body("other", "example.org")))
+    await worker.reconcile()
+    assert len(publisher.published) == 2
+    publisher.ack("proxy-b")  # acks the second table; it holds example at generation 1 too
+    await worker.reconcile()
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][0] == "True"
+    other = conditions_of(cluster.last_status("mail/other"))["Programmed"]
+    assert other == ("Unknown", "Pending", "1 of 2 proxies")
+
+
+async def test_a_new_generation_needs_new_acks(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    world.routes[0] = entry(route_body("example", "example.com", generation=2, port=110), version="7")
+    await worker.reconcile()
+    status = cluster.last_status("mail/example")
+    assert conditions_of(status)["Programmed"] == ("Unknown", "Pending", "0 of 2 proxies")
+    assert conditions_of(status)["ResolvedRefs"][:2] == ("False", "BackendNotFound")
+    assert status["observedGeneration"] == 2
+
+
+async def test_a_rejection_is_reported_and_the_last_good_table_still_counts(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    world.routes.append(entry(route_body("other", "example.org")))
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b", accepted=False, error="no memory")
+    await worker.reconcile()
+    latest = publisher.published[-1].version
+    assert conditions_of(cluster.last_status("mail/other"))["Programmed"] == (
+        "Unknown",
+        "Pending",
+        f"1 of 2 proxies; proxy-b rejected table {latest}: no memory",
+    )
+    # proxy-b still runs the first table, which holds example's generation.
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][0] == "True"
+    assert cluster.last_status("mail/example")["proxies"]["programmed"] == 1
+
+
+async def test_status_is_written_once_per_change_with_events_on_transitions(
+    worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    await worker.reconcile()
+    assert [(kind, reason) for _, kind, reason, _ in cluster.events] == [
+        ("Normal", "Accepted"),
+        ("Normal", "ResolvedRefs"),
+    ]
+    # The index still shows the old status (our write has not come back yet): nothing to redo.
+    await worker.reconcile()
+    assert len(cluster.patches) == 1
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    assert len(cluster.patches) == 2
+    assert cluster.events[-1] == ("mail/example", "Normal", "Programmed", "Programmed=True: 2 of 2 proxies")
+    assert len(cluster.events) == 3
+
+
+async def test_the_object_status_is_the_baseline_once_the_watch_caught_up(
+    world: World, worker: reconciler.Reconciler, cluster: FakeCluster
+) -> None:
+    await worker.reconcile()
+    written = cluster.last_status("mail/example")
+    world.routes[0] = entry(route_body("example", "example.com"), version="2", status=written)
+    await worker.reconcile()
+    assert len(cluster.patches) == 1
+    assert len(cluster.events) == 2
+
+
+async def test_others_conditions_stay(
+    world: World, worker: reconciler.Reconciler, cluster: FakeCluster
+) -> None:
+    foreign = {
+        "type": "example.com/Audited",
+        "status": "True",
+        "reason": "Reviewed",
+        "message": "",
+        "lastTransitionTime": NOW,
+    }
+    world.routes[0] = entry(route_body("example", "example.com"), status={"conditions": [foreign]})
+    await worker.reconcile()
+    written = cluster.last_status("mail/example")["conditions"]
+    assert written[0] == foreign
+    assert [c["type"] for c in written[1:]] == ["Accepted", "ResolvedRefs", "Programmed"]
+
+
+async def test_a_refused_write_posts_no_event_and_is_tried_again(
+    worker: reconciler.Reconciler, cluster: FakeCluster
+) -> None:
+    cluster.refuse = True
+    await worker.reconcile()
+    assert cluster.events == []
+    cluster.refuse = False
+    await worker.reconcile()
+    assert len(cluster.patches) == 1
+    assert len(cluster.events) == 2
+
+
+async def test_conflict_and_invalid_route(
+    world: World, worker: reconciler.Reconciler, cluster: FakeCluster
+) -> None:
+    world.routes.append(entry(route_body("zz-late", "example.com")))
+    broken = route_body("broken", "example.net")
+    del broken["spec"]["imap"]
+    world.routes.append(entry(broken))
+    await worker.reconcile()
+    late = conditions_of(cluster.last_status("mail/zz-late"))
+    assert late["Accepted"][:2] == ("False", "Conflicted")
+    assert "mail/example" in late["Accepted"][2]
+    assert late["Programmed"][:2] == ("False", "Invalid")
+    invalid = cluster.last_status("mail/broken")
+    assert conditions_of(invalid)["Accepted"][:2] == ("False", "Invalid")
+    assert (invalid["protocols"], invalid["endpoints"]) == (None, None)  # deleted by the merge patch
+    kinds = {(key, kind, reason) for key, kind, reason, _ in cluster.events}
+    assert ("mail/zz-late", "Warning", "Conflicted") in kinds
+    assert ("mail/broken", "Warning", "Invalid") in kinds
+
+
+async def test_snapshot_follows_the_published_version(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    await worker.reconcile()
+    await worker.reconcile()
+    assert cluster.snapshots == [table.to_json(publisher.published[0])]
+    world.routes.clear()
+    await worker.reconcile()
+    assert len(publisher.published) == 2
+    assert publisher.published[-1].routes == ()
+    assert table.from_json(cluster.snapshots[-1]) == publisher.published[-1]
+    assert worker.table == publisher.published[-1]
