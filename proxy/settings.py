@@ -42,7 +42,7 @@ DEFAULT_CONNECTIONS_PER_IP = 100
 DEFAULT_FAILED_LOGINS_PER_USER = 10
 DEFAULT_FAILED_LOGINS_PER_IP = 30
 # The second failure's refusal is held back this long, each further one twice as long up to the
-# cap; Dovecot's auth penalty starts at 2 s and caps at 15 s (AUTH_PENALTY_MAX_SECS).
+# cap (0: never held back); Dovecot's auth penalty starts at 2 s and caps at 15 s (auth-penalty.h).
 DEFAULT_FIRST_LOGIN_DELAY = 1.0
 DEFAULT_MAX_LOGIN_DELAY = 15.0
 # How long a tripped lock refuses logins; failures are remembered as long after the last one.
@@ -317,10 +317,19 @@ def _spot(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
-def _seconds(document: Mapping[str, Any], key: str, default: float, where: str = "timeouts") -> float:
+def _seconds(
+    document: Mapping[str, Any], key: str, default: float, where: str = "timeouts", *, zero: bool = False
+) -> float:
+    """A positive number of seconds (or 0, where ``zero`` says that turns something off)."""
     value = document.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise SettingsError(f"{_spot(where, key)}: expected a positive number of seconds, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        expected = "0 or a positive number" if zero else "a positive number"
+        raise SettingsError(f"{_spot(where, key)}: expected {expected} of seconds, got {value!r}")
     return float(value)
 
 
@@ -356,7 +365,7 @@ def _limits(document: Mapping[str, Any]) -> LimitSettings:
         failed_logins=FailedLoginSettings(
             per_user=_count(failures, "perUser", DEFAULT_FAILED_LOGINS_PER_USER, where),
             per_ip=_count(failures, "perIp", DEFAULT_FAILED_LOGINS_PER_IP, where),
-            first_delay=_seconds(failures, "firstDelay", DEFAULT_FIRST_LOGIN_DELAY, where),
+            first_delay=_seconds(failures, "firstDelay", DEFAULT_FIRST_LOGIN_DELAY, where, zero=True),
             max_delay=_seconds(failures, "maxDelay", DEFAULT_MAX_LOGIN_DELAY, where),
             lockout=_seconds(failures, "lockout", DEFAULT_LOGIN_LOCKOUT, where),
         ),

@@ -187,6 +187,9 @@ def test_limit_settings_default_and_read_back() -> None:
     }
     assert parse_limits(document) == LimitSettings(20, FailedLoginSettings(5, 50, 0.5, 4.0, 900.0))
     assert parse_limits({"failedLogins": {"perUser": 3}}).failed_logins.per_ip == 30
+    # firstDelay 0 turns the delay off; the lockout stays.
+    undelayed = LoginThrottle(parse_limits({"failedLogins": {"firstDelay": 0}}).failed_logins)
+    assert {undelayed.delay(n) for n in range(1, 20)} == {0.0}
 
 
 @pytest.mark.parametrize(
@@ -201,6 +204,8 @@ def test_limit_settings_default_and_read_back() -> None:
         ({"failedLogins": {"perIp": 2.5}}, "limits.failedLogins.perIp: expected a positive whole number"),
         ({"failedLogins": {"lockout": 0}}, "limits.failedLogins.lockout: expected a positive number"),
         ({"failedLogins": {"maxDelay": "15s"}}, "limits.failedLogins.maxDelay: expected a positive number"),
+        ({"failedLogins": {"maxDelay": 0}}, "limits.failedLogins.maxDelay: expected a positive number"),
+        ({"failedLogins": {"firstDelay": -1}}, "limits.failedLogins.firstDelay: expected 0 or a positive"),
     ],
 )
 def test_limit_settings_mistakes_name_the_key(limits: Any, message: str) -> None:
