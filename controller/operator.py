@@ -1,7 +1,7 @@
 """The ``mailgress controller`` process: settings, the API writer, and kopf's run.
 
-mailgress/cli.py calls ``main``; tests call ``run`` with a kubeconfig that points at the
-emulator. ``run`` loads the Kubernetes client configuration (a kubeconfig, or the pod's service
+mailgress/cli.py adds ``add_arguments`` to its ``controller`` subcommand and calls ``command``;
+tests call ``run`` with a kubeconfig that points at the emulator. ``run`` loads the Kubernetes client configuration (a kubeconfig, or the pod's service
 account), starts the push channel (controller.publisher), registers controller.handlers on a
 fresh kopf registry and runs kopf until stopped. ``KubeApi`` is the reconciler's ``Cluster``:
 the few writes kopf does not make for us (status patches with a resourceVersion precondition,
@@ -33,7 +33,7 @@ import os
 import ssl
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +96,8 @@ def _selector(text: str) -> dict[str, str]:
     return labels
 
 
-def parser() -> argparse.ArgumentParser:
-    """The flags of ``mailgress controller`` (also used by mailgress/cli.py)."""
-    flags = argparse.ArgumentParser(prog="mailgress controller", description="Run the MailRoute operator.")
+def add_arguments(flags: argparse.ArgumentParser) -> None:
+    """The flags of ``mailgress controller`` (mailgress/cli.py adds them to its subcommand)."""
     flags.add_argument("--namespace", help="the controller's namespace (proxy pods, snapshot ConfigMap)")
     flags.add_argument("--proxy-selector", help="label selector of proxy pods, k=v[,k=v]")
     flags.add_argument("--listen-address", help="push channel listen address")
@@ -108,7 +107,6 @@ def parser() -> argparse.ArgumentParser:
     flags.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
     flags.add_argument("--health", help='kopf liveness endpoint URL ("" to disable)')
     flags.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return flags
 
 
 def settings_from(arguments: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -397,9 +395,8 @@ async def run(
         await channel.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def command(arguments: argparse.Namespace) -> int:
     """``mailgress controller``: run until SIGTERM; exit status 2 on bad settings."""
-    arguments = parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, arguments.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

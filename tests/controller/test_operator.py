@@ -1,0 +1,162 @@
+"""The controller process: settings from flags and environment, credentials, and the API writer
+(``KubeApi``) against the emulator."""
+
+import argparse
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import yaml
+
+from controller import operator, reconciler
+from tests.kube.conftest import CRD_FILE, kubeconfig_text
+from tests.kube.emulator import Emulator
+
+
+def arguments(*argv: str) -> argparse.Namespace:
+    flags = argparse.ArgumentParser()
+    operator.add_arguments(flags)
+    return flags.parse_args(list(argv))
+
+
+def test_defaults_and_the_environment() -> None:
+    settings = operator.settings_from(
+        arguments(), {"MAILGRESS_TOKEN_FILE": "/run/token", "POD_NAMESPACE": "mailgress-system"}
+    )
+    assert settings.namespace == "mailgress-system"
+    assert settings.proxy_selector == {"app.kubernetes.io/component": "proxy"}
+    assert (settings.listen_address, settings.listen_port) == ("0.0.0.0", operator.DEFAULT_LISTEN_PORT)
+    assert settings.token_file == Path("/run/token")
+    assert settings.snapshot_configmap == operator.DEFAULT_SNAPSHOT_CONFIGMAP
+    assert settings.kubeconfig is None
+    assert settings.health == operator.DEFAULT_HEALTH
+
+
+def test_flags_win_over_the_environment() -> None:
+    settings = operator.settings_from(
+        arguments(
+            "--namespace=ops",
+            "--proxy-selector=app=mailgress, tier=edge",
+            "--listen-port=9500",
+            "--token-file=/flag/token",
+            "--kubeconfig=/k/config",
+            "--health=",
+        ),
+        {"MAILGRESS_NAMESPACE": "env", "MAILGRESS_LISTEN_PORT": "1", "MAILGRESS_TOKEN_FILE": "/env/token"},
+    )
+    assert (settings.namespace, settings.listen_port, settings.token_file) == (
+        "ops",
+        9500,
+        Path("/flag/token"),
+    )
+    assert settings.proxy_selector == {"app": "mailgress", "tier": "edge"}
+    assert (settings.kubeconfig, settings.health) == (Path("/k/config"), "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "problem"),
+    [
+        pytest.param((), {}, "--token-file", id="no-token-file"),
+        pytest.param(
+            ("--listen-port=http",), {"MAILGRESS_TOKEN_FILE": "t"}, "--listen-port", id="port-not-a-number"
+        ),
+        pytest.param(
+            ("--listen-port=70000",), {"MAILGRESS_TOKEN_FILE": "t"}, "--listen-port", id="port-too-big"
+        ),
+        pytest.param(
+            ("--proxy-selector=app",), {"MAILGRESS_TOKEN_FILE": "t"}, "key=value", id="selector-no-value"
+        ),
+        pytest.param(
+            ("--proxy-selector=,",), {"MAILGRESS_TOKEN_FILE": "t"}, "at least one", id="selector-empty"
+        ),
+    ],
+)
+def test_bad_settings(argv: tuple[str, ...], environ: dict[str, str], problem: str) -> None:
+    with pytest.raises(operator.SettingsError, match=problem):
+        operator.settings_from(arguments(*argv), environ)
+
+
+def test_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("  secret-value\n")
+    assert operator.read_token(token) == "secret-value"
+    token.write_text("\n")
+    with pytest.raises(operator.SettingsError, match="empty") as empty:
+        operator.read_token(token)
+    assert "secret" not in str(empty.value)
+    with pytest.raises(operator.SettingsError, match="cannot read"):
+        operator.read_token(tmp_path / "missing")
+
+
+def test_credentials_from_a_kubeconfig(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(kubeconfig_text("http://127.0.0.1:6443", "abc123"))
+    info = operator.connection_info(operator.kube_configuration(config))
+    assert (info.server, info.scheme, info.token) == ("http://127.0.0.1:6443", "Bearer", "abc123")
+    with pytest.raises(operator.SettingsError, match="cannot load Kubernetes credentials"):
+        operator.kube_configuration(tmp_path / "missing")
+
+
+@pytest.fixture
+async def kube_api(tmp_path: Path) -> AsyncIterator[tuple[Emulator, operator.KubeApi]]:
+    emulator = Emulator()
+    emulator.resources.load_bundled()
+    async with emulator, kmock.Server(emulator):
+        config = tmp_path / "config"
+        config.write_text(kubeconfig_text(str(emulator.url), "writer-token"))
+        api = operator.KubeApi(operator.kube_configuration(config), "mailgress-system", "snapshot")
+        await api.start()
+        try:
+            yield emulator, api
+        finally:
+            await api.stop()
+
+
+async def post(emulator: Emulator, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with emulator.post(path, json=body) as response:
+        assert response.status == 200
+        created: dict[str, Any] = await response.json()
+        return created
+
+
+async def test_status_patch_needs_the_resource_version(kube_api: tuple[Emulator, operator.KubeApi]) -> None:
+    emulator, api = kube_api
+    await post(
+        emulator,
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        yaml.safe_load(CRD_FILE.read_text()),
+    )
+    route = await post(
+        emulator,
+        "/apis/mailgress.io/v1alpha1/namespaces/mail/mailroutes",
+        {"metadata": {"name": "r"}, "spec": {"domains": ["example.com"]}},
+    )
+    version = route["metadata"]["resourceVersion"]
+    assert await api.patch_status("mail", "r", version, {"observedGeneration": 1})
+    assert not await api.patch_status("mail", "r", version, {"observedGeneration": 2}), "stale: 409"
+    assert not await api.patch_status("mail", "gone", version, {"observedGeneration": 1}), "absent: 404"
+    stored = emulator.objects[kmock.resource("mailgress.io", "v1alpha1", "mailroutes"), "mail", "r"].raw
+    assert stored["status"] == {"observedGeneration": 1}
+    assert emulator.accesses("writer-token")[0].subresource == "status"
+
+
+async def test_snapshot_is_created_then_patched(kube_api: tuple[Emulator, operator.KubeApi]) -> None:
+    emulator, api = kube_api
+    await api.save_snapshot(b'{"first":1}')
+    await api.save_snapshot(b'{"second":2}')
+    stored = emulator.objects[kmock.resource("", "v1", "configmaps"), "mailgress-system", "snapshot"].raw
+    assert stored["data"] == {reconciler.SNAPSHOT_KEY: '{"second":2}'}
+
+
+async def test_api_trouble_is_a_cluster_error(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(kubeconfig_text("http://127.0.0.1:9", "t"))  # discard port: nothing listens
+    api = operator.KubeApi(operator.kube_configuration(config), "ns", "snapshot")
+    await api.start()
+    try:
+        with pytest.raises(reconciler.ClusterError):
+            await api.save_snapshot(b"{}")
+    finally:
+        await api.stop()
