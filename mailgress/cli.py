@@ -4,6 +4,7 @@ Subcommands:
   mailgress proxy --config FILE      run a proxy (standalone: MailRoute files from the settings;
                                      with a 'controller' key: tables pushed by the controller)
   mailgress routes check FILE...     validate MailRoute manifests offline, print the compiled table
+  mailgress controller [FLAGS]       run the MailRoute operator (flags: controller/operator.py)
 Errors in the user's files end the command with a clear message and exit status 2, never a
 traceback.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import uvloop
 
+from controller import operator
 from mailgress import standalone
 from proxy import settings as proxy_settings
 from proxy import table
@@ -99,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", help="MailRoute YAML files")
     check.add_argument("--settings", help="proxy settings whose 'services' resolve the backends")
     check.set_defaults(handler=_check_routes)
+    controller = commands.add_parser("controller", help="run the MailRoute operator (kopf)")
+    operator.add_arguments(controller)
+    controller.set_defaults(handler=operator.command)
     return top
 
 
