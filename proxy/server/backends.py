@@ -5,10 +5,13 @@ login up in the current table, orders the endpoints by the route's balance polic
 with a timeout, and drives the protocol's ``BackendLogin`` machine over the socket. An endpoint
 that refuses, times out or breaks the dialogue is skipped for the next one; when none is left
 the client gets the temporary failure. A refused password is final (the backend's verdict).
+A route with auth mode ``http`` asks its auth_http service first (``authhttp``): its refusal is
+final, and its grant may name the backend and the credentials to log in with.
 Never logs a credential: only the user name, route and endpoint.
 """
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl
@@ -18,7 +21,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy import balancing, table
+from proxy.protocols import authhttp as authhttp_protocol
 from proxy.protocols import events, imap, pop3, proxyheader, smtp
+from proxy.server import authhttp
 from proxy.server.channel import SocketChannel, TransportChannel
 from proxy.server.context import ProxyContext
 
@@ -112,12 +117,17 @@ async def login(
     request: events.LoginRequest,
     client: events.ClientAddress,
     local: events.ClientAddress,
+    *,
+    attempt: int = 1,
+    client_tls: ssl.SSLObject | None = None,
 ) -> LoginOutcome:
     """Route ``request`` and log in on a backend; never raises for network trouble.
 
     Args:
         client: where the client connects from; ``local``: the proxy address it reached, both
             for the PROXY header a ``proxy-v2`` upstream gets (as nginx sends it).
+        attempt: the number of this login attempt on the client's connection, from 1, and
+            ``client_tls`` the client connection's TLS, if any: both for auth_http.
     """
     route = table.lookup(context.tables.current, request.protocol, request.routing_key)
     if route is None:
@@ -125,9 +135,20 @@ async def login(
     upstream = route.upstream(request.protocol)
     assert upstream is not None  # lookup only returns routes serving the protocol
     if route.auth == "http":
-        # auth_http is the next piece of work; until it exists such routes never log anyone in.
-        log.warning("route %s asks for auth_http, which this proxy does not support yet", route.name)
-        return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
+        decision = await _ask_auth_http(
+            context, route, request, client=client, attempt=attempt, client_tls=client_tls
+        )
+        match decision:
+            case authhttp_protocol.Granted(server=server):
+                credentials = authhttp_protocol.credentials_for(request, decision)
+                request = dataclasses.replace(request, credentials=credentials)
+                if server is not None:  # the auth service picked the backend, as with nginx
+                    upstream = dataclasses.replace(upstream, endpoints=(server,))
+            case authhttp_protocol.Refused(reply=reply):
+                return LoginOutcome(events.LoginRejected(reply), "rejected", route.name)
+            case authhttp.Unavailable(reason=reason):
+                log.warning("auth_http service of %s failed: %s", route.name, reason)
+                return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
     timeouts = context.settings.timeouts
     config = events.BackendConfig(
         server_name=context.settings.server_name,
@@ -173,6 +194,33 @@ async def login(
                 channel.close()
                 log.warning("backend %s of %s failed the login dialogue: %s", endpoint, route.name, reason)
     return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
+
+
+async def _ask_auth_http(
+    context: ProxyContext,
+    route: table.Route,
+    request: events.LoginRequest,
+    *,
+    client: events.ClientAddress,
+    attempt: int,
+    client_tls: ssl.SSLObject | None,
+) -> authhttp.Outcome:
+    """The verdict of the route's auth_http service on this attempt."""
+    if route.http_auth is None:  # the compiler never does this; a hand-made table might
+        return authhttp.Unavailable("the route has auth mode http but no auth_http settings")
+    try:
+        target = authhttp_protocol.service(route.http_auth)
+    except authhttp_protocol.AuthConfigError as error:
+        return authhttp.Unavailable(str(error))
+    facts = authhttp.tls_facts(client_tls)
+    return await authhttp.authorize(
+        target,
+        authhttp_protocol.Attempt(request=request, number=attempt, client_ip=client.host, tls=facts),
+        timeout=route.http_auth.timeout_seconds,
+        tls=context.backend_tls,
+        # Auth-Wait holds the client before its retry; no longer than the whole pre-login phase.
+        max_wait=context.settings.timeouts.pre_login,
+    )
 
 
 def _describe(error: BaseException) -> str:
