@@ -240,6 +240,7 @@ async def _converse(
     )
     pending: collections.deque[events.Command] = collections.deque(frontend.start())
     login: backends.LoginOutcome | None = None
+    attempts = 0  # logins tried on this connection (auth_http's Auth-Login-Attempt)
     try:
         while True:
             while pending:
@@ -250,8 +251,16 @@ async def _converse(
                         record.outcome = reason
                         return
                     case events.Authenticate(request=request):
+                        attempts += 1
                         verdict, login = await _authenticate(
-                            context, request, peer=peer, local=local, deadline=deadline, record=record
+                            context,
+                            request,
+                            peer=peer,
+                            local=local,
+                            deadline=deadline,
+                            record=record,
+                            attempt=attempts,
+                            client_tls=channel.tls,
                         )
                         pending.extend(frontend.handle(verdict))
                     case events.Relay(buffered=buffered):
@@ -295,6 +304,8 @@ async def _authenticate(
     local: events.ClientAddress,
     deadline: float,
     record: SessionRecord,
+    attempt: int,
+    client_tls: ssl.SSLObject | None,
 ) -> tuple[
     events.LoginAccepted | events.LoginRejected | events.LoginUnavailable, backends.LoginOutcome | None
 ]:
@@ -310,7 +321,7 @@ async def _authenticate(
         metrics.refusals.labels(reason=f"login_lockout_{lock.scope}").inc()
         record.outcome = f"login refused: {LOCKED_SUBJECT[lock.scope]} locked after too many failed logins"
         return events.LoginUnavailable(), None
-    login = await backends.login(context, request, peer, local)
+    login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
     record.route = login.route
     record.backend = str(login.endpoint) if login.endpoint else "-"
     metrics.logins.labels(protocol=request.protocol, outcome=login.outcome).inc()
