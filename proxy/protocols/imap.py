@@ -42,6 +42,15 @@ nginx). The client's tag is reused so the backend's tagged reply reaches the cli
 unexpected reply, we tell a refusal of the credentials (``LoginFailed``) from a backend at
 fault (``BackendFailed``: [UNAVAILABLE], [SERVERBUG], BYE, garbage), which the driver may retry
 elsewhere.
+
+With ``BackendConfig.starttls`` no credential goes out before TLS. The greeting's CAPABILITY
+code (or, without one, our ``CAPABILITY``) must list STARTTLS; we send ``STARTTLS`` and, on its
+OK, emit ``StartTls`` and drop whatever the backend sent behind the OK in plaintext (the
+CVE-2014-3556 class, seen from the other side). After ``TlsEstablished`` the capabilities
+learned in plaintext are forgotten and asked for again (RFC 3501 section 6.2.1: LITERAL+ and
+LOGINDISABLED may differ now); then ID and LOGIN follow as above. A backend that does not
+offer STARTTLS or refuses it fails the attempt: there is no plaintext fallback. Our own
+commands (ID, CAPABILITY, STARTTLS) carry tags derived from the client's, never equal to it.
 """
 
 import enum
@@ -665,19 +674,39 @@ class BackendState(enum.Enum):
     """Where the backend login stands."""
 
     GREETING = "greeting"  # waiting for "* OK"
+    CAPABILITY = "capability"  # our CAPABILITY sent: its untagged reply and tagged OK to come
+    STARTTLS = "starttls"  # our STARTTLS sent: its tagged OK to come
+    TLS = "tls"  # StartTls emitted: the driver runs the handshake
     LOGIN = "login"  # LOGIN (and ID) sent: continuations and the tagged reply to come
     LOGGED_IN = "logged in"  # LoginSucceeded emitted
     FAILED = "failed"  # LoginFailed or BackendFailed emitted
 
 
+# States in which the machine reads the backend's lines.
+_BACKEND_READING = frozenset(
+    {BackendState.GREETING, BackendState.CAPABILITY, BackendState.STARTTLS, BackendState.LOGIN}
+)
 _RESPONSE = re.compile(rb"(?P<status>[A-Za-z]+)(?: \[(?P<code>[A-Za-z0-9.-]+)(?P<data>[^\]]*)\])?")
 # Refusals that say the backend, not the credentials, is at fault (RFC 5530): try elsewhere.
 _BACKEND_FAULT_CODES = frozenset({b"UNAVAILABLE", b"SERVERBUG"})
+_NO_STARTTLS = "backend does not offer STARTTLS"
 
 
 def _quoted(text: str) -> bytes:
     """An IMAP quoted string (RFC 3501 section 9) for a value we produce ourselves."""
     return b'"' + text.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _is_bye(line: bytes) -> bool:
+    """An untagged BYE (RFC 3501 section 7.1.5): the backend is about to close."""
+    return line[2:6].upper() == b"BYE " or line[2:].upper() == b"BYE"
+
+
+def _tagged_reply(line: bytes, tag: bytes) -> re.Match[bytes] | None:
+    """The status (and response code) of the tagged reply to ``tag``, or None if it is not one."""
+    if not line.startswith(tag + b" "):
+        return None
+    return _RESPONSE.match(line, len(tag) + 1)
 
 
 class BackendLogin:
@@ -692,47 +721,68 @@ class BackendLogin:
         self._tag = request.tag
         self._config = config
         self._buffer = LineBuffer(MAX_BACKEND_REPLY)
-        # Our ID command's tag: derived from the client's so that it can never equal it.
+        # Our own commands' tags: derived from the client's so that they can never equal it.
         self._id_tag = self._tag + b"-ID"
+        self._capability_tag = self._tag + b"-CAPA"
+        self._starttls_tag = self._tag + b"-TLS"
         self._id_pending = False
+        self._tls = False  # the backend connection is encrypted (after STARTTLS)
+        self._capabilities: frozenset[bytes] = frozenset()  # the last untagged CAPABILITY
         self._continuations = 0  # "+" replies still expected for synchronizing literals
         self._untagged: list[bytes] = []
 
     def handle(self, event: Event) -> list[Command]:
         """Take one event from the driver; return what to send and, in the end, a verdict.
 
+        With ``BackendConfig.starttls`` the machine emits ``StartTls`` before any credential
+        and goes on after ``TlsEstablished``; bytes the backend sends in between are dropped.
+
         Raises:
-            LocalProtocolError: after the verdict, or for events a backend dialogue never has
-                (TLS, login verdicts). Nothing the backend sends raises.
+            LocalProtocolError: after the verdict, ``TlsEstablished`` without ``StartTls``, or
+                events a backend dialogue never has (login verdicts). Nothing the backend
+                sends raises.
         """
         if self.state in (BackendState.LOGGED_IN, BackendState.FAILED):
             raise LocalProtocolError(f"{type(event).__name__} after the backend login ended")
         match event:
             case DataReceived(data):
+                if self.state is BackendState.TLS:
+                    return []  # plaintext after the STARTTLS OK: never read (CVE-2014-3556 class)
                 self._buffer.feed(data)
                 return self._process()
             case ConnectionClosed():
                 return self._fail("backend closed the connection during login")
             case TimedOut():
                 return self._fail("backend login timed out")
-            case TlsEstablished() | LoginAccepted() | LoginRejected() | LoginUnavailable():
+            case TlsEstablished():
+                if self.state is not BackendState.TLS:
+                    raise LocalProtocolError("TlsEstablished without StartTls")
+                self._tls = True
+                # RFC 3501 section 6.2.1: forget the capabilities learned in plaintext, ask again.
+                return self._ask_capabilities()
+            case LoginAccepted() | LoginRejected() | LoginUnavailable():
                 raise LocalProtocolError(f"{type(event).__name__} is not an event of a backend login")
             case _:
                 assert_never(event)
 
     def _process(self) -> list[Command]:
         commands: list[Command] = []
-        while self.state in (BackendState.GREETING, BackendState.LOGIN):
+        while self.state in _BACKEND_READING:
             try:
                 line = self._buffer.pop_line()
             except LineTooLongError:
                 return [*commands, *self._fail("backend reply line too long")]
             if line is None:
                 break
-            if self.state is BackendState.GREETING:
-                commands += self._greeting(line)
-            else:
-                commands += self._reply(line)
+            match self.state:
+                case BackendState.GREETING:
+                    commands += self._greeting(line)
+                case BackendState.CAPABILITY:
+                    commands += self._capability_reply(line)
+                case BackendState.STARTTLS:
+                    commands += self._starttls_reply(line)
+                case _:
+                    commands += self._reply(line)
         return commands
 
     def _greeting(self, line: bytes) -> list[Command]:
@@ -742,9 +792,57 @@ class BackendLogin:
         if response["status"].upper() != b"OK":
             # BYE: the backend refuses connections; PREAUTH would skip the login we must do.
             return self._fail(f"backend greeted with {response['status'].upper().decode()}")
-        capabilities = set()
-        if (response["code"] or b"").upper() == b"CAPABILITY":
-            capabilities = set(response["data"].upper().split())
+        listed = (response["code"] or b"").upper() == b"CAPABILITY"
+        capabilities = frozenset(response["data"].upper().split()) if listed else frozenset()
+        if not self._config.starttls:
+            return self._login(capabilities)
+        # Whether the backend offers STARTTLS: from the greeting, or by asking.
+        return self._starttls(capabilities) if listed else self._ask_capabilities()
+
+    def _ask_capabilities(self) -> list[Command]:
+        self.state = BackendState.CAPABILITY
+        self._capabilities = frozenset()
+        return [Send(self._capability_tag + b" CAPABILITY" + CRLF)]
+
+    def _capability_reply(self, line: bytes) -> list[Command]:
+        if line.startswith(b"* "):
+            if _is_bye(line):
+                return self._fail("backend said BYE during login")
+            words = line[2:].upper().split()
+            if words[:1] == [b"CAPABILITY"]:
+                self._capabilities = frozenset(words[1:])  # the latest one counts: bounded
+            return []
+        reply = _tagged_reply(line, self._capability_tag)
+        if reply is None:
+            return self._fail("backend sent an unexpected line in reply to CAPABILITY")
+        if reply["status"].upper() != b"OK":
+            return self._fail(f"backend answered CAPABILITY with {reply['status'].upper().decode()}")
+        capabilities = self._capabilities
+        if (reply["code"] or b"").upper() == b"CAPABILITY":
+            capabilities |= frozenset(reply["data"].upper().split())
+        return self._login(capabilities) if self._tls else self._starttls(capabilities)
+
+    def _starttls(self, capabilities: frozenset[bytes]) -> list[Command]:
+        """Ask for TLS (RFC 3501 section 6.2.1), or give up: never a credential in plaintext."""
+        if b"STARTTLS" not in capabilities:
+            return self._fail(_NO_STARTTLS)
+        self.state = BackendState.STARTTLS
+        return [Send(self._starttls_tag + b" STARTTLS" + CRLF)]
+
+    def _starttls_reply(self, line: bytes) -> list[Command]:
+        if line.startswith(b"* "):
+            return self._fail("backend said BYE during login") if _is_bye(line) else []
+        reply = _tagged_reply(line, self._starttls_tag)
+        if reply is None:
+            return self._fail("backend sent an unexpected line in reply to STARTTLS")
+        if reply["status"].upper() != b"OK":
+            return self._fail(_NO_STARTTLS)
+        # Whatever followed the OK in plaintext could be an attacker's: it is never read.
+        self.state = BackendState.TLS
+        self._buffer.clear()
+        return [StartTls()]
+
+    def _login(self, capabilities: frozenset[bytes]) -> list[Command]:
         if b"LOGINDISABLED" in capabilities:
             return self._fail("backend refuses LOGIN (LOGINDISABLED)")
         user = self._credentials.username.encode()
@@ -774,14 +872,14 @@ class BackendLogin:
         if line.startswith(b"+"):
             return self._continue_login()
         if line.startswith(b"* "):
-            if line[2:6].upper() == b"BYE " or line[2:].upper() == b"BYE":
+            if _is_bye(line):
                 return self._fail("backend said BYE during login")
             if sum(map(len, self._untagged)) + len(line) > MAX_BACKEND_REPLY:
                 return self._fail("backend sent too many untagged lines during login")
             self._untagged.append(line + CRLF)
             return []
-        response = _RESPONSE.match(line, len(self._tag) + 1)
-        if not line.startswith(self._tag + b" ") or not response:
+        response = _tagged_reply(line, self._tag)
+        if response is None:
             return self._fail("backend sent an unexpected line during login")
         status = response["status"].upper()
         code = (response["code"] or b"").upper()
@@ -797,11 +895,9 @@ class BackendLogin:
     def _id_reply(self, line: bytes) -> list[Command]:
         """Our ID's replies come first; the client never sees them, and a refusal is harmless."""
         if line.startswith(b"* "):
-            if line[2:6].upper() == b"BYE " or line[2:].upper() == b"BYE":
-                return self._fail("backend said BYE during login")
-            return []
-        response = _RESPONSE.match(line, len(self._id_tag) + 1)
-        if not line.startswith(self._id_tag + b" ") or not response:
+            return self._fail("backend said BYE during login") if _is_bye(line) else []
+        response = _tagged_reply(line, self._id_tag)
+        if response is None:
             return self._fail("backend sent an unexpected line in reply to ID")
         if response["status"].upper() not in (b"OK", b"NO", b"BAD"):
             return self._fail("backend sent an unexpected status in reply to ID")

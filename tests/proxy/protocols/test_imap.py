@@ -2,8 +2,8 @@
 
 The transcripts in transcripts/imap/ carry most of the front-end's behaviour; this module runs
 them (whole and cut into random chunks), then covers what a transcript cannot express: limits
-measured in kilobytes, LocalProtocolError for driver misuse, the BackendLogin dialogue, and
-hypothesis fuzzing of both machines with mutated input.
+measured in kilobytes, LocalProtocolError for driver misuse, the BackendLogin dialogue (with
+STARTTLS towards the backend), and hypothesis fuzzing of both machines with mutated input.
 """
 
 from pathlib import Path
@@ -32,6 +32,7 @@ from proxy.protocols.events import (
     LoginUnavailable,
     Relay,
     Send,
+    StartTls,
     StartTlsPolicy,
     TimedOut,
     TlsEstablished,
@@ -428,6 +429,146 @@ def test_frontend_and_backend_compose() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# BackendLogin with STARTTLS towards the backend: no credential before TLS, ever
+
+STARTTLS = BackendConfig(starttls=True)
+NO_STARTTLS = BackendFailed("backend does not offer STARTTLS")
+LITERAL_PLUS_LOGIN = b"a1 LOGIN {5+}\r\nalice {%d+}\r\n%b\r\n" % (len(PASSWORD), PASSWORD.encode())
+
+
+def test_backend_starttls_offered_in_the_greeting() -> None:
+    login = backend_login(STARTTLS)
+    # LOGINDISABLED before TLS is what a careful backend says; it does not count yet.
+    assert feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready") == [
+        Send(b"a1-TLS STARTTLS\r\n")
+    ]
+    assert feed(login, b"a1-TLS OK Begin TLS negotiation now") == [StartTls()]
+    assert login.state is imap.BackendState.TLS
+    # RFC 3501 section 6.2.1: the capabilities are asked for again over TLS.
+    assert login.handle(TlsEstablished()) == [Send(b"a1-CAPA CAPABILITY\r\n")]
+    commands = feed(login, b"* CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN", b"a1-CAPA OK done")
+    assert commands == [Send(LITERAL_PLUS_LOGIN)]
+    assert feed(login, b"a1 OK Logged in") == [LoginSucceeded(b"a1 OK Logged in\r\n")]
+
+
+def test_backend_starttls_asks_for_capabilities_when_the_greeting_has_none() -> None:
+    login = backend_login(STARTTLS)
+    assert feed(login, b"* OK Dovecot ready.") == [Send(b"a1-CAPA CAPABILITY\r\n")]
+    assert login.state is imap.BackendState.CAPABILITY
+    assert feed(login, b"* CAPABILITY IMAP4rev1 STARTTLS", b"a1-CAPA OK done") == [
+        Send(b"a1-TLS STARTTLS\r\n")
+    ]
+    assert feed(login, b"a1-TLS OK go") == [StartTls()]
+    assert login.handle(TlsEstablished()) == [Send(b"a1-CAPA CAPABILITY\r\n")]
+    # The tagged OK may carry the capabilities itself (RFC 3501 section 7.1).
+    assert feed(login, b"a1-CAPA OK [CAPABILITY IMAP4rev1 LITERAL+] done") == [Send(LITERAL_PLUS_LOGIN)]
+
+
+def test_backend_starttls_forgets_the_plaintext_capabilities() -> None:
+    """LITERAL+ before TLS but not after: the login uses synchronizing literals."""
+    login = backend_login(STARTTLS)
+    feed(login, b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS] ready")
+    feed(login, b"a1-TLS OK go")
+    login.handle(TlsEstablished())
+    assert feed(login, b"* CAPABILITY IMAP4rev1", b"a1-CAPA OK done") == [Send(b"a1 LOGIN {5}\r\n")]
+
+
+def test_backend_starttls_then_logindisabled_fails() -> None:
+    login = backend_login(STARTTLS)
+    feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready")
+    feed(login, b"a1-TLS OK go")
+    login.handle(TlsEstablished())
+    assert feed(login, b"* CAPABILITY IMAP4rev1 LOGINDISABLED", b"a1-CAPA OK done") == [
+        BackendFailed("backend refuses LOGIN (LOGINDISABLED)")
+    ]
+
+
+def test_backend_starttls_sends_id_only_after_tls() -> None:
+    config = BackendConfig(client=ClientAddress("192.0.2.7", 40123), client_info="id", starttls=True)
+    login = backend_login(config)
+    commands = feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready") + feed(login, b"a1-TLS OK go")
+    assert transcript.sent(commands) == b"a1-TLS STARTTLS\r\n"
+    login.handle(TlsEstablished())
+    (command,) = feed(login, b"a1-CAPA OK [CAPABILITY IMAP4rev1 LITERAL+] done")
+    assert command == Send(
+        b'a1-ID ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "40123")\r\n' + LITERAL_PLUS_LOGIN
+    )
+    assert feed(login, b"a1-ID OK", b"a1 OK in") == [LoginSucceeded(b"a1 OK in\r\n")]
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready"],
+        [b"* OK ready", b"* CAPABILITY IMAP4rev1 LITERAL+", b"a1-CAPA OK done"],
+        [b"* OK ready", b"a1-CAPA OK done"],
+        [b"* OK [CAPABILITY STARTTLS] ready", b"a1-TLS NO [UNAVAILABLE] TLS not configured"],
+        [b"* OK [CAPABILITY STARTTLS] ready", b"a1-TLS BAD unknown command"],
+    ],
+    ids=["not-in-greeting", "not-in-capability", "no-capability-at-all", "refused-no", "refused-bad"],
+)
+def test_backend_without_starttls_fails_and_never_gets_the_login(lines: list[bytes]) -> None:
+    commands = feed(backend_login(STARTTLS), *lines)
+    assert commands[-1] == NO_STARTTLS
+    assert b"LOGIN" not in transcript.sent(commands)
+
+
+def test_backend_bytes_after_the_starttls_ok_are_never_read() -> None:
+    """A man in the middle appends a fake login success behind the OK (CVE-2014-3556 class)."""
+    login = backend_login(STARTTLS)
+    feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready")
+    injected = b"a1-TLS OK go\r\na1-CAPA OK [CAPABILITY IMAP4rev1 LITERAL+]\r\na1 OK Logged in\r\n"
+    assert login.handle(DataReceived(injected)) == [StartTls()]
+    assert login.handle(DataReceived(b"a1 OK Logged in\r\n")) == []  # before the handshake
+    assert login.handle(TlsEstablished()) == [Send(b"a1-CAPA CAPABILITY\r\n")]
+    assert feed(login, b"a1-CAPA OK done") == [Send(b"a1 LOGIN {5}\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason"),
+    [
+        ([b"* OK ready", b"* BYE shutting down"], "backend said BYE during login"),
+        ([b"* OK ready", b"+ go on"], "backend sent an unexpected line in reply to CAPABILITY"),
+        ([b"* OK ready", b"a1-CAPA NO never"], "backend answered CAPABILITY with NO"),
+        ([b"* OK [CAPABILITY STARTTLS] x", b"* BYE"], "backend said BYE during login"),
+        (
+            [b"* OK [CAPABILITY STARTTLS] x", b"a1 OK [CAPABILITY STARTTLS]"],
+            "backend sent an unexpected line in reply to STARTTLS",
+        ),
+    ],
+)
+def test_backend_starttls_failures(lines: list[bytes], reason: str) -> None:
+    assert feed(backend_login(STARTTLS), *lines)[-1] == BackendFailed(reason)
+
+
+def test_backend_starttls_ignores_untagged_lines_before_its_ok() -> None:
+    login = backend_login(STARTTLS)
+    feed(login, b"* OK [CAPABILITY STARTTLS] x")
+    assert feed(login, b"* OK still here", b"a1-TLS OK go") == [StartTls()]
+
+
+def test_backend_close_or_timeout_during_the_handshake_fails_the_login() -> None:
+    for event, reason in (
+        (ConnectionClosed(), "backend closed the connection during login"),
+        (TimedOut(), "backend login timed out"),
+    ):
+        login = backend_login(STARTTLS)
+        feed(login, b"* OK [CAPABILITY STARTTLS] x", b"a1-TLS OK go")
+        assert login.handle(event) == [BackendFailed(reason)]
+
+
+def test_backend_tls_news_out_of_turn_is_misuse() -> None:
+    login = backend_login(STARTTLS)
+    feed(login, b"* OK [CAPABILITY STARTTLS] x")
+    with pytest.raises(LocalProtocolError):
+        login.handle(TlsEstablished())  # STARTTLS sent, but its OK has not come
+    feed(login, b"a1-TLS OK go")
+    login.handle(TlsEstablished())
+    with pytest.raises(LocalProtocolError):
+        login.handle(TlsEstablished())
+
+
+# ---------------------------------------------------------------------------------------------
 # Redaction: the password shows only where it must go (the backend's LOGIN literal)
 
 REDACTION_DIALOGUES = [
@@ -542,7 +683,50 @@ def test_backend_login_survives_random_replies(
 ) -> None:
     config = BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id" if use_id else "none")
     data = b"".join(line + b"\r\n" for line in lines)
-    transcript.fuzz_backend(backend_login(config), verdict_given, data, sizes, closes)
+    transcript.fuzz_backend(backend_login(config), verdict_given, [data], sizes, closes)
+
+
+STARTTLS_DIALOGUES = [
+    [
+        [b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready", b"a1-TLS OK go"],
+        [b"* CAPABILITY IMAP4rev1 LITERAL+", b"a1-CAPA OK done", b"a1-ID OK", b"a1 OK Logged in"],
+    ],
+    [
+        [b"* OK ready", b"* CAPABILITY IMAP4rev1 STARTTLS", b"a1-CAPA OK done", b"a1-TLS OK go"],
+        [b"a1-CAPA OK [CAPABILITY IMAP4rev1] done", b"a1-ID NO", b"+ OK", b"+ OK", b"a1 NO no"],
+    ],
+]
+STARTTLS_NOISE = [
+    *BACKEND_LINES,
+    b"a1-CAPA NO no",
+    b"a1-TLS NO no",
+    b"a1-TLS OK go",
+    b"* CAPABILITY STARTTLS",
+]
+# All a backend may see from us before TLS when the route wants STARTTLS.
+BEFORE_TLS = (
+    b"",
+    b"a1-CAPA CAPABILITY\r\n",
+    b"a1-TLS STARTTLS\r\n",
+    b"a1-CAPA CAPABILITY\r\na1-TLS STARTTLS\r\n",
+)
+
+
+@settings(FUZZ, max_examples=300)
+@given(
+    parts=transcript.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
+    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
+    use_id=st.booleans(),
+    closes=st.booleans(),
+)
+def test_backend_starttls_never_sends_more_than_starttls_in_plaintext(
+    parts: list[bytes], sizes: list[int], use_id: bool, closes: bool
+) -> None:
+    config = BackendConfig(
+        client=ClientAddress("192.0.2.1", 1), client_info="id" if use_id else "none", starttls=True
+    )
+    commands = transcript.fuzz_backend(backend_login(config), verdict_given, parts, sizes, closes)
+    assert transcript.sent_before_tls(commands) in BEFORE_TLS
 
 
 @FUZZ
@@ -550,3 +734,15 @@ def test_backend_login_survives_random_replies(
 def test_backend_login_split_anywhere_gives_the_same_commands(reply: bytes, sizes: list[int]) -> None:
     dialogue = b"* OK ready\r\n+ OK\r\n+ OK\r\n" + reply + b"\r\na1 OK in\r\n* 1 EXISTS\r\n"
     transcript.split_backend_dialogue(backend_login, verdict_given, [dialogue], sizes)
+
+
+@FUZZ
+@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5))
+def test_backend_starttls_dialogue_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
+    parts = [
+        b"* OK ready\r\n* CAPABILITY IMAP4rev1 STARTTLS\r\na1-CAPA OK done\r\na1-TLS OK go\r\n",
+        b"* CAPABILITY IMAP4rev1 LITERAL+\r\na1-CAPA OK done\r\na1-ID OK\r\na1 OK in\r\n* 1 EXISTS\r\n",
+    ]
+    config = BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id", starttls=True)
+    commands = transcript.split_backend_dialogue(lambda: backend_login(config), verdict_given, parts, sizes)
+    assert commands[-1] == LoginSucceeded(b"a1 OK in\r\n", b"* 1 EXISTS\r\n")

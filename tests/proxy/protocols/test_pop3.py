@@ -463,7 +463,7 @@ def test_backend_login_survives_random_replies(
 ) -> None:
     login = backend_login(XCLIENT if use_xclient else BackendConfig())
     data = b"".join(line + b"\r\n" for line in lines)
-    commands = transcript.fuzz_backend(login, verdict_given, data, sizes, closes)
+    commands = transcript.fuzz_backend(login, verdict_given, [data], sizes, closes)
     if closes:
         assert verdict_given(login)
     for command in commands:

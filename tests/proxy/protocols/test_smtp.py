@@ -782,7 +782,7 @@ def test_backend_login_survives_random_replies(
     config = XCLIENT if use_xclient else BackendConfig()
     login = inbound_login(config) if inbound else submission_login(config)
     data = b"".join(line + b"\r\n" for line in lines)
-    commands = transcript.fuzz_backend(login, verdict_given, data, sizes, closes)
+    commands = transcript.fuzz_backend(login, verdict_given, [data], sizes, closes)
     if closes:
         assert verdict_given(login)
     for command in commands:

@@ -446,6 +446,28 @@ def mutated(draw: st.DrawFn, data: bytes) -> bytes:
     return bytes(buffer)
 
 
+@st.composite
+def mutated_dialogue(
+    draw: st.DrawFn, dialogues: Sequence[Sequence[Sequence[bytes]]], noise: Sequence[bytes]
+) -> list[bytes]:
+    """One of ``dialogues`` with a few lines dropped or inserted (from ``noise`` or random bytes).
+
+    A dialogue is a list of parts, the peer's lines before and after each TLS handshake; the
+    result has one CRLF-terminated byte string per part, for ``fuzz_backend``. Random lines
+    alone rarely get a backend login far (through STARTTLS, say); a valid dialogue with a few
+    changes reaches every state and then goes wrong there.
+    """
+    parts = [list(part) for part in draw(st.sampled_from(dialogues))]
+    for _ in range(draw(st.integers(min_value=0, max_value=3))):
+        lines = parts[draw(st.integers(min_value=0, max_value=len(parts) - 1))]
+        position = draw(st.integers(min_value=0, max_value=len(lines)))
+        if draw(st.booleans()):
+            lines.insert(position, draw(st.sampled_from(noise) | st.binary(max_size=40)))
+        elif position < len(lines):
+            del lines[position]
+    return [b"".join(line + CRLF for line in lines) for lines in parts]
+
+
 def pieces(data: bytes, sizes: Sequence[int]) -> Iterator[bytes]:
     """``data`` cut into pieces of the given sizes (cycled)."""
     offset = 0
@@ -514,15 +536,20 @@ def _feed_backend(machine: BackendMachine, data: bytes) -> list[Command]:
 
 
 def fuzz_backend(
-    machine: Machine, done: Callable[[Machine], bool], data: bytes, sizes: Sequence[int], closes: bool
+    machine: Machine,
+    done: Callable[[Machine], bool],
+    parts: Sequence[bytes],
+    sizes: Sequence[int],
+    closes: bool,
 ) -> list[Command]:
-    """Feed ``data`` in pieces until a verdict; without one, optionally the backend's close.
+    """Feed ``parts`` (what the backend sends before and after each TLS handshake), each in
+    pieces, until a verdict; without one, optionally the backend's close.
 
     Checks what must hold for any backend dialogue: backend commands only, one verdict at most
     and nothing after it, and no test password in a verdict.
     """
     commands: list[Command] = []
-    for piece in pieces(data, sizes):
+    for piece in (piece for part in parts for piece in pieces(part, sizes)):
         commands += _feed_backend(machine, piece)
         if done(machine):
             break
