@@ -32,6 +32,15 @@ pop3-login does so only for its login_trusted_networks, and its own proxy checks
 the same way), then USER and PASS. USER/PASS, not AUTH PLAIN: RFC 1939 makes them the one login
 every POP3 server has (SASL is optional, RFC 5034), nginx does the same, and the one extra round
 trip is paid once per session.
+
+With ``BackendConfig.starttls`` the greeting is followed by ``STLS`` (RFC 2595 section 4); on
+its ``+OK`` the machine emits ``StartTls``, drops whatever the backend sent behind the ``+OK`` in
+plaintext, and sends XCLIENT and USER/PASS only after ``TlsEstablished``. A ``-ERR`` (no STLS
+here, or refused) fails the attempt: there is no plaintext fallback. STLS is sent without asking
+CAPA first: a backend without it says ``-ERR`` just the same, one round trip sooner. The
+``[XCLIENT]`` mark is taken from the plaintext greeting, as Dovecot's own proxy does (RFC 2595
+brings no new greeting and Dovecot lists XCLIENT nowhere else); a forged mark can only make the
+backend refuse our XCLIENT, which fails the attempt, and never exposes a credential.
 """
 
 import ipaddress
@@ -396,6 +405,8 @@ class BackendState(Enum):
     """Which backend reply the login replay waits for."""
 
     GREETING = auto()
+    STLS = auto()  # the reply to STLS
+    TLS = auto()  # StartTls emitted: the driver runs the handshake
     XCLIENT = auto()
     USER = auto()
     PASS = auto()
@@ -409,6 +420,7 @@ XCLIENT_GREETING = b"+OK [XCLIENT]"
 # includes [IN-USE] (RFC 2449 section 8.1.2: the maildrop is locked by another session, which
 # another endpoint of the same storage cannot help with, and the client should see why).
 TEMPORARY_FAILURE = b"-ERR [SYS/TEMP]"
+_NO_STARTTLS = "backend does not offer STARTTLS"
 
 
 def _positive(line: bytes) -> bool | None:
@@ -420,9 +432,9 @@ def _positive(line: bytes) -> bool | None:
 
 
 class BackendLogin:
-    """Replays a POP3 login on one backend: greeting, optional XCLIENT, USER, PASS."""
+    """Replays a POP3 login on one backend: greeting, optional STLS, optional XCLIENT, USER, PASS."""
 
-    __slots__ = ("_buffer", "_config", "_credentials", "_state")
+    __slots__ = ("_buffer", "_config", "_credentials", "_state", "_xclient_offered")
 
     def __init__(self, request: LoginRequest, config: BackendConfig) -> None:
         """Prepare the replay of ``request``; the backend speaks first.
@@ -436,6 +448,7 @@ class BackendLogin:
         self._config = config
         self._buffer = LineBuffer(MAX_RESPONSE_LINE)
         self._state = BackendState.GREETING
+        self._xclient_offered = False  # the greeting carried [XCLIENT]
 
     @property
     def state(self) -> BackendState:
@@ -444,29 +457,38 @@ class BackendLogin:
     def handle(self, event: Event) -> list[Command]:
         """Take one event from the backend side; return the lines to send and, once, a verdict.
 
-        After the verdict, a close or timeout that raced with it is ignored.
+        After the verdict, a close or timeout that raced with it is ignored. With
+        ``BackendConfig.starttls`` the machine emits ``StartTls`` before any credential and
+        goes on after ``TlsEstablished``; bytes the backend sends in between are dropped.
 
         Raises:
-            LocalProtocolError: bytes after the verdict, or a front-end event.
+            LocalProtocolError: bytes after the verdict, ``TlsEstablished`` without
+                ``StartTls``, or a front-end event.
         """
         match event:
             case DataReceived(data=data):
                 if self._state is BackendState.DONE:
                     raise LocalProtocolError("backend data after the login verdict")
+                if self._state is BackendState.TLS:
+                    return []  # plaintext after the STLS +OK: never read (CVE-2014-3556 class)
                 self._buffer.feed(data)
                 return self._read()
             case ConnectionClosed():
                 return self._fail("backend closed the connection")
             case TimedOut():
                 return self._fail("backend login timed out")
-            case TlsEstablished() | LoginAccepted() | LoginRejected() | LoginUnavailable():
+            case TlsEstablished():
+                if self._state is not BackendState.TLS:
+                    raise LocalProtocolError(f"TlsEstablished in state {self._state.name}")
+                return self._introduce()
+            case LoginAccepted() | LoginRejected() | LoginUnavailable():
                 raise LocalProtocolError(f"{type(event).__name__} is not an event for a backend login")
             case _:
                 assert_never(event)
 
     def _read(self) -> list[Command]:
         commands: list[Command] = []
-        while self._state is not BackendState.DONE:
+        while self._state not in (BackendState.DONE, BackendState.TLS):
             try:
                 line = self._buffer.pop_line()
             except LineTooLongError:
@@ -483,13 +505,20 @@ class BackendLogin:
             return self._fail(f"backend sent a malformed response in state {self._state.name}")
         match self._state:
             case BackendState.GREETING if positive:
-                xclient = self._xclient() if line.startswith(XCLIENT_GREETING) else None
-                if xclient is not None:
-                    self._state = BackendState.XCLIENT
-                    return [Send(xclient)]
-                return self._send_user()
+                self._xclient_offered = line.startswith(XCLIENT_GREETING)
+                if self._config.starttls:
+                    self._state = BackendState.STLS
+                    return [Send(b"STLS" + CRLF)]
+                return self._introduce()
             case BackendState.GREETING:
                 return self._fail("backend greeting was -ERR")
+            case BackendState.STLS if positive:
+                # Whatever followed the +OK in plaintext could be an attacker's: never read.
+                self._state = BackendState.TLS
+                self._buffer.clear()
+                return [StartTls()]
+            case BackendState.STLS:
+                return self._fail(_NO_STARTTLS)
             case BackendState.XCLIENT if positive:
                 return self._send_user()
             case BackendState.XCLIENT:
@@ -506,10 +535,18 @@ class BackendLogin:
                 self._state = BackendState.DONE
                 return [LoginFailed(reply=line + CRLF)]
 
+    def _introduce(self) -> list[Command]:
+        """After the greeting (and TLS): XCLIENT if the greeting offered it, else the login."""
+        xclient = self._xclient()
+        if xclient is not None:
+            self._state = BackendState.XCLIENT
+            return [Send(xclient)]
+        return self._send_user()
+
     def _xclient(self) -> bytes | None:
-        """Dovecot's ``XCLIENT ADDR= PORT=`` for the real client, when wanted and known."""
+        """Dovecot's ``XCLIENT ADDR= PORT=`` for the real client, when offered, wanted and known."""
         client = self._config.client
-        if self._config.client_info != "xclient" or client is None:
+        if not self._xclient_offered or self._config.client_info != "xclient" or client is None:
             return None
         try:
             address = ipaddress.ip_address(client.host)

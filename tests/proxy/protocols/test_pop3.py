@@ -2,7 +2,8 @@
 
 The transcripts in transcripts/pop3/ carry the front-end's dialogue; this module runs them
 (whole and cut into random chunks), then covers what a transcript cannot express: limits in
-octets, LocalProtocolError for driver misuse, the BackendLogin dialogue, redaction, and
+octets, LocalProtocolError for driver misuse, the BackendLogin dialogue (with STLS towards the
+backend), redaction, and
 hypothesis fuzzing of both machines (with the protocol-neutral helpers of transcript.py).
 """
 
@@ -32,6 +33,7 @@ from proxy.protocols.events import (
     LoginUnavailable,
     Relay,
     Send,
+    StartTls,
     StartTlsPolicy,
     TimedOut,
     TlsEstablished,
@@ -353,6 +355,86 @@ def test_frontend_and_backend_compose() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Backend login with STLS towards the backend: no credential before TLS, ever
+
+STARTTLS = BackendConfig(starttls=True)
+XCLIENT_STARTTLS = BackendConfig(
+    client=ClientAddress("192.0.2.7", 40123), client_info="xclient", starttls=True
+)
+NO_STARTTLS = BackendFailed("backend does not offer STARTTLS")
+
+
+def test_backend_stls_then_user_and_pass() -> None:
+    login = backend_login(STARTTLS)
+    assert feed(login, b"+OK Dovecot ready.") == [Send(b"STLS\r\n")]
+    assert login.state is pop3.BackendState.STLS
+    assert feed(login, b"+OK Begin TLS negotiation now.") == [StartTls()]
+    assert login.state is pop3.BackendState.TLS
+    assert login.handle(TlsEstablished()) == [Send(b"USER alice\r\n")]
+    assert feed(login, b"+OK") == [Send(b"PASS " + PASSWORD.encode() + b"\r\n")]
+    assert feed(login, b"+OK Logged in.") == [LoginSucceeded(reply=b"+OK Logged in.\r\n")]
+
+
+def test_backend_stls_sends_xclient_only_after_tls() -> None:
+    login = backend_login(XCLIENT_STARTTLS)
+    assert feed(login, b"+OK [XCLIENT] Dovecot ready.") == [Send(b"STLS\r\n")]
+    assert feed(login, b"+OK Begin TLS") == [StartTls()]
+    assert login.handle(TlsEstablished()) == [Send(b"XCLIENT ADDR=192.0.2.7 PORT=40123\r\n")]
+    assert feed(login, b"+OK Updated") == [Send(b"USER alice\r\n")]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [b"-ERR Unknown command: STLS", b"-ERR [SYS/TEMP] TLS not available", b"-ERR"],
+)
+def test_backend_without_stls_fails_and_never_gets_the_login(refusal: bytes) -> None:
+    login = backend_login(STARTTLS)
+    commands = feed(login, b"+OK ready", refusal)
+    assert commands == [Send(b"STLS\r\n"), NO_STARTTLS]
+    assert login.state is pop3.BackendState.DONE
+
+
+def test_backend_bytes_after_the_stls_ok_are_never_read() -> None:
+    """A man in the middle appends replies behind the +OK (CVE-2014-3556 class)."""
+    login = backend_login(STARTTLS)
+    feed(login, b"+OK ready")
+    assert login.handle(DataReceived(b"+OK Begin TLS\r\n+OK\r\n+OK Logged in.\r\n")) == [StartTls()]
+    assert login.handle(DataReceived(b"+OK\r\n")) == []  # before the handshake
+    assert login.handle(TlsEstablished()) == [Send(b"USER alice\r\n")]
+    assert feed(login, b"-ERR [AUTH] Unknown user.") == [LoginFailed(reply=b"-ERR [AUTH] Unknown user.\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [(ConnectionClosed(), "backend closed the connection"), (TimedOut(), "backend login timed out")],
+)
+def test_backend_close_or_timeout_during_the_handshake_fails_the_login(
+    event: events.Event, reason: str
+) -> None:
+    login = backend_login(STARTTLS)
+    feed(login, b"+OK ready", b"+OK go")
+    assert login.handle(event) == [BackendFailed(reason)]
+
+
+def test_backend_malformed_reply_to_stls_fails_the_login() -> None:
+    assert feed(backend_login(STARTTLS), b"+OK ready", b"* OK") == [
+        Send(b"STLS\r\n"),
+        BackendFailed("backend sent a malformed response in state STLS"),
+    ]
+
+
+def test_backend_tls_news_out_of_turn_is_misuse() -> None:
+    login = backend_login(STARTTLS)
+    feed(login, b"+OK ready")
+    with pytest.raises(LocalProtocolError):
+        login.handle(TlsEstablished())  # STLS sent, but its +OK has not come
+    feed(login, b"+OK go")
+    login.handle(TlsEstablished())
+    with pytest.raises(LocalProtocolError):
+        login.handle(TlsEstablished())
+
+
+# ---------------------------------------------------------------------------------------------
 # Redaction
 
 
@@ -471,6 +553,28 @@ def test_backend_login_survives_random_replies(
             assert command.data == b"PASS " + PASSWORD.encode() + b"\r\n"
 
 
+STARTTLS_DIALOGUES = [
+    [[b"+OK [XCLIENT] Dovecot ready.", b"+OK Begin TLS"], [b"+OK Updated", b"+OK", b"+OK Logged in."]],
+    [[b"+OK Dovecot ready.", b"+OK Begin TLS"], [b"+OK", b"-ERR [AUTH] Authentication failed."]],
+]
+STARTTLS_NOISE = [*BACKEND_LINES, b"+OK Begin TLS"]
+
+
+@settings(FUZZ, max_examples=300)
+@given(
+    parts=transcript.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
+    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
+    use_xclient=st.booleans(),
+    closes=st.booleans(),
+)
+def test_backend_stls_never_sends_more_than_stls_in_plaintext(
+    parts: list[bytes], sizes: list[int], use_xclient: bool, closes: bool
+) -> None:
+    login = backend_login(XCLIENT_STARTTLS if use_xclient else STARTTLS)
+    commands = transcript.fuzz_backend(login, verdict_given, parts, sizes, closes)
+    assert transcript.sent_before_tls(commands) in (b"", b"STLS\r\n")
+
+
 @FUZZ
 @given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5))
 def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
@@ -479,3 +583,16 @@ def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int]) 
         lambda: backend_login(XCLIENT), verdict_given, [dialogue], sizes
     )
     assert isinstance(commands[-1], LoginSucceeded)
+
+
+@FUZZ
+@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5))
+def test_backend_stls_dialogue_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
+    parts = [
+        b"+OK [XCLIENT] Dovecot ready.\r\n+OK Begin TLS\r\n",
+        b"+OK Updated\r\n+OK\r\n+OK Logged in.\r\n+OK 2\r\n",
+    ]
+    commands = transcript.split_backend_dialogue(
+        lambda: backend_login(XCLIENT_STARTTLS), verdict_given, parts, sizes
+    )
+    assert commands[-1] == LoginSucceeded(reply=b"+OK Logged in.\r\n", buffered=b"+OK 2\r\n")
