@@ -1,9 +1,10 @@
 """The ``mailgress controller`` process: settings, the API writer, and kopf's run.
 
 mailgress/cli.py adds ``add_arguments`` to its ``controller`` subcommand and calls ``command``;
-tests call ``run`` with a kubeconfig that points at the emulator. ``run`` loads the Kubernetes client configuration (a kubeconfig, or the pod's service
-account), starts the push channel (controller.publisher), registers controller.handlers on a
-fresh kopf registry and runs kopf until stopped. ``KubeApi`` is the reconciler's ``Cluster``:
+tests call ``run`` with a kubeconfig that points at the emulator. ``run`` loads the Kubernetes
+client configuration (a kubeconfig, or the pod's service account), starts the push channel
+(controller.publisher), registers controller.handlers on a fresh kopf registry and runs kopf
+until stopped. ``KubeApi`` is the reconciler's ``Cluster``:
 the few writes kopf does not make for us (status patches with a resourceVersion precondition,
 the snapshot ConfigMap, Events), over aiohttp with the same credentials kopf logs in with.
 Never logs the push token or an API bearer token; never imports anything of the proxy but the

@@ -44,11 +44,15 @@ SNAPSHOT_KEY = "table.json"
 MAX_EVENT_MESSAGE = 1024
 
 
+_Parsed = mailroute.MailRoute | mailroute.SpecError
+_Endpoints = tuple[table.Endpoint, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class RouteEntry:
     """A MailRoute as last seen: parsed, plus what writing its status needs."""
 
-    route: mailroute.MailRoute | mailroute.SpecError
+    route: _Parsed
     uid: str
     resource_version: str
     status: Mapping[str, Any]  # the object's .status as seen (others' conditions included)
@@ -158,7 +162,7 @@ class Reconciler:
         self._synced = False
         # What the last compilation was made of: equal input is not compiled again (status
         # writes come back as watch events, and must not cost a compilation each).
-        self._compiled_from: tuple[list[Any], dict[compiler.ServiceKey, Any]] | None = None
+        self._compiled_from: tuple[list[_Parsed], dict[compiler.ServiceKey, _Endpoints]] | None = None
         self._compiled: compiler.Compiled | None = None
         self._published = _Published()
         self._snapshot: str | None = None  # version last written to the ConfigMap
@@ -232,11 +236,11 @@ class Reconciler:
     async def reconcile(self) -> None:
         """One pass: compile if an input changed, publish, snapshot, write statuses."""
         inputs = self._read()
-        routes: list[Any] = [entry.route for entry in inputs.routes]
+        routes: list[_Parsed] = [entry.route for entry in inputs.routes]
         resolved = endpoints.resolve(compiler.service_keys(routes), inputs.services, inputs.slices)
         if self._compiled is None or self._compiled_from != (routes, resolved):
             self._compiled = compiler.compile_table(routes, resolved)
-            self._compiled_from = (routes, dict(resolved))
+            self._compiled_from = (routes, resolved)
         compiled = self._compiled
         if compiled.table.version != self._published.latest:
             self._publisher.publish(compiled.table)

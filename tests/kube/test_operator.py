@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from proxy import table
 from tests.kube.conftest import (
     CONTROLLER_NAMESPACE,
+    MAILROUTES,
     NAMESPACE,
     AccessLog,
     Api,
@@ -77,6 +78,11 @@ async def test_route_becomes_accepted_resolved_and_programmed(
         assert is_(emulator, "example", "ResolvedRefs", "True", "ResolvedRefs")
         status = status_of(emulator, "example")
         assert status["observedGeneration"] == 1
+        # No changing handler: kopf put no finalizer (deleting never waits for the controller)
+        # and no annotation on the object.
+        metadata = emulator.objects[MAILROUTES, NAMESPACE, "example"].raw["metadata"]
+        assert "finalizers" not in metadata
+        assert "annotations" not in metadata
         assert all(item["observedGeneration"] == 1 for item in status["conditions"])
         assert status["protocols"] == "imap"
         assert status["endpoints"] == {"imap": 2}
