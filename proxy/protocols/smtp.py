@@ -50,6 +50,13 @@ the client's reply, as nginx does. A MAIL refused with 5xx becomes the client's 
 (Postfix itself reports sender refusals at RCPT time by default), with 4xx it is a backend
 failure, so the client hears 451 and retries: either way no mail is accepted that the backend
 did not take.
+
+With ``BackendConfig.starttls`` the first EHLO reply must list STARTTLS (RFC 3207); the machine
+sends it and, on ``220``, emits ``StartTls`` and drops whatever the backend sent behind the 220
+in plaintext. After ``TlsEstablished`` it forgets everything learned before (RFC 3207 section
+4.2) and sends ``EHLO <server_name>`` again; XCLIENT, AUTH or the envelope follow that second
+reply only. A backend that does not offer STARTTLS or refuses it fails the attempt: there is no
+plaintext fallback, so neither a credential nor the envelope is ever sent in the clear.
 """
 
 import ipaddress
@@ -601,7 +608,9 @@ class BackendState(Enum):
     """Which backend reply the login replay waits for."""
 
     GREETING = auto()  # the 220 greeting
-    EHLO = auto()  # the reply to EHLO <server_name>
+    EHLO = auto()  # the reply to EHLO <server_name> (again after TLS)
+    STARTTLS = auto()  # the reply to STARTTLS
+    TLS = auto()  # StartTls emitted: the driver runs the handshake
     XCLIENT = auto()  # the reply to XCLIENT (Postfix greets afresh with 220)
     CLIENT_EHLO = auto()  # the reply to EHLO <the client's name>, after XCLIENT
     AUTH_CHALLENGE = auto()  # the 334 to AUTH PLAIN sent without initial response
@@ -609,6 +618,9 @@ class BackendState(Enum):
     MAIL = auto()  # the reply to the client's MAIL FROM
     RCPT = auto()  # the reply to the client's RCPT TO, which goes to the client
     DONE = auto()  # a verdict was given
+
+
+_NO_STARTTLS = "backend does not offer STARTTLS"
 
 
 def xtext(value: str) -> str:
@@ -643,10 +655,10 @@ def _extensions(lines: list[bytes]) -> dict[str, frozenset[str]]:
 
 
 class BackendLogin:
-    """Replays a submission login (EHLO, XCLIENT, AUTH PLAIN) or an inbound envelope (EHLO,
-    XCLIENT, MAIL FROM, RCPT TO) on one backend."""
+    """Replays a submission login (EHLO, STARTTLS, XCLIENT, AUTH PLAIN) or an inbound envelope
+    (EHLO, STARTTLS, XCLIENT, MAIL FROM, RCPT TO) on one backend."""
 
-    __slots__ = ("_buffer", "_config", "_helo_name", "_reply", "_request", "_state")
+    __slots__ = ("_buffer", "_config", "_helo_name", "_reply", "_request", "_state", "_tls")
 
     def __init__(self, request: LoginRequest, config: BackendConfig) -> None:
         """Prepare the replay of ``request``; the backend speaks first.
@@ -667,6 +679,7 @@ class BackendLogin:
         self._config = config
         self._buffer = LineBuffer(MAX_REPLY_LINE)
         self._state = BackendState.GREETING
+        self._tls = False  # the backend connection is encrypted (after STARTTLS)
         self._reply: list[bytes] = []  # lines of the multi-line reply being read
         # The client's own name, for the EHLO after XCLIENT (nginx replays it the same way).
         _, _, name = request.helo.partition(b" ")
@@ -679,22 +692,34 @@ class BackendLogin:
     def handle(self, event: Event) -> list[Command]:
         """Take one event from the backend side; return the lines to send and, once, a verdict.
 
-        After the verdict, a close or timeout that raced with it is ignored.
+        After the verdict, a close or timeout that raced with it is ignored. With
+        ``BackendConfig.starttls`` the machine emits ``StartTls`` before XCLIENT, AUTH or the
+        envelope and goes on after ``TlsEstablished``; bytes the backend sends in between are
+        dropped.
 
         Raises:
-            LocalProtocolError: bytes after the verdict, or a front-end event.
+            LocalProtocolError: bytes after the verdict, ``TlsEstablished`` without
+                ``StartTls``, or a front-end event.
         """
         match event:
             case DataReceived(data=data):
                 if self._state is BackendState.DONE:
                     raise LocalProtocolError("backend data after the login verdict")
+                if self._state is BackendState.TLS:
+                    return []  # plaintext after the STARTTLS 220: never read (CVE-2014-3556 class)
                 self._buffer.feed(data)
                 return self._read()
             case ConnectionClosed():
                 return self._fail("backend closed the connection")
             case TimedOut():
                 return self._fail("backend login timed out")
-            case TlsEstablished() | LoginAccepted() | LoginRejected() | LoginUnavailable():
+            case TlsEstablished():
+                if self._state is not BackendState.TLS:
+                    raise LocalProtocolError(f"TlsEstablished in state {self._state.name}")
+                # RFC 3207 section 4.2: forget everything learned before TLS; EHLO again.
+                self._tls = True
+                return self._ehlo()
+            case LoginAccepted() | LoginRejected() | LoginUnavailable():
                 raise LocalProtocolError(f"{type(event).__name__} is not an event for a backend login")
             case _:
                 assert_never(event)
@@ -702,7 +727,7 @@ class BackendLogin:
     def _read(self) -> list[Command]:
         """Collect reply lines (RFC 5321 section 4.2.1: ``code-text`` until ``code text``)."""
         commands: list[Command] = []
-        while self._state is not BackendState.DONE:
+        while self._state not in (BackendState.DONE, BackendState.TLS):
             try:
                 line = self._buffer.pop_line()
             except LineTooLongError:
@@ -733,8 +758,19 @@ class BackendLogin:
         reply = b"".join(line + CRLF for line in lines)
         match self._state:
             case BackendState.GREETING if code == 220:
-                self._state = BackendState.EHLO
-                return [Send(b"EHLO " + self._config.server_name.encode() + CRLF)]
+                return self._ehlo()
+            case BackendState.EHLO if code == 250 and self._config.starttls and not self._tls:
+                if "STARTTLS" not in _extensions(lines):
+                    return self._fail(_NO_STARTTLS)
+                self._state = BackendState.STARTTLS
+                return [Send(b"STARTTLS" + CRLF)]
+            case BackendState.STARTTLS if code == 220:
+                # Whatever followed the 220 in plaintext could be an attacker's: never read.
+                self._state = BackendState.TLS
+                self._buffer.clear()
+                return [StartTls()]
+            case BackendState.STARTTLS:
+                return self._fail(_NO_STARTTLS)
             case BackendState.EHLO if code == 250:
                 extensions = _extensions(lines)
                 xclient = self._xclient(extensions.get("XCLIENT"))
@@ -762,6 +798,10 @@ class BackendLogin:
                 return self._verdict(LoginSucceeded(reply=reply, buffered=self._buffer.take_all()))
             case _:
                 return self._fail(f"backend answered {code} in state {self._state.name}")
+
+    def _ehlo(self) -> list[Command]:
+        self._state = BackendState.EHLO
+        return [Send(b"EHLO " + self._config.server_name.encode() + CRLF)]
 
     def _xclient(self, attributes: frozenset[str] | None) -> bytes | None:
         """``XCLIENT`` with the attributes the backend lists, when wanted and possible."""

@@ -3,8 +3,9 @@
 The transcripts in transcripts/smtp/ carry the front-end's dialogue in both modes (submission
 and inbound MX); this module runs them (whole and cut into random chunks), then checks that
 nothing gets past the relay checks, the envelope address grammar, limits in octets, driver
-misuse, the BackendLogin dialogue (EHLO, XCLIENT, AUTH PLAIN, MAIL/RCPT replay), redaction,
-and hypothesis fuzzing of both machines (with the protocol-neutral helpers of transcript.py).
+misuse, the BackendLogin dialogue (EHLO, STARTTLS, XCLIENT, AUTH PLAIN, MAIL/RCPT replay),
+redaction, and hypothesis fuzzing of both machines (with the protocol-neutral helpers of
+transcript.py).
 """
 
 from pathlib import Path
@@ -33,6 +34,7 @@ from proxy.protocols.events import (
     LoginUnavailable,
     Relay,
     Send,
+    StartTls,
     StartTlsPolicy,
     TimedOut,
     TlsEstablished,
@@ -655,6 +657,136 @@ def test_frontend_and_backend_compose(inbound: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Backend login with STARTTLS towards the backend: no credential or envelope before TLS, ever
+
+STARTTLS = BackendConfig(starttls=True)
+XCLIENT_STARTTLS = BackendConfig(
+    client=ClientAddress("192.0.2.7", 40123), client_info="xclient", starttls=True
+)
+NO_STARTTLS = BackendFailed("backend does not offer STARTTLS")
+# Postfix with smtpd_tls_auth_only offers AUTH only over TLS.
+POSTFIX_PLAINTEXT_EHLO = [b"250-postfix.example", b"250-PIPELINING", b"250-STARTTLS", b"250 8BITMIME"]
+
+
+def test_submission_starttls_then_ehlo_again_then_auth() -> None:
+    login = submission_login(STARTTLS)
+    assert feed(login, b"220 postfix.example ESMTP") == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, *POSTFIX_PLAINTEXT_EHLO) == [Send(b"STARTTLS\r\n")]
+    assert login.state is smtp.BackendState.STARTTLS
+    assert feed(login, b"220 2.0.0 Ready to start TLS") == [StartTls()]
+    assert login.state is smtp.BackendState.TLS
+    # RFC 3207 section 4.2: no new greeting; everything learned before is forgotten.
+    assert login.handle(TlsEstablished()) == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, *POSTFIX_EHLO) == [Send(AUTH_LINE)]
+    assert feed(login, b"235 2.7.0 Authentication successful") == [
+        LoginSucceeded(reply=b"235 2.7.0 Authentication successful\r\n")
+    ]
+
+
+def test_starttls_forgets_extensions_learned_in_plaintext() -> None:
+    """XCLIENT offered before TLS but not after: none is sent; AUTH is read from the new reply."""
+    login = submission_login(XCLIENT_STARTTLS)
+    feed(login, b"220 mx")
+    assert feed(login, b"250-mx", b"250-XCLIENT ADDR PORT NAME", b"250-AUTH PLAIN", b"250 STARTTLS") == [
+        Send(b"STARTTLS\r\n")
+    ]
+    feed(login, b"220 go")
+    login.handle(TlsEstablished())
+    assert feed(login, b"250-mx", b"250 AUTH PLAIN") == [Send(AUTH_LINE)]
+
+
+def test_starttls_then_no_auth_plain_fails() -> None:
+    login = submission_login(STARTTLS)
+    feed(login, b"220 mx", *POSTFIX_EHLO[:-1], b"250 STARTTLS")
+    feed(login, b"220 go")
+    login.handle(TlsEstablished())
+    assert feed(login, *POSTFIX_PLAINTEXT_EHLO[:2], b"250 AUTH LOGIN") == [
+        BackendFailed("backend does not offer AUTH PLAIN")
+    ]
+
+
+def test_starttls_sends_xclient_only_after_tls() -> None:
+    login = submission_login(XCLIENT_STARTTLS)
+    feed(login, b"220 mx", *POSTFIX_PLAINTEXT_EHLO, b"220 go")
+    assert login.handle(TlsEstablished()) == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, *POSTFIX_XCLIENT_EHLO) == [
+        Send(b"XCLIENT ADDR=192.0.2.7 PORT=40123 NAME=[UNAVAILABLE]\r\n")
+    ]
+    assert feed(login, b"220 postfix.example ESMTP") == [Send(b"EHLO client.example\r\n")]
+    assert feed(login, *POSTFIX_EHLO) == [Send(AUTH_LINE)]
+
+
+def test_inbound_starttls_replays_the_envelope_only_after_tls() -> None:
+    login = inbound_login(STARTTLS)
+    commands = feed(login, b"220 mx", b"250-mx", b"250 STARTTLS", b"220 go")
+    assert commands == [Send(b"EHLO mailgress\r\n"), Send(b"STARTTLS\r\n"), StartTls()]
+    assert login.handle(TlsEstablished()) == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, b"250 mx") == [Send(ENVELOPE[0] + b"\r\n")]
+    assert feed(login, b"250 2.1.0 Ok") == [Send(ENVELOPE[1] + b"\r\n")]
+    assert feed(login, b"250 2.1.5 Ok") == [LoginSucceeded(reply=b"250 2.1.5 Ok\r\n")]
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        POSTFIX_EHLO,
+        [b"250 mx"],
+        [*POSTFIX_PLAINTEXT_EHLO, b"454 4.7.0 TLS not available due to local problem"],
+        [*POSTFIX_PLAINTEXT_EHLO, b"502 5.5.1 Error: command not implemented"],
+        [*POSTFIX_PLAINTEXT_EHLO, b"250 2.0.0 Ok"],
+    ],
+    ids=["not-offered", "bare-ehlo", "refused-454", "refused-502", "not-220"],
+)
+def test_backend_without_starttls_fails_and_never_gets_the_login(lines: list[bytes]) -> None:
+    for login in (submission_login(STARTTLS), inbound_login(STARTTLS)):
+        commands = feed(login, b"220 mx", *lines)
+        assert commands[-1] == NO_STARTTLS
+        assert transcript.sent(commands) in (b"EHLO mailgress\r\n", b"EHLO mailgress\r\nSTARTTLS\r\n")
+
+
+def test_backend_bytes_after_the_starttls_220_are_never_read() -> None:
+    """A man in the middle appends replies behind the 220 (CVE-2014-3556 class)."""
+    login = submission_login(STARTTLS)
+    feed(login, b"220 mx", *POSTFIX_PLAINTEXT_EHLO)
+    injected = b"220 2.0.0 Ready\r\n250-mx\r\n250 AUTH PLAIN\r\n235 2.7.0 Ok\r\n"
+    assert login.handle(DataReceived(injected)) == [StartTls()]
+    assert login.handle(DataReceived(b"235 2.7.0 Ok\r\n")) == []  # before the handshake
+    assert login.handle(TlsEstablished()) == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, *POSTFIX_EHLO) == [Send(AUTH_LINE)]
+
+
+def test_backend_partial_multi_line_reply_before_tls_is_forgotten() -> None:
+    login = submission_login(STARTTLS)
+    feed(login, b"220 mx", *POSTFIX_PLAINTEXT_EHLO)
+    assert login.handle(DataReceived(b"220 2.0.0 Ready\r\n250-injected\r\n")) == [StartTls()]
+    login.handle(TlsEstablished())
+    assert feed(login, b"250-mx", b"250 AUTH PLAIN") == [Send(AUTH_LINE)]
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [(ConnectionClosed(), "backend closed the connection"), (TimedOut(), "backend login timed out")],
+)
+def test_backend_close_or_timeout_during_the_handshake_fails_the_login(
+    event: events.Event, reason: str
+) -> None:
+    login = submission_login(STARTTLS)
+    feed(login, b"220 mx", *POSTFIX_PLAINTEXT_EHLO, b"220 go")
+    assert login.handle(event) == [BackendFailed(reason)]
+
+
+def test_backend_tls_news_out_of_turn_is_misuse() -> None:
+    login = submission_login(STARTTLS)
+    feed(login, b"220 mx", *POSTFIX_PLAINTEXT_EHLO)
+    with pytest.raises(LocalProtocolError):
+        login.handle(TlsEstablished())  # STARTTLS sent, but its 220 has not come
+    feed(login, b"220 go")
+    login.handle(TlsEstablished())
+    with pytest.raises(LocalProtocolError):
+        login.handle(TlsEstablished())
+
+
+# ---------------------------------------------------------------------------------------------
 # Redaction
 
 
@@ -792,6 +924,38 @@ def test_backend_login_survives_random_replies(
             assert command.data.count(b"\r\n") == 1 and command.data.endswith(b"\r\n")
 
 
+STARTTLS_DIALOGUES = [
+    [
+        [b"220 mx", *POSTFIX_PLAINTEXT_EHLO, b"220 2.0.0 Ready to start TLS"],
+        [*POSTFIX_XCLIENT_EHLO, b"220 mx", *POSTFIX_EHLO, b"235 2.7.0 Ok"],
+    ],
+    [
+        [b"220-mx", b"220 ESMTP", b"250-mx", b"250 STARTTLS", b"220 go"],
+        [b"250-mx", b"250 AUTH PLAIN", b"250 2.1.0 Ok", b"250 2.1.5 Ok"],
+    ],
+]
+STARTTLS_NOISE = [*BACKEND_LINES, b"250-STARTTLS", b"220 2.0.0 Ready to start TLS"]
+# All a backend may see from us before TLS when the route wants STARTTLS.
+BEFORE_TLS = (b"", b"EHLO mailgress\r\n", b"EHLO mailgress\r\nSTARTTLS\r\n")
+
+
+@settings(FUZZ, max_examples=400)
+@given(
+    parts=transcript.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
+    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
+    inbound=st.booleans(),
+    use_xclient=st.booleans(),
+    closes=st.booleans(),
+)
+def test_backend_starttls_never_sends_more_than_starttls_in_plaintext(
+    parts: list[bytes], sizes: list[int], inbound: bool, use_xclient: bool, closes: bool
+) -> None:
+    config = XCLIENT_STARTTLS if use_xclient else STARTTLS
+    login = inbound_login(config) if inbound else submission_login(config)
+    commands = transcript.fuzz_backend(login, verdict_given, parts, sizes, closes)
+    assert transcript.sent_before_tls(commands) in BEFORE_TLS
+
+
 @FUZZ
 @given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5), inbound=st.booleans())
 def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int], inbound: bool) -> None:
@@ -807,3 +971,23 @@ def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int], 
 
     commands = transcript.split_backend_dialogue(make, verdict_given, [dialogue], sizes)
     assert isinstance(commands[-1], LoginSucceeded)
+
+
+@FUZZ
+@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5), inbound=st.booleans())
+def test_backend_starttls_dialogue_split_anywhere_gives_the_same_commands(
+    sizes: list[int], inbound: bool
+) -> None:
+    final = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" if inbound else b"235 2.7.0 Ok\r\n"
+    parts = [
+        b"220-mx ESMTP\r\n220 more\r\n250-mx\r\n250-STARTTLS\r\n250 8BITMIME\r\n220 2.0.0 Ready\r\n",
+        b"250-mx\r\n250-XCLIENT NAME ADDR PORT\r\n250 AUTH PLAIN\r\n220 mx again\r\n250-mx\r\n"
+        b"250 AUTH PLAIN LOGIN\r\n" + final + b"354 early\r\n",
+    ]
+
+    def make() -> smtp.BackendLogin:
+        return inbound_login(XCLIENT_STARTTLS) if inbound else submission_login(XCLIENT_STARTTLS)
+
+    commands = transcript.split_backend_dialogue(make, verdict_given, parts, sizes)
+    assert isinstance(commands[-1], LoginSucceeded)
+    assert commands[-1].buffered == b"354 early\r\n"
