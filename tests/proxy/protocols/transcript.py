@@ -567,6 +567,13 @@ def fuzz_backend(
     return commands
 
 
+def check_handshake_interrupted(in_handshake: Callable[[], BackendMachine], closed: str) -> None:
+    """The backend closing, or the login timing out, while the driver runs the TLS handshake
+    fails the login (``closed`` is the machine's reason for the close)."""
+    assert in_handshake().handle(events.ConnectionClosed()) == [events.BackendFailed(closed)]
+    assert in_handshake().handle(events.TimedOut()) == [events.BackendFailed("backend login timed out")]
+
+
 def split_backend_dialogue(
     make: Callable[[], Machine], done: Callable[[Machine], bool], parts: Sequence[bytes], sizes: Sequence[int]
 ) -> list[Command]:
