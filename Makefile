@@ -1,10 +1,11 @@
 # The two commands README.md promises, plus the pieces they are made of.
 #   make demo   install everything, start Dovecot/Postfix demo backends and mailgress standalone
 #   make test   install everything the tests need and run the whole suite
+#   make render re-render deploy/ and the chart README's values table from charts/mailgress
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: demo test system-packages venv
+.PHONY: demo test render system-packages venv
 
 system-packages:
 	bash testbed/install-system-packages.sh
@@ -22,3 +23,6 @@ demo: system-packages venv
 
 test: system-packages venv
 	$(VENV)/bin/pytest
+
+render: venv
+	$(VENV)/bin/python -m deploy.render
