@@ -2,12 +2,12 @@
 
 The differential tests put one instance behind nginx's mail module and behind mailgress and
 compare what each sent it; the in-process driver tests and the benchmarks use it as "the auth
-service". ``AuthService`` answers each request with whatever its ``answer`` callable returns for
-it (``by_user`` and ``check_passwords`` build the usual ones) and keeps the exact bytes of every
-request head it received. It serves from a background thread, so synchronous client scripts
-(imaplib, poplib, smtplib) and asyncio tests can both use it. Only ever binds 127.0.0.1. It
-records passwords because that is what it is for: never log a ``Received``; its ``repr`` hides
-the password.
+service". ``AuthService`` answers each request with whatever its ``answer`` callable returns
+for it (``by_user``, ``check_passwords`` and ``for_backends`` build the usual ones) and keeps the
+exact bytes of every request head it received. It serves from a background thread, so
+synchronous client scripts (imaplib, poplib, smtplib) and asyncio tests can both use it. Only
+ever binds 127.0.0.1. It records passwords because that is what it is for: never log a
+``Received``; its ``repr`` hides the password.
 """
 
 import contextlib
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from testbed import mailservers
+from testbed import backends, mailservers
 
 # nginx's requests are a few hundred bytes; a request head this long is not an auth_http request.
 MAX_REQUEST_HEAD = 64 * 1024
@@ -165,6 +165,32 @@ def check_passwords(
         if account is None or received.password != account.password:
             return refusal
         return ok(account.server, account.port, password=account.password)
+
+    return answer
+
+
+def for_backends(bed: backends.Backends, failure: Reply | None = None) -> Answer:
+    """What an nginx deployment's auth service does for the testbed's servers: check the password,
+    then name the backend of the login's domain for its protocol (Dovecot IMAP/POP3, Postfix
+    submission) with Auth-Pass; for Auth-Method none (an MX), name Postfix's MX port if the
+    recipient's domain is served here, else refuse with ``550 5.7.1``."""
+    refusal = failure or refuse()
+
+    def answer(received: Received) -> Reply:
+        if received.header("Auth-Method") == "none":
+            recipient = (received.header("Auth-SMTP-To") or "").partition("<")[2].partition(">")[0]
+            if recipient.rpartition("@")[2].lower() in backends.DOMAINS:
+                return ok(mailservers.LOOPBACK, bed.postfix.smtp_port)
+            return refuse("Relay access denied", error_code="550 5.7.1")
+        user = bed.users.get(received.user.lower())
+        if user is None or received.password != user.password:
+            return refusal
+        dovecot = bed.dovecot_for(user.address)
+        ports = {"imap": dovecot.imap_port, "pop3": dovecot.pop3_port, "smtp": bed.postfix.submission_port}
+        port = ports.get(received.header("Auth-Protocol") or "")
+        if port is None:
+            return refusal
+        return ok(mailservers.LOOPBACK, port, password=user.password)
 
     return answer
 

@@ -6,10 +6,12 @@ checked byte for byte; tests/differential uses it behind the real ones.
 
 import socket
 import threading
+import urllib.parse
 
 import pytest
 
 from testbed import authservice
+from testbed.backends import Backends
 from testbed.mailservers import LOOPBACK
 
 REQUEST = (
@@ -85,6 +87,7 @@ def test_close_and_delay_and_down() -> None:
         assert ask(service) == b""
         # A reply held back by its delay does not hold stop() up, and is never sent.
         service.answer = lambda received: authservice.Reply(delay=60)
+        service.clear()
         connection = socket.create_connection((LOOPBACK, service.port), timeout=10)
         connection.sendall(REQUEST)
         for _ in range(1000):  # at most 10 s for the handler thread to record the request
@@ -108,3 +111,40 @@ def test_a_request_without_an_end_is_not_answered() -> None:
             connection.shutdown(socket.SHUT_WR)
             assert connection.recv(100) == b""
         assert service.requests == []
+
+
+def test_for_backends_names_each_logins_server_per_protocol(backends: Backends) -> None:
+    answer = authservice.for_backends(backends)
+    bob = backends.user("bob@beta.example")
+
+    def received(**headers: str) -> authservice.Received:
+        lines = tuple(headers.items())
+        return authservice.Received(head=b"", request_line="GET /auth HTTP/1.0", headers=lines)
+
+    def login(protocol: str, password: str) -> authservice.Reply:
+        escaped = urllib.parse.quote(password, safe="")
+        return answer(
+            received(
+                **{
+                    "Auth-Method": "plain",
+                    "Auth-User": bob.address,
+                    "Auth-Pass": escaped,
+                    "Auth-Protocol": protocol,
+                }
+            )
+        )
+
+    beta, postfix = backends.beta, backends.postfix
+    for protocol, port in (
+        ("imap", beta.imap_port),
+        ("pop3", beta.pop3_port),
+        ("smtp", postfix.submission_port),
+    ):
+        assert login(protocol, bob.password) == authservice.ok(LOOPBACK, port, password=bob.password)
+    assert login("imap", "wrong") == authservice.refuse()
+    for recipient, reply in (
+        ("bob@beta.example", authservice.ok(LOOPBACK, postfix.smtp_port)),
+        ("x@elsewhere.example", authservice.refuse("Relay access denied", error_code="550 5.7.1")),
+    ):
+        inbound = received(**{"Auth-Method": "none", "Auth-SMTP-To": f"RCPT TO:<{recipient}>"})
+        assert answer(inbound) == reply
