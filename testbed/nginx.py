@@ -36,6 +36,9 @@ GREETINGS = {
 }
 # nginx's own default is 60 s (auth_http_timeout); tests want a dead service noticed sooner.
 DEFAULT_AUTH_TIMEOUT = 5.0
+# nginx's default since 1.23.4; Debian's 1.22 still defaults to TLSv1 TLSv1.1 TLSv1.2, which would
+# make it the odd one out next to any current TLS server.
+DEFAULT_SSL_PROTOCOLS = "TLSv1.2 TLSv1.3"
 
 NginxProtocol = Literal["imap", "pop3", "smtp"]
 StartTls = Literal["off", "on", "only"]
@@ -99,6 +102,7 @@ class Nginx(mailservers._Daemon):
         proxy_smtp_auth: bool = False,
         proxy_buffer: str | None = None,
         certificate: Certificate | None = None,
+        ssl_protocols: str = DEFAULT_SSL_PROTOCOLS,
         worker_processes: int = 1,
         mail_user: str = mailservers.DEFAULT_MAIL_USER,
         extra_mail_config: str = "",
@@ -112,6 +116,7 @@ class Nginx(mailservers._Daemon):
             proxy_pass_error_message, xclient, proxy_smtp_auth: the directives of the same name.
             proxy_buffer: e.g. ``"64k"``; None keeps nginx's default (one page).
             certificate: for listeners with ``starttls`` other than ``off``.
+            ssl_protocols: nginx's directive (written with a certificate only).
             worker_processes: one is at least as efficient per operation on two cores.
             mail_user: the account the worker runs as.
             extra_mail_config: appended inside the ``mail`` block.
@@ -136,6 +141,7 @@ class Nginx(mailservers._Daemon):
         self.proxy_smtp_auth = proxy_smtp_auth
         self.proxy_buffer = proxy_buffer
         self.certificate = certificate
+        self.ssl_protocols = ssl_protocols
         self.worker_processes = worker_processes
         self.extra_mail_config = extra_mail_config
         self._ports = {listener.name: listener.port or mailservers.free_port() for listener in chosen}
@@ -203,6 +209,7 @@ class Nginx(mailservers._Daemon):
             mail += [
                 f"ssl_certificate {self.certificate.cert};",
                 f"ssl_certificate_key {self.certificate.key};",
+                f"ssl_protocols {self.ssl_protocols};",
             ]
         for listener in self.listeners:
             server = [

@@ -79,6 +79,7 @@ def test_the_configuration_follows_the_options(scratch_directory: Path) -> None:
         "proxy_smtp_auth on;",
         "proxy_buffer 64k;",
         f"ssl_certificate {issued.cert};",
+        "ssl_protocols TLSv1.2 TLSv1.3;",
         "listen 127.0.0.1:11143;",
         "starttls on;",
         "smtp_auth none;",
