@@ -62,6 +62,13 @@ class FakeImapBackend:
                 await writer.drain()
                 assert self.tls is not None
                 await writer.start_tls(self.tls)
+                # RFC 3501 6.2.1: a client forgets capabilities learned before TLS and asks again.
+                line = await reader.readline()
+                tag = line.split(b" ")[0]
+                if b"CAPABILITY" in line.upper():
+                    writer.write(b"* CAPABILITY IMAP4rev1 LITERAL+\r\n" + tag + b" OK done\r\n")
+                else:
+                    buffer = line
             while b"LOGIN" not in buffer or not buffer.endswith(b"\r\n") or buffer.count(b"\r\n") < 3:
                 chunk = await reader.read(4096)
                 if not chunk:

@@ -276,3 +276,20 @@ async def test_tls_backends_are_verified_unless_explicitly_skipped(
     else:
         assert reply.startswith(b"a1 NO [UNAVAILABLE]"), reply
         assert backend.logins == 0
+
+
+async def test_starttls_backend_gets_credentials_only_after_the_handshake(
+    start_proxy: ProxyFactory, authority: TestAuthority
+) -> None:
+    issued = authority.issue("starttls-backend", ["dovecot.mail.svc"])
+    async with fake_backend(tls=backend_server_context(issued), starttls=True) as backend:
+        proxy = await start_proxy(
+            {"imap": {"backend": {"service": "dovecot", "port": 143}, "tls": "starttls"}},
+            [Endpoint("127.0.0.1", backend.port)],
+            backend_tls=BackendTlsSettings(ca_file=authority.cert),
+        )
+        reply, reader, writer = await login(proxy.port, "alice@alpha.example", pipelined=b"a2 NOOP\r\n")
+        assert reply.startswith(b"a1 OK"), reply
+        assert await asyncio.wait_for(reader.readline(), WAIT) == b"echo:a2 NOOP\r\n"
+        writer.close()
+    assert backend.logins == 1
