@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from testbed import mailservers
+from testbed import backends, mailservers
 
 REDACTED = "<redacted>"
 # A client run that hangs is a failure, not a stuck test session.
@@ -34,8 +34,19 @@ CLIENT_TIMEOUT = 120.0
 SOCKET_TIMEOUT = 30.0
 # RawClient reads at most this much while waiting for one reply or for the peer to close.
 RAW_READ_LIMIT = 1024 * 1024
+# A token with backends.PASSWORD_MARKER in it is a testbed password (or a piece of one).
+_MARKED_TOKEN = re.compile(r"\S*" + re.escape(backends.PASSWORD_MARKER) + r"\S*")
 # Long enough to hold an encoded SASL PLAIN response for any testbed user.
 _BASE64_TOKEN = re.compile(r"[A-Za-z0-9+/]{8,}={0,2}")
+
+
+def redact_marked(text: str, secrets: Sequence[str]) -> str:
+    """``redact``, and also every whitespace-free token carrying the testbed's password marker.
+
+    For text that may hold passwords nobody listed (pytest failure reports show the arguments of
+    the failing call, e.g. ``IMAP4.login(user, password)``).
+    """
+    return _MARKED_TOKEN.sub(REDACTED, redact(text, secrets))
 
 
 def imap_quoted(text: str) -> str:
@@ -44,9 +55,11 @@ def imap_quoted(text: str) -> str:
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:
-    """``text`` with every secret, and every base64 token hiding one, replaced by ``<redacted>``."""
+    """``text`` with every secret (also quoted or repr'd) and every base64 token hiding one redacted."""
     for secret in secrets:
-        for form in (imap_quoted(secret), secret):
+        # IMAP-quoted (how clients send LOGIN) and Python-repr'd (how pytest shows arguments) forms
+        # carry extra backslashes; replace those before the bare secret.
+        for form in (imap_quoted(secret), repr(secret)[1:-1], secret):
             text = text.replace(form, REDACTED)
 
     def hide(match: re.Match[str]) -> str:

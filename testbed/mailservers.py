@@ -469,6 +469,18 @@ class _Daemon:
         """Everything the daemon logged so far."""
         return "".join(path.read_text(errors="replace") for path in self._log_paths() if path.exists())
 
+    def wait_log(self, text: str, count: int = 1, timeout: float = START_TIMEOUT) -> None:
+        """Wait until ``text`` occurs ``count`` times in the log (daemons log asynchronously).
+
+        Raises:
+            MailServerError: it did not within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while self.log_text().count(text) < count:
+            if time.monotonic() >= deadline:
+                raise MailServerError(f"{self.name}: {text!r} not logged {count} times in {timeout:g} s")
+            time.sleep(POLL_INTERVAL)
+
     def start(self) -> None:
         """Write the configuration, start the daemon and wait until every port or socket answers.
 

@@ -22,6 +22,7 @@ def test_redaction_covers_plain_quoted_and_base64_forms() -> None:
             f"a LOGIN me@alpha.example {clients.imap_quoted(SECRET)}",
             f"AUTH PLAIN {plain_response}",
             login_response,
+            f"password = {SECRET!r}",
             "334 VXNlcm5hbWU6",
         ]
     )
@@ -31,8 +32,16 @@ def test_redaction_covers_plain_quoted_and_base64_forms() -> None:
         "a LOGIN me@alpha.example <redacted>",
         "AUTH PLAIN <redacted>",
         "<redacted>",
+        "password = '<redacted>'",
         "334 VXNlcm5hbWU6",
     ]
+
+
+def test_failure_reports_also_lose_passwords_nobody_listed() -> None:
+    text = "user = 'bob@beta.example', password = 'beta-secret-bob-123456'\nknown: alpha-secret-al {4} x"
+    assert clients.redact_marked(text, ["alpha-secret-al {4} x"]) == (
+        "user = 'bob@beta.example', password = <redacted>\nknown: <redacted>"
+    )
 
 
 def test_curl_and_swaks_get_the_password_off_their_command_line(

@@ -279,6 +279,7 @@ def test_two_dovecots_run_side_by_side_and_stop_without_leftovers(scratch_direct
     second = mailservers.Dovecot(scratch_directory / "second", name="second", users=[two])
     with first, second:
         sessions = [first.session, second.session]
+        first.wait_log("starting up for imap, pop3")
         assert all(pgrep_session(session) for session in sessions)
         assert len({first.imap_port, first.pop3_port, second.imap_port, second.pop3_port}) == 4
         with clients.imap(first.imap_port) as client:
