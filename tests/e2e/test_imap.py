@@ -1,0 +1,148 @@
+"""IMAP through mailgress to the real Dovecots, with imaplib, curl and hand-made lines.
+
+Proves: each user lands on the Dovecot of its domain (its log and its mailbox say so); LOGIN with
+quoted strings and literals, AUTHENTICATE PLAIN with and without SASL-IR and AUTHENTICATE LOGIN
+all work, also for a password full of IMAP syntax; a 20 MB message arrives byte-identical; wrong
+passwords, unrouted domains, over-long lines, garbage and a stalled client each get IMAP's answer
+or a timely close while the proxy keeps serving everyone else.
+"""
+
+import hashlib
+import imaplib
+from collections.abc import Callable
+
+import pytest
+
+from testbed import clients, messages
+from testbed.backends import ALPHA, BETA, UNROUTED_DOMAIN, Backends, standard_addresses
+from testbed.mailservers import LOOPBACK, User
+from testbed.proxyprocess import ProxyProcess
+from tests.e2e.helpers import login_count, serves_imap
+
+NewUser = Callable[..., User]
+
+LOGINS: dict[str, Callable[[imaplib.IMAP4, User], object]] = {
+    "login-quoted": lambda client, user: client.login(user.address, user.password),
+    "login-literal": clients.imap_login_literal,
+    "authenticate-plain-sasl-ir": clients.imap_authenticate_plain,
+    "authenticate-plain": lambda client, user: clients.imap_authenticate_plain(
+        client, user, initial_response=False
+    ),
+    "authenticate-login": lambda client, user: client.authenticate(
+        "LOGIN", lambda challenge: (user.address if b"sername" in challenge else user.password).encode()
+    ),
+}
+
+
+def test_each_user_lands_on_the_dovecot_of_its_domain(proxy: ProxyProcess, backends: Backends) -> None:
+    for address in standard_addresses():
+        user = backends.user(address)
+        other = BETA if user.domain == ALPHA else ALPHA
+        logged_here = login_count(backends, user.domain, address, "imap")
+        logged_there = login_count(backends, other, address, "imap")
+        identifier = messages.message_id()
+        backends.deliver(
+            address, messages.compose("routing@example.net", address, "routing", identifier=identifier)
+        )
+        with clients.imap(proxy.settings.ports.imap) as client:
+            client.login(user.address, user.password)
+            client.select("INBOX", readonly=True)
+            typ, found = client.search(None, "HEADER", "Message-ID", identifier)
+        assert (typ, len(found[0].split())) == ("OK", 1), address
+        backends.dovecots[user.domain].wait_logins(address, logged_here + 1, "imap")
+        assert login_count(backends, other, address, "imap") == logged_there, address
+
+
+@pytest.mark.parametrize("address", ["alice@alpha.example", "al@alpha.example", "bea@beta.example"])
+@pytest.mark.parametrize("method", LOGINS)
+def test_every_login_form_works(proxy: ProxyProcess, backends: Backends, method: str, address: str) -> None:
+    user = backends.user(address)
+    with clients.imap(proxy.settings.ports.imap) as client:
+        LOGINS[method](client, user)
+        typ, _ = client.select("INBOX", readonly=True)
+    assert typ == "OK"
+
+
+def test_a_20_mb_message_is_fetched_byte_identical(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    user = new_user(BETA)
+    stored = backends.deliver(user.address, messages.large("big@example.net", user.address, 20 * 1024 * 1024))
+    expected = hashlib.sha256(stored.read_bytes()).hexdigest()
+    with clients.imap(proxy.settings.ports.imap) as client:
+        client.login(user.address, user.password)
+        client.select("INBOX", readonly=True)
+        typ, data = client.fetch("1", "(BODY.PEEK[])")
+    assert typ == "OK"
+    # Digests, not the bytes: a failure must not print 20 MB.
+    assert hashlib.sha256(data[0][1]).hexdigest() == expected
+    fetched = clients.curl(f"imap://{LOOPBACK}:{proxy.settings.ports.imap}/INBOX;UID=1", user=user)
+    assert fetched.returncode == 0, fetched.describe()
+    assert hashlib.sha256(fetched.output).hexdigest() == expected
+
+
+def test_curl_examines_fetches_and_is_refused(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    user = new_user()
+    message = messages.compose("x@example.net", user.address, "curl through the proxy", ".dot\nbody\n")
+    backends.deliver(user.address, message)
+    url = f"imap://{LOOPBACK}:{proxy.settings.ports.imap}/INBOX"
+    examined = clients.curl(url, "--request", "EXAMINE INBOX", user=user)
+    assert examined.returncode == 0, examined.describe()
+    assert b"* 1 EXISTS" in examined.output
+    with_sasl_ir = clients.curl(f"{url};UID=1", "--sasl-ir", "--login-options", "AUTH=PLAIN", user=user)
+    assert with_sasl_ir.returncode == 0, with_sasl_ir.describe()
+    assert with_sasl_ir.output == message
+    wrong = clients.curl(url, user=User(user.address, "not-the-password"))
+    assert wrong.returncode == 67, wrong.describe()  # CURLE_LOGIN_DENIED
+
+
+@pytest.mark.parametrize(
+    "login",
+    [("alice@alpha.example", "not-the-password"), (f"alice@{UNROUTED_DOMAIN}", None)],
+    ids=["wrong-password", "unrouted-domain"],
+)
+def test_refused_logins_get_authenticationfailed(
+    proxy: ProxyProcess, backends: Backends, login: tuple[str, str | None]
+) -> None:
+    address, password = login
+    user = User(address, password or backends.user("alice@alpha.example").password)
+    with (
+        clients.imap(proxy.settings.ports.imap) as client,
+        pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"),
+    ):
+        clients.imap_authenticate_plain(client, user)
+    assert serves_imap(proxy, backends)
+
+
+def test_an_over_long_line_is_refused_and_closed(proxy: ProxyProcess, backends: Backends) -> None:
+    with clients.RawClient(proxy.settings.ports.imap) as raw:
+        assert raw.line().startswith(b"* OK")
+        raw.send(b"a LOGIN " + b"x" * 10_000 + b"\r\n")
+        assert raw.line().startswith(b"* BAD")
+        raw.until_closed()
+    assert serves_imap(proxy, backends)
+
+
+def test_garbage_gets_bad(proxy: ProxyProcess, backends: Backends) -> None:
+    with clients.RawClient(proxy.settings.ports.imap) as raw:
+        assert raw.line().startswith(b"* OK")
+        raw.send(b"\x00\xff\xfe\x80 \x01\x02 garbage\r\n")
+        assert b" BAD" in raw.line()
+        raw.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n")  # a TLS ClientHello on a plain port
+        assert b" BAD" in raw.line()
+    assert serves_imap(proxy, backends)
+
+
+def test_a_client_that_stops_mid_command_is_closed_while_others_are_served(
+    proxy: ProxyProcess, backends: Backends
+) -> None:
+    with clients.RawClient(proxy.settings.ports.imap) as stalled:
+        assert stalled.line().startswith(b"* OK")
+        stalled.send(b"a LOGIN alice@alpha.example {12}\r\n")
+        assert stalled.line().startswith(b"+")
+        assert serves_imap(proxy, backends)
+        # The pre-login timeout closes it; the socket timeout bounds the wait if it never does.
+        rest = stalled.until_closed()
+    assert b"* BYE" in rest

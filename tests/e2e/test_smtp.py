@@ -1,0 +1,205 @@
+"""SMTP through mailgress to the real Postfix: submission with AUTH, and the inbound MX.
+
+Proves: AUTH PLAIN and LOGIN (smtplib, swaks) submit mail that arrives byte-identical; 100
+messages submitted in parallel sessions all arrive intact; inbound mail for a routed domain is
+delivered and for an unrouted one refused with 550; wrong passwords and unrouted logins get 535;
+over-long lines, garbage and a stalled client get SMTP's answer or a timely close while the proxy
+keeps serving everyone else.
+"""
+
+import smtplib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from testbed import clients, mailservers, messages
+from testbed.backends import ALPHA, BETA, UNROUTED_DOMAIN, Backends
+from testbed.mailservers import LOOPBACK, User
+from testbed.proxyprocess import ProxyProcess
+from tests.e2e.helpers import serves_imap
+
+NewUser = Callable[..., User]
+MESSAGE_COUNT = 100
+# Parallel submission sessions: enough to interleave logins and relays in the proxy.
+SUBMITTERS = 4
+
+
+def submit(port: int, user: User, mechanism: str, recipient: str, message: bytes) -> None:
+    with clients.smtp(port) as smtp:
+        smtp.ehlo()
+        smtp.user, smtp.password = user.address, user.password
+        smtp.auth(
+            mechanism, getattr(smtp, f"auth_{mechanism.lower()}"), initial_response_ok=mechanism == "PLAIN"
+        )
+        smtp.sendmail(user.address, [recipient], message)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_submission_with_auth_delivers_byte_identical(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser, mechanism: str
+) -> None:
+    sender = new_user(BETA)
+    recipient = new_user(ALPHA)
+    message = messages.compose(sender.address, recipient.address, f"AUTH {mechanism}", ".a\n..b\nc\n")
+    submit(proxy.settings.ports.submission, sender, mechanism, recipient.address, message)
+    (delivered,) = backends.wait_delivered(recipient.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_swaks_submits_through_the_proxy(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser, mechanism: str
+) -> None:
+    user = new_user()
+    message = messages.compose(user.address, user.address, f"swaks {mechanism}", "through mailgress\n")
+    result = clients.swaks(
+        "--server", f"{LOOPBACK}:{proxy.settings.ports.submission}", "--auth", mechanism,
+        "--from", user.address, "--to", user.address,
+        user=user, data=message.removesuffix(b"\r\n"),  # swaks ends DATA with its own CRLF
+    )  # fmt: skip
+    assert result.returncode == 0, result.describe()
+    (delivered,) = backends.wait_delivered(user.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
+def test_the_awkward_password_submits(proxy: ProxyProcess, backends: Backends, new_user: NewUser) -> None:
+    recipient = new_user()
+    message = messages.compose("al@alpha.example", recipient.address, "awkward", "ok\n")
+    for mechanism in ("PLAIN", "LOGIN"):
+        submit(
+            proxy.settings.ports.submission,
+            backends.user("al@alpha.example"),
+            mechanism,
+            recipient.address,
+            message,
+        )
+    assert len(backends.wait_delivered(recipient.address, 2)) == 2
+
+
+def test_a_hundred_messages_all_arrive_intact(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    senders = [new_user(ALPHA), new_user(BETA)]
+    recipients = [new_user(BETA), new_user(ALPHA)]
+    sent: dict[str, dict[str, bytes]] = {recipient.address: {} for recipient in recipients}
+    jobs = []
+    for number in range(MESSAGE_COUNT):
+        sender, recipient = senders[number % 2], recipients[number % 2]
+        identifier = messages.message_id()
+        body = f"message {number}\n.dotted line {number}\n" + f"{number:04d} " * 200 + "\n"
+        message = messages.compose(
+            sender.address, recipient.address, f"bulk {number}", body, identifier=identifier
+        )
+        sent[recipient.address][identifier] = message
+        jobs.append((sender, "PLAIN" if number % 3 else "LOGIN", recipient.address, message))
+    with ThreadPoolExecutor(SUBMITTERS) as pool:
+        for done in [pool.submit(submit, proxy.settings.ports.submission, *job) for job in jobs]:
+            done.result(timeout=120)
+    for recipient in recipients:
+        expected = sent[recipient.address]
+        delivered = backends.wait_delivered(recipient.address, len(expected), timeout=120)
+        received = {}
+        for raw in delivered:
+            original = mailservers.strip_delivery_headers(raw)
+            identifier = original.split(b"\n", 1)[0].removeprefix(b"Message-ID: ").decode()
+            received[identifier] = original
+        assert sorted(received) == sorted(expected)  # none lost, none duplicated
+        damaged = [i for i, message in expected.items() if received[i] != mailservers.as_stored(message)]
+        assert damaged == []
+
+
+@pytest.mark.parametrize("domain", [ALPHA, BETA])
+def test_inbound_mail_for_a_routed_domain_is_delivered(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser, domain: str
+) -> None:
+    user = new_user(domain)
+    message = messages.compose("sender@example.net", user.address, f"inbound {domain}", "hello\n")
+    with clients.smtp(proxy.settings.ports.smtp) as smtp:
+        smtp.sendmail("sender@example.net", [user.address], message)
+    (delivered,) = backends.wait_delivered(user.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+    assert delivered in backends.dovecots[domain].messages(user.address)
+    swaks = clients.swaks(
+        "--server", f"{LOOPBACK}:{proxy.settings.ports.smtp}", "--from", "other@example.net",
+        "--to", user.address, "--header", "Subject: swaks inbound",
+    )  # fmt: skip
+    assert swaks.returncode == 0, swaks.describe()
+    assert b"Subject: swaks inbound" in backends.wait_delivered(user.address, 2)[-1]
+
+
+def test_inbound_mail_for_an_unrouted_domain_is_refused_with_550(
+    proxy: ProxyProcess, backends: Backends
+) -> None:
+    recipient = f"anyone@{UNROUTED_DOMAIN}"
+    with (
+        clients.smtp(proxy.settings.ports.smtp) as smtp,
+        pytest.raises(smtplib.SMTPRecipientsRefused) as refused,
+    ):
+        smtp.sendmail(
+            "sender@example.net", [recipient], messages.compose("sender@example.net", recipient, "x")
+        )
+    assert refused.value.recipients[recipient][0] == 550
+    swaks = clients.swaks(
+        "--server",
+        f"{LOOPBACK}:{proxy.settings.ports.smtp}",
+        "--from",
+        "other@example.net",
+        "--to",
+        recipient,
+    )
+    assert swaks.returncode == 24, swaks.describe()  # swaks: the RCPT was refused
+    assert "550 5.7.1" in swaks.transcript
+
+
+@pytest.mark.parametrize(
+    "login",
+    [("alice@alpha.example", "not-the-password"), (f"alice@{UNROUTED_DOMAIN}", None)],
+    ids=["wrong-password", "unrouted-domain"],
+)
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_refused_logins_get_535(
+    proxy: ProxyProcess, backends: Backends, mechanism: str, login: tuple[str, str | None]
+) -> None:
+    address, password = login
+    user = User(address, password or backends.user("alice@alpha.example").password)
+    with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+        submit(
+            proxy.settings.ports.submission, user, mechanism, "bob@beta.example", b"Subject: x\r\n\r\nx\r\n"
+        )
+    assert refused.value.smtp_code == 535
+    assert serves_imap(proxy, backends)
+
+
+@pytest.mark.parametrize("listener", ["submission", "smtp"])
+def test_an_over_long_line_is_refused_and_closed(
+    proxy: ProxyProcess, backends: Backends, listener: str
+) -> None:
+    with clients.RawClient(proxy.settings.ports.listener_port(listener)) as raw:
+        assert raw.line().startswith(b"220 ")
+        raw.send(b"EHLO " + b"x" * 2000 + b"\r\n")
+        assert raw.line()[:1] in (b"4", b"5")
+        raw.until_closed()
+    assert serves_imap(proxy, backends)
+
+
+@pytest.mark.parametrize("listener", ["submission", "smtp"])
+def test_garbage_gets_500(proxy: ProxyProcess, backends: Backends, listener: str) -> None:
+    with clients.RawClient(proxy.settings.ports.listener_port(listener)) as raw:
+        assert raw.line().startswith(b"220 ")
+        raw.send(b"\x00\xff\xfe\x80 \x01\x02 garbage\r\n")
+        assert raw.line().startswith(b"500 ")
+        assert raw.command(b"NOOP", b"").startswith(b"250 ")  # still talking SMTP
+    assert serves_imap(proxy, backends)
+
+
+@pytest.mark.parametrize("listener", ["submission", "smtp"])
+def test_a_client_that_stops_mid_command_is_closed_while_others_are_served(
+    proxy: ProxyProcess, backends: Backends, listener: str
+) -> None:
+    with clients.RawClient(proxy.settings.ports.listener_port(listener)) as stalled:
+        assert stalled.line().startswith(b"220 ")
+        stalled.send(b"EHLO client.example\r\nMAIL FROM:<a@example.net")  # no line end, ever
+        assert serves_imap(proxy, backends)
+        rest = stalled.until_closed()
+    assert rest.splitlines()[-1].startswith(b"421 ")
