@@ -142,7 +142,9 @@ async def login(
             case authhttp_protocol.Granted(server=server):
                 credentials = authhttp_protocol.credentials_for(request, decision)
                 request = dataclasses.replace(request, credentials=credentials)
-                if server is not None:  # the auth service picked the backend, as with nginx
+                if server is not None:
+                    # The auth service picked the backend, as with nginx; the route's TLS and
+                    # client-info settings still say how to talk to it.
                     upstream = dataclasses.replace(upstream, endpoints=(server,))
             case authhttp_protocol.Refused(reply=reply):
                 return LoginOutcome(events.LoginRejected(reply), "rejected", route.name)
@@ -217,7 +219,7 @@ async def _ask_auth_http(
         target,
         authhttp_protocol.Attempt(request=request, number=attempt, client_ip=client.host, tls=facts),
         timeout=route.http_auth.timeout_seconds,
-        tls=context.backend_tls,
+        tls=context.backend_tls,  # an https:// service is checked against the backends' CAs
         # Auth-Wait holds the client before its retry; no longer than the whole pre-login phase.
         max_wait=context.settings.timeouts.pre_login,
     )
