@@ -1,0 +1,124 @@
+{{/*
+Names, labels and the few values every template derives the same way. Paths inside the pods are
+defined here once: the proxy settings (proxy-configmap.yaml) name files that the proxy Deployment
+mounts at exactly these places.
+*/}}
+
+{{- define "mailgress.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* "<release>-<chart>", or the release name alone when it already contains the chart name. */}}
+{{- define "mailgress.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "mailgress.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Resource names; each leaves room for its suffix within the 63-character limit. */}}
+{{- define "mailgress.controller.fullname" -}}
+{{- printf "%s-controller" (include "mailgress.fullname" . | trunc 52 | trimSuffix "-") -}}
+{{- end -}}
+{{- define "mailgress.proxy.fullname" -}}
+{{- printf "%s-proxy" (include "mailgress.fullname" . | trunc 57 | trimSuffix "-") -}}
+{{- end -}}
+{{/* The ConfigMap the controller writes the routing table snapshot to (reconciler.SNAPSHOT_KEY). */}}
+{{- define "mailgress.snapshotConfigMap" -}}
+{{- printf "%s-routing-table" (include "mailgress.fullname" . | trunc 49 | trimSuffix "-") -}}
+{{- end -}}
+{{- define "mailgress.pushTokenSecret" -}}
+{{- if .Values.controller.pushToken.existingSecret -}}
+{{- .Values.controller.pushToken.existingSecret -}}
+{{- else -}}
+{{- printf "%s-push-token" (include "mailgress.fullname" . | trunc 52 | trimSuffix "-") -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mailgress.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "mailgress.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mailgress
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "context" $ "component" "proxy"). */}}
+{{- define "mailgress.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mailgress.name" .context }}
+app.kubernetes.io/instance: {{ .context.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The controller finds this release's proxy pods by these labels (--proxy-selector). */}}
+{{- define "mailgress.proxySelector" -}}
+{{- $labels := include "mailgress.selectorLabels" (dict "context" . "component" "proxy") | fromYaml -}}
+{{- $terms := list -}}
+{{- range $key := keys $labels | sortAlpha -}}
+{{- $terms = append $terms (printf "%s=%s" $key (get $labels $key)) -}}
+{{- end -}}
+{{- join "," $terms -}}
+{{- end -}}
+
+{{- define "mailgress.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The push channel URL proxies connect to (the controller Service). */}}
+{{- define "mailgress.controllerUrl" -}}
+{{- printf "http://%s.%s.svc:%d" (include "mailgress.controller.fullname" .) .Release.Namespace (int .Values.controller.pushPort) -}}
+{{- end -}}
+
+{{/* Paths inside the pods; none under a symbolic link (/var/run is one), since the proxy
+resolves the paths in its settings. */}}
+{{- define "mailgress.settingsDir" -}}/etc/mailgress/settings{{- end -}}
+{{- define "mailgress.tokenDir" -}}/etc/mailgress/push-token{{- end -}}
+{{- define "mailgress.snapshotDir" -}}/etc/mailgress/snapshot{{- end -}}
+{{- define "mailgress.tlsDir" -}}/etc/mailgress/tls{{- end -}}
+{{- define "mailgress.backendCaDir" -}}/etc/mailgress/backend-ca{{- end -}}
+
+{{/* Every TLS Secret the listeners name, each once, in order of first use. */}}
+{{- define "mailgress.tlsSecrets" -}}
+{{- $names := list -}}
+{{- range .Values.proxy.listeners -}}
+{{- range (.certificates | default list) -}}
+{{- $names = append $names . -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (dict "names" ($names | uniq)) -}}
+{{- end -}}
+
+{{/* Listener names (admin is the admin port's), container ports and Service ports are unique. */}}
+{{- define "mailgress.checkListeners" -}}
+{{- $names := list -}}
+{{- $ports := list (int .Values.proxy.adminPort) -}}
+{{- $servicePorts := list -}}
+{{- range .Values.proxy.listeners -}}
+{{- if eq .name "admin" -}}
+{{- fail "proxy.listeners: the name admin is taken by the admin port (metrics, probes)" -}}
+{{- end -}}
+{{- if has .name $names -}}
+{{- fail (printf "proxy.listeners: the name %q is used twice" .name) -}}
+{{- end -}}
+{{- if has (int .containerPort) $ports -}}
+{{- fail (printf "proxy.listeners[%s]: containerPort %d is already taken (another listener or proxy.adminPort)" .name (int .containerPort)) -}}
+{{- end -}}
+{{- if has (int .port) $servicePorts -}}
+{{- fail (printf "proxy.listeners[%s]: Service port %d is used twice" .name (int .port)) -}}
+{{- end -}}
+{{- $names = append $names .name -}}
+{{- $servicePorts = append $servicePorts (int .port) -}}
+{{- $ports = append $ports (int .containerPort) -}}
+{{- end -}}
+{{- end -}}
