@@ -1,0 +1,656 @@
+"""The chart: helm lint in strict mode, every value set rendered, the values schema refusing bad
+values with a message that names the key, and what the rendered objects promise each other.
+
+The proxy's settings ConfigMap is parsed with proxy.settings.parse and the controller's arguments
+with controller.operator's own parser, so the chart, the proxy and the controller cannot disagree
+on a format, a file path, a port or a label without a test failing here.
+"""
+
+import base64
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+from controller import operator, reconciler
+from deploy import render
+from mailgress import cli
+from proxy import settings as proxy_settings
+from tests.charts.conftest import SCENARIOS, container, objects, one, rendered, values
+
+RELEASE_NAMESPACE = render.NAMESPACE
+# The well-known mail ports (IANA): IMAP, IMAPS, POP3, POP3S, submission, submissions, SMTP.
+MAIL_PORTS = {143, 993, 110, 995, 587, 465, 25}
+# Helm's only remark about this chart: it ships no icon (an INFO, which strict mode allows).
+ACCEPTED_LINT_MESSAGES = [{"severity": 1, "path": "Chart.yaml", "error": "icon is recommended"}]
+# Kinds that live in a namespace (everything the chart renders but RBAC's cluster objects).
+CLUSTER_KINDS = {"ClusterRole", "ClusterRoleBinding"}
+# Kubernetes object names: RFC 1123 DNS labels for Services, at most 63 characters everywhere here.
+MAX_NAME = 63
+ALL = list(SCENARIOS)
+
+
+def settings_of(scenario: str) -> tuple[Mapping[str, Any], proxy_settings.ProxySettings]:
+    """The proxy settings document the chart renders, and what proxy.settings.parse makes of it."""
+    configmap = one(scenario, "ConfigMap", "proxy")
+    document = yaml.safe_load(configmap["data"]["settings.yaml"])
+    command = cli.parser().parse_args(container(one(scenario, "Deployment", "proxy"))["args"])
+    assert command.command == "proxy"
+    return document, proxy_settings.parse(document, Path(command.config).parent)
+
+
+def mounted_files(deployment: Mapping[str, Any]) -> dict[PurePosixPath, tuple[str, str, str]]:
+    """Every file the pod's volumes put in the container: path -> (volume kind, source name, key)."""
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    files = {}
+    for mount in container(deployment)["volumeMounts"]:
+        assert "subPath" not in mount, "subPath mounts never see updates of their Secret or ConfigMap"
+        volume = volumes[mount["name"]]
+        for kind, name_key in (("secret", "secretName"), ("configMap", "name")):
+            if kind in volume:
+                source = volume[kind]
+                for item in source.get("items", []):
+                    path = PurePosixPath(mount["mountPath"]) / item["path"]
+                    files[path] = (kind, source[name_key], item["key"])
+    return files
+
+
+def pod_labels(scenario: str, component: str) -> Mapping[str, str]:
+    labels: Mapping[str, str] = one(scenario, "Deployment", component)["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    return labels
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Lint, render, schema
+
+
+@pytest.mark.parametrize("kube_version", ["v1.30.0", "v1.37.0"])
+@pytest.mark.parametrize("scenario", ALL)
+def test_lint_strict_is_clean(scenario: str, kube_version: str) -> None:
+    report = helm.lint(
+        render.CHART,
+        dict(SCENARIOS[scenario]),
+        strict=True,
+        namespace=RELEASE_NAMESPACE,
+        kube_version=kube_version,
+    )
+    assert report["errors"] == []
+    assert report["messages"] == ACCEPTED_LINT_MESSAGES
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_every_value_set_renders_named_namespaced_objects(scenario: str) -> None:
+    documents = rendered(scenario)
+    assert {"Deployment", "Service", "ConfigMap", "ClusterRole", "Role"} <= {
+        document.body["kind"] for document in documents
+    }
+    for document in documents:
+        metadata = document.body["metadata"]
+        assert len(metadata["name"]) <= MAX_NAME, metadata["name"]
+        assert metadata["labels"]["app.kubernetes.io/instance"] == render.RELEASE
+        if document.body["kind"] not in CLUSTER_KINDS:
+            assert metadata["namespace"] == RELEASE_NAMESPACE, (document.template, metadata["name"])
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"proxy": {"replicas": 0}}, "at '/proxy/replicas': minimum: got 0, want 1"),
+        ({"proxy": {"replica": 3}}, "at '/proxy': additional properties 'replica' not allowed"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy': value must be one of"),
+        (
+            {
+                "proxy": {
+                    "listeners": [{"name": "imap", "protocol": "imap", "port": 70000, "containerPort": 1143}]
+                }
+            },
+            "at '/proxy/listeners/0/port': maximum: got 70,000, want 65,535",
+        ),
+        (
+            {
+                "proxy": {
+                    "listeners": [{"name": "imap", "protocol": "imap", "port": 143, "containerPort": 143}]
+                }
+            },
+            "at '/proxy/listeners/0/containerPort': minimum: got 143, want 1,024",
+        ),
+        (
+            {
+                "proxy": {
+                    "listeners": [{"name": "news", "protocol": "nntp", "port": 119, "containerPort": 1119}]
+                }
+            },
+            "at '/proxy/listeners/0/protocol': value must be one of 'imap', 'pop3', 'submission', 'smtp'",
+        ),
+        (
+            {
+                "proxy": {
+                    "listeners": [
+                        {
+                            "name": "imaps",
+                            "protocol": "imap",
+                            "port": 993,
+                            "containerPort": 1993,
+                            "tls": "implicit",
+                        }
+                    ]
+                }
+            },
+            "at '/proxy/listeners/0': missing property 'certificates'",
+        ),
+        (
+            {
+                "proxy": {
+                    "listeners": [
+                        {
+                            "name": "mx",
+                            "protocol": "smtp",
+                            "port": 25,
+                            "containerPort": 1025,
+                            "tls": "starttls",
+                            "starttls": "required",
+                            "certificates": ["mail"],
+                        }
+                    ]
+                }
+            },
+            "at '/proxy/listeners/0/starttls': value must be 'optional'",
+        ),
+        (
+            {
+                "proxy": {
+                    "listeners": [
+                        {
+                            "name": "pop3",
+                            "protocol": "pop3",
+                            "port": 110,
+                            "containerPort": 1110,
+                            "starttls": "required",
+                        }
+                    ]
+                }
+            },
+            "at '/proxy/listeners/0': missing property 'tls'",
+        ),
+        (
+            {
+                "proxy": {
+                    "listeners": [
+                        {
+                            "name": "imap",
+                            "protocol": "imap",
+                            "port": 143,
+                            "containerPort": 1143,
+                            "proxyProtocol": {"trustedCidrs": ["10.0.0.1"]},
+                        }
+                    ]
+                }
+            },
+            "at '/proxy/listeners/0/proxyProtocol/trustedCidrs/0': '10.0.0.1' does not match pattern",
+        ),
+        ({"proxy": {"listeners": []}}, "at '/proxy/listeners': minItems: got 0, want 1"),
+        ({"proxy": {"timeouts": {"idle": 0}}}, "at '/proxy/timeouts/idle': exclusiveMinimum"),
+        (
+            {"proxy": {"service": {"externalTrafficPolicy": "local"}}},
+            "at '/proxy/service/externalTrafficPolicy': value must be one of 'Cluster', 'Local'",
+        ),
+        (
+            {"monitoring": {"serviceMonitor": {"interval": "30 seconds"}}},
+            "at '/monitoring/serviceMonitor/interval': '30 seconds' does not match pattern",
+        ),
+    ],
+)
+def test_schema_refuses_bad_values_naming_the_key(bad: dict[str, Any], message: str) -> None:
+    with helm.Chart.load(render.CHART) as chart, pytest.raises(helm.HelmValuesError) as refused:
+        chart.validate_schema(bad)
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("listeners", "message"),
+    [
+        (
+            [
+                {"name": "imap", "protocol": "imap", "port": 143, "containerPort": 1143},
+                {"name": "imap", "protocol": "imap", "port": 144, "containerPort": 1144},
+            ],
+            'the name "imap" is used twice',
+        ),
+        (
+            [
+                {"name": "imap", "protocol": "imap", "port": 143, "containerPort": 1143},
+                {"name": "pop3", "protocol": "pop3", "port": 110, "containerPort": 1143},
+            ],
+            "proxy.listeners[pop3]: containerPort 1143 is already taken",
+        ),
+        (
+            [{"name": "imap", "protocol": "imap", "port": 143, "containerPort": 9901}],
+            "proxy.listeners[imap]: containerPort 9901 is already taken",
+        ),
+        (
+            [
+                {"name": "imap", "protocol": "imap", "port": 143, "containerPort": 1143},
+                {"name": "imap2", "protocol": "imap", "port": 143, "containerPort": 1144},
+            ],
+            "proxy.listeners[imap2]: Service port 143 is used twice",
+        ),
+        (
+            [{"name": "admin", "protocol": "imap", "port": 143, "containerPort": 1143}],
+            "the name admin is taken by the admin port",
+        ),
+    ],
+)
+def test_render_refuses_clashing_listeners(listeners: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render.render({"proxy": {"listeners": listeners}})
+    assert message in str(refused.value)
+
+
+def test_render_refuses_more_minimum_than_maximum_replicas() -> None:
+    autoscaling = {"enabled": True, "minReplicas": 5, "maxReplicas": 2}
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render.render({"proxy": {"autoscaling": autoscaling}})
+    assert "minReplicas must not exceed maxReplicas" in str(refused.value)
+
+
+def _properties(schema: Mapping[str, Any], path: str) -> list[tuple[str, Mapping[str, Any]]]:
+    found = []
+    for key, child in schema.get("properties", {}).items():
+        found.append((f"{path}.{key}".lstrip("."), child))
+        found += _properties(child, f"{path}.{key}")
+        found += _properties(child.get("items", {}), f"{path}.{key}[]")
+    return found
+
+
+def test_schema_describes_and_closes_every_value() -> None:
+    schema = json.loads((render.CHART / "values.schema.json").read_text())
+    properties = _properties(schema, "")
+    assert len(properties) > 50
+    for path, child in properties:
+        assert child.get("description"), f"{path} has no description"
+        if child.get("type") == "object" and "properties" in child:
+            assert child.get("additionalProperties") is False, f"{path} accepts unknown keys"
+    # The defaults themselves pass, so every key of values.yaml is a key the schema knows.
+    with helm.Chart.load(render.CHART) as chart:
+        chart.validate_schema(None)
+
+
+def test_readme_values_table_is_current() -> None:
+    text = render.CHART_README.read_text()
+    assert render.readme(text) == text, "charts/mailgress/README.md is stale: run `make render`"
+
+
+def test_chart_readme_states_the_supported_kubernetes_versions() -> None:
+    chart = yaml.safe_load((render.CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.30.0-0"
+    assert "**Kubernetes:** 1.30 to 1.37." in render.CHART_README.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# The proxy: settings, mounts, ports, hardening
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_proxy_settings_parse_and_match_the_values(scenario: str) -> None:
+    _, parsed = settings_of(scenario)
+    proxy = values(scenario)["proxy"]
+    assert [listener.name for listener in parsed.listeners] == [item["name"] for item in proxy["listeners"]]
+    for listener, item in zip(parsed.listeners, proxy["listeners"], strict=True):
+        assert listener.protocol == item["protocol"]
+        assert listener.address == str(ipaddress.ip_address(proxy["listenAddress"]))
+        assert listener.port == item["containerPort"]
+        assert listener.tls == item.get("tls", "none")
+        assert listener.starttls_required == (item.get("starttls") == "required")
+        assert [certificate.cert.parent.name for certificate in listener.certificates] == item.get(
+            "certificates", []
+        )
+        trusted = item.get("proxyProtocol", {}).get("trustedCidrs", [])
+        assert [str(network) for network in listener.proxy_protocol_from] == trusted
+    assert parsed.admin is not None
+    assert parsed.admin.port == proxy["adminPort"]
+    assert parsed.server_name == proxy["serverName"]
+    assert parsed.route_files == ()
+    assert parsed.services == {}
+    assert parsed.controller is not None
+
+
+def test_default_settings_are_the_proxy_defaults() -> None:
+    """values.yaml repeats the proxy's defaults for the values table; they must stay the same."""
+    _, parsed = settings_of("default")
+    assert parsed.timeouts == proxy_settings.Timeouts()
+    assert parsed.max_errors == proxy_settings.DEFAULT_MAX_ERRORS
+    assert parsed.backend_tls == proxy_settings.BackendTlsSettings()
+    assert parsed.limits == proxy_settings.LimitSettings()
+
+
+def test_limits_reach_the_proxy_settings() -> None:
+    _, parsed = settings_of("hpa")
+    failed = SCENARIOS["hpa"]["proxy"]["limits"]["failedLogins"]
+    assert parsed.limits.connections_per_ip == SCENARIOS["hpa"]["proxy"]["limits"]["connectionsPerIp"]
+    assert parsed.limits.failed_logins == proxy_settings.FailedLoginSettings(
+        per_user=failed["perUser"],
+        per_ip=failed["perIp"],
+        first_delay=failed["firstDelay"],
+        max_delay=failed["maxDelay"],
+        lockout=failed["lockout"],
+    )
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_every_file_the_settings_name_is_mounted(scenario: str) -> None:
+    """Certificates, keys, the CA, the token and the snapshot are where the settings say."""
+    _, parsed = settings_of(scenario)
+    proxy = one(scenario, "Deployment", "proxy")
+    files = mounted_files(proxy)
+    for listener in parsed.listeners:
+        for certificate in listener.certificates:
+            secret = certificate.cert.parent.name
+            assert files[PurePosixPath(certificate.cert)] == ("secret", secret, "tls.crt")
+            assert files[PurePosixPath(certificate.key)] == ("secret", secret, "tls.key")
+    backend_tls = values(scenario)["proxy"]["backendTls"]
+    if backend_tls["caSecret"]:
+        assert parsed.backend_tls.ca_file is not None
+        assert files[PurePosixPath(parsed.backend_tls.ca_file)] == (
+            "secret",
+            backend_tls["caSecret"],
+            backend_tls["caKey"],
+        )
+    else:
+        assert parsed.backend_tls.ca_file is None
+    assert parsed.controller is not None
+    token = files[PurePosixPath(parsed.controller.token_file)]
+    controller_files = mounted_files(one(scenario, "Deployment", "controller"))
+    controller_args = container(one(scenario, "Deployment", "controller"))["args"]
+    controller_token = PurePosixPath(controller_args[controller_args.index("--token-file") + 1])
+    assert token == controller_files[controller_token], "proxies and controller share one token"
+    assert parsed.controller.snapshot_file is not None
+    snapshot = files[PurePosixPath(parsed.controller.snapshot_file)]
+    snapshot_configmap = controller_args[controller_args.index("--snapshot-configmap") + 1]
+    assert snapshot == ("configMap", snapshot_configmap, reconciler.SNAPSHOT_KEY)
+
+
+def test_snapshot_volume_is_optional_and_tls_secrets_are_whole_directories() -> None:
+    pod = one("tls", "Deployment", "proxy")["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["snapshot"]["configMap"]["optional"] is True  # the controller creates it later
+    mounts = container(one("tls", "Deployment", "proxy"))["volumeMounts"]
+    tls_mounts = sorted(mount["mountPath"] for mount in mounts if mount["name"].startswith("tls-"))
+    assert tls_mounts == ["/etc/mailgress/tls/mail-example-net", "/etc/mailgress/tls/mail-example-org"]
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_proxy_service_maps_mail_ports_to_high_container_ports(scenario: str) -> None:
+    service = one(scenario, "Service", "proxy")
+    ports = {
+        port["name"]: port["containerPort"]
+        for port in container(one(scenario, "Deployment", "proxy"))["ports"]
+    }
+    listeners = values(scenario)["proxy"]["listeners"]
+    assert [port["name"] for port in service["spec"]["ports"]] == [item["name"] for item in listeners]
+    for port in service["spec"]["ports"]:
+        assert port["port"] in MAIL_PORTS
+        assert ports[port["targetPort"]] >= 1024
+    assert "admin" not in {port["name"] for port in service["spec"]["ports"]}, "metrics stay in-cluster"
+
+
+def test_service_ports_of_the_tls_set_are_all_seven_mail_ports() -> None:
+    assert {port["port"] for port in one("tls", "Service", "proxy")["spec"]["ports"]} == MAIL_PORTS
+
+
+def test_proxy_service_defaults_to_a_load_balancer_and_can_keep_client_addresses() -> None:
+    default = one("default", "Service", "proxy")["spec"]
+    assert (default["type"], default["externalTrafficPolicy"]) == ("LoadBalancer", "Cluster")
+    local = one("proxy-protocol", "Service", "proxy")
+    assert local["spec"]["externalTrafficPolicy"] == "Local"
+    assert local["spec"]["loadBalancerClass"] == "service.k8s.aws/nlb"
+    assert local["metadata"]["annotations"] == SCENARIOS["proxy-protocol"]["proxy"]["service"]["annotations"]
+    cluster_ip = one("minimal", "Service", "proxy")["spec"]
+    assert cluster_ip["type"] == "ClusterIP"
+    assert "externalTrafficPolicy" not in cluster_ip
+
+
+@pytest.mark.parametrize("component", ["proxy", "controller"])
+@pytest.mark.parametrize("scenario", ALL)
+def test_pods_run_unprivileged(scenario: str, component: str) -> None:
+    deployment = one(scenario, "Deployment", component)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container(deployment)["securityContext"]
+    assert security == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert all(port["containerPort"] >= 1024 for port in container(deployment)["ports"])
+    assert container(deployment)["resources"]["requests"]
+    assert pod.get("automountServiceAccountToken", True) is (component == "controller")
+
+
+def test_proxy_probes_drain_and_spread() -> None:
+    deployment = one("default", "Deployment", "proxy")
+    pod = deployment["spec"]["template"]["spec"]
+    proxy = container(deployment)
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert proxy["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    # Long enough for IMAP sessions to be closed gradually and SMTP transactions to finish.
+    assert pod["terminationGracePeriodSeconds"] == 600
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    spread = pod["topologySpreadConstraints"]
+    assert [item["topologyKey"] for item in spread] == [
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    ]
+    for item in spread:
+        assert selects(item["labelSelector"]["matchLabels"], pod_labels("default", "proxy"))
+    minimal = one("minimal", "Deployment", "proxy")
+    assert "lifecycle" not in container(minimal)
+    assert "topologySpreadConstraints" not in minimal["spec"]["template"]["spec"]
+
+
+def test_settings_change_rolls_the_proxy_pods() -> None:
+    def checksum(scenario: str) -> str:
+        annotations = one(scenario, "Deployment", "proxy")["spec"]["template"]["metadata"]["annotations"]
+        value: str = annotations["checksum/settings"]
+        return value
+
+    assert re.fullmatch(r"[0-9a-f]{64}", checksum("default"))
+    assert checksum("default") != checksum("tls")
+
+
+def test_image_by_tag_or_digest() -> None:
+    assert container(one("default", "Deployment", "proxy"))["image"] == "mailgress:0.1.0"
+    minimal = SCENARIOS["minimal"]["image"]
+    for component in ("proxy", "controller"):
+        deployment = one("minimal", "Deployment", component)
+        assert container(deployment)["image"] == f"{minimal['repository']}@{minimal['digest']}"
+        assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [
+            {"name": "registry-credentials"}
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller and the push channel
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_controller_arguments_are_what_the_controller_accepts(scenario: str) -> None:
+    deployment = one(scenario, "Deployment", "controller")
+    arguments = container(deployment)["args"]
+    # The image's entry point is the mailgress console script: these are its arguments.
+    command = cli.parser().parse_args(arguments)
+    assert command.handler is operator.command
+    parsed = operator.settings_from(command, {"POD_NAMESPACE": RELEASE_NAMESPACE})
+    env = {item["name"]: item["valueFrom"]["fieldRef"]["fieldPath"] for item in container(deployment)["env"]}
+    assert env == {"POD_NAMESPACE": "metadata.namespace"}
+    assert parsed.namespace == RELEASE_NAMESPACE
+    # The controller counts exactly this release's proxy pods.
+    assert selects(parsed.proxy_selector, pod_labels(scenario, "proxy"))
+    assert not selects(parsed.proxy_selector, pod_labels(scenario, "controller"))
+    ports = {port["name"]: port["containerPort"] for port in container(deployment)["ports"]}
+    assert parsed.listen_port == ports["push"]
+    service = one(scenario, "Service", "controller")["spec"]
+    assert service["type"] == "ClusterIP"
+    assert [(port["port"], port["targetPort"]) for port in service["ports"]] == [(ports["push"], "push")]
+    _, proxy = settings_of(scenario)
+    assert proxy.controller is not None
+    name = one(scenario, "Service", "controller")["metadata"]["name"]
+    assert proxy.controller.url == f"http://{name}.{RELEASE_NAMESPACE}.svc:{ports['push']}"
+    health = re.fullmatch(r"http://0\.0\.0\.0:(\d+)/healthz", parsed.health)
+    assert health is not None
+    assert int(health.group(1)) == ports["health"]
+    assert container(deployment)["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # One writer of MailRoute status: never two controllers, not even during a rollout.
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_push_token_is_generated_shared_and_random() -> None:
+    secrets = objects("default", "Secret")
+    assert len(secrets) == 1
+    token = base64.b64decode(secrets[0]["data"]["token"])
+    assert len(token) == 48
+    assert token.isalnum()
+    again = yaml.safe_load(render.render()["controller-secret.yaml"])
+    assert base64.b64decode(again["data"]["token"]) != token, "an offline render draws a new token"
+    for component in ("proxy", "controller"):
+        files = mounted_files(one("default", "Deployment", component))
+        assert ("secret", secrets[0]["metadata"]["name"], "token") in files.values()
+
+
+def test_existing_push_token_secret_is_used_and_not_rendered() -> None:
+    assert objects("minimal", "Secret") == []
+    for component in ("proxy", "controller"):
+        files = mounted_files(one("minimal", "Deployment", component))
+        assert ("secret", "mail-push-token", "token") in files.values()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling, disruption, network, monitoring
+
+
+def test_autoscaling_owns_the_replica_count() -> None:
+    assert one("default", "Deployment", "proxy")["spec"]["replicas"] == 2
+    assert objects("default", "HorizontalPodAutoscaler") == []
+    deployment = one("hpa", "Deployment", "proxy")
+    assert "replicas" not in deployment["spec"]
+    hpa = one("hpa", "HorizontalPodAutoscaler", "proxy")["spec"]
+    wanted = SCENARIOS["hpa"]["proxy"]["autoscaling"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (wanted["minReplicas"], wanted["maxReplicas"])
+    assert (
+        hpa["metrics"][0]["resource"]["target"]["averageUtilization"]
+        == wanted["targetCPUUtilizationPercentage"]
+    )
+    scale_down = hpa["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] == wanted["scaleDownStabilizationSeconds"]
+    assert scale_down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 600}]
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_selectors_select_the_pods_they_mean(scenario: str) -> None:
+    for component in ("proxy", "controller"):
+        deployment = one(scenario, "Deployment", component)
+        assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels(scenario, component))
+        service = one(scenario, "Service", component)
+        assert selects(service["spec"]["selector"], pod_labels(scenario, component))
+    for budget in objects(scenario, "PodDisruptionBudget"):
+        assert selects(budget["spec"]["selector"]["matchLabels"], pod_labels(scenario, "proxy"))
+    for policy in objects(scenario, "NetworkPolicy"):
+        component = policy["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels(scenario, component))
+
+
+def test_network_policies_open_mail_ports_to_all_and_the_push_channel_to_proxies() -> None:
+    proxy_ports = {port["name"] for port in container(one("default", "Deployment", "proxy"))["ports"]}
+    proxy_rules = one("default", "NetworkPolicy", "proxy")["spec"]["ingress"]
+    mail = proxy_rules[0]
+    assert "from" not in mail
+    assert {port["port"] for port in mail["ports"]} == proxy_ports - {"admin"}
+    assert proxy_rules[1]["ports"] == [{"port": "admin", "protocol": "TCP"}]
+    assert proxy_rules[1]["from"] == [{"namespaceSelector": {}}]  # every pod in the cluster
+    monitoring = one("monitoring", "NetworkPolicy", "proxy")["spec"]["ingress"][1]["from"]
+    assert monitoring == SCENARIOS["monitoring"]["networkPolicy"]["adminFrom"]
+    controller_rules = one("default", "NetworkPolicy", "controller")["spec"]["ingress"]
+    assert len(controller_rules) == 1
+    assert selects(
+        controller_rules[0]["from"][0]["podSelector"]["matchLabels"], pod_labels("default", "proxy")
+    )
+    assert controller_rules[0]["ports"] == [{"port": "push", "protocol": "TCP"}]
+    assert objects("minimal", "NetworkPolicy") == []
+
+
+def test_monitoring_objects_are_off_by_default_and_scrape_the_admin_port() -> None:
+    assert objects("default", "ServiceMonitor") == objects("default", "PodMonitor") == []
+    admin = [
+        service
+        for service in objects("monitoring", "Service")
+        if service["metadata"]["labels"]["app.kubernetes.io/component"] == "proxy-admin"
+    ]
+    assert len(admin) == 1
+    assert selects(admin[0]["spec"]["selector"], pod_labels("monitoring", "proxy"))
+    assert admin[0]["spec"]["ports"][0]["targetPort"] == "admin"
+    monitor = one("monitoring", "ServiceMonitor", "proxy")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], admin[0]["metadata"]["labels"])
+    assert monitor["spec"]["endpoints"] == [{"port": "admin", "path": "/metrics", "interval": "15s"}]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    pods = one("monitoring", "PodMonitor", "proxy")
+    assert selects(pods["spec"]["selector"]["matchLabels"], pod_labels("monitoring", "proxy"))
+    assert pods["spec"]["podMetricsEndpoints"] == [{"port": "admin", "path": "/metrics", "interval": "1m"}]
+    for found in (monitor, pods):
+        assert found["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
+
+
+def test_mailroute_roles_aggregate_into_the_default_roles() -> None:
+    roles = {role["metadata"]["name"]: role for role in objects("default", "ClusterRole")}
+    edit = roles["mailgress-mailroutes-edit"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert edit["rules"][0]["resources"] == ["mailroutes"], "status stays the controller's"
+    view = roles["mailgress-mailroutes-view"]
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
+    assert {role["metadata"]["name"] for role in objects("minimal", "ClusterRole")} == {
+        "mailgress-controller"
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# NOTES.txt
+
+
+def test_notes_name_the_ports_and_warn_about_plaintext_logins() -> None:
+    notes = render.render()["NOTES.txt"]
+    assert "kubectl --namespace mailgress get service mailgress-proxy" in notes
+    assert "143/tcp  imap (imap, TLS: none)" in notes
+    assert "WARNING: the listeners imap, pop3, submission take passwords without TLS" in notes
+    tls = render.render(SCENARIOS["tls"])["NOTES.txt"]
+    assert "993/tcp  imaps (imap, TLS: implicit)" in tls
+    assert "WARNING" not in tls
+    proxied = render.render(SCENARIOS["proxy-protocol"])["NOTES.txt"]
+    assert "PROXY protocol from 10.0.0.0/8, fd00::/8" in proxied
+
+
+def test_notes_tell_how_to_create_an_existing_token_secret() -> None:
+    notes = render.render(SCENARIOS["minimal"])["NOTES.txt"]
+    assert "create secret generic mail-push-token" in notes
+    assert "create secret generic" not in render.render()["NOTES.txt"]

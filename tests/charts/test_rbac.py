@@ -1,0 +1,146 @@
+"""The controller's RBAC is exactly enough: every (verb, resource) it asked the API for in the
+operator's end-to-end tests is granted by the chart, and nothing else is.
+
+The record comes from tests/kube: its emulator notes each request per bearer token, and the
+``controller_accesses`` fixture (re-exported by this folder's conftest.py) keeps the union of
+every controller run of the session in one JSON file. conftest.py runs this file last, so in a
+full run the operator tests have recorded by then; when they were not part of this session
+(``pytest tests/charts``), this test runs them in a child pytest to get the record.
+
+Discovery requests (/api, /apis/GROUP/VERSION) need no rule here: Kubernetes grants them to every
+authenticated user through its default system:discovery ClusterRole.
+"""
+
+import fnmatch
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy import render
+from tests.charts.conftest import container, one, rendered
+from tests.kube.conftest import AccessLog
+
+# The nonResourceURLs of Kubernetes' default system:discovery ClusterRole (bound to
+# system:authenticated): what every identity may GET without a rule of its own.
+DISCOVERY_URLS = ("/api", "/api/*", "/apis", "/apis/*", "/version", "/version/", "/openapi", "/openapi/*")
+# A child run of the operator tests: bounded well within the per-test timeout below.
+CHILD_TIMEOUT_SECONDS = 840
+
+Access = tuple[str, str, str]  # (verb, API group, resource or resource/subresource)
+
+
+def granted_rules(
+    documents: Sequence[Mapping[str, Any]], account: str, namespace: str
+) -> list[Mapping[str, Any]]:
+    """Every rule of every Role and ClusterRole bound to the ServiceAccount ``namespace/account``."""
+    by_name = {
+        (doc["kind"], doc["metadata"]["name"]): doc for doc in documents if doc["kind"].endswith("Role")
+    }
+    rules: list[Mapping[str, Any]] = []
+    for binding in documents:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        subject = {"kind": "ServiceAccount", "name": account, "namespace": namespace}
+        if subject not in binding["subjects"]:
+            continue
+        reference = (binding["roleRef"]["kind"], binding["roleRef"]["name"])
+        assert reference in by_name, f"{binding['metadata']['name']} binds a role the chart does not ship"
+        rules += by_name[reference]["rules"]
+    assert rules, f"no role is bound to {namespace}/{account}"
+    return rules
+
+
+def expand(rules: Sequence[Mapping[str, Any]]) -> set[Access]:
+    grants = set()
+    for rule in rules:
+        assert "nonResourceURLs" not in rule, "the controller needs no non-resource URL of its own"
+        for verb in rule["verbs"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    assert "*" not in (verb, group, resource), f"wildcard in {rule}"
+                    grants.add((verb, group, resource))
+    return grants
+
+
+def recorded_resource_accesses(recorded: Sequence[Mapping[str, str]]) -> set[Access]:
+    accesses = set()
+    for entry in recorded:
+        if "non_resource_url" in entry:
+            url = entry["non_resource_url"]
+            assert any(fnmatch.fnmatchcase(url, pattern) for pattern in DISCOVERY_URLS), (
+                f"the controller asked for {url}, which no default role grants"
+            )
+            continue
+        resource = entry["resource"] + (f"/{entry['subresource']}" if entry.get("subresource") else "")
+        accesses.add((entry["verb"], entry.get("group", ""), resource))
+    return accesses
+
+
+def operator_record(log: AccessLog, scratch: Path) -> list[dict[str, str]]:
+    """The session's record, or a child run's when the operator tests did not run in this one."""
+    if log.path.exists():
+        return log.load()
+    basetemp = scratch / "operator-tests"
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/kube",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={basetemp}",
+        ],
+        cwd=render.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert child.returncode == 0, (
+        f"the operator tests that record the accesses failed:\n{child.stdout[-4000:]}"
+    )
+    return AccessLog(basetemp / log.path.name).load()
+
+
+@pytest.mark.timeout(CHILD_TIMEOUT_SECONDS + 60)
+def test_controller_rbac_is_exactly_what_the_controller_uses(
+    controller_accesses: AccessLog, tmp_path: Path
+) -> None:
+    documents = [document.body for document in rendered("default")]
+    account = one("default", "ServiceAccount", "controller")["metadata"]
+    grants = expand(granted_rules(documents, account["name"], account["namespace"]))
+    used = recorded_resource_accesses(operator_record(controller_accesses, tmp_path))
+    assert used, "the record is empty"
+    missing = sorted(used - grants)
+    assert not missing, f"the controller needs these and the chart does not grant them: {missing}"
+    unused = sorted(grants - used)
+    assert not unused, (
+        "the chart grants these and the controller never used them "
+        f"(did every tests/kube test run?): {unused}"
+    )
+
+
+def test_only_the_snapshot_configmap_is_namespaced_and_patched_by_name() -> None:
+    """The controller writes one ConfigMap, in its own namespace, and may patch no other."""
+    documents = [document.body for document in rendered("default")]
+    [role] = [doc for doc in documents if doc["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == render.NAMESPACE
+    arguments = container(one("default", "Deployment", "controller"))["args"]
+    snapshot = arguments[arguments.index("--snapshot-configmap") + 1]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [snapshot], "verbs": ["patch"]},
+    ]
+    [cluster_role] = [
+        doc
+        for doc in documents
+        if doc["kind"] == "ClusterRole"
+        and doc["metadata"]["labels"].get("app.kubernetes.io/component") == "controller"
+    ]
+    assert all("configmaps" not in rule["resources"] for rule in cluster_role["rules"])
