@@ -436,6 +436,10 @@ def test_pods_run_unprivileged(scenario: str, component: str) -> None:
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    secrets = [volume["secret"] for volume in pod["volumes"] if "secret" in volume]
+    assert secrets
+    assert all(secret["defaultMode"] == 0o440 for secret in secrets), "keys and tokens: owner and group only"
     assert all(port["containerPort"] >= 1024 for port in container(deployment)["ports"])
     assert container(deployment)["resources"]["requests"]
     assert pod.get("automountServiceAccountToken", True) is (component == "controller")
