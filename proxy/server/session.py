@@ -39,7 +39,7 @@ FRONTENDS: dict[table.Protocol, Callable[[events.FrontendConfig], events.Fronten
     "submission": smtp.Frontend,
     "smtp": smtp.Frontend,
 }
-# How a lock is named in the session log line.
+# How a lock's scope is named in log lines.
 LOCKED_SUBJECT: dict[limits.Scope, str] = {"ip": "client address", "user": "user"}
 STARTTLS_POLICY = {
     ("starttls", True): events.StartTlsPolicy.REQUIRED,
