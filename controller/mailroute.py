@@ -29,7 +29,9 @@ API_VERSION = "mailgress.io/v1alpha1"
 KIND = "MailRoute"
 # The CRD lives in the Helm chart (its single source of truth). From a source checkout or an
 # editable install it sits two levels above this package; a wheel must ship it as package data.
-CRD_PATH = Path(__file__).resolve().parent.parent / "charts" / "mailgress" / "crds" / "mailroutes.yaml"
+# The chart's CRD is the one source; controller/crds/ links to it so that a wheel carries it as
+# package data (setuptools copies the file behind the link).
+CRD_PATH = Path(__file__).parent / "crds" / "mailroutes.yaml"
 CRD_VERSION = "v1alpha1"
 # kubectl's choice when a manifest names no namespace (and no context says otherwise).
 DEFAULT_NAMESPACE = "default"
