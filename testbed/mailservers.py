@@ -410,7 +410,9 @@ class _Daemon:
         self._mail_user = mail_user
         self._owner: MailOwner | None = None
         self._session: int | None = None
-        self._log_offset = 0
+        # Where each log file ended when the current start attempt began: errors are reported (and
+        # port collisions recognised) from this attempt's lines only, not from an earlier run's.
+        self._log_offsets: dict[Path, int] = {}
 
     # -- subclass hooks ------------------------------------------------------------------------
 
@@ -502,7 +504,7 @@ class _Daemon:
         self.directory.mkdir(parents=True, exist_ok=True)
         for attempt in range(1, START_ATTEMPTS + 1):
             self._write_files()
-            self._log_offset = sum(_size(path) for path in self._log_paths())
+            self._log_offsets = {path: _size(path) for path in self._log_paths()}
             self._launch()
             problem = self._wait_ready()
             if problem is None:
@@ -526,7 +528,7 @@ class _Daemon:
             time.sleep(POLL_INTERVAL)
 
     def _recent_log(self) -> str:
-        return "\n".join(_tail(path) for path in self._log_paths())
+        return "\n".join(_tail(path, since=self._log_offsets.get(path, 0)) for path in self._log_paths())
 
     def request_stop(self) -> None:
         """Ask the daemon to shut down and return at once (pair with ``wait_stopped``)."""
