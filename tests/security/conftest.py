@@ -1,10 +1,11 @@
 """Fixtures for the security sweeps: ``mailgress proxy`` processes in front of the testbed's servers.
 
-``launch_proxy(name, routes=..., services=..., extra=...)`` writes standalone settings under the
-session's testbed folder, starts the proxy at debug log level with its whole output in a file the
-sweeps read, and stops it when the module ends. Every client here comes from loopback, so the
-failed-login delay is off unless a test sets its own ``limits``. Routes default to the testbed's
-standard ones; ``with_client_info`` gives them a ``clientInfo`` per protocol.
+``launch_proxy(name, routes=..., services=..., extra=...)`` is the e2e ``launch`` plus more
+settings (a sweep sets its own ``limits``): it writes standalone settings under the session's
+testbed folder, starts the proxy at debug log level with its whole output in a file the sweeps
+read, and when the module ends stops it with the e2e ``stop``, which fails on any password in that
+log. Limits default to the e2e ones, out of reach (every client here is 127.0.0.1). Routes default
+to the testbed's standard ones; ``with_client_info`` gives them a ``clientInfo`` per protocol.
 """
 
 import copy
@@ -15,12 +16,11 @@ import pytest
 
 from testbed import backends as testbed_backends
 from testbed import proxyprocess
+from tests.e2e.conftest import TEST_LIMITS, stop
 
 SERVER_NAME = "mailgress.test"
 # Short enough that the sweeps' stalled clients are timed out within seconds.
 PRE_LOGIN_TIMEOUT = 3
-# No held-back refusals: the sweeps fail logins on purpose, all from 127.0.0.1.
-TEST_LIMITS: dict[str, Any] = {"failedLogins": {"firstDelay": 0, "perIp": 10_000}}
 
 LaunchProxy = Callable[..., proxyprocess.ProxyProcess]
 
@@ -69,4 +69,4 @@ def launch_proxy(backends: testbed_backends.Backends) -> Iterator[LaunchProxy]:
 
     yield launch
     for proxy in started:
-        proxy.stop()
+        stop(proxy, backends)

@@ -3,25 +3,29 @@ fail, stall, break off, arrive malformed and get locked out, over every protocol
 
 One proxy at debug log level, with client forwarding on every route (IMAP ID, POP3 and SMTP
 XCLIENT), so the most talkative code paths run. Every testbed password contains the marker
-"-secret-", and the wrong passwords tried here do too; a line leaks when it holds a password (or
-the part of one a stalled client sent) in the clear, IMAP-quoted or inside base64 (SASL PLAIN
-and LOGIN), or the marker itself. Failures name line numbers only: a report must not carry the
-password it found. The proxy's own counters show the sweep really took every path.
+"-secret-", and the wrong passwords tried here do too; the e2e ``leaked`` search finds a password
+(or the part of one a stalled client sent) in the clear, IMAP-quoted or inside base64 (SASL PLAIN
+and LOGIN), and any line with the marker itself counts too. Failures name accounts and line
+numbers only: a report must not carry the password it found. The proxy's own counters show the
+sweep really took every path.
 """
 
 import base64
 import imaplib
 import poplib
 import smtplib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import pytest
 
 from testbed import backends as testbed_backends
 from testbed import clients, proxyprocess
 from testbed.mailservers import User
-from tests.security.conftest import TEST_LIMITS, LaunchProxy, with_client_info
+from tests.e2e.conftest import TEST_LIMITS
+from tests.e2e.helpers import leaked, passwords
+from tests.security.conftest import LaunchProxy, with_client_info
 
 MARKER = testbed_backends.PASSWORD_MARKER
 # Failures before a user is locked out: each standard user fails once per protocol, so it ends
@@ -39,19 +43,15 @@ def partial(password: str) -> str:
     return password[: len(password) // 2 + 2]
 
 
-def leaking_lines(lines: Sequence[str], secrets: Sequence[str]) -> list[int]:
-    """Numbers (from 1) of the lines that hold a secret in any form, or the password marker."""
-    return [
-        number
-        for number, line in enumerate(lines, start=1)
-        if MARKER in line or clients.redact(line, secrets) != line
-    ]
+def marked_lines(text: str) -> list[int]:
+    """Numbers (from 1) of the lines holding the password marker: a fragment of any password."""
+    return [number for number, line in enumerate(text.splitlines(), start=1) if MARKER in line]
 
 
 @dataclass
 class Sweep:
     proxy: proxyprocess.ProxyProcess
-    secrets: list[str] = field(repr=False)
+    secrets: Mapping[str, str] = field(repr=False)  # what to search for, by a printable name
 
 
 def log_in_every_way(ports: Sequence[int], user: User) -> None:
@@ -63,14 +63,14 @@ def log_in_every_way(ports: Sequence[int], user: User) -> None:
         lambda client: clients.imap_authenticate_plain(client, user, initial_response=False),
     ]
     for imap_login in imap_logins:
-        with clients.imap(imap) as client:
-            imap_login(client)
-            assert client.noop()[0] == "OK"
-    with clients.pop3(pop3) as client:
-        client.user(user.address)
-        client.pass_(user.password)
-    with clients.pop3(pop3) as client:
-        clients.pop3_auth_plain(client, user)
+        with clients.imap(imap) as imap_client:
+            imap_login(imap_client)
+            assert imap_client.noop()[0] == "OK"
+    with clients.pop3(pop3) as pop3_client:
+        pop3_client.user(user.address)
+        pop3_client.pass_(user.password)
+    with clients.pop3(pop3) as pop3_client:
+        clients.pop3_auth_plain(pop3_client, user)
     for mechanism, initial_response in (("PLAIN", True), ("PLAIN", False), ("LOGIN", True)):
         with clients.smtp(submission) as smtp:
             smtp.ehlo()
@@ -148,7 +148,8 @@ def sweep(launch_proxy: LaunchProxy, backends: testbed_backends.Backends) -> Swe
     routes = with_client_info(
         backends.mailroutes(), imap="id", pop3="xclient", submission="xclient", smtp="xclient"
     )
-    limits = {"failedLogins": {**TEST_LIMITS["failedLogins"], "perUser": FAILURES_PER_USER}}
+    failed_logins = {**cast(dict[str, int], TEST_LIMITS["failedLogins"]), "perUser": FAILURES_PER_USER}
+    limits = {**TEST_LIMITS, "failedLogins": failed_logins}
     proxy = launch_proxy("secrets", routes=routes, extra={"limits": limits})
     ports = [proxy.settings.ports.imap, proxy.settings.ports.pop3, proxy.settings.ports.submission]
     users = [backends.user(address) for address in testbed_backends.standard_addresses()]
@@ -162,22 +163,28 @@ def sweep(launch_proxy: LaunchProxy, backends: testbed_backends.Backends) -> Swe
     with clients.imap(ports[0]) as client, pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
         client.login(special.address, special.password)  # locked: even the right password is refused
     fail_to_log_in(ports, UNKNOWN)
-    secrets = [user.password for user in users] + [wrong(user).password for user in users]
-    secrets += [UNKNOWN.password, partial(special.password)]
+    secrets = {
+        **passwords(backends),
+        **{f"{user.address} (wrong)": wrong(user).password for user in users},
+        f"{UNKNOWN.address} (unknown)": UNKNOWN.password,
+        f"{special.address} (stalled half)": partial(special.password),
+    }
     return Sweep(proxy, secrets)
 
 
 def test_no_log_line_holds_a_password(sweep: Sweep) -> None:
-    lines = sweep.proxy.log_text().splitlines()
+    log = sweep.proxy.log_text()
     for protocol in ("imap", "pop3", "submission"):  # the log is the proxy's whole output
-        assert any(f"session protocol={protocol} " in line for line in lines), protocol
-    assert leaking_lines(lines, sweep.secrets) == [], f"see {sweep.proxy.log_path}"
+        assert f"session protocol={protocol} " in log, protocol
+    assert leaked(log, sweep.secrets) == [], f"see {sweep.proxy.log_path}"
+    assert marked_lines(log) == [], f"see {sweep.proxy.log_path}"
 
 
 def test_metrics_hold_no_password_and_no_user(sweep: Sweep, backends: testbed_backends.Backends) -> None:
-    lines = sweep.proxy.metrics().splitlines()
-    assert leaking_lines(lines, sweep.secrets) == []
-    assert [address for address in backends.users if any(address in line for line in lines)] == []
+    metrics = sweep.proxy.metrics()
+    assert leaked(metrics, sweep.secrets) == []
+    assert marked_lines(metrics) == []
+    assert [address for address in backends.users if address in metrics] == []
 
 
 def test_the_sweep_took_every_path(sweep: Sweep) -> None:
@@ -218,4 +225,7 @@ def test_the_sweep_took_every_path(sweep: Sweep) -> None:
 )
 def test_the_search_finds_a_password_in_every_form(form: Callable[[str], str]) -> None:
     secret = testbed_backends.default_password("al@alpha.example")
-    assert leaking_lines(["clean line", form(secret), "clean again"], [secret]) == [2]
+    text = f"clean line\n{form(secret)}\nclean again"
+    assert leaked(text, {"al": secret}) == ["al"] or marked_lines(text) == [2]
+    assert leaked("clean line", {"al": secret}) == []
+    assert marked_lines("clean line") == []
