@@ -123,6 +123,11 @@ async def serve(context: ProxyContext, listener: Listener, client: socket.socket
         metrics.refusals.labels(reason="pre_login_timeout").inc()
     except (OSError, ssl.SSLError) as error:
         record.outcome = f"connection error ({getattr(error, 'strerror', None) or type(error).__name__})"
+    except Exception as error:
+        # A bug of ours: close this session, keep serving the others, and leave a trace for the
+        # operator. Machine events and commands redact credentials, so the traceback holds none.
+        record.outcome = f"internal error ({type(error).__name__})"
+        log.error("session from %s failed unexpectedly", record.client, exc_info=True)
     finally:
         channel.close()
         if counted is not None:
