@@ -11,6 +11,7 @@ import logging
 import pytest
 
 from proxy.protocols import proxyheader
+from proxy.server import backends
 from proxy.table import Endpoint
 from tests.proxy.server.conftest import (
     PASSWORD,
@@ -126,4 +127,31 @@ async def test_session_log_line_names_the_user_never_the_password(
     lines = [r.getMessage() for r in caplog.records if "session protocol=imap" in r.getMessage()]
     assert len(lines) == 2
     assert all("user=alice@alpha.example" in line and "route=mail/alpha" in line for line in lines)
+    assert PASSWORD not in caplog.text
+
+
+async def test_a_bug_ends_only_its_own_session_and_is_logged(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        real_login = backends.login
+        calls = 0
+
+        async def broken_once(*args: object, **kwargs: object) -> backends.LoginOutcome:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("simulated bug")
+            return await real_login(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(backends, "login", broken_once)
+        reader, writer = await imap_client(proxy.port)
+        writer.write(f'a1 LOGIN alice@alpha.example "{PASSWORD}"\r\n'.encode())
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed, no traceback sent
+        writer.close()
+        reply, _, writer = await login(proxy.port, "alice@alpha.example")
+        assert reply.startswith(b"a1 OK")  # the proxy goes on serving
+        writer.close()
+    assert "failed unexpectedly" in caplog.text and "simulated bug" in caplog.text
     assert PASSWORD not in caplog.text
