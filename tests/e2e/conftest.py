@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from testbed import backends as testbed_backends
-from testbed import proxyprocess
+from testbed import mailservers, proxyprocess
 from tests.e2e.helpers import StartProxy, leaked, passwords
 
 # Short enough that "a client that stops mid-command is closed" is observed within a test's
@@ -36,24 +36,33 @@ def launch(
     services: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     routes: Sequence[Mapping[str, Any]] | None = None,
 ) -> proxyprocess.ProxyProcess:
-    """Write settings under the testbed folder and start a proxy; pytest.fail with its log if it won't."""
+    """Write settings under the testbed folder and start a proxy; pytest.fail with its log if it won't.
+
+    A free port can be taken by another process between choosing and binding it: a start that
+    failed on "Address already in use" is retried with fresh ports.
+    """
     directory = backends.directory / name
-    settings = backends.write_proxy_settings(
-        directory,
-        services=services,
-        routes=routes,
-        extra={
-            "serverName": "mailgress.test",
-            "timeouts": {"preLogin": PRE_LOGIN_TIMEOUT},
-            "limits": TEST_LIMITS,
-        },
-    )
-    proxy = proxyprocess.ProxyProcess(settings, directory / "mailgress.log", log_level="debug")
-    try:
-        proxy.start()
-    except proxyprocess.ProxyError as error:
-        pytest.fail(f"mailgress proxy {name} could not start: {error}", pytrace=False)
-    return proxy
+    attempt = 1
+    while True:
+        settings = backends.write_proxy_settings(
+            directory,
+            services=services,
+            routes=routes,
+            extra={
+                "serverName": "mailgress.test",
+                "timeouts": {"preLogin": PRE_LOGIN_TIMEOUT},
+                "limits": TEST_LIMITS,
+            },
+        )
+        proxy = proxyprocess.ProxyProcess(settings, directory / "mailgress.log", log_level="debug")
+        try:
+            proxy.start()
+        except proxyprocess.ProxyError as error:
+            if "Address already in use" not in str(error) or attempt == mailservers.START_ATTEMPTS:
+                pytest.fail(f"mailgress proxy {name} could not start: {error}", pytrace=False)
+            attempt += 1
+        else:
+            return proxy
 
 
 def stop(proxy: proxyprocess.ProxyProcess, backends: testbed_backends.Backends) -> None:

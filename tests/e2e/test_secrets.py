@@ -30,11 +30,11 @@ def log_in_every_way(proxy: ProxyProcess, user: User) -> None:
     ):
         with clients.imap(ports.imap) as client:
             login(client)
-    with clients.pop3(ports.pop3) as client:
-        client.user(user.address)
-        client.pass_(user.password)
-    with clients.pop3(ports.pop3) as client:
-        clients.pop3_auth_plain(client, user)
+    with clients.pop3(ports.pop3) as pop:
+        pop.user(user.address)
+        pop.pass_(user.password)
+    with clients.pop3(ports.pop3) as pop:
+        clients.pop3_auth_plain(pop, user)
     for mechanism in ("PLAIN", "LOGIN"):
         with clients.smtp(ports.submission) as smtp:
             smtp.ehlo()
@@ -46,8 +46,8 @@ def fail_to_log_in(proxy: ProxyProcess, user: User) -> None:
     ports = proxy.settings.ports
     with clients.imap(ports.imap) as client, pytest.raises(imaplib.IMAP4.error):
         client.login(user.address, user.password)
-    with clients.pop3(ports.pop3) as client, pytest.raises(poplib.error_proto):
-        clients.pop3_auth_plain(client, user)
+    with clients.pop3(ports.pop3) as pop, pytest.raises(poplib.error_proto):
+        clients.pop3_auth_plain(pop, user)
     with clients.smtp(ports.submission) as smtp, pytest.raises(smtplib.SMTPAuthenticationError):
         smtp.login(user.address, user.password)
 
