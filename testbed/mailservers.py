@@ -20,6 +20,7 @@ Facts this module is built on (all observed on Debian 12 with Dovecot 2.3.19 and
 """
 
 import contextlib
+import functools
 import grp
 import itertools
 import os
@@ -28,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import time
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
+
+from testbed import tlscerts
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8",)
@@ -67,6 +71,9 @@ MESSAGE_SIZE_LIMIT = 64 * 1024 * 1024
 MAX_USERIP_CONNECTIONS = 100_000
 # Sessions one imap/pop3 process serves (the mail-servers-here.md benchmark setting).
 MAIL_PROCESS_CLIENT_LIMIT = 100
+# A PROXY protocol v1 header (haproxy's proxy-protocol.txt, section 2.1) that readiness probes send
+# to listeners expecting one: the daemon then greets as it would greet that client.
+PROBE_PROXY_HEADER = b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 40001\r\n"
 
 # Where Debian (and other distributions) put Dovecot's service executables.
 DOVECOT_LIBEXEC_DIRS = (Path("/usr/lib/dovecot"), Path("/usr/libexec/dovecot"))
@@ -77,6 +84,13 @@ DOVECOT_INTERNAL_USER = "dovecot"
 
 PasswordScheme = Literal["PLAIN", "SHA512-CRYPT"]
 DovecotProtocol = Literal["imap", "pop3"]
+# What each Dovecot protocol greets with, and how a readiness probe says goodbye.
+_DOVECOT_GREETINGS: dict[str, tuple[bytes, bytes]] = {
+    "imap": (b"* OK", b"0 LOGOUT\r\n"),
+    "pop3": (b"+OK", b"QUIT\r\n"),
+}
+# Name suffix of the listeners that take a PROXY protocol header (Dovecot's and Postfix's "haproxy").
+_HAPROXY_SUFFIX = "_haproxy"
 
 
 class MailServerError(RuntimeError):
@@ -248,6 +262,10 @@ def as_stored(message: bytes) -> bytes:
 
 
 _handed_out: set[int] = set()
+# Readiness probes ask whether a TLS port answers, not whom to trust: tests check certificates.
+_PROBE_TLS = ssl.create_default_context()
+_PROBE_TLS.check_hostname = False
+_PROBE_TLS.verify_mode = ssl.CERT_NONE
 
 
 def free_port() -> int:
@@ -275,16 +293,29 @@ def _read_line(connection: socket.socket, limit: int = 4096) -> bytes:
     return data
 
 
-def greets(port: int, prefix: bytes, goodbye: bytes) -> bool:
-    """True if something on 127.0.0.1:``port`` greets with a line starting with ``prefix``."""
+def greets(port: int, prefix: bytes, goodbye: bytes, *, preamble: bytes = b"", tls: bool = False) -> bool:
+    """True if something on 127.0.0.1:``port`` greets with a line starting with ``prefix``.
+
+    ``preamble`` is sent first (a PROXY header, for listeners that expect one); with ``tls`` the
+    greeting is read after a TLS handshake (implicit-TLS ports such as imaps).
+    """
     try:
         with socket.create_connection((LOOPBACK, port), timeout=PROBE_TIMEOUT) as connection:
-            greeting = _read_line(connection)
-            with contextlib.suppress(OSError):
-                connection.sendall(goodbye)
-            return greeting.startswith(prefix)
-    except OSError:
+            if preamble:
+                connection.sendall(preamble)
+            if not tls:
+                return _greeted(connection, prefix, goodbye)
+            with _PROBE_TLS.wrap_socket(connection) as secured:
+                return _greeted(secured, prefix, goodbye)
+    except OSError:  # ssl.SSLError included
         return False
+
+
+def _greeted(connection: socket.socket, prefix: bytes, goodbye: bytes) -> bool:
+    greeting = _read_line(connection)
+    with contextlib.suppress(OSError):
+        connection.sendall(goodbye)
+    return greeting.startswith(prefix)
 
 
 def _auth_socket_answers(path: Path) -> bool:
@@ -641,6 +672,8 @@ class Dovecot(_Daemon):
         mail_user: str = DEFAULT_MAIL_USER,
         auth_socket_user: str | None = None,
         extra_config: str = "",
+        tls: tlscerts.IssuedCertificate | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         """
         Args:
@@ -655,6 +688,10 @@ class Dovecot(_Daemon):
             auth_socket_user: if set, an ``auth-smtp`` unix socket for this user (Postfix's smtpd
                 runs as ``postfix``) is opened; see ``auth_socket``.
             extra_config: appended verbatim to dovecot.conf (benchmarks tune services with it).
+            tls: a certificate and key: ``ssl = yes`` (STARTTLS and STLS are offered) and one
+                implicit-TLS listener per protocol (``tls_port``); off by default.
+            proxy_protocol: one more listener per protocol with ``haproxy = yes`` (``haproxy_port``),
+                taking a PROXY protocol header from ``trusted_networks``; off by default.
         """
         self.protocols = tuple(protocols)
         unknown = set(self.protocols) - set(DOVECOT_PROTOCOL_PACKAGES)
@@ -662,10 +699,21 @@ class Dovecot(_Daemon):
             raise ValueError(f"unknown Dovecot protocols {sorted(unknown)}")
         wants_imap = "imap" in self.protocols
         wants_pop3 = "pop3" in self.protocols
+        self.tls = tls
+        self.proxy_protocol = proxy_protocol
+        # Listener name ("imaps", "pop3_haproxy") -> port; always picked free.
+        self._extra_ports = {
+            f"{protocol}{suffix}": free_port()
+            for protocol in self.protocols
+            for suffix, wanted in (("s", tls is not None), (_HAPROXY_SUFFIX, proxy_protocol))
+            if wanted
+        }
         super().__init__(
             directory,
             name,
-            auto_ports=(wants_imap and imap_port is None) or (wants_pop3 and pop3_port is None),
+            auto_ports=(wants_imap and imap_port is None)
+            or (wants_pop3 and pop3_port is None)
+            or bool(self._extra_ports),
             mail_user=mail_user,
         )
         self._fixed_imap_port = imap_port
@@ -710,6 +758,20 @@ class Dovecot(_Daemon):
         if self._pop3_port is None:
             raise MailServerError(f"{self.name} does not serve POP3")
         return self._pop3_port
+
+    def tls_port(self, protocol: DovecotProtocol) -> int:
+        """The implicit-TLS port (imaps, pop3s) of ``protocol``; needs ``tls``."""
+        return self._extra_port(f"{protocol}s", "tls")
+
+    def haproxy_port(self, protocol: DovecotProtocol) -> int:
+        """The port of ``protocol`` that takes a PROXY protocol header first; needs ``proxy_protocol``."""
+        return self._extra_port(f"{protocol}{_HAPROXY_SUFFIX}", "proxy_protocol")
+
+    def _extra_port(self, listener: str, option: str) -> int:
+        try:
+            return self._extra_ports[listener]
+        except KeyError:
+            raise MailServerError(f"{self.name} has no {listener} listener (made without {option})") from None
 
     @property
     def auth_socket(self) -> Path:
@@ -808,6 +870,7 @@ class Dovecot(_Daemon):
             self._imap_port = free_port()
         if self._pop3_port is not None and self._fixed_pop3_port is None:
             self._pop3_port = free_port()
+        self._extra_ports = {listener: free_port() for listener in self._extra_ports}
 
     def _log_paths(self) -> Sequence[Path]:
         return (self.directory / "dovecot.stderr", self.log_path)
@@ -843,7 +906,7 @@ protocols = {protocols}
 listen = {LOOPBACK}
 log_path = {self.log_path}
 info_log_path = {self.log_path}
-ssl = no
+{self._ssl_settings()}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_verbose = yes
@@ -887,9 +950,7 @@ service anvil {{
     address = {LOOPBACK}
     port = {port}
   }}
-  inet_listener {protocol}s {{
-    port = 0
-  }}
+{self._extra_listeners(protocol)}
   # One long-lived login process serves many connections instead of a fork per connection.
   service_count = 0
 }}
@@ -903,6 +964,33 @@ protocol {protocol} {{
             )
         sections.append(self.extra_config)
         return "".join(sections)
+
+    def _ssl_settings(self) -> str:
+        lines = [f"ssl = {'no' if self.tls is None else 'yes'}"]
+        if self.tls is not None:
+            # "<" makes Dovecot read the files (as root, when it reads its configuration).
+            lines += [f"ssl_cert = <{self.tls.cert}", f"ssl_key = <{self.tls.key}"]
+        if self.proxy_protocol:
+            lines.append(f"haproxy_trusted_networks = {' '.join(self.trusted_networks)}")
+        return "\n".join(lines)
+
+    def _extra_listeners(self, protocol: str) -> str:
+        """The implicit-TLS listener (port 0, closed, unless ``tls``) and the haproxy listener."""
+        tls_port = self._extra_ports.get(f"{protocol}s")
+        if tls_port is None:
+            listeners = f"  inet_listener {protocol}s {{\n    port = 0\n  }}\n"
+        else:
+            listeners = (
+                f"  inet_listener {protocol}s {{\n    address = {LOOPBACK}\n    port = {tls_port}\n"
+                "    ssl = yes\n  }\n"
+            )
+        haproxy_port = self._extra_ports.get(f"{protocol}{_HAPROXY_SUFFIX}")
+        if haproxy_port is not None:
+            listeners += (
+                f"  inet_listener {protocol}{_HAPROXY_SUFFIX} {{\n    address = {LOOPBACK}\n"
+                f"    port = {haproxy_port}\n    haproxy = yes\n  }}\n"
+            )
+        return listeners.rstrip("\n")
 
     def _launch(self) -> None:
         self._remove_stale_pid_file()
@@ -933,10 +1021,19 @@ protocol {protocol} {{
 
     def _ready(self) -> bool:
         checks: list[Callable[[], bool]] = []
-        if self._imap_port is not None:
-            checks.append(lambda: greets(self.imap_port, b"* OK", b"0 LOGOUT\r\n"))
-        if self._pop3_port is not None:
-            checks.append(lambda: greets(self.pop3_port, b"+OK", b"QUIT\r\n"))
+        for protocol, port in (("imap", self._imap_port), ("pop3", self._pop3_port)):
+            if port is None:
+                continue
+            prefix, goodbye = _DOVECOT_GREETINGS[protocol]
+            checks.append(functools.partial(greets, port, prefix, goodbye))
+            if self.tls is not None:
+                checks.append(functools.partial(greets, self.tls_port(protocol), prefix, goodbye, tls=True))
+            if self.proxy_protocol:
+                checks.append(
+                    functools.partial(
+                        greets, self.haproxy_port(protocol), prefix, goodbye, preamble=PROBE_PROXY_HEADER
+                    )
+                )
         if self.auth_socket_user is not None:
             checks.append(lambda: _auth_socket_answers(self.auth_socket))
         if not checks:  # auth-only without a client socket: the master answers on its own socket
@@ -1010,6 +1107,8 @@ class Postfix(_Daemon):
         mail_user: str = DEFAULT_MAIL_USER,
         hostname: str = DEFAULT_HOSTNAME,
         extra_main_cf: Mapping[str, str] | None = None,
+        tls: tlscerts.IssuedCertificate | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         """
         Args:
@@ -1022,13 +1121,24 @@ class Postfix(_Daemon):
             mail_user: the owner of the maildirs (must match the Dovecot serving them).
             hostname: ``myhostname``, shown in the greeting and in Received headers.
             extra_main_cf: more main.cf parameters (benchmarks raise process limits with it).
+            tls: a certificate and key: every smtpd offers STARTTLS (``smtpd_tls_security_level =
+                may``, with the ``tlsmgr`` service); off by default.
+            proxy_protocol: one more MX and (with ``sasl_socket``) submission listener that take a
+                PROXY protocol header first (``smtpd_upstream_proxy_protocol = haproxy``), see
+                ``haproxy_port``; off by default.
         """
         super().__init__(
             directory,
             "postfix",
-            auto_ports=smtp_port is None or (sasl_socket is not None and submission_port is None),
+            auto_ports=smtp_port is None
+            or (sasl_socket is not None and submission_port is None)
+            or proxy_protocol,
             mail_user=mail_user,
         )
+        self.tls = tls
+        # Service ("smtp", "submission") -> the port of its PROXY protocol twin; always picked free.
+        services = ("smtp", "submission") if sasl_socket is not None else ("smtp",)
+        self._haproxy_ports = {service: free_port() for service in services} if proxy_protocol else {}
         self.domains = tuple(sorted({domain.lower() for domain in domains}))
         self.sasl_socket = sasl_socket
         self.xclient_hosts = tuple(xclient_hosts)
@@ -1069,6 +1179,13 @@ class Postfix(_Daemon):
         if self._submission_port is None:
             raise MailServerError("this Postfix has no submission port (it was made without sasl_socket)")
         return self._submission_port
+
+    def haproxy_port(self, service: Literal["smtp", "submission"]) -> int:
+        """The port of the MX or submission listener that takes a PROXY header; needs ``proxy_protocol``."""
+        try:
+            return self._haproxy_ports[service]
+        except KeyError:
+            raise MailServerError(f"this Postfix has no {service} listener for PROXY headers") from None
 
     def maildir(self, address: str) -> Maildir:
         try:
@@ -1151,6 +1268,7 @@ class Postfix(_Daemon):
             self._smtp_port = free_port()
         if self._submission_port is not None and self._fixed_submission_port is None:
             self._submission_port = free_port()
+        self._haproxy_ports = {service: free_port() for service in self._haproxy_ports}
 
     def _log_paths(self) -> Sequence[Path]:
         return (self.maillog_path,)
@@ -1232,26 +1350,50 @@ class Postfix(_Daemon):
             "smtpd_peername_lookup": "no",
             "biff": "no",
             "append_dot_mydomain": "no",
+            **self._tls_main_cf(),
             **self.extra_main_cf,
         }
         header = "# Written by testbed/mailservers.py for one test instance; rewritten at every start.\n"
         return header + "".join(f"{key} = {value}\n" for key, value in parameters.items())
+
+    def _tls_main_cf(self) -> dict[str, str]:
+        if self.tls is None:
+            return {}
+        # smtpd reads the key as root before it drops privileges.
+        return {
+            "smtpd_tls_cert_file": str(self.tls.cert),
+            "smtpd_tls_key_file": str(self.tls.key),
+            "smtpd_tls_security_level": "may",
+        }
 
     def _master_cf(self) -> str:
         lines = [
             "# Written by testbed/mailservers.py; every service runs without chroot.\n",
             f"{LOOPBACK}:{self._smtp_port} inet n - n - - smtpd\n",
         ]
+        submission = ""
         if self._submission_port is not None and self.sasl_socket is not None:
-            lines.append(
-                f"{LOOPBACK}:{self._submission_port} inet n - n - - smtpd\n"
-                "  -o syslog_name=postfix/submission\n"
+            submission = (
                 "  -o smtpd_sasl_auth_enable=yes\n"
                 "  -o smtpd_sasl_type=dovecot\n"
                 f"  -o smtpd_sasl_path={self.sasl_socket}\n"
                 "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject\n"
             )
+            lines.append(
+                f"{LOOPBACK}:{self._submission_port} inet n - n - - smtpd\n"
+                "  -o syslog_name=postfix/submission\n" + submission
+            )
+        for service, port in self._haproxy_ports.items():
+            lines.append(
+                f"{LOOPBACK}:{port} inet n - n - - smtpd\n"
+                f"  -o syslog_name=postfix/{service}{_HAPROXY_SUFFIX}\n"
+                "  -o smtpd_upstream_proxy_protocol=haproxy\n"
+                + (submission if service == "submission" else "")
+            )
         lines.append(_MASTER_CF_SERVICES)
+        if self.tls is not None:
+            # smtpd asks tlsmgr(8) for its PRNG seed and TLS session cache.
+            lines.append("tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n")
         return "".join(lines)
 
     def _launch(self) -> None:
@@ -1269,7 +1411,12 @@ class Postfix(_Daemon):
     def _ready(self) -> bool:
         if not greets(self._smtp_port, b"220", b"QUIT\r\n"):
             return False
-        return self._submission_port is None or greets(self._submission_port, b"220", b"QUIT\r\n")
+        if self._submission_port is not None and not greets(self._submission_port, b"220", b"QUIT\r\n"):
+            return False
+        return all(
+            greets(port, b"220", b"QUIT\r\n", preamble=PROBE_PROXY_HEADER)
+            for port in self._haproxy_ports.values()
+        )
 
     def _failure(self) -> str | None:
         if self._start_failure:
