@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from testbed import mailservers, proxysettings
+from testbed import mailservers, proxysettings, tlscerts
 
 ALPHA = "alpha.example"
 BETA = "beta.example"
@@ -33,6 +33,16 @@ IMAP_SERVICE_PORT = "143"
 POP3_SERVICE_PORT = "110"
 SMTP_SERVICE_PORT = "25"
 SUBMISSION_SERVICE_PORT = "587"
+# The opt-in listeners' Service ports: implicit TLS on the IANA ports (RFC 8314), and named ports
+# (RFC 6335 names: at most 15 characters) for the listeners that take a PROXY protocol header.
+IMAPS_SERVICE_PORT = "993"
+POP3S_SERVICE_PORT = "995"
+HAPROXY_SERVICE_PORTS = {
+    "imap": "imap-haproxy",
+    "pop3": "pop3-haproxy",
+    "smtp": "smtp-haproxy",
+    "submission": "subm-haproxy",
+}
 
 STANDARD_USERS = {
     ALPHA: ("alice", "al", "anna", "arne", "ava"),
@@ -58,6 +68,14 @@ def standard_addresses() -> list[str]:
     return [f"{local}@{domain}" for domain, locals_ in STANDARD_USERS.items() for local in locals_]
 
 
+def service_host_name(service: str) -> str:
+    """The name a proxy checks a backend's certificate for: its Service's cluster DNS name.
+
+    mailgress verifies ``<service>.<namespace>.svc`` (proxy/server/backends.py, ``server_name``).
+    """
+    return f"{service}.{NAMESPACE}.svc"
+
+
 class Backends:
     """The standard set of mail servers, under one directory; a context manager."""
 
@@ -68,6 +86,8 @@ class Backends:
         extra_addresses: Iterable[str] = (),
         dovecot_extra_config: str = "",
         postfix_extra_main_cf: Mapping[str, str] | None = None,
+        tls: tlscerts.TestAuthority | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         """
         Args:
@@ -75,8 +95,15 @@ class Backends:
             extra_addresses: more users in alpha.example or beta.example (benchmarks add hundreds).
             dovecot_extra_config: appended to the alpha and beta dovecot.conf.
             postfix_extra_main_cf: more main.cf parameters.
+            tls: a CA that issues each server a certificate for its Service name
+                (``service_host_name``) and 127.0.0.1: Dovecot offers STARTTLS/STLS and imaps/pop3s,
+                Postfix STARTTLS; ``services()`` lists the 993 and 995 ports. Off by default.
+            proxy_protocol: every IMAP, POP3, MX and submission server gets a twin listener that
+                takes a PROXY protocol header, listed under ``HAPROXY_SERVICE_PORTS``. Off by default.
         """
         self.directory = directory
+        self.proxy_protocol = proxy_protocol
+        certificates = self._issue_certificates(tls) if tls is not None else {}
         addresses = standard_addresses() + [a.lower() for a in extra_addresses]
         for address in addresses:
             self._check_domain(address)
@@ -87,6 +114,8 @@ class Backends:
             users=self._users_in(ALPHA),
             password_scheme="PLAIN",
             extra_config=dovecot_extra_config,
+            tls=certificates.get(SERVICE_NAMES[ALPHA]),
+            proxy_protocol=proxy_protocol,
         )
         self.beta = mailservers.Dovecot(
             directory / "dovecot-beta",
@@ -94,6 +123,8 @@ class Backends:
             users=self._users_in(BETA),
             password_scheme="SHA512-CRYPT",
             extra_config=dovecot_extra_config,
+            tls=certificates.get(SERVICE_NAMES[BETA]),
+            proxy_protocol=proxy_protocol,
         )
         self.auth = mailservers.Dovecot(
             directory / "dovecot-auth",
@@ -109,7 +140,23 @@ class Backends:
             mailboxes={address: self.maildir(address) for address in self._users},
             sasl_socket=self.auth.auth_socket,
             extra_main_cf=postfix_extra_main_cf,
+            tls=certificates.get(POSTFIX_SERVICE),
+            proxy_protocol=proxy_protocol,
         )
+
+    def _issue_certificates(self, authority: tlscerts.TestAuthority) -> dict[str, tlscerts.IssuedCertificate]:
+        """A certificate per server, by Service name, under ``directory``/tls."""
+        folder = self.directory / "tls"
+        folder.mkdir(parents=True, exist_ok=True)
+        return {
+            service: authority.issue(
+                service,
+                [service_host_name(service), mailservers.LOOPBACK],
+                cert=folder / f"{service}.crt",
+                key=folder / f"{service}.key",
+            )
+            for service in (*SERVICE_NAMES.values(), POSTFIX_SERVICE)
+        }
 
     @staticmethod
     def _check_domain(address: str) -> None:
@@ -214,6 +261,21 @@ class Backends:
             SMTP_SERVICE_PORT: [f"{mailservers.LOOPBACK}:{self.postfix.smtp_port}"],
             SUBMISSION_SERVICE_PORT: [f"{mailservers.LOOPBACK}:{self.postfix.submission_port}"],
         }
+        for domain, dovecot in self.dovecots.items():
+            ports = services[f"{NAMESPACE}/{SERVICE_NAMES[domain]}"]
+            if dovecot.tls is not None:
+                ports[IMAPS_SERVICE_PORT] = [f"{mailservers.LOOPBACK}:{dovecot.tls_port('imap')}"]
+                ports[POP3S_SERVICE_PORT] = [f"{mailservers.LOOPBACK}:{dovecot.tls_port('pop3')}"]
+            if self.proxy_protocol:
+                for protocol in ("imap", "pop3"):
+                    port = dovecot.haproxy_port(protocol)
+                    ports[HAPROXY_SERVICE_PORTS[protocol]] = [f"{mailservers.LOOPBACK}:{port}"]
+        if self.proxy_protocol:
+            for service in ("smtp", "submission"):
+                port = self.postfix.haproxy_port(service)
+                services[f"{NAMESPACE}/{POSTFIX_SERVICE}"][HAPROXY_SERVICE_PORTS[service]] = [
+                    f"{mailservers.LOOPBACK}:{port}"
+                ]
         return services
 
     def mailroutes(self) -> list[dict[str, Any]]:
