@@ -1,0 +1,160 @@
+"""The real client address reaches the real backends, as their own logs prove.
+
+A client bound to 127.0.0.2 logs in (or hands over mail) through the proxy, which itself talks to
+the backends from 127.0.0.1. For every forwarding mode a route offers, the backend's own log names
+127.0.0.2: Dovecot's ``rip=`` after IMAP ID or POP3 XCLIENT, and after a PROXY v2 header on its
+haproxy listener; Postfix's ``client=`` after XCLIENT and after a PROXY v2 header on its
+``smtpd_upstream_proxy_protocol`` listener, for submission and for the inbound MX. The same holds
+when a load balancer in front of the proxy announces the client (192.0.2.7) in a PROXY header on a
+listener that trusts it. Without forwarding, the same logs name the proxy: the check can fail.
+"""
+
+from collections.abc import Callable
+
+import pytest
+
+from testbed import messages
+from testbed.backends import HAPROXY_SERVICE_PORTS, Backends
+from testbed.mailservers import User
+from tests.e2e_edge.conftest import (
+    EdgeProxy,
+    LaunchEdgeProxy,
+    Origin,
+    OriginIMAP4,
+    OriginPOP3,
+    OriginSMTP,
+    dovecot_login_line,
+    postfix_delivery_client,
+    postfix_submission_client,
+    remote_ip,
+    routes_with,
+)
+
+NewUser = Callable[..., User]
+PROTOCOLS = ("imap", "pop3", "submission", "smtp")
+# What a route uses when it forwards the client in the protocol's own words.
+NATIVE = {"imap": "id", "pop3": "xclient", "submission": "xclient", "smtp": "xclient"}
+ORIGINS = {
+    "client-on-127.0.0.2": Origin("127.0.0.2"),
+    "proxy-header-naming-192.0.2.7": Origin("192.0.2.7", header=True),
+}
+# The proxy's own address towards the backends.
+PROXY_ADDRESS = "127.0.0.1"
+# Listeners that take a PROXY header from the test (which connects from 127.0.0.1) alone.
+HEADER_LISTENERS = [
+    {"name": f"{protocol}-pp", "protocol": protocol, "proxyProtocol": {"trustedCidrs": ["127.0.0.1/32"]}}
+    for protocol in PROTOCOLS
+]
+
+
+def listener(protocol: str, origin: Origin) -> str:
+    """The proxy listener an origin uses: the plain one, or the one that trusts a PROXY header."""
+    plain = {"imap": "imap", "pop3": "pop3", "submission": "submission", "smtp": "mx"}
+    return f"{protocol}-pp" if origin.header else plain[protocol]
+
+
+@pytest.fixture(scope="module")
+def proxies(launch_edge_proxy: LaunchEdgeProxy, edge_backends: Backends) -> dict[str, EdgeProxy]:
+    """One proxy per forwarding mode: none, each protocol's native one, and PROXY v2 for all."""
+    return {
+        "none": launch_edge_proxy("client-ip-none", listeners=HEADER_LISTENERS),
+        "native": launch_edge_proxy(
+            "client-ip-native",
+            listeners=HEADER_LISTENERS,
+            routes=routes_with(edge_backends, **{p: {"clientInfo": NATIVE[p]} for p in PROTOCOLS}),
+        ),
+        "proxy-v2": launch_edge_proxy(
+            "client-ip-proxy-v2",
+            listeners=HEADER_LISTENERS,
+            routes=routes_with(
+                edge_backends,
+                **{p: {"clientInfo": "proxy-v2", "port": HAPROXY_SERVICE_PORTS[p]} for p in PROTOCOLS},
+            ),
+        ),
+    }
+
+
+# Each runs one real session from ``origin`` and returns the client address the backend logged.
+
+
+def imap_session(backends: Backends, origin: Origin, port: int, user: User) -> str:
+    with OriginIMAP4(origin, port) as client:
+        client.login(user.address, user.password)
+        assert client.select("INBOX", readonly=True)[0] == "OK"
+    return remote_ip(dovecot_login_line(backends.dovecot_for(user.address), user, "imap"))
+
+
+def pop3_session(backends: Backends, origin: Origin, port: int, user: User) -> str:
+    client = OriginPOP3(origin, port)
+    try:
+        client.user(user.address)
+        client.pass_(user.password)
+        assert client.stat() == (0, 0)
+    finally:
+        client.quit()
+    return remote_ip(dovecot_login_line(backends.dovecot_for(user.address), user, "pop3"))
+
+
+def submission_session(backends: Backends, origin: Origin, port: int, user: User) -> str:
+    message = messages.compose(user.address, user.address, "client address", "submitted\n")
+    with OriginSMTP(origin, port) as client:
+        client.login(user.address, user.password)
+        client.sendmail(user.address, [user.address], message)
+    backends.wait_delivered(user.address, 1)
+    (address,) = postfix_submission_client(backends.postfix, user)
+    return address
+
+
+def mx_session(backends: Backends, origin: Origin, port: int, user: User) -> str:
+    sender = "someone@sender.example"
+    with OriginSMTP(origin, port) as client:
+        client.sendmail(sender, [user.address], messages.compose(sender, user.address, "client address"))
+    backends.wait_delivered(user.address, 1)
+    (address,) = postfix_delivery_client(backends.postfix, user)
+    return address
+
+
+SESSIONS: dict[str, Callable[[Backends, Origin, int, User], str]] = {
+    "imap": imap_session,
+    "pop3": pop3_session,
+    "submission": submission_session,
+    "smtp": mx_session,
+}
+
+
+@pytest.mark.parametrize("origin", ORIGINS)
+@pytest.mark.parametrize("mode", ["native", "proxy-v2"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_backend_logs_the_real_client_address(
+    proxies: dict[str, EdgeProxy],
+    edge_backends: Backends,
+    edge_user: NewUser,
+    protocol: str,
+    mode: str,
+    origin: str,
+) -> None:
+    client = ORIGINS[origin]
+    port = proxies[mode].port(listener(protocol, client))
+    assert SESSIONS[protocol](edge_backends, client, port, edge_user()) == client.address
+
+
+@pytest.mark.parametrize("origin", ORIGINS)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_without_client_info_the_backend_logs_the_proxy(
+    proxies: dict[str, EdgeProxy], edge_backends: Backends, edge_user: NewUser, protocol: str, origin: str
+) -> None:
+    client = ORIGINS[origin]
+    port = proxies["none"].port(listener(protocol, client))
+    assert SESSIONS[protocol](edge_backends, client, port, edge_user()) == PROXY_ADDRESS
+
+
+@pytest.mark.parametrize("origin", ORIGINS)
+def test_the_proxy_logs_the_real_client_address(
+    proxies: dict[str, EdgeProxy], edge_backends: Backends, edge_user: NewUser, origin: str
+) -> None:
+    client = ORIGINS[origin]
+    user = edge_user()
+    proxy = proxies["native"]
+    imap_session(edge_backends, client, proxy.port(listener("imap", client)), user)
+    (closing,) = proxy.session_lines("imap", user)
+    assert f" client={client.address}:" in closing
