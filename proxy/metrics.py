@@ -26,6 +26,7 @@ class ProxyMetrics:
     table_info: Gauge
     table_routes: Gauge
     refusals: Counter
+    drained_sessions: Counter
 
 
 def create(registry: CollectorRegistry) -> ProxyMetrics:
@@ -78,6 +79,13 @@ def create(registry: CollectorRegistry) -> ProxyMetrics:
             f"{PREFIX}_refusals",
             "Sessions refused or closed, and logins refused, by a limit, by reason.",
             ["reason"],
+            registry=registry,
+        ),
+        drained_sessions=Counter(
+            f"{PREFIX}_drained_sessions",
+            "Sessions that ended while the proxy was draining, by how they ended (closed_before_login, "
+            "closed_when_quiet, ended_on_their_own, cut_at_deadline).",
+            ["protocol", "outcome"],
             registry=registry,
         ),
     )

@@ -1,4 +1,4 @@
-"""The proxy's settings file: listeners, admin port, timeouts, abuse limits and the route source.
+"""The proxy's settings file: listeners, admin port, timeouts, abuse limits, drain and the route source.
 
 One format serves the standalone mode (MailRoute files plus a ``services`` stand-in for
 EndpointSlices) and, later, the Helm chart's ConfigMap. In a cluster ``controller`` takes the
@@ -47,6 +47,14 @@ DEFAULT_FIRST_LOGIN_DELAY = 1.0
 DEFAULT_MAX_LOGIN_DELAY = 15.0
 # How long a tripped lock refuses logins; failures are remembered as long after the last one.
 DEFAULT_LOGIN_LOCKOUT = 300.0
+# Graceful drain on SIGTERM (proxy/server/drain.py). The chart gives a pod 600 s
+# (terminationGracePeriodSeconds, counted from the start of its 5 s preStop sleep) before the
+# kubelet kills it: 540 s leaves room for the last closes and the process exit.
+DEFAULT_DRAIN_GRACE_PERIOD = 540.0
+# No byte in either direction for this long, the backend having spoken last: a relayed session
+# is between exchanges and can get its closing line (a FETCH literal or a DATA transfer moves
+# more often than that).
+DEFAULT_DRAIN_QUIET_PERIOD = 2.0
 
 
 class SettingsError(ValueError):
@@ -126,6 +134,14 @@ class LimitSettings:
     failed_logins: FailedLoginSettings = FailedLoginSettings()
 
 
+@dataclass(frozen=True, slots=True)
+class DrainSettings:
+    """How a stopping proxy ends its sessions (0 s of grace: all at once)."""
+
+    grace_period: float = DEFAULT_DRAIN_GRACE_PERIOD
+    quiet_period: float = DEFAULT_DRAIN_QUIET_PERIOD
+
+
 ServiceEndpoints = Mapping[tuple[str, str, str], tuple[Endpoint, ...]]
 
 
@@ -142,6 +158,7 @@ class ProxySettings:
     backend_tls: BackendTlsSettings = BackendTlsSettings()
     controller: ControllerSettings | None = None  # None: standalone, tables from route_files
     limits: LimitSettings = LimitSettings()
+    drain: DrainSettings = DrainSettings()
 
 
 def _require(document: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
@@ -372,6 +389,17 @@ def _limits(document: Mapping[str, Any]) -> LimitSettings:
     )
 
 
+def _drain(document: Mapping[str, Any]) -> DrainSettings:
+    raw = _mapping(document, "drain", {"gracePeriod", "quietPeriod"}, "")
+    grace = _seconds(raw, "gracePeriod", DEFAULT_DRAIN_GRACE_PERIOD, "drain", zero=True)
+    quiet = _seconds(raw, "quietPeriod", DEFAULT_DRAIN_QUIET_PERIOD, "drain")
+    if grace and quiet >= grace:
+        raise SettingsError(
+            f"drain.quietPeriod: {quiet:g} s leaves no quiet moment within the {grace:g} s gracePeriod"
+        )
+    return DrainSettings(grace_period=grace, quiet_period=quiet)
+
+
 def parse(document: Any, base: Path) -> ProxySettings:
     """Check a loaded settings document; relative route paths are taken from ``base``."""
     if not isinstance(document, dict):
@@ -387,6 +415,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
         "backendTls",
         "controller",
         "limits",
+        "drain",
     }
     unknown = sorted(set(document) - known)
     if unknown:
@@ -435,6 +464,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
         backend_tls=_backend_tls(document.get("backendTls", {}), base),
         controller=controller,
         limits=_limits(document),
+        drain=_drain(document),
     )
 
 
