@@ -9,18 +9,35 @@ kernel towards each peer (one blind spot: on the transport path, bytes still buf
 resets during the final flush count as sent). The relay never parses, never logs, never touches
 a credential.
 
+Drain (drain.py): once a stopping proxy says a session's turn has come, the relay waits for a
+quiet moment and then writes the protocol's closing line to the client and closes both sides.
+Quiet means: no byte moved either way for the turn's quiet period, the last bytes read came from
+the backend, neither side has ended, and neither direction holds bytes (on the splice path: no
+pipe held). The relay cannot parse, so this is a heuristic, and it is this one because IMAP,
+POP3 and SMTP are lock-step: a client that waits for nothing has had the last word answered.
+A client in the middle of an SMTP DATA transfer or an IMAP APPEND literal spoke last, however
+long it pauses, and a backend answering a command keeps the stream busy, so neither gets the
+closing line in the middle; bytes still flowing (a FETCH literal, a multi-line reply) keep it
+busy too. What it cannot tell: a client that pauses longer than the quiet period right after
+the backend's ``354`` (SMTP) or ``+`` continuation (IMAP literal) gets the closing line instead
+of its transfer; it was told nothing was accepted, so it retries and nothing is lost. The closing
+line is the proxy's, not the backend's: it is not counted in the relayed bytes.
+
 Hot path rules (nginx is the benchmark): no timer is rescheduled per chunk (the idle watchdog
 reads a last-activity timestamp when it fires), and the splice path allocates nothing per
 chunk beyond the integers ``os.splice`` returns and the float of that timestamp.
 """
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, cast
+
+from proxy.server.drain import Turn
 
 # ---------------------------------------------------------------------------------------------
 # Limits and sizes
@@ -53,13 +70,14 @@ BACKEND = "backend"  # the backend closed first, then the client
 IDLE = "idle"  # no byte in either direction for idle_timeout seconds
 ERROR = "error"  # a reset or socket error on either side
 CANCELLED = "cancelled"  # the task was cancelled (CancelledError is re-raised to the caller)
+DRAINED = "drain"  # the proxy is stopping: the closing line went to the client at a quiet moment
 
 
 @dataclass(frozen=True, slots=True)
 class RelayResult:
     upstream_bytes: int  # client -> backend, including `to_backend`
     downstream_bytes: int  # backend -> client, including `to_client`
-    ended_by: str  # "client" | "backend" | "idle" | "error" | "cancelled"
+    ended_by: str  # "client" | "backend" | "idle" | "error" | "cancelled" | "drain"
 
 
 async def relay(
@@ -70,6 +88,7 @@ async def relay(
     to_client: bytes = b"",
     idle_timeout: float,
     splice: bool = True,
+    drain: Turn | None = None,
 ) -> RelayResult:
     """Relay between two connected TCP sockets until both have closed; close both.
 
@@ -79,6 +98,7 @@ async def relay(
         to_client: backend bytes read during the login; delivered to the client first.
         idle_timeout: seconds without a byte in either direction before both are closed.
         splice: use the zero-copy path when the platform has ``os.splice``.
+        drain: the session's turn in a drain: once due, end at a quiet moment with its line.
 
     Returns:
         Bytes handed to each peer, and which event ended the relay.
@@ -93,7 +113,16 @@ async def relay(
         spliced = _SpliceRelay(
             loop, client, backend, to_backend=to_backend, to_client=to_client, idle_timeout=idle_timeout
         )
-        return await _wait(spliced.done, spliced.finish)
+        try:
+            result = await _wait(spliced.done, spliced.finish, drain, spliced.drain_when_quiet)
+            if result.ended_by == DRAINED:
+                assert drain is not None
+                # The pumps are stopped and hold nothing: the line follows the last relayed byte.
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(client, drain.closing)
+            return result
+        finally:
+            client.close()  # a drained relay leaves it open for the closing line
     # The transports start reading as soon as they exist, before both are wrapped; their
     # protocols hold what arrives until linked (_Side.data_received).
     state = _TransportRelay(loop, idle_timeout)
@@ -105,7 +134,7 @@ async def relay(
         client.close()
         backend.close()
         raise
-    return await state.run(to_backend, to_client)
+    return await state.run(to_backend, to_client, drain)
 
 
 async def relay_transports(
@@ -115,6 +144,7 @@ async def relay_transports(
     to_backend: bytes = b"",
     to_client: bytes = b"",
     idle_timeout: float,
+    drain: Turn | None = None,
 ) -> RelayResult:
     """Relay between two transports (plain or TLS) until both have closed; close both.
 
@@ -129,33 +159,49 @@ async def relay_transports(
     for side, transport in ((state.client, client), (state.backend, backend)):
         side.transport = transport
         transport.set_protocol(side)
-    return await state.run(to_backend, to_client)
+    return await state.run(to_backend, to_client, drain)
 
 
-async def _wait(done: "asyncio.Future[RelayResult]", finish: Callable[[str], None]) -> RelayResult:
-    """Await the relay's end; on cancellation close everything, then re-raise."""
+async def _wait(
+    done: "asyncio.Future[RelayResult]",
+    finish: Callable[[str], None],
+    drain: Turn | None,
+    on_due: Callable[[Turn], None],
+) -> RelayResult:
+    """Await the relay's end; on cancellation close everything, then re-raise. While it waits, a
+    drain turn that comes (or has come) is handed to ``on_due``."""
+    if drain is not None:
+        drain.on_due = lambda: on_due(drain)
+        if drain.due:
+            on_due(drain)
     try:
         return await done
     except asyncio.CancelledError:
         finish(CANCELLED)
         raise
+    finally:
+        if drain is not None:
+            drain.on_due = None
 
 
 class _IdleWatch:
     """Calls ``on_idle`` once nothing moved for ``timeout`` seconds.
 
-    Relays store ``loop.time()`` in ``last_activity`` when bytes move; the one timer is only
-    re-armed when it fires, for ``last_activity + timeout``. If nothing moved since it was armed,
-    the full timeout has passed without a byte.
+    Relays store ``loop.time()`` in ``last_activity`` when bytes move, and in ``last_from`` who
+    sent the last bytes read (for the drain's quiet moment); the one timer is only re-armed when
+    it fires, for ``last_activity + timeout``. If nothing moved since it was armed, the full
+    timeout has passed without a byte.
     """
 
-    __slots__ = ("_armed_for", "_handle", "_on_idle", "last_activity", "loop", "timeout")
+    __slots__ = ("_armed_for", "_handle", "_on_idle", "last_activity", "last_from", "loop", "timeout")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, on_idle: Callable[[], None]) -> None:
         self.loop = loop
         self.timeout = timeout
         self._on_idle = on_idle
         self.last_activity = self._armed_for = loop.time()
+        # The relay starts right after the backend's login reply went to the client.
+        self.last_from = BACKEND
         self._handle = loop.call_at(self._armed_for + timeout, self._fire)
 
     def _fire(self) -> None:
@@ -167,6 +213,44 @@ class _IdleWatch:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+class _QuietWatch:
+    """During a drain: calls ``on_quiet`` at the relay's first quiet moment (module docstring).
+
+    Checks when the quiet period since the last byte would be over, and again a period later
+    while the backend has not spoken last or a direction still holds bytes.
+    """
+
+    __slots__ = ("_handle", "_holds_nothing", "_on_quiet", "period", "watch")
+
+    def __init__(
+        self,
+        watch: _IdleWatch,
+        period: float,
+        holds_nothing: Callable[[], bool],
+        on_quiet: Callable[[], None],
+    ) -> None:
+        self.watch = watch
+        self.period = period
+        self._holds_nothing = holds_nothing
+        self._on_quiet = on_quiet
+        self._handle: asyncio.TimerHandle | None = None
+        self._check()
+
+    def _check(self) -> None:
+        watch = self.watch
+        silent = watch.loop.time() - watch.last_activity
+        if silent >= self.period and watch.last_from == BACKEND and self._holds_nothing():
+            self._handle = None
+            self._on_quiet()
+            return
+        wait = self.period - silent if silent < self.period else self.period
+        self._handle = watch.loop.call_later(wait, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +367,7 @@ class _Pump:
                 self._at_eof()
                 return
             self.watch.last_activity = self.clock()
+            self.watch.last_from = self.name
             if not self._flush():
                 self.loop.remove_reader(self.src_fd)
                 self.loop.add_writer(self.dst_fd, self._on_writable)
@@ -324,6 +409,10 @@ class _Pump:
             _drop_pipe(self.pipe, empty=True)
             self.pipe = None
 
+    def holds_nothing(self) -> bool:
+        """Still open, no pipe held, no head left: every byte read has reached dst."""
+        return not self.eof and self.pipe is None and not self.head
+
     def close(self) -> None:
         self.loop.remove_reader(self.src_fd)
         self.loop.remove_writer(self.dst_fd)
@@ -335,7 +424,7 @@ class _Pump:
 class _SpliceRelay:
     """Both pumps of one spliced relay, its idle watchdog and its end."""
 
-    __slots__ = ("backend", "client", "done", "down", "finished", "first_eof", "loop", "up", "watch")
+    __slots__ = ("backend", "client", "done", "down", "finished", "first_eof", "loop", "quiet", "up", "watch")
 
     def __init__(
         self,
@@ -354,6 +443,9 @@ class _SpliceRelay:
         self.finished = False
         self.first_eof = ""
         self.watch = _IdleWatch(loop, idle_timeout, lambda: self.finish(IDLE))
+        if to_backend:  # the client pipelined commands: the backend has not answered them yet
+            self.watch.last_from = CLIENT
+        self.quiet: _QuietWatch | None = None
         self.up = _Pump(self, client, backend, to_backend, CLIENT)
         self.down = _Pump(self, backend, client, to_client, BACKEND)
         self.up.start()
@@ -371,14 +463,26 @@ class _SpliceRelay:
         if self.up.eof and self.down.eof:
             self.finish(self.first_eof)
 
+    def drain_when_quiet(self, turn: Turn) -> None:
+        if self.quiet is None and not self.finished:
+            self.quiet = _QuietWatch(
+                self.watch,
+                turn.quiet_period,
+                lambda: self.up.holds_nothing() and self.down.holds_nothing(),
+                lambda: self.finish(DRAINED),
+            )
+
     def finish(self, ended_by: str) -> None:
         if self.finished:
             return
         self.finished = True
         self.watch.cancel()
+        if self.quiet is not None:
+            self.quiet.cancel()
         self.up.close()
         self.down.close()
-        self.client.close()
+        if ended_by != DRAINED:  # else relay() writes the closing line first
+            self.client.close()
         self.backend.close()
         if not self.done.done():  # a cancelled wait has cancelled it already
             self.done.set_result(RelayResult(self.up.moved, self.down.moved, ended_by))
@@ -425,6 +529,7 @@ class _Side(asyncio.Protocol):
         out.write(data)
         self.forwarded += len(data)
         self.watch.last_activity = self.clock()
+        self.watch.last_from = self.name
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -449,7 +554,18 @@ class _Side(asyncio.Protocol):
 class _TransportRelay:
     """Both sides of a transport relay, its idle watchdog and its end."""
 
-    __slots__ = ("backend", "client", "done", "finished", "first_eof", "loop", "lost", "result", "watch")
+    __slots__ = (
+        "backend",
+        "client",
+        "done",
+        "finished",
+        "first_eof",
+        "loop",
+        "lost",
+        "quiet",
+        "result",
+        "watch",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float) -> None:
         self.loop = loop
@@ -462,13 +578,14 @@ class _TransportRelay:
         self.first_eof = ""
         self.lost = 0  # transports whose connection_lost has run
         self.result = RelayResult(0, 0, ERROR)
+        self.quiet: _QuietWatch | None = None
 
-    async def run(self, to_backend: bytes, to_client: bytes) -> RelayResult:
+    async def run(self, to_backend: bytes, to_client: bytes, drain: Turn | None) -> RelayResult:
         if self.finished:  # reset while the sockets were being wrapped: close the late one too
             self._close(graceful=False)
         else:
             self._link(to_backend, to_client)
-        return await _wait(self.done, self.finish)
+        return await _wait(self.done, self.finish, drain, self.drain_when_quiet)
 
     def _link(self, to_backend: bytes, to_client: bytes) -> None:
         pairs = ((self.client, self.backend.own(), to_backend), (self.backend, self.client.own(), to_client))
@@ -483,6 +600,8 @@ class _TransportRelay:
             if held:
                 out.write(held)
                 side.forwarded += len(held)
+        if self.client.forwarded:  # the client pipelined commands: the backend has not answered yet
+            self.watch.last_from = CLIENT
         for side in (self.client, self.backend):
             if side.eof and not self.finished:
                 self.side_ended(side)
@@ -504,13 +623,30 @@ class _TransportRelay:
         if self.lost == 2 and not self.done.done():  # a cancelled wait has cancelled it already
             self.done.set_result(self.result)
 
+    def drain_when_quiet(self, turn: Turn) -> None:
+        if self.quiet is None and not self.finished:
+            self.quiet = _QuietWatch(
+                self.watch, turn.quiet_period, self._holds_nothing, lambda: self._say_goodbye(turn.closing)
+            )
+
+    def _holds_nothing(self) -> bool:
+        return not any(side.eof or side.own().get_write_buffer_size() for side in (self.client, self.backend))
+
+    def _say_goodbye(self, closing: bytes) -> None:
+        # Behind everything relayed so far; close() below flushes it before closing.
+        self.client.own().write(closing)
+        self.finish(DRAINED)
+
     def finish(self, ended_by: str) -> None:
-        """Close both transports: flushed when both sides ended well, aborted otherwise."""
+        """Close both transports: flushed when both sides ended well or the proxy drains, aborted
+        otherwise."""
         if self.finished:
             return
         self.finished = True
         self.watch.cancel()
-        graceful = ended_by in (CLIENT, BACKEND)
+        if self.quiet is not None:
+            self.quiet.cancel()
+        graceful = ended_by in (CLIENT, BACKEND, DRAINED)
         up, down = self.client.forwarded, self.backend.forwarded
         if not graceful:  # an abort drops what is still buffered: count only what reached the kernel
             up -= self.client.out.get_write_buffer_size() if self.client.out else 0
