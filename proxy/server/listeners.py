@@ -1,15 +1,16 @@
 """Listening sockets: bind each configured listener and start one session task per client.
 
 Binding happens before anything else so a port clash fails the start with a clear error.
-Sessions are tracked so a shutdown can stop accepting and close what is left. Accepted sockets
-are non-blocking with TCP_NODELAY (login replies are small and latency-bound).
+Sessions are tracked so a shutdown can stop accepting, drain them over the grace period
+(drain.py) and close what is left. Accepted sockets are non-blocking with TCP_NODELAY (login
+replies are small and latency-bound).
 """
 
 import asyncio
 import logging
 import socket
 
-from proxy.server import session
+from proxy.server import drain, session
 from proxy.server.certificates import CertificateStore
 from proxy.server.context import ProxyContext
 from proxy.settings import ListenerSettings
@@ -52,6 +53,8 @@ class Listeners:
         self._sockets: list[tuple[session.Listener, socket.socket]] = []
         self._accepting: list[asyncio.Task[None]] = []
         self.sessions: set[asyncio.Task[None]] = set()
+        settings = context.settings
+        self.drain = drain.Drain(settings.drain, settings.server_name, context.metrics)
 
     def bind_all(self) -> None:
         """Load certificates and bind every listener; raises CertificateError or ListenerError."""
@@ -112,7 +115,7 @@ class Listeners:
                 continue
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(session.serve(self._context, listener, client))
+            task = asyncio.create_task(session.serve(self._context, listener, client, self.drain))
             self.sessions.add(task)
             task.add_done_callback(self.sessions.discard)
 
@@ -124,6 +127,15 @@ class Listeners:
             sock.close()
         self._accepting.clear()
         self._sockets.clear()
+
+    async def drain_sessions(self) -> None:
+        """After ``close``: drain the open sessions until none is left or the grace period is
+        over, then close what is left (at once with a grace period of 0)."""
+        grace = self.drain.settings.grace_period
+        if grace and self.sessions:  # no new one can start: the listeners are closed
+            self.drain.begin()
+            await asyncio.wait(set(self.sessions), timeout=grace)
+        await self.stop_sessions()
 
     async def stop_sessions(self) -> None:
         for task in list(self.sessions):

@@ -8,8 +8,10 @@ channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides
 Everything before login is bounded by one deadline (slow clients cannot hold a socket open past
 it). The shared ``limits`` refuse a client address over its connection limit (once a trusted PROXY
 header has named the real one) and logins locked by failed attempts, and hold back the refusal of
-each further failure. Exactly one INFO line per session is logged when it ends; it names the user
-but never a password.
+each further failure. When the proxy drains (drain.py) and the session's turn comes, a client
+still logging in gets the protocol's closing line the next time the session waits for it, and a
+relayed one at the relay's next quiet moment. Exactly one INFO line per session is logged when it
+ends; it names the user but never a password.
 """
 
 import asyncio
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 from proxy import table
 from proxy.protocols import events, imap, pop3, proxyheader, smtp
-from proxy.server import backends, limits, relay
+from proxy.server import backends, drain, limits, relay
 from proxy.server.certificates import CertificateStore
 from proxy.server.channel import SocketChannel, TransportChannel, as_transport
 from proxy.server.context import ProxyContext
@@ -87,9 +89,12 @@ def _address(sock: socket.socket, *, peer: bool) -> events.ClientAddress:
     return events.ClientAddress(host=str(address[0]), port=int(address[1]))
 
 
-async def serve(context: ProxyContext, listener: Listener, client: socket.socket) -> None:
-    """Run one client session to its end; never raises except on cancellation."""
+async def serve(
+    context: ProxyContext, listener: Listener, client: socket.socket, draining: drain.Drain
+) -> None:
+    """Run one client session to its end, in ``draining``; never raises except on cancellation."""
     settings = listener.settings
+    turn = draining.join(settings.protocol)
     peer = _address(client, peer=True)
     record = SessionRecord(protocol=settings.protocol, client=f"{peer.host}:{peer.port}")
     metrics = context.metrics
@@ -110,10 +115,18 @@ async def serve(context: ProxyContext, listener: Listener, client: socket.socket
                 assert listener.certificates is not None
                 channel = await _handshake(channel, listener.certificates.context)
         await _converse(
-            context, listener, channel=channel, peer=peer, local=local, deadline=deadline, record=record
+            context,
+            listener,
+            channel=channel,
+            peer=peer,
+            local=local,
+            deadline=deadline,
+            record=record,
+            turn=turn,
         )
     except asyncio.CancelledError:
         record.outcome = "closed: the proxy is stopping"
+        turn.outcome = drain.CUT_AT_DEADLINE
         raise
     except SessionEnded as ended:
         record.outcome = ended.outcome
@@ -133,6 +146,7 @@ async def serve(context: ProxyContext, listener: Listener, client: socket.socket
         if counted is not None:
             context.limits.connections.release(counted)
         metrics.sessions_active.labels(protocol=settings.protocol).dec()
+        draining.leave(turn)
         log.info(
             "session protocol=%s client=%s user=%s route=%s backend=%s outcome=%s "
             "bytes_up=%d bytes_down=%d duration=%.3fs held_back=%gs",
@@ -229,6 +243,7 @@ async def _converse(
     local: events.ClientAddress,
     deadline: float,
     record: SessionRecord,
+    turn: drain.Turn,
 ) -> None:
     settings = context.settings
     listener_settings = listener.settings
@@ -277,6 +292,7 @@ async def _converse(
                             login=login,
                             buffered=buffered,
                             record=record,
+                            turn=turn,
                         )
                         return
                     case events.StartTls():
@@ -288,13 +304,28 @@ async def _converse(
                         pending.extend(frontend.handle(events.TlsEstablished()))
                     case other:
                         raise AssertionError(f"front-end emitted {other!r}")
-            try:
-                async with asyncio.timeout_at(deadline):
-                    data = await channel.recv()
-            except TimeoutError:
-                context.metrics.refusals.labels(reason="pre_login_timeout").inc()
-                pending.extend(frontend.handle(events.TimedOut()))
-                continue
+            if not turn.due:
+                try:
+                    async with asyncio.timeout_at(deadline) as waiting:
+                        # A turn that comes now ends the wait at once, as the deadline would.
+                        turn.on_due = lambda: waiting.reschedule(asyncio.get_running_loop().time())
+                        data = await channel.recv()
+                except TimeoutError:
+                    if not turn.due:
+                        context.metrics.refusals.labels(reason="pre_login_timeout").inc()
+                        pending.extend(frontend.handle(events.TimedOut()))
+                        continue
+                finally:
+                    turn.on_due = None
+            if turn.due:
+                # Between commands as far as the session knows (the machines' replies are all
+                # sent; a TLS handshake is not under way), so the line cannot land inside one.
+                record.outcome = "closed before login: the proxy is draining"
+                turn.outcome = drain.CLOSED_BEFORE_LOGIN
+                with contextlib.suppress(TimeoutError):  # a client that reads nothing gets nothing
+                    async with asyncio.timeout_at(deadline):
+                        await channel.send(turn.closing)
+                return
             pending.extend(frontend.handle(events.DataReceived(data) if data else events.ConnectionClosed()))
     finally:
         if login is not None and login.backend is not None:
@@ -359,6 +390,7 @@ async def _relay(
     login: backends.LoginOutcome,
     buffered: bytes,
     record: SessionRecord,
+    turn: drain.Turn,
 ) -> None:
     backend = login.backend
     assert backend is not None and login.endpoint is not None
@@ -372,7 +404,12 @@ async def _relay(
             and backend.upgraded is None
         ):
             result = await relay.relay(
-                channel.sock, backend.sock, to_backend=buffered, to_client=login.buffered, idle_timeout=idle
+                channel.sock,
+                backend.sock,
+                to_backend=buffered,
+                to_client=login.buffered,
+                idle_timeout=idle,
+                drain=turn,
             )
         else:
             client_side, backend_side = await as_transport(channel), await as_transport(backend)
@@ -383,6 +420,7 @@ async def _relay(
                 to_backend=buffered + client_side.take_unread(),
                 to_client=login.buffered + backend_side.take_unread(),
                 idle_timeout=idle,
+                drain=turn,
             )
     finally:
         context.active[login.endpoint] -= 1
@@ -391,6 +429,8 @@ async def _relay(
     record.upstream_bytes = result.upstream_bytes
     record.downstream_bytes = result.downstream_bytes
     record.outcome = f"relayed, ended by {result.ended_by}"
+    if result.ended_by == relay.DRAINED:
+        turn.outcome = drain.CLOSED_WHEN_QUIET
     bytes_counter = context.metrics.relay_bytes
     bytes_counter.labels(protocol=listener.protocol, direction="upstream").inc(result.upstream_bytes)
     bytes_counter.labels(protocol=listener.protocol, direction="downstream").inc(result.downstream_bytes)
