@@ -1,8 +1,10 @@
 """One proxy process: listeners, admin endpoint and a table source, until a stop signal.
 
 The entry point (``mailgress proxy``) builds the settings and a table source (the standalone
-MailRoute watcher, or the controller subscriber in a cluster) and calls ``run``. SIGINT and
-SIGTERM stop accepting and close the sessions that are left.
+MailRoute watcher, or the controller subscriber in a cluster) and calls ``run``. SIGTERM (what
+Kubernetes sends a pod it removes) turns the proxy not-ready, stops accepting and drains the open
+sessions over the grace period (drain.py); ``run`` returns once they are gone. SIGINT stops
+accepting and closes every session at once, also in the middle of a drain.
 """
 
 import asyncio
@@ -27,7 +29,7 @@ TableSource = Callable[[TableHolder], Coroutine[Any, Any, None]]
 
 
 async def run(settings: ProxySettings, source: TableSource) -> None:
-    """Serve until SIGINT/SIGTERM (or until cancelled)."""
+    """Serve until SIGTERM (then drain) or SIGINT (or until cancelled)."""
     registry = CollectorRegistry()
     metrics = proxy_metrics.create(registry)
     context = ProxyContext(
@@ -39,10 +41,13 @@ async def run(settings: ProxySettings, source: TableSource) -> None:
     server = listeners.Listeners(context)
     server.bind_all()
     loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
+    terminated, interrupted = asyncio.Event(), asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, terminated.set)
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
     source_task = asyncio.create_task(source(context.tables), name="table-source")
+    on_sigterm = asyncio.create_task(terminated.wait())
+    on_sigint = asyncio.create_task(interrupted.wait())
+    background: list[asyncio.Task[object]] = [on_sigterm, on_sigint]
     runner = None
     try:
         server.start()
@@ -50,13 +55,26 @@ async def run(settings: ProxySettings, source: TableSource) -> None:
             runner = await admin.start(
                 settings.admin, registry, lambda: context.tables.ready and server.listening
             )
-        stop_wait = asyncio.create_task(stopping.wait())
-        done, _ = await asyncio.wait({stop_wait, source_task}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
+        done, _ = await asyncio.wait(
+            {on_sigterm, on_sigint, source_task}, return_when=asyncio.FIRST_COMPLETED
+        )
         if source_task in done:
             source_task.result()  # a table source only ends by failing: let its error out
-        log.info("stopping: no new connections; closing %d open sessions", len(server.sessions))
+        server.close()  # not listening: /readyz answers 503 from now on
+        if not interrupted.is_set():
+            log.info(
+                "draining: no new connections; %d open sessions get up to %gs to end",
+                len(server.sessions),
+                settings.drain.grace_period,
+            )
+            # The table source keeps running: clients still logging in are routed as usual.
+            draining = asyncio.create_task(server.drain_sessions())
+            background.append(draining)
+            await asyncio.wait({draining, on_sigint}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping: closing %d open sessions", len(server.sessions))
     finally:
+        for task in background:
+            task.cancel()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         server.close()
