@@ -33,19 +33,19 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()
 
 
-def process_cpu(pid: int, *, reaped_children: bool = False) -> float:
-    """User+system CPU seconds of ``pid`` (all its threads); 0.0 if it is gone.
+def process_times(pid: int, *, reaped_children: bool = False) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` (all its threads); zeros if it is gone.
 
     With ``reaped_children``, also the CPU of its children that exited and were waited for
-    (cutime+cstime): how a daemon's master accounts for workers that came and went.
+    (cutime, cstime): how a daemon's master accounts for workers that came and went.
     """
     fields = _stat_fields(pid)
     if fields is None:
-        return 0.0
-    ticks = int(fields[_UTIME]) + int(fields[_STIME])
+        return 0.0, 0.0
+    user, system = int(fields[_UTIME]), int(fields[_STIME])
     if reaped_children:
-        ticks += int(fields[_CUTIME]) + int(fields[_CSTIME])
-    return ticks / CLOCK_TICKS
+        user, system = user + int(fields[_CUTIME]), system + int(fields[_CSTIME])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def session_pids(session: int) -> list[int]:
@@ -59,14 +59,19 @@ def session_pids(session: int) -> list[int]:
     return pids
 
 
-def group_cpu(session: int) -> float:
-    """CPU seconds of a daemon's whole session: live processes, plus workers its leader reaped.
+def group_times(session: int) -> tuple[float, float]:
+    """User and system CPU seconds of a daemon's whole session: live processes, plus the workers
+    its leader reaped.
 
     A worker that exits between two readings moves from the live sum into the leader's reaped
     total with all of its CPU, so the difference of two readings stays right as workers come
     and go (grandchildren reaped by someone other than the leader are the blind spot).
     """
-    return sum(process_cpu(pid, reaped_children=pid == session) for pid in session_pids(session))
+    user = system = 0.0
+    for pid in session_pids(session):
+        process_user, process_system = process_times(pid, reaped_children=pid == session)
+        user, system = user + process_user, system + process_system
+    return user, system
 
 
 def resident_bytes(pid: int) -> int:
@@ -106,15 +111,20 @@ def raise_descriptor_limit() -> int:
 class CpuReading:
     """One snapshot of the CPU counters a run is measured with."""
 
-    proxy: float
+    proxy_user: float
+    proxy_system: float
     auth: float
     backends: float
     bench: float
     machine: float
 
 
-def _sessions_cpu(sessions: Iterable[int]) -> float:
-    return sum(group_cpu(session) for session in sessions)
+def _sessions_cpu(sessions: Iterable[int]) -> tuple[float, float]:
+    user = system = 0.0
+    for session in sessions:
+        session_user, session_system = group_times(session)
+        user, system = user + session_user, system + session_system
+    return user, system
 
 
 class CpuMeter:
@@ -127,10 +137,12 @@ class CpuMeter:
         self._backends = tuple(backends)
 
     def read(self) -> CpuReading:
+        proxy_user, proxy_system = _sessions_cpu(self._proxy)
         return CpuReading(
-            proxy=_sessions_cpu(self._proxy),
-            auth=_sessions_cpu(self._auth),
-            backends=_sessions_cpu(self._backends),
+            proxy_user=proxy_user,
+            proxy_system=proxy_system,
+            auth=sum(_sessions_cpu(self._auth)),
+            backends=sum(_sessions_cpu(self._backends)),
             bench=own_cpu(),
             machine=machine_busy(),
         )
@@ -140,7 +152,8 @@ class CpuMeter:
 class CpuUse:
     """CPU seconds spent during one run, by whom."""
 
-    proxy: float
+    proxy: float  # user + system
+    proxy_user: float  # of which in user space (for mailgress: mostly the Python interpreter)
     auth: float  # the auth_http service nginx asks at every login (mailgress asks none here)
     backends: float  # Dovecot and Postfix
     bench: float  # the load generator: this process
@@ -148,12 +161,20 @@ class CpuUse:
 
     @classmethod
     def between(cls, before: CpuReading, after: CpuReading) -> "CpuUse":
-        proxy = after.proxy - before.proxy
+        proxy_user = after.proxy_user - before.proxy_user
+        proxy = proxy_user + after.proxy_system - before.proxy_system
         auth = after.auth - before.auth
         backends = after.backends - before.backends
         bench = after.bench - before.bench
         other = after.machine - before.machine - proxy - auth - backends - bench
-        return cls(proxy=proxy, auth=auth, backends=backends, bench=bench, other=max(other, 0.0))
+        return cls(
+            proxy=proxy,
+            proxy_user=proxy_user,
+            auth=auth,
+            backends=backends,
+            bench=bench,
+            other=max(other, 0.0),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,12 @@
 """py-spy on the mailgress proxy while a workload runs, and what the samples say.
 
-``bench.runner`` attaches ``py-spy record`` (the ``bench`` extra) to a running proxy for the
-length of one workload, with the raw (collapsed stacks) output, and ``summarise`` turns that
-file into the functions that hold the most samples: by own time (the innermost frame) and by
-total time (anywhere on the stack). Sampling is ``--nonblocking`` so the proxy is never paused;
-profiled runs are never the measured ones. Never touches a process other than the proxy it is
-given, and stops py-spy it started (SIGINT, then SIGKILL after a bound).
+``bench.runner`` attaches ``py-spy record --native`` (the ``bench`` extra) to a running proxy for
+the length of one workload, writing collapsed stacks, and ``summarise`` turns that file into
+where the time went: by kind of work (system calls by name, the garbage collector, Python code
+by package), by function (own and total time), and for the project's own functions. Native
+sampling pauses the proxy for each sample, so profiled runs are slower and are never the
+measured ones. Never touches a process other than the proxy it is given, and stops the py-spy
+it started (SIGINT, then SIGKILL after a bound).
 """
 
 import collections
@@ -14,16 +15,37 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import sysconfig
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Samples per second: enough for a few thousand samples in a run of ten seconds.
+# Samples per second: a few thousand samples in a run of ten seconds.
 SAMPLE_RATE = 250
 # py-spy writes its output when interrupted; it gets this long to do so.
 STOP_TIMEOUT = 30.0
-# Frames of the interpreter's own start-up that sit at the bottom of every stack.
-_ROOT_FRAMES = ("<module>", "main", "run", "_run_proxy")
+# Frames of the interpreter's start-up that sit at the bottom of every stack.
+_ROOT_FRAMES = ("<module>", "main", "run", "_run_proxy", "Runner.run", "run_until_complete", "run_forever")
+PROJECT_PREFIXES = ("proxy/", "mailgress/")
+# Where a Python function's file lives -> the name the breakdown gives its time. The event loop's
+# C code runs under Runner.run (uvloop) with no Python frame of its own above it.
+_PACKAGES = (
+    ("proxy/", "mailgress code (proxy/, mailgress/)"),
+    ("mailgress/", "mailgress code (proxy/, mailgress/)"),
+    ("asyncio/runners.py", "event loop (uvloop, libuv)"),
+    ("uvloop/", "event loop (uvloop, libuv)"),
+    ("asyncio/", "asyncio library code"),
+    ("logging/", "logging"),
+    ("prometheus_client/", "prometheus_client"),
+)
+_LIBC = "(libc.so.6)"
+# Path prefixes cut from file names: installed packages, the standard library, this checkout.
+_PATH_ROOTS = (
+    "/site-packages/",
+    sysconfig.get_paths()["stdlib"] + "/",
+    f"{Path(__file__).resolve().parent.parent}/",
+)
+_GC = "gc_collect"
 
 
 class ProfilerMissingError(RuntimeError):
@@ -42,8 +64,8 @@ def py_spy() -> str:
 
 
 @contextlib.contextmanager
-def recording(pid: int, output: Path, *, native: bool = False) -> Iterator[None]:
-    """Sample ``pid`` into ``output`` (collapsed stacks) for the duration of the block."""
+def recording(pid: int, output: Path) -> Iterator[None]:
+    """Sample ``pid`` with native frames into ``output`` (collapsed stacks) during the block."""
     command = [
         py_spy(),
         "record",
@@ -53,13 +75,11 @@ def recording(pid: int, output: Path, *, native: bool = False) -> Iterator[None]
         str(SAMPLE_RATE),
         "--format",
         "raw",
+        "--native",
         "--output",
         str(output),
-        "--nonblocking",
-        *(["--native"] if native else []),
     ]
-    log = output.with_suffix(".log")
-    with log.open("wb") as messages:
+    with output.with_suffix(".log").open("wb") as messages:
         recorder = subprocess.Popen(command, stdout=messages, stderr=messages, stdin=subprocess.DEVNULL)
     try:
         yield
@@ -74,18 +94,28 @@ def recording(pid: int, output: Path, *, native: bool = False) -> Iterator[None]
 
 @dataclass(frozen=True, slots=True)
 class Hotspot:
-    """One function and its share of the samples."""
+    """A function, or a kind of work, and its share of the samples."""
 
-    function: str  # "name (path:line)" as py-spy prints it, with the path shortened
+    function: str  # "name (path)" with the path shortened, or a kind of work
     own: float  # fraction of samples with this function innermost
     total: float  # fraction of samples with this function anywhere on the stack
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What one recording shows."""
+
+    samples: int
+    kinds: tuple[Hotspot, ...]  # kinds of work by own samples (own == total here)
+    by_own: tuple[Hotspot, ...]  # the functions with the most own samples
+    project: tuple[Hotspot, ...]  # the project's own functions by total samples
 
 
 def _short(frame: str) -> str:
     """``name (/long/path/to/proxy/server/relay.py:123)`` -> ``name (proxy/server/relay.py:123)``."""
     name, _, where = frame.partition(" (")
     path = where.rstrip(")")
-    for marker in ("/site-packages/", "/lib/python3", "/work/main/"):
+    for marker in _PATH_ROOTS:
         if marker in path:
             path = path.split(marker, 1)[1]
             break
@@ -99,22 +129,24 @@ def _function(frame: str) -> str:
     return head + ")" if colon and tail.rstrip(")").isdigit() else short
 
 
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """What one recording shows."""
-
-    samples: int
-    by_own: tuple[Hotspot, ...]  # the functions with the most own samples
-    project: tuple[Hotspot, ...]  # the project's own functions (proxy/, mailgress/) by total samples
-
-
-PROJECT_PREFIXES = ("proxy/", "mailgress/")
+def kind_of_work(frames: Sequence[str]) -> str:
+    """What a sampled stack (outermost first, as ``_function`` names them) was doing."""
+    innermost = frames[-1]
+    if innermost.endswith(_LIBC) and not innermost.startswith("0x"):
+        return f"system call or libc: {innermost.partition(' (')[0]}"
+    if any(frame.startswith(_GC) for frame in frames):
+        return "garbage collector"
+    for frame in reversed(frames):
+        if ".py)" in frame:
+            return next((kind for marker, kind in _PACKAGES if f"({marker}" in frame), "other Python code")
+    return "other"
 
 
 def summarise(collapsed: Path, top: int = 12) -> Profile:
-    """Rank the functions of a py-spy raw (collapsed stacks) file."""
+    """Rank kinds of work and functions in a py-spy raw (collapsed stacks) file."""
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
+    kinds: collections.Counter[str] = collections.Counter()
     samples = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -124,11 +156,12 @@ def summarise(collapsed: Path, top: int = 12) -> Profile:
         frames = [_function(frame) for frame in stack.split(";")]
         samples += count
         own[frames[-1]] += count
+        kinds[kind_of_work(frames)] += count
         for function in set(frames):
             if function.partition(" (")[0] not in _ROOT_FRAMES:
                 total[function] += count
     if not samples:
-        return Profile(0, (), ())
+        return Profile(0, (), (), ())
 
     def spot(name: str) -> Hotspot:
         return Hotspot(name, own[name] / samples, total[name] / samples)
@@ -136,6 +169,7 @@ def summarise(collapsed: Path, top: int = 12) -> Profile:
     project = [name for name, _ in total.most_common() if any(f"({p}" in name for p in PROJECT_PREFIXES)]
     return Profile(
         samples,
+        tuple(Hotspot(kind, count / samples, count / samples) for kind, count in kinds.most_common(top)),
         tuple(spot(name) for name, _ in own.most_common(top)),
         tuple(spot(name) for name in project[:top]),
     )

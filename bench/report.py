@@ -98,6 +98,11 @@ def _rss_kib(row: Row) -> float | None:
     return None if value is None else value / 1024
 
 
+def _user_share(row: Row) -> float | None:
+    cpu = row["cpu"]
+    return cpu["proxy_user"] / cpu["proxy"] * 100 if cpu["proxy"] else None
+
+
 def _other(row: Row) -> float:
     return float(row["cpu"]["other"])
 
@@ -141,6 +146,12 @@ def _is_proxy(name: str) -> bool:
     return name != "direct"
 
 
+def _percent(runs: _Runs, name: str) -> str:
+    """The median share of the proxy's CPU spent in user space, as a whole percentage."""
+    share = _median(runs.values(_user_share)) if _is_proxy(name) else None
+    return "-" if share is None else f"{share:.0f}"
+
+
 def _sessions_table(results: Results, workload: str) -> list[str]:
     reference = results.median(workload, NGINX, _per_thousand("proxy"))
     rows = []
@@ -154,6 +165,7 @@ def _sessions_table(results: Results, workload: str) -> list[str]:
                 name,
                 _spread(runs.values(_rate)),
                 _spread(cpu),
+                _percent(runs, name),
                 _ratio(_median(cpu), reference),
                 _spread(auth),
                 _spread(runs.values(_latency(0.5))),
@@ -166,6 +178,7 @@ def _sessions_table(results: Results, workload: str) -> list[str]:
         "target",
         "sessions/s",
         "proxy CPU s per 1,000 sessions",
+        "user %",
         "vs nginx",
         "auth service CPU s per 1,000",
         "login p50 ms",
@@ -188,12 +201,13 @@ def _fetch_table(results: Results, workload: str) -> list[str]:
                 name,
                 _spread(runs.values(_mb_per_second)),
                 _spread(cpu),
+                _percent(runs, name),
                 _ratio(_median(cpu), reference),
                 f"{runs.failures} of {runs.operations + runs.failures}",
                 _spread(runs.values(_other)),
             ]
         )
-    header = ["target", "MB/s", "proxy CPU s per GB", "vs nginx", "failed", "other CPU s"]
+    header = ["target", "MB/s", "proxy CPU s per GB", "user %", "vs nginx", "failed", "other CPU s"]
     return _table(header, rows)
 
 
@@ -357,6 +371,19 @@ def _other_load(results: Results) -> str:
     )
 
 
+def _failures_section(results: Results) -> list[str]:
+    failed = [row for row in results.document["measurements"] if row["failures"]]
+    if not failed:
+        return ["No client operation failed in any run."]
+    lines = ["Runs with failures (the first failure of each):", ""]
+    lines += [
+        f"- round {row['round'] + 1}, {row['workload']}, {row['target']}: {row['failures']} failed; "
+        f"{row['first_failure']}"
+        for row in failed
+    ]
+    return lines
+
+
 def _profile_section(results: Results) -> list[str]:
     profiles: dict[str, Any] = results.document.get("profiles") or {}
     if not profiles:
@@ -364,23 +391,27 @@ def _profile_section(results: Results) -> list[str]:
     lines = [
         "### Profile of mailgress (py-spy)",
         "",
-        "One extra pass of each CPU-bound workload against mailgress with `py-spy record "
-        "--nonblocking` attached (not a measured run). Own: share of samples with the function "
-        "innermost; total: share with it anywhere on the stack.",
+        "One extra pass of each CPU-bound workload against mailgress with `py-spy record --native` "
+        "attached (not a measured run: sampling pauses the proxy, so it runs slower). Kinds of work: "
+        "the innermost frame of each sample, a system call (its kernel work included: on loopback "
+        "that is most of TCP), the garbage collector, or else the package of the innermost Python "
+        "function (C code run on its behalf included). Own: share of samples with the function "
+        "innermost; total: with it anywhere on the stack.",
     ]
+
+    def rows(spots: list[dict[str, Any]], *, both: bool = True) -> list[list[str]]:
+        return [
+            [f"`{spot['function']}`", f"{spot['own']:.1%}", *([f"{spot['total']:.1%}"] if both else [])]
+            for spot in spots
+        ]
+
     for workload, profile in profiles.items():
         lines += ["", f"**{workload}** ({profile['samples']} samples)", ""]
-        rows = [
-            [f"`{spot['function']}`", f"{spot['own']:.1%}", f"{spot['total']:.1%}"]
-            for spot in profile["by_own"]
-        ]
-        lines += _table(["function (most own time)", "own", "total"], rows)
+        lines += _table(["kind of work", "share"], rows(profile["kinds"], both=False))
         lines.append("")
-        rows = [
-            [f"`{spot['function']}`", f"{spot['own']:.1%}", f"{spot['total']:.1%}"]
-            for spot in profile["project"]
-        ]
-        lines += _table(["mailgress function (most total time)", "own", "total"], rows)
+        lines += _table(["function (most own time)", "own", "total"], rows(profile["by_own"]))
+        lines.append("")
+        lines += _table(["mailgress function (most total time)", "own", "total"], rows(profile["project"]))
     return lines
 
 
@@ -411,6 +442,8 @@ def render(document: dict[str, Any]) -> str:
         lines += TABLES[workload["kind"]](results, workload["name"])
         lines.append("")
     lines += _targets_section(results)
+    lines.append("")
+    lines += _failures_section(results)
     lines.append("")
     lines += _profile_section(results)
     lines += ["", END]
