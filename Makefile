@@ -1,11 +1,13 @@
 # The two commands README.md promises, plus the pieces they are made of.
 #   make demo   install everything, start Dovecot/Postfix demo backends and mailgress standalone
 #   make test   install everything the tests need and run the whole suite
+#   make bench  the benchmark against nginx and a direct connection (docs/benchmarks.md);
+#               BENCH_ARGS=--quick for a run of a few minutes
 #   make render re-render deploy/ and the chart README's values table from charts/mailgress
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: demo test render system-packages venv
+.PHONY: demo test render bench system-packages venv
 
 system-packages:
 	bash testbed/install-system-packages.sh
@@ -26,3 +28,10 @@ test: system-packages venv
 
 render: venv
 	$(VENV)/bin/python -m deploy.render
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: system-packages $(VENV)/.bench-installed
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
