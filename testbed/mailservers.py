@@ -941,7 +941,11 @@ service anvil {{
 }}
 """
             )
-        for protocol, port in (("imap", self._imap_port), ("pop3", self._pop3_port)):
+        ports: tuple[tuple[DovecotProtocol, int | None], ...] = (
+            ("imap", self._imap_port),
+            ("pop3", self._pop3_port),
+        )
+        for protocol, port in ports:
             if port is None:
                 continue
             sections.append(
@@ -1021,7 +1025,11 @@ protocol {protocol} {{
 
     def _ready(self) -> bool:
         checks: list[Callable[[], bool]] = []
-        for protocol, port in (("imap", self._imap_port), ("pop3", self._pop3_port)):
+        ports: tuple[tuple[DovecotProtocol, int | None], ...] = (
+            ("imap", self._imap_port),
+            ("pop3", self._pop3_port),
+        )
+        for protocol, port in ports:
             if port is None:
                 continue
             prefix, goodbye = _DOVECOT_GREETINGS[protocol]
