@@ -456,6 +456,9 @@ class _Daemon:
     def _launch(self) -> None:
         raise NotImplementedError
 
+    def _client_ports(self) -> tuple[tuple[DovecotProtocol, int | None], ...]:
+        return (("imap", self._imap_port), ("pop3", self._pop3_port))
+
     def _ready(self) -> bool:
         raise NotImplementedError
 
@@ -941,11 +944,7 @@ service anvil {{
 }}
 """
             )
-        ports: tuple[tuple[DovecotProtocol, int | None], ...] = (
-            ("imap", self._imap_port),
-            ("pop3", self._pop3_port),
-        )
-        for protocol, port in ports:
+        for protocol, port in self._client_ports():
             if port is None:
                 continue
             sections.append(
@@ -1025,11 +1024,7 @@ protocol {protocol} {{
 
     def _ready(self) -> bool:
         checks: list[Callable[[], bool]] = []
-        ports: tuple[tuple[DovecotProtocol, int | None], ...] = (
-            ("imap", self._imap_port),
-            ("pop3", self._pop3_port),
-        )
-        for protocol, port in ports:
+        for protocol, port in self._client_ports():
             if port is None:
                 continue
             prefix, goodbye = _DOVECOT_GREETINGS[protocol]
