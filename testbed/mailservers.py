@@ -456,9 +456,6 @@ class _Daemon:
     def _launch(self) -> None:
         raise NotImplementedError
 
-    def _client_ports(self) -> tuple[tuple[DovecotProtocol, int | None], ...]:
-        return (("imap", self._imap_port), ("pop3", self._pop3_port))
-
     def _ready(self) -> bool:
         raise NotImplementedError
 
@@ -1021,6 +1018,9 @@ protocol {protocol} {{
                 command = b""
             if str(self.config_path).encode() not in command:
                 pid_file.unlink()
+
+    def _client_ports(self) -> tuple[tuple[DovecotProtocol, int | None], ...]:
+        return (("imap", self._imap_port), ("pop3", self._pop3_port))
 
     def _ready(self) -> bool:
         checks: list[Callable[[], bool]] = []
