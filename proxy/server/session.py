@@ -318,8 +318,9 @@ async def _converse(
                 finally:
                     turn.on_due = None
             if turn.due:
-                # Between commands as far as the session knows (the machines' replies are all
-                # sent; a TLS handshake is not under way), so the line cannot land inside one.
+                # Every reply of the machine has gone out and no TLS handshake is under way, so
+                # the line follows a complete reply; a command the client has only half sent is
+                # dropped, as at the pre-login deadline (nothing before login is worth keeping).
                 record.outcome = "closed before login: the proxy is draining"
                 turn.outcome = drain.CLOSED_BEFORE_LOGIN
                 with contextlib.suppress(TimeoutError):  # a client that reads nothing gets nothing
