@@ -24,7 +24,8 @@ from testbed import mailservers, proxysettings
 
 # Readiness means listeners bound and the first routing table compiled: well under a second normally.
 READY_TIMEOUT = 30.0
-# The proxy closes the sessions left on SIGTERM; beyond this it is killed.
+# On SIGTERM the proxy drains its sessions (testbed settings give it a few seconds) and exits;
+# beyond this it is killed.
 STOP_TIMEOUT = 15.0
 HTTP_TIMEOUT = 5.0
 # Talk to the admin port directly even when the environment names an HTTP proxy.

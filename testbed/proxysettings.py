@@ -102,6 +102,10 @@ def _dump_atomically(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+# Fits well inside proxyprocess.STOP_TIMEOUT; ``extra`` may set another drain.
+TESTBED_DRAIN = {"gracePeriod": 3, "quietPeriod": 0.5}
+
+
 def write_routes(path: Path, manifests: Sequence[Mapping[str, Any]]) -> None:
     """Write MailRoute manifests as one multi-document YAML file."""
     _dump_atomically(path, yaml.safe_dump_all([dict(m) for m in manifests], sort_keys=False))
@@ -149,6 +153,8 @@ def write(
             reference: {str(port): list(addresses) for port, addresses in by_port.items()}
             for reference, by_port in services.items()
         },
+        # Test and demo proxies stop within seconds of SIGTERM (production drains for minutes).
+        "drain": TESTBED_DRAIN,
         **(extra or {}),
     }
     path = directory / SETTINGS_NAME
