@@ -13,20 +13,14 @@ from collections.abc import Callable
 
 import pytest
 
-from testbed import messages
 from testbed.backends import HAPROXY_SERVICE_PORTS, Backends
 from testbed.mailservers import User
 from tests.e2e_edge.conftest import (
+    SESSIONS,
     EdgeProxy,
     LaunchEdgeProxy,
     Origin,
-    OriginIMAP4,
-    OriginPOP3,
-    OriginSMTP,
-    dovecot_login_line,
-    postfix_delivery_client,
-    postfix_submission_client,
-    remote_ip,
+    logged_client_address,
     routes_with,
 )
 
@@ -74,54 +68,6 @@ def proxies(launch_edge_proxy: LaunchEdgeProxy, edge_backends: Backends) -> dict
     }
 
 
-# Each runs one real session from ``origin`` and returns the client address the backend logged.
-
-
-def imap_session(backends: Backends, origin: Origin, port: int, user: User) -> str:
-    with OriginIMAP4(origin, port) as client:
-        client.login(user.address, user.password)
-        assert client.select("INBOX", readonly=True)[0] == "OK"
-    return remote_ip(dovecot_login_line(backends.dovecot_for(user.address), user, "imap"))
-
-
-def pop3_session(backends: Backends, origin: Origin, port: int, user: User) -> str:
-    client = OriginPOP3(origin, port)
-    try:
-        client.user(user.address)
-        client.pass_(user.password)
-        assert client.stat() == (0, 0)
-    finally:
-        client.quit()
-    return remote_ip(dovecot_login_line(backends.dovecot_for(user.address), user, "pop3"))
-
-
-def submission_session(backends: Backends, origin: Origin, port: int, user: User) -> str:
-    message = messages.compose(user.address, user.address, "client address", "submitted\n")
-    with OriginSMTP(origin, port) as client:
-        client.login(user.address, user.password)
-        client.sendmail(user.address, [user.address], message)
-    backends.wait_delivered(user.address, 1)
-    (address,) = postfix_submission_client(backends.postfix, user)
-    return address
-
-
-def mx_session(backends: Backends, origin: Origin, port: int, user: User) -> str:
-    sender = "someone@sender.example"
-    with OriginSMTP(origin, port) as client:
-        client.sendmail(sender, [user.address], messages.compose(sender, user.address, "client address"))
-    backends.wait_delivered(user.address, 1)
-    (address,) = postfix_delivery_client(backends.postfix, user)
-    return address
-
-
-SESSIONS: dict[str, Callable[[Backends, Origin, int, User], str]] = {
-    "imap": imap_session,
-    "pop3": pop3_session,
-    "submission": submission_session,
-    "smtp": mx_session,
-}
-
-
 @pytest.mark.parametrize("origin", ORIGINS)
 @pytest.mark.parametrize("mode", ["native", "proxy-v2"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -135,7 +81,9 @@ def test_the_backend_logs_the_real_client_address(
 ) -> None:
     client = ORIGINS[origin]
     port = proxies[mode].port(listener(protocol, client))
-    assert SESSIONS[protocol](edge_backends, client, port, edge_user()) == client.address
+    user = edge_user()
+    SESSIONS[protocol](edge_backends, client, port, user)
+    assert logged_client_address(edge_backends, protocol, user) == client.address
 
 
 @pytest.mark.parametrize("origin", ORIGINS)
@@ -145,7 +93,9 @@ def test_without_client_info_the_backend_logs_the_proxy(
 ) -> None:
     client = ORIGINS[origin]
     port = proxies["none"].port(listener(protocol, client))
-    assert SESSIONS[protocol](edge_backends, client, port, edge_user()) == PROXY_ADDRESS
+    user = edge_user()
+    SESSIONS[protocol](edge_backends, client, port, user)
+    assert logged_client_address(edge_backends, protocol, user) == PROXY_ADDRESS
 
 
 @pytest.mark.parametrize("origin", ORIGINS)
@@ -155,6 +105,6 @@ def test_the_proxy_logs_the_real_client_address(
     client = ORIGINS[origin]
     user = edge_user()
     proxy = proxies["native"]
-    imap_session(edge_backends, client, proxy.port(listener("imap", client)), user)
+    SESSIONS["imap"](edge_backends, client, proxy.port(listener("imap", client)), user)
     (closing,) = proxy.session_lines("imap", user)
     assert f" client={client.address}:" in closing
