@@ -88,6 +88,8 @@ async def _replay_login(
                 case events.Send(data=payload):
                     await channel.send(payload)
                 case events.StartTls():
+                    if not isinstance(channel, SocketChannel):
+                        return events.BackendFailed("backend dialogue asked for STARTTLS inside TLS")
                     await channel.start_tls(tls, server_side=False, server_hostname=server_hostname)
                     event = events.TlsEstablished()
                 case events.LoginSucceeded() | events.LoginFailed() | events.BackendFailed():

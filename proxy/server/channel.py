@@ -2,38 +2,24 @@
 
 A plaintext connection stays a bare socket (``SocketChannel``: the cheapest reads, and the relay
 can splice it); the moment TLS is needed (an implicit-TLS listener, STARTTLS, a TLS backend) the
-socket becomes an asyncio transport (``TransportChannel``) and ``loop.start_tls`` wraps it.
-The session and the backend login only ever ``recv``, ``send`` and ``start_tls``; the relay
-takes the socket or the transport, with whatever arrived but was not read yet.
+socket is handed to an asyncio TLS transport (``TransportChannel``) that runs the handshake
+itself. The socket never becomes a plain transport first: such a transport would start reading
+at once and swallow the peer's TLS hello as if it were pipelined plaintext. The session and the
+backend login only ever ``recv``, ``send`` and ``start_tls``; the relay takes the socket or the
+transport, with whatever arrived but was not read yet. Works with uvloop's transports, which are
+not ``asyncio.Transport`` subclasses.
 """
 
 import asyncio
 import socket
 import ssl
-from typing import Protocol
+from typing import cast
 
 # One read from a peer before login; pre-login dialogues are a few short lines.
 RECV_SIZE = 16384
 # Stop reading from a peer when this much arrived unread (only a misbehaving peer gets there
 # before login: the machines bound lines and literals far below it).
 MAX_UNREAD = 256 * 1024
-
-
-class Channel(Protocol):
-    """What the session driver and the backend login need of a connection."""
-
-    @property
-    def tls(self) -> ssl.SSLObject | None: ...
-
-    async def recv(self) -> bytes: ...
-
-    async def send(self, data: bytes) -> None: ...
-
-    async def start_tls(
-        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None
-    ) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class SocketChannel:
@@ -61,9 +47,14 @@ class SocketChannel:
     async def start_tls(
         self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None
     ) -> None:
-        """Hand the socket to a transport and run the TLS handshake on it."""
-        self.upgraded = await TransportChannel.from_socket(self.sock)
-        await self.upgraded.start_tls(context, server_side=server_side, server_hostname=server_hostname)
+        """Hand the socket to a TLS transport, which runs the handshake (STARTTLS, either side)."""
+        if self.upgraded is not None:
+            raise ConnectionError("TLS is already active on this connection")
+        if server_side:
+            self.upgraded = await TransportChannel.from_socket(self.sock, context)
+        else:
+            assert server_hostname is not None  # a backend's certificate is always checked by name
+            self.upgraded = await TransportChannel.connect_tls(self.sock, context, server_hostname)
 
     def close(self) -> None:
         if self.upgraded:
@@ -85,8 +76,7 @@ class _Receiver(asyncio.Protocol):
         self._reading_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.unread += data
@@ -98,7 +88,8 @@ class _Receiver(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
-        return True  # keep our writing side open: a reply may still be on its way out
+        # Keep our writing side open (a reply may still be on its way out); TLS cannot half-close.
+        return self.transport is not None and self.transport.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
@@ -186,18 +177,6 @@ class TransportChannel:
             raise ConnectionResetError("connection closed")
         self.transport.write(data)
         await self.receiver.wait_writable()
-
-    async def start_tls(
-        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None
-    ) -> None:
-        # Plaintext that arrived after the STARTTLS command is dropped, never read (CVE-2014-3556).
-        self.receiver.take()
-        upgraded = await asyncio.get_running_loop().start_tls(
-            self.transport, self.receiver, context, server_side=server_side, server_hostname=server_hostname
-        )
-        if upgraded is None:
-            raise ConnectionResetError("connection closed during the TLS handshake")
-        self.transport = upgraded
 
     def take_unread(self) -> bytes:
         """What arrived but was not read: handed to the relay with the transport."""

@@ -296,7 +296,8 @@ async def _converse(
                         )
                         return
                     case events.StartTls():
-                        assert listener.certificates is not None  # machines ask only when offered
+                        # Machines ask only on plaintext listeners that offer STARTTLS.
+                        assert listener.certificates is not None and isinstance(channel, SocketChannel)
                         async with asyncio.timeout_at(deadline):
                             await channel.start_tls(
                                 listener.certificates.context, server_side=True, server_hostname=None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -25,6 +26,16 @@ from proxy.settings import BackendTlsSettings, ListenerSettings, ProxySettings, 
 from proxy.table import Endpoint
 
 PASSWORD = "s3cret-Password-never-logged"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async driver test runs on both loops: uvloop in production, asyncio as the reference
+    (uvloop's transports, for one, are not asyncio.Transport subclasses)."""
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
 WAIT = 10.0  # generous bound for any single step on a loaded machine
 
 
