@@ -45,18 +45,6 @@ LOG_WAIT = 30.0
 # openssl and curl runs are bounded like the testbed's own client runs.
 TOOL_TIMEOUT = clients.CLIENT_TIMEOUT
 
-# A defect found by these tests, pinned until it is fixed (strict: a fix turns the marks into
-# failures, so they get removed). proxy/server/channel.py, _Receiver.connection_made, asserts that
-# the transport is an asyncio.Transport; uvloop's transports (``mailgress proxy`` runs on uvloop)
-# implement that interface without subclassing it. Inside a TLS handshake the assertion aborts the
-# connection, so every implicit-TLS connection fails: clients on imaps/pop3s/smtps listeners (the
-# session ends with "internal error (AssertionError)") and backends reached with tls: tls.
-UVLOOP_TLS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="proxy/server/channel.py: _Receiver.connection_made asserts isinstance(transport, "
-    "asyncio.Transport), false for uvloop transports: implicit TLS connections fail",
-)
-
 _user_numbers = itertools.count(1)
 
 

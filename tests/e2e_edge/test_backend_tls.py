@@ -7,8 +7,6 @@ records say the hop was encrypted (Dovecot's login line says TLS; Postfix's Rece
 the TLS version). A proxy that trusts another CA gets the protocol's temporary failure for the
 same routes and never falls back to plaintext: the backend logs no login or message for that
 attempt, only for the one made afterwards through a proxy that trusts the right CA.
-Logins over implicit TLS to the backend fail today (``UVLOOP_TLS_BUG`` in conftest.py says why);
-those two cases are marked as expected failures until the proxy is fixed.
 """
 
 import poplib
@@ -22,7 +20,6 @@ from testbed.backends import IMAPS_SERVICE_PORT, POP3S_SERVICE_PORT, Backends
 from testbed.mailservers import LOOPBACK, User
 from tests.e2e_edge.conftest import (
     SESSIONS,
-    UVLOOP_TLS_BUG,
     EdgeProxy,
     LaunchEdgeProxy,
     Origin,
@@ -107,10 +104,7 @@ def received_header(message: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     ("protocol", "mode"),
-    [
-        pytest.param(protocol, mode, id=f"{protocol}-{mode}", marks=[UVLOOP_TLS_BUG] if mode == "tls" else [])
-        for protocol, mode in CASES
-    ],
+    [pytest.param(protocol, mode, id=f"{protocol}-{mode}") for protocol, mode in CASES],
 )
 def test_logins_work_over_tls_to_the_backend(
     proxies: dict[tuple[str, str], EdgeProxy],

@@ -8,9 +8,8 @@ default for ``mailgress.test`` (and 127.0.0.1) and one for ``mail.other.test`` c
 submits with ``--tls``. When the default certificate's files are renewed in place (as
 cert-manager does), new connections get the new serial within a bounded wait while an imaplib
 session opened before keeps its own TLS session and goes on working.
-The implicit-TLS listeners fail every client today (``UVLOOP_TLS_BUG`` in conftest.py): their
-curl cases are marked as expected failures, and the SNI checks use the STARTTLS listeners, where
-the failure would make s_client's outcome a race.
+The SNI and renewal checks use the STARTTLS listeners; the implicit ones share the same
+certificate store.
 """
 
 import imaplib
@@ -29,7 +28,6 @@ from testbed.mailservers import LOOPBACK, User
 from tests.e2e_edge.conftest import (
     SERVER_NAME,
     TOOL_TIMEOUT,
-    UVLOOP_TLS_BUG,
     EdgeProxy,
     LaunchEdgeProxy,
     serial_of,
@@ -92,7 +90,7 @@ def curl_options(port: int, authority: tlscerts.TestAuthority) -> list[str]:
 
 @pytest.mark.parametrize(
     ("scheme", "listener"),
-    [("imap", "imap-starttls"), pytest.param("imaps", "imaps", marks=UVLOOP_TLS_BUG)],
+    [("imap", "imap-starttls"), ("imaps", "imaps")],
 )
 def test_curl_fetches_over_imap_with_tls(
     front: EdgeProxy,
@@ -117,7 +115,7 @@ def test_curl_fetches_over_imap_with_tls(
 
 @pytest.mark.parametrize(
     ("scheme", "listener"),
-    [("pop3", "pop3-starttls"), pytest.param("pop3s", "pop3s", marks=UVLOOP_TLS_BUG)],
+    [("pop3", "pop3-starttls"), ("pop3s", "pop3s")],
 )
 def test_curl_lists_and_retrieves_over_pop3_with_tls(
     front: EdgeProxy,
@@ -142,7 +140,7 @@ def test_curl_lists_and_retrieves_over_pop3_with_tls(
 
 @pytest.mark.parametrize(
     ("scheme", "listener"),
-    [("smtp", "submission-starttls"), pytest.param("smtps", "smtps", marks=UVLOOP_TLS_BUG)],
+    [("smtp", "submission-starttls"), ("smtps", "smtps")],
 )
 def test_curl_sends_over_submission_with_tls(
     front: EdgeProxy,
