@@ -1,0 +1,146 @@
+"""The ``mailgress`` console script: ``routes check`` and the proxy's start-up errors."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailgress import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "mailroutes.yaml"
+
+ROUTE = """
+apiVersion: mailgress.io/v1alpha1
+kind: MailRoute
+metadata: {{name: {name}, namespace: mail, creationTimestamp: "{created}"}}
+spec:
+  domains: ["{domain}"]
+  imap: {{backend: {{service: dovecot, port: {port}}}}}
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_check_prints_the_compiled_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["routes", "check", str(EXAMPLES)]) == 0
+    out, err = capsys.readouterr()
+    table = json.loads(out)
+    assert [route["name"] for route in table["routes"]] == ["mail/alpha", "mail/beta"]
+    assert table["version"].startswith("sha256:")
+    # Without --settings no Service is known: said per route, but the routes themselves are valid.
+    assert "mail/alpha: ResolvedRefs=False (BackendNotFound)" in err
+
+
+def test_check_resolves_services_from_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    routes = write(
+        tmp_path,
+        "routes.yaml",
+        ROUTE.format(name="a", created="2026-01-01T00:00:00Z", domain="a.example", port=143),
+    )
+    settings = write(
+        tmp_path,
+        "proxy.yaml",
+        "listeners: [{protocol: imap, address: 127.0.0.1, port: 1143}]\n"
+        "routes: [routes.yaml]\n"
+        'services: {mail/dovecot: {"143": ["127.0.0.1:10143"]}}\n',
+    )
+    assert cli.main(["routes", "check", str(routes), "--settings", str(settings)]) == 0
+    out, err = capsys.readouterr()
+    endpoints = json.loads(out)["routes"][0]["upstreams"]["imap"]["endpoints"]
+    assert endpoints == [{"host": "127.0.0.1", "port": 10143}]
+    assert err == ""
+
+
+def test_check_fails_on_an_invalid_route_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    routes = write(
+        tmp_path, "routes.yaml", ROUTE.format(name="a", created="x", domain="a.example", port=70000)
+    )
+    assert cli.main(["routes", "check", str(routes)]) == 1
+    _, err = capsys.readouterr()
+    assert "mail/a: Accepted=False (Invalid)" in err and "port" in err
+
+
+def test_check_reports_the_loser_of_a_conflict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    older = ROUTE.format(name="older", created="2026-01-01T00:00:00Z", domain="a.example", port=143)
+    newer = ROUTE.format(name="newer", created="2026-02-01T00:00:00Z", domain="a.example", port=143)
+    routes = write(tmp_path, "routes.yaml", older + "---" + newer)
+    assert cli.main(["routes", "check", str(routes)]) == 1
+    out, err = capsys.readouterr()
+    assert [route["name"] for route in json.loads(out)["routes"]] == ["mail/older"]
+    assert "mail/newer: Accepted=False (Conflicted)" in err and "mail/older" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("kind: [unclosed\n", "not valid YAML"), ("- just\n- a list\n", "must be a mapping")],
+)
+def test_check_refuses_broken_files_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    assert cli.main(["routes", "check", str(write(tmp_path, "bad.yaml", text))]) == 2
+    _, err = capsys.readouterr()
+    assert message in err and "Traceback" not in err
+
+
+def test_check_without_mailroutes_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "other.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    assert cli.main(["routes", "check", str(path)]) == 1
+    assert "no MailRoute objects found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ("listeners: []\n", "listeners: expected a non-empty list"),
+        (
+            "listeners: [{protocol: imap, address: 127.0.0.1, port: 1}]\nroutes: [missing.yaml]\n",
+            "cannot read",
+        ),
+        ("listeners: [{protocol: imap, address: 127.0.0.1, port: 1}]\n", "name no MailRoute files"),
+    ],
+)
+def test_proxy_start_up_errors_are_one_clear_line(tmp_path: Path, settings: str, message: str) -> None:
+    path = write(tmp_path, "proxy.yaml", settings)
+    result = subprocess.run(
+        [sys.executable, "-m", "mailgress.cli", "proxy", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_proxy_reports_a_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        routes = write(
+            tmp_path, "routes.yaml", ROUTE.format(name="a", created="", domain="a.example", port=143)
+        )
+        path = write(
+            tmp_path,
+            "proxy.yaml",
+            f"listeners: [{{protocol: imap, address: 127.0.0.1, port: {port}}}]\nroutes: [{routes.name}]\n",
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "mailgress.cli", "proxy", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert "cannot bind" in result.stderr and "Traceback" not in result.stderr
