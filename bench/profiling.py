@@ -1,12 +1,13 @@
 """py-spy on the mailgress proxy while a workload runs, and what the samples say.
 
-``bench.runner`` attaches ``py-spy record --native`` (the ``bench`` extra) to a running proxy for
-the length of one workload, writing collapsed stacks, and ``summarise`` turns that file into
-where the time went: by kind of work (system calls by name, the garbage collector, Python code
-by package), by function (own and total time), and for the project's own functions. Native
-sampling pauses the proxy for each sample, so profiled runs are slower and are never the
-measured ones. Never touches a process other than the proxy it is given, and stops the py-spy
-it started (SIGINT, then SIGKILL after a bound).
+``bench.runner`` attaches ``py-spy record`` (the ``bench`` extra) to a running proxy for the
+length of one workload, writing collapsed stacks, and ``summarise`` turns that file into where
+the time went: by kind of work (Python code by package; with native frames also system calls
+by name and the garbage collector), by function (own and total time), and for the project's own
+functions. Plain sampling never stops the proxy; native sampling (C frames too) pauses it for
+each sample, which slows it and inflates the share of system calls, so it is a second opinion.
+Profiled runs are never the measured ones. Never touches a process other than the proxy it is
+given, and stops the py-spy it started (SIGINT, then SIGKILL after a bound).
 """
 
 import collections
@@ -64,8 +65,8 @@ def py_spy() -> str:
 
 
 @contextlib.contextmanager
-def recording(pid: int, output: Path) -> Iterator[None]:
-    """Sample ``pid`` with native frames into ``output`` (collapsed stacks) during the block."""
+def recording(pid: int, output: Path, *, native: bool = False) -> Iterator[None]:
+    """Sample ``pid`` into ``output`` (collapsed stacks) during the block; ``native``: C frames too."""
     command = [
         py_spy(),
         "record",
@@ -75,7 +76,7 @@ def recording(pid: int, output: Path) -> Iterator[None]:
         str(SAMPLE_RATE),
         "--format",
         "raw",
-        "--native",
+        "--native" if native else "--nonblocking",
         "--output",
         str(output),
     ]

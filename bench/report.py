@@ -391,11 +391,13 @@ def _profile_section(results: Results) -> list[str]:
     lines = [
         "### Profile of mailgress (py-spy)",
         "",
-        "One extra pass of each CPU-bound workload against mailgress with `py-spy record --native` "
-        "attached (not a measured run: sampling pauses the proxy, so it runs slower). Kinds of work: "
-        "the innermost frame of each sample, a system call (its kernel work included: on loopback "
-        "that is most of TCP), the garbage collector, or else the package of the innermost Python "
-        "function (C code run on its behalf included). Own: share of samples with the function "
+        "One extra pass of each CPU-bound workload against mailgress with `py-spy record "
+        "--nonblocking` attached (not a measured run), and one with `--native` (C frames too; "
+        "it pauses the proxy at each sample, which slows it and inflates the share of system calls). "
+        "Kind of work: the package of the innermost Python function of each sample, with what it "
+        "calls in C and in the kernel (an `os.splice` or a `sock_sendall` counts for its caller; "
+        "'event loop' is uvloop's own C code, epoll included); with native frames a system call or "
+        "the garbage collector is named as such. Own: share of samples with the function "
         "innermost; total: with it anywhere on the stack.",
     ]
 

@@ -201,26 +201,28 @@ def run_rounds(
 def run_profiles(
     base: Path, scale: workloads.Scale, chosen: Sequence[Workload], output: Path
 ) -> dict[str, profiling.Profile]:
-    """One pass of the CPU-bound workloads against mailgress under py-spy; idle runs are skipped."""
+    """One pass of each CPU-bound workload against mailgress under py-spy (idle runs are skipped),
+    and one more of the first saturated workload with native frames."""
+    passes = [(w, False) for w in chosen if w.kind != "idle"]
+    passes += [(w, True) for w in chosen if w.kind == "saturated"][:1]
     profiles: dict[str, profiling.Profile] = {}
     directory = _bed_directory(base, "profile")
     output.mkdir(parents=True, exist_ok=True)
     with targets.Bed(directory, load_users=scale.load_users, target_names=["mailgress"]) as bed:
         target = targets.Mailgress(bed, directory / "mailgress")
-        for workload in chosen:
-            if workload.kind == "idle":
-                continue
+        for workload, native in passes:
+            name = f"{workload.name} (native)" if native else workload.name
+            collapsed = output / f"{workload.name}{'-native' if native else ''}.txt"
             target.start()
             try:
                 session = target.session
                 assert session is not None
-                collapsed = output / f"{workload.name}.txt"
-                with profiling.recording(session, collapsed):
+                with profiling.recording(session, collapsed, native=native):
                     measure_one(workloads.Runner(bed, target, scale, 0), workload)
             finally:
                 target.stop()
-            profiles[workload.name] = profiling.summarise(collapsed)
-            print(f"  profiled {workload.name}: {profiles[workload.name].samples} samples", flush=True)
+            profiles[name] = profiling.summarise(collapsed)
+            print(f"  profiled {name}: {profiles[name].samples} samples", flush=True)
     shutil.rmtree(directory, ignore_errors=True)
     return profiles
 
