@@ -8,13 +8,17 @@ through ``read`` (never an event's diff: Contour's level-based build), so a lost
 event costs nothing but a pass.
 
 One pass: compile every MailRoute with the resolved endpoints (controller.compiler, pure);
-publish the table if its version is new and write it to the snapshot ConfigMap; then compute
-each MailRoute's status (Accepted and ResolvedRefs from the compiler, Programmed from which ready
-proxy pods run a table that holds this generation) and patch the ones that differ, merging our
-conditions into the object's list (controller.conditions.merge: others' conditions stay) with
-the object's resourceVersion as a precondition, and post an Event per condition that turned
-True or False. Never imports kopf: the Kubernetes API is behind ``Cluster``; never publishes
-before the sync gate opened (a half-listed cluster would withdraw routes from every proxy).
+publish the table if its version is new and write it to the snapshot ConfigMap. Then a status
+sweep computes each MailRoute's status (Accepted and ResolvedRefs from the compiler, Programmed
+from which ready proxy pods run a table that holds this generation) and patches the ones that
+differ, merging our conditions into the object's list (controller.conditions.merge: others'
+conditions stay) with the object's resourceVersion as a precondition, and posts an Event per
+condition that turned True or False. In ``run`` sweeps go on beside the passes: a new table
+changes every route's status (status.proxies names the latest version), and those N writes must
+not hold up the next table; a sweep overtaken by a newer table stops, and the next goes on
+from there.
+Never imports kopf: the Kubernetes API is behind ``Cluster``; never publishes before the sync
+gate opened (a half-listed cluster would withdraw routes from every proxy).
 """
 
 import asyncio
@@ -159,6 +163,9 @@ class Reconciler:
         self._max_holdoff = max_holdoff
         self._now = now
         self._wake = asyncio.Event()
+        self._sweep_due = asyncio.Event()
+        self._sweep_input: tuple[Inputs, compiler.Compiled] | None = None  # the last pass's
+        self._resume_at: str | None = None  # the route an overtaken sweep stopped at
         self._synced = False
         # What the last compilation was made of: equal input is not compiled again (status
         # writes come back as watch events, and must not cost a compilation each).
@@ -201,22 +208,46 @@ class Reconciler:
         self._wake.set()
 
     async def run(self) -> None:
-        """Pass after pass, each after a quiet holdoff, until cancelled."""
+        """Pass after pass, each after a quiet holdoff, with status sweeps beside them, until
+        cancelled."""
+        sweeper = asyncio.create_task(self._sweep_loop(), name="mailgress status sweep")
+        try:
+            while True:
+                await self._wake.wait()
+                if not self._synced:
+                    self._wake.clear()
+                    continue
+                await self._settle()
+                try:
+                    self._sweep_input = await self._publish_pass()
+                except Exception as error:
+                    self._retry_later(error)
+                else:
+                    self._sweep_due.set()
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+
+    async def _sweep_loop(self) -> None:
+        """Write the statuses of the latest pass, again after each pass (level-based)."""
         while True:
-            await self._wake.wait()
-            if not self._synced:
-                self._wake.clear()
-                continue
-            await self._settle()
+            await self._sweep_due.wait()
+            self._sweep_due.clear()
+            assert self._sweep_input is not None  # set before the first _sweep_due
+            inputs, compiled = self._sweep_input
             try:
-                await self.reconcile()
-            except ClusterError as error:
-                log.warning("Kubernetes API write failed, retrying in %.0f s: %s", RETRY_SECONDS, error)
-                asyncio.get_running_loop().call_later(RETRY_SECONDS, self._wake.set)
-            except Exception:
-                # A bug in one pass must not end reconciling for good: log it, try again later.
-                log.exception("reconcile pass failed, retrying in %.0f s", RETRY_SECONDS)
-                asyncio.get_running_loop().call_later(RETRY_SECONDS, self._wake.set)
+                await self._write_statuses(inputs, compiled, yield_to_newer=True)
+            except Exception as error:
+                self._retry_later(error)
+
+    def _retry_later(self, error: Exception) -> None:
+        """A failed API write, or a bug in one pass: log it and run another pass later, but
+        never end reconciling for good."""
+        if isinstance(error, ClusterError):
+            log.warning("Kubernetes API write failed, retrying in %.0f s: %s", RETRY_SECONDS, error)
+        else:
+            log.error("reconcile pass failed, retrying in %.0f s", RETRY_SECONDS, exc_info=error)
+        asyncio.get_running_loop().call_later(RETRY_SECONDS, self._wake.set)
 
     async def _settle(self) -> None:
         """Wait until no change came for ``holdoff`` seconds, or ``max_holdoff`` passed."""
@@ -234,7 +265,13 @@ class Reconciler:
                 return
 
     async def reconcile(self) -> None:
-        """One pass: compile if an input changed, publish, snapshot, write statuses."""
+        """One pass and its status sweep: compile if an input changed, publish, snapshot, write
+        statuses."""
+        inputs, compiled = await self._publish_pass()
+        await self._write_statuses(inputs, compiled)
+
+    async def _publish_pass(self) -> tuple[Inputs, compiler.Compiled]:
+        """Compile if an input changed, publish a new version, snapshot it; what was used."""
         inputs = self._read()
         routes: list[_Parsed] = [entry.route for entry in inputs.routes]
         resolved = endpoints.resolve(compiler.service_keys(routes), inputs.services, inputs.slices)
@@ -250,8 +287,8 @@ class Reconciler:
         if self._snapshot != compiled.table.version:
             await self._cluster.save_snapshot(table.to_json(compiled.table))
             self._snapshot = compiled.table.version
-        await self._write_statuses(inputs, compiled)
         self.passes += 1
+        return inputs, compiled
 
     def _programmed(self, key: str, generation: int, ready: Sequence[str]) -> conditions.Condition:
         """Programmed for a route in the table: which ready proxies run this generation."""
@@ -298,11 +335,24 @@ class Reconciler:
             },
         }
 
-    async def _write_statuses(self, inputs: Inputs, compiled: compiler.Compiled) -> None:
+    async def _write_statuses(
+        self, inputs: Inputs, compiled: compiler.Compiled, *, yield_to_newer: bool = False
+    ) -> None:
+        """Patch every status that differs from the desired one; with ``yield_to_newer``, stop
+        as soon as a newer table than ``compiled``'s has been published.
+
+        A sweep starts where the last overtaken one stopped: under a steady stream of new
+        tables (endpoints that keep changing) every route still has its turn.
+        """
         ready = sorted(proxy for proxy, is_ready in inputs.proxies.items() if is_ready)
+        keys = [entry.route.key for entry in inputs.routes]
+        start = keys.index(self._resume_at) if self._resume_at in keys else 0
         seen: set[str] = set()
-        for entry in inputs.routes:
+        for entry in [*inputs.routes[start:], *inputs.routes[:start]]:
             key = entry.route.key
+            if yield_to_newer and self._published.latest != compiled.table.version:
+                self._resume_at = key  # the sweep of the newer table goes on from here
+                return
             seen.add(key)
             written = self._written.get(key)
             current = written[1] if written and written[0] == entry.resource_version else entry.status
@@ -314,6 +364,7 @@ class Reconciler:
                 continue  # changed or gone meanwhile: its watch event brings another pass
             self._written[key] = (entry.resource_version, desired)
             await self._post_transitions(entry, current.get("conditions"), desired["conditions"])
+        self._resume_at = None
         for key in set(self._written) - seen:
             del self._written[key]
 

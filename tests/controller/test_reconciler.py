@@ -73,6 +73,19 @@ class FakeCluster:
         return [status for name, _, status in self.patches if name == key][-1]
 
 
+@dataclass
+class GatedCluster(FakeCluster):
+    """Status patches wait until ``gate`` opens: a sweep as slow as the test wants."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def patch_status(
+        self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]
+    ) -> bool:
+        await self.gate.wait()
+        return await super().patch_status(namespace, name, resource_version, status)
+
+
 def route_body(name: str, domain: str, *, generation: int = 1, port: int = 143) -> dict[str, Any]:
     return {
         "apiVersion": mailroute.API_VERSION,
@@ -388,3 +401,37 @@ async def test_snapshot_follows_the_published_version(
     assert publisher.published[-1].routes == ()
     assert table.from_json(cluster.snapshots[-1]) == publisher.published[-1]
     assert worker.table == publisher.published[-1]
+
+
+async def test_a_new_table_goes_out_while_statuses_are_still_being_written(
+    world: World, publisher: FakePublisher
+) -> None:
+    """Status sweeps run beside the passes: slow status writes never hold up the next table,
+    and a sweep overtaken by a newer table stops; the next goes on where it stopped."""
+    world.routes.append(entry(route_body("other", "example.org")))
+    cluster = GatedCluster()
+    worker = reconciler.Reconciler(
+        read=world.read, publisher=publisher, cluster=cluster, holdoff=0, now=lambda: NOW
+    )
+    worker.mark_synced()
+    task = asyncio.create_task(worker.run())
+    try:
+        await turns_until(lambda: len(publisher.published) == 1)
+        world.routes.append(entry(route_body("third", "example.net")))
+        worker.touch()
+        await turns_until(lambda: len(publisher.published) == 2)
+        assert cluster.patches == []  # the first sweep still waits on its first write
+        cluster.gate.set()
+        await turns_until(lambda: len(cluster.patches) == 4)
+        first, second = (published.version for published in publisher.published)
+        written = [(key, status["proxies"]["version"]) for key, _, status in cluster.patches]
+        # The first sweep finishes the write it was in and yields; the next one goes on from
+        # there, so "other" is written once and "example" last.
+        assert written == [
+            ("mail/example", first),
+            ("mail/other", second),
+            ("mail/third", second),
+            ("mail/example", second),
+        ]
+    finally:
+        task.cancel()
