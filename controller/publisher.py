@@ -4,6 +4,7 @@ The reconciler calls ``publish(table)`` with each compiled table; each proxy pod
 long-lived stream open here and receives the new version at once, then acknowledges what it did
 with it. ``acks()`` is what the reconciler turns into the Programmed condition, and ``on_change``
 tells it when to look again. Never imports kopf; never logs, echoes or stores the token itself.
+The controller's metrics (controller.metrics) live on ``registry`` and are updated here.
 
 Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``):
 - ``GET /v1/tables/stream?proxy=NAME`` -> 200, chunked NDJSON: one canonical table
@@ -13,6 +14,12 @@ Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``
 - ``POST /v1/acks`` with ``{"proxy", "version", "accepted", "error"}`` -> 204.
 - A missing or wrong token gets 401 with an empty body on both, before anything else is looked
   at; a malformed request gets 400 with an empty body.
+- ``GET /metrics`` -> 200, Prometheus text format, WITHOUT the token: Prometheus scrapes it, and
+  it holds counts, timings and the table version only (no token, proxy or user names, no routes'
+  contents). It shares the push port, so the chart's NetworkPolicy opens that port to the
+  scrapers (``networkPolicy.adminFrom``); the stream and ack paths still demand the token.
+Push lag: from ``publish`` of a version, or from the proxy's stream opening if that came later
+(a proxy that connects late cannot have had it earlier), to that proxy's first ack of it.
 Delivery: a stream always ends up with the newest table, in publish order. A version that a
 newer one superseded before it could be written to a slow stream is skipped, never reordered
 (level-based, as xDS snapshots). Republishing the version already out is a no-op.
@@ -27,18 +34,22 @@ import hmac
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from controller import metrics as controller_metrics
 from proxy import table
 
 log = logging.getLogger(__name__)
 
 STREAM_PATH = "/v1/tables/stream"
 ACK_PATH = "/v1/acks"
+METRICS_PATH = "/metrics"
 NDJSON = "application/x-ndjson"
 # The proxy reconnects after three missed heartbeats (proxy/server/subscriber.py).
 HEARTBEAT_INTERVAL = 15.0
@@ -52,6 +63,9 @@ MAX_ACK_BODY = 64 * 1024
 # error message stays readable in a MailRoute condition.
 MAX_VERSION_LENGTH = 128
 MAX_ERROR_LENGTH = 1024
+# Publish times kept for the push lag: an ack of a version published longer ago than this many
+# publications is too stale to say anything about the push channel, and is not observed.
+MAX_TIMED_VERSIONS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +80,13 @@ class Ack:
 class _Stream:
     """One open table stream: its proxy, and the signal that something is waiting to be sent."""
 
-    __slots__ = ("closed", "proxy", "wake")
+    __slots__ = ("closed", "opened", "proxy", "wake")
 
     def __init__(self, proxy: str) -> None:
         self.proxy = proxy
         self.wake = asyncio.Event()
         self.closed = False
+        self.opened = time.monotonic()
 
     def close(self) -> None:
         self.closed = True
@@ -81,7 +96,10 @@ class _Stream:
 class Publisher:
     """Serves the table streams and collects acks; one per controller process."""
 
-    def __init__(self, token: str, *, heartbeat: float = HEARTBEAT_INTERVAL) -> None:
+    def __init__(
+        self, token: str, *, heartbeat: float = HEARTBEAT_INTERVAL, registry: CollectorRegistry | None = None
+    ) -> None:
+        """``registry`` holds the metrics served on /metrics (a fresh one when None)."""
         if not token:
             raise ValueError("the push channel token must not be empty")
         # Only a digest is kept: comparing two equal-length digests in constant time reveals
@@ -95,6 +113,9 @@ class Publisher:
         self._callbacks: list[Callable[[], None]] = []
         self._runner: web.AppRunner | None = None
         self._port = 0
+        self._registry = CollectorRegistry() if registry is None else registry
+        self.metrics = controller_metrics.create(self._registry)
+        self._published_at: dict[str, float] = {}  # version -> monotonic time of its publish
 
     @property
     def port(self) -> int:
@@ -108,6 +129,7 @@ class Publisher:
         app = web.Application(client_max_size=MAX_ACK_BODY)
         app.router.add_get(STREAM_PATH, self._serve_stream, allow_head=False)
         app.router.add_post(ACK_PATH, self._receive_ack)
+        app.router.add_get(METRICS_PATH, self._serve_metrics)
         # Handler cancellation: a proxy that hangs up ends its stream handler at once, so its
         # ack is dropped and on_change fires without waiting for the next write to fail.
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -141,7 +163,16 @@ class Publisher:
         if new.version == self._version:
             return
         self._line = table.to_json(new) + b"\n"
+        if self._version is not None:
+            self.metrics.table_info.remove(self._version)
         self._version = new.version
+        self.metrics.table_info.labels(version=new.version).set(1)
+        self.metrics.table_routes.set(len(new.routes))
+        # Re-inserted at the end when republished after another version: insertion order is age.
+        self._published_at.pop(new.version, None)
+        self._published_at[new.version] = time.monotonic()
+        while len(self._published_at) > MAX_TIMED_VERSIONS:
+            del self._published_at[next(iter(self._published_at))]
         log.info("publishing routing table %s to %d proxies", new.version, len(self._streams))
         for stream in self._streams.values():
             stream.wake.set()
@@ -184,6 +215,7 @@ class Publisher:
             previous.close()
         self._acks.pop(proxy, None)
         self._streams[proxy] = stream
+        self.metrics.proxies_connected.set(len(self._streams))
         log.info("proxy %s connected", proxy)
         self._changed()
         try:
@@ -194,6 +226,7 @@ class Publisher:
             if self._streams.get(proxy) is stream:
                 del self._streams[proxy]
                 self._acks.pop(proxy, None)
+                self.metrics.proxies_connected.set(len(self._streams))
                 log.info("proxy %s disconnected", proxy)
                 self._changed()
         return response
@@ -226,16 +259,31 @@ class Publisher:
         if ack is None:
             return web.Response(status=400)
         proxy, received = ack
-        if proxy not in self._streams:
+        stream = self._streams.get(proxy)
+        if stream is None:
             log.debug("ack from proxy %s without an open stream dropped", proxy)
-        elif self._acks.get(proxy) != received:
+            return web.Response(status=204)
+        self.metrics.acks.labels(accepted=str(received.accepted).lower()).inc()
+        if self._acks.get(proxy) != received:
             self._acks[proxy] = received
+            self._observe_push_lag(stream, received.version)
             if received.accepted:
                 log.info("proxy %s applied routing table %s", proxy, received.version)
             else:
                 log.warning("proxy %s rejected routing table %s: %s", proxy, received.version, received.error)
             self._changed()
         return web.Response(status=204)
+
+    def _observe_push_lag(self, stream: _Stream, version: str) -> None:
+        published = self._published_at.get(version)
+        if published is not None:  # else a version from before a restart, or long superseded
+            self.metrics.push_lag_seconds.observe(time.monotonic() - max(published, stream.opened))
+
+    async def _serve_metrics(self, _: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(self._registry))
+        # Set as a header: aiohttp's content_type argument refuses the charset parameter in it.
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
 
 
 def _unauthorized() -> web.Response:

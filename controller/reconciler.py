@@ -24,11 +24,13 @@ gate opened (a half-listed cluster would withdraw routes from every proxy).
 import asyncio
 import datetime
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from controller import compiler, conditions, endpoints, mailroute
+from controller.metrics import ControllerMetrics
 from proxy import table
 
 log = logging.getLogger(__name__)
@@ -155,8 +157,12 @@ class Reconciler:
         holdoff: float = HOLDOFF_SECONDS,
         max_holdoff: float = MAX_HOLDOFF_SECONDS,
         now: Callable[[], str] = utc_now,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
+        """``metrics``: where compile times go (the publisher's, which serves them); None
+        records none."""
         self._read = read
+        self._metrics = metrics
         self._publisher = publisher
         self._cluster = cluster
         self._holdoff = holdoff
@@ -276,7 +282,10 @@ class Reconciler:
         routes: list[_Parsed] = [entry.route for entry in inputs.routes]
         resolved = endpoints.resolve(compiler.service_keys(routes), inputs.services, inputs.slices)
         if self._compiled is None or self._compiled_from != (routes, resolved):
+            started = time.perf_counter()
             self._compiled = compiler.compile_table(routes, resolved)
+            if self._metrics is not None:
+                self._metrics.compile_seconds.observe(time.perf_counter() - started)
             self._compiled_from = (routes, resolved)
         compiled = self._compiled
         if compiled.table.version != self._published.latest:
