@@ -12,8 +12,9 @@ channel on 127.0.0.1 (started as tests/e2e_push starts them). Measured, per numb
   table; from the first request until every proxy has acknowledged a table holding all of them,
   and until every one is Programmed 3 of 3.
 Acknowledgements are observed where the controller sees them (the publisher's ``on_change``),
-statuses through a watch. Also ``controller.compiler.compile_table`` for 10,000 routes (pure, in
-this process) and the table's JSON both ways. Prints Markdown. Not a test: nothing asserts.
+statuses through a watch. Also, for 10,000 routes and in this process: ``mailroute.parse``,
+``controller.compiler.compile_table`` (pure) and the table's JSON both ways. Prints Markdown.
+Not a test: nothing asserts.
 Binds and connects to 127.0.0.1 only; stops everything it started, also on errors.
 """
 
@@ -450,6 +451,7 @@ class CompileCost:
 
     routes: int
     json_bytes: int
+    parse: measure.Spread  # all of them; the operator's index parses each object as it changes
     compile: measure.Spread
     to_json: measure.Spread
     from_json: measure.Spread
@@ -465,7 +467,8 @@ def _timed(step: Callable[[], object], runs: int) -> measure.Spread:
 
 
 def compile_cost(count: int, runs: int) -> CompileCost:
-    """compile_table over ``count`` parsed routes, and the JSON a proxy receives, both ways."""
+    """mailroute.parse of ``count`` MailRoutes, compile_table over them, and the JSON a proxy
+    receives, both ways."""
     bodies = [
         imap_route(f"route-{index:05d}", f"d{index}.example", service=SERVICE) for index in range(count)
     ]
@@ -478,6 +481,7 @@ def compile_cost(count: int, runs: int) -> CompileCost:
     return CompileCost(
         routes=count,
         json_bytes=len(document),
+        parse=_timed(lambda: [mailroute.parse(body) for body in bodies], runs),
         compile=_timed(lambda: compiler.compile_table(routes, endpoints), runs),
         to_json=_timed(lambda: table.to_json(compiled.table), runs),
         from_json=_timed(lambda: table.from_json(document), runs),
@@ -523,6 +527,7 @@ def report(results: dict[tuple[str, int], list[Run]], cost: CompileCost, runs: i
         "",
         "| step | seconds |",
         "| --- | ---: |",
+        f"| mailroute.parse, every route | {_figure(cost.parse)} |",
         f"| compiler.compile_table | {_figure(cost.compile)} |",
         f"| table.to_json | {_figure(cost.to_json)} |",
         f"| table.from_json | {_figure(cost.from_json)} |",
