@@ -584,7 +584,7 @@ def test_selectors_select_the_pods_they_mean(scenario: str) -> None:
         assert selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels(scenario, component))
 
 
-def test_network_policies_open_mail_ports_to_all_and_the_push_channel_to_proxies() -> None:
+def test_network_policies_open_mail_ports_to_all_and_the_push_channel_to_proxies_and_scrapers() -> None:
     proxy_ports = {port["name"] for port in container(one("default", "Deployment", "proxy"))["ports"]}
     proxy_rules = one("default", "NetworkPolicy", "proxy")["spec"]["ingress"]
     mail = proxy_rules[0]
@@ -595,11 +595,15 @@ def test_network_policies_open_mail_ports_to_all_and_the_push_channel_to_proxies
     monitoring = one("monitoring", "NetworkPolicy", "proxy")["spec"]["ingress"][1]["from"]
     assert monitoring == SCENARIOS["monitoring"]["networkPolicy"]["adminFrom"]
     controller_rules = one("default", "NetworkPolicy", "controller")["spec"]["ingress"]
-    assert len(controller_rules) == 1
+    assert len(controller_rules) == 2
     assert selects(
         controller_rules[0]["from"][0]["podSelector"]["matchLabels"], pod_labels("default", "proxy")
     )
-    assert controller_rules[0]["ports"] == [{"port": "push", "protocol": "TCP"}]
+    # The controller's /metrics shares the push port: the scrapers reach it, nobody else.
+    assert controller_rules[1]["from"] == [{"namespaceSelector": {}}]
+    assert all(rule["ports"] == [{"port": "push", "protocol": "TCP"}] for rule in controller_rules)
+    scrapers = one("monitoring", "NetworkPolicy", "controller")["spec"]["ingress"][1]["from"]
+    assert scrapers == SCENARIOS["monitoring"]["networkPolicy"]["adminFrom"]
     assert objects("minimal", "NetworkPolicy") == []
 
 
@@ -621,6 +625,20 @@ def test_monitoring_objects_are_off_by_default_and_scrape_the_admin_port() -> No
     assert selects(pods["spec"]["selector"]["matchLabels"], pod_labels("monitoring", "proxy"))
     assert pods["spec"]["podMetricsEndpoints"] == [{"port": "admin", "path": "/metrics", "interval": "1m"}]
     for found in (monitor, pods):
+        assert found["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
+
+
+def test_controller_monitoring_is_off_by_default_and_scrapes_its_push_port() -> None:
+    service = one("monitoring", "Service", "controller")
+    monitor = one("monitoring", "ServiceMonitor", "controller")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert [port["name"] for port in service["spec"]["ports"]] == ["push"]
+    assert monitor["spec"]["endpoints"] == [{"port": "push", "path": "/metrics", "interval": "15s"}]
+    pods = one("monitoring", "PodMonitor", "controller")
+    assert selects(pods["spec"]["selector"]["matchLabels"], pod_labels("monitoring", "controller"))
+    assert pods["spec"]["podMetricsEndpoints"] == [{"port": "push", "path": "/metrics", "interval": "1m"}]
+    for found in (monitor, pods):
+        assert found["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         assert found["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
 
 
