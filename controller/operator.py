@@ -17,7 +17,7 @@ Settings (flag, then environment variable, then default):
   --proxy-selector     MAILGRESS_PROXY_SELECTOR              labels of proxy pods
                                                              (app.kubernetes.io/component=proxy)
   --listen-address     MAILGRESS_LISTEN_ADDRESS              push channel address (0.0.0.0)
-  --listen-port        MAILGRESS_LISTEN_PORT                 push channel port (9400)
+  --listen-port        MAILGRESS_LISTEN_PORT                 push channel and /metrics port (9400)
   --token-file         MAILGRESS_TOKEN_FILE                  file holding the push channel token
                                                              (a mounted Secret); required
   --snapshot-configmap MAILGRESS_SNAPSHOT_CONFIGMAP          ConfigMap for the table snapshot
