@@ -24,6 +24,7 @@ from typing import Any
 import kopf
 
 from controller import endpoints, mailroute, reconciler
+from controller.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Wiring:
     publisher: reconciler.Publisher
     cluster: reconciler.Cluster
     holdoff: float = reconciler.HOLDOFF_SECONDS
+    metrics: ControllerMetrics | None = None  # compile timings, on the publisher's registry
 
 
 def _pod_ready(body: Mapping[str, Any]) -> bool:
@@ -101,6 +103,7 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
             publisher=wiring.publisher,
             cluster=wiring.cluster,
             holdoff=wiring.holdoff,
+            metrics=wiring.metrics,
         )
         state["reconciler"] = worker
         state["task"] = asyncio.create_task(worker.run(), name="mailgress reconciler")

@@ -380,6 +380,7 @@ async def run(
             publisher=channel,
             cluster=api,
             holdoff=holdoff,
+            metrics=channel.metrics,
         ),
     )
     try:
