@@ -21,8 +21,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Samples per second: a few thousand samples in a run of ten seconds.
-SAMPLE_RATE = 250
+# Samples per second. Plain sampling reads the proxy's memory without stopping it, so it can
+# sample often (a few thousand samples per run); native sampling stops the proxy for each
+# sample, so it samples less often.
+SAMPLE_RATE = 1000
+NATIVE_SAMPLE_RATE = 250
 # py-spy writes its output when interrupted; it gets this long to do so.
 STOP_TIMEOUT = 30.0
 # Frames of the interpreter's start-up that sit at the bottom of every stack.
@@ -73,7 +76,7 @@ def recording(pid: int, output: Path, *, native: bool = False) -> Iterator[None]
         "--pid",
         str(pid),
         "--rate",
-        str(SAMPLE_RATE),
+        str(NATIVE_SAMPLE_RATE if native else SAMPLE_RATE),
         "--format",
         "raw",
         "--native" if native else "--nonblocking",
