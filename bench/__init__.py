@@ -10,5 +10,7 @@ Not tests: ``python -m bench`` (``make bench``) runs it and writes docs/benchmar
 - ``profiling``    py-spy attached to mailgress, and what its samples say.
 - ``environment``  versions and machine; ``report`` the Markdown.
 - ``relay_throughput``  the relay's own micro-benchmark (run by hand; see its docstring).
+- ``convergence``  route convergence and compile cost (``python -m bench.convergence``; its own
+                   command and its own report, docs/convergence.md).
 Never imported by ``proxy``, ``controller`` or ``mailgress``; binds and connects to 127.0.0.1 only.
 """

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # /proc/PID/stat fields after the ")" that ends the command name (proc(5), 1-based field numbers
 # minus 3): utime (14), stime (15), cutime (16), cstime (17).
 _UTIME, _STIME, _CUTIME, _CSTIME = 11, 12, 13, 14
