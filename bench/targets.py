@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 from bench import authserver, clients
 from testbed import backends, mailservers, messages, nginx, proxyprocess
 
-Protocol_ = Literal["imap", "pop3", "submission"]
+ClientProtocol = Literal["imap", "pop3", "submission"]
 
 # Dovecot settings for benchmarking (reference/mail-servers-here.md): no per-login log lines, and
 # imap/pop3 processes that live on (service_count 0) so the testbed's 100 clients per process
@@ -59,7 +59,6 @@ NGINX_BUFFERS = {"nginx": None, "nginx-64k": "64k"}
 # Targets that differ from another only in relay buffers: measured where bytes are relayed or
 # buffers sit allocated, not in the login runs.
 BUFFER_VARIANTS = ("nginx-64k",)
-# Postfix: no per-client rate or process caps beyond the testbed's (which already has none).
 LOAD_DOMAIN = backends.ALPHA
 POP3_MESSAGE_SIZE = 4 * 1024  # a typical short mail: RETR is part of every POP3 session
 FETCH_MESSAGE_SIZE = 20 * 1000 * 1000  # "IMAP FETCH of a 20 MB message" (decimal megabytes)
@@ -140,7 +139,7 @@ class Target(Protocol):
     def auth_session(self) -> int | None:
         """The process session of the auth service the proxy asks at each login, if any."""
 
-    def port(self, protocol: Protocol_, address: str) -> int:
+    def port(self, protocol: ClientProtocol, address: str) -> int:
         """The port on 127.0.0.1 where ``address`` logs in over ``protocol``."""
 
 
@@ -166,7 +165,7 @@ class Direct:
     def auth_session(self) -> int | None:
         return None
 
-    def port(self, protocol: Protocol_, address: str) -> int:
+    def port(self, protocol: ClientProtocol, address: str) -> int:
         if protocol == "submission":
             return self._bed.backends.postfix.submission_port
         dovecot = self._bed.backends.dovecot_for(address)
@@ -222,7 +221,7 @@ class Mailgress:
     def auth_session(self) -> int | None:
         return None  # the routes check passwords at the backend ("auth: backend")
 
-    def port(self, protocol: Protocol_, address: str) -> int:
+    def port(self, protocol: ClientProtocol, address: str) -> int:
         return self._running().settings.ports.listener_port(protocol)
 
 
@@ -285,7 +284,7 @@ class NginxMail:
     def auth_session(self) -> int | None:
         return None if self._auth is None else self._auth.session
 
-    def port(self, protocol: Protocol_, address: str) -> int:
+    def port(self, protocol: ClientProtocol, address: str) -> int:
         return self._running().port(NGINX_LISTENER_FOR[protocol])
 
 
