@@ -199,10 +199,11 @@ async def login(
         try:
             sock = await _connect(endpoint, timeouts.backend_connect)
         except (OSError, TimeoutError) as error:
-            metrics.backend_connect_failures.labels(protocol=request.protocol).inc()
+            context.labelled(metrics.backend_connect_failures, request.protocol).inc()
             log.warning("backend %s of %s unreachable: %s", endpoint, route.name, _describe(error))
             continue
-        metrics.backend_connect_seconds.labels(protocol=request.protocol).observe(time.monotonic() - started)
+        connected_in = time.monotonic() - started
+        context.labelled(metrics.backend_connect_seconds, request.protocol).observe(connected_in)
         machine = BACKEND_LOGINS[request.protocol](request, config)
         channel: SocketChannel | TransportChannel = SocketChannel(sock)
         try:

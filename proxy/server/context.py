@@ -7,12 +7,17 @@ sockets of its own. The abuse limits are built from the settings, so every liste
 import collections
 import ssl
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
+
+from prometheus_client import Counter, Gauge, Histogram
 
 from proxy.metrics import ProxyMetrics
 from proxy.server.limits import Limits
 from proxy.server.routes import TableHolder
 from proxy.settings import ProxySettings
 from proxy.table import Endpoint
+
+Metric = TypeVar("Metric", Counter, Gauge, Histogram)
 
 
 @dataclass(slots=True)
@@ -28,6 +33,22 @@ class ProxyContext:
     active: collections.Counter[Endpoint] = field(default_factory=collections.Counter)
     # Failed-login throttle and connections per client address, shared by all listeners.
     limits: Limits = field(init=False)
+    # Metric children by metric and label values (``labelled``).
+    children: dict[tuple[Counter | Gauge | Histogram, tuple[str, ...]], object] = field(
+        init=False, default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.limits = Limits(self.settings.limits)
+
+    def labelled(self, metric: Metric, *values: str) -> Metric:
+        """``metric.labels(*values)`` (values in the order of its label names), resolved once.
+
+        Every session counts into the same few children, and ``labels`` checks its arguments and
+        takes a lock on each call. A child is still made on its first use, as ``labels`` makes it.
+        """
+        key = (metric, values)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = metric.labels(*values)
+        return cast(Metric, child)

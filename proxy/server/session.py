@@ -98,8 +98,9 @@ async def serve(
     peer = _address(client, peer=True)
     record = SessionRecord(protocol=settings.protocol, client=f"{peer.host}:{peer.port}")
     metrics = context.metrics
-    metrics.connections.labels(listener=settings.name, protocol=settings.protocol).inc()
-    metrics.sessions_active.labels(protocol=settings.protocol).inc()
+    context.labelled(metrics.connections, settings.name, settings.protocol).inc()
+    active = context.labelled(metrics.sessions_active, settings.protocol)
+    active.inc()
     started = time.monotonic()
     channel: SocketChannel | TransportChannel = SocketChannel(client)
     counted: str | None = None  # the address holding a connection slot
@@ -130,10 +131,10 @@ async def serve(
         raise
     except SessionEnded as ended:
         record.outcome = ended.outcome
-        metrics.refusals.labels(reason=ended.refusal).inc()
+        context.labelled(metrics.refusals, ended.refusal).inc()
     except TimeoutError:
         record.outcome = "timed out before the dialogue began"
-        metrics.refusals.labels(reason="pre_login_timeout").inc()
+        context.labelled(metrics.refusals, "pre_login_timeout").inc()
     except (OSError, ssl.SSLError) as error:
         record.outcome = f"connection error ({getattr(error, 'strerror', None) or type(error).__name__})"
     except Exception as error:
@@ -145,7 +146,7 @@ async def serve(
         channel.close()
         if counted is not None:
             context.limits.connections.release(counted)
-        metrics.sessions_active.labels(protocol=settings.protocol).dec()
+        active.dec()
         draining.leave(turn)
         log.info(
             "session protocol=%s client=%s user=%s route=%s backend=%s outcome=%s "
@@ -313,7 +314,7 @@ async def _converse(
                         data = await channel.recv()
                 except TimeoutError:
                     if not turn.due:
-                        context.metrics.refusals.labels(reason="pre_login_timeout").inc()
+                        context.labelled(context.metrics.refusals, "pre_login_timeout").inc()
                         pending.extend(frontend.handle(events.TimedOut()))
                         continue
                 finally:
@@ -355,14 +356,14 @@ async def _authenticate(
     guarded = request.credentials is not None
     lock = throttle.locked(peer.host, request.routing_key, clock()) if guarded else None
     if lock is not None:
-        metrics.logins.labels(protocol=request.protocol, outcome="throttled").inc()
-        metrics.refusals.labels(reason=f"login_lockout_{lock.scope}").inc()
+        context.labelled(metrics.logins, request.protocol, "throttled").inc()
+        context.labelled(metrics.refusals, f"login_lockout_{lock.scope}").inc()
         record.outcome = f"login refused: {LOCKED_SUBJECT[lock.scope]} locked after too many failed logins"
         return events.LoginUnavailable(), None
     login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
     record.route = login.route
     record.backend = str(login.endpoint) if login.endpoint else "-"
-    metrics.logins.labels(protocol=request.protocol, outcome=login.outcome).inc()
+    context.labelled(metrics.logins, request.protocol, login.outcome).inc()
     record.outcome = f"login {login.outcome}"
     if guarded and login.outcome == "accepted":
         throttle.succeeded(request.routing_key)
@@ -434,5 +435,5 @@ async def _relay(
     if result.ended_by == relay.DRAINED:
         turn.outcome = drain.CLOSED_WHEN_QUIET
     bytes_counter = context.metrics.relay_bytes
-    bytes_counter.labels(protocol=listener.protocol, direction="upstream").inc(result.upstream_bytes)
-    bytes_counter.labels(protocol=listener.protocol, direction="downstream").inc(result.downstream_bytes)
+    context.labelled(bytes_counter, listener.protocol, "upstream").inc(result.upstream_bytes)
+    context.labelled(bytes_counter, listener.protocol, "downstream").inc(result.downstream_bytes)
