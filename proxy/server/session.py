@@ -72,6 +72,14 @@ class SessionRecord:
     held_back: float = 0.0  # seconds the failed-login throttle held refusals back
 
 
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """What the relay needs once the client logged in: the backend and the bytes in flight."""
+
+    login: backends.LoginOutcome
+    buffered: bytes  # client bytes that followed its login command
+
+
 class SessionEnded(Exception):
     """The session ends before the front-end ran (untrusted peer, bad PROXY header, TLS failure)."""
 
@@ -115,7 +123,7 @@ async def serve(
             if settings.tls == "implicit":
                 assert listener.certificates is not None
                 channel = await _handshake(channel, listener.certificates.context)
-        await _converse(
+        handover = await _converse(
             context,
             listener,
             channel=channel,
@@ -125,6 +133,10 @@ async def serve(
             record=record,
             turn=turn,
         )
+        # Relayed from here, once the login dialogue's frame (its machine, the login request and
+        # so the client's credentials) is gone: nothing keeps them alive for the session.
+        if handover is not None:
+            await _relay(context, settings, channel=channel, handover=handover, record=record, turn=turn)
     except asyncio.CancelledError:
         record.outcome = "closed: the proxy is stopping"
         turn.outcome = drain.CUT_AT_DEADLINE
@@ -245,7 +257,8 @@ async def _converse(
     deadline: float,
     record: SessionRecord,
     turn: drain.Turn,
-) -> None:
+) -> Handover | None:
+    """The login dialogue: the handover to the relay once the client logged in, else None."""
     settings = context.settings
     listener_settings = listener.settings
     frontend = FRONTENDS[listener_settings.protocol](
@@ -270,7 +283,7 @@ async def _converse(
                         await channel.send(data)
                     case events.Close(reason=reason):
                         record.outcome = reason
-                        return
+                        return None
                     case events.Authenticate(request=request):
                         attempts += 1
                         verdict, login = await _authenticate(
@@ -286,16 +299,8 @@ async def _converse(
                         pending.extend(frontend.handle(verdict))
                     case events.Relay(buffered=buffered):
                         assert login is not None and login.backend is not None
-                        await _relay(
-                            context,
-                            listener_settings,
-                            channel=channel,
-                            login=login,
-                            buffered=buffered,
-                            record=record,
-                            turn=turn,
-                        )
-                        return
+                        handover, login = Handover(login, buffered), None  # the relay's to close
+                        return handover
                     case events.StartTls():
                         # Machines ask only on plaintext listeners that offer STARTTLS.
                         assert listener.certificates is not None and isinstance(channel, SocketChannel)
@@ -328,11 +333,11 @@ async def _converse(
                 with contextlib.suppress(TimeoutError):  # a client that reads nothing gets nothing
                     async with asyncio.timeout_at(deadline):
                         await channel.send(turn.closing)
-                return
+                return None
             pending.extend(frontend.handle(events.DataReceived(data) if data else events.ConnectionClosed()))
     finally:
         if login is not None and login.backend is not None:
-            login.backend.close()  # the relay has closed it already unless something broke first
+            login.backend.close()  # the login dialogue ended without handing it to the relay
 
 
 async def _authenticate(
@@ -390,11 +395,11 @@ async def _relay(
     listener: ListenerSettings,
     *,
     channel: SocketChannel | TransportChannel,
-    login: backends.LoginOutcome,
-    buffered: bytes,
+    handover: Handover,
     record: SessionRecord,
     turn: drain.Turn,
 ) -> None:
+    login, buffered = handover.login, handover.buffered
     backend = login.backend
     assert backend is not None and login.endpoint is not None
     idle = context.settings.timeouts.idle
@@ -426,6 +431,7 @@ async def _relay(
                 drain=turn,
             )
     finally:
+        backend.close()  # the relay has closed it already unless something broke first
         context.active[login.endpoint] -= 1
         if context.active[login.endpoint] <= 0:
             del context.active[login.endpoint]
