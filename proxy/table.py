@@ -14,6 +14,7 @@ default ``auth_username_format = %Lu`` does).
 """
 
 import hashlib
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -228,7 +229,13 @@ def _parse_upstream(document: Any, where: str) -> Upstream:
         port = _expect(item, "port", int, spot)
         if not 0 < port < 65536:
             raise TableError(f"{spot}: port {port} out of range")
-        endpoints.append(Endpoint(host=_expect(item, "host", str, spot), port=port))
+        host = _expect(item, "host", str, spot)
+        try:
+            # Endpoints are addresses (EndpointSlices carry IPs): the proxy never resolves names.
+            ipaddress.ip_address(host)
+        except ValueError as error:
+            raise TableError(f"{spot}: host {host!r} is not an IP address") from error
+        endpoints.append(Endpoint(host=host, port=port))
     return Upstream(
         service=_expect(document, "service", str, where),
         endpoints=tuple(endpoints),

@@ -92,6 +92,10 @@ def test_tampered_table_is_refused() -> None:
         (lambda d: d["routes"][0].update(balance="random"), "'random' is not one of"),
         (lambda d: d["routes"][0]["upstreams"]["imap"]["endpoints"][0].update(port=70000), "out of range"),
         (lambda d: d["routes"][0]["upstreams"].update(nntp={}), "'nntp' is not one of"),
+        (
+            lambda d: d["routes"][0]["upstreams"]["imap"]["endpoints"][0].update(host="dovecot.mail"),
+            "is not an IP address",
+        ),
         (lambda d: d["routes"][0].pop("name"), "missing 'name'"),
         (lambda d: d["routes"][0].update(generation="1"), "wrong type"),
     ],
