@@ -229,42 +229,36 @@ def test_bulk_both_directions_at_once_is_byte_identical(
     run(scenario())
 
 
-def test_client_half_close_lets_the_backend_finish(
-    run: Callable[[Coroutine[Any, Any, None]], None], splice: bool, ends: Ends
+@pytest.mark.parametrize(
+    ("closer", "first", "tail", "ended_by"),
+    [
+        ("client", b"a1 LOGOUT\r\n", b"* BYE logging out\r\na1 OK LOGOUT completed\r\n", relay.CLIENT),
+        ("backend", b"* BYE server shutting down\r\n", b"a2 LOGOUT\r\n", relay.BACKEND),
+    ],
+)
+def test_half_close_lets_the_other_side_finish(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+    splice: bool,
+    ends: Ends,
+    closer: str,
+    first: bytes,
+    tail: bytes,
+    ended_by: str,
 ) -> None:
-    """Client EOF half-closes the backend; the backend's tail still reaches the client."""
-    request, tail = b"a1 LOGOUT\r\n", b"* BYE logging out\r\na1 OK LOGOUT completed\r\n"
+    """EOF from one side half-closes the other; what the other side still sends gets through."""
+    closing, peer = (ends.client, ends.backend) if closer == "client" else (ends.backend, ends.client)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         task = _start(ends, splice=splice)
-        await loop.sock_sendall(ends.client, request)
-        ends.client.shutdown(socket.SHUT_WR)
-        assert await _read_to_eof(ends.backend, limit=len(request)) == request
-        await loop.sock_sendall(ends.backend, tail)
-        ends.backend.close()
-        assert await _read_to_eof(ends.client, limit=len(tail)) == tail
-        assert await task == relay.RelayResult(len(request), len(tail), relay.CLIENT)
-
-    run(scenario())
-
-
-def test_backend_half_close_lets_the_client_finish(
-    run: Callable[[Coroutine[Any, Any, None]], None], splice: bool, ends: Ends
-) -> None:
-    """Backend EOF half-closes the client; what the client still sends reaches the backend."""
-    farewell, tail = b"* BYE server shutting down\r\n", b"a2 LOGOUT\r\n"
-
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        task = _start(ends, splice=splice)
-        await loop.sock_sendall(ends.backend, farewell)
-        ends.backend.shutdown(socket.SHUT_WR)
-        assert await _read_to_eof(ends.client, limit=len(farewell)) == farewell
-        await loop.sock_sendall(ends.client, tail)
-        ends.client.close()
-        assert await _read_to_eof(ends.backend, limit=len(tail)) == tail
-        assert await task == relay.RelayResult(len(tail), len(farewell), relay.BACKEND)
+        await loop.sock_sendall(closing, first)
+        closing.shutdown(socket.SHUT_WR)
+        assert await _read_to_eof(peer, limit=len(first)) == first
+        await loop.sock_sendall(peer, tail)
+        peer.close()
+        assert await _read_to_eof(closing, limit=len(tail)) == tail
+        upstream, downstream = (first, tail) if closer == "client" else (tail, first)
+        assert await task == relay.RelayResult(len(upstream), len(downstream), ended_by)
 
     run(scenario())
 
