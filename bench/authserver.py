@@ -11,16 +11,10 @@ never compete with the clients for one GIL. Binds 127.0.0.1 only and never logs 
 import multiprocessing
 import os
 import signal
-import socketserver
 from multiprocessing.connection import Connection
 
 from testbed import authservice, backends, mailservers
 
-# socketserver listens with a backlog of 5: under 50 concurrent logins nginx's connections to the
-# service overflow it, and the dropped SYNs come back after a one-second retransmission timeout
-# (or nginx gives up on the login). AuthService takes no backlog, so the child, which runs
-# nothing else, raises socketserver's class default; nginx's own listen backlog is 511.
-LISTEN_BACKLOG = 511
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -39,7 +33,6 @@ def _serve(bed: backends.Backends, ready: Connection) -> None:
         return decide(received)
 
     service.answer = answer
-    socketserver.ThreadingTCPServer.request_queue_size = LISTEN_BACKLOG
     # Blocked before the service's threads exist, so they inherit the mask and sigwait gets it.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     service.start()

@@ -5,8 +5,10 @@ checked byte for byte; tests/differential uses it behind the real ones.
 """
 
 import socket
+import subprocess
 import threading
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +113,23 @@ def test_a_request_without_an_end_is_not_answered() -> None:
             connection.shutdown(socket.SHUT_WR)
             assert connection.recv(100) == b""
         assert service.requests == []
+
+
+def test_the_listen_backlog_is_nginxs_not_socketservers() -> None:
+    """For a listening socket, ``ss`` shows the accept queue's limit as Send-Q (capped at somaxconn)."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    with authservice.AuthService() as service:
+        listing = subprocess.run(
+            ["ss", "-H", "-l", "-t", "-n", f"sport = :{service.port}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    (line,) = listing.splitlines()
+    state, _queued, limit, local, *_ = line.split()
+    assert (state, local) == ("LISTEN", f"{LOOPBACK}:{service.port}")
+    assert int(limit) == min(authservice.LISTEN_BACKLOG, somaxconn) > 5
 
 
 def test_for_backends_names_each_logins_server_per_protocol(backends: Backends) -> None:
