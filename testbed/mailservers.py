@@ -4,7 +4,9 @@ Test fixtures, the demo and the benchmarks call this to run the mail servers mai
 of: ``Dovecot`` and ``Postfix`` each keep every file they use (configuration, sockets, queue, logs,
 maildirs) under one directory given by the caller, listen on 127.0.0.1 only, are context managers with
 ``start()``/``stop()``, and leave no process behind. Several instances run side by side without
-sharing anything. Never touches the system services, /etc or /var, and never binds beyond loopback.
+sharing anything. Their lifecycle (``Daemon``) and helpers (``find_program``, ``write_atomically``,
+``greets``, ``free_port``) are public because testbed.nginx runs nginx the same way. Never touches
+the system services, /etc or /var, and never binds beyond loopback.
 
 Facts this module is built on (all observed on Debian 12 with Dovecot 2.3.19 and Postfix 3.7):
 - Both need root: Postfix's ``postfix`` command and master are root-only, and Dovecot's master must
@@ -258,7 +260,7 @@ def as_stored(message: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Small helpers shared by both daemons
+# Small helpers shared by the daemons (Dovecot and Postfix here, nginx in testbed.nginx)
 
 
 _handed_out: set[int] = set()
@@ -359,7 +361,13 @@ def _signal_all(pids: Iterable[int], signum: signal.Signals) -> None:
             os.kill(pid, signum)
 
 
-def _program(name: str, package: str) -> str:
+def find_program(name: str, package: str) -> str:
+    """The path of the program ``name`` on PATH or in /usr/sbin, /sbin (where Debian puts daemons).
+
+    Raises:
+        MissingSoftwareError: it is not installed; the message names the Debian ``package`` and
+            the install script.
+    """
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     found = shutil.which(name, path=search)
     if found is None:
@@ -367,7 +375,11 @@ def _program(name: str, package: str) -> str:
     return found
 
 
-def _write_atomically(path: Path, text: str, mode: int = 0o644, group: int | None = None) -> None:
+def write_atomically(path: Path, text: str, mode: int = 0o644, group: int | None = None) -> None:
+    """Replace ``path`` with ``text`` in one rename, with ``mode`` and (if given) owner root:``group``.
+
+    For a daemon's configuration and data files; ``path``'s folder must exist.
+    """
     # Daemons re-read some files (Dovecot's passwd-file) whenever they change: they must never see
     # half a file or one with the wrong owner, and nobody else may read it while it is written.
     temporary = path.with_name(f".{path.name}.new")
@@ -424,17 +436,29 @@ def check_directory(directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The lifecycle both daemons share
+# The lifecycle every daemon shares (Dovecot and Postfix here, nginx in testbed.nginx)
 
 
-class _Daemon:
-    """Start with bounded readiness and port-collision retries; stop until no process is left.
+class Daemon:
+    """A daemon under one directory: the base of ``Dovecot``, ``Postfix`` and ``testbed.nginx.Nginx``.
 
-    A subclass writes its files (``_write_files``), launches (``_launch``: must set ``_session``),
-    answers ``_ready`` and ``_failure``, and asks its daemon to stop (``_ask_to_stop``).
+    Gives them ``start`` (bounded readiness, retried with fresh ports after a port collision),
+    ``stop`` (until no process of the daemon's session is left), logs and the context manager.
+    A subclass implements the underscored hooks below: it checks its software (``_preflight``),
+    writes its files (``_write_files``), launches in a session of its own (``_launch``, which
+    must set ``_session``), answers ``_ready`` and ``_failure``, asks its daemon to stop
+    (``_ask_to_stop``), reaps its child (``_reap``), picks new ports (``_choose_ports``) and
+    names its logs (``_log_paths``).
     """
 
     def __init__(self, directory: Path, name: str, *, auto_ports: bool, mail_user: str) -> None:
+        """
+        Args:
+            directory: absolute folder for everything the daemon writes (see ``check_directory``).
+            name: how messages name the daemon.
+            auto_ports: some ports were picked free, so a collision is retried with new ones.
+            mail_user: the unprivileged account that owns mail files and runs workers (``owner``).
+        """
         self.directory = directory
         self.name = name
         self._auto_ports = auto_ports
@@ -637,7 +661,7 @@ def hash_passwords(passwords: Sequence[str], scheme: PasswordScheme) -> list[str
         return []
     # One openssl run for the lot; passwords go through stdin, never through argv where ps shows them.
     result = subprocess.run(
-        [_program("openssl", "openssl"), "passwd", "-6", "-stdin"],
+        [find_program("openssl", "openssl"), "passwd", "-6", "-stdin"],
         input="".join(f"{password}\n" for password in passwords),
         capture_output=True,
         text=True,
@@ -650,7 +674,7 @@ def hash_passwords(passwords: Sequence[str], scheme: PasswordScheme) -> list[str
     return [f"{{SHA512-CRYPT}}{digest}" for digest in hashes]
 
 
-class Dovecot(_Daemon):
+class Dovecot(Daemon):
     """One Dovecot: IMAP and/or POP3 on 127.0.0.1, or auth-only for Postfix's SASL.
 
     Layout under ``directory``: ``dovecot.conf``, ``users`` (passwd-file), ``run/`` (base_dir:
@@ -847,7 +871,7 @@ class Dovecot(_Daemon):
     # -- lifecycle hooks -----------------------------------------------------------------------
 
     def _preflight(self) -> None:
-        _program("dovecot", "dovecot-core")
+        find_program("dovecot", "dovecot-core")
         for protocol in self.protocols:
             executables = (protocol, f"{protocol}-login")
             if not any(all((d / e).exists() for e in executables) for d in DOVECOT_LIBEXEC_DIRS):
@@ -883,11 +907,11 @@ class Dovecot(_Daemon):
         self._write_users()
         for user in self._users.values():
             self.maildir(user.address).create()
-        _write_atomically(self.config_path, self._config())
+        write_atomically(self.config_path, self._config())
 
     def _write_users(self) -> None:
         # The auth process runs as Dovecot's internal user and reads the file at every lookup.
-        _write_atomically(
+        write_atomically(
             self.directory / "users",
             "".join(f"{address}:{entry}\n" for address, entry in sorted(self._entries.items())),
             mode=0o640,
@@ -998,7 +1022,7 @@ protocol {protocol} {{
             # -F keeps the master in the foreground as our child, in its own session: stop() can
             # wait for it and find every process it spawned.
             self._process = subprocess.Popen(
-                [_program("dovecot", "dovecot-core"), "-F", "-c", str(self.config_path)],
+                [find_program("dovecot", "dovecot-core"), "-F", "-c", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
@@ -1087,7 +1111,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-class Postfix(_Daemon):
+class Postfix(Daemon):
     """One Postfix: an inbound MX port and, with a SASL socket, a submission port, on 127.0.0.1.
 
     Mail for ``domains`` is delivered by virtual(8) into the maildirs given in ``mailboxes`` (any
@@ -1258,7 +1282,7 @@ class Postfix(_Daemon):
     # -- lifecycle hooks -----------------------------------------------------------------------
 
     def _preflight(self) -> None:
-        _program("postfix", "postfix")
+        find_program("postfix", "postfix")
         try:
             pwd.getpwnam("postfix")
         except KeyError as error:
@@ -1278,7 +1302,7 @@ class Postfix(_Daemon):
 
     def _postfix(self, command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [_program("postfix", "postfix"), "-c", str(self.config_directory), command],
+            [find_program("postfix", "postfix"), "-c", str(self.config_directory), command],
             capture_output=True,
             text=True,
             timeout=START_TIMEOUT,
@@ -1295,13 +1319,13 @@ class Postfix(_Daemon):
         for maildir in self._mailboxes.values():
             maildir.create()
         self._write_mailboxes()
-        _write_atomically(self.config_directory / "main.cf", self._main_cf())
-        _write_atomically(self.config_directory / "master.cf", self._master_cf())
+        write_atomically(self.config_directory / "main.cf", self._main_cf())
+        write_atomically(self.config_directory / "master.cf", self._master_cf())
 
     def _write_mailboxes(self) -> None:
         # virtual_mailbox_base is "/", so each value is the absolute maildir path without its leading
         # "/"; the trailing "/" makes virtual(8) write maildir instead of mbox.
-        _write_atomically(
+        write_atomically(
             self.config_directory / "mailboxes",
             "".join(
                 f"{address} {str(maildir.path).lstrip('/')}/\n"

@@ -5,7 +5,7 @@ behind the same auth_http service, and the benchmarks measure it side by side wi
 ``Nginx`` writes ``nginx.conf`` under the directory it is given (one worker, a ``mail`` block
 with one ``server`` per ``MailListener``, ``auth_http``, ``proxy_pass_error_message``,
 ``error_log`` to a file there), starts nginx in the foreground in a session of its own, waits
-until every listener greets, and stops it leaving no process behind (``mailservers._Daemon``
+until every listener greets, and stops it leaving no process behind (``mailservers.Daemon``
 does that part for Dovecot and Postfix too). Never touches /etc/nginx or the system service,
 and listens on 127.0.0.1 only.
 
@@ -87,8 +87,8 @@ class AuthHttp:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
-class Nginx(mailservers._Daemon):
-    """One nginx mail proxy; a context manager (``start``/``stop`` from mailservers._Daemon)."""
+class Nginx(mailservers.Daemon):
+    """One nginx mail proxy; a context manager (``start``/``stop`` from mailservers.Daemon)."""
 
     def __init__(
         self,
@@ -171,7 +171,7 @@ class Nginx(mailservers._Daemon):
     # -- lifecycle hooks -----------------------------------------------------------------------
 
     def _preflight(self) -> None:
-        mailservers._program("nginx", "nginx")
+        mailservers.find_program("nginx", "nginx")
         if not MAIL_MODULE.exists():
             raise mailservers.MissingSoftwareError(f"{MAIL_MODULE} is missing; {INSTALL_HINT}")
 
@@ -184,7 +184,7 @@ class Nginx(mailservers._Daemon):
         return (self.directory / "nginx.stderr", self.error_log_path)
 
     def _write_files(self) -> None:
-        mailservers._write_atomically(self.config_path, self.config())
+        mailservers.write_atomically(self.config_path, self.config())
 
     def config(self) -> str:
         """The nginx.conf text."""
@@ -238,7 +238,7 @@ class Nginx(mailservers._Daemon):
         with (self.directory / "nginx.stderr").open("ab") as stderr:
             self._process = subprocess.Popen(
                 [
-                    mailservers._program("nginx", "nginx"),
+                    mailservers.find_program("nginx", "nginx"),
                     "-e", str(self.error_log_path),
                     "-p", f"{self.directory}/",
                     "-c", str(self.config_path),

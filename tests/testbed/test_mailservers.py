@@ -8,6 +8,7 @@ retried, bad setups fail with a clear message, and stop() leaves no process (pgr
 Passwords are never part of an asserted expression, so no failure output can show one.
 """
 
+import grp
 import imaplib
 import os
 import poplib
@@ -418,6 +419,26 @@ def test_delivery_headers_are_stripped_and_only_those() -> None:
         mailservers.strip_delivery_headers(delivered)
         == b"Message-ID: <1@x>\nReceived: from the sender\n\nbody\n"
     )
+
+
+def test_write_atomically_replaces_the_file_with_its_mode_and_group(tmp_path: Path) -> None:
+    target = tmp_path / "passwd"
+    target.write_text("old\n")
+    mail_group = grp.getgrnam("mail").gr_gid
+    mailservers.write_atomically(target, "new\n", mode=0o640, group=mail_group)
+    status = target.stat()
+    assert target.read_text() == "new\n"
+    assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (0, mail_group, 0o640)
+    mailservers.write_atomically(target, "newer\n")
+    assert (target.read_text(), target.stat().st_mode & 0o777) == ("newer\n", 0o644)
+    assert [path.name for path in tmp_path.iterdir()] == ["passwd"]  # no temporary file left
+
+
+def test_find_program_looks_in_sbin_and_names_the_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert mailservers.find_program("postfix", "postfix") == "/usr/sbin/postfix"
+    with pytest.raises(mailservers.MissingSoftwareError, match=r"no-such-daemon is not installed.*package"):
+        mailservers.find_program("no-such-daemon", "package")
 
 
 def test_free_ports_are_never_handed_out_twice() -> None:
