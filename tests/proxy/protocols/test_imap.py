@@ -37,8 +37,8 @@ from proxy.protocols.events import (
     TimedOut,
     TlsEstablished,
 )
-from tests.proxy.protocols import transcript
-from tests.proxy.protocols.transcript import FUZZ, PASSWORD
+from tests.proxy.protocols import dialogues, transcript
+from tests.proxy.protocols.dialogues import FUZZ, PASSWORD
 
 TRANSCRIPTS = transcript.paths("imap")
 
@@ -487,7 +487,7 @@ def test_backend_starttls_sends_id_only_after_tls() -> None:
     config = BackendConfig(client=ClientAddress("192.0.2.7", 40123), client_info="id", starttls=True)
     login = backend_login(config)
     commands = feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready") + feed(login, b"a1-TLS OK go")
-    assert transcript.sent(commands) == b"a1-TLS STARTTLS\r\n"
+    assert dialogues.sent(commands) == b"a1-TLS STARTTLS\r\n"
     login.handle(TlsEstablished())
     (command,) = feed(login, b"a1-CAPA OK [CAPABILITY IMAP4rev1 LITERAL+] done")
     assert command == Send(
@@ -510,7 +510,7 @@ def test_backend_starttls_sends_id_only_after_tls() -> None:
 def test_backend_without_starttls_fails_and_never_gets_the_login(lines: list[bytes]) -> None:
     commands = feed(backend_login(STARTTLS), *lines)
     assert commands[-1] == NO_STARTTLS
-    assert b"LOGIN" not in transcript.sent(commands)
+    assert b"LOGIN" not in dialogues.sent(commands)
 
 
 def test_backend_bytes_after_the_starttls_ok_are_never_read() -> None:
@@ -555,7 +555,7 @@ def in_handshake() -> imap.BackendLogin:
 
 
 def test_backend_close_or_timeout_during_the_handshake_fails_the_login() -> None:
-    transcript.check_handshake_interrupted(in_handshake, "backend closed the connection during login")
+    dialogues.check_handshake_interrupted(in_handshake, "backend closed the connection during login")
 
 
 def test_backend_tls_news_out_of_turn_is_misuse() -> None:
@@ -632,7 +632,7 @@ CONFIGS = [
 
 @settings(FUZZ, max_examples=400)
 @given(
-    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(transcript.mutated),
+    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(dialogues.mutated),
     sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
     config=st.sampled_from(CONFIGS),
     verdicts=st.lists(
@@ -644,7 +644,7 @@ CONFIGS = [
 def test_frontend_survives_mutated_input(
     data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
 ) -> None:
-    transcript.check_fuzzed_dialogue(transcript.drive(imap.Frontend(config), data, sizes, verdicts))
+    dialogues.check_fuzzed_dialogue(dialogues.drive(imap.Frontend(config), data, sizes, verdicts))
 
 
 def verdict_given(login: imap.BackendLogin) -> bool:
@@ -684,7 +684,7 @@ def test_backend_login_survives_random_replies(
 ) -> None:
     config = BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id" if use_id else "none")
     data = b"".join(line + b"\r\n" for line in lines)
-    transcript.fuzz_backend(backend_login(config), verdict_given, [data], sizes, closes)
+    dialogues.fuzz_backend(backend_login(config), verdict_given, [data], sizes, closes)
 
 
 STARTTLS_DIALOGUES = [
@@ -715,7 +715,7 @@ BEFORE_TLS = (
 
 @settings(FUZZ, max_examples=300)
 @given(
-    parts=transcript.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
+    parts=dialogues.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
     sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
     use_id=st.booleans(),
     closes=st.booleans(),
@@ -726,15 +726,15 @@ def test_backend_starttls_never_sends_more_than_starttls_in_plaintext(
     config = BackendConfig(
         client=ClientAddress("192.0.2.1", 1), client_info="id" if use_id else "none", starttls=True
     )
-    commands = transcript.fuzz_backend(backend_login(config), verdict_given, parts, sizes, closes)
-    assert transcript.sent_before_tls(commands) in BEFORE_TLS
+    commands = dialogues.fuzz_backend(backend_login(config), verdict_given, parts, sizes, closes)
+    assert dialogues.sent_before_tls(commands) in BEFORE_TLS
 
 
 @FUZZ
 @given(reply=st.sampled_from(BACKEND_LINES[5:]), sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4))
 def test_backend_login_split_anywhere_gives_the_same_commands(reply: bytes, sizes: list[int]) -> None:
     dialogue = b"* OK ready\r\n+ OK\r\n+ OK\r\n" + reply + b"\r\na1 OK in\r\n* 1 EXISTS\r\n"
-    transcript.split_backend_dialogue(backend_login, verdict_given, [dialogue], sizes)
+    dialogues.split_backend_dialogue(backend_login, verdict_given, [dialogue], sizes)
 
 
 @FUZZ
@@ -745,5 +745,5 @@ def test_backend_starttls_dialogue_split_anywhere_gives_the_same_commands(sizes:
         b"* CAPABILITY IMAP4rev1 LITERAL+\r\na1-CAPA OK done\r\na1-ID OK\r\na1 OK in\r\n* 1 EXISTS\r\n",
     ]
     config = BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id", starttls=True)
-    commands = transcript.split_backend_dialogue(lambda: backend_login(config), verdict_given, parts, sizes)
+    commands = dialogues.split_backend_dialogue(lambda: backend_login(config), verdict_given, parts, sizes)
     assert commands[-1] == LoginSucceeded(b"a1 OK in\r\n", b"* 1 EXISTS\r\n")

@@ -38,8 +38,8 @@ from proxy.protocols.events import (
     TimedOut,
     TlsEstablished,
 )
-from tests.proxy.protocols import transcript
-from tests.proxy.protocols.transcript import FUZZ, PASSWORD, sent
+from tests.proxy.protocols import dialogues, transcript
+from tests.proxy.protocols.dialogues import FUZZ, PASSWORD, sent
 
 TRANSCRIPTS = transcript.paths("pop3")
 CREDENTIALS = sasl.Credentials("alice", PASSWORD)
@@ -412,7 +412,7 @@ def in_handshake() -> pop3.BackendLogin:
 
 
 def test_backend_close_or_timeout_during_the_handshake_fails_the_login() -> None:
-    transcript.check_handshake_interrupted(in_handshake, "backend closed the connection")
+    dialogues.check_handshake_interrupted(in_handshake, "backend closed the connection")
 
 
 def test_backend_malformed_reply_to_stls_fails_the_login() -> None:
@@ -498,7 +498,7 @@ CONFIGS = [
 
 @settings(FUZZ, max_examples=400)
 @given(
-    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(transcript.mutated),
+    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(dialogues.mutated),
     sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
     config=st.sampled_from(CONFIGS),
     verdicts=st.lists(
@@ -510,7 +510,7 @@ CONFIGS = [
 def test_frontend_survives_mutated_input(
     data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
 ) -> None:
-    transcript.check_fuzzed_dialogue(transcript.drive(pop3.Frontend(config), data, sizes, verdicts))
+    dialogues.check_fuzzed_dialogue(dialogues.drive(pop3.Frontend(config), data, sizes, verdicts))
 
 
 BACKEND_LINES = [
@@ -544,7 +544,7 @@ def test_backend_login_survives_random_replies(
 ) -> None:
     login = backend_login(XCLIENT if use_xclient else BackendConfig())
     data = b"".join(line + b"\r\n" for line in lines)
-    commands = transcript.fuzz_backend(login, verdict_given, [data], sizes, closes)
+    commands = dialogues.fuzz_backend(login, verdict_given, [data], sizes, closes)
     if closes:
         assert verdict_given(login)
     for command in commands:
@@ -561,7 +561,7 @@ STARTTLS_NOISE = [*BACKEND_LINES, b"+OK Begin TLS"]
 
 @settings(FUZZ, max_examples=300)
 @given(
-    parts=transcript.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
+    parts=dialogues.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
     sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
     use_xclient=st.booleans(),
     closes=st.booleans(),
@@ -570,15 +570,15 @@ def test_backend_stls_never_sends_more_than_stls_in_plaintext(
     parts: list[bytes], sizes: list[int], use_xclient: bool, closes: bool
 ) -> None:
     login = backend_login(XCLIENT_STARTTLS if use_xclient else STARTTLS)
-    commands = transcript.fuzz_backend(login, verdict_given, parts, sizes, closes)
-    assert transcript.sent_before_tls(commands) in (b"", b"STLS\r\n")
+    commands = dialogues.fuzz_backend(login, verdict_given, parts, sizes, closes)
+    assert dialogues.sent_before_tls(commands) in (b"", b"STLS\r\n")
 
 
 @FUZZ
 @given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5))
 def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
     dialogue = b"+OK [XCLIENT] Dovecot ready.\r\n+OK Updated\r\n+OK\r\n+OK Logged in.\r\n+OK 2 messages\r\n"
-    commands = transcript.split_backend_dialogue(
+    commands = dialogues.split_backend_dialogue(
         lambda: backend_login(XCLIENT), verdict_given, [dialogue], sizes
     )
     assert isinstance(commands[-1], LoginSucceeded)
@@ -591,7 +591,7 @@ def test_backend_stls_dialogue_split_anywhere_gives_the_same_commands(sizes: lis
         b"+OK [XCLIENT] Dovecot ready.\r\n+OK Begin TLS\r\n",
         b"+OK Updated\r\n+OK\r\n+OK Logged in.\r\n+OK 2\r\n",
     ]
-    commands = transcript.split_backend_dialogue(
+    commands = dialogues.split_backend_dialogue(
         lambda: backend_login(XCLIENT_STARTTLS), verdict_given, parts, sizes
     )
     assert commands[-1] == LoginSucceeded(reply=b"+OK Logged in.\r\n", buffered=b"+OK 2\r\n")

@@ -39,8 +39,8 @@ from proxy.protocols.events import (
     TimedOut,
     TlsEstablished,
 )
-from tests.proxy.protocols import transcript
-from tests.proxy.protocols.transcript import FUZZ, PASSWORD, sent
+from tests.proxy.protocols import dialogues, transcript
+from tests.proxy.protocols.dialogues import FUZZ, PASSWORD, sent
 
 TRANSCRIPTS = transcript.paths("smtp")
 CREDENTIALS = sasl.Credentials("alice@example.com", PASSWORD, sasl.Mechanism.PLAIN)
@@ -741,7 +741,7 @@ def test_backend_without_starttls_fails_and_never_gets_the_login(lines: list[byt
     for login in (submission_login(STARTTLS), inbound_login(STARTTLS)):
         commands = feed(login, b"220 mx", *lines)
         assert commands[-1] == NO_STARTTLS
-        assert transcript.sent(commands) in (b"EHLO mailgress\r\n", b"EHLO mailgress\r\nSTARTTLS\r\n")
+        assert dialogues.sent(commands) in (b"EHLO mailgress\r\n", b"EHLO mailgress\r\nSTARTTLS\r\n")
 
 
 def test_backend_bytes_after_the_starttls_220_are_never_read() -> None:
@@ -771,7 +771,7 @@ def in_handshake() -> smtp.BackendLogin:
 
 
 def test_backend_close_or_timeout_during_the_handshake_fails_the_login() -> None:
-    transcript.check_handshake_interrupted(in_handshake, "backend closed the connection")
+    dialogues.check_handshake_interrupted(in_handshake, "backend closed the connection")
 
 
 def test_backend_tls_news_out_of_turn_is_misuse() -> None:
@@ -854,7 +854,7 @@ CONFIGS = [
 
 @settings(FUZZ, max_examples=400)
 @given(
-    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(transcript.mutated),
+    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(dialogues.mutated),
     sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
     config=st.sampled_from(CONFIGS),
     verdicts=st.lists(
@@ -866,8 +866,8 @@ CONFIGS = [
 def test_frontend_survives_mutated_input(
     data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
 ) -> None:
-    batches = transcript.drive(smtp.Frontend(config), data, sizes, verdicts)
-    commands = transcript.check_fuzzed_dialogue(batches)
+    batches = dialogues.drive(smtp.Frontend(config), data, sizes, verdicts)
+    commands = dialogues.check_fuzzed_dialogue(batches)
     for command in commands:
         if isinstance(command, Authenticate) and command.request.protocol == "smtp":
             # Whatever got routed is a plain local@domain (or the domain-less postmaster).
@@ -913,7 +913,7 @@ def test_backend_login_survives_random_replies(
     config = XCLIENT if use_xclient else BackendConfig()
     login = inbound_login(config) if inbound else submission_login(config)
     data = b"".join(line + b"\r\n" for line in lines)
-    commands = transcript.fuzz_backend(login, verdict_given, [data], sizes, closes)
+    commands = dialogues.fuzz_backend(login, verdict_given, [data], sizes, closes)
     if closes:
         assert verdict_given(login)
     for command in commands:
@@ -940,7 +940,7 @@ BEFORE_TLS = (b"", b"EHLO mailgress\r\n", b"EHLO mailgress\r\nSTARTTLS\r\n")
 
 @settings(FUZZ, max_examples=400)
 @given(
-    parts=transcript.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
+    parts=dialogues.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
     sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
     inbound=st.booleans(),
     use_xclient=st.booleans(),
@@ -951,8 +951,8 @@ def test_backend_starttls_never_sends_more_than_starttls_in_plaintext(
 ) -> None:
     config = XCLIENT_STARTTLS if use_xclient else STARTTLS
     login = inbound_login(config) if inbound else submission_login(config)
-    commands = transcript.fuzz_backend(login, verdict_given, parts, sizes, closes)
-    assert transcript.sent_before_tls(commands) in BEFORE_TLS
+    commands = dialogues.fuzz_backend(login, verdict_given, parts, sizes, closes)
+    assert dialogues.sent_before_tls(commands) in BEFORE_TLS
 
 
 @FUZZ
@@ -968,7 +968,7 @@ def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int], 
     def make() -> smtp.BackendLogin:
         return inbound_login(XCLIENT) if inbound else submission_login(XCLIENT)
 
-    commands = transcript.split_backend_dialogue(make, verdict_given, [dialogue], sizes)
+    commands = dialogues.split_backend_dialogue(make, verdict_given, [dialogue], sizes)
     assert isinstance(commands[-1], LoginSucceeded)
 
 
@@ -987,6 +987,6 @@ def test_backend_starttls_dialogue_split_anywhere_gives_the_same_commands(
     def make() -> smtp.BackendLogin:
         return inbound_login(XCLIENT_STARTTLS) if inbound else submission_login(XCLIENT_STARTTLS)
 
-    commands = transcript.split_backend_dialogue(make, verdict_given, parts, sizes)
+    commands = dialogues.split_backend_dialogue(make, verdict_given, parts, sizes)
     assert isinstance(commands[-1], LoginSucceeded)
     assert commands[-1].buffered == b"354 early\r\n"

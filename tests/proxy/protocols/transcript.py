@@ -1,10 +1,9 @@
-"""Transcript runner and fuzzing helpers for the sans-IO machine tests.
+"""Transcript format and runner for the sans-IO front-end machine tests.
 
 Shared by the IMAP, POP3 and SMTP machine tests; it knows no protocol (the test passes a
 factory that builds the machine from a ``FrontendConfig``). It never opens a socket and never
 prints a password: an expected password is compared, and only "matches"/"differs" is shown.
-The fuzzing helpers at the end (``mutated``, ``pieces``, ``drive``, ``fuzz_backend``,
-``split_backend_dialogue``) play the driver's part for both kinds of machine.
+The fuzzing helpers for both kinds of machine live in dialogues.py.
 
 File format, one directive per line (UTF-8):
 
@@ -40,16 +39,12 @@ import ast
 import dataclasses
 import enum
 import shlex
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
-
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
 
 from proxy.protocols import events
-from proxy.protocols.events import BackendMachine, Command, Event, FrontendConfig, FrontendMachine
+from proxy.protocols.events import Command, Event, FrontendConfig, FrontendMachine
 
 CRLF = b"\r\n"
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
@@ -403,198 +398,3 @@ def check_split(
     """The transcript cut into ``chunks`` gives the very commands it gives whole."""
     loaded = load(path)
     assert run(loaded, machine_factory, chunks=chunks) == run(loaded, machine_factory)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fuzzing: hypothesis strategies and a stand-in for the driver, for any machine
-
-# Deterministic runs (no example database, fixed seed) and no timing: the machine is shared.
-FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# The test password: it may appear only in what a backend login sends, never anywhere else.
-PASSWORD = "Pa55-unique-W0rd"
-# Bytes that mean something to one of the grammars (line ends, literals, quoting, SASL, paths).
-INTERESTING = b'\r\n{}+"\\ *()=]-.:<>@%!\x00\x7f\xff0123456789'
-FRONTEND_COMMANDS = (events.Send, events.Close, events.StartTls, events.Authenticate, events.Relay)
-VERDICTS = (events.LoginSucceeded, events.LoginFailed, events.BackendFailed)
-
-
-def sent(commands: Sequence[Command]) -> bytes:
-    """Everything the ``Send`` commands among ``commands`` write, in order."""
-    return b"".join(command.data for command in commands if isinstance(command, events.Send))
-
-
-def sent_before_tls(commands: Sequence[Command]) -> bytes:
-    """What the ``Send`` commands write before the first ``StartTls`` (all of it without one)."""
-    starts = [index for index, command in enumerate(commands) if isinstance(command, events.StartTls)]
-    return sent(commands[: starts[0]] if starts else commands)
-
-
-@st.composite
-def mutated(draw: st.DrawFn, data: bytes) -> bytes:
-    """``data`` with a few bytes inserted, deleted or bit-flipped."""
-    buffer = bytearray(data)
-    for _ in range(draw(st.integers(min_value=0, max_value=6))):
-        position = draw(st.integers(min_value=0, max_value=len(buffer)))
-        match draw(st.sampled_from(["insert", "delete", "flip"])):
-            case "insert":
-                byte = draw(st.sampled_from(INTERESTING) | st.integers(min_value=0, max_value=255))
-                buffer.insert(position, byte)
-            case "delete" if position < len(buffer):
-                del buffer[position]
-            case "flip" if position < len(buffer):
-                buffer[position] ^= 1 << draw(st.integers(min_value=0, max_value=7))
-    return bytes(buffer)
-
-
-@st.composite
-def mutated_dialogue(
-    draw: st.DrawFn, dialogues: Sequence[Sequence[Sequence[bytes]]], noise: Sequence[bytes]
-) -> list[bytes]:
-    """One of ``dialogues`` with a few lines dropped or inserted (from ``noise`` or random bytes).
-
-    A dialogue is a list of parts, the peer's lines before and after each TLS handshake; the
-    result has one CRLF-terminated byte string per part, for ``fuzz_backend``. Random lines
-    alone rarely get a backend login far (through STARTTLS, say); a valid dialogue with a few
-    changes reaches every state and then goes wrong there.
-    """
-    parts = [list(part) for part in draw(st.sampled_from(dialogues))]
-    for _ in range(draw(st.integers(min_value=0, max_value=3))):
-        lines = parts[draw(st.integers(min_value=0, max_value=len(parts) - 1))]
-        position = draw(st.integers(min_value=0, max_value=len(lines)))
-        if draw(st.booleans()):
-            lines.insert(position, draw(st.sampled_from(noise) | st.binary(max_size=40)))
-        elif position < len(lines):
-            del lines[position]
-    return [b"".join(line + CRLF for line in lines) for lines in parts]
-
-
-def pieces(data: bytes, sizes: Sequence[int]) -> Iterator[bytes]:
-    """``data`` cut into pieces of the given sizes (cycled)."""
-    offset = 0
-    for index in range(len(data)):  # bounded: at least one byte per piece
-        if offset >= len(data):
-            return
-        size = sizes[index % len(sizes)]
-        yield data[offset : offset + size]
-        offset += size
-
-
-def drive(
-    frontend: FrontendMachine, data: bytes, sizes: Sequence[int], verdicts: Sequence[Event]
-) -> list[list[Command]]:
-    """Play a driver: feed pieces, answer Authenticate and StartTls, stop at Close or Relay.
-
-    Returns every list of commands the machine returned, in order.
-    """
-    batches = [frontend.start()]
-    verdict_index = 0
-    for piece in pieces(data, sizes):
-        pending = frontend.handle(events.DataReceived(piece))
-        for _ in range(len(data) + 1):  # each answer consumes input or ends the dialogue
-            batches.append(pending)
-            if any(isinstance(command, events.Close | events.Relay) for command in pending):
-                return batches
-            if any(isinstance(command, events.StartTls) for command in pending):
-                pending = frontend.handle(events.TlsEstablished())
-            elif any(isinstance(command, events.Authenticate) for command in pending):
-                pending = frontend.handle(verdicts[verdict_index % len(verdicts)])
-                verdict_index += 1
-            else:
-                break
-    return [*batches, frontend.handle(events.ConnectionClosed())]
-
-
-def check_fuzzed_dialogue(batches: Sequence[Sequence[Command]]) -> list[Command]:
-    """What must hold for any front-end dialogue: front-end commands only, Authenticate last in
-    its batch (the driver acts on it at once), Relay last, whole lines, no test password.
-
-    Returns the commands of all batches, in order.
-    """
-    commands = [command for batch in batches for command in batch]
-    assert all(isinstance(command, FRONTEND_COMMANDS) for command in commands)
-    assert all(
-        not isinstance(command, events.Authenticate) or index == len(batch) - 1
-        for batch in batches
-        for index, command in enumerate(batch)
-    )
-    relays = [index for index, command in enumerate(commands) if isinstance(command, events.Relay)]
-    assert relays == [] or relays == [len(commands) - 1]
-    assert all(not isinstance(command, events.Send) or command.data.endswith(CRLF) for command in commands)
-    assert PASSWORD.encode() not in sent(commands)
-    return commands
-
-
-Machine = TypeVar("Machine", bound=BackendMachine)
-
-
-def _feed_backend(machine: BackendMachine, data: bytes) -> list[Command]:
-    """Feed ``data`` as a driver does: a ``StartTls`` is answered with ``TlsEstablished``."""
-    commands = machine.handle(events.DataReceived(data))
-    if any(isinstance(command, events.StartTls) for command in commands):
-        commands += machine.handle(events.TlsEstablished())
-    return commands
-
-
-def fuzz_backend(
-    machine: Machine,
-    done: Callable[[Machine], bool],
-    parts: Sequence[bytes],
-    sizes: Sequence[int],
-    closes: bool,
-) -> list[Command]:
-    """Feed ``parts`` (what the backend sends before and after each TLS handshake), each in
-    pieces, until a verdict; without one, optionally the backend's close.
-
-    Checks what must hold for any backend dialogue: backend commands only, one verdict at most
-    and nothing after it, and no test password in a verdict.
-    """
-    commands: list[Command] = []
-    for piece in (piece for part in parts for piece in pieces(part, sizes)):
-        commands += _feed_backend(machine, piece)
-        if done(machine):
-            break
-    else:
-        if closes:
-            commands += machine.handle(events.ConnectionClosed())
-    verdicts = [command for command in commands if isinstance(command, VERDICTS)]
-    assert all(isinstance(command, (events.Send, events.StartTls, *VERDICTS)) for command in commands)
-    assert len(verdicts) <= 1
-    assert (verdicts != []) == done(machine)
-    if commands and not isinstance(commands[-1], events.Send | events.StartTls):
-        assert commands[-1] is verdicts[0]  # nothing follows the verdict
-    for verdict in verdicts:
-        assert PASSWORD not in repr(verdict)
-    return commands
-
-
-def check_handshake_interrupted(in_handshake: Callable[[], BackendMachine], closed: str) -> None:
-    """The backend closing, or the login timing out, while the driver runs the TLS handshake
-    fails the login (``closed`` is the machine's reason for the close)."""
-    assert in_handshake().handle(events.ConnectionClosed()) == [events.BackendFailed(closed)]
-    assert in_handshake().handle(events.TimedOut()) == [events.BackendFailed("backend login timed out")]
-
-
-def split_backend_dialogue(
-    make: Callable[[], Machine], done: Callable[[Machine], bool], parts: Sequence[bytes], sizes: Sequence[int]
-) -> list[Command]:
-    """Feeding a backend dialogue in pieces gives what feeding it whole gives; returns that.
-
-    ``parts`` are what the backend sends before and after each TLS handshake; each but the
-    last ends with the reply that makes the machine ask for TLS. Bytes a driver reads after a
-    successful verdict it relays itself, so they join the verdict's ``buffered``.
-    """
-    whole_login = make()
-    whole = [command for part in parts for command in _feed_backend(whole_login, part)]
-    login = make()
-    split: list[Command] = []
-    rest = b""
-    for part in parts:
-        for piece in pieces(part, sizes):
-            if done(login):
-                rest += piece
-            else:
-                split += _feed_backend(login, piece)
-    if split and isinstance(split[-1], events.LoginSucceeded):
-        split[-1] = events.LoginSucceeded(split[-1].reply, split[-1].buffered + rest)
-    assert split == whole
-    return split
