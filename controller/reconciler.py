@@ -8,15 +8,17 @@ through ``read`` (never an event's diff: Contour's level-based build), so a lost
 event costs nothing but a pass.
 
 One pass: compile every MailRoute with the resolved endpoints (controller.compiler, pure);
-publish the table if its version is new and write it to the snapshot ConfigMap. Then a status
-sweep computes each MailRoute's status (Accepted and ResolvedRefs from the compiler, Programmed
-from which ready proxy pods run a table that holds this generation) and patches the ones that
-differ, merging our conditions into the object's list (controller.conditions.merge: others'
-conditions stay) with the object's resourceVersion as a precondition, and posts an Event per
-condition that turned True or False. In ``run`` sweeps go on beside the passes: a new table
-changes every route's status (status.proxies names the latest version), and those N writes must
-not hold up the next table; a sweep overtaken by a newer table stops, and the next goes on
-from there.
+publish the table if its version is new and write it to the snapshot ConfigMap (the one place
+the latest version is published, with the controller's table metric). Then a status sweep
+computes each MailRoute's status (Accepted and ResolvedRefs from the compiler, Programmed from
+which ready proxy pods run a table that holds this generation, status.proxies from which run
+this route as it now is) and patches the ones that differ, merging our conditions into the
+object's list (controller.conditions.merge: others' conditions stay) with the object's
+resourceVersion as a precondition, and posts an Event per condition that turned True or False.
+A status names only the route's own programming, never the latest table, so a table that does
+not change a route writes nothing for it. In ``run`` sweeps go on beside the passes: a burst
+of route changes is still many writes, which must not hold up the next table; a sweep
+overtaken by a newer table stops, and the next goes on from there.
 Never imports kopf: the Kubernetes API is behind ``Cluster``; never publishes before the sync
 gate opened (a half-listed cluster would withdraw routes from every proxy).
 """
@@ -41,8 +43,8 @@ HOLDOFF_SECONDS = 0.1
 MAX_HOLDOFF_SECONDS = 0.5
 # A failed API write is retried on a later pass; this one comes at the latest after that long.
 RETRY_SECONDS = 5.0
-# Published tables remembered to tell which generation an acked version holds. A proxy that acks
-# something older than this many publications counts as not running any current generation.
+# Published table versions remembered to tell what an acked version holds. A proxy that acks
+# a version older than this many others counts as not running any current route.
 MAX_REMEMBERED_TABLES = 64
 # The ConfigMap key proxies read the snapshot from (mounted as a file; the canonical table JSON).
 SNAPSHOT_KEY = "table.json"
@@ -124,25 +126,58 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass(frozen=True, slots=True)
+class _Since:
+    """Since when the published tables hold a route exactly as the latest one does."""
+
+    route: table.Route  # as the latest table holds it
+    publication: int  # the first publication (0, 1, ... in publish order) that held it so
+    version: str  # that publication's table version
+
+
 @dataclass(slots=True)
 class _Published:
-    """The tables published so far (newest last) and which route generations each holds."""
+    """The tables published so far, and since when each route of the latest is in them as it is.
 
-    history: list[tuple[str, dict[str, int]]] = field(default_factory=list)
+    Versions are content hashes, so one can come back (a route deleted again): a proxy that
+    acks it runs that content, and counts as running its latest publication.
+    """
+
+    publications: int = 0
+    # version -> (its latest publication, route generations it holds); oldest first, the
+    # latest last (a republished version moves to the end).
+    tables: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    since: dict[str, _Since] = field(default_factory=dict)  # the latest table's routes
 
     @property
     def latest(self) -> str | None:
-        return self.history[-1][0] if self.history else None
+        return next(reversed(self.tables), None)
 
     def add(self, new: table.RoutingTable) -> None:
-        self.history.append((new.version, {route.name: route.generation for route in new.routes}))
-        del self.history[:-MAX_REMEMBERED_TABLES]
+        """Remember ``new`` as the latest publication. A route keeps its ``since`` while every
+        table from then on holds it unchanged (generation, users, domains, endpoints, ...)."""
+        since: dict[str, _Since] = {}
+        for route in new.routes:
+            kept = self.since.get(route.name)
+            if kept is None or kept.route != route:
+                kept = _Since(route, self.publications, new.version)
+            since[route.name] = kept
+        self.since = since
+        self.tables.pop(new.version, None)
+        self.tables[new.version] = (self.publications, {route.name: route.generation for route in new.routes})
+        while len(self.tables) > MAX_REMEMBERED_TABLES:
+            del self.tables[next(iter(self.tables))]
+        self.publications += 1
 
     def generation(self, version: str | None, key: str) -> int | None:
-        for known, generations in reversed(self.history):
-            if known == version:
-                return generations.get(key)
-        return None
+        """The generation of route ``key`` in table ``version`` (None: not in it, or not known)."""
+        known = self.tables.get(version or "")
+        return None if known is None else known[1].get(key)
+
+    def publication(self, version: str | None) -> int | None:
+        """The latest publication of table ``version`` (None: not known)."""
+        known = self.tables.get(version or "")
+        return None if known is None else known[0]
 
 
 class Reconciler:
@@ -318,30 +353,38 @@ class Reconciler:
                 message += f"; {proxy} rejected table {latest}: {rejection.error}"
         return conditions.Condition("Programmed", "Unknown", conditions.Reason.PENDING, message, generation)
 
+    def _proxies(self, since: _Since, ready: Sequence[str]) -> dict[str, Any]:
+        """status.proxies of a route in the table: the first table version that held it as it
+        is now, and how many ready proxies run that version or a later one (each of which
+        holds it unchanged)."""
+        programmed = 0
+        for proxy in ready:
+            running = self._published.publication(self._applied.get(proxy))
+            if running is not None and running >= since.publication:
+                programmed += 1
+        return {"programmed": programmed, "total": len(ready), "version": since.version}
+
     def _desired(
         self, entry: RouteEntry, compiled: compiler.Compiled, ready: Sequence[str], current: Mapping[str, Any]
     ) -> dict[str, Any]:
         route = entry.route
         ours = list(compiled.conditions[route.key])
-        if self._published.generation(self._published.latest, route.key) == route.generation:
+        since = self._published.since.get(route.key)
+        if since is not None:  # in the table: Programmed and proxies come from the acks
             ours = [c for c in ours if c.type != "Programmed"]
             ours.append(self._programmed(route.key, route.generation, ready))
         existing = current.get("conditions")
-        latest = self._published.latest or ""
         counts = compiled.endpoint_counts.get(route.key, ())
         return {
             "observedGeneration": route.generation,
             "conditions": conditions.merge(existing if isinstance(existing, list) else [], ours, self._now()),
-            # None deletes the field (merge patch): an invalid route serves nothing.
+            # None deletes the field (merge patch): an invalid route serves nothing, a route
+            # left out of the table runs on no proxy.
             "protocols": ",".join(p for p, _ in route.protocols)
             if isinstance(route, mailroute.MailRoute)
             else None,
             "endpoints": dict(counts) or None,
-            "proxies": {
-                "programmed": sum(1 for proxy in ready if self._applied.get(proxy) == latest),
-                "total": len(ready),
-                "version": latest,
-            },
+            "proxies": None if since is None else self._proxies(since, ready),
         }
 
     async def _write_statuses(

@@ -1,5 +1,6 @@
-"""The reconciler with a fake publisher and a fake API: the sync gate, debounce, Programmed from
-acks, status writes (others' conditions kept, one write per change), Events, the snapshot."""
+"""The reconciler with a fake publisher and a fake API: the sync gate, debounce, Programmed and
+status.proxies from acks, status writes (others' conditions kept, one write per change, none for
+a route a new table does not change), Events, the snapshot."""
 
 import asyncio
 from collections.abc import Callable, Mapping
@@ -112,7 +113,10 @@ def entry(
 
 
 DOVECOT = endpoints.Service("mail", "dovecot", (endpoints.ServicePort("imap", 143, "TCP"),))
-SLICE = endpoints.Slice("mail", "dovecot", "dovecot-a", (("imap", 10143),), ("10.0.0.1",), ())
+
+
+def dovecot_slice(address: str = "10.0.0.1") -> endpoints.Slice:
+    return endpoints.Slice("mail", "dovecot", "dovecot-a", (("imap", 10143),), (address,), ())
 
 
 @dataclass
@@ -123,12 +127,13 @@ class World:
     proxies: dict[str, bool] = field(
         default_factory=lambda: {"proxy-a": True, "proxy-b": True, "proxy-c": False}
     )
+    dovecot: endpoints.Slice = field(default_factory=dovecot_slice)
 
     def read(self) -> reconciler.Inputs:
         return reconciler.Inputs(
             routes=list(self.routes),
             services={("mail", "dovecot"): DOVECOT},
-            slices={("mail", "dovecot"): [SLICE]},
+            slices={("mail", "dovecot"): [self.dovecot]},
             proxies=dict(self.proxies),
         )
 
@@ -305,9 +310,10 @@ async def test_a_rejection_is_reported_and_the_last_good_table_still_counts(
         "Pending",
         f"1 of 2 proxies; proxy-b rejected table {latest}: no memory",
     )
-    # proxy-b still runs the first table, which holds example's generation.
+    # proxy-b still runs the first table, which holds example as it is now.
     assert conditions_of(cluster.last_status("mail/example"))["Programmed"][0] == "True"
-    assert cluster.last_status("mail/example")["proxies"]["programmed"] == 1
+    assert cluster.last_status("mail/example")["proxies"]["programmed"] == 2
+    assert cluster.last_status("mail/other")["proxies"] == {"programmed": 1, "total": 2, "version": latest}
 
 
 async def test_status_is_written_once_per_change_with_events_on_transitions(
@@ -381,9 +387,11 @@ async def test_conflict_and_invalid_route(
     assert late["Accepted"][:2] == ("False", "Conflicted")
     assert "mail/example" in late["Accepted"][2]
     assert late["Programmed"][:2] == ("False", "Invalid")
+    assert cluster.last_status("mail/zz-late")["proxies"] is None  # runs on no proxy
     invalid = cluster.last_status("mail/broken")
     assert conditions_of(invalid)["Accepted"][:2] == ("False", "Invalid")
-    assert (invalid["protocols"], invalid["endpoints"]) == (None, None)  # deleted by the merge patch
+    # Deleted by the merge patch.
+    assert (invalid["protocols"], invalid["endpoints"], invalid["proxies"]) == (None, None, None)
     kinds = {(key, kind, reason) for key, kind, reason, _ in cluster.events}
     assert ("mail/zz-late", "Warning", "Conflicted") in kinds
     assert ("mail/broken", "Warning", "Invalid") in kinds
@@ -417,6 +425,8 @@ async def test_a_new_table_goes_out_while_statuses_are_still_being_written(
     task = asyncio.create_task(worker.run())
     try:
         await turns_until(lambda: len(publisher.published) == 1)
+        # New endpoints change every route (all use dovecot), so each has a new version to write.
+        world.dovecot = dovecot_slice("10.0.0.2")
         world.routes.append(entry(route_body("third", "example.net")))
         worker.touch()
         await turns_until(lambda: len(publisher.published) == 2)
@@ -435,3 +445,84 @@ async def test_a_new_table_goes_out_while_statuses_are_still_being_written(
         ]
     finally:
         task.cancel()
+
+
+async def test_a_table_that_does_not_change_a_route_writes_no_status_for_it(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """status.proxies names the route's own first table, not the latest: adding a route, the
+    proxies acking it and deleting it again leave the other route's status as it was."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    first = publisher.published[0].version
+    example = cluster.last_status("mail/example")
+    assert example["proxies"] == {"programmed": 2, "total": 2, "version": first}
+    writes = len(cluster.patches)
+
+    world.routes.append(entry(route_body("other", "example.org")))
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    second = publisher.published[1].version
+    assert second != first
+    assert [key for key, _, _ in cluster.patches[writes:]] == ["mail/other", "mail/other"]
+    assert cluster.last_status("mail/other")["proxies"] == {"programmed": 2, "total": 2, "version": second}
+
+    world.routes.pop()
+    await worker.reconcile()
+    # The same content is the same version again; the proxies that run it count.
+    assert publisher.published[-1].version == first
+    publisher.ack("proxy-a")
+    await worker.reconcile()
+    assert [key for key, _, _ in cluster.patches[writes:]] == ["mail/other", "mail/other"]
+    assert cluster.last_status("mail/example") == example
+
+
+async def test_new_endpoints_move_the_version_and_the_count_while_programmed_holds(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """The route's compiled form changed: status.proxies names the table that carries the new
+    endpoints and counts the proxies that run it; the generation did not change, so every proxy
+    still runs it and Programmed stays True."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    world.dovecot = dovecot_slice("10.0.0.2")
+    await worker.reconcile()
+    moved = publisher.published[-1].version
+    status = cluster.last_status("mail/example")
+    assert status["proxies"] == {"programmed": 0, "total": 2, "version": moved}
+    assert conditions_of(status)["Programmed"] == ("True", "Programmed", "2 of 2 proxies")
+
+    publisher.ack("proxy-a")
+    await worker.reconcile()
+    assert cluster.last_status("mail/example")["proxies"] == {"programmed": 1, "total": 2, "version": moved}
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    status = cluster.last_status("mail/example")
+    assert status["proxies"] == {"programmed": 2, "total": 2, "version": moved}
+    assert conditions_of(status)["Programmed"] == ("True", "Programmed", "2 of 2 proxies")
+    assert [event for event in cluster.events if event[2] == "Programmed"] == [
+        ("mail/example", "Normal", "Programmed", "Programmed=True: 2 of 2 proxies")
+    ]
+
+
+async def test_endpoints_that_come_back_count_the_proxies_that_never_left(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """Endpoints flap back: the table's content, and so its version, is the first one again. A
+    proxy still on it runs the route as it is now; one on the table between does not."""
+    await worker.reconcile()
+    first = publisher.published[0].version
+    publisher.ack("proxy-a")
+    world.dovecot = dovecot_slice("10.0.0.2")
+    await worker.reconcile()
+    publisher.ack("proxy-b")
+    world.dovecot = dovecot_slice()
+    await worker.reconcile()
+    assert [published.version for published in publisher.published][::2] == [first, first]
+    assert cluster.last_status("mail/example")["proxies"] == {"programmed": 1, "total": 2, "version": first}
