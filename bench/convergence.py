@@ -5,7 +5,7 @@ The set-up is the end-to-end test's, with production timings: the project's Kube
 (tests/kube/emulator.py) serves the API from a child process of its own, so its work is not
 counted against the controller; the real operator (controller.operator.run, default holdoff)
 runs in a thread of this process; three real ``mailgress proxy`` processes subscribe to its push
-channel on 127.0.0.1 (started as tests/e2e_push starts them). Measured, per number of routes:
+channel on 127.0.0.1 (testbed.proxyfleet starts them). Measured, per number of routes:
 - one more route: N - 1 routes are programmed; from the request creating one more until every
   proxy has acknowledged a table holding it, and until its status says Programmed 3 of 3;
 - a burst: N routes created one request after the other (as ``kubectl apply -f``) into an empty
@@ -41,8 +41,7 @@ from kmock._internal import rendering
 from bench import measure
 from controller import compiler, mailroute, operator, publisher
 from proxy import table
-from testbed import mailservers
-from tests.e2e_push.test_proxy_process import Deployment
+from testbed import mailservers, proxyfleet
 from tests.kube.conftest import (
     CONTROLLER_NAMESPACE,
     CONTROLLER_TOKEN,
@@ -398,7 +397,7 @@ async def convergence(counts: Sequence[int], runs: int) -> dict[tuple[str, int],
     results: dict[tuple[str, int], list[Run]] = {}
     with tempfile.TemporaryDirectory(prefix="mailgress-convergence-") as scratch, api_server() as url:
         directory = Path(scratch)
-        deployment = Deployment(directory)
+        deployment = proxyfleet.Deployment(directory)
         kubeconfig = directory / "kubeconfig"
         kubeconfig.write_text(kubeconfig_text(url, CONTROLLER_TOKEN))
         settings = operator.Settings(
@@ -440,8 +439,7 @@ async def convergence(counts: Sequence[int], runs: int) -> dict[tuple[str, int],
                     watching.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await watching
-                    for proxy in deployment.proxies:
-                        await asyncio.to_thread(proxy.stop)
+                    await deployment.stop_proxies()
     return results
 
 

@@ -6,6 +6,8 @@ Package map:
                      for both, an auth-only Dovecot for Postfix's SASL) with its users and passwords.
 - ``proxysettings``  the standalone proxy settings file and MailRoute manifests in front of a testbed.
 - ``proxyprocess``   ``mailgress proxy`` as a child process: start, wait for /readyz, stop, its log.
+- ``proxyfleet``     proxies in controller mode, as the pods of one Deployment (token, snapshot,
+                     the controller's port), and a stand-in controller.
 - ``clients``        ``curl`` and ``swaks`` runs that keep passwords off command lines and out of output,
                      the logins imaplib/poplib lack, and a raw line client.
 - ``messages``       test messages: small ones with unique Message-IDs, large ones of an exact size.

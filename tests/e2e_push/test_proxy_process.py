@@ -1,11 +1,11 @@
 """``mailgress proxy`` in controller mode, as a real process, fed by a real Publisher.
 
 The test plays the controller: it compiles the testbed's MailRoutes, publishes the table on a
-loopback Publisher and writes the snapshot file, while real proxy processes (settings with a
-``controller`` key) subscribe, acknowledge and carry IMAP logins to the testbed's Dovecot. It
-checks the wiring the unit tests cannot: the CLI picks the subscriber, readiness waits for a
-table, a pushed table changes where logins go, a controller outage changes nothing, and a proxy
-started during the outage serves the snapshot. Blocking clients run in threads so the
+loopback Publisher and writes the snapshot file, while real proxy processes (testbed.proxyfleet:
+settings with a ``controller`` key) subscribe, acknowledge and carry IMAP logins to the testbed's
+Dovecot. It checks the wiring the unit tests cannot: the CLI picks the subscriber, readiness waits
+for a table, a pushed table changes where logins go, a controller outage changes nothing, and a
+proxy started during the outage serves the snapshot. Blocking clients run in threads so the
 Publisher keeps serving; every wait is bounded in count and time.
 """
 
@@ -15,16 +15,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-import yaml
 
 from controller import publisher
 from mailgress import standalone
 from proxy import settings as proxy_settings
 from proxy import table
 from testbed import backends as testbed_backends
-from testbed import clients, mailservers, proxyprocess, proxysettings
+from testbed import clients, mailservers, proxyfleet
 
-TOKEN = "e2e-push-token-never-logged"
 POLL = 0.02
 POLLS = 1000  # 20 s at most for any one wait
 
@@ -59,61 +57,21 @@ def imap_login(port: int, user: mailservers.User) -> None:
         client.login(user.address, user.password)
 
 
-class Deployment:
-    """What a cluster would mount into proxy pods (token, snapshot) and the controller's port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = mailservers.free_port()
-        self.token_file = directory / "token"
-        self.token_file.write_text(TOKEN)
-        self.snapshot_file = directory / "snapshot.json"
-        self.proxies: list[proxyprocess.ProxyProcess] = []
-
-    async def start_controller(self, first: table.RoutingTable) -> publisher.Publisher:
-        channel = publisher.Publisher(TOKEN)
-        channel.publish(first)
-        await channel.start("127.0.0.1", self.port)
-        return channel
-
-    async def start_proxy(self, name: str) -> proxyprocess.ProxyProcess:
-        ports = proxysettings.ProxyPorts.free()
-        directory = self.directory / name
-        directory.mkdir()
-        document = {
-            "listeners": [{"name": "imap", "protocol": "imap", "address": "127.0.0.1", "port": ports.imap}],
-            "admin": {"address": "127.0.0.1", "port": ports.admin},
-            "controller": {
-                "url": f"http://127.0.0.1:{self.port}",
-                "tokenFile": str(self.token_file),
-                "proxyName": name,
-                "snapshotFile": str(self.snapshot_file),
-            },
-        }
-        path = directory / proxysettings.SETTINGS_NAME
-        path.write_text(yaml.safe_dump(document))
-        settings = proxysettings.SettingsFile(path=path, routes_path=None, ports=ports)
-        proxy = proxyprocess.ProxyProcess(settings, directory / "mailgress.log", log_level="debug")
-        self.proxies.append(proxy)
-        await asyncio.to_thread(proxy.start)  # returns once /readyz answers 200
-        return proxy
-
-
 @pytest.fixture
-async def deployment(backends: testbed_backends.Backends) -> AsyncIterator[Deployment]:
+async def deployment(backends: testbed_backends.Backends) -> AsyncIterator[proxyfleet.Deployment]:
     directory = backends.directory / "push"
     directory.mkdir(exist_ok=True)
-    made = Deployment(Path(directory))
+    made = proxyfleet.Deployment(Path(directory))
     yield made
+    await made.stop_proxies()
     for proxy in made.proxies:
-        await asyncio.to_thread(proxy.stop)
         log = proxy.log_text()
-        assert TOKEN not in log
+        assert proxyfleet.PUSH_TOKEN not in log
         assert testbed_backends.PASSWORD_MARKER not in log
 
 
 async def test_pushed_tables_route_real_logins_through_an_outage(
-    backends: testbed_backends.Backends, deployment: Deployment
+    backends: testbed_backends.Backends, deployment: proxyfleet.Deployment
 ) -> None:
     alpha, beta = user_of(backends, testbed_backends.ALPHA), user_of(backends, testbed_backends.BETA)
     both = compile_routes(backends, testbed_backends.DOMAINS)

@@ -27,8 +27,8 @@ from controller import operator
 from proxy import table
 from testbed import backends as testbed_backends
 from testbed import clients, mailservers, messages, proxyprocess
+from testbed.proxyfleet import Deployment
 from tests import conftest as suite
-from tests.e2e_push.test_proxy_process import Deployment
 from tests.kube.conftest import (
     CONTROLLER_NAMESPACE,
     NAMESPACE,

@@ -1,0 +1,80 @@
+"""Real ``mailgress proxy`` processes in controller mode, as the pods of one proxy Deployment.
+
+``Deployment`` holds what a cluster mounts into every proxy pod (the push token and the snapshot
+file the ConfigMap would hold) and the port of the controller's push channel. It starts proxies
+whose settings have a ``controller`` key, each in a folder of its own; ``start_proxy`` returns once
+the proxy holds a table (its /readyz). ``start_controller`` stands in for the controller with a
+loopback ``controller.publisher.Publisher``; tests/kube and bench/convergence.py run the real
+operator on ``port`` instead. Used by tests/e2e_push, tests/kube and bench/convergence.py. Never
+starts mail servers, never writes the token anywhere but its file, binds only 127.0.0.1.
+"""
+
+import asyncio
+from pathlib import Path
+
+import yaml
+
+from controller import publisher
+from proxy import table
+from testbed import mailservers, proxyprocess, proxysettings
+
+# The push channel's bearer token (a Secret in a cluster); tests check no log ever holds it.
+PUSH_TOKEN = "e2e-push-token-never-logged"
+
+
+class Deployment:
+    """What a cluster would mount into proxy pods (token, snapshot) and the controller's port."""
+
+    def __init__(self, directory: Path) -> None:
+        """
+        Args:
+            directory: existing folder for the token, the snapshot and one folder per proxy.
+        """
+        self.directory = directory
+        self.port = mailservers.free_port()
+        self.token_file = directory / "token"
+        self.token_file.write_text(PUSH_TOKEN)
+        self.snapshot_file = directory / "snapshot.json"
+        self.proxies: list[proxyprocess.ProxyProcess] = []
+
+    async def start_controller(self, first: table.RoutingTable) -> publisher.Publisher:
+        """A push channel on ``port`` publishing ``first``; the caller stops it."""
+        channel = publisher.Publisher(PUSH_TOKEN)
+        channel.publish(first)
+        await channel.start(mailservers.LOOPBACK, self.port)
+        return channel
+
+    async def start_proxy(self, name: str) -> proxyprocess.ProxyProcess:
+        """Start the proxy ``name`` (its proxyName, its folder) and return once it holds a table.
+
+        Raises:
+            proxyprocess.ProxyError: it exited, or had no table in proxyprocess.READY_TIMEOUT.
+        """
+        ports = proxysettings.ProxyPorts.free()
+        directory = self.directory / name
+        directory.mkdir()
+        document = {
+            "listeners": [
+                {"name": "imap", "protocol": "imap", "address": mailservers.LOOPBACK, "port": ports.imap}
+            ],
+            "admin": {"address": mailservers.LOOPBACK, "port": ports.admin},
+            "controller": {
+                "url": f"http://{mailservers.LOOPBACK}:{self.port}",
+                "tokenFile": str(self.token_file),
+                "proxyName": name,
+                "snapshotFile": str(self.snapshot_file),
+            },
+        }
+        path = directory / proxysettings.SETTINGS_NAME
+        path.write_text(yaml.safe_dump(document))
+        settings = proxysettings.SettingsFile(path=path, routes_path=None, ports=ports)
+        proxy = proxyprocess.ProxyProcess(settings, directory / "mailgress.log", log_level="debug")
+        self.proxies.append(proxy)
+        # Blocking until /readyz answers 200; in a thread, so a controller on this loop serves it.
+        await asyncio.to_thread(proxy.start)
+        return proxy
+
+    async def stop_proxies(self) -> None:
+        """Stop every proxy started so far, leaving no process behind; their logs stay. Idempotent."""
+        for proxy in self.proxies:
+            await asyncio.to_thread(proxy.stop)
