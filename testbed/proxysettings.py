@@ -3,7 +3,8 @@
 Writes the format ``proxy/settings.py`` reads (listeners, admin, routes, services, plus any other
 top-level keys a caller passes) and MailRoute manifests in the form users ``kubectl apply``.
 Called by ``backends.Backends.write_proxy_settings``, the e2e tests (which also rewrite route files
-to test live edits) and the demo. Writes files only; never starts anything and never holds a password.
+to test live edits, add listeners and read back the ports they got) and the demo. Writes and reads
+files only; never starts anything and never holds a password.
 """
 
 import os
@@ -55,6 +56,11 @@ class SettingsFile:
     def admin_url(self) -> str:
         return f"http://{mailservers.LOOPBACK}:{self.ports.admin}"
 
+    def listener_ports(self) -> dict[str, int]:
+        """The port of each listener by name, as the file says (listeners a caller added included)."""
+        document = yaml.safe_load(self.path.read_text())
+        return {listener["name"]: listener["port"] for listener in document["listeners"]}
+
     def write_routes(self, manifests: Sequence[Mapping[str, Any]]) -> None:
         """Replace the route file's content (a proxy watching it picks the change up)."""
         if self.routes_path is None:
@@ -93,6 +99,22 @@ def mailroute(
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }
+
+
+def listeners(ports: ProxyPorts, more: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The four plain listeners on ``ports``, then each of ``more`` on 127.0.0.1 and a free port."""
+    plain = [
+        {
+            "name": name,
+            "protocol": protocol,
+            "address": mailservers.LOOPBACK,
+            "port": ports.listener_port(protocol),
+        }
+        for protocol, name in LISTENER_NAMES.items()
+    ]
+    return plain + [
+        {**listener, "address": mailservers.LOOPBACK, "port": mailservers.free_port()} for listener in more
+    ]
 
 
 def _dump_atomically(path: Path, text: str) -> None:
@@ -138,15 +160,7 @@ def write(
         write_routes(routes_path, routes)
         route_names.insert(0, ROUTES_NAME)
     document: dict[str, Any] = {
-        "listeners": [
-            {
-                "name": name,
-                "protocol": protocol,
-                "address": mailservers.LOOPBACK,
-                "port": ports.listener_port(protocol),
-            }
-            for protocol, name in LISTENER_NAMES.items()
-        ],
+        "listeners": listeners(ports),
         "admin": {"address": mailservers.LOOPBACK, "port": ports.admin},
         "routes": route_names,
         "services": {

@@ -59,6 +59,26 @@ def test_written_settings_parse_in_the_proxy(tmp_path: Path) -> None:
     assert written.admin_url == "http://127.0.0.1:9901"
 
 
+def test_added_listeners_get_free_ports_that_the_file_reports(tmp_path: Path) -> None:
+    more = [{"name": "imap-pp", "protocol": "imap", "proxyProtocol": {"trustedCidrs": ["127.0.0.1/32"]}}]
+    written = proxysettings.write(
+        tmp_path, ports=PORTS, services=SERVICES, extra={"listeners": proxysettings.listeners(PORTS, more)}
+    )
+    ports = written.listener_ports()
+    assert list(ports) == ["imap", "pop3", "submission", "mx", "imap-pp"]
+    assert [ports[name] for name in ("imap", "pop3", "submission", "mx")] == [1143, 1110, 1587, 1025]
+    assert ports["imap-pp"] not in (1143, 1110, 1587, 1025, 9901)
+    loaded = {listener.name: listener for listener in proxy_settings.load(written.path).listeners}
+    assert {name: listener.port for name, listener in loaded.items()} == ports
+    assert (loaded["imap-pp"].protocol, loaded["imap-pp"].address) == ("imap", "127.0.0.1")
+    assert [str(network) for network in loaded["imap-pp"].proxy_protocol_from] == ["127.0.0.1/32"]
+
+
+def test_plain_settings_report_their_four_listeners(tmp_path: Path) -> None:
+    written = proxysettings.write(tmp_path, ports=PORTS, services=SERVICES, routes=[])
+    assert written.listener_ports() == {"imap": 1143, "pop3": 1110, "submission": 1587, "mx": 1025}
+
+
 def test_route_files_are_replaced_whole(tmp_path: Path) -> None:
     written = proxysettings.write(tmp_path, ports=PORTS, services=SERVICES, routes=[])
     replacement = [proxysettings.mailroute("new", ["new.example"], smtp=("postfix", 25))]
