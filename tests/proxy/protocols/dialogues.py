@@ -1,23 +1,25 @@
-"""Scaffolding shared by the IMAP, POP3 and SMTP machine tests: hypothesis fuzzing helpers.
+"""Scaffolding shared by the IMAP, POP3 and SMTP machine tests: test factories and fuzzing helpers.
 
-test_imap.py, test_pop3.py and test_smtp.py use these with their own machines and data; what
-only one protocol does stays in its module. The fuzzing helpers play the driver's part for both
-kinds of machine (``drive`` for a front-end, ``fuzz_backend`` for a backend login). Nothing here
-opens a socket, and no assertion here shows the test password.
+test_imap.py, test_pop3.py and test_smtp.py call the ``*_tests`` factories with their own machine,
+transcripts and replies, and bind the test functions returned to the same names in their module,
+where pytest collects them; what only one protocol does stays in its module. The fuzzing helpers
+play the driver's part for both kinds of machine (``drive`` for a front-end, ``fuzz_backend`` for a
+backend login). Nothing here opens a socket, and no assertion here shows the test password.
 """
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
-from hypothesis import HealthCheck, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.protocols import events
-from proxy.protocols.events import BackendMachine, Command, Event, FrontendMachine
+from proxy.protocols.errors import LocalProtocolError
+from proxy.protocols.events import BackendMachine, Command, Event, FrontendConfig, FrontendMachine
+from tests.proxy.protocols import transcript
 from tests.proxy.protocols.transcript import CRLF
-
-# ---------------------------------------------------------------------------------------------
-# Fuzzing: hypothesis strategies and a stand-in for the driver, for any machine
 
 # Deterministic runs (no example database, fixed seed) and no timing: the machine is shared.
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -27,6 +29,31 @@ PASSWORD = "Pa55-unique-W0rd"
 INTERESTING = b'\r\n{}+"\\ *()=]-.:<>@%!\x00\x7f\xff0123456789'
 FRONTEND_COMMANDS = (events.Send, events.Close, events.StartTls, events.Authenticate, events.Relay)
 VERDICTS = (events.LoginSucceeded, events.LoginFailed, events.BackendFailed)
+# The STARTTLS policies every front-end is fuzzed under (SMTP adds its inbound mode).
+FRONTEND_CONFIGS = (
+    FrontendConfig(),
+    FrontendConfig(starttls=events.StartTlsPolicy.ON),
+    FrontendConfig(starttls=events.StartTlsPolicy.REQUIRED, max_errors=3),
+)
+# Read sizes: small ones cut a transcript inside every line; a client's reads are larger.
+TRANSCRIPT_CHUNKS = st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8)
+CLIENT_READS = st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6)
+
+TestFunction = Callable[..., None]
+FrontendFactory = Callable[[FrontendConfig], FrontendMachine]
+Frontend = TypeVar("Frontend", bound=FrontendMachine)
+
+
+def event_name(event: Event) -> str:
+    """A test id for a parametrized event: its type's name."""
+    return type(event).__name__
+
+
+def started(make: Callable[[FrontendConfig], Frontend], config: FrontendConfig | None = None) -> Frontend:
+    """A front-end built by ``make`` (default settings unless ``config`` is given), greeting sent."""
+    frontend = make(config or FrontendConfig())
+    frontend.start()
+    return frontend
 
 
 def sent(commands: Sequence[Command]) -> bytes:
@@ -38,6 +65,145 @@ def sent_before_tls(commands: Sequence[Command]) -> bytes:
     """What the ``Send`` commands write before the first ``StartTls`` (all of it without one)."""
     starts = [index for index, command in enumerate(commands) if isinstance(command, events.StartTls)]
     return sent(commands[: starts[0]] if starts else commands)
+
+
+# ---------------------------------------------------------------------------------------------
+# Front-end tests every protocol runs: factories that return test functions
+
+
+def transcript_tests(paths: Sequence[Path], frontend: FrontendFactory) -> tuple[TestFunction, TestFunction]:
+    """Every transcript in ``paths`` played against ``frontend``, whole and cut into random chunks.
+
+    Returns ``test_transcript`` and ``test_transcript_split_anywhere_gives_the_same_commands``.
+    """
+    each = pytest.mark.parametrize("path", paths, ids=lambda path: path.stem)
+
+    @each
+    def test_transcript(path: Path) -> None:
+        transcript.check(path, frontend)
+
+    @each
+    @FUZZ
+    @given(chunks=TRANSCRIPT_CHUNKS)
+    def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
+        transcript.check_split(path, frontend, chunks)
+
+    return test_transcript, test_transcript_split_anywhere_gives_the_same_commands
+
+
+def misuse_tests(
+    frontend: FrontendFactory, command: bytes, accepted: bytes
+) -> tuple[TestFunction, TestFunction, TestFunction]:
+    """Driver misuse raises LocalProtocolError: ``handle`` (of ``command``) before ``start``,
+    ``start`` twice, and a verdict (``accepted`` is a success reply) or TLS news out of turn.
+
+    Returns ``test_handle_before_start_is_misuse``, ``test_start_twice_is_misuse`` and
+    ``test_verdicts_and_tls_news_out_of_turn_are_misuse``.
+    """
+
+    def test_handle_before_start_is_misuse() -> None:
+        with pytest.raises(LocalProtocolError):
+            frontend(FrontendConfig()).handle(events.DataReceived(command))
+
+    def test_start_twice_is_misuse() -> None:
+        machine = started(frontend)
+        with pytest.raises(LocalProtocolError):
+            machine.start()
+
+    @pytest.mark.parametrize(
+        "event",
+        [
+            events.LoginAccepted(accepted),
+            events.LoginRejected(),
+            events.LoginUnavailable(),
+            events.TlsEstablished(),
+        ],
+        ids=event_name,
+    )
+    def test_verdicts_and_tls_news_out_of_turn_are_misuse(event: Event) -> None:
+        machine = started(frontend)
+        with pytest.raises(LocalProtocolError):
+            machine.handle(event)
+
+    return (
+        test_handle_before_start_is_misuse,
+        test_start_twice_is_misuse,
+        test_verdicts_and_tls_news_out_of_turn_are_misuse,
+    )
+
+
+def redaction_test(
+    frontend: FrontendFactory, logins: Sequence[bytes], accepted: bytes, secrets: Sequence[str] = (PASSWORD,)
+) -> TestFunction:
+    """Each of ``logins`` (client bytes that end in an Authenticate), then any verdict or the end
+    of the session: no command's repr or str, nor the machine's repr, shows any of ``secrets``.
+
+    Returns ``test_frontend_never_shows_the_password``.
+    """
+
+    @pytest.mark.parametrize("dialogue", logins)
+    @pytest.mark.parametrize(
+        "verdict",
+        [
+            events.LoginAccepted(accepted),
+            events.LoginRejected(),
+            events.LoginUnavailable(),
+            events.TimedOut(),
+            events.ConnectionClosed(),
+        ],
+        ids=event_name,
+    )
+    def test_frontend_never_shows_the_password(dialogue: bytes, verdict: Event) -> None:
+        machine = started(frontend)
+        commands = machine.handle(events.DataReceived(dialogue))
+        commands += machine.handle(verdict)
+        assert any(isinstance(command, events.Authenticate) for command in commands)
+        shown = [repr(machine), *(text for command in commands for text in (repr(command), str(command)))]
+        for secret in secrets:
+            assert all(secret not in text for text in shown)
+
+    return test_frontend_never_shows_the_password
+
+
+def mutated_input_test(
+    frontend: FrontendFactory,
+    client_data: Sequence[bytes],
+    configs: Sequence[FrontendConfig],
+    accepted: bytes,
+    check: Callable[[list[Command]], None] | None = None,
+) -> TestFunction:
+    """Valid client input (``client_data``), mutated and read in random pieces, under each of
+    ``configs`` and random verdicts: ``handle`` never raises and ``check_fuzzed_dialogue`` holds;
+    ``check``, when given, looks at the commands for what only one protocol promises.
+
+    Returns ``test_frontend_survives_mutated_input``.
+    """
+
+    @settings(FUZZ, max_examples=400)
+    @given(
+        data=st.sampled_from(client_data).flatmap(mutated),
+        sizes=CLIENT_READS,
+        config=st.sampled_from(configs),
+        verdicts=st.lists(
+            st.sampled_from(
+                [events.LoginAccepted(accepted), events.LoginRejected(), events.LoginUnavailable()]
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+    )
+    def test_frontend_survives_mutated_input(
+        data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[Event]
+    ) -> None:
+        commands = check_fuzzed_dialogue(drive(frontend(config), data, sizes, verdicts))
+        if check is not None:
+            check(commands)
+
+    return test_frontend_survives_mutated_input
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: hypothesis strategies and a stand-in for the driver, for any machine
 
 
 @st.composite

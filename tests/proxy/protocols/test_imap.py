@@ -6,13 +6,11 @@ measured in kilobytes, LocalProtocolError for driver misuse, the BackendLogin di
 STARTTLS towards the backend), and hypothesis fuzzing of both machines with mutated input.
 """
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.protocols import events, imap, sasl
+from proxy.protocols import imap, sasl
 from proxy.protocols.errors import LocalProtocolError
 from proxy.protocols.events import (
     Authenticate,
@@ -33,7 +31,6 @@ from proxy.protocols.events import (
     Relay,
     Send,
     StartTls,
-    StartTlsPolicy,
     TimedOut,
     TlsEstablished,
 )
@@ -44,9 +41,7 @@ TRANSCRIPTS = transcript.paths("imap")
 
 
 def started(config: FrontendConfig | None = None) -> imap.Frontend:
-    frontend = imap.Frontend(config or FrontendConfig())
-    frontend.start()
-    return frontend
+    return dialogues.started(imap.Frontend, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,16 +52,9 @@ def test_there_are_transcripts_for_every_scenario_family() -> None:
     assert len(TRANSCRIPTS) >= 12
 
 
-@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
-def test_transcript(path: Path) -> None:
-    transcript.check(path, imap.Frontend)
-
-
-@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
-@FUZZ
-@given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
-def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
-    transcript.check_split(path, imap.Frontend, chunks)
+test_transcript, test_transcript_split_anywhere_gives_the_same_commands = dialogues.transcript_tests(
+    TRANSCRIPTS, imap.Frontend
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,26 +179,11 @@ def test_login_request_carries_protocol_tag_and_redacted_credentials() -> None:
 # Driver misuse raises LocalProtocolError; nothing else does
 
 
-def test_handle_before_start_is_misuse() -> None:
-    with pytest.raises(LocalProtocolError):
-        imap.Frontend(FrontendConfig()).handle(DataReceived(b"a NOOP\r\n"))
-
-
-def test_start_twice_is_misuse() -> None:
-    frontend = started()
-    with pytest.raises(LocalProtocolError):
-        frontend.start()
-
-
-@pytest.mark.parametrize(
-    "event",
-    [LoginAccepted(b"a OK\r\n"), LoginRejected(), LoginUnavailable(), TlsEstablished()],
-    ids=lambda event: type(event).__name__,
-)
-def test_verdicts_and_tls_news_out_of_turn_are_misuse(event: events.Event) -> None:
-    frontend = started()
-    with pytest.raises(LocalProtocolError):
-        frontend.handle(event)
+(
+    test_handle_before_start_is_misuse,
+    test_start_twice_is_misuse,
+    test_verdicts_and_tls_news_out_of_turn_are_misuse,
+) = dialogues.misuse_tests(imap.Frontend, b"a NOOP\r\n", accepted=b"a OK\r\n")
 
 
 def test_events_after_relay_are_misuse() -> None:
@@ -581,20 +554,9 @@ REDACTION_DIALOGUES = [
 ]
 
 
-@pytest.mark.parametrize("dialogue", REDACTION_DIALOGUES)
-@pytest.mark.parametrize(
-    "verdict",
-    [LoginAccepted(b"a OK in\r\n"), LoginRejected(), LoginUnavailable(), TimedOut(), ConnectionClosed()],
-    ids=lambda event: type(event).__name__,
+test_frontend_never_shows_the_password = dialogues.redaction_test(
+    imap.Frontend, REDACTION_DIALOGUES, accepted=b"a OK in\r\n"
 )
-def test_frontend_never_shows_the_password(dialogue: bytes, verdict: events.Event) -> None:
-    frontend = started()
-    commands = frontend.handle(DataReceived(dialogue))
-    commands += frontend.handle(verdict)
-    assert any(isinstance(command, Authenticate) for command in commands)
-    for command in commands:
-        assert PASSWORD not in repr(command)
-        assert PASSWORD not in str(command)
 
 
 @pytest.mark.parametrize(
@@ -623,28 +585,9 @@ def test_backend_never_shows_the_password_outside_its_login(replies: list[bytes]
 # Fuzzing: mutated client input and random backend replies never make handle() raise
 
 VALID_CLIENT_DATA = [transcript.load(path).client_data for path in TRANSCRIPTS]
-CONFIGS = [
-    FrontendConfig(),
-    FrontendConfig(starttls=StartTlsPolicy.ON),
-    FrontendConfig(starttls=StartTlsPolicy.REQUIRED, max_errors=3),
-]
-
-
-@settings(FUZZ, max_examples=400)
-@given(
-    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(dialogues.mutated),
-    sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
-    config=st.sampled_from(CONFIGS),
-    verdicts=st.lists(
-        st.sampled_from([LoginAccepted(b"a OK in\r\n"), LoginRejected(), LoginUnavailable()]),
-        min_size=1,
-        max_size=3,
-    ),
+test_frontend_survives_mutated_input = dialogues.mutated_input_test(
+    imap.Frontend, VALID_CLIENT_DATA, dialogues.FRONTEND_CONFIGS, accepted=b"a OK in\r\n"
 )
-def test_frontend_survives_mutated_input(
-    data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
-) -> None:
-    dialogues.check_fuzzed_dialogue(dialogues.drive(imap.Frontend(config), data, sizes, verdicts))
 
 
 def verdict_given(login: imap.BackendLogin) -> bool:

@@ -7,8 +7,6 @@ backend), redaction, and hypothesis fuzzing of both machines (with the protocol-
 helpers of transcript.py).
 """
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,9 +44,7 @@ CREDENTIALS = sasl.Credentials("alice", PASSWORD)
 
 
 def started(config: FrontendConfig | None = None) -> pop3.Frontend:
-    frontend = pop3.Frontend(config or FrontendConfig())
-    frontend.start()
-    return frontend
+    return dialogues.started(pop3.Frontend, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,16 +55,9 @@ def test_there_are_transcripts_for_every_scenario_family() -> None:
     assert len(TRANSCRIPTS) >= 25
 
 
-@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
-def test_transcript(path: Path) -> None:
-    transcript.check(path, pop3.Frontend)
-
-
-@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
-@FUZZ
-@given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
-def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
-    transcript.check_split(path, pop3.Frontend, chunks)
+test_transcript, test_transcript_split_anywhere_gives_the_same_commands = dialogues.transcript_tests(
+    TRANSCRIPTS, pop3.Frontend
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,24 +129,11 @@ def test_login_request_carries_protocol_and_redacted_credentials() -> None:
     assert PASSWORD not in repr(command)
 
 
-def test_handle_before_start_is_misuse() -> None:
-    with pytest.raises(LocalProtocolError):
-        pop3.Frontend(FrontendConfig()).handle(DataReceived(b"CAPA\r\n"))
-
-
-def test_start_twice_is_misuse() -> None:
-    with pytest.raises(LocalProtocolError):
-        started().start()
-
-
-@pytest.mark.parametrize(
-    "event",
-    [TlsEstablished(), LoginAccepted(b"+OK\r\n"), LoginRejected(), LoginUnavailable()],
-    ids=lambda event: type(event).__name__,
-)
-def test_verdicts_and_tls_news_out_of_turn_are_misuse(event: events.Event) -> None:
-    with pytest.raises(LocalProtocolError):
-        started().handle(event)
+(
+    test_handle_before_start_is_misuse,
+    test_start_twice_is_misuse,
+    test_verdicts_and_tls_news_out_of_turn_are_misuse,
+) = dialogues.misuse_tests(pop3.Frontend, b"CAPA\r\n", accepted=b"+OK\r\n")
 
 
 def test_events_after_relay_are_misuse() -> None:
@@ -171,7 +147,7 @@ def test_events_after_relay_are_misuse() -> None:
 @pytest.mark.parametrize(
     "event",
     [DataReceived(b"NOOP\r\n"), ConnectionClosed(), TimedOut(), LoginAccepted(b"+OK\r\n"), LoginRejected()],
-    ids=lambda event: type(event).__name__,
+    ids=dialogues.event_name,
 )
 def test_after_close_events_in_flight_are_ignored(event: events.Event) -> None:
     frontend = started()
@@ -444,21 +420,9 @@ REDACTION_DIALOGUES = [
 ]
 
 
-@pytest.mark.parametrize("dialogue", REDACTION_DIALOGUES)
-@pytest.mark.parametrize(
-    "verdict",
-    [LoginAccepted(b"+OK in\r\n"), LoginRejected(), LoginUnavailable(), TimedOut(), ConnectionClosed()],
-    ids=lambda event: type(event).__name__,
+test_frontend_never_shows_the_password = dialogues.redaction_test(
+    pop3.Frontend, REDACTION_DIALOGUES, accepted=b"+OK in\r\n"
 )
-def test_frontend_never_shows_the_password(dialogue: bytes, verdict: events.Event) -> None:
-    frontend = started()
-    commands = frontend.handle(DataReceived(dialogue))
-    commands += frontend.handle(verdict)
-    assert any(isinstance(command, Authenticate) for command in commands)
-    for command in commands:
-        assert PASSWORD not in repr(command)
-        assert PASSWORD not in str(command)
-    assert PASSWORD not in repr(frontend)
 
 
 @pytest.mark.parametrize(
@@ -489,28 +453,9 @@ def test_backend_never_shows_the_password_outside_its_pass_line(responses: list[
 # Fuzzing: mutated client input and random backend replies never make handle() raise
 
 VALID_CLIENT_DATA = [transcript.load(path).client_data for path in TRANSCRIPTS] + REDACTION_DIALOGUES
-CONFIGS = [
-    FrontendConfig(),
-    FrontendConfig(starttls=StartTlsPolicy.ON),
-    FrontendConfig(starttls=StartTlsPolicy.REQUIRED, max_errors=3),
-]
-
-
-@settings(FUZZ, max_examples=400)
-@given(
-    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(dialogues.mutated),
-    sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
-    config=st.sampled_from(CONFIGS),
-    verdicts=st.lists(
-        st.sampled_from([LoginAccepted(b"+OK in\r\n"), LoginRejected(), LoginUnavailable()]),
-        min_size=1,
-        max_size=3,
-    ),
+test_frontend_survives_mutated_input = dialogues.mutated_input_test(
+    pop3.Frontend, VALID_CLIENT_DATA, dialogues.FRONTEND_CONFIGS, accepted=b"+OK in\r\n"
 )
-def test_frontend_survives_mutated_input(
-    data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
-) -> None:
-    dialogues.check_fuzzed_dialogue(dialogues.drive(pop3.Frontend(config), data, sizes, verdicts))
 
 
 BACKEND_LINES = [

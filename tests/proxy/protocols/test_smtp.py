@@ -8,8 +8,6 @@ redaction, and hypothesis fuzzing of both machines (with the protocol-neutral he
 transcript.py).
 """
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,9 +48,7 @@ ENVELOPE = (b"MAIL FROM:<alice@sender.example>", b"RCPT TO:<bob@example.com>")
 
 
 def started(config: FrontendConfig | None = None) -> smtp.Frontend:
-    frontend = smtp.Frontend(config or FrontendConfig())
-    frontend.start()
-    return frontend
+    return dialogues.started(smtp.Frontend, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,16 +60,9 @@ def test_there_are_transcripts_for_every_scenario_family() -> None:
     assert sum(path.name.startswith("mx-") for path in TRANSCRIPTS) >= 10
 
 
-@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
-def test_transcript(path: Path) -> None:
-    transcript.check(path, smtp.Frontend)
-
-
-@pytest.mark.parametrize("path", TRANSCRIPTS, ids=lambda path: path.stem)
-@FUZZ
-@given(chunks=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
-def test_transcript_split_anywhere_gives_the_same_commands(path: Path, chunks: list[int]) -> None:
-    transcript.check_split(path, smtp.Frontend, chunks)
+test_transcript, test_transcript_split_anywhere_gives_the_same_commands = dialogues.transcript_tests(
+    TRANSCRIPTS, smtp.Frontend
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,24 +320,11 @@ def test_login_requests_carry_helo_envelope_and_redacted_credentials() -> None:
     )
 
 
-def test_handle_before_start_is_misuse() -> None:
-    with pytest.raises(LocalProtocolError):
-        smtp.Frontend(FrontendConfig()).handle(DataReceived(EHLO))
-
-
-def test_start_twice_is_misuse() -> None:
-    with pytest.raises(LocalProtocolError):
-        started().start()
-
-
-@pytest.mark.parametrize(
-    "event",
-    [TlsEstablished(), LoginAccepted(b"235 ok\r\n"), LoginRejected(), LoginUnavailable()],
-    ids=lambda event: type(event).__name__,
-)
-def test_verdicts_and_tls_news_out_of_turn_are_misuse(event: events.Event) -> None:
-    with pytest.raises(LocalProtocolError):
-        started().handle(event)
+(
+    test_handle_before_start_is_misuse,
+    test_start_twice_is_misuse,
+    test_verdicts_and_tls_news_out_of_turn_are_misuse,
+) = dialogues.misuse_tests(smtp.Frontend, EHLO, accepted=b"235 ok\r\n")
 
 
 def test_events_after_relay_are_misuse() -> None:
@@ -368,7 +344,7 @@ def test_events_after_relay_are_misuse() -> None:
         LoginAccepted(b"235 ok\r\n"),
         LoginRejected(),
     ],
-    ids=lambda event: type(event).__name__,
+    ids=dialogues.event_name,
 )
 def test_after_close_events_in_flight_are_ignored(event: events.Event) -> None:
     frontend = started()
@@ -797,21 +773,9 @@ REDACTION_DIALOGUES = [
 ]
 
 
-@pytest.mark.parametrize("dialogue", REDACTION_DIALOGUES)
-@pytest.mark.parametrize(
-    "verdict",
-    [LoginAccepted(b"235 ok\r\n"), LoginRejected(), LoginUnavailable(), TimedOut(), ConnectionClosed()],
-    ids=lambda event: type(event).__name__,
+test_frontend_never_shows_the_password = dialogues.redaction_test(
+    smtp.Frontend, REDACTION_DIALOGUES, accepted=b"235 ok\r\n", secrets=(PASSWORD, PLAIN_RESPONSE.decode())
 )
-def test_frontend_never_shows_the_password(dialogue: bytes, verdict: events.Event) -> None:
-    frontend = started()
-    commands = frontend.handle(DataReceived(dialogue))
-    commands += frontend.handle(verdict)
-    assert any(isinstance(command, Authenticate) for command in commands)
-    for command in commands:
-        assert PASSWORD not in repr(command)
-        assert PLAIN_RESPONSE.decode() not in repr(command)
-    assert PASSWORD not in repr(frontend)
 
 
 @pytest.mark.parametrize(
@@ -844,36 +808,24 @@ def test_backend_never_shows_the_password_outside_its_auth_line(replies: list[by
 
 VALID_CLIENT_DATA = [transcript.load(path).client_data for path in TRANSCRIPTS] + REDACTION_DIALOGUES
 CONFIGS = [
-    FrontendConfig(),
-    FrontendConfig(starttls=StartTlsPolicy.ON),
-    FrontendConfig(starttls=StartTlsPolicy.REQUIRED, max_errors=3),
+    *dialogues.FRONTEND_CONFIGS,
     FrontendConfig(inbound=True),
     FrontendConfig(inbound=True, starttls=StartTlsPolicy.REQUIRED, max_errors=20),
 ]
 
 
-@settings(FUZZ, max_examples=400)
-@given(
-    data=st.sampled_from(VALID_CLIENT_DATA).flatmap(dialogues.mutated),
-    sizes=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6),
-    config=st.sampled_from(CONFIGS),
-    verdicts=st.lists(
-        st.sampled_from([LoginAccepted(b"250 ok\r\n"), LoginRejected(), LoginUnavailable()]),
-        min_size=1,
-        max_size=3,
-    ),
-)
-def test_frontend_survives_mutated_input(
-    data: bytes, sizes: list[int], config: FrontendConfig, verdicts: list[events.Event]
-) -> None:
-    batches = dialogues.drive(smtp.Frontend(config), data, sizes, verdicts)
-    commands = dialogues.check_fuzzed_dialogue(batches)
+def routed_keys_are_plain(commands: list[Command]) -> None:
+    """Whatever got routed is a plain local@domain (or the domain-less postmaster)."""
     for command in commands:
         if isinstance(command, Authenticate) and command.request.protocol == "smtp":
-            # Whatever got routed is a plain local@domain (or the domain-less postmaster).
             local, _, domain = command.request.routing_key.rpartition("@")
             assert not set("%!\\[]").intersection(command.request.routing_key)
             assert (local and domain) or command.request.routing_key.lower() == "postmaster"
+
+
+test_frontend_survives_mutated_input = dialogues.mutated_input_test(
+    smtp.Frontend, VALID_CLIENT_DATA, CONFIGS, accepted=b"250 ok\r\n", check=routed_keys_are_plain
+)
 
 
 BACKEND_LINES = [

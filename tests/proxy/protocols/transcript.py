@@ -1,9 +1,9 @@
 """Transcript format and runner for the sans-IO front-end machine tests.
 
-Shared by the IMAP, POP3 and SMTP machine tests; it knows no protocol (the test passes a
-factory that builds the machine from a ``FrontendConfig``). It never opens a socket and never
-prints a password: an expected password is compared, and only "matches"/"differs" is shown.
-The fuzzing helpers for both kinds of machine live in dialogues.py.
+Called by dialogues.transcript_tests for the IMAP, POP3 and SMTP machine tests (which also load
+a transcript's client bytes as fuzzing input); it knows no protocol (the caller passes a factory
+that builds the machine from a ``FrontendConfig``). It never opens a socket and never prints a
+password: an expected password is compared, and only "matches"/"differs" is shown.
 
 File format, one directive per line (UTF-8):
 
