@@ -11,12 +11,16 @@ raises on a user's object: a broken MailRoute is a SpecError in the index, not a
 
 No handler changes objects, so kopf adds no finalizer and no annotation to MailRoutes: deleting
 one never waits for the controller. Proxy pods are watched with a server-side label selector and
-field selector (the controller's namespace only).
+field selector (the controller's namespace only). A MailRoute is parsed once per (uid,
+generation) (``ParseCache``): our own status writes come back as watch events with the spec
+unchanged, and must not cost a jsonschema validation each.
 """
 
 import asyncio
+import collections
 import copy
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +44,10 @@ ROUTES_INDEX = "mailroute_index"
 SERVICES_INDEX = "service_index"
 SLICES_INDEX = "endpointslice_index"
 PROXIES_INDEX = "proxy_index"
+# Parsed MailRoutes kept for their next watch event: twice the 10,000 routes docs/convergence.md
+# sizes the compiler for. Past it the route seen longest ago is parsed again on its next event,
+# which costs time, never correctness.
+MAX_PARSED_ROUTES = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +61,63 @@ class Wiring:
     cluster: reconciler.Cluster
     holdoff: float = reconciler.HOLDOFF_SECONDS
     metrics: ControllerMetrics | None = None  # compile timings, on the publisher's registry
+
+
+class ParseCache:
+    """``mailroute.parse`` by (uid, generation), for the MailRoute index.
+
+    Sound because a parse reads only the spec, the generation (which the API server bumps on
+    every spec change) and metadata fixed for the life of a uid (namespace, name,
+    creationTimestamp). One entry per uid (a new generation replaces the old), the least
+    recently seen dropped past ``limit``, and ``forget`` on delete. A body without a uid or a
+    generation is parsed every time.
+    """
+
+    def __init__(self, limit: int = MAX_PARSED_ROUTES) -> None:
+        self._limit = limit
+        # kopf runs synchronous handlers in its executor's threads: one object's events at a
+        # time, but different objects' at once.
+        self._lock = threading.Lock()
+        self._parsed: collections.OrderedDict[str, tuple[int, mailroute.MailRoute | mailroute.SpecError]] = (
+            collections.OrderedDict()
+        )
+
+    def parse(self, body: Mapping[str, Any]) -> mailroute.MailRoute | mailroute.SpecError:
+        """What ``mailroute.parse(body)`` returns, from the cache when this generation was seen."""
+        metadata = body.get("metadata")
+        uid = metadata.get("uid") if isinstance(metadata, Mapping) else None
+        generation = metadata.get("generation") if isinstance(metadata, Mapping) else None
+        if not isinstance(uid, str) or not uid or not isinstance(generation, int):
+            return mailroute.parse(body)
+        with self._lock:
+            seen = self._parsed.get(uid)
+            if seen is not None and seen[0] == generation:
+                self._parsed.move_to_end(uid)
+                return seen[1]
+        parsed = mailroute.parse(body)  # outside the lock: this is the slow part
+        with self._lock:
+            self._parsed[uid] = (generation, parsed)
+            self._parsed.move_to_end(uid)
+            while len(self._parsed) > self._limit:
+                self._parsed.popitem(last=False)
+        return parsed
+
+    def forget(self, uid: str) -> None:
+        """The object is gone: drop its entry."""
+        with self._lock:
+            self._parsed.pop(uid, None)
+
+
+def route_entry(body: Mapping[str, Any], parsed: ParseCache) -> reconciler.RouteEntry:
+    """The MailRoute index's value for one object: parsed (cached), plus what writing its status
+    needs (its status copied: kopf reuses the body)."""
+    metadata = body.get("metadata", {})
+    return reconciler.RouteEntry(
+        route=parsed.parse(body),
+        uid=str(metadata.get("uid", "")),
+        resource_version=str(metadata.get("resourceVersion", "")),
+        status=copy.deepcopy(dict(body.get("status") or {})),
+    )
 
 
 def _pod_ready(body: Mapping[str, Any]) -> bool:
@@ -85,6 +150,7 @@ def inputs(indices: Mapping[str, Mapping[Any, Iterable[Any]]]) -> reconciler.Inp
 def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     """Define every handler of the operator on ``registry``."""
     state: dict[str, Any] = {}
+    parsed = ParseCache()
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -123,14 +189,7 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
 
     @kopf.index(GROUP, VERSION, PLURAL, id=ROUTES_INDEX, registry=registry)
     def mailroute_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
-        metadata = body.get("metadata", {})
-        entry = reconciler.RouteEntry(
-            route=mailroute.parse(body),
-            uid=str(metadata.get("uid", "")),
-            resource_version=str(metadata.get("resourceVersion", "")),
-            status=copy.deepcopy(dict(body.get("status") or {})),
-        )
-        return {(namespace, name): entry}
+        return {(namespace, name): route_entry(body, parsed)}
 
     @kopf.index(*SERVICES, id=SERVICES_INDEX, registry=registry)
     def service_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
@@ -154,7 +213,13 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
         worker.mark_synced()
         worker.touch()
 
-    kopf.on.event(GROUP, VERSION, PLURAL, id="mailroute_changed", registry=registry)(wake)
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="mailroute_changed", registry=registry)
+    def mailroute_changed(type: str | None, uid: str | None, **_: Any) -> None:
+        # kopf drops a deleted object from the index without calling the index handler.
+        if type == "DELETED" and uid:
+            parsed.forget(uid)
+        wake()
+
     kopf.on.event(*SERVICES, id="service_changed", registry=registry)(wake)
     kopf.on.event(*SLICES, id="endpointslice_changed", registry=registry)(wake)
     kopf.on.event(

@@ -1,4 +1,5 @@
-"""The kopf glue's pure parts: proxy pod readiness and the reconciler's view of the indexes.
+"""The kopf glue's pure parts: proxy pod readiness, the reconciler's view of the indexes and the
+MailRoute parse cache.
 (The handlers themselves run under kopf in tests/kube/test_operator.py.)"""
 
 from typing import Any
@@ -58,3 +59,76 @@ def test_inputs_flatten_the_index_stores() -> None:
         slices={("mail", "dovecot"): [piece, other]},
         proxies={"proxy-a": True, "proxy-b": False},
     )
+
+
+def route_body(uid: str, *, generation: int = 1, service: str = "dovecot") -> dict[str, Any]:
+    return {
+        "apiVersion": mailroute.API_VERSION,
+        "kind": mailroute.KIND,
+        "metadata": {
+            "namespace": "mail",
+            "name": f"route-{uid}",
+            "uid": uid,
+            "generation": generation,
+            "resourceVersion": "1",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": {"domains": ["example.com"], "imap": {"backend": {"service": service, "port": 143}}},
+    }
+
+
+def test_a_status_write_reuses_the_parse_of_its_generation() -> None:
+    """Our own status write comes back with a new resourceVersion and status, the spec as it
+    was: the entry is new, the parsed route the very same object (no jsonschema run)."""
+    cache = handlers.ParseCache()
+    first = handlers.route_entry(route_body("u1"), cache)
+    written = route_body("u1")
+    written["metadata"]["resourceVersion"] = "2"
+    written["status"] = {"observedGeneration": 1}
+    again = handlers.route_entry(written, cache)
+    assert again.route is first.route
+    assert (again.resource_version, again.status) == ("2", {"observedGeneration": 1})
+
+
+def test_a_new_generation_is_parsed_again() -> None:
+    cache = handlers.ParseCache()
+    first = cache.parse(route_body("u1"))
+    changed = cache.parse(route_body("u1", generation=2, service="dovecot2"))
+    assert isinstance(changed, mailroute.MailRoute)
+    assert changed.generation == 2
+    assert dict(changed.protocols)["imap"].backend.service == "dovecot2"
+    assert cache.parse(route_body("u1", generation=2, service="dovecot2")) is changed
+    assert cache.parse(route_body("u1")) is not first  # one entry per uid: the newest
+
+
+def test_invalid_routes_are_cached_as_their_error() -> None:
+    cache = handlers.ParseCache()
+    broken = route_body("u1")
+    del broken["spec"]["imap"]
+    error = cache.parse(broken)
+    assert isinstance(error, mailroute.SpecError)
+    assert cache.parse(broken) is error
+
+
+def test_forget_and_the_bound_drop_entries() -> None:
+    cache = handlers.ParseCache(limit=2)
+    kept = {uid: cache.parse(route_body(uid)) for uid in ("u1", "u2")}
+    assert cache.parse(route_body("u1")) is kept["u1"]  # u1 is now the most recently seen
+    third = cache.parse(route_body("u3"))  # over the limit: u2 goes
+    assert cache.parse(route_body("u1")) is kept["u1"]
+    assert cache.parse(route_body("u3")) is third
+    second = cache.parse(route_body("u2"))  # parsed again; u1, seen longest ago, goes
+    assert second is not kept["u2"]
+    assert second == kept["u2"]
+    cache.forget("u3")
+    assert cache.parse(route_body("u2")) is second
+    assert cache.parse(route_body("u3")) is not third
+
+
+def test_a_body_without_uid_or_generation_is_parsed_every_time() -> None:
+    cache = handlers.ParseCache()
+    for missing in ("uid", "generation"):
+        body = route_body("u1")
+        del body["metadata"][missing]
+        assert cache.parse(body) is not cache.parse(body)
+        assert cache.parse(body) == mailroute.parse(body)
