@@ -2,6 +2,7 @@
 the real push channel: MailRoute status, the published table, the snapshot ConfigMap, Events."""
 
 import contextlib
+import copy
 from collections.abc import AsyncIterator
 
 from proxy import table
@@ -94,6 +95,36 @@ async def test_route_becomes_accepted_resolved_and_programmed(
             assert [str(e) for e in upstream.endpoints] == ["10.0.0.1:10143", "10.0.0.2:10143"]
         await eventually(lambda: len(event_reasons(emulator, "example")) == 3, "three Events")
         assert event_reasons(emulator, "example") == ["Accepted", "Programmed", "ResolvedRefs"]
+
+
+async def test_another_route_writes_nothing_on_a_programmed_one(
+    emulator: Emulator, api: Api, controller: Controller
+) -> None:
+    """status.proxies names the route's own first table, not the latest: a second route,
+    published and acked everywhere, leaves the first route's object as it was. The latest
+    version is in the snapshot ConfigMap."""
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    async with fake_proxies(controller) as proxies:
+        await create_route(api, imap_route("example", "example.com"))
+        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "Programmed")
+        stored = emulator.objects[MAILROUTES, NAMESPACE, "example"].raw
+        resource_version, status = stored["metadata"]["resourceVersion"], copy.deepcopy(stored["status"])
+        first = status["proxies"]["version"]
+        assert status["proxies"] == {"programmed": 2, "total": 2, "version": first}
+
+        await create_route(api, imap_route("other", "example.org"))
+        await eventually(
+            lambda: all(route_names(proxy.latest) == ["mail/example", "mail/other"] for proxy in proxies),
+            "both routes on every proxy",
+        )
+        latest = proxies[0].latest
+        assert latest is not None and latest.version != first
+        expected = {"programmed": 2, "total": 2, "version": latest.version}
+        await eventually(lambda: status_of(emulator, "other").get("proxies") == expected, "other on both")
+        stored = emulator.objects[MAILROUTES, NAMESPACE, "example"].raw
+        assert (stored["metadata"]["resourceVersion"], stored["status"]) == (resource_version, status)
+        assert table.from_json(snapshot_of(emulator) or "").version == latest.version
 
 
 async def test_nothing_is_published_before_the_initial_listing(
