@@ -7,7 +7,7 @@ play the driver's part for both kinds of machine (``drive`` for a front-end, ``f
 backend login). Nothing here opens a socket, and no assertion here shows the test password.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,10 +38,14 @@ FRONTEND_CONFIGS = (
 # Read sizes: small ones cut a transcript inside every line; a client's reads are larger.
 TRANSCRIPT_CHUNKS = st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8)
 CLIENT_READS = st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=6)
+# Read sizes for a fuzzed backend dialogue, and for a valid one cut anywhere.
+BACKEND_READS = st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6)
+SPLIT_READS = st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5)
 
 TestFunction = Callable[..., None]
 FrontendFactory = Callable[[FrontendConfig], FrontendMachine]
 Frontend = TypeVar("Frontend", bound=FrontendMachine)
+Machine = TypeVar("Machine", bound=BackendMachine)
 
 
 def event_name(event: Event) -> str:
@@ -54,6 +58,16 @@ def started(make: Callable[[FrontendConfig], Frontend], config: FrontendConfig |
     frontend = make(config or FrontendConfig())
     frontend.start()
     return frontend
+
+
+def crlf_lines(lines: Iterable[bytes]) -> bytes:
+    """``lines``, each ended with CRLF, as one byte string."""
+    return b"".join(line + CRLF for line in lines)
+
+
+def feed(machine: BackendMachine, *lines: bytes) -> list[Command]:
+    """What ``machine`` does when ``lines`` arrive from the backend in one read."""
+    return machine.handle(events.DataReceived(crlf_lines(lines)))
 
 
 def sent(commands: Sequence[Command]) -> bytes:
@@ -203,6 +217,97 @@ def mutated_input_test(
 
 
 # ---------------------------------------------------------------------------------------------
+# Backend-login tests every protocol runs
+
+
+def handshake_tests(
+    make: Callable[[], BackendMachine], to_starttls: Sequence[bytes], starttls_ok: bytes, closed: str
+) -> tuple[TestFunction, TestFunction]:
+    """The backend login's TLS handshake: ``make`` builds a login that wants STARTTLS, which it
+    asks for after ``to_starttls`` and starts on ``starttls_ok``; ``closed`` is its reason when
+    the backend closes.
+
+    Returns ``test_backend_close_or_timeout_during_the_handshake_fails_the_login`` and
+    ``test_backend_tls_news_out_of_turn_is_misuse``.
+    """
+
+    def in_handshake() -> BackendMachine:
+        """A login that has asked for TLS: the driver runs the handshake now."""
+        login = make()
+        assert feed(login, *to_starttls, starttls_ok)[-1] == events.StartTls()
+        return login
+
+    def test_backend_close_or_timeout_during_the_handshake_fails_the_login() -> None:
+        assert in_handshake().handle(events.ConnectionClosed()) == [events.BackendFailed(closed)]
+        assert in_handshake().handle(events.TimedOut()) == [events.BackendFailed("backend login timed out")]
+
+    def test_backend_tls_news_out_of_turn_is_misuse() -> None:
+        login = make()
+        feed(login, *to_starttls)
+        with pytest.raises(LocalProtocolError):
+            login.handle(events.TlsEstablished())  # STARTTLS asked for, but its OK has not come
+        login = in_handshake()
+        login.handle(events.TlsEstablished())
+        with pytest.raises(LocalProtocolError):
+            login.handle(events.TlsEstablished())
+
+    return (
+        test_backend_close_or_timeout_during_the_handshake_fails_the_login,
+        test_backend_tls_news_out_of_turn_is_misuse,
+    )
+
+
+def backend_fuzz_tests(
+    make: Callable[..., Machine],
+    done: Callable[[Machine], bool],
+    replies: st.SearchStrategy[bytes],
+    starttls_dialogues: st.SearchStrategy[list[bytes]],
+    before_tls: Collection[bytes],
+    max_examples: int,
+    check: Callable[[list[Command]], None] | None = None,
+    **options: st.SearchStrategy[bool],
+) -> tuple[TestFunction, TestFunction]:
+    """A backend login fuzzed with random ``replies``, and with ``starttls_dialogues`` (valid
+    STARTTLS dialogues, mutated) when the route wants STARTTLS, each read in random pieces and
+    maybe followed by the backend's close: ``handle`` never raises and ``fuzz_backend``'s checks
+    hold; with STARTTLS, all the backend gets before TLS is one of ``before_tls``.
+
+    ``make(starttls=..., **drawn)`` builds a fresh login, with one value drawn from each of
+    ``options`` (the protocol's own settings); ``check``, when given, looks at the commands of
+    both tests for what only one protocol promises.
+
+    Returns ``test_backend_login_survives_random_replies`` and the STARTTLS test (named after the
+    protocol's verb in its module).
+    """
+
+    def fuzz(login: Machine, parts: list[bytes], sizes: list[int], closes: bool) -> list[Command]:
+        commands = fuzz_backend(login, done, parts, sizes, closes)
+        if check is not None:
+            check(commands)
+        return commands
+
+    @settings(FUZZ, max_examples=max_examples)
+    @given(data=replies, sizes=BACKEND_READS, closes=st.booleans(), **options)
+    def test_backend_login_survives_random_replies(
+        data: bytes, sizes: list[int], closes: bool, **drawn: bool
+    ) -> None:
+        fuzz(make(starttls=False, **drawn), [data], sizes, closes)
+
+    @settings(FUZZ, max_examples=max_examples)
+    @given(parts=starttls_dialogues, sizes=BACKEND_READS, closes=st.booleans(), **options)
+    def test_backend_starttls_never_sends_more_than_starttls_in_plaintext(
+        parts: list[bytes], sizes: list[int], closes: bool, **drawn: bool
+    ) -> None:
+        commands = fuzz(make(starttls=True, **drawn), parts, sizes, closes)
+        assert sent_before_tls(commands) in before_tls
+
+    return (
+        test_backend_login_survives_random_replies,
+        test_backend_starttls_never_sends_more_than_starttls_in_plaintext,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Fuzzing: hypothesis strategies and a stand-in for the driver, for any machine
 
 
@@ -221,6 +326,11 @@ def mutated(draw: st.DrawFn, data: bytes) -> bytes:
             case "flip" if position < len(buffer):
                 buffer[position] ^= 1 << draw(st.integers(min_value=0, max_value=7))
     return bytes(buffer)
+
+
+def backend_replies(lines: Sequence[bytes], max_lines: int) -> st.SearchStrategy[bytes]:
+    """Up to ``max_lines`` lines, each one of ``lines`` or random bytes, ended with CRLF."""
+    return st.lists(st.sampled_from(lines) | st.binary(max_size=40), max_size=max_lines).map(crlf_lines)
 
 
 @st.composite
@@ -242,7 +352,7 @@ def mutated_dialogue(
             lines.insert(position, draw(st.sampled_from(noise) | st.binary(max_size=40)))
         elif position < len(lines):
             del lines[position]
-    return [b"".join(line + CRLF for line in lines) for lines in parts]
+    return [crlf_lines(lines) for lines in parts]
 
 
 def pieces(data: bytes, sizes: Sequence[int]) -> Iterator[bytes]:
@@ -301,9 +411,6 @@ def check_fuzzed_dialogue(batches: Sequence[Sequence[Command]]) -> list[Command]
     return commands
 
 
-Machine = TypeVar("Machine", bound=BackendMachine)
-
-
 def _feed_backend(machine: BackendMachine, data: bytes) -> list[Command]:
     """Feed ``data`` as a driver does: a ``StartTls`` is answered with ``TlsEstablished``."""
     commands = machine.handle(events.DataReceived(data))
@@ -323,7 +430,7 @@ def fuzz_backend(
     pieces, until a verdict; without one, optionally the backend's close.
 
     Checks what must hold for any backend dialogue: backend commands only, one verdict at most
-    and nothing after it, and no test password in a verdict.
+    and nothing after it, a verdict once the backend has closed, and no test password in a verdict.
     """
     commands: list[Command] = []
     for piece in (piece for part in parts for piece in pieces(part, sizes)):
@@ -337,18 +444,12 @@ def fuzz_backend(
     assert all(isinstance(command, (events.Send, events.StartTls, *VERDICTS)) for command in commands)
     assert len(verdicts) <= 1
     assert (verdicts != []) == done(machine)
+    assert done(machine) or not closes
     if commands and not isinstance(commands[-1], events.Send | events.StartTls):
         assert commands[-1] is verdicts[0]  # nothing follows the verdict
     for verdict in verdicts:
         assert PASSWORD not in repr(verdict)
     return commands
-
-
-def check_handshake_interrupted(in_handshake: Callable[[], BackendMachine], closed: str) -> None:
-    """The backend closing, or the login timing out, while the driver runs the TLS handshake
-    fails the login (``closed`` is the machine's reason for the close)."""
-    assert in_handshake().handle(events.ConnectionClosed()) == [events.BackendFailed(closed)]
-    assert in_handshake().handle(events.TimedOut()) == [events.BackendFailed("backend login timed out")]
 
 
 def split_backend_dialogue(

@@ -7,7 +7,7 @@ STARTTLS towards the backend), and hypothesis fuzzing of both machines with muta
 """
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.protocols import imap, sasl
@@ -18,7 +18,6 @@ from proxy.protocols.events import (
     BackendFailed,
     ClientAddress,
     Close,
-    Command,
     ConnectionClosed,
     DataReceived,
     FrontendConfig,
@@ -35,7 +34,7 @@ from proxy.protocols.events import (
     TlsEstablished,
 )
 from tests.proxy.protocols import dialogues, transcript
-from tests.proxy.protocols.dialogues import FUZZ, PASSWORD
+from tests.proxy.protocols.dialogues import FUZZ, PASSWORD, feed
 
 TRANSCRIPTS = transcript.paths("imap")
 
@@ -213,10 +212,6 @@ def backend_login(
     credentials = sasl.Credentials(username, password)
     request = LoginRequest(protocol="imap", routing_key=username, credentials=credentials, tag=b"a1")
     return imap.BackendLogin(request, config or BackendConfig())
-
-
-def feed(machine: imap.BackendLogin, *lines: bytes) -> list[Command]:
-    return machine.handle(DataReceived(b"".join(line + b"\r\n" for line in lines)))
 
 
 def test_backend_login_with_synchronizing_literals() -> None:
@@ -520,26 +515,15 @@ def test_backend_starttls_ignores_untagged_lines_before_its_ok() -> None:
     assert feed(login, b"* OK still here", b"a1-TLS OK go") == [StartTls()]
 
 
-def in_handshake() -> imap.BackendLogin:
-    """A backend login that has asked for TLS: the driver runs the handshake now."""
-    login = backend_login(STARTTLS)
-    assert feed(login, b"* OK [CAPABILITY STARTTLS] x", b"a1-TLS OK go")[-1] == StartTls()
-    return login
-
-
-def test_backend_close_or_timeout_during_the_handshake_fails_the_login() -> None:
-    dialogues.check_handshake_interrupted(in_handshake, "backend closed the connection during login")
-
-
-def test_backend_tls_news_out_of_turn_is_misuse() -> None:
-    login = backend_login(STARTTLS)
-    feed(login, b"* OK [CAPABILITY STARTTLS] x")
-    with pytest.raises(LocalProtocolError):
-        login.handle(TlsEstablished())  # STARTTLS sent, but its OK has not come
-    login = in_handshake()
-    login.handle(TlsEstablished())
-    with pytest.raises(LocalProtocolError):
-        login.handle(TlsEstablished())
+(
+    test_backend_close_or_timeout_during_the_handshake_fails_the_login,
+    test_backend_tls_news_out_of_turn_is_misuse,
+) = dialogues.handshake_tests(
+    lambda: backend_login(STARTTLS),
+    [b"* OK [CAPABILITY STARTTLS] x"],
+    b"a1-TLS OK go",
+    closed="backend closed the connection during login",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,21 +599,6 @@ BACKEND_LINES = [
 ]
 
 
-@settings(FUZZ, max_examples=300)
-@given(
-    lines=st.lists(st.sampled_from(BACKEND_LINES) | st.binary(max_size=40), max_size=8),
-    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
-    use_id=st.booleans(),
-    closes=st.booleans(),
-)
-def test_backend_login_survives_random_replies(
-    lines: list[bytes], sizes: list[int], use_id: bool, closes: bool
-) -> None:
-    config = BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id" if use_id else "none")
-    data = b"".join(line + b"\r\n" for line in lines)
-    dialogues.fuzz_backend(backend_login(config), verdict_given, [data], sizes, closes)
-
-
 STARTTLS_DIALOGUES = [
     [
         [b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready", b"a1-TLS OK go"],
@@ -656,21 +625,26 @@ BEFORE_TLS = (
 )
 
 
-@settings(FUZZ, max_examples=300)
-@given(
-    parts=dialogues.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
-    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
-    use_id=st.booleans(),
-    closes=st.booleans(),
-)
-def test_backend_starttls_never_sends_more_than_starttls_in_plaintext(
-    parts: list[bytes], sizes: list[int], use_id: bool, closes: bool
-) -> None:
-    config = BackendConfig(
-        client=ClientAddress("192.0.2.1", 1), client_info="id" if use_id else "none", starttls=True
+def fuzzed_login(starttls: bool, use_id: bool) -> imap.BackendLogin:
+    """A login that forwards the client's address with ID or not."""
+    client_info = "id" if use_id else "none"
+    return backend_login(
+        BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info=client_info, starttls=starttls)
     )
-    commands = dialogues.fuzz_backend(backend_login(config), verdict_given, parts, sizes, closes)
-    assert dialogues.sent_before_tls(commands) in BEFORE_TLS
+
+
+(
+    test_backend_login_survives_random_replies,
+    test_backend_starttls_never_sends_more_than_starttls_in_plaintext,
+) = dialogues.backend_fuzz_tests(
+    fuzzed_login,
+    verdict_given,
+    replies=dialogues.backend_replies(BACKEND_LINES, max_lines=8),
+    starttls_dialogues=dialogues.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
+    before_tls=BEFORE_TLS,
+    max_examples=300,
+    use_id=st.booleans(),
+)
 
 
 @FUZZ
@@ -681,7 +655,7 @@ def test_backend_login_split_anywhere_gives_the_same_commands(reply: bytes, size
 
 
 @FUZZ
-@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5))
+@given(sizes=dialogues.SPLIT_READS)
 def test_backend_starttls_dialogue_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
     parts = [
         b"* OK ready\r\n* CAPABILITY IMAP4rev1 STARTTLS\r\na1-CAPA OK done\r\na1-TLS OK go\r\n",

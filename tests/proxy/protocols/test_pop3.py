@@ -7,8 +7,10 @@ backend), redaction, and hypothesis fuzzing of both machines (with the protocol-
 helpers of transcript.py).
 """
 
+import dataclasses
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.protocols import events, pop3, sasl
@@ -37,7 +39,7 @@ from proxy.protocols.events import (
     TlsEstablished,
 )
 from tests.proxy.protocols import dialogues, transcript
-from tests.proxy.protocols.dialogues import FUZZ, PASSWORD, sent
+from tests.proxy.protocols.dialogues import FUZZ, PASSWORD, feed, sent
 
 TRANSCRIPTS = transcript.paths("pop3")
 CREDENTIALS = sasl.Credentials("alice", PASSWORD)
@@ -165,10 +167,6 @@ def backend_login(
 ) -> pop3.BackendLogin:
     request = LoginRequest(protocol="pop3", routing_key=credentials.username, credentials=credentials)
     return pop3.BackendLogin(request, config or BackendConfig())
-
-
-def feed(machine: pop3.BackendLogin, *lines: bytes) -> list[Command]:
-    return machine.handle(DataReceived(b"".join(line + b"\r\n" for line in lines)))
 
 
 XCLIENT = BackendConfig(client=ClientAddress("192.0.2.7", 40123), client_info="xclient")
@@ -380,15 +378,12 @@ def test_backend_bytes_after_the_stls_ok_are_never_read() -> None:
     assert feed(login, b"-ERR [AUTH] Unknown user.") == [LoginFailed(reply=b"-ERR [AUTH] Unknown user.\r\n")]
 
 
-def in_handshake() -> pop3.BackendLogin:
-    """A backend login that has asked for TLS: the driver runs the handshake now."""
-    login = backend_login(STARTTLS)
-    assert feed(login, b"+OK ready", b"+OK go")[-1] == StartTls()
-    return login
-
-
-def test_backend_close_or_timeout_during_the_handshake_fails_the_login() -> None:
-    dialogues.check_handshake_interrupted(in_handshake, "backend closed the connection")
+(
+    test_backend_close_or_timeout_during_the_handshake_fails_the_login,
+    test_backend_tls_news_out_of_turn_is_misuse,
+) = dialogues.handshake_tests(
+    lambda: backend_login(STARTTLS), [b"+OK ready"], b"+OK go", closed="backend closed the connection"
+)
 
 
 def test_backend_malformed_reply_to_stls_fails_the_login() -> None:
@@ -396,17 +391,6 @@ def test_backend_malformed_reply_to_stls_fails_the_login() -> None:
         Send(b"STLS\r\n"),
         BackendFailed("backend sent a malformed response in state STLS"),
     ]
-
-
-def test_backend_tls_news_out_of_turn_is_misuse() -> None:
-    login = backend_login(STARTTLS)
-    feed(login, b"+OK ready")
-    with pytest.raises(LocalProtocolError):
-        login.handle(TlsEstablished())  # STLS sent, but its +OK has not come
-    login = in_handshake()
-    login.handle(TlsEstablished())
-    with pytest.raises(LocalProtocolError):
-        login.handle(TlsEstablished())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,21 +461,12 @@ def verdict_given(login: pop3.BackendLogin) -> bool:
     return login.state is pop3.BackendState.DONE
 
 
-@settings(FUZZ, max_examples=300)
-@given(
-    lines=st.lists(st.sampled_from(BACKEND_LINES) | st.binary(max_size=40), max_size=6),
-    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
-    use_xclient=st.booleans(),
-    closes=st.booleans(),
-)
-def test_backend_login_survives_random_replies(
-    lines: list[bytes], sizes: list[int], use_xclient: bool, closes: bool
-) -> None:
-    login = backend_login(XCLIENT if use_xclient else BackendConfig())
-    data = b"".join(line + b"\r\n" for line in lines)
-    commands = dialogues.fuzz_backend(login, verdict_given, [data], sizes, closes)
-    if closes:
-        assert verdict_given(login)
+def fuzzed_login(starttls: bool, use_xclient: bool) -> pop3.BackendLogin:
+    """A login that forwards the client's address with XCLIENT or not."""
+    return backend_login(dataclasses.replace(XCLIENT if use_xclient else BackendConfig(), starttls=starttls))
+
+
+def password_only_in_the_pass_line(commands: list[Command]) -> None:
     for command in commands:
         if isinstance(command, Send) and PASSWORD.encode() in command.data:
             assert command.data == b"PASS " + PASSWORD.encode() + b"\r\n"
@@ -504,23 +479,23 @@ STARTTLS_DIALOGUES = [
 STARTTLS_NOISE = [*BACKEND_LINES, b"+OK Begin TLS"]
 
 
-@settings(FUZZ, max_examples=300)
-@given(
-    parts=dialogues.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
-    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
+(
+    test_backend_login_survives_random_replies,
+    test_backend_stls_never_sends_more_than_stls_in_plaintext,
+) = dialogues.backend_fuzz_tests(
+    fuzzed_login,
+    verdict_given,
+    replies=dialogues.backend_replies(BACKEND_LINES, max_lines=6),
+    starttls_dialogues=dialogues.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
+    before_tls=(b"", b"STLS\r\n"),
+    max_examples=300,
+    check=password_only_in_the_pass_line,
     use_xclient=st.booleans(),
-    closes=st.booleans(),
 )
-def test_backend_stls_never_sends_more_than_stls_in_plaintext(
-    parts: list[bytes], sizes: list[int], use_xclient: bool, closes: bool
-) -> None:
-    login = backend_login(XCLIENT_STARTTLS if use_xclient else STARTTLS)
-    commands = dialogues.fuzz_backend(login, verdict_given, parts, sizes, closes)
-    assert dialogues.sent_before_tls(commands) in (b"", b"STLS\r\n")
 
 
 @FUZZ
-@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5))
+@given(sizes=dialogues.SPLIT_READS)
 def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
     dialogue = b"+OK [XCLIENT] Dovecot ready.\r\n+OK Updated\r\n+OK\r\n+OK Logged in.\r\n+OK 2 messages\r\n"
     commands = dialogues.split_backend_dialogue(
@@ -530,7 +505,7 @@ def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int]) 
 
 
 @FUZZ
-@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5))
+@given(sizes=dialogues.SPLIT_READS)
 def test_backend_stls_dialogue_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
     parts = [
         b"+OK [XCLIENT] Dovecot ready.\r\n+OK Begin TLS\r\n",

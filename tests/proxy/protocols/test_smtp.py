@@ -8,8 +8,10 @@ redaction, and hypothesis fuzzing of both machines (with the protocol-neutral he
 transcript.py).
 """
 
+import dataclasses
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.protocols import events, sasl, smtp
@@ -38,7 +40,7 @@ from proxy.protocols.events import (
     TlsEstablished,
 )
 from tests.proxy.protocols import dialogues, transcript
-from tests.proxy.protocols.dialogues import FUZZ, PASSWORD, sent
+from tests.proxy.protocols.dialogues import FUZZ, PASSWORD, feed, sent
 
 TRANSCRIPTS = transcript.paths("smtp")
 CREDENTIALS = sasl.Credentials("alice@example.com", PASSWORD, sasl.Mechanism.PLAIN)
@@ -380,10 +382,6 @@ def inbound_login(config: BackendConfig | None = None) -> smtp.BackendLogin:
         protocol="smtp", routing_key="bob@example.com", helo=b"EHLO client.example", envelope=ENVELOPE
     )
     return smtp.BackendLogin(request, config or BackendConfig())
-
-
-def feed(machine: smtp.BackendLogin, *lines: bytes) -> list[Command]:
-    return machine.handle(DataReceived(b"".join(line + b"\r\n" for line in lines)))
 
 
 POSTFIX_EHLO = [b"250-postfix.example", b"250-PIPELINING", b"250-AUTH PLAIN LOGIN", b"250 8BITMIME"]
@@ -739,26 +737,15 @@ def test_backend_partial_multi_line_reply_before_tls_is_forgotten() -> None:
     assert feed(login, b"250-mx", b"250 AUTH PLAIN") == [Send(AUTH_LINE)]
 
 
-def in_handshake() -> smtp.BackendLogin:
-    """A backend login that has asked for TLS: the driver runs the handshake now."""
-    login = submission_login(STARTTLS)
-    assert feed(login, b"220 mx", *POSTFIX_PLAINTEXT_EHLO, b"220 go")[-1] == StartTls()
-    return login
-
-
-def test_backend_close_or_timeout_during_the_handshake_fails_the_login() -> None:
-    dialogues.check_handshake_interrupted(in_handshake, "backend closed the connection")
-
-
-def test_backend_tls_news_out_of_turn_is_misuse() -> None:
-    login = submission_login(STARTTLS)
-    feed(login, b"220 mx", *POSTFIX_PLAINTEXT_EHLO)
-    with pytest.raises(LocalProtocolError):
-        login.handle(TlsEstablished())  # STARTTLS sent, but its 220 has not come
-    login = in_handshake()
-    login.handle(TlsEstablished())
-    with pytest.raises(LocalProtocolError):
-        login.handle(TlsEstablished())
+(
+    test_backend_close_or_timeout_during_the_handshake_fails_the_login,
+    test_backend_tls_news_out_of_turn_is_misuse,
+) = dialogues.handshake_tests(
+    lambda: submission_login(STARTTLS),
+    [b"220 mx", *POSTFIX_PLAINTEXT_EHLO],
+    b"220 go",
+    closed="backend closed the connection",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,23 +838,13 @@ def verdict_given(login: smtp.BackendLogin) -> bool:
     return login.state is smtp.BackendState.DONE
 
 
-@settings(FUZZ, max_examples=400)
-@given(
-    lines=st.lists(st.sampled_from(BACKEND_LINES) | st.binary(max_size=40), max_size=10),
-    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
-    inbound=st.booleans(),
-    use_xclient=st.booleans(),
-    closes=st.booleans(),
-)
-def test_backend_login_survives_random_replies(
-    lines: list[bytes], sizes: list[int], inbound: bool, use_xclient: bool, closes: bool
-) -> None:
-    config = XCLIENT if use_xclient else BackendConfig()
-    login = inbound_login(config) if inbound else submission_login(config)
-    data = b"".join(line + b"\r\n" for line in lines)
-    commands = dialogues.fuzz_backend(login, verdict_given, [data], sizes, closes)
-    if closes:
-        assert verdict_given(login)
+def fuzzed_login(starttls: bool, inbound: bool, use_xclient: bool) -> smtp.BackendLogin:
+    """An inbound or submission login that forwards the client's address with XCLIENT or not."""
+    config = dataclasses.replace(XCLIENT if use_xclient else BackendConfig(), starttls=starttls)
+    return inbound_login(config) if inbound else submission_login(config)
+
+
+def one_line_each_and_credentials_only_in_auth(commands: list[Command]) -> None:
     for command in commands:
         if isinstance(command, Send) and PLAIN_RESPONSE in command.data:
             assert command.data in (AUTH_LINE, PLAIN_RESPONSE + b"\r\n")
@@ -890,25 +867,24 @@ STARTTLS_NOISE = [*BACKEND_LINES, b"250-STARTTLS", b"220 2.0.0 Ready to start TL
 BEFORE_TLS = (b"", b"EHLO mailgress\r\n", b"EHLO mailgress\r\nSTARTTLS\r\n")
 
 
-@settings(FUZZ, max_examples=400)
-@given(
-    parts=dialogues.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
-    sizes=st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=6),
+(
+    test_backend_login_survives_random_replies,
+    test_backend_starttls_never_sends_more_than_starttls_in_plaintext,
+) = dialogues.backend_fuzz_tests(
+    fuzzed_login,
+    verdict_given,
+    replies=dialogues.backend_replies(BACKEND_LINES, max_lines=10),
+    starttls_dialogues=dialogues.mutated_dialogue(STARTTLS_DIALOGUES, STARTTLS_NOISE),
+    before_tls=BEFORE_TLS,
+    max_examples=400,
+    check=one_line_each_and_credentials_only_in_auth,
     inbound=st.booleans(),
     use_xclient=st.booleans(),
-    closes=st.booleans(),
 )
-def test_backend_starttls_never_sends_more_than_starttls_in_plaintext(
-    parts: list[bytes], sizes: list[int], inbound: bool, use_xclient: bool, closes: bool
-) -> None:
-    config = XCLIENT_STARTTLS if use_xclient else STARTTLS
-    login = inbound_login(config) if inbound else submission_login(config)
-    commands = dialogues.fuzz_backend(login, verdict_given, parts, sizes, closes)
-    assert dialogues.sent_before_tls(commands) in BEFORE_TLS
 
 
 @FUZZ
-@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5), inbound=st.booleans())
+@given(sizes=dialogues.SPLIT_READS, inbound=st.booleans())
 def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int], inbound: bool) -> None:
     """Multi-line replies cut anywhere read the same."""
     final = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" if inbound else b"235 2.7.0 Ok\r\n"
@@ -925,7 +901,7 @@ def test_backend_login_split_anywhere_gives_the_same_commands(sizes: list[int], 
 
 
 @FUZZ
-@given(sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=5), inbound=st.booleans())
+@given(sizes=dialogues.SPLIT_READS, inbound=st.booleans())
 def test_backend_starttls_dialogue_split_anywhere_gives_the_same_commands(
     sizes: list[int], inbound: bool
 ) -> None:
