@@ -4,7 +4,9 @@ test_imap.py, test_pop3.py and test_smtp.py call the ``*_tests`` factories with 
 transcripts and replies, and bind the test functions returned to the same names in their module,
 where pytest collects them; what only one protocol does stays in its module. The fuzzing helpers
 play the driver's part for both kinds of machine (``drive`` for a front-end, ``fuzz_backend`` for a
-backend login). Nothing here opens a socket, and no assertion here shows the test password.
+backend login). Nothing here opens a socket. pytest does not rewrite the assertions of this
+module (it is no test module), so a failure here shows no values: that keeps the test password,
+which the redaction and fuzzing checks look for, out of failure reports.
 """
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence

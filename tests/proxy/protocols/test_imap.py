@@ -3,7 +3,9 @@
 The transcripts in transcripts/imap/ carry most of the front-end's behaviour; this module runs
 them (whole and cut into random chunks), then covers what a transcript cannot express: limits
 measured in kilobytes, LocalProtocolError for driver misuse, the BackendLogin dialogue (with
-STARTTLS towards the backend), and hypothesis fuzzing of both machines with mutated input.
+STARTTLS towards the backend), and hypothesis fuzzing of both machines with mutated input. The
+tests every protocol runs come from the factories in dialogues.py, bound here to their names
+with IMAP's data.
 """
 
 import pytest

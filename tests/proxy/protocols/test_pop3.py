@@ -3,8 +3,8 @@
 The transcripts in transcripts/pop3/ carry the front-end's dialogue; this module runs them
 (whole and cut into random chunks), then covers what a transcript cannot express: limits in
 octets, LocalProtocolError for driver misuse, the BackendLogin dialogue (with STLS towards the
-backend), redaction, and hypothesis fuzzing of both machines (with the protocol-neutral
-helpers of transcript.py).
+backend), redaction, and hypothesis fuzzing of both machines. The tests every protocol runs
+come from the factories in dialogues.py, bound here to their names with POP3's data.
 """
 
 import dataclasses
