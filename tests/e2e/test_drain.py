@@ -24,7 +24,7 @@ import pytest
 from testbed import clients, mailservers, messages, proxyprocess
 from testbed.backends import ALPHA, Backends
 from testbed.mailservers import LOOPBACK, User
-from tests.e2e.conftest import TEST_LIMITS, stop
+from tests.e2e.helpers import launch, stop
 
 # Turns come within gracePeriod / 2 = 8 s of SIGTERM. The submission pauses longer than that
 # (PAUSE), so its turn has come and its stream has been quiet for longer than quietPeriod while
@@ -45,21 +45,14 @@ POLL_INTERVAL = 0.1
 @pytest.fixture
 def draining_proxy(backends: Backends) -> Iterator[proxyprocess.ProxyProcess]:
     """A proxy with the standard routes and a short drain; the leak check of every e2e proxy at the end."""
-    directory = backends.directory / "drain"
-    settings = backends.write_proxy_settings(
-        directory,
+    proxy = launch(
+        backends,
+        "drain",
         extra={
-            "serverName": "mailgress.test",
             "timeouts": {"preLogin": PRE_LOGIN_TIMEOUT},
-            "limits": TEST_LIMITS,
             "drain": {"gracePeriod": GRACE_PERIOD, "quietPeriod": QUIET_PERIOD},
         },
     )
-    proxy = proxyprocess.ProxyProcess(settings, directory / "mailgress.log", log_level="debug")
-    try:
-        proxy.start()
-    except proxyprocess.ProxyError as error:
-        pytest.fail(f"mailgress proxy could not start: {error}", pytrace=False)
     yield proxy
     stop(proxy, backends)
 
