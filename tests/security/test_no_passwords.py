@@ -23,9 +23,8 @@ import pytest
 from testbed import backends as testbed_backends
 from testbed import clients, proxyprocess
 from testbed.mailservers import User
-from tests.e2e.conftest import TEST_LIMITS
-from tests.e2e.helpers import leaked, passwords
-from tests.security.conftest import LaunchProxy, with_client_info
+from tests.e2e.helpers import TEST_LIMITS, StartProxy, leaked, passwords
+from tests.security.conftest import with_client_info
 
 MARKER = testbed_backends.PASSWORD_MARKER
 # Failures before a user is locked out: each standard user fails once per protocol, so it ends
@@ -144,7 +143,7 @@ def send_malformed(ports: Sequence[int], user: User) -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep(launch_proxy: LaunchProxy, backends: testbed_backends.Backends) -> Sweep:
+def sweep(launch_proxy: StartProxy, backends: testbed_backends.Backends) -> Sweep:
     routes = with_client_info(
         backends.mailroutes(), imap="id", pop3="xclient", submission="xclient", smtp="xclient"
     )

@@ -25,7 +25,8 @@ from testbed import backends as testbed_backends
 from testbed import clients, mailservers, proxyprocess, proxysettings
 from tests.conftest import remove_testbed_directory
 from tests.conftest import testbed_directory as make_testbed_directory
-from tests.security.conftest import SERVER_NAME, LaunchProxy, with_client_info
+from tests.e2e.helpers import SERVER_NAME, StartProxy
+from tests.security.conftest import with_client_info
 
 LOCAL = testbed_backends.ALPHA
 FOREIGN = testbed_backends.UNROUTED_DOMAIN
@@ -107,7 +108,7 @@ def target(backends: testbed_backends.Backends) -> mailservers.User:
 
 @pytest.fixture(scope="module")
 def relay_proxies(
-    launch_proxy: LaunchProxy, backends: testbed_backends.Backends
+    launch_proxy: StartProxy, backends: testbed_backends.Backends
 ) -> dict[str, proxyprocess.ProxyProcess]:
     """Proxies over the standard routes: without client forwarding, and with XCLIENT."""
     routes = backends.mailroutes()
@@ -213,7 +214,7 @@ def trusting_postfix() -> Iterator[mailservers.Postfix]:
 
 
 def test_xclient_makes_a_trusting_postfix_judge_the_real_client(
-    launch_proxy: LaunchProxy, trusting_postfix: mailservers.Postfix
+    launch_proxy: StartProxy, trusting_postfix: mailservers.Postfix
 ) -> None:
     services = {"mail/trusting-postfix": {"25": [f"{LOOPBACK}:{trusting_postfix.smtp_port}"]}}
     marker = new_marker()
