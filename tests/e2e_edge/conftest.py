@@ -4,10 +4,11 @@
 session's standard one lacks: a certificate per server from ``authority`` (a throw-away CA), so
 Dovecot offers STARTTLS, STLS, imaps and pop3s and Postfix offers STARTTLS, and twin listeners
 that take a PROXY protocol header. ``launch_edge_proxy`` starts ``mailgress proxy`` processes in
-front of it with extra listeners, routes and ``backendTls``; they stop when their module ends, and
-each one's log is searched for every password (the e2e ``stop``). ``edge_user`` makes a fresh
-account per test, so that a backend log line found by user name belongs to that test. ``Origin``
-opens client connections from 127.0.0.2, or behind a PROXY header naming another address.
+front of it with extra listeners, routes and ``backendTls`` through the launcher every e2e suite
+shares (tests.e2e.helpers); they stop when their module ends, and each one's log is searched for
+every password (the e2e ``stop``). ``edge_user`` makes a fresh account per test, so that a
+backend log line found by user name belongs to that test. ``Origin`` opens client connections
+from 127.0.0.2, or behind a PROXY header naming another address.
 """
 
 import copy
@@ -28,14 +29,13 @@ import pytest
 
 from proxy.protocols import proxyheader
 from testbed import backends as testbed_backends
-from testbed import clients, mailservers, messages, proxyprocess, proxysettings, tlscerts
+from testbed import clients, mailservers, messages, proxyprocess, tlscerts
 from testbed.backends import Backends
 from testbed.mailservers import User
 from tests.conftest import remove_testbed_directory, testbed_directory
-from tests.e2e.conftest import PRE_LOGIN_TIMEOUT, TEST_LIMITS, stop
+from tests.e2e.helpers import launcher
 
 LOOPBACK = mailservers.LOOPBACK
-SERVER_NAME = "mailgress.test"
 # The port a PROXY header claims for the client; any will do, the backends log only the address.
 CLAIMED_CLIENT_PORT = 40123
 # The Received header Postfix adds names the TLS version when asked to: proof of a TLS hop.
@@ -142,67 +142,32 @@ def routes_with(backends: Backends, **changes: Mapping[str, Any]) -> list[dict[s
     return routes
 
 
-def _listeners(
-    ports: proxysettings.ProxyPorts, extra: Sequence[Mapping[str, Any]]
-) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The four plain listeners ``ports`` names, plus ``extra`` ones on free ports."""
-    listeners: list[dict[str, Any]] = [
-        {"name": name, "protocol": protocol, "address": LOOPBACK, "port": ports.listener_port(protocol)}
-        for protocol, name in proxysettings.LISTENER_NAMES.items()
-    ]
-    listeners += [{**listener, "address": LOOPBACK, "port": mailservers.free_port()} for listener in extra]
-    return listeners, {listener["name"]: listener["port"] for listener in listeners}
-
-
 @pytest.fixture(scope="module")
 def launch_edge_proxy(edge_backends: Backends) -> Iterator[LaunchEdgeProxy]:
     """``launch_edge_proxy(name, listeners=[...], routes=[...], backend_tls={...})``: a running proxy.
 
     ``listeners`` are added to the four plain ones (each gets a free port); a start that failed on
-    "Address already in use" is retried with fresh ports, as the e2e fixtures do.
+    "Address already in use" is retried with fresh ports, as for every e2e proxy.
     """
-    started: list[proxyprocess.ProxyProcess] = []
+    with launcher(edge_backends) as start:
 
-    def launch(
-        name: str,
-        *,
-        listeners: Sequence[Mapping[str, Any]] = (),
-        routes: Sequence[Mapping[str, Any]] | None = None,
-        backend_tls: Mapping[str, Any] | None = None,
-    ) -> EdgeProxy:
-        directory = edge_backends.directory / name
-        attempt = 1
-        while True:
-            ports = proxysettings.ProxyPorts.free()
-            all_listeners, by_name = _listeners(ports, listeners)
-            extra: dict[str, Any] = {
-                "listeners": all_listeners,
-                "serverName": SERVER_NAME,
-                "timeouts": {"preLogin": PRE_LOGIN_TIMEOUT},
-                "limits": TEST_LIMITS,
-            }
-            if backend_tls is not None:
-                extra["backendTls"] = dict(backend_tls)
-            settings = edge_backends.write_proxy_settings(directory, ports=ports, routes=routes, extra=extra)
-            process = proxyprocess.ProxyProcess(settings, directory / "mailgress.log", log_level="debug")
-            try:
-                process.start()
-            except proxyprocess.ProxyError as error:
-                if "Address already in use" not in str(error) or attempt == mailservers.START_ATTEMPTS:
-                    pytest.fail(f"mailgress proxy {name} could not start: {error}", pytrace=False)
-                attempt += 1
-            else:
-                started.append(process)
-                # A refused MailRoute leaves a ready proxy that routes nothing: say so at once.
-                refused = [line for line in process.log_text().splitlines() if "Accepted=False" in line]
-                if refused:
-                    lines = "\n".join(refused)
-                    pytest.fail(f"mailgress proxy {name} refused routes:\n{lines}", pytrace=False)
-                return EdgeProxy(process, by_name)
+        def launch(
+            name: str,
+            *,
+            listeners: Sequence[Mapping[str, Any]] = (),
+            routes: Sequence[Mapping[str, Any]] | None = None,
+            backend_tls: Mapping[str, Any] | None = None,
+        ) -> EdgeProxy:
+            extra = {} if backend_tls is None else {"backendTls": dict(backend_tls)}
+            process = start(name, listeners=listeners, routes=routes, extra=extra)
+            # A refused MailRoute leaves a ready proxy that routes nothing: say so at once.
+            refused = [line for line in process.log_text().splitlines() if "Accepted=False" in line]
+            if refused:
+                lines = "\n".join(refused)
+                pytest.fail(f"mailgress proxy {name} refused routes:\n{lines}", pytrace=False)
+            return EdgeProxy(process, process.settings.listener_ports())
 
-    yield launch
-    for process in started:
-        stop(process, edge_backends)
+        yield launch
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from proxy.server import listeners as proxy_listeners
 from testbed import clients, messages, tlscerts
 from testbed.backends import Backends
 from testbed.mailservers import LOOPBACK, User
+from tests.e2e.helpers import SERVER_NAME
 from tests.e2e_edge.conftest import (
-    SERVER_NAME,
     TOOL_TIMEOUT,
     EdgeProxy,
     LaunchEdgeProxy,
