@@ -3,9 +3,12 @@
 controller.operator calls ``register`` on a fresh kopf registry. The handlers stay thin (style
 anchors 6.2): four indexes keep small views of MailRoutes (``mailroute.parse``), Services and
 EndpointSlices (controller.endpoints) and proxy Pods (Ready or not); an ``on.event`` handler per
-kind only wakes the reconciler, which reads the indexes afresh. kopf runs resource handlers only
-once every index holds its initial listing, so the first such call opens the reconciler's sync
-gate; a handler on the MailRoute CRD itself guarantees one call even with no object at all.
+kind only wakes the reconciler, which reads the indexes afresh. Handlers that touch the
+reconciler are ``async def``, so kopf runs them on its loop (the reconciler's asyncio events are
+not thread-safe); the index handlers stay synchronous, in kopf's executor threads, so parsing
+never blocks the loop. kopf runs resource handlers only once every index holds its initial
+listing, so the first such call opens the reconciler's sync gate; a handler on the MailRoute CRD
+itself guarantees one call even with no object at all.
 Never writes to the API here (the reconciler does, through controller.operator.KubeApi), never
 raises on a user's object: a broken MailRoute is a SpecError in the index, not a handler error.
 
@@ -75,8 +78,8 @@ class ParseCache:
 
     def __init__(self, limit: int = MAX_PARSED_ROUTES) -> None:
         self._limit = limit
-        # kopf runs synchronous handlers in its executor's threads: one object's events at a
-        # time, but different objects' at once.
+        # The index handler parses in kopf's executor threads (one object's events at a time,
+        # but different objects' at once); forget runs on kopf's loop.
         self._lock = threading.Lock()
         self._parsed: collections.OrderedDict[str, tuple[int, mailroute.MailRoute | mailroute.SpecError]] = (
             collections.OrderedDict()
@@ -208,17 +211,19 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     def proxy_index(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
         return {name: _pod_ready(body)}
 
-    def wake(**_: Any) -> None:
+    # async: kopf runs a synchronous handler in its executor's threads, and the reconciler's
+    # asyncio.Event may be set only from the loop it waits on (kopf's, where these run).
+    async def wake(**_: Any) -> None:
         worker: reconciler.Reconciler = state["reconciler"]
         worker.mark_synced()
         worker.touch()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="mailroute_changed", registry=registry)
-    def mailroute_changed(type: str | None, uid: str | None, **_: Any) -> None:
+    async def mailroute_changed(type: str | None, uid: str | None, **_: Any) -> None:
         # kopf drops a deleted object from the index without calling the index handler.
         if type == "DELETED" and uid:
             parsed.forget(uid)
-        wake()
+        await wake()
 
     kopf.on.event(*SERVICES, id="service_changed", registry=registry)(wake)
     kopf.on.event(*SLICES, id="endpointslice_changed", registry=registry)(wake)

@@ -1,12 +1,15 @@
 """The kopf glue's pure parts: proxy pod readiness, the reconciler's view of the indexes and the
-MailRoute parse cache.
+MailRoute parse cache; and that the handlers waking the reconciler are ones kopf runs on its loop.
 (The handlers themselves run under kopf in tests/kube/test_operator.py.)"""
 
+import inspect
 from typing import Any
 
+import kopf
 import pytest
 
 from controller import endpoints, handlers, mailroute, reconciler
+from tests.controller.test_reconciler import FakeCluster, FakePublisher
 
 
 @pytest.mark.parametrize(
@@ -132,3 +135,22 @@ def test_a_body_without_uid_or_generation_is_parsed_every_time() -> None:
         del body["metadata"][missing]
         assert cache.parse(body) is not cache.parse(body)
         assert cache.parse(body) == mailroute.parse(body)
+
+
+def test_the_handlers_that_wake_the_reconciler_run_on_kopfs_loop() -> None:
+    """kopf runs a synchronous handler in its executor's threads; every on.event handler sets the
+    reconciler's asyncio.Event, which only the loop's own thread may do, so each is async and
+    kopf awaits it on its loop. (kopf has no public view of a registry's handlers: ``_watching``
+    is where ``kopf.on.event`` puts them.)"""
+    registry = kopf.OperatorRegistry()
+    wiring = handlers.Wiring(
+        namespace="mailgress-system",
+        proxy_labels={"app.kubernetes.io/name": "mailgress-proxy"},
+        login=lambda: kopf.ConnectionInfo(server="http://127.0.0.1"),
+        publisher=FakePublisher(),
+        cluster=FakeCluster(),
+    )
+    handlers.register(registry, wiring)
+    watching = registry._watching.get_all_handlers()
+    assert len(watching) == 5  # MailRoutes, Services, EndpointSlices, proxy Pods, the CRD
+    assert [handler.id for handler in watching if not inspect.iscoroutinefunction(handler.fn)] == []
