@@ -4,8 +4,8 @@ subscribed to its push channel over loopback, and real Dovecots behind them (iss
 The cluster is what a user would have: the MailRoute CRD, proxy Pods (Ready, named as the
 proxies' proxyName), a Service and an EndpointSlice per Dovecot pointing at 127.0.0.1, and
 MailRoutes. The controller runs in a thread (tests.kube.conftest.ControllerRunner) with its push
-channel on a fixed port, so proxies find it again after a restart. Proxies start as
-tests/e2e_push starts them (its ``Deployment``). Each Dovecot holds one message per user whose
+channel on a fixed port, so proxies find it again after a restart. Proxies start through
+``testbed.proxyfleet.Deployment``. Each Dovecot holds one message per user whose
 subject names that Dovecot: reading it through the proxy shows where a login landed. Blocking
 clients and process starts run in threads so the emulator (served by the test's loop) answers;
 every wait is bounded, nothing asserts on durations.
@@ -158,8 +158,7 @@ async def cluster(
         yield made
     finally:
         sessions = [proxy.pid if proxy.processes() else None for proxy in deployment.proxies]
-        for proxy in deployment.proxies:
-            await asyncio.to_thread(proxy.stop)
+        await deployment.stop_proxies()
         await runner.stop()
     for proxy, session in zip(deployment.proxies, sessions, strict=True):
         assert session is None or mailservers.session_processes(session) == [], f"{proxy.log_path}: left over"
