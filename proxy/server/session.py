@@ -190,7 +190,7 @@ def _refuse_connection(settings: ListenerSettings, client: socket.socket, server
 async def _handshake(channel: SocketChannel | TransportChannel, context: ssl.SSLContext) -> TransportChannel:
     assert isinstance(channel, SocketChannel)
     try:
-        return await TransportChannel.from_socket(channel.sock, context)
+        return await TransportChannel.from_socket(channel.detach(), context)
     except (ssl.SSLError, ConnectionError) as error:
         raise SessionEnded(f"TLS handshake failed ({type(error).__name__})", "tls_handshake") from error
 
@@ -412,8 +412,8 @@ async def _relay(
             and backend.upgraded is None
         ):
             result = await relay.relay(
-                channel.sock,
-                backend.sock,
+                channel.detach(),
+                backend.detach(),
                 to_backend=buffered,
                 to_client=login.buffered,
                 idle_timeout=idle,

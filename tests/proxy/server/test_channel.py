@@ -1,0 +1,118 @@
+"""SocketChannel over real loopback sockets, under uvloop and asyncio (conftest's loop hook).
+
+What matters beyond "bytes arrive": the reader a channel keeps registered between reads is never
+left behind when the socket is handed on or closed, and bytes the peer sends while nobody reads
+are not lost. Every wait is bounded; no assertion is about time.
+"""
+
+import asyncio
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from proxy.server.channel import SocketChannel
+
+from .conftest import WAIT
+
+Pair = tuple[socket.socket, socket.socket]
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    """A connected TCP pair on loopback: (the proxy's end, non-blocking; the peer's end)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname(), timeout=WAIT)
+        near, _ = server.accept()
+    near.setblocking(False)
+    yield near, peer
+    near.close()
+    peer.close()
+
+
+async def _read_in_this_task(channel: SocketChannel) -> bytes:
+    # Not wait_for: its extra task gives asyncio's loop an iteration in which the reader fires
+    # with nobody waiting and is dropped, and the tests below want it still registered.
+    async with asyncio.timeout(WAIT):
+        return await channel.recv()
+
+
+async def test_a_lock_step_dialogue_reads_every_line(pair: Pair) -> None:
+    near, peer = pair
+    channel = SocketChannel(near)
+    for number in range(5):
+        line = f"a{number} NOOP\r\n".encode()
+        peer.sendall(line)
+        assert await asyncio.wait_for(channel.recv(), WAIT) == line
+        await channel.send(b"a%d OK\r\n" % number)
+        assert peer.recv(100) == b"a%d OK\r\n" % number
+    channel.close()
+
+
+async def test_bytes_sent_while_nobody_reads_are_read_later(
+    pair: Pair,
+) -> None:
+    near, peer = pair
+    channel = SocketChannel(near)
+    peer.sendall(b"first\r\n")
+    assert await asyncio.wait_for(channel.recv(), WAIT) == b"first\r\n"
+    # The reader is still registered; the peer speaks while the session is busy elsewhere.
+    peer.sendall(b"second\r\n")
+    for _ in range(3):
+        await asyncio.sleep(0)  # loop iterations in which the reader fires with nobody waiting
+    assert await asyncio.wait_for(channel.recv(), WAIT) == b"second\r\n"
+    channel.close()
+
+
+async def test_a_cancelled_read_leaves_the_channel_usable(pair: Pair) -> None:
+    near, peer = pair
+    channel = SocketChannel(near)
+    waiting = asyncio.ensure_future(channel.recv())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    peer.sendall(b"after\r\n")
+    assert await asyncio.wait_for(channel.recv(), WAIT) == b"after\r\n"
+    channel.close()
+
+
+async def test_end_of_stream_reads_as_empty(pair: Pair) -> None:
+    near, peer = pair
+    channel = SocketChannel(near)
+    peer.shutdown(socket.SHUT_WR)
+    assert await asyncio.wait_for(channel.recv(), WAIT) == b""
+    channel.close()
+
+
+async def test_detach_leaves_no_reader_behind(pair: Pair) -> None:
+    near, peer = pair
+    channel = SocketChannel(near)
+    peer.sendall(b"x")
+    await _read_in_this_task(channel)
+    assert channel.detach() is near
+    # remove_reader answers whether one was registered: the relay or TLS starts from a clean slate.
+    assert not asyncio.get_running_loop().remove_reader(near.fileno())
+
+
+async def test_close_drops_the_reader_before_the_descriptor(pair: Pair) -> None:
+    near, peer = pair
+    channel = SocketChannel(near)
+    peer.sendall(b"x")
+    await _read_in_this_task(channel)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        descriptor = near.fileno()
+        channel.close()
+        assert near.fileno() == -1
+        # The next socket gets the freed number. Had the channel left its reader registered, the
+        # loop would take the number as watched already and never poll the new socket: the read
+        # below would hang (uvloop), or registering it would fail (asyncio).
+        with socket.socket() as successor:
+            assert successor.fileno() == descriptor
+            successor.connect(server.getsockname())
+            far, _ = server.accept()
+            with far:
+                far.sendall(b"y")
+                successor.setblocking(False)
+                loop = asyncio.get_running_loop()
+                assert await asyncio.wait_for(loop.sock_recv(successor, 10), WAIT) == b"y"
