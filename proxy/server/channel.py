@@ -37,6 +37,9 @@ class SocketChannel:
     when the socket is detached.
     """
 
+    # Slots: a channel lives as long as its session, thousands of them idle at a time.
+    __slots__ = ("_loop", "_readable", "_watching", "sock", "upgraded")
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.upgraded: TransportChannel | None = None
