@@ -212,7 +212,10 @@ async def login(
                     header = proxyheader.build_v2((client.host, client.port), (local.host, local.port))
                     await channel.send(header)  # before any TLS: the header is for the TCP peer
                 if upstream.tls == "tls":
-                    channel = await TransportChannel.connect_tls(sock, context.backend_tls, hostname)
+                    assert isinstance(channel, SocketChannel)  # nothing has wrapped it yet
+                    channel = await TransportChannel.connect_tls(
+                        channel.detach(), context.backend_tls, hostname
+                    )
                 verdict = await _replay_login(machine, channel, context.backend_tls, hostname)
         except (OSError, TimeoutError, ssl.SSLError) as error:
             verdict = events.BackendFailed(_describe(error))

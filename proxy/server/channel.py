@@ -38,14 +38,16 @@ class SocketChannel:
     """
 
     # Slots: a channel lives as long as its session, thousands of them idle at a time.
-    __slots__ = ("_loop", "_readable", "_watching", "sock", "upgraded")
+    __slots__ = ("_loop", "_readable", "_watched", "sock", "upgraded")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.upgraded: TransportChannel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readable: asyncio.Future[None] | None = None  # what a waiting recv awaits
-        self._watching = False  # our reader is registered for the socket
+        # The descriptor number our reader is registered for, or -1. Kept, not read from the
+        # socket when dropping: a socket closed behind the channel's back has no number anymore.
+        self._watched = -1
 
     @property
     def tls(self) -> ssl.SSLObject | None:
@@ -57,9 +59,9 @@ class SocketChannel:
         loop = self._loop or self._bind_loop()
         while True:
             waiter = self._readable = loop.create_future()
-            if not self._watching:
-                loop.add_reader(self.sock.fileno(), self._on_readable)
-                self._watching = True
+            if self._watched < 0:
+                self._watched = self.sock.fileno()
+                loop.add_reader(self._watched, self._on_readable)
             try:
                 await waiter
             finally:
@@ -77,10 +79,10 @@ class SocketChannel:
             waiter.set_result(None)
 
     def _stop_watching(self) -> None:
-        if self._watching:
-            self._watching = False
+        if self._watched >= 0:
             assert self._loop is not None  # set before the first registration
-            self._loop.remove_reader(self.sock.fileno())
+            self._loop.remove_reader(self._watched)
+            self._watched = -1
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ never blocks and never raises into the loop.
 """
 
 import asyncio
+import errno
 import logging
 import socket
 
@@ -26,9 +27,10 @@ LISTEN_BACKLOG = 511
 # keep the loop from serving the sessions it already has (asyncio's own accept loop takes up to
 # its backlog, 100 by default, per wakeup).
 ACCEPTS_PER_WAKEUP = 64
-# After a failed accept (EMFILE, ENOBUFS, ...), how long a listener stops accepting, instead of
-# spinning on a queue it cannot take from.
+# After an accept that failed for want of resources, how long a listener stops accepting, instead
+# of spinning on a queue it cannot take from. Other accept errors concern one connection only.
 ACCEPT_ERROR_PAUSE = 0.1
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How often certificate files are checked for renewal: new connections get a renewed certificate
 # within this many seconds.
 CERTIFICATE_POLL_INTERVAL = 1.0
@@ -131,15 +133,21 @@ class Listeners:
             except (BlockingIOError, InterruptedError):
                 return  # the queue is empty
             except OSError as error:
-                # EMFILE and friends: say so, and pause this listener instead of spinning.
-                log.error("accept on %s failed: %s", listener.settings.name, error.strerror)
                 self._context.metrics.refusals.labels(reason="accept_error").inc()
+                if error.errno not in OUT_OF_RESOURCES:
+                    continue  # this connection only (aborted by the client, refused by a firewall)
+                # Out of descriptors or memory: say so, and pause this listener instead of spinning.
+                log.error("accept on %s failed: %s", listener.settings.name, error.strerror)
                 loop.remove_reader(sock.fileno())
                 self._watching.remove(sock)
                 self._paused[sock] = loop.call_later(ACCEPT_ERROR_PAUSE, self._resume, loop, listener, sock)
                 return
-            client.setblocking(False)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                client.setblocking(False)
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                client.close()  # reset before we could set it up: nothing to serve
+                continue
             task = loop.create_task(session.serve(self._context, listener, client, self.drain))
             self.sessions.add(task)
             task.add_done_callback(self.sessions.discard)

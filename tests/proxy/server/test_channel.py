@@ -116,3 +116,14 @@ async def test_close_drops_the_reader_before_the_descriptor(pair: Pair) -> None:
                 successor.setblocking(False)
                 loop = asyncio.get_running_loop()
                 assert await asyncio.wait_for(loop.sock_recv(successor, 10), WAIT) == b"y"
+
+
+async def test_a_socket_closed_behind_the_channel_still_closes_cleanly(pair: Pair) -> None:
+    near, peer = pair
+    channel = SocketChannel(near)
+    peer.sendall(b"x")
+    await _read_in_this_task(channel)
+    descriptor = near.fileno()
+    near.close()  # not through the channel: the number is gone from the socket
+    channel.close()  # must not raise: the session's cleanup runs after it
+    assert not asyncio.get_running_loop().remove_reader(descriptor)

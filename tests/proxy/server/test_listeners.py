@@ -6,6 +6,7 @@ are real loopback connections that only wait for the greeting. Every wait is bou
 
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import Iterator
 
@@ -38,30 +39,38 @@ async def test_a_burst_of_connections_is_greeted_in_full(start_proxy: ProxyFacto
 
 
 @pytest.fixture
-def failing_accept(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]:
-    """Listening sockets put in the list fail their next accept with EMFILE, once each."""
-    failing: list[socket.socket] = []
+def failing_accept(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[socket.socket, int]]]:
+    """Listening sockets put in the list (with an errno) fail their next accept with it, once."""
+    failing: list[tuple[socket.socket, int]] = []
     accept = socket.socket.accept
 
     def accept_or_fail(sock: socket.socket) -> tuple[socket.socket, object]:
-        if sock in failing:
-            failing.remove(sock)
-            raise OSError(errno.EMFILE, "Too many open files")
+        for entry in failing:
+            if entry[0] is sock:
+                failing.remove(entry)
+                raise OSError(entry[1], os.strerror(entry[1]))
         return accept(sock)
 
     monkeypatch.setattr(socket.socket, "accept", accept_or_fail)
     yield failing
 
 
-async def test_an_accept_error_pauses_the_listener_then_it_serves_again(
-    start_proxy: ProxyFactory, failing_accept: list[socket.socket]
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ECONNABORTED], ids=["EMFILE", "ECONNABORTED"])
+async def test_an_accept_error_is_counted_and_the_listener_serves_on(
+    start_proxy: ProxyFactory,
+    failing_accept: list[tuple[socket.socket, int]],
+    error: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     proxy = await start_proxy({}, [])
-    failing_accept.extend(sock for _, sock in proxy.listeners._sockets)
-    # The first connection meets the failing accept; it waits in the queue until the pause ends.
+    failing_accept.extend((sock, error) for _, sock in proxy.listeners._sockets)
+    # The first connection meets the failing accept; it waits in the queue until it is taken:
+    # at once after an aborted connection, after the pause when out of descriptors.
     _, writer = await imap_client(proxy.port)
     assert proxy.metric("mailgress_proxy_refusals_total", reason="accept_error") == 1
     assert proxy.listeners.listening  # a pause is not a reason to go unready
+    paused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("accept on imap failed")]
+    assert paused == (["accept on imap failed: Too many open files"] if error == errno.EMFILE else [])
     _, second = await imap_client(proxy.port)
     for done in (writer, second):
         done.close()
