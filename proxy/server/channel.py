@@ -58,6 +58,14 @@ class SocketChannel:
             return await self.upgraded.recv()
         loop = self._loop or self._bind_loop()
         while True:
+            # Read before waiting: a peer that sent its last bytes and then reset the connection
+            # is only noticed here under uvloop, which silently drops the registration of a
+            # socket in error (libuv stops its poll handle on EPOLLERR), so a wait would last
+            # until the session's timeout.
+            try:
+                return self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                pass
             waiter = self._readable = loop.create_future()
             if self._watched < 0:
                 self._watched = self.sock.fileno()
@@ -66,10 +74,6 @@ class SocketChannel:
                 await waiter
             finally:
                 self._readable = None
-            try:
-                return self.sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                continue  # readable, then not after all: wait again
 
     def _on_readable(self) -> None:
         waiter = self._readable

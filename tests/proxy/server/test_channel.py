@@ -7,6 +7,7 @@ are not lost. Every wait is bounded; no assertion is about time.
 
 import asyncio
 import socket
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -127,3 +128,19 @@ async def test_a_socket_closed_behind_the_channel_still_closes_cleanly(pair: Pai
     near.close()  # not through the channel: the number is gone from the socket
     channel.close()  # must not raise: the session's cleanup runs after it
     assert not asyncio.get_running_loop().remove_reader(descriptor)
+
+
+async def test_last_bytes_then_a_reset_read_as_the_bytes_then_the_reset(pair: Pair) -> None:
+    near, peer = pair
+    channel = SocketChannel(near)
+    peer.sendall(b"first")
+    assert await _read_in_this_task(channel) == b"first"
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.sendall(b"last")
+    peer.close()  # with a zero linger: a reset, delivered on loopback before close returns
+    for _ in range(3):
+        await asyncio.sleep(0)  # the loop sees the error on the registered socket
+    assert await _read_in_this_task(channel) == b"last"
+    with pytest.raises(ConnectionResetError):
+        await _read_in_this_task(channel)
+    channel.close()
