@@ -13,16 +13,25 @@ Outages: whatever the controller does, the last table stays in force. A stream t
 is reopened after an exponential backoff with full jitter (bounded by ``Backoff.cap``, reset by
 every table received). Until a first table arrived, each failed attempt tries the snapshot file
 (the controller's ConfigMap, mounted), so a proxy that starts while the controller is away
-serves, and switches to the stream as soon as it comes. Never logs the token.
+serves, and switches to the stream as soon as it comes. The controller stores a table too large
+for the ConfigMap's plain data gzip-compressed under a second key, mounted beside the first:
+``read_snapshot`` takes the configured file, else its ``.gz`` sibling, and decompresses what
+starts with gzip's magic number (stdlib gzip, bounded by MAX_TABLE_BYTES). A snapshot that
+cannot be read or is no valid table is logged and leaves the proxy as it was. Never logs the
+token.
 """
 
 import asyncio
+import gzip
+import io
 import json
 import logging
 import os
 import random
 import socket
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -47,10 +56,19 @@ ACK_TIMEOUT = 10.0
 MAX_TABLE_BYTES = 64 * 1024 * 1024
 # What an ack carries of a rejected table's claimed version and of the error message.
 MAX_ACK_TEXT = 1024
+# The compressed snapshot's file: the controller's ConfigMap key for it is the plain key plus
+# this (controller/reconciler.py SNAPSHOT_GZIP_KEY; the proxy never imports the controller).
+SNAPSHOT_GZIP_SUFFIX = ".gz"
+# RFC 1952 section 2.3.1: every gzip member starts with ID1 ID2; JSON never starts with 0x1f.
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class ChannelError(Exception):
     """The stream could not be opened or broke off; the message is safe to log."""
+
+
+class SnapshotError(Exception):
+    """The snapshot file cannot be served; the message is safe to log."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,21 +198,55 @@ class Subscriber:
                 raise ChannelError(f"the controller answered {response.status} to an ack")
 
     def _serve_snapshot(self, holder: TableHolder) -> None:
-        path = self._settings.snapshot_file
-        if path is None:
+        if self._settings.snapshot_file is None:
             return
         try:
-            snapshot = table.from_json(path.read_bytes())
-        except OSError as error:
-            self._report("snapshot", f"cannot read the snapshot {path}: {error.strerror}")
-            return
-        except (table.TableError, RecursionError) as error:
-            self._report("snapshot", f"the snapshot {path} is not a valid table: {error}")
+            path, snapshot = read_snapshot(self._settings.snapshot_file)
+        except SnapshotError as error:
+            self._report("snapshot", str(error))
             return
         log.info(
             "push channel: serving the snapshot %s (%s) until the controller answers", path, snapshot.version
         )
         holder.swap(snapshot)
+
+
+def read_snapshot(path: Path) -> tuple[Path, table.RoutingTable]:
+    """The file read and the table in it: ``path``, else (absent) its compressed sibling.
+
+    Either file may hold either form: gzip is told by its magic number, not by the name.
+
+    Raises:
+        SnapshotError: neither file can be read, the gzip data is corrupt or decompresses to
+            more than MAX_TABLE_BYTES, or the document is no valid table.
+    """
+    compressed = path.with_name(path.name + SNAPSHOT_GZIP_SUFFIX)
+    for candidate in (path, compressed):
+        try:
+            data = candidate.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise SnapshotError(f"cannot read the snapshot {candidate}: {error.strerror}") from error
+        break
+    else:
+        raise SnapshotError(f"cannot read the snapshot {path}: neither it nor {compressed.name} exists")
+    if data.startswith(GZIP_MAGIC):
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+                data = stream.read(MAX_TABLE_BYTES + 1)
+        except (OSError, EOFError, zlib.error) as error:
+            # OSError: gzip.BadGzipFile (header, CRC, length); EOFError: cut short.
+            raise SnapshotError(f"the snapshot {candidate} is not valid gzip: {error}") from error
+        if len(data) > MAX_TABLE_BYTES:
+            raise SnapshotError(f"the snapshot {candidate} decompresses to more than {MAX_TABLE_BYTES} bytes")
+    try:
+        return candidate, table.from_json(data)
+    except (table.TableError, RecursionError) as error:
+        # RecursionError: a document nested deeper than the JSON parser goes.
+        raise SnapshotError(
+            f"the snapshot {candidate} is not a valid table (JSON, or gzip-compressed JSON): {error}"
+        ) from error
 
 
 def _claimed_version(line: bytes) -> str:

@@ -3,11 +3,14 @@
 Each test runs real Subscribers (fast backoff) against a real ``controller.publisher.Publisher``
 on 127.0.0.1 and watches what a proxy would serve (``TableHolder.current``) and what the
 controller learns (``Publisher.acks``). A small fake controller covers lines the real one never
-sends (not JSON, nested too deep). Waits poll a condition a bounded number of times; no
-assertion is about time. Also covers the settings' ``controller`` key, which only this uses.
+sends (not JSON, nested too deep). The snapshot file is written as the mounted ConfigMap holds
+it: plain JSON, or gzip in the sibling the controller uses for tables too large to store plainly.
+Waits poll a condition a bounded number of times; no assertion is about time. Also covers the
+settings' ``controller`` key, which only this uses.
 """
 
 import asyncio
+import gzip
 import logging
 import random
 import socket
@@ -81,6 +84,8 @@ class Cluster:
         self.token_file = directory / "token"
         self.token_file.write_text(TOKEN + "\n")  # as a Secret volume may hold it
         self.snapshot_file = directory / "snapshot.json"
+        # Where the compressed form is mounted: the ConfigMap's second key, beside the first.
+        self.compressed_file = directory / ("snapshot.json" + subscriber.SNAPSHOT_GZIP_SUFFIX)
         self.proxies: list[Proxy] = []
 
     def settings(self, name: str, *, snapshot: bool = True) -> settings.ControllerSettings:
@@ -195,10 +200,23 @@ async def test_the_proxy_keeps_serving_through_a_controller_restart(
         await second_controller.stop()
 
 
+def compressed(document: bytes) -> bytes:
+    """As the controller stores a table too large to store plainly."""
+    return gzip.compress(document, mtime=0)
+
+
+@pytest.mark.parametrize("form", ["plain", "compressed", "compressed-under-the-plain-name"])
 async def test_a_proxy_that_starts_while_the_controller_is_away_serves_the_snapshot(
-    cluster: Cluster,
+    cluster: Cluster, form: str
 ) -> None:
-    cluster.snapshot_file.write_bytes(table.to_json(FIRST))
+    """Plain JSON, or gzip in the compressed key's file; gzip is told by its content, so a
+    snapshotFile that names the compressed file directly works too."""
+    if form == "plain":
+        cluster.snapshot_file.write_bytes(table.to_json(FIRST))
+    elif form == "compressed":
+        cluster.compressed_file.write_bytes(compressed(table.to_json(FIRST)))
+    else:
+        cluster.snapshot_file.write_bytes(compressed(table.to_json(FIRST)))
     proxy = cluster.start_proxy("proxy-a")
     await eventually(serving(proxy, FIRST.version), "the snapshot served")
     controller = await cluster.controller()
@@ -221,19 +239,121 @@ async def test_before_the_first_publish_the_proxy_serves_the_snapshot(
     assert serving(proxy, SECOND.version)()
 
 
+GOOD_GZIP = compressed(table.to_json(FIRST))
+
+
+def count_snapshot_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every path the subscriber reads a snapshot from, from now on."""
+    reads: list[Path] = []
+    real = subscriber.read_snapshot
+
+    def counting(path: Path) -> tuple[Path, table.RoutingTable]:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(subscriber, "read_snapshot", counting)
+    return reads
+
+
 @pytest.mark.parametrize(
-    ("content", "message"),
-    [(None, "cannot read the snapshot"), (b"{}", "is not a valid table")],
-    ids=["missing", "invalid"],
+    ("plain", "gzipped", "message"),
+    [
+        (None, None, "neither it nor snapshot.json.gz exists"),
+        (b"{}", None, "is not a valid table"),
+        (b"\x00not json", None, "is not a valid table"),
+        (None, compressed(b"{}"), "is not a valid table"),
+        (None, GOOD_GZIP[: len(GOOD_GZIP) // 2], "is not valid gzip: Compressed file ended"),
+        (None, GOOD_GZIP[:-8] + bytes(4) + GOOD_GZIP[-4:], "is not valid gzip: CRC check failed"),
+        (None, GOOD_GZIP[:20] + bytes([GOOD_GZIP[20] ^ 0xFF]) + GOOD_GZIP[21:], "is not valid gzip"),
+        (None, GOOD_GZIP + b"trailing", "is not valid gzip: Not a gzipped file"),
+    ],
+    ids=[
+        "missing",
+        "invalid",
+        "neither-json-nor-gzip",
+        "compressed-invalid",
+        "compressed-truncated",
+        "compressed-crc",
+        "compressed-corrupt",
+        "compressed-trailing-garbage",
+    ],
 )
 async def test_an_unusable_snapshot_is_reported_and_the_proxy_stays_not_ready(
-    cluster: Cluster, caplog: pytest.LogCaptureFixture, content: bytes | None, message: str
+    cluster: Cluster,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    plain: bytes | None,
+    gzipped: bytes | None,
+    message: str,
 ) -> None:
-    if content is not None:
-        cluster.snapshot_file.write_bytes(content)
+    if plain is not None:
+        cluster.snapshot_file.write_bytes(plain)
+    if gzipped is not None:
+        cluster.compressed_file.write_bytes(gzipped)
+    reads = count_snapshot_reads(monkeypatch)
     proxy = cluster.start_proxy("proxy-a")
-    await eventually(lambda: message in caplog.text, "the snapshot problem logged")
+    await eventually(lambda: len(reads) >= 3, "three attempts")
     assert not proxy.holder.ready
+    assert caplog.text.count(message) == 1, "logged once per distinct problem, not per attempt"
+
+
+def test_a_compressed_snapshot_is_bounded_like_a_streamed_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gzip bomb stops at MAX_TABLE_BYTES, as a table line on the stream does."""
+    document = table.to_json(FIRST)
+    monkeypatch.setattr(subscriber, "MAX_TABLE_BYTES", len(document) - 1)
+    (tmp_path / "table.json.gz").write_bytes(compressed(document))
+    with pytest.raises(subscriber.SnapshotError, match=f"decompresses to more than {len(document) - 1}"):
+        subscriber.read_snapshot(tmp_path / "table.json")
+    monkeypatch.setattr(subscriber, "MAX_TABLE_BYTES", len(document))
+    assert subscriber.read_snapshot(tmp_path / "table.json") == (tmp_path / "table.json.gz", FIRST)
+
+
+def test_the_plain_file_wins_over_the_compressed_one(tmp_path: Path) -> None:
+    """The controller never leaves both; should both be there, the configured file is read."""
+    (tmp_path / "table.json").write_bytes(table.to_json(FIRST))
+    (tmp_path / "table.json.gz").write_bytes(compressed(table.to_json(SECOND)))
+    assert subscriber.read_snapshot(tmp_path / "table.json") == (tmp_path / "table.json", FIRST)
+
+
+async def test_a_corrupt_snapshot_never_replaces_the_table_in_use(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not ready on a corrupt snapshot; ready with the controller's table; and through the
+    controller's next outage that table stays, whatever the snapshot holds."""
+    cluster.compressed_file.write_bytes(GOOD_GZIP[: len(GOOD_GZIP) // 2])
+    reads = count_snapshot_reads(monkeypatch)
+    proxy = cluster.start_proxy("proxy-a")
+    await eventually(lambda: "is not valid gzip" in caplog.text, "the snapshot problem logged")
+    assert not proxy.holder.ready
+    controller = await cluster.controller()
+    try:
+        controller.publish(SECOND)
+        await eventually(lambda: controller.acks().get("proxy-a") == accepted(SECOND.version), "ack")
+    finally:
+        await controller.stop()
+    cluster.compressed_file.unlink()
+    cluster.snapshot_file.write_bytes(table.to_json(FIRST))  # readable, and older
+    read_before_the_outage = len(reads)
+    # The controller's port answers 503 to every stream request now: each one is an attempt.
+    attempts: list[web.Request] = []
+
+    async def refuse(request: web.Request) -> web.Response:
+        attempts.append(request)
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_get(subscriber.STREAM_PATH, refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", cluster.port).start()
+        await eventually(lambda: len(attempts) >= 3, "three attempts during the outage")
+    finally:
+        await runner.cleanup()
+    assert serving(proxy, SECOND.version)()
+    assert len(reads) == read_before_the_outage, "no snapshot is read while a table is in use"
 
 
 async def test_several_proxies_follow_one_controller(
