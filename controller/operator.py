@@ -287,12 +287,13 @@ class KubeApi:
             raise reconciler.ClusterError(f"PATCH {path}: HTTP {code}")
         return True
 
-    async def save_snapshot(self, document: bytes) -> None:
+    async def save_snapshot(self, snapshot: reconciler.Snapshot) -> None:
         base = f"/api/v1/namespaces/{self._namespace}/configmaps"
-        data = {"data": {reconciler.SNAPSHOT_KEY: document.decode()}}
-        code = await self._call("PATCH", f"{base}/{self._configmap}", data, "application/merge-patch+json")
+        patch = snapshot.merge_patch()
+        code = await self._call("PATCH", f"{base}/{self._configmap}", patch, "application/merge-patch+json")
         if code == 404:
-            created = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": self._configmap}, **data}
+            metadata = {"name": self._configmap}
+            created = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, **snapshot.fields()}
             code = await self._call("POST", base, created, "application/json")
         if code >= 300:
             raise reconciler.ClusterError(f"saving the snapshot ConfigMap {self._configmap}: HTTP {code}")

@@ -9,12 +9,22 @@ event costs nothing but a pass.
 
 One pass: compile every MailRoute with the resolved endpoints (controller.compiler, pure);
 publish the table if its version is new and write it to the snapshot ConfigMap (the one place
-the latest version is published, with the controller's table metric). Then a status sweep
-computes each MailRoute's status (Accepted and ResolvedRefs from the compiler, Programmed from
-which ready proxy pods run a table that holds this generation, status.proxies from which run
-this route as it now is) and patches the ones that differ, merging our conditions into the
-object's list (controller.conditions.merge: others' conditions stay) with the object's
-resourceVersion as a precondition, and posts an Event per condition that turned True or False.
+the latest version is published, with the controller's table metric). The snapshot only serves
+a proxy that starts while the controller is away, so a failed write never fails the pass:
+publishing and statuses go on, the failure is counted and logged once per distinct problem, and
+the write is tried again (after an API failure, such as missing RBAC, on a pass RETRY_SECONDS
+later; for a table too large, with the next table). The table JSON is stored plainly when it
+fits the API server's 1 MiB ConfigMap limit, else gzip-compressed in binaryData (table JSON
+shrinks 25- to 40-fold): plain stays readable with kubectl and by proxies of a release that
+knows only that key, and compression costs CPU only where it makes the difference between a
+snapshot and none.
+
+Then a status sweep computes each MailRoute's status (Accepted and ResolvedRefs from the
+compiler, Programmed from which ready proxy pods run a table that holds this generation,
+status.proxies from which run this route as it now is) and patches the ones that differ,
+merging our conditions into the object's list (controller.conditions.merge: others' conditions
+stay) with the object's resourceVersion as a precondition, and posts an Event per condition that
+turned True or False.
 A status names only the route's own programming, never the latest table, so a table that does
 not change a route writes nothing for it. In ``run`` sweeps go on beside the passes: a burst
 of route changes is still many writes, which must not hold up the next table; a sweep
@@ -24,7 +34,9 @@ gate opened (a half-listed cluster would withdraw routes from every proxy).
 """
 
 import asyncio
+import base64
 import datetime
+import gzip
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from controller import compiler, conditions, endpoints, mailroute
-from controller.metrics import ControllerMetrics
+from controller.metrics import SNAPSHOT_API_ERROR, SNAPSHOT_TOO_LARGE, ControllerMetrics
 from proxy import table
 
 log = logging.getLogger(__name__)
@@ -46,14 +58,26 @@ RETRY_SECONDS = 5.0
 # Published table versions remembered to tell what an acked version holds. A proxy that acks
 # a version older than this many others counts as not running any current route.
 MAX_REMEMBERED_TABLES = 64
-# The ConfigMap key proxies read the snapshot from (mounted as a file; the canonical table JSON).
+# The ConfigMap keys proxies read the snapshot from (both mounted as files, side by side): the
+# canonical table JSON in data, or its gzip form (RFC 1952) in binaryData; never both at once.
+# proxy/server/subscriber.py finds the second by SNAPSHOT_GZIP_SUFFIX, tests check they agree.
 SNAPSHOT_KEY = "table.json"
+SNAPSHOT_GZIP_KEY = SNAPSHOT_KEY + ".gz"
+# The API server refuses a ConfigMap whose data and binaryData values add up to more than 1 MiB
+# (Kubernetes' object data limit: pkg/apis/core/validation ValidateConfigMap, core.MaxSecretSize;
+# binaryData counts decoded bytes).
+MAX_CONFIGMAP_BYTES = 1024 * 1024
+# zlib's default level. Level 9 saves at most 1.5 % more on table JSON for 1.5 to 2.5 times the
+# CPU (measured: bench/convergence.py's 10,000 routes, 2.5 MB -> 62 kB; more varied ones, 5.2 MB
+# -> 201 kB).
+SNAPSHOT_GZIP_LEVEL = 6
 # events.k8s.io/v1 caps an Event's note at 1 kB; the core/v1 message is shown in the same place.
 MAX_EVENT_MESSAGE = 1024
 
 
 _Parsed = mailroute.MailRoute | mailroute.SpecError
 _Endpoints = tuple[table.Endpoint, ...]
+_Table = table.RoutingTable  # inside Reconciler, ``table`` is its property
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +123,55 @@ class ClusterError(Exception):
     """A Kubernetes API call failed for a reason a later retry may not have (5xx, network)."""
 
 
+class SnapshotTooLargeError(Exception):
+    """A table that does not fit a ConfigMap even compressed; the message is safe to log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A table as the snapshot ConfigMap stores it: under exactly one of the two keys."""
+
+    version: str  # the table's
+    compressed: bool  # gzip under SNAPSHOT_GZIP_KEY in binaryData, else JSON under SNAPSHOT_KEY
+    content: bytes  # what the proxies' mounted file holds
+
+    def fields(self) -> dict[str, dict[str, str]]:
+        """The ConfigMap fields that hold it, as JSON carries them (binaryData in base64)."""
+        if self.compressed:
+            return {"binaryData": {SNAPSHOT_GZIP_KEY: base64.b64encode(self.content).decode("ascii")}}
+        return {"data": {SNAPSHOT_KEY: self.content.decode()}}
+
+    def merge_patch(self) -> dict[str, dict[str, str | None]]:
+        """``fields`` plus the removal of the other form (null deletes a key in a merge patch): a
+        proxy must never find an older table beside this one."""
+        patch: dict[str, dict[str, str | None]] = {
+            "data": {SNAPSHOT_KEY: None},
+            "binaryData": {SNAPSHOT_GZIP_KEY: None},
+        }
+        for name, values in self.fields().items():
+            patch[name] = dict(values)
+        return patch
+
+
+def encode_snapshot(new: table.RoutingTable) -> Snapshot:
+    """``new`` as the snapshot ConfigMap stores it: its JSON if that fits, else gzip.
+
+    Raises:
+        SnapshotTooLargeError: even the gzip form exceeds MAX_CONFIGMAP_BYTES.
+    """
+    document = table.to_json(new)
+    if len(document) <= MAX_CONFIGMAP_BYTES:
+        return Snapshot(new.version, compressed=False, content=document)
+    # mtime 0: the same table always compresses to the same bytes.
+    compressed = gzip.compress(document, compresslevel=SNAPSHOT_GZIP_LEVEL, mtime=0)
+    if len(compressed) > MAX_CONFIGMAP_BYTES:
+        raise SnapshotTooLargeError(
+            f"routing table {new.version} takes {len(document)} bytes, {len(compressed)} compressed: "
+            f"more than the {MAX_CONFIGMAP_BYTES} bytes a ConfigMap holds"
+        )
+    return Snapshot(new.version, compressed=True, content=compressed)
+
+
 class Cluster(Protocol):
     """The Kubernetes API writes a pass makes."""
 
@@ -112,8 +185,9 @@ class Cluster(Protocol):
         """
         ...
 
-    async def save_snapshot(self, document: bytes) -> None:
-        """Store the table JSON under SNAPSHOT_KEY in the snapshot ConfigMap (create or patch)."""
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot`` in the snapshot ConfigMap (create, or patch: its key set, the other
+        form's key removed). Raises ClusterError when the API refuses or fails."""
         ...
 
     async def post_event(self, entry: RouteEntry, kind: str, reason: str, message: str) -> None:
@@ -180,6 +254,15 @@ class _Published:
         return None if known is None else known[0]
 
 
+@dataclass(frozen=True, slots=True)
+class _SnapshotFailure:
+    """The last snapshot write that failed (since the last that worked)."""
+
+    version: str  # the table that was not written
+    problem: str  # what was logged: the same problem again is only counted
+    too_large: bool  # the same table never fits: only a new one is tried
+
+
 class Reconciler:
     """Turns the indexes into one published table and every MailRoute's status."""
 
@@ -194,8 +277,8 @@ class Reconciler:
         now: Callable[[], str] = utc_now,
         metrics: ControllerMetrics | None = None,
     ) -> None:
-        """``metrics``: where compile times go (the publisher's, which serves them); None
-        records none."""
+        """``metrics``: where compile times and snapshot failures go (the publisher's, which
+        serves them); None records none."""
         self._read = read
         self._metrics = metrics
         self._publisher = publisher
@@ -214,6 +297,8 @@ class Reconciler:
         self._compiled: compiler.Compiled | None = None
         self._published = _Published()
         self._snapshot: str | None = None  # version last written to the ConfigMap
+        self._snapshot_failure: _SnapshotFailure | None = None
+        self._snapshot_paused = False  # a failed API write's RETRY_SECONDS are not over yet
         self._applied: dict[str, str] = {}  # proxy -> last version it accepted
         self._rejected: dict[str, Ack] = {}  # proxy -> its rejection of a version it did not apply
         # key -> (resourceVersion we patched against, status we wrote): until the watch brings
@@ -329,10 +414,58 @@ class Reconciler:
         for proxy in set(self._applied) - set(inputs.proxies):
             del self._applied[proxy]  # the pod is gone; a new one of that name acks afresh
         if self._snapshot != compiled.table.version:
-            await self._cluster.save_snapshot(table.to_json(compiled.table))
-            self._snapshot = compiled.table.version
+            await self._save_snapshot(compiled.table)
         self.passes += 1
         return inputs, compiled
+
+    async def _save_snapshot(self, new: _Table) -> None:
+        """Write ``new`` to the snapshot ConfigMap, unless the last failure says to wait.
+
+        Never raises for the API or the table's size: proxies get every table over the push
+        channel meanwhile, and statuses must not wait for a file that only a proxy booting while
+        the controller is away reads.
+        """
+        failure = self._snapshot_failure
+        if self._snapshot_paused or (failure and failure.too_large and failure.version == new.version):
+            return
+        try:
+            snapshot = encode_snapshot(new)
+            await self._cluster.save_snapshot(snapshot)
+        except SnapshotTooLargeError as error:
+            self._snapshot_failed(new.version, error)
+        except ClusterError as error:
+            self._snapshot_paused = True
+            asyncio.get_running_loop().call_later(RETRY_SECONDS, self._resume_snapshot)
+            self._snapshot_failed(new.version, error)
+        else:
+            if failure is not None:
+                log.info("routing table snapshot written again (%s)", new.version)
+            self._snapshot = new.version
+            self._snapshot_failure = None
+
+    def _resume_snapshot(self) -> None:
+        """RETRY_SECONDS after a failed API write: the next pass writes the snapshot again."""
+        self._snapshot_paused = False
+        self._wake.set()
+
+    def _snapshot_failed(self, version: str, error: SnapshotTooLargeError | ClusterError) -> None:
+        """Count a failed snapshot write; log it unless the last failure was the same problem
+        (a long outage or a table that stays too large must not flood the log)."""
+        too_large = isinstance(error, SnapshotTooLargeError)
+        if self._metrics is not None:
+            reason = SNAPSHOT_TOO_LARGE if too_large else SNAPSHOT_API_ERROR
+            self._metrics.snapshot_failures.labels(reason=reason).inc()
+        # Too large is one problem whatever the sizes; an API failure is one per message.
+        problem = "too large" if too_large else str(error)
+        if self._snapshot_failure is None or self._snapshot_failure.problem != problem:
+            log.error(
+                "cannot write the routing table snapshot ConfigMap, trying again %s (proxies still "
+                "get every table over the push channel; one that starts while the controller is "
+                "away serves an older snapshot or none): %s",
+                "with the next table" if too_large else f"in {RETRY_SECONDS:.0f} s",
+                error,
+            )
+        self._snapshot_failure = _SnapshotFailure(version, problem, too_large)
 
     def _programmed(self, key: str, generation: int, ready: Sequence[str]) -> conditions.Condition:
         """Programmed for a route in the table: which ready proxies run this generation."""

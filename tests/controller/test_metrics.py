@@ -68,13 +68,22 @@ def test_every_metric_is_named_described_and_labelled_by_bounded_sets_only(
         "mailgress_controller_table_routes",
         "mailgress_controller_compile_seconds",
         "mailgress_controller_acks",
+        "mailgress_controller_snapshot_failures",
     }
     assert all(family.documentation for family in families.values())
     assert families["mailgress_controller_push_lag_seconds"].type == "histogram"
     assert families["mailgress_controller_compile_seconds"].type == "histogram"
     assert families["mailgress_controller_acks"].type == "counter"
+    assert families["mailgress_controller_snapshot_failures"].type == "counter"
     labels = {name for family in families.values() for sample in family.samples for name in sample.labels}
-    assert labels == {"version", "accepted", "le"}  # never a proxy, user, route or address
+    assert labels == {"version", "accepted", "le", "reason"}  # never a proxy, user, route or address
+    # Every snapshot failure reason is exported from the start, at 0.
+    failures = {
+        sample.labels["reason"]: sample.value
+        for sample in families["mailgress_controller_snapshot_failures"].samples
+        if sample.name.endswith("_total")
+    }
+    assert failures == {metrics.SNAPSHOT_API_ERROR: 0, metrics.SNAPSHOT_TOO_LARGE: 0}
 
 
 async def test_one_push_lag_observation_per_proxy_ack_of_a_published_version(

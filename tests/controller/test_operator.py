@@ -1,7 +1,8 @@
 """The controller process: settings from flags and environment, credentials, and the API writer
-(``KubeApi``) against the emulator."""
+(``KubeApi``) against the emulator, the snapshot ConfigMap in both its forms included."""
 
 import argparse
+import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ import pytest
 import yaml
 
 from controller import operator, reconciler
+from proxy import table
+from proxy.server import subscriber
+from tests.controller.test_reconciler import table_over_the_plain_limit
 from tests.kube.conftest import CRD_FILE, kubeconfig_text
 from tests.kube.emulator import Emulator
 
@@ -142,12 +146,56 @@ async def test_status_patch_needs_the_resource_version(kube_api: tuple[Emulator,
     assert emulator.accesses("writer-token")[0].subresource == "status"
 
 
+def stored_configmap(emulator: Emulator) -> dict[str, Any]:
+    stored: dict[str, Any] = emulator.objects[
+        kmock.resource("", "v1", "configmaps"), "mailgress-system", "snapshot"
+    ].raw
+    return stored
+
+
 async def test_snapshot_is_created_then_patched(kube_api: tuple[Emulator, operator.KubeApi]) -> None:
     emulator, api = kube_api
-    await api.save_snapshot(b'{"first":1}')
-    await api.save_snapshot(b'{"second":2}')
-    stored = emulator.objects[kmock.resource("", "v1", "configmaps"), "mailgress-system", "snapshot"].raw
+    await api.save_snapshot(reconciler.Snapshot("v1", compressed=False, content=b'{"first":1}'))
+    await api.save_snapshot(reconciler.Snapshot("v2", compressed=False, content=b'{"second":2}'))
+    stored = stored_configmap(emulator)
     assert stored["data"] == {reconciler.SNAPSHOT_KEY: '{"second":2}'}
+    assert not stored.get("binaryData")
+
+
+async def test_a_table_too_large_to_store_plainly_goes_to_binary_data_and_back(
+    kube_api: tuple[Emulator, operator.KubeApi], tmp_path: Path
+) -> None:
+    """Over 1 MiB of JSON: gzip under the compressed key in binaryData, the plain key removed
+    (a proxy must not read the older table beside it); the proxy's reader, given the files the
+    kubelet would write, gets the table back. Small again: plain, the compressed key removed."""
+    emulator, api = kube_api
+    big = table_over_the_plain_limit()
+    small = table.make_table(big.routes[:1])
+    await api.save_snapshot(reconciler.encode_snapshot(small))
+    await api.save_snapshot(reconciler.encode_snapshot(big))
+    stored = stored_configmap(emulator)
+    assert not stored.get("data")
+    assert stored["binaryData"].keys() == {reconciler.SNAPSHOT_GZIP_KEY}
+    content = base64.b64decode(stored["binaryData"][reconciler.SNAPSHOT_GZIP_KEY], validate=True)
+    assert len(content) <= reconciler.MAX_CONFIGMAP_BYTES
+    (tmp_path / reconciler.SNAPSHOT_GZIP_KEY).write_bytes(content)
+    assert subscriber.read_snapshot(tmp_path / reconciler.SNAPSHOT_KEY)[1] == big
+
+    await api.save_snapshot(reconciler.encode_snapshot(small))
+    stored = stored_configmap(emulator)
+    assert stored["data"] == {reconciler.SNAPSHOT_KEY: table.to_json(small).decode()}
+    assert not stored.get("binaryData")
+
+
+async def test_a_new_configmap_holds_only_the_form_written(
+    kube_api: tuple[Emulator, operator.KubeApi],
+) -> None:
+    """Created compressed: binaryData alone, no null left over from the merge patch's removals."""
+    emulator, api = kube_api
+    await api.save_snapshot(reconciler.Snapshot("v1", compressed=True, content=b"\x1f\x8bdata"))
+    stored = stored_configmap(emulator)
+    assert "data" not in stored
+    assert stored["binaryData"] == {reconciler.SNAPSHOT_GZIP_KEY: base64.b64encode(b"\x1f\x8bdata").decode()}
 
 
 async def test_api_trouble_is_a_cluster_error(tmp_path: Path) -> None:
@@ -157,6 +205,6 @@ async def test_api_trouble_is_a_cluster_error(tmp_path: Path) -> None:
     await api.start()
     try:
         with pytest.raises(reconciler.ClusterError):
-            await api.save_snapshot(b"{}")
+            await api.save_snapshot(reconciler.Snapshot("v1", compressed=False, content=b"{}"))
     finally:
         await api.stop()

@@ -1,16 +1,21 @@
 """The reconciler with a fake publisher and a fake API: the sync gate, debounce, Programmed and
 status.proxies from acks, status writes (others' conditions kept, one write per change, none for
-a route a new table does not change), Events, the snapshot."""
+a route a new table does not change), Events, the snapshot: plain or compressed as it fits (read
+back with the proxy's own reader), and its failures, which hold up neither tables nor statuses."""
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from controller import endpoints, mailroute, reconciler
+from controller import endpoints, mailroute, metrics, reconciler
 from proxy import table
+from proxy.server import subscriber
 
 NOW = "2026-11-26T12:00:00Z"
 # Loop turns a pass needs at most here (no I/O in the fakes): a bounded wait, not a duration.
@@ -48,10 +53,12 @@ class FakePublisher:
 @dataclass
 class FakeCluster:
     patches: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
-    snapshots: list[bytes] = field(default_factory=list)
+    snapshots: list[reconciler.Snapshot] = field(default_factory=list)
     events: list[tuple[str, str, str, str]] = field(default_factory=list)
     refuse: bool = False  # answer every status patch as a 409
     failures: int = 0  # raise ClusterError on this many next status patches
+    snapshot_failures: int = 0  # raise ClusterError on this many next snapshot writes
+    snapshot_attempts: int = 0
 
     async def patch_status(
         self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]
@@ -64,8 +71,12 @@ class FakeCluster:
         self.patches.append((f"{namespace}/{name}", resource_version, dict(status)))
         return True
 
-    async def save_snapshot(self, document: bytes) -> None:
-        self.snapshots.append(document)
+    async def save_snapshot(self, snapshot: reconciler.Snapshot) -> None:
+        self.snapshot_attempts += 1
+        if self.snapshot_failures:
+            self.snapshot_failures -= 1
+            raise reconciler.ClusterError("saving the snapshot ConfigMap routing-table: HTTP 403")
+        self.snapshots.append(snapshot)
 
     async def post_event(self, entry: reconciler.RouteEntry, kind: str, reason: str, message: str) -> None:
         self.events.append((entry.route.key, kind, reason, message))
@@ -402,13 +413,188 @@ async def test_snapshot_follows_the_published_version(
 ) -> None:
     await worker.reconcile()
     await worker.reconcile()
-    assert cluster.snapshots == [table.to_json(publisher.published[0])]
+    assert cluster.snapshots == [
+        reconciler.Snapshot(publisher.published[0].version, False, table.to_json(publisher.published[0]))
+    ]
     world.routes.clear()
     await worker.reconcile()
     assert len(publisher.published) == 2
     assert publisher.published[-1].routes == ()
-    assert table.from_json(cluster.snapshots[-1]) == publisher.published[-1]
+    assert table.from_json(cluster.snapshots[-1].content) == publisher.published[-1]
     assert worker.table == publisher.published[-1]
+
+
+# The snapshot's failures and its compressed form.
+
+SNAPSHOT_ERROR = "cannot write the routing table snapshot ConfigMap"
+
+
+def programmed(cluster: FakeCluster) -> bool:
+    return conditions_of(cluster.last_status("mail/example"))["Programmed"][0] == "True"
+
+
+def failures(registry: CollectorRegistry, reason: str) -> float | None:
+    return registry.get_sample_value("mailgress_controller_snapshot_failures_total", {"reason": reason})
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def counted(
+    world: World, publisher: FakePublisher, cluster: FakeCluster, registry: CollectorRegistry
+) -> reconciler.Reconciler:
+    """``worker`` with metrics."""
+    return reconciler.Reconciler(
+        read=world.read,
+        publisher=publisher,
+        cluster=cluster,
+        holdoff=0,
+        now=lambda: NOW,
+        metrics=metrics.create(registry),
+    )
+
+
+async def test_a_failing_snapshot_write_holds_up_neither_tables_nor_statuses_and_is_retried(
+    world: World,
+    counted: reconciler.Reconciler,
+    publisher: FakePublisher,
+    cluster: FakeCluster,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Missing RBAC on the ConfigMap, say: every pass still publishes and writes statuses; the
+    snapshot is tried again RETRY_SECONDS after each failure (here at once), logged once."""
+    monkeypatch.setattr(reconciler, "RETRY_SECONDS", 0)
+    caplog.set_level(logging.INFO, logger=reconciler.__name__)
+    cluster.snapshot_failures = 3
+    counted.mark_synced()
+    task = asyncio.create_task(counted.run())
+    try:
+        await turns_until(lambda: len(cluster.patches) == 1)
+        assert len(publisher.published) == 1
+        publisher.ack("proxy-a")
+        publisher.ack("proxy-b")
+        await turns_until(
+            lambda: conditions_of(cluster.last_status("mail/example"))["Programmed"][0] == "True"
+        )
+        await turns_until(lambda: len(cluster.snapshots) == 1)
+    finally:
+        task.cancel()
+    assert cluster.snapshot_attempts == 4
+    assert cluster.snapshots[0].version == publisher.published[0].version
+    assert failures(registry, "api_error") == 3
+    assert failures(registry, "too_large") == 0
+    assert caplog.text.count(SNAPSHOT_ERROR) == 1, "the same problem is logged once"
+    assert "HTTP 403" in caplog.text
+    assert caplog.text.count("routing table snapshot written again") == 1
+
+
+async def test_after_a_failed_snapshot_write_passes_wait_retry_seconds_before_the_next(
+    world: World, counted: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """No write per pass while the API refuses: until RETRY_SECONDS (5 s, longer than this
+    test) are over, passes publish new tables and write statuses without trying again."""
+    cluster.snapshot_failures = 100
+    await counted.reconcile()
+    world.routes.append(entry(route_body("other", "example.org")))
+    await counted.reconcile()
+    await counted.reconcile()
+    assert len(publisher.published) == 2
+    assert {key for key, _, _ in cluster.patches} == {"mail/example", "mail/other"}
+    assert cluster.snapshot_attempts == 1
+
+
+async def test_a_table_too_large_even_compressed_is_reported_and_only_a_new_one_tried(
+    world: World,
+    counted: reconciler.Reconciler,
+    publisher: FakePublisher,
+    cluster: FakeCluster,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A limit of 100 bytes stands in for the 1 MiB that tens of thousands of routes exceed."""
+    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", 100)
+    caplog.set_level(logging.INFO, logger=reconciler.__name__)
+    await counted.reconcile()
+    assert cluster.snapshot_attempts == 0  # nothing the API server would refuse is sent
+    assert len(publisher.published) == 1
+    assert len(cluster.patches) == 1  # statuses go on
+    assert failures(registry, "too_large") == 1
+    assert caplog.text.count(SNAPSHOT_ERROR) == 1
+    assert "more than the 100 bytes a ConfigMap holds" in caplog.text
+    await counted.reconcile()  # the same table: it will not fit any better
+    assert failures(registry, "too_large") == 1
+    world.routes.append(entry(route_body("other", "example.org")))
+    await counted.reconcile()  # a new table is tried; the same problem is not logged again
+    assert failures(registry, "too_large") == 2
+    assert caplog.text.count(SNAPSHOT_ERROR) == 1
+    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", 1024 * 1024)
+    world.routes.pop()
+    await counted.reconcile()
+    assert [snapshot.version for snapshot in cluster.snapshots] == [publisher.published[-1].version]
+    assert caplog.text.count("routing table snapshot written again") == 1
+
+
+def many_routes(count: int) -> list[reconciler.RouteEntry]:
+    return [entry(route_body(f"route-{index:05d}", f"d{index}.example")) for index in range(count)]
+
+
+async def test_a_table_over_the_plain_limit_is_stored_compressed_and_the_proxy_reads_it(
+    world: World,
+    worker: reconciler.Reconciler,
+    publisher: FakePublisher,
+    cluster: FakeCluster,
+    tmp_path: Path,
+) -> None:
+    """Thousands of routes overflow a ConfigMap as JSON (1 MiB, Kubernetes' object data limit);
+    gzip in binaryData fits, and the proxy's snapshot reader finds it where the chart mounts it
+    (the compressed key's file beside the plain key's) and gets the very table published."""
+    world.routes = many_routes(4500)
+    await worker.reconcile()
+    (published,) = publisher.published
+    assert len(table.to_json(published)) > reconciler.MAX_CONFIGMAP_BYTES
+    (snapshot,) = cluster.snapshots
+    assert snapshot.compressed
+    assert len(snapshot.content) <= reconciler.MAX_CONFIGMAP_BYTES
+    assert snapshot.fields().keys() == {"binaryData"}
+    (tmp_path / reconciler.SNAPSHOT_GZIP_KEY).write_bytes(snapshot.content)
+    read = subscriber.read_snapshot(tmp_path / reconciler.SNAPSHOT_KEY)
+    assert read == (tmp_path / reconciler.SNAPSHOT_GZIP_KEY, published)
+    # Back under the limit: plain again (the patch removes the compressed key).
+    world.routes = world.routes[:1]
+    await worker.reconcile()
+    assert not cluster.snapshots[-1].compressed
+    assert cluster.snapshots[-1].merge_patch() == {
+        "data": {reconciler.SNAPSHOT_KEY: table.to_json(publisher.published[-1]).decode()},
+        "binaryData": {reconciler.SNAPSHOT_GZIP_KEY: None},
+    }
+
+
+def table_over_the_plain_limit() -> table.RoutingTable:
+    """A table whose JSON a ConfigMap cannot hold (made directly: no MailRoute to parse)."""
+    routes = [
+        table.Route(
+            name=f"mail/r{index}", generation=1, users=(), domains=(f"d{index}.example",), upstreams=()
+        )
+        for index in range(12_000)
+    ]
+    made = table.make_table(routes)
+    assert len(table.to_json(made)) > reconciler.MAX_CONFIGMAP_BYTES
+    return made
+
+
+def test_the_same_table_always_compresses_to_the_same_snapshot() -> None:
+    """No timestamp in the gzip header: a restarted controller that writes the same table again
+    sends the same bytes (the API server then changes nothing, and no kubelet rewrites files)."""
+    big = table_over_the_plain_limit()
+    first = reconciler.encode_snapshot(big)
+    assert first.compressed
+    assert reconciler.encode_snapshot(big) == first
 
 
 async def test_a_new_table_goes_out_while_statuses_are_still_being_written(
