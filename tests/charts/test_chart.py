@@ -22,6 +22,7 @@ from controller import operator, reconciler
 from deploy import render
 from mailgress import cli
 from proxy import settings as proxy_settings
+from proxy.server import subscriber
 from tests.charts.conftest import SCENARIOS, container, objects, one, rendered, values
 
 RELEASE_NAMESPACE = render.NAMESPACE
@@ -377,9 +378,12 @@ def test_every_file_the_settings_name_is_mounted(scenario: str) -> None:
     controller_token = PurePosixPath(controller_args[controller_args.index("--token-file") + 1])
     assert token == controller_files[controller_token], "proxies and controller share one token"
     assert parsed.controller.snapshot_file is not None
-    snapshot = files[PurePosixPath(parsed.controller.snapshot_file)]
+    snapshot = PurePosixPath(parsed.controller.snapshot_file)
     snapshot_configmap = controller_args[controller_args.index("--snapshot-configmap") + 1]
-    assert snapshot == ("configMap", snapshot_configmap, reconciler.SNAPSHOT_KEY)
+    assert files[snapshot] == ("configMap", snapshot_configmap, reconciler.SNAPSHOT_KEY)
+    # A table too large to store plainly: the compressed key, where the proxy's reader looks.
+    compressed = snapshot.with_name(snapshot.name + subscriber.SNAPSHOT_GZIP_SUFFIX)
+    assert files[compressed] == ("configMap", snapshot_configmap, reconciler.SNAPSHOT_GZIP_KEY)
 
 
 def test_snapshot_volume_is_optional_and_tls_secrets_are_whole_directories() -> None:

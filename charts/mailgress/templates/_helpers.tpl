@@ -29,7 +29,8 @@ mounts at exactly these places.
 {{- define "mailgress.proxy.fullname" -}}
 {{- printf "%s-proxy" (include "mailgress.fullname" . | trunc 57 | trimSuffix "-") -}}
 {{- end -}}
-{{/* The ConfigMap the controller writes the routing table snapshot to (reconciler.SNAPSHOT_KEY). */}}
+{{/* The ConfigMap the controller writes the routing table snapshot to (reconciler.SNAPSHOT_KEY,
+or reconciler.SNAPSHOT_GZIP_KEY for a table too large to store plainly). */}}
 {{- define "mailgress.snapshotConfigMap" -}}
 {{- printf "%s-routing-table" (include "mailgress.fullname" . | trunc 49 | trimSuffix "-") -}}
 {{- end -}}
