@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 SCENARIO_BOUND = 120.0  # seconds: a hung relay fails the test instead of hanging the suite
 LONG_IDLE = 3600.0  # an idle timeout that never fires during a test
+WAIT_FOR_END = 10.0  # seconds a relay that should end at once may take on a loaded machine
 BULK = 20 * 1024 * 1024
 RECV_SIZE = 256 * 1024
 UP_PAYLOAD = random.Random(1).randbytes(BULK)
@@ -483,6 +484,35 @@ def test_reset_on_one_side_ends_both(
         assert await task == relay.RelayResult(9, 0, relay.ERROR)
         survivor = ends.backend if resetting == "client" else ends.client
         assert await loop.sock_recv(survivor, 64) == b""
+        _assert_closed(ends.proxy_client, ends.proxy_backend)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("resetting", ["client", "backend"])
+def test_last_bytes_then_a_reset_reach_the_other_side_and_end_both(
+    run: Callable[[Coroutine[Any, Any, None]], None], splice: bool, ends: Ends, resetting: str
+) -> None:
+    """Under uvloop a socket that errors is watched no longer once the error was reported, so a
+    peer's last bytes and its reset, arriving together, must still end the relay (it waited for
+    the idle timeout before)."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        task = _start(ends, splice=splice)
+        last = b"* BYE last words\r\n"
+        speaker, survivor = (
+            (ends.client, ends.backend) if resetting == "client" else (ends.backend, ends.client)
+        )
+        await loop.sock_sendall(speaker, last)
+        _reset(speaker)
+        async with asyncio.timeout(WAIT_FOR_END):
+            result = await task
+        assert result.ended_by == relay.ERROR
+        assert (result.upstream_bytes, result.downstream_bytes) == (
+            (len(last), 0) if resetting == "client" else (0, len(last))
+        )
+        assert await _read_to_eof(survivor, limit=len(last)) == last
         _assert_closed(ends.proxy_client, ends.proxy_backend)
 
     run(scenario())
