@@ -17,7 +17,9 @@ Every wait is bounded (``eventually``); nothing asserts on durations.
 """
 
 import asyncio
+import base64
 import contextlib
+import gzip
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -393,8 +395,13 @@ def condition(emulator: Emulator, name: str, kind: str, namespace: str = NAMESPA
 
 
 def snapshot_of(emulator: Emulator) -> str | None:
+    """The table JSON in the snapshot ConfigMap, plain or compressed (None: not written)."""
     key = (CONFIGMAPS, CONTROLLER_NAMESPACE, "mailgress-routing-table")
     if key not in emulator.objects or emulator.objects[key].deleted:
         return None
-    data: dict[str, str] = emulator.objects[key].raw.get("data") or {}
+    stored = emulator.objects[key].raw
+    compressed = (stored.get("binaryData") or {}).get(reconciler.SNAPSHOT_GZIP_KEY)
+    if compressed is not None:
+        return gzip.decompress(base64.b64decode(compressed)).decode()
+    data: dict[str, str] = stored.get("data") or {}
     return data.get(reconciler.SNAPSHOT_KEY)

@@ -21,10 +21,13 @@ gap measured in the kubernetes-testing reference:
 6. Compatibility: ``GET /version/``; 404/409 reasons NotFound/AlreadyExists/Conflict as kubectl
    expects; server-side apply of a missing object creates it; /api/v1/namespaces paths parse.
 7. Every request is recorded per bearer token as the RBAC (verb, group, resource, subresource) it
-   needs, so a test can list what the controller asked for.
+   needs, so a test can list what the controller asked for; an access a test put in
+   ``forbidden`` for that token is refused with 403 Forbidden before anything is stored, as the
+   API server refuses what no RBAC rule grants.
 
 Still missing (tests do not rely on them): BOOKMARK, 410 Gone, tombstones for watchers that were
-away, PUT, strategic merge, OpenAPI, protobuf, schema validation, admission and RBAC itself.
+away, PUT, strategic merge, OpenAPI, protobuf, schema validation, admission and RBAC rules
+themselves (everything not forbidden is allowed).
 """
 
 import asyncio
@@ -140,6 +143,8 @@ class Emulator(kmock.KubernetesEmulator):
     _resource_version: int = attrs.field(default=0, init=False)
     _mutations: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     _accesses: dict[str, set[Access]] = attrs.field(factory=dict, init=False)
+    # token -> accesses refused with 403 (tests add and remove them while the emulator runs)
+    forbidden: dict[str, set[Access]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -153,6 +158,7 @@ class Emulator(kmock.KubernetesEmulator):
         return sorted(self._accesses.get(token, ()))
 
     def _record(self, request: rendering.Request) -> None:
+        """Note the access ``request`` needs; refuse it if it is forbidden for its token."""
         header = request.headers.get("Authorization", "")
         token = header.removeprefix("Bearer ").strip()
         if request.resource is None:
@@ -168,6 +174,12 @@ class Emulator(kmock.KubernetesEmulator):
                 subresource=request.subresource or "",
             )
         self._accesses.setdefault(token, set()).add(access)
+        if access in self.forbidden.get(token, ()):
+            raise kmock.KubernetesError(
+                status=403,
+                reason="Forbidden",
+                message=f"{access.resource or access.non_resource_url} is forbidden: cannot {access.verb}",
+            )
 
     def _next_version(self) -> str:
         self._resource_version = next(self._counter)

@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 
 from tests.kube.conftest import (
+    CONFIGMAPS,
     CONTROLLER_NAMESPACE,
     NAMESPACE,
     Api,
@@ -15,7 +16,7 @@ from tests.kube.conftest import (
     proxy_pod,
     route_path,
 )
-from tests.kube.emulator import Emulator
+from tests.kube.emulator import Access, Emulator
 
 PODS = f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/pods"
 ROUTES = f"/apis/mailgress.io/v1alpha1/namespaces/{NAMESPACE}/mailroutes"
@@ -149,3 +150,18 @@ async def test_accesses_are_recorded_per_token(emulator: Emulator, api: Api) -> 
     assert {"verb": "create", "resource": "pods"} in [
         access.as_json() for access in emulator.accesses("test-token")
     ]
+
+
+async def test_a_forbidden_access_is_refused_before_anything_is_stored(emulator: Emulator, api: Api) -> None:
+    """What a missing RBAC rule does: 403 Forbidden for that token only, nothing written."""
+    configmaps = f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/configmaps"
+    body = {"metadata": {"name": "c"}, "data": {"k": "v"}}
+    emulator.forbidden["test-token"] = {Access(verb="create", resource="configmaps")}
+    async with api.session.post(configmaps, json=body) as refused:
+        assert (refused.status, (await refused.json())["reason"]) == (403, "Forbidden")
+    assert (CONFIGMAPS, CONTROLLER_NAMESPACE, "c") not in emulator.objects
+    assert Access(verb="create", resource="configmaps") in emulator.accesses("test-token")
+    await api.create(PODS, proxy_pod("a"))  # other accesses of the token are allowed
+    emulator.forbidden.clear()
+    created = await api.create(configmaps, body)
+    assert created["data"] == {"k": "v"}

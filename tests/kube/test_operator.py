@@ -1,15 +1,26 @@
 """The real kopf operator (controller.operator.run) against the emulator, with proxies acking on
-the real push channel: MailRoute status, the published table, the snapshot ConfigMap, Events."""
+the real push channel: MailRoute status, the published table, the snapshot ConfigMap (and what
+happens when the API refuses it), Events."""
 
+import asyncio
 import contextlib
 import copy
+import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from controller import metrics, publisher, reconciler
 from proxy import table
 from tests.kube.conftest import (
     CONTROLLER_NAMESPACE,
+    CONTROLLER_TOKEN,
     MAILROUTES,
     NAMESPACE,
+    POLL_SECONDS,
+    WAIT_SECONDS,
     AccessLog,
     Api,
     Controller,
@@ -27,7 +38,7 @@ from tests.kube.conftest import (
     snapshot_of,
     status_of,
 )
-from tests.kube.emulator import Emulator
+from tests.kube.emulator import Access, Emulator
 
 PROXIES = ("proxy-a", "proxy-b")
 
@@ -226,6 +237,59 @@ async def test_spec_change_and_deletion_reach_the_proxies_and_the_snapshot(
         await eventually(
             lambda: table.from_json(snapshot_of(emulator) or "") == proxies[0].latest, "snapshot"
         )
+
+
+async def snapshot_api_errors(controller: Controller) -> float:
+    """mailgress_controller_snapshot_failures_total{reason="api_error"} as /metrics serves it."""
+    url = f"http://127.0.0.1:{controller.port}{publisher.METRICS_PATH}"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "mailgress_controller_snapshot_failures_total" and sample.labels == {
+                "reason": metrics.SNAPSHOT_API_ERROR
+            }:
+                return sample.value
+    raise AssertionError("the controller serves no snapshot failure counter")
+
+
+async def test_a_refused_snapshot_stops_no_status_and_is_written_once_allowed(
+    emulator: Emulator,
+    api: Api,
+    controller_runner: ControllerRunner,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The controller may not write its snapshot ConfigMap (RBAC missing: 403): the proxies get
+    the table and the route is Programmed all the same; the refusals are counted on /metrics and
+    logged once; once allowed, a retry writes the snapshot."""
+    monkeypatch.setattr(reconciler, "RETRY_SECONDS", 0.2)  # read by the operator's thread too
+    caplog.set_level(logging.ERROR, logger=reconciler.__name__)
+    emulator.forbidden[CONTROLLER_TOKEN] = {
+        Access(verb="create", resource="configmaps"),
+        Access(verb="patch", resource="configmaps"),
+    }
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    controller = await controller_runner.start()
+    async with fake_proxies(controller) as proxies:
+        await create_route(api, imap_route("example", "example.com"))
+        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "Programmed")
+        assert snapshot_of(emulator) is None
+        assert await snapshot_api_errors(controller) >= 1
+        for _ in range(int(WAIT_SECONDS / POLL_SECONDS)):
+            if await snapshot_api_errors(controller) >= 3:
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        else:
+            raise AssertionError("the snapshot write was not tried again")
+        assert caplog.text.count("cannot write the routing table snapshot ConfigMap") == 1
+        assert "HTTP 403" in caplog.text
+
+        emulator.forbidden.clear()
+        await eventually(lambda: snapshot_of(emulator), "the snapshot written")
+        assert table.from_json(snapshot_of(emulator) or "") == proxies[0].latest
 
 
 async def test_rejected_table_keeps_programmed_pending_and_others_conditions(
