@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,9 +51,9 @@ from proxy.server.drain import Turn
 # blocked direction and use up faster the per-user pipe budget (fs.pipe-user-pages-soft, 64 MiB
 # by default: 128 pipes of this size), past which F_SETPIPE_SZ is refused.
 PIPE_SIZE = 512 * 1024
-# Reads of one pump per wakeup at most (each up to PIPE_SIZE): enough for a bulk transfer to
-# cost few wakeups, and a fast source cannot keep the loop from the other sessions for long.
-READS_PER_WAKEUP = 16
+# Readiness events the poller takes from its epoll per wakeup of the loop; more wait for the next
+# iteration (the epoll descriptor stays readable), so one busy moment cannot hold up the loop.
+EVENTS_PER_WAKEUP = 64
 # Empty pipes kept for reuse. A pump holds a pipe only while bytes sit in it (a blocked
 # writer), so a busy proxy needs about one pipe per blocked direction plus one: 5,000 idle
 # sessions cost their two sockets and no pipes (the descriptor limit here is 20,000).
@@ -266,6 +267,101 @@ class _QuietWatch:
 # after one pipe's worth: back-pressure comes from the kernel's socket buffers.
 
 
+class _Poller:
+    """The spliced relays' sockets of one event loop, in an epoll instance of their own.
+
+    The loop watches only the epoll descriptor, for as long as a spliced relay runs on it. Not the
+    loop's ``add_reader`` per socket, for two reasons. uvloop (libuv) stops watching a socket for
+    good once it has reported an error condition on it, with the callback run once: a peer whose
+    last bytes and reset arrive together would leave the relay, and the other side, waiting for
+    the idle timeout. And uvloop builds and tears down a poll handle for every socket it starts
+    and stops watching (several system calls and about 600 bytes each). Here readiness and errors
+    are reported level-triggered for as long as they last, a change is one ``epoll_ctl``, and an
+    idle relay costs two dict entries.
+    """
+
+    __slots__ = ("epoll", "loop", "users", "watchers")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.users = 0  # relays holding this poller
+        self.watchers: dict[int, list[Callable[[], None] | None]] = {}  # fd -> [reader, writer]
+        loop.add_reader(self.epoll.fileno(), self._dispatch)
+
+    @staticmethod
+    def acquire(loop: asyncio.AbstractEventLoop) -> "_Poller":
+        poller = _pollers.get(loop)
+        if poller is None:
+            poller = _pollers[loop] = _Poller(loop)
+        poller.users += 1
+        return poller
+
+    def release(self) -> None:
+        """A relay is done with the poller (its sockets are no longer watched): the last one
+        closes it, so an idle proxy holds no epoll and the loop no registration for it."""
+        self.users -= 1
+        if not self.users:
+            del _pollers[self.loop]
+            self.loop.remove_reader(self.epoll.fileno())
+            self.epoll.close()
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self._watch(fd, 0, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        self._watch(fd, 0, None)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        self._watch(fd, 1, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self._watch(fd, 1, None)
+
+    def _watch(self, fd: int, which: int, callback: Callable[[], None] | None) -> None:
+        entry = self.watchers.get(fd)
+        if entry is None:
+            if callback is not None:
+                entry = self.watchers[fd] = [None, None]
+                entry[which] = callback
+                self.epoll.register(fd, _event_mask(entry))
+            return
+        entry[which] = callback
+        mask = _event_mask(entry)
+        if mask:
+            self.epoll.modify(fd, mask)
+        else:
+            del self.watchers[fd]
+            self.epoll.unregister(fd)
+
+    def _dispatch(self) -> None:
+        for fd, events in self.epoll.poll(0, EVENTS_PER_WAKEUP):
+            # Each lookup is fresh: an earlier callback may have changed or ended any watch.
+            entry = self.watchers.get(fd)
+            if entry is not None and entry[0] is not None and events & _READ_EVENTS:
+                self._run(entry[0])
+            entry = self.watchers.get(fd)
+            if entry is not None and entry[1] is not None and events & _WRITE_EVENTS:
+                self._run(entry[1])
+
+    def _run(self, callback: Callable[[], None]) -> None:
+        # As the loop isolates its own callbacks: a bug in one relay leaves the others running.
+        try:
+            callback()
+        except Exception as error:
+            self.loop.call_exception_handler({"message": "spliced relay callback failed", "exception": error})
+
+
+# Errors and hang-ups wake whichever callbacks are registered: their next system call meets them.
+_READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_pollers: dict[asyncio.AbstractEventLoop, _Poller] = {}
+
+
+def _event_mask(entry: list[Callable[[], None] | None]) -> int:
+    return (select.EPOLLIN if entry[0] is not None else 0) | (select.EPOLLOUT if entry[1] is not None else 0)
+
+
 class _Pipe(NamedTuple):
     read: int
     write: int
@@ -306,10 +402,10 @@ class _Pump:
         "eof",
         "head",
         "in_pipe",
-        "loop",
         "moved",
         "name",
         "pipe",
+        "poller",
         "relay",
         "src_fd",
         "watch",
@@ -320,7 +416,7 @@ class _Pump:
         self, relay: "_SpliceRelay", src: socket.socket, dst: socket.socket, head: bytes, name: str
     ) -> None:
         self.relay = relay
-        self.loop = relay.loop
+        self.poller = relay.poller
         self.clock = relay.loop.time
         self.watch = relay.watch
         self.src_fd = src.fileno()
@@ -338,7 +434,7 @@ class _Pump:
         if self.head:
             self._on_writable()
         else:
-            self.loop.add_reader(self.src_fd, self._on_readable)
+            self.poller.add_reader(self.src_fd, self._on_readable)
 
     def _flush(self) -> bool:
         """Write the head, then the pipe, to dst; True when nothing is left to write."""
@@ -360,40 +456,28 @@ class _Pump:
         return True
 
     def _on_readable(self) -> None:
-        # Read until the source has nothing more, ends or fails, or the destination blocks: not
-        # one read per wakeup. uvloop (libuv) stops watching a socket once it has reported an
-        # error condition on it, so a peer's last bytes and its reset, reported together, would
-        # leave the relay waiting for a wakeup that never comes; the reset has to be met by the
-        # next read. A busy source gets READS_PER_WAKEUP reads, then the loop serves the others
-        # and the pump carries on from a callback of its own, for the same reason.
+        # One read per wakeup: the poller calls again while the socket stays readable (or in
+        # error), and a busy connection cannot starve the others.
         try:
-            for _ in range(READS_PER_WAKEUP):
-                if self.pipe is None:
-                    self.pipe = _take_pipe()
-                self.in_pipe = os.splice(self.src_fd, self.pipe.write, PIPE_SIZE, flags=_SPLICE_FLAGS)
-                if not self.in_pipe:
-                    self._at_eof()
-                    return
-                self.watch.last_activity = self.clock()
-                self.watch.last_from = self.name
-                if not self._flush():
-                    self.loop.remove_reader(self.src_fd)
-                    self.loop.add_writer(self.dst_fd, self._on_writable)
-                    self.writing = True
-                    return
-            self.loop.call_soon(self._read_on)
+            if self.pipe is None:
+                self.pipe = _take_pipe()
+            self.in_pipe = os.splice(self.src_fd, self.pipe.write, PIPE_SIZE, flags=_SPLICE_FLAGS)
+            if not self.in_pipe:
+                self._at_eof()
+                return
+            self.watch.last_activity = self.clock()
+            self.watch.last_from = self.name
+            if not self._flush():
+                self.poller.remove_reader(self.src_fd)
+                self.poller.add_writer(self.dst_fd, self._on_writable)
+                self.writing = True
+                return
         except BlockingIOError:
-            pass  # all read: the source is watched for more
+            pass  # a spurious wakeup: nothing to read after all
         except OSError:
             self.relay.finish(ERROR)
             return
         self._release_pipe()
-
-    def _read_on(self) -> None:
-        # Scheduled by _on_readable: meanwhile the relay may have ended (its descriptor numbers
-        # may belong to other sockets by now), this pump ended, or begun waiting to write.
-        if not (self.relay.finished or self.eof or self.writing):
-            self._on_readable()
 
     def _on_writable(self) -> None:
         try:
@@ -404,17 +488,17 @@ class _Pump:
         self.watch.last_activity = self.clock()
         if not flushed:
             if not self.writing:
-                self.loop.add_writer(self.dst_fd, self._on_writable)
+                self.poller.add_writer(self.dst_fd, self._on_writable)
                 self.writing = True
             return
         if self.writing:
-            self.loop.remove_writer(self.dst_fd)
+            self.poller.remove_writer(self.dst_fd)
             self.writing = False
         self._release_pipe()
-        self.loop.add_reader(self.src_fd, self._on_readable)
+        self.poller.add_reader(self.src_fd, self._on_readable)
 
     def _at_eof(self) -> None:
-        self.loop.remove_reader(self.src_fd)
+        self.poller.remove_reader(self.src_fd)
         self._release_pipe()
         self.eof = True
         self.relay.pump_ended(self)
@@ -429,8 +513,8 @@ class _Pump:
         return not self.eof and self.pipe is None and not self.head
 
     def close(self) -> None:
-        self.loop.remove_reader(self.src_fd)
-        self.loop.remove_writer(self.dst_fd)
+        self.poller.remove_reader(self.src_fd)
+        self.poller.remove_writer(self.dst_fd)
         if self.pipe is not None:
             _drop_pipe(self.pipe, empty=not self.in_pipe)
             self.pipe = None
@@ -439,7 +523,19 @@ class _Pump:
 class _SpliceRelay:
     """Both pumps of one spliced relay, its idle watchdog and its end."""
 
-    __slots__ = ("backend", "client", "done", "down", "finished", "first_eof", "loop", "quiet", "up", "watch")
+    __slots__ = (
+        "backend",
+        "client",
+        "done",
+        "down",
+        "finished",
+        "first_eof",
+        "loop",
+        "poller",
+        "quiet",
+        "up",
+        "watch",
+    )
 
     def __init__(
         self,
@@ -461,6 +557,7 @@ class _SpliceRelay:
         if to_backend:  # the client pipelined commands: the backend has not answered them yet
             self.watch.last_from = CLIENT
         self.quiet: _QuietWatch | None = None
+        self.poller = _Poller.acquire(loop)
         self.up = _Pump(self, client, backend, to_backend, CLIENT)
         self.down = _Pump(self, backend, client, to_client, BACKEND)
         self.up.start()
@@ -496,6 +593,7 @@ class _SpliceRelay:
             self.quiet.cancel()
         self.up.close()
         self.down.close()
+        self.poller.release()
         if ended_by != DRAINED:  # else relay() writes the closing line first
             self.client.close()
         self.backend.close()
