@@ -267,7 +267,7 @@ class _QuietWatch:
 # after one pipe's worth: back-pressure comes from the kernel's socket buffers.
 
 
-class _Poller:
+class Poller:
     """The spliced relays' sockets of one event loop, in an epoll instance of their own.
 
     The loop watches only the epoll descriptor, for as long as a spliced relay runs on it. Not the
@@ -278,6 +278,10 @@ class _Poller:
     and stops watching (several system calls and about 600 bytes each). Here readiness and errors
     are reported level-triggered for as long as they last, a change is one ``epoll_ctl``, and an
     idle relay costs two dict entries.
+
+    Every relay holds the poller while it runs, and so do the listeners while they accept
+    (listeners.py): at a low session rate relays rarely overlap, and a poller made and closed per
+    session would cost more system calls than it saves.
     """
 
     __slots__ = ("epoll", "loop", "users", "watchers")
@@ -290,16 +294,16 @@ class _Poller:
         loop.add_reader(self.epoll.fileno(), self._dispatch)
 
     @staticmethod
-    def acquire(loop: asyncio.AbstractEventLoop) -> "_Poller":
+    def acquire(loop: asyncio.AbstractEventLoop) -> "Poller":
         poller = _pollers.get(loop)
         if poller is None:
-            poller = _pollers[loop] = _Poller(loop)
+            poller = _pollers[loop] = Poller(loop)
         poller.users += 1
         return poller
 
     def release(self) -> None:
-        """A relay is done with the poller (its sockets are no longer watched): the last one
-        closes it, so an idle proxy holds no epoll and the loop no registration for it."""
+        """A holder is done with the poller (none of its sockets is watched any more): the last
+        one closes it, so a loop without listeners or relays keeps no epoll and no registration."""
         self.users -= 1
         if not self.users:
             del _pollers[self.loop]
@@ -355,7 +359,7 @@ class _Poller:
 # Errors and hang-ups wake whichever callbacks are registered: their next system call meets them.
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
-_pollers: dict[asyncio.AbstractEventLoop, _Poller] = {}
+_pollers: dict[asyncio.AbstractEventLoop, Poller] = {}
 
 
 def _event_mask(entry: list[Callable[[], None] | None]) -> int:
@@ -557,7 +561,7 @@ class _SpliceRelay:
         if to_backend:  # the client pipelined commands: the backend has not answered them yet
             self.watch.last_from = CLIENT
         self.quiet: _QuietWatch | None = None
-        self.poller = _Poller.acquire(loop)
+        self.poller = Poller.acquire(loop)
         self.up = _Pump(self, client, backend, to_backend, CLIENT)
         self.down = _Pump(self, backend, client, to_client, BACKEND)
         self.up.start()

@@ -636,7 +636,7 @@ def test_a_failing_relay_callback_leaves_the_others_running(
         def broken() -> None:
             raise RuntimeError("a bug")
 
-        poller = relay._Poller.acquire(loop)
+        poller = relay.Poller.acquire(loop)
         try:
             poller.add_reader(first.fileno(), broken)
             poller.add_reader(second.fileno(), ran.set)
