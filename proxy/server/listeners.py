@@ -14,9 +14,10 @@ import errno
 import logging
 import socket
 
-from proxy.server import drain, relay, session
+from proxy.server import drain, session
 from proxy.server.certificates import CertificateStore
 from proxy.server.context import ProxyContext
+from proxy.server.poller import Poller
 from proxy.settings import ListenerSettings
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ class Listeners:
         self._watching: list[socket.socket] = []  # listening sockets with our reader registered
         self._paused: dict[socket.socket, asyncio.TimerHandle] = {}  # after an accept error
         self._certificate_watch: asyncio.Task[None] | None = None
-        # Held while accepting, so the sessions' relays share one poller (relay.Poller).
-        self._relay_poller: relay.Poller | None = None
+        # Held while accepting, so that the sessions share one poller (poller.py).
+        self._poller: Poller | None = None
         self.sessions: set[asyncio.Task[None]] = set()
         settings = context.settings
         self.drain = drain.Drain(settings.drain, settings.server_name, context.metrics)
@@ -91,7 +92,7 @@ class Listeners:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._relay_poller = relay.Poller.acquire(loop)
+        self._poller = Poller.acquire(loop)
         for listener, sock in self._sockets:
             settings = listener.settings
             self._watch(loop, listener, sock)
@@ -171,9 +172,9 @@ class Listeners:
             handle.cancel()
         if self._certificate_watch is not None:
             self._certificate_watch.cancel()
-        if self._relay_poller is not None:
-            self._relay_poller.release()  # the relays still running keep it until they end
-            self._relay_poller = None
+        if self._poller is not None:
+            self._poller.release()  # the sessions still running keep it until they end
+            self._poller = None
         for _, sock in self._sockets:
             sock.close()
         self._watching.clear()

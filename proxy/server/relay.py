@@ -32,13 +32,13 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 from proxy.server.drain import Turn
+from proxy.server.poller import Poller
 
 # ---------------------------------------------------------------------------------------------
 # Limits and sizes
@@ -51,9 +51,6 @@ from proxy.server.drain import Turn
 # blocked direction and use up faster the per-user pipe budget (fs.pipe-user-pages-soft, 64 MiB
 # by default: 128 pipes of this size), past which F_SETPIPE_SZ is refused.
 PIPE_SIZE = 512 * 1024
-# Readiness events the poller takes from its epoll per wakeup of the loop; more wait for the next
-# iteration (the epoll descriptor stays readable), so one busy moment cannot hold up the loop.
-EVENTS_PER_WAKEUP = 64
 # Empty pipes kept for reuse. A pump holds a pipe only while bytes sit in it (a blocked
 # writer), so a busy proxy needs about one pipe per blocked direction plus one: 5,000 idle
 # sessions cost their two sockets and no pipes (the descriptor limit here is 20,000).
@@ -265,105 +262,6 @@ class _QuietWatch:
 # while it does. So a pipe is always empty when a read starts (EAGAIN then means "no data", never
 # "pipe full"), EOF can be forwarded at once, and a slow reader stops the reads from the other side
 # after one pipe's worth: back-pressure comes from the kernel's socket buffers.
-
-
-class Poller:
-    """The spliced relays' sockets of one event loop, in an epoll instance of their own.
-
-    The loop watches only the epoll descriptor, for as long as a spliced relay runs on it. Not the
-    loop's ``add_reader`` per socket, for two reasons. uvloop (libuv) stops watching a socket for
-    good once it has reported an error condition on it, with the callback run once: a peer whose
-    last bytes and reset arrive together would leave the relay, and the other side, waiting for
-    the idle timeout. And uvloop builds and tears down a poll handle for every socket it starts
-    and stops watching (several system calls and about 600 bytes each). Here readiness and errors
-    are reported level-triggered for as long as they last, a change is one ``epoll_ctl``, and an
-    idle relay costs two dict entries.
-
-    Every relay holds the poller while it runs, and so do the listeners while they accept
-    (listeners.py): at a low session rate relays rarely overlap, and a poller made and closed per
-    session would cost more system calls than it saves.
-    """
-
-    __slots__ = ("epoll", "loop", "users", "watchers")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.epoll = select.epoll()
-        self.users = 0  # relays holding this poller
-        self.watchers: dict[int, list[Callable[[], None] | None]] = {}  # fd -> [reader, writer]
-        loop.add_reader(self.epoll.fileno(), self._dispatch)
-
-    @staticmethod
-    def acquire(loop: asyncio.AbstractEventLoop) -> "Poller":
-        poller = _pollers.get(loop)
-        if poller is None:
-            poller = _pollers[loop] = Poller(loop)
-        poller.users += 1
-        return poller
-
-    def release(self) -> None:
-        """A holder is done with the poller (none of its sockets is watched any more): the last
-        one closes it, so a loop without listeners or relays keeps no epoll and no registration."""
-        self.users -= 1
-        if not self.users:
-            del _pollers[self.loop]
-            self.loop.remove_reader(self.epoll.fileno())
-            self.epoll.close()
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self._watch(fd, 0, callback)
-
-    def remove_reader(self, fd: int) -> None:
-        self._watch(fd, 0, None)
-
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
-        self._watch(fd, 1, callback)
-
-    def remove_writer(self, fd: int) -> None:
-        self._watch(fd, 1, None)
-
-    def _watch(self, fd: int, which: int, callback: Callable[[], None] | None) -> None:
-        entry = self.watchers.get(fd)
-        if entry is None:
-            if callback is not None:
-                entry = self.watchers[fd] = [None, None]
-                entry[which] = callback
-                self.epoll.register(fd, _event_mask(entry))
-            return
-        entry[which] = callback
-        mask = _event_mask(entry)
-        if mask:
-            self.epoll.modify(fd, mask)
-        else:
-            del self.watchers[fd]
-            self.epoll.unregister(fd)
-
-    def _dispatch(self) -> None:
-        for fd, events in self.epoll.poll(0, EVENTS_PER_WAKEUP):
-            # Each lookup is fresh: an earlier callback may have changed or ended any watch.
-            entry = self.watchers.get(fd)
-            if entry is not None and entry[0] is not None and events & _READ_EVENTS:
-                self._run(entry[0])
-            entry = self.watchers.get(fd)
-            if entry is not None and entry[1] is not None and events & _WRITE_EVENTS:
-                self._run(entry[1])
-
-    def _run(self, callback: Callable[[], None]) -> None:
-        # As the loop isolates its own callbacks: a bug in one relay leaves the others running.
-        try:
-            callback()
-        except Exception as error:
-            self.loop.call_exception_handler({"message": "spliced relay callback failed", "exception": error})
-
-
-# Errors and hang-ups wake whichever callbacks are registered: their next system call meets them.
-_READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
-_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
-_pollers: dict[asyncio.AbstractEventLoop, Poller] = {}
-
-
-def _event_mask(entry: list[Callable[[], None] | None]) -> int:
-    return (select.EPOLLIN if entry[0] is not None else 0) | (select.EPOLLOUT if entry[1] is not None else 0)
 
 
 class _Pipe(NamedTuple):

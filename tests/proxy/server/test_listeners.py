@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.server import listeners, relay
+from proxy.server import listeners, poller
 
 from .conftest import WAIT, ProxyFactory, imap_client
 
@@ -85,10 +85,10 @@ async def test_closed_listeners_accept_nothing(start_proxy: ProxyFactory) -> Non
         await asyncio.wait_for(asyncio.open_connection("127.0.0.1", proxy.port), WAIT)
 
 
-async def test_listeners_hold_the_relays_poller_while_they_accept(start_proxy: ProxyFactory) -> None:
+async def test_listeners_hold_the_poller_while_they_accept(start_proxy: ProxyFactory) -> None:
     loop = asyncio.get_running_loop()
     proxy = await start_proxy({}, [])
-    # One poller for every session's relay while the proxy accepts, not one made per session.
-    assert relay._pollers[loop].users == 1
+    # One poller for every session while the proxy accepts, not one made per session.
+    assert poller._pollers[loop].users == 1
     proxy.listeners.close()
-    assert loop not in relay._pollers
+    assert loop not in poller._pollers

@@ -617,38 +617,3 @@ def test_relay_transports_carries_tls(
         assert result == expected
 
     run(scenario())
-
-
-def test_a_failing_relay_callback_leaves_the_others_running(
-    run: Callable[[Coroutine[Any, Any, None]], None],
-) -> None:
-    """The relays' poller isolates callbacks as the loop does: a bug in one relay is reported to
-    the loop's exception handler and the other relays' callbacks still run."""
-
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        reported: list[dict[str, Any]] = []
-        loop.set_exception_handler(lambda _, context: reported.append(context))
-        first, first_peer = socket.socketpair()
-        second, second_peer = socket.socketpair()
-        ran = asyncio.Event()
-
-        def broken() -> None:
-            raise RuntimeError("a bug")
-
-        poller = relay.Poller.acquire(loop)
-        try:
-            poller.add_reader(first.fileno(), broken)
-            poller.add_reader(second.fileno(), ran.set)
-            first_peer.send(b"x")
-            second_peer.send(b"y")
-            await ran.wait()
-            assert [type(context["exception"]) for context in reported][:1] == [RuntimeError]
-        finally:
-            poller.remove_reader(first.fileno())
-            poller.remove_reader(second.fileno())
-            poller.release()
-            for sock in (first, first_peer, second, second_peer):
-                sock.close()
-
-    run(scenario())
