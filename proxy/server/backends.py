@@ -27,6 +27,7 @@ from proxy.protocols import events, imap, pop3, proxyheader, smtp
 from proxy.server import authhttp
 from proxy.server.channel import SocketChannel, TransportChannel
 from proxy.server.context import ProxyContext
+from proxy.server.poller import Poller
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,14 @@ async def _connect_literal(sock: socket.socket, address: tuple[str, int]) -> Non
     loop = asyncio.get_running_loop()
     writable: asyncio.Future[None] = loop.create_future()
     descriptor = sock.fileno()
-    loop.add_writer(descriptor, _set_once, writable)
+    # On the loop's own epoll (poller.py), as the channel that reads from it next.
+    poller = Poller.acquire(loop)
+    poller.add_writer(descriptor, lambda: _set_once(writable))
     try:
         await writable
     finally:
-        loop.remove_writer(descriptor)  # on success, failure, timeout and cancellation alike
+        poller.remove_writer(descriptor)  # on success, failure, timeout and cancellation alike
+        poller.release()
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))

@@ -19,6 +19,8 @@ import socket
 import ssl
 from typing import cast
 
+from proxy.server.poller import Poller
+
 # One read from a peer before login; pre-login dialogues are a few short lines.
 RECV_SIZE = 16384
 # Stop reading from a peer when this much arrived unread (only a misbehaving peer gets there
@@ -29,21 +31,23 @@ MAX_UNREAD = 256 * 1024
 class SocketChannel:
     """A non-blocking plaintext socket, read and written through the event loop.
 
-    Reads wait on one reader callback that stays registered while the dialogue goes back and
-    forth. The loop's ``sock_recv`` registers and drops a reader for every read, and uvloop builds
-    and tears down a poll handle each time: about ten system calls per read, a tenth of a login's
-    system calls (bench/, strace of a paced IMAP run). The reader is dropped when the peer speaks
-    while nothing waits for it (it is level-triggered: it would fire on every loop iteration) and
-    when the socket is detached.
+    Reads wait on one reader callback that stays registered, on the loop's own epoll (poller.py),
+    while the dialogue goes back and forth. Not the loop's ``sock_recv``: it registers and drops a
+    reader for every read, and uvloop builds and tears down a poll handle each time (about ten
+    system calls per read); and uvloop falls silent on a socket once it reported an error on it,
+    so a reset arriving with the peer's last bytes would leave a read waiting for the session's
+    timeout. The reader is dropped when the peer speaks while nothing waits for it (it is
+    level-triggered: it would fire on every loop iteration) and when the socket is detached.
     """
 
     # Slots: a channel lives as long as its session, thousands of them idle at a time.
-    __slots__ = ("_loop", "_readable", "_watched", "sock", "upgraded")
+    __slots__ = ("_loop", "_poller", "_readable", "_watched", "sock", "upgraded")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.upgraded: TransportChannel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._poller: Poller | None = None  # held from the first wait until detached
         self._readable: asyncio.Future[None] | None = None  # what a waiting recv awaits
         # The descriptor number our reader is registered for, or -1. Kept, not read from the
         # socket when dropping: a socket closed behind the channel's back has no number anymore.
@@ -58,22 +62,20 @@ class SocketChannel:
             return await self.upgraded.recv()
         loop = self._loop or self._bind_loop()
         while True:
-            # Read before waiting: a peer that sent its last bytes and then reset the connection
-            # is only noticed here under uvloop, which silently drops the registration of a
-            # socket in error (libuv stops its poll handle on EPOLLERR), so a wait would last
-            # until the session's timeout.
-            try:
-                return self.sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                pass
             waiter = self._readable = loop.create_future()
             if self._watched < 0:
+                if self._poller is None:
+                    self._poller = Poller.acquire(loop)
                 self._watched = self.sock.fileno()
-                loop.add_reader(self._watched, self._on_readable)
+                self._poller.add_reader(self._watched, self._on_readable)
             try:
                 await waiter
             finally:
                 self._readable = None
+            try:
+                return self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                continue  # readable, then not after all: wait again
 
     def _on_readable(self) -> None:
         waiter = self._readable
@@ -84,8 +86,8 @@ class SocketChannel:
 
     def _stop_watching(self) -> None:
         if self._watched >= 0:
-            assert self._loop is not None  # set before the first registration
-            self._loop.remove_reader(self._watched)
+            assert self._poller is not None  # held before the first registration
+            self._poller.remove_reader(self._watched)
             self._watched = -1
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
@@ -101,6 +103,9 @@ class SocketChannel:
     def detach(self) -> socket.socket:
         """The socket, with nothing of the channel's registered for it: for the relay or TLS."""
         self._stop_watching()
+        if self._poller is not None:
+            self._poller.release()
+            self._poller = None
         return self.sock
 
     async def start_tls(

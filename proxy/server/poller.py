@@ -12,6 +12,7 @@ The loop watches only the epoll descriptor. Nothing here reads, writes or closes
 """
 
 import asyncio
+import contextlib
 import select
 from collections.abc import Callable
 
@@ -80,7 +81,9 @@ class Poller:
             self.epoll.modify(fd, mask)
         else:
             del self.watchers[fd]
-            self.epoll.unregister(fd)
+            # A descriptor closed behind its holder's back has left the epoll with the close.
+            with contextlib.suppress(OSError):
+                self.epoll.unregister(fd)
 
     def _dispatch(self) -> None:
         for fd, events in self.epoll.poll(0, EVENTS_PER_WAKEUP):
