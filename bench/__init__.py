@@ -10,6 +10,8 @@ Not tests: ``python -m bench`` (``make bench``) runs it and writes docs/benchmar
 - ``profiling``    py-spy attached to mailgress, and what its samples say.
 - ``environment``  versions and machine; ``report`` the Markdown.
 - ``relay_throughput``  the relay's own micro-benchmark (run by hand; see its docstring).
+- ``micro``        a small relayed exchange by splice or by copy, and a minimal session as
+                   callbacks or as a coroutine (``python -m bench.micro``; run by hand).
 - ``convergence``  route convergence and compile cost (``python -m bench.convergence``; its own
                    command and its own report, docs/convergence.md).
 Never imported by ``proxy``, ``controller`` or ``mailgress``; binds and connects to 127.0.0.1 only.
