@@ -37,6 +37,13 @@ GC_GEN0_THRESHOLD = 10_000
 
 
 def _configure_logging(level: str) -> None:
+    # The logging HOWTO's "Optimization" settings: the format below names none of these fields,
+    # and every session logs one line, so its record need not look up the thread, the process
+    # (a getpid system call) or walk the stack for the caller (docs/benchmarks.md, third series).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
