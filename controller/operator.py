@@ -4,9 +4,10 @@ mailgress/cli.py adds ``add_arguments`` to its ``controller`` subcommand and cal
 tests call ``run`` with a kubeconfig that points at the emulator. ``run`` loads the Kubernetes
 client configuration (a kubeconfig, or the pod's service account), starts the push channel
 (controller.publisher), registers controller.handlers on a fresh kopf registry and runs kopf
-until stopped. ``KubeApi`` is the reconciler's ``Cluster``:
-the few writes kopf does not make for us (status patches with a resourceVersion precondition,
-the snapshot ConfigMap, Events), over aiohttp with the same credentials kopf logs in with.
+until stopped. ``KubeApi`` is the reconciler's ``Cluster``: the few writes kopf does not make
+for us (status patches with a resourceVersion precondition, the snapshot ConfigMap, Events) and
+one read (the snapshot ConfigMap, at start), over aiohttp with the same credentials kopf logs in
+with.
 Never logs the push token or an API bearer token; never imports anything of the proxy but the
 table contract.
 
@@ -29,6 +30,7 @@ Settings (flag, then environment variable, then default):
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import ssl
@@ -257,21 +259,23 @@ class KubeApi:
             headers["Authorization"] = credential
         return headers
 
-    async def _call(self, method: str, path: str, body: Mapping[str, Any], content_type: str) -> int:
-        """The HTTP status of one request; network trouble and 5xx are ClusterError."""
+    async def _call(
+        self, method: str, path: str, body: Mapping[str, Any] | None, content_type: str
+    ) -> tuple[int, bytes]:
+        """The HTTP status and body of one request; network trouble and 5xx are ClusterError."""
         if self._session is None:
             raise RuntimeError("KubeApi.start() was not called")
         try:
             async with self._session.request(
                 method, path.lstrip("/"), json=body, headers=self._headers(content_type)
             ) as response:
-                await response.read()
+                content = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as error:
             raise reconciler.ClusterError(f"{method} {path}: {error!r}") from error
         if status >= 500 or status in (401, 403, 429):
             raise reconciler.ClusterError(f"{method} {path}: HTTP {status}")
-        return status
+        return status, content
 
     async def patch_status(
         self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]
@@ -280,21 +284,37 @@ class KubeApi:
         path = f"/apis/{group}/{version}/namespaces/{namespace}/mailroutes/{name}/status"
         # A resourceVersion in a merge patch is a precondition: 409 if the object moved on.
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
-        code = await self._call("PATCH", path, body, "application/merge-patch+json")
+        code, _ = await self._call("PATCH", path, body, "application/merge-patch+json")
         if code in (404, 409):
             return False
         if code >= 300:
             raise reconciler.ClusterError(f"PATCH {path}: HTTP {code}")
         return True
 
+    async def load_snapshot(self) -> Mapping[str, Any] | None:
+        path = f"/api/v1/namespaces/{self._namespace}/configmaps/{self._configmap}"
+        code, content = await self._call("GET", path, None, "application/json")
+        if code == 404:
+            return None
+        if code >= 300:
+            raise reconciler.ClusterError(f"GET {path}: HTTP {code}")
+        try:
+            stored = json.loads(content)
+        except ValueError as error:
+            raise reconciler.ClusterError(f"GET {path}: the answer is not JSON: {error}") from error
+        if not isinstance(stored, dict):
+            raise reconciler.ClusterError(f"GET {path}: the answer is not an object")
+        return stored
+
     async def save_snapshot(self, snapshot: reconciler.Snapshot) -> None:
         base = f"/api/v1/namespaces/{self._namespace}/configmaps"
         patch = snapshot.merge_patch()
-        code = await self._call("PATCH", f"{base}/{self._configmap}", patch, "application/merge-patch+json")
+        path = f"{base}/{self._configmap}"
+        code, _ = await self._call("PATCH", path, patch, "application/merge-patch+json")
         if code == 404:
             metadata = {"name": self._configmap}
             created = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, **snapshot.fields()}
-            code = await self._call("POST", base, created, "application/json")
+            code, _ = await self._call("POST", base, created, "application/json")
         if code >= 300:
             raise reconciler.ClusterError(f"saving the snapshot ConfigMap {self._configmap}: HTTP {code}")
 
@@ -322,7 +342,7 @@ class KubeApi:
             "lastTimestamp": now,
             "count": 1,
         }
-        code = await self._call(
+        code, _ = await self._call(
             "POST", f"/api/v1/namespaces/{route.namespace}/events", event, "application/json"
         )
         if code >= 300:

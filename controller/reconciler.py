@@ -17,7 +17,18 @@ later; for a table too large, with the next table). The table JSON is stored pla
 fits the API server's 1 MiB ConfigMap limit, else gzip-compressed in binaryData (table JSON
 shrinks 25- to 40-fold): plain stays readable with kubectl and by proxies of a release that
 knows only that key, and compression costs CPU only where it makes the difference between a
-snapshot and none.
+snapshot and none. Beside the table the snapshot keeps each route's ``since`` version (below), in
+the table's form (SINCE_KEY or SINCE_GZIP_KEY) and counted in the same size check; a table that
+fits only without it is stored without it (what a booting proxy needs comes first).
+
+Restart: ``run`` first reads the snapshot back (``restore``) and starts from it as from a
+publication of its own: a route whose compiled form equals the stored table's keeps its stored
+``since`` version, so a restarted controller (a rollout, a crash, a new leader) writes no status
+for a route that did not change, and proxies that ack the stored table count as running it. The
+first status sweep then waits until every ready proxy has told this controller what it runs (a
+proxy acks the current table on connecting), at most PROXY_GRACE_SECONDS, so Programmed does
+not drop to Pending meanwhile. A missing, unreadable, corrupt or older snapshot (no since map)
+is logged and the controller starts afresh: every route's version moves to its first table.
 
 Then a status sweep computes each MailRoute's status (Accepted and ResolvedRefs from the
 compiler, Programmed from which ready proxy pods run a table that holds this generation,
@@ -35,10 +46,15 @@ gate opened (a half-listed cluster would withdraw routes from every proxy).
 
 import asyncio
 import base64
+import binascii
+import dataclasses
 import datetime
 import gzip
+import json
 import logging
+import re
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -63,6 +79,19 @@ MAX_REMEMBERED_TABLES = 64
 # proxy/server/subscriber.py finds the second by SNAPSHOT_GZIP_SUFFIX, tests check they agree.
 SNAPSHOT_KEY = "table.json"
 SNAPSHOT_GZIP_KEY = SNAPSHOT_KEY + ".gz"
+# The snapshot's since map, for the controller alone (the chart mounts only the table keys into
+# proxy pods): in data beside a plain table, gzip in binaryData beside a compressed one.
+SINCE_KEY = "since.json"
+SINCE_GZIP_KEY = SINCE_KEY + ".gz"
+# What a restore decompresses at most: the proxies' bound for one table (proxy/server/subscriber.py
+# MAX_TABLE_BYTES), so a corrupt or hostile ConfigMap cannot make the controller inflate gigabytes.
+MAX_RESTORED_BYTES = 64 * 1024 * 1024
+# A table version as proxy.table.make_table forms it; a stored since map names nothing else.
+TABLE_VERSION = re.compile(r"sha256:[0-9a-f]{64}")
+# After a restore, the first status sweep waits this long at most for every ready proxy to ack
+# to this controller: three times the longest reconnect backoff of a proxy (Backoff.cap, 5 s, in
+# proxy/server/subscriber.py), whose first line on a new stream is the current table.
+PROXY_GRACE_SECONDS = 15.0
 # The API server refuses a ConfigMap whose data and binaryData values add up to more than 1 MiB
 # (Kubernetes' object data limit: pkg/apis/core/validation ValidateConfigMap, core.MaxSecretSize;
 # binaryData counts decoded bytes).
@@ -127,49 +156,170 @@ class SnapshotTooLargeError(Exception):
     """A table that does not fit a ConfigMap even compressed; the message is safe to log."""
 
 
+class SnapshotUnreadableError(Exception):
+    """A stored snapshot that cannot seed a restart; the message is safe to log."""
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A table as the snapshot ConfigMap stores it: under exactly one of the two keys."""
+    """A table as the snapshot ConfigMap stores it: under exactly one of the two keys, with its
+    since map (``encode_since``) in the same form, when it fits."""
 
     version: str  # the table's
     compressed: bool  # gzip under SNAPSHOT_GZIP_KEY in binaryData, else JSON under SNAPSHOT_KEY
     content: bytes  # what the proxies' mounted file holds
+    since: bytes | None = None  # under SINCE_GZIP_KEY or SINCE_KEY (as ``compressed``); None: absent
 
     def fields(self) -> dict[str, dict[str, str]]:
         """The ConfigMap fields that hold it, as JSON carries them (binaryData in base64)."""
         if self.compressed:
-            return {"binaryData": {SNAPSHOT_GZIP_KEY: base64.b64encode(self.content).decode("ascii")}}
-        return {"data": {SNAPSHOT_KEY: self.content.decode()}}
+            keys = {SNAPSHOT_GZIP_KEY: self.content, SINCE_GZIP_KEY: self.since}
+            return {
+                "binaryData": {
+                    key: base64.b64encode(value).decode("ascii")
+                    for key, value in keys.items()
+                    if value is not None
+                }
+            }
+        keys = {SNAPSHOT_KEY: self.content, SINCE_KEY: self.since}
+        return {"data": {key: value.decode() for key, value in keys.items() if value is not None}}
 
     def merge_patch(self) -> dict[str, dict[str, str | None]]:
-        """``fields`` plus the removal of the other form (null deletes a key in a merge patch): a
-        proxy must never find an older table beside this one."""
+        """``fields`` plus the removal of every other key (null deletes a key in a merge patch): a
+        proxy must never find an older table beside this one, nor a restart an older since map."""
         patch: dict[str, dict[str, str | None]] = {
-            "data": {SNAPSHOT_KEY: None},
-            "binaryData": {SNAPSHOT_GZIP_KEY: None},
+            "data": {SNAPSHOT_KEY: None, SINCE_KEY: None},
+            "binaryData": {SNAPSHOT_GZIP_KEY: None, SINCE_GZIP_KEY: None},
         }
         for name, values in self.fields().items():
-            patch[name] = dict(values)
+            patch[name].update(values)
         return patch
 
 
-def encode_snapshot(new: table.RoutingTable) -> Snapshot:
-    """``new`` as the snapshot ConfigMap stores it: its JSON if that fits, else gzip.
+def encode_since(new: table.RoutingTable, since: Mapping[str, str]) -> bytes:
+    """The since map of ``new`` (route name -> version) as the snapshot stores it: the table's
+    version, and the route names grouped by version (most routes share a few versions, so a
+    version is written once, not once per route)."""
+    grouped: dict[str, list[str]] = {}
+    for name, version in since.items():
+        grouped.setdefault(version, []).append(name)
+    body = {"table": new.version, "since": {version: sorted(names) for version, names in grouped.items()}}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _gzip(document: bytes) -> bytes:
+    # mtime 0: the same document always compresses to the same bytes.
+    return gzip.compress(document, compresslevel=SNAPSHOT_GZIP_LEVEL, mtime=0)
+
+
+def encode_snapshot(new: table.RoutingTable, since: Mapping[str, str]) -> Snapshot:
+    """``new`` and its since map as the snapshot ConfigMap stores them: JSON if both fit, else
+    gzip; the table alone (compressed) if only it fits.
 
     Raises:
-        SnapshotTooLargeError: even the gzip form exceeds MAX_CONFIGMAP_BYTES.
+        SnapshotTooLargeError: even the table's gzip form exceeds MAX_CONFIGMAP_BYTES.
     """
-    document = table.to_json(new)
-    if len(document) <= MAX_CONFIGMAP_BYTES:
-        return Snapshot(new.version, compressed=False, content=document)
-    # mtime 0: the same table always compresses to the same bytes.
-    compressed = gzip.compress(document, compresslevel=SNAPSHOT_GZIP_LEVEL, mtime=0)
-    if len(compressed) > MAX_CONFIGMAP_BYTES:
-        raise SnapshotTooLargeError(
-            f"routing table {new.version} takes {len(document)} bytes, {len(compressed)} compressed: "
-            f"more than the {MAX_CONFIGMAP_BYTES} bytes a ConfigMap holds"
-        )
-    return Snapshot(new.version, compressed=True, content=compressed)
+    document, since_document = table.to_json(new), encode_since(new, since)
+    if len(document) + len(since_document) <= MAX_CONFIGMAP_BYTES:
+        return Snapshot(new.version, compressed=False, content=document, since=since_document)
+    compressed, since_compressed = _gzip(document), _gzip(since_document)
+    if len(compressed) + len(since_compressed) <= MAX_CONFIGMAP_BYTES:
+        return Snapshot(new.version, compressed=True, content=compressed, since=since_compressed)
+    if len(compressed) <= MAX_CONFIGMAP_BYTES:
+        return Snapshot(new.version, compressed=True, content=compressed)
+    raise SnapshotTooLargeError(
+        f"routing table {new.version} takes {len(document)} bytes, {len(compressed)} compressed: "
+        f"more than the {MAX_CONFIGMAP_BYTES} bytes a ConfigMap holds"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What a snapshot ConfigMap gives a restarted controller."""
+
+    table: table.RoutingTable
+    since: Mapping[str, str]  # every route of ``table`` -> the first version that held it so
+
+
+def _gunzip(data: bytes, where: str) -> bytes:
+    """``data`` decompressed (one gzip member, RFC 1952), at most MAX_RESTORED_BYTES."""
+    inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)  # | 16: a gzip header and trailer
+    try:
+        document = inflater.decompress(data, MAX_RESTORED_BYTES)
+    except zlib.error as error:
+        raise SnapshotUnreadableError(f"{where} is not valid gzip: {error}") from error
+    if inflater.unconsumed_tail:
+        raise SnapshotUnreadableError(f"{where} decompresses to more than {MAX_RESTORED_BYTES} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise SnapshotUnreadableError(f"{where} is not one complete gzip member")
+    return document
+
+
+def _stored_value(stored: Mapping[str, Any], key: str, compressed: bool) -> bytes | None:
+    """The bytes under ``key``: in data, or for ``compressed`` in binaryData (base64, gzip)."""
+    values = stored.get("binaryData" if compressed else "data")
+    value = values.get(key) if isinstance(values, Mapping) else None
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SnapshotUnreadableError(f"{key} is not a string")
+    if not compressed:
+        return value.encode()
+    try:
+        return _gunzip(base64.b64decode(value, validate=True), key)
+    except binascii.Error as error:
+        raise SnapshotUnreadableError(f"{key} is not base64: {error}") from error
+
+
+def _parse_since(document: bytes, stored: table.RoutingTable) -> dict[str, str]:
+    """The since map ``encode_since`` wrote for ``stored`` (route name -> version)."""
+    try:
+        body = json.loads(document)
+    except (ValueError, RecursionError) as error:  # ValueError: JSON or UTF-8
+        raise SnapshotUnreadableError(f"the since map is not JSON: {error}") from error
+    grouped = body.get("since") if isinstance(body, dict) else None
+    if not isinstance(grouped, dict):
+        raise SnapshotUnreadableError("the since map holds no versions")
+    if body.get("table") != stored.version:
+        # A release without since maps patched the table and left this one behind.
+        raise SnapshotUnreadableError(f"the since map belongs to another table than {stored.version}")
+    since: dict[str, str] = {}
+    for version, names in grouped.items():
+        if not TABLE_VERSION.fullmatch(version) or not isinstance(names, list):
+            raise SnapshotUnreadableError("the since map holds something else than versions and names")
+        for name in names:
+            if not isinstance(name, str) or name in since:
+                raise SnapshotUnreadableError("the since map names a route twice or not as a string")
+            since[name] = version
+    if since.keys() != {route.name for route in stored.routes}:
+        raise SnapshotUnreadableError("the since map does not name exactly the table's routes")
+    return since
+
+
+def decode_snapshot(stored: Mapping[str, Any]) -> Restored:
+    """The table and since map of the snapshot ConfigMap ``stored`` (as the API returns it).
+
+    The plain table first, as the proxies read it (proxy/server/subscriber.py ``read_snapshot``).
+
+    Raises:
+        SnapshotUnreadableError: no table, a corrupt one, or no since map that matches it.
+    """
+    for compressed, table_key, since_key in (
+        (False, SNAPSHOT_KEY, SINCE_KEY),
+        (True, SNAPSHOT_GZIP_KEY, SINCE_GZIP_KEY),
+    ):
+        document = _stored_value(stored, table_key, compressed)
+        if document is None:
+            continue
+        try:
+            last = table.from_json(document)
+        except table.TableError as error:
+            raise SnapshotUnreadableError(f"{table_key} is not a valid table: {error}") from error
+        since_document = _stored_value(stored, since_key, compressed)
+        if since_document is None:
+            raise SnapshotUnreadableError(f"no {since_key} beside {table_key} (an earlier release wrote it)")
+        return Restored(last, _parse_since(since_document, last))
+    raise SnapshotUnreadableError(f"it holds neither {SNAPSHOT_KEY} nor {SNAPSHOT_GZIP_KEY}")
 
 
 class Cluster(Protocol):
@@ -185,9 +335,14 @@ class Cluster(Protocol):
         """
         ...
 
+    async def load_snapshot(self) -> Mapping[str, Any] | None:
+        """The snapshot ConfigMap as the API returns it (data, binaryData), None if there is none.
+        Raises ClusterError when the API refuses or fails."""
+        ...
+
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        """Store ``snapshot`` in the snapshot ConfigMap (create, or patch: its key set, the other
-        form's key removed). Raises ClusterError when the API refuses or fails."""
+        """Store ``snapshot`` in the snapshot ConfigMap (create, or patch: its keys set, the other
+        form's keys removed). Raises ClusterError when the API refuses or fails."""
         ...
 
     async def post_event(self, entry: RouteEntry, kind: str, reason: str, message: str) -> None:
@@ -243,6 +398,19 @@ class _Published:
             del self.tables[next(iter(self.tables))]
         self.publications += 1
 
+    def restore(self, last: table.RoutingTable, since: Mapping[str, str]) -> None:
+        """Start from ``last``, a previous controller's latest table, as publication 0, each
+        route with the version it had there (``since``: every route's). The tables before it are
+        not known, so a proxy counts for a route only once it acks ``last`` or a later table."""
+        self.add(last)
+        self.since = {
+            name: dataclasses.replace(kept, version=since[name]) for name, kept in self.since.items()
+        }
+
+    def since_versions(self) -> dict[str, str]:
+        """Route name -> the version its status names, for the latest table (the snapshot's)."""
+        return {name: kept.version for name, kept in self.since.items()}
+
     def generation(self, version: str | None, key: str) -> int | None:
         """The generation of route ``key`` in table ``version`` (None: not in it, or not known)."""
         known = self.tables.get(version or "")
@@ -296,7 +464,13 @@ class Reconciler:
         self._compiled_from: tuple[list[_Parsed], dict[compiler.ServiceKey, _Endpoints]] | None = None
         self._compiled: compiler.Compiled | None = None
         self._published = _Published()
+        self._pushed: str | None = None  # version last given to the publisher
         self._snapshot: str | None = None  # version last written to the ConfigMap
+        # Restored from a snapshot, and no ready proxy's ack heard for PROXY_GRACE_SECONDS yet
+        # (``_await_proxies``): the first sweep waits for them.
+        self._restored = False
+        self._awaiting_proxies = False
+        self._since_dropped = False  # the last snapshot written went without its since map
         self._snapshot_failure: _SnapshotFailure | None = None
         self._snapshot_paused = False  # a failed API write's RETRY_SECONDS are not over yet
         self._applied: dict[str, str] = {}  # proxy -> last version it accepted
@@ -333,9 +507,37 @@ class Reconciler:
                 self._rejected[proxy] = ack
         self._wake.set()
 
+    async def restore(self) -> None:
+        """Start from the snapshot ConfigMap a previous controller wrote, if there is a usable
+        one (see the module docstring); call before the first pass. Never raises for the API or
+        the snapshot's content: without it, only status writes are lost, once."""
+        try:
+            stored = await self._cluster.load_snapshot()
+            if stored is None:
+                log.info("no routing table snapshot ConfigMap yet: starting without one")
+                return
+            restored = decode_snapshot(stored)
+        except (ClusterError, SnapshotUnreadableError) as error:
+            log.warning(
+                "cannot restart from the routing table snapshot ConfigMap (%s): every MailRoute's "
+                "status.proxies.version moves to the first table this controller publishes",
+                error,
+            )
+            return
+        self._published.restore(restored.table, restored.since)
+        self._snapshot = restored.table.version  # it already holds this table and since map
+        self._restored = self._awaiting_proxies = True
+        log.info(
+            "restarting from the routing table snapshot %s: its %d routes keep their "
+            "status.proxies.version unless they changed meanwhile",
+            restored.table.version,
+            len(restored.table.routes),
+        )
+
     async def run(self) -> None:
-        """Pass after pass, each after a quiet holdoff, with status sweeps beside them, until
-        cancelled."""
+        """Restore, then pass after pass, each after a quiet holdoff, with status sweeps beside
+        them, until cancelled."""
+        await self.restore()
         sweeper = asyncio.create_task(self._sweep_loop(), name="mailgress status sweep")
         try:
             while True:
@@ -361,10 +563,31 @@ class Reconciler:
             self._sweep_due.clear()
             assert self._sweep_input is not None  # set before the first _sweep_due
             inputs, compiled = self._sweep_input
+            if self._waiting_for_proxies(inputs):
+                continue  # their acks wake a pass, which makes the sweep due again
             try:
                 await self._write_statuses(inputs, compiled, yield_to_newer=True)
             except Exception as error:
                 self._retry_later(error)
+
+    def _waiting_for_proxies(self, inputs: Inputs) -> bool:
+        """After a restore, until a ready proxy that has not acked to this controller yet does
+        (or PROXY_GRACE_SECONDS pass): it may run the restored table, and would count as running
+        nothing, turning Programmed to Pending on every route for the time it takes to reconnect."""
+        if self._awaiting_proxies and all(
+            proxy in self._applied or proxy in self._rejected
+            for proxy, ready in inputs.proxies.items()
+            if ready
+        ):
+            self._awaiting_proxies = False
+        return self._awaiting_proxies
+
+    def _end_proxy_grace(self) -> None:
+        """PROXY_GRACE_SECONDS after the first table: sweep without the proxies still silent."""
+        if self._awaiting_proxies:
+            log.info("not every ready proxy acked within %.0f s of the first table", PROXY_GRACE_SECONDS)
+            self._awaiting_proxies = False
+            self._sweep_due.set()
 
     def _retry_later(self, error: Exception) -> None:
         """A failed API write, or a bug in one pass: log it and run another pass later, but
@@ -408,8 +631,11 @@ class Reconciler:
                 self._metrics.compile_seconds.observe(time.perf_counter() - started)
             self._compiled_from = (routes, resolved)
         compiled = self._compiled
-        if compiled.table.version != self._published.latest:
+        if compiled.table.version != self._pushed:
+            if self._pushed is None and self._restored:  # proxies can connect from now on
+                asyncio.get_running_loop().call_later(PROXY_GRACE_SECONDS, self._end_proxy_grace)
             self._publisher.publish(compiled.table)
+            self._pushed = compiled.table.version
             self._published.add(compiled.table)
         for proxy in set(self._applied) - set(inputs.proxies):
             del self._applied[proxy]  # the pod is gone; a new one of that name acks afresh
@@ -429,7 +655,7 @@ class Reconciler:
         if self._snapshot_paused or (failure and failure.too_large and failure.version == new.version):
             return
         try:
-            snapshot = encode_snapshot(new)
+            snapshot = encode_snapshot(new, self._published.since_versions())
             await self._cluster.save_snapshot(snapshot)
         except SnapshotTooLargeError as error:
             self._snapshot_failed(new.version, error)
@@ -442,6 +668,14 @@ class Reconciler:
                 log.info("routing table snapshot written again (%s)", new.version)
             self._snapshot = new.version
             self._snapshot_failure = None
+            if (snapshot.since is None) != self._since_dropped:
+                self._since_dropped = snapshot.since is None
+                if self._since_dropped:
+                    log.warning(
+                        "the routing table snapshot %s holds no since map (the ConfigMap holds only "
+                        "the table): after a restart every MailRoute's status is written once",
+                        new.version,
+                    )
 
     def _resume_snapshot(self) -> None:
         """RETRY_SECONDS after a failed API write: the next pass writes the snapshot again."""

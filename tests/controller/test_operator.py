@@ -1,5 +1,6 @@
-"""The controller process: settings from flags and environment, credentials, and the API writer
-(``KubeApi``) against the emulator, the snapshot ConfigMap in both its forms included."""
+"""The controller process: settings from flags and environment, credentials, and the API client
+(``KubeApi``) against the emulator, the snapshot ConfigMap in both its forms included, written and
+read back."""
 
 import argparse
 import base64
@@ -14,9 +15,9 @@ import yaml
 from controller import operator, reconciler
 from proxy import table
 from proxy.server import subscriber
-from tests.controller.test_reconciler import table_over_the_plain_limit
+from tests.controller.test_reconciler import since_of, table_over_the_plain_limit
 from tests.kube.conftest import CRD_FILE, kubeconfig_text
-from tests.kube.emulator import Emulator
+from tests.kube.emulator import Access, Emulator
 
 
 def arguments(*argv: str) -> argparse.Namespace:
@@ -165,26 +166,47 @@ async def test_snapshot_is_created_then_patched(kube_api: tuple[Emulator, operat
 async def test_a_table_too_large_to_store_plainly_goes_to_binary_data_and_back(
     kube_api: tuple[Emulator, operator.KubeApi], tmp_path: Path
 ) -> None:
-    """Over 1 MiB of JSON: gzip under the compressed key in binaryData, the plain key removed
-    (a proxy must not read the older table beside it); the proxy's reader, given the files the
-    kubelet would write, gets the table back. Small again: plain, the compressed key removed."""
+    """Over 1 MiB of JSON: gzip under the compressed keys in binaryData, the plain keys removed
+    (a proxy must not read the older table beside it, a restart not the older since map); the
+    proxy's reader, given the files the kubelet would write, gets the table back, and so does
+    the controller's. Small again: plain, the compressed keys removed."""
     emulator, api = kube_api
     big = table_over_the_plain_limit()
     small = table.make_table(big.routes[:1])
-    await api.save_snapshot(reconciler.encode_snapshot(small))
-    await api.save_snapshot(reconciler.encode_snapshot(big))
+    await api.save_snapshot(reconciler.encode_snapshot(small, since_of(small)))
+    await api.save_snapshot(reconciler.encode_snapshot(big, since_of(big)))
     stored = stored_configmap(emulator)
     assert not stored.get("data")
-    assert stored["binaryData"].keys() == {reconciler.SNAPSHOT_GZIP_KEY}
+    assert stored["binaryData"].keys() == {reconciler.SNAPSHOT_GZIP_KEY, reconciler.SINCE_GZIP_KEY}
     content = base64.b64decode(stored["binaryData"][reconciler.SNAPSHOT_GZIP_KEY], validate=True)
-    assert len(content) <= reconciler.MAX_CONFIGMAP_BYTES
+    since = base64.b64decode(stored["binaryData"][reconciler.SINCE_GZIP_KEY], validate=True)
+    assert len(content) + len(since) <= reconciler.MAX_CONFIGMAP_BYTES
     (tmp_path / reconciler.SNAPSHOT_GZIP_KEY).write_bytes(content)
     assert subscriber.read_snapshot(tmp_path / reconciler.SNAPSHOT_KEY)[1] == big
+    loaded = await api.load_snapshot()
+    assert loaded is not None
+    assert reconciler.decode_snapshot(loaded) == reconciler.Restored(big, since_of(big))
 
-    await api.save_snapshot(reconciler.encode_snapshot(small))
+    await api.save_snapshot(reconciler.encode_snapshot(small, since_of(small)))
     stored = stored_configmap(emulator)
-    assert stored["data"] == {reconciler.SNAPSHOT_KEY: table.to_json(small).decode()}
+    assert stored["data"] == {
+        reconciler.SNAPSHOT_KEY: table.to_json(small).decode(),
+        reconciler.SINCE_KEY: reconciler.encode_since(small, since_of(small)).decode(),
+    }
     assert not stored.get("binaryData")
+    loaded = await api.load_snapshot()
+    assert loaded is not None
+    assert reconciler.decode_snapshot(loaded) == reconciler.Restored(small, since_of(small))
+
+
+async def test_no_snapshot_yet_is_none_and_a_refused_read_a_cluster_error(
+    kube_api: tuple[Emulator, operator.KubeApi],
+) -> None:
+    emulator, api = kube_api
+    assert await api.load_snapshot() is None
+    emulator.forbidden["writer-token"] = {Access(verb="get", resource="configmaps")}
+    with pytest.raises(reconciler.ClusterError, match="HTTP 403"):
+        await api.load_snapshot()
 
 
 async def test_a_new_configmap_holds_only_the_form_written(
@@ -206,5 +228,7 @@ async def test_api_trouble_is_a_cluster_error(tmp_path: Path) -> None:
     try:
         with pytest.raises(reconciler.ClusterError):
             await api.save_snapshot(reconciler.Snapshot("v1", compressed=False, content=b"{}"))
+        with pytest.raises(reconciler.ClusterError):
+            await api.load_snapshot()
     finally:
         await api.stop()

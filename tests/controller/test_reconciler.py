@@ -4,6 +4,11 @@ a route a new table does not change), Events, the snapshot: plain or compressed 
 back with the proxy's own reader), and its failures, which hold up neither tables nor statuses."""
 
 import asyncio
+import base64
+import copy
+import dataclasses
+import gzip
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,6 +64,14 @@ class FakeCluster:
     failures: int = 0  # raise ClusterError on this many next status patches
     snapshot_failures: int = 0  # raise ClusterError on this many next snapshot writes
     snapshot_attempts: int = 0
+    # The snapshot ConfigMap's data and binaryData as the API server keeps them (None: absent).
+    configmap: dict[str, dict[str, str]] | None = None
+    refuse_reads: bool = False  # raise ClusterError on reading the snapshot
+
+    async def load_snapshot(self) -> Mapping[str, Any] | None:
+        if self.refuse_reads:
+            raise reconciler.ClusterError("GET configmaps/routing-table: HTTP 403")
+        return copy.deepcopy(self.configmap)
 
     async def patch_status(
         self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]
@@ -77,6 +90,15 @@ class FakeCluster:
             self.snapshot_failures -= 1
             raise reconciler.ClusterError("saving the snapshot ConfigMap routing-table: HTTP 403")
         self.snapshots.append(snapshot)
+        stored = self.configmap if self.configmap is not None else {}
+        for name, values in snapshot.merge_patch().items():  # as the API server merges it
+            kept = stored.setdefault(name, {})
+            for key, value in values.items():
+                if value is None:
+                    kept.pop(key, None)
+                else:
+                    kept[key] = value
+        self.configmap = stored
 
     async def post_event(self, entry: reconciler.RouteEntry, kind: str, reason: str, message: str) -> None:
         self.events.append((entry.route.key, kind, reason, message))
@@ -408,13 +430,21 @@ async def test_conflict_and_invalid_route(
     assert ("mail/broken", "Warning", "Invalid") in kinds
 
 
+def since_of(first: table.RoutingTable) -> dict[str, str]:
+    """The since map of a first table: every route since that very table."""
+    return {route.name: first.version for route in first.routes}
+
+
 async def test_snapshot_follows_the_published_version(
     world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
 ) -> None:
     await worker.reconcile()
     await worker.reconcile()
+    first = publisher.published[0]
     assert cluster.snapshots == [
-        reconciler.Snapshot(publisher.published[0].version, False, table.to_json(publisher.published[0]))
+        reconciler.Snapshot(
+            first.version, False, table.to_json(first), reconciler.encode_since(first, since_of(first))
+        )
     ]
     world.routes.clear()
     await worker.reconcile()
@@ -560,7 +590,8 @@ async def test_a_table_over_the_plain_limit_is_stored_compressed_and_the_proxy_r
     assert len(table.to_json(published)) > reconciler.MAX_CONFIGMAP_BYTES
     (snapshot,) = cluster.snapshots
     assert snapshot.compressed
-    assert len(snapshot.content) <= reconciler.MAX_CONFIGMAP_BYTES
+    assert snapshot.since is not None
+    assert len(snapshot.content) + len(snapshot.since) <= reconciler.MAX_CONFIGMAP_BYTES
     assert snapshot.fields().keys() == {"binaryData"}
     (tmp_path / reconciler.SNAPSHOT_GZIP_KEY).write_bytes(snapshot.content)
     read = subscriber.read_snapshot(tmp_path / reconciler.SNAPSHOT_KEY)
@@ -569,21 +600,33 @@ async def test_a_table_over_the_plain_limit_is_stored_compressed_and_the_proxy_r
     world.routes = world.routes[:1]
     await worker.reconcile()
     assert not cluster.snapshots[-1].compressed
+    latest = publisher.published[-1]
     assert cluster.snapshots[-1].merge_patch() == {
-        "data": {reconciler.SNAPSHOT_KEY: table.to_json(publisher.published[-1]).decode()},
-        "binaryData": {reconciler.SNAPSHOT_GZIP_KEY: None},
+        "data": {
+            reconciler.SNAPSHOT_KEY: table.to_json(latest).decode(),
+            # The route was in the first table, unchanged since.
+            reconciler.SINCE_KEY: reconciler.encode_since(
+                latest, {"mail/route-00000": published.version}
+            ).decode(),
+        },
+        "binaryData": {reconciler.SNAPSHOT_GZIP_KEY: None, reconciler.SINCE_GZIP_KEY: None},
     }
 
 
-def table_over_the_plain_limit() -> table.RoutingTable:
-    """A table whose JSON a ConfigMap cannot hold (made directly: no MailRoute to parse)."""
+def made_table(count: int) -> table.RoutingTable:
+    """A table of ``count`` routes, made directly: no MailRoute to parse."""
     routes = [
         table.Route(
             name=f"mail/r{index}", generation=1, users=(), domains=(f"d{index}.example",), upstreams=()
         )
-        for index in range(12_000)
+        for index in range(count)
     ]
-    made = table.make_table(routes)
+    return table.make_table(routes)
+
+
+def table_over_the_plain_limit() -> table.RoutingTable:
+    """A table whose JSON a ConfigMap cannot hold."""
+    made = made_table(12_000)
     assert len(table.to_json(made)) > reconciler.MAX_CONFIGMAP_BYTES
     return made
 
@@ -592,9 +635,9 @@ def test_the_same_table_always_compresses_to_the_same_snapshot() -> None:
     """No timestamp in the gzip header: a restarted controller that writes the same table again
     sends the same bytes (the API server then changes nothing, and no kubelet rewrites files)."""
     big = table_over_the_plain_limit()
-    first = reconciler.encode_snapshot(big)
+    first = reconciler.encode_snapshot(big, since_of(big))
     assert first.compressed
-    assert reconciler.encode_snapshot(big) == first
+    assert reconciler.encode_snapshot(big, since_of(big)) == first
 
 
 async def test_a_new_table_goes_out_while_statuses_are_still_being_written(
@@ -712,3 +755,319 @@ async def test_endpoints_that_come_back_count_the_proxies_that_never_left(
     await worker.reconcile()
     assert [published.version for published in publisher.published][::2] == [first, first]
     assert cluster.last_status("mail/example")["proxies"] == {"programmed": 1, "total": 2, "version": first}
+
+
+# A restart: a new Reconciler on the same cluster, started from the snapshot the first one wrote.
+
+RESTORE_FAILED = "cannot restart from the routing table snapshot ConfigMap"
+
+
+async def programmed_in_two_tables(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> tuple[str, str]:
+    """ "example" in a first table, "other" added in a second, both Programmed everywhere; the
+    index then shows the statuses written, as the watch brings them back. The two versions."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    world.routes.append(entry(route_body("other", "example.org")))
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    first, second = (published.version for published in publisher.published)
+    assert cluster.last_status("mail/example")["proxies"] == {"programmed": 2, "total": 2, "version": first}
+    assert cluster.last_status("mail/other")["proxies"] == {"programmed": 2, "total": 2, "version": second}
+    world.routes = [
+        dataclasses.replace(route, status=cluster.last_status(route.route.key)) for route in world.routes
+    ]
+    return first, second
+
+
+def restarted(world: World, cluster: FakeCluster) -> tuple[reconciler.Reconciler, FakePublisher]:
+    """A new controller process: nothing in memory, the same API server."""
+    channel = FakePublisher()
+    return reconciler.Reconciler(
+        read=world.read, publisher=channel, cluster=cluster, holdoff=0, now=lambda: NOW
+    ), channel
+
+
+async def test_a_restarted_controller_writes_no_status_for_unchanged_routes(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """Each route keeps the version it had (not the table the new process publishes first), and
+    the proxies acking the stored table run it: not one status write, nor a snapshot write."""
+    _, second = await programmed_in_two_tables(world, worker, publisher, cluster)
+    writes, snapshots = len(cluster.patches), len(cluster.snapshots)
+    again, channel = restarted(world, cluster)
+    await again.restore()
+    channel.ack("proxy-a", version=second)  # on reconnecting, a proxy acks what it runs
+    channel.ack("proxy-b", version=second)
+    await again.reconcile()
+    assert [published.version for published in channel.published] == [second]  # for the streams
+    assert cluster.patches[writes:] == []
+    assert len(cluster.snapshots) == snapshots
+
+
+async def test_a_route_changed_while_the_controller_was_away_gets_a_new_version(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """Its compiled form differs from the stored table's: a write for it alone, and the snapshot
+    keeps the other route's version for the restart after this one."""
+    first, second = await programmed_in_two_tables(world, worker, publisher, cluster)
+    writes = len(cluster.patches)
+    example, other = world.routes
+    world.routes = [example, entry(route_body("other", "example.net", generation=2), status=other.status)]
+    again, channel = restarted(world, cluster)
+    await again.restore()
+    channel.ack("proxy-a", version=second)
+    channel.ack("proxy-b", version=second)
+    await again.reconcile()
+    (third,) = (published.version for published in channel.published)
+    assert third not in (first, second)
+    assert [key for key, _, _ in cluster.patches[writes:]] == ["mail/other"]
+    status = cluster.last_status("mail/other")
+    assert status["proxies"] == {"programmed": 0, "total": 2, "version": third}
+    assert conditions_of(status)["Programmed"] == ("Unknown", "Pending", "0 of 2 proxies")
+    assert cluster.configmap is not None
+    restored = reconciler.decode_snapshot(cluster.configmap)
+    assert restored.since == {"mail/example": first, "mail/other": third}
+
+    channel.ack("proxy-a")
+    channel.ack("proxy-b")
+    await again.reconcile()
+    assert [key for key, _, _ in cluster.patches[writes:]] == ["mail/other", "mail/other"]
+    assert conditions_of(cluster.last_status("mail/other"))["Programmed"][0] == "True"
+
+
+async def test_after_a_restore_the_first_sweep_waits_for_every_ready_proxy(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """Until a ready proxy acks to the new process it would count as running nothing: no sweep
+    (which would turn every route Pending) before each has; then only the new route is written,
+    Programmed at once."""
+    await programmed_in_two_tables(world, worker, publisher, cluster)
+    writes = len(cluster.patches)
+    world.routes.append(entry(route_body("third", "example.net")))
+    again, channel = restarted(world, cluster)
+    again.mark_synced()
+    task = asyncio.create_task(again.run())
+    try:
+        await turns_until(lambda: again.passes == 1)
+        channel.ack("proxy-a")
+        await turns_until(lambda: again.passes == 2)
+        for _ in range(MAX_TURNS):  # every chance to sweep: no I/O in the fakes
+            await asyncio.sleep(0)
+        assert cluster.patches[writes:] == []
+        channel.ack("proxy-b")
+        await turns_until(lambda: len(cluster.patches) > writes)
+    finally:
+        task.cancel()
+    assert [key for key, _, _ in cluster.patches[writes:]] == ["mail/third"]
+    status = cluster.last_status("mail/third")
+    assert conditions_of(status)["Programmed"] == ("True", "Programmed", "2 of 2 proxies")
+    assert status["proxies"] == {"programmed": 2, "total": 2, "version": channel.published[0].version}
+
+
+async def test_proxies_that_stay_silent_hold_the_first_sweep_only_for_the_grace(
+    world: World,
+    worker: reconciler.Reconciler,
+    publisher: FakePublisher,
+    cluster: FakeCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await programmed_in_two_tables(world, worker, publisher, cluster)
+    writes = len(cluster.patches)
+    monkeypatch.setattr(reconciler, "PROXY_GRACE_SECONDS", 0)
+    caplog.set_level(logging.INFO, logger=reconciler.__name__)
+    again, _ = restarted(world, cluster)
+    again.mark_synced()
+    task = asyncio.create_task(again.run())
+    try:
+        await turns_until(lambda: len(cluster.patches) == writes + 2)
+    finally:
+        task.cancel()
+    for key in ("mail/example", "mail/other"):
+        assert conditions_of(cluster.last_status(key))["Programmed"] == (
+            "Unknown",
+            "Pending",
+            "0 of 2 proxies",
+        )
+    assert "not every ready proxy acked within 0 s of the first table" in caplog.text
+
+
+def drop_since(stored: dict[str, dict[str, str]]) -> None:
+    del stored["data"][reconciler.SINCE_KEY]
+
+
+def corrupt_table(stored: dict[str, dict[str, str]]) -> None:
+    stored["data"][reconciler.SNAPSHOT_KEY] = '{"apiVersion": '
+
+
+def since_of_another_table(stored: dict[str, dict[str, str]]) -> None:
+    other = table.make_table(())
+    stored["data"][reconciler.SINCE_KEY] = reconciler.encode_since(other, {}).decode()
+
+
+def since_without_a_route(stored: dict[str, dict[str, str]]) -> None:
+    current = table.from_json(stored["data"][reconciler.SNAPSHOT_KEY])
+    since = {route.name: current.version for route in current.routes[1:]}
+    stored["data"][reconciler.SINCE_KEY] = reconciler.encode_since(current, since).decode()
+
+
+def since_not_of_versions(stored: dict[str, dict[str, str]]) -> None:
+    current = table.from_json(stored["data"][reconciler.SNAPSHOT_KEY])
+    stored["data"][reconciler.SINCE_KEY] = json.dumps({"table": current.version, "since": {"v1": ["x"]}})
+
+
+def corrupt_gzip(stored: dict[str, dict[str, str]]) -> None:
+    stored.clear()
+    garbage = base64.b64encode(b"\x1f\x8b" + b"not deflate").decode()
+    stored["binaryData"] = {reconciler.SNAPSHOT_GZIP_KEY: garbage, reconciler.SINCE_GZIP_KEY: garbage}
+
+
+def not_base64(stored: dict[str, dict[str, str]]) -> None:
+    stored.clear()
+    stored["binaryData"] = {reconciler.SNAPSHOT_GZIP_KEY: "%%%"}
+
+
+def nothing_stored(stored: dict[str, dict[str, str]]) -> None:
+    stored.clear()
+
+
+@pytest.mark.parametrize(
+    ("damage", "logged"),
+    [
+        (drop_since, "no since.json beside table.json (an earlier release wrote it)"),
+        (corrupt_table, "table.json is not a valid table: not JSON"),
+        (since_of_another_table, "the since map belongs to another table than sha256:"),
+        (since_without_a_route, "the since map does not name exactly the table's routes"),
+        (since_not_of_versions, "the since map holds something else than versions and names"),
+        (corrupt_gzip, "table.json.gz is not valid gzip"),
+        (not_base64, "table.json.gz is not base64"),
+        (nothing_stored, "it holds neither table.json nor table.json.gz"),
+    ],
+)
+async def test_an_unusable_snapshot_falls_back_to_a_fresh_start(
+    world: World,
+    worker: reconciler.Reconciler,
+    publisher: FakePublisher,
+    cluster: FakeCluster,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[dict[str, dict[str, str]]], None],
+    logged: str,
+) -> None:
+    """Logged, and then as before since maps: every route's version moves to the first table of
+    the new process (here "example", whose version was the older table's); the snapshot written
+    anew with its since map, for the next restart."""
+    _, second = await programmed_in_two_tables(world, worker, publisher, cluster)
+    assert cluster.configmap is not None
+    damage(cluster.configmap)
+    caplog.set_level(logging.INFO, logger=reconciler.__name__)
+    again, channel = restarted(world, cluster)
+    await again.restore()
+    assert f"{RESTORE_FAILED} ({logged}" in caplog.text
+    channel.ack("proxy-a", version=second)
+    channel.ack("proxy-b", version=second)
+    await again.reconcile()
+    assert cluster.last_status("mail/example")["proxies"] == {"programmed": 2, "total": 2, "version": second}
+    assert cluster.configmap is not None
+    assert reconciler.decode_snapshot(cluster.configmap).since == {
+        "mail/example": second,
+        "mail/other": second,
+    }
+
+
+@pytest.mark.parametrize(
+    ("missing", "logged"),
+    [(True, "no routing table snapshot ConfigMap yet"), (False, f"{RESTORE_FAILED} (GET configmaps")],
+)
+async def test_no_snapshot_or_a_refused_read_starts_afresh(
+    world: World,
+    worker: reconciler.Reconciler,
+    cluster: FakeCluster,
+    caplog: pytest.LogCaptureFixture,
+    missing: bool,
+    logged: str,
+) -> None:
+    """The first start ever, or no RBAC to read the ConfigMap: today's start, never a crash."""
+    caplog.set_level(logging.INFO, logger=reconciler.__name__)
+    cluster.refuse_reads = not missing
+    await worker.restore()
+    assert logged in caplog.text
+    await worker.reconcile()
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][1] == "Pending"
+    assert len(cluster.snapshots) == 1
+
+
+def test_decompression_stops_at_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ConfigMap's 1 MiB of gzip can inflate to a gigabyte: a restore stops at its bound, and
+    a member cut short is refused."""
+    current = made_table(3)
+    plain = reconciler.encode_snapshot(current, since_of(current))
+    assert plain.since is not None
+    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(plain.content) + len(plain.since) - 1)
+    compressed = reconciler.encode_snapshot(current, since_of(current))
+    assert compressed.compressed
+    assert compressed.since is not None
+    assert reconciler.decode_snapshot(compressed.fields()) == reconciler.Restored(current, since_of(current))
+    monkeypatch.setattr(reconciler, "MAX_RESTORED_BYTES", len(plain.content) - 1)
+    with pytest.raises(reconciler.SnapshotUnreadableError, match="decompresses to more than"):
+        reconciler.decode_snapshot(compressed.fields())
+    monkeypatch.setattr(reconciler, "MAX_RESTORED_BYTES", len(plain.content))
+    truncated = dict(compressed.fields()["binaryData"])
+    truncated[reconciler.SNAPSHOT_GZIP_KEY] = base64.b64encode(compressed.content[:-4]).decode()
+    with pytest.raises(reconciler.SnapshotUnreadableError, match="not one complete gzip member"):
+        reconciler.decode_snapshot({"binaryData": truncated})
+
+
+def test_the_since_map_counts_in_the_size_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both plainly if both fit, else both compressed, else the table alone (what a booting
+    proxy needs comes first), else too large."""
+    current = made_table(3)
+    since = since_of(current)
+    document, since_document = table.to_json(current), reconciler.encode_since(current, since)
+    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(document) + len(since_document))
+    assert reconciler.encode_snapshot(current, since) == reconciler.Snapshot(
+        current.version, False, document, since_document
+    )
+    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(document) + len(since_document) - 1)
+    both = reconciler.encode_snapshot(current, since)
+    assert both.compressed
+    assert both.since is not None
+    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(both.content) + len(both.since) - 1)
+    alone = reconciler.encode_snapshot(current, since)
+    assert (alone.compressed, alone.content, alone.since) == (True, both.content, None)
+    assert alone.fields() == {
+        "binaryData": {reconciler.SNAPSHOT_GZIP_KEY: base64.b64encode(both.content).decode()}
+    }
+    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(both.content) - 1)
+    with pytest.raises(reconciler.SnapshotTooLargeError):
+        reconciler.encode_snapshot(current, since)
+
+
+async def test_a_snapshot_stored_without_its_since_map_is_reported_and_a_restart_starts_afresh(
+    world: World,
+    worker: reconciler.Reconciler,
+    cluster: FakeCluster,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A limit that holds the tables compressed but not their since maps: stored without them,
+    warned about once (not per table), and a restart starts afresh."""
+    caplog.set_level(logging.INFO, logger=reconciler.__name__)
+    larger = World(routes=[*world.routes, entry(route_body("other", "example.org"))])
+    probe = FakePublisher()
+    await reconciler.Reconciler(read=larger.read, publisher=probe, cluster=FakeCluster()).reconcile()
+    document = table.to_json(probe.published[0])
+    compressed = gzip.compress(document, compresslevel=reconciler.SNAPSHOT_GZIP_LEVEL, mtime=0)
+    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(compressed))
+    await worker.reconcile()
+    world.routes.append(entry(route_body("other", "example.org")))
+    await worker.reconcile()
+    assert [snapshot.since for snapshot in cluster.snapshots] == [None, None]
+    assert caplog.text.count("holds no since map") == 1, "logged once, not per table"
+    again, _ = restarted(world, cluster)
+    await again.restore()
+    assert f"{RESTORE_FAILED} (no since.json.gz beside table.json.gz" in caplog.text

@@ -1,6 +1,6 @@
 """The real kopf operator (controller.operator.run) against the emulator, with proxies acking on
-the real push channel: MailRoute status, the published table, the snapshot ConfigMap (and what
-happens when the API refuses it), Events."""
+the real push channel: MailRoute status, the published table, the snapshot ConfigMap (what
+happens when the API refuses it, and a restart from it), Events."""
 
 import asyncio
 import contextlib
@@ -352,3 +352,50 @@ async def test_controller_accesses_are_recorded(
     ):
         assert needed in recorded, f"{needed} not recorded"
     assert not any(entry.get("verb") in ("update", "delete", "deletecollection") for entry in recorded)
+
+
+async def test_a_restarted_operator_writes_no_status_for_unchanged_routes(
+    emulator: Emulator, api: Api, controller_runner: ControllerRunner
+) -> None:
+    """A rollout: the operator stops and a new one starts from the snapshot ConfigMap. The route
+    that did not change keeps its object untouched (its status still names the first table, not
+    the one the new operator publishes); the route changed meanwhile is written, and Programmed
+    as soon as the proxies, reconnected, run it."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    controller = await controller_runner.start()
+    async with fake_proxies(controller) as proxies:
+        await create_route(api, imap_route("kept", "example.com"))
+        await eventually(lambda: is_(emulator, "kept", "Programmed", "True", "Programmed"), "kept Programmed")
+        await create_route(api, imap_route("moved", "example.org"))
+        await eventually(
+            lambda: all(route_names(proxy.latest) == ["mail/kept", "mail/moved"] for proxy in proxies),
+            "both routes on every proxy",
+        )
+        second = proxies[0].latest.version if proxies[0].latest else ""
+        await eventually(
+            lambda: status_of(emulator, "moved").get("proxies", {}).get("programmed") == 2, "moved on both"
+        )
+        await eventually(lambda: table.from_json(snapshot_of(emulator) or "").version == second, "snapshot")
+    await controller_runner.stop()
+
+    await api.patch(route_path("moved"), {"spec": {"domains": ["example.net"]}})
+    stored = emulator.objects[MAILROUTES, NAMESPACE, "kept"].raw
+    resource_version, status = stored["metadata"]["resourceVersion"], copy.deepcopy(stored["status"])
+    assert status["proxies"]["version"] != second
+
+    controller = await controller_runner.start()
+    async with fake_proxies(controller) as proxies:
+        await eventually(
+            lambda: (
+                condition(emulator, "moved", "Programmed").get("observedGeneration") == 2
+                and is_(emulator, "moved", "Programmed", "True", "Programmed")
+            ),
+            "moved Programmed again",
+        )
+        third = proxies[0].latest.version if proxies[0].latest else ""
+        assert third not in ("", second)
+        assert status_of(emulator, "moved")["proxies"] == {"programmed": 2, "total": 2, "version": third}
+        stored = emulator.objects[MAILROUTES, NAMESPACE, "kept"].raw
+        assert (stored["metadata"]["resourceVersion"], stored["status"]) == (resource_version, status)
