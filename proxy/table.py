@@ -16,6 +16,7 @@ default ``auth_username_format = %Lu`` does).
 import hashlib
 import ipaddress
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -30,6 +31,8 @@ AuthMode = Literal["backend", "http"]
 TABLE_API_VERSION = "mailgress.io/table/v1"
 CATCH_ALL = "*"
 WILDCARD_PREFIX = "*."
+# Kubernetes ObjectMeta.generation is an int64 that starts at 1; 0 stands for "no API server".
+MAX_GENERATION = 2**63 - 1
 
 
 class TableError(ValueError):
@@ -207,9 +210,28 @@ def _expect(document: Mapping[str, Any], key: str, kind: type | tuple[type, ...]
     if key not in document:
         raise TableError(f"{where}: missing {key!r}")
     value = document[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # JSON true/false parse as bool, a subclass of int: never a number here.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise TableError(f"{where}: {key!r} has the wrong type")
     return value
+
+
+def _positive_seconds(document: Mapping[str, Any], key: str, where: str) -> float:
+    """A duration that timers accept: a finite number above zero (uvloop fails on NaN)."""
+    value = _expect(document, key, (int, float), where)
+    try:
+        seconds = float(value)
+    except OverflowError as error:  # an integer beyond the largest float
+        raise TableError(f"{where}: {key!r} is too large") from error
+    if not (math.isfinite(seconds) and seconds > 0):  # also NaN and the 1e400 that parses as inf
+        raise TableError(f"{where}: {key!r} must be a finite number of seconds above zero")
+    return seconds
+
+
+def _reject_constant(name: str) -> Any:
+    # RFC 8259 section 6: NaN and Infinity are not JSON numbers; Python's parser takes them.
+    raise ValueError(f"{name} is not a JSON value (RFC 8259 section 6)")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], where: str) -> Any:
@@ -263,15 +285,18 @@ def _parse_route(document: Any, where: str) -> Route:
             raise TableError(f"{spot}: headers must be [name, value] pairs")
         http_auth = HttpAuth(
             url=_expect(raw, "url", str, spot),
-            timeout_seconds=float(_expect(raw, "timeoutSeconds", (int, float), spot)),
+            timeout_seconds=_positive_seconds(raw, "timeoutSeconds", spot),
             headers=tuple((name, value) for name, value in headers),
         )
     names = (_expect(document, "users", list, where), _expect(document, "domains", list, where))
     if not all(isinstance(name, str) for group in names for name in group):
         raise TableError(f"{where}: users and domains must be strings")
+    generation = _expect(document, "generation", int, where)
+    if not 0 <= generation <= MAX_GENERATION:
+        raise TableError(f"{where}: generation out of range (0 to {MAX_GENERATION})")
     return Route(
         name=_expect(document, "name", str, where),
-        generation=_expect(document, "generation", int, where),
+        generation=generation,
         users=tuple(names[0]),
         domains=tuple(names[1]),
         upstreams=tuple(
@@ -289,11 +314,14 @@ def from_json(data: bytes | str) -> RoutingTable:
     """Parse and check a published table; the version must match the content.
 
     Raises:
-        TableError: the document is not a table of this API version, or was altered.
+        TableError: the document is not JSON, not a table of this API version, holds a value
+            of the wrong type or out of range, or was altered. Never any other exception.
     """
     try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        document = json.loads(data, parse_constant=_reject_constant)
+    except ValueError as error:
+        # JSONDecodeError, UnicodeDecodeError, NaN/Infinity, and an integer longer than Python
+        # converts (sys.get_int_max_str_digits, 4300 digits by default): all ValueErrors.
         raise TableError(f"not JSON: {error}") from error
     except RecursionError as error:  # nesting deeper than any table has
         raise TableError("not a table: nested too deeply") from error
@@ -305,7 +333,12 @@ def from_json(data: bytes | str) -> RoutingTable:
         _parse_route(item, f"routes[{number}]")
         for number, item in enumerate(_expect(document, "routes", list, "table"))
     ]
-    table = make_table(routes)
+    try:
+        table = make_table(routes)
+    except UnicodeEncodeError as error:
+        # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 document can hold. The
+        # error names no value: the string may be a header that carries a secret.
+        raise TableError("table: a string holds a lone UTF-16 surrogate (RFC 8259 section 8.2)") from error
     claimed = _expect(document, "version", str, "table")
     if claimed != table.version:
         raise TableError(f"table: version {claimed} does not match its content ({table.version})")

@@ -1,14 +1,20 @@
-"""The routing-table contract: lookup precedence, canonical JSON, content-hashed versions."""
+"""The routing-table contract: lookup precedence, canonical JSON, content-hashed versions.
+
+Also what ``from_json`` does with a malformed document: whatever the bytes, the only exception
+is a TableError that says what is wrong (hand-picked values, then hypothesis mutations of a
+valid table), since anything else would stop the proxy's table source.
+"""
 
 import contextlib
 import json
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import table
-from proxy.table import Endpoint, Route, Upstream
+from proxy.table import Endpoint, HttpAuth, Route, Upstream
 
 DOVECOT = Upstream(service="mail/dovecot", endpoints=(Endpoint("127.0.0.1", 143),))
 POSTFIX = Upstream(service="mail/postfix", endpoints=(Endpoint("127.0.0.1", 25),))
@@ -121,3 +127,209 @@ def test_deeply_nested_json_is_a_table_error() -> None:
 def test_endpoint_text_form() -> None:
     assert str(Endpoint("127.0.0.1", 143)) == "127.0.0.1:143"
     assert str(Endpoint("::1", 143)) == "[::1]:143"
+
+
+# Malformed values. json.dumps cannot write some of them (a 5000-digit integer, a lone
+# surrogate), so a placeholder string is replaced by the raw JSON text after serialising.
+
+HEADER_SECRET = "header-secret-that-must-never-be-shown"
+HTTP_TABLE = table.make_table(
+    [
+        Route(
+            name="mail/auth",
+            generation=3,
+            users=("ceo@example.com",),
+            domains=("example.com",),
+            upstreams=(("imap", DOVECOT), ("smtp", POSTFIX)),
+            auth="http",
+            http_auth=HttpAuth(url="http://127.0.0.1:9000/auth", headers=(("X-Auth-Key", HEADER_SECRET),)),
+        )
+    ]
+)
+PLACEHOLDER = "@raw-json-goes-here@"
+ROUTE = ("routes", 0)
+ENDPOINT = (*ROUTE, "upstreams", "imap", "endpoints", 0)
+
+
+def holds(container: Any, key: str | int) -> bool:
+    if isinstance(container, dict):
+        return key in container
+    return isinstance(container, list) and key in range(len(container))
+
+
+def container_of(document: Any, path: tuple[str | int, ...]) -> Any:
+    """The object or list where the value at ``path`` goes, or None when a change removed it."""
+    parent = document
+    for key in path[:-1]:
+        if not holds(parent, key):
+            return None
+        parent = parent[key]
+    return parent if isinstance(parent, dict) or holds(parent, path[-1]) else None
+
+
+def with_raw(document: Any, changes: list[tuple[tuple[str | int, ...], str | None]]) -> str:
+    """``document`` as JSON text with each change made: the value at a path replaced by the
+    JSON text given (or added, in an object), or removed (None; a list slot becomes null).
+    Paths that an earlier change took away are skipped."""
+    raw: dict[str, str] = {}
+    for number, (path, replacement) in enumerate(changes):
+        parent = container_of(document, path)
+        if parent is None:
+            continue
+        if replacement is None and isinstance(parent, dict):
+            parent.pop(path[-1], None)
+            continue
+        placeholder = json.dumps(f"{PLACEHOLDER}{number}")
+        raw[placeholder] = replacement or "null"
+        parent[path[-1]] = json.loads(placeholder)
+    text = json.dumps(document)
+    for placeholder, replacement in raw.items():
+        text = text.replace(placeholder, replacement)
+    return text
+
+
+def http_table_with(path: tuple[str | int, ...], raw: str) -> bytes:
+    return with_raw(json.loads(table.to_json(HTTP_TABLE)), [(path, raw)]).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "message"),
+    [
+        ((*ROUTE, "generation"), "1" + "0" * 5000, "not JSON: Exceeds the limit"),  # int max str digits
+        ((*ROUTE, "generation"), "-1", "generation out of range"),
+        ((*ROUTE, "generation"), str(table.MAX_GENERATION + 1), "generation out of range"),
+        ((*ROUTE, "generation"), "true", "'generation' has the wrong type"),
+        ((*ROUTE, "generation"), "1.0", "'generation' has the wrong type"),
+        ((*ROUTE, "httpAuth", "timeoutSeconds"), "1" + "0" * 400, "'timeoutSeconds' is too large"),
+        ((*ROUTE, "httpAuth", "timeoutSeconds"), "1e400", "finite number of seconds above zero"),
+        ((*ROUTE, "httpAuth", "timeoutSeconds"), "0", "finite number of seconds above zero"),
+        ((*ROUTE, "httpAuth", "timeoutSeconds"), "-5", "finite number of seconds above zero"),
+        ((*ROUTE, "httpAuth", "timeoutSeconds"), "-0.0", "finite number of seconds above zero"),
+        ((*ROUTE, "httpAuth", "timeoutSeconds"), "true", "'timeoutSeconds' has the wrong type"),
+        ((*ROUTE, "httpAuth", "timeoutSeconds"), "NaN", "not JSON: NaN is not a JSON value"),
+        ((*ROUTE, "httpAuth", "timeoutSeconds"), "Infinity", "not JSON: Infinity is not a JSON value"),
+        ((*ROUTE, "httpAuth", "timeoutSeconds"), "-Infinity", "not JSON: -Infinity is not a JSON value"),
+        ((*ENDPOINT, "port"), "true", "'port' has the wrong type"),
+        ((*ENDPOINT, "port"), "0", "out of range"),
+        ((*ENDPOINT, "port"), "9" * 4300, "out of range"),  # parses (4300 digits is the limit)
+        ((*ROUTE, "name"), '"\\ud800"', "lone UTF-16 surrogate"),
+        ((*ROUTE, "httpAuth", "headers", 0, 1), '"\\udfff"', "lone UTF-16 surrogate"),
+        (("unused",), "NaN", "not JSON: NaN"),  # not a JSON document even where nothing reads it
+    ],
+    ids=[
+        "generation-5000-digits",
+        "generation-negative",
+        "generation-over-int64",
+        "generation-bool",
+        "generation-float",
+        "timeout-beyond-float",
+        "timeout-parses-as-inf",
+        "timeout-zero",
+        "timeout-negative",
+        "timeout-negative-zero",
+        "timeout-bool",
+        "timeout-nan",
+        "timeout-infinity",
+        "timeout-minus-infinity",
+        "port-bool",
+        "port-zero",
+        "port-4300-digits",
+        "name-lone-surrogate",
+        "header-lone-surrogate",
+        "nan-in-an-unknown-key",
+    ],
+)
+def test_out_of_range_values_are_table_errors(path: tuple[str | int, ...], raw: str, message: str) -> None:
+    with pytest.raises(table.TableError, match=message) as caught:
+        table.from_json(http_table_with(path, raw))
+    assert HEADER_SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("generation", "timeout"), [(0, 0.001), (table.MAX_GENERATION, 1e300)], ids=["lowest", "highest"]
+)
+def test_the_edges_of_the_ranges_are_accepted(generation: int, timeout: float) -> None:
+    route = HTTP_TABLE.routes[0]
+    assert route.http_auth is not None
+    edge = table.make_table(
+        [
+            Route(
+                name=route.name,
+                generation=generation,
+                users=route.users,
+                domains=route.domains,
+                upstreams=route.upstreams,
+                auth=route.auth,
+                http_auth=HttpAuth(url=route.http_auth.url, timeout_seconds=timeout),
+            )
+        ]
+    )
+    assert table.from_json(table.to_json(edge)) == edge
+
+
+def test_an_integer_timeout_is_read_as_seconds() -> None:
+    # 5 and 5.0 are the same canonical content: the version still matches.
+    parsed = table.from_json(http_table_with((*ROUTE, "httpAuth", "timeoutSeconds"), "5"))
+    assert parsed == HTTP_TABLE
+    assert parsed.routes[0].http_auth is not None and parsed.routes[0].http_auth.timeout_seconds == 5.0
+
+
+# Fuzzing: a valid table with a few values replaced, or keys removed.
+
+
+def paths(value: Any, prefix: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Every place in a JSON document a value sits at, containers included."""
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for number, item in enumerate(value):
+            found += paths(item, (*prefix, number))
+    return found
+
+
+VALID = table.to_json(HTTP_TABLE)
+PATHS = paths(json.loads(VALID))
+# JSON text json.dumps would refuse to write or that sits at the edge of what the parser takes.
+EDGE_TOKENS = [
+    "1" + "0" * 5000,
+    "-" + "9" * 4301,
+    "9" * 4300,
+    "1" + "0" * 400,
+    "1e400",
+    "-1e400",
+    "5e-324",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "-0",
+    "9223372036854775808",
+    '"\\ud800"',
+    '"\\u0000"',
+    "[" * 50 + "]" * 50,
+]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+# None removes the key (or, in a list, empties the slot); text is put in as JSON.
+REPLACEMENTS = st.none() | st.sampled_from(EDGE_TOKENS) | JSON_VALUES.map(json.dumps)
+MUTATIONS = st.lists(st.tuples(st.sampled_from(PATHS), REPLACEMENTS), min_size=1, max_size=3)
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=300)
+@given(MUTATIONS)
+def test_a_mutated_table_is_a_table_or_a_table_error(
+    mutations: list[tuple[tuple[str | int, ...], str | None]],
+) -> None:
+    try:
+        parsed = table.from_json(with_raw(json.loads(VALID), mutations).encode())
+    except table.TableError as error:
+        assert str(error)  # every rejection says why
+        assert HEADER_SECRET not in str(error)
+    else:  # the mutations changed nothing the version covers
+        assert table.from_json(table.to_json(parsed)) == parsed
