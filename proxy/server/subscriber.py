@@ -160,9 +160,8 @@ class Subscriber:
         try:
             # A large table takes a while to parse; a thread keeps the sessions' loop responsive.
             new = await asyncio.to_thread(table.from_json, line)
-        except (table.TableError, RecursionError) as error:
-            # RecursionError: a document nested deeper than the JSON parser goes.
-            version, message = _claimed_version(line), str(error) or type(error).__name__
+        except table.TableError as error:
+            version, message = _claimed_version(line), str(error)
             log.error(
                 "push channel: routing table %s rejected: %s; keeping %s",
                 version or "(no version)",
@@ -242,8 +241,7 @@ def read_snapshot(path: Path) -> tuple[Path, table.RoutingTable]:
             raise SnapshotError(f"the snapshot {candidate} decompresses to more than {MAX_TABLE_BYTES} bytes")
     try:
         return candidate, table.from_json(data)
-    except (table.TableError, RecursionError) as error:
-        # RecursionError: a document nested deeper than the JSON parser goes.
+    except table.TableError as error:
         raise SnapshotError(
             f"the snapshot {candidate} is not a valid table (JSON, or gzip-compressed JSON): {error}"
         ) from error

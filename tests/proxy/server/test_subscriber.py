@@ -3,8 +3,9 @@
 Each test runs real Subscribers (fast backoff) against a real ``controller.publisher.Publisher``
 on 127.0.0.1 and watches what a proxy would serve (``TableHolder.current``) and what the
 controller learns (``Publisher.acks``). A small fake controller covers lines the real one never
-sends (not JSON, nested too deep). The snapshot file is written as the mounted ConfigMap holds
-it: plain JSON, or gzip in the sibling the controller uses for tables too large to store plainly.
+sends (not JSON, nested too deep, numbers no table holds). The snapshot file is written as the
+mounted ConfigMap holds it: plain JSON, or gzip in the sibling the controller uses for tables too
+large to store plainly; corrupted gzip is fuzzed with hypothesis.
 Waits poll a condition a bounded number of times; no assertion is about time. Also covers the
 settings' ``controller`` key, which only this uses.
 """
@@ -14,13 +15,16 @@ import gzip
 import logging
 import random
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 from aiohttp import web
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from controller import publisher
@@ -46,6 +50,34 @@ def sample_table(port: int) -> table.RoutingTable:
 FIRST = sample_table(10143)
 SECOND = sample_table(20143)
 THIRD = sample_table(30143)
+AUTH_TABLE = table.make_table(
+    [
+        table.Route(
+            name="mail/example",
+            generation=1,
+            users=(),
+            domains=("example.com",),
+            upstreams=FIRST.routes[0].upstreams,
+            auth="http",
+            http_auth=table.HttpAuth(url="http://127.0.0.1:9000/auth"),
+        )
+    ]
+)
+
+
+def with_raw(document: bytes, old: bytes, new: bytes) -> bytes:
+    """``document`` with one piece of its text replaced: numbers json.dumps would not write."""
+    assert document.count(old) == 1
+    return document.replace(old, new)
+
+
+# Numbers that once stopped the table source: a ValueError from the JSON parser (Python converts
+# at most 4300 digits), an OverflowError from float(); and NaN, which uvloop's timers refuse.
+HUGE_GENERATION = with_raw(table.to_json(FIRST), b'"generation":1,', b'"generation":1' + b"0" * 5000 + b",")
+TIMEOUT_BEYOND_FLOAT = with_raw(
+    table.to_json(AUTH_TABLE), b'"timeoutSeconds":5.0', b'"timeoutSeconds":1' + b"0" * 400
+)
+NAN_TIMEOUT = with_raw(table.to_json(AUTH_TABLE), b'"timeoutSeconds":5.0', b'"timeoutSeconds":NaN')
 
 
 async def eventually(condition: Callable[[], bool], what: str) -> None:
@@ -266,6 +298,9 @@ def count_snapshot_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         (None, GOOD_GZIP[:-8] + bytes(4) + GOOD_GZIP[-4:], "is not valid gzip: CRC check failed"),
         (None, GOOD_GZIP[:20] + bytes([GOOD_GZIP[20] ^ 0xFF]) + GOOD_GZIP[21:], "is not valid gzip"),
         (None, GOOD_GZIP + b"trailing", "is not valid gzip: Not a gzipped file"),
+        (HUGE_GENERATION, None, "is not a valid table (JSON, or gzip-compressed JSON): not JSON: Exceeds"),
+        (None, compressed(TIMEOUT_BEYOND_FLOAT), "'timeoutSeconds' is too large"),
+        (NAN_TIMEOUT, None, "not JSON: NaN is not a JSON value"),
     ],
     ids=[
         "missing",
@@ -276,6 +311,9 @@ def count_snapshot_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         "compressed-crc",
         "compressed-corrupt",
         "compressed-trailing-garbage",
+        "5000-digit-integer",
+        "compressed-timeout-beyond-float",
+        "nan-timeout",
     ],
 )
 async def test_an_unusable_snapshot_is_reported_and_the_proxy_stays_not_ready(
@@ -293,6 +331,7 @@ async def test_an_unusable_snapshot_is_reported_and_the_proxy_stays_not_ready(
     reads = count_snapshot_reads(monkeypatch)
     proxy = cluster.start_proxy("proxy-a")
     await eventually(lambda: len(reads) >= 3, "three attempts")
+    assert not proxy.task.done(), "the table source goes on"
     assert not proxy.holder.ready
     assert caplog.text.count(message) == 1, "logged once per distinct problem, not per attempt"
 
@@ -308,6 +347,29 @@ def test_a_compressed_snapshot_is_bounded_like_a_streamed_table(
         subscriber.read_snapshot(tmp_path / "table.json")
     monkeypatch.setattr(subscriber, "MAX_TABLE_BYTES", len(document))
     assert subscriber.read_snapshot(tmp_path / "table.json") == (tmp_path / "table.json.gz", FIRST)
+
+
+@hypothesis.settings(derandomize=True, database=None, deadline=None, max_examples=200)
+@hypothesis.given(
+    st.lists(st.tuples(st.integers(0, len(GOOD_GZIP) - 1), st.integers(0, 255)), max_size=4),
+    st.integers(0, len(GOOD_GZIP)),
+)
+def test_a_corrupted_compressed_snapshot_is_a_snapshot_error(
+    changes: list[tuple[int, int]], length: int
+) -> None:
+    """Bytes overwritten, then cut short: the table itself, or a SnapshotError, nothing else."""
+    data = bytearray(GOOD_GZIP)
+    for position, value in changes:
+        data[position] = value
+    with tempfile.TemporaryDirectory() as directory:  # hypothesis runs many examples per test
+        path = Path(directory) / "table.json.gz"
+        path.write_bytes(data[:length])
+        try:
+            found = subscriber.read_snapshot(path)
+        except subscriber.SnapshotError as error:
+            assert str(error)
+        else:  # only what gzip does not check changed (the header's time, flags for the OS)
+            assert found == (path, FIRST)
 
 
 def test_the_plain_file_wins_over_the_compressed_one(tmp_path: Path) -> None:
@@ -413,17 +475,30 @@ async def fake_controller(cluster: Cluster) -> AsyncIterator[FakeController]:
 
 
 @pytest.mark.parametrize(
-    ("line", "version"),
+    ("line", "version", "error"),
     [
-        (b"not json", ""),
-        (b"[" * 100_000, ""),
-        (b'{"version": 5}', ""),
-        (b'{"apiVersion": "mailgress.io/table/v1", "version": "sha256:forged"}', "sha256:forged"),
+        (b"not json", "", "not JSON"),
+        (b"[" * 100_000, "", "nested too deeply"),
+        (b'{"version": 5}', "", "apiVersion must be"),
+        (b'{"apiVersion": "mailgress.io/table/v1", "version": "sha256:forged"}', "sha256:forged", "missing"),
+        (HUGE_GENERATION, "", "not JSON: Exceeds the limit (4300 digits)"),
+        (TIMEOUT_BEYOND_FLOAT, AUTH_TABLE.version, "'timeoutSeconds' is too large"),
+        (NAN_TIMEOUT, AUTH_TABLE.version, "NaN is not a JSON value"),
+        (b'{"apiVersion": "mailgress.io/table/v1", "routes": [], "version": "\\ud800"}', "\ud800", "match"),
     ],
-    ids=["not-json", "nested-too-deep", "version-not-a-string", "missing-routes"],
+    ids=[
+        "not-json",
+        "nested-too-deep",
+        "version-not-a-string",
+        "missing-routes",
+        "5000-digit-integer",
+        "timeout-beyond-float",
+        "nan-timeout",
+        "version-a-lone-surrogate",
+    ],
 )
 async def test_a_broken_line_is_acked_as_rejected(
-    cluster: Cluster, fake_controller: FakeController, line: bytes, version: str
+    cluster: Cluster, fake_controller: FakeController, line: bytes, version: str, error: str
 ) -> None:
     acks = await fake_controller(line)
     proxy = cluster.start_proxy("proxy-a")
@@ -431,7 +506,8 @@ async def test_a_broken_line_is_acked_as_rejected(
     good, bad = acks
     assert good == {"proxy": "proxy-a", "version": FIRST.version, "accepted": True, "error": ""}
     assert (bad["version"], bad["accepted"]) == (version, False)
-    assert bad["error"]
+    assert error in bad["error"]
+    assert not proxy.task.done(), "the table source goes on"
     assert len(bad["error"]) <= subscriber.MAX_ACK_TEXT
     assert serving(proxy, FIRST.version)()
 
