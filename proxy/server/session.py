@@ -5,13 +5,14 @@ first reads its PROXY header (only trusted peers may connect there); an implicit
 runs the handshake. Then the session feeds the client's bytes to the protocol's ``Frontend``
 machine and carries out its commands: replies go to the client, ``StartTls`` upgrades the
 channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides to ``relay``.
-Everything before login is bounded by one deadline (slow clients cannot hold a socket open past
-it). The shared ``limits`` refuse a client address over its connection limit (once a trusted PROXY
-header has named the real one) and logins locked by failed attempts, and hold back the refusal of
-each further failure. When the proxy drains (drain.py) and the session's turn comes, a client
-still logging in gets the protocol's closing line the next time the session waits for it, and a
-relayed one at the relay's next quiet moment. Exactly one INFO line per session is logged when it
-ends; it names the user but never a password.
+Everything before login is bounded by one deadline: reads, writes and TLS handshakes alike, so
+neither a slow client nor one that never reads its replies can hold a socket open past it (the
+backend login keeps its own timeouts). The shared ``limits`` refuse a client address over its
+connection limit (once a trusted PROXY header has named the real one) and logins locked by failed
+attempts, and hold back the refusal of each further failure. When the proxy drains (drain.py)
+and the session's turn comes, a client still logging in gets the protocol's closing line the next
+time the session waits for it, and a relayed one at the relay's next quiet moment. Exactly one
+INFO line per session is logged when it ends; it names the user but never a password.
 """
 
 import asyncio
@@ -31,6 +32,7 @@ from proxy.server import backends, drain, limits, relay
 from proxy.server.certificates import CertificateStore
 from proxy.server.channel import SocketChannel, TransportChannel, as_transport
 from proxy.server.context import ProxyContext
+from proxy.server.poller import Poller
 from proxy.settings import ListenerSettings
 
 log = logging.getLogger("mailgress.session")
@@ -43,6 +45,11 @@ FRONTENDS: dict[table.Protocol, Callable[[events.FrontendConfig], events.Fronten
 }
 # How a lock's scope is named in log lines.
 LOCKED_SUBJECT: dict[limits.Scope, str] = {"ip": "client address", "user": "user"}
+# After the pre-login deadline the client gets the protocol's timeout reply (* BYE, -ERR, 421)
+# if it takes it within this many seconds; one that reads nothing gets nothing, and the session
+# ends. Short: the reply is one line into the socket's buffer, which only a client that stopped
+# reading keeps full, and its connection slot is held until then.
+TIMED_OUT_REPLY_GRACE = 1.0
 STARTTLS_POLICY = {
     ("starttls", True): events.StartTlsPolicy.REQUIRED,
     ("starttls", False): events.StartTlsPolicy.ON,
@@ -195,32 +202,51 @@ async def _handshake(channel: SocketChannel | TransportChannel, context: ssl.SSL
         raise SessionEnded(f"TLS handshake failed ({type(error).__name__})", "tls_handshake") from error
 
 
-async def _read_exactly(client: socket.socket, size: int) -> bytes:
-    """Read exactly ``size`` bytes: a PROXY header must not swallow what follows (a TLS hello)."""
+async def _wait_readable(client: socket.socket) -> None:
+    """Until the client has bytes (or an error) for us, watched on the loop's own epoll."""
     loop = asyncio.get_running_loop()
-    data = b""
-    while len(data) < size:
-        chunk = await loop.sock_recv(client, size - len(data))
-        if not chunk:
-            raise SessionEnded("closed while sending its PROXY header", "proxy_header")
-        data += chunk
-    return data
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not readable.done():  # level-triggered: it may fire again before we stop watching
+            readable.set_result(None)
+
+    poller = Poller.acquire(loop)
+    descriptor = client.fileno()
+    poller.add_reader(descriptor, wake)
+    try:
+        await readable
+    finally:
+        poller.remove_reader(descriptor)  # on success, timeout and cancellation alike
+        poller.release()
 
 
 async def _read_proxy_header(client: socket.socket) -> proxyheader.ProxyHeader:
-    # v2 announces its length in its first 16 bytes; v1 is one line of at most 107 bytes.
-    data = await _read_exactly(client, proxyheader.V2_FIXED_LENGTH)
-    try:
-        while (header := proxyheader.parse(data)) is None:
-            more = (
-                1
-                if not data.startswith(proxyheader.V2_SIGNATURE)
-                else int.from_bytes(data[14:16]) + 16 - len(data)
-            )
-            data += await _read_exactly(client, more)
-    except proxyheader.ProxyHeaderError as error:
-        raise SessionEnded(f"bad PROXY header ({error})", "proxy_header") from error
-    return header
+    """Read the PROXY header and not one byte past it: what follows (the client's first command,
+    a TLS hello) is the session's. Mail is server-speaks-first, so nothing may wait for bytes the
+    client would send only after our greeting: the shortest v1 header (``PROXY UNKNOWN``) is 15.
+
+    The bytes are peeked (up to nginx's 4096, proxyheader.MAX_V2_LENGTH), which tells v1 from
+    v2 and where the header ends; then exactly the header's bytes are taken. Peeked bytes of a
+    header not yet complete are all its own, so they are taken too and the next peek waits for
+    more.
+    """
+    data = b""
+    while True:
+        try:
+            peeked = client.recv(proxyheader.MAX_V2_LENGTH - len(data), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            await _wait_readable(client)
+            continue
+        if not peeked:
+            raise SessionEnded("closed while sending its PROXY header", "proxy_header")
+        try:
+            header = proxyheader.parse(data + peeked)
+        except proxyheader.ProxyHeaderError as error:
+            raise SessionEnded(f"bad PROXY header ({error})", "proxy_header") from error
+        data += client.recv(len(peeked) if header is None else header.length - len(data))
+        if header is not None and len(data) == header.length:
+            return header
 
 
 async def _real_addresses(
@@ -275,66 +301,103 @@ async def _converse(
     pending: collections.deque[events.Command] = collections.deque(frontend.start())
     login: backends.LoginOutcome | None = None
     attempts = 0  # logins tried on this connection (auth_http's Auth-Login-Attempt)
+    loop = asyncio.get_running_loop()
+    limit = deadline  # when the scope below ends: the deadline, then the timeout reply's grace
+    timed_out = False
+    sending = False  # a reply is on its way out: a deadline now would cut it short
     try:
         while True:
-            while pending:
-                match pending.popleft():
-                    case events.Send(data=data):
-                        await channel.send(data)
-                    case events.Close(reason=reason):
-                        record.outcome = reason
-                        return None
-                    case events.Authenticate(request=request):
-                        attempts += 1
-                        verdict, login = await _authenticate(
-                            context,
-                            request,
-                            peer=peer,
-                            local=local,
-                            deadline=deadline,
-                            record=record,
-                            attempt=attempts,
-                            client_tls=channel.tls,
+            # One scope bounds the whole dialogue (reads, writes, the STARTTLS handshake), not
+            # one per call: a timer per send would cost every reply, and a client that never
+            # reads would otherwise hold the session (and its connection slot) in a send.
+            scope = asyncio.timeout_at(limit)
+
+            # A turn that comes while the session waits for the client ends the wait at once, as
+            # the deadline would; elsewhere the session looks for it at its next safe point.
+            def end_wait(scope: asyncio.Timeout = scope) -> None:
+                scope.reschedule(loop.time())
+
+            try:
+                async with scope:
+                    while True:
+                        while pending:
+                            match pending.popleft():
+                                case events.Send(data=data):
+                                    sending = True
+                                    await channel.send(data)
+                                    sending = False
+                                case events.Close(reason=reason):
+                                    record.outcome = reason
+                                    return None
+                                case events.Authenticate(request=request):
+                                    attempts += 1
+                                    # The backend login keeps its own timeouts (connect, each
+                                    # step); only its failed-login delay counts against the
+                                    # deadline (_authenticate), and its reply is bounded again.
+                                    scope.reschedule(None)
+                                    verdict, login = await _authenticate(
+                                        context,
+                                        request,
+                                        peer=peer,
+                                        local=local,
+                                        deadline=deadline,
+                                        record=record,
+                                        attempt=attempts,
+                                        client_tls=channel.tls,
+                                    )
+                                    scope.reschedule(limit)
+                                    pending.extend(frontend.handle(verdict))
+                                case events.Relay(buffered=buffered):
+                                    assert login is not None and login.backend is not None
+                                    handover, login = Handover(login, buffered), None  # the relay's to close
+                                    return handover
+                                case events.StartTls():
+                                    # Machines ask only on plaintext listeners that offer STARTTLS.
+                                    assert listener.certificates is not None and isinstance(
+                                        channel, SocketChannel
+                                    )
+                                    await channel.start_tls(
+                                        listener.certificates.context, server_side=True, server_hostname=None
+                                    )
+                                    pending.extend(frontend.handle(events.TlsEstablished()))
+                                case other:
+                                    raise AssertionError(f"front-end emitted {other!r}")
+                        if turn.due:
+                            break
+                        turn.on_due = end_wait
+                        try:
+                            data = await channel.recv()
+                        finally:
+                            turn.on_due = None
+                        pending.extend(
+                            frontend.handle(events.DataReceived(data) if data else events.ConnectionClosed())
                         )
-                        pending.extend(frontend.handle(verdict))
-                    case events.Relay(buffered=buffered):
-                        assert login is not None and login.backend is not None
-                        handover, login = Handover(login, buffered), None  # the relay's to close
-                        return handover
-                    case events.StartTls():
-                        # Machines ask only on plaintext listeners that offer STARTTLS.
-                        assert listener.certificates is not None and isinstance(channel, SocketChannel)
-                        async with asyncio.timeout_at(deadline):
-                            await channel.start_tls(
-                                listener.certificates.context, server_side=True, server_hostname=None
-                            )
-                        pending.extend(frontend.handle(events.TlsEstablished()))
-                    case other:
-                        raise AssertionError(f"front-end emitted {other!r}")
-            if not turn.due:
-                try:
-                    async with asyncio.timeout_at(deadline) as waiting:
-                        # A turn that comes now ends the wait at once, as the deadline would.
-                        turn.on_due = lambda: waiting.reschedule(asyncio.get_running_loop().time())
-                        data = await channel.recv()
-                except TimeoutError:
-                    if not turn.due:
-                        context.labelled(context.metrics.refusals, "pre_login_timeout").inc()
-                        pending.extend(frontend.handle(events.TimedOut()))
-                        continue
-                finally:
-                    turn.on_due = None
-            if turn.due:
-                # Every reply of the machine has gone out and no TLS handshake is under way, so
-                # the line follows a complete reply; a command the client has only half sent is
-                # dropped, as at the pre-login deadline (nothing before login is worth keeping).
-                record.outcome = "closed before login: the proxy is draining"
-                turn.outcome = drain.CLOSED_BEFORE_LOGIN
+            except TimeoutError:
+                if not scope.expired():
+                    raise  # the system's (a send or read that timed out), not our deadline
+                if timed_out:  # the grace is over too: a client that reads nothing gets nothing
+                    record.outcome = "timed out before login; the client read no timeout reply"
+                    return None
+                if not turn.due:
+                    timed_out = True
+                    context.labelled(context.metrics.refusals, "pre_login_timeout").inc()
+                    if sending:  # a closing line now would land in the middle of the cut reply
+                        record.outcome = "timed out before login; the client stopped reading"
+                        return None
+                    pending.extend(frontend.handle(events.TimedOut()))
+                    limit = loop.time() + TIMED_OUT_REPLY_GRACE
+                    continue
+            # The turn has come. Every reply of the machine has gone out (unless the deadline cut
+            # one short) and no TLS handshake is under way, so the line follows a complete reply;
+            # a command the client has only half sent is dropped, as at the pre-login deadline
+            # (nothing before login is worth keeping).
+            record.outcome = "closed before login: the proxy is draining"
+            turn.outcome = drain.CLOSED_BEFORE_LOGIN
+            if not sending:
                 with contextlib.suppress(TimeoutError):  # a client that reads nothing gets nothing
                     async with asyncio.timeout_at(deadline):
                         await channel.send(turn.closing)
-                return None
-            pending.extend(frontend.handle(events.DataReceived(data) if data else events.ConnectionClosed()))
+            return None
     finally:
         if login is not None and login.backend is not None:
             login.backend.close()  # the login dialogue ended without handing it to the relay
