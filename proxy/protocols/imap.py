@@ -109,6 +109,9 @@ MAX_PIPELINED_OCTETS = 65536
 MAX_BACKEND_REPLY = 65536
 
 CRLF = b"\r\n"
+# The text of the tagged NO that refuses a login when no backend reply says otherwise
+# (response code from RFC 5530 section 3); auth_http refusals without a text use it too.
+REFUSAL_TEXT = b"[AUTHENTICATIONFAILED] Authentication failed."
 
 # ---------------------------------------------------------------------------------------------
 # Grammar (RFC 3501 section 9; RFC 9051 section 9 is the same for everything used here)
@@ -424,7 +427,7 @@ class Frontend:
                 return [Send(reply), Relay(self._buffer.take_all())]
             case LoginRejected(reply):
                 self._expect_login_pending()
-                default = self._tagged(self._login_tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.")
+                default = self._tagged(self._login_tag, b"NO " + REFUSAL_TEXT)
                 return self._resume([Send(reply) if reply is not None else default], error=True)
             case LoginUnavailable():
                 self._expect_login_pending()
@@ -614,6 +617,11 @@ class Frontend:
     def _authenticate(self, tag: bytes, credentials: sasl.Credentials) -> list[Command]:
         if not credentials.username:
             return self._bad(tag, b"Empty user name")
+        if not sasl.printable(credentials.username, credentials.password):
+            # A literal, a quoted string or a SASL response can carry CR, LF and other control
+            # characters: refused like a failed login, as POP3 and SMTP do and with Dovecot's
+            # words, so such a name never reaches a log line or an auth_http request.
+            return [self._tagged(tag, b"NO " + REFUSAL_TEXT), *self._count_error()]
         self._phase = _Phase.LOGIN
         self._login_tag = tag
         request = LoginRequest(

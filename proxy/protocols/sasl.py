@@ -2,10 +2,11 @@
 
 Decodes what clients send for AUTHENTICATE/AUTH PLAIN (RFC 4616) and LOGIN (draft-murchison-
 sasl-login), runs the protocol-neutral part of that exchange (``begin`` and ``SaslExchange``:
-challenges, the ``*`` cancel, the ``=`` initial response), and encodes the PLAIN response the
-proxy sends to a backend. The front-ends keep only their own framing (``+ `` or ``334 ``) and
-replies. Credentials carry a redacting ``repr`` so that no log line, traceback or test failure
-can ever show a password. Pure: no I/O, no logging.
+challenges, the ``*`` cancel, the ``=`` initial response), checks credentials for control
+characters, and encodes the PLAIN response the proxy sends to a backend. The front-ends keep
+only their own framing (``+ `` or ``334 ``) and replies. Credentials carry a redacting ``repr``
+so that no log line, traceback or test failure can ever show a password. Pure: no I/O, no
+logging.
 """
 
 import base64
@@ -25,6 +26,8 @@ CANCEL = b"*"
 # RFC 4959 (IMAP), RFC 5034 section 4 (POP3), RFC 4954 section 4 (SMTP): "=" as the initial
 # response stands for an empty one.
 EMPTY_INITIAL_RESPONSE = b"="
+# Control characters (RFC 20: C0 and DEL) refused in login names and passwords.
+_CONTROL_CHARACTERS = frozenset(map(chr, (*range(0x20), 0x7F)))
 # RFC 5034 section 4 and RFC 4954 section 4 exempt the client's responses from the command line
 # limit. The longest response the offered mechanisms can produce is PLAIN's: three RFC 4616
 # fields of at most 255 octets and two NULs, 767 octets, which base64 turns into 1024.
@@ -83,6 +86,16 @@ def _text(raw: bytes, what: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise SaslError(f"{what} is not UTF-8") from error
+
+
+def printable(*texts: str) -> bool:
+    """True if none of ``texts`` holds a control character.
+
+    The front-ends refuse credentials that fail this: a CR or LF in a user name would split
+    the session's log line (a forged entry) or a replayed USER/PASS line, a NUL ends a C string
+    in the backend, and no real account name or password carries any of them.
+    """
+    return not any(_CONTROL_CHARACTERS.intersection(text) for text in texts)
 
 
 def parse_plain(response: bytes) -> Credentials:
@@ -186,4 +199,9 @@ def begin(name: bytes, initial: bytes | None) -> SaslStep | None:
     exchange = SaslExchange(mechanism)
     if initial is None:
         return exchange
-    return exchange._answer(b"" if initial == EMPTY_INITIAL_RESPONSE else initial)
+    if initial == EMPTY_INITIAL_RESPONSE:
+        # LOGIN is server-first: its data answers the "Username:" challenge, so an empty
+        # initial response only means "no data yet" and the exchange starts with that
+        # challenge, as Dovecot does. An empty PLAIN message lacks its NULs: malformed.
+        return exchange if mechanism is Mechanism.LOGIN else exchange._answer(b"")
+    return exchange._answer(initial)

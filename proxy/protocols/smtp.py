@@ -32,10 +32,11 @@ for auth_http's Auth-SMTP-* headers.
 
 Never an open relay: a recipient is routed only if it is a plain ``local@domain`` (no source
 route, percent hack, bang path, quoted local part hiding one of those, or address literal) and
-the routing table owns it (``LoginRejected(None)`` renders ``550 5.7.1``); submission refuses
-MAIL, RCPT and DATA before login. What passes the proxy reaches the backend verbatim, so the
-backend parses the very address the proxy checked. The backend must still refuse relaying for
-the proxy's own address: after the first RCPT the proxy relays bytes and sees no more commands.
+the routing table owns it (``LoginRejected(None)`` renders ``550 5.7.1``; ``<Postmaster>`` is
+routed as postmaster at the proxy's ``server_name``); submission refuses MAIL, RCPT and DATA
+before login. What passes the proxy reaches the backend verbatim, so the backend parses the
+very address the proxy checked. The backend must still refuse relaying for the proxy's own
+address: after the first RCPT the proxy relays bytes and sees no more commands.
 Deliberate deviations: no SIZE in EHLO (the proxy does not know the backend's limit), no
 SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it).
 
@@ -135,9 +136,12 @@ REPLY_CANCELLED = b"501 5.7.0 Authentication cancelled" + CRLF
 REPLY_BAD_SASL = b"501 5.5.2 Cannot decode response" + CRLF
 REPLY_AUTH_REQUIRED = b"530 5.7.0 Authentication required" + CRLF
 REPLY_TLS_REQUIRED = b"530 5.7.0 Must issue a STARTTLS command first" + CRLF
-REPLY_AUTH_FAILED = b"535 5.7.8 Authentication credentials invalid" + CRLF
+# The texts of the two refusals a login can end in (auth_http refusals without a text use them).
+AUTH_FAILED_TEXT = b"Authentication credentials invalid"
+RELAY_DENIED_TEXT = b"Relay access denied"
+REPLY_AUTH_FAILED = b"535 5.7.8 " + AUTH_FAILED_TEXT + CRLF
 REPLY_AUTH_UNAVAILABLE = b"454 4.7.0 Temporary authentication failure" + CRLF
-REPLY_RELAY_DENIED = b"550 5.7.1 Relay access denied" + CRLF
+REPLY_RELAY_DENIED = b"550 5.7.1 " + RELAY_DENIED_TEXT + CRLF
 REPLY_SOURCE_ROUTE = b"550 5.7.1 Source routes are not accepted" + CRLF
 REPLY_ADDRESS_LITERAL = b"550 5.7.1 Address literals are not accepted" + CRLF
 REPLY_ROUTE_UNAVAILABLE = b"451 4.4.1 Mail server unavailable, try again later" + CRLF
@@ -232,8 +236,12 @@ def check_reverse_path(text: str) -> None:
     _path(text, REPLY_BAD_SENDER, reverse=True)
 
 
-def parse_forward_path(text: str) -> str:
+def parse_forward_path(text: str, own_domain: str) -> str:
     """Check the argument of ``RCPT TO:`` and return the address to route by.
+
+    ``<Postmaster>`` without a domain (RFC 5321 section 4.1.1.3: a server MUST accept it) means
+    the postmaster of the server the client talks to, so it is routed as that local part at
+    ``own_domain``, the proxy's own name: a route claiming that domain (or a catch-all) owns it.
 
     Raises:
         AddressError: the reply to send: 501 for bad syntax, 550 5.7.1 for anything that would
@@ -242,7 +250,9 @@ def parse_forward_path(text: str) -> str:
     match = _path(text, REPLY_BAD_RECIPIENT, reverse=False)
     assert match is not None  # only a reverse path may be null
     if "domain" not in match.groupdict():
-        return match["local"]  # <Postmaster>
+        # <Postmaster>: as typed (the table folds case); the client's RCPT line, replayed to
+        # the backend, still says <Postmaster>.
+        return f"{match['local']}@{own_domain}"
     if match["route"]:
         raise AddressError(REPLY_SOURCE_ROUTE)
     if match["domain"].startswith("["):
@@ -289,10 +299,6 @@ def _sasl_state(exchange: sasl.SaslExchange) -> State:
     if exchange.mechanism is sasl.Mechanism.PLAIN:
         return State.AUTH_PLAIN
     return State.AUTH_LOGIN_USERNAME if exchange.username is None else State.AUTH_LOGIN_PASSWORD
-
-
-def _printable(text: str) -> bool:
-    return not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
 
 
 class Frontend:
@@ -546,7 +552,7 @@ class Frontend:
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
         # Control characters in a name would reach logs and auth_http headers; no account has them.
-        if not (_printable(credentials.username) and _printable(credentials.password)):
+        if not sasl.printable(credentials.username, credentials.password):
             return self._refuse(REPLY_AUTH_FAILED)
         self._enter(State.AUTHENTICATING)
         request = LoginRequest(
@@ -583,7 +589,7 @@ class Frontend:
         if prefix.upper() != "TO:":
             return self._refuse(_syntax("RCPT TO:<address>"))
         try:
-            recipient = parse_forward_path(path)
+            recipient = parse_forward_path(path, self._config.server_name)
         except AddressError as error:
             return self._refuse(error.reply)
         self._enter(State.AUTHENTICATING)

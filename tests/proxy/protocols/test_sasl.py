@@ -2,13 +2,15 @@
 the protocol-neutral exchange (challenges, cancel, initial responses) the front-ends share."""
 
 import base64
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.protocols import sasl
+from proxy.protocols import imap, pop3, sasl, smtp
 from proxy.protocols.errors import RemoteProtocolError
+from proxy.protocols.events import Authenticate, Command, DataReceived, FrontendConfig, FrontendMachine, Send
 
 PASSWORD = "Pa55-unique-W0rd"
 DETERMINISTIC = settings(derandomize=True, database=None, deadline=None)
@@ -186,6 +188,19 @@ def test_login_takes_the_user_name_as_initial_response() -> None:
     assert step == sasl.SaslExchange(sasl.Mechanism.LOGIN, "alice")
 
 
+@pytest.mark.parametrize("name", [b"LOGIN", b"login"])
+def test_login_with_the_empty_initial_response_challenges_for_the_user_name(name: bytes) -> None:
+    # LOGIN is server-first: "=" means no data yet, not an empty user name (Dovecot agrees).
+    step = sasl.begin(name, sasl.EMPTY_INITIAL_RESPONSE)
+    assert step == sasl.SaslExchange(sasl.Mechanism.LOGIN)
+    assert isinstance(step, sasl.SaslExchange)
+    assert step.challenge == sasl.LOGIN_USERNAME_PROMPT
+
+
+def test_login_refuses_an_empty_user_name() -> None:
+    assert sasl.SaslExchange(sasl.Mechanism.LOGIN).respond(b"") == sasl.SaslInvalid("empty user name")
+
+
 def test_login_allows_an_empty_password() -> None:
     step = sasl.SaslExchange(sasl.Mechanism.LOGIN, "alice").respond(b"")
     assert step == sasl.Credentials("alice", "", sasl.Mechanism.LOGIN)
@@ -210,7 +225,6 @@ def test_star_cancels_at_every_challenge(exchange: sasl.SaslExchange) -> None:
         (b"PLAIN", b"*", "invalid base64"),  # only a response to a challenge can cancel
         (b"PLAIN", b"=", "PLAIN response needs exactly two NUL separators"),
         (b"PLAIN", b"not base64!", "invalid base64"),
-        (b"LOGIN", b"=", "empty user name"),
         (b"LOGIN", b"//4=", "user name is not UTF-8"),
         (b"LOGIN", b64(b"u" * 256), "user name longer than 255 octets"),
     ],
@@ -226,3 +240,49 @@ def test_invalid_password_responses_never_show_the_password() -> None:
         assert isinstance(step, sasl.SaslInvalid)
         assert PASSWORD not in repr(step)
     assert PASSWORD not in repr(exchange.respond(b64(PASSWORD.encode())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Control characters
+
+
+@pytest.mark.parametrize("char", [*map(chr, range(0x20)), "\x7f"], ids=lambda char: f"U+{ord(char):04X}")
+def test_control_characters_are_not_printable(char: str) -> None:
+    assert not sasl.printable(f"ali{char}ce")
+    assert not sasl.printable("alice", f"se{char}cret")
+
+
+@pytest.mark.parametrize("texts", [(), ("",), ("alice@example.com", "p\u00e4ss w\u00f6rd ~!")])
+def test_everything_else_is_printable(texts: tuple[str, ...]) -> None:
+    assert sasl.printable(*texts)
+
+
+FORGED_LOG_LINE = "x\r\n2026-01-01 00:00:00,000 INFO mailgress.session: session user=root"
+
+
+def _front_end_answers(make: Callable[[FrontendConfig], FrontendMachine], data: bytes) -> list[Command]:
+    frontend = make(FrontendConfig())
+    frontend.start()
+    return frontend.handle(DataReceived(data))
+
+
+@pytest.mark.parametrize(
+    ("make", "prefix", "refusal", "continuation"),
+    [
+        (imap.Frontend, b"a AUTHENTICATE ", b"a NO " + imap.REFUSAL_TEXT + b"\r\n", b"+ "),
+        (pop3.Frontend, b"AUTH ", pop3.REPLY_AUTH_FAILED, b"+ "),
+        (smtp.Frontend, b"EHLO c\r\nAUTH ", smtp.REPLY_AUTH_FAILED, b"334 "),
+    ],
+    ids=["imap", "pop3", "smtp"],
+)
+def test_front_ends_agree_on_sasl(
+    make: Callable[[FrontendConfig], FrontendMachine], prefix: bytes, refusal: bytes, continuation: bytes
+) -> None:
+    """The shared SASL rules hold in all three protocols: a name that could forge a log line
+    is refused like a failed login, and LOGIN's "=" starts at the user name challenge."""
+    forged = b"PLAIN " + b64(b"\x00" + FORGED_LOG_LINE.encode() + b"\x00pw")
+    commands = _front_end_answers(make, prefix + forged + b"\r\n")
+    assert not any(isinstance(command, Authenticate) for command in commands)
+    assert commands[-1] == Send(refusal)
+    commands = _front_end_answers(make, prefix + b"LOGIN =\r\n")
+    assert commands[-1] == Send(continuation + sasl.LOGIN_USERNAME_PROMPT + b"\r\n")

@@ -9,11 +9,13 @@ factories in dialogues.py, bound here to their names with SMTP's data.
 """
 
 import dataclasses
+import functools
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import table
 from proxy.protocols import events, sasl, smtp
 from proxy.protocols.errors import LocalProtocolError
 from proxy.protocols.events import (
@@ -151,13 +153,14 @@ def test_an_unrouted_domain_is_refused_and_nothing_is_relayed() -> None:
         ("<o'brien@example.com>", "o'brien@example.com"),
         ('<"john smith"@example.com>', '"john smith"@example.com'),
         ("<bob@example.com> NOTIFY=NEVER ORCPT=rfc822;bob@example.com", "bob@example.com"),
-        ("<postmaster>", "postmaster"),
-        ("<POSTMASTER> NOTIFY=NEVER", "POSTMASTER"),
+        # RFC 5321 section 4.1.1.3: the bare <Postmaster> is the postmaster of the proxy's own name.
+        ("<postmaster>", "postmaster@mx.example"),
+        ("<POSTMASTER> NOTIFY=NEVER", "POSTMASTER@mx.example"),
         ("<a@b>", "a@b"),
     ],
 )
 def test_forward_path_gives_the_routing_key(path: str, key: str) -> None:
-    assert smtp.parse_forward_path(path) == key
+    assert smtp.parse_forward_path(path, "mx.example") == key
 
 
 @pytest.mark.parametrize(
@@ -189,7 +192,7 @@ def test_forward_path_gives_the_routing_key(path: str, key: str) -> None:
 )
 def test_forward_path_refusals(path: str, reply: bytes) -> None:
     with pytest.raises(smtp.AddressError) as raised:
-        smtp.parse_forward_path(path)
+        smtp.parse_forward_path(path, "mx.example")
     assert raised.value.reply == reply
     assert str(raised.value) == reply.decode().rstrip()
 
@@ -199,10 +202,10 @@ def test_path_length_limits_follow_rfc_5321() -> None:
     domain = "d" * 62 + "." + "d" * 62 + "." + "e" * 63  # 189 octets: the path is 256
     path = f"<{local}@{domain}>"
     assert len(path) == smtp.MAX_PATH
-    assert smtp.parse_forward_path(path) == f"{local}@{domain}"
+    assert smtp.parse_forward_path(path, "mx.example") == f"{local}@{domain}"
     for too_long in (f"<{local}@e{domain}>", f"<l{local}@example.com>"):
         with pytest.raises(smtp.AddressError):
-            smtp.parse_forward_path(too_long)
+            smtp.parse_forward_path(too_long, "mx.example")
 
 
 @pytest.mark.parametrize(
@@ -228,7 +231,8 @@ def test_reverse_path_refusals(path: str) -> None:
 @FUZZ
 @given(text=st.text(alphabet=st.sampled_from('<>@.,:%!"\\ abc-=[]'), max_size=80))
 def test_address_parsing_never_raises_anything_else(text: str) -> None:
-    for parse in (smtp.parse_forward_path, smtp.check_reverse_path):
+    forward = functools.partial(smtp.parse_forward_path, own_domain="mx.example")
+    for parse in (forward, smtp.check_reverse_path):
         try:
             parse(text)
         except smtp.AddressError as error:
@@ -360,6 +364,44 @@ def test_credentials_with_control_characters_are_refused() -> None:
     response = sasl.encode_base64(b"\x00ali\rce\x00secret")
     commands = frontend.handle(DataReceived(EHLO + b"AUTH PLAIN " + response + b"\r\n"))
     assert commands[-1] == Send(smtp.REPLY_AUTH_FAILED)
+
+
+def _mx_table(domain: str) -> table.RoutingTable:
+    upstream = table.Upstream(service="mail/postfix", endpoints=(table.Endpoint("127.0.0.1", 25),))
+    route = table.Route(
+        name="mail/mx", generation=1, users=(), domains=(domain,), upstreams=(("smtp", upstream),)
+    )
+    return table.make_table([route])
+
+
+def _postmaster_request(frontend: smtp.Frontend, rcpt: bytes) -> LoginRequest:
+    """What the MX ``frontend`` asks the driver to route for the RCPT line ``rcpt``."""
+    commands = frontend.handle(DataReceived(b"EHLO c\r\nMAIL FROM:<>\r\n" + rcpt + b"\r\n"))
+    assert isinstance(commands[-1], Authenticate)
+    return commands[-1].request
+
+
+MX = FrontendConfig(inbound=True, server_name="mx.example.com")
+
+
+@pytest.mark.parametrize("recipient", [b"<Postmaster>", b"<postmaster>", b"<POSTMASTER> NOTIFY=NEVER"])
+def test_postmaster_without_a_domain_is_routed_by_the_proxys_own_name(recipient: bytes) -> None:
+    """RFC 5321 section 4.1.1.3: an MX whose routes claim domains (no catch-all) must still
+    take <Postmaster>; the route for the proxy's own name owns it, and the backend gets the
+    RCPT line as the client sent it."""
+    rcpt = b"RCPT TO:" + recipient
+    request = _postmaster_request(started(MX), rcpt)
+    assert table.lookup(_mx_table("mx.example.com"), "smtp", request.routing_key) is not None
+    login = smtp.BackendLogin(request, BackendConfig())
+    replayed = sent(feed(login, b"220 backend", b"250 backend", b"250 2.1.0 Ok"))
+    assert replayed.endswith(b"\r\n" + rcpt + b"\r\n")
+
+
+def test_postmaster_is_refused_as_before_when_no_route_claims_the_proxys_name() -> None:
+    frontend = started(MX)
+    request = _postmaster_request(frontend, b"RCPT TO:<Postmaster>")
+    assert table.lookup(_mx_table("example.org"), "smtp", request.routing_key) is None
+    assert frontend.handle(LoginRejected()) == [Send(smtp.REPLY_RELAY_DENIED)]
 
 
 # ---------------------------------------------------------------------------------------------
