@@ -34,6 +34,9 @@ Where mailgress differs on purpose:
   endpoints serve the login, with its balance policy and fail-over: the auth service says who,
   the routing table says where. Only one of the two is still invalid, as in nginx.
 - An empty ``Auth-Status`` refuses the login for SMTP too (nginx goes on as if none was sent).
+- An empty or blank status text is replaced by the front-end's own refusal text: nginx sends
+  ``a1 NO `` and ``-ERR `` with nothing after the space, which IMAP's resp-text (RFC 9051
+  section 9: ``1*TEXT-CHAR``) forbids and which tells a user nothing in POP3 and SMTP.
 - Auth-Pass is never required: nginx requires it only where it has no password of its own
   (APOP, CRAM-MD5), which mailgress does not offer; otherwise the client's password is used.
 - No ``Proxy-Protocol-*``, ``Auth-Salt`` or client-certificate headers: the driver does not
@@ -45,7 +48,7 @@ import re
 from dataclasses import dataclass, field
 from typing import assert_never
 
-from proxy.protocols import sasl
+from proxy.protocols import imap, pop3, sasl, smtp
 from proxy.protocols.events import LoginRequest
 from proxy.protocols.lines import LineBuffer
 from proxy.table import Endpoint, HttpAuth
@@ -337,13 +340,17 @@ def _text(value: bytes | None, name: str) -> str | None:
 
 
 def _refusal(request: LoginRequest, text: bytes, error_code: bytes | None) -> bytes:
-    """The client's failure line for ``text``, as nginx renders it per protocol."""
+    """The client's failure line for ``text``, as nginx renders it per protocol; a blank
+    ``text`` becomes the front-end's own refusal text (a reply needs one)."""
+    blank = not text.strip()
     match request.protocol:
         case "imap":
-            return request.tag + b" NO " + text + CRLF
+            return request.tag + b" NO " + (imap.REFUSAL_TEXT if blank else text) + CRLF
         case "pop3":
-            return b"-ERR " + text + CRLF
+            return pop3.REPLY_AUTH_FAILED if blank else b"-ERR " + text + CRLF
         case "submission" | "smtp":
+            if blank:
+                text = smtp.AUTH_FAILED_TEXT if request.protocol == "submission" else smtp.RELAY_DENIED_TEXT
             return (error_code or DEFAULT_SMTP_ERROR_CODE) + b" " + text + CRLF
         case _:
             assert_never(request.protocol)

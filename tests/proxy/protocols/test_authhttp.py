@@ -5,6 +5,7 @@ The byte strings marked "as nginx 1.22.1 sent it" were captured from the Debian 
 libnginx-mod-mail; tests/differential checks the same against a running nginx.
 """
 
+import re
 import urllib.parse
 
 import pytest
@@ -268,6 +269,47 @@ def test_refusal_is_rendered_per_protocol(login: LoginRequest, expected: bytes) 
     assert parse(b"Auth-Status: Invalid login or password  \r\n\r\n", login) == authhttp.Refused(expected)
 
 
+# RFC 9051 section 9 (RFC 3501 the same): response-tagged = tag SP resp-cond-state CRLF, where
+# resp-cond-state = "NO" SP resp-text and resp-text = ["[" resp-text-code "]" SP] 1*TEXT-CHAR.
+TAGGED_NO = re.compile(rb"[^ ]+ NO (\[[^\]]*\] )?[^\r\n]+\r\n")
+IMAP_DEFAULT_REFUSAL = b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.0 200 OK\r\nAuth-Status: \r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nAuth-Status\r\n\r\n",
+        b"Auth-Status: \t \r\n\r\n",
+        b"Auth-Status:\nAuth-Wait: 2\n\n",
+    ],
+    ids=["empty", "no-value", "blank", "bare-lf"],
+)
+@pytest.mark.parametrize(
+    ("login", "expected"),
+    [
+        (IMAP, IMAP_DEFAULT_REFUSAL),
+        (POP3, b"-ERR [AUTH] Authentication failed.\r\n"),
+        (SUBMISSION, b"535 5.7.0 Authentication credentials invalid\r\n"),
+        (INBOUND, b"535 5.7.0 Relay access denied\r\n"),
+    ],
+    ids=["imap", "pop3", "submission", "inbound"],
+)
+def test_refusal_without_a_text_gets_the_front_ends_own(
+    head: bytes, login: LoginRequest, expected: bytes
+) -> None:
+    verdict = parse(head, login)
+    assert isinstance(verdict, authhttp.Refused)
+    assert verdict.reply == expected
+    if login is IMAP:
+        assert TAGGED_NO.fullmatch(verdict.reply)
+
+
+def test_refusal_without_a_text_keeps_the_auth_error_code() -> None:
+    head = b"Auth-Status:\r\nAuth-Error-Code: 550 5.1.1\r\n\r\n"
+    assert parse(head, INBOUND) == authhttp.Refused(b"550 5.1.1 Relay access denied\r\n")
+
+
 def test_smtp_refusal_takes_auth_error_code_and_auth_wait() -> None:
     head = b"Auth-Status: No such user\r\nAuth-Error-Code: 550 5.1.1\r\nAuth-Wait: 3\r\n\r\n"
     assert parse(head, INBOUND) == authhttp.Refused(b"550 5.1.1 No such user\r\n", wait=3)
@@ -292,10 +334,16 @@ def test_smtp_refusal_takes_auth_error_code_and_auth_wait() -> None:
         ),
         # Status values are case-sensitive: "ok" is a refusal text.
         (b"Auth-Status: ok\r\nAuth-Server: ::1\r\nAuth-Port: 143\r\n\r\n", authhttp.Refused(b"a1 NO ok\r\n")),
-        # An empty status is a refusal with no text.
-        (b"Auth-Status:\r\n\r\n", authhttp.Refused(b"a1 NO \r\n")),
+        # An empty status is a refusal with the front-end's own text (nginx sends none).
+        (
+            b"Auth-Status:\r\n\r\n",
+            authhttp.Refused(IMAP_DEFAULT_REFUSAL),
+        ),
         # A name without a colon is a header with an empty value, as in nginx.
-        (b"Auth-Status\r\n\r\n", authhttp.Refused(b"a1 NO \r\n")),
+        (
+            b"Auth-Status\r\n\r\n",
+            authhttp.Refused(IMAP_DEFAULT_REFUSAL),
+        ),
     ],
 )
 def test_wait_and_refusal_precedence(head: bytes, verdict: authhttp.Verdict) -> None:
