@@ -127,7 +127,7 @@ def test_controller_rbac_is_exactly_what_the_controller_uses(
 
 
 def test_only_the_snapshot_configmap_is_namespaced_and_patched_by_name() -> None:
-    """The controller writes one ConfigMap, in its own namespace, and may patch no other."""
+    """The controller writes one ConfigMap, in its own namespace, and may read or patch no other."""
     documents = [document.body for document in rendered("default")]
     [role] = [doc for doc in documents if doc["kind"] == "Role"]
     assert role["metadata"]["namespace"] == render.NAMESPACE
@@ -135,7 +135,12 @@ def test_only_the_snapshot_configmap_is_namespaced_and_patched_by_name() -> None
     snapshot = arguments[arguments.index("--snapshot-configmap") + 1]
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
-        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [snapshot], "verbs": ["patch"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [snapshot],
+            "verbs": ["get", "patch"],
+        },
     ]
     [cluster_role] = [
         doc
