@@ -142,18 +142,12 @@ def _sasl_state(exchange: sasl.SaslExchange) -> State:
     return State.AUTH_LOGIN_USERNAME if exchange.username is None else State.AUTH_LOGIN_PASSWORD
 
 
-def _printable(text: str) -> bool:
-    """No control characters: they could not be replayed on a USER/PASS line (a CR or LF would
-    end it and start a command of the client's choosing) and no real account uses them."""
-    return not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
-
-
 def _decode(raw: bytes) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return text if _printable(text) else None
+    return text if sasl.printable(text) else None
 
 
 class Frontend:
@@ -390,7 +384,7 @@ class Frontend:
         return [Send(b"+ " + step.challenge + CRLF)]
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
-        if not (_printable(credentials.username) and _printable(credentials.password)):
+        if not sasl.printable(credentials.username, credentials.password):
             return self._refuse(REPLY_AUTH_FAILED)
         self._enter(State.AUTHENTICATING)
         request = LoginRequest(protocol="pop3", routing_key=credentials.username, credentials=credentials)
@@ -558,8 +552,9 @@ class BackendLogin:
 
     def _send_user(self) -> list[Command]:
         credentials = self._credentials
-        if not (_printable(credentials.username) and _printable(credentials.password)):
-            # Could only be sent by ending the line early; no account has such a name.
+        # A CR or LF could only be replayed on a USER/PASS line by ending it early and starting
+        # a command of the client's choosing; no account has such a name.
+        if not sasl.printable(credentials.username, credentials.password):
             self._state = BackendState.DONE
             return [LoginFailed(reply=REPLY_AUTH_FAILED)]
         self._state = BackendState.USER
