@@ -31,11 +31,16 @@ not drop to Pending meanwhile. A missing, unreadable, corrupt or older snapshot 
 is logged and the controller starts afresh: every route's version moves to its first table.
 
 Then a status sweep computes each MailRoute's status (Accepted and ResolvedRefs from the
-compiler, Programmed from which ready proxy pods run a table that holds this generation,
-status.proxies from which run this route as it now is) and patches the ones that differ,
-merging our conditions into the object's list (controller.conditions.merge: others' conditions
-stay) with the object's resourceVersion as a precondition, and posts an Event per condition that
-turned True or False.
+compiler, Programmed from which ready proxy pods run a table that holds this route's spec as it
+now is, whatever its endpoints, status.proxies from which run this route exactly as it now is)
+and patches the ones that differ, merging our conditions into the object's list
+(controller.conditions.merge: others' conditions stay) with the object's resourceVersion as a
+precondition, and posts an Event per condition that turned True or False. Both counts compare
+content, through the publications that held the route (``_Since``), never its name and
+generation alone: a MailRoute deleted and created again starts at generation 1 again, and
+proxies still running the old object's table must not count as running the new one. So the two
+never contradict each other: status.proxies.programmed is at most Programmed's count, and
+smaller only while new endpoints of an unchanged spec are on their way.
 A status names only the route's own programming, never the latest table, so a table that does
 not change a route writes nothing for it. In ``run`` sweeps go on beside the passes: a burst
 of route changes is still many writes, which must not hold up the next table; a sweep
@@ -357,11 +362,22 @@ def utc_now() -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Since:
-    """Since when the published tables hold a route exactly as the latest one does."""
+    """Since when the published tables hold a route as the latest one does: exactly (what
+    status.proxies counts), and with its spec (what Programmed counts: every field but the
+    endpoints, which follow the backends' EndpointSlices, not the MailRoute)."""
 
     route: table.Route  # as the latest table holds it
     publication: int  # the first publication (0, 1, ... in publish order) that held it so
     version: str  # that publication's table version
+    spec_publication: int  # the first publication since which every one held its spec so
+
+
+def _spec(route: table.Route) -> table.Route:
+    """``route`` without its backends' endpoints: what its MailRoute alone decides."""
+    upstreams = tuple(
+        (protocol, dataclasses.replace(upstream, endpoints=())) for protocol, upstream in route.upstreams
+    )
+    return dataclasses.replace(route, upstreams=upstreams)
 
 
 @dataclass(slots=True)
@@ -373,9 +389,9 @@ class _Published:
     """
 
     publications: int = 0
-    # version -> (its latest publication, route generations it holds); oldest first, the
-    # latest last (a republished version moves to the end).
-    tables: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    # version -> its latest publication; oldest first, the latest last (a republished version
+    # moves to the end).
+    tables: dict[str, int] = field(default_factory=dict)
     since: dict[str, _Since] = field(default_factory=dict)  # the latest table's routes
 
     @property
@@ -384,16 +400,20 @@ class _Published:
 
     def add(self, new: table.RoutingTable) -> None:
         """Remember ``new`` as the latest publication. A route keeps its ``since`` while every
-        table from then on holds it unchanged (generation, users, domains, endpoints, ...)."""
+        table from then on holds it unchanged (generation, users, domains, endpoints, ...), and
+        its ``spec_publication`` while they differ at most in its endpoints. A route that left a
+        table starts afresh when it comes back (it may be another object of the same name)."""
         since: dict[str, _Since] = {}
         for route in new.routes:
             kept = self.since.get(route.name)
-            if kept is None or kept.route != route:
-                kept = _Since(route, self.publications, new.version)
+            if kept is None or (kept.route != route and _spec(kept.route) != _spec(route)):
+                kept = _Since(route, self.publications, new.version, self.publications)
+            elif kept.route != route:
+                kept = _Since(route, self.publications, new.version, kept.spec_publication)
             since[route.name] = kept
         self.since = since
         self.tables.pop(new.version, None)
-        self.tables[new.version] = (self.publications, {route.name: route.generation for route in new.routes})
+        self.tables[new.version] = self.publications
         while len(self.tables) > MAX_REMEMBERED_TABLES:
             del self.tables[next(iter(self.tables))]
         self.publications += 1
@@ -411,15 +431,9 @@ class _Published:
         """Route name -> the version its status names, for the latest table (the snapshot's)."""
         return {name: kept.version for name, kept in self.since.items()}
 
-    def generation(self, version: str | None, key: str) -> int | None:
-        """The generation of route ``key`` in table ``version`` (None: not in it, or not known)."""
-        known = self.tables.get(version or "")
-        return None if known is None else known[1].get(key)
-
     def publication(self, version: str | None) -> int | None:
         """The latest publication of table ``version`` (None: not known)."""
-        known = self.tables.get(version or "")
-        return None if known is None else known[0]
+        return self.tables.get(version or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,11 +715,19 @@ class Reconciler:
             )
         self._snapshot_failure = _SnapshotFailure(version, problem, too_large)
 
-    def _programmed(self, key: str, generation: int, ready: Sequence[str]) -> conditions.Condition:
-        """Programmed for a route in the table: which ready proxies run this generation."""
-        running = sum(
-            1 for proxy in ready if self._published.generation(self._applied.get(proxy), key) == generation
-        )
+    def _running(self, publication: int, ready: Sequence[str]) -> int:
+        """How many ``ready`` proxies run publication ``publication`` or a later one."""
+        running = 0
+        for proxy in ready:
+            applied = self._published.publication(self._applied.get(proxy))
+            if applied is not None and applied >= publication:
+                running += 1
+        return running
+
+    def _programmed(self, since: _Since, generation: int, ready: Sequence[str]) -> conditions.Condition:
+        """Programmed for a route in the table: which ready proxies run a table that holds its
+        spec as it is now (any endpoints)."""
+        running = self._running(since.spec_publication, ready)
         message = f"{running} of {len(ready)} proxies"
         if ready and running == len(ready):
             return conditions.Condition(
@@ -724,12 +746,11 @@ class Reconciler:
         """status.proxies of a route in the table: the first table version that held it as it
         is now, and how many ready proxies run that version or a later one (each of which
         holds it unchanged)."""
-        programmed = 0
-        for proxy in ready:
-            running = self._published.publication(self._applied.get(proxy))
-            if running is not None and running >= since.publication:
-                programmed += 1
-        return {"programmed": programmed, "total": len(ready), "version": since.version}
+        return {
+            "programmed": self._running(since.publication, ready),
+            "total": len(ready),
+            "version": since.version,
+        }
 
     def _desired(
         self, entry: RouteEntry, compiled: compiler.Compiled, ready: Sequence[str], current: Mapping[str, Any]
@@ -739,7 +760,7 @@ class Reconciler:
         since = self._published.since.get(route.key)
         if since is not None:  # in the table: Programmed and proxies come from the acks
             ours = [c for c in ours if c.type != "Programmed"]
-            ours.append(self._programmed(route.key, route.generation, ready))
+            ours.append(self._programmed(since, route.generation, ready))
         existing = current.get("conditions")
         counts = compiled.endpoint_counts.get(route.key, ())
         return {

@@ -757,6 +757,81 @@ async def test_endpoints_that_come_back_count_the_proxies_that_never_left(
     assert cluster.last_status("mail/example")["proxies"] == {"programmed": 1, "total": 2, "version": first}
 
 
+def recreated(body: dict[str, Any]) -> reconciler.RouteEntry:
+    """``kubectl delete`` then ``kubectl apply`` under the same name: a new object (new uid,
+    empty status) whose generation starts at 1 again."""
+    return dataclasses.replace(entry(body, version="99"), uid="uid-recreated")
+
+
+async def test_a_route_created_again_with_another_spec_counts_no_proxy_running_the_old_one(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """Same name, same generation 1, another domain: proxies still on the old object's table do
+    not run it, and Programmed says so as status.proxies does, until they ack the new table."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][0] == "True"
+    world.routes[0] = recreated(route_body("example", "new.example"))
+    await worker.reconcile()
+    old, new = (published.version for published in publisher.published)
+    status = cluster.last_status("mail/example")
+    assert conditions_of(status)["Programmed"] == ("Unknown", "Pending", "0 of 2 proxies")
+    assert status["proxies"] == {"programmed": 0, "total": 2, "version": new}
+
+    publisher.ack("proxy-a")
+    await worker.reconcile()
+    status = cluster.last_status("mail/example")
+    assert conditions_of(status)["Programmed"] == ("Unknown", "Pending", "1 of 2 proxies")
+    assert status["proxies"] == {"programmed": 1, "total": 2, "version": new}
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    status = cluster.last_status("mail/example")
+    assert conditions_of(status)["Programmed"] == ("True", "Programmed", "2 of 2 proxies")
+    assert status["proxies"] == {"programmed": 2, "total": 2, "version": new}
+    assert old != new
+
+
+async def test_a_route_created_again_that_every_proxy_rejects_stays_pending_with_their_errors(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    world.routes[0] = recreated(route_body("example", "new.example"))
+    await worker.reconcile()
+    publisher.ack("proxy-a", accepted=False, error="bad table")
+    publisher.ack("proxy-b", accepted=False, error="bad table")
+    await worker.reconcile()
+    new = publisher.published[-1].version
+    status = cluster.last_status("mail/example")
+    assert conditions_of(status)["Programmed"] == (
+        "Unknown",
+        "Pending",
+        f"0 of 2 proxies; proxy-a rejected table {new}: bad table; proxy-b rejected table {new}: bad table",
+    )
+    assert status["proxies"] == {"programmed": 0, "total": 2, "version": new}
+
+
+async def test_a_route_created_again_unchanged_is_programmed_where_the_proxies_run_it(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """The new object compiles to the very route the proxies run (the table holds no uid): the
+    same table, and the new object's first status says Programmed."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    world.routes[0] = recreated(route_body("example", "example.com"))
+    await worker.reconcile()
+    (only,) = publisher.published
+    status = cluster.last_status("mail/example")
+    assert conditions_of(status)["Programmed"] == ("True", "Programmed", "2 of 2 proxies")
+    assert status["proxies"] == {"programmed": 2, "total": 2, "version": only.version}
+
+
 # A restart: a new Reconciler on the same cluster, started from the snapshot the first one wrote.
 
 RESTORE_FAILED = "cannot restart from the routing table snapshot ConfigMap"
@@ -838,6 +913,28 @@ async def test_a_route_changed_while_the_controller_was_away_gets_a_new_version(
     await again.reconcile()
     assert [key for key, _, _ in cluster.patches[writes:]] == ["mail/other", "mail/other"]
     assert conditions_of(cluster.last_status("mail/other"))["Programmed"][0] == "True"
+
+
+async def test_a_route_created_again_while_the_controller_was_away_counts_no_proxy_on_the_stored_table(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """The stored table (publication 0 of the new process) holds the old object at generation 1,
+    as the new one is: proxies acking it count for the unchanged route only."""
+    first, second = await programmed_in_two_tables(world, worker, publisher, cluster)
+    writes = len(cluster.patches)
+    example, _ = world.routes
+    world.routes = [example, recreated(route_body("other", "example.net"))]
+    again, channel = restarted(world, cluster)
+    await again.restore()
+    channel.ack("proxy-a", version=second)
+    channel.ack("proxy-b", version=second)
+    await again.reconcile()
+    (third,) = (published.version for published in channel.published)
+    assert [key for key, _, _ in cluster.patches[writes:]] == ["mail/other"]
+    status = cluster.last_status("mail/other")
+    assert conditions_of(status)["Programmed"] == ("Unknown", "Pending", "0 of 2 proxies")
+    assert status["proxies"] == {"programmed": 0, "total": 2, "version": third}
+    assert third not in (first, second)
 
 
 async def test_after_a_restore_the_first_sweep_waits_for_every_ready_proxy(
