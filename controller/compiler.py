@@ -9,8 +9,11 @@ condition on that user's object, never an exception. No I/O, no clocks, no loggi
 Rules, in order:
 1. A ``SpecError`` is Accepted=False/Invalid and stays out of the table; so is every copy of
    a namespace/name given more than once (possible only with files).
-2. Routes claim (protocol, key) pairs, a key being a user or a domain as written (the table
-   folds case; the CRD already insists on lower case). Oldest first (creationTimestamp, then
+2. Routes claim (protocol, kind, key) triples, the kind being user or domain and the key as
+   written (the table folds case; the CRD already insists on lower case). Users and domains are
+   separate namespaces, as in ``table.lookup``: a user "example.com" (a login without a domain)
+   and a domain "example.com" never match the same login, so they do not conflict; two routes
+   claiming one user, or one domain, for one protocol do. Oldest first (creationTimestamp, then
    namespace/name as Gateway API breaks ties), a route whose claims are all free is Accepted
    and takes them; a route with any taken claim is Accepted=False/Conflicted, names the owner
    and is left out entirely. Whole-route exclusion is deliberate: a route is one mailbox
@@ -37,6 +40,8 @@ ServiceKey = tuple[str, str, str]  # (namespace, Service name, port as the MailR
 _Table = table.RoutingTable
 _Conditions = tuple[conditions.Condition, ...]
 _Counts = tuple[tuple[table.Protocol, int], ...]
+# (protocol, "user" or "domain", key): the kind is part of the claim, as lookup keeps the two apart.
+_Claim = tuple[table.Protocol, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +74,7 @@ def service_keys(routes: Sequence[mailroute.MailRoute | mailroute.SpecError]) ->
     )
 
 
-def _claims(route: mailroute.MailRoute) -> list[tuple[table.Protocol, str, str]]:
+def _claims(route: mailroute.MailRoute) -> list[_Claim]:
     """(protocol, kind, key) for every key the route claims, in a fixed order.
 
     Keys are compared as written: the CRD only admits lower-case users and domains, which is
@@ -79,9 +84,7 @@ def _claims(route: mailroute.MailRoute) -> list[tuple[table.Protocol, str, str]]
     return [(protocol, kind, key) for protocol, _ in route.protocols for kind, key in keys]
 
 
-def _conflict_message(
-    loser: mailroute.MailRoute, winner: mailroute.MailRoute, claim: tuple[table.Protocol, str, str]
-) -> str:
+def _conflict_message(loser: mailroute.MailRoute, winner: mailroute.MailRoute, claim: _Claim) -> str:
     protocol, kind, key = claim
     why = (
         "created earlier"
@@ -211,7 +214,7 @@ def compile_table(
     """
     valid, invalid = _split(routes)
     valid.sort(key=lambda route: (route.creation_timestamp, route.key))
-    owners: dict[tuple[table.Protocol, str], mailroute.MailRoute] = {}
+    owners: dict[_Claim, mailroute.MailRoute] = {}
     compiled_routes: list[table.Route] = []
     found: dict[str, _Conditions] = {}
     counts: dict[str, _Counts] = {}
@@ -220,9 +223,9 @@ def compile_table(
         upstreams, resolved = _resolve(route, endpoints)
         counts[route.key] = tuple((protocol, len(upstream.endpoints)) for protocol, upstream in upstreams)
         claims = _claims(route)
-        taken = next((claim for claim in claims if (claim[0], claim[2]) in owners), None)
+        taken = next((claim for claim in claims if claim in owners), None)
         if taken is not None:
-            winner = owners[(taken[0], taken[2])]
+            winner = owners[taken]
             message = _conflict_message(route, winner, taken)
             found[route.key] = (
                 conditions.Condition("Accepted", "False", conditions.Reason.CONFLICTED, message, generation),
@@ -236,7 +239,7 @@ def compile_table(
                 ),
             )
             continue
-        owners.update(((protocol, key), route) for protocol, _, key in claims)
+        owners.update((claim, route) for claim in claims)
         compiled_routes.append(
             table.Route(
                 name=route.key,

@@ -8,7 +8,9 @@ controller may import. Pure: no I/O, no clocks, no logging.
 
 Lookup precedence (design.md): exact user, then exact domain, then the longest wildcard domain
 (``*.example.com`` matches any name below example.com, not example.com itself), then the
-catch-all ``"*"``. Only routes that serve the asked protocol take part. Names compare
+catch-all ``"*"``. Only routes that serve the asked protocol take part. Users and domains are
+separate namespaces: a user key only ever matches that exact login (``"ceo"`` is the login
+"ceo", never a domain), a domain key only a login's domain part. Names compare
 case-insensitively (RFC 5321 section 2.4 for domains; user names are folded as Dovecot's
 default ``auth_username_format = %Lu`` does).
 """
@@ -90,7 +92,17 @@ class Route:
         return None
 
 
-def _empty_index() -> dict[Protocol, dict[str, Route]]:
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    """One protocol's match keys, folded, each to its route. Two maps, not one: a user
+    "example.com" (the CRD admits logins without a domain) must not capture every login at the
+    domain example.com, and a domain key must not match a login that happens to spell it."""
+
+    users: dict[str, Route] = field(default_factory=dict)
+    domains: dict[str, Route] = field(default_factory=dict)  # "name", "*.suffix" and "*"
+
+
+def _empty_index() -> dict[Protocol, _Keys]:
     return {}
 
 
@@ -100,8 +112,8 @@ class RoutingTable:
 
     routes: tuple[Route, ...]
     version: str
-    # Per protocol, every match key (a user, a domain, "*.suffix" or "*") to its route.
-    _index: dict[Protocol, dict[str, Route]] = field(default_factory=_empty_index, compare=False, repr=False)
+    # Per protocol, the user and domain keys of the routes that serve it.
+    _index: dict[Protocol, _Keys] = field(default_factory=_empty_index, compare=False, repr=False)
 
 
 def _fold(name: str) -> str:
@@ -114,43 +126,51 @@ def domain_of(address: str) -> str:
     return _fold(domain) if at else ""
 
 
-def _build_index(routes: tuple[Route, ...]) -> dict[Protocol, dict[str, Route]]:
-    index: dict[Protocol, dict[str, Route]] = {protocol: {} for protocol in PROTOCOLS}
+def _build_index(routes: tuple[Route, ...]) -> dict[Protocol, _Keys]:
+    index = {protocol: _Keys() for protocol in PROTOCOLS}
     for route in routes:
-        keys = [_fold(user) for user in route.users] + [_fold(domain) for domain in route.domains]
+        users = [_fold(user) for user in route.users]
+        domains = [_fold(domain) for domain in route.domains]
         for protocol, _ in route.upstreams:
-            for key in keys:
-                # The compiler resolves conflicts; a hand-made table keeps the first claim.
-                index[protocol].setdefault(key, route)
+            keys = index[protocol]
+            # The compiler resolves conflicts; a hand-made table keeps the first claim.
+            for user in users:
+                keys.users.setdefault(user, route)
+            for domain in domains:
+                keys.domains.setdefault(domain, route)
     return index
 
 
 def lookup(table: RoutingTable, protocol: Protocol, login: str) -> Route | None:
     """The route that owns ``login`` (a user name or, for inbound SMTP, a recipient address).
 
-    Returns None when no route serves this login for this protocol.
+    Dictionary probes only (the user, the domain, one wildcard per label above it, the
+    catch-all), stopping at the first hit: this runs on every login and inbound recipient.
+
+    Returns:
+        The exact user's route; else, for a login with a domain part, the route of that domain
+        or of its longest wildcard; else the catch-all's. None when no route serves this login
+        for this protocol.
     """
     keys = table._index.get(protocol)
-    if not keys:
+    if keys is None:
         return None
     folded = _fold(login)
-    route = keys.get(folded)
-    if route is not None and "@" in folded:
+    route = keys.users.get(folded)
+    if route is not None:
         return route
     domain = domain_of(folded)
     if domain:
-        route = keys.get(domain)
+        route = keys.domains.get(domain)
         if route is not None:
             return route
         # Longest wildcard first: walk up the labels of the domain.
         labels = domain.split(".")
         for start in range(1, len(labels)):
-            route = keys.get(WILDCARD_PREFIX + ".".join(labels[start:]))
+            route = keys.domains.get(WILDCARD_PREFIX + ".".join(labels[start:]))
             if route is not None:
                 return route
-    elif route is not None:
-        return route  # an exact user without a domain part ("ceo")
-    return keys.get(CATCH_ALL)
+    return keys.domains.get(CATCH_ALL)
 
 
 # ---------------------------------------------------------------------------------------------

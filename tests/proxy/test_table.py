@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import table
+from proxy.protocols import smtp
 from proxy.table import Endpoint, HttpAuth, Route, Upstream
 
 DOVECOT = Upstream(service="mail/dovecot", endpoints=(Endpoint("127.0.0.1", 143),))
@@ -70,6 +71,85 @@ def test_lookup_only_considers_routes_serving_the_protocol() -> None:
 def test_exact_user_without_domain_does_not_match_a_full_address() -> None:
     only_user = table.make_table([route("mail/u", users=("alice",))])
     assert table.lookup(only_user, "imap", "alice@example.com") is None
+
+
+# Users and domains are separate namespaces (the CRD admits a user without a domain, such as
+# "example.com"): a user key matches that exact login only, a domain key a login's domain part.
+APART = table.make_table(
+    [
+        route("tenant/login", users=("Example.com",), smtp=True),
+        route("mail/domain", domains=("example.org",)),
+        route("mail/org-login", users=("example.org",)),
+        route("mail/com", domains=("*.com",)),
+        route("mail/any", domains=("*",), smtp=True),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "login", "expected"),
+    [
+        ("imap", "example.com", "tenant/login"),  # the user, folded on both sides
+        ("imap", "EXAMPLE.COM", "tenant/login"),
+        ("imap", "bob@example.com", "mail/com"),  # not the user "example.com": the wildcard
+        ("imap", "Bob@Example.Com", "mail/com"),
+        ("smtp", "bob@example.com", "mail/any"),  # "*.com" serves IMAP only: the catch-all
+        ("imap", "bob@example.org", "mail/domain"),  # the domain, not the user of that text
+        ("imap", "example.org", "mail/org-login"),  # the user, not the domain of that text
+        ("smtp", "example.org", "mail/any"),  # no user of that text serves SMTP
+        ("imap", "other", "mail/any"),
+    ],
+)
+def test_users_and_domains_do_not_match_each_other(
+    protocol: table.Protocol, login: str, expected: str
+) -> None:
+    found = table.lookup(APART, protocol, login)
+    assert found is not None and found.name == expected
+
+
+def test_a_login_that_spells_a_domain_does_not_match_the_domain() -> None:
+    domains_only = table.make_table(
+        [route("mail/exact", domains=("example.com",)), route("mail/wild", domains=("*.example.com",))]
+    )
+    assert table.lookup(domains_only, "imap", "example.com") is None
+    assert table.lookup(domains_only, "imap", "eu.example.com") is None
+    assert table.lookup(domains_only, "imap", "*.example.com") is None
+    found = table.lookup(domains_only, "imap", "bob@eu.example.com")
+    assert found is not None and found.name == "mail/wild"
+
+
+def test_a_hand_made_table_keeps_the_first_claim_of_each_kind() -> None:
+    # Sorted by name, mail/a comes first; a user and a domain of one text are two claims.
+    both = table.make_table(
+        [
+            route("mail/c", domains=("example.com",)),
+            route("mail/b", users=("example.com",)),
+            route("mail/a", users=("example.com",), domains=("example.com",)),
+        ]
+    )
+    for login in ("example.com", "bob@example.com"):
+        found = table.lookup(both, "imap", login)
+        assert found is not None and found.name == "mail/a"
+
+
+def test_the_recipient_of_a_bare_postmaster_is_not_the_user_postmaster() -> None:
+    """RCPT TO:<Postmaster> is routed as postmaster at the proxy's own name (RFC 5321 section
+    4.1.1.3): a domain route for that name owns it, a bare user "postmaster" (a login) does not."""
+    key = smtp.parse_forward_path("<Postmaster>", "mx.example.com")
+    rcpt = table.make_table(
+        [
+            route("mail/login", users=("postmaster",), smtp=True),
+            route("mail/mx", domains=("mx.example.com",), smtp=True),
+        ]
+    )
+    found = table.lookup(rcpt, "smtp", key)
+    assert found is not None and found.name == "mail/mx"
+    found = table.lookup(rcpt, "imap", "postmaster")
+    assert found is not None and found.name == "mail/login"
+    assert (
+        table.lookup(table.make_table([route("mail/login", users=("postmaster",), smtp=True)]), "smtp", key)
+        is None
+    )
 
 
 def test_json_round_trip_keeps_version_and_routes() -> None:
