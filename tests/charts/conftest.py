@@ -25,6 +25,18 @@ SCENARIOS: dict[str, Mapping[str, Any]] = {"default": {}} | {
     for path in sorted(CI_VALUES.glob("*-values.yaml"))
 }
 RBAC_TEST = Path(__file__).with_name("test_rbac.py")
+# Listener names at the edges of Kubernetes' port-name rule (an IANA service name: at most 15
+# lower-case letters and digits, single '-' between them, at least one letter), some of which YAML
+# reads as a boolean, a null or a number unless the chart quotes them.
+EDGE_LISTENER_NAMES = ("a", "imap-a", "a-b-c", "1imap", "submissions1234", "on", "no", "null", "1e5", "0x1a")
+EDGE_NAMES_VALUES: Mapping[str, Any] = {
+    "proxy": {
+        "listeners": [
+            {"name": name, "protocol": "imap", "port": 2000 + index, "containerPort": 12000 + index}
+            for index, name in enumerate(EDGE_LISTENER_NAMES)
+        ]
+    }
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -37,6 +49,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def rendered(scenario: str) -> tuple[render.Document, ...]:
     """The objects the chart renders for one value set (rendered once per session)."""
     return tuple(render.documents(SCENARIOS[scenario]))
+
+
+@functools.cache
+def rendered_edge_names() -> tuple[render.Document, ...]:
+    """The objects the chart renders for EDGE_NAMES_VALUES (rendered once per session)."""
+    return tuple(render.documents(EDGE_NAMES_VALUES))
 
 
 def objects(scenario: str, kind: str) -> list[Mapping[str, Any]]:

@@ -13,17 +13,28 @@ import re
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import helm_python as helm
 import pytest
 import yaml
 
-from controller import operator, reconciler
+from controller import mailroute, operator, reconciler
 from deploy import render
 from mailgress import cli
 from proxy import settings as proxy_settings
 from proxy.server import subscriber
-from tests.charts.conftest import SCENARIOS, container, objects, one, rendered, values
+from tests.charts.conftest import (
+    EDGE_LISTENER_NAMES,
+    EDGE_NAMES_VALUES,
+    SCENARIOS,
+    container,
+    objects,
+    one,
+    rendered,
+    rendered_edge_names,
+    values,
+)
 
 RELEASE_NAMESPACE = render.NAMESPACE
 # The well-known mail ports (IANA): IMAP, IMAPS, POP3, POP3S, submission, submissions, SMTP.
@@ -218,6 +229,55 @@ def test_schema_refuses_bad_values_naming_the_key(bad: dict[str, Any], message: 
     with helm.Chart.load(render.CHART) as chart, pytest.raises(helm.HelmValuesError) as refused:
         chart.validate_schema(bad)
     assert message in str(refused.value)
+
+
+def test_listener_names_follow_the_crds_port_name_rule() -> None:
+    """One rule for port names, the one Kubernetes applies (IsValidPortName)."""
+    schema = json.loads((render.CHART / "values.schema.json").read_text())
+    name = schema["properties"]["proxy"]["properties"]["listeners"]["items"]["properties"]["name"]
+    assert (name["pattern"], name["maxLength"]) == (mailroute.PORT_NAME_PATTERN, mailroute.MAX_PORT_NAME)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("imap--a", "does not match pattern"),  # consecutive hyphens
+        ("-imap", "does not match pattern"),
+        ("imap-", "does not match pattern"),
+        ("993", "does not match pattern"),  # no letter
+        ("IMAP", "does not match pattern"),
+        ("imap_a", "does not match pattern"),
+        ("", "does not match pattern"),
+        ("submissions12345", "maxLength: got 16, want 15"),
+    ],
+)
+def test_schema_refuses_listener_names_kubernetes_refuses(name: str, message: str) -> None:
+    listeners = [{"name": name, "protocol": "imap", "port": 143, "containerPort": 1143}]
+    with helm.Chart.load(render.CHART) as chart, pytest.raises(helm.HelmValuesError) as refused:
+        chart.validate_schema({"proxy": {"listeners": listeners}})
+    assert "at '/proxy/listeners/0/name'" in str(refused.value)
+    assert message in str(refused.value)
+
+
+def test_listener_names_kubernetes_takes_reach_every_object_as_written() -> None:
+    """Quoted where the templates write them, so "on", "null" or "0x1a" stay names, not YAML values."""
+    with helm.Chart.load(render.CHART) as chart:
+        chart.validate_schema(dict(EDGE_NAMES_VALUES))
+    bodies = [document.body for document in rendered_edge_names()]
+
+    def component(kind: str, name: str) -> Mapping[str, Any]:
+        [found] = [body for body in bodies if body["kind"] == kind and body["metadata"]["name"] == name]
+        return found
+
+    names = list(EDGE_LISTENER_NAMES)
+    ports = container(component("Deployment", "mailgress-proxy"))["ports"]
+    assert [port["name"] for port in ports] == [*names, "admin"]
+    service = component("Service", "mailgress-proxy")["spec"]["ports"]
+    assert [(port["name"], port["targetPort"]) for port in service] == [(name, name) for name in names]
+    mail = component("NetworkPolicy", "mailgress-proxy")["spec"]["ingress"][0]["ports"]
+    assert [port["port"] for port in mail] == names
+    settings = yaml.safe_load(component("ConfigMap", "mailgress-proxy")["data"]["settings.yaml"])
+    assert [listener["name"] for listener in settings["listeners"]] == names
 
 
 @pytest.mark.parametrize(
@@ -519,13 +579,32 @@ def test_controller_arguments_are_what_the_controller_accepts(scenario: str) -> 
     assert proxy.controller is not None
     name = one(scenario, "Service", "controller")["metadata"]["name"]
     assert proxy.controller.url == f"http://{name}.{RELEASE_NAMESPACE}.svc:{ports['push']}"
-    health = re.fullmatch(r"http://0\.0\.0\.0:(\d+)/healthz", parsed.health)
-    assert health is not None
-    assert int(health.group(1)) == ports["health"]
+    # Both listeners bind the chart's address; kopf takes its bind host from the URL as
+    # urlsplit reads it (an IPv6 literal in brackets).
+    address = values(scenario)["controller"]["listenAddress"]
+    assert parsed.listen_address == address
+    health = urlsplit(parsed.health)
+    assert (health.scheme, health.hostname, health.port, health.path) == (
+        "http",
+        address,
+        ports["health"],
+        "/healthz",
+    )
+    # The probes name no host: the kubelet connects to the pod's IP, never to a bind-all address.
     assert container(deployment)["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container(deployment)["readinessProbe"]["tcpSocket"] == {"port": "push"}
     # One writer of MailRoute status: never two controllers, not even during a rollout.
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_controller_listens_in_the_proxys_address_family(scenario: str) -> None:
+    """A value set for an IPv6 cluster puts both on IPv6: the proxies reach the push channel, and
+    the kubelet both components' probes, at pod IPs of the cluster's one family."""
+    chart = values(scenario)
+    controller = ipaddress.ip_address(chart["controller"]["listenAddress"])
+    assert controller.version == ipaddress.ip_address(chart["proxy"]["listenAddress"]).version
 
 
 def test_push_token_is_generated_shared_and_random() -> None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from deploy import render
-from tests.charts.conftest import SCENARIOS, rendered
+from tests.charts.conftest import SCENARIOS, rendered, rendered_edge_names
 
 OLDEST, NEWEST = "1.30.0", "1.37.0"
 VERSIONS = [f"1.{minor}.0" for minor in range(30, 38)]
@@ -44,6 +44,16 @@ def test_rendered_manifests_are_valid_in_strict_mode(scenario: str, version: str
     for document in rendered(scenario):
         if (document.body["apiVersion"], document.body["kind"]) in CUSTOM_KINDS:
             continue
+        _validate(document.body, version)
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+def test_listener_names_yaml_could_misread_render_valid_manifests(version: str) -> None:
+    """Names such as "on", "null" or "0x1a" would reach the API as a boolean, a null or a number."""
+    checked = 0
+    for document in rendered_edge_names():
         _validate(document.body, version)
         checked += 1
     assert checked >= 10
