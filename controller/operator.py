@@ -20,7 +20,8 @@ Settings (flag, then environment variable, then default):
   --listen-address     MAILGRESS_LISTEN_ADDRESS              push channel address (0.0.0.0)
   --listen-port        MAILGRESS_LISTEN_PORT                 push channel and /metrics port (9400)
   --token-file         MAILGRESS_TOKEN_FILE                  file holding the push channel token
-                                                             (a mounted Secret); required
+                                                             (a mounted Secret, re-read when
+                                                             it changes); required
   --snapshot-configmap MAILGRESS_SNAPSHOT_CONFIGMAP          ConfigMap for the table snapshot
                                                              (mailgress-routing-table)
   --kubeconfig         KUBECONFIG                            kubeconfig file; else in-cluster
@@ -355,14 +356,27 @@ class KubeApi:
 
 
 def read_token(path: Path) -> str:
-    """The push channel token from its file (a mounted Secret), surrounding whitespace removed."""
+    """The push channel token from its file (a mounted Secret), surrounding whitespace removed.
+
+    Raises:
+        SettingsError: the file cannot be read or holds no token.
+    """
     try:
-        token = path.read_text().strip()
-    except OSError as error:
-        raise SettingsError(f"cannot read the token file {path}: {error.strerror}") from error
-    if not token:
-        raise SettingsError(f"the token file {path} is empty")
-    return token
+        return publisher.read_token(path)
+    except publisher.TokenFileError as error:
+        raise SettingsError(str(error)) from error
+
+
+def push_channel(settings: Settings) -> publisher.Publisher:
+    """The push channel of ``settings``: it checks every request against the token file as it is
+    then, so a rotated Secret takes effect without a restart (the proxies re-read it too).
+
+    Raises:
+        SettingsError: the token file cannot be read or holds no token at start (a setup error;
+            later, such a file only refuses proxies, logged by the channel).
+    """
+    read_token(settings.token_file)
+    return publisher.Publisher(token=publisher.TokenFile(settings.token_file))
 
 
 async def run(
@@ -378,7 +392,7 @@ async def run(
     Args:
         settings: as ``settings_from`` resolved them.
         channel: the publisher to start on the settings' address (tests keep a reference to
-            learn its port); None makes one with the token from the settings' token file.
+            learn its port); None makes ``push_channel(settings)``.
         stop_flag, ready_flag: passed to kopf.operator.
         holdoff: the reconciler's debounce (tests shorten it).
 
@@ -387,7 +401,7 @@ async def run(
     """
     configuration = kube_configuration(settings.kubeconfig)
     if channel is None:
-        channel = publisher.Publisher(token=read_token(settings.token_file))
+        channel = push_channel(settings)
     await channel.start(settings.listen_address, settings.listen_port)
     api = KubeApi(configuration, settings.namespace, settings.snapshot_configmap)
     await api.start()

@@ -3,7 +3,8 @@
 The reconciler calls ``publish(table)`` with each compiled table; each proxy pod keeps one
 long-lived stream open here and receives the new version at once, then acknowledges what it did
 with it. ``acks()`` is what the reconciler turns into the Programmed condition, and ``on_change``
-tells it when to look again. Never imports kopf; never logs, echoes or stores the token itself.
+tells it when to look again. controller.operator builds it on a ``TokenFile`` (the mounted push
+token Secret). Never imports kopf; never logs, echoes or stores the token itself.
 The controller's metrics (controller.metrics) live on ``registry`` and are updated here.
 
 Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``):
@@ -14,6 +15,12 @@ Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``
 - ``POST /v1/acks`` with ``{"proxy", "version", "accepted", "error"}`` -> 204.
 - A missing or wrong token gets 401 with an empty body on both, before anything else is looked
   at; a malformed request gets 400 with an empty body.
+- The token to compare with is the token file's content as it is now (``TokenFile``, a mounted
+  Secret the proxies mount too): re-read whenever a stat of it (symlinks followed: the kubelet
+  swaps the ``..data`` link) differs, so a rotated Secret takes effect in the controller as the
+  proxies, which read the file on every connect, start sending it. Only the current token is
+  accepted; open streams are not cut. While the file is missing, unreadable or empty every
+  request gets 401, logged once per problem (never the token).
 - ``GET /metrics`` -> 200, Prometheus text format, WITHOUT the token: Prometheus scrapes it, and
   it holds counts, timings and the table version only (no token, proxy or user names, no routes'
   contents). It shares the push port, so the chart's NetworkPolicy opens that port to the
@@ -33,10 +40,12 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -66,6 +75,104 @@ MAX_ERROR_LENGTH = 1024
 # Publish times kept for the push lag: an ack of a version published longer ago than this many
 # publications is too stale to say anything about the push channel, and is not observed.
 MAX_TIMED_VERSIONS = 64
+# What is read of a token file at most: a Secret holds at most 1 MiB (Kubernetes'
+# core.MaxSecretSize), so a path that names anything larger (a device, a log) is not a token.
+MAX_TOKEN_FILE_BYTES = 1024 * 1024
+
+
+class TokenFileError(Exception):
+    """The token file cannot be read or holds no token; the message is safe to log."""
+
+
+# What tells one version of a file from the next: device, inode, modification time, size. The
+# kubelet writes a new file in a new directory for each Secret update (a new inode even when the
+# content's size and the clock's granularity would not tell).
+_Stamp = tuple[int, int, int, int]
+
+
+def _stamp(status: os.stat_result) -> _Stamp:
+    return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
+
+
+def _read_token(path: Path) -> tuple[str, _Stamp]:
+    """The token ``path`` holds (surrounding whitespace removed, as the proxies read it) and the
+    stamp of the very file read.
+
+    Raises:
+        TokenFileError: it cannot be read, is not UTF-8 text, is too large or holds only whitespace.
+    """
+    try:
+        with path.open("rb") as file:
+            stamp = _stamp(os.fstat(file.fileno()))
+            raw = file.read(MAX_TOKEN_FILE_BYTES + 1)
+    except OSError as error:
+        raise TokenFileError(f"cannot read the token file {path}: {error.strerror}") from error
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        raise TokenFileError(f"the token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
+    try:
+        token = raw.decode().strip()
+    except UnicodeDecodeError as error:
+        raise TokenFileError(f"the token file {path} is not UTF-8 text") from error
+    if not token:
+        raise TokenFileError(f"the token file {path} is empty")
+    return token, stamp
+
+
+def read_token(path: Path) -> str:
+    """The token ``path`` holds now (surrounding whitespace removed).
+
+    Raises:
+        TokenFileError: as ``TokenFile`` would refuse every request for.
+    """
+    return _read_token(path)[0]
+
+
+def _digest(token: str) -> bytes:
+    # Only a digest is kept: comparing two equal-length digests in constant time reveals neither
+    # the token nor its length. surrogateescape: aiohttp decodes header bytes that are not UTF-8
+    # so, and a presented token must be compared, never raise.
+    return hashlib.sha256(token.encode(errors="surrogateescape")).digest()
+
+
+class TokenFile:
+    """The push token as its file holds it now; the digest is cached until a stat differs."""
+
+    __slots__ = ("_digest", "_path", "_problem", "_stamp")
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stamp: _Stamp | None = None
+        self._digest: bytes | None = None
+        self._problem: str | None = None  # the last one logged, until a token is read again
+
+    def digest(self) -> bytes | None:
+        """The SHA-256 of the current token; None while there is none (logged once per problem)."""
+        try:
+            # os.stat follows symlinks: after the kubelet's ..data swap it sees the new file.
+            stamp = _stamp(os.stat(self._path))
+        except OSError as error:
+            self._refuse(f"cannot read the token file {self._path}: {error.strerror}")
+            return None
+        if stamp == self._stamp:
+            return self._digest
+        try:
+            token, self._stamp = _read_token(self._path)
+        except TokenFileError as error:
+            self._refuse(str(error))
+            return None
+        self._digest = _digest(token)
+        if self._problem is not None:
+            log.info("push channel: the token file %s holds a token again", self._path)
+            self._problem = None
+        return self._digest
+
+    def _refuse(self, problem: str) -> None:
+        """No token: forget the last one (only the current token is ever accepted) and log
+        ``problem`` unless it was the last one logged."""
+        self._stamp = self._digest = None
+        if problem != self._problem:
+            log.error("push channel: refusing every proxy until the token file is fixed: %s", problem)
+            self._problem = problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +204,22 @@ class Publisher:
     """Serves the table streams and collects acks; one per controller process."""
 
     def __init__(
-        self, token: str, *, heartbeat: float = HEARTBEAT_INTERVAL, registry: CollectorRegistry | None = None
+        self,
+        token: str | TokenFile,
+        *,
+        heartbeat: float = HEARTBEAT_INTERVAL,
+        registry: CollectorRegistry | None = None,
     ) -> None:
-        """``registry`` holds the metrics served on /metrics (a fresh one when None)."""
-        if not token:
+        """``token``: the one token (tests, tools), or the file it is read from whenever it
+        changed (the controller). ``registry`` holds the metrics served on /metrics (a fresh one
+        when None)."""
+        if isinstance(token, TokenFile):
+            self._token_digest: Callable[[], bytes | None] = token.digest
+        elif token:
+            fixed = _digest(token)
+            self._token_digest = lambda: fixed
+        else:
             raise ValueError("the push channel token must not be empty")
-        # Only a digest is kept: comparing two equal-length digests in constant time reveals
-        # neither the token nor its length.
-        self._token_digest = hashlib.sha256(token.encode()).digest()
         self._heartbeat = heartbeat
         self._version: str | None = None
         self._line = b""
@@ -194,10 +309,12 @@ class Publisher:
                 log.exception("push channel change callback failed")
 
     def _authorized(self, request: web.Request) -> bool:
+        expected = self._token_digest()
+        if expected is None:
+            return False
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        digest = hashlib.sha256(presented.strip().encode()).digest()
         # The scheme is public; only the token comparison has to be constant-time.
-        return hmac.compare_digest(digest, self._token_digest) and scheme.lower() == "bearer"
+        return hmac.compare_digest(_digest(presented.strip()), expected) and scheme.lower() == "bearer"
 
     async def _serve_stream(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):

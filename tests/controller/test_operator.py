@@ -1,6 +1,6 @@
-"""The controller process: settings from flags and environment, credentials, and the API client
-(``KubeApi``) against the emulator, the snapshot ConfigMap in both its forms included, written and
-read back."""
+"""The controller process: settings from flags and environment, credentials, the push channel it
+starts on the token file, and the API client (``KubeApi``) against the emulator, the snapshot
+ConfigMap in both its forms included, written and read back."""
 
 import argparse
 import base64
@@ -8,16 +8,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kmock
 import pytest
 import yaml
 
-from controller import operator, reconciler
+from controller import operator, publisher, reconciler
 from proxy import table
 from proxy.server import subscriber
 from tests.controller.test_reconciler import since_of, table_over_the_plain_limit
 from tests.kube.conftest import CRD_FILE, kubeconfig_text
 from tests.kube.emulator import Access, Emulator
+
+REQUEST_BOUND = 10.0  # seconds one request to the push channel may take before the test fails
 
 
 def arguments(*argv: str) -> argparse.Namespace:
@@ -93,6 +96,43 @@ def test_token_file(tmp_path: Path) -> None:
     assert "secret" not in str(empty.value)
     with pytest.raises(operator.SettingsError, match="cannot read"):
         operator.read_token(tmp_path / "missing")
+
+
+async def stream_status(channel: publisher.Publisher, token: str) -> int:
+    url = f"http://127.0.0.1:{channel.port}{publisher.STREAM_PATH}"
+    timeout = aiohttp.ClientTimeout(total=REQUEST_BOUND)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as client,
+        client.get(
+            url, params={"proxy": "proxy-a"}, headers={"Authorization": f"Bearer {token}"}
+        ) as response,
+    ):
+        return response.status
+
+
+async def test_the_push_channel_checks_the_token_file_as_it_is_now(tmp_path: Path) -> None:
+    """What ``run`` starts: a rotated token is the only one accepted, without a restart."""
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    channel = operator.push_channel(operator.settings_from(arguments(f"--token-file={token}"), {}))
+    await channel.start("127.0.0.1", 0)
+    try:
+        channel.publish(table.make_table([]))
+        assert await stream_status(channel, "first-token") == 200
+        token.write_text("second-token\n\n")  # another size: a stat tells even within one mtime tick
+        assert await stream_status(channel, "first-token") == 401
+        assert await stream_status(channel, "second-token") == 200
+    finally:
+        await channel.stop()
+
+
+def test_the_push_channel_needs_a_token_at_start(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    with pytest.raises(operator.SettingsError, match="cannot read"):
+        operator.push_channel(operator.settings_from(arguments(f"--token-file={token}"), {}))
+    token.write_text(" \n")
+    with pytest.raises(operator.SettingsError, match="empty"):
+        operator.push_channel(operator.settings_from(arguments(f"--token-file={token}"), {}))
 
 
 def test_credentials_from_a_kubeconfig(tmp_path: Path) -> None:

@@ -1,21 +1,31 @@
 """The controller's end of the push channel, spoken to over loopback HTTP as a proxy would.
 
 A real Publisher listens on 127.0.0.1; a plain aiohttp client opens streams and posts acks, so
-every status code, header and body is the one a proxy sees. Waits are bounded: a stream read or
-an on_change wait that takes longer than ``BOUND`` fails the test; no assertion is about time.
+every status code, header and body is the one a proxy sees. The token file is a Secret volume
+as the kubelet writes and rotates it (``MountedSecret``), and the proxy's own subscriber follows
+a rotation end to end. Waits are bounded: a stream read or an on_change wait that takes longer
+than ``BOUND`` fails the test; no assertion is about time.
 """
 
 import asyncio
 import json
 import logging
+import os
+import shutil
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 
 from controller import publisher
+from proxy import metrics as proxy_metrics
 from proxy import table
+from proxy.server import subscriber
+from proxy.server.routes import TableHolder
+from proxy.settings import ControllerSettings
 
 TOKEN = "push-token-that-must-never-be-logged"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -342,3 +352,253 @@ async def test_the_token_never_reaches_the_log(
     assert "proxy-a" in caplog.text
     assert TOKEN not in caplog.text
     assert TOKEN not in repr(channel)
+
+
+# The token file: a Secret mounted as the kubelet writes it (AtomicWriter): the files live in a
+# timestamped directory, "..data" links to it, and "token" links to "..data/token". An update
+# writes a new directory and renames a new "..data" link over the old one.
+
+OLD_TOKEN = "old-push-token-that-must-never-be-logged"
+NEW_TOKEN = "new-push-token-that-must-never-be-logged"
+
+
+class MountedSecret:
+    """A Secret volume holding one key, ``token``, updated the kubelet's way."""
+
+    def __init__(self, directory: Path, token: str) -> None:
+        self.directory = directory
+        self.updates = 0
+        directory.mkdir()
+        self.update(token)
+        (directory / "token").symlink_to("..data/token")
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "token"
+
+    def update(self, content: str) -> None:
+        self.updates += 1
+        payload = f"..2026_11_26_12_00_{self.updates:02d}"
+        (self.directory / payload).mkdir()
+        (self.directory / payload / "token").write_text(content)
+        data = self.directory / "..data"
+        previous = data.resolve() if data.is_symlink() else None
+        (self.directory / "..data_tmp").symlink_to(payload)
+        os.rename(self.directory / "..data_tmp", data)  # atomic
+        if previous is not None and previous.is_dir():  # unless a test removed it
+            shutil.rmtree(previous)
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> MountedSecret:
+    return MountedSecret(tmp_path / "push-token", OLD_TOKEN + "\n")
+
+
+@pytest.fixture
+async def file_channel(secret: MountedSecret) -> AsyncIterator[publisher.Publisher]:
+    started = publisher.Publisher(publisher.TokenFile(secret.path))
+    await started.start("127.0.0.1", 0)
+    started.publish(FIRST)
+    yield started
+    await started.stop()
+
+
+async def status_of_stream(client: aiohttp.ClientSession, channel: publisher.Publisher, token: str) -> int:
+    """The status of a stream request with ``token`` (the stream, if any, is closed at once)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    url = base(channel) + publisher.STREAM_PATH
+    async with client.get(url, params={"proxy": "proxy-a"}, headers=headers) as response:
+        return response.status
+
+
+async def status_of_ack(client: aiohttp.ClientSession, channel: publisher.Publisher, token: str) -> int:
+    headers = {"Authorization": f"Bearer {token}"}
+    body = ack_body("proxy-a", FIRST.version)
+    async with client.post(base(channel) + publisher.ACK_PATH, json=body, headers=headers) as response:
+        return response.status
+
+
+async def test_after_a_rotation_only_the_new_token_is_accepted(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret
+) -> None:
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 401
+    secret.update(NEW_TOKEN + "\n")
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+    assert await status_of_ack(client, file_channel, OLD_TOKEN) == 401
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
+    assert await status_of_ack(client, file_channel, NEW_TOKEN) == 204
+
+
+async def test_an_open_stream_outlives_a_rotation(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret
+) -> None:
+    """Only requests are checked: a proxy that is following keeps its stream, and acks with the
+    new token once its own copy of the Secret has it."""
+    response = await client.get(
+        base(file_channel) + publisher.STREAM_PATH,
+        params={"proxy": "proxy-a"},
+        headers={"Authorization": f"Bearer {OLD_TOKEN}"},
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    assert response.status == 200
+    assert await next_table(response) == FIRST
+    secret.update(NEW_TOKEN)
+    file_channel.publish(SECOND)
+    assert await next_table(response) == SECOND
+    assert await post_ack(client, file_channel, ack_body("proxy-a", SECOND.version)) == 401  # AUTH: old
+    body = ack_body("proxy-a", SECOND.version)
+    async with client.post(
+        base(file_channel) + publisher.ACK_PATH, json=body, headers={"Authorization": f"Bearer {NEW_TOKEN}"}
+    ) as acked:
+        assert acked.status == 204
+    assert file_channel.acks()["proxy-a"].version == SECOND.version
+    response.close()
+
+
+async def test_a_file_rewritten_in_place_is_read_again(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret
+) -> None:
+    """Not the kubelet's way, but a stat tells it too (here by its size)."""
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
+    (secret.directory / "..data" / "token").write_text(NEW_TOKEN + "-longer")
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+    assert await status_of_stream(client, file_channel, NEW_TOKEN + "-longer") == 200
+
+
+def test_an_unchanged_file_is_read_once(secret: MountedSecret, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[Path] = []
+    read = publisher._read_token
+
+    def counting(path: Path) -> tuple[str, Any]:
+        reads.append(path)
+        return read(path)
+
+    monkeypatch.setattr(publisher, "_read_token", counting)
+    tokens = publisher.TokenFile(secret.path)
+    first = tokens.digest()
+    assert first is not None
+    assert all(tokens.digest() == first for _ in range(10))
+    assert len(reads) == 1
+    secret.update(NEW_TOKEN)
+    second = tokens.digest()
+    assert second not in (None, first)
+    assert tokens.digest() == second
+    assert len(reads) == 2
+
+
+def swap_for_a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize(
+    ("spoil", "problem"),
+    [
+        (lambda secret: secret.update(""), "is empty"),
+        (lambda secret: secret.update(" \n\t"), "is empty"),
+        (lambda secret: shutil.rmtree((secret.directory / "..data").resolve()), "No such file or directory"),
+        (lambda secret: swap_for_a_directory(secret.directory / "..data" / "token"), "Is a directory"),
+        (lambda secret: (secret.directory / "..data" / "token").write_bytes(b"\xff\xfe"), "not UTF-8"),
+    ],
+    ids=["empty", "blank", "missing", "directory", "not-utf-8"],
+)
+async def test_without_a_token_in_the_file_every_request_is_refused_and_logged_once(
+    file_channel: publisher.Publisher,
+    client: aiohttp.ClientSession,
+    secret: MountedSecret,
+    caplog: pytest.LogCaptureFixture,
+    spoil: Callable[[MountedSecret], None],
+    problem: str,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="controller.publisher")
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
+    spoil(secret)
+    for _ in range(3):
+        assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+        assert await status_of_ack(client, file_channel, OLD_TOKEN) == 401
+    refusals = [record for record in caplog.records if "refusing every proxy" in record.getMessage()]
+    assert len(refusals) == 1
+    assert refusals[0].levelno == logging.ERROR
+    assert problem in refusals[0].getMessage()
+    assert str(secret.path) in refusals[0].getMessage()
+
+    secret.update(NEW_TOKEN)  # the Secret is fixed
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
+    assert "holds a token again" in caplog.text
+    assert OLD_TOKEN not in caplog.text and NEW_TOKEN not in caplog.text
+
+
+async def test_a_token_file_larger_than_a_secret_is_refused(
+    tmp_path: Path, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(b"a" * (publisher.MAX_TOKEN_FILE_BYTES + 1))
+    channel = publisher.Publisher(publisher.TokenFile(path))
+    await channel.start("127.0.0.1", 0)
+    try:
+        channel.publish(FIRST)
+        assert await status_of_stream(client, channel, "a") == 401
+    finally:
+        await channel.stop()
+    assert f"larger than {publisher.MAX_TOKEN_FILE_BYTES} bytes" in caplog.text
+
+
+async def test_a_presented_token_that_is_not_utf_8_is_refused(channel: publisher.Publisher) -> None:
+    """aiohttp hands such header bytes over as surrogates; comparing them must not fail (500)."""
+    channel.publish(FIRST)
+    reader, writer = await asyncio.open_connection("127.0.0.1", channel.port)
+    try:
+        writer.write(
+            b"GET /v1/tables/stream?proxy=proxy-a HTTP/1.1\r\nHost: controller\r\n"
+            b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        async with asyncio.timeout(BOUND):
+            assert await reader.readline() == b"HTTP/1.1 401 Unauthorized\r\n"
+    finally:
+        writer.close()
+
+
+async def test_a_proxy_gets_back_in_once_its_copy_of_the_rotated_secret_has_the_new_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The review's scenario, with the proxy's own subscriber: each pod mounts the Secret, and
+    the kubelet updates the two copies at different moments."""
+    controller_secret = MountedSecret(tmp_path / "controller", OLD_TOKEN)
+    proxy_secret = MountedSecret(tmp_path / "proxy", OLD_TOKEN)
+    channel = publisher.Publisher(publisher.TokenFile(controller_secret.path))
+    await channel.start("127.0.0.1", 0)
+    channel.publish(FIRST)
+    settings = ControllerSettings(
+        url=base(channel), token_file=proxy_secret.path, proxy_name="proxy-a", snapshot_file=None
+    )
+    changes = Changes(channel)
+    follower = subscriber.Subscriber(settings, backoff=subscriber.Backoff(0.01, 0.05))
+    try:
+        before = TableHolder(proxy_metrics.create(CollectorRegistry()))
+        task = asyncio.create_task(follower.run(before))
+        await changes.wait_until(lambda: "proxy-a" in channel.acks())
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await changes.wait_until(lambda: "proxy-a" not in channel.acks())
+
+        controller_secret.update(NEW_TOKEN)  # the controller's copy first
+        caplog.set_level(logging.WARNING, logger="proxy.server.subscriber")
+        after = TableHolder(proxy_metrics.create(CollectorRegistry()))
+        task = asyncio.create_task(follower.run(after))
+        async with asyncio.timeout(BOUND):
+            for _ in range(MAX_CHANGES):
+                if "answered 401" in caplog.text:
+                    break
+                await asyncio.sleep(0.01)
+        assert "answered 401" in caplog.text and not after.ready
+
+        proxy_secret.update(NEW_TOKEN)  # then the proxy's
+        await changes.wait_until(lambda: "proxy-a" in channel.acks())
+        assert after.ready and after.current == FIRST
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await channel.stop()
+    assert OLD_TOKEN not in caplog.text and NEW_TOKEN not in caplog.text
