@@ -26,6 +26,11 @@ RECV_SIZE = 16384
 # Stop reading from a peer when this much arrived unread (only a misbehaving peer gets there
 # before login: the machines bound lines and literals far below it).
 MAX_UNREAD = 256 * 1024
+# How long a closing TLS connection may take to flush what is left and exchange close_notify
+# (RFC 8446 section 6.1) before it is cut: a peer that reads nothing would otherwise hold the
+# descriptor for the loop's default of 30 seconds after its session ended. nginx gives
+# SSL_shutdown the same 3 seconds (ngx_ssl_shutdown).
+TLS_SHUTDOWN_TIMEOUT = 3.0
 
 
 class SocketChannel:
@@ -210,7 +215,11 @@ class TransportChannel:
         """Wrap an accepted socket; with ``context``, run the server-side TLS handshake first."""
         receiver = _Receiver()
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: receiver, sock, ssl=context, ssl_handshake_timeout=handshake_timeout if context else None
+            lambda: receiver,
+            sock,
+            ssl=context,
+            ssl_handshake_timeout=handshake_timeout if context else None,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if context else None,
         )
         return cls(transport, receiver)
 
@@ -221,7 +230,11 @@ class TransportChannel:
         """Wrap a connected client socket and run the TLS handshake (a backend reached over TLS)."""
         receiver = _Receiver()
         transport, _ = await asyncio.get_running_loop().create_connection(
-            lambda: receiver, sock=sock, ssl=context, server_hostname=server_hostname
+            lambda: receiver,
+            sock=sock,
+            ssl=context,
+            server_hostname=server_hostname,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
         )
         return cls(transport, receiver)
 

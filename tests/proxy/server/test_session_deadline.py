@@ -8,9 +8,12 @@ about time: every wait is bounded, and only the end state and the counters are c
 """
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
 import ssl
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +43,31 @@ def small_window_socket(port: int) -> socket.socket:
     client.connect(("127.0.0.1", port))
     client.setblocking(False)
     return client
+
+
+def held_socket(ports: tuple[int, int]) -> bool:
+    """Whether this process (the in-process proxy) still holds the server side of the connection
+    between ``ports`` (the client's, the proxy's): its socket inode, found in /proc/net/tcp,
+    among our descriptors."""
+    client_port, server_port = ports
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port, remote_port = (int(address.rsplit(":", 1)[1], 16) for address in fields[1:3])
+        if (local_port, remote_port) == (server_port, client_port):
+            inodes.add(f"socket:[{fields[9]}]")
+    held = []
+    for descriptor in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed while we look
+            held.append(os.readlink(descriptor))
+    return not inodes.isdisjoint(held)
+
+
+async def wait_until_released(ports: tuple[int, int]) -> None:
+    for _ in range(int(WAIT / POLL)):
+        if not held_socket(ports):
+            return
+        await asyncio.sleep(POLL)
 
 
 async def wait_until_no_sessions(proxy: RunningProxy) -> None:
@@ -86,6 +114,7 @@ async def test_a_tls_client_that_never_reads_is_closed_at_the_deadline(
         pre_login=PRE_LOGIN,
     )
     client = small_window_socket(proxy.port)
+    ports = (client.getsockname()[1], proxy.port)
     tls = ssl.create_default_context(cafile=str(authority.cert))
     # The stream reader stops reading at its limit: from then on the client reads nothing.
     reader, writer = await asyncio.wait_for(
@@ -104,6 +133,10 @@ async def test_a_tls_client_that_never_reads_is_closed_at_the_deadline(
             except (TimeoutError, ConnectionError):
                 break
         await wait_until_no_sessions(proxy)
+        # The proxy does not keep the connection's descriptor while it tries to flush replies
+        # nobody reads: its TLS shutdown is cut after channel.TLS_SHUTDOWN_TIMEOUT, within WAIT.
+        await wait_until_released(ports)
+        assert not held_socket(ports)
     finally:
         writer.transport.abort()
     assert not proxy.listeners.sessions
