@@ -154,6 +154,7 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     """Define every handler of the operator on ``registry``."""
     state: dict[str, Any] = {}
     parsed = ParseCache()
+    ignored_addresses = endpoints.IgnoredAddresses()
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -202,7 +203,13 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     @kopf.index(*SLICES, id=SLICES_INDEX, registry=registry)
     def endpointslice_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
         view = endpoints.slice_view(body)
-        return {} if view is None else {(view.namespace, view.service): view}
+        if view is None:
+            return {}
+        # An address no proxy could dial is left out of the table (it would be refused whole);
+        # the Service's owner learns why here, once per address, not on every slice event.
+        for message in ignored_addresses.report(view):
+            log.warning("%s", message)
+        return {(view.namespace, view.service): view}
 
     @kopf.index(
         *PODS, id=PROXIES_INDEX, labels=dict(wiring.proxy_labels), field="metadata.namespace",

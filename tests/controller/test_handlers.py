@@ -3,12 +3,14 @@ MailRoute parse cache; and that the handlers waking the reconciler are ones kopf
 (The handlers themselves run under kopf in tests/kube/test_operator.py.)"""
 
 import inspect
+import logging
 from typing import Any
 
 import kopf
 import pytest
 
 from controller import endpoints, handlers, mailroute, reconciler
+from tests.controller.test_endpoints import endpoint, endpoint_slice
 from tests.controller.test_reconciler import FakeCluster, FakePublisher
 
 
@@ -137,20 +139,45 @@ def test_a_body_without_uid_or_generation_is_parsed_every_time() -> None:
         assert cache.parse(body) == mailroute.parse(body)
 
 
+def registered(registry: kopf.OperatorRegistry) -> None:
+    handlers.register(
+        registry,
+        handlers.Wiring(
+            namespace="mailgress-system",
+            proxy_labels={"app.kubernetes.io/name": "mailgress-proxy"},
+            login=lambda: kopf.ConnectionInfo(server="http://127.0.0.1"),
+            publisher=FakePublisher(),
+            cluster=FakeCluster(),
+        ),
+    )
+
+
+def test_an_ignored_slice_address_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The EndpointSlice index leaves out an address no proxy could dial and says so once, not on
+    each of the slice's events. (``_indexing`` is where ``kopf.index`` puts its handlers.)"""
+    registry = kopf.OperatorRegistry()
+    registered(registry)
+    [index] = [h for h in registry._indexing.get_all_handlers() if h.id == handlers.SLICES_INDEX]
+    body = endpoint_slice(
+        "dovecot-a",
+        "dovecot",
+        [{"name": "imap", "port": 10143}],
+        [endpoint("010.0.0.7"), endpoint("10.0.0.1")],
+    )
+    with caplog.at_level(logging.WARNING, logger=handlers.log.name):
+        for _ in range(3):  # three events of the same slice
+            assert index.fn(body=body)[("mail", "dovecot")].ready == ("10.0.0.1",)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'010.0.0.7' ignored" in warnings[0]
+
+
 def test_the_handlers_that_wake_the_reconciler_run_on_kopfs_loop() -> None:
     """kopf runs a synchronous handler in its executor's threads; every on.event handler sets the
     reconciler's asyncio.Event, which only the loop's own thread may do, so each is async and
     kopf awaits it on its loop. (kopf has no public view of a registry's handlers: ``_watching``
     is where ``kopf.on.event`` puts them.)"""
     registry = kopf.OperatorRegistry()
-    wiring = handlers.Wiring(
-        namespace="mailgress-system",
-        proxy_labels={"app.kubernetes.io/name": "mailgress-proxy"},
-        login=lambda: kopf.ConnectionInfo(server="http://127.0.0.1"),
-        publisher=FakePublisher(),
-        cluster=FakeCluster(),
-    )
-    handlers.register(registry, wiring)
+    registered(registry)
     watching = registry._watching.get_all_handlers()
     assert len(watching) == 5  # MailRoutes, Services, EndpointSlices, proxy Pods, the CRD
     assert [handler.id for handler in watching if not inspect.iscoroutinefunction(handler.fn)] == []
