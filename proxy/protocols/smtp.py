@@ -33,9 +33,9 @@ for auth_http's Auth-SMTP-* headers.
 Never an open relay: a recipient is routed only if it is a plain ``local@domain`` (no source
 route, percent hack, bang path, quoted local part hiding one of those, or address literal) and
 the routing table owns it (``LoginRejected(None)`` renders ``550 5.7.1``; ``<Postmaster>`` is
-routed as postmaster at the proxy's ``server_name``); submission refuses MAIL, RCPT and DATA
-before login. What passes the proxy reaches the backend verbatim, so the backend parses the
-very address the proxy checked. The backend must still refuse relaying for the proxy's own
+routed as the bare user ``postmaster``); submission refuses MAIL, RCPT and DATA before login.
+What passes the proxy reaches the backend verbatim, so the backend parses the very address the
+proxy checked. The backend must still refuse relaying for the proxy's own
 address: after the first RCPT the proxy relays bytes and sees no more commands.
 Deliberate deviations: no SIZE in EHLO (the proxy does not know the backend's limit), no
 SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it).
@@ -236,12 +236,14 @@ def check_reverse_path(text: str) -> None:
     _path(text, REPLY_BAD_SENDER, reverse=True)
 
 
-def parse_forward_path(text: str, own_domain: str) -> str:
+def parse_forward_path(text: str) -> str:
     """Check the argument of ``RCPT TO:`` and return the address to route by.
 
-    ``<Postmaster>`` without a domain (RFC 5321 section 4.1.1.3: a server MUST accept it) means
-    the postmaster of the server the client talks to, so it is routed as that local part at
-    ``own_domain``, the proxy's own name: a route claiming that domain (or a catch-all) owns it.
+    ``<Postmaster>`` without a domain (RFC 5321 sections 4.1.1.3 and 4.5.1: a server MUST
+    accept it) is routed as the bare user ``postmaster``: a route listing ``postmaster`` in its
+    users owns it, else the ``"*"`` catch-all, else it is refused like any unrouted recipient.
+    Not by the proxy's ``server_name``: that defaults to a name no route claims, and which
+    route takes the postmaster's mail is better said explicitly.
 
     Raises:
         AddressError: the reply to send: 501 for bad syntax, 550 5.7.1 for anything that would
@@ -252,7 +254,7 @@ def parse_forward_path(text: str, own_domain: str) -> str:
     if "domain" not in match.groupdict():
         # <Postmaster>: as typed (the table folds case); the client's RCPT line, replayed to
         # the backend, still says <Postmaster>.
-        return f"{match['local']}@{own_domain}"
+        return match["local"]
     if match["route"]:
         raise AddressError(REPLY_SOURCE_ROUTE)
     if match["domain"].startswith("["):
@@ -589,7 +591,7 @@ class Frontend:
         if prefix.upper() != "TO:":
             return self._refuse(_syntax("RCPT TO:<address>"))
         try:
-            recipient = parse_forward_path(path, self._config.server_name)
+            recipient = parse_forward_path(path)
         except AddressError as error:
             return self._refuse(error.reply)
         self._enter(State.AUTHENTICATING)

@@ -9,7 +9,6 @@ factories in dialogues.py, bound here to their names with SMTP's data.
 """
 
 import dataclasses
-import functools
 
 import pytest
 from hypothesis import given
@@ -153,14 +152,14 @@ def test_an_unrouted_domain_is_refused_and_nothing_is_relayed() -> None:
         ("<o'brien@example.com>", "o'brien@example.com"),
         ('<"john smith"@example.com>', '"john smith"@example.com'),
         ("<bob@example.com> NOTIFY=NEVER ORCPT=rfc822;bob@example.com", "bob@example.com"),
-        # RFC 5321 section 4.1.1.3: the bare <Postmaster> is the postmaster of the proxy's own name.
-        ("<postmaster>", "postmaster@mx.example"),
-        ("<POSTMASTER> NOTIFY=NEVER", "POSTMASTER@mx.example"),
+        # RFC 5321 section 4.1.1.3: the bare <Postmaster> is routed as the user, as typed.
+        ("<postmaster>", "postmaster"),
+        ("<POSTMASTER> NOTIFY=NEVER", "POSTMASTER"),
         ("<a@b>", "a@b"),
     ],
 )
 def test_forward_path_gives_the_routing_key(path: str, key: str) -> None:
-    assert smtp.parse_forward_path(path, "mx.example") == key
+    assert smtp.parse_forward_path(path) == key
 
 
 @pytest.mark.parametrize(
@@ -192,7 +191,7 @@ def test_forward_path_gives_the_routing_key(path: str, key: str) -> None:
 )
 def test_forward_path_refusals(path: str, reply: bytes) -> None:
     with pytest.raises(smtp.AddressError) as raised:
-        smtp.parse_forward_path(path, "mx.example")
+        smtp.parse_forward_path(path)
     assert raised.value.reply == reply
     assert str(raised.value) == reply.decode().rstrip()
 
@@ -202,10 +201,10 @@ def test_path_length_limits_follow_rfc_5321() -> None:
     domain = "d" * 62 + "." + "d" * 62 + "." + "e" * 63  # 189 octets: the path is 256
     path = f"<{local}@{domain}>"
     assert len(path) == smtp.MAX_PATH
-    assert smtp.parse_forward_path(path, "mx.example") == f"{local}@{domain}"
+    assert smtp.parse_forward_path(path) == f"{local}@{domain}"
     for too_long in (f"<{local}@e{domain}>", f"<l{local}@example.com>"):
         with pytest.raises(smtp.AddressError):
-            smtp.parse_forward_path(too_long, "mx.example")
+            smtp.parse_forward_path(too_long)
 
 
 @pytest.mark.parametrize(
@@ -231,8 +230,7 @@ def test_reverse_path_refusals(path: str) -> None:
 @FUZZ
 @given(text=st.text(alphabet=st.sampled_from('<>@.,:%!"\\ abc-=[]'), max_size=80))
 def test_address_parsing_never_raises_anything_else(text: str) -> None:
-    forward = functools.partial(smtp.parse_forward_path, own_domain="mx.example")
-    for parse in (forward, smtp.check_reverse_path):
+    for parse in (smtp.parse_forward_path, smtp.check_reverse_path):
         try:
             parse(text)
         except smtp.AddressError as error:
@@ -366,12 +364,29 @@ def test_credentials_with_control_characters_are_refused() -> None:
     assert commands[-1] == Send(smtp.REPLY_AUTH_FAILED)
 
 
-def _mx_table(domain: str) -> table.RoutingTable:
-    upstream = table.Upstream(service="mail/postfix", endpoints=(table.Endpoint("127.0.0.1", 25),))
-    route = table.Route(
-        name="mail/mx", generation=1, users=(), domains=(domain,), upstreams=(("smtp", upstream),)
-    )
-    return table.make_table([route])
+# RFC 5321 sections 4.1.1.3 and 4.5.1: <Postmaster> without a domain MUST be accepted. It is
+# routed as the bare user "postmaster" whatever the proxy's server_name (the default, "mailgress",
+# is a name no route claims): a route listing that user owns it, else the "*" catch-all.
+POSTFIX = table.Upstream(service="mail/postfix", endpoints=(table.Endpoint("127.0.0.1", 25),))
+MX_CONFIGS = [INBOUND, FrontendConfig(inbound=True, server_name="mx.example.com")]
+POSTMASTER_RECIPIENTS = [b"<Postmaster>", b"<postmaster>", b"<POSTMASTER> NOTIFY=NEVER", b"<pOsTmAsTeR>"]
+
+
+def _mx_route(name: str, *, users: tuple[str, ...] = (), domains: tuple[str, ...] = ()) -> table.Route:
+    return table.Route(name=name, generation=1, users=users, domains=domains, upstreams=(("smtp", POSTFIX),))
+
+
+# The domains include the proxy's own name: claiming it does not take <Postmaster>.
+MX_DOMAINS = _mx_route("mail/mx", domains=("example.org", "mx.example.com"))
+CATCH_ALL = _mx_route("mail/any", domains=("*",))
+POSTMASTER_TABLES = [
+    pytest.param(
+        [MX_DOMAINS, _mx_route("mail/postmaster", users=("PostMaster",)), CATCH_ALL],
+        "mail/postmaster",
+        id="user",
+    ),
+    pytest.param([MX_DOMAINS, CATCH_ALL], "mail/any", id="catch-all"),
+]
 
 
 def _postmaster_request(frontend: smtp.Frontend, rcpt: bytes) -> LoginRequest:
@@ -381,27 +396,38 @@ def _postmaster_request(frontend: smtp.Frontend, rcpt: bytes) -> LoginRequest:
     return commands[-1].request
 
 
-MX = FrontendConfig(inbound=True, server_name="mx.example.com")
-
-
-@pytest.mark.parametrize("recipient", [b"<Postmaster>", b"<postmaster>", b"<POSTMASTER> NOTIFY=NEVER"])
-def test_postmaster_without_a_domain_is_routed_by_the_proxys_own_name(recipient: bytes) -> None:
-    """RFC 5321 section 4.1.1.3: an MX whose routes claim domains (no catch-all) must still
-    take <Postmaster>; the route for the proxy's own name owns it, and the backend gets the
-    RCPT line as the client sent it."""
+@pytest.mark.parametrize("config", MX_CONFIGS, ids=["default-server-name", "server-name"])
+@pytest.mark.parametrize("recipient", POSTMASTER_RECIPIENTS)
+@pytest.mark.parametrize(("routes", "owner"), POSTMASTER_TABLES)
+def test_postmaster_without_a_domain_is_routed_as_the_user_postmaster(
+    config: FrontendConfig, recipient: bytes, routes: list[table.Route], owner: str
+) -> None:
+    """The route listing the user postmaster (in any case) owns <Postmaster>, else the
+    catch-all; the backend gets the RCPT line as the client sent it."""
     rcpt = b"RCPT TO:" + recipient
-    request = _postmaster_request(started(MX), rcpt)
-    assert table.lookup(_mx_table("mx.example.com"), "smtp", request.routing_key) is not None
+    request = _postmaster_request(started(config), rcpt)
+    found = table.lookup(table.make_table(routes), "smtp", request.routing_key)
+    assert found is not None and found.name == owner
     login = smtp.BackendLogin(request, BackendConfig())
     replayed = sent(feed(login, b"220 backend", b"250 backend", b"250 2.1.0 Ok"))
     assert replayed.endswith(b"\r\n" + rcpt + b"\r\n")
 
 
-def test_postmaster_is_refused_as_before_when_no_route_claims_the_proxys_name() -> None:
-    frontend = started(MX)
-    request = _postmaster_request(frontend, b"RCPT TO:<Postmaster>")
-    assert table.lookup(_mx_table("example.org"), "smtp", request.routing_key) is None
+@pytest.mark.parametrize("config", MX_CONFIGS, ids=["default-server-name", "server-name"])
+@pytest.mark.parametrize("recipient", POSTMASTER_RECIPIENTS)
+def test_postmaster_is_refused_when_no_route_lists_it_and_there_is_no_catch_all(
+    config: FrontendConfig, recipient: bytes
+) -> None:
+    frontend = started(config)
+    request = _postmaster_request(frontend, b"RCPT TO:" + recipient)
+    # A postmaster login route that does not serve inbound SMTP does not take it either.
+    dovecot = table.Upstream(service="mail/dovecot", endpoints=(table.Endpoint("127.0.0.1", 143),))
+    imap_only = table.Route(
+        name="mail/login", generation=1, users=("postmaster",), domains=(), upstreams=(("imap", dovecot),)
+    )
+    assert table.lookup(table.make_table([MX_DOMAINS, imap_only]), "smtp", request.routing_key) is None
     assert frontend.handle(LoginRejected()) == [Send(smtp.REPLY_RELAY_DENIED)]
+    assert frontend.state is smtp.State.MAIL
 
 
 # ---------------------------------------------------------------------------------------------
