@@ -18,9 +18,14 @@ Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``
 - The token to compare with is the token file's content as it is now (``TokenFile``, a mounted
   Secret the proxies mount too): re-read whenever a stat of it (symlinks followed: the kubelet
   swaps the ``..data`` link) differs, so a rotated Secret takes effect in the controller as the
-  proxies, which read the file on every connect, start sending it. Only the current token is
-  accepted; open streams are not cut. While the file is missing, unreadable or empty every
-  request gets 401, logged once per problem (never the token).
+  proxies, which read the file for every request, start sending it. The kubelet updates each
+  pod's copy on its own schedule, so the token a rotation replaced stays accepted for
+  ``TOKEN_ROTATION_GRACE`` (5 minutes) after the controller first sees the new one (its
+  monotonic clock): a proxy whose copy is not updated yet keeps its stream and its acks count.
+  Then only the current token is. An operator rotating a leaked token who wants the old one
+  refused at once restarts the controller: a controller that starts accepts only the token its
+  file holds. Open streams are not cut. While the file is missing, unreadable or empty every
+  request gets 401, logged once per problem (never a token), and the replaced token's grace ends.
 - ``GET /metrics`` -> 200, Prometheus text format, WITHOUT the token: Prometheus scrapes it, and
   it holds counts, timings and the table version only (no token, proxy or user names, no routes'
   contents). It shares the push port, so the chart's NetworkPolicy opens that port to the
@@ -78,6 +83,12 @@ MAX_TIMED_VERSIONS = 64
 # What is read of a token file at most: a Secret holds at most 1 MiB (Kubernetes'
 # core.MaxSecretSize), so a path that names anything larger (a device, a log) is not a token.
 MAX_TOKEN_FILE_BYTES = 1024 * 1024
+# How long the token a rotation replaced stays accepted after the controller first sees the new
+# one. The kubelet updates each pod's copy of a mounted Secret separately, within its sync period
+# plus its Secret cache's TTL (about a minute each by default); until then that proxy sends the
+# old token, acks on an open stream included. Five minutes lets every copy catch up with room to
+# spare, and bounds how long a leaked token outlives its rotation (a restart ends it at once).
+TOKEN_ROTATION_GRACE = 5 * 60.0
 
 
 class TokenFileError(Exception):
@@ -135,18 +146,40 @@ def _digest(token: str) -> bytes:
 
 
 class TokenFile:
-    """The push token as its file holds it now; the digest is cached until a stat differs."""
+    """The push tokens accepted now: the one its file holds, and for ``TOKEN_ROTATION_GRACE``
+    after a rotation the one it replaced. The current digest is cached until a stat differs."""
 
-    __slots__ = ("_digest", "_path", "_problem", "_stamp")
+    __slots__ = ("_clock", "_digest", "_path", "_previous", "_previous_until", "_problem", "_stamp")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: monotonic seconds, which time the grace (tests pass their own)."""
         self._path = path
+        self._clock = clock
         self._stamp: _Stamp | None = None
         self._digest: bytes | None = None
+        # The digest a rotation replaced, and when the grace for it ends. Never carried over a
+        # restart: a new TokenFile accepts only the token its file holds.
+        self._previous: bytes | None = None
+        self._previous_until = 0.0
         self._problem: str | None = None  # the last one logged, until a token is read again
+        # Read now, not at the first request: a rotation before any proxy connected is one too.
+        self._current()
 
-    def digest(self) -> bytes | None:
-        """The SHA-256 of the current token; None while there is none (logged once per problem)."""
+    def digests(self) -> tuple[bytes, ...]:
+        """The SHA-256 of each token accepted now, the current one first; empty while the file
+        holds none (logged once per problem)."""
+        current = self._current()
+        if current is None:
+            return ()
+        if self._previous is None:
+            return (current,)
+        if self._clock() >= self._previous_until:
+            self._previous = None
+            log.info("push channel: the push token replaced in %s is no longer accepted", self._path)
+            return (current,)
+        return current, self._previous
+
+    def _current(self) -> bytes | None:
         try:
             # os.stat follows symlinks: after the kubelet's ..data swap it sees the new file.
             stamp = _stamp(os.stat(self._path))
@@ -160,16 +193,28 @@ class TokenFile:
         except TokenFileError as error:
             self._refuse(str(error))
             return None
-        self._digest = _digest(token)
+        digest = _digest(token)
+        if self._digest is not None and digest != self._digest:
+            # A rotation (a rewrite with the same token is none): proxies whose copy of the
+            # Secret is not updated yet still send the one it replaced.
+            self._previous, self._previous_until = self._digest, self._clock() + TOKEN_ROTATION_GRACE
+            log.info(
+                "push channel: the token file %s holds a new token; the one it replaced stays accepted"
+                " for %.0f s (restart the controller to refuse it at once)",
+                self._path,
+                TOKEN_ROTATION_GRACE,
+            )
+        self._digest = digest
         if self._problem is not None:
             log.info("push channel: the token file %s holds a token again", self._path)
             self._problem = None
         return self._digest
 
     def _refuse(self, problem: str) -> None:
-        """No token: forget the last one (only the current token is ever accepted) and log
-        ``problem`` unless it was the last one logged."""
-        self._stamp = self._digest = None
+        """No token: forget the last one and the one in its grace (a broken file accepts
+        nothing, and the token it is fixed with is the only one then) and log ``problem`` unless
+        it was the last one logged."""
+        self._stamp = self._digest = self._previous = None
         if problem != self._problem:
             log.error("push channel: refusing every proxy until the token file is fixed: %s", problem)
             self._problem = problem
@@ -214,10 +259,10 @@ class Publisher:
         changed (the controller). ``registry`` holds the metrics served on /metrics (a fresh one
         when None)."""
         if isinstance(token, TokenFile):
-            self._token_digest: Callable[[], bytes | None] = token.digest
+            self._token_digests: Callable[[], tuple[bytes, ...]] = token.digests
         elif token:
-            fixed = _digest(token)
-            self._token_digest = lambda: fixed
+            fixed = (_digest(token),)
+            self._token_digests = lambda: fixed
         else:
             raise ValueError("the push channel token must not be empty")
         self._heartbeat = heartbeat
@@ -309,12 +354,13 @@ class Publisher:
                 log.exception("push channel change callback failed")
 
     def _authorized(self, request: web.Request) -> bool:
-        expected = self._token_digest()
-        if expected is None:
-            return False
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        # The scheme is public; only the token comparison has to be constant-time.
-        return hmac.compare_digest(_digest(presented.strip()), expected) and scheme.lower() == "bearer"
+        digest = _digest(presented.strip())
+        # The scheme is public; only the token comparison has to be constant-time. Every accepted
+        # digest is compared (a list, not a short-circuiting any): the time taken does not tell
+        # whether the current token or the replaced one matched. None accepted: none matches.
+        matches = [hmac.compare_digest(digest, expected) for expected in self._token_digests()]
+        return any(matches) and scheme.lower() == "bearer"
 
     async def _serve_stream(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):

@@ -17,8 +17,13 @@ serves, and switches to the stream as soon as it comes. The controller stores a 
 for the ConfigMap's plain data gzip-compressed under a second key, mounted beside the first:
 ``read_snapshot`` takes the configured file, else its ``.gz`` sibling, and decompresses what
 starts with gzip's magic number (stdlib gzip, bounded by MAX_TABLE_BYTES). A snapshot that
-cannot be read or is no valid table is logged and leaves the proxy as it was. Never logs the
-token.
+cannot be read or is no valid table is logged and leaves the proxy as it was.
+
+Token: the token file (a mounted Secret) is read for every request, the stream's and each ack's,
+and the token kept only in that request's headers: a rotated Secret takes effect at the next
+request, and an ack on a stream opened before the rotation carries the token the proxy's copy
+holds now (the controller accepts the replaced one for a grace, controller/publisher.py). Never
+logs the token.
 """
 
 import asyncio
@@ -123,8 +128,14 @@ class Subscriber:
             log.warning("push channel: %s; the table in use stays, retrying", problem)
         self._reported[kind] = problem
 
-    def _token(self) -> str:
-        # Re-read at every connect: a rotated Secret takes effect without a restart.
+    def _authorization(self) -> dict[str, str]:
+        """The headers of one request, with the token the file holds now.
+
+        Raises:
+            ChannelError: the file cannot be read or holds only whitespace.
+        """
+        # Re-read for every request, never kept: a rotated Secret takes effect without a restart,
+        # on an open stream's acks too.
         try:
             token = self._settings.token_file.read_text().strip()
         except OSError as error:
@@ -132,13 +143,14 @@ class Subscriber:
             raise ChannelError(f"cannot read the token file {path}: {error.strerror}") from error
         if not token:
             raise ChannelError(f"the token file {self._settings.token_file} is empty")
-        return token
+        return {"Authorization": f"Bearer {token}"}
 
     async def _follow(self, session: aiohttp.ClientSession, holder: TableHolder) -> None:
-        headers = {"Authorization": f"Bearer {self._token()}"}
         url = self._settings.url + STREAM_PATH
         try:
-            async with session.get(url, params={"proxy": self._name}, headers=headers) as response:
+            async with session.get(
+                url, params={"proxy": self._name}, headers=self._authorization()
+            ) as response:
                 if response.status != 200:
                     raise ChannelError(f"the controller answered {response.status} to the stream request")
                 log.info("push channel: following %s as %s", self._settings.url, self._name)
@@ -148,15 +160,13 @@ class Subscriber:
                     lines.feed(chunk)
                     while (line := lines.pop_line()) is not None:
                         if line.strip():  # an empty line is a heartbeat
-                            await self._apply(session, holder, line, headers)
+                            await self._apply(session, holder, line)
         except LineTooLongError as error:
             raise ChannelError(f"a table line exceeded {MAX_TABLE_BYTES} bytes") from error
         except (aiohttp.ClientError, TimeoutError) as error:
             raise ChannelError(f"{type(error).__name__}: {error}") from error
 
-    async def _apply(
-        self, session: aiohttp.ClientSession, holder: TableHolder, line: bytes, headers: dict[str, str]
-    ) -> None:
+    async def _apply(self, session: aiohttp.ClientSession, holder: TableHolder, line: bytes) -> None:
         try:
             # A large table takes a while to parse; a thread keeps the sessions' loop responsive.
             new = await asyncio.to_thread(table.from_json, line)
@@ -168,21 +178,13 @@ class Subscriber:
                 message,
                 holder.current.version if holder.ready else "no table",
             )
-            await self._ack(session, headers, version, accepted=False, error=message)
+            await self._ack(session, version, accepted=False, error=message)
         else:
             holder.swap(new)
-            await self._ack(session, headers, new.version, accepted=True, error="")
+            await self._ack(session, new.version, accepted=True, error="")
         self._attempt = 0  # the channel works: the next outage starts the backoff afresh
 
-    async def _ack(
-        self,
-        session: aiohttp.ClientSession,
-        headers: dict[str, str],
-        version: str,
-        *,
-        accepted: bool,
-        error: str,
-    ) -> None:
+    async def _ack(self, session: aiohttp.ClientSession, version: str, *, accepted: bool, error: str) -> None:
         body = {
             "proxy": self._name,
             "version": version[:MAX_ACK_TEXT],
@@ -191,7 +193,7 @@ class Subscriber:
         }
         url = self._settings.url + ACK_PATH
         timeout = aiohttp.ClientTimeout(total=ACK_TIMEOUT)
-        async with session.post(url, json=body, headers=headers, timeout=timeout) as response:
+        async with session.post(url, json=body, headers=self._authorization(), timeout=timeout) as response:
             if response.status != 204:
                 # The stream is reopened and its first line acked again: no ack is lost.
                 raise ChannelError(f"the controller answered {response.status} to an ack")

@@ -43,6 +43,8 @@ def sample_table(port: int) -> table.RoutingTable:
 
 FIRST = sample_table(10143)
 SECOND = sample_table(20143)
+THIRD = sample_table(30143)
+FOURTH = sample_table(40143)
 
 
 class Changes:
@@ -360,6 +362,7 @@ async def test_the_token_never_reaches_the_log(
 
 OLD_TOKEN = "old-push-token-that-must-never-be-logged"
 NEW_TOKEN = "new-push-token-that-must-never-be-logged"
+NEWER_TOKEN = "newer-push-token-that-must-never-be-logged"
 
 
 class MountedSecret:
@@ -389,14 +392,38 @@ class MountedSecret:
             shutil.rmtree(previous)
 
 
+class Clock:
+    """The controller's monotonic clock, moved by the test: the rotation grace without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def tokens_in(text: str) -> list[str]:
+    """Which test tokens ``text`` holds, by name: a failing check must not print a token."""
+    return [
+        name
+        for name, token in (("old", OLD_TOKEN), ("new", NEW_TOKEN), ("newer", NEWER_TOKEN))
+        if token in text
+    ]
+
+
 @pytest.fixture
 def secret(tmp_path: Path) -> MountedSecret:
     return MountedSecret(tmp_path / "push-token", OLD_TOKEN + "\n")
 
 
 @pytest.fixture
-async def file_channel(secret: MountedSecret) -> AsyncIterator[publisher.Publisher]:
-    started = publisher.Publisher(publisher.TokenFile(secret.path))
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def file_channel(secret: MountedSecret, clock: Clock) -> AsyncIterator[publisher.Publisher]:
+    started = publisher.Publisher(publisher.TokenFile(secret.path, clock=clock))
     await started.start("127.0.0.1", 0)
     started.publish(FIRST)
     yield started
@@ -418,23 +445,40 @@ async def status_of_ack(client: aiohttp.ClientSession, channel: publisher.Publis
         return response.status
 
 
-async def test_after_a_rotation_only_the_new_token_is_accepted(
-    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret
+async def test_after_a_rotation_the_replaced_token_is_accepted_for_the_grace_only(
+    file_channel: publisher.Publisher,
+    client: aiohttp.ClientSession,
+    secret: MountedSecret,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="controller.publisher")
     assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
     assert await status_of_stream(client, file_channel, NEW_TOKEN) == 401
     secret.update(NEW_TOKEN + "\n")
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200  # the rotation is seen here
+    clock.now += publisher.TOKEN_ROTATION_GRACE - 1
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
+    assert await status_of_ack(client, file_channel, OLD_TOKEN) == 204
+    assert await status_of_stream(client, file_channel, "another-token") == 401
+    clock.now += 1
     assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
     assert await status_of_ack(client, file_channel, OLD_TOKEN) == 401
     assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
     assert await status_of_ack(client, file_channel, NEW_TOKEN) == 204
+    messages = [record.getMessage() for record in caplog.records]
+    rotated = [message for message in messages if "holds a new token" in message]
+    assert len(rotated) == 1
+    assert "accepted for 300 s (restart the controller to refuse it at once)" in rotated[0]
+    assert sum("is no longer accepted" in message for message in messages) == 1
+    assert tokens_in(caplog.text) == []
 
 
-async def test_an_open_stream_outlives_a_rotation(
-    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret
+async def test_a_following_proxy_keeps_its_stream_and_acks_while_its_copy_lags(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret, clock: Clock
 ) -> None:
-    """Only requests are checked: a proxy that is following keeps its stream, and acks with the
-    new token once its own copy of the Secret has it."""
+    """The controller's copy of the Secret is updated first: the proxy, still on the old token,
+    keeps its stream and its acks count for the grace; afterwards only the new token acks."""
     response = await client.get(
         base(file_channel) + publisher.STREAM_PATH,
         params={"proxy": "proxy-a"},
@@ -446,24 +490,102 @@ async def test_an_open_stream_outlives_a_rotation(
     secret.update(NEW_TOKEN)
     file_channel.publish(SECOND)
     assert await next_table(response) == SECOND
-    assert await post_ack(client, file_channel, ack_body("proxy-a", SECOND.version)) == 401  # AUTH: old
-    body = ack_body("proxy-a", SECOND.version)
-    async with client.post(
-        base(file_channel) + publisher.ACK_PATH, json=body, headers={"Authorization": f"Bearer {NEW_TOKEN}"}
-    ) as acked:
-        assert acked.status == 204
+    assert await ack_with(client, file_channel, OLD_TOKEN, SECOND) == 204
     assert file_channel.acks()["proxy-a"].version == SECOND.version
+    clock.now += publisher.TOKEN_ROTATION_GRACE
+    file_channel.publish(THIRD)
+    assert await next_table(response) == THIRD  # open streams are never cut
+    assert await ack_with(client, file_channel, OLD_TOKEN, THIRD) == 401
+    assert file_channel.acks()["proxy-a"].version == SECOND.version
+    assert await ack_with(client, file_channel, NEW_TOKEN, THIRD) == 204
+    assert file_channel.acks()["proxy-a"].version == THIRD.version
     response.close()
 
 
-async def test_a_file_rewritten_in_place_is_read_again(
+async def ack_with(
+    client: aiohttp.ClientSession, channel: publisher.Publisher, token: str, acked: table.RoutingTable
+) -> int:
+    body = ack_body("proxy-a", acked.version)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with client.post(base(channel) + publisher.ACK_PATH, json=body, headers=headers) as response:
+        return response.status
+
+
+async def test_a_restarted_controller_accepts_only_the_current_token(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret, clock: Clock
+) -> None:
+    """How an operator who rotated a leaked token refuses the old one at once."""
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200  # the token it started with
+    secret.update(NEW_TOKEN)
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200  # in its grace
+    restarted = publisher.Publisher(publisher.TokenFile(secret.path, clock=clock))
+    await restarted.start("127.0.0.1", 0)
+    try:
+        restarted.publish(FIRST)
+        assert await status_of_stream(client, restarted, OLD_TOKEN) == 401
+        assert await status_of_ack(client, restarted, OLD_TOKEN) == 401
+        assert await status_of_stream(client, restarted, NEW_TOKEN) == 200
+    finally:
+        await restarted.stop()
+
+
+async def test_a_second_rotation_in_the_grace_replaces_the_accepted_old_token(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret, clock: Clock
+) -> None:
+    """Only the token the current one replaced is accepted, for the grace from that rotation."""
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200  # the token it started with
+    secret.update(NEW_TOKEN)
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
+    clock.now += publisher.TOKEN_ROTATION_GRACE - 1
+    secret.update(NEWER_TOKEN)
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
+    clock.now += publisher.TOKEN_ROTATION_GRACE - 1
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
+    clock.now += 1
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 401
+    assert await status_of_stream(client, file_channel, NEWER_TOKEN) == 200
+
+
+async def test_the_same_token_written_again_neither_rotates_nor_extends_the_grace(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret, clock: Clock
+) -> None:
+    secret.update(OLD_TOKEN)
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 401
+    secret.update(NEW_TOKEN)
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
+    clock.now += publisher.TOKEN_ROTATION_GRACE - 1
+    secret.update(NEW_TOKEN + "\n")
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
+    clock.now += 1
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+
+
+async def test_a_file_without_a_token_ends_the_grace(
     file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret
 ) -> None:
-    """Not the kubelet's way, but a stat tells it too (here by its size)."""
+    """A broken file accepts nothing, and the token it is fixed with is then the only one."""
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200  # the token it started with
+    secret.update(NEW_TOKEN)
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200  # in its grace
+    secret.update("")
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 401
+    secret.update(NEW_TOKEN)
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+
+
+async def test_a_file_rewritten_in_place_is_read_again(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret, clock: Clock
+) -> None:
+    """Not the kubelet's way, but a stat tells it too (here by its size), and it is a rotation."""
     assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
     (secret.directory / "..data" / "token").write_text(NEW_TOKEN + "-longer")
-    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
     assert await status_of_stream(client, file_channel, NEW_TOKEN + "-longer") == 200
+    clock.now += publisher.TOKEN_ROTATION_GRACE
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
 
 
 def test_an_unchanged_file_is_read_once(secret: MountedSecret, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -476,15 +598,25 @@ def test_an_unchanged_file_is_read_once(secret: MountedSecret, monkeypatch: pyte
 
     monkeypatch.setattr(publisher, "_read_token", counting)
     tokens = publisher.TokenFile(secret.path)
-    first = tokens.digest()
-    assert first is not None
-    assert all(tokens.digest() == first for _ in range(10))
+    first = tokens.digests()
+    assert len(first) == 1
+    assert all(tokens.digests() == first for _ in range(10))
     assert len(reads) == 1
     secret.update(NEW_TOKEN)
-    second = tokens.digest()
-    assert second not in (None, first)
-    assert tokens.digest() == second
+    second = tokens.digests()
+    assert len(second) == 2 and second[0] not in first and second[1:] == first  # the new, then the old
+    assert tokens.digests() == second
     assert len(reads) == 2
+
+
+def test_a_rotation_before_the_first_request_has_its_grace_too(secret: MountedSecret, clock: Clock) -> None:
+    """The file is read when the controller starts: proxies that connect after a rotation with a
+    lagging copy still get in."""
+    tokens = publisher.TokenFile(secret.path, clock=clock)
+    secret.update(NEW_TOKEN)
+    assert len(tokens.digests()) == 2
+    clock.now += publisher.TOKEN_ROTATION_GRACE
+    assert len(tokens.digests()) == 1
 
 
 def swap_for_a_directory(path: Path) -> None:
@@ -560,45 +692,99 @@ async def test_a_presented_token_that_is_not_utf_8_is_refused(channel: publisher
         writer.close()
 
 
-async def test_a_proxy_gets_back_in_once_its_copy_of_the_rotated_secret_has_the_new_token(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+class FollowingProxy:
+    """A proxy's own subscriber following a controller whose token file has its own clock; each
+    side mounts its own copy of the Secret, as each pod does."""
+
+    def __init__(self, directory: Path) -> None:
+        self.clock = Clock()
+        self.controller_secret = MountedSecret(directory / "controller", OLD_TOKEN)
+        self.proxy_secret = MountedSecret(directory / "proxy", OLD_TOKEN)
+        self.channel = publisher.Publisher(publisher.TokenFile(self.controller_secret.path, clock=self.clock))
+        self.changes = Changes(self.channel)
+        self.holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+
+    async def start(self) -> "asyncio.Task[None]":
+        await self.channel.start("127.0.0.1", 0)
+        self.channel.publish(FIRST)
+        settings = ControllerSettings(
+            url=base(self.channel),
+            token_file=self.proxy_secret.path,
+            proxy_name="proxy-a",
+            snapshot_file=None,
+        )
+        follower = subscriber.Subscriber(settings, backoff=subscriber.Backoff(0.01, 0.05))
+        return asyncio.create_task(follower.run(self.holder))
+
+    async def acked(self, version: str) -> None:
+        def has_acked() -> bool:
+            ack = self.channel.acks().get("proxy-a")
+            return ack is not None and ack.version == version
+
+        await self.changes.wait_until(has_acked)
+
+
+@pytest.fixture
+async def following(tmp_path: Path) -> AsyncIterator[FollowingProxy]:
+    made = FollowingProxy(tmp_path)
+    task = await made.start()
+    yield made
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await made.channel.stop()
+
+
+def connections(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(record.getMessage() == "proxy proxy-a connected" for record in caplog.records)
+
+
+async def test_a_following_proxy_rides_out_a_rotation_its_copy_of_the_secret_gets_last(
+    following: FollowingProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The review's scenario, with the proxy's own subscriber: each pod mounts the Secret, and
-    the kubelet updates the two copies at different moments."""
-    controller_secret = MountedSecret(tmp_path / "controller", OLD_TOKEN)
-    proxy_secret = MountedSecret(tmp_path / "proxy", OLD_TOKEN)
-    channel = publisher.Publisher(publisher.TokenFile(controller_secret.path))
-    await channel.start("127.0.0.1", 0)
-    channel.publish(FIRST)
-    settings = ControllerSettings(
-        url=base(channel), token_file=proxy_secret.path, proxy_name="proxy-a", snapshot_file=None
-    )
-    changes = Changes(channel)
-    follower = subscriber.Subscriber(settings, backoff=subscriber.Backoff(0.01, 0.05))
-    try:
-        before = TableHolder(proxy_metrics.create(CollectorRegistry()))
-        task = asyncio.create_task(follower.run(before))
-        await changes.wait_until(lambda: "proxy-a" in channel.acks())
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await changes.wait_until(lambda: "proxy-a" not in channel.acks())
+    """The review's scenario with the proxy's own subscriber: its stream and acks go on while
+    its copy lags, and once its copy has the new token it acks with it, on the same stream,
+    past the grace."""
+    caplog.set_level(logging.INFO)
+    await following.acked(FIRST.version)
+    following.controller_secret.update(NEW_TOKEN)  # the kubelet updates the controller's copy first
+    following.channel.publish(SECOND)
+    await following.acked(SECOND.version)
+    following.channel.publish(THIRD)
+    await following.acked(THIRD.version)
+    assert following.holder.current == THIRD
+    following.proxy_secret.update(NEW_TOKEN)  # then the proxy's
+    following.clock.now += publisher.TOKEN_ROTATION_GRACE
+    following.channel.publish(FOURTH)
+    await following.acked(FOURTH.version)
+    assert following.holder.current == FOURTH
+    assert connections(caplog) == 1
+    assert "answered 401" not in caplog.text
+    assert tokens_in(caplog.text) == []
 
-        controller_secret.update(NEW_TOKEN)  # the controller's copy first
-        caplog.set_level(logging.WARNING, logger="proxy.server.subscriber")
-        after = TableHolder(proxy_metrics.create(CollectorRegistry()))
-        task = asyncio.create_task(follower.run(after))
-        async with asyncio.timeout(BOUND):
-            for _ in range(MAX_CHANGES):
-                if "answered 401" in caplog.text:
-                    break
-                await asyncio.sleep(0.01)
-        assert "answered 401" in caplog.text and not after.ready
 
-        proxy_secret.update(NEW_TOKEN)  # then the proxy's
-        await changes.wait_until(lambda: "proxy-a" in channel.acks())
-        assert after.ready and after.current == FIRST
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    finally:
-        await channel.stop()
-    assert OLD_TOKEN not in caplog.text and NEW_TOKEN not in caplog.text
+async def test_after_the_grace_a_proxy_on_the_old_token_gets_back_in_once_its_copy_is_rotated(
+    following: FollowingProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy whose copy lags past the grace is refused, keeps serving its table, and follows
+    again as soon as its own copy has the new token."""
+    caplog.set_level(logging.INFO)
+    await following.acked(FIRST.version)
+    following.controller_secret.update(NEW_TOKEN)
+    following.channel.publish(SECOND)
+    await following.acked(SECOND.version)  # the rotation is seen here, the grace starts
+    following.clock.now += publisher.TOKEN_ROTATION_GRACE
+    following.channel.publish(THIRD)
+    await following.changes.wait_until(lambda: "proxy-a" not in following.channel.acks())
+    async with asyncio.timeout(BOUND):
+        for _ in range(MAX_CHANGES):
+            if "answered 401 to the stream request" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
+    assert "answered 401 to an ack" in caplog.text and "answered 401 to the stream request" in caplog.text
+    assert following.holder.current == THIRD  # applied; only its ack was refused
+
+    following.proxy_secret.update(NEW_TOKEN)
+    await following.acked(THIRD.version)
+    assert following.holder.current == THIRD
+    assert connections(caplog) == 2
+    assert tokens_in(caplog.text) == []

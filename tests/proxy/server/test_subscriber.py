@@ -438,10 +438,35 @@ async def test_several_proxies_follow_one_controller(
 FakeController = Callable[[bytes], Awaitable[list[dict[str, Any]]]]
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ServeFake = Callable[[Handler, Handler], Awaitable[None]]
+
+
 @pytest.fixture
-async def fake_controller(cluster: Cluster) -> AsyncIterator[FakeController]:
-    """Starts a controller that streams FIRST then the given line; returns the acks it records."""
+async def serve_fake(cluster: Cluster) -> AsyncIterator[ServeFake]:
+    """Serves the given stream and ack handlers on the cluster's controller port."""
     runners: list[web.AppRunner] = []
+
+    async def serve(stream: Handler, ack: Handler) -> None:
+        app = web.Application()
+        app.router.add_get(subscriber.STREAM_PATH, stream)
+        app.router.add_post(subscriber.ACK_PATH, ack)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", cluster.port).start()
+
+    yield serve
+    # The proxies hang up first: a stream held open would keep the runner's cleanup waiting.
+    for proxy in cluster.proxies:
+        await cluster.stop_proxy(proxy)
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def fake_controller(serve_fake: ServeFake) -> FakeController:
+    """Starts a controller that streams FIRST then the given line; returns the acks it records."""
 
     async def start(broken: bytes) -> list[dict[str, Any]]:
         acks: list[dict[str, Any]] = []
@@ -457,21 +482,10 @@ async def fake_controller(cluster: Cluster) -> AsyncIterator[FakeController]:
             acks.append(await request.json())
             return web.Response(status=204)
 
-        app = web.Application()
-        app.router.add_get(subscriber.STREAM_PATH, stream)
-        app.router.add_post(subscriber.ACK_PATH, ack)
-        runner = web.AppRunner(app, handler_cancellation=True)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", cluster.port).start()
+        await serve_fake(stream, ack)
         return acks
 
-    yield start
-    # The proxies hang up first: a stream held open would keep the runner's cleanup waiting.
-    for proxy in cluster.proxies:
-        await cluster.stop_proxy(proxy)
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 @pytest.mark.parametrize(
@@ -510,6 +524,69 @@ async def test_a_broken_line_is_acked_as_rejected(
     assert not proxy.task.done(), "the table source goes on"
     assert len(bad["error"]) <= subscriber.MAX_ACK_TEXT
     assert serving(proxy, FIRST.version)()
+
+
+# The token on each request: the file as it is now, the stream's and every ack's.
+
+NEW_TOKEN = "new-push-token-that-must-never-be-logged"
+
+
+async def test_each_ack_carries_the_token_the_file_holds_now(cluster: Cluster, serve_fake: ServeFake) -> None:
+    """The proxy's copy of the Secret rotates while its stream is open: the stream goes on, and
+    the next ack carries the new token (the controller accepts both for a while)."""
+    # What each request presented, by name: a failing check must not print a token.
+    names = {f"Bearer {TOKEN}": "old", f"Bearer {NEW_TOKEN}": "new"}
+    requests: list[tuple[str, str]] = []
+    second = asyncio.Event()
+
+    def record(request: web.Request) -> None:
+        requests.append((request.path, names.get(request.headers.get("Authorization", ""), "other")))
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        record(request)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(table.to_json(FIRST) + b"\n")
+        await second.wait()
+        await response.write(table.to_json(SECOND) + b"\n")
+        await asyncio.Event().wait()  # held open until the proxy hangs up
+        return response
+
+    async def ack(request: web.Request) -> web.Response:
+        record(request)
+        return web.Response(status=204)
+
+    await serve_fake(stream, ack)
+    proxy = cluster.start_proxy("proxy-a", snapshot=False)
+    await eventually(lambda: len(requests) == 2, "the stream and the first ack")
+    cluster.token_file.write_text(NEW_TOKEN + "\n")
+    second.set()
+    await eventually(lambda: len(requests) == 3, "the second ack")
+    stream_path, ack_path = subscriber.STREAM_PATH, subscriber.ACK_PATH
+    assert requests == [(stream_path, "old"), (ack_path, "old"), (ack_path, "new")]
+    assert serving(proxy, SECOND.version)()
+
+
+async def test_a_token_file_unreadable_at_an_ack_ends_the_stream_and_is_reported(
+    cluster: Cluster, controller: publisher.Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No ack goes out without a token; the table in use stays, and the proxy follows again
+    once the file holds one."""
+    caplog.set_level(logging.WARNING, logger="proxy.server.subscriber")
+    controller.publish(FIRST)
+    proxy = cluster.start_proxy("proxy-a", snapshot=False)
+    await eventually(lambda: controller.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
+    cluster.token_file.write_text("\n")
+    controller.publish(SECOND)
+    await eventually(
+        lambda: f"the token file {cluster.token_file} is empty" in caplog.text, "the problem logged"
+    )
+    assert serving(proxy, SECOND.version)()
+    assert not proxy.task.done()
+    cluster.token_file.write_text(TOKEN)
+    await eventually(lambda: controller.acks().get("proxy-a") == accepted(SECOND.version), "second ack")
+    leaked = TOKEN in caplog.text  # not asserted as such: a failure would print the token
+    assert not leaked
 
 
 # Backoff and naming.
