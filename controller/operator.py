@@ -5,15 +5,16 @@ tests call ``run`` with a kubeconfig that points at the emulator. ``run`` loads 
 client configuration (a kubeconfig, or the pod's service account), starts the push channel
 (controller.publisher), registers controller.handlers on a fresh kopf registry and runs kopf
 until stopped. ``KubeApi`` is the reconciler's ``Cluster``: the few writes kopf does not make
-for us (status patches with a resourceVersion precondition, the snapshot ConfigMap, Events) and
-one read (the snapshot ConfigMap, at start), over aiohttp with the same credentials kopf logs in
-with.
-Never logs the push token or an API bearer token; never imports anything of the proxy but the
-table contract.
+for us (status patches with a resourceVersion precondition, the snapshot Secret, Events) and
+one read (the snapshot Secret, at start), over aiohttp with the same credentials kopf logs in
+with. The snapshot is a Secret because tables carry auth_http request headers; a ConfigMap an
+earlier release wrote is never read (that needs rights on ConfigMaps the chart no longer grants).
+Never logs the push token, an API bearer token or the snapshot's content; never imports anything
+of the proxy but the table contract.
 
 Settings (flag, then environment variable, then default):
   --namespace          MAILGRESS_NAMESPACE, POD_NAMESPACE    the controller's namespace (proxy pods,
-                                                             snapshot ConfigMap); else the service
+                                                             snapshot Secret); else the service
                                                              account's, else "default"
   --proxy-selector     MAILGRESS_PROXY_SELECTOR              labels of proxy pods
                                                              (app.kubernetes.io/component=proxy)
@@ -22,8 +23,11 @@ Settings (flag, then environment variable, then default):
   --token-file         MAILGRESS_TOKEN_FILE                  file holding the push channel token
                                                              (a mounted Secret, re-read when
                                                              it changes); required
-  --snapshot-configmap MAILGRESS_SNAPSHOT_CONFIGMAP          ConfigMap for the table snapshot
-                                                             (mailgress-routing-table)
+  --snapshot-secret    MAILGRESS_SNAPSHOT_SECRET             Secret for the table snapshot
+                                                             (mailgress-routing-table);
+                                                             --snapshot-configmap and
+                                                             MAILGRESS_SNAPSHOT_CONFIGMAP are
+                                                             deprecated aliases (a warning)
   --kubeconfig         KUBECONFIG                            kubeconfig file; else in-cluster
   --health             MAILGRESS_HEALTH                      kopf liveness URL
                                                              (http://0.0.0.0:8081/healthz; "" = off)
@@ -56,7 +60,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PROXY_SELECTOR = "app.kubernetes.io/component=proxy"
 DEFAULT_LISTEN_ADDRESS = "0.0.0.0"
 DEFAULT_LISTEN_PORT = 9400
-DEFAULT_SNAPSHOT_CONFIGMAP = "mailgress-routing-table"
+DEFAULT_SNAPSHOT_NAME = "mailgress-routing-table"
+# The snapshot Secret's type: arbitrary user data, no keys the API server checks (as it does for
+# the kubernetes.io/* types).
+SNAPSHOT_TYPE = "Opaque"
 DEFAULT_HEALTH = "http://0.0.0.0:8081/healthz"
 DEFAULT_NAMESPACE = "default"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -81,7 +88,7 @@ class Settings:
     listen_address: str
     listen_port: int
     token_file: Path
-    snapshot_configmap: str
+    snapshot_secret: str
     kubeconfig: Path | None
     health: str
     log_level: str = "info"
@@ -102,12 +109,13 @@ def _selector(text: str) -> dict[str, str]:
 
 def add_arguments(flags: argparse.ArgumentParser) -> None:
     """The flags of ``mailgress controller`` (mailgress/cli.py adds them to its subcommand)."""
-    flags.add_argument("--namespace", help="the controller's namespace (proxy pods, snapshot ConfigMap)")
+    flags.add_argument("--namespace", help="the controller's namespace (proxy pods, snapshot Secret)")
     flags.add_argument("--proxy-selector", help="label selector of proxy pods, k=v[,k=v]")
     flags.add_argument("--listen-address", help="push channel listen address")
     flags.add_argument("--listen-port", help="push channel listen port")
     flags.add_argument("--token-file", help="file with the push channel token")
-    flags.add_argument("--snapshot-configmap", help="ConfigMap that keeps the table snapshot")
+    flags.add_argument("--snapshot-secret", help="Secret that keeps the table snapshot")
+    flags.add_argument("--snapshot-configmap", help="deprecated alias of --snapshot-secret")
     flags.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
     flags.add_argument("--health", help='kopf liveness endpoint URL ("" to disable)')
     flags.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -138,6 +146,22 @@ def settings_from(arguments: argparse.Namespace, environ: Mapping[str, str]) -> 
     if not token_file:
         raise SettingsError("--token-file (or MAILGRESS_TOKEN_FILE) is required: the push channel token")
     kubeconfig = pick(arguments.kubeconfig, "KUBECONFIG")
+    # The ConfigMap names are deprecated aliases, accepted for one release so that an upgrade keeps
+    # a deployment's own snapshot name; each comes after its new form.
+    snapshot_flag = arguments.snapshot_secret
+    if snapshot_flag is None:
+        snapshot_flag = arguments.snapshot_configmap
+    snapshot_secret = pick(snapshot_flag, "MAILGRESS_SNAPSHOT_SECRET", "MAILGRESS_SNAPSHOT_CONFIGMAP")
+    for alias, given in (
+        ("--snapshot-configmap", arguments.snapshot_configmap is not None),
+        ("MAILGRESS_SNAPSHOT_CONFIGMAP", bool(environ.get("MAILGRESS_SNAPSHOT_CONFIGMAP"))),
+    ):
+        if given:
+            log.warning(
+                "%s is deprecated and goes away in the next release: the snapshot is a Secret now; "
+                "use --snapshot-secret or MAILGRESS_SNAPSHOT_SECRET",
+                alias,
+            )
     return Settings(
         namespace=namespace,
         proxy_selector=_selector(
@@ -149,10 +173,7 @@ def settings_from(arguments: argparse.Namespace, environ: Mapping[str, str]) -> 
         or DEFAULT_LISTEN_ADDRESS,
         listen_port=int(port_text),
         token_file=Path(token_file),
-        snapshot_configmap=pick(
-            arguments.snapshot_configmap, "MAILGRESS_SNAPSHOT_CONFIGMAP", default=DEFAULT_SNAPSHOT_CONFIGMAP
-        )
-        or DEFAULT_SNAPSHOT_CONFIGMAP,
+        snapshot_secret=snapshot_secret or DEFAULT_SNAPSHOT_NAME,
         # KUBECONFIG may list several files; kopf and kubectl merge them, we take the first.
         kubeconfig=Path(kubeconfig.split(os.pathsep)[0]) if kubeconfig else None,
         health=pick(arguments.health, "MAILGRESS_HEALTH", default=DEFAULT_HEALTH) or "",
@@ -229,14 +250,12 @@ def _ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLConte
 
 
 class KubeApi:
-    """``reconciler.Cluster`` over aiohttp: status patches, the snapshot ConfigMap, Events."""
+    """``reconciler.Cluster`` over aiohttp: status patches, the snapshot Secret, Events."""
 
-    def __init__(
-        self, configuration: kubernetes.client.Configuration, namespace: str, configmap: str
-    ) -> None:
+    def __init__(self, configuration: kubernetes.client.Configuration, namespace: str, secret: str) -> None:
         self._configuration = configuration
         self._namespace = namespace
-        self._configmap = configmap
+        self._secret = secret
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -293,7 +312,7 @@ class KubeApi:
         return True
 
     async def load_snapshot(self) -> Mapping[str, Any] | None:
-        path = f"/api/v1/namespaces/{self._namespace}/configmaps/{self._configmap}"
+        path = f"/api/v1/namespaces/{self._namespace}/secrets/{self._secret}"
         code, content = await self._call("GET", path, None, "application/json")
         if code == 404:
             return None
@@ -308,16 +327,21 @@ class KubeApi:
         return stored
 
     async def save_snapshot(self, snapshot: reconciler.Snapshot) -> None:
-        base = f"/api/v1/namespaces/{self._namespace}/configmaps"
+        base = f"/api/v1/namespaces/{self._namespace}/secrets"
         patch = snapshot.merge_patch()
-        path = f"{base}/{self._configmap}"
+        path = f"{base}/{self._secret}"
         code, _ = await self._call("PATCH", path, patch, "application/merge-patch+json")
         if code == 404:
-            metadata = {"name": self._configmap}
-            created = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, **snapshot.fields()}
+            created = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": self._secret},
+                "type": SNAPSHOT_TYPE,
+                **snapshot.fields(),
+            }
             code, _ = await self._call("POST", base, created, "application/json")
         if code >= 300:
-            raise reconciler.ClusterError(f"saving the snapshot ConfigMap {self._configmap}: HTTP {code}")
+            raise reconciler.ClusterError(f"saving the snapshot Secret {self._secret}: HTTP {code}")
 
     async def post_event(self, entry: reconciler.RouteEntry, kind: str, reason: str, message: str) -> None:
         now = reconciler.utc_now()
@@ -403,7 +427,7 @@ async def run(
     if channel is None:
         channel = push_channel(settings)
     await channel.start(settings.listen_address, settings.listen_port)
-    api = KubeApi(configuration, settings.namespace, settings.snapshot_configmap)
+    api = KubeApi(configuration, settings.namespace, settings.snapshot_secret)
     await api.start()
     registry = kopf.OperatorRegistry()
     handlers.register(

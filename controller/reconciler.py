@@ -8,16 +8,17 @@ through ``read`` (never an event's diff: Contour's level-based build), so a lost
 event costs nothing but a pass.
 
 One pass: compile every MailRoute with the resolved endpoints (controller.compiler, pure);
-publish the table if its version is new and write it to the snapshot ConfigMap (the one place
-the latest version is published, with the controller's table metric). The snapshot only serves
-a proxy that starts while the controller is away, so a failed write never fails the pass:
-publishing and statuses go on, the failure is counted and logged once per distinct problem, and
-the write is tried again (after an API failure, such as missing RBAC, on a pass RETRY_SECONDS
-later; for a table too large, with the next table). The table JSON is stored plainly when it
-fits the API server's 1 MiB ConfigMap limit, else gzip-compressed in binaryData (table JSON
-shrinks 25- to 40-fold): plain stays readable with kubectl and by proxies of a release that
-knows only that key, and compression costs CPU only where it makes the difference between a
-snapshot and none. Beside the table the snapshot keeps each route's ``since`` version (below), in
+publish the table if its version is new and write it to the snapshot Secret (the one place
+the latest version is published, with the controller's table metric; a Secret, not a ConfigMap,
+because route tables carry auth_http request headers, and the aggregated ``view`` role reads
+every ConfigMap in the namespace but no Secret). The snapshot only serves a proxy that starts
+while the controller is away, so a failed write never fails the pass: publishing and statuses go
+on, the failure is counted and logged once per distinct problem, and the write is tried again
+(after an API failure, such as missing RBAC, on a pass RETRY_SECONDS later; for a table too
+large, with the next table). The table JSON is stored plainly when it fits the API server's
+1 MiB Secret limit, else gzip-compressed under a second key (table JSON shrinks 25- to 40-fold):
+plain stays readable with kubectl (base64-decoded), and compression costs CPU only where it
+makes the difference between a snapshot and none. Beside the table the snapshot keeps each route's ``since`` version (below), in
 the table's form (SINCE_KEY or SINCE_GZIP_KEY) and counted in the same size check; a table that
 fits only without it is stored without it (what a booting proxy needs comes first).
 
@@ -79,17 +80,19 @@ RETRY_SECONDS = 5.0
 # Published table versions remembered to tell what an acked version holds. A proxy that acks
 # a version older than this many others counts as not running any current route.
 MAX_REMEMBERED_TABLES = 64
-# The ConfigMap keys proxies read the snapshot from (both mounted as files, side by side): the
-# canonical table JSON in data, or its gzip form (RFC 1952) in binaryData; never both at once.
-# proxy/server/subscriber.py finds the second by SNAPSHOT_GZIP_SUFFIX, tests check they agree.
+# The Secret keys proxies read the snapshot from (both mounted as files, side by side): the
+# canonical table JSON, or its gzip form (RFC 1952); never both at once. Both are in the Secret's
+# data, base64 as the API carries every Secret value (RFC 4648 section 4); the kubelet writes the
+# files decoded. proxy/server/subscriber.py finds the second by SNAPSHOT_GZIP_SUFFIX, tests check
+# they agree.
 SNAPSHOT_KEY = "table.json"
 SNAPSHOT_GZIP_KEY = SNAPSHOT_KEY + ".gz"
 # The snapshot's since map, for the controller alone (the chart mounts only the table keys into
-# proxy pods): in data beside a plain table, gzip in binaryData beside a compressed one.
+# proxy pods): plain beside a plain table, gzip beside a compressed one.
 SINCE_KEY = "since.json"
 SINCE_GZIP_KEY = SINCE_KEY + ".gz"
 # What a restore decompresses at most: the proxies' bound for one table (proxy/server/subscriber.py
-# MAX_TABLE_BYTES), so a corrupt or hostile ConfigMap cannot make the controller inflate gigabytes.
+# MAX_TABLE_BYTES), so a corrupt or hostile Secret cannot make the controller inflate gigabytes.
 MAX_RESTORED_BYTES = 64 * 1024 * 1024
 # A table version as proxy.table.make_table forms it; a stored since map names nothing else.
 TABLE_VERSION = re.compile(r"sha256:[0-9a-f]{64}")
@@ -97,10 +100,12 @@ TABLE_VERSION = re.compile(r"sha256:[0-9a-f]{64}")
 # to this controller: three times the longest reconnect backoff of a proxy (Backoff.cap, 5 s, in
 # proxy/server/subscriber.py), whose first line on a new stream is the current table.
 PROXY_GRACE_SECONDS = 15.0
-# The API server refuses a ConfigMap whose data and binaryData values add up to more than 1 MiB
-# (Kubernetes' object data limit: pkg/apis/core/validation ValidateConfigMap, core.MaxSecretSize;
-# binaryData counts decoded bytes).
-MAX_CONFIGMAP_BYTES = 1024 * 1024
+# The API server refuses a Secret whose data values add up to more than 1 MiB (Kubernetes' object
+# data limit: pkg/apis/core/validation ValidateSecret, core.MaxSecretSize). It counts the decoded
+# bytes: base64's growth by 4/3 is only on the wire, in a JSON body of about 1.34 MiB at most, under
+# the API server's 3 MiB request limit, and etcd stores the raw bytes (protobuf). So the size
+# check compares the bytes as they are, not their base64 form.
+MAX_SECRET_BYTES = 1024 * 1024
 # zlib's default level. Level 9 saves at most 1.5 % more on table JSON for 1.5 to 2.5 times the
 # CPU (measured: bench/convergence.py's 10,000 routes, 2.5 MB -> 62 kB; more varied ones, 5.2 MB
 # -> 201 kB).
@@ -158,7 +163,7 @@ class ClusterError(Exception):
 
 
 class SnapshotTooLargeError(Exception):
-    """A table that does not fit a ConfigMap even compressed; the message is safe to log."""
+    """A table that does not fit a Secret even compressed; the message is safe to log."""
 
 
 class SnapshotUnreadableError(Exception):
@@ -167,38 +172,36 @@ class SnapshotUnreadableError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A table as the snapshot ConfigMap stores it: under exactly one of the two keys, with its
+    """A table as the snapshot Secret stores it: under exactly one of the two keys, with its
     since map (``encode_since``) in the same form, when it fits."""
 
     version: str  # the table's
-    compressed: bool  # gzip under SNAPSHOT_GZIP_KEY in binaryData, else JSON under SNAPSHOT_KEY
+    compressed: bool  # gzip under SNAPSHOT_GZIP_KEY, else JSON under SNAPSHOT_KEY
     content: bytes  # what the proxies' mounted file holds
     since: bytes | None = None  # under SINCE_GZIP_KEY or SINCE_KEY (as ``compressed``); None: absent
 
     def fields(self) -> dict[str, dict[str, str]]:
-        """The ConfigMap fields that hold it, as JSON carries them (binaryData in base64)."""
+        """The Secret fields that hold it, as JSON carries them (data values in base64)."""
         if self.compressed:
             keys = {SNAPSHOT_GZIP_KEY: self.content, SINCE_GZIP_KEY: self.since}
-            return {
-                "binaryData": {
-                    key: base64.b64encode(value).decode("ascii")
-                    for key, value in keys.items()
-                    if value is not None
-                }
+        else:
+            keys = {SNAPSHOT_KEY: self.content, SINCE_KEY: self.since}
+        return {
+            "data": {
+                key: base64.b64encode(value).decode("ascii")
+                for key, value in keys.items()
+                if value is not None
             }
-        keys = {SNAPSHOT_KEY: self.content, SINCE_KEY: self.since}
-        return {"data": {key: value.decode() for key, value in keys.items() if value is not None}}
+        }
 
     def merge_patch(self) -> dict[str, dict[str, str | None]]:
         """``fields`` plus the removal of every other key (null deletes a key in a merge patch): a
         proxy must never find an older table beside this one, nor a restart an older since map."""
-        patch: dict[str, dict[str, str | None]] = {
-            "data": {SNAPSHOT_KEY: None, SINCE_KEY: None},
-            "binaryData": {SNAPSHOT_GZIP_KEY: None, SINCE_GZIP_KEY: None},
-        }
-        for name, values in self.fields().items():
-            patch[name].update(values)
-        return patch
+        data: dict[str, str | None] = dict.fromkeys(
+            (SNAPSHOT_KEY, SINCE_KEY, SNAPSHOT_GZIP_KEY, SINCE_GZIP_KEY)
+        )
+        data.update(self.fields()["data"])
+        return {"data": data}
 
 
 def encode_since(new: table.RoutingTable, since: Mapping[str, str]) -> bytes:
@@ -218,29 +221,29 @@ def _gzip(document: bytes) -> bytes:
 
 
 def encode_snapshot(new: table.RoutingTable, since: Mapping[str, str]) -> Snapshot:
-    """``new`` and its since map as the snapshot ConfigMap stores them: JSON if both fit, else
+    """``new`` and its since map as the snapshot Secret stores them: JSON if both fit, else
     gzip; the table alone (compressed) if only it fits.
 
     Raises:
-        SnapshotTooLargeError: even the table's gzip form exceeds MAX_CONFIGMAP_BYTES.
+        SnapshotTooLargeError: even the table's gzip form exceeds MAX_SECRET_BYTES.
     """
     document, since_document = table.to_json(new), encode_since(new, since)
-    if len(document) + len(since_document) <= MAX_CONFIGMAP_BYTES:
+    if len(document) + len(since_document) <= MAX_SECRET_BYTES:
         return Snapshot(new.version, compressed=False, content=document, since=since_document)
     compressed, since_compressed = _gzip(document), _gzip(since_document)
-    if len(compressed) + len(since_compressed) <= MAX_CONFIGMAP_BYTES:
+    if len(compressed) + len(since_compressed) <= MAX_SECRET_BYTES:
         return Snapshot(new.version, compressed=True, content=compressed, since=since_compressed)
-    if len(compressed) <= MAX_CONFIGMAP_BYTES:
+    if len(compressed) <= MAX_SECRET_BYTES:
         return Snapshot(new.version, compressed=True, content=compressed)
     raise SnapshotTooLargeError(
         f"routing table {new.version} takes {len(document)} bytes, {len(compressed)} compressed: "
-        f"more than the {MAX_CONFIGMAP_BYTES} bytes a ConfigMap holds"
+        f"more than the {MAX_SECRET_BYTES} bytes a Secret holds"
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Restored:
-    """What a snapshot ConfigMap gives a restarted controller."""
+    """What a snapshot Secret gives a restarted controller."""
 
     table: table.RoutingTable
     since: Mapping[str, str]  # every route of ``table`` -> the first version that held it so
@@ -261,19 +264,18 @@ def _gunzip(data: bytes, where: str) -> bytes:
 
 
 def _stored_value(stored: Mapping[str, Any], key: str, compressed: bool) -> bytes | None:
-    """The bytes under ``key``: in data, or for ``compressed`` in binaryData (base64, gzip)."""
-    values = stored.get("binaryData" if compressed else "data")
+    """The bytes under ``key`` in data (base64), decompressed for ``compressed`` (gzip)."""
+    values = stored.get("data")
     value = values.get(key) if isinstance(values, Mapping) else None
     if value is None:
         return None
     if not isinstance(value, str):
         raise SnapshotUnreadableError(f"{key} is not a string")
-    if not compressed:
-        return value.encode()
     try:
-        return _gunzip(base64.b64decode(value, validate=True), key)
+        decoded = base64.b64decode(value, validate=True)
     except binascii.Error as error:
         raise SnapshotUnreadableError(f"{key} is not base64: {error}") from error
+    return _gunzip(decoded, key) if compressed else decoded
 
 
 def _parse_since(document: bytes, stored: table.RoutingTable) -> dict[str, str]:
@@ -302,7 +304,7 @@ def _parse_since(document: bytes, stored: table.RoutingTable) -> dict[str, str]:
 
 
 def decode_snapshot(stored: Mapping[str, Any]) -> Restored:
-    """The table and since map of the snapshot ConfigMap ``stored`` (as the API returns it).
+    """The table and since map of the snapshot Secret ``stored`` (as the API returns it).
 
     The plain table first, as the proxies read it (proxy/server/subscriber.py ``read_snapshot``).
 
@@ -341,12 +343,12 @@ class Cluster(Protocol):
         ...
 
     async def load_snapshot(self) -> Mapping[str, Any] | None:
-        """The snapshot ConfigMap as the API returns it (data, binaryData), None if there is none.
+        """The snapshot Secret as the API returns it (data in base64), None if there is none.
         Raises ClusterError when the API refuses or fails."""
         ...
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        """Store ``snapshot`` in the snapshot ConfigMap (create, or patch: its keys set, the other
+        """Store ``snapshot`` in the snapshot Secret (create, or patch: its keys set, the other
         form's keys removed). Raises ClusterError when the API refuses or fails."""
         ...
 
@@ -479,7 +481,7 @@ class Reconciler:
         self._compiled: compiler.Compiled | None = None
         self._published = _Published()
         self._pushed: str | None = None  # version last given to the publisher
-        self._snapshot: str | None = None  # version last written to the ConfigMap
+        self._snapshot: str | None = None  # version last written to the Secret
         # Restored from a snapshot, and no ready proxy's ack heard for PROXY_GRACE_SECONDS yet
         # (``_await_proxies``): the first sweep waits for them.
         self._restored = False
@@ -522,18 +524,18 @@ class Reconciler:
         self._wake.set()
 
     async def restore(self) -> None:
-        """Start from the snapshot ConfigMap a previous controller wrote, if there is a usable
+        """Start from the snapshot Secret a previous controller wrote, if there is a usable
         one (see the module docstring); call before the first pass. Never raises for the API or
         the snapshot's content: without it, only status writes are lost, once."""
         try:
             stored = await self._cluster.load_snapshot()
             if stored is None:
-                log.info("no routing table snapshot ConfigMap yet: starting without one")
+                log.info("no routing table snapshot Secret yet: starting without one")
                 return
             restored = decode_snapshot(stored)
         except (ClusterError, SnapshotUnreadableError) as error:
             log.warning(
-                "cannot restart from the routing table snapshot ConfigMap (%s): every MailRoute's "
+                "cannot restart from the routing table snapshot Secret (%s): every MailRoute's "
                 "status.proxies.version moves to the first table this controller publishes",
                 error,
             )
@@ -659,7 +661,7 @@ class Reconciler:
         return inputs, compiled
 
     async def _save_snapshot(self, new: _Table) -> None:
-        """Write ``new`` to the snapshot ConfigMap, unless the last failure says to wait.
+        """Write ``new`` to the snapshot Secret, unless the last failure says to wait.
 
         Never raises for the API or the table's size: proxies get every table over the push
         channel meanwhile, and statuses must not wait for a file that only a proxy booting while
@@ -686,7 +688,7 @@ class Reconciler:
                 self._since_dropped = snapshot.since is None
                 if self._since_dropped:
                     log.warning(
-                        "the routing table snapshot %s holds no since map (the ConfigMap holds only "
+                        "the routing table snapshot %s holds no since map (the Secret holds only "
                         "the table): after a restart every MailRoute's status is written once",
                         new.version,
                     )
@@ -707,7 +709,7 @@ class Reconciler:
         problem = "too large" if too_large else str(error)
         if self._snapshot_failure is None or self._snapshot_failure.problem != problem:
             log.error(
-                "cannot write the routing table snapshot ConfigMap, trying again %s (proxies still "
+                "cannot write the routing table snapshot Secret, trying again %s (proxies still "
                 "get every table over the push channel; one that starts while the controller is "
                 "away serves an older snapshot or none): %s",
                 "with the next table" if too_large else f"in {RETRY_SECONDS:.0f} s",

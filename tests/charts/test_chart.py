@@ -439,17 +439,20 @@ def test_every_file_the_settings_name_is_mounted(scenario: str) -> None:
     assert token == controller_files[controller_token], "proxies and controller share one token"
     assert parsed.controller.snapshot_file is not None
     snapshot = PurePosixPath(parsed.controller.snapshot_file)
-    snapshot_configmap = controller_args[controller_args.index("--snapshot-configmap") + 1]
-    assert files[snapshot] == ("configMap", snapshot_configmap, reconciler.SNAPSHOT_KEY)
+    snapshot_secret = controller_args[controller_args.index("--snapshot-secret") + 1]
+    assert files[snapshot] == ("secret", snapshot_secret, reconciler.SNAPSHOT_KEY)
     # A table too large to store plainly: the compressed key, where the proxy's reader looks.
     compressed = snapshot.with_name(snapshot.name + subscriber.SNAPSHOT_GZIP_SUFFIX)
-    assert files[compressed] == ("configMap", snapshot_configmap, reconciler.SNAPSHOT_GZIP_KEY)
+    assert files[compressed] == ("secret", snapshot_secret, reconciler.SNAPSHOT_GZIP_KEY)
+    # The since map is the controller's alone: only the two table keys reach the proxy.
+    assert [path for path, source in files.items() if source[1] == snapshot_secret] == [snapshot, compressed]
 
 
 def test_snapshot_volume_is_optional_and_tls_secrets_are_whole_directories() -> None:
     pod = one("tls", "Deployment", "proxy")["spec"]["template"]["spec"]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    assert volumes["snapshot"]["configMap"]["optional"] is True  # the controller creates it later
+    assert volumes["snapshot"]["secret"]["optional"] is True  # the controller creates it later
+    assert volumes["snapshot"]["secret"]["defaultMode"] == 0o440  # auth_http headers: the pod's group
     mounts = container(one("tls", "Deployment", "proxy"))["volumeMounts"]
     tls_mounts = sorted(mount["mountPath"] for mount in mounts if mount["name"].startswith("tls-"))
     assert tls_mounts == ["/etc/mailgress/tls/mail-example-net", "/etc/mailgress/tls/mail-example-org"]

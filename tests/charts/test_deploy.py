@@ -2,7 +2,8 @@
 
 deploy.render is what `make render` runs; rendering again must give exactly the files in deploy/,
 with no leftover numbered file. The one deliberate difference from the chart's defaults (the
-token Secret the user creates) must be what deploy/README.md tells the user to create.
+token Secret the user creates) must be what deploy/README.md tells the user to create; the only
+other Secret mounted is the snapshot, which the controller creates.
 """
 
 import yaml
@@ -39,14 +40,20 @@ def test_numbered_files_are_in_apply_order_and_the_bundle_holds_them_all() -> No
 def test_deploy_brings_no_token_and_says_how_to_create_it() -> None:
     documents = [d for d in yaml.safe_load_all(render.files()[render.BUNDLE]) if d]
     assert not [d for d in documents if d["kind"] == "Secret"], "a committed token would be everyone's"
-    volumes = [
-        volume["secret"]["secretName"]
-        for d in documents
-        if d["kind"] == "Deployment"
+    deployments = [d for d in documents if d["kind"] == "Deployment"]
+    secrets = [
+        volume["secret"]
+        for d in deployments
         for volume in d["spec"]["template"]["spec"]["volumes"]
         if "secret" in volume
     ]
-    assert volumes == [render.PUSH_TOKEN_SECRET, render.PUSH_TOKEN_SECRET]
+    required = [secret["secretName"] for secret in secrets if not secret.get("optional")]
+    assert required == [render.PUSH_TOKEN_SECRET, render.PUSH_TOKEN_SECRET]
+    # The one other Secret is the routing table snapshot, which the controller creates itself.
+    [controller] = [d for d in deployments if d["metadata"]["name"].endswith("-controller")]
+    arguments = controller["spec"]["template"]["spec"]["containers"][0]["args"]
+    snapshot = arguments[arguments.index("--snapshot-secret") + 1]
+    assert [secret["secretName"] for secret in secrets if secret.get("optional")] == [snapshot]
     readme = (render.DEPLOY / "README.md").read_text()
     assert f"create secret generic {render.PUSH_TOKEN_SECRET}" in readme
     assert f"--namespace {render.NAMESPACE}" in readme

@@ -126,18 +126,19 @@ def test_controller_rbac_is_exactly_what_the_controller_uses(
     )
 
 
-def test_only_the_snapshot_configmap_is_namespaced_and_patched_by_name() -> None:
-    """The controller writes one ConfigMap, in its own namespace, and may read or patch no other."""
+def test_only_the_snapshot_secret_is_namespaced_and_patched_by_name() -> None:
+    """The controller writes one Secret, in its own namespace, and may read or patch no other;
+    it has no rights on ConfigMaps at all (the snapshot of an earlier release is left alone)."""
     documents = [document.body for document in rendered("default")]
     [role] = [doc for doc in documents if doc["kind"] == "Role"]
     assert role["metadata"]["namespace"] == render.NAMESPACE
     arguments = container(one("default", "Deployment", "controller"))["args"]
-    snapshot = arguments[arguments.index("--snapshot-configmap") + 1]
+    snapshot = arguments[arguments.index("--snapshot-secret") + 1]
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
         {
             "apiGroups": [""],
-            "resources": ["configmaps"],
+            "resources": ["secrets"],
             "resourceNames": [snapshot],
             "verbs": ["get", "patch"],
         },
@@ -148,4 +149,4 @@ def test_only_the_snapshot_configmap_is_namespaced_and_patched_by_name() -> None
         if doc["kind"] == "ClusterRole"
         and doc["metadata"]["labels"].get("app.kubernetes.io/component") == "controller"
     ]
-    assert all("configmaps" not in rule["resources"] for rule in cluster_role["rules"])
+    assert all(not {"configmaps", "secrets"} & set(rule["resources"]) for rule in cluster_role["rules"])

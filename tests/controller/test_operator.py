@@ -1,6 +1,6 @@
 """The controller process: settings from flags and environment, credentials, the push channel it
 starts on the token file, and the API client (``KubeApi``) against the emulator, the snapshot
-ConfigMap in both its forms included, written and read back."""
+Secret in both its forms included, written and read back."""
 
 import argparse
 import base64
@@ -37,7 +37,7 @@ def test_defaults_and_the_environment() -> None:
     assert settings.proxy_selector == {"app.kubernetes.io/component": "proxy"}
     assert (settings.listen_address, settings.listen_port) == ("0.0.0.0", operator.DEFAULT_LISTEN_PORT)
     assert settings.token_file == Path("/run/token")
-    assert settings.snapshot_configmap == operator.DEFAULT_SNAPSHOT_CONFIGMAP
+    assert settings.snapshot_secret == operator.DEFAULT_SNAPSHOT_NAME
     assert settings.kubeconfig is None
     assert settings.health == operator.DEFAULT_HEALTH
 
@@ -61,6 +61,58 @@ def test_flags_win_over_the_environment() -> None:
     )
     assert settings.proxy_selector == {"app": "mailgress", "tier": "edge"}
     assert (settings.kubeconfig, settings.health) == (Path("/k/config"), "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "name", "deprecated"),
+    [
+        pytest.param(("--snapshot-secret=s",), {}, "s", [], id="flag"),
+        pytest.param((), {"MAILGRESS_SNAPSHOT_SECRET": "s"}, "s", [], id="environment"),
+        pytest.param(("--snapshot-configmap=c",), {}, "c", ["--snapshot-configmap"], id="deprecated-flag"),
+        pytest.param(
+            (),
+            {"MAILGRESS_SNAPSHOT_CONFIGMAP": "c"},
+            "c",
+            ["MAILGRESS_SNAPSHOT_CONFIGMAP"],
+            id="deprecated-env",
+        ),
+        pytest.param(
+            ("--snapshot-secret=s", "--snapshot-configmap=c"),
+            {},
+            "s",
+            ["--snapshot-configmap"],
+            id="new-flag-wins-over-its-alias",
+        ),
+        pytest.param(
+            ("--snapshot-configmap=c",),
+            {"MAILGRESS_SNAPSHOT_SECRET": "s"},
+            "c",
+            ["--snapshot-configmap"],
+            id="a-flag-wins-over-the-environment",
+        ),
+        pytest.param(
+            (),
+            {"MAILGRESS_SNAPSHOT_SECRET": "s", "MAILGRESS_SNAPSHOT_CONFIGMAP": "c"},
+            "s",
+            ["MAILGRESS_SNAPSHOT_CONFIGMAP"],
+            id="new-env-wins-over-its-alias",
+        ),
+    ],
+)
+def test_the_snapshot_secret_and_its_deprecated_configmap_aliases(
+    argv: tuple[str, ...],
+    environ: dict[str, str],
+    name: str,
+    deprecated: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--snapshot-secret names the Secret; the ConfigMap flag and variable of the previous release
+    still work for this one, each after its new form, with a warning naming the alias."""
+    settings = operator.settings_from(arguments(*argv), {"MAILGRESS_TOKEN_FILE": "t", **environ})
+    assert settings.snapshot_secret == name
+    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert [message.split(" ", 1)[0] for message in warned] == deprecated
+    assert all("deprecated" in message and "--snapshot-secret" in message for message in warned)
 
 
 @pytest.mark.parametrize(
@@ -187,40 +239,51 @@ async def test_status_patch_needs_the_resource_version(kube_api: tuple[Emulator,
     assert emulator.accesses("writer-token")[0].subresource == "status"
 
 
-def stored_configmap(emulator: Emulator) -> dict[str, Any]:
+def stored_secret(emulator: Emulator) -> dict[str, Any]:
+    """The snapshot Secret as the emulator holds it; no ConfigMap was written beside it."""
+    assert not any(resource.plural == "configmaps" for resource, _, _ in emulator.objects)
     stored: dict[str, Any] = emulator.objects[
-        kmock.resource("", "v1", "configmaps"), "mailgress-system", "snapshot"
+        kmock.resource("", "v1", "secrets"), "mailgress-system", "snapshot"
     ].raw
     return stored
 
 
+def decoded(stored: dict[str, Any]) -> dict[str, bytes]:
+    """The Secret's data as the kubelet writes its files: every value base64-decoded."""
+    return {key: base64.b64decode(value, validate=True) for key, value in stored["data"].items()}
+
+
 async def test_snapshot_is_created_then_patched(kube_api: tuple[Emulator, operator.KubeApi]) -> None:
+    """An Opaque Secret, created once, then patched by name; the table in data, base64."""
     emulator, api = kube_api
     await api.save_snapshot(reconciler.Snapshot("v1", compressed=False, content=b'{"first":1}'))
     await api.save_snapshot(reconciler.Snapshot("v2", compressed=False, content=b'{"second":2}'))
-    stored = stored_configmap(emulator)
-    assert stored["data"] == {reconciler.SNAPSHOT_KEY: '{"second":2}'}
-    assert not stored.get("binaryData")
+    stored = stored_secret(emulator)
+    assert (stored["kind"], stored["type"]) == ("Secret", operator.SNAPSHOT_TYPE)
+    assert decoded(stored) == {reconciler.SNAPSHOT_KEY: b'{"second":2}'}
+    assert not stored.get("binaryData") and not stored.get("stringData")
+    assert emulator.accesses("writer-token") == [
+        Access(verb="create", resource="secrets"),
+        Access(verb="patch", resource="secrets"),
+    ]
 
 
-async def test_a_table_too_large_to_store_plainly_goes_to_binary_data_and_back(
+async def test_a_table_too_large_to_store_plainly_goes_gzipped_and_back(
     kube_api: tuple[Emulator, operator.KubeApi], tmp_path: Path
 ) -> None:
-    """Over 1 MiB of JSON: gzip under the compressed keys in binaryData, the plain keys removed
-    (a proxy must not read the older table beside it, a restart not the older since map); the
-    proxy's reader, given the files the kubelet would write, gets the table back, and so does
-    the controller's. Small again: plain, the compressed keys removed."""
+    """Over 1 MiB of JSON: gzip under the compressed keys, the plain keys removed (a proxy must
+    not read the older table beside it, a restart not the older since map); the proxy's reader,
+    given the files the kubelet would write, gets the table back, and so does the controller's.
+    Small again: plain, the compressed keys removed."""
     emulator, api = kube_api
     big = table_over_the_plain_limit()
     small = table.make_table(big.routes[:1])
     await api.save_snapshot(reconciler.encode_snapshot(small, since_of(small)))
     await api.save_snapshot(reconciler.encode_snapshot(big, since_of(big)))
-    stored = stored_configmap(emulator)
-    assert not stored.get("data")
-    assert stored["binaryData"].keys() == {reconciler.SNAPSHOT_GZIP_KEY, reconciler.SINCE_GZIP_KEY}
-    content = base64.b64decode(stored["binaryData"][reconciler.SNAPSHOT_GZIP_KEY], validate=True)
-    since = base64.b64decode(stored["binaryData"][reconciler.SINCE_GZIP_KEY], validate=True)
-    assert len(content) + len(since) <= reconciler.MAX_CONFIGMAP_BYTES
+    files = decoded(stored_secret(emulator))
+    assert files.keys() == {reconciler.SNAPSHOT_GZIP_KEY, reconciler.SINCE_GZIP_KEY}
+    content, since = files[reconciler.SNAPSHOT_GZIP_KEY], files[reconciler.SINCE_GZIP_KEY]
+    assert len(content) + len(since) <= reconciler.MAX_SECRET_BYTES
     (tmp_path / reconciler.SNAPSHOT_GZIP_KEY).write_bytes(content)
     assert subscriber.read_snapshot(tmp_path / reconciler.SNAPSHOT_KEY)[1] == big
     loaded = await api.load_snapshot()
@@ -228,12 +291,10 @@ async def test_a_table_too_large_to_store_plainly_goes_to_binary_data_and_back(
     assert reconciler.decode_snapshot(loaded) == reconciler.Restored(big, since_of(big))
 
     await api.save_snapshot(reconciler.encode_snapshot(small, since_of(small)))
-    stored = stored_configmap(emulator)
-    assert stored["data"] == {
-        reconciler.SNAPSHOT_KEY: table.to_json(small).decode(),
-        reconciler.SINCE_KEY: reconciler.encode_since(small, since_of(small)).decode(),
+    assert decoded(stored_secret(emulator)) == {
+        reconciler.SNAPSHOT_KEY: table.to_json(small),
+        reconciler.SINCE_KEY: reconciler.encode_since(small, since_of(small)),
     }
-    assert not stored.get("binaryData")
     loaded = await api.load_snapshot()
     assert loaded is not None
     assert reconciler.decode_snapshot(loaded) == reconciler.Restored(small, since_of(small))
@@ -244,20 +305,19 @@ async def test_no_snapshot_yet_is_none_and_a_refused_read_a_cluster_error(
 ) -> None:
     emulator, api = kube_api
     assert await api.load_snapshot() is None
-    emulator.forbidden["writer-token"] = {Access(verb="get", resource="configmaps")}
+    emulator.forbidden["writer-token"] = {Access(verb="get", resource="secrets")}
     with pytest.raises(reconciler.ClusterError, match="HTTP 403"):
         await api.load_snapshot()
 
 
-async def test_a_new_configmap_holds_only_the_form_written(
+async def test_a_new_secret_holds_only_the_form_written(
     kube_api: tuple[Emulator, operator.KubeApi],
 ) -> None:
-    """Created compressed: binaryData alone, no null left over from the merge patch's removals."""
+    """Created compressed: the gzip key alone, no null left over from the merge patch's removals."""
     emulator, api = kube_api
     await api.save_snapshot(reconciler.Snapshot("v1", compressed=True, content=b"\x1f\x8bdata"))
-    stored = stored_configmap(emulator)
-    assert "data" not in stored
-    assert stored["binaryData"] == {reconciler.SNAPSHOT_GZIP_KEY: base64.b64encode(b"\x1f\x8bdata").decode()}
+    stored = stored_secret(emulator)
+    assert stored["data"] == {reconciler.SNAPSHOT_GZIP_KEY: base64.b64encode(b"\x1f\x8bdata").decode()}
 
 
 async def test_api_trouble_is_a_cluster_error(tmp_path: Path) -> None:

@@ -64,14 +64,14 @@ class FakeCluster:
     failures: int = 0  # raise ClusterError on this many next status patches
     snapshot_failures: int = 0  # raise ClusterError on this many next snapshot writes
     snapshot_attempts: int = 0
-    # The snapshot ConfigMap's data and binaryData as the API server keeps them (None: absent).
-    configmap: dict[str, dict[str, str]] | None = None
+    # The snapshot Secret's data as the API server keeps it (None: absent).
+    secret: dict[str, dict[str, str]] | None = None
     refuse_reads: bool = False  # raise ClusterError on reading the snapshot
 
     async def load_snapshot(self) -> Mapping[str, Any] | None:
         if self.refuse_reads:
-            raise reconciler.ClusterError("GET configmaps/routing-table: HTTP 403")
-        return copy.deepcopy(self.configmap)
+            raise reconciler.ClusterError("GET secrets/routing-table: HTTP 403")
+        return copy.deepcopy(self.secret)
 
     async def patch_status(
         self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]
@@ -88,9 +88,9 @@ class FakeCluster:
         self.snapshot_attempts += 1
         if self.snapshot_failures:
             self.snapshot_failures -= 1
-            raise reconciler.ClusterError("saving the snapshot ConfigMap routing-table: HTTP 403")
+            raise reconciler.ClusterError("saving the snapshot Secret routing-table: HTTP 403")
         self.snapshots.append(snapshot)
-        stored = self.configmap if self.configmap is not None else {}
+        stored = self.secret if self.secret is not None else {}
         for name, values in snapshot.merge_patch().items():  # as the API server merges it
             kept = stored.setdefault(name, {})
             for key, value in values.items():
@@ -98,7 +98,7 @@ class FakeCluster:
                     kept.pop(key, None)
                 else:
                     kept[key] = value
-        self.configmap = stored
+        self.secret = stored
 
     async def post_event(self, entry: reconciler.RouteEntry, kind: str, reason: str, message: str) -> None:
         self.events.append((entry.route.key, kind, reason, message))
@@ -456,7 +456,7 @@ async def test_snapshot_follows_the_published_version(
 
 # The snapshot's failures and its compressed form.
 
-SNAPSHOT_ERROR = "cannot write the routing table snapshot ConfigMap"
+SNAPSHOT_ERROR = "cannot write the routing table snapshot Secret"
 
 
 def programmed(cluster: FakeCluster) -> bool:
@@ -496,7 +496,7 @@ async def test_a_failing_snapshot_write_holds_up_neither_tables_nor_statuses_and
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Missing RBAC on the ConfigMap, say: every pass still publishes and writes statuses; the
+    """Missing RBAC on the Secret, say: every pass still publishes and writes statuses; the
     snapshot is tried again RETRY_SECONDS after each failure (here at once), logged once."""
     monkeypatch.setattr(reconciler, "RETRY_SECONDS", 0)
     caplog.set_level(logging.INFO, logger=reconciler.__name__)
@@ -548,7 +548,7 @@ async def test_a_table_too_large_even_compressed_is_reported_and_only_a_new_one_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A limit of 100 bytes stands in for the 1 MiB that tens of thousands of routes exceed."""
-    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", 100)
+    monkeypatch.setattr(reconciler, "MAX_SECRET_BYTES", 100)
     caplog.set_level(logging.INFO, logger=reconciler.__name__)
     await counted.reconcile()
     assert cluster.snapshot_attempts == 0  # nothing the API server would refuse is sent
@@ -556,14 +556,14 @@ async def test_a_table_too_large_even_compressed_is_reported_and_only_a_new_one_
     assert len(cluster.patches) == 1  # statuses go on
     assert failures(registry, "too_large") == 1
     assert caplog.text.count(SNAPSHOT_ERROR) == 1
-    assert "more than the 100 bytes a ConfigMap holds" in caplog.text
+    assert "more than the 100 bytes a Secret holds" in caplog.text
     await counted.reconcile()  # the same table: it will not fit any better
     assert failures(registry, "too_large") == 1
     world.routes.append(entry(route_body("other", "example.org")))
     await counted.reconcile()  # a new table is tried; the same problem is not logged again
     assert failures(registry, "too_large") == 2
     assert caplog.text.count(SNAPSHOT_ERROR) == 1
-    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", 1024 * 1024)
+    monkeypatch.setattr(reconciler, "MAX_SECRET_BYTES", 1024 * 1024)
     world.routes.pop()
     await counted.reconcile()
     assert [snapshot.version for snapshot in cluster.snapshots] == [publisher.published[-1].version]
@@ -581,18 +581,18 @@ async def test_a_table_over_the_plain_limit_is_stored_compressed_and_the_proxy_r
     cluster: FakeCluster,
     tmp_path: Path,
 ) -> None:
-    """Thousands of routes overflow a ConfigMap as JSON (1 MiB, Kubernetes' object data limit);
-    gzip in binaryData fits, and the proxy's snapshot reader finds it where the chart mounts it
+    """Thousands of routes overflow a Secret as JSON (1 MiB, Kubernetes' object data limit); gzip
+    under the second key fits, and the proxy's snapshot reader finds it where the chart mounts it
     (the compressed key's file beside the plain key's) and gets the very table published."""
     world.routes = many_routes(4500)
     await worker.reconcile()
     (published,) = publisher.published
-    assert len(table.to_json(published)) > reconciler.MAX_CONFIGMAP_BYTES
+    assert len(table.to_json(published)) > reconciler.MAX_SECRET_BYTES
     (snapshot,) = cluster.snapshots
     assert snapshot.compressed
     assert snapshot.since is not None
-    assert len(snapshot.content) + len(snapshot.since) <= reconciler.MAX_CONFIGMAP_BYTES
-    assert snapshot.fields().keys() == {"binaryData"}
+    assert len(snapshot.content) + len(snapshot.since) <= reconciler.MAX_SECRET_BYTES
+    assert snapshot.fields()["data"].keys() == {reconciler.SNAPSHOT_GZIP_KEY, reconciler.SINCE_GZIP_KEY}
     (tmp_path / reconciler.SNAPSHOT_GZIP_KEY).write_bytes(snapshot.content)
     read = subscriber.read_snapshot(tmp_path / reconciler.SNAPSHOT_KEY)
     assert read == (tmp_path / reconciler.SNAPSHOT_GZIP_KEY, published)
@@ -603,13 +603,14 @@ async def test_a_table_over_the_plain_limit_is_stored_compressed_and_the_proxy_r
     latest = publisher.published[-1]
     assert cluster.snapshots[-1].merge_patch() == {
         "data": {
-            reconciler.SNAPSHOT_KEY: table.to_json(latest).decode(),
+            reconciler.SNAPSHOT_KEY: encoded(table.to_json(latest)),
             # The route was in the first table, unchanged since.
-            reconciler.SINCE_KEY: reconciler.encode_since(
-                latest, {"mail/route-00000": published.version}
-            ).decode(),
-        },
-        "binaryData": {reconciler.SNAPSHOT_GZIP_KEY: None, reconciler.SINCE_GZIP_KEY: None},
+            reconciler.SINCE_KEY: encoded(
+                reconciler.encode_since(latest, {"mail/route-00000": published.version})
+            ),
+            reconciler.SNAPSHOT_GZIP_KEY: None,
+            reconciler.SINCE_GZIP_KEY: None,
+        }
     }
 
 
@@ -625,9 +626,9 @@ def made_table(count: int) -> table.RoutingTable:
 
 
 def table_over_the_plain_limit() -> table.RoutingTable:
-    """A table whose JSON a ConfigMap cannot hold."""
+    """A table whose JSON a Secret cannot hold."""
     made = made_table(12_000)
-    assert len(table.to_json(made)) > reconciler.MAX_CONFIGMAP_BYTES
+    assert len(table.to_json(made)) > reconciler.MAX_SECRET_BYTES
     return made
 
 
@@ -834,7 +835,7 @@ async def test_a_route_created_again_unchanged_is_programmed_where_the_proxies_r
 
 # A restart: a new Reconciler on the same cluster, started from the snapshot the first one wrote.
 
-RESTORE_FAILED = "cannot restart from the routing table snapshot ConfigMap"
+RESTORE_FAILED = "cannot restart from the routing table snapshot Secret"
 
 
 async def programmed_in_two_tables(
@@ -904,8 +905,8 @@ async def test_a_route_changed_while_the_controller_was_away_gets_a_new_version(
     status = cluster.last_status("mail/other")
     assert status["proxies"] == {"programmed": 0, "total": 2, "version": third}
     assert conditions_of(status)["Programmed"] == ("Unknown", "Pending", "0 of 2 proxies")
-    assert cluster.configmap is not None
-    restored = reconciler.decode_snapshot(cluster.configmap)
+    assert cluster.secret is not None
+    restored = reconciler.decode_snapshot(cluster.secret)
     assert restored.since == {"mail/example": first, "mail/other": third}
 
     channel.ack("proxy-a")
@@ -994,39 +995,54 @@ async def test_proxies_that_stay_silent_hold_the_first_sweep_only_for_the_grace(
     assert "not every ready proxy acked within 0 s of the first table" in caplog.text
 
 
+def encoded(value: bytes) -> str:
+    """A Secret data value as JSON carries it."""
+    return base64.b64encode(value).decode()
+
+
+def stored_table(stored: dict[str, dict[str, str]]) -> table.RoutingTable:
+    return table.from_json(base64.b64decode(stored["data"][reconciler.SNAPSHOT_KEY]))
+
+
 def drop_since(stored: dict[str, dict[str, str]]) -> None:
     del stored["data"][reconciler.SINCE_KEY]
 
 
 def corrupt_table(stored: dict[str, dict[str, str]]) -> None:
-    stored["data"][reconciler.SNAPSHOT_KEY] = '{"apiVersion": '
+    stored["data"][reconciler.SNAPSHOT_KEY] = encoded(b'{"apiVersion": ')
 
 
 def since_of_another_table(stored: dict[str, dict[str, str]]) -> None:
     other = table.make_table(())
-    stored["data"][reconciler.SINCE_KEY] = reconciler.encode_since(other, {}).decode()
+    stored["data"][reconciler.SINCE_KEY] = encoded(reconciler.encode_since(other, {}))
 
 
 def since_without_a_route(stored: dict[str, dict[str, str]]) -> None:
-    current = table.from_json(stored["data"][reconciler.SNAPSHOT_KEY])
+    current = stored_table(stored)
     since = {route.name: current.version for route in current.routes[1:]}
-    stored["data"][reconciler.SINCE_KEY] = reconciler.encode_since(current, since).decode()
+    stored["data"][reconciler.SINCE_KEY] = encoded(reconciler.encode_since(current, since))
 
 
 def since_not_of_versions(stored: dict[str, dict[str, str]]) -> None:
-    current = table.from_json(stored["data"][reconciler.SNAPSHOT_KEY])
-    stored["data"][reconciler.SINCE_KEY] = json.dumps({"table": current.version, "since": {"v1": ["x"]}})
+    current = stored_table(stored)
+    body = {"table": current.version, "since": {"v1": ["x"]}}
+    stored["data"][reconciler.SINCE_KEY] = encoded(json.dumps(body).encode())
 
 
 def corrupt_gzip(stored: dict[str, dict[str, str]]) -> None:
-    stored.clear()
-    garbage = base64.b64encode(b"\x1f\x8b" + b"not deflate").decode()
-    stored["binaryData"] = {reconciler.SNAPSHOT_GZIP_KEY: garbage, reconciler.SINCE_GZIP_KEY: garbage}
+    garbage = encoded(b"\x1f\x8b" + b"not deflate")
+    stored["data"] = {reconciler.SNAPSHOT_GZIP_KEY: garbage, reconciler.SINCE_GZIP_KEY: garbage}
 
 
 def not_base64(stored: dict[str, dict[str, str]]) -> None:
-    stored.clear()
-    stored["binaryData"] = {reconciler.SNAPSHOT_GZIP_KEY: "%%%"}
+    stored["data"] = {reconciler.SNAPSHOT_GZIP_KEY: "%%%"}
+
+
+def plain_not_base64(stored: dict[str, dict[str, str]]) -> None:
+    """The table JSON as a ConfigMap held it: a Secret's value is base64, this is not."""
+    stored["data"][reconciler.SNAPSHOT_KEY] = base64.b64decode(
+        stored["data"][reconciler.SNAPSHOT_KEY]
+    ).decode()
 
 
 def nothing_stored(stored: dict[str, dict[str, str]]) -> None:
@@ -1043,6 +1059,7 @@ def nothing_stored(stored: dict[str, dict[str, str]]) -> None:
         (since_not_of_versions, "the since map holds something else than versions and names"),
         (corrupt_gzip, "table.json.gz is not valid gzip"),
         (not_base64, "table.json.gz is not base64"),
+        (plain_not_base64, "table.json is not base64"),
         (nothing_stored, "it holds neither table.json nor table.json.gz"),
     ],
 )
@@ -1059,8 +1076,8 @@ async def test_an_unusable_snapshot_falls_back_to_a_fresh_start(
     the new process (here "example", whose version was the older table's); the snapshot written
     anew with its since map, for the next restart."""
     _, second = await programmed_in_two_tables(world, worker, publisher, cluster)
-    assert cluster.configmap is not None
-    damage(cluster.configmap)
+    assert cluster.secret is not None
+    damage(cluster.secret)
     caplog.set_level(logging.INFO, logger=reconciler.__name__)
     again, channel = restarted(world, cluster)
     await again.restore()
@@ -1069,8 +1086,8 @@ async def test_an_unusable_snapshot_falls_back_to_a_fresh_start(
     channel.ack("proxy-b", version=second)
     await again.reconcile()
     assert cluster.last_status("mail/example")["proxies"] == {"programmed": 2, "total": 2, "version": second}
-    assert cluster.configmap is not None
-    assert reconciler.decode_snapshot(cluster.configmap).since == {
+    assert cluster.secret is not None
+    assert reconciler.decode_snapshot(cluster.secret).since == {
         "mail/example": second,
         "mail/other": second,
     }
@@ -1078,7 +1095,7 @@ async def test_an_unusable_snapshot_falls_back_to_a_fresh_start(
 
 @pytest.mark.parametrize(
     ("missing", "logged"),
-    [(True, "no routing table snapshot ConfigMap yet"), (False, f"{RESTORE_FAILED} (GET configmaps")],
+    [(True, "no routing table snapshot Secret yet"), (False, f"{RESTORE_FAILED} (GET secrets")],
 )
 async def test_no_snapshot_or_a_refused_read_starts_afresh(
     world: World,
@@ -1088,7 +1105,7 @@ async def test_no_snapshot_or_a_refused_read_starts_afresh(
     missing: bool,
     logged: str,
 ) -> None:
-    """The first start ever, or no RBAC to read the ConfigMap: today's start, never a crash."""
+    """The first start ever, or no RBAC to read the Secret: today's start, never a crash."""
     caplog.set_level(logging.INFO, logger=reconciler.__name__)
     cluster.refuse_reads = not missing
     await worker.restore()
@@ -1099,12 +1116,12 @@ async def test_no_snapshot_or_a_refused_read_starts_afresh(
 
 
 def test_decompression_stops_at_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A ConfigMap's 1 MiB of gzip can inflate to a gigabyte: a restore stops at its bound, and
+    """A Secret's 1 MiB of gzip can inflate to a gigabyte: a restore stops at its bound, and
     a member cut short is refused."""
     current = made_table(3)
     plain = reconciler.encode_snapshot(current, since_of(current))
     assert plain.since is not None
-    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(plain.content) + len(plain.since) - 1)
+    monkeypatch.setattr(reconciler, "MAX_SECRET_BYTES", len(plain.content) + len(plain.since) - 1)
     compressed = reconciler.encode_snapshot(current, since_of(current))
     assert compressed.compressed
     assert compressed.since is not None
@@ -1113,10 +1130,10 @@ def test_decompression_stops_at_the_bound(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(reconciler.SnapshotUnreadableError, match="decompresses to more than"):
         reconciler.decode_snapshot(compressed.fields())
     monkeypatch.setattr(reconciler, "MAX_RESTORED_BYTES", len(plain.content))
-    truncated = dict(compressed.fields()["binaryData"])
-    truncated[reconciler.SNAPSHOT_GZIP_KEY] = base64.b64encode(compressed.content[:-4]).decode()
+    truncated = dict(compressed.fields()["data"])
+    truncated[reconciler.SNAPSHOT_GZIP_KEY] = encoded(compressed.content[:-4])
     with pytest.raises(reconciler.SnapshotUnreadableError, match="not one complete gzip member"):
-        reconciler.decode_snapshot({"binaryData": truncated})
+        reconciler.decode_snapshot({"data": truncated})
 
 
 def test_the_since_map_counts_in_the_size_check(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1125,21 +1142,19 @@ def test_the_since_map_counts_in_the_size_check(monkeypatch: pytest.MonkeyPatch)
     current = made_table(3)
     since = since_of(current)
     document, since_document = table.to_json(current), reconciler.encode_since(current, since)
-    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(document) + len(since_document))
+    monkeypatch.setattr(reconciler, "MAX_SECRET_BYTES", len(document) + len(since_document))
     assert reconciler.encode_snapshot(current, since) == reconciler.Snapshot(
         current.version, False, document, since_document
     )
-    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(document) + len(since_document) - 1)
+    monkeypatch.setattr(reconciler, "MAX_SECRET_BYTES", len(document) + len(since_document) - 1)
     both = reconciler.encode_snapshot(current, since)
     assert both.compressed
     assert both.since is not None
-    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(both.content) + len(both.since) - 1)
+    monkeypatch.setattr(reconciler, "MAX_SECRET_BYTES", len(both.content) + len(both.since) - 1)
     alone = reconciler.encode_snapshot(current, since)
     assert (alone.compressed, alone.content, alone.since) == (True, both.content, None)
-    assert alone.fields() == {
-        "binaryData": {reconciler.SNAPSHOT_GZIP_KEY: base64.b64encode(both.content).decode()}
-    }
-    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(both.content) - 1)
+    assert alone.fields() == {"data": {reconciler.SNAPSHOT_GZIP_KEY: encoded(both.content)}}
+    monkeypatch.setattr(reconciler, "MAX_SECRET_BYTES", len(both.content) - 1)
     with pytest.raises(reconciler.SnapshotTooLargeError):
         reconciler.encode_snapshot(current, since)
 
@@ -1159,7 +1174,7 @@ async def test_a_snapshot_stored_without_its_since_map_is_reported_and_a_restart
     await reconciler.Reconciler(read=larger.read, publisher=probe, cluster=FakeCluster()).reconcile()
     document = table.to_json(probe.published[0])
     compressed = gzip.compress(document, compresslevel=reconciler.SNAPSHOT_GZIP_LEVEL, mtime=0)
-    monkeypatch.setattr(reconciler, "MAX_CONFIGMAP_BYTES", len(compressed))
+    monkeypatch.setattr(reconciler, "MAX_SECRET_BYTES", len(compressed))
     await worker.reconcile()
     world.routes.append(entry(route_body("other", "example.org")))
     await worker.reconcile()

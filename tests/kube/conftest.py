@@ -47,6 +47,8 @@ PROXY_LABELS = {"app.kubernetes.io/component": "proxy"}
 # kmock's ObjectsArray finds objects by resource objects only ("in" is False for a string key).
 MAILROUTES = kmock.resource("mailgress.io", "v1alpha1", "mailroutes")
 CONFIGMAPS = kmock.resource("", "v1", "configmaps")
+SECRETS = kmock.resource("", "v1", "secrets")
+SNAPSHOT_NAME = "mailgress-routing-table"
 # Generous bounds for waits on a shared 2-core machine; reaching a state sooner ends the wait.
 WAIT_SECONDS = 30.0
 POLL_SECONDS = 0.02
@@ -197,7 +199,7 @@ def controller_settings(emulator: Emulator, tmp_path: Path) -> operator.Settings
         listen_address="127.0.0.1",
         listen_port=0,
         token_file=token_file,
-        snapshot_configmap="mailgress-routing-table",
+        snapshot_secret=SNAPSHOT_NAME,
         kubeconfig=kubeconfig,
         health="",
     )
@@ -395,13 +397,13 @@ def condition(emulator: Emulator, name: str, kind: str, namespace: str = NAMESPA
 
 
 def snapshot_of(emulator: Emulator) -> str | None:
-    """The table JSON in the snapshot ConfigMap, plain or compressed (None: not written)."""
-    key = (CONFIGMAPS, CONTROLLER_NAMESPACE, "mailgress-routing-table")
+    """The table JSON in the snapshot Secret, plain or compressed (None: not written)."""
+    key = (SECRETS, CONTROLLER_NAMESPACE, SNAPSHOT_NAME)
     if key not in emulator.objects or emulator.objects[key].deleted:
         return None
-    stored = emulator.objects[key].raw
-    compressed = (stored.get("binaryData") or {}).get(reconciler.SNAPSHOT_GZIP_KEY)
+    data: dict[str, str] = emulator.objects[key].raw.get("data") or {}
+    compressed = data.get(reconciler.SNAPSHOT_GZIP_KEY)
     if compressed is not None:
         return gzip.decompress(base64.b64decode(compressed)).decode()
-    data: dict[str, str] = stored.get("data") or {}
-    return data.get(reconciler.SNAPSHOT_KEY)
+    plain = data.get(reconciler.SNAPSHOT_KEY)
+    return None if plain is None else base64.b64decode(plain).decode()

@@ -338,7 +338,7 @@ async def test_proxies_outlive_the_controller_and_a_new_one_boots_from_the_snaps
     cluster: Cluster,
 ) -> None:
     """With the controller stopped both proxies keep serving, and a third one started meanwhile
-    serves the ConfigMap snapshot; when the controller is back, all three are programmed."""
+    serves the snapshot Secret; when the controller is back, all three are programmed."""
     emulator, api = cluster.emulator, cluster.api
     await create_route(api, imap_route("mail", DOMAIN, service="dovecot-one", port=IMAP_SERVICE_PORT))
     await wait_programmed(emulator, "mail", proxies=2)
@@ -351,7 +351,7 @@ async def test_proxies_outlive_the_controller_and_a_new_one_boots_from_the_snaps
         await eventually(functools.partial(logged, cluster.proxies[name], OUTAGE_LOGGED), f"{name}'s outage")
     assert await landing(cluster, ALICE) == {"dovecot-one"}
 
-    # As kubelet would mount the ConfigMap's key into the new pod.
+    # As kubelet would mount the Secret's key (decoded) into the new pod.
     cluster.deployment.snapshot_file.write_text(snapshot)
     third = await cluster.start_proxy("proxy-c")
     assert f'version="{published.version}"' in third.metrics()

@@ -1,6 +1,6 @@
 """The real kopf operator (controller.operator.run) against the emulator, with proxies acking on
-the real push channel: MailRoute status, the published table, the snapshot ConfigMap (what
-happens when the API refuses it, and a restart from it), Events."""
+the real push channel: MailRoute status, the published table, the snapshot Secret (what happens
+when the API refuses it, a restart from it, and the ConfigMap an earlier release left), Events."""
 
 import asyncio
 import contextlib
@@ -15,11 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from controller import metrics, publisher, reconciler
 from proxy import table
 from tests.kube.conftest import (
+    CONFIGMAPS,
     CONTROLLER_NAMESPACE,
     CONTROLLER_TOKEN,
     MAILROUTES,
     NAMESPACE,
     POLL_SECONDS,
+    SNAPSHOT_NAME,
     WAIT_SECONDS,
     AccessLog,
     Api,
@@ -260,14 +262,14 @@ async def test_a_refused_snapshot_stops_no_status_and_is_written_once_allowed(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The controller may not write its snapshot ConfigMap (RBAC missing: 403): the proxies get
+    """The controller may not write its snapshot Secret (RBAC missing: 403): the proxies get
     the table and the route is Programmed all the same; the refusals are counted on /metrics and
     logged once; once allowed, a retry writes the snapshot."""
     monkeypatch.setattr(reconciler, "RETRY_SECONDS", 0.2)  # read by the operator's thread too
     caplog.set_level(logging.ERROR, logger=reconciler.__name__)
     emulator.forbidden[CONTROLLER_TOKEN] = {
-        Access(verb="create", resource="configmaps"),
-        Access(verb="patch", resource="configmaps"),
+        Access(verb="create", resource="secrets"),
+        Access(verb="patch", resource="secrets"),
     }
     await create_crd(api)
     await create_proxy_pods(api)
@@ -284,7 +286,7 @@ async def test_a_refused_snapshot_stops_no_status_and_is_written_once_allowed(
             await asyncio.sleep(POLL_SECONDS)
         else:
             raise AssertionError("the snapshot write was not tried again")
-        assert caplog.text.count("cannot write the routing table snapshot ConfigMap") == 1
+        assert caplog.text.count("cannot write the routing table snapshot Secret") == 1
         assert "HTTP 403" in caplog.text
 
         emulator.forbidden.clear()
@@ -347,7 +349,7 @@ async def test_controller_accesses_are_recorded(
         {"verb": "watch", "group": "discovery.k8s.io", "resource": "endpointslices"},
         {"verb": "watch", "resource": "services"},
         {"verb": "create", "resource": "events"},
-        {"verb": "create", "resource": "configmaps"},
+        {"verb": "create", "resource": "secrets"},
         {"verb": "watch", "group": "apiextensions.k8s.io", "resource": "customresourcedefinitions"},
     ):
         assert needed in recorded, f"{needed} not recorded"
@@ -357,7 +359,7 @@ async def test_controller_accesses_are_recorded(
 async def test_a_restarted_operator_writes_no_status_for_unchanged_routes(
     emulator: Emulator, api: Api, controller_runner: ControllerRunner
 ) -> None:
-    """A rollout: the operator stops and a new one starts from the snapshot ConfigMap. The route
+    """A rollout: the operator stops and a new one starts from the snapshot Secret. The route
     that did not change keeps its object untouched (its status still names the first table, not
     the one the new operator publishes); the route changed meanwhile is written, and Programmed
     as soon as the proxies, reconnected, run it."""
@@ -399,3 +401,33 @@ async def test_a_restarted_operator_writes_no_status_for_unchanged_routes(
         assert status_of(emulator, "moved")["proxies"] == {"programmed": 2, "total": 2, "version": third}
         stored = emulator.objects[MAILROUTES, NAMESPACE, "kept"].raw
         assert (stored["metadata"]["resourceVersion"], stored["status"]) == (resource_version, status)
+
+
+async def test_the_configmap_snapshot_of_an_earlier_release_is_left_alone(
+    emulator: Emulator,
+    api: Api,
+    controller_runner: ControllerRunner,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upgrade: the ConfigMap an earlier release kept the snapshot in is neither read nor
+    touched (the controller asks for no ConfigMap at all); the first start restores nothing, and
+    the snapshot goes to the Secret of the same name."""
+    caplog.set_level(logging.INFO, logger=reconciler.__name__)
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    await api.create(
+        f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/configmaps",
+        {"metadata": {"name": SNAPSHOT_NAME}, "data": {reconciler.SNAPSHOT_KEY: "{}"}},
+    )
+    old = copy.deepcopy(emulator.objects[CONFIGMAPS, CONTROLLER_NAMESPACE, SNAPSHOT_NAME].raw)
+    controller = await controller_runner.start()
+    async with fake_proxies(controller) as proxies:
+        await create_route(api, imap_route("example", "example.com"))
+        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "Programmed")
+        await eventually(lambda: snapshot_of(emulator), "the snapshot Secret written")
+        assert table.from_json(snapshot_of(emulator) or "") == proxies[0].latest
+    await controller_runner.stop()
+    assert "no routing table snapshot Secret yet: starting without one" in caplog.text
+    assert emulator.objects[CONFIGMAPS, CONTROLLER_NAMESPACE, SNAPSHOT_NAME].raw == old
+    assert not [access for access in emulator.accesses(CONTROLLER_TOKEN) if access.resource == "configmaps"]

@@ -29,9 +29,10 @@ mounts at exactly these places.
 {{- define "mailgress.proxy.fullname" -}}
 {{- printf "%s-proxy" (include "mailgress.fullname" . | trunc 57 | trimSuffix "-") -}}
 {{- end -}}
-{{/* The ConfigMap the controller writes the routing table snapshot to (reconciler.SNAPSHOT_KEY,
-or reconciler.SNAPSHOT_GZIP_KEY for a table too large to store plainly). */}}
-{{- define "mailgress.snapshotConfigMap" -}}
+{{/* The Secret the controller writes the routing table snapshot to (reconciler.SNAPSHOT_KEY,
+or reconciler.SNAPSHOT_GZIP_KEY for a table too large to store plainly). A Secret because route
+tables carry auth_http request headers, which the aggregated view role must not read. */}}
+{{- define "mailgress.snapshotSecret" -}}
 {{- printf "%s-routing-table" (include "mailgress.fullname" . | trunc 49 | trimSuffix "-") -}}
 {{- end -}}
 {{- define "mailgress.pushTokenSecret" -}}
