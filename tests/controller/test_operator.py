@@ -162,8 +162,13 @@ async def stream_status(channel: publisher.Publisher, token: str) -> int:
         return response.status
 
 
-async def test_the_push_channel_checks_the_token_file_as_it_is_now(tmp_path: Path) -> None:
-    """What ``run`` starts: a rotated token is the only one accepted, without a restart."""
+async def test_the_push_channel_checks_the_token_file_as_it_is_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``run`` starts: a rotated token is accepted without a restart, and once the grace for
+    the replaced one is over (none here; tests/controller/test_publisher.py times it), it is the
+    only one."""
+    monkeypatch.setattr(publisher, "TOKEN_ROTATION_GRACE", 0.0)
     token = tmp_path / "token"
     token.write_text("first-token\n")
     channel = operator.push_channel(operator.settings_from(arguments(f"--token-file={token}"), {}))
