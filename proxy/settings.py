@@ -161,6 +161,14 @@ class ProxySettings:
     drain: DrainSettings = DrainSettings()
 
 
+def _only(document: Mapping[str, Any], known: set[str], spot: str) -> None:
+    """Refuse keys a section does not define: a misspelt key (``starttsl: required``) would
+    otherwise be ignored without a word, and leave its section at the default."""
+    unknown = sorted(map(str, set(document) - known))
+    if unknown:
+        raise SettingsError(f"{spot}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
 def _require(document: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in document:
         raise SettingsError(f"{where}: missing {key!r}")
@@ -200,6 +208,7 @@ def _certificates(item: Mapping[str, Any], where: str, base: Path) -> tuple[Cert
         spot = f"{where}.certificates[{number}]"
         if not isinstance(pair, dict):
             raise SettingsError(f"{spot}: expected a mapping with cert and key")
+        _only(pair, {"cert", "key"}, spot)
         files.append(
             CertificateFiles(
                 cert=(base / _require(pair, "cert", str, spot)).resolve(),
@@ -218,6 +227,7 @@ def _networks(
     spot = f"{where}.proxyProtocol"
     if not isinstance(raw, dict):
         raise SettingsError(f"{spot}: expected {{trustedCidrs: [...]}}")
+    _only(raw, {"trustedCidrs"}, spot)
     cidrs = _require(raw, "trustedCidrs", list, spot)
     if not cidrs:
         raise SettingsError(f"{spot}.trustedCidrs: name at least one network, or leave proxyProtocol out")
@@ -233,6 +243,11 @@ def _networks(
 def _listener(item: Any, where: str, base: Path) -> ListenerSettings:
     if not isinstance(item, dict):
         raise SettingsError(f"{where}: expected a mapping")
+    _only(
+        item,
+        {"name", "protocol", "address", "port", "tls", "starttls", "certificates", "proxyProtocol"},
+        where,
+    )
     protocol = _require(item, "protocol", str, where)
     if protocol not in get_args(ListenerProtocol):
         raise SettingsError(f"{where}.protocol: {protocol!r} is not one of imap, pop3, submission, smtp")
@@ -265,6 +280,7 @@ def _listener(item: Any, where: str, base: Path) -> ListenerSettings:
 def _backend_tls(document: Any, base: Path) -> BackendTlsSettings:
     if not isinstance(document, dict):
         raise SettingsError("backendTls: expected {caFile: PATH, insecureSkipVerify: false}")
+    _only(document, {"caFile", "insecureSkipVerify"}, "backendTls")
     ca_file = document.get("caFile")
     if ca_file is not None and not isinstance(ca_file, str):
         raise SettingsError("backendTls.caFile: expected a file path")
@@ -308,9 +324,7 @@ def _services(document: Any) -> ServiceEndpoints:
 def _controller(document: Any, base: Path) -> ControllerSettings:
     if not isinstance(document, dict):
         raise SettingsError("controller: expected {url, tokenFile, proxyName, snapshotFile}")
-    unknown = sorted(set(document) - {"url", "tokenFile", "proxyName", "snapshotFile"})
-    if unknown:
-        raise SettingsError(f"controller: unknown keys {', '.join(map(str, unknown))}")
+    _only(document, {"url", "tokenFile", "proxyName", "snapshotFile"}, "controller")
     url = _require(document, "url", str, "controller")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
@@ -363,11 +377,7 @@ def _mapping(document: Mapping[str, Any], key: str, known: set[str], where: str)
     spot = _spot(where, key)
     if not isinstance(value, dict):
         raise SettingsError(f"{spot}: expected a mapping")
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise SettingsError(
-            f"{spot}: unknown keys {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})"
-        )
+    _only(value, known, spot)
     return value
 
 
@@ -417,21 +427,16 @@ def parse(document: Any, base: Path) -> ProxySettings:
         "limits",
         "drain",
     }
-    unknown = sorted(set(document) - known)
-    if unknown:
-        raise SettingsError(
-            f"settings: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-        )
+    _only(document, known, "settings")
     admin = None
     if "admin" in document:
         raw = _require(document, "admin", dict, "settings")
+        _only(raw, {"address", "port"}, "admin")
         admin = AdminSettings(
             address=_address(_require(raw, "address", str, "admin"), "admin.address"),
             port=_port(raw.get("port"), "admin.port"),
         )
-    raw_timeouts = document.get("timeouts", {})
-    if not isinstance(raw_timeouts, dict):
-        raise SettingsError("timeouts: expected a mapping")
+    raw_timeouts = _mapping(document, "timeouts", {"preLogin", "backendConnect", "backendLogin", "idle"}, "")
     timeouts = Timeouts(
         pre_login=_seconds(raw_timeouts, "preLogin", DEFAULT_PRE_LOGIN_TIMEOUT),
         backend_connect=_seconds(raw_timeouts, "backendConnect", DEFAULT_BACKEND_CONNECT_TIMEOUT),

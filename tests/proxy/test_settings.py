@@ -68,6 +68,49 @@ def test_mistakes_are_named(change: dict[str, object], message: str) -> None:
         settings.parse(document, Path("/"))
 
 
+PLAIN_LISTENER = {"protocol": "imap", "address": "127.0.0.1", "port": 1143}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(
+            {"listeners": [{**PLAIN_LISTENER, "tls": "starttls", "starttsl": "required"}]},
+            r"listeners\[0\]: unknown keys starttsl",
+            id="listener",
+        ),
+        pytest.param(
+            {"listeners": [{**PLAIN_LISTENER, "proxyProtocol": {"trustedcidrs": ["10.0.0.0/8"]}}]},
+            r"listeners\[0\].proxyProtocol: unknown keys trustedcidrs",
+            id="proxy-protocol",
+        ),
+        pytest.param(
+            {"listeners": [{**PLAIN_LISTENER, "certificates": [{"cert": "c", "key": "k", "chain": "x"}]}]},
+            r"listeners\[0\].certificates\[0\]: unknown keys chain",
+            id="certificate-pair",
+        ),
+        pytest.param(
+            {"admin": {"address": "127.0.0.1", "port": 9, "bind": 1}}, "admin: unknown keys bind", id="admin"
+        ),
+        pytest.param({"timeouts": {"prelogin": 5}}, "timeouts: unknown keys prelogin", id="timeouts"),
+        pytest.param(
+            {"backendTls": {"cafile": "ca.crt"}}, "backendTls: unknown keys cafile", id="backend-tls"
+        ),
+        pytest.param(
+            {"limits": {"connectionsPerIP": 5}}, "limits: unknown keys connectionsPerIP", id="limits"
+        ),
+        pytest.param({"drain": {"grace": 5}}, "drain: unknown keys grace", id="drain"),
+    ],
+)
+def test_a_misspelt_key_is_refused_in_every_section(change: dict[str, object], message: str) -> None:
+    """A key a section does not define is a mistake, not a default: a misspelt ``starttls:
+    required`` would otherwise leave plaintext logins allowed without a word."""
+    document = yaml.safe_load(GOOD)
+    document.update(change)
+    with pytest.raises(settings.SettingsError, match=message):
+        settings.parse(document, Path("/"))
+
+
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(settings.SettingsError, match="cannot read"):
         settings.load(tmp_path / "missing.yaml")
