@@ -18,9 +18,10 @@ on, the failure is counted and logged once per distinct problem, and the write i
 large, with the next table). The table JSON is stored plainly when it fits the API server's
 1 MiB Secret limit, else gzip-compressed under a second key (table JSON shrinks 25- to 40-fold):
 plain stays readable with kubectl (base64-decoded), and compression costs CPU only where it
-makes the difference between a snapshot and none. Beside the table the snapshot keeps each route's ``since`` version (below), in
-the table's form (SINCE_KEY or SINCE_GZIP_KEY) and counted in the same size check; a table that
-fits only without it is stored without it (what a booting proxy needs comes first).
+makes the difference between a snapshot and none. Beside the table the snapshot keeps each
+route's ``since`` version (below), in the table's form (SINCE_KEY or SINCE_GZIP_KEY) and counted
+in the same size check; a table that fits only without it is stored without it (what a booting
+proxy needs comes first).
 
 Restart: ``run`` first reads the snapshot back (``restore``) and starts from it as from a
 publication of its own: a route whose compiled form equals the stored table's keeps its stored
