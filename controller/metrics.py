@@ -17,8 +17,8 @@ PUSH_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 # Compile buckets, in seconds: a handful of routes compile in well under a millisecond, 10,000
 # take a large fraction of a second (bench/convergence.py).
 COMPILE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-# Why a snapshot ConfigMap write failed (the reason label): the API refused or failed it (RBAC,
-# network, 5xx), or the table exceeds a ConfigMap's 1 MiB even compressed.
+# Why a snapshot Secret write failed (the reason label): the API refused or failed it (RBAC,
+# network, 5xx), or the table exceeds a Secret's 1 MiB even compressed.
 SNAPSHOT_API_ERROR = "api_error"
 SNAPSHOT_TOO_LARGE = "too_large"
 
@@ -38,8 +38,8 @@ def create(registry: CollectorRegistry) -> ControllerMetrics:
     """Register the controller's metrics on ``registry`` (a fresh one per test)."""
     snapshot_failures = Counter(
         f"{PREFIX}_snapshot_failures",
-        "Writes of the routing table snapshot ConfigMap that failed, by reason (api_error: the API "
-        "refused or failed it; too_large: the table exceeds a ConfigMap even compressed).",
+        "Writes of the routing table snapshot Secret that failed, by reason (api_error: the API "
+        "refused or failed it; too_large: the table exceeds a Secret even compressed).",
         ["reason"],
         registry=registry,
     )

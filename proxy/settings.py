@@ -1,7 +1,7 @@
 """The proxy's settings file: listeners, admin port, timeouts, abuse limits, drain and the route source.
 
 One format serves the standalone mode (MailRoute files plus a ``services`` stand-in for
-EndpointSlices) and, later, the Helm chart's ConfigMap. In a cluster ``controller`` takes the
+EndpointSlices) and the settings ConfigMap the Helm chart renders. In a cluster ``controller`` takes the
 place of ``routes`` and ``services``: the proxy subscribes to the controller's push channel.
 ``parse`` checks a loaded document and turns every mistake into a ``SettingsError`` naming the
 offending key; ``load`` reads the file. Never holds credentials (only the path to the token).
@@ -100,7 +100,7 @@ class ControllerSettings:
     url: str  # http(s)://host:port of the controller's Service
     token_file: Path  # the bearer token, from a mounted Secret; read at every connect
     proxy_name: str | None  # None: the POD_NAME environment variable, else the host name
-    snapshot_file: Path | None  # the table ConfigMap, mounted: served while the controller is away
+    snapshot_file: Path | None  # the table Secret, mounted: served while the controller is away
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +411,8 @@ def _drain(document: Mapping[str, Any]) -> DrainSettings:
 
 
 def parse(document: Any, base: Path) -> ProxySettings:
-    """Check a loaded settings document; relative route paths are taken from ``base``."""
+    """Check a loaded settings document; relative file paths (routes, certificates, keys, the CA,
+    the token and the snapshot) are taken from ``base``."""
     if not isinstance(document, dict):
         raise SettingsError("settings: expected a mapping at the top level")
     known = {

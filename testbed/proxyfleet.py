@@ -1,7 +1,7 @@
 """Real ``mailgress proxy`` processes in controller mode, as the pods of one proxy Deployment.
 
 ``Deployment`` holds what a cluster mounts into every proxy pod (the push token and the snapshot
-file the ConfigMap would hold) and the port of the controller's push channel. It starts proxies
+file the snapshot Secret would hold) and the port of the controller's push channel. It starts proxies
 whose settings have a ``controller`` key, each in a folder of its own; ``start_proxy`` returns once
 the proxy holds a table (its /readyz). ``start_controller`` stands in for the controller with a
 loopback ``controller.publisher.Publisher``; tests/kube and bench/convergence.py run the real

@@ -12,9 +12,9 @@ stays. Acks go out in order, before the next line is read.
 Outages: whatever the controller does, the last table stays in force. A stream that fails or ends
 is reopened after an exponential backoff with full jitter (bounded by ``Backoff.cap``, reset by
 every table received). Until a first table arrived, each failed attempt tries the snapshot file
-(the controller's ConfigMap, mounted), so a proxy that starts while the controller is away
+(the controller's snapshot Secret, mounted), so a proxy that starts while the controller is away
 serves, and switches to the stream as soon as it comes. The controller stores a table too large
-for the ConfigMap's plain data gzip-compressed under a second key, mounted beside the first:
+for the Secret's 1 MiB gzip-compressed under a second key, mounted beside the first:
 ``read_snapshot`` takes the configured file, else its ``.gz`` sibling, and decompresses what
 starts with gzip's magic number (stdlib gzip, bounded by MAX_TABLE_BYTES). A snapshot that
 cannot be read or is no valid table is logged and leaves the proxy as it was.
@@ -61,7 +61,7 @@ ACK_TIMEOUT = 10.0
 MAX_TABLE_BYTES = 64 * 1024 * 1024
 # What an ack carries of a rejected table's claimed version and of the error message.
 MAX_ACK_TEXT = 1024
-# The compressed snapshot's file: the controller's ConfigMap key for it is the plain key plus
+# The compressed snapshot's file: the controller's Secret key for it is the plain key plus
 # this (controller/reconciler.py SNAPSHOT_GZIP_KEY; the proxy never imports the controller).
 SNAPSHOT_GZIP_SUFFIX = ".gz"
 # RFC 1952 section 2.3.1: every gzip member starts with ID1 ID2; JSON never starts with 0x1f.

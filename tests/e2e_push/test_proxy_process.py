@@ -90,7 +90,7 @@ async def test_pushed_tables_route_real_logins_through_an_outage(
         with pytest.raises(imaplib.IMAP4.error):
             await asyncio.to_thread(imap_login, first.settings.ports.imap, alpha)
         await asyncio.to_thread(imap_login, first.settings.ports.imap, beta)
-        deployment.snapshot_file.write_bytes(table.to_json(beta_only))  # as the ConfigMap would hold
+        deployment.snapshot_file.write_bytes(table.to_json(beta_only))  # as the Secret would hold
     finally:
         await controller.stop()
 
