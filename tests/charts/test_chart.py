@@ -216,6 +216,10 @@ def test_every_value_set_renders_named_namespaced_objects(scenario: str) -> None
         ({"proxy": {"listeners": []}}, "at '/proxy/listeners': minItems: got 0, want 1"),
         ({"proxy": {"timeouts": {"idle": 0}}}, "at '/proxy/timeouts/idle': exclusiveMinimum"),
         (
+            {"proxy": {"limits": {"failedLogins": {"firstDelay": -1}}}},
+            "at '/proxy/limits/failedLogins/firstDelay': minimum",
+        ),
+        (
             {"proxy": {"service": {"externalTrafficPolicy": "local"}}},
             "at '/proxy/service/externalTrafficPolicy': value must be one of 'Cluster', 'Local'",
         ),
@@ -407,6 +411,19 @@ def test_limits_reach_the_proxy_settings() -> None:
         first_delay=failed["firstDelay"],
         max_delay=failed["maxDelay"],
         lockout=failed["lockout"],
+    )
+
+
+def test_first_delay_zero_turns_the_login_delay_off_and_keeps_the_other_limits() -> None:
+    """README: loopback test setups want firstDelay 0; the proxy takes it, so the chart must too."""
+    configmap = next(
+        document.body
+        for document in render.documents({"proxy": {"limits": {"failedLogins": {"firstDelay": 0}}}})
+        if document.body["kind"] == "ConfigMap" and document.template == "proxy-configmap.yaml"
+    )
+    parsed = proxy_settings.parse(yaml.safe_load(configmap["data"]["settings.yaml"]), Path("/"))
+    assert parsed.limits == proxy_settings.LimitSettings(
+        failed_logins=proxy_settings.FailedLoginSettings(first_delay=0.0)
     )
 
 
