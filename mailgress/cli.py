@@ -3,10 +3,16 @@
 Subcommands:
   mailgress proxy --config FILE      run a proxy (standalone: MailRoute files from the settings;
                                      with a 'controller' key: tables pushed by the controller)
-  mailgress routes check FILE...     validate MailRoute manifests offline, print the compiled table
+  mailgress routes check FILE... [--settings FILE]
+                                     validate MailRoute manifests offline, print the compiled
+                                     table; the settings' 'services' resolve the backends
+                                     (without them every backend is BackendNotFound, no endpoints)
   mailgress controller [FLAGS]       run the MailRoute operator (flags: controller/operator.py)
-Errors in the user's files end the command with a clear message and exit status 2, never a
-traceback.
+Errors in the user's files end the command with a clear message on stderr, never a traceback.
+Exit status 2 (EXIT_USAGE): a settings or route file that cannot be read or is not valid YAML,
+bad settings, a listener that cannot bind. Exit status 1 (EXIT_INVALID_ROUTES, routes check
+only): a MailRoute that is not Accepted (Invalid or Conflicted), or no MailRoute in the files;
+a backend not found or without endpoints is printed but leaves the status 0.
 """
 
 import argparse
