@@ -47,9 +47,9 @@ DEFAULT_FIRST_LOGIN_DELAY = 1.0
 DEFAULT_MAX_LOGIN_DELAY = 15.0
 # How long a tripped lock refuses logins; failures are remembered as long after the last one.
 DEFAULT_LOGIN_LOCKOUT = 300.0
-# Graceful drain on SIGTERM (proxy/server/drain.py). The chart gives a pod 600 s
-# (terminationGracePeriodSeconds, counted from the start of its 5 s preStop sleep) before the
-# kubelet kills it: 540 s leaves room for the last closes and the process exit.
+# Graceful drain on SIGTERM (proxy/server/drain.py), for a proxy run without the chart: 540 s
+# leaves a 600 s kill deadline room for the last closes and the process exit. The chart sets its
+# own: terminationGracePeriodSeconds less the preStop sleep and 10 s (600 - 5 - 10 = 585).
 DEFAULT_DRAIN_GRACE_PERIOD = 540.0
 # No byte in either direction for this long, the backend having spoken last: a relayed session
 # is between exchanges and can get its closing line (a FETCH literal or a DATA transfer moves
