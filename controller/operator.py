@@ -31,6 +31,7 @@ Settings (flag, then environment variable, then default):
   --kubeconfig         KUBECONFIG                            kubeconfig file; else in-cluster
   --health             MAILGRESS_HEALTH                      kopf liveness URL
                                                              (http://0.0.0.0:8081/healthz; "" = off)
+  --log-level          -                                     debug, info, warning or error (info)
 """
 
 import argparse

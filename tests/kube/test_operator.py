@@ -115,7 +115,7 @@ async def test_another_route_writes_nothing_on_a_programmed_one(
 ) -> None:
     """status.proxies names the route's own first table, not the latest: a second route,
     published and acked everywhere, leaves the first route's object as it was. The latest
-    version is in the snapshot ConfigMap."""
+    version is in the snapshot Secret."""
     await create_proxy_pods(api)
     await create_backend(api, "dovecot", ["10.0.0.1"])
     async with fake_proxies(controller) as proxies:
