@@ -19,10 +19,12 @@ for the Secret's 1 MiB gzip-compressed under a second key, mounted beside the fi
 starts with gzip's magic number (stdlib gzip, bounded by MAX_TABLE_BYTES). A snapshot that
 cannot be read or is no valid table is logged and leaves the proxy as it was.
 
-Token: the token file (a mounted Secret) is read for every request, the stream's and each ack's,
-and the token kept only in that request's headers: a rotated Secret takes effect at the next
-request, and an ack on a stream opened before the rotation carries the token the proxy's copy
-holds now (the controller accepts the replaced one for a grace, controller/publisher.py). Never
+Token: the token file (a mounted Secret) is read for every stream request, and the token kept
+only in that stream's headers, which its acks carry too: a rotated Secret takes effect at the next
+stream. The token a stream was opened with is the one the controller knows that stream by, and
+keeps accepting until the grace after its own copy rotates (controller/publisher.py); the
+controller then ends the stream and the proxy reconnects with the file as it is. A file that
+cannot be read, is not UTF-8 or holds only whitespace is a ChannelError: logged, retried. Never
 logs the token.
 """
 
@@ -129,28 +131,31 @@ class Subscriber:
         self._reported[kind] = problem
 
     def _authorization(self) -> dict[str, str]:
-        """The headers of one request, with the token the file holds now.
+        """The headers of one stream and its acks, with the token the file holds now.
 
         Raises:
-            ChannelError: the file cannot be read or holds only whitespace.
+            ChannelError: the file cannot be read, is not UTF-8 text or holds only whitespace.
         """
-        # Re-read for every request, never kept: a rotated Secret takes effect without a restart,
-        # on an open stream's acks too.
+        # Re-read for every stream, never kept beyond it: a rotated Secret takes effect without
+        # a restart.
+        path = self._settings.token_file
         try:
-            token = self._settings.token_file.read_text().strip()
+            token = path.read_bytes().decode().strip()
         except OSError as error:
-            path = self._settings.token_file
             raise ChannelError(f"cannot read the token file {path}: {error.strerror}") from error
+        except UnicodeDecodeError as error:
+            raise ChannelError(f"the token file {path} is not UTF-8 text") from error
         if not token:
-            raise ChannelError(f"the token file {self._settings.token_file} is empty")
+            raise ChannelError(f"the token file {path} is empty")
         return {"Authorization": f"Bearer {token}"}
 
     async def _follow(self, session: aiohttp.ClientSession, holder: TableHolder) -> None:
         url = self._settings.url + STREAM_PATH
+        # The stream's token, for its acks too: the controller accepts it for as long as the
+        # stream lives (a copy rotated before the controller's must not lose the stream).
+        headers = self._authorization()
         try:
-            async with session.get(
-                url, params={"proxy": self._name}, headers=self._authorization()
-            ) as response:
+            async with session.get(url, params={"proxy": self._name}, headers=headers) as response:
                 if response.status != 200:
                     raise ChannelError(f"the controller answered {response.status} to the stream request")
                 log.info("push channel: following %s as %s", self._settings.url, self._name)
@@ -160,13 +165,15 @@ class Subscriber:
                     lines.feed(chunk)
                     while (line := lines.pop_line()) is not None:
                         if line.strip():  # an empty line is a heartbeat
-                            await self._apply(session, holder, line)
+                            await self._apply(session, holder, line, headers)
         except LineTooLongError as error:
             raise ChannelError(f"a table line exceeded {MAX_TABLE_BYTES} bytes") from error
         except (aiohttp.ClientError, TimeoutError) as error:
             raise ChannelError(f"{type(error).__name__}: {error}") from error
 
-    async def _apply(self, session: aiohttp.ClientSession, holder: TableHolder, line: bytes) -> None:
+    async def _apply(
+        self, session: aiohttp.ClientSession, holder: TableHolder, line: bytes, headers: dict[str, str]
+    ) -> None:
         try:
             # A large table takes a while to parse; a thread keeps the sessions' loop responsive.
             new = await asyncio.to_thread(table.from_json, line)
@@ -178,13 +185,21 @@ class Subscriber:
                 message,
                 holder.current.version if holder.ready else "no table",
             )
-            await self._ack(session, version, accepted=False, error=message)
+            await self._ack(session, headers, version, accepted=False, error=message)
         else:
             holder.swap(new)
-            await self._ack(session, new.version, accepted=True, error="")
+            await self._ack(session, headers, new.version, accepted=True, error="")
         self._attempt = 0  # the channel works: the next outage starts the backoff afresh
 
-    async def _ack(self, session: aiohttp.ClientSession, version: str, *, accepted: bool, error: str) -> None:
+    async def _ack(
+        self,
+        session: aiohttp.ClientSession,
+        headers: dict[str, str],
+        version: str,
+        *,
+        accepted: bool,
+        error: str,
+    ) -> None:
         body = {
             "proxy": self._name,
             "version": version[:MAX_ACK_TEXT],
@@ -193,7 +208,7 @@ class Subscriber:
         }
         url = self._settings.url + ACK_PATH
         timeout = aiohttp.ClientTimeout(total=ACK_TIMEOUT)
-        async with session.post(url, json=body, headers=self._authorization(), timeout=timeout) as response:
+        async with session.post(url, json=body, headers=headers, timeout=timeout) as response:
             if response.status != 204:
                 # The stream is reopened and its first line acked again: no ack is lost.
                 raise ChannelError(f"the controller answered {response.status} to an ack")

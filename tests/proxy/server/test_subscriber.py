@@ -4,7 +4,7 @@ Each test runs real Subscribers (fast backoff) against a real ``controller.publi
 on 127.0.0.1 and watches what a proxy would serve (``TableHolder.current``) and what the
 controller learns (``Publisher.acks``). A small fake controller covers lines the real one never
 sends (not JSON, nested too deep, numbers no table holds). The snapshot file is written as the
-mounted ConfigMap holds it: plain JSON, or gzip in the sibling the controller uses for tables too
+mounted Secret holds it: plain JSON, or gzip in the sibling the controller uses for tables too
 large to store plainly; corrupted gzip is fuzzed with hypothesis.
 Waits poll a condition a bounded number of times; no assertion is about time. Also covers the
 settings' ``controller`` key, which only this uses.
@@ -116,7 +116,7 @@ class Cluster:
         self.token_file = directory / "token"
         self.token_file.write_text(TOKEN + "\n")  # as a Secret volume may hold it
         self.snapshot_file = directory / "snapshot.json"
-        # Where the compressed form is mounted: the ConfigMap's second key, beside the first.
+        # Where the compressed form is mounted: the Secret's second key, beside the first.
         self.compressed_file = directory / ("snapshot.json" + subscriber.SNAPSHOT_GZIP_SUFFIX)
         self.proxies: list[Proxy] = []
 
@@ -526,30 +526,37 @@ async def test_a_broken_line_is_acked_as_rejected(
     assert serving(proxy, FIRST.version)()
 
 
-# The token on each request: the file as it is now, the stream's and every ack's.
+# The token: the file as it is at each stream's start, on that stream's acks too.
 
 NEW_TOKEN = "new-push-token-that-must-never-be-logged"
 
 
-async def test_each_ack_carries_the_token_the_file_holds_now(cluster: Cluster, serve_fake: ServeFake) -> None:
-    """The proxy's copy of the Secret rotates while its stream is open: the stream goes on, and
-    the next ack carries the new token (the controller accepts both for a while)."""
+async def test_each_ack_carries_the_token_its_stream_was_opened_with(
+    cluster: Cluster, serve_fake: ServeFake
+) -> None:
+    """The proxy's copy of the Secret rotates while its stream is open: the stream's acks keep
+    the token it was opened with (the controller knows the stream by it, and its own copy may not
+    have rotated yet); the next stream, and its acks, carry the new one."""
     # What each request presented, by name: a failing check must not print a token.
     names = {f"Bearer {TOKEN}": "old", f"Bearer {NEW_TOKEN}": "new"}
     requests: list[tuple[str, str]] = []
-    second = asyncio.Event()
+    second, end = asyncio.Event(), asyncio.Event()
 
     def record(request: web.Request) -> None:
         requests.append((request.path, names.get(request.headers.get("Authorization", ""), "other")))
 
     async def stream(request: web.Request) -> web.StreamResponse:
         record(request)
+        first_stream = len(requests) == 1
         response = web.StreamResponse()
         await response.prepare(request)
-        await response.write(table.to_json(FIRST) + b"\n")
-        await second.wait()
+        if first_stream:
+            await response.write(table.to_json(FIRST) + b"\n")
+            await second.wait()
         await response.write(table.to_json(SECOND) + b"\n")
-        await asyncio.Event().wait()  # held open until the proxy hangs up
+        # The first stream ends when the test says (as the controller ends one whose token's
+        # grace is over); the next is held open until the proxy hangs up.
+        await (end.wait() if first_stream else asyncio.Event().wait())
         return response
 
     async def ack(request: web.Request) -> web.Response:
@@ -562,29 +569,48 @@ async def test_each_ack_carries_the_token_the_file_holds_now(cluster: Cluster, s
     cluster.token_file.write_text(NEW_TOKEN + "\n")
     second.set()
     await eventually(lambda: len(requests) == 3, "the second ack")
-    stream_path, ack_path = subscriber.STREAM_PATH, subscriber.ACK_PATH
-    assert requests == [(stream_path, "old"), (ack_path, "old"), (ack_path, "new")]
     assert serving(proxy, SECOND.version)()
+    end.set()
+    await eventually(lambda: len(requests) == 5, "the next stream and its ack")
+    stream_path, ack_path = subscriber.STREAM_PATH, subscriber.ACK_PATH
+    assert requests == [
+        (stream_path, "old"),
+        (ack_path, "old"),
+        (ack_path, "old"),
+        (stream_path, "new"),
+        (ack_path, "new"),
+    ]
 
 
-async def test_a_token_file_unreadable_at_an_ack_ends_the_stream_and_is_reported(
-    cluster: Cluster, controller: publisher.Publisher, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("spoil", "problem"),
+    [
+        (lambda path: path.write_text("\n"), "is empty"),
+        (lambda path: path.write_bytes(b"\xfftoken\n"), "is not UTF-8 text"),
+        (Path.unlink, "No such file or directory"),
+    ],
+    ids=["empty", "not-utf-8", "missing"],
+)
+async def test_a_token_file_without_a_token_is_reported_and_retried(
+    cluster: Cluster,
+    controller: publisher.Publisher,
+    caplog: pytest.LogCaptureFixture,
+    spoil: Callable[[Path], None],
+    problem: str,
 ) -> None:
-    """No ack goes out without a token; the table in use stays, and the proxy follows again
-    once the file holds one."""
+    """No request goes out without a token; the proxy keeps its table source running, logs the
+    problem once, and follows once the file holds a token."""
     caplog.set_level(logging.WARNING, logger="proxy.server.subscriber")
+    spoil(cluster.token_file)
     controller.publish(FIRST)
     proxy = cluster.start_proxy("proxy-a", snapshot=False)
-    await eventually(lambda: controller.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
-    cluster.token_file.write_text("\n")
-    controller.publish(SECOND)
-    await eventually(
-        lambda: f"the token file {cluster.token_file} is empty" in caplog.text, "the problem logged"
-    )
-    assert serving(proxy, SECOND.version)()
+    await eventually(lambda: problem in caplog.text, "the problem logged")
+    assert str(cluster.token_file) in caplog.text
     assert not proxy.task.done()
+    assert controller.acks() == {}
     cluster.token_file.write_text(TOKEN)
-    await eventually(lambda: controller.acks().get("proxy-a") == accepted(SECOND.version), "second ack")
+    await eventually(lambda: controller.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
+    assert sum(problem in record.getMessage() for record in caplog.records) == 1
     leaked = TOKEN in caplog.text  # not asserted as such: a failure would print the token
     assert not leaked
 
