@@ -18,14 +18,22 @@ Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``
 - The token to compare with is the token file's content as it is now (``TokenFile``, a mounted
   Secret the proxies mount too): re-read whenever a stat of it (symlinks followed: the kubelet
   swaps the ``..data`` link) differs, so a rotated Secret takes effect in the controller as the
-  proxies, which read the file for every request, start sending it. The kubelet updates each
-  pod's copy on its own schedule, so the token a rotation replaced stays accepted for
-  ``TOKEN_ROTATION_GRACE`` (5 minutes) after the controller first sees the new one (its
-  monotonic clock): a proxy whose copy is not updated yet keeps its stream and its acks count.
-  Then only the current token is. An operator rotating a leaked token who wants the old one
-  refused at once restarts the controller: a controller that starts accepts only the token its
-  file holds. Open streams are not cut. While the file is missing, unreadable or empty every
-  request gets 401, logged once per problem (never a token), and the replaced token's grace ends.
+  proxies, which read the file for every new stream, start sending it. The kubelet updates each
+  pod's copy on its own schedule, so the token a rotation replaced stays accepted until
+  ``TOKEN_ROTATION_GRACE`` (5 minutes) after the rotation: after the new file's modification
+  time (wall clock; a time ahead of the clock counts as now), however late the controller
+  notices it, so a rotation noticed over 5 minutes late accepts the old token not at all. Then
+  only the current token is. A proxy whose copy is not updated yet keeps its stream and its acks
+  count; a proxy whose copy is updated first keeps acking on its open stream with the token the
+  stream was opened with, the controller's current one until the controller's copy rotates too.
+  Each stream remembers the token it was opened with and ends at its next line (a table or a
+  heartbeat) once that token is no longer accepted (its grace is over, or the file was replaced
+  again); the proxy then reconnects with its current file. An operator rotating a leaked token
+  who wants the old one refused at once restarts the controller: a controller that starts
+  accepts only the token its file holds, and its streams start afresh. While the file is missing,
+  unreadable, empty or not UTF-8 every request gets 401, logged once per problem (never a
+  token); that ends no stream and no grace (the kubelet's swap can make one read fail): the
+  replaced token's grace keeps its end time for when the file is readable again.
 - ``GET /metrics`` -> 200, Prometheus text format, WITHOUT the token: Prometheus scrapes it, and
   it holds counts, timings and the table version only (no token, proxy or user names, no routes'
   contents). It shares the push port, so the chart's NetworkPolicy opens that port to the
@@ -83,11 +91,11 @@ MAX_TIMED_VERSIONS = 64
 # What is read of a token file at most: a Secret holds at most 1 MiB (Kubernetes'
 # core.MaxSecretSize), so a path that names anything larger (a device, a log) is not a token.
 MAX_TOKEN_FILE_BYTES = 1024 * 1024
-# How long the token a rotation replaced stays accepted after the controller first sees the new
-# one. The kubelet updates each pod's copy of a mounted Secret separately, within its sync period
-# plus its Secret cache's TTL (about a minute each by default); until then that proxy sends the
-# old token, acks on an open stream included. Five minutes lets every copy catch up with room to
-# spare, and bounds how long a leaked token outlives its rotation (a restart ends it at once).
+# How long the token a rotation replaced stays accepted after the rotation (the new file's
+# modification time). The kubelet updates each pod's copy of a mounted Secret separately, within
+# its sync period plus its Secret cache's TTL (about a minute each by default); until then that
+# proxy sends the old token. Five minutes lets every copy catch up with room to spare, and bounds
+# how long a leaked token outlives its rotation (a restart ends it at once).
 TOKEN_ROTATION_GRACE = 5 * 60.0
 
 
@@ -146,16 +154,19 @@ def _digest(token: str) -> bytes:
 
 
 class TokenFile:
-    """The push tokens accepted now: the one its file holds, and for ``TOKEN_ROTATION_GRACE``
+    """The push tokens accepted now: the one its file holds, and until ``TOKEN_ROTATION_GRACE``
     after a rotation the one it replaced. The current digest is cached until a stat differs."""
 
     __slots__ = ("_clock", "_digest", "_path", "_previous", "_previous_until", "_problem", "_stamp")
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
-        """``clock``: monotonic seconds, which time the grace (tests pass their own)."""
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        """``clock``: wall-clock seconds since the epoch, as file modification times are; it
+        times the grace (tests pass their own)."""
         self._path = path
         self._clock = clock
-        self._stamp: _Stamp | None = None
+        self._stamp: _Stamp | None = None  # None: re-read at the next look
+        # The token last read, kept while the file cannot be read: a read failing during the
+        # kubelet's swap must neither end a grace nor make the next token read look like the first.
         self._digest: bytes | None = None
         # The digest a rotation replaced, and when the grace for it ends. Never carried over a
         # restart: a new TokenFile accepts only the token its file holds.
@@ -163,61 +174,81 @@ class TokenFile:
         self._previous_until = 0.0
         self._problem: str | None = None  # the last one logged, until a token is read again
         # Read now, not at the first request: a rotation before any proxy connected is one too.
-        self._current()
+        self._read()
 
     def digests(self) -> tuple[bytes, ...]:
-        """The SHA-256 of each token accepted now, the current one first; empty while the file
-        holds none (logged once per problem)."""
-        current = self._current()
-        if current is None:
+        """The SHA-256 of each token a request is accepted with now, the current one first;
+        empty while the file holds none (logged once per problem)."""
+        return self._held() if self._read() else ()
+
+    def stream_digests(self) -> tuple[bytes, ...]:
+        """The SHA-256 of each token an open stream may go on with: those ``digests`` accepts,
+        or while the file cannot be read those read last (with the grace still timed)."""
+        self._read()
+        return self._held()
+
+    def _held(self) -> tuple[bytes, ...]:
+        if self._digest is None:
             return ()
-        if self._previous is None:
-            return (current,)
-        if self._clock() >= self._previous_until:
+        if self._previous is not None and self._clock() >= self._previous_until:
             self._previous = None
             log.info("push channel: the push token replaced in %s is no longer accepted", self._path)
-            return (current,)
-        return current, self._previous
+        return (self._digest,) if self._previous is None else (self._digest, self._previous)
 
-    def _current(self) -> bytes | None:
+    def _read(self) -> bool:
+        """Take in the file's token if the file changed; False while it holds none."""
         try:
             # os.stat follows symlinks: after the kubelet's ..data swap it sees the new file.
             stamp = _stamp(os.stat(self._path))
         except OSError as error:
-            self._refuse(f"cannot read the token file {self._path}: {error.strerror}")
-            return None
+            return self._refuse(f"cannot read the token file {self._path}: {error.strerror}")
         if stamp == self._stamp:
-            return self._digest
+            return True
         try:
-            token, self._stamp = _read_token(self._path)
+            token, stamp = _read_token(self._path)
         except TokenFileError as error:
-            self._refuse(str(error))
-            return None
+            return self._refuse(str(error))
         digest = _digest(token)
         if self._digest is not None and digest != self._digest:
             # A rotation (a rewrite with the same token is none): proxies whose copy of the
             # Secret is not updated yet still send the one it replaced.
-            self._previous, self._previous_until = self._digest, self._clock() + TOKEN_ROTATION_GRACE
+            self._rotated(self._digest, modified=stamp[2] / 1e9)
+        self._stamp, self._digest = stamp, digest
+        if self._problem is not None:
+            log.info("push channel: the token file %s holds a token again", self._path)
+            self._problem = None
+        return True
+
+    def _rotated(self, replaced: bytes, *, modified: float) -> None:
+        """Accept ``replaced`` until the grace from ``modified`` (the new file's time) ends."""
+        now = self._clock()
+        # A modification time ahead of the clock (a skewed node) must not stretch the grace.
+        self._previous, self._previous_until = replaced, min(modified, now) + TOKEN_ROTATION_GRACE
+        if self._previous_until > now:
             log.info(
                 "push channel: the token file %s holds a new token; the one it replaced stays accepted"
                 " for %.0f s (restart the controller to refuse it at once)",
                 self._path,
-                TOKEN_ROTATION_GRACE,
+                self._previous_until - now,
             )
-        self._digest = digest
-        if self._problem is not None:
-            log.info("push channel: the token file %s holds a token again", self._path)
-            self._problem = None
-        return self._digest
+        else:
+            self._previous = None
+            log.info(
+                "push channel: the token file %s holds a new token, written %.0f s ago; the one it"
+                " replaced is no longer accepted",
+                self._path,
+                now - modified,
+            )
 
-    def _refuse(self, problem: str) -> None:
-        """No token: forget the last one and the one in its grace (a broken file accepts
-        nothing, and the token it is fixed with is the only one then) and log ``problem`` unless
-        it was the last one logged."""
-        self._stamp = self._digest = self._previous = None
+    def _refuse(self, problem: str) -> bool:
+        """No token now: read the file again at the next look, keep the token read last and the
+        grace (they apply again once the file is readable), and log ``problem`` unless it was the
+        last one logged. Returns False."""
+        self._stamp = None
         if problem != self._problem:
             log.error("push channel: refusing every proxy until the token file is fixed: %s", problem)
             self._problem = problem
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,12 +261,14 @@ class Ack:
 
 
 class _Stream:
-    """One open table stream: its proxy, and the signal that something is waiting to be sent."""
+    """One open table stream: its proxy, the digest of the token it was opened with, and the
+    signal that something is waiting to be sent."""
 
-    __slots__ = ("closed", "opened", "proxy", "wake")
+    __slots__ = ("closed", "digest", "opened", "proxy", "wake")
 
-    def __init__(self, proxy: str) -> None:
+    def __init__(self, proxy: str, digest: bytes) -> None:
         self.proxy = proxy
+        self.digest = digest
         self.wake = asyncio.Event()
         self.closed = False
         self.opened = time.monotonic()
@@ -258,11 +291,14 @@ class Publisher:
         """``token``: the one token (tests, tools), or the file it is read from whenever it
         changed (the controller). ``registry`` holds the metrics served on /metrics (a fresh one
         when None)."""
+        # What a request is accepted with, and what an open stream may go on with.
+        self._token_digests: Callable[[], tuple[bytes, ...]]
+        self._stream_digests: Callable[[], tuple[bytes, ...]]
         if isinstance(token, TokenFile):
-            self._token_digests: Callable[[], tuple[bytes, ...]] = token.digests
+            self._token_digests, self._stream_digests = token.digests, token.stream_digests
         elif token:
             fixed = (_digest(token),)
-            self._token_digests = lambda: fixed
+            self._token_digests = self._stream_digests = lambda: fixed
         else:
             raise ValueError("the push channel token must not be empty")
         self._heartbeat = heartbeat
@@ -353,17 +389,19 @@ class Publisher:
                 # A broken listener must not tear down a proxy's stream or lose its ack.
                 log.exception("push channel change callback failed")
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, request: web.Request) -> bytes | None:
+        """The digest of the request's token if it is accepted, else None."""
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         digest = _digest(presented.strip())
         # The scheme is public; only the token comparison has to be constant-time. Every accepted
         # digest is compared (a list, not a short-circuiting any): the time taken does not tell
         # whether the current token or the replaced one matched. None accepted: none matches.
         matches = [hmac.compare_digest(digest, expected) for expected in self._token_digests()]
-        return any(matches) and scheme.lower() == "bearer"
+        return digest if any(matches) and scheme.lower() == "bearer" else None
 
     async def _serve_stream(self, request: web.Request) -> web.StreamResponse:
-        if not self._authorized(request):
+        digest = self._authorized(request)
+        if digest is None:
             return _unauthorized()
         proxy = request.query.get("proxy", "")
         if not _valid_proxy_name(proxy):
@@ -372,7 +410,7 @@ class Publisher:
             return web.Response(status=503)
         response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
         await response.prepare(request)
-        stream = _Stream(proxy)
+        stream = _Stream(proxy, digest)
         previous = self._streams.get(proxy)
         if previous is not None:
             previous.close()
@@ -401,16 +439,22 @@ class Publisher:
             stream.wake.clear()
             if sent != self._version:
                 sent, line = self._version, self._line
-                await response.write(line)
-                continue
-            try:
-                async with asyncio.timeout(self._heartbeat):
-                    await stream.wake.wait()
-            except TimeoutError:
-                await response.write(b"\n")
+            else:
+                try:
+                    async with asyncio.timeout(self._heartbeat):
+                        await stream.wake.wait()
+                    continue
+                except TimeoutError:
+                    line = b"\n"
+            # A stream lives only while its token does: a rotated-out token must not keep
+            # receiving tables (auth_http headers included) past its grace.
+            if stream.digest not in self._stream_digests():
+                log.info("proxy %s: the token its stream was opened with is no longer accepted", stream.proxy)
+                return
+            await response.write(line)
 
     async def _receive_ack(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
+        if self._authorized(request) is None:
             return _unauthorized()
         try:
             document: Any = json.loads(await request.read())

@@ -365,11 +365,23 @@ NEW_TOKEN = "new-push-token-that-must-never-be-logged"
 NEWER_TOKEN = "newer-push-token-that-must-never-be-logged"
 
 
-class MountedSecret:
-    """A Secret volume holding one key, ``token``, updated the kubelet's way."""
+class Clock:
+    """The wall clock, moved by the test: the rotation grace without waiting."""
 
-    def __init__(self, directory: Path, token: str) -> None:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MountedSecret:
+    """A Secret volume holding one key, ``token``, updated the kubelet's way at ``clock``'s time
+    (each version's file is modified then, as when the kubelet writes it)."""
+
+    def __init__(self, directory: Path, token: str, clock: Clock) -> None:
         self.directory = directory
+        self.clock = clock
         self.updates = 0
         directory.mkdir()
         self.update(token)
@@ -384,22 +396,13 @@ class MountedSecret:
         payload = f"..2026_11_26_12_00_{self.updates:02d}"
         (self.directory / payload).mkdir()
         (self.directory / payload / "token").write_text(content)
+        os.utime(self.directory / payload / "token", (self.clock.now, self.clock.now))
         data = self.directory / "..data"
         previous = data.resolve() if data.is_symlink() else None
         (self.directory / "..data_tmp").symlink_to(payload)
         os.rename(self.directory / "..data_tmp", data)  # atomic
         if previous is not None and previous.is_dir():  # unless a test removed it
             shutil.rmtree(previous)
-
-
-class Clock:
-    """The controller's monotonic clock, moved by the test: the rotation grace without waiting."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def tokens_in(text: str) -> list[str]:
@@ -412,13 +415,13 @@ def tokens_in(text: str) -> list[str]:
 
 
 @pytest.fixture
-def secret(tmp_path: Path) -> MountedSecret:
-    return MountedSecret(tmp_path / "push-token", OLD_TOKEN + "\n")
+def clock() -> Clock:
+    return Clock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def secret(tmp_path: Path, clock: Clock) -> MountedSecret:
+    return MountedSecret(tmp_path / "push-token", OLD_TOKEN + "\n", clock)
 
 
 @pytest.fixture
@@ -478,7 +481,8 @@ async def test_a_following_proxy_keeps_its_stream_and_acks_while_its_copy_lags(
     file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret, clock: Clock
 ) -> None:
     """The controller's copy of the Secret is updated first: the proxy, still on the old token,
-    keeps its stream and its acks count for the grace; afterwards only the new token acks."""
+    keeps its stream and its acks count for the grace; then its stream ends at the next table,
+    which it does not get, and only the new token acks."""
     response = await client.get(
         base(file_channel) + publisher.STREAM_PATH,
         params={"proxy": "proxy-a"},
@@ -493,12 +497,11 @@ async def test_a_following_proxy_keeps_its_stream_and_acks_while_its_copy_lags(
     assert await ack_with(client, file_channel, OLD_TOKEN, SECOND) == 204
     assert file_channel.acks()["proxy-a"].version == SECOND.version
     clock.now += publisher.TOKEN_ROTATION_GRACE
+    changes = Changes(file_channel)
     file_channel.publish(THIRD)
-    assert await next_table(response) == THIRD  # open streams are never cut
+    assert await next_line(response) == b""  # ended, THIRD not sent
+    await changes.wait_until(lambda: "proxy-a" not in file_channel.acks())
     assert await ack_with(client, file_channel, OLD_TOKEN, THIRD) == 401
-    assert file_channel.acks()["proxy-a"].version == SECOND.version
-    assert await ack_with(client, file_channel, NEW_TOKEN, THIRD) == 204
-    assert file_channel.acks()["proxy-a"].version == THIRD.version
     response.close()
 
 
@@ -562,19 +565,84 @@ async def test_the_same_token_written_again_neither_rotates_nor_extends_the_grac
     assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
 
 
-async def test_a_file_without_a_token_ends_the_grace(
-    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret
+async def test_a_file_without_a_token_refuses_everything_but_keeps_the_grace(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret, clock: Clock
 ) -> None:
-    """A broken file accepts nothing, and the token it is fixed with is then the only one."""
+    """A broken file accepts nothing; once fixed, the replaced token's grace ends when it would
+    have (a read failing during the kubelet's swap must not cut the proxies still on it)."""
     assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200  # the token it started with
     secret.update(NEW_TOKEN)
     assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200  # in its grace
     secret.update("")
     assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
     assert await status_of_stream(client, file_channel, NEW_TOKEN) == 401
+    clock.now += publisher.TOKEN_ROTATION_GRACE - 1
     secret.update(NEW_TOKEN)
     assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 200
+    clock.now += 1
     assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
+
+
+def test_a_read_failing_during_the_kubelets_swap_keeps_the_rotations_grace(
+    secret: MountedSecret, clock: Clock
+) -> None:
+    """The swap removes the old payload directory after renaming ..data: a read that walked the
+    old link in between finds nothing. The next read is the rotation, with its grace."""
+    tokens = publisher.TokenFile(secret.path, clock=clock)
+    (old,) = tokens.digests()
+    secret.path.unlink()  # what that read sees
+    assert tokens.digests() == ()
+    assert tokens.stream_digests() == (old,)  # an open stream goes on
+    secret.path.symlink_to("..data/token")
+    secret.update(NEW_TOKEN)
+    clock.now += publisher.TOKEN_ROTATION_GRACE - 1
+    assert tokens.digests() == (publisher._digest(NEW_TOKEN), old)
+    clock.now += 1
+    assert tokens.digests() == (publisher._digest(NEW_TOKEN),)
+
+
+async def test_the_grace_runs_from_the_rotation_however_late_it_is_noticed(
+    file_channel: publisher.Publisher,
+    client: aiohttp.ClientSession,
+    secret: MountedSecret,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No request between the rotation and the grace's end: the first one after it, with the
+    replaced (maybe leaked) token, is refused."""
+    caplog.set_level(logging.INFO, logger="controller.publisher")
+    secret.update(NEW_TOKEN)
+    clock.now += publisher.TOKEN_ROTATION_GRACE
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+    assert await status_of_ack(client, file_channel, OLD_TOKEN) == 401
+    assert await status_of_stream(client, file_channel, NEW_TOKEN) == 200
+    assert "written 300 s ago; the one it replaced is no longer accepted" in caplog.text
+    assert "stays accepted" not in caplog.text
+
+
+def test_a_rotation_noticed_late_leaves_the_rest_of_its_grace(secret: MountedSecret, clock: Clock) -> None:
+    tokens = publisher.TokenFile(secret.path, clock=clock)
+    secret.update(NEW_TOKEN)
+    clock.now += publisher.TOKEN_ROTATION_GRACE - 100
+    assert len(tokens.digests()) == 2  # noticed now: 100 s left
+    clock.now += 99
+    assert len(tokens.digests()) == 2
+    clock.now += 1
+    assert len(tokens.digests()) == 1
+
+
+def test_a_modification_time_ahead_of_the_clock_does_not_stretch_the_grace(
+    secret: MountedSecret, clock: Clock
+) -> None:
+    tokens = publisher.TokenFile(secret.path, clock=clock)
+    secret.clock = Clock()
+    secret.clock.now = clock.now + 3600  # a node whose clock runs an hour ahead wrote it
+    secret.update(NEW_TOKEN)
+    assert len(tokens.digests()) == 2
+    clock.now += publisher.TOKEN_ROTATION_GRACE
+    assert len(tokens.digests()) == 1
 
 
 async def test_a_file_rewritten_in_place_is_read_again(
@@ -597,7 +665,7 @@ def test_an_unchanged_file_is_read_once(secret: MountedSecret, monkeypatch: pyte
         return read(path)
 
     monkeypatch.setattr(publisher, "_read_token", counting)
-    tokens = publisher.TokenFile(secret.path)
+    tokens = publisher.TokenFile(secret.path, clock=secret.clock)
     first = tokens.digests()
     assert len(first) == 1
     assert all(tokens.digests() == first for _ in range(10))
@@ -698,8 +766,8 @@ class FollowingProxy:
 
     def __init__(self, directory: Path) -> None:
         self.clock = Clock()
-        self.controller_secret = MountedSecret(directory / "controller", OLD_TOKEN)
-        self.proxy_secret = MountedSecret(directory / "proxy", OLD_TOKEN)
+        self.controller_secret = MountedSecret(directory / "controller", OLD_TOKEN, self.clock)
+        self.proxy_secret = MountedSecret(directory / "proxy", OLD_TOKEN, self.clock)
         self.channel = publisher.Publisher(publisher.TokenFile(self.controller_secret.path, clock=self.clock))
         self.changes = Changes(self.channel)
         self.holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
@@ -742,22 +810,49 @@ async def test_a_following_proxy_rides_out_a_rotation_its_copy_of_the_secret_get
     following: FollowingProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The review's scenario with the proxy's own subscriber: its stream and acks go on while
-    its copy lags, and once its copy has the new token it acks with it, on the same stream,
-    past the grace."""
+    its copy lags; its copy rotated, the stream still acks with the token it was opened with;
+    past the grace the controller ends it and the proxy follows again with the new token."""
     caplog.set_level(logging.INFO)
     await following.acked(FIRST.version)
     following.controller_secret.update(NEW_TOKEN)  # the kubelet updates the controller's copy first
     following.channel.publish(SECOND)
     await following.acked(SECOND.version)
+    following.proxy_secret.update(NEW_TOKEN)  # then the proxy's
     following.channel.publish(THIRD)
     await following.acked(THIRD.version)
-    assert following.holder.current == THIRD
-    following.proxy_secret.update(NEW_TOKEN)  # then the proxy's
+    assert connections(caplog) == 1
     following.clock.now += publisher.TOKEN_ROTATION_GRACE
     following.channel.publish(FOURTH)
     await following.acked(FOURTH.version)
     assert following.holder.current == FOURTH
+    assert connections(caplog) == 2
+    assert "the token its stream was opened with is no longer accepted" in caplog.text
+    assert "answered 401" not in caplog.text
+    assert tokens_in(caplog.text) == []
+
+
+async def test_a_following_proxy_whose_copy_rotates_first_keeps_its_stream(
+    following: FollowingProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other order: the proxy's copy is updated before the controller's. Its open stream
+    acks with the token it was opened with, which the controller still holds; once the
+    controller's copy rotates, that token's grace ends the stream and the proxy reconnects with
+    the new one."""
+    caplog.set_level(logging.INFO)
+    await following.acked(FIRST.version)
+    following.proxy_secret.update(NEW_TOKEN)
+    following.channel.publish(SECOND)
+    await following.acked(SECOND.version)
+    assert following.holder.current == SECOND
+    following.controller_secret.update(NEW_TOKEN)
+    following.channel.publish(THIRD)
+    await following.acked(THIRD.version)
     assert connections(caplog) == 1
+    following.clock.now += publisher.TOKEN_ROTATION_GRACE
+    following.channel.publish(FOURTH)
+    await following.acked(FOURTH.version)
+    assert following.holder.current == FOURTH
+    assert connections(caplog) == 2
     assert "answered 401" not in caplog.text
     assert tokens_in(caplog.text) == []
 
@@ -765,13 +860,13 @@ async def test_a_following_proxy_rides_out_a_rotation_its_copy_of_the_secret_get
 async def test_after_the_grace_a_proxy_on_the_old_token_gets_back_in_once_its_copy_is_rotated(
     following: FollowingProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A proxy whose copy lags past the grace is refused, keeps serving its table, and follows
-    again as soon as its own copy has the new token."""
+    """A proxy whose copy lags past the grace loses its stream, is refused, keeps serving its
+    table, and follows again as soon as its own copy has the new token."""
     caplog.set_level(logging.INFO)
     await following.acked(FIRST.version)
     following.controller_secret.update(NEW_TOKEN)
     following.channel.publish(SECOND)
-    await following.acked(SECOND.version)  # the rotation is seen here, the grace starts
+    await following.acked(SECOND.version)
     following.clock.now += publisher.TOKEN_ROTATION_GRACE
     following.channel.publish(THIRD)
     await following.changes.wait_until(lambda: "proxy-a" not in following.channel.acks())
@@ -780,11 +875,75 @@ async def test_after_the_grace_a_proxy_on_the_old_token_gets_back_in_once_its_co
             if "answered 401 to the stream request" in caplog.text:
                 break
             await asyncio.sleep(0.01)
-    assert "answered 401 to an ack" in caplog.text and "answered 401 to the stream request" in caplog.text
-    assert following.holder.current == THIRD  # applied; only its ack was refused
+    assert "answered 401 to the stream request" in caplog.text
+    assert following.holder.current == SECOND  # THIRD never reached the old token
 
     following.proxy_secret.update(NEW_TOKEN)
     await following.acked(THIRD.version)
     assert following.holder.current == THIRD
     assert connections(caplog) == 2
     assert tokens_in(caplog.text) == []
+
+
+async def old_token_stream(
+    client: aiohttp.ClientSession, channel: publisher.Publisher
+) -> aiohttp.ClientResponse:
+    response = await client.get(
+        base(channel) + publisher.STREAM_PATH,
+        params={"proxy": "proxy-a"},
+        headers={"Authorization": f"Bearer {OLD_TOKEN}"},
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    assert response.status == 200
+    return response
+
+
+async def test_a_stream_on_the_replaced_token_ends_at_the_first_heartbeat_past_its_grace(
+    secret: MountedSecret, clock: Clock, client: aiohttp.ClientSession
+) -> None:
+    """No table published: the heartbeat is when the stream is looked at again."""
+    channel = publisher.Publisher(publisher.TokenFile(secret.path, clock=clock), heartbeat=0.01)
+    await channel.start("127.0.0.1", 0)
+    try:
+        channel.publish(FIRST)
+        response = await old_token_stream(client, channel)
+        assert await next_table(response) == FIRST
+        secret.update(NEW_TOKEN)
+        assert await next_line(response) == b"\n"  # in its grace
+        clock.now += publisher.TOKEN_ROTATION_GRACE
+        async with asyncio.timeout(BOUND):
+            for _ in range(MAX_CHANGES):  # heartbeats already on their way, then the end
+                if await response.content.readline() == b"":
+                    break
+            else:
+                raise AssertionError("the stream outlived its token's grace")
+        response.close()
+    finally:
+        await channel.stop()
+
+
+async def test_a_second_rotation_ends_the_streams_on_the_token_it_drops(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret
+) -> None:
+    response = await old_token_stream(client, file_channel)
+    assert await next_table(response) == FIRST
+    secret.update(NEW_TOKEN)
+    file_channel.publish(SECOND)
+    assert await next_table(response) == SECOND  # in its grace
+    secret.update(NEWER_TOKEN)  # the old token is no longer the replaced one
+    file_channel.publish(THIRD)
+    assert await next_line(response) == b""
+    response.close()
+
+
+async def test_an_unreadable_token_file_ends_no_stream(
+    file_channel: publisher.Publisher, client: aiohttp.ClientSession, secret: MountedSecret
+) -> None:
+    """New requests are refused; a stream opened with the token read last goes on."""
+    response = await old_token_stream(client, file_channel)
+    assert await next_table(response) == FIRST
+    secret.path.unlink()
+    assert await status_of_stream(client, file_channel, OLD_TOKEN) == 401
+    file_channel.publish(SECOND)
+    assert await next_table(response) == SECOND
+    response.close()
