@@ -9,6 +9,8 @@ for us (status patches with a resourceVersion precondition, the snapshot Secret,
 one read (the snapshot Secret, at start), over aiohttp with the same credentials kopf logs in
 with. The snapshot is a Secret because tables carry auth_http request headers; a ConfigMap an
 earlier release wrote is never read (that needs rights on ConfigMaps the chart no longer grants).
+The chart renders the Secret empty and grants only get and patch on it; the controller creates it
+only when it is missing and it may (an install without the chart).
 Never logs the push token, an API bearer token or the snapshot's content; never imports anything
 of the proxy but the table contract.
 
@@ -250,6 +252,10 @@ def _ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLConte
 # The reconciler's API writes
 
 
+class ForbiddenError(reconciler.ClusterError):
+    """HTTP 403: no RBAC rule grants the request."""
+
+
 class KubeApi:
     """``reconciler.Cluster`` over aiohttp: status patches, the snapshot Secret, Events."""
 
@@ -283,7 +289,8 @@ class KubeApi:
     async def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None, content_type: str
     ) -> tuple[int, bytes]:
-        """The HTTP status and body of one request; network trouble and 5xx are ClusterError."""
+        """The HTTP status and body of one request; network trouble, 401, 429 and 5xx are
+        ClusterError, 403 ForbiddenError."""
         if self._session is None:
             raise RuntimeError("KubeApi.start() was not called")
         try:
@@ -294,7 +301,9 @@ class KubeApi:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as error:
             raise reconciler.ClusterError(f"{method} {path}: {error!r}") from error
-        if status >= 500 or status in (401, 403, 429):
+        if status == 403:
+            raise ForbiddenError(f"{method} {path}: HTTP {status}")
+        if status >= 500 or status in (401, 429):
             raise reconciler.ClusterError(f"{method} {path}: HTTP {status}")
         return status, content
 
@@ -325,6 +334,8 @@ class KubeApi:
             raise reconciler.ClusterError(f"GET {path}: the answer is not JSON: {error}") from error
         if not isinstance(stored, dict):
             raise reconciler.ClusterError(f"GET {path}: the answer is not an object")
+        if not stored.get("data"):
+            return None  # the chart's Secret before the first table: nothing to restore
         return stored
 
     async def save_snapshot(self, snapshot: reconciler.Snapshot) -> None:
@@ -333,6 +344,7 @@ class KubeApi:
         path = f"{base}/{self._secret}"
         code, _ = await self._call("PATCH", path, patch, "application/merge-patch+json")
         if code == 404:
+            # Only without the chart: it renders the Secret and grants no create.
             created = {
                 "apiVersion": "v1",
                 "kind": "Secret",
@@ -340,7 +352,15 @@ class KubeApi:
                 "type": SNAPSHOT_TYPE,
                 **snapshot.fields(),
             }
-            code, _ = await self._call("POST", base, created, "application/json")
+            try:
+                code, _ = await self._call("POST", base, created, "application/json")
+            except ForbiddenError as error:
+                # The same words at every retry: the reconciler logs a repeated failure once.
+                raise reconciler.ClusterError(
+                    f"the Secret {self._secret} does not exist in {self._namespace} and creating it "
+                    f"is forbidden (HTTP 403): create the Secret {self._secret} or grant create on "
+                    "secrets"
+                ) from error
         if code >= 300:
             raise reconciler.ClusterError(f"saving the snapshot Secret {self._secret}: HTTP {code}")
 

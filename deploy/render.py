@@ -40,7 +40,12 @@ LAYOUT: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("02-rbac.yaml", ("controller-rbac.yaml", "mailroute-roles.yaml", "proxy-serviceaccount.yaml")),
     (
         "03-controller.yaml",
-        ("controller-secret.yaml", "controller-deployment.yaml", "controller-service.yaml"),
+        (
+            "controller-secret.yaml",
+            "controller-snapshot-secret.yaml",
+            "controller-deployment.yaml",
+            "controller-service.yaml",
+        ),
     ),
     (
         "04-proxy.yaml",

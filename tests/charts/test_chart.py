@@ -468,11 +468,30 @@ def test_every_file_the_settings_name_is_mounted(scenario: str) -> None:
 def test_snapshot_volume_is_optional_and_tls_secrets_are_whole_directories() -> None:
     pod = one("tls", "Deployment", "proxy")["spec"]["template"]["spec"]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    assert volumes["snapshot"]["secret"]["optional"] is True  # the controller creates it later
+    # The chart's Secret holds no key until the controller's first table.
+    assert volumes["snapshot"]["secret"]["optional"] is True
     assert volumes["snapshot"]["secret"]["defaultMode"] == 0o440  # auth_http headers: the pod's group
     mounts = container(one("tls", "Deployment", "proxy"))["volumeMounts"]
     tls_mounts = sorted(mount["mountPath"] for mount in mounts if mount["name"].startswith("tls-"))
     assert tls_mounts == ["/etc/mailgress/tls/mail-example-net", "/etc/mailgress/tls/mail-example-org"]
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_the_snapshot_secret_is_rendered_without_data_and_kept(scenario: str) -> None:
+    """The chart creates the Secret the controller writes and the proxies mount (the controller
+    may not create it): no data, so Helm's three-way merge and kubectl apply leave the
+    controller's keys alone, and kept on uninstall."""
+    arguments = container(one(scenario, "Deployment", "controller"))["args"]
+    name = arguments[arguments.index("--snapshot-secret") + 1]
+    [secret] = [body for body in objects(scenario, "Secret") if body["metadata"]["name"] == name]
+    assert secret.keys() == {"apiVersion", "kind", "metadata", "type"}  # no data nor stringData
+    assert secret["type"] == operator.SNAPSHOT_TYPE
+    assert secret["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    pod = one(scenario, "Deployment", "proxy")["spec"]["template"]["spec"]
+    assert [volume["secret"]["secretName"] for volume in pod["volumes"] if volume["name"] == "snapshot"] == [
+        name
+    ]
 
 
 @pytest.mark.parametrize("scenario", ALL)
@@ -627,8 +646,12 @@ def test_controller_listens_in_the_proxys_address_family(scenario: str) -> None:
     assert controller.version == ipaddress.ip_address(chart["proxy"]["listenAddress"]).version
 
 
+def push_token_secrets(scenario: str) -> list[Mapping[str, Any]]:
+    return [document.body for document in rendered(scenario) if document.template == "controller-secret.yaml"]
+
+
 def test_push_token_is_generated_shared_and_random() -> None:
-    secrets = objects("default", "Secret")
+    secrets = push_token_secrets("default")
     assert len(secrets) == 1
     token = base64.b64decode(secrets[0]["data"]["token"])
     assert len(token) == 48
@@ -641,7 +664,7 @@ def test_push_token_is_generated_shared_and_random() -> None:
 
 
 def test_existing_push_token_secret_is_used_and_not_rendered() -> None:
-    assert objects("minimal", "Secret") == []
+    assert push_token_secrets("minimal") == []
     for component in ("proxy", "controller"):
         files = mounted_files(one("minimal", "Deployment", component))
         assert ("secret", "mail-push-token", "token") in files.values()

@@ -39,7 +39,10 @@ def test_numbered_files_are_in_apply_order_and_the_bundle_holds_them_all() -> No
 
 def test_deploy_brings_no_token_and_says_how_to_create_it() -> None:
     documents = [d for d in yaml.safe_load_all(render.files()[render.BUNDLE]) if d]
-    assert not [d for d in documents if d["kind"] == "Secret"], "a committed token would be everyone's"
+    # The one Secret is the routing table snapshot, rendered empty (the controller fills it): a
+    # committed token would be everyone's.
+    [snapshot_secret] = [d for d in documents if d["kind"] == "Secret"]
+    assert "data" not in snapshot_secret and "stringData" not in snapshot_secret
     deployments = [d for d in documents if d["kind"] == "Deployment"]
     secrets = [
         volume["secret"]
@@ -49,11 +52,11 @@ def test_deploy_brings_no_token_and_says_how_to_create_it() -> None:
     ]
     required = [secret["secretName"] for secret in secrets if not secret.get("optional")]
     assert required == [render.PUSH_TOKEN_SECRET, render.PUSH_TOKEN_SECRET]
-    # The one other Secret is the routing table snapshot, which the controller creates itself.
     [controller] = [d for d in deployments if d["metadata"]["name"].endswith("-controller")]
     arguments = controller["spec"]["template"]["spec"]["containers"][0]["args"]
     snapshot = arguments[arguments.index("--snapshot-secret") + 1]
     assert [secret["secretName"] for secret in secrets if secret.get("optional")] == [snapshot]
+    assert snapshot_secret["metadata"]["name"] == snapshot
     readme = (render.DEPLOY / "README.md").read_text()
     assert f"create secret generic {render.PUSH_TOKEN_SECRET}" in readme
     assert f"--namespace {render.NAMESPACE}" in readme

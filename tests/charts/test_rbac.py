@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from deploy import render
-from tests.charts.conftest import container, one, rendered
+from tests.charts.conftest import container, objects, one, rendered
 from tests.kube.conftest import AccessLog
 
 # The nonResourceURLs of Kubernetes' default system:discovery ClusterRole (bound to
@@ -128,14 +128,15 @@ def test_controller_rbac_is_exactly_what_the_controller_uses(
 
 def test_only_the_snapshot_secret_is_namespaced_and_patched_by_name() -> None:
     """The controller writes one Secret, in its own namespace, and may read or patch no other;
-    it has no rights on ConfigMaps at all (the snapshot of an earlier release is left alone)."""
+    it may create none (with create and get on Secrets it could mint and read a token of any
+    ServiceAccount of the namespace: the chart creates the snapshot Secret instead); it has no
+    rights on ConfigMaps at all (the snapshot of an earlier release is left alone)."""
     documents = [document.body for document in rendered("default")]
     [role] = [doc for doc in documents if doc["kind"] == "Role"]
     assert role["metadata"]["namespace"] == render.NAMESPACE
     arguments = container(one("default", "Deployment", "controller"))["args"]
     snapshot = arguments[arguments.index("--snapshot-secret") + 1]
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
         {
             "apiGroups": [""],
             "resources": ["secrets"],
@@ -143,6 +144,7 @@ def test_only_the_snapshot_secret_is_namespaced_and_patched_by_name() -> None:
             "verbs": ["get", "patch"],
         },
     ]
+    assert [secret["metadata"]["name"] for secret in objects("default", "Secret")].count(snapshot) == 1
     [cluster_role] = [
         doc
         for doc in documents

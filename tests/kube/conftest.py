@@ -7,8 +7,12 @@ proxies on the real push channel, and the log of what the controller asked the A
   the controller's requests).
 - ``controller``: controller.operator.run in its own thread and event loop (kopf stops in
   milliseconds that way), logging in through a kubeconfig with the controller's token, its push
-  channel on 127.0.0.1 with a random port. Stopped at teardown, after which every (verb,
-  resource) it used is added to ``controller_accesses``.
+  channel on 127.0.0.1 with a random port. The snapshot Secret exists before it starts, empty,
+  as the chart renders it (the chart grants the controller no create; ``ControllerRunner``
+  creates it). Stopped at teardown,
+  after which every (verb, resource) it used is added to ``controller_accesses``, but for those
+  a test still forbids then (refused, as RBAC refuses what the chart does not grant: the
+  controller got by without them).
 - ``controller_accesses``: one JSON file for the whole session under pytest's base temp folder,
   the union of the accesses of every controller run; an RBAC check reads it.
 - ``FakeProxy``: a proxy pod's end of the push channel (stream, parse, ack) without the proxy.
@@ -19,6 +23,8 @@ Every wait is bounded (``eventually``); nothing asserts on durations.
 import asyncio
 import base64
 import contextlib
+import copy
+import functools
 import gzip
 import json
 import threading
@@ -33,6 +39,7 @@ import pytest
 import yaml
 
 from controller import operator, publisher, reconciler
+from deploy import render
 from proxy import table
 from tests.kube.emulator import Emulator
 
@@ -49,6 +56,7 @@ MAILROUTES = kmock.resource("mailgress.io", "v1alpha1", "mailroutes")
 CONFIGMAPS = kmock.resource("", "v1", "configmaps")
 SECRETS = kmock.resource("", "v1", "secrets")
 SNAPSHOT_NAME = "mailgress-routing-table"
+SNAPSHOT_TEMPLATE = "controller-snapshot-secret.yaml"
 # Generous bounds for waits on a shared 2-core machine; reaching a state sooner ends the wait.
 WAIT_SECONDS = 30.0
 POLL_SECONDS = 0.02
@@ -100,12 +108,15 @@ class Api:
         return await self.call("DELETE", path)
 
 
+def client_session(emulator: Emulator) -> aiohttp.ClientSession:
+    """An HTTP session to ``emulator`` with the test's own token."""
+    headers = {"Authorization": f"Bearer {TEST_TOKEN}"}
+    return aiohttp.ClientSession(base_url=str(emulator.url), headers=headers)
+
+
 @pytest.fixture
 async def api(emulator: Emulator) -> AsyncIterator[Api]:
-    session = aiohttp.ClientSession(
-        base_url=str(emulator.url), headers={"Authorization": f"Bearer {TEST_TOKEN}"}
-    )
-    async with session:
+    async with client_session(emulator) as session:
         yield Api(session)
 
 
@@ -207,15 +218,29 @@ def controller_settings(emulator: Emulator, tmp_path: Path) -> operator.Settings
 
 class ControllerRunner:
     """Starts the controller when the test wants it (objects may be created first) and stops it
-    at the latest at teardown, adding what it asked the API for to the session's access log."""
+    at the latest at teardown, adding what it asked the API for to the session's access log.
+    Before the first start it creates the snapshot Secret as the chart does, unless told
+    ``chart_secret=False`` (an install without the chart)."""
 
-    def __init__(self, emulator: Emulator, settings: operator.Settings, accesses: AccessLog) -> None:
+    def __init__(
+        self,
+        emulator: Emulator,
+        settings: operator.Settings,
+        accesses: AccessLog,
+        *,
+        chart_secret: bool = True,
+    ) -> None:
         self._emulator = emulator
         self._settings = settings
         self._accesses = accesses
+        self._chart_secret_due = chart_secret
         self._stack = contextlib.ExitStack()
 
     async def start(self) -> Controller:
+        if self._chart_secret_due:
+            self._chart_secret_due = False
+            async with client_session(self._emulator) as session:
+                await create_snapshot_secret(Api(session))
         # The operator thread talks to the emulator served by this loop: keep the loop running
         # while the thread starts and stops.
         running: Controller = await asyncio.to_thread(
@@ -225,7 +250,35 @@ class ControllerRunner:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self._stack.close)
-        self._accesses.add([access.as_json() for access in self._emulator.accesses(CONTROLLER_TOKEN)])
+        refused = self._emulator.forbidden.get(CONTROLLER_TOKEN, set())
+        self._accesses.add(
+            [
+                access.as_json()
+                for access in self._emulator.accesses(CONTROLLER_TOKEN)
+                if access not in refused
+            ]
+        )
+
+
+@functools.cache
+def chart_snapshot_secret() -> dict[str, Any]:
+    """The snapshot Secret as the chart renders it (release "mailgress", the controller's
+    namespace): no data, the controller fills it."""
+    [document] = [
+        document
+        for document in render.documents(namespace=CONTROLLER_NAMESPACE)
+        if document.template == SNAPSHOT_TEMPLATE
+    ]
+    body = dict(document.body)
+    assert body["metadata"]["name"] == SNAPSHOT_NAME
+    return body
+
+
+async def create_snapshot_secret(api: Api) -> None:
+    """What Helm installs before the controller runs: the empty snapshot Secret."""
+    await api.create(
+        f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/secrets", copy.deepcopy(chart_snapshot_secret())
+    )
 
 
 @pytest.fixture

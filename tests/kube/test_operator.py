@@ -1,6 +1,7 @@
 """The real kopf operator (controller.operator.run) against the emulator, with proxies acking on
 the real push channel: MailRoute status, the published table, the snapshot Secret (what happens
-when the API refuses it, a restart from it, and the ConfigMap an earlier release left), Events."""
+when the API refuses it or it is missing, a restart from it, and the ConfigMap an earlier release
+left), Events."""
 
 import asyncio
 import contextlib
@@ -12,7 +13,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller import metrics, publisher, reconciler
+from controller import metrics, operator, publisher, reconciler
 from proxy import table
 from tests.kube.conftest import (
     CONFIGMAPS,
@@ -32,6 +33,7 @@ from tests.kube.conftest import (
     create_backend,
     create_crd,
     create_route,
+    create_snapshot_secret,
     eventually,
     imap_route,
     mailroute_body,
@@ -294,6 +296,49 @@ async def test_a_refused_snapshot_stops_no_status_and_is_written_once_allowed(
         assert table.from_json(snapshot_of(emulator) or "") == proxies[0].latest
 
 
+async def test_a_missing_snapshot_secret_it_may_not_create_is_named_once_and_used_once_there(
+    emulator: Emulator,
+    api: Api,
+    controller_settings: operator.Settings,
+    controller_accesses: AccessLog,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No snapshot Secret (deleted, or an install without the chart) and the controller may not
+    create Secrets, as under the chart's Role: routing and status go on, the log says once which
+    Secret to create, and once it exists, as the chart renders it, a retry fills it."""
+    monkeypatch.setattr(reconciler, "RETRY_SECONDS", 0.2)  # read by the operator's thread too
+    caplog.set_level(logging.ERROR, logger=reconciler.__name__)
+    emulator.forbidden[CONTROLLER_TOKEN] = {Access(verb="create", resource="secrets")}
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    runner = ControllerRunner(emulator, controller_settings, controller_accesses, chart_secret=False)
+    try:
+        controller = await runner.start()
+        async with fake_proxies(controller) as proxies:
+            await create_route(api, imap_route("example", "example.com"))
+            await eventually(
+                lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "Programmed"
+            )
+            for _ in range(int(WAIT_SECONDS / POLL_SECONDS)):
+                if await snapshot_api_errors(controller) >= 3:
+                    break
+                await asyncio.sleep(POLL_SECONDS)
+            else:
+                raise AssertionError("the snapshot write was not tried again")
+            assert snapshot_of(emulator) is None
+            assert caplog.text.count("cannot write the routing table snapshot Secret") == 1
+            assert caplog.text.count(f"create the Secret {SNAPSHOT_NAME} or grant create") == 1
+
+            await create_snapshot_secret(api)
+            await eventually(lambda: snapshot_of(emulator), "the snapshot written")
+            assert table.from_json(snapshot_of(emulator) or "") == proxies[0].latest
+    finally:
+        await runner.stop()
+    assert Access(verb="create", resource="secrets") in emulator.accesses(CONTROLLER_TOKEN)
+
+
 async def test_rejected_table_keeps_programmed_pending_and_others_conditions(
     emulator: Emulator, api: Api, controller: Controller
 ) -> None:
@@ -349,10 +394,13 @@ async def test_controller_accesses_are_recorded(
         {"verb": "watch", "group": "discovery.k8s.io", "resource": "endpointslices"},
         {"verb": "watch", "resource": "services"},
         {"verb": "create", "resource": "events"},
-        {"verb": "create", "resource": "secrets"},
+        {"verb": "get", "resource": "secrets"},
+        {"verb": "patch", "resource": "secrets"},
         {"verb": "watch", "group": "apiextensions.k8s.io", "resource": "customresourcedefinitions"},
     ):
         assert needed in recorded, f"{needed} not recorded"
+    # The chart renders the snapshot Secret: the controller never needs to create one.
+    assert {"verb": "create", "resource": "secrets"} not in recorded
     assert not any(entry.get("verb") in ("update", "delete", "deletecollection") for entry in recorded)
 
 
