@@ -531,7 +531,7 @@ class Reconciler:
         try:
             stored = await self._cluster.load_snapshot()
             if stored is None:
-                log.info("no routing table snapshot Secret yet: starting without one")
+                log.info("no routing table snapshot yet (no Secret, or an empty one): starting without one")
                 return
             restored = decode_snapshot(stored)
         except (ClusterError, SnapshotUnreadableError) as error:

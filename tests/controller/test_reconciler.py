@@ -1095,7 +1095,7 @@ async def test_an_unusable_snapshot_falls_back_to_a_fresh_start(
 
 @pytest.mark.parametrize(
     ("missing", "logged"),
-    [(True, "no routing table snapshot Secret yet"), (False, f"{RESTORE_FAILED} (GET secrets")],
+    [(True, "no routing table snapshot yet"), (False, f"{RESTORE_FAILED} (GET secrets")],
 )
 async def test_no_snapshot_or_a_refused_read_starts_afresh(
     world: World,
