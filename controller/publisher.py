@@ -157,19 +157,36 @@ class TokenFile:
     """The push tokens accepted now: the one its file holds, and until ``TOKEN_ROTATION_GRACE``
     after a rotation the one it replaced. The current digest is cached until a stat differs."""
 
-    __slots__ = ("_clock", "_digest", "_path", "_previous", "_previous_until", "_problem", "_stamp")
+    __slots__ = (
+        "_clock",
+        "_digest",
+        "_monotonic",
+        "_path",
+        "_previous",
+        "_previous_until",
+        "_problem",
+        "_stamp",
+    )
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        """``clock``: wall-clock seconds since the epoch, as file modification times are; it
-        times the grace (tests pass their own)."""
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock``: wall-clock seconds since the epoch, as file modification times are: what is
+        left of a grace when a rotation is noticed. ``monotonic`` counts that down, so a step of
+        the wall clock (an NTP correction) neither stretches nor cuts it. Tests pass their own."""
         self._path = path
         self._clock = clock
+        self._monotonic = monotonic
         self._stamp: _Stamp | None = None  # None: re-read at the next look
         # The token last read, kept while the file cannot be read: a read failing during the
         # kubelet's swap must neither end a grace nor make the next token read look like the first.
         self._digest: bytes | None = None
-        # The digest a rotation replaced, and when the grace for it ends. Never carried over a
-        # restart: a new TokenFile accepts only the token its file holds.
+        # The digest a rotation replaced, and when (on ``monotonic``) the grace for it ends. Never
+        # carried over a restart: a new TokenFile accepts only the token its file holds.
         self._previous: bytes | None = None
         self._previous_until = 0.0
         self._problem: str | None = None  # the last one logged, until a token is read again
@@ -190,7 +207,7 @@ class TokenFile:
     def _held(self) -> tuple[bytes, ...]:
         if self._digest is None:
             return ()
-        if self._previous is not None and self._clock() >= self._previous_until:
+        if self._previous is not None and self._monotonic() >= self._previous_until:
             self._previous = None
             log.info("push channel: the push token replaced in %s is no longer accepted", self._path)
         return (self._digest,) if self._previous is None else (self._digest, self._previous)
@@ -223,13 +240,14 @@ class TokenFile:
         """Accept ``replaced`` until the grace from ``modified`` (the new file's time) ends."""
         now = self._clock()
         # A modification time ahead of the clock (a skewed node) must not stretch the grace.
-        self._previous, self._previous_until = replaced, min(modified, now) + TOKEN_ROTATION_GRACE
-        if self._previous_until > now:
+        left = min(modified, now) + TOKEN_ROTATION_GRACE - now
+        self._previous, self._previous_until = replaced, self._monotonic() + left
+        if left > 0:
             log.info(
                 "push channel: the token file %s holds a new token; the one it replaced stays accepted"
                 " for %.0f s (restart the controller to refuse it at once)",
                 self._path,
-                self._previous_until - now,
+                left,
             )
         else:
             self._previous = None
@@ -389,14 +407,17 @@ class Publisher:
                 # A broken listener must not tear down a proxy's stream or lose its ack.
                 log.exception("push channel change callback failed")
 
-    def _authorized(self, request: web.Request) -> bytes | None:
-        """The digest of the request's token if it is accepted, else None."""
+    def _authorized(
+        self, request: web.Request, accepted: Callable[[], tuple[bytes, ...]] | None = None
+    ) -> bytes | None:
+        """The digest of the request's token if it is one of ``accepted`` (by default the tokens
+        a new request is accepted with), else None."""
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         digest = _digest(presented.strip())
         # The scheme is public; only the token comparison has to be constant-time. Every accepted
         # digest is compared (a list, not a short-circuiting any): the time taken does not tell
         # whether the current token or the replaced one matched. None accepted: none matches.
-        matches = [hmac.compare_digest(digest, expected) for expected in self._token_digests()]
+        matches = [hmac.compare_digest(digest, expected) for expected in (accepted or self._token_digests)()]
         return digest if any(matches) and scheme.lower() == "bearer" else None
 
     async def _serve_stream(self, request: web.Request) -> web.StreamResponse:
@@ -454,7 +475,9 @@ class Publisher:
             await response.write(line)
 
     async def _receive_ack(self, request: web.Request) -> web.Response:
-        if self._authorized(request) is None:
+        # An ack carries its stream's token and is accepted as the stream is: a moment's
+        # unreadable token file (the kubelet's swap) must not refuse it and so end the stream.
+        if self._authorized(request, self._stream_digests) is None:
             return _unauthorized()
         try:
             document: Any = json.loads(await request.read())

@@ -44,6 +44,7 @@ from typing import Any
 import aiohttp
 
 from proxy import table
+from proxy.protocols import sasl
 from proxy.protocols.errors import LineTooLongError
 from proxy.protocols.lines import LineBuffer
 from proxy.server.routes import TableHolder
@@ -147,6 +148,10 @@ class Subscriber:
             raise ChannelError(f"the token file {path} is not UTF-8 text") from error
         if not token:
             raise ChannelError(f"the token file {path} is empty")
+        if not sasl.printable(token):
+            # A line break or NUL cannot go into a header (aiohttp refuses it with a ValueError,
+            # which would end the table source and so the proxy): a broken Secret is retried.
+            raise ChannelError(f"the token file {path} holds a control character (a line break?)")
         return {"Authorization": f"Bearer {token}"}
 
     async def _follow(self, session: aiohttp.ClientSession, holder: TableHolder) -> None:

@@ -3,7 +3,7 @@
 deploy.render is what `make render` runs; rendering again must give exactly the files in deploy/,
 with no leftover numbered file. The one deliberate difference from the chart's defaults (the
 token Secret the user creates) must be what deploy/README.md tells the user to create; the only
-other Secret mounted is the snapshot, which the controller creates.
+other Secret mounted is the snapshot, which the chart creates empty and the controller fills.
 """
 
 import yaml

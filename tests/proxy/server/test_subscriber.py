@@ -587,9 +587,11 @@ async def test_each_ack_carries_the_token_its_stream_was_opened_with(
     [
         (lambda path: path.write_text("\n"), "is empty"),
         (lambda path: path.write_bytes(b"\xfftoken\n"), "is not UTF-8 text"),
+        (lambda path: path.write_bytes(b"first-line\nsecond-line\n"), "holds a control character"),
+        (lambda path: path.write_bytes(b"tok\x00en\n"), "holds a control character"),
         (Path.unlink, "No such file or directory"),
     ],
-    ids=["empty", "not-utf-8", "missing"],
+    ids=["empty", "not-utf-8", "two-lines", "nul", "missing"],
 )
 async def test_a_token_file_without_a_token_is_reported_and_retried(
     cluster: Cluster,
