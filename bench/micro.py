@@ -7,9 +7,11 @@ Not a test, and not part of ``make bench``. Run it by hand: ``.venv/bin/python -
   ``recv_into`` and ``send`` (a copy through a buffer): CPU microseconds per exchange, producer
   and consumer included (the same for both, so the difference is the relay's own).
 - ``session``: a minimal IMAP-like server (greeting, one tagged command, LOGOUT) under uvloop,
-  written as asyncio ``Protocol`` callbacks or as one coroutine task per connection reading from
-  a reader that stays registered (as ``SocketChannel`` does): server CPU microseconds per session,
-  driven by client processes at saturation.
+  written as asyncio ``Protocol`` callbacks, as one coroutine task per connection reading from
+  a reader that stays registered (as ``SocketChannel`` does), or as the same coroutine without a
+  task, resumed straight from that reader's callback (a "trampoline": no task, no future, no
+  extra loop iteration per wait): server CPU microseconds per session, driven by client
+  processes at saturation.
 
 Bounded in count (``--exchanges``, ``--sessions``) and in time (client sockets time out); only
 loopback addresses are used, and every process and socket it opens is closed before it returns.
@@ -22,7 +24,7 @@ import multiprocessing
 import os
 import resource
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from multiprocessing.synchronize import Event
 from typing import cast
 
@@ -33,6 +35,7 @@ GREETING = b"* OK ready\r\n"
 CLIENT_TIMEOUT = 10.0  # seconds; a client never waits longer for one reply
 CLIENT_PROCESSES = 4
 WARM_UP_SESSIONS = 200
+SESSION_STYLES = ("callbacks", "trampoline", "coroutines")
 
 
 def _cpu_seconds() -> float:
@@ -121,11 +124,64 @@ async def _coroutine_session(loop: asyncio.AbstractEventLoop, sock: socket.socke
         sock.close()
 
 
+class _Readable:
+    """What a trampolined session awaits: the driver resumes it when its socket is readable."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield None
+
+
+async def _trampolined_session(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    readable = _Readable()
+    try:
+        await loop.sock_sendall(sock, GREETING)
+        while True:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                await readable
+                continue
+            if not data:
+                return
+            if data.startswith(b"b"):
+                await loop.sock_sendall(sock, b"* BYE\r\nb OK\r\n")
+                return
+            await loop.sock_sendall(sock, b"a OK\r\n")
+    finally:
+        loop.remove_reader(sock.fileno())
+        sock.close()
+
+
+def _start_trampolined(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    session = _trampolined_session(loop, sock)
+
+    def step() -> None:
+        with contextlib.suppress(StopIteration):
+            session.send(None)
+
+    loop.add_reader(sock.fileno(), step)
+    step()
+
+
 async def _serve(style: str, listener: socket.socket, ready: Event, stop: Event) -> None:
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
     if style == "callbacks":
         server = await loop.create_server(_CallbackSession, sock=listener)
+    elif style == "trampoline":
+
+        def accept_ready() -> None:
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    return
+                sock.setblocking(False)
+                _start_trampolined(loop, sock)
+
+        loop.add_reader(listener.fileno(), accept_ready)
     else:
 
         async def accept() -> None:
@@ -142,6 +198,8 @@ async def _serve(style: str, listener: socket.socket, ready: Event, stop: Event)
         await asyncio.sleep(0.05)
     if style == "callbacks":
         server.close()
+    elif style == "trampoline":
+        loop.remove_reader(listener.fileno())
     else:
         acceptor.cancel()
 
@@ -166,7 +224,7 @@ def _client(port: int, sessions: int) -> None:
 
 
 def session(style: str, sessions: int) -> float:
-    """Server CPU microseconds per session in ``style`` ("callbacks" or "coroutines")."""
+    """Server CPU microseconds per session in ``style`` ("callbacks", "trampoline" or "coroutines")."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=512)
     listener.setblocking(False)
     port = listener.getsockname()[1]
@@ -206,7 +264,7 @@ def main() -> None:
     arguments = parser.parse_args()
     for round_number in range(1, arguments.rounds + 1):
         per_exchange = exchange(arguments.exchanges)
-        per_session = {style: session(style, arguments.sessions) for style in ("callbacks", "coroutines")}
+        per_session = {style: session(style, arguments.sessions) for style in SESSION_STYLES}
         print(
             f"round {round_number}: exchange "
             + ", ".join(f"{name} {value:.2f} us" for name, value in per_exchange.items())
