@@ -480,14 +480,17 @@ def test_snapshot_volume_is_optional_and_tls_secrets_are_whole_directories() -> 
 def test_the_snapshot_secret_is_rendered_without_data_and_kept(scenario: str) -> None:
     """The chart creates the Secret the controller writes and the proxies mount (the controller
     may not create it): no data, so Helm's three-way merge and kubectl apply leave the
-    controller's keys alone, and kept on uninstall."""
+    controller's keys alone, and kept on uninstall (by Helm and by Argo CD)."""
     arguments = container(one(scenario, "Deployment", "controller"))["args"]
     name = arguments[arguments.index("--snapshot-secret") + 1]
     [secret] = [body for body in objects(scenario, "Secret") if body["metadata"]["name"] == name]
     assert secret.keys() == {"apiVersion", "kind", "metadata", "type"}  # no data nor stringData
     assert secret["type"] == operator.SNAPSHOT_TYPE
     assert secret["metadata"]["namespace"] == RELEASE_NAMESPACE
-    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert secret["metadata"]["annotations"] == {
+        "helm.sh/resource-policy": "keep",
+        "argocd.argoproj.io/sync-options": "Delete=false",  # Argo CD ignores Helm's annotation
+    }
     pod = one(scenario, "Deployment", "proxy")["spec"]["template"]["spec"]
     assert [volume["secret"]["secretName"] for volume in pod["volumes"] if volume["name"] == "snapshot"] == [
         name
