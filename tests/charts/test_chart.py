@@ -489,7 +489,7 @@ def test_the_snapshot_secret_is_rendered_without_data_and_kept(scenario: str) ->
     assert secret["metadata"]["namespace"] == RELEASE_NAMESPACE
     assert secret["metadata"]["annotations"] == {
         "helm.sh/resource-policy": "keep",
-        "argocd.argoproj.io/sync-options": "Delete=false",  # Argo CD ignores Helm's annotation
+        "argocd.argoproj.io/sync-options": "Delete=false",  # Argo CD before 2.8 reads only this
     }
     pod = one(scenario, "Deployment", "proxy")["spec"]["template"]["spec"]
     assert [volume["secret"]["secretName"] for volume in pod["volumes"] if volume["name"] == "snapshot"] == [
