@@ -199,6 +199,17 @@ def parse_endpoint(text: str, where: str) -> Endpoint:
     return Endpoint(host=_address(host.strip("[]"), where), port=_port(int(port), where))
 
 
+def _file(base: Path, name: str) -> Path:
+    """A file the proxy reads again later, relative to the settings file's folder.
+
+    Made absolute but never resolved: Kubernetes mounts Secrets and ConfigMaps through symlinks
+    (``tls.crt -> ..data/tls.crt``, ``..data -> ..2026_11_26_...``) and renews them by pointing
+    ``..data`` at a new folder and deleting the old one. A resolved path would pin the first
+    version's folder: renewed certificates, rotated tokens and edited routes would never be read.
+    """
+    return (base / name).absolute()
+
+
 def _certificates(item: Mapping[str, Any], where: str, base: Path) -> tuple[CertificateFiles, ...]:
     raw = item.get("certificates", [])
     if not isinstance(raw, list):
@@ -211,8 +222,8 @@ def _certificates(item: Mapping[str, Any], where: str, base: Path) -> tuple[Cert
         _only(pair, {"cert", "key"}, spot)
         files.append(
             CertificateFiles(
-                cert=(base / _require(pair, "cert", str, spot)).resolve(),
-                key=(base / _require(pair, "key", str, spot)).resolve(),
+                cert=_file(base, _require(pair, "cert", str, spot)),
+                key=_file(base, _require(pair, "key", str, spot)),
             )
         )
     return tuple(files)
@@ -287,9 +298,7 @@ def _backend_tls(document: Any, base: Path) -> BackendTlsSettings:
     skip = document.get("insecureSkipVerify", False)
     if not isinstance(skip, bool):
         raise SettingsError("backendTls.insecureSkipVerify: expected true or false")
-    return BackendTlsSettings(
-        ca_file=(base / ca_file).resolve() if ca_file else None, insecure_skip_verify=skip
-    )
+    return BackendTlsSettings(ca_file=_file(base, ca_file) if ca_file else None, insecure_skip_verify=skip)
 
 
 def _listeners(items: Any, base: Path) -> tuple[ListenerSettings, ...]:
@@ -337,9 +346,9 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
         raise SettingsError("controller.snapshotFile: expected a file path")
     return ControllerSettings(
         url=url.rstrip("/"),
-        token_file=(base / _require(document, "tokenFile", str, "controller")).resolve(),
+        token_file=_file(base, _require(document, "tokenFile", str, "controller")),
         proxy_name=name,
-        snapshot_file=(base / snapshot).resolve() if snapshot else None,
+        snapshot_file=_file(base, snapshot) if snapshot else None,
     )
 
 
@@ -465,7 +474,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
         server_name=server_name,
         timeouts=timeouts,
         max_errors=max_errors,
-        route_files=tuple((base / route).resolve() for route in routes),
+        route_files=tuple(_file(base, route) for route in routes),
         services=_services(document.get("services", {})),
         backend_tls=_backend_tls(document.get("backendTls", {}), base),
         controller=controller,

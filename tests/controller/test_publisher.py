@@ -10,7 +10,6 @@ than ``BOUND`` fails the test; no assertion is about time.
 import asyncio
 import json
 import logging
-import os
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from proxy import table
 from proxy.server import subscriber
 from proxy.server.routes import TableHolder
 from proxy.settings import ControllerSettings
+from testbed.volumes import KubeletVolume
 
 TOKEN = "push-token-that-must-never-be-logged"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -380,29 +380,16 @@ class MountedSecret:
     (each version's file is modified then, as when the kubelet writes it)."""
 
     def __init__(self, directory: Path, token: str, clock: Clock) -> None:
-        self.directory = directory
         self.clock = clock
-        self.updates = 0
-        directory.mkdir()
-        self.update(token)
-        (directory / "token").symlink_to("..data/token")
+        self.volume = KubeletVolume(directory, {"token": token.encode()}, clock.now)
+        self.directory = directory
 
     @property
     def path(self) -> Path:
-        return self.directory / "token"
+        return self.volume.path("token")
 
     def update(self, content: str) -> None:
-        self.updates += 1
-        payload = f"..2026_11_26_12_00_{self.updates:02d}"
-        (self.directory / payload).mkdir()
-        (self.directory / payload / "token").write_text(content)
-        os.utime(self.directory / payload / "token", (self.clock.now, self.clock.now))
-        data = self.directory / "..data"
-        previous = data.resolve() if data.is_symlink() else None
-        (self.directory / "..data_tmp").symlink_to(payload)
-        os.rename(self.directory / "..data_tmp", data)  # atomic
-        if previous is not None and previous.is_dir():  # unless a test removed it
-            shutil.rmtree(previous)
+        self.volume.update({"token": content.encode()}, self.clock.now)
 
 
 def tokens_in(text: str) -> list[str]:

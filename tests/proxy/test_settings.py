@@ -7,6 +7,7 @@ import yaml
 
 from proxy import settings
 from proxy.table import Endpoint
+from testbed.volumes import KubeletVolume
 
 GOOD = """
 listeners:
@@ -30,11 +31,40 @@ def test_good_settings_parse(tmp_path: Path) -> None:
     assert loaded.admin == settings.AdminSettings("127.0.0.1", 9901)
     assert loaded.timeouts.pre_login == 30.0
     assert loaded.timeouts.backend_connect == settings.DEFAULT_BACKEND_CONNECT_TIMEOUT
-    assert loaded.route_files == ((tmp_path / "routes" / "mailroutes.yaml").resolve(),)
+    assert loaded.route_files == (tmp_path / "routes" / "mailroutes.yaml",)
     assert loaded.services[("mail", "dovecot", "143")] == (
         Endpoint("127.0.0.1", 10143),
         Endpoint("::1", 10143),
     )
+
+
+def test_files_are_named_through_their_symlinks(tmp_path: Path) -> None:
+    """Kubernetes mounts Secrets and ConfigMaps through symlinks and renews them by swapping the
+    folder they point into (testbed/volumes.py): every file the proxy reads again keeps the path
+    the settings name, so each read after a renewal gets the new version."""
+    keys = ("tls.crt", "tls.key", "ca.crt", "mailroutes.yaml", "token", "snapshot")
+    volume = KubeletVolume(tmp_path / "mounted", dict.fromkeys(keys, b"first"))
+    listener = {
+        "name": "imaps", "protocol": "imap", "address": "127.0.0.1", "port": 993, "tls": "implicit",
+        "certificates": [{"cert": "mounted/tls.crt", "key": "mounted/tls.key"}],
+    }  # fmt: skip
+    common = {"listeners": [listener], "backendTls": {"caFile": "mounted/ca.crt"}}
+    standalone = settings.parse({**common, "routes": ["mounted/mailroutes.yaml"], "services": {}}, tmp_path)
+    controller = {"url": "http://ctl:8080", "tokenFile": "mounted/token", "snapshotFile": "mounted/snapshot"}
+    cluster = settings.parse({**common, "controller": controller}, tmp_path)
+    assert cluster.controller is not None
+    [certificates] = standalone.listeners[0].certificates
+    files = [
+        certificates.cert,
+        certificates.key,
+        standalone.backend_tls.ca_file,
+        *standalone.route_files,
+        cluster.controller.token_file,
+        cluster.controller.snapshot_file,
+    ]
+    assert files == [volume.path(key) for key in keys]
+    volume.update(dict.fromkeys(keys, b"second"))
+    assert [path.read_bytes() for path in files if path is not None] == [b"second"] * len(keys)
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from proxy import settings
 from proxy.protocols import proxyheader
 from proxy.settings import BackendTlsSettings, CertificateFiles
 from proxy.table import Endpoint
 from testbed.tlscerts import IssuedCertificate, TestAuthority
+from testbed.volumes import KubeletVolume
 from tests.proxy.server.conftest import WAIT, ProxyFactory, fake_backend, imap_client, login
 
 
@@ -37,6 +39,11 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
 
 def files(*issued: IssuedCertificate) -> tuple[CertificateFiles, ...]:
     return tuple(CertificateFiles(cert=i.cert, key=i.key) for i in issued)
+
+
+def tls_secret(issued: IssuedCertificate) -> dict[str, bytes]:
+    """A certificate as the keys of a kubernetes.io/tls Secret."""
+    return {"tls.crt": issued.cert.read_bytes(), "tls.key": issued.key.read_bytes()}
 
 
 def client_context(authority: TestAuthority) -> ssl.SSLContext:
@@ -181,6 +188,40 @@ async def test_renewed_certificate_reaches_new_connections_only(
         open_writer.write(b"a2 NOOP\r\n")  # the session opened before the renewal goes on
         assert await asyncio.wait_for(reader.readline(), WAIT) == b"echo:a2 NOOP\r\n"
         open_writer.close()
+
+
+async def test_a_certificate_renewed_in_a_kubelet_volume_reaches_new_connections(
+    start_proxy: ProxyFactory, authority: TestAuthority, tmp_path: Path
+) -> None:
+    """Kubernetes mounts a TLS Secret through symlinks and renews it by pointing ``..data`` at a
+    new folder and deleting the old one (testbed/volumes.py). The files named in the settings
+    are read through the links, so the renewal reaches new connections."""
+    first = authority.issue("first", ["mail.alpha.example"])
+    volume = KubeletVolume(tmp_path / "tls", tls_secret(first))
+    listener = {
+        "name": "imaps", "protocol": "imap", "address": "127.0.0.1", "port": 993, "tls": "implicit",
+        "certificates": [{"cert": "tls/tls.crt", "key": "tls/tls.key"}],
+    }  # fmt: skip
+    mounted = settings.parse({"listeners": [listener]}, tmp_path).listeners[0].certificates
+    async with fake_backend() as backend:
+        proxy = await start_proxy(
+            {}, [Endpoint("127.0.0.1", backend.port)], listener={"tls": "implicit", "certificates": mounted}
+        )
+        tls = client_context(authority)
+        _, writer = await imap_client(proxy.port, tls=tls, server_hostname="mail.alpha.example")
+        assert serial_of(writer) == first.serial
+        writer.close()
+        second = authority.issue("second", ["mail.alpha.example"])
+        volume.update(tls_secret(second))
+        serial = first.serial
+        for _ in range(int(WAIT / 0.1)):  # the store polls about once a second
+            _, writer = await imap_client(proxy.port, tls=tls, server_hostname="mail.alpha.example")
+            serial = serial_of(writer)
+            writer.close()
+            if serial == second.serial:
+                break
+            await asyncio.sleep(0.1)
+        assert serial == second.serial
 
 
 async def test_trusted_proxy_header_sets_the_client_address(start_proxy: ProxyFactory) -> None:
