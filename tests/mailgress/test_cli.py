@@ -97,6 +97,24 @@ def test_check_resolves_secrets_from_settings_and_prints_no_header_value(
     assert SECRET_VALUE not in out + err and "literal-Header-Value" not in out + err
 
 
+def test_the_headers_from_example_resolves_with_the_settings_its_comment_shows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = write(
+        tmp_path,
+        "proxy.yaml",
+        "listeners: [{protocol: imap, address: 127.0.0.1, port: 1143}]\n"
+        'services: {mail/dovecot-alpha: {"143": ["127.0.0.1:10143"], "110": ["127.0.0.1:10110"]}}\n'
+        'secrets:\n  mail/auth-key: {key: "the shared key"}\n',
+    )
+    example = ROOT / "examples" / "auth-http-secret.yaml"
+    assert cli.main(["routes", "check", str(example), "--settings", str(settings)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    [route] = json.loads(out)["routes"]
+    assert [name for name, _ in route["httpAuth"]["headers"]] == ["X-Auth-Key", "X-Tenant"]
+
+
 def test_check_without_the_secret_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A Secret the settings do not hold is SecretNotFound, like a missing Service: printed, but
     the route is valid (status 0) and stays in the table, without auth_http settings."""
