@@ -1,7 +1,8 @@
-"""The compiler: parsed MailRoutes and backend endpoints in, one routing table and conditions out.
+"""The compiler: parsed MailRoutes, backend endpoints and Secrets in, one routing table and conditions out.
 
 The reconciler (and ``mailgress routes check``) calls ``compile_table`` with every MailRoute it
-knows, parsed or not, and the ready endpoints of every backend Service port those routes name.
+knows, parsed or not, the ready endpoints of every backend Service port those routes name, and
+the data of the labelled Secrets their auth_http ``headersFrom`` may name.
 Pure and deterministic (Contour's DAG build, in small): the output does not depend on the order
 of the input, equal input gives an equal ``table.version``, and a user's mistake becomes a
 condition on that user's object, never an exception. No I/O, no clocks, no logging.
@@ -24,13 +25,20 @@ Rules, in order:
    namespace. A missing key is BackendNotFound, an empty endpoint list NoReadyEndpoints; either
    way the route stays in the table with no endpoints for that protocol, so its users get a
    temporary failure rather than "no such user" (and no catch-all steals them meanwhile).
+   headersFrom Secrets resolve the same way, in the route's namespace: a Secret or key that is
+   missing (or a Secret without the label mailroute.AUTH_HTTP_LABEL, which the caller
+   never sees) is SecretNotFound, a value that is not a header value InvalidSecretValue; the
+   route stays in the table with auth mode http and no auth_http settings, which the proxy
+   answers with a temporary failure. Messages name the Secret and key, never a value.
 4. Programmed is Unknown/Pending for routes in the table (the operator sets it from proxy
    acks) and False/Invalid for the rest.
 """
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from controller import conditions, mailroute
 from proxy import table
@@ -42,6 +50,18 @@ _Conditions = tuple[conditions.Condition, ...]
 _Counts = tuple[tuple[table.Protocol, int], ...]
 # (protocol, "user" or "domain", key): the kind is part of the claim, as lookup keeps the two apart.
 _Claim = tuple[table.Protocol, str, str]
+SecretRef = tuple[str, str]  # (namespace, Secret name)
+# A labelled Secret's data as headersFrom may use it: each key's value as mailroute.header_value
+# made it from the Secret's bytes, None where those bytes are no header value.
+SecretValues = Mapping[str, str | None]
+# ResolvedRefs=False names every problem; its reason is the first kind found in this order.
+_PROBLEM_ORDER = (
+    conditions.Reason.BACKEND_NOT_FOUND,
+    conditions.Reason.SECRET_NOT_FOUND,
+    conditions.Reason.INVALID_SECRET_VALUE,
+    conditions.Reason.NO_READY_ENDPOINTS,
+)
+_NO_SECRETS: Mapping[SecretRef, SecretValues] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,21 +114,59 @@ def _conflict_message(loser: mailroute.MailRoute, winner: mailroute.MailRoute, c
     return f'{kind} "{key}" is already routed for {protocol} by {winner.key} ({why}); this route is not used'
 
 
+_Problems = dict[conditions.Reason, list[str]]
+
+
+def _http_auth(
+    route: mailroute.MailRoute, secrets: Mapping[SecretRef, SecretValues], problems: _Problems
+) -> table.HttpAuth | None:
+    """The route's auth_http settings with its headersFrom values added (headers sorted by
+    name), or None when one of them does not resolve (each such problem added to ``problems``)."""
+    if route.http_auth is None or not route.headers_from:
+        return route.http_auth
+    resolved: list[tuple[str, str]] = []
+    for header in route.headers_from:
+        secret = secrets.get((route.namespace, header.secret))
+        where = f"headersFrom {header.name}: Secret {route.namespace}/{header.secret}"
+        if secret is None:
+            label = f'{mailroute.AUTH_HTTP_LABEL}: "{mailroute.AUTH_HTTP_LABEL_VALUE}"'
+            problems[conditions.Reason.SECRET_NOT_FOUND].append(
+                f"{where} not found (or not labelled {label})"
+            )
+        elif header.key not in secret:
+            problems[conditions.Reason.SECRET_NOT_FOUND].append(f"{where} has no key {header.key}")
+        else:
+            value = secret[header.key]
+            if value is None:
+                problems[conditions.Reason.INVALID_SECRET_VALUE].append(
+                    f"{where} key {header.key} is not a header value (printable ASCII, spaces and tabs, "
+                    f"at most {mailroute.MAX_HEADER_VALUE} bytes, no line break at the end)"
+                )
+            else:
+                resolved.append((header.name, value))
+    if len(resolved) < len(route.headers_from):
+        return None
+    headers = tuple(sorted(route.http_auth.headers + tuple(resolved)))
+    return dataclasses.replace(route.http_auth, headers=headers)
+
+
 def _resolve(
-    route: mailroute.MailRoute, endpoints: Mapping[ServiceKey, Sequence[table.Endpoint]]
-) -> tuple[tuple[tuple[table.Protocol, table.Upstream], ...], conditions.Condition]:
-    """The route's upstreams (endpoints sorted, duplicates dropped) and its ResolvedRefs."""
+    route: mailroute.MailRoute,
+    endpoints: Mapping[ServiceKey, Sequence[table.Endpoint]],
+    secrets: Mapping[SecretRef, SecretValues],
+) -> tuple[tuple[tuple[table.Protocol, table.Upstream], ...], table.HttpAuth | None, conditions.Condition]:
+    """The route's upstreams (endpoints sorted, duplicates dropped), its auth_http settings with
+    the headersFrom values, and its ResolvedRefs."""
     upstreams: list[tuple[table.Protocol, table.Upstream]] = []
-    missing: list[str] = []
-    empty: list[str] = []
+    problems: _Problems = {reason: [] for reason in _PROBLEM_ORDER}
     for protocol, spec in route.protocols:
         key = service_key(route, spec)
         found = endpoints.get(key)
         where = f"{protocol}: Service {route.namespace}/{spec.backend.service} port {spec.backend.port}"
         if found is None:
-            missing.append(f"{where} not found")
+            problems[conditions.Reason.BACKEND_NOT_FOUND].append(f"{where} not found")
         elif not found:
-            empty.append(f"{where} has no ready endpoints")
+            problems[conditions.Reason.NO_READY_ENDPOINTS].append(f"{where} has no ready endpoints")
         upstream = table.Upstream(
             service=f"{route.namespace}/{spec.backend.service}",
             endpoints=tuple(sorted(set(found or ()))),
@@ -116,27 +174,19 @@ def _resolve(
             client_info=spec.client_info,
         )
         upstreams.append((protocol, upstream))
-    if missing:
-        status = conditions.Condition(
-            "ResolvedRefs",
-            "False",
-            conditions.Reason.BACKEND_NOT_FOUND,
-            "; ".join(missing + empty),
-            route.generation,
-        )
-    elif empty:
-        status = conditions.Condition(
-            "ResolvedRefs", "False", conditions.Reason.NO_READY_ENDPOINTS, "; ".join(empty), route.generation
-        )
+    http_auth = _http_auth(route, secrets, problems)
+    reason = next((reason for reason in _PROBLEM_ORDER if problems[reason]), None)
+    if reason is not None:
+        message = "; ".join(text for kind in _PROBLEM_ORDER for text in problems[kind])
+        status = conditions.Condition("ResolvedRefs", "False", reason, message, route.generation)
     else:
+        resolved = "every backend Service port has ready endpoints"
+        if route.headers_from:
+            resolved += " and every headersFrom Secret key holds a header value"
         status = conditions.Condition(
-            "ResolvedRefs",
-            "True",
-            conditions.Reason.RESOLVED_REFS,
-            "every backend Service port has ready endpoints",
-            route.generation,
+            "ResolvedRefs", "True", conditions.Reason.RESOLVED_REFS, resolved, route.generation
         )
-    return tuple(upstreams), status
+    return tuple(upstreams), http_auth, status
 
 
 def _invalid(error: mailroute.SpecError) -> tuple[conditions.Condition, ...]:
@@ -198,6 +248,7 @@ def _split(
 def compile_table(
     routes: Sequence[mailroute.MailRoute | mailroute.SpecError],
     endpoints: Mapping[ServiceKey, Sequence[table.Endpoint]],
+    secrets: Mapping[SecretRef, SecretValues] = _NO_SECRETS,
 ) -> Compiled:
     """Compile every MailRoute into one routing table plus per-object conditions.
 
@@ -206,6 +257,8 @@ def compile_table(
         endpoints: the ready endpoints of each Service port the routes name (see
             ``service_keys``); a key left out means the Service or port does not exist, an
             empty sequence that it has no ready endpoints.
+        secrets: the labelled Secrets by (namespace, name), each data key's header value or
+            None (see ``SecretValues``); a Secret left out does not exist or is not labelled.
 
     Returns:
         The table (routes sorted, version = hash of the content) and, per "namespace/name",
@@ -220,7 +273,7 @@ def compile_table(
     counts: dict[str, _Counts] = {}
     for route in valid:
         generation = route.generation
-        upstreams, resolved = _resolve(route, endpoints)
+        upstreams, http_auth, resolved = _resolve(route, endpoints, secrets)
         counts[route.key] = tuple((protocol, len(upstream.endpoints)) for protocol, upstream in upstreams)
         claims = _claims(route)
         taken = next((claim for claim in claims if claim in owners), None)
@@ -249,7 +302,7 @@ def compile_table(
                 upstreams=upstreams,
                 balance=route.balance,
                 auth=route.auth,
-                http_auth=route.http_auth,
+                http_auth=http_auth,
             )
         )
         found[route.key] = (

@@ -34,6 +34,10 @@ class Reason(StrEnum):
     RESOLVED_REFS = "ResolvedRefs"
     BACKEND_NOT_FOUND = "BackendNotFound"
     NO_READY_ENDPOINTS = "NoReadyEndpoints"
+    # A headersFrom Secret (labelled) or its key is missing; a headersFrom value is no header
+    # value. Reason names, not credentials (ruff's S105 goes by the word "secret").
+    SECRET_NOT_FOUND = "SecretNotFound"  # noqa: S105
+    INVALID_SECRET_VALUE = "InvalidSecretValue"  # noqa: S105
     # Programmed (and ResolvedRefs when it could not be evaluated)
     PROGRAMMED = "Programmed"
     PENDING = "Pending"
@@ -45,7 +49,14 @@ REASONS: Mapping[tuple[ConditionType, Status], frozenset[Reason]] = {
     ("Accepted", "True"): frozenset({Reason.ACCEPTED}),
     ("Accepted", "False"): frozenset({Reason.INVALID, Reason.CONFLICTED}),
     ("ResolvedRefs", "True"): frozenset({Reason.RESOLVED_REFS}),
-    ("ResolvedRefs", "False"): frozenset({Reason.BACKEND_NOT_FOUND, Reason.NO_READY_ENDPOINTS}),
+    ("ResolvedRefs", "False"): frozenset(
+        {
+            Reason.BACKEND_NOT_FOUND,
+            Reason.NO_READY_ENDPOINTS,
+            Reason.SECRET_NOT_FOUND,
+            Reason.INVALID_SECRET_VALUE,
+        }
+    ),
     ("ResolvedRefs", "Unknown"): frozenset({Reason.PENDING}),
     ("Programmed", "True"): frozenset({Reason.PROGRAMMED}),
     ("Programmed", "False"): frozenset({Reason.INVALID}),

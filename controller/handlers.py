@@ -1,9 +1,10 @@
 """kopf glue, and the only module that imports kopf besides the process entry (controller.operator).
 
 controller.operator calls ``register`` on a fresh kopf registry. The handlers stay thin (style
-anchors 6.2): four indexes keep small views of MailRoutes (``mailroute.parse``), Services and
-EndpointSlices (controller.endpoints) and proxy Pods (Ready or not); an ``on.event`` handler per
-kind only wakes the reconciler, which reads the indexes afresh. Handlers that touch the
+anchors 6.2): five indexes keep small views of MailRoutes (``mailroute.parse``), Services and
+EndpointSlices (controller.endpoints), proxy Pods (Ready or not) and the Secrets auth_http
+``headersFrom`` may read (``secret_values``); an ``on.event`` handler per kind only wakes the
+reconciler, which reads the indexes afresh. Handlers that touch the
 reconciler are ``async def``, so kopf runs them on its loop (the reconciler's asyncio events are
 not thread-safe); the index handlers stay synchronous, in kopf's executor threads, so parsing
 never blocks the loop. kopf runs resource handlers only once every index holds its initial
@@ -14,12 +15,19 @@ raises on a user's object: a broken MailRoute is a SpecError in the index, not a
 
 No handler changes objects, so kopf adds no finalizer and no annotation to MailRoutes: deleting
 one never waits for the controller. Proxy pods are watched with a server-side label selector and
-field selector (the controller's namespace only). A MailRoute is parsed once per (uid,
+field selector (the controller's namespace only). Secrets are watched in every namespace (as the
+MailRoutes naming them) with the server-side label selector mailgress.io/auth-http=true (kopf's
+``settings.watching.label_selectors``; a handler's ``labels=`` filter alone would be applied
+client-side, after every Secret of the cluster had been listed and watched), plus that same
+filter on the handlers as a second guard; so no other Secret reaches the controller, and of a
+labelled one only the header values are kept, never logged. A MailRoute is parsed once per (uid,
 generation) (``ParseCache``): our own status writes come back as watch events with the spec
 unchanged, and must not cost a jsonschema validation each.
 """
 
 import asyncio
+import base64
+import binascii
 import collections
 import copy
 import logging
@@ -30,7 +38,7 @@ from typing import Any
 
 import kopf
 
-from controller import endpoints, mailroute, reconciler
+from controller import compiler, endpoints, mailroute, reconciler
 from controller.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
@@ -41,12 +49,15 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 SLICES = ("discovery.k8s.io", "v1", "endpointslices")
 SERVICES = ("v1", "services")
 PODS = ("v1", "pods")
+SECRETS = ("v1", "secrets")
+SECRET_LABELS = {mailroute.AUTH_HTTP_LABEL: mailroute.AUTH_HTTP_LABEL_VALUE}
 CRDS = ("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 # Index ids: kopf passes each index to every handler as a keyword argument of this name.
 ROUTES_INDEX = "mailroute_index"
 SERVICES_INDEX = "service_index"
 SLICES_INDEX = "endpointslice_index"
 PROXIES_INDEX = "proxy_index"
+SECRETS_INDEX = "secret_index"
 # Parsed MailRoutes kept for their next watch event: twice the 10,000 routes docs/convergence.md
 # sizes the compiler for. Past it the route seen longest ago is parsed again on its next event,
 # which costs time, never correctness.
@@ -133,8 +144,25 @@ def _pod_ready(body: Mapping[str, Any]) -> bool:
     )
 
 
+def secret_values(body: Mapping[str, Any]) -> compiler.SecretValues:
+    """The Secret index's value for one labelled Secret: each data key's value as a header value
+    (``mailroute.header_value``), None where it is none (or not base64, which the API server
+    never sends). Every key is kept, as a route may name it later, but a value only in the
+    bounded form a header takes: a certificate or key stored beside it is reduced to None."""
+    data = body.get("data")
+    values: dict[str, str | None] = {}
+    for key, encoded in (data if isinstance(data, Mapping) else {}).items():
+        try:
+            # RFC 4648 section 4, as the API carries every Secret value.
+            raw = base64.b64decode(encoded, validate=True) if isinstance(encoded, str) else None
+        except binascii.Error:
+            raw = None
+        values[str(key)] = None if raw is None else mailroute.header_value(raw)
+    return values
+
+
 def inputs(indices: Mapping[str, Mapping[Any, Iterable[Any]]]) -> reconciler.Inputs:
-    """The reconciler's view of the four kopf indexes at this moment.
+    """The reconciler's view of the five kopf indexes at this moment.
 
     kopf's ``Index`` maps each key to a ``Store`` of the values every object returned for it;
     the keys are the tuples and names the index functions below return.
@@ -147,6 +175,8 @@ def inputs(indices: Mapping[str, Mapping[Any, Iterable[Any]]]) -> reconciler.Inp
         services=services,
         slices={key: list(store) for key, store in indices[SLICES_INDEX].items()},
         proxies={str(key): any(store) for key, store in indices[PROXIES_INDEX].items()},
+        # A Secret's (namespace, name) is unique.
+        secrets={key: next(iter(store)) for key, store in indices[SECRETS_INDEX].items()},
     )
 
 
@@ -165,9 +195,11 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
         labels = ",".join(f"{key}={value}" for key, value in sorted(wiring.proxy_labels.items()))
         settings.watching.label_selectors[PODS] = labels
         settings.watching.field_selectors[PODS] = f"metadata.namespace={wiring.namespace}"
+        settings.watching.label_selectors[SECRETS] = ",".join(f"{k}={v}" for k, v in SECRET_LABELS.items())
         # Only our own handlers' problems are worth an Event; kopf's progress chatter is not.
         settings.posting.level = logging.WARNING
-        indices = {name: kwargs[name] for name in (ROUTES_INDEX, SERVICES_INDEX, SLICES_INDEX, PROXIES_INDEX)}
+        names = (ROUTES_INDEX, SERVICES_INDEX, SLICES_INDEX, PROXIES_INDEX, SECRETS_INDEX)
+        indices = {name: kwargs[name] for name in names}
         worker = reconciler.Reconciler(
             read=lambda: inputs(indices),
             publisher=wiring.publisher,
@@ -218,6 +250,10 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     def proxy_index(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
         return {name: _pod_ready(body)}
 
+    @kopf.index(*SECRETS, id=SECRETS_INDEX, labels=dict(SECRET_LABELS), registry=registry)
+    def secret_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): secret_values(body)}
+
     # async: kopf runs a synchronous handler in its executor's threads, and the reconciler's
     # asyncio.Event may be set only from the loop it waits on (kopf's, where these run).
     async def wake(**_: Any) -> None:
@@ -238,4 +274,7 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
         *PODS, id="proxy_changed", labels=dict(wiring.proxy_labels), field="metadata.namespace",
         value=wiring.namespace, registry=registry,
     )(wake)  # fmt: skip
+    # A new, changed or rotated value becomes a new table version; a Secret that loses the label
+    # leaves the watch as a deletion (the API server's selector), which wakes it too.
+    kopf.on.event(*SECRETS, id="secret_changed", labels=dict(SECRET_LABELS), registry=registry)(wake)
     kopf.on.event(*CRDS, id="crd_changed", field="metadata.name", value=CRD_NAME, registry=registry)(wake)

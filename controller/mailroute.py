@@ -9,6 +9,8 @@ exact rule text, so an edited rule without an edited twin fails at import). Mess
 as the API server words them, so ``kubectl apply`` and standalone mode reject the same things
 for the same reasons. Pure apart from reading that one file at import: ``parse`` never raises
 on user input, never logs, and never puts an auth_http header value into a message.
+``header_value`` is the CRD's rule for a header value, applied to a Secret's bytes (the operator's
+Secret index and the standalone ``secrets`` stand-in both call it before the compiler sees one).
 """
 
 import dataclasses
@@ -56,6 +58,14 @@ HEADER_NAME_PATTERN = "^[A-Za-z0-9-]{1,64}$"
 # What nginx's auth_http request already carries (nginx-mail reference, "Request headers").
 RESERVED_HEADER_PREFIXES = ("auth-", "proxy-protocol-")
 RESERVED_HEADERS = ("host", "client-ip", "client-host")
+# A header value (the CRD's headers values): RFC 9110 section 5.5 field-vchars as nginx's
+# auth_http_header passes them, restricted to printable ASCII, spaces and tabs; at most this long.
+HEADER_VALUE_PATTERN = "^[\\t -~]*$"
+MAX_HEADER_VALUE = 1024
+# headersFrom reads only Secrets carrying this label (the controller's Secret watch selects them
+# server-side, so no other Secret's value ever reaches its memory).
+AUTH_HTTP_LABEL = "mailgress.io/auth-http"
+AUTH_HTTP_LABEL_VALUE = "true"
 # nginx's auth_http_timeout defaults to 60s; a longer wait only holds a client's login hostage.
 MAX_AUTH_TIMEOUT_SECONDS = 60
 # Safety net for hand-written YAML (anchors can even build cycles): MailRoutes nest 6 levels.
@@ -86,6 +96,15 @@ class ProtocolSpec:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SecretHeader:
+    """One auth_http request header whose value is a key of a Secret in the route's namespace."""
+
+    name: str  # the header name
+    secret: str  # the Secret's name
+    key: str  # the key in its data
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class MailRoute:
     """A valid MailRoute, defaults applied; ``protocols`` in ``table.PROTOCOLS`` order."""
 
@@ -100,6 +119,9 @@ class MailRoute:
     auth: table.AuthMode = "backend"
     # auth_http header values are often shared secrets: keep them out of repr.
     http_auth: table.HttpAuth | None = dataclasses.field(default=None, repr=False)
+    # spec.auth.http.headersFrom, in the spec's order: the compiler adds their values to
+    # http_auth.headers once it has them (references only, no value: safe in a repr).
+    headers_from: tuple[SecretHeader, ...] = ()
 
     @property
     def key(self) -> str:
@@ -176,16 +198,38 @@ def _reserved_header(name: str) -> bool:
     return lowered.startswith(RESERVED_HEADER_PREFIXES) or lowered in RESERVED_HEADERS
 
 
+def _names_apart(http: Mapping[str, Any]) -> bool:
+    """No name, folded as CEL's lowerAscii does, is both under headers and under headersFrom."""
+    headers = {_lower_ascii(name) for name in http.get("headers", {})}
+    return not any(_lower_ascii(item["name"]) in headers for item in http.get("headersFrom", []))
+
+
+def header_value(raw: bytes) -> str | None:
+    """A Secret's value as an auth_http header value, or None when the CRD would refuse it as one
+    (HEADER_VALUE_PATTERN, at most MAX_HEADER_VALUE bytes: a trailing newline, as ``echo`` writes
+    it into a file, is refused too, as nginx would send it as a broken request)."""
+    if len(raw) > MAX_HEADER_VALUE:
+        return None
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return text if _matches(HEADER_VALUE_PATTERN, text) else None
+
+
 # The Python twin of every CEL rule in the CRD, keyed by the rule's exact text (built from the
 # constants above, so the pattern and the limits exist once here). Each runs only after the
 # schema check passed, so the value has the schema's type (and its defaults).
-_RESERVED_RULE = (
-    "self.all(name, "
-    + " && ".join(f"!name.lowerAscii().startsWith('{prefix}')" for prefix in RESERVED_HEADER_PREFIXES)
-    + " && !(name.lowerAscii() in ["
-    + ", ".join(f"'{name}'" for name in RESERVED_HEADERS)
-    + "]))"
-)
+def _not_reserved(variable: str) -> str:
+    """The CEL condition that the header name ``variable`` is none of RESERVED_HEADERS*."""
+    return (
+        " && ".join(f"!{variable}.lowerAscii().startsWith('{prefix}')" for prefix in RESERVED_HEADER_PREFIXES)
+        + f" && !({variable}.lowerAscii() in ["
+        + ", ".join(f"'{name}'" for name in RESERVED_HEADERS)
+        + "])"
+    )
+
+
 _CEL: dict[str, Callable[[Any], bool]] = {
     " || ".join(f"has(self.{protocol})" for protocol in table.PROTOCOLS): (
         lambda spec: any(protocol in spec for protocol in table.PROTOCOLS)
@@ -220,7 +264,18 @@ _CEL: dict[str, Callable[[Any], bool]] = {
     f"self.all(name, name.matches('{HEADER_NAME_PATTERN}'))": (
         lambda headers: all(_matches(HEADER_NAME_PATTERN, name) for name in headers)
     ),
-    _RESERVED_RULE: lambda headers: not any(_reserved_header(name) for name in headers),
+    f"self.all(name, {_not_reserved('name')})": lambda headers: not any(map(_reserved_header, headers)),
+    # headersFrom: the same name rules on each item's name, no name twice (CEL's exists_one holds
+    # for every item exactly when no two folded names are equal), none also under headers.
+    f"self.matches('{HEADER_NAME_PATTERN}')": lambda name: _matches(HEADER_NAME_PATTERN, name),
+    _not_reserved("self"): lambda name: not _reserved_header(name),
+    "self.all(h, self.exists_one(other, other.name.lowerAscii() == h.name.lowerAscii()))": (
+        lambda items: len({_lower_ascii(item["name"]) for item in items}) == len(items)
+    ),
+    (
+        "!has(self.headers) || !has(self.headersFrom) || self.headersFrom.all(h, "
+        "!self.headers.exists(name, name.lowerAscii() == h.name.lowerAscii()))"
+    ): _names_apart,
 }
 
 
@@ -527,6 +582,10 @@ def _route(identity: _Identity, spec: Mapping[str, Any]) -> MailRoute:
             timeout_seconds=_seconds(http["timeout"]),
             headers=tuple(sorted(http.get("headers", {}).items())),
         )
+    headers_from = tuple(
+        SecretHeader(name=item["name"], secret=item["secretKeyRef"]["name"], key=item["secretKeyRef"]["key"])
+        for item in (http or {}).get("headersFrom", ())
+    )
     return MailRoute(
         namespace=identity.namespace,
         name=identity.name,
@@ -540,6 +599,7 @@ def _route(identity: _Identity, spec: Mapping[str, Any]) -> MailRoute:
         balance=cast(table.Balance, spec["balance"]),
         auth=cast(table.AuthMode, auth["mode"]),
         http_auth=http_auth,
+        headers_from=headers_from,
     )
 
 

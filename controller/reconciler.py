@@ -1,13 +1,13 @@
 """The level-based reconciler: debounce, sync gate, compile, publish, status, snapshot.
 
 controller.handlers starts one ``Reconciler`` per operator and calls ``touch`` whenever a
-MailRoute, Service, EndpointSlice or proxy Pod changes, and ``mark_synced`` once kopf has
+MailRoute, Service, EndpointSlice, proxy Pod or labelled Secret changes, and ``mark_synced`` once kopf has
 filled every index (kopf holds resource handlers until then). The publisher calls
 ``acks_changed`` when a proxy connects, acks or leaves. Each pass reads everything afresh
 through ``read`` (never an event's diff: Contour's level-based build), so a lost or repeated
 event costs nothing but a pass.
 
-One pass: compile every MailRoute with the resolved endpoints (controller.compiler, pure);
+One pass: compile every MailRoute with the resolved endpoints and Secrets (controller.compiler, pure);
 publish the table if its version is new and write it to the snapshot Secret (the one place
 the latest version is published, with the controller's table metric; a Secret, not a ConfigMap,
 because route tables carry auth_http request headers, and the aggregated ``view`` role reads
@@ -138,6 +138,8 @@ class Inputs:
     services: Mapping[tuple[str, str], endpoints.Service]
     slices: Mapping[tuple[str, str], Sequence[endpoints.Slice]]
     proxies: Mapping[str, bool]  # proxy pod name -> Ready
+    # (namespace, name) -> the data of each Secret labelled for auth_http headersFrom
+    secrets: Mapping[compiler.SecretRef, compiler.SecretValues] = field(default_factory=dict)
 
 
 class Ack(Protocol):
@@ -478,7 +480,14 @@ class Reconciler:
         self._synced = False
         # What the last compilation was made of: equal input is not compiled again (status
         # writes come back as watch events, and must not cost a compilation each).
-        self._compiled_from: tuple[list[_Parsed], dict[compiler.ServiceKey, _Endpoints]] | None = None
+        self._compiled_from: (
+            tuple[
+                list[_Parsed],
+                dict[compiler.ServiceKey, _Endpoints],
+                Mapping[compiler.SecretRef, compiler.SecretValues],
+            ]
+            | None
+        ) = None
         self._compiled: compiler.Compiled | None = None
         self._published = _Published()
         self._pushed: str | None = None  # version last given to the publisher
@@ -641,12 +650,12 @@ class Reconciler:
         inputs = self._read()
         routes: list[_Parsed] = [entry.route for entry in inputs.routes]
         resolved = endpoints.resolve(compiler.service_keys(routes), inputs.services, inputs.slices)
-        if self._compiled is None or self._compiled_from != (routes, resolved):
+        if self._compiled is None or self._compiled_from != (routes, resolved, inputs.secrets):
             started = time.perf_counter()
-            self._compiled = compiler.compile_table(routes, resolved)
+            self._compiled = compiler.compile_table(routes, resolved, inputs.secrets)
             if self._metrics is not None:
                 self._metrics.compile_seconds.observe(time.perf_counter() - started)
-            self._compiled_from = (routes, resolved)
+            self._compiled_from = (routes, resolved, inputs.secrets)
         compiled = self._compiled
         if compiled.table.version != self._pushed:
             if self._pushed is None and self._restored:  # proxies can connect from now on

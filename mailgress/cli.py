@@ -5,8 +5,10 @@ Subcommands:
                                      with a 'controller' key: tables pushed by the controller)
   mailgress routes check FILE... [--settings FILE]
                                      validate MailRoute manifests offline, print the compiled
-                                     table; the settings' 'services' resolve the backends
-                                     (without them every backend is BackendNotFound, no endpoints)
+                                     table (auth_http header values redacted); the settings'
+                                     'services' resolve the backends (without them every backend
+                                     is BackendNotFound, no endpoints), their 'secrets' the
+                                     headersFrom Secrets (without them: SecretNotFound)
   mailgress controller [FLAGS]       run the MailRoute operator (flags: controller/operator.py)
 Errors in the user's files end the command with a clear message on stderr, never a traceback.
 Exit status 2 (EXIT_USAGE): a settings or route file that cannot be read or is not valid YAML,
@@ -28,7 +30,6 @@ import uvloop
 from controller import operator
 from mailgress import standalone
 from proxy import settings as proxy_settings
-from proxy import table
 from proxy.server import listeners, process, subscriber
 from proxy.server.routes import TableHolder
 
@@ -77,7 +78,7 @@ def _run_proxy(arguments: argparse.Namespace) -> int:
         if settings.controller is not None:
             await subscriber.Subscriber(settings.controller).run(holder)
         else:
-            await standalone.watch(settings.route_files, settings.services, holder)
+            await standalone.watch(settings.route_files, settings.services, holder, settings.secrets)
 
     _settle_heap()
     try:
@@ -102,15 +103,17 @@ def _settle_heap() -> None:
 
 def _check_routes(arguments: argparse.Namespace) -> int:
     services: proxy_settings.ServiceEndpoints = {}
+    secrets: proxy_settings.SecretData = {}
     try:
         if arguments.settings:
-            services = proxy_settings.load(Path(arguments.settings)).services
+            loaded = proxy_settings.load(Path(arguments.settings))
+            services, secrets = loaded.services, loaded.secrets
         bodies = standalone.mailroute_bodies(standalone.read_manifests([Path(p) for p in arguments.files]))
     except (proxy_settings.SettingsError, standalone.ManifestError) as error:
         print(f"mailgress: {error}", file=sys.stderr)
         return EXIT_USAGE
-    compiled, problems = standalone.compile_bodies(bodies, services)
-    print(json.dumps(json.loads(table.to_json(compiled.table)), indent=2, sort_keys=True))
+    compiled, problems = standalone.compile_bodies(bodies, services, secrets)
+    print(json.dumps(standalone.printable_table(compiled.table), indent=2, sort_keys=True))
     invalid = False
     for problem in problems:
         print(f"{problem.route}: {problem.message}", file=sys.stderr)
@@ -132,7 +135,9 @@ def parser() -> argparse.ArgumentParser:
     route_commands = routes.add_subparsers(dest="routes_command", required=True)
     check = route_commands.add_parser("check", help="validate MailRoutes and print the compiled table")
     check.add_argument("files", nargs="+", help="MailRoute YAML files")
-    check.add_argument("--settings", help="proxy settings whose 'services' resolve the backends")
+    check.add_argument(
+        "--settings", help="proxy settings whose 'services' and 'secrets' resolve backends and headersFrom"
+    )
     check.set_defaults(handler=_check_routes)
     controller = commands.add_parser("controller", help="run the MailRoute operator (kopf)")
     operator.add_arguments(controller)

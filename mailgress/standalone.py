@@ -2,13 +2,16 @@
 
 Reads the MailRoute manifests named in the settings (the same YAML users ``kubectl apply``),
 compiles them with the controller's pure compiler against the ``services`` stand-in for
-EndpointSlices, and installs the table. The files are re-read every ``POLL_INTERVAL`` seconds
+EndpointSlices and the ``secrets`` stand-in for the labelled Secrets auth_http ``headersFrom``
+reads, and installs the table. The files are re-read every ``POLL_INTERVAL`` seconds
 and a changed content is compiled and swapped in; open sessions are untouched. A file that
 cannot be read or parsed keeps the last good table in force. Problems with single objects are
-logged with the same messages the controller writes into MailRoute status.
+logged with the same messages the controller writes into MailRoute status, which never hold an
+auth_http header value; ``printable_table`` is the table with those values redacted, for output.
 """
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +21,9 @@ from typing import Any
 import yaml
 
 from controller import compiler, mailroute
+from proxy import table
 from proxy.server.routes import TableHolder
+from proxy.settings import SecretData
 from proxy.table import Endpoint
 
 log = logging.getLogger("mailgress.standalone")
@@ -27,6 +32,8 @@ log = logging.getLogger("mailgress.standalone")
 # small files cost nothing measurable.
 POLL_INTERVAL = 0.25
 MAILROUTE_API_VERSION = "mailgress.io/v1alpha1"
+REDACTED = "<redacted>"
+_NO_SECRETS: SecretData = {}
 
 
 class ManifestError(ValueError):
@@ -69,11 +76,34 @@ def mailroute_bodies(contents: Sequence[tuple[Path, bytes]]) -> list[Mapping[str
     return bodies
 
 
+def secret_values(secrets: SecretData) -> dict[compiler.SecretRef, compiler.SecretValues]:
+    """The settings' secrets as the compiler takes Secrets: each value as a header value, None
+    where it is none (as the operator's Secret index gives them)."""
+    return {
+        reference: {key: mailroute.header_value(value.encode()) for key, value in data.items()}
+        for reference, data in secrets.items()
+    }
+
+
+def printable_table(routing: table.RoutingTable) -> dict[str, Any]:
+    """The table's JSON document with every auth_http header value redacted (literal headers
+    and headersFrom alike: both may carry a shared secret), for ``routes check`` to print."""
+    document: dict[str, Any] = json.loads(table.to_json(routing))
+    for route in document["routes"]:
+        if "httpAuth" in route:
+            route["httpAuth"]["headers"] = [[name, REDACTED] for name, _ in route["httpAuth"]["headers"]]
+    return document
+
+
 def compile_bodies(
-    bodies: Sequence[Mapping[str, Any]], services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]]
+    bodies: Sequence[Mapping[str, Any]],
+    services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]],
+    secrets: SecretData = _NO_SECRETS,
 ) -> tuple[compiler.Compiled, list[Problem]]:
     """Parse and compile; every object that is not Accepted or not resolved becomes a Problem."""
-    compiled = compiler.compile_table([mailroute.parse(body) for body in bodies], services)
+    compiled = compiler.compile_table(
+        [mailroute.parse(body) for body in bodies], services, secret_values(secrets)
+    )
     problems = [
         Problem(
             route=key,
@@ -90,6 +120,7 @@ async def watch(
     paths: Sequence[Path],
     services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]],
     holder: TableHolder,
+    secrets: SecretData = _NO_SECRETS,
 ) -> None:
     """Keep ``holder`` in step with the route files until cancelled."""
     last: list[tuple[Path, bytes]] | None = None
@@ -99,7 +130,7 @@ async def watch(
             contents = read_manifests(paths)
             if contents != last:
                 last = contents
-                compiled, problems = compile_bodies(mailroute_bodies(contents), services)
+                compiled, problems = compile_bodies(mailroute_bodies(contents), services, secrets)
                 for problem in problems:
                     log.warning("MailRoute %s: %s", problem.route, problem.message)
                 holder.swap(compiled.table)

@@ -1,16 +1,18 @@
 """The proxy's settings file: listeners, admin port, timeouts, abuse limits, drain and the route source.
 
 One format serves the standalone mode (MailRoute files plus a ``services`` stand-in for
-EndpointSlices) and the settings ConfigMap the Helm chart renders. In a cluster ``controller`` takes the
-place of ``routes`` and ``services``: the proxy subscribes to the controller's push channel.
+EndpointSlices and a ``secrets`` stand-in for the Secrets auth_http ``headersFrom`` reads) and the
+settings ConfigMap the Helm chart renders. In a cluster ``controller`` takes the place of ``routes``,
+``services`` and ``secrets``: the proxy subscribes to the controller's push channel.
 ``parse`` checks a loaded document and turns every mistake into a ``SettingsError`` naming the
-offending key; ``load`` reads the file. Never holds credentials (only the path to the token).
+offending key; ``load`` reads the file. Holds no credential but the standalone ``secrets`` values,
+which no repr and no error message shows (in a cluster: only the path to the token).
 """
 
 import ipaddress
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -143,6 +145,8 @@ class DrainSettings:
 
 
 ServiceEndpoints = Mapping[tuple[str, str, str], tuple[Endpoint, ...]]
+# (namespace, Secret name) -> data key -> value, as a labelled Secret would hold it.
+SecretData = Mapping[tuple[str, str], Mapping[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +163,8 @@ class ProxySettings:
     controller: ControllerSettings | None = None  # None: standalone, tables from route_files
     limits: LimitSettings = LimitSettings()
     drain: DrainSettings = DrainSettings()
+    # Standalone: stand-in for the Secrets auth_http headersFrom reads. Values: never in a repr.
+    secrets: SecretData = field(default_factory=dict, repr=False)
 
 
 def _only(document: Mapping[str, Any], known: set[str], spot: str) -> None:
@@ -312,14 +318,20 @@ def _listeners(items: Any, base: Path) -> tuple[ListenerSettings, ...]:
     return tuple(listeners)
 
 
+def _reference(reference: Any, section: str) -> tuple[str, str]:
+    """A ``namespace/name`` key of the services or secrets section."""
+    namespace, slash, name = str(reference).partition("/")
+    if not slash or not namespace or not name:
+        raise SettingsError(f"{section}: {reference!r} must be written namespace/name")
+    return namespace, name
+
+
 def _services(document: Any) -> ServiceEndpoints:
     if not isinstance(document, dict):
         raise SettingsError("services: expected a mapping of 'namespace/name' to ports")
     services: dict[tuple[str, str, str], tuple[Endpoint, ...]] = {}
     for reference, ports in document.items():
-        namespace, slash, name = str(reference).partition("/")
-        if not slash or not namespace or not name:
-            raise SettingsError(f"services: {reference!r} must be written namespace/name")
+        namespace, name = _reference(reference, "services")
         if not isinstance(ports, dict):
             raise SettingsError(f"services.{reference}: expected a mapping of port to addresses")
         for port, addresses in ports.items():
@@ -328,6 +340,23 @@ def _services(document: Any) -> ServiceEndpoints:
                 raise SettingsError(f"{where}: expected a list of 'host:port' strings")
             services[(namespace, name, str(port))] = tuple(parse_endpoint(a, where) for a in addresses)
     return services
+
+
+def _secrets(document: Any) -> SecretData:
+    """The ``secrets`` section: each message names the Secret and key, never a value."""
+    if not isinstance(document, dict):
+        raise SettingsError("secrets: expected a mapping of 'namespace/name' to {key: value}")
+    secrets: dict[tuple[str, str], dict[str, str]] = {}
+    for reference, data in document.items():
+        secret, where = _reference(reference, "secrets"), f"secrets.{reference}"
+        if not isinstance(data, dict):
+            raise SettingsError(f"{where}: expected a mapping of key to value")
+        for key, value in data.items():
+            if not isinstance(value, str):
+                kind = type(value).__name__
+                raise SettingsError(f"{where}.{key}: expected a string (quote it), got a {kind}")
+        secrets[secret] = {str(key): value for key, value in data.items()}
+    return secrets
 
 
 def _controller(document: Any, base: Path) -> ControllerSettings:
@@ -432,6 +461,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
         "maxErrors",
         "routes",
         "services",
+        "secrets",
         "backendTls",
         "controller",
         "limits",
@@ -462,9 +492,9 @@ def parse(document: Any, base: Path) -> ProxySettings:
         raise SettingsError(f"serverName: expected a host name without spaces, got {server_name!r}")
     controller = None
     if "controller" in document:
-        if "routes" in document or "services" in document:
+        if {"routes", "services", "secrets"} & set(document):
             raise SettingsError(
-                "controller: cannot be combined with routes or services "
+                "controller: cannot be combined with routes, services or secrets "
                 "(in a cluster the controller sends the table; standalone, leave controller out)"
             )
         controller = _controller(document["controller"], base)
@@ -480,6 +510,7 @@ def parse(document: Any, base: Path) -> ProxySettings:
         controller=controller,
         limits=_limits(document),
         drain=_drain(document),
+        secrets=_secrets(document.get("secrets", {})),
     )
 
 

@@ -250,7 +250,7 @@ async def _ask_auth_http(
     client_tls: ssl.SSLObject | None,
 ) -> authhttp.Outcome:
     """The verdict of the route's auth_http service on this attempt."""
-    if route.http_auth is None:  # the compiler never does this; a hand-made table might
+    if route.http_auth is None:  # the compiler does this while a headersFrom Secret does not resolve
         return authhttp.Unavailable("the route has auth mode http but no auth_http settings")
     try:
         target = authhttp_protocol.service(route.http_auth)

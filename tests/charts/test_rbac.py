@@ -127,9 +127,10 @@ def test_controller_rbac_is_exactly_what_the_controller_uses(
 
 
 def test_only_the_snapshot_secret_is_namespaced_and_patched_by_name() -> None:
-    """The controller writes one Secret, in its own namespace, and may read or patch no other;
+    """The controller writes one Secret, in its own namespace, and may get or patch no other;
     it may create none (with create and get on Secrets it could mint and read a token of any
-    ServiceAccount of the namespace: the chart creates the snapshot Secret instead); it has no
+    ServiceAccount of the namespace: the chart creates the snapshot Secret instead); cluster-wide
+    it may only list and watch Secrets (auth_http headersFrom, selected by label); it has no
     rights on ConfigMaps at all (the snapshot of an earlier release is left alone)."""
     documents = [document.body for document in rendered("default")]
     [role] = [doc for doc in documents if doc["kind"] == "Role"]
@@ -151,4 +152,6 @@ def test_only_the_snapshot_secret_is_namespaced_and_patched_by_name() -> None:
         if doc["kind"] == "ClusterRole"
         and doc["metadata"]["labels"].get("app.kubernetes.io/component") == "controller"
     ]
-    assert all(not {"configmaps", "secrets"} & set(rule["resources"]) for rule in cluster_role["rules"])
+    assert all("configmaps" not in rule["resources"] for rule in cluster_role["rules"])
+    on_secrets = [rule for rule in cluster_role["rules"] if "secrets" in rule["resources"]]
+    assert on_secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}]

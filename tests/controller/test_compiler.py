@@ -5,6 +5,8 @@ Case file format:
     routes:     MailRoute manifests (metadata.generation/creationTimestamp as the API server
                 would set them; left out, they are 0 and "")
     endpoints:  "namespace/service": {port as written in the route: ["host:port", ...]}
+    secrets (optional): "namespace/name": {key: value}, the labelled Secrets; each value's UTF-8
+                bytes go through mailroute.header_value as the operator's Secret index does
     expect:
       table:       "namespace/name": route with defaults left out (users [], balance user-hash,
                    auth backend, tls none, clientInfo none, generation 0); each protocol as
@@ -36,7 +38,7 @@ CRD = yaml.safe_load(
 
 def _load(path: Path) -> dict[str, Any]:
     case: dict[str, Any] = yaml.safe_load(path.read_text())
-    assert set(case) <= {"routes", "endpoints", "expect"}, f"{path.name}: unknown sections"
+    assert set(case) <= {"routes", "endpoints", "secrets", "expect"}, f"{path.name}: unknown sections"
     return case
 
 
@@ -53,6 +55,14 @@ def _endpoints(
         namespace, _, name = service.partition("/")
         for port, addresses in ports.items():
             found[(namespace, name, str(port))] = [_endpoint(address) for address in addresses]
+    return found
+
+
+def _secrets(raw: Mapping[str, Mapping[str, str]] | None) -> dict[compiler.SecretRef, compiler.SecretValues]:
+    found: dict[compiler.SecretRef, compiler.SecretValues] = {}
+    for secret, data in (raw or {}).items():
+        namespace, _, name = secret.partition("/")
+        found[(namespace, name)] = {key: mailroute.header_value(text.encode()) for key, text in data.items()}
     return found
 
 
@@ -128,7 +138,9 @@ def _generations(case: Mapping[str, Any]) -> dict[str, int]:
 def test_case(path: Path) -> None:
     case = _load(path)
     expect = case["expect"]
-    compiled = compiler.compile_table(_parsed(case), _endpoints(case.get("endpoints")))
+    compiled = compiler.compile_table(
+        _parsed(case), _endpoints(case.get("endpoints")), _secrets(case.get("secrets"))
+    )
 
     assert render_table(compiled.table) == (expect.get("table") or {})
     _check_conditions(compiled, expect.get("conditions") or {})
@@ -152,10 +164,12 @@ def test_input_order_does_not_matter(path: Path, data: st.DataObject) -> None:
     case = _load(path)
     routes = _parsed(case)
     endpoints = _endpoints(case.get("endpoints"))
-    reference = compiler.compile_table(routes, endpoints)
+    secrets = _secrets(case.get("secrets"))
+    reference = compiler.compile_table(routes, endpoints, secrets)
     shuffled_routes = data.draw(st.permutations(routes))
     shuffled_endpoints = dict(data.draw(st.permutations(list(endpoints.items()))))
-    compiled = compiler.compile_table(shuffled_routes, shuffled_endpoints)
+    shuffled_secrets = dict(data.draw(st.permutations(list(secrets.items()))))
+    compiled = compiler.compile_table(shuffled_routes, shuffled_endpoints, shuffled_secrets)
     assert compiled.table.version == reference.table.version
     assert compiled == reference
 
@@ -286,3 +300,16 @@ def test_the_crd_documents_every_reason() -> None:
 def test_merged_conditions_are_plain_json() -> None:
     merged = conditions.merge([], [ACCEPTED, PENDING], "2026-01-02T00:00:00Z")
     assert json.loads(json.dumps(merged)) == merged
+
+
+def test_secret_values_never_appear_in_conditions() -> None:
+    """headersFrom problems name the Secret and the key; no value, valid or not, is quoted."""
+    case = _load(CASES_DIR / "http-auth-secrets.yaml")
+    compiled = compiler.compile_table(
+        _parsed(case), _endpoints(case.get("endpoints")), _secrets(case.get("secrets"))
+    )
+    values = [value for data in case["secrets"].values() for value in data.values() if len(value) > 3]
+    assert values
+    texts = [repr(condition) for found in compiled.conditions.values() for condition in found]
+    assert not [value for value in values if any(value in text for text in texts)]
+    assert not [value for value in values if value in repr(compiled.table)]

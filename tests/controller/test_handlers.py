@@ -2,6 +2,7 @@
 MailRoute parse cache; and that the handlers waking the reconciler are ones kopf runs on its loop.
 (The handlers themselves run under kopf in tests/kube/test_operator.py.)"""
 
+import base64
 import inspect
 import logging
 from typing import Any
@@ -56,6 +57,7 @@ def test_inputs_flatten_the_index_stores() -> None:
             handlers.SERVICES_INDEX: {("mail", "dovecot"): [service]},
             handlers.SLICES_INDEX: {("mail", "dovecot"): [piece, other]},
             handlers.PROXIES_INDEX: {"proxy-a": [True], "proxy-b": [False]},
+            handlers.SECRETS_INDEX: {("mail", "auth-key"): [{"key": "v"}]},
         }
     )
     assert view == reconciler.Inputs(
@@ -63,7 +65,55 @@ def test_inputs_flatten_the_index_stores() -> None:
         services={("mail", "dovecot"): service},
         slices={("mail", "dovecot"): [piece, other]},
         proxies={"proxy-a": True, "proxy-b": False},
+        secrets={("mail", "auth-key"): {"key": "v"}},
     )
+
+
+SECRET_VALUE = "k3y-VALUE-Zq9"
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def test_secret_values_are_the_header_values_of_every_key() -> None:
+    """Decoded from the API's base64; a value that is no header value (a trailing newline, a
+    certificate longer than any header) is kept as None, so the route names the key as invalid
+    rather than missing, and nothing of it stays in memory."""
+    body = {
+        "metadata": {"namespace": "mail", "name": "auth-key", "labels": dict(handlers.SECRET_LABELS)},
+        "data": {
+            "key": b64(SECRET_VALUE.encode()),
+            "empty": "",
+            "newline": b64(SECRET_VALUE.encode() + b"\n"),
+            "tls.crt": b64(b"-----BEGIN CERTIFICATE-----\n" + b"A" * 2000),
+            "binary": b64(bytes(range(256))),
+            "not-base64": "%%%",
+            "not-a-string": 7,
+        },
+    }
+    assert handlers.secret_values(body) == {
+        "key": SECRET_VALUE,
+        "empty": "",
+        "newline": None,
+        "tls.crt": None,
+        "binary": None,
+        "not-base64": None,
+        "not-a-string": None,
+    }
+    assert handlers.secret_values({"metadata": {"name": "no-data"}}) == {}
+
+
+def test_the_secret_index_holds_labelled_secrets_only() -> None:
+    """Selected server-side (kopf's watching settings, set at startup) and filtered again by the
+    index and its wake handler: an unlabelled Secret never reaches the index function."""
+    registry = kopf.OperatorRegistry()
+    registered(registry)
+    [index] = [h for h in registry._indexing.get_all_handlers() if h.id == handlers.SECRETS_INDEX]
+    [wake] = [h for h in registry._watching.get_all_handlers() if h.id == "secret_changed"]
+    assert index.labels == wake.labels == {"mailgress.io/auth-http": "true"}
+    body = {"metadata": {"namespace": "mail", "name": "auth-key"}, "data": {"key": b64(b"v")}}
+    assert index.fn(body=body, namespace="mail", name="auth-key") == {("mail", "auth-key"): {"key": "v"}}
 
 
 def route_body(uid: str, *, generation: int = 1, service: str = "dovecot") -> dict[str, Any]:
@@ -179,5 +229,5 @@ def test_the_handlers_that_wake_the_reconciler_run_on_kopfs_loop() -> None:
     registry = kopf.OperatorRegistry()
     registered(registry)
     watching = registry._watching.get_all_handlers()
-    assert len(watching) == 5  # MailRoutes, Services, EndpointSlices, proxy Pods, the CRD
+    assert len(watching) == 6  # MailRoutes, Services, EndpointSlices, proxy Pods, Secrets, the CRD
     assert [handler.id for handler in watching if not inspect.iscoroutinefunction(handler.fn)] == []

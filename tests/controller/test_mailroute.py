@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller import mailroute
-from controller.mailroute import BackendRef, MailRoute, ProtocolSpec, SpecError
+from controller.mailroute import BackendRef, MailRoute, ProtocolSpec, SecretHeader, SpecError
 from proxy import table
 
 ROOT = Path(__file__).parents[2]
@@ -335,6 +335,90 @@ def test_header_values_never_appear_in_errors(headers: dict[str, Any]) -> None:
     assert result.field.startswith("spec.auth.http.headers")
 
 
+def http_route(**http: Any) -> dict[str, Any]:
+    return imap_route(auth={"mode": "http", "http": {"url": "http://a.example/", **http}})
+
+
+def key_ref(name: str, secret: str = "auth-key", key: str = "key") -> dict[str, Any]:
+    return {"name": name, "secretKeyRef": {"name": secret, "key": key}}
+
+
+def test_headers_from_are_references_in_the_spec_order() -> None:
+    result = mailroute.parse(
+        http_route(headers={"X-Tenant": "t"}, headersFrom=[key_ref("X-Z"), key_ref("X-A", "other", "k.2")])
+    )
+    assert isinstance(result, MailRoute)
+    assert result.headers_from == (
+        SecretHeader("X-Z", "auth-key", "key"),
+        SecretHeader("X-A", "other", "k.2"),
+    )
+    assert result.http_auth is not None
+    assert result.http_auth.headers == (("X-Tenant", "t"),)  # the compiler adds the Secret values
+
+
+@pytest.mark.parametrize(
+    ("http", "field", "message"),
+    [
+        ({"headersFrom": [key_ref(f"X-{n}") for n in range(17)]}, "spec.auth.http.headersFrom",
+         "Too many: 17: must have at most 16 items"),
+        ({"headersFrom": [{"name": "X-Key", "secretKeyRef": {"name": "auth-key"}}]},
+         "spec.auth.http.headersFrom[0].secretKeyRef.key", "Required value"),
+        ({"headersFrom": [{"secretKeyRef": {"name": "auth-key", "key": "key"}}]},
+         "spec.auth.http.headersFrom[0].name", "Required value"),
+        ({"headersFrom": [key_ref("X-Key", "Auth_Key")]}, "spec.auth.http.headersFrom[0].secretKeyRef.name",
+         "Invalid value: \"Auth_Key\": should match "
+         "'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'"),
+        ({"headersFrom": [key_ref("X-Key", key="a/b")]}, "spec.auth.http.headersFrom[0].secretKeyRef.key",
+         "Invalid value: \"a/b\": should match '^[-._a-zA-Z0-9]+$'"),
+        ({"headersFrom": [key_ref("Host")]}, "spec.auth.http.headersFrom[0].name",
+         "Invalid value: \"Host\": headers may not replace the auth_http request's own headers "
+         "(Host, Auth-*, Client-IP, Client-Host, Proxy-Protocol-*)"),
+        ({"headersFrom": [key_ref("X-Key"), key_ref("X-KEY", key="other")]}, "spec.auth.http.headersFrom",
+         "a header name may appear only once in headersFrom (header names are case-insensitive)"),
+        ({"headers": {"x-key": SECRET}, "headersFrom": [key_ref("X-Key")]}, "spec.auth.http.headersFrom",
+         "a header name may not be in both headers and headersFrom (header names are case-insensitive)"),
+    ],
+    ids=[
+        "max-items", "key-missing", "name-missing", "secret-name", "key-pattern", "reserved", "twice", "both",
+    ],
+)  # fmt: skip
+def test_headers_from_errors(http: dict[str, Any], field: str, message: str) -> None:
+    result = mailroute.parse(http_route(**http))
+    assert problem(result) == (field, message)
+    assert SECRET not in repr(result)
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        (b"", ""),
+        (b"k3y-VALUE 9\t~", "k3y-VALUE 9\t~"),
+        (b"x" * mailroute.MAX_HEADER_VALUE, "x" * mailroute.MAX_HEADER_VALUE),
+        (b"x" * (mailroute.MAX_HEADER_VALUE + 1), None),
+        (b"k3y\n", None),  # echo's line break: a header line of its own on the wire
+        (b"k3y\r\nInjected: 1", None),
+        (b"caf\xc3\xa9", None),
+        (b"\xff", None),
+        (b"a\x7fb", None),
+        (b"a\x00b", None),
+    ],
+    ids=["empty", "printable", "longest", "too-long", "newline", "crlf", "utf-8", "not-utf-8", "del", "nul"],
+)
+def test_header_value_is_the_crds_rule_for_header_values(raw: bytes, value: str | None) -> None:
+    assert mailroute.header_value(raw) == value
+
+
+def test_header_value_constants_are_the_crds() -> None:
+    http = SPEC_SCHEMA["properties"]["auth"]["properties"]["http"]["properties"]
+    values = http["headers"]["additionalProperties"]
+    assert values["pattern"] == mailroute.HEADER_VALUE_PATTERN
+    assert values["maxLength"] == mailroute.MAX_HEADER_VALUE
+    assert http["headersFrom"]["maxItems"] == http["headers"]["maxProperties"]
+    label = f'{mailroute.AUTH_HTTP_LABEL}: "{mailroute.AUTH_HTTP_LABEL_VALUE}"'
+    assert label in " ".join(http["headersFrom"]["description"].split())
+    assert "headersFrom" in http["headers"]["description"]
+
+
 def test_header_values_never_appear_in_a_routes_repr() -> None:
     result = mailroute.parse(
         imap_route(auth={"mode": "http", "http": {"url": "http://a.example/", "headers": {"X-Key": SECRET}}})
@@ -346,7 +430,8 @@ def test_header_values_never_appear_in_a_routes_repr() -> None:
 # A vocabulary of the schema's own field names, so random documents reach deep paths.
 NAMES = st.sampled_from(
     ["domains", "users", "imap", "pop3", "submission", "smtp", "backend", "service", "port", "tls",
-     "clientInfo", "balance", "auth", "mode", "http", "url", "timeout", "headers", "X-Key", "x"]
+     "clientInfo", "balance", "auth", "mode", "http", "url", "timeout", "headers", "X-Key", "x",
+     "headersFrom", "secretKeyRef", "name", "key"]
 )  # fmt: skip
 SCALARS = st.one_of(
     st.none(),

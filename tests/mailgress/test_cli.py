@@ -59,6 +59,74 @@ def test_check_resolves_services_from_settings(tmp_path: Path, capsys: pytest.Ca
     assert err == ""
 
 
+KEYED_ROUTE = """
+apiVersion: mailgress.io/v1alpha1
+kind: MailRoute
+metadata: {name: keyed, namespace: mail}
+spec:
+  domains: [a.example]
+  auth:
+    mode: http
+    http:
+      url: http://127.0.0.1:9000/auth
+      headers: {X-Tenant: literal-Header-Value}
+      headersFrom: [{name: X-Auth-Key, secretKeyRef: {name: auth-key, key: key}}]
+  imap: {backend: {service: dovecot, port: 143}}
+"""
+SECRET_VALUE = "from-Secret-Value-7q"
+
+
+def test_check_resolves_secrets_from_settings_and_prints_no_header_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both kinds of header are in the table the proxy runs; what check prints redacts their
+    values alike (a literal header may be a shared secret too)."""
+    routes = write(tmp_path, "routes.yaml", KEYED_ROUTE)
+    settings = write(
+        tmp_path,
+        "proxy.yaml",
+        "listeners: [{protocol: imap, address: 127.0.0.1, port: 1143}]\n"
+        'services: {mail/dovecot: {"143": ["127.0.0.1:10143"]}}\n'
+        f"secrets: {{mail/auth-key: {{key: {SECRET_VALUE}}}}}\n",
+    )
+    assert cli.main(["routes", "check", str(routes), "--settings", str(settings)]) == 0
+    out, err = capsys.readouterr()
+    [route] = json.loads(out)["routes"]
+    assert route["httpAuth"]["headers"] == [["X-Auth-Key", "<redacted>"], ["X-Tenant", "<redacted>"]]
+    assert err == ""
+    assert SECRET_VALUE not in out + err and "literal-Header-Value" not in out + err
+
+
+def test_the_headers_from_example_resolves_with_the_settings_its_comment_shows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = write(
+        tmp_path,
+        "proxy.yaml",
+        "listeners: [{protocol: imap, address: 127.0.0.1, port: 1143}]\n"
+        'services: {mail/dovecot-alpha: {"143": ["127.0.0.1:10143"], "110": ["127.0.0.1:10110"]}}\n'
+        'secrets:\n  mail/auth-key: {key: "the shared key"}\n',
+    )
+    example = ROOT / "examples" / "auth-http-secret.yaml"
+    assert cli.main(["routes", "check", str(example), "--settings", str(settings)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    [route] = json.loads(out)["routes"]
+    assert [name for name, _ in route["httpAuth"]["headers"]] == ["X-Auth-Key", "X-Tenant"]
+
+
+def test_check_without_the_secret_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Secret the settings do not hold is SecretNotFound, like a missing Service: printed, but
+    the route is valid (status 0) and stays in the table, without auth_http settings."""
+    routes = write(tmp_path, "routes.yaml", KEYED_ROUTE)
+    assert cli.main(["routes", "check", str(routes)]) == 0
+    out, err = capsys.readouterr()
+    [route] = json.loads(out)["routes"]
+    assert (route["auth"], "httpAuth" in route) == ("http", False)
+    assert "mail/keyed: ResolvedRefs=False (BackendNotFound)" in err
+    assert "headersFrom X-Auth-Key: Secret mail/auth-key not found" in err
+
+
 def test_check_fails_on_an_invalid_route_naming_the_field(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,7 +19,10 @@ timeouts: {preLogin: 30, idle: 600}
 routes: [routes/mailroutes.yaml]
 services:
   mail/dovecot: {"143": ["127.0.0.1:10143", "[::1]:10143"]}
+secrets:
+  mail/auth-key: {key: "s3cr3t-Settings-Value", "2": "other"}
 """
+SECRET_VALUE = "s3cr3t-Settings-Value"
 
 
 def test_good_settings_parse(tmp_path: Path) -> None:
@@ -36,6 +39,8 @@ def test_good_settings_parse(tmp_path: Path) -> None:
         Endpoint("127.0.0.1", 10143),
         Endpoint("::1", 10143),
     )
+    assert loaded.secrets == {("mail", "auth-key"): {"key": SECRET_VALUE, "2": "other"}}
+    assert SECRET_VALUE not in repr(loaded)
 
 
 def test_files_are_named_through_their_symlinks(tmp_path: Path) -> None:
@@ -85,6 +90,11 @@ def test_files_are_named_through_their_symlinks(tmp_path: Path) -> None:
         ),
         ({"services": {"dovecot": {"143": ["127.0.0.1:1"]}}}, "must be written namespace/name"),
         ({"services": {"mail/d": {"143": ["127.0.0.1"]}}}, "is not host:port"),
+        ({"secrets": ["mail/auth-key"]}, "secrets: expected a mapping of 'namespace/name' to"),
+        ({"secrets": {"auth-key": {"key": "v"}}}, "secrets: 'auth-key' must be written namespace/name"),
+        ({"secrets": {"mail/auth-key": "v"}}, "secrets.mail/auth-key: expected a mapping of key to value"),
+        ({"secrets": {"mail/auth-key": {"key": 123456}}}, "secrets.mail/auth-key.key: expected a string"),
+        ({"controller": {"url": "http://c:1", "tokenFile": "t"}}, "with routes, services or secrets"),
         ({"timeouts": {"idle": -1}}, "timeouts.idle: expected a positive number"),
         ({"maxErrors": 0}, "maxErrors"),
         ({"serverName": "two words"}, "serverName"),
@@ -94,8 +104,9 @@ def test_files_are_named_through_their_symlinks(tmp_path: Path) -> None:
 def test_mistakes_are_named(change: dict[str, object], message: str) -> None:
     document = yaml.safe_load(GOOD)
     document.update(change)
-    with pytest.raises(settings.SettingsError, match=message):
+    with pytest.raises(settings.SettingsError, match=message) as raised:
         settings.parse(document, Path("/"))
+    assert "123456" not in str(raised.value)  # a secret's value, even a wrong one, is never shown
 
 
 PLAIN_LISTENER = {"protocol": "imap", "address": "127.0.0.1", "port": 1143}
