@@ -5,9 +5,14 @@ Naming follows the Prometheus guide (one prefix, base units, ``_total``, ``_seco
 Labels are bounded sets only: never a user, an address, a route name or an IP.
 """
 
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 PREFIX = "mailgress_proxy"
 # Backend connect latency buckets, in seconds: loopback is sub-millisecond, a sick backend
@@ -15,12 +20,58 @@ PREFIX = "mailgress_proxy"
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class Moved(Protocol):
+    """What a running relay tells about its bytes (relay.Progress): client to backend, backend
+    to client, handed to the kernel so far."""
+
+    def moved(self) -> tuple[int, int]: ...
+
+
+class RelayedBytes(Collector):
+    """``mailgress_proxy_relay_bytes_total``: bytes relayed after login, by protocol and
+    direction, the relays still running included, read from them at each scrape. A session held
+    for hours (IMAP IDLE) counts as it goes, not in one step when it ends, and a session cut by a
+    stop counts what it moved; nothing is counted on the relay's hot path."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._ended: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._running: dict[Moved, str] = {}  # a running relay's progress -> its protocol
+        registry.register(self)
+
+    def started(self, protocol: str, relay: Moved) -> None:
+        self._running[relay] = protocol
+
+    def ended(self, relay: Moved) -> None:
+        """``relay`` is over: its final counts join the ended sessions' totals."""
+        self._add(self._ended, self._running.pop(relay), relay)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        totals = self._ended.copy()
+        for relay, protocol in self._running.items():
+            self._add(totals, protocol, relay)
+        family = CounterMetricFamily(
+            f"{PREFIX}_relay_bytes",
+            "Bytes relayed after login, by direction (upstream = client to backend); sessions "
+            "still open count what they have relayed so far.",
+            labels=["protocol", "direction"],
+        )
+        for (protocol, direction), value in sorted(totals.items()):
+            family.add_metric([protocol, direction], value)
+        yield family
+
+    @staticmethod
+    def _add(totals: defaultdict[tuple[str, str], int], protocol: str, relay: Moved) -> None:
+        upstream, downstream = relay.moved()
+        totals[(protocol, "upstream")] += upstream
+        totals[(protocol, "downstream")] += downstream
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyMetrics:
     connections: Counter
     sessions_active: Gauge
     logins: Counter
-    relay_bytes: Counter
+    relay_bytes: RelayedBytes
     backend_connect_seconds: Histogram
     backend_connect_failures: Counter
     table_info: Gauge
@@ -47,12 +98,7 @@ def create(registry: CollectorRegistry) -> ProxyMetrics:
             ["protocol", "outcome"],
             registry=registry,
         ),
-        relay_bytes=Counter(
-            f"{PREFIX}_relay_bytes",
-            "Bytes relayed after login, by direction (upstream = client to backend).",
-            ["protocol", "direction"],
-            registry=registry,
-        ),
+        relay_bytes=RelayedBytes(registry),
         backend_connect_seconds=Histogram(
             f"{PREFIX}_backend_connect_seconds",
             "Time to open a TCP connection to a backend endpoint.",

@@ -81,6 +81,29 @@ class RelayResult:
     ended_by: str  # "client" | "backend" | "idle" | "error" | "cancelled" | "drain"
 
 
+class Progress:
+    """The bytes a relay has handed to the kernel towards each peer so far, for readers outside
+    it (the relayed-bytes metric, read at each scrape; the session's log line when it is
+    cancelled). Read on demand, never pushed: the relay's hot path counts nothing for it. Only
+    grows, and once the relay has ended it holds the final counts of its ``RelayResult``."""
+
+    __slots__ = ("_source",)
+
+    def __init__(self) -> None:
+        self._source: Callable[[], tuple[int, int]] = lambda: (0, 0)  # nothing relayed yet
+
+    def moved(self) -> tuple[int, int]:
+        """(client -> backend, backend -> client) bytes so far."""
+        return self._source()
+
+    def follow(self, source: Callable[[], tuple[int, int]]) -> None:
+        self._source = source
+
+    def settle(self, result: RelayResult) -> None:
+        final = (result.upstream_bytes, result.downstream_bytes)
+        self._source = lambda: final
+
+
 async def relay(
     client: socket.socket,
     backend: socket.socket,
@@ -90,6 +113,7 @@ async def relay(
     idle_timeout: float,
     splice: bool = True,
     drain: Turn | None = None,
+    progress: Progress | None = None,
 ) -> RelayResult:
     """Relay between two connected TCP sockets until both have closed; close both.
 
@@ -100,6 +124,8 @@ async def relay(
         idle_timeout: seconds without a byte in either direction before both are closed.
         splice: use the zero-copy path when the platform has ``os.splice``.
         drain: the session's turn in a drain: once due, end at a quiet moment with its line.
+        progress: follows the bytes handed to each peer while the relay runs, and after it
+            ended however it ended (cancellation included).
 
     Returns:
         Bytes handed to each peer, and which event ended the relay.
@@ -112,7 +138,13 @@ async def relay(
     loop = asyncio.get_running_loop()
     if splice and SPLICE_AVAILABLE:
         spliced = _SpliceRelay(
-            loop, client, backend, to_backend=to_backend, to_client=to_client, idle_timeout=idle_timeout
+            loop,
+            client,
+            backend,
+            to_backend=to_backend,
+            to_client=to_client,
+            idle_timeout=idle_timeout,
+            progress=progress or Progress(),
         )
         try:
             result = await _wait(spliced.done, spliced.finish, drain, spliced.drain_when_quiet)
@@ -126,7 +158,7 @@ async def relay(
             client.close()  # a drained relay leaves it open for the closing line
     # The transports start reading as soon as they exist, before both are wrapped; their
     # protocols hold what arrives until linked (_Side.data_received).
-    state = _TransportRelay(loop, idle_timeout)
+    state = _TransportRelay(loop, idle_timeout, progress or Progress())
     try:
         await loop.connect_accepted_socket(lambda: state.client, client)
         await loop.create_connection(lambda: state.backend, sock=backend)
@@ -146,6 +178,7 @@ async def relay_transports(
     to_client: bytes = b"",
     idle_timeout: float,
     drain: Turn | None = None,
+    progress: Progress | None = None,
 ) -> RelayResult:
     """Relay between two transports (plain or TLS) until both have closed; close both.
 
@@ -156,7 +189,7 @@ async def relay_transports(
 
     Returns and raises as ``relay``.
     """
-    state = _TransportRelay(asyncio.get_running_loop(), idle_timeout)
+    state = _TransportRelay(asyncio.get_running_loop(), idle_timeout, progress or Progress())
     for side, transport in ((state.client, client), (state.backend, backend)):
         side.transport = transport
         transport.set_protocol(side)
@@ -434,6 +467,7 @@ class _SpliceRelay:
         "first_eof",
         "loop",
         "poller",
+        "progress",
         "quiet",
         "up",
         "watch",
@@ -448,6 +482,7 @@ class _SpliceRelay:
         to_backend: bytes,
         to_client: bytes,
         idle_timeout: float,
+        progress: Progress,
     ) -> None:
         self.loop = loop
         self.client = client
@@ -462,6 +497,8 @@ class _SpliceRelay:
         self.poller = Poller.acquire(loop)
         self.up = _Pump(self, client, backend, to_backend, CLIENT)
         self.down = _Pump(self, backend, client, to_client, BACKEND)
+        self.progress = progress
+        progress.follow(lambda: (self.up.moved, self.down.moved))
         self.up.start()
         if not self.finished:
             self.down.start()
@@ -499,8 +536,10 @@ class _SpliceRelay:
         if ended_by != DRAINED:  # else relay() writes the closing line first
             self.client.close()
         self.backend.close()
+        result = RelayResult(self.up.moved, self.down.moved, ended_by)
+        self.progress.settle(result)
         if not self.done.done():  # a cancelled wait has cancelled it already
-            self.done.set_result(RelayResult(self.up.moved, self.down.moved, ended_by))
+            self.done.set_result(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +570,10 @@ class _Side(asyncio.Protocol):
     def own(self) -> asyncio.Transport:
         assert self.transport is not None, "connection_made has not run"
         return self.transport
+
+    def sent(self) -> int:
+        """Bytes forwarded that have left ``out``'s buffer for the kernel."""
+        return self.forwarded - (self.out.get_write_buffer_size() if self.out else 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -577,12 +620,13 @@ class _TransportRelay:
         "first_eof",
         "loop",
         "lost",
+        "progress",
         "quiet",
         "result",
         "watch",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float, progress: Progress) -> None:
         self.loop = loop
         self.watch = _IdleWatch(loop, idle_timeout, lambda: self.finish(IDLE))
         self.client = _Side(self, CLIENT)
@@ -594,6 +638,8 @@ class _TransportRelay:
         self.lost = 0  # transports whose connection_lost has run
         self.result = RelayResult(0, 0, ERROR)
         self.quiet: _QuietWatch | None = None
+        self.progress = progress
+        progress.follow(lambda: (self.client.sent(), self.backend.sent()))
 
     async def run(self, to_backend: bytes, to_client: bytes, drain: Turn | None) -> RelayResult:
         if self.finished:  # reset while the sockets were being wrapped: close the late one too
@@ -662,11 +708,13 @@ class _TransportRelay:
         if self.quiet is not None:
             self.quiet.cancel()
         graceful = ended_by in (CLIENT, BACKEND, DRAINED)
-        up, down = self.client.forwarded, self.backend.forwarded
-        if not graceful:  # an abort drops what is still buffered: count only what reached the kernel
-            up -= self.client.out.get_write_buffer_size() if self.client.out else 0
-            down -= self.backend.out.get_write_buffer_size() if self.backend.out else 0
+        # A graceful close flushes what is buffered; an abort drops it: count what reached the kernel.
+        if graceful:
+            up, down = self.client.forwarded, self.backend.forwarded
+        else:
+            up, down = self.client.sent(), self.backend.sent()
         self.result = RelayResult(up, down, ended_by)
+        self.progress.settle(self.result)
         self._close(graceful=graceful)
 
     def _close(self, *, graceful: bool) -> None:

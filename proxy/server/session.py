@@ -467,6 +467,9 @@ async def _relay(
     assert backend is not None and login.endpoint is not None
     idle = context.settings.timeouts.idle
     context.active[login.endpoint] += 1
+    progress = relay.Progress()
+    relayed = context.metrics.relay_bytes
+    relayed.started(listener.protocol, progress)
     try:
         if (
             isinstance(channel, SocketChannel)
@@ -481,6 +484,7 @@ async def _relay(
                 to_client=login.buffered,
                 idle_timeout=idle,
                 drain=turn,
+                progress=progress,
             )
         else:
             client_side, backend_side = await as_transport(channel), await as_transport(backend)
@@ -492,17 +496,16 @@ async def _relay(
                 to_client=login.buffered + backend_side.take_unread(),
                 idle_timeout=idle,
                 drain=turn,
+                progress=progress,
             )
     finally:
         backend.close()  # the relay has closed it already unless something broke first
         context.active[login.endpoint] -= 1
         if context.active[login.endpoint] <= 0:
             del context.active[login.endpoint]
-    record.upstream_bytes = result.upstream_bytes
-    record.downstream_bytes = result.downstream_bytes
+        relayed.ended(progress)
+        # Also when the stop cancelled the relay: the line says what moved until then.
+        record.upstream_bytes, record.downstream_bytes = progress.moved()
     record.outcome = f"relayed, ended by {result.ended_by}"
     if result.ended_by == relay.DRAINED:
         turn.outcome = drain.CLOSED_WHEN_QUIET
-    bytes_counter = context.metrics.relay_bytes
-    context.labelled(bytes_counter, listener.protocol, "upstream").inc(result.upstream_bytes)
-    context.labelled(bytes_counter, listener.protocol, "downstream").inc(result.downstream_bytes)

@@ -169,11 +169,23 @@ async def _digest_to_eof(sock: socket.socket, *, limit: int) -> tuple[int, str]:
 
 
 def _start(
-    ends: Ends, *, splice: bool, idle_timeout: float = LONG_IDLE, **heads: bytes
+    ends: Ends,
+    *,
+    splice: bool,
+    idle_timeout: float = LONG_IDLE,
+    progress: relay.Progress | None = None,
+    **heads: bytes,
 ) -> asyncio.Task[relay.RelayResult]:
     """Run the relay on the proxy's two ends, as the session driver does after a login."""
     return asyncio.create_task(
-        relay.relay(ends.proxy_client, ends.proxy_backend, idle_timeout=idle_timeout, splice=splice, **heads)
+        relay.relay(
+            ends.proxy_client,
+            ends.proxy_backend,
+            idle_timeout=idle_timeout,
+            splice=splice,
+            progress=progress,
+            **heads,
+        )
     )
 
 
@@ -467,6 +479,48 @@ def test_cancellation_closes_both_and_reraises(
         _assert_closed(ends.proxy_client, ends.proxy_backend)
         assert await loop.sock_recv(ends.client, 64) == b""
         assert await loop.sock_recv(ends.backend, 64) == b""
+
+    run(scenario())
+
+
+def test_progress_follows_the_relay_and_keeps_its_counts_after_a_cancellation(
+    run: Callable[[Coroutine[Any, Any, None]], None], splice: bool, ends: Ends
+) -> None:
+    """What the metrics read while a relay runs (nothing is pushed from the hot path), and what
+    the session logs when the stop cancels it."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        progress = relay.Progress()
+        task = _start(ends, splice=splice, progress=progress, to_client=b"a0 OK\r\n")
+        assert await loop.sock_recv(ends.client, 64) == b"a0 OK\r\n"
+        await loop.sock_sendall(ends.client, b"a1 NOOP\r\n")
+        assert await loop.sock_recv(ends.backend, 64) == b"a1 NOOP\r\n"
+        await _until(lambda: progress.moved() == (9, 7))
+        await loop.sock_sendall(ends.backend, b"a1 OK\r\n")
+        assert await loop.sock_recv(ends.client, 64) == b"a1 OK\r\n"
+        await _until(lambda: progress.moved() == (9, 14))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert progress.moved() == (9, 14)
+
+    run(scenario())
+
+
+def test_progress_ends_with_the_relays_result(
+    run: Callable[[Coroutine[Any, Any, None]], None], splice: bool, ends: Ends
+) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        progress = relay.Progress()
+        task = _start(ends, splice=splice, progress=progress)
+        await loop.sock_sendall(ends.backend, b"* BYE\r\n")
+        assert await loop.sock_recv(ends.client, 64) == b"* BYE\r\n"
+        ends.backend.shutdown(socket.SHUT_WR)
+        ends.client.shutdown(socket.SHUT_WR)
+        result = await task
+        assert progress.moved() == (result.upstream_bytes, result.downstream_bytes) == (0, 7)
 
     run(scenario())
 

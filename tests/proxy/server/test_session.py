@@ -39,6 +39,29 @@ async def test_login_reaches_backend_and_pipelined_bytes_follow(start_proxy: Pro
         assert proxy.metric("mailgress_proxy_logins_total", protocol="imap", outcome="accepted") == 1
 
 
+async def test_relayed_bytes_count_while_the_session_runs_and_when_the_stop_cuts_it(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An IMAP session may stay open for hours: its bytes reach the metric at each scrape, not in
+    one step when it ends, and a session the stop cuts counts, and logs, what it relayed."""
+    caplog.set_level(logging.INFO)
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        _, reader, writer = await login(proxy.port, "alice@alpha.example")
+        writer.write(b"a2 NOOP\r\n")
+        assert await asyncio.wait_for(reader.readline(), WAIT) == b"echo:a2 NOOP\r\n"
+        relayed = {
+            direction: proxy.metric("mailgress_proxy_relay_bytes_total", protocol="imap", direction=direction)
+            for direction in ("upstream", "downstream")
+        }
+        assert relayed == {"upstream": 9, "downstream": 14}
+        await proxy.listeners.stop_sessions()
+        writer.close()
+    assert proxy.metric("mailgress_proxy_relay_bytes_total", protocol="imap", direction="downstream") == 14
+    [line] = [r.getMessage() for r in caplog.records if "session protocol=imap" in r.getMessage()]
+    assert "outcome=closed: the proxy is stopping bytes_up=9 bytes_down=14" in line
+
+
 async def test_wrong_password_gets_the_backends_refusal(start_proxy: ProxyFactory) -> None:
     async with fake_backend() as backend:
         proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
