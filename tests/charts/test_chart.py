@@ -604,7 +604,7 @@ def test_controller_arguments_are_what_the_controller_accepts(scenario: str) -> 
     arguments = container(deployment)["args"]
     # The image's entry point is the mailgress console script: these are its arguments.
     command = cli.parser().parse_args(arguments)
-    assert command.handler is operator.command
+    assert command.handler is cli._run_controller
     parsed = operator.settings_from(command, {"POD_NAMESPACE": RELEASE_NAMESPACE})
     env = {item["name"]: item["valueFrom"]["fieldRef"]["fieldPath"] for item in container(deployment)["env"]}
     assert env == {"POD_NAMESPACE": "metadata.namespace"}
