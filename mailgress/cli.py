@@ -124,8 +124,9 @@ def _check_routes(arguments: argparse.Namespace) -> int:
     return EXIT_INVALID_ROUTES if invalid else 0
 
 
-def _push_certificates(cert: Path, key: Path) -> certificates.CertificateStore:
-    """The controller's push channel certificates (an ``operator.CertificateLoader``).
+def push_certificates(cert: Path, key: Path) -> certificates.CertificateStore:
+    """The controller's push channel certificates (an ``operator.CertificateLoader``; tests and
+    the testbed start controllers with it too).
 
     Raises:
         operator.SettingsError: the files cannot be loaded.
@@ -137,7 +138,7 @@ def _push_certificates(cert: Path, key: Path) -> certificates.CertificateStore:
 
 
 def _run_controller(arguments: argparse.Namespace) -> int:
-    return operator.command(arguments, certificates=_push_certificates)
+    return operator.command(arguments, certificates=push_certificates)
 
 
 def parser() -> argparse.ArgumentParser:

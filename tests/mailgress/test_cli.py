@@ -155,11 +155,11 @@ def test_controller_certificates_come_from_the_proxys_reloading_store(tmp_path: 
     """The composition root hands the controller the proxy's CertificateStore."""
     authority = tlscerts.TestAuthority(tmp_path / "ca")
     served = authority.issue("push", ["mailgress-controller.mailgress.svc"])
-    loaded = cli._push_certificates(served.cert, served.key)
+    loaded = cli.push_certificates(served.cert, served.key)
     assert isinstance(loaded, certificates.CertificateStore)
     assert loaded.refresh() is False  # nothing changed since loading
     with pytest.raises(operator.SettingsError, match="push channel"):
-        cli._push_certificates(tmp_path / "missing.crt", served.key)
+        cli.push_certificates(tmp_path / "missing.crt", served.key)
 
 
 def test_controller_with_unloadable_tls_files_exits_with_one_clear_line(
