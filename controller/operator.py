@@ -25,6 +25,12 @@ Settings (flag, then environment variable, then default):
   --token-file         MAILGRESS_TOKEN_FILE                  file holding the push channel token
                                                              (a mounted Secret, re-read when
                                                              it changes); required
+  --tls-cert-file      MAILGRESS_TLS_CERT_FILE               PEM certificate chain of the push
+                                                             channel (and its /metrics); with
+                                                             --tls-key-file it serves TLS 1.2+,
+                                                             reloaded when the files change;
+                                                             neither: plain HTTP
+  --tls-key-file       MAILGRESS_TLS_KEY_FILE                its PEM private key
   --snapshot-secret    MAILGRESS_SNAPSHOT_SECRET             Secret for the table snapshot
                                                              (mailgress-routing-table);
                                                              --snapshot-configmap and
@@ -44,7 +50,7 @@ import os
 import ssl
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +83,12 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 COMPONENT = "mailgress-controller"
 EXIT_USAGE = 2
 
+# Builds the push channel's certificates from the certificate and key files. mailgress/cli.py,
+# the composition root, passes proxy.server.certificates.CertificateStore's (the one reload logic
+# the project has), which the controller may not import itself (pyproject.toml's contracts).
+# Raises SettingsError when the files cannot be loaded.
+CertificateLoader = Callable[[Path, Path], publisher.ServerCertificates]
+
 
 class SettingsError(ValueError):
     """A flag or environment variable with a value the controller cannot run with."""
@@ -95,6 +107,8 @@ class Settings:
     kubeconfig: Path | None
     health: str
     log_level: str = "info"
+    # The push channel's TLS certificate and key; None: plain HTTP.
+    tls_files: tuple[Path, Path] | None = None
 
 
 def _selector(text: str) -> dict[str, str]:
@@ -117,6 +131,8 @@ def add_arguments(flags: argparse.ArgumentParser) -> None:
     flags.add_argument("--listen-address", help="push channel listen address")
     flags.add_argument("--listen-port", help="push channel listen port")
     flags.add_argument("--token-file", help="file with the push channel token")
+    flags.add_argument("--tls-cert-file", help="push channel TLS certificate chain (PEM)")
+    flags.add_argument("--tls-key-file", help="push channel TLS private key (PEM)")
     flags.add_argument("--snapshot-secret", help="Secret that keeps the table snapshot")
     flags.add_argument("--snapshot-configmap", help="deprecated alias of --snapshot-secret")
     flags.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
@@ -148,6 +164,10 @@ def settings_from(arguments: argparse.Namespace, environ: Mapping[str, str]) -> 
     token_file = pick(arguments.token_file, "MAILGRESS_TOKEN_FILE")
     if not token_file:
         raise SettingsError("--token-file (or MAILGRESS_TOKEN_FILE) is required: the push channel token")
+    tls_cert = pick(arguments.tls_cert_file, "MAILGRESS_TLS_CERT_FILE")
+    tls_key = pick(arguments.tls_key_file, "MAILGRESS_TLS_KEY_FILE")
+    if bool(tls_cert) != bool(tls_key):
+        raise SettingsError("--tls-cert-file and --tls-key-file go together: give both, or neither for HTTP")
     kubeconfig = pick(arguments.kubeconfig, "KUBECONFIG")
     # The ConfigMap names are deprecated aliases, accepted for one release so that an upgrade keeps
     # a deployment's own snapshot name; each comes after its new form.
@@ -181,6 +201,7 @@ def settings_from(arguments: argparse.Namespace, environ: Mapping[str, str]) -> 
         kubeconfig=Path(kubeconfig.split(os.pathsep)[0]) if kubeconfig else None,
         health=pick(arguments.health, "MAILGRESS_HEALTH", default=DEFAULT_HEALTH) or "",
         log_level=arguments.log_level,
+        tls_files=(Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None,
     )
 
 
@@ -412,22 +433,30 @@ def read_token(path: Path) -> str:
         raise SettingsError(str(error)) from error
 
 
-def push_channel(settings: Settings) -> publisher.Publisher:
+def push_channel(settings: Settings, certificates: CertificateLoader | None = None) -> publisher.Publisher:
     """The push channel of ``settings``: it checks every request against the token file as it is
-    then, so a rotated Secret takes effect without a restart (the proxies re-read it too).
+    then, so a rotated Secret takes effect without a restart (the proxies re-read it too), and
+    serves TLS with ``certificates`` made from the settings' files, if they name any.
 
     Raises:
         SettingsError: the token file cannot be read or holds no token at start (a setup error;
-            later, such a file only refuses proxies, logged by the channel).
+            later, such a file only refuses proxies, logged by the channel); the TLS files
+            cannot be loaded, or no ``certificates`` was given to load them with.
     """
     read_token(settings.token_file)
-    return publisher.Publisher(token=publisher.TokenFile(settings.token_file))
+    served = None
+    if settings.tls_files is not None:
+        if certificates is None:
+            raise SettingsError("--tls-cert-file: this entry point cannot load certificates")
+        served = certificates(*settings.tls_files)
+    return publisher.Publisher(token=publisher.TokenFile(settings.token_file), certificates=served)
 
 
 async def run(
     settings: Settings,
     *,
     channel: publisher.Publisher | None = None,
+    certificates: CertificateLoader | None = None,
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     holdoff: float = reconciler.HOLDOFF_SECONDS,
@@ -437,16 +466,17 @@ async def run(
     Args:
         settings: as ``settings_from`` resolved them.
         channel: the publisher to start on the settings' address (tests keep a reference to
-            learn its port); None makes ``push_channel(settings)``.
+            learn its port); None makes ``push_channel(settings, certificates)``.
+        certificates: loads the settings' TLS files (see ``CertificateLoader``).
         stop_flag, ready_flag: passed to kopf.operator.
         holdoff: the reconciler's debounce (tests shorten it).
 
     Raises:
-        SettingsError: credentials or the token cannot be loaded.
+        SettingsError: credentials, the token or the TLS files cannot be loaded.
     """
     configuration = kube_configuration(settings.kubeconfig)
     if channel is None:
-        channel = push_channel(settings)
+        channel = push_channel(settings, certificates)
     await channel.start(settings.listen_address, settings.listen_port)
     api = KubeApi(configuration, settings.namespace, settings.snapshot_secret)
     await api.start()
@@ -477,8 +507,11 @@ async def run(
         await channel.stop()
 
 
-def command(arguments: argparse.Namespace) -> int:
-    """``mailgress controller``: run until SIGTERM; exit status 2 on bad settings."""
+def command(arguments: argparse.Namespace, *, certificates: CertificateLoader) -> int:
+    """``mailgress controller``: run until SIGTERM; exit status 2 on bad settings.
+
+    ``certificates`` loads the push channel's TLS files (mailgress/cli.py passes it).
+    """
     logging.basicConfig(
         level=getattr(logging, arguments.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -486,7 +519,7 @@ def command(arguments: argparse.Namespace) -> int:
     )
     try:
         settings = settings_from(arguments, os.environ)
-        uvloop.run(run(settings))
+        uvloop.run(run(settings, certificates=certificates))
     except SettingsError as error:
         print(f"mailgress controller: {error}", file=sys.stderr)
         return EXIT_USAGE

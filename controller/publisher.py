@@ -38,6 +38,13 @@ Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``
   it holds counts, timings and the table version only (no token, proxy or user names, no routes'
   contents). It shares the push port, so the chart's NetworkPolicy opens that port to the
   scrapers (``networkPolicy.adminFrom``); the stream and ack paths still demand the token.
+TLS: given ``certificates`` (the chart's default), the whole port speaks TLS 1.2 or later, /metrics
+included (the chart's ServiceMonitor and PodMonitor scrape it over https); without, plain HTTP.
+Each handshake first calls ``certificates.refresh()`` and then serves the context in force, so a
+renewed certificate (cert-manager, or the chart rewriting the mounted Secret) reaches the very
+next connection without a restart, and open streams keep the one they began with. The reload
+logic is proxy.server.certificates.CertificateStore's, handed in by mailgress/cli.py: the
+controller never imports proxy.server.
 Push lag: from ``publish`` of a version, or from the proxy's stream opening if that came later
 (a proxy that connects late cannot have had it earlier), to that proxy's first ack of it.
 Delivery: a stream always ends up with the newest table, in publish order. A version that a
@@ -55,11 +62,12 @@ import json
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -97,6 +105,25 @@ MAX_TOKEN_FILE_BYTES = 1024 * 1024
 # proxy sends the old token. Five minutes lets every copy catch up with room to spare, and bounds
 # how long a leaked token outlives its rotation (a restart ends it at once).
 TOKEN_ROTATION_GRACE = 5 * 60.0
+# RFC 8996 retired TLS 1.0 and 1.1 (the proxy's listeners take the same floor).
+MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+class ServerCertificates(Protocol):
+    """The push channel's certificate and key, reloaded when their files change.
+
+    proxy.server.certificates.CertificateStore is one: mailgress/cli.py, the composition root,
+    builds it (controller.operator takes its constructor as a ``CertificateLoader``).
+    """
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The server context of the files as last loaded."""
+        ...
+
+    def refresh(self) -> bool:
+        """Reload if a file changed (a broken renewal keeps the context in force, logged)."""
+        ...
 
 
 class TokenFileError(Exception):
@@ -303,12 +330,13 @@ class Publisher:
         self,
         token: str | TokenFile,
         *,
+        certificates: ServerCertificates | None = None,
         heartbeat: float = HEARTBEAT_INTERVAL,
         registry: CollectorRegistry | None = None,
     ) -> None:
         """``token``: the one token (tests, tools), or the file it is read from whenever it
-        changed (the controller). ``registry`` holds the metrics served on /metrics (a fresh one
-        when None)."""
+        changed (the controller). ``certificates``: serve TLS with them (None: plain HTTP).
+        ``registry`` holds the metrics served on /metrics (a fresh one when None)."""
         # What a request is accepted with, and what an open stream may go on with.
         self._token_digests: Callable[[], tuple[bytes, ...]]
         self._stream_digests: Callable[[], tuple[bytes, ...]]
@@ -319,6 +347,7 @@ class Publisher:
             self._token_digests = self._stream_digests = lambda: fixed
         else:
             raise ValueError("the push channel token must not be empty")
+        self._certificates = certificates
         self._heartbeat = heartbeat
         self._version: str | None = None
         self._line = b""
@@ -348,7 +377,8 @@ class Publisher:
         # ack is dropped and on_change fires without waiting for the next write to fail.
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, address, port)
+        tls = None if self._certificates is None else _tls_context(self._certificates)
+        site = web.TCPSite(runner, address, port, ssl_context=tls)
         try:
             await site.start()
         except OSError:
@@ -356,7 +386,7 @@ class Publisher:
             raise
         self._port = int(runner.addresses[0][1])
         self._runner = runner
-        log.info("push channel listening on %s:%d", address, self._port)
+        log.info("push channel listening on %s:%d (%s)", address, self._port, "TLS" if tls else "plain HTTP")
 
     async def stop(self) -> None:
         """End every stream (proxies keep their table and reconnect) and stop listening."""
@@ -514,6 +544,24 @@ class Publisher:
         # Set as a header: aiohttp's content_type argument refuses the charset parameter in it.
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
+
+
+def _tls_context(certificates: ServerCertificates) -> ssl.SSLContext:
+    """The listener's context: it holds no certificate itself, but hands every handshake over to
+    the context of ``certificates`` as they are at that moment."""
+    listening = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # The version is chosen before the callback switches contexts: the floor must be set here.
+    listening.minimum_version = MINIMUM_TLS_VERSION
+
+    def current(connection: ssl.SSLObject, _server_name: str | None, _: ssl.SSLContext) -> None:
+        # OpenSSL calls this for every ClientHello, with or without a server name. A few stat
+        # calls per connection are nothing next to a handshake, and the controller sees few
+        # connections (a stream per proxy, their acks, a scrape): no poll task needed.
+        certificates.refresh()
+        connection.context = certificates.context
+
+    listening.sni_callback = current
+    return listening
 
 
 def _unauthorized() -> web.Response:

@@ -1,9 +1,10 @@
 """Render charts/mailgress into deploy/: numbered manifests plus one bundle (``make render``).
 
 deploy/ is what ``kubectl apply -f deploy/`` installs: the chart with its default values as
-release "mailgress" in namespace "mailgress", with one exception. The push channel token Secret is
+release "mailgress" in namespace "mailgress", with two exceptions. The push channel token Secret is
 not rendered (``controller.pushToken.existingSecret``): a token committed here would be every
-installation's token, so deploy/README.md has the user create it. It also writes the values
+installation's token, so deploy/README.md has the user create it; nor, for the same reason, is
+the push channel's TLS Secret (``controller.pushTls.existingSecret``). It also writes the values
 table of charts/mailgress/README.md from values.schema.json and values.yaml. The tests in
 tests/charts/ call ``documents`` to render value sets, and ``files`` and ``readme`` to check that
 deploy/ and the README are current. Offline only: never contacts a cluster, never writes outside
@@ -29,8 +30,15 @@ DEPLOY = ROOT / "deploy"
 RELEASE = "mailgress"
 NAMESPACE = "mailgress"
 PUSH_TOKEN_SECRET = "mailgress-push-token"  # noqa: S105 (the Secret's name, not its token)
-# The default values, except that the user brings the token Secret (see the module docstring).
-DEPLOY_VALUES: Mapping[str, Any] = {"controller": {"pushToken": {"existingSecret": PUSH_TOKEN_SECRET}}}
+PUSH_TLS_SECRET = "mailgress-push-tls"  # noqa: S105 (the Secret's name, not a key)
+# The default values, except that the user brings the token and TLS Secrets (see the module
+# docstring).
+DEPLOY_VALUES: Mapping[str, Any] = {
+    "controller": {
+        "pushToken": {"existingSecret": PUSH_TOKEN_SECRET},
+        "pushTls": {"existingSecret": PUSH_TLS_SECRET},
+    }
+}
 BUNDLE = "mailgress.yaml"
 NAMESPACE_FILE = "00-namespace.yaml"
 CRDS_FILE = "01-crds.yaml"
@@ -42,6 +50,7 @@ LAYOUT: tuple[tuple[str, tuple[str, ...]], ...] = (
         "03-controller.yaml",
         (
             "controller-secret.yaml",
+            "controller-tls-secret.yaml",
             "controller-snapshot-secret.yaml",
             "controller-deployment.yaml",
             "controller-service.yaml",

@@ -9,7 +9,10 @@ Subcommands:
                                      'services' resolve the backends (without them every backend
                                      is BackendNotFound, no endpoints), their 'secrets' the
                                      headersFrom Secrets (without them: SecretNotFound)
-  mailgress controller [FLAGS]       run the MailRoute operator (flags: controller/operator.py)
+  mailgress controller [FLAGS]       run the MailRoute operator (flags: controller/operator.py);
+                                     its push channel's TLS files are loaded and reloaded by the
+                                     proxy's CertificateStore, wired in here (the controller may
+                                     not import proxy.server)
 Errors in the user's files end the command with a clear message on stderr, never a traceback.
 Exit status 2 (EXIT_USAGE): a settings or route file that cannot be read or is not valid YAML,
 bad settings, a listener that cannot bind. Exit status 1 (EXIT_INVALID_ROUTES, routes check
@@ -30,7 +33,7 @@ import uvloop
 from controller import operator
 from mailgress import standalone
 from proxy import settings as proxy_settings
-from proxy.server import listeners, process, subscriber
+from proxy.server import certificates, listeners, process, subscriber
 from proxy.server.routes import TableHolder
 
 EXIT_USAGE = 2
@@ -124,6 +127,23 @@ def _check_routes(arguments: argparse.Namespace) -> int:
     return EXIT_INVALID_ROUTES if invalid else 0
 
 
+def push_certificates(cert: Path, key: Path) -> certificates.CertificateStore:
+    """The controller's push channel certificates (an ``operator.CertificateLoader``; tests and
+    the testbed start controllers with it too).
+
+    Raises:
+        operator.SettingsError: the files cannot be loaded.
+    """
+    try:
+        return certificates.CertificateStore("push channel", (proxy_settings.CertificateFiles(cert, key),))
+    except certificates.CertificateError as error:
+        raise operator.SettingsError(str(error)) from error
+
+
+def _run_controller(arguments: argparse.Namespace) -> int:
+    return operator.command(arguments, certificates=push_certificates)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mailgress", description="Kubernetes-native mail ingress.")
     commands = top.add_subparsers(dest="command", required=True)
@@ -141,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_check_routes)
     controller = commands.add_parser("controller", help="run the MailRoute operator (kopf)")
     operator.add_arguments(controller)
-    controller.set_defaults(handler=operator.command)
+    controller.set_defaults(handler=_run_controller)
     return top
 
 

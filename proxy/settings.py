@@ -103,6 +103,9 @@ class ControllerSettings:
     token_file: Path  # the bearer token, from a mounted Secret; read at every connect
     proxy_name: str | None  # None: the POD_NAME environment variable, else the host name
     snapshot_file: Path | None  # the table Secret, mounted: served while the controller is away
+    # The CA an https url's certificate is verified with (and the url's host name); read at every
+    # connect, since it may rotate. None: the system's trusted CAs. Only with https.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,8 +364,8 @@ def _secrets(document: Any) -> SecretData:
 
 def _controller(document: Any, base: Path) -> ControllerSettings:
     if not isinstance(document, dict):
-        raise SettingsError("controller: expected {url, tokenFile, proxyName, snapshotFile}")
-    _only(document, {"url", "tokenFile", "proxyName", "snapshotFile"}, "controller")
+        raise SettingsError("controller: expected {url, tokenFile, proxyName, snapshotFile, caFile}")
+    _only(document, {"url", "tokenFile", "proxyName", "snapshotFile", "caFile"}, "controller")
     url = _require(document, "url", str, "controller")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
@@ -373,11 +376,18 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
     snapshot = document.get("snapshotFile")
     if snapshot is not None and not isinstance(snapshot, str):
         raise SettingsError("controller.snapshotFile: expected a file path")
+    ca_file = document.get("caFile")
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file):
+        raise SettingsError("controller.caFile: expected a file path")
+    if ca_file and parts.scheme != "https":
+        # A CA for a plain-HTTP channel would verify nothing while looking as if it did.
+        raise SettingsError(f"controller.caFile: needs an https:// url, got {url!r}")
     return ControllerSettings(
         url=url.rstrip("/"),
         token_file=_file(base, _require(document, "tokenFile", str, "controller")),
         proxy_name=name,
         snapshot_file=_file(base, snapshot) if snapshot else None,
+        ca_file=_file(base, ca_file) if ca_file else None,
     )
 
 

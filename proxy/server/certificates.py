@@ -129,17 +129,28 @@ class CertificateStore:
         return True
 
 
+def client_context(ca_file: Path | None, setting: str) -> ssl.SSLContext:
+    """A client context, TLS 1.2 or later, that verifies the peer's certificate and name against
+    ``ca_file`` as the file is now (None: the system CAs).
+
+    Raises:
+        CertificateError: ``ca_file`` cannot be loaded; the message names ``setting`` and the file.
+    """
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as error:
+        raise CertificateError(f"{setting} {ca_file}: cannot load ({error})") from error
+    context.minimum_version = MINIMUM_TLS_VERSION
+    return context
+
+
 def backend_context(settings: BackendTlsSettings) -> ssl.SSLContext:
     """The client context for backends reached over TLS or STARTTLS.
 
     Verifies the backend's certificate and name against ``ca_file`` (or the system CAs) unless
     the settings explicitly opt out.
     """
-    try:
-        context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
-    except (OSError, ssl.SSLError) as error:
-        raise CertificateError(f"backendTls.caFile {settings.ca_file}: cannot load ({error})") from error
-    context.minimum_version = MINIMUM_TLS_VERSION
+    context = client_context(settings.ca_file, "backendTls.caFile")
     if settings.insecure_skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

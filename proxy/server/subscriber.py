@@ -26,6 +26,14 @@ keeps accepting until the grace after its own copy rotates (controller/publisher
 controller then ends the stream and the proxy reconnects with the file as it is. A file that
 cannot be read, is not UTF-8 or holds only whitespace is a ChannelError: logged, retried. Never
 logs the token.
+
+TLS: an https:// url is verified against ``caFile`` (the chart mounts the controller's CA), or
+the system CAs without one, and against the url's host name (the controller Service's DNS name),
+TLS 1.2 or later. The CA file is read again for every stream (it may rotate), and a stream's acks
+go out with the context the stream was opened with. A CA that cannot be loaded and a certificate
+that does not verify are ChannelErrors like any connect failure: logged once, retried, the table
+in use kept. An http:// url (standalone tests, or an explicit opt-out) works, with one WARNING at
+start: the token and the tables, auth_http headers included, then cross the network in clear.
 """
 
 import asyncio
@@ -36,6 +44,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +56,7 @@ from proxy import table
 from proxy.protocols import sasl
 from proxy.protocols.errors import LineTooLongError
 from proxy.protocols.lines import LineBuffer
+from proxy.server import certificates
 from proxy.server.routes import TableHolder
 from proxy.settings import ControllerSettings
 
@@ -111,6 +121,12 @@ class Subscriber:
 
     async def run(self, holder: TableHolder) -> None:
         """Follow the controller until cancelled; never returns on its own."""
+        if not self._settings.url.startswith("https://"):
+            log.warning(
+                "push channel: %s is plain HTTP: the push token and the routing tables (auth_http"
+                " headers included) cross the network unencrypted; use an https:// url with caFile",
+                self._settings.url,
+            )
         timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=STREAM_IDLE_TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
@@ -154,13 +170,28 @@ class Subscriber:
             raise ChannelError(f"the token file {path} holds a control character (a line break?)")
         return {"Authorization": f"Bearer {token}"}
 
+    def _tls(self) -> ssl.SSLContext | bool:
+        """The TLS context of one stream and its acks (True, aiohttp's default, for http://).
+
+        Raises:
+            ChannelError: the CA file cannot be loaded.
+        """
+        if not self._settings.url.startswith("https://"):
+            return True
+        try:
+            # Built afresh for every stream: the CA file as it is now (a rotated CA Secret).
+            return certificates.client_context(self._settings.ca_file, "controller.caFile")
+        except certificates.CertificateError as error:
+            raise ChannelError(str(error)) from error
+
     async def _follow(self, session: aiohttp.ClientSession, holder: TableHolder) -> None:
         url = self._settings.url + STREAM_PATH
         # The stream's token, for its acks too: the controller accepts it for as long as the
         # stream lives (a copy rotated before the controller's must not lose the stream).
         headers = self._authorization()
+        tls = self._tls()
         try:
-            async with session.get(url, params={"proxy": self._name}, headers=headers) as response:
+            async with session.get(url, params={"proxy": self._name}, headers=headers, ssl=tls) as response:
                 if response.status != 200:
                     raise ChannelError(f"the controller answered {response.status} to the stream request")
                 log.info("push channel: following %s as %s", self._settings.url, self._name)
@@ -170,14 +201,27 @@ class Subscriber:
                     lines.feed(chunk)
                     while (line := lines.pop_line()) is not None:
                         if line.strip():  # an empty line is a heartbeat
-                            await self._apply(session, holder, line, headers)
+                            await self._apply(session, holder, line, headers, tls)
         except LineTooLongError as error:
             raise ChannelError(f"a table line exceeded {MAX_TABLE_BYTES} bytes") from error
+        # aiohttp's own text for these names the TLS context object, a new one at every connect:
+        # with it no failure would read the same twice, and every retry would be logged again.
+        except aiohttp.ClientConnectorCertificateError as error:
+            raise ChannelError(
+                f"the controller's certificate did not verify: {error.certificate_error}"
+            ) from error
+        except aiohttp.ClientConnectorError as error:
+            raise ChannelError(f"cannot connect to {error.host}:{error.port}: {error.os_error}") from error
         except (aiohttp.ClientError, TimeoutError) as error:
             raise ChannelError(f"{type(error).__name__}: {error}") from error
 
     async def _apply(
-        self, session: aiohttp.ClientSession, holder: TableHolder, line: bytes, headers: dict[str, str]
+        self,
+        session: aiohttp.ClientSession,
+        holder: TableHolder,
+        line: bytes,
+        headers: dict[str, str],
+        tls: ssl.SSLContext | bool,
     ) -> None:
         try:
             # A large table takes a while to parse; a thread keeps the sessions' loop responsive.
@@ -190,16 +234,17 @@ class Subscriber:
                 message,
                 holder.current.version if holder.ready else "no table",
             )
-            await self._ack(session, headers, version, accepted=False, error=message)
+            await self._ack(session, headers, tls, version, accepted=False, error=message)
         else:
             holder.swap(new)
-            await self._ack(session, headers, new.version, accepted=True, error="")
+            await self._ack(session, headers, tls, new.version, accepted=True, error="")
         self._attempt = 0  # the channel works: the next outage starts the backoff afresh
 
     async def _ack(
         self,
         session: aiohttp.ClientSession,
         headers: dict[str, str],
+        tls: ssl.SSLContext | bool,
         version: str,
         *,
         accepted: bool,
@@ -213,7 +258,7 @@ class Subscriber:
         }
         url = self._settings.url + ACK_PATH
         timeout = aiohttp.ClientTimeout(total=ACK_TIMEOUT)
-        async with session.post(url, json=body, headers=headers, timeout=timeout) as response:
+        async with session.post(url, json=body, headers=headers, ssl=tls, timeout=timeout) as response:
             if response.status != 204:
                 # The stream is reopened and its first line acked again: no ack is lost.
                 raise ChannelError(f"the controller answered {response.status} to an ack")

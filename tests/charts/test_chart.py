@@ -6,10 +6,12 @@ with controller.operator's own parser, so the chart, the proxy and the controlle
 on a format, a file path, a port or a label without a test failing here.
 """
 
+import asyncio
 import base64
 import ipaddress
 import json
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -19,11 +21,11 @@ import helm_python as helm
 import pytest
 import yaml
 
-from controller import mailroute, operator, reconciler
+from controller import mailroute, operator, publisher, reconciler
 from deploy import render
 from mailgress import cli
 from proxy import settings as proxy_settings
-from proxy.server import subscriber
+from proxy.server import certificates, subscriber
 from tests.charts.conftest import (
     EDGE_LISTENER_NAMES,
     EDGE_NAMES_VALUES,
@@ -46,6 +48,17 @@ CLUSTER_KINDS = {"ClusterRole", "ClusterRoleBinding"}
 # Kubernetes object names: RFC 1123 DNS labels for Services, at most 63 characters everywhere here.
 MAX_NAME = 63
 ALL = list(SCENARIOS)
+# The push TLS Secret of a release named mailgress, and the name proxies reach the controller by.
+PUSH_TLS_SECRET = "mailgress-push-tls"
+CONTROLLER_HOST = f"mailgress-controller.{RELEASE_NAMESPACE}.svc"
+SCRAPED_OVER_TLS = {
+    "scheme": "https",
+    "tlsConfig": {
+        "ca": {"secret": {"name": PUSH_TLS_SECRET, "key": "ca.crt"}},
+        "serverName": CONTROLLER_HOST,
+    },
+}
+BOUND = 10.0  # seconds a TLS connection to a local controller may take before a test fails
 
 
 def settings_of(scenario: str) -> tuple[Mapping[str, Any], proxy_settings.ProxySettings]:
@@ -604,7 +617,7 @@ def test_controller_arguments_are_what_the_controller_accepts(scenario: str) -> 
     arguments = container(deployment)["args"]
     # The image's entry point is the mailgress console script: these are its arguments.
     command = cli.parser().parse_args(arguments)
-    assert command.handler is operator.command
+    assert command.handler is cli._run_controller
     parsed = operator.settings_from(command, {"POD_NAMESPACE": RELEASE_NAMESPACE})
     env = {item["name"]: item["valueFrom"]["fieldRef"]["fieldPath"] for item in container(deployment)["env"]}
     assert env == {"POD_NAMESPACE": "metadata.namespace"}
@@ -620,7 +633,8 @@ def test_controller_arguments_are_what_the_controller_accepts(scenario: str) -> 
     _, proxy = settings_of(scenario)
     assert proxy.controller is not None
     name = one(scenario, "Service", "controller")["metadata"]["name"]
-    assert proxy.controller.url == f"http://{name}.{RELEASE_NAMESPACE}.svc:{ports['push']}"
+    scheme = "https" if values(scenario)["controller"]["pushTls"]["enabled"] else "http"
+    assert proxy.controller.url == f"{scheme}://{name}.{RELEASE_NAMESPACE}.svc:{ports['push']}"
     # Both listeners bind the chart's address; kopf takes its bind host from the URL as
     # urlsplit reads it (an IPv6 literal in brackets).
     address = values(scenario)["controller"]["listenAddress"]
@@ -671,6 +685,121 @@ def test_existing_push_token_secret_is_used_and_not_rendered() -> None:
     for component in ("proxy", "controller"):
         files = mounted_files(one("minimal", "Deployment", component))
         assert ("secret", "mail-push-token", "token") in files.values()
+
+
+def push_tls_secrets(scenario: str) -> list[Mapping[str, Any]]:
+    return [
+        document.body for document in rendered(scenario) if document.template == "controller-tls-secret.yaml"
+    ]
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_push_tls_files_are_where_the_controller_and_the_proxies_read_them(scenario: str) -> None:
+    """The controller mounts the certificate and key its flags name, the proxies only the CA
+    their caFile names, from one Secret; the proxies connect to the name the certificate holds."""
+    push_tls = values(scenario)["controller"]["pushTls"]
+    deployment = one(scenario, "Deployment", "controller")
+    command = cli.parser().parse_args(container(deployment)["args"])
+    controller = operator.settings_from(command, {"POD_NAMESPACE": RELEASE_NAMESPACE})
+    _, proxy = settings_of(scenario)
+    assert proxy.controller is not None
+    proxy_files = mounted_files(one(scenario, "Deployment", "proxy"))
+    if not push_tls["enabled"]:
+        assert controller.tls_files is None
+        assert proxy.controller.ca_file is None
+        assert urlsplit(proxy.controller.url).scheme == "http"
+        assert push_tls_secrets(scenario) == []
+        return
+    secret = push_tls["existingSecret"] or PUSH_TLS_SECRET
+    assert controller.tls_files is not None
+    cert, key = (PurePosixPath(path) for path in controller.tls_files)
+    controller_files = mounted_files(deployment)
+    assert controller_files[cert] == ("secret", secret, "tls.crt")
+    assert controller_files[key] == ("secret", secret, "tls.key")
+    assert "ca.crt" not in {source[2] for source in controller_files.values() if source[1] == secret}
+    assert proxy.controller.ca_file is not None
+    assert proxy_files[PurePosixPath(proxy.controller.ca_file)] == ("secret", secret, "ca.crt")
+    # The proxies never hold the controller's key.
+    assert [source[2] for source in proxy_files.values() if source[1] == secret] == ["ca.crt"]
+    url = urlsplit(proxy.controller.url)
+    assert (url.scheme, url.hostname) == ("https", CONTROLLER_HOST)
+    assert len(push_tls_secrets(scenario)) == (0 if push_tls["existingSecret"] else 1)
+
+
+def written(directory: Path, secret: Mapping[str, Any]) -> dict[str, Path]:
+    """The Secret's keys as the kubelet mounts them: one file each."""
+    directory.mkdir()
+    files = {}
+    for key, value in secret["data"].items():
+        files[key] = directory / key
+        files[key].write_bytes(base64.b64decode(value))
+    return files
+
+
+async def handshake(port: int, context: ssl.SSLContext, name: str) -> str:
+    """The TLS version of a verified connection to 127.0.0.1:``port`` under ``name``."""
+    async with asyncio.timeout(BOUND):
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=name)
+    version: str = writer.get_extra_info("ssl_object").version()
+    writer.close()
+    return version
+
+
+async def test_the_generated_push_tls_serves_the_controller_under_every_service_name(tmp_path: Path) -> None:
+    """What the chart generates works end to end: the controller's own TLS serves the certificate,
+    and the proxies' verification (their CA file, the Service's names) accepts it, also under
+    Python's strict X.509 checks (the default from Python 3.13 on)."""
+    [secret] = push_tls_secrets("default")
+    assert secret["type"] == "kubernetes.io/tls"
+    assert secret["metadata"]["name"] == PUSH_TLS_SECRET
+    files = written(tmp_path / "push-tls", secret)
+    store = certificates.CertificateStore(
+        "push channel", (proxy_settings.CertificateFiles(files["tls.crt"], files["tls.key"]),)
+    )
+    assert set(certificates.dns_names(files["tls.crt"])) == {
+        "mailgress-controller",
+        f"mailgress-controller.{RELEASE_NAMESPACE}",
+        CONTROLLER_HOST,
+        f"{CONTROLLER_HOST}.cluster.local",
+    }
+    channel = publisher.Publisher("token", certificates=store)
+    await channel.start("127.0.0.1", 0)
+    try:
+        context = certificates.client_context(files["ca.crt"], "controller.caFile")
+        context.verify_flags |= ssl.VERIFY_X509_STRICT
+        for name in certificates.dns_names(files["tls.crt"]):
+            assert await handshake(channel.port, context, name) in ("TLSv1.2", "TLSv1.3")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await handshake(channel.port, context, "mailgress-controller.other.svc")
+    finally:
+        await channel.stop()
+
+
+def test_an_offline_render_draws_a_new_push_ca() -> None:
+    """Installs keep theirs (the template looks the Secret up); helm template cannot, and shows a
+    new one, as it does a new token."""
+    [first] = push_tls_secrets("default")
+    again = yaml.safe_load(render.render()["controller-tls-secret.yaml"])
+    assert again["data"]["ca.crt"] != first["data"]["ca.crt"]
+    assert again["data"]["tls.key"] != first["data"]["tls.key"]
+
+
+def test_the_push_channel_notes_name_an_existing_secret_and_warn_about_plain_http() -> None:
+    minimal = render.render(SCENARIOS["minimal"])["NOTES.txt"]
+    assert 'serves TLS with the Secret "mail-push-tls"' in minimal
+    assert CONTROLLER_HOST in minimal
+    plain = render.render(SCENARIOS["plain-push"])["NOTES.txt"]
+    assert "WARNING: controller.pushTls.enabled is false" in plain
+    default = render.render()["NOTES.txt"]
+    assert "pushTls" not in default
+    assert "serves TLS with the Secret" not in default
+
+
+def test_a_plain_push_channel_is_scraped_over_http() -> None:
+    endpoints = one("plain-push", "ServiceMonitor", "controller")["spec"]["endpoints"]
+    assert [(endpoint["port"], endpoint.get("scheme")) for endpoint in endpoints] == [("push", None)]
+    pods = one("plain-push", "PodMonitor", "controller")["spec"]["podMetricsEndpoints"]
+    assert [(endpoint["port"], endpoint.get("scheme")) for endpoint in pods] == [("push", None)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,10 +891,15 @@ def test_controller_monitoring_is_off_by_default_and_scrapes_its_push_port() -> 
     monitor = one("monitoring", "ServiceMonitor", "controller")
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert [port["name"] for port in service["spec"]["ports"]] == ["push"]
-    assert monitor["spec"]["endpoints"] == [{"port": "push", "path": "/metrics", "interval": "15s"}]
+    # The push port speaks TLS (the chart's default): scraped over https, verified with its CA.
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "push", "path": "/metrics", "interval": "15s", **SCRAPED_OVER_TLS}
+    ]
     pods = one("monitoring", "PodMonitor", "controller")
     assert selects(pods["spec"]["selector"]["matchLabels"], pod_labels("monitoring", "controller"))
-    assert pods["spec"]["podMetricsEndpoints"] == [{"port": "push", "path": "/metrics", "interval": "1m"}]
+    assert pods["spec"]["podMetricsEndpoints"] == [
+        {"port": "push", "path": "/metrics", "interval": "1m", **SCRAPED_OVER_TLS}
+    ]
     for found in (monitor, pods):
         assert found["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         assert found["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}

@@ -1,9 +1,9 @@
 """deploy/ is the chart rendered with its default values: a test fails when it is stale.
 
 deploy.render is what `make render` runs; rendering again must give exactly the files in deploy/,
-with no leftover numbered file. The one deliberate difference from the chart's defaults (the
-token Secret the user creates) must be what deploy/README.md tells the user to create; the only
-other Secret mounted is the snapshot, which the chart creates empty and the controller fills.
+with no leftover numbered file. The deliberate differences from the chart's defaults (the token
+and push TLS Secrets the user creates) must be what deploy/README.md tells the user to create; the
+only other Secret mounted is the snapshot, which the chart creates empty and the controller fills.
 """
 
 import yaml
@@ -51,7 +51,8 @@ def test_deploy_brings_no_token_and_says_how_to_create_it() -> None:
         if "secret" in volume
     ]
     required = [secret["secretName"] for secret in secrets if not secret.get("optional")]
-    assert required == [render.PUSH_TOKEN_SECRET, render.PUSH_TOKEN_SECRET]
+    # The controller's (token, certificate and key), then the proxy's (token, CA).
+    assert required == [render.PUSH_TOKEN_SECRET, render.PUSH_TLS_SECRET] * 2
     [controller] = [d for d in deployments if d["metadata"]["name"].endswith("-controller")]
     arguments = controller["spec"]["template"]["spec"]["containers"][0]["args"]
     snapshot = arguments[arguments.index("--snapshot-secret") + 1]
@@ -59,6 +60,8 @@ def test_deploy_brings_no_token_and_says_how_to_create_it() -> None:
     assert snapshot_secret["metadata"]["name"] == snapshot
     readme = (render.DEPLOY / "README.md").read_text()
     assert f"create secret generic {render.PUSH_TOKEN_SECRET}" in readme
+    assert f"create secret generic {render.PUSH_TLS_SECRET}" in readme
+    assert "--from-file=tls.crt --from-file=tls.key --from-file=ca.crt" in readme
     assert f"--namespace {render.NAMESPACE}" in readme
 
 

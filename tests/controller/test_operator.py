@@ -1,9 +1,10 @@
 """The controller process: settings from flags and environment, credentials, the push channel it
-starts on the token file, and the API client (``KubeApi``) against the emulator, the snapshot
-Secret in both its forms included, written and read back."""
+starts on the token file (over TLS when given a certificate), and the API client (``KubeApi``)
+against the emulator, the snapshot Secret in both its forms included, written and read back."""
 
 import argparse
 import base64
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ import yaml
 from controller import operator, publisher, reconciler
 from proxy import table
 from proxy.server import subscriber
+from proxy.server.certificates import CertificateStore
+from proxy.settings import CertificateFiles
+from testbed.tlscerts import TestAuthority
 from tests.controller.test_reconciler import since_of, table_over_the_plain_limit
 from tests.kube.conftest import CRD_FILE, kubeconfig_text
 from tests.kube.emulator import Access, Emulator
@@ -40,6 +44,18 @@ def test_defaults_and_the_environment() -> None:
     assert settings.snapshot_secret == operator.DEFAULT_SNAPSHOT_NAME
     assert settings.kubeconfig is None
     assert settings.health == operator.DEFAULT_HEALTH
+    assert settings.tls_files is None  # plain HTTP unless given a certificate
+
+
+def test_the_push_channels_tls_files_from_flags_or_the_environment() -> None:
+    environ = {"MAILGRESS_TOKEN_FILE": "t"}
+    flags = arguments("--tls-cert-file=/tls/tls.crt", "--tls-key-file=/tls/tls.key")
+    assert operator.settings_from(flags, environ).tls_files == (Path("/tls/tls.crt"), Path("/tls/tls.key"))
+    environ |= {"MAILGRESS_TLS_CERT_FILE": "/env/tls.crt", "MAILGRESS_TLS_KEY_FILE": "/env/tls.key"}
+    assert operator.settings_from(arguments(), environ).tls_files == (
+        Path("/env/tls.crt"),
+        Path("/env/tls.key"),
+    )
 
 
 def test_flags_win_over_the_environment() -> None:
@@ -131,6 +147,15 @@ def test_the_snapshot_secret_and_its_deprecated_configmap_aliases(
         pytest.param(
             ("--proxy-selector=,",), {"MAILGRESS_TOKEN_FILE": "t"}, "at least one", id="selector-empty"
         ),
+        pytest.param(
+            ("--tls-cert-file=c",), {"MAILGRESS_TOKEN_FILE": "t"}, "go together", id="certificate-without-key"
+        ),
+        pytest.param(
+            (),
+            {"MAILGRESS_TOKEN_FILE": "t", "MAILGRESS_TLS_KEY_FILE": "k"},
+            "go together",
+            id="key-without-certificate",
+        ),
     ],
 )
 def test_bad_settings(argv: tuple[str, ...], environ: dict[str, str], problem: str) -> None:
@@ -190,6 +215,42 @@ def test_the_push_channel_needs_a_token_at_start(tmp_path: Path) -> None:
     token.write_text(" \n")
     with pytest.raises(operator.SettingsError, match="empty"):
         operator.push_channel(operator.settings_from(arguments(f"--token-file={token}"), {}))
+
+
+def load_certificates(cert: Path, key: Path) -> CertificateStore:
+    """What mailgress/cli.py hands the controller: the proxy's reloading certificate store."""
+    return CertificateStore("push channel", (CertificateFiles(cert, key),))
+
+
+async def test_the_push_channel_serves_tls_with_the_loaded_certificates(tmp_path: Path) -> None:
+    authority = TestAuthority(tmp_path / "ca")
+    served = authority.issue("push", ["127.0.0.1"])
+    token = tmp_path / "token"
+    token.write_text("the-token\n")
+    flags = arguments(
+        f"--token-file={token}", f"--tls-cert-file={served.cert}", f"--tls-key-file={served.key}"
+    )
+    channel = operator.push_channel(operator.settings_from(flags, {}), load_certificates)
+    await channel.start("127.0.0.1", 0)
+    try:
+        url = f"https://127.0.0.1:{channel.port}{publisher.METRICS_PATH}"
+        context = ssl.create_default_context(cafile=str(authority.cert))
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_BOUND)) as client,
+            client.get(url, ssl=context) as response,
+        ):
+            assert response.status == 200
+    finally:
+        await channel.stop()
+
+
+def test_tls_files_need_a_loader(tmp_path: Path) -> None:
+    """An entry point that hands in no loader cannot serve the TLS the settings ask for."""
+    token = tmp_path / "token"
+    token.write_text("the-token\n")
+    flags = arguments(f"--token-file={token}", "--tls-cert-file=c", "--tls-key-file=k")
+    with pytest.raises(operator.SettingsError, match="cannot load certificates"):
+        operator.push_channel(operator.settings_from(flags, {}))
 
 
 def test_credentials_from_a_kubeconfig(tmp_path: Path) -> None:

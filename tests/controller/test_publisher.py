@@ -3,7 +3,8 @@
 A real Publisher listens on 127.0.0.1; a plain aiohttp client opens streams and posts acks, so
 every status code, header and body is the one a proxy sees. The token file is a Secret volume
 as the kubelet writes and rotates it (``MountedSecret``), and the proxy's own subscriber follows
-a rotation end to end. Waits are bounded: a stream read or an on_change wait that takes longer
+a rotation end to end. Over TLS the certificate comes from a test CA and is renewed as cert-manager
+would. Waits are bounded: a stream read or an on_change wait that takes longer
 than ``BOUND`` fails the test; no assertion is about time.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import json
 import logging
 import shutil
+import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,10 @@ from controller import publisher
 from proxy import metrics as proxy_metrics
 from proxy import table
 from proxy.server import subscriber
+from proxy.server.certificates import CertificateStore
 from proxy.server.routes import TableHolder
-from proxy.settings import ControllerSettings
+from proxy.settings import CertificateFiles, ControllerSettings
+from testbed.tlscerts import IssuedCertificate, TestAuthority
 from testbed.volumes import KubeletVolume
 
 TOKEN = "push-token-that-must-never-be-logged"
@@ -957,3 +961,121 @@ async def test_an_unreadable_token_file_ends_no_stream(
     file_channel.publish(SECOND)
     assert await next_table(response) == SECOND
     response.close()
+
+
+# TLS: the push port serves a certificate of a test CA, loaded and reloaded by the proxy's
+# CertificateStore (what mailgress/cli.py hands the controller). Renewals replace the files as
+# the kubelet updates a mounted Secret.
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> TestAuthority:
+    return TestAuthority(tmp_path_factory.mktemp("push-ca"))
+
+
+@pytest.fixture
+def served(authority: TestAuthority, tmp_path: Path) -> IssuedCertificate:
+    return authority.issue("push", ["127.0.0.1"], cert=tmp_path / "tls.crt", key=tmp_path / "tls.key")
+
+
+@pytest.fixture
+async def tls_channel(served: IssuedCertificate) -> AsyncIterator[publisher.Publisher]:
+    store = CertificateStore("push channel", (CertificateFiles(served.cert, served.key),))
+    started = publisher.Publisher(TOKEN, certificates=store)
+    await started.start("127.0.0.1", 0)
+    yield started
+    await started.stop()
+
+
+def verifying(authority: TestAuthority) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(authority.cert))
+
+
+async def served_serial(channel: publisher.Publisher, authority: TestAuthority) -> int:
+    """The serial of the certificate a new connection to ``channel`` is shown."""
+    async with asyncio.timeout(BOUND):
+        _, writer = await asyncio.open_connection("127.0.0.1", channel.port, ssl=verifying(authority))
+    certificate = writer.get_extra_info("ssl_object").getpeercert()
+    writer.close()
+    return int(certificate["serialNumber"], 16)
+
+
+async def test_over_tls_streams_acks_and_metrics_work_verified_by_the_ca(
+    tls_channel: publisher.Publisher, authority: TestAuthority, client: aiohttp.ClientSession
+) -> None:
+    tls_channel.publish(FIRST)
+    url = f"https://127.0.0.1:{tls_channel.port}"
+    context = verifying(authority)
+    response = await client.get(
+        url + publisher.STREAM_PATH,
+        params={"proxy": "proxy-a"},
+        headers=AUTH,
+        ssl=context,
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    assert response.status == 200
+    assert (await next_table(response)).version == FIRST.version
+    tls = response.connection.transport.get_extra_info("ssl_object") if response.connection else None
+    assert tls is not None and tls.version() in ("TLSv1.2", "TLSv1.3")
+    body = ack_body("proxy-a", FIRST.version)
+    async with client.post(url + publisher.ACK_PATH, json=body, headers=AUTH, ssl=context) as acked:
+        assert acked.status == 204
+    assert tls_channel.acks()["proxy-a"].version == FIRST.version
+    async with client.get(url + publisher.METRICS_PATH, ssl=context) as metrics:
+        assert metrics.status == 200
+        assert "mailgress_controller_proxies_connected 1.0" in await metrics.text()
+    response.close()
+
+
+async def test_over_tls_plain_http_and_an_unknown_ca_get_nothing(
+    tls_channel: publisher.Publisher, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    tls_channel.publish(FIRST)
+    with pytest.raises(aiohttp.ClientError):
+        async with client.get(base(tls_channel) + publisher.METRICS_PATH):
+            pass
+    stranger = TestAuthority(tmp_path / "stranger", name="not the push CA")
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        async with client.get(
+            f"https://127.0.0.1:{tls_channel.port}{publisher.METRICS_PATH}", ssl=verifying(stranger)
+        ):
+            pass
+
+
+async def test_a_renewed_certificate_reaches_the_next_connection_and_open_streams_go_on(
+    tls_channel: publisher.Publisher,
+    authority: TestAuthority,
+    served: IssuedCertificate,
+    client: aiohttp.ClientSession,
+) -> None:
+    tls_channel.publish(FIRST)
+    assert await served_serial(tls_channel, authority) == served.serial
+    response = await client.get(
+        f"https://127.0.0.1:{tls_channel.port}{publisher.STREAM_PATH}",
+        params={"proxy": "proxy-a"},
+        headers=AUTH,
+        ssl=verifying(authority),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    assert (await next_table(response)).version == FIRST.version
+    renewed = authority.issue("push", ["127.0.0.1"], cert=served.cert, key=served.key)
+    assert await served_serial(tls_channel, authority) == renewed.serial
+    # The stream opened before the renewal still carries every new table.
+    tls_channel.publish(SECOND)
+    assert (await next_table(response)).version == SECOND.version
+    response.close()
+
+
+async def test_a_broken_renewal_keeps_the_certificate_in_force(
+    tls_channel: publisher.Publisher,
+    authority: TestAuthority,
+    served: IssuedCertificate,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    served.cert.write_text("not a certificate\n")
+    assert await served_serial(tls_channel, authority) == served.serial
+    assert await served_serial(tls_channel, authority) == served.serial
+    kept = [record for record in caplog.records if "keeping the certificates in use" in record.getMessage()]
+    assert len(kept) == 1, "a broken renewal is logged once, not at every connection"
+    renewed = authority.issue("push", ["127.0.0.1"], cert=served.cert, key=served.key)
+    assert await served_serial(tls_channel, authority) == renewed.serial

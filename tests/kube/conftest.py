@@ -7,7 +7,8 @@ proxies on the real push channel, and the log of what the controller asked the A
   the controller's requests).
 - ``controller``: controller.operator.run in its own thread and event loop (kopf stops in
   milliseconds that way), logging in through a kubeconfig with the controller's token, its push
-  channel on 127.0.0.1 with a random port. The snapshot Secret exists before it starts, empty,
+  channel on 127.0.0.1 with a random port (over TLS when the settings name certificate files,
+  loaded as ``mailgress controller`` loads them). The snapshot Secret exists before it starts, empty,
   as the chart renders it (the chart grants the controller no create; ``ControllerRunner``
   creates it). Stopped at teardown,
   after which every (verb, resource) it used is added to ``controller_accesses``, but for those
@@ -40,6 +41,7 @@ import yaml
 
 from controller import operator, publisher, reconciler
 from deploy import render
+from mailgress import cli
 from proxy import table
 from tests.kube.emulator import Emulator
 
@@ -172,7 +174,8 @@ class Controller:
 @contextlib.contextmanager
 def running_controller(settings: operator.Settings) -> Iterator[Controller]:
     """controller.operator.run in a thread of its own, until the block ends."""
-    channel = publisher.Publisher(token=PUSH_TOKEN)
+    served = None if settings.tls_files is None else cli.push_certificates(*settings.tls_files)
+    channel = publisher.Publisher(token=PUSH_TOKEN, certificates=served)
     stop, ready = threading.Event(), threading.Event()
     failures: list[BaseException] = []
 

@@ -4,8 +4,9 @@ subscribed to its push channel over loopback, and real Dovecots behind them (iss
 The cluster is what a user would have: the MailRoute CRD, proxy Pods (Ready, named as the
 proxies' proxyName), a Service and an EndpointSlice per Dovecot pointing at 127.0.0.1, and
 MailRoutes. The controller runs in a thread (tests.kube.conftest.ControllerRunner) with its push
-channel on a fixed port, so proxies find it again after a restart. Proxies start through
-``testbed.proxyfleet.Deployment``. Each Dovecot holds one message per user whose
+channel on a fixed port, so proxies find it again after a restart. The push channel speaks TLS, as
+the chart's defaults have it: the controller serves a certificate of a test CA, which the proxies
+verify. Proxies start through ``testbed.proxyfleet.Deployment``. Each Dovecot holds one message per user whose
 subject names that Dovecot: reading it through the proxy shows where a login landed. Blocking
 clients and process starts run in threads so the emulator (served by the test's loop) answers;
 every wait is bounded, nothing asserts on durations.
@@ -26,7 +27,7 @@ import pytest
 from controller import operator
 from proxy import table
 from testbed import backends as testbed_backends
-from testbed import clients, mailservers, messages, proxyprocess
+from testbed import clients, mailservers, messages, proxyprocess, tlscerts
 from testbed.proxyfleet import Deployment
 from tests import conftest as suite
 from tests.kube.conftest import (
@@ -142,10 +143,12 @@ async def cluster(
     """
     directory = tmp_path / "pods"
     directory.mkdir()
-    deployment = Deployment(directory)
+    deployment = Deployment(directory, authority=tlscerts.TestAuthority(tmp_path / "push-ca"))
     # The Secret both ends mount: the conftest's controller serves PUSH_TOKEN.
     deployment.token_file.write_text(PUSH_TOKEN)
-    settings = dataclasses.replace(controller_settings, listen_port=deployment.port)
+    settings = dataclasses.replace(
+        controller_settings, listen_port=deployment.port, tls_files=deployment.controller_tls
+    )
     runner = ControllerRunner(emulator, settings, controller_accesses)
     made = Cluster(emulator, api, runner, deployment, dovecots)
     try:
@@ -163,6 +166,8 @@ async def cluster(
     for proxy, session in zip(deployment.proxies, sessions, strict=True):
         assert session is None or mailservers.session_processes(session) == [], f"{proxy.log_path}: left over"
         log = proxy.log_text()
+        assert f"push channel: following {deployment.url} as" in log, f"{proxy.log_path}: not over TLS"
+        assert "is plain HTTP" not in log
         assert PUSH_TOKEN not in log, f"{proxy.log_path} holds the push token"
         assert testbed_backends.PASSWORD_MARKER not in log, f"{proxy.log_path} holds a password"
 

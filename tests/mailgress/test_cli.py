@@ -1,4 +1,5 @@
-"""The ``mailgress`` console script: ``routes check`` and the proxy's start-up errors."""
+"""The ``mailgress`` console script: ``routes check``, the proxy's start-up errors and the
+controller's push channel certificates (wired in here, from the proxy's store)."""
 
 import json
 import socket
@@ -8,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from controller import operator
 from mailgress import cli
+from proxy.server import certificates
+from testbed import tlscerts
+from tests.kube.conftest import kubeconfig_text
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "mailroutes.yaml"
@@ -212,3 +217,30 @@ def test_proxy_reports_a_port_in_use(tmp_path: Path) -> None:
         )
     assert result.returncode == 2
     assert "cannot bind" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_controller_certificates_come_from_the_proxys_reloading_store(tmp_path: Path) -> None:
+    """The composition root hands the controller the proxy's CertificateStore."""
+    authority = tlscerts.TestAuthority(tmp_path / "ca")
+    served = authority.issue("push", ["mailgress-controller.mailgress.svc"])
+    loaded = cli.push_certificates(served.cert, served.key)
+    assert isinstance(loaded, certificates.CertificateStore)
+    assert loaded.refresh() is False  # nothing changed since loading
+    with pytest.raises(operator.SettingsError, match="push channel"):
+        cli.push_certificates(tmp_path / "missing.crt", served.key)
+
+
+def test_controller_with_unloadable_tls_files_exits_with_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = write(tmp_path, "token", "the-token\n")
+    # Never contacted: the settings fail before the operator starts.
+    kubeconfig = write(tmp_path, "kubeconfig", kubeconfig_text("http://127.0.0.1:1", "api-token"))
+    bad = write(tmp_path, "tls.crt", "not a certificate\n")
+    argv = ["controller", f"--token-file={token}", f"--kubeconfig={kubeconfig}"]
+    argv += [f"--tls-cert-file={bad}", f"--tls-key-file={bad}", "--health="]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("mailgress controller: ")
+    assert str(bad) in err
+    assert "Traceback" not in err

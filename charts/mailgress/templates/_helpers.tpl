@@ -35,6 +35,14 @@ tables carry auth_http request headers, which the aggregated view role must not 
 {{- define "mailgress.snapshotSecret" -}}
 {{- printf "%s-routing-table" (include "mailgress.fullname" . | trunc 49 | trimSuffix "-") -}}
 {{- end -}}
+{{/* The push channel's TLS Secret: tls.crt, tls.key and ca.crt (cert-manager's layout). */}}
+{{- define "mailgress.pushTlsSecret" -}}
+{{- if .Values.controller.pushTls.existingSecret -}}
+{{- .Values.controller.pushTls.existingSecret -}}
+{{- else -}}
+{{- printf "%s-push-tls" (include "mailgress.fullname" . | trunc 54 | trimSuffix "-") -}}
+{{- end -}}
+{{- end -}}
 {{- define "mailgress.pushTokenSecret" -}}
 {{- if .Values.controller.pushToken.existingSecret -}}
 {{- .Values.controller.pushToken.existingSecret -}}
@@ -77,15 +85,28 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* The controller Service's name as proxies reach it, which its certificate must carry. */}}
+{{- define "mailgress.controllerHost" -}}
+{{- printf "%s.%s.svc" (include "mailgress.controller.fullname" .) .Release.Namespace -}}
+{{- end -}}
+{{/* Every DNS name of the controller Service, as a JSON list: what its certificate carries. */}}
+{{- define "mailgress.controllerDnsNames" -}}
+{{- $service := include "mailgress.controller.fullname" . -}}
+{{- $namespaced := printf "%s.%s" $service .Release.Namespace -}}
+{{- list $service $namespaced (printf "%s.svc" $namespaced) (printf "%s.svc.cluster.local" $namespaced) | toJson -}}
+{{- end -}}
+
 {{/* The push channel URL proxies connect to (the controller Service). */}}
 {{- define "mailgress.controllerUrl" -}}
-{{- printf "http://%s.%s.svc:%d" (include "mailgress.controller.fullname" .) .Release.Namespace (int .Values.controller.pushPort) -}}
+{{- printf "%s://%s:%d" (ternary "https" "http" .Values.controller.pushTls.enabled) (include "mailgress.controllerHost" .) (int .Values.controller.pushPort) -}}
 {{- end -}}
 
 {{/* Paths inside the pods; none under a symbolic link (/var/run is one), since the proxy
 resolves the paths in its settings. */}}
 {{- define "mailgress.settingsDir" -}}/etc/mailgress/settings{{- end -}}
 {{- define "mailgress.tokenDir" -}}/etc/mailgress/push-token{{- end -}}
+{{- define "mailgress.pushTlsDir" -}}/etc/mailgress/push-tls{{- end -}}
+{{- define "mailgress.pushCaDir" -}}/etc/mailgress/push-ca{{- end -}}
 {{- define "mailgress.snapshotDir" -}}/etc/mailgress/snapshot{{- end -}}
 {{- define "mailgress.tlsDir" -}}/etc/mailgress/tls{{- end -}}
 {{- define "mailgress.backendCaDir" -}}/etc/mailgress/backend-ca{{- end -}}

@@ -6,6 +6,9 @@ controller learns (``Publisher.acks``). A small fake controller covers lines the
 sends (not JSON, nested too deep, numbers no table holds). The snapshot file is written as the
 mounted Secret holds it: plain JSON, or gzip in the sibling the controller uses for tables too
 large to store plainly; corrupted gzip is fuzzed with hypothesis.
+Over TLS the controller serves a certificate of a test CA (loaded by the proxy's own
+CertificateStore, as mailgress/cli.py has it); the proxy verifies it against its caFile and the
+url's host name, and a wrong CA, a wrong name or an unloadable CA file is logged and retried.
 Waits poll a condition a bounded number of times; no assertion is about time. Also covers the
 settings' ``controller`` key, which only this uses.
 """
@@ -15,6 +18,7 @@ import gzip
 import logging
 import random
 import socket
+import ssl
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +35,9 @@ from controller import publisher
 from proxy import metrics as proxy_metrics
 from proxy import settings, table
 from proxy.server import subscriber
+from proxy.server.certificates import CertificateStore
 from proxy.server.routes import TableHolder
+from testbed.tlscerts import IssuedCertificate, TestAuthority
 
 TOKEN = "push-token-that-must-never-be-logged"
 FAST = subscriber.Backoff(base=0.005, cap=0.05)
@@ -120,17 +126,25 @@ class Cluster:
         self.compressed_file = directory / ("snapshot.json" + subscriber.SNAPSHOT_GZIP_SUFFIX)
         self.proxies: list[Proxy] = []
 
-    def settings(self, name: str, *, snapshot: bool = True) -> settings.ControllerSettings:
+    def settings(
+        self, name: str, *, snapshot: bool = True, ca_file: Path | None = None, host: str = "127.0.0.1"
+    ) -> settings.ControllerSettings:
+        """The proxy's settings: https with ``ca_file`` (or to ``host``) when either is given."""
+        tls = ca_file is not None or host != "127.0.0.1"
         return settings.ControllerSettings(
-            url=f"http://127.0.0.1:{self.port}",
+            url=f"{'https' if tls else 'http'}://{host}:{self.port}",
             token_file=self.token_file,
             proxy_name=name,
             snapshot_file=self.snapshot_file if snapshot else None,
+            ca_file=ca_file,
         )
 
-    def start_proxy(self, name: str, *, snapshot: bool = True) -> Proxy:
+    def start_proxy(
+        self, name: str, *, snapshot: bool = True, ca_file: Path | None = None, host: str = "127.0.0.1"
+    ) -> Proxy:
         holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
-        follower = subscriber.Subscriber(self.settings(name, snapshot=snapshot), backoff=FAST)
+        chosen = self.settings(name, snapshot=snapshot, ca_file=ca_file, host=host)
+        follower = subscriber.Subscriber(chosen, backoff=FAST)
         proxy = Proxy(name, holder, asyncio.create_task(follower.run(holder)))
         self.proxies.append(proxy)
         return proxy
@@ -139,8 +153,11 @@ class Cluster:
         proxy.task.cancel()
         await asyncio.gather(proxy.task, return_exceptions=True)
 
-    async def controller(self) -> publisher.Publisher:
-        started = publisher.Publisher(TOKEN)
+    async def controller(self, served: IssuedCertificate | None = None) -> publisher.Publisher:
+        """A controller on the cluster's port; over TLS with ``served`` (reloaded as it changes)."""
+        files = () if served is None else (settings.CertificateFiles(served.cert, served.key),)
+        store = CertificateStore("push", files) if files else None
+        started = publisher.Publisher(TOKEN, certificates=store)
         await started.start("127.0.0.1", self.port)
         return started
 
@@ -617,6 +634,136 @@ async def test_a_token_file_without_a_token_is_reported_and_retried(
     assert not leaked
 
 
+# TLS.
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> TestAuthority:
+    return TestAuthority(tmp_path_factory.mktemp("push-ca"))
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory: pytest.TempPathFactory) -> TestAuthority:
+    return TestAuthority(tmp_path_factory.mktemp("stranger-ca"), name="not the push CA")
+
+
+@pytest.fixture
+async def tls_controller(
+    cluster: Cluster, authority: TestAuthority, tmp_path: Path
+) -> AsyncIterator[publisher.Publisher]:
+    """The controller's certificate names 127.0.0.1 only (the url's host here), not localhost."""
+    served = authority.issue("push", ["127.0.0.1"], tmp_path / "tls.crt", tmp_path / "tls.key")
+    started = await cluster.controller(served)
+    yield started
+    await started.stop()
+
+
+def mounted_ca(directory: Path, source: TestAuthority) -> Path:
+    """The CA file as the proxy mounts it (ca.crt of the push TLS Secret)."""
+    path = directory / "ca.crt"
+    path.write_bytes(source.cert.read_bytes())
+    return path
+
+
+async def test_over_tls_the_proxy_verifies_the_controller_with_its_ca_and_follows(
+    cluster: Cluster,
+    tls_controller: publisher.Publisher,
+    authority: TestAuthority,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tls_controller.publish(FIRST)
+    proxy = cluster.start_proxy("proxy-a", ca_file=mounted_ca(tmp_path, authority))
+    await eventually(lambda: tls_controller.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
+    tls_controller.publish(SECOND)
+    await eventually(lambda: tls_controller.acks().get("proxy-a") == accepted(SECOND.version), "second ack")
+    assert serving(proxy, SECOND.version)()
+    assert "plain HTTP" not in caplog.text
+
+
+@pytest.mark.parametrize("wrong", ["ca", "host"])
+async def test_a_wrong_ca_or_host_name_is_logged_once_retried_and_fixed_by_the_next_connect(
+    cluster: Cluster,
+    tls_controller: publisher.Publisher,
+    authority: TestAuthority,
+    stranger: TestAuthority,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    wrong: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No table from a controller the proxy cannot verify; the table source keeps running, says
+    why once, and the CA file is read again at every connect (a rotated CA Secret)."""
+    caplog.set_level(logging.WARNING, logger="proxy.server.subscriber")
+    contexts: list[Path | None] = []  # one per connect: the CA file is loaded for each
+    load = subscriber.certificates.client_context
+
+    def counted(ca_file: Path | None, setting: str) -> ssl.SSLContext:
+        contexts.append(ca_file)
+        return load(ca_file, setting)
+
+    monkeypatch.setattr(subscriber.certificates, "client_context", counted)
+    tls_controller.publish(FIRST)
+    ca_file = mounted_ca(tmp_path, stranger if wrong == "ca" else authority)
+    # localhost reaches the controller on 127.0.0.1, whose certificate does not carry that name.
+    host = "127.0.0.1" if wrong == "ca" else "localhost"
+    problem = "unable to get local issuer certificate" if wrong == "ca" else "Hostname mismatch"
+    proxy = cluster.start_proxy("proxy-a", snapshot=False, ca_file=ca_file, host=host)
+    await eventually(lambda: len(contexts) >= 5, "several connects")
+    verify_failures = [record for record in caplog.records if "did not verify" in record.getMessage()]
+    assert len(verify_failures) == 1, "logged once, not at every retry"
+    assert problem in verify_failures[0].getMessage()
+    assert not proxy.task.done()
+    assert not proxy.holder.ready
+    assert tls_controller.acks() == {}
+    if wrong == "ca":
+        mounted_ca(tmp_path, authority)  # the CA Secret is fixed: the next connect reads it
+        await eventually(lambda: tls_controller.acks().get("proxy-a") == accepted(FIRST.version), "ack")
+
+
+async def test_an_unloadable_ca_file_is_logged_and_retried(
+    cluster: Cluster,
+    tls_controller: publisher.Publisher,
+    authority: TestAuthority,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="proxy.server.subscriber")
+    tls_controller.publish(FIRST)
+    ca_file = tmp_path / "ca.crt"
+    proxy = cluster.start_proxy("proxy-a", snapshot=False, ca_file=ca_file)
+    await eventually(lambda: f"controller.caFile {ca_file}: cannot load" in caplog.text, "missing CA logged")
+    ca_file.write_text("not a certificate\n")
+    await eventually(lambda: caplog.text.count("controller.caFile") >= 2, "broken CA logged")
+    assert not proxy.task.done()
+    mounted_ca(tmp_path, authority)
+    await eventually(lambda: tls_controller.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
+
+
+async def test_without_a_ca_file_https_uses_the_system_cas(
+    cluster: Cluster, tls_controller: publisher.Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The test CA is no system CA: the certificate is refused, which shows the system CAs are
+    what an https url without caFile trusts."""
+    caplog.set_level(logging.WARNING, logger="proxy.server.subscriber")
+    tls_controller.publish(FIRST)
+    proxy = cluster.start_proxy("proxy-a", snapshot=False, host="localhost")
+    await eventually(lambda: "unable to get local issuer certificate" in caplog.text, "refusal logged")
+    assert not proxy.task.done()
+    assert tls_controller.acks() == {}
+
+
+async def test_plain_http_works_and_warns_once_at_start(
+    cluster: Cluster, controller: publisher.Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    controller.publish(FIRST)
+    cluster.start_proxy("proxy-a")
+    await eventually(lambda: controller.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
+    warned = [record for record in caplog.records if "plain HTTP" in record.getMessage()]
+    assert [record.levelname for record in warned] == ["WARNING"]
+    assert f"http://127.0.0.1:{cluster.port}" in warned[0].getMessage()
+
+
 # Backoff and naming.
 
 
@@ -670,6 +817,21 @@ def test_the_controller_key_parses(tmp_path: Path) -> None:
     assert parsed.route_files == ()
 
 
+def test_the_controller_ca_file_is_taken_from_the_settings_folder(tmp_path: Path) -> None:
+    controller = {
+        "url": "https://mailgress-controller.mail.svc:9400",
+        "tokenFile": "t",
+        "caFile": "ca/ca.crt",
+    }
+    parsed = settings.parse({"listeners": LISTENERS, "controller": controller}, tmp_path)
+    assert parsed.controller is not None
+    assert parsed.controller.ca_file == (tmp_path / "ca/ca.crt").resolve()
+    del controller["caFile"]
+    parsed = settings.parse({"listeners": LISTENERS, "controller": controller}, tmp_path)
+    assert parsed.controller is not None
+    assert parsed.controller.ca_file is None  # the system CAs
+
+
 @pytest.mark.parametrize(
     ("extra", "controller", "message"),
     [
@@ -682,6 +844,10 @@ def test_the_controller_key_parses(tmp_path: Path) -> None:
         ({}, {"url": "http://c:1", "tokenFile": "t", "proxyName": ""}, "controller.proxyName"),
         ({}, {"url": "http://c:1", "tokenFile": "t", "snapshotFile": 3}, "controller.snapshotFile"),
         ({}, {"url": "http://c:1", "tokenFile": "t", "token": "x"}, "unknown keys token"),
+        ({}, {"url": "https://c:1", "tokenFile": "t", "cafile": "ca.crt"}, "unknown keys cafile"),
+        ({}, {"url": "https://c:1", "tokenFile": "t", "caFile": 3}, "controller.caFile: expected a file"),
+        ({}, {"url": "https://c:1", "tokenFile": "t", "caFile": ""}, "controller.caFile: expected a file"),
+        ({}, {"url": "http://c:1", "tokenFile": "t", "caFile": "ca.crt"}, "caFile: needs an https"),
         ({}, "http://c:1", "controller: expected"),
     ],
 )
