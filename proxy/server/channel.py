@@ -133,21 +133,36 @@ class SocketChannel:
 
 
 class _Receiver(asyncio.Protocol):
-    """Collects what a transport reads until the channel asks for it; honours flow control."""
+    """Collects what a transport reads until the channel asks for it; honours flow control.
+
+    Once the relay has taken the transport over (``forward_to``; relay.Predecessor), whatever
+    the loop still delivers here goes to the relay's protocol: uvloop's TLS transport schedules a
+    lost connection's ``connection_lost`` for the protocol of that moment, so a client that
+    leaves right after its login reply could otherwise be reported to nobody.
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.unread = bytearray()
-        self.eof = False
+        self.eof = False  # the peer sent EOF, or the connection is gone
+        self.lost = False  # connection_lost has run: the transport is closed
         self.error: Exception | None = None
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self._reading_paused = False
+        self._successor: asyncio.Protocol | None = None
+
+    def forward_to(self, successor: asyncio.Protocol) -> None:
+        """The relay took the transport over: pass on what still arrives here."""
+        self._successor = successor
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._successor is not None:
+            self._successor.data_received(data)
+            return
         self.unread += data
         if len(self.unread) > MAX_UNREAD and self.transport and not self._reading_paused:
             self._reading_paused = True
@@ -155,22 +170,34 @@ class _Receiver(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
+        if self._successor is not None:
+            return bool(self._successor.eof_received())
         self.eof = True
         self._wake()
         # Keep our writing side open (a reply may still be on its way out); TLS cannot half-close.
         return self.transport is not None and self.transport.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._successor is not None:
+            self._successor.connection_lost(exc)
+            return
         self.eof = True
+        self.lost = True
         self.error = exc
         self._wake()
         if self._writable and not self._writable.done():
             self._writable.set_result(None)
 
     def pause_writing(self) -> None:
+        if self._successor is not None:
+            self._successor.pause_writing()
+            return
         self._writable = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
+        if self._successor is not None:
+            self._successor.resume_writing()
+            return
         if self._writable and not self._writable.done():
             self._writable.set_result(None)
         self._writable = None

@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, cast
@@ -79,6 +80,25 @@ class RelayResult:
     upstream_bytes: int  # client -> backend, including `to_backend`
     downstream_bytes: int  # backend -> client, including `to_client`
     ended_by: str  # "client" | "backend" | "idle" | "error" | "cancelled" | "drain"
+
+
+class Predecessor(typing.Protocol):
+    """The protocol a transport had before ``relay_transports`` took it over (channel.py's
+    receiver, the login dialogue's): what it saw of the peer ending, which the relay's own
+    protocol will never be told, and a way to pass on what the loop still delivers to it
+    (uvloop's TLS transport schedules a lost connection's ``connection_lost`` for the protocol of
+    that moment, and forgets the protocol, so ``set_protocol`` cannot redirect it)."""
+
+    @property
+    def eof(self) -> bool:
+        """The peer sent EOF (a FIN, or TLS close_notify), or the connection is gone."""
+
+    @property
+    def lost(self) -> bool:
+        """Its ``connection_lost`` has run: the connection is gone."""
+
+    def forward_to(self, successor: asyncio.Protocol) -> None:
+        """From now on, pass what the loop delivers on to ``successor``."""
 
 
 class Progress:
@@ -179,20 +199,31 @@ async def relay_transports(
     idle_timeout: float,
     drain: Turn | None = None,
     progress: Progress | None = None,
+    client_before: Predecessor | None = None,
+    backend_before: Predecessor | None = None,
 ) -> RelayResult:
     """Relay between two transports (plain or TLS) until both have closed; close both.
 
-    The caller hands the transports over synchronously after its last read, before either
-    saw EOF (their protocols are replaced here), and passes what it read but did not forward as
-    ``to_backend`` and ``to_client``. TLS cannot half-close: an EOF on either side of a TLS
-    transport ends the relay once what is buffered has been flushed.
+    The caller hands the transports over synchronously after its last read (their protocols
+    are replaced here), and passes what it read but did not forward as ``to_backend`` and
+    ``to_client``, and its protocols as ``client_before`` and ``backend_before``: a client that
+    leaves right after its login reply can do so while the session still converts the other
+    side, and an EOF or a lost connection seen (or scheduled) then would reach nobody. TLS
+    cannot half-close: an EOF on either side of a TLS transport ends the relay once what is
+    buffered has been flushed.
 
     Returns and raises as ``relay``.
     """
     state = _TransportRelay(asyncio.get_running_loop(), idle_timeout, progress or Progress())
-    for side, transport in ((state.client, client), (state.backend, backend)):
+    sides = ((state.client, client, client_before), (state.backend, backend, backend_before))
+    for side, transport, before in sides:
         side.transport = transport
         transport.set_protocol(side)
+        if before is not None:
+            side.eof, side.lost = before.eof, before.lost
+            if before.lost:
+                state.lost += 1  # its connection_lost went to the predecessor
+            before.forward_to(side)  # what the loop already scheduled for it
     return await state.run(to_backend, to_client, drain)
 
 
@@ -552,7 +583,19 @@ class _Side(asyncio.Protocol):
     """One end of a transport relay: what its own transport receives goes to ``out``, the
     peer's transport; and when its own transport's write buffer is full, ``out`` stops reading."""
 
-    __slots__ = ("clock", "eof", "forwarded", "held", "name", "out", "peer", "state", "transport", "watch")
+    __slots__ = (
+        "clock",
+        "eof",
+        "forwarded",
+        "held",
+        "lost",
+        "name",
+        "out",
+        "peer",
+        "state",
+        "transport",
+        "watch",
+    )
 
     def __init__(self, state: "_TransportRelay", name: str) -> None:
         self.state = state
@@ -566,6 +609,7 @@ class _Side(asyncio.Protocol):
         self.held: list[bytes] = []  # received before the relay ran (both sockets being wrapped)
         self.forwarded = 0  # bytes written to out
         self.eof = False
+        self.lost = False  # the connection was gone before the relay took it over
 
     def own(self) -> asyncio.Transport:
         assert self.transport is not None, "connection_made has not run"
@@ -593,7 +637,10 @@ class _Side(asyncio.Protocol):
         self.eof = True
         if self.out is not None:
             self.state.side_ended(self)
-        return True  # keep the transport open: the other direction may still be flowing
+        # Keep a plain transport open: the other direction may still be flowing. TLS cannot
+        # half-close, and its transport shuts down whatever this says (asking to keep it open
+        # only gets a warning logged).
+        return self.own().get_extra_info("ssl_object") is None
 
     def pause_writing(self) -> None:
         assert self.out is not None, "nothing is written before the relay runs"
@@ -649,9 +696,11 @@ class _TransportRelay:
         return await _wait(self.done, self.finish, drain, self.drain_when_quiet)
 
     def _link(self, to_backend: bytes, to_client: bytes) -> None:
-        pairs = ((self.client, self.backend.own(), to_backend), (self.backend, self.client.own(), to_client))
-        for side, out, head in pairs:
-            side.out = out
+        pairs = ((self.client, self.backend, to_backend), (self.backend, self.client, to_client))
+        for side, peer, head in pairs:
+            side.out = out = peer.own()
+            if peer.lost:  # gone before the handover: nothing reaches it any more
+                continue
             out.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
             if not side.eof:
                 side.own().resume_reading()
@@ -663,6 +712,13 @@ class _TransportRelay:
                 side.forwarded += len(held)
         if self.client.forwarded:  # the client pipelined commands: the backend has not answered yet
             self.watch.last_from = CLIENT
+        for side in (self.client, self.backend):
+            if side.lost:
+                # What it sent before it left has gone to the other side, which finish() flushes
+                # and closes: no reply can reach it.
+                self.first_eof = side.name
+                self.finish(side.name)
+                return
         for side in (self.client, self.backend):
             if side.eof and not self.finished:
                 self.side_ended(side)
@@ -716,6 +772,8 @@ class _TransportRelay:
         self.result = RelayResult(up, down, ended_by)
         self.progress.settle(self.result)
         self._close(graceful=graceful)
+        if self.lost == 2 and not self.done.done():  # both were gone before the relay began
+            self.done.set_result(self.result)
 
     def _close(self, *, graceful: bool) -> None:
         for side in (self.client, self.backend):

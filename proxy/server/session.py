@@ -497,6 +497,10 @@ async def _relay(
                 idle_timeout=idle,
                 drain=turn,
                 progress=progress,
+                # A client may leave while the backend is being converted above: what the login
+                # dialogue's protocols saw, or still get, of that is the relay's to know.
+                client_before=client_side.receiver,
+                backend_before=backend_side.receiver,
             )
     finally:
         backend.close()  # the relay has closed it already unless something broke first

@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 SCENARIO_BOUND = 120.0  # seconds: a hung relay fails the test instead of hanging the suite
 LONG_IDLE = 3600.0  # an idle timeout that never fires during a test
+ENDS_WITHIN = 10.0  # seconds a relay whose peers are done may take to end (it takes milliseconds)
 WAIT_FOR_END = 10.0  # seconds a relay that should end at once may take on a loaded machine
 BULK = 20 * 1024 * 1024
 RECV_SIZE = 256 * 1024
@@ -628,6 +629,91 @@ class _Handshaking(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         raise AssertionError(f"{len(data)} bytes arrived before the hand-over")
+
+
+class _Watching(asyncio.Protocol):
+    """The driver's protocol before the hand-over (a relay.Predecessor): records what it sees of
+    the peer ending, and passes on what still arrives once the relay took over."""
+
+    def __init__(self) -> None:
+        self.eof = False
+        self.lost = False
+        self.successor: asyncio.Protocol | None = None
+
+    def forward_to(self, successor: asyncio.Protocol) -> None:
+        self.successor = successor
+
+    def eof_received(self) -> bool:
+        if self.successor is not None:
+            return bool(self.successor.eof_received())
+        self.eof = True
+        return True  # kept open, as the login dialogue's receiver keeps a plain transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.successor is not None:
+            self.successor.connection_lost(exc)
+            return
+        self.eof = self.lost = True
+
+
+@pytest.mark.parametrize("leaving", ["client", "backend"])
+def test_a_peer_gone_before_the_hand_over_ends_the_relay(
+    run: Callable[[Coroutine[Any, Any, None]], None], ends: Ends, leaving: str
+) -> None:
+    """A client that resets right after its login reply, while the session is still converting
+    the backend, has its connection_lost go to the driver's protocol: told so (Predecessor), the
+    relay ends at once, after what was pipelined towards the other side has been delivered."""
+    pipelined = b"a2 NOOP\r\n"
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, client_protocol = await loop.connect_accepted_socket(_Watching, ends.proxy_client)
+        backend, backend_protocol = await loop.create_connection(_Watching, sock=ends.proxy_backend)
+        gone, protocol, other = (
+            (ends.client, client_protocol, ends.backend)
+            if leaving == "client"
+            else (ends.backend, backend_protocol, ends.client)
+        )
+        _reset(gone)
+        await _until(lambda: protocol.lost)
+        result = await asyncio.wait_for(
+            relay.relay_transports(
+                client,
+                backend,
+                to_backend=pipelined,
+                idle_timeout=LONG_IDLE,
+                client_before=client_protocol,
+                backend_before=backend_protocol,
+            ),
+            ENDS_WITHIN,
+        )
+        assert result.ended_by == leaving
+        assert await _read_to_eof(other, limit=64) == (pipelined if leaving == "client" else b"")
+
+    run(scenario())
+
+
+def test_an_eof_before_the_hand_over_is_forwarded(
+    run: Callable[[Coroutine[Any, Any, None]], None], ends: Ends
+) -> None:
+    """A plain peer's FIN seen by the driver's protocol half-closes the other side once relayed."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, client_protocol = await loop.connect_accepted_socket(_Watching, ends.proxy_client)
+        backend, _ = await loop.create_connection(_Watching, sock=ends.proxy_backend)
+        ends.client.shutdown(socket.SHUT_WR)
+        await _until(lambda: client_protocol.eof)
+        task = asyncio.create_task(
+            relay.relay_transports(client, backend, idle_timeout=LONG_IDLE, client_before=client_protocol)
+        )
+        assert await _read_to_eof(ends.backend, limit=64) == b""
+        await loop.sock_sendall(ends.backend, b"* BYE\r\n")
+        ends.backend.shutdown(socket.SHUT_WR)
+        assert await _read_to_eof(ends.client, limit=64) == b"* BYE\r\n"
+        assert await asyncio.wait_for(task, ENDS_WITHIN) == relay.RelayResult(0, 7, relay.CLIENT)
+
+    run(scenario())
 
 
 def test_relay_transports_carries_tls(

@@ -3,6 +3,7 @@ and TLS towards backends with certificate verification."""
 
 import asyncio
 import ipaddress
+import logging
 import ssl
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 from proxy import settings
 from proxy.protocols import proxyheader
+from proxy.server import session
+from proxy.server.channel import SocketChannel, TransportChannel, as_transport
 from proxy.settings import BackendTlsSettings, CertificateFiles
 from proxy.table import Endpoint
 from testbed.tlscerts import IssuedCertificate, TestAuthority
@@ -156,6 +159,55 @@ async def test_required_starttls_refuses_plaintext_logins(
     writer.write(b'a1 LOGIN alice@alpha.example "pw"\r\n')
     assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(b"a1 NO [PRIVACYREQUIRED]")
     writer.close()
+
+
+async def test_a_tls_client_gone_right_after_its_login_ends_the_session(
+    start_proxy: ProxyFactory,
+    authority: TestAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A TLS client that leaves right after its login reply, while the session still converts
+    the plain backend for the relay: its end reaches the login dialogue's protocol, not the
+    relay's. The session must end then, not hold its slot (and the drain) for ever. The test
+    makes the gap certain: the backend's conversion waits until the client is gone."""
+    caplog.set_level(logging.INFO)
+    converted: list[TransportChannel] = []
+
+    async def after_the_client_left(channel: SocketChannel | TransportChannel) -> TransportChannel:
+        if converted:  # the backend's turn: the client's conversion came first
+            client = converted[0].receiver
+            for _ in range(int(WAIT / 0.01)):
+                if client.lost:
+                    break
+                await asyncio.sleep(0.01)
+            assert client.lost
+        converted.append(await as_transport(channel))
+        return converted[-1]
+
+    monkeypatch.setattr(session, "as_transport", after_the_client_left)
+    certificate = authority.issue("gone", ["mail.alpha.example"])
+    async with fake_backend() as backend:
+        proxy = await start_proxy(
+            {},
+            [Endpoint("127.0.0.1", backend.port)],
+            listener={"tls": "implicit", "certificates": files(certificate)},
+        )
+        reply, _, writer = await login(
+            proxy.port,
+            "alice@alpha.example",
+            tls=client_context(authority),
+            server_hostname="mail.alpha.example",
+        )
+        assert reply.startswith(b"a1 OK")
+        writer.transport.abort()
+        for _ in range(int(WAIT / 0.05)):
+            if any("session protocol=imap" in record.getMessage() for record in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+    [line] = [r.getMessage() for r in caplog.records if "session protocol=imap" in r.getMessage()]
+    assert "outcome=relayed, ended by client" in line
+    assert proxy.metric("mailgress_proxy_sessions_active", protocol="imap") == 0
 
 
 async def test_renewed_certificate_reaches_new_connections_only(
