@@ -23,7 +23,7 @@ import yaml
 from controller import compiler, mailroute
 from proxy import table
 from proxy.server.routes import TableHolder
-from proxy.settings import SecretData
+from proxy.settings import SecretData, yaml_problem
 from proxy.table import Endpoint
 
 log = logging.getLogger("mailgress.standalone")
@@ -65,7 +65,7 @@ def mailroute_bodies(contents: Sequence[tuple[Path, bytes]]) -> list[Mapping[str
         try:
             documents = list(yaml.safe_load_all(content))
         except yaml.YAMLError as error:
-            raise ManifestError(f"{path}: not valid YAML: {error}") from error
+            raise ManifestError(f"{path}: not valid YAML: {yaml_problem(error)}") from error
         for document in documents:
             if document is None:
                 continue

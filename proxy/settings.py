@@ -531,5 +531,18 @@ def load(path: Path) -> ProxySettings:
     except OSError as error:
         raise SettingsError(f"{path}: cannot read: {error.strerror}") from error
     except yaml.YAMLError as error:
-        raise SettingsError(f"{path}: not valid YAML: {error}") from error
+        raise SettingsError(f"{path}: not valid YAML: {yaml_problem(error)}") from error
     return parse(document, path.parent)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, without the lines it quotes: a settings file's
+    ``secrets`` and a MailRoute's auth_http ``headers`` hold values no message may repeat."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return type(error).__name__
+    parts = [
+        f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else text
+        for text, mark in ((error.context, error.context_mark), (error.problem, error.problem_mark))
+        if text
+    ]
+    return ": ".join(parts) or type(error).__name__

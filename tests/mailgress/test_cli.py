@@ -165,6 +165,14 @@ def test_check_refuses_broken_files_with_a_clear_message(
     assert message in err and "Traceback" not in err
 
 
+def test_check_never_quotes_a_broken_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A route file's auth_http headers may hold a shared secret: a YAML error names the place only."""
+    text = 'kind: MailRoute\nspec: {auth: {http: {headers: {X-Key: "S3cr3t-value-never-shown}}}}\n'
+    assert cli.main(["routes", "check", str(write(tmp_path, "bad.yaml", text))]) == 2
+    out, err = capsys.readouterr()
+    assert "S3cr3t" not in out + err and "(line 2, column" in err
+
+
 def test_check_without_mailroutes_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "other.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     assert cli.main(["routes", "check", str(path)]) == 1

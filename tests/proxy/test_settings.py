@@ -159,3 +159,14 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     broken.write_text("listeners: [\n")
     with pytest.raises(settings.SettingsError, match="not valid YAML"):
         settings.load(broken)
+
+
+def test_a_yaml_error_says_where_without_quoting_the_line(tmp_path: Path) -> None:
+    """PyYAML's message quotes the broken line; in a settings file that may be a secret."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text('listeners: []\nsecrets:\n  mail/auth: {key: "S3cr3t-value-never-shown\n')
+    with pytest.raises(settings.SettingsError) as raised:
+        settings.load(broken)
+    message = str(raised.value)
+    assert "S3cr3t" not in message
+    assert "while scanning a quoted scalar (line 3, column 20)" in message
