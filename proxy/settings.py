@@ -383,7 +383,8 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
         # A CA for a plain-HTTP channel would verify nothing while looking as if it did.
         raise SettingsError(f"controller.caFile: needs an https:// url, got {url!r}")
     return ControllerSettings(
-        url=url.rstrip("/"),
+        # The scheme in lower case (urlsplit lowers it): the subscriber tells TLS by it.
+        url=urllib.parse.urlunsplit(parts).rstrip("/"),
         token_file=_file(base, _require(document, "tokenFile", str, "controller")),
         proxy_name=name,
         snapshot_file=_file(base, snapshot) if snapshot else None,

@@ -45,11 +45,25 @@ def dns_names(cert_file: Path) -> tuple[str, ...]:
     return tuple(value.lower() for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS")
 
 
+class _EncryptedKey(Exception):
+    """Raised from the passphrase callback: a key that asks for a passphrase is not loaded."""
+
+
+def _no_passphrase() -> str:
+    # Without a callback OpenSSL asks for the passphrase on the terminal, blocking the loop (or
+    # failing with an obscure EINVAL without one); Secrets hold unencrypted keys.
+    raise _EncryptedKey
+
+
 def _server_context(files: CertificateFiles) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MINIMUM_TLS_VERSION
     try:
-        context.load_cert_chain(files.cert, files.key)
+        context.load_cert_chain(files.cert, files.key, password=_no_passphrase)
+    except _EncryptedKey:
+        raise CertificateError(
+            f"{files.key}: the key is encrypted (it asks for a passphrase); use an unencrypted key"
+        ) from None
     except (OSError, ssl.SSLError) as error:
         raise CertificateError(f"{files.cert} / {files.key}: cannot load ({error})") from error
     return context

@@ -101,8 +101,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s://%s:%d" (ternary "https" "http" .Values.controller.pushTls.enabled) (include "mailgress.controllerHost" .) (int .Values.controller.pushPort) -}}
 {{- end -}}
 
-{{/* Paths inside the pods; none under a symbolic link (/var/run is one), since the proxy
-resolves the paths in its settings. */}}
+{{/* Paths inside the pods. The proxy reads its files through the volumes' symbolic links
+(never resolved), so a renewed Secret or ConfigMap reaches it. */}}
 {{- define "mailgress.settingsDir" -}}/etc/mailgress/settings{{- end -}}
 {{- define "mailgress.tokenDir" -}}/etc/mailgress/push-token{{- end -}}
 {{- define "mailgress.pushTlsDir" -}}/etc/mailgress/push-tls{{- end -}}

@@ -832,6 +832,15 @@ def test_the_controller_ca_file_is_taken_from_the_settings_folder(tmp_path: Path
     assert parsed.controller.ca_file is None  # the system CAs
 
 
+def test_an_upper_case_scheme_is_stored_in_lower_case(tmp_path: Path) -> None:
+    """The subscriber tells TLS by the url's scheme: HTTPS:// must not be taken for plain HTTP
+    (which would skip caFile and warn of a plaintext channel)."""
+    controller = {"url": "HTTPS://mailgress-controller.mail.svc:9400/", "tokenFile": "t", "caFile": "ca.crt"}
+    parsed = settings.parse({"listeners": LISTENERS, "controller": controller}, tmp_path)
+    assert parsed.controller is not None
+    assert parsed.controller.url == "https://mailgress-controller.mail.svc:9400"
+
+
 @pytest.mark.parametrize(
     ("extra", "controller", "message"),
     [
