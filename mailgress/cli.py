@@ -84,6 +84,7 @@ def _run_proxy(arguments: argparse.Namespace) -> int:
             await standalone.watch(settings.route_files, settings.services, holder, settings.secrets)
 
     _settle_heap()
+    sys.unraisablehook = certificates.quiet_undecodable_server_names
     try:
         uvloop.run(process.run(settings, source))
     except listeners.ListenerError as error:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,18 @@ def _server_context(files: CertificateFiles) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as error:
         raise CertificateError(f"{files.cert} / {files.key}: cannot load ({error})") from error
     return context
+
+
+def quiet_undecodable_server_names(unraisable: Any) -> None:
+    """The proxy's ``sys.unraisablehook``: a client hello whose server name (SNI) is not ASCII
+    makes CPython's ssl module print "Exception ignored" and a traceback to stderr before the
+    server-name callback runs, four lines per connection from any unauthenticated client. The
+    handshake fails either way and the session's line says so; this keeps the rest out of the
+    log. Every other unraisable exception goes to Python's own hook."""
+    if isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(unraisable.object, bytes):
+        log.debug("a TLS client hello named a server that is not ASCII; the handshake is refused")
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def _matches(pattern: str, name: str) -> bool:

@@ -5,13 +5,16 @@ import asyncio
 import ipaddress
 import logging
 import ssl
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from proxy import settings
 from proxy.protocols import proxyheader
-from proxy.server import session
+from proxy.server import certificates, session
 from proxy.server.channel import SocketChannel, TransportChannel, as_transport
 from proxy.settings import BackendTlsSettings, CertificateFiles
 from proxy.table import Endpoint
@@ -91,6 +94,43 @@ async def test_implicit_tls_picks_the_certificate_by_sni(
         assert reply.startswith(b"a1 OK")
         assert await asyncio.wait_for(reader.readline(), WAIT) == b"echo:a2 NOOP\r\n"
         writer.close()
+
+
+async def test_a_server_name_that_is_not_ascii_leaves_no_traceback(
+    start_proxy: ProxyFactory,
+    authority: TestAuthority,
+    server_certificates: tuple[IssuedCertificate, ...],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CPython's ssl module cannot decode such a name for the SNI callback and reports it as an
+    unraisable exception (a traceback on stderr, from any client); the proxy's hook, as
+    ``mailgress proxy`` installs it, passes nothing of it on while the handshake is refused."""
+    reported: list[type[BaseException]] = []
+    passed_on: list[object] = []
+
+    def hook(unraisable: Any) -> None:
+        reported.append(type(unraisable.exc_value))
+        certificates.quiet_undecodable_server_names(unraisable)
+
+    monkeypatch.setattr(sys, "__unraisablehook__", passed_on.append)  # Python's own: stderr
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    listener = {"tls": "implicit", "certificates": files(*server_certificates)}
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)], listener=listener)
+        client = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-connect", f"127.0.0.1:{proxy.port}",
+            "-servername", "\udcff\udcfe.example",  # the bytes ff fe: not ASCII
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await asyncio.wait_for(client.wait(), WAIT) != 0  # the handshake was refused
+        tls = client_context(authority)
+        _, writer = await imap_client(proxy.port, tls=tls, server_hostname="mail.alpha.example")
+        writer.close()  # the listener goes on
+    assert reported == [UnicodeDecodeError] and passed_on == []
+    certificates.quiet_undecodable_server_names(types.SimpleNamespace(exc_value=ValueError(), object=None))
+    assert len(passed_on) == 1  # anything else still reaches Python's hook
 
 
 async def test_plaintext_client_on_an_implicit_tls_listener_is_dropped(
