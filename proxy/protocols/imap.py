@@ -35,10 +35,14 @@ invalid command; literals are bounded by a named limit, not by a buffer size.
 Theory of operation (BackendLogin)
 ----------------------------------
 Wait for the ``* OK`` greeting, then send (in one write) an optional ID carrying the client's
-address and ``<client tag> LOGIN`` with the name and password as literals, non-synchronizing
-when the greeting advertised LITERAL+, else synchronizing (one ``+`` round trip each, as
-nginx). The client's tag is reused so the backend's tagged reply reaches the client verbatim
-(line by line: a backend's bare LF line ends come out as CRLF). Where nginx gives up on any
+address and LOGIN with the name and password as literals, non-synchronizing when the greeting
+advertised LITERAL+, else synchronizing (one ``+`` round trip each, as nginx). Every command
+we send carries a tag of our own, never the client's: RFC 3501 lets a client's tag hold
+characters a backend may refuse (Dovecot answers ``* BAD`` to a ``]``, which nginx never lets
+through), and a client's byte must not turn into a backend failure. The LOGIN's tagged reply
+and the untagged lines before it reach the client line by line (a backend's bare LF line ends
+come out as CRLF), the tagged one with the client's tag in place of ours and the rest of it
+verbatim; the bytes after a success reply pass untouched. Where nginx gives up on any
 unexpected reply, we tell a refusal of the credentials (``LoginFailed``) from a backend at
 fault (``BackendFailed``: [UNAVAILABLE], [SERVERBUG], BYE, garbage), which the driver may retry
 elsewhere.
@@ -49,8 +53,7 @@ OK, emit ``StartTls`` and drop whatever the backend sent behind the OK in plaint
 CVE-2014-3556 class, seen from the other side). After ``TlsEstablished`` the capabilities
 learned in plaintext are forgotten and asked for again (RFC 3501 section 6.2.1: LITERAL+ and
 LOGINDISABLED may differ now); then ID and LOGIN follow as above. A backend that does not
-offer STARTTLS or refuses it fails the attempt: there is no plaintext fallback. Our own
-commands (ID, CAPABILITY, STARTTLS) carry tags derived from the client's, never equal to it.
+offer STARTTLS or refuses it fails the attempt: there is no plaintext fallback.
 """
 
 import enum
@@ -698,6 +701,14 @@ _RESPONSE = re.compile(rb"(?P<status>[A-Za-z]+)(?: \[(?P<code>[A-Za-z0-9.-]+)(?P
 # Refusals that say the backend, not the credentials, is at fault (RFC 5530): try elsewhere.
 _BACKEND_FAULT_CODES = frozenset({b"UNAVAILABLE", b"SERVERBUG"})
 _NO_STARTTLS = "backend does not offer STARTTLS"
+# Our tags towards the backend, one per kind of command; the CAPABILITY asked again after TLS
+# reuses its tag, as nothing is pending then. Only nginx's tag characters [A-Za-z0-9._-], so
+# that any backend takes them. Until the verdict the backend hears only us, so the client's own
+# commands (relayed after it) never meet these tags.
+_ID_TAG = b"mg-id"
+_CAPABILITY_TAG = b"mg-capa"
+_STARTTLS_TAG = b"mg-tls"
+_LOGIN_TAG = b"mg-login"
 
 
 def _quoted(text: str) -> bytes:
@@ -726,13 +737,9 @@ class BackendLogin:
             raise LocalProtocolError("BackendLogin needs an IMAP LoginRequest with credentials and a tag")
         self.state = BackendState.GREETING
         self._credentials = request.credentials
-        self._tag = request.tag
+        self._client_tag = request.tag  # only for the reply the client gets, never sent
         self._config = config
         self._buffer = LineBuffer(MAX_BACKEND_REPLY)
-        # Our own commands' tags: derived from the client's so that they can never equal it.
-        self._id_tag = self._tag + b"-ID"
-        self._capability_tag = self._tag + b"-CAPA"
-        self._starttls_tag = self._tag + b"-TLS"
         self._id_pending = False
         self._tls = False  # the backend connection is encrypted (after STARTTLS)
         self._capabilities: frozenset[bytes] = frozenset()  # the last untagged CAPABILITY
@@ -810,7 +817,7 @@ class BackendLogin:
     def _ask_capabilities(self) -> list[Command]:
         self.state = BackendState.CAPABILITY
         self._capabilities = frozenset()
-        return [Send(self._capability_tag + b" CAPABILITY" + CRLF)]
+        return [Send(_CAPABILITY_TAG + b" CAPABILITY" + CRLF)]
 
     def _capability_reply(self, line: bytes) -> list[Command]:
         if line.startswith(b"* "):
@@ -820,7 +827,7 @@ class BackendLogin:
             if words[:1] == [b"CAPABILITY"]:
                 self._capabilities = frozenset(words[1:])  # the latest one counts: bounded
             return []
-        reply = _tagged_reply(line, self._capability_tag)
+        reply = _tagged_reply(line, _CAPABILITY_TAG)
         if reply is None:
             return self._fail("backend sent an unexpected line in reply to CAPABILITY")
         if reply["status"].upper() != b"OK":
@@ -835,12 +842,12 @@ class BackendLogin:
         if b"STARTTLS" not in capabilities:
             return self._fail(_NO_STARTTLS)
         self.state = BackendState.STARTTLS
-        return [Send(self._starttls_tag + b" STARTTLS" + CRLF)]
+        return [Send(_STARTTLS_TAG + b" STARTTLS" + CRLF)]
 
     def _starttls_reply(self, line: bytes) -> list[Command]:
         if line.startswith(b"* "):
             return self._fail("backend said BYE during login") if _is_bye(line) else []
-        reply = _tagged_reply(line, self._starttls_tag)
+        reply = _tagged_reply(line, _STARTTLS_TAG)
         if reply is None:
             return self._fail("backend sent an unexpected line in reply to STARTTLS")
         if reply["status"].upper() != b"OK":
@@ -863,14 +870,14 @@ class BackendLogin:
         if self._config.client_info == "id" and client is not None:
             # Dovecot takes these from trusted proxies (login_trusted_networks).
             fields = (b'"x-originating-ip" ', _quoted(client.host), b' "x-originating-port" ')
-            request += self._id_tag + b" ID (" + b"".join(fields) + _quoted(str(client.port)) + b")" + CRLF
+            request += _ID_TAG + b" ID (" + b"".join(fields) + _quoted(str(client.port)) + b")" + CRLF
             self._id_pending = True
         if b"LITERAL+" in capabilities:
             # RFC 7888: no round trips; the whole login goes in one write.
-            request += self._tag + b" LOGIN {%d+}\r\n%b {%d+}\r\n" % (len(user), user, len(password))
+            request += _LOGIN_TAG + b" LOGIN {%d+}\r\n%b {%d+}\r\n" % (len(user), user, len(password))
             request += password + CRLF
         else:
-            request += self._tag + b" LOGIN {%d}\r\n" % len(user)
+            request += _LOGIN_TAG + b" LOGIN {%d}\r\n" % len(user)
             self._continuations = 2
         return [Send(request)]
 
@@ -886,25 +893,27 @@ class BackendLogin:
                 return self._fail("backend sent too many untagged lines during login")
             self._untagged.append(line + CRLF)
             return []
-        response = _tagged_reply(line, self._tag)
+        response = _tagged_reply(line, _LOGIN_TAG)
         if response is None:
             return self._fail("backend sent an unexpected line during login")
         status = response["status"].upper()
         code = (response["code"] or b"").upper()
+        # The client hears its own tag; the backend's status, code and text follow verbatim.
+        retagged = self._client_tag + line[len(_LOGIN_TAG) :] + CRLF
         if status == b"OK":
             self.state = BackendState.LOGGED_IN
-            reply = b"".join(self._untagged) + line + CRLF
-            return [LoginSucceeded(reply, self._buffer.take_all())]
+            # What followed the OK is the backend's first output for the client: untouched.
+            return [LoginSucceeded(b"".join(self._untagged) + retagged, self._buffer.take_all())]
         if status in (b"NO", b"BAD") and code not in _BACKEND_FAULT_CODES:
             self.state = BackendState.FAILED
-            return [LoginFailed(line + CRLF)]
+            return [LoginFailed(retagged)]
         return self._fail(f"backend answered LOGIN with {status.decode()} [{code.decode()}]")
 
     def _id_reply(self, line: bytes) -> list[Command]:
         """Our ID's replies come first; the client never sees them, and a refusal is harmless."""
         if line.startswith(b"* "):
             return self._fail("backend said BYE during login") if _is_bye(line) else []
-        response = _tagged_reply(line, self._id_tag)
+        response = _tagged_reply(line, _ID_TAG)
         if response is None:
             return self._fail("backend sent an unexpected line in reply to ID")
         if response["status"].upper() not in (b"OK", b"NO", b"BAD"):

@@ -218,12 +218,12 @@ def backend_login(
 
 def test_backend_login_with_synchronizing_literals() -> None:
     login = backend_login()
-    assert feed(login, b"* OK Dovecot ready.") == [Send(b"a1 LOGIN {5}\r\n")]
+    assert feed(login, b"* OK Dovecot ready.") == [Send(b"mg-login LOGIN {5}\r\n")]
     states = [login.state]
     assert feed(login, b"+ OK") == [Send(b"alice {%d}\r\n" % len(PASSWORD))]
     assert feed(login, b"+ OK") == [Send(PASSWORD.encode() + b"\r\n")]
     commands = feed(
-        login, b"* CAPABILITY IMAP4rev1 IDLE", b"a1 OK [CAPABILITY IMAP4rev1] Logged in", b"* 3 EXISTS"
+        login, b"* CAPABILITY IMAP4rev1 IDLE", b"mg-login OK [CAPABILITY IMAP4rev1] Logged in", b"* 3 EXISTS"
     )
     assert commands == [
         LoginSucceeded(
@@ -238,9 +238,10 @@ def test_backend_login_uses_literal_plus_when_advertised() -> None:
     login = backend_login(username="bøb")
     commands = feed(login, b"* OK [CAPABILITY IMAP4rev1 SASL-IR literal+ ID] ready")
     user = "bøb".encode()
-    expected = b"a1 LOGIN {%d+}\r\n%b {%d+}\r\n%b\r\n" % (len(user), user, len(PASSWORD), PASSWORD.encode())
+    literals = (len(user), user, len(PASSWORD), PASSWORD.encode())
+    expected = b"mg-login LOGIN {%d+}\r\n%b {%d+}\r\n%b\r\n" % literals
     assert commands == [Send(expected)]
-    assert feed(login, b"a1 OK Logged in") == [LoginSucceeded(b"a1 OK Logged in\r\n")]
+    assert feed(login, b"mg-login OK Logged in") == [LoginSucceeded(b"a1 OK Logged in\r\n")]
 
 
 def test_backend_login_sends_client_address_with_id_first() -> None:
@@ -249,10 +250,10 @@ def test_backend_login_sends_client_address_with_id_first() -> None:
     (command,) = feed(login, b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready")
     assert isinstance(command, Send)
     assert command.data.startswith(
-        b'a1-ID ID ("x-originating-ip" "2001:db8::7" "x-originating-port" "40123")\r\na1 LOGIN {5+}\r\n'
+        b'mg-id ID ("x-originating-ip" "2001:db8::7" "x-originating-port" "40123")\r\nmg-login LOGIN {5+}\r\n'
     )
     # The ID's own replies never reach the client; only the LOGIN's do.
-    commands = feed(login, b'* ID ("name" "Dovecot")', b"a1-ID OK ID completed.", b"a1 OK Logged in")
+    commands = feed(login, b'* ID ("name" "Dovecot")', b"mg-id OK ID completed.", b"mg-login OK Logged in")
     assert commands == [LoginSucceeded(b"a1 OK Logged in\r\n")]
 
 
@@ -260,7 +261,7 @@ def test_backend_login_sends_client_address_with_id_first() -> None:
 def test_backend_login_tolerates_a_refused_id(status: bytes) -> None:
     login = backend_login(BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id"))
     feed(login, b"* OK ready")
-    assert feed(login, b"a1-ID " + status + b" not allowed", b"+ go on") == [
+    assert feed(login, b"mg-id " + status + b" not allowed", b"+ go on") == [
         Send(b"alice {%d}\r\n" % len(PASSWORD))
     ]
 
@@ -274,24 +275,24 @@ def test_backend_login_tolerates_a_refused_id(status: bytes) -> None:
     ids=["no-client-address", "other-forwarding"],
 )
 def test_backend_login_sends_no_id_unless_asked_with_an_address(config: BackendConfig) -> None:
-    assert feed(backend_login(config), b"* OK ready") == [Send(b"a1 LOGIN {5}\r\n")]
+    assert feed(backend_login(config), b"* OK ready") == [Send(b"mg-login LOGIN {5}\r\n")]
 
 
 @pytest.mark.parametrize(
     "reply",
-    [b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.", b"a1 BAD Error in IMAP command", b"a1 no nope"],
+    [b"NO [AUTHENTICATIONFAILED] Authentication failed.", b"BAD Error in IMAP command", b"no nope"],
 )
-def test_backend_refusal_goes_to_the_client(reply: bytes) -> None:
+def test_backend_refusal_goes_to_the_client_with_the_client_tag(reply: bytes) -> None:
     login = backend_login()
     feed(login, b"* OK [CAPABILITY LITERAL+] ready")
-    assert feed(login, reply) == [LoginFailed(reply + b"\r\n")]
+    assert feed(login, b"mg-login " + reply) == [LoginFailed(b"a1 " + reply + b"\r\n")]
     assert login.state is imap.BackendState.FAILED
 
 
 def test_backend_refusing_the_first_literal_is_a_refusal() -> None:
     login = backend_login()
     feed(login, b"* OK ready")
-    assert feed(login, b"a1 NO [CONTACTADMIN] Account disabled") == [
+    assert feed(login, b"mg-login NO [CONTACTADMIN] Account disabled") == [
         LoginFailed(b"a1 NO [CONTACTADMIN] Account disabled\r\n")
     ]
 
@@ -303,12 +304,17 @@ def test_backend_refusing_the_first_literal_is_a_refusal() -> None:
         ([b"* PREAUTH welcome"], "backend greeted with PREAUTH"),
         ([b"+OK POP3 ready"], "backend greeting is not an IMAP greeting"),
         ([b"* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] ready"], "backend refuses LOGIN (LOGINDISABLED)"),
-        ([b"* OK ready", b"a1 NO [UNAVAILABLE] Try later"], "backend answered LOGIN with NO [UNAVAILABLE]"),
-        ([b"* OK ready", b"a1 NO [SERVERBUG] oops"], "backend answered LOGIN with NO [SERVERBUG]"),
-        ([b"* OK ready", b"a1 PREAUTH x"], "backend answered LOGIN with PREAUTH []"),
+        (
+            [b"* OK ready", b"mg-login NO [UNAVAILABLE] Try later"],
+            "backend answered LOGIN with NO [UNAVAILABLE]",
+        ),
+        ([b"* OK ready", b"mg-login NO [SERVERBUG] oops"], "backend answered LOGIN with NO [SERVERBUG]"),
+        ([b"* OK ready", b"mg-login PREAUTH x"], "backend answered LOGIN with PREAUTH []"),
         ([b"* OK ready", b"* BYE shutting down"], "backend said BYE during login"),
         ([b"* OK ready", b"garbage"], "backend sent an unexpected line during login"),
         ([b"* OK ready", b"b7 OK wrong tag"], "backend sent an unexpected line during login"),
+        # The client's tag is never sent, so a reply with it answers nothing we asked.
+        ([b"* OK ready", b"a1 OK Logged in"], "backend sent an unexpected line during login"),
         ([b"* OK ready", b"+", b"+", b"+"], "backend sent an unexpected continuation during login"),
         (
             [b"* OK [CAPABILITY LITERAL+] ready", b"+ OK"],
@@ -328,7 +334,7 @@ def test_backend_failures(lines: list[bytes], reason: str) -> None:
     [
         ([b"* OK ready", b"* BYE go away"], "backend said BYE during login"),
         ([b"* OK ready", b"+ too early"], "backend sent an unexpected line in reply to ID"),
-        ([b"* OK ready", b"a1-ID PREAUTH x"], "backend sent an unexpected status in reply to ID"),
+        ([b"* OK ready", b"mg-id PREAUTH x"], "backend sent an unexpected status in reply to ID"),
     ],
 )
 def test_backend_failures_around_id(lines: list[bytes], reason: str) -> None:
@@ -374,27 +380,70 @@ def test_backend_login_misuse() -> None:
         with pytest.raises(LocalProtocolError):
             login.handle(event)
     feed(login, b"* OK [CAPABILITY LITERAL+] ready")
-    feed(login, b"a1 OK in")
+    feed(login, b"mg-login OK in")
     with pytest.raises(LocalProtocolError):
         login.handle(DataReceived(b"* 1 EXISTS\r\n"))
 
 
-def test_frontend_and_backend_compose() -> None:
-    """The front-end's request drives the backend login; its reply reaches the client verbatim."""
+# Tags RFC 3501 allows (1*<ASTRING-CHAR except "+">, where ASTRING-CHAR adds "]" to ATOM-CHAR)
+# but nginx does not ([A-Za-z0-9._-] only), and backends may refuse: Dovecot says "* BAD" to "]".
+ODD_TAGS = [b"a]1", b"]", b"[1]", b"!#$&'", b",./:;<=>?@", b"^_`|}~", b"c7"]
+# Characters a tag may not hold: atom-specials (list-wildcards, quoted-specials among them), "+".
+NOT_IN_TAGS = [b"%", b"*", b'"', b"\\", b"(", b")", b"{", b"+", b"\xc3\xa9"]
+
+
+def frontend_login(client: bytes) -> tuple[imap.Frontend, LoginRequest]:
+    """A front-end that has read ``client`` and asked for a login; the request it made."""
     frontend = started()
-    (authenticate,) = frontend.handle(
-        DataReceived(b"c7 AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\nc8 NOOP\r\n")
-    )
+    (authenticate,) = frontend.handle(DataReceived(client))
     assert isinstance(authenticate, Authenticate)
-    login = imap.BackendLogin(authenticate.request, BackendConfig())
+    return frontend, authenticate.request
+
+
+@pytest.mark.parametrize("tag", ODD_TAGS)
+def test_any_valid_tag_logs_in_and_the_client_sees_its_own_on_ok(tag: bytes) -> None:
+    """The backend hears only our tags; the client's comes back on the success reply."""
+    frontend, request = frontend_login(tag + b" AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\nc8 NOOP\r\n")
+    assert request.tag == tag
+    config = BackendConfig(client=ClientAddress("192.0.2.7", 40123), client_info="id")
+    login = imap.BackendLogin(request, config)
     assert feed(login, b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready") == [
-        Send(b"c7 LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n")
+        Send(
+            b'mg-id ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "40123")\r\n'
+            b"mg-login LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n"
+        )
     ]
-    (verdict,) = feed(login, b"c7 OK [CAPABILITY IMAP4rev1 IDLE] Logged in")
-    assert isinstance(verdict, LoginSucceeded)
-    assert frontend.handle(LoginAccepted(verdict.reply)) == [
-        Send(b"c7 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"),
-        Relay(b"c8 NOOP\r\n"),
+    # The bytes after the OK are the backend's, for the client: even our tag in them stays.
+    after = b"* 1 EXISTS\r\nmg-login OK not ours to touch\r\n* 2 EXI"
+    # Bare LF line ends come out as CRLF, as from any line the machine passes on.
+    backend = b"mg-id OK\r\n* CAPABILITY IMAP4rev1 IDLE\nmg-login OK [CAPABILITY IMAP4rev1 IDLE] Logged in\n"
+    (verdict,) = login.handle(DataReceived(backend + after))
+    reply = b"* CAPABILITY IMAP4rev1 IDLE\r\n" + tag + b" OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"
+    assert verdict == LoginSucceeded(reply, after)
+    assert frontend.handle(LoginAccepted(verdict.reply)) == [Send(reply), Relay(b"c8 NOOP\r\n")]
+
+
+@pytest.mark.parametrize("tag", ODD_TAGS)
+def test_any_valid_tag_is_refused_with_the_client_tag_on_no(tag: bytes) -> None:
+    frontend, request = frontend_login(tag + b" LOGIN alice wrong\r\nc8 NOOP\r\n")
+    login = imap.BackendLogin(request, BackendConfig())
+    commands = feed(login, b"* OK ready") + feed(login, b"+ OK") + feed(login, b"+ OK")
+    assert dialogues.sent(commands) == b"mg-login LOGIN {5}\r\nalice {5}\r\nwrong\r\n"
+    refusal = b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    (verdict,) = login.handle(DataReceived(b"mg-login" + refusal))
+    assert verdict == LoginFailed(tag + refusal)
+    assert frontend.handle(LoginRejected(verdict.reply)) == [
+        Send(tag + refusal),
+        Send(b"c8 OK NOOP completed\r\n"),
+    ]
+
+
+@pytest.mark.parametrize("character", NOT_IN_TAGS)
+def test_a_tag_with_a_character_the_grammar_excludes_gets_bad(character: bytes) -> None:
+    """Like a mangled line: no tag could be read, so the BAD is untagged."""
+    frontend = started()
+    assert frontend.handle(DataReceived(b"a" + character + b"1 LOGIN alice secret\r\n")) == [
+        Send(b"* BAD Invalid tag\r\n")
     ]
 
 
@@ -403,52 +452,52 @@ def test_frontend_and_backend_compose() -> None:
 
 STARTTLS = BackendConfig(starttls=True)
 NO_STARTTLS = BackendFailed("backend does not offer STARTTLS")
-LITERAL_PLUS_LOGIN = b"a1 LOGIN {5+}\r\nalice {%d+}\r\n%b\r\n" % (len(PASSWORD), PASSWORD.encode())
+LITERAL_PLUS_LOGIN = b"mg-login LOGIN {5+}\r\nalice {%d+}\r\n%b\r\n" % (len(PASSWORD), PASSWORD.encode())
 
 
 def test_backend_starttls_offered_in_the_greeting() -> None:
     login = backend_login(STARTTLS)
     # LOGINDISABLED before TLS is what a careful backend says; it does not count yet.
     assert feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready") == [
-        Send(b"a1-TLS STARTTLS\r\n")
+        Send(b"mg-tls STARTTLS\r\n")
     ]
-    assert feed(login, b"a1-TLS OK Begin TLS negotiation now") == [StartTls()]
+    assert feed(login, b"mg-tls OK Begin TLS negotiation now") == [StartTls()]
     assert login.state is imap.BackendState.TLS
     # RFC 3501 section 6.2.1: the capabilities are asked for again over TLS.
-    assert login.handle(TlsEstablished()) == [Send(b"a1-CAPA CAPABILITY\r\n")]
-    commands = feed(login, b"* CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN", b"a1-CAPA OK done")
+    assert login.handle(TlsEstablished()) == [Send(b"mg-capa CAPABILITY\r\n")]
+    commands = feed(login, b"* CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN", b"mg-capa OK done")
     assert commands == [Send(LITERAL_PLUS_LOGIN)]
-    assert feed(login, b"a1 OK Logged in") == [LoginSucceeded(b"a1 OK Logged in\r\n")]
+    assert feed(login, b"mg-login OK Logged in") == [LoginSucceeded(b"a1 OK Logged in\r\n")]
 
 
 def test_backend_starttls_asks_for_capabilities_when_the_greeting_has_none() -> None:
     login = backend_login(STARTTLS)
-    assert feed(login, b"* OK Dovecot ready.") == [Send(b"a1-CAPA CAPABILITY\r\n")]
+    assert feed(login, b"* OK Dovecot ready.") == [Send(b"mg-capa CAPABILITY\r\n")]
     assert login.state is imap.BackendState.CAPABILITY
-    assert feed(login, b"* CAPABILITY IMAP4rev1 STARTTLS", b"a1-CAPA OK done") == [
-        Send(b"a1-TLS STARTTLS\r\n")
+    assert feed(login, b"* CAPABILITY IMAP4rev1 STARTTLS", b"mg-capa OK done") == [
+        Send(b"mg-tls STARTTLS\r\n")
     ]
-    assert feed(login, b"a1-TLS OK go") == [StartTls()]
-    assert login.handle(TlsEstablished()) == [Send(b"a1-CAPA CAPABILITY\r\n")]
+    assert feed(login, b"mg-tls OK go") == [StartTls()]
+    assert login.handle(TlsEstablished()) == [Send(b"mg-capa CAPABILITY\r\n")]
     # The tagged OK may carry the capabilities itself (RFC 3501 section 7.1).
-    assert feed(login, b"a1-CAPA OK [CAPABILITY IMAP4rev1 LITERAL+] done") == [Send(LITERAL_PLUS_LOGIN)]
+    assert feed(login, b"mg-capa OK [CAPABILITY IMAP4rev1 LITERAL+] done") == [Send(LITERAL_PLUS_LOGIN)]
 
 
 def test_backend_starttls_forgets_the_plaintext_capabilities() -> None:
     """LITERAL+ before TLS but not after: the login uses synchronizing literals."""
     login = backend_login(STARTTLS)
     feed(login, b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS] ready")
-    feed(login, b"a1-TLS OK go")
+    feed(login, b"mg-tls OK go")
     login.handle(TlsEstablished())
-    assert feed(login, b"* CAPABILITY IMAP4rev1", b"a1-CAPA OK done") == [Send(b"a1 LOGIN {5}\r\n")]
+    assert feed(login, b"* CAPABILITY IMAP4rev1", b"mg-capa OK done") == [Send(b"mg-login LOGIN {5}\r\n")]
 
 
 def test_backend_starttls_then_logindisabled_fails() -> None:
     login = backend_login(STARTTLS)
     feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready")
-    feed(login, b"a1-TLS OK go")
+    feed(login, b"mg-tls OK go")
     login.handle(TlsEstablished())
-    assert feed(login, b"* CAPABILITY IMAP4rev1 LOGINDISABLED", b"a1-CAPA OK done") == [
+    assert feed(login, b"* CAPABILITY IMAP4rev1 LOGINDISABLED", b"mg-capa OK done") == [
         BackendFailed("backend refuses LOGIN (LOGINDISABLED)")
     ]
 
@@ -456,24 +505,24 @@ def test_backend_starttls_then_logindisabled_fails() -> None:
 def test_backend_starttls_sends_id_only_after_tls() -> None:
     config = BackendConfig(client=ClientAddress("192.0.2.7", 40123), client_info="id", starttls=True)
     login = backend_login(config)
-    commands = feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready") + feed(login, b"a1-TLS OK go")
-    assert dialogues.sent(commands) == b"a1-TLS STARTTLS\r\n"
+    commands = feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready") + feed(login, b"mg-tls OK go")
+    assert dialogues.sent(commands) == b"mg-tls STARTTLS\r\n"
     login.handle(TlsEstablished())
-    (command,) = feed(login, b"a1-CAPA OK [CAPABILITY IMAP4rev1 LITERAL+] done")
+    (command,) = feed(login, b"mg-capa OK [CAPABILITY IMAP4rev1 LITERAL+] done")
     assert command == Send(
-        b'a1-ID ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "40123")\r\n' + LITERAL_PLUS_LOGIN
+        b'mg-id ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "40123")\r\n' + LITERAL_PLUS_LOGIN
     )
-    assert feed(login, b"a1-ID OK", b"a1 OK in") == [LoginSucceeded(b"a1 OK in\r\n")]
+    assert feed(login, b"mg-id OK", b"mg-login OK in") == [LoginSucceeded(b"a1 OK in\r\n")]
 
 
 @pytest.mark.parametrize(
     "lines",
     [
         [b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready"],
-        [b"* OK ready", b"* CAPABILITY IMAP4rev1 LITERAL+", b"a1-CAPA OK done"],
-        [b"* OK ready", b"a1-CAPA OK done"],
-        [b"* OK [CAPABILITY STARTTLS] ready", b"a1-TLS NO [UNAVAILABLE] TLS not configured"],
-        [b"* OK [CAPABILITY STARTTLS] ready", b"a1-TLS BAD unknown command"],
+        [b"* OK ready", b"* CAPABILITY IMAP4rev1 LITERAL+", b"mg-capa OK done"],
+        [b"* OK ready", b"mg-capa OK done"],
+        [b"* OK [CAPABILITY STARTTLS] ready", b"mg-tls NO [UNAVAILABLE] TLS not configured"],
+        [b"* OK [CAPABILITY STARTTLS] ready", b"mg-tls BAD unknown command"],
     ],
     ids=["not-in-greeting", "not-in-capability", "no-capability-at-all", "refused-no", "refused-bad"],
 )
@@ -487,11 +536,11 @@ def test_backend_bytes_after_the_starttls_ok_are_never_read() -> None:
     """A man in the middle appends a fake login success behind the OK (CVE-2014-3556 class)."""
     login = backend_login(STARTTLS)
     feed(login, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready")
-    injected = b"a1-TLS OK go\r\na1-CAPA OK [CAPABILITY IMAP4rev1 LITERAL+]\r\na1 OK Logged in\r\n"
+    injected = b"mg-tls OK go\r\nmg-capa OK [CAPABILITY IMAP4rev1 LITERAL+]\r\nmg-login OK Logged in\r\n"
     assert login.handle(DataReceived(injected)) == [StartTls()]
-    assert login.handle(DataReceived(b"a1 OK Logged in\r\n")) == []  # before the handshake
-    assert login.handle(TlsEstablished()) == [Send(b"a1-CAPA CAPABILITY\r\n")]
-    assert feed(login, b"a1-CAPA OK done") == [Send(b"a1 LOGIN {5}\r\n")]
+    assert login.handle(DataReceived(b"mg-login OK Logged in\r\n")) == []  # before the handshake
+    assert login.handle(TlsEstablished()) == [Send(b"mg-capa CAPABILITY\r\n")]
+    assert feed(login, b"mg-capa OK done") == [Send(b"mg-login LOGIN {5}\r\n")]
 
 
 @pytest.mark.parametrize(
@@ -499,10 +548,10 @@ def test_backend_bytes_after_the_starttls_ok_are_never_read() -> None:
     [
         ([b"* OK ready", b"* BYE shutting down"], "backend said BYE during login"),
         ([b"* OK ready", b"+ go on"], "backend sent an unexpected line in reply to CAPABILITY"),
-        ([b"* OK ready", b"a1-CAPA NO never"], "backend answered CAPABILITY with NO"),
+        ([b"* OK ready", b"mg-capa NO never"], "backend answered CAPABILITY with NO"),
         ([b"* OK [CAPABILITY STARTTLS] x", b"* BYE"], "backend said BYE during login"),
         (
-            [b"* OK [CAPABILITY STARTTLS] x", b"a1 OK [CAPABILITY STARTTLS]"],
+            [b"* OK [CAPABILITY STARTTLS] x", b"mg-login OK [CAPABILITY STARTTLS]"],
             "backend sent an unexpected line in reply to STARTTLS",
         ),
     ],
@@ -514,7 +563,7 @@ def test_backend_starttls_failures(lines: list[bytes], reason: str) -> None:
 def test_backend_starttls_ignores_untagged_lines_before_its_ok() -> None:
     login = backend_login(STARTTLS)
     feed(login, b"* OK [CAPABILITY STARTTLS] x")
-    assert feed(login, b"* OK still here", b"a1-TLS OK go") == [StartTls()]
+    assert feed(login, b"* OK still here", b"mg-tls OK go") == [StartTls()]
 
 
 (
@@ -523,7 +572,7 @@ def test_backend_starttls_ignores_untagged_lines_before_its_ok() -> None:
 ) = dialogues.handshake_tests(
     lambda: backend_login(STARTTLS),
     [b"* OK [CAPABILITY STARTTLS] x"],
-    b"a1-TLS OK go",
+    b"mg-tls OK go",
     closed="backend closed the connection during login",
 )
 
@@ -548,9 +597,9 @@ test_frontend_never_shows_the_password = dialogues.redaction_test(
 @pytest.mark.parametrize(
     "replies",
     [
-        [b"a1 OK Logged in"],
-        [b"a1 NO [AUTHENTICATIONFAILED] Authentication failed."],
-        [b"a1 NO [UNAVAILABLE] down"],
+        [b"mg-login OK Logged in"],
+        [b"mg-login NO [AUTHENTICATIONFAILED] Authentication failed."],
+        [b"mg-login NO [UNAVAILABLE] down"],
         [b"* BYE bye"],
         [b"junk"],
     ],
@@ -590,40 +639,41 @@ BACKEND_LINES = [
     b"+",
     b"* CAPABILITY IMAP4rev1",
     b"* ID NIL",
-    b"a1-ID OK done",
-    b"a1-ID NO nope",
+    b"mg-id OK done",
+    b"mg-id NO nope",
+    b"mg-login OK Logged in",
+    b"mg-login NO [AUTHENTICATIONFAILED] no",
+    b"mg-login NO [UNAVAILABLE] down",
+    b"mg-login BAD what",
+    b"mg-login [",
     b"a1 OK Logged in",
-    b"a1 NO [AUTHENTICATIONFAILED] no",
-    b"a1 NO [UNAVAILABLE] down",
-    b"a1 BAD what",
-    b"a1 [",
     b"",
 ]
 
 
 STARTTLS_DIALOGUES = [
     [
-        [b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready", b"a1-TLS OK go"],
-        [b"* CAPABILITY IMAP4rev1 LITERAL+", b"a1-CAPA OK done", b"a1-ID OK", b"a1 OK Logged in"],
+        [b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready", b"mg-tls OK go"],
+        [b"* CAPABILITY IMAP4rev1 LITERAL+", b"mg-capa OK done", b"mg-id OK", b"mg-login OK Logged in"],
     ],
     [
-        [b"* OK ready", b"* CAPABILITY IMAP4rev1 STARTTLS", b"a1-CAPA OK done", b"a1-TLS OK go"],
-        [b"a1-CAPA OK [CAPABILITY IMAP4rev1] done", b"a1-ID NO", b"+ OK", b"+ OK", b"a1 NO no"],
+        [b"* OK ready", b"* CAPABILITY IMAP4rev1 STARTTLS", b"mg-capa OK done", b"mg-tls OK go"],
+        [b"mg-capa OK [CAPABILITY IMAP4rev1] done", b"mg-id NO", b"+ OK", b"+ OK", b"mg-login NO no"],
     ],
 ]
 STARTTLS_NOISE = [
     *BACKEND_LINES,
-    b"a1-CAPA NO no",
-    b"a1-TLS NO no",
-    b"a1-TLS OK go",
+    b"mg-capa NO no",
+    b"mg-tls NO no",
+    b"mg-tls OK go",
     b"* CAPABILITY STARTTLS",
 ]
 # All a backend may see from us before TLS when the route wants STARTTLS.
 BEFORE_TLS = (
     b"",
-    b"a1-CAPA CAPABILITY\r\n",
-    b"a1-TLS STARTTLS\r\n",
-    b"a1-CAPA CAPABILITY\r\na1-TLS STARTTLS\r\n",
+    b"mg-capa CAPABILITY\r\n",
+    b"mg-tls STARTTLS\r\n",
+    b"mg-capa CAPABILITY\r\nmg-tls STARTTLS\r\n",
 )
 
 
@@ -652,7 +702,7 @@ def fuzzed_login(starttls: bool, use_id: bool) -> imap.BackendLogin:
 @FUZZ
 @given(reply=st.sampled_from(BACKEND_LINES[5:]), sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4))
 def test_backend_login_split_anywhere_gives_the_same_commands(reply: bytes, sizes: list[int]) -> None:
-    dialogue = b"* OK ready\r\n+ OK\r\n+ OK\r\n" + reply + b"\r\na1 OK in\r\n* 1 EXISTS\r\n"
+    dialogue = b"* OK ready\r\n+ OK\r\n+ OK\r\n" + reply + b"\r\nmg-login OK in\r\n* 1 EXISTS\r\n"
     dialogues.split_backend_dialogue(backend_login, verdict_given, [dialogue], sizes)
 
 
@@ -660,8 +710,8 @@ def test_backend_login_split_anywhere_gives_the_same_commands(reply: bytes, size
 @given(sizes=dialogues.SPLIT_READS)
 def test_backend_starttls_dialogue_split_anywhere_gives_the_same_commands(sizes: list[int]) -> None:
     parts = [
-        b"* OK ready\r\n* CAPABILITY IMAP4rev1 STARTTLS\r\na1-CAPA OK done\r\na1-TLS OK go\r\n",
-        b"* CAPABILITY IMAP4rev1 LITERAL+\r\na1-CAPA OK done\r\na1-ID OK\r\na1 OK in\r\n* 1 EXISTS\r\n",
+        b"* OK ready\r\n* CAPABILITY IMAP4rev1 STARTTLS\r\nmg-capa OK done\r\nmg-tls OK go\r\n",
+        b"* CAPABILITY IMAP4rev1 LITERAL+\r\nmg-capa OK done\r\nmg-id OK\r\nmg-login OK in\r\n* 1 EXISTS\r\n",
     ]
     config = BackendConfig(client=ClientAddress("192.0.2.1", 1), client_info="id", starttls=True)
     commands = dialogues.split_backend_dialogue(lambda: backend_login(config), verdict_given, parts, sizes)
