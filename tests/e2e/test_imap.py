@@ -116,6 +116,22 @@ def test_refused_logins_get_authenticationfailed(
     assert serves_imap(proxy, backends)
 
 
+def test_a_tag_with_a_bracket_logs_in_and_gets_its_own_tag_back(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """RFC 3501 allows "]" in a tag and Dovecot refuses one; the proxy never sends it there."""
+    user = new_user()
+    login = f"LOGIN {clients.imap_quoted(user.address)} {clients.imap_quoted(user.password)}".encode()
+    wrong = f"LOGIN {clients.imap_quoted(user.address)} {clients.imap_quoted('not-the-password')}".encode()
+    with clients.RawClient(proxy.settings.ports.imap) as raw:
+        assert raw.line().startswith(b"* OK")
+        assert raw.command(b"a]0 " + wrong, b"a]0 ").startswith(b"a]0 NO [AUTHENTICATIONFAILED]")
+        assert raw.command(b"a]1 " + login, b"a]1 ").startswith(b"a]1 OK")
+        # Relayed from here on: the client talks to Dovecot with tags Dovecot takes.
+        assert raw.command(b"a2 SELECT INBOX", b"a2 ").startswith(b"a2 OK")
+    backends.dovecots[user.domain].wait_logins(user.address, 1, "imap")
+
+
 def test_an_over_long_line_is_refused_and_closed(proxy: ProxyProcess, backends: Backends) -> None:
     with clients.RawClient(proxy.settings.ports.imap) as raw:
         assert raw.line().startswith(b"* OK")
