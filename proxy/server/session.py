@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import ipaddress
+import json
 import logging
 import socket
 import ssl
@@ -181,6 +182,18 @@ async def serve(
             time.monotonic() - started,
             record.held_back,
         )
+
+
+def _as_field(value: str) -> str:
+    """A client's word as one field of the session line: as it is when it is one plain token,
+    else a JSON string, so a user name holding spaces or ``key=value`` cannot pass for more
+    fields (control characters never get this far: the machines refuse them)."""
+    if value and not any(character.isspace() or character in _FIELD_SPECIALS for character in value):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+_FIELD_SPECIALS = frozenset('"=\\')
 
 
 def _refuse_connection(settings: ListenerSettings, client: socket.socket, server_name: str) -> None:
@@ -418,7 +431,7 @@ async def _authenticate(
 ]:
     """Route and log in within the failed-login limits: the verdict for the front-end, and the
     login (None when a lock refused it before any backend was asked)."""
-    record.user = request.routing_key
+    record.user = _as_field(request.routing_key)
     metrics, throttle, clock = context.metrics, context.limits.logins, context.limits.clock
     # Inbound MX routes a recipient and tries no password: max_errors bounds its guessing.
     guarded = request.credentials is not None

@@ -153,6 +153,24 @@ async def test_session_log_line_names_the_user_never_the_password(
     assert PASSWORD not in caplog.text
 
 
+async def test_a_user_name_cannot_pass_for_more_fields_of_the_session_line(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        reader, writer = await imap_client(proxy.port)
+        writer.write(f'a1 LOGIN "x route=mail/alpha outcome=ok" "{PASSWORD}"\r\n'.encode())
+        assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(b"a1 NO")
+        writer.close()
+        for _ in range(int(WAIT / 0.05)):
+            if any("session protocol=imap" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+    [line] = [r.getMessage() for r in caplog.records if "session protocol=imap" in r.getMessage()]
+    assert 'user="x route=mail/alpha outcome=ok" route=- ' in line
+
+
 async def test_a_bug_ends_only_its_own_session_and_is_logged(
     start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
