@@ -158,8 +158,8 @@ class LoginRequest:
     """Everything a backend-login machine needs to log in on the client's behalf.
 
     ``routing_key`` is the login name, or for inbound SMTP the first recipient's address.
-    ``tag`` is the client's IMAP command tag (reused towards the backend, so the backend's
-    tagged reply can be passed on verbatim). ``helo`` is the client's HELO/EHLO command line
+    ``tag`` is the client's IMAP command tag: the backend login sends tags of its own and puts
+    this one back on the tagged reply the client gets. ``helo`` is the client's HELO/EHLO command line
     and ``envelope`` its MAIL FROM and RCPT TO command lines (inbound SMTP), replayed as sent.
     """
 
