@@ -249,6 +249,7 @@ def compile_table(
     routes: Sequence[mailroute.MailRoute | mailroute.SpecError],
     endpoints: Mapping[ServiceKey, Sequence[table.Endpoint]],
     secrets: Mapping[SecretRef, SecretValues] = _NO_SECRETS,
+    version_key: str = "",
 ) -> Compiled:
     """Compile every MailRoute into one routing table plus per-object conditions.
 
@@ -259,6 +260,9 @@ def compile_table(
             empty sequence that it has no ready endpoints.
         secrets: the labelled Secrets by (namespace, name), each data key's header value or
             None (see ``SecretValues``); a Secret left out does not exist or is not labelled.
+        version_key: the caller's random key hiding auth_http header values in the table's
+            version (``table.make_table``); needed once a route has headers, and kept from
+            table to table so that equal content keeps its version.
 
     Returns:
         The table (routes sorted, version = hash of the content) and, per "namespace/name",
@@ -325,7 +329,7 @@ def compile_table(
     for error in invalid:
         found[error.key] = _invalid(error)
     return Compiled(
-        table=table.make_table(compiled_routes),
+        table=table.make_table(compiled_routes, version_key),
         conditions=dict(sorted(found.items())),
         endpoint_counts=dict(sorted(counts.items())),
     )

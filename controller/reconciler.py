@@ -60,6 +60,7 @@ import gzip
 import json
 import logging
 import re
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -489,6 +490,9 @@ class Reconciler:
             | None
         ) = None
         self._compiled: compiler.Compiled | None = None
+        # Hides auth_http header values in table versions (table.make_table): random, and then
+        # the restored snapshot's, so a restart keeps every version of unchanged content.
+        self._version_key = secrets.token_hex(table.VERSION_KEY_BYTES)
         self._published = _Published()
         self._pushed: str | None = None  # version last given to the publisher
         self._snapshot: str | None = None  # version last written to the Secret
@@ -551,6 +555,7 @@ class Reconciler:
             )
             return
         self._published.restore(restored.table, restored.since)
+        self._version_key = restored.table.version_key or self._version_key
         self._snapshot = restored.table.version  # it already holds this table and since map
         self._restored = self._awaiting_proxies = True
         log.info(
@@ -652,7 +657,7 @@ class Reconciler:
         resolved = endpoints.resolve(compiler.service_keys(routes), inputs.services, inputs.slices)
         if self._compiled is None or self._compiled_from != (routes, resolved, inputs.secrets):
             started = time.perf_counter()
-            self._compiled = compiler.compile_table(routes, resolved, inputs.secrets)
+            self._compiled = compiler.compile_table(routes, resolved, inputs.secrets, self._version_key)
             if self._metrics is not None:
                 self._metrics.compile_seconds.observe(time.perf_counter() - started)
             self._compiled_from = (routes, resolved, inputs.secrets)

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from secrets import token_hex
 from typing import Any
 
 import yaml
@@ -87,8 +88,10 @@ def secret_values(secrets: SecretData) -> dict[compiler.SecretRef, compiler.Secr
 
 def printable_table(routing: table.RoutingTable) -> dict[str, Any]:
     """The table's JSON document with every auth_http header value redacted (literal headers
-    and headersFrom alike: both may carry a shared secret), for ``routes check`` to print."""
+    and headersFrom alike: both may carry a shared secret), for ``routes check`` to print;
+    without the version key, which with the version would let a guess at a value be checked."""
     document: dict[str, Any] = json.loads(table.to_json(routing))
+    document.pop("versionKey", None)
     for route in document["routes"]:
         if "httpAuth" in route:
             route["httpAuth"]["headers"] = [[name, REDACTED] for name, _ in route["httpAuth"]["headers"]]
@@ -99,10 +102,18 @@ def compile_bodies(
     bodies: Sequence[Mapping[str, Any]],
     services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]],
     secrets: SecretData = _NO_SECRETS,
+    version_key: str | None = None,
 ) -> tuple[compiler.Compiled, list[Problem]]:
-    """Parse and compile; every object that is not Accepted or not resolved becomes a Problem."""
+    """Parse and compile; every object that is not Accepted or not resolved becomes a Problem.
+
+    ``version_key`` hides auth_http header values in the table's version (table.make_table);
+    None: a random one of its own (``routes check``: nothing outlives the command).
+    """
     compiled = compiler.compile_table(
-        [mailroute.parse(body) for body in bodies], services, secret_values(secrets)
+        [mailroute.parse(body) for body in bodies],
+        services,
+        secret_values(secrets),
+        token_hex(table.VERSION_KEY_BYTES) if version_key is None else version_key,
     )
     problems = [
         Problem(
@@ -123,6 +134,7 @@ async def watch(
     secrets: SecretData = _NO_SECRETS,
 ) -> None:
     """Keep ``holder`` in step with the route files until cancelled."""
+    version_key = token_hex(table.VERSION_KEY_BYTES)  # one per process: unchanged files, same version
     last: list[tuple[Path, bytes]] | None = None
     last_error = ""
     while True:
@@ -130,7 +142,9 @@ async def watch(
             contents = read_manifests(paths)
             if contents != last:
                 last = contents
-                compiled, problems = compile_bodies(mailroute_bodies(contents), services, secrets)
+                compiled, problems = compile_bodies(
+                    mailroute_bodies(contents), services, secrets, version_key
+                )
                 for problem in problems:
                     log.warning("MailRoute %s: %s", problem.route, problem.message)
                 holder.swap(compiled.table)

@@ -3,8 +3,12 @@
 The controller compiles MailRoutes into a ``RoutingTable`` and ships its canonical JSON; every
 proxy parses it with ``from_json`` and answers "which route owns this login?" with ``lookup``.
 The version is the SHA-256 of the canonical JSON, so republishing equal content is a no-op and
-status can cite the exact table a proxy runs. This module is the only part of ``proxy`` the
-controller may import. Pure: no I/O, no clocks, no logging.
+status can cite the exact table a proxy runs. auth_http header values (often a shared secret)
+enter it only through an HMAC keyed with the table's ``version_key``, which travels with the
+table and nowhere else: the version is shown where the values are not (MailRoute status,
+metrics, ``routes check``), and must not let anyone test guesses at a value offline. This
+module is the only part of ``proxy`` the controller may import. Pure: no I/O, no clocks, no
+logging.
 
 Lookup precedence (design.md): exact user, then exact domain, then the longest wildcard domain
 (``*.example.com`` matches any name below example.com, not example.com itself), then the
@@ -16,12 +20,16 @@ default ``auth_username_format = %Lu`` does).
 """
 
 import hashlib
+import hmac
 import ipaddress
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
+
+# Bytes of a table's version key: HMAC-SHA256's own block of strength (RFC 2104 section 3).
+VERSION_KEY_BYTES = 32
 
 Protocol = Literal["imap", "pop3", "submission", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
@@ -112,6 +120,8 @@ class RoutingTable:
 
     routes: tuple[Route, ...]
     version: str
+    # Hex key of the HMAC that hides header values in the version; "" when no route has any.
+    version_key: str = field(default="", repr=False)
     # Per protocol, the user and domain keys of the routes that serve it.
     _index: dict[Protocol, _Keys] = field(default_factory=_empty_index, compare=False, repr=False)
 
@@ -177,7 +187,7 @@ def lookup(table: RoutingTable, protocol: Protocol, login: str) -> Route | None:
 # Canonical JSON
 
 
-def _route_document(route: Route) -> dict[str, Any]:
+def _route_document(route: Route, header_value: Callable[[str], str] = str) -> dict[str, Any]:
     document: dict[str, Any] = {
         "name": route.name,
         "generation": route.generation,
@@ -199,30 +209,63 @@ def _route_document(route: Route) -> dict[str, Any]:
         document["httpAuth"] = {
             "url": route.http_auth.url,
             "timeoutSeconds": route.http_auth.timeout_seconds,
-            "headers": [list(pair) for pair in route.http_auth.headers],
+            "headers": [[name, header_value(value)] for name, value in route.http_auth.headers],
         }
     return document
 
 
-def _canonical(routes: tuple[Route, ...]) -> bytes:
-    body = {"apiVersion": TABLE_API_VERSION, "routes": [_route_document(r) for r in routes]}
+def _canonical(routes: tuple[Route, ...], header_value: Callable[[str], str] = str) -> bytes:
+    body = {"apiVersion": TABLE_API_VERSION, "routes": [_route_document(r, header_value) for r in routes]}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def make_table(routes: tuple[Route, ...] | list[Route]) -> RoutingTable:
-    """Build a table: routes sorted by name, version = sha256 of the canonical JSON."""
+def has_header_values(routes: tuple[Route, ...] | list[Route]) -> bool:
+    """Whether any route carries auth_http request headers (whose values need a version key)."""
+    return any(route.http_auth is not None and route.http_auth.headers for route in routes)
+
+
+def make_table(routes: tuple[Route, ...] | list[Route], version_key: str = "") -> RoutingTable:
+    """Build a table: routes sorted by name, version = sha256 of the canonical JSON, in which each
+    header value is replaced by its HMAC-SHA256 under ``version_key`` (hex; the caller's random
+    key, kept from table to table so that equal content keeps its version).
+
+    Raises:
+        TableError: routes carry header values but ``version_key`` is not 64 hex digits.
+    """
     ordered = tuple(sorted(routes, key=lambda route: route.name))
-    version = "sha256:" + hashlib.sha256(_canonical(ordered)).hexdigest()
-    return RoutingTable(routes=ordered, version=version, _index=_build_index(ordered))
+    if not has_header_values(ordered):
+        version = "sha256:" + hashlib.sha256(_canonical(ordered)).hexdigest()
+        return RoutingTable(routes=ordered, version=version, _index=_build_index(ordered))
+    key = _version_key_bytes(version_key)
+
+    def hidden(value: str) -> str:
+        return "hmac-sha256:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
+
+    version = "sha256:" + hashlib.sha256(_canonical(ordered, hidden)).hexdigest()
+    return RoutingTable(ordered, version, version_key, _build_index(ordered))
+
+
+def _version_key_bytes(version_key: str) -> bytes:
+    try:
+        key = bytes.fromhex(version_key)
+    except ValueError:
+        key = b""
+    if len(key) != VERSION_KEY_BYTES:
+        raise TableError(
+            f"table: a versionKey of {VERSION_KEY_BYTES} bytes (hex) is needed with header values"
+        )
+    return key
 
 
 EMPTY_TABLE = make_table(())
 
 
 def to_json(table: RoutingTable) -> bytes:
-    """The canonical JSON document, with the version, as the controller publishes it."""
+    """The canonical JSON document, with the version (and its key), as the controller publishes it."""
     body = json.loads(_canonical(table.routes))
     body["version"] = table.version
+    if table.version_key:
+        body["versionKey"] = table.version_key
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -353,8 +396,11 @@ def from_json(data: bytes | str) -> RoutingTable:
         _parse_route(item, f"routes[{number}]")
         for number, item in enumerate(_expect(document, "routes", list, "table"))
     ]
+    key = document.get("versionKey", "")
+    if not isinstance(key, str):
+        raise TableError("table: 'versionKey' has the wrong type")
     try:
-        table = make_table(routes)
+        table = make_table(routes, key)
     except UnicodeEncodeError as error:
         # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 document can hold. The
         # error names no value: the string may be a header that carries a secret.

@@ -31,6 +31,7 @@ from proxy import table
 
 CASES_DIR = Path(__file__).parent / "cases"
 CASES = sorted(CASES_DIR.glob("*.yaml"))
+VERSION_KEY = "c0" * table.VERSION_KEY_BYTES  # the reconciler's is random and kept; any will do here
 CRD = yaml.safe_load(
     (Path(__file__).parents[2] / "charts" / "mailgress" / "crds" / "mailroutes.yaml").read_text()
 )
@@ -139,7 +140,7 @@ def test_case(path: Path) -> None:
     case = _load(path)
     expect = case["expect"]
     compiled = compiler.compile_table(
-        _parsed(case), _endpoints(case.get("endpoints")), _secrets(case.get("secrets"))
+        _parsed(case), _endpoints(case.get("endpoints")), _secrets(case.get("secrets")), VERSION_KEY
     )
 
     assert render_table(compiled.table) == (expect.get("table") or {})
@@ -165,11 +166,11 @@ def test_input_order_does_not_matter(path: Path, data: st.DataObject) -> None:
     routes = _parsed(case)
     endpoints = _endpoints(case.get("endpoints"))
     secrets = _secrets(case.get("secrets"))
-    reference = compiler.compile_table(routes, endpoints, secrets)
+    reference = compiler.compile_table(routes, endpoints, secrets, VERSION_KEY)
     shuffled_routes = data.draw(st.permutations(routes))
     shuffled_endpoints = dict(data.draw(st.permutations(list(endpoints.items()))))
     shuffled_secrets = dict(data.draw(st.permutations(list(secrets.items()))))
-    compiled = compiler.compile_table(shuffled_routes, shuffled_endpoints, shuffled_secrets)
+    compiled = compiler.compile_table(shuffled_routes, shuffled_endpoints, shuffled_secrets, VERSION_KEY)
     assert compiled.table.version == reference.table.version
     assert compiled == reference
 
@@ -306,7 +307,7 @@ def test_secret_values_never_appear_in_conditions() -> None:
     """headersFrom problems name the Secret and the key; no value, valid or not, is quoted."""
     case = _load(CASES_DIR / "http-auth-secrets.yaml")
     compiled = compiler.compile_table(
-        _parsed(case), _endpoints(case.get("endpoints")), _secrets(case.get("secrets"))
+        _parsed(case), _endpoints(case.get("endpoints")), _secrets(case.get("secrets")), VERSION_KEY
     )
     values = [value for data in case["secrets"].values() for value in data.values() if len(value) > 3]
     assert values

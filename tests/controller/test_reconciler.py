@@ -885,6 +885,30 @@ async def test_a_restarted_controller_writes_no_status_for_unchanged_routes(
     assert len(cluster.snapshots) == snapshots
 
 
+async def test_header_values_hide_in_a_version_that_a_restart_keeps(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """auth_http header values enter the version through an HMAC under a random key, which the
+    snapshot keeps: another controller would give other versions, a restarted one the same."""
+    body = route_body("example", "example.com")
+    body["spec"]["auth"] = {
+        "mode": "http",
+        "http": {"url": "http://auth.mail.svc:9000/", "headers": {"X-Auth-Key": "Summer2026!"}},
+    }
+    world.routes = [entry(body)]
+    await worker.reconcile()
+    (version,) = (published.version for published in publisher.published)
+    assert version != table.make_table(publisher.published[0].routes, "00" * table.VERSION_KEY_BYTES).version
+    again, channel = restarted(world, cluster)
+    await again.restore()
+    await again.reconcile()
+    assert [published.version for published in channel.published] == [version]
+    stranger, elsewhere = restarted(world, FakeCluster())
+    await stranger.restore()
+    await stranger.reconcile()
+    assert [published.version for published in elsewhere.published] != [version]
+
+
 async def test_a_route_changed_while_the_controller_was_away_gets_a_new_version(
     world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
 ) -> None:

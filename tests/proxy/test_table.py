@@ -207,19 +207,22 @@ def test_endpoint_text_form() -> None:
 # surrogate), so a placeholder string is replaced by the raw JSON text after serialising.
 
 HEADER_SECRET = "header-secret-that-must-never-be-shown"
-HTTP_TABLE = table.make_table(
-    [
-        Route(
-            name="mail/auth",
-            generation=3,
-            users=("ceo@example.com",),
-            domains=("example.com",),
-            upstreams=(("imap", DOVECOT), ("smtp", POSTFIX)),
-            auth="http",
-            http_auth=HttpAuth(url="http://127.0.0.1:9000/auth", headers=(("X-Auth-Key", HEADER_SECRET),)),
-        )
-    ]
-)
+VERSION_KEY = "5e" * table.VERSION_KEY_BYTES
+
+
+def http_route(header_value: str = HEADER_SECRET) -> Route:
+    return Route(
+        name="mail/auth",
+        generation=3,
+        users=("ceo@example.com",),
+        domains=("example.com",),
+        upstreams=(("imap", DOVECOT), ("smtp", POSTFIX)),
+        auth="http",
+        http_auth=HttpAuth(url="http://127.0.0.1:9000/auth", headers=(("X-Auth-Key", header_value),)),
+    )
+
+
+HTTP_TABLE = table.make_table([http_route()], VERSION_KEY)
 PLACEHOLDER = "@raw-json-goes-here@"
 ROUTE = ("routes", 0)
 ENDPOINT = (*ROUTE, "upstreams", "imap", "endpoints", 0)
@@ -317,6 +320,31 @@ def test_out_of_range_values_are_table_errors(path: tuple[str | int, ...], raw: 
     with pytest.raises(table.TableError, match=message) as caught:
         table.from_json(http_table_with(path, raw))
     assert HEADER_SECRET not in str(caught.value)
+
+
+def test_the_version_hides_header_values_behind_the_key() -> None:
+    """The version is shown where header values are not (status, metrics, routes check): with
+    the table's key unknown, no guess at a value can be checked against it."""
+    assert table.from_json(table.to_json(HTTP_TABLE)) == HTTP_TABLE  # the key travels with it
+    other_key = table.make_table([http_route()], "a7" * table.VERSION_KEY_BYTES)
+    assert other_key.version != HTTP_TABLE.version
+    rotated = table.make_table([http_route("another-value")], VERSION_KEY)
+    assert rotated.version != HTTP_TABLE.version  # a new value is a new version for the proxies
+    assert HEADER_SECRET not in repr(HTTP_TABLE) and VERSION_KEY not in repr(HTTP_TABLE)
+
+
+@pytest.mark.parametrize("key", ["", "5e", "zz" * table.VERSION_KEY_BYTES], ids=["none", "short", "not-hex"])
+def test_header_values_need_a_whole_version_key(key: str) -> None:
+    with pytest.raises(table.TableError, match="versionKey"):
+        table.make_table([http_route()], key)
+    document = json.loads(table.to_json(HTTP_TABLE))
+    document["versionKey"] = key
+    with pytest.raises(table.TableError, match="versionKey"):
+        table.from_json(json.dumps(document))
+
+
+def test_a_table_without_header_values_needs_no_key() -> None:
+    assert TABLE.version_key == "" and "versionKey" not in json.loads(table.to_json(TABLE))
 
 
 @pytest.mark.parametrize(
