@@ -101,27 +101,34 @@ class Predecessor(typing.Protocol):
         """From now on, pass what the loop delivers on to ``successor``."""
 
 
+class _Moving(typing.Protocol):
+    def moved(self) -> tuple[int, int]: ...
+
+
 class Progress:
     """The bytes a relay has handed to the kernel towards each peer so far, for readers outside
     it (the relayed-bytes metric, read at each scrape; the session's log line when it is
     cancelled). Read on demand, never pushed: the relay's hot path counts nothing for it. Only
-    grows, and once the relay has ended it holds the final counts of its ``RelayResult``."""
+    grows, and once the relay has ended it holds the final counts of its ``RelayResult``. Two
+    slots and no closure: one lives as long as each relayed session, thousands of them idle."""
 
-    __slots__ = ("_source",)
+    __slots__ = ("_final", "_relay")
 
     def __init__(self) -> None:
-        self._source: Callable[[], tuple[int, int]] = lambda: (0, 0)  # nothing relayed yet
+        self._relay: _Moving | None = None
+        self._final = (0, 0)
 
     def moved(self) -> tuple[int, int]:
         """(client -> backend, backend -> client) bytes so far."""
-        return self._source()
+        relay = self._relay
+        return self._final if relay is None else relay.moved()
 
-    def follow(self, source: Callable[[], tuple[int, int]]) -> None:
-        self._source = source
+    def follow(self, relay: _Moving) -> None:
+        self._relay = relay
 
     def settle(self, result: RelayResult) -> None:
-        final = (result.upstream_bytes, result.downstream_bytes)
-        self._source = lambda: final
+        self._final = (result.upstream_bytes, result.downstream_bytes)
+        self._relay = None  # and the relay's objects go with it
 
 
 async def relay(
@@ -529,10 +536,13 @@ class _SpliceRelay:
         self.up = _Pump(self, client, backend, to_backend, CLIENT)
         self.down = _Pump(self, backend, client, to_client, BACKEND)
         self.progress = progress
-        progress.follow(lambda: (self.up.moved, self.down.moved))
+        progress.follow(self)
         self.up.start()
         if not self.finished:
             self.down.start()
+
+    def moved(self) -> tuple[int, int]:
+        return self.up.moved, self.down.moved
 
     def pump_ended(self, pump: _Pump) -> None:
         """``pump`` read EOF with nothing held: half-close its destination, as TCP would."""
@@ -686,7 +696,7 @@ class _TransportRelay:
         self.result = RelayResult(0, 0, ERROR)
         self.quiet: _QuietWatch | None = None
         self.progress = progress
-        progress.follow(lambda: (self.client.sent(), self.backend.sent()))
+        progress.follow(self)
 
     async def run(self, to_backend: bytes, to_client: bytes, drain: Turn | None) -> RelayResult:
         if self.finished:  # reset while the sockets were being wrapped: close the late one too
@@ -732,6 +742,9 @@ class _TransportRelay:
             self.finish(self.first_eof)
         else:
             out.write_eof()
+
+    def moved(self) -> tuple[int, int]:
+        return self.client.sent(), self.backend.sent()
 
     def side_lost(self, exc: Exception | None) -> None:
         self.lost += 1
