@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import resource
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from multiprocessing.synchronize import Event
 from typing import cast
 
@@ -96,22 +96,18 @@ class _CallbackSession(asyncio.Protocol):
             self.transport.write(b"a OK\r\n")
 
 
-async def _coroutine_session(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    waiter: asyncio.Future[None] | None = None
-
-    def on_readable() -> None:
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    loop.add_reader(sock.fileno(), on_readable)
+async def _dialogue(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, readable: Callable[[], Awaitable[None]]
+) -> None:
+    """The minimal server's side of a session, whichever way it waits for the socket; it closes
+    the socket (its reader is dropped first)."""
     try:
         await loop.sock_sendall(sock, GREETING)
         while True:
             try:
                 data = sock.recv(4096)
             except BlockingIOError:
-                waiter = loop.create_future()
-                await waiter
+                await readable()
                 continue
             if not data:
                 return
@@ -122,6 +118,23 @@ async def _coroutine_session(loop: asyncio.AbstractEventLoop, sock: socket.socke
     finally:
         loop.remove_reader(sock.fileno())
         sock.close()
+
+
+async def _coroutine_session(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Run as a task: each wait is a future the socket's reader sets."""
+    waiter: asyncio.Future[None] | None = None
+
+    def on_readable() -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def readable() -> asyncio.Future[None]:
+        nonlocal waiter
+        waiter = loop.create_future()
+        return waiter
+
+    loop.add_reader(sock.fileno(), on_readable)
+    await _dialogue(loop, sock, readable)
 
 
 class _Readable:
@@ -133,29 +146,12 @@ class _Readable:
         yield None
 
 
-async def _trampolined_session(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    readable = _Readable()
-    try:
-        await loop.sock_sendall(sock, GREETING)
-        while True:
-            try:
-                data = sock.recv(4096)
-            except BlockingIOError:
-                await readable
-                continue
-            if not data:
-                return
-            if data.startswith(b"b"):
-                await loop.sock_sendall(sock, b"* BYE\r\nb OK\r\n")
-                return
-            await loop.sock_sendall(sock, b"a OK\r\n")
-    finally:
-        loop.remove_reader(sock.fileno())
-        sock.close()
+_READABLE = _Readable()
 
 
 def _start_trampolined(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    session = _trampolined_session(loop, sock)
+    """Run without a task: the socket's reader resumes the coroutine itself."""
+    session = _dialogue(loop, sock, lambda: _READABLE)
 
     def step() -> None:
         with contextlib.suppress(StopIteration):

@@ -213,6 +213,20 @@ async def imap_client(
     return reader, writer
 
 
+async def session_lines(caplog: pytest.LogCaptureFixture, count: int = 1) -> list[str]:
+    """The sessions' closing log lines, once at least ``count`` are in (each is written when its
+    session ends, after the client saw the end; bounded by WAIT)."""
+    lines: list[str] = []
+    for _ in range(int(WAIT / 0.05)):
+        lines = [
+            record.getMessage() for record in caplog.records if record.getMessage().startswith("session ")
+        ]
+        if len(lines) >= count:
+            break
+        await asyncio.sleep(0.05)
+    return lines
+
+
 async def login(
     port: int, user: str, password: str = PASSWORD, pipelined: bytes = b"", **client: Any
 ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:

@@ -40,6 +40,7 @@ from tests.proxy.server.conftest import (
     dead_port,
     fake_backend,
     login,
+    session_lines,
 )
 
 STEP = 0.01  # polling step while waiting for sessions to end (bounded by WAIT)
@@ -244,10 +245,6 @@ async def attempt(proxy: RunningProxy, user: str, password: str = PASSWORD) -> b
     return reply
 
 
-def session_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("session ")]
-
-
 async def test_failed_logins_are_held_back_then_refused_without_a_backend(
     start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -266,7 +263,7 @@ async def test_failed_logins_are_held_back_then_refused_without_a_backend(
         clock.now += 60
         assert (await attempt(proxy, "alice@alpha.example")).startswith(b"a1 OK")
         assert backend.logins == 1
-    held_back = [line.rpartition(" held_back=")[2] for line in session_lines(caplog)]
+    held_back = [line.rpartition(" held_back=")[2] for line in await session_lines(caplog, 5)]
     assert held_back == ["0s", "0.01s", "0.02s", "0s", "0s"]
     assert "too many failed logins: user 'alice@alpha.example' refused for 60s" in caplog.text
     assert proxy.metric("mailgress_proxy_refusals_total", reason="login_lockout_user") == 1

@@ -21,6 +21,7 @@ from tests.proxy.server.conftest import (
     fake_backend,
     imap_client,
     login,
+    session_lines,
 )
 
 
@@ -58,7 +59,7 @@ async def test_relayed_bytes_count_while_the_session_runs_and_when_the_stop_cuts
         await proxy.listeners.stop_sessions()
         writer.close()
     assert proxy.metric("mailgress_proxy_relay_bytes_total", protocol="imap", direction="downstream") == 14
-    [line] = [r.getMessage() for r in caplog.records if "session protocol=imap" in r.getMessage()]
+    [line] = await session_lines(caplog)
     assert "outcome=closed: the proxy is stopping bytes_up=9 bytes_down=14" in line
 
 
@@ -143,11 +144,7 @@ async def test_session_log_line_names_the_user_never_the_password(
         for password in (PASSWORD, "wrong-" + PASSWORD):
             _, _, writer = await login(proxy.port, "alice@alpha.example", password=password)
             writer.close()
-        for _ in range(int(WAIT / 0.05)):
-            if sum("session protocol=imap" in r.getMessage() for r in caplog.records) >= 2:
-                break
-            await asyncio.sleep(0.05)
-    lines = [r.getMessage() for r in caplog.records if "session protocol=imap" in r.getMessage()]
+        lines = await session_lines(caplog, 2)
     assert len(lines) == 2
     assert all("user=alice@alpha.example" in line and "route=mail/alpha" in line for line in lines)
     assert PASSWORD not in caplog.text
@@ -163,11 +160,7 @@ async def test_a_user_name_cannot_pass_for_more_fields_of_the_session_line(
         writer.write(f'a1 LOGIN "x route=mail/alpha outcome=ok" "{PASSWORD}"\r\n'.encode())
         assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(b"a1 NO")
         writer.close()
-        for _ in range(int(WAIT / 0.05)):
-            if any("session protocol=imap" in r.getMessage() for r in caplog.records):
-                break
-            await asyncio.sleep(0.05)
-    [line] = [r.getMessage() for r in caplog.records if "session protocol=imap" in r.getMessage()]
+        [line] = await session_lines(caplog)
     assert 'user="x route=mail/alpha outcome=ok" route=- ' in line
 
 

@@ -20,7 +20,7 @@ from proxy.settings import BackendTlsSettings, CertificateFiles
 from proxy.table import Endpoint
 from testbed.tlscerts import IssuedCertificate, TestAuthority
 from testbed.volumes import KubeletVolume
-from tests.proxy.server.conftest import WAIT, ProxyFactory, fake_backend, imap_client, login
+from tests.proxy.server.conftest import WAIT, ProxyFactory, fake_backend, imap_client, login, session_lines
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,20 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
 
 def files(*issued: IssuedCertificate) -> tuple[CertificateFiles, ...]:
     return tuple(CertificateFiles(cert=i.cert, key=i.key) for i in issued)
+
+
+async def served_serial(port: int, tls: ssl.SSLContext, *, awaited: int) -> int:
+    """The serial new connections get, once it is ``awaited`` (the store polls its files about
+    once a second; bounded by WAIT)."""
+    serial = -1
+    for _ in range(int(WAIT / 0.1)):
+        _, writer = await imap_client(port, tls=tls, server_hostname="mail.alpha.example")
+        serial = serial_of(writer)
+        writer.close()
+        if serial == awaited:
+            break
+        await asyncio.sleep(0.1)
+    return serial
 
 
 def tls_secret(issued: IssuedCertificate) -> dict[str, bytes]:
@@ -241,11 +255,7 @@ async def test_a_tls_client_gone_right_after_its_login_ends_the_session(
         )
         assert reply.startswith(b"a1 OK")
         writer.transport.abort()
-        for _ in range(int(WAIT / 0.05)):
-            if any("session protocol=imap" in record.getMessage() for record in caplog.records):
-                break
-            await asyncio.sleep(0.05)
-    [line] = [r.getMessage() for r in caplog.records if "session protocol=imap" in r.getMessage()]
+        [line] = await session_lines(caplog)
     assert "outcome=relayed, ended by client" in line
     assert proxy.metric("mailgress_proxy_sessions_active", protocol="imap") == 0
 
@@ -268,15 +278,7 @@ async def test_renewed_certificate_reaches_new_connections_only(
         )
         assert reply.startswith(b"a1 OK") and serial_of(open_writer) == first.serial
         second = authority.issue("renewed", ["mail.alpha.example"], cert=first.cert, key=first.key)
-        serial = first.serial
-        for _ in range(int(WAIT / 0.1)):  # the store polls about once a second
-            _, writer = await imap_client(proxy.port, tls=tls, server_hostname="mail.alpha.example")
-            serial = serial_of(writer)
-            writer.close()
-            if serial == second.serial:
-                break
-            await asyncio.sleep(0.1)
-        assert serial == second.serial
+        assert await served_serial(proxy.port, tls, awaited=second.serial) == second.serial
         open_writer.write(b"a2 NOOP\r\n")  # the session opened before the renewal goes on
         assert await asyncio.wait_for(reader.readline(), WAIT) == b"echo:a2 NOOP\r\n"
         open_writer.close()
@@ -305,15 +307,7 @@ async def test_a_certificate_renewed_in_a_kubelet_volume_reaches_new_connections
         writer.close()
         second = authority.issue("second", ["mail.alpha.example"])
         volume.update(tls_secret(second))
-        serial = first.serial
-        for _ in range(int(WAIT / 0.1)):  # the store polls about once a second
-            _, writer = await imap_client(proxy.port, tls=tls, server_hostname="mail.alpha.example")
-            serial = serial_of(writer)
-            writer.close()
-            if serial == second.serial:
-                break
-            await asyncio.sleep(0.1)
-        assert serial == second.serial
+        assert await served_serial(proxy.port, tls, awaited=second.serial) == second.serial
 
 
 async def test_trusted_proxy_header_sets_the_client_address(start_proxy: ProxyFactory) -> None:
