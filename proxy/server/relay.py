@@ -119,16 +119,24 @@ class Progress:
         self._final = (0, 0)
 
     def moved(self) -> tuple[int, int]:
-        """(client -> backend, backend -> client) bytes so far."""
+        """(client -> backend, backend -> client) bytes so far: never less than it said before."""
         relay = self._relay
-        return self._final if relay is None else relay.moved()
+        if relay is not None:
+            self._final = _highest(self._final, relay.moved())
+        return self._final
 
     def follow(self, relay: _Moving) -> None:
         self._relay = relay
 
     def settle(self, result: RelayResult) -> None:
-        self._final = (result.upstream_bytes, result.downstream_bytes)
+        # A TLS transport's buffer holds records, not the bytes handed to it, so an estimate read
+        # while it was backed up can be a little off either way: a counter must not go back.
+        self._final = _highest(self._final, (result.upstream_bytes, result.downstream_bytes))
         self._relay = None  # and the relay's objects go with it
+
+
+def _highest(said: tuple[int, int], now: tuple[int, int]) -> tuple[int, int]:
+    return max(said[0], now[0]), max(said[1], now[1])
 
 
 async def relay(

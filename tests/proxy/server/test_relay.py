@@ -509,6 +509,23 @@ def test_progress_follows_the_relay_and_keeps_its_counts_after_a_cancellation(
     run(scenario())
 
 
+def test_progress_never_goes_back() -> None:
+    """A TLS transport's buffer counts records, not the bytes handed to it: a reading taken while
+    it is backed up can come out a little lower than the one before. The metric is a counter."""
+
+    class Relay:
+        readings = iter([(10, 1000), (10, 978), (12, 1200)])
+
+        def moved(self) -> tuple[int, int]:
+            return next(self.readings)
+
+    progress = relay.Progress()
+    progress.follow(Relay())
+    assert [progress.moved() for _ in range(3)] == [(10, 1000), (10, 1000), (12, 1200)]
+    progress.settle(relay.RelayResult(12, 1190, relay.ERROR))  # an abort's estimate
+    assert progress.moved() == (12, 1200)
+
+
 def test_progress_ends_with_the_relays_result(
     run: Callable[[Coroutine[Any, Any, None]], None], splice: bool, ends: Ends
 ) -> None:
