@@ -5,7 +5,11 @@ event loop answers. process.py starts it and cleans the returned runner up. Noth
 users, routes' contents or credentials. Whoever reaches the port (by default the chart lets every
 pod in) must never hold the proxy's descriptors: at most MAX_CONNECTIONS are open at once, and a
 connection that has no request answered within REQUEST_TIMEOUT is closed, so silent, half-sent or
-non-reading clients cannot leave the mail listeners without descriptors (EMFILE).
+non-reading clients cannot leave the mail listeners without descriptors (EMFILE). Nor must they
+keep the kubelet's probes out (failed liveness probes restart a healthy proxy and cut every mail
+session on it): a connection over the cap makes room by aborting the one without a request in
+progress that has waited longest for its next request, and is refused only when every open
+connection is in the middle of a request or its answer.
 """
 
 import asyncio
@@ -21,12 +25,15 @@ from proxy.settings import AdminSettings
 
 log = logging.getLogger(__name__)
 
-# Admin connections open at once at most; one more is closed unread at once. Probes and scrapes
-# take milliseconds, so a handful at a time is plenty (the kubelet's probes, one or two
-# Prometheus), and 32 descriptors are a small share of even a 1024-descriptor limit.
+# Admin connections open at once at most. Probes and scrapes take milliseconds, so a handful at a
+# time is plenty (the kubelet's probes, one or two Prometheus), and 32 descriptors are a small
+# share of even a 1024-descriptor limit. One more aborts the connection idle the longest (without
+# a request in progress; answered or accepted the longest ago), so probes get through: an
+# attacker's idle connections are the oldest and go first, and a probe's own connection is busy
+# only for the milliseconds of its answer. Only when all are busy is the new one closed unread.
 MAX_CONNECTIONS = 32
 # How long a connection may go without a request answered, counted from its accept and again from
-# each answer. nginx gives a client 60 s for its request headers (client_header_timeout). Prometheus
+# each answer written. nginx gives a client 60 s for its request headers (client_header_timeout). Prometheus
 # keeps its connection when it scrapes more often than this and reconnects otherwise. aiohttp's
 # keepalive_timeout (3630 s by default) is no such bound: it never ends a response its client
 # stopped reading.
@@ -45,13 +52,14 @@ async def start(
     connections = _Connections(max_connections, request_timeout)
 
     @web.middleware
-    async def answered(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        finally:
-            # Restarted before the answer is written: a client that does not read it runs out
-            # of time too.
-            connections.answered(request.protocol)
+    async def tracked(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # aiohttp runs each request in a task of its own that also writes the answer once this
+        # returns: the request is over when that task ends, answer written or connection lost.
+        # Its deadline restarts only then, so one that does not read its answer runs out of time.
+        task = asyncio.current_task()
+        assert task is not None  # a middleware runs in its request's task
+        connections.started(request.protocol, task)
+        return await handler(request)
 
     async def metrics(_: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(registry))
@@ -66,7 +74,7 @@ async def start(
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready: no routing table yet or listeners down\n")
 
-    app = web.Application(middlewares=[answered])
+    app = web.Application(middlewares=[tracked])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -79,11 +87,14 @@ async def start(
 
 
 class _Connections:
-    """The open admin connections: admits up to ``limit`` of them, each with a deadline."""
+    """The open admin connections: admits up to ``limit`` of them, each with a deadline, and makes
+    room for a new one by aborting the one idle the longest."""
 
     def __init__(self, limit: int, timeout: float) -> None:
         self._limit = limit
         self._timeout = timeout
+        # In the order of their last answer (or accept when none): the first idle one has waited
+        # longest for a request, and its deadline is the nearest.
         self._open: dict[web.RequestHandler, _Connection] = {}
 
     def accept(self, server: web.Server) -> asyncio.Protocol:
@@ -91,31 +102,44 @@ class _Connections:
         # Counted here, not at connection_made: one wakeup of the loop accepts several
         # connections before any of them is made.
         if len(self._open) >= self._limit:
-            log.debug("admin connection refused: %d connections open already", self._limit)
-            return _Refused()
+            idle = next((c for c in self._open.values() if c.evictable), None)
+            if idle is None:
+                log.debug("admin connection refused: all %d connections open are busy", self._limit)
+                return _Refused()
+            idle.evict()
         handler = server()
-        connection = _Connection(handler, self._timeout, lambda: self._open.pop(handler))
+        connection = _Connection(handler, self._timeout, lambda: self._open.pop(handler, None))
         self._open[handler] = connection
         return connection
 
-    def answered(self, handler: web.RequestHandler) -> None:
-        """A request of ``handler``'s connection was answered: restart its deadline."""
-        # aiohttp lets a handler run on after its connection was lost: then it is gone here.
+    def started(self, handler: web.RequestHandler, task: asyncio.Task[object]) -> None:
+        """A request of ``handler``'s connection is handled by ``task``: busy until it ends."""
         connection = self._open.get(handler)
         if connection is not None:
+            connection.busy = True
+            task.add_done_callback(lambda _: self._answered(handler))
+
+    def _answered(self, handler: web.RequestHandler) -> None:
+        # Gone when the deadline or the client ended the connection while its answer was written.
+        connection = self._open.pop(handler, None)
+        if connection is not None:
+            self._open[handler] = connection  # now idle the shortest
             connection.answered()
 
 
 class _Connection(asyncio.Protocol):
     """An admitted connection: aiohttp's handler sees everything, and the deadline can close it."""
 
-    __slots__ = ("_answers", "_forget", "_handler", "_timeout", "_timer", "_transport")
+    __slots__ = ("_answers", "_forget", "_handler", "_timeout", "_timer", "_transport", "busy")
 
     def __init__(self, handler: web.RequestHandler, timeout: float, forget: Callable[[], object]) -> None:
         self._handler = handler
         self._timeout = timeout
         self._forget = forget
         self._answers = 0
+        # A request is in progress: from its start until its answer is written (aiohttp waits for
+        # the transport to drain), so a client reading a large answer slowly is not cut.
+        self.busy = False
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -126,8 +150,23 @@ class _Connection(asyncio.Protocol):
         self._handler.connection_made(transport)
 
     def answered(self) -> None:
+        self.busy = False
         self._answers += 1
         self._start_deadline()
+
+    @property
+    def evictable(self) -> bool:
+        """Idle, and made: one accepted in the same wakeup of the loop has no transport yet."""
+        return not self.busy and self._transport is not None
+
+    def evict(self) -> None:
+        """Abort to make room: forgotten at once, since connection_lost comes a loop turn later."""
+        assert self._transport is not None  # evictable
+        log.debug(
+            "admin connection closed to make room: idle the longest (%d answered before)", self._answers
+        )
+        self._forget()
+        self._transport.abort()
 
     def _start_deadline(self) -> None:
         if self._timer is not None:
