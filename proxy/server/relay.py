@@ -683,6 +683,7 @@ class _TransportRelay:
         "done",
         "finished",
         "first_eof",
+        "flushing",
         "loop",
         "lost",
         "progress",
@@ -705,6 +706,7 @@ class _TransportRelay:
         self.quiet: _QuietWatch | None = None
         self.progress = progress
         progress.follow(self)
+        self.flushing: asyncio.TimerHandle | None = None  # the deadline of a graceful close
 
     async def run(self, to_backend: bytes, to_client: bytes, drain: Turn | None) -> RelayResult:
         if self.finished:  # reset while the sockets were being wrapped: close the late one too
@@ -758,8 +760,11 @@ class _TransportRelay:
         self.lost += 1
         if not self.finished:  # not closed by us: a reset, or a transport that closed itself
             self.finish(ERROR if exc is not None else self.first_eof or ERROR)
-        if self.lost == 2 and not self.done.done():  # a cancelled wait has cancelled it already
-            self.done.set_result(self.result)
+        if self.lost == 2:
+            if self.flushing is not None:
+                self.flushing.cancel()
+            if not self.done.done():  # a cancelled wait has cancelled it already
+                self.done.set_result(self.result)
 
     def drain_when_quiet(self, turn: Turn) -> None:
         if self.quiet is None and not self.finished:
@@ -777,8 +782,10 @@ class _TransportRelay:
 
     def finish(self, ended_by: str) -> None:
         """Close both transports: flushed when both sides ended well or the proxy drains, aborted
-        otherwise."""
+        otherwise. Cancelled while a graceful close still flushes (the proxy stops): cut."""
         if self.finished:
+            if ended_by == CANCELLED:
+                self._cut()
             return
         self.finished = True
         self.watch.cancel()
@@ -797,10 +804,18 @@ class _TransportRelay:
             self.done.set_result(self.result)
 
     def _close(self, *, graceful: bool) -> None:
+        if not graceful:
+            self._cut()
+            return
         for side in (self.client, self.backend):
-            if side.transport is None:
-                continue  # still being wrapped; run() closes it
-            if graceful:
+            if side.transport is not None:  # else still being wrapped; run() closes it
                 side.transport.close()
-            else:
+        # A peer that reads nothing would keep a plain transport flushing for ever (a TLS one has
+        # its shutdown timeout): it gets the idle timeout, as a relay that moved nothing would.
+        if self.lost < 2:
+            self.flushing = self.loop.call_later(self.watch.timeout, self._cut)
+
+    def _cut(self) -> None:
+        for side in (self.client, self.backend):
+            if side.transport is not None:
                 side.transport.abort()

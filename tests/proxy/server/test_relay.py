@@ -710,6 +710,30 @@ def test_a_peer_gone_before_the_hand_over_ends_the_relay(
     run(scenario())
 
 
+def test_a_closing_flush_to_a_client_that_reads_nothing_is_cut_after_the_idle_timeout(
+    run: Callable[[Coroutine[Any, Any, None]], None], tight_ends: Ends
+) -> None:
+    """Both peers have ended, but the client takes none of the backend's last answer: a plain
+    transport's close would wait to flush it for ever, holding the session. It gets the idle
+    timeout, as a relay that moved nothing would."""
+    ends = tight_ends
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        task = _start(ends, splice=False, idle_timeout=0.5)
+        ends.client.shutdown(socket.SHUT_WR)
+        assert await _read_to_eof(ends.backend, limit=64) == b""
+        # More than the tight client socket takes, less than the relay's high-water mark (so it
+        # keeps reading the backend, and sees its EOF).
+        await loop.sock_sendall(ends.backend, b"x" * (relay.WRITE_HIGH_WATER - 1024))
+        ends.backend.shutdown(socket.SHUT_WR)
+        result = await asyncio.wait_for(task, ENDS_WITHIN)
+        assert result.ended_by == relay.CLIENT
+        _assert_closed(ends.proxy_client, ends.proxy_backend)
+
+    run(scenario())
+
+
 def test_an_eof_before_the_hand_over_is_forwarded(
     run: Callable[[Coroutine[Any, Any, None]], None], ends: Ends
 ) -> None:
