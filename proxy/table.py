@@ -232,10 +232,9 @@ def make_table(routes: tuple[Route, ...] | list[Route], version_key: str = "") -
     Raises:
         TableError: routes carry header values but ``version_key`` is not 64 hex digits.
     """
-    ordered = tuple(sorted(routes, key=lambda route: route.name))
+    ordered = _ordered(routes)
     if not has_header_values(ordered):
-        version = "sha256:" + hashlib.sha256(_canonical(ordered)).hexdigest()
-        return RoutingTable(routes=ordered, version=version, _index=_build_index(ordered))
+        return _plain_table(ordered)
     key = _version_key_bytes(version_key)
 
     def hidden(value: str) -> str:
@@ -243,6 +242,17 @@ def make_table(routes: tuple[Route, ...] | list[Route], version_key: str = "") -
 
     version = "sha256:" + hashlib.sha256(_canonical(ordered, hidden)).hexdigest()
     return RoutingTable(ordered, version, version_key, _build_index(ordered))
+
+
+def _ordered(routes: tuple[Route, ...] | list[Route]) -> tuple[Route, ...]:
+    return tuple(sorted(routes, key=lambda route: route.name))
+
+
+def _plain_table(ordered: tuple[Route, ...]) -> RoutingTable:
+    """Versioned by the plain SHA-256: tables without header values, and (read only) tables
+    published before the version key existed."""
+    version = "sha256:" + hashlib.sha256(_canonical(ordered)).hexdigest()
+    return RoutingTable(routes=ordered, version=version, _index=_build_index(ordered))
 
 
 def _version_key_bytes(version_key: str) -> bytes:
@@ -400,7 +410,12 @@ def from_json(data: bytes | str) -> RoutingTable:
     if not isinstance(key, str):
         raise TableError("table: 'versionKey' has the wrong type")
     try:
-        table = make_table(routes, key)
+        if not key and has_header_values(routes):
+            # Published before tables had a versionKey (an older controller, or its snapshot,
+            # during an upgrade): its version is the plain SHA-256, checked as such.
+            table = _plain_table(_ordered(routes))
+        else:
+            table = make_table(routes, key)
     except UnicodeEncodeError as error:
         # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 document can hold. The
         # error names no value: the string may be a header that carries a secret.
