@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Info
 
-from proxy.server import admin
+from proxy.server import admin, connections
 from proxy.settings import AdminSettings
 from tests.proxy.server.conftest import WAIT
 
@@ -42,7 +42,7 @@ async def serving(
     request_timeout: float = admin.REQUEST_TIMEOUT,
 ) -> AsyncIterator[tuple[web.Server, int]]:
     """Run the endpoint on a free loopback port; nothing at ERROR may be logged, cleanup included."""
-    caplog.set_level(logging.DEBUG, logger=admin.__name__)
+    caplog.set_level(logging.DEBUG, logger=connections.__name__)
     runner = await admin.start(
         AdminSettings("127.0.0.1", 0),
         registry or CollectorRegistry(),
@@ -134,7 +134,7 @@ def expiries(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == admin.__name__ and "no request answered" in r.getMessage()
+        if r.name == connections.__name__ and "no request answered" in r.getMessage()
     ]
 
 

@@ -1,0 +1,264 @@
+"""A guard on an aiohttp port that anyone may reach: a cap on open connections and a deadline.
+
+proxy/server/admin.py serves its endpoint through a ``Guard``; mailgress/cli.py hands
+``Guard`` to the controller as the push port's guard (controller.publisher.ConnectionGuards:
+the controller never imports proxy.server). Whoever reaches such a port must never hold the
+process's descriptors: at most ``limit`` connections are open at once, and one without a request
+answered within ``timeout`` of its accept or of its last answer is aborted, the TLS handshake
+counted in that time. A connection over the cap makes room by aborting the one without a request
+in progress that has waited longest for its next request, and is closed unread only when every
+open connection is busy. A request the application marks ``lasting`` (a long-lived stream it
+accepted) has no deadline and is never evicted until it ends. Never reads request contents;
+logs at debug only (a flood must not flood the log), never an address.
+"""
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import cast
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+log = logging.getLogger(__name__)
+
+
+class Guard:
+    """The open connections of one port: admits up to ``limit`` of them, each with a deadline,
+    and makes room for a new one by aborting the one idle the longest.
+
+    Its ``middleware`` must be the application's (it tells requests in progress), and the port
+    must be served by ``site``.
+    """
+
+    __slots__ = ("_limit", "_name", "_open", "_timeout", "middleware")
+
+    def __init__(self, name: str, limit: int, timeout: float) -> None:
+        """``name`` starts this guard's log lines ("admin", "push channel")."""
+        self._name = name
+        self._limit = limit
+        self._timeout = timeout
+        # In the order of their last answer (or accept when none): the first idle one has waited
+        # longest for a request, and its deadline is the nearest.
+        self._open: dict[web.RequestHandler, _Connection] = {}
+        self.middleware: Middleware = self._track
+
+    def site(
+        self, runner: web.BaseRunner, address: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> web.BaseSite:
+        """A site for ``runner`` (set up) on ``address:port`` whose connections this guards;
+        with ``tls`` they speak TLS with that context."""
+        return _Site(runner, address, port, self, tls)
+
+    def lasting(self, request: web.BaseRequest) -> None:
+        """``request`` (in progress) lasts as long as its client wants: no deadline until it ends."""
+        connection = self._open.get(request.protocol)
+        if connection is not None:
+            connection.hold()
+
+    @web.middleware
+    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # aiohttp runs each request in a task of its own that also writes the answer once this
+        # returns: the request is over when that task ends, answer written or connection lost.
+        # Its deadline restarts only then, so one that does not read its answer runs out of time.
+        task = asyncio.current_task()
+        assert task is not None  # a middleware runs in its request's task
+        connection = self._open.get(request.protocol)
+        if connection is not None:
+            connection.busy = True
+            task.add_done_callback(lambda _: self._answered(request.protocol))
+        return await handler(request)
+
+    def accept(self, server: web.Server, tls: ssl.SSLContext | None) -> asyncio.Protocol:
+        """The listener's protocol factory (``site``'s), called once per accepted connection."""
+        # Counted here, not at connection_made: one wakeup of the loop accepts several
+        # connections before any of them is made.
+        if len(self._open) >= self._limit:
+            idle = next((c for c in self._open.values() if c.evictable), None)
+            if idle is None:
+                log.debug("%s connection refused: all %d connections open are busy", self._name, self._limit)
+                return _Refused()
+            idle.evict()
+        handler = server()
+        connection = _Connection(
+            self._name, handler, self._timeout, tls, lambda: self._open.pop(handler, None)
+        )
+        self._open[handler] = connection
+        return connection
+
+    def _answered(self, handler: web.RequestHandler) -> None:
+        # Gone when the deadline or the client ended the connection while its answer was written.
+        connection = self._open.pop(handler, None)
+        if connection is not None:
+            self._open[handler] = connection  # now idle the shortest
+            connection.answered()
+
+
+class _Connection(asyncio.Protocol):
+    """An admitted connection: aiohttp's handler sees everything (after the TLS handshake, if
+    any), and the deadline can close it."""
+
+    __slots__ = (
+        "_answers",
+        "_forget",
+        "_handler",
+        "_name",
+        "_timeout",
+        "_timer",
+        "_tls",
+        "_transport",
+        "busy",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        handler: web.RequestHandler,
+        timeout: float,
+        tls: ssl.SSLContext | None,
+        forget: Callable[[], object],
+    ) -> None:
+        self._name = name
+        self._handler = handler
+        self._timeout = timeout
+        self._tls = tls
+        self._forget = forget
+        self._answers = 0
+        # A request is in progress: from its start until its answer is written (aiohttp waits for
+        # the transport to drain), so a client reading a large answer slowly is not cut.
+        self.busy = False
+        # The accepted socket's transport until the handshake is over, then the TLS one.
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream server's transport (uvloop's quack like asyncio.Transport without subclassing it).
+        self._transport = cast(asyncio.Transport, transport)
+        self._start_deadline()
+        if self._tls is None:
+            self._handler.connection_made(transport)
+            return
+        # The handshake runs inside the first deadline, and the connection can be evicted while
+        # it waits for a ClientHello. Not the listener's ssl=: there the protocol is made only
+        # after the handshake, and a silent connection could neither be evicted nor timed here.
+        # Paused now: bytes read before start_tls takes over would be the ClientHello, lost.
+        self._transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._handshake(self._transport, self._tls))
+
+    async def _handshake(self, accepted: asyncio.Transport, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            secured = await loop.start_tls(accepted, self, tls, server_side=True)
+        except (OSError, ConnectionError) as error:  # ssl.SSLError is an OSError
+            # The transport's protocol was the TLS layer's, which tells this one nothing of the
+            # loss; start_tls closed the transport. The deadline or an eviction aborted it, or the
+            # client hung up or spoke no TLS.
+            log.debug("%s connection closed in its TLS handshake: %s", self._name, type(error).__name__)
+            self._ended()
+            return
+        if secured is None:  # the client closed the connection during the handshake
+            self._ended()
+            return
+        self._transport = secured
+        self._handler.connection_made(secured)
+
+    def answered(self) -> None:
+        self.busy = False
+        self._answers += 1
+        self._start_deadline()
+
+    def hold(self) -> None:
+        """No deadline until the request in progress is answered (``answered`` starts one)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @property
+    def evictable(self) -> bool:
+        """Idle, and made: one accepted in the same wakeup of the loop has no transport yet."""
+        return not self.busy and self._transport is not None
+
+    def evict(self) -> None:
+        """Abort to make room: forgotten at once, since connection_lost comes a loop turn later."""
+        assert self._transport is not None  # evictable
+        log.debug(
+            "%s connection closed to make room: idle the longest (%d answered before)",
+            self._name,
+            self._answers,
+        )
+        self._forget()
+        self._transport.abort()
+
+    def _start_deadline(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+
+    def _expire(self) -> None:
+        assert self._transport is not None  # the timer starts in connection_made
+        log.debug(
+            "%s connection closed: no request answered within %gs (%d answered before)",
+            self._name,
+            self._timeout,
+            self._answers,
+        )
+        # abort, not close: close would wait to send what a client that stopped reading never takes.
+        self._transport.abort()
+
+    def _ended(self) -> None:
+        assert self._timer is not None  # the loop makes a connection before it loses it
+        self._timer.cancel()
+        self._forget()
+
+    def data_received(self, data: bytes) -> None:
+        self._handler.data_received(data)
+
+    def eof_received(self) -> None:
+        self._handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+        self._handler.connection_lost(exc)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: closed before anything is read from it."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _Site(web.BaseSite):
+    """aiohttp's TCPSite, except that ``guard`` admits the connections (and makes their TLS)."""
+
+    __slots__ = ("_address", "_guard", "_port", "_tls")
+
+    def __init__(
+        self, runner: web.BaseRunner, address: str, port: int, guard: Guard, tls: ssl.SSLContext | None
+    ) -> None:
+        super().__init__(runner)
+        self._address = address
+        self._port = port
+        self._guard = guard
+        self._tls = tls
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._tls else 'http'}://{self._address}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None  # the runner is set up before its sites start
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: self._guard.accept(server, self._tls), self._address, self._port, backlog=self._backlog
+        )
