@@ -11,7 +11,8 @@ The request, as nginx writes it (ngx_mail_auth_http_create_request), in this ord
 
     GET <uri> HTTP/1.0                 Host: <host part of the URL, without the port>
     Auth-Method: plain | none          (none: inbound SMTP, routed at its first RCPT)
-    Auth-User / Auth-Pass              escaped: space, "%" and bytes 0x00-0x1F become %XX
+    Auth-User / Auth-Pass              escaped: space, "%" and bytes 0x00-0x1F become %XX;
+                                       8-bit octets go as they are (a Latin-1 password too)
     Auth-Protocol: imap | pop3 | smtp  Auth-Login-Attempt: <n, per connection, from 1>
     Client-IP                          Client-Host: [UNAVAILABLE] (SMTP only: no resolver)
     Auth-SMTP-Helo / -From / -To       (Auth-Method none: the HELO argument, the MAIL and RCPT lines)
@@ -25,7 +26,9 @@ up to CRLF or bare LF with trailing spaces trimmed; anything else makes the repl
 ``Auth-Status: OK`` grants the login, ``WAIT`` asks for the same request again after
 ``Auth-Wait`` seconds, any other text refuses it, rendered as the client's failure line (IMAP
 ``<tag> NO <text>``, POP3 ``-ERR <text>``, SMTP ``<Auth-Error-Code or 535 5.7.0> <text>``),
-after ``Auth-Wait`` seconds if given.
+after ``Auth-Wait`` seconds if given. A grant's Auth-Pass is the backend password's octets,
+copied as nginx copies it (no %XX unescaping, 8-bit octets kept); its Auth-User is a user
+name and must be UTF-8, as a client's (see sasl).
 
 Where mailgress differs on purpose:
 - A grant needs ``Auth-Status: OK``. nginx takes a reply without any Auth-Status but with
@@ -139,7 +142,7 @@ class Granted:
 
     server: Endpoint | None = None
     user: str | None = None
-    password: str | None = field(default=None, repr=False)
+    password: bytes | None = field(default=None, repr=False)  # octets, as Credentials.password
 
     def __repr__(self) -> str:
         hidden = "None" if self.password is None else "<redacted>"
@@ -254,7 +257,7 @@ def build_request(target: Service, attempt: Attempt) -> Request:
         # all "plain"; "none" is SMTP without AUTH (inbound mail, routed at its first RCPT).
         b"Auth-Method: " + (b"none" if credentials is None else b"plain"),
         b"Auth-User: " + (b"" if credentials is None else escape(credentials.username.encode())),
-        b"Auth-Pass: " + (b"" if credentials is None else escape(credentials.password.encode())),
+        b"Auth-Pass: " + (b"" if credentials is None else escape(credentials.password)),
         b"Auth-Protocol: " + _AUTH_PROTOCOLS[request.protocol],
         b"Auth-Login-Attempt: %d" % attempt.number,
         b"Client-IP: " + attempt.client_ip.encode("ascii"),
@@ -416,7 +419,8 @@ def _verdict(headers: list[tuple[bytes, bytes]], request: LoginRequest) -> Verdi
     return Granted(
         server=server,
         user=_text(values.get(b"auth-user"), "Auth-User"),
-        password=_text(values.get(b"auth-pass"), "Auth-Pass"),
+        # Octets, copied as nginx copies them (no %XX unescaping, any 8-bit octet).
+        password=values.get(b"auth-pass"),
     )
 
 

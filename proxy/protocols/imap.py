@@ -36,7 +36,9 @@ Theory of operation (BackendLogin)
 ----------------------------------
 Wait for the ``* OK`` greeting, then send (in one write) an optional ID carrying the client's
 address and LOGIN with the name and password as literals, non-synchronizing when the greeting
-advertised LITERAL+, else synchronizing (one ``+`` round trip each, as nginx). Every command
+advertised LITERAL+, else synchronizing (one ``+`` round trip each, as nginx). Literals, never
+quoted strings: they carry the password's octets as they are (quotes, backslashes and 8-bit
+octets, which an RFC 3501 quoted string cannot hold) and need no escaping. Every command
 we send carries a tag of our own, never the client's: RFC 3501 lets a client's tag hold
 characters a backend may refuse (Dovecot answers ``* BAD`` to a ``]``, which nginx never lets
 through), and a client's byte must not turn into a backend failure. The LOGIN's tagged reply
@@ -135,7 +137,8 @@ _ATOM_CHARS = frozenset(byte for byte in range(0x21, 0x7F) if byte not in _ATOM_
 _ASTRING_CHARS = _ATOM_CHARS | {ord("]")}
 _TAG_CHARS = _ASTRING_CHARS - {ord("+")}
 # Octets that may stand for themselves in a quoted string: TEXT-CHAR minus quoted-specials,
-# plus 8-bit octets (RFC 9051 UTF-8; checked as UTF-8 when the string is decoded).
+# plus 8-bit octets (RFC 9051 UTF-8). A user name is checked as UTF-8 when it is decoded; a
+# password stays octets, so Latin-1 in a quoted string passes as nginx and Dovecot let it.
 _QUOTED_CHARS = frozenset(range(0x01, 0x100)) - {0x0A, 0x0D, ord('"'), ord("\\")}
 _NON_SYNC_LITERAL_AT_END = re.compile(rb"\{[0-9]+\+\}\Z")
 # An RFC 3501 number is 32 bits: ten digits at most. Longer is too big for any limit.
@@ -562,10 +565,11 @@ class Frontend:
                     return [self._tagged(tag, _PRIVACY_REQUIRED)]
                 user, password = command.arguments
                 try:
-                    credentials = sasl.Credentials(_utf8(user, "User name"), _utf8(password, "Password"))
+                    username = _utf8(user, "User name")
                 except _SyntaxError as error:
                     return self._bad(tag, str(error).encode())
-                return self._authenticate(tag, credentials)
+                # The password is the client's octets (RFC 3501 literals are 8-bit): see sasl.
+                return self._authenticate(tag, sasl.Credentials(username, password))
             case _:  # AUTHENTICATE: the parser knows no other command
                 return self._start_sasl(tag, command.arguments)
 
@@ -861,7 +865,7 @@ class BackendLogin:
         if b"LOGINDISABLED" in capabilities:
             return self._fail("backend refuses LOGIN (LOGINDISABLED)")
         user = self._credentials.username.encode()
-        password = self._credentials.password.encode()
+        password = self._credentials.password
         if b"\x00" in user or b"\x00" in password:
             return self._fail("login name or password contains NUL, which IMAP cannot carry")
         self.state = BackendState.LOGIN
@@ -923,7 +927,7 @@ class BackendLogin:
 
     def _continue_login(self) -> list[Command]:
         """A "+" for a synchronizing literal: send the next piece of the login."""
-        password = self._credentials.password.encode()
+        password = self._credentials.password
         match self._continuations:
             case 2:
                 self._continuations = 1

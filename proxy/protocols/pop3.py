@@ -143,6 +143,7 @@ def _sasl_state(exchange: sasl.SaslExchange) -> State:
 
 
 def _decode(raw: bytes) -> str | None:
+    """A user name as text: UTF-8 without control characters, else None (see sasl)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -346,9 +347,10 @@ class Frontend:
             return self._refuse(REPLY_TLS_REQUIRED)
         if self._user is None:
             return self._refuse(REPLY_NO_USER)
-        # nginx and Dovecot keep embedded spaces: the password is the rest of the line.
-        password = _decode(argument)
-        if not password:
+        # nginx and Dovecot keep embedded spaces: the password is the rest of the line, and
+        # its octets as they came (RFC 1939 allows any but CR and LF; Latin-1 ones pass).
+        password = argument
+        if not password or not sasl.printable(password):
             return self._refuse(REPLY_BAD_TEXT)
         user, self._user = self._user, None
         return self._authenticate(sasl.Credentials(username=user, password=password))
@@ -519,7 +521,7 @@ class BackendLogin:
                 return self._fail("backend refused XCLIENT")
             case BackendState.USER if positive:
                 self._state = BackendState.PASS
-                return [Send(b"PASS " + self._credentials.password.encode() + CRLF)]
+                return [Send(b"PASS " + self._credentials.password + CRLF)]
             case BackendState.PASS if positive:
                 self._state = BackendState.DONE
                 return [LoginSucceeded(reply=line + CRLF, buffered=self._buffer.take_all())]

@@ -7,6 +7,19 @@ characters, and encodes the PLAIN response the proxy sends to a backend. The fro
 only their own framing (``+ `` or ``334 ``) and replies. Credentials carry a redacting ``repr``
 so that no log line, traceback or test failure can ever show a password. Pure: no I/O, no
 logging.
+
+A password is the client's octets, carried as ``bytes`` from the front-end to every place it
+goes (an IMAP literal, a POP3 PASS line, a PLAIN response, auth_http's Auth-Pass), never
+decoded. RFC 3501 literals and POP3 PASS (RFC 1939) carry any octets, old clients send Latin-1
+passwords, and nginx and Dovecot take them. Not ``str`` with surrogateescape: every ``encode()``
+on the way out would have to name that error handler, and one that did not would raise or
+re-encode the password wrongly, which mypy cannot see; with ``bytes`` there is nothing to
+re-encode and mypy catches a mix-up. PLAIN and LOGIN take 8-bit passwords too, although RFC
+4616 says UTF-8: nginx passes the octets on unchecked, Dovecot accepts them, and a password is
+only ever compared, never interpreted. A user name stays text and must be UTF-8 (nginx would
+pass 8-bit octets on): it is the routing key, matched by its domain against the table's text,
+it names the user in the session's log line and it goes to auth_http as Auth-User, so octets
+there would have to be decoded after all; the front-ends refuse such a name with their error.
 """
 
 import base64
@@ -16,7 +29,8 @@ from enum import Enum
 
 from proxy.protocols.errors import RemoteProtocolError
 
-# RFC 4616 section 2: authzid, authcid and passwd are each at most 255 octets of UTF-8.
+# RFC 4616 section 2: authzid, authcid and passwd are each at most 255 octets (of UTF-8; we take
+# any octets in passwd, see above).
 MAX_PLAIN_FIELD = 255
 # The base64 prompts of the LOGIN mechanism ("Username:" and "Password:"), as nginx and Dovecot send.
 LOGIN_USERNAME_PROMPT = b"VXNlcm5hbWU6"
@@ -28,6 +42,8 @@ CANCEL = b"*"
 EMPTY_INITIAL_RESPONSE = b"="
 # Control characters (RFC 20: C0 and DEL) refused in login names and passwords.
 _CONTROL_CHARACTERS = frozenset(map(chr, (*range(0x20), 0x7F)))
+# Octets as the code points of the same number, so that one check serves text and octets.
+_OCTETS = "latin-1"
 # RFC 5034 section 4 and RFC 4954 section 4 exempt the client's responses from the command line
 # limit. The longest response the offered mechanisms can produce is PLAIN's: three RFC 4616
 # fields of at most 255 octets and two NULs, 767 octets, which base64 turns into 1024.
@@ -51,7 +67,7 @@ class Credentials:
     """A login name and password; the password never appears in ``repr``/``str``."""
 
     username: str
-    password: str = field(repr=False)
+    password: bytes = field(repr=False)  # the client's octets, never decoded (see above)
     mechanism: Mechanism = Mechanism.NATIVE
     authzid: str = ""
 
@@ -79,23 +95,32 @@ def encode_base64(data: bytes) -> bytes:
     return base64.b64encode(data)
 
 
-def _text(raw: bytes, what: str) -> str:
+def _octets(raw: bytes, what: str) -> bytes:
     if len(raw) > MAX_PLAIN_FIELD:
         raise SaslError(f"{what} longer than {MAX_PLAIN_FIELD} octets")
+    return raw
+
+
+def _text(raw: bytes, what: str) -> str:
     try:
-        return raw.decode("utf-8")
+        return _octets(raw, what).decode("utf-8")
     except UnicodeDecodeError as error:
         raise SaslError(f"{what} is not UTF-8") from error
 
 
-def printable(*texts: str) -> bool:
-    """True if none of ``texts`` holds a control character.
+def printable(*values: str | bytes) -> bool:
+    """True if none of ``values`` (user names as text, passwords as octets) holds a control
+    character.
 
     The front-ends refuse credentials that fail this: a CR or LF in a user name would split
     the session's log line (a forged entry) or a replayed USER/PASS line, a NUL ends a C string
-    in the backend, and no real account name or password carries any of them.
+    in the backend, and no real account name or password carries any of them. Octets from
+    0x80 up pass: in a password they are Latin-1 or UTF-8, not controls.
     """
-    return not any(_CONTROL_CHARACTERS.intersection(text) for text in texts)
+    return not any(
+        _CONTROL_CHARACTERS.intersection(value if isinstance(value, str) else value.decode(_OCTETS))
+        for value in values
+    )
 
 
 def parse_plain(response: bytes) -> Credentials:
@@ -104,23 +129,29 @@ def parse_plain(response: bytes) -> Credentials:
     parts = message.split(b"\x00")
     if len(parts) != 3:
         raise SaslError("PLAIN response needs exactly two NUL separators")
-    authzid, authcid, passwd = (
-        _text(part, name) for part, name in zip(parts, ("authzid", "authcid", "passwd"), strict=True)
+    authzid, authcid = (
+        _text(part, name) for part, name in zip(parts[:2], ("authzid", "authcid"), strict=True)
     )
+    passwd = _octets(parts[2], "passwd")
     if not authcid:
         raise SaslError("PLAIN response has an empty authentication identity")
     return Credentials(username=authcid, password=passwd, mechanism=Mechanism.PLAIN, authzid=authzid)
 
 
-def parse_login_field(response: bytes, what: str) -> str:
-    """Decode one base64 answer of the LOGIN mechanism (the username or the password)."""
-    return _text(decode_base64(response), what)
+def parse_login_user(response: bytes) -> str:
+    """Decode the LOGIN mechanism's answer to "Username:" (UTF-8 text)."""
+    return _text(decode_base64(response), "user name")
+
+
+def parse_login_password(response: bytes) -> bytes:
+    """Decode the LOGIN mechanism's answer to "Password:" (octets, as the client sent them)."""
+    return _octets(decode_base64(response), "password")
 
 
 def plain_response(credentials: Credentials) -> bytes:
     """The base64 PLAIN response that logs ``credentials`` in on a backend."""
     message = b"\x00".join(
-        (credentials.authzid.encode(), credentials.username.encode(), credentials.password.encode())
+        (credentials.authzid.encode(), credentials.username.encode(), credentials.password)
     )
     return encode_base64(message)
 
@@ -172,11 +203,11 @@ class SaslExchange:
             if self.mechanism is Mechanism.PLAIN:
                 return parse_plain(response)
             if self.username is None:
-                username = parse_login_field(response, "user name")
+                username = parse_login_user(response)
                 if not username:
                     return SaslInvalid("empty user name")
                 return SaslExchange(self.mechanism, username)
-            return Credentials(self.username, parse_login_field(response, "password"), Mechanism.LOGIN)
+            return Credentials(self.username, parse_login_password(response), Mechanism.LOGIN)
         except SaslError as error:
             return SaslInvalid(str(error))
 

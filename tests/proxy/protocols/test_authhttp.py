@@ -21,12 +21,14 @@ PASSWORD = "Pa55-unique-W0rd"
 BACKEND_PASSWORD = "backend-0nly-secret"
 DETERMINISTIC = settings(derandomize=True, database=None, deadline=None)
 SERVICE = authhttp.service(HttpAuth("http://127.0.0.1:9000/auth"))
-IMAP = LoginRequest("imap", "alice@alpha.example", Credentials("alice@alpha.example", PASSWORD), tag=b"a1")
-POP3 = LoginRequest("pop3", "bob", Credentials("bob", PASSWORD))
+IMAP = LoginRequest(
+    "imap", "alice@alpha.example", Credentials("alice@alpha.example", PASSWORD.encode()), tag=b"a1"
+)
+POP3 = LoginRequest("pop3", "bob", Credentials("bob", PASSWORD.encode()))
 SUBMISSION = LoginRequest(
     "submission",
     "carol@alpha.example",
-    Credentials("carol@alpha.example", PASSWORD, Mechanism.PLAIN),
+    Credentials("carol@alpha.example", PASSWORD.encode(), Mechanism.PLAIN),
     helo=b"EHLO client.example",
 )
 INBOUND = LoginRequest(
@@ -53,7 +55,7 @@ def request_bytes(
 
 def test_imap_login_request_is_nginxs_byte_for_byte() -> None:
     # As nginx 1.22.1 sent it for `a1 LOGIN "us er%x" "pa\"ss"` from 127.0.0.1 (Client-IP differs).
-    request = LoginRequest("imap", "us er%x", Credentials("us er%x", 'pa"ss'), tag=b"a1")
+    request = LoginRequest("imap", "us er%x", Credentials("us er%x", b'pa"ss'), tag=b"a1")
     assert request_bytes(request) == (
         b"GET /auth HTTP/1.0\r\n"
         b"Host: 127.0.0.1\r\n"
@@ -67,9 +69,16 @@ def test_imap_login_request_is_nginxs_byte_for_byte() -> None:
     )
 
 
+def test_an_8_bit_password_goes_as_its_octets_escaped_as_nginx_escapes() -> None:
+    # ngx_escape_uri(NGX_ESCAPE_MAIL_AUTH) escapes space, "%" and 0x00-0x1F only: Latin-1 octets
+    # (no UTF-8) go as they are, in Auth-Pass as in the LOGIN literal that carried them.
+    request = LoginRequest("imap", "anna", Credentials("anna", b"s\xe9same 100%\xff"), tag=b"a1")
+    assert b"\r\nAuth-Pass: s\xe9same%20100%25\xff\r\n" in request_bytes(request)
+
+
 def test_pop3_and_every_sasl_mechanism_are_auth_method_plain() -> None:
     for mechanism in Mechanism:
-        request = LoginRequest("pop3", "bob", Credentials("bob", PASSWORD, mechanism))
+        request = LoginRequest("pop3", "bob", Credentials("bob", PASSWORD.encode(), mechanism))
         assert b"\r\nAuth-Method: plain\r\n" in request_bytes(request)
     assert b"\r\nAuth-Protocol: pop3\r\n" in request_bytes(POP3)
     assert b"Client-Host" not in request_bytes(POP3)
@@ -137,7 +146,7 @@ def test_escaped_values_are_one_header_line_and_unescape_back(raw: bytes) -> Non
 
 
 def test_credentials_with_line_breaks_cannot_add_headers() -> None:
-    request = LoginRequest("imap", "x", Credentials("x\r\nAuth-Status: OK", "p\nq"), tag=b"a1")
+    request = LoginRequest("imap", "x", Credentials("x\r\nAuth-Status: OK", b"p\nq"), tag=b"a1")
     lines = request_bytes(request).split(b"\r\n")
     assert b"Auth-User: x%0D%0AAuth-Status:%20OK" in lines
     assert b"Auth-Pass: p%0Aq" in lines
@@ -227,9 +236,20 @@ def test_ok_with_server_port_user_and_password() -> None:
         b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 10143\r\n"
         b"Auth-User: anna@alpha.example\r\nAuth-Pass: " + BACKEND_PASSWORD.encode() + b"\r\n\r\n"
     )
-    assert verdict == authhttp.Granted(Endpoint("127.0.0.1", 10143), "anna@alpha.example", BACKEND_PASSWORD)
+    assert verdict == authhttp.Granted(
+        Endpoint("127.0.0.1", 10143), "anna@alpha.example", BACKEND_PASSWORD.encode()
+    )
     assert BACKEND_PASSWORD not in repr(verdict)
     assert "anna@alpha.example" in repr(verdict)
+
+
+def test_a_grants_auth_pass_is_taken_octet_for_octet() -> None:
+    # As nginx copies it: 8-bit octets kept (a Latin-1 backend password), no %XX unescaping.
+    verdict = parse(b"Auth-Status: OK\r\nAuth-Pass: s\xe9same%20x\r\n\r\n")
+    assert verdict == authhttp.Granted(password=b"s\xe9same%20x")
+    assert authhttp.credentials_for(IMAP, authhttp.Granted(password=b"s\xe9same")) == Credentials(
+        "alice@alpha.example", b"s\xe9same"
+    )
 
 
 def test_ok_alone_leaves_server_and_credentials_to_the_route() -> None:
@@ -363,7 +383,6 @@ def test_wait_and_refusal_precedence(head: bytes, verdict: authhttp.Verdict) -> 
         b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 0\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 65536\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 14 3\r\n\r\n",
-        b"Auth-Status: OK\r\nAuth-Pass: \xff\xfe\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-User: \xc3\r\n\r\n",
         # Header names: letters, digits and "-" only, starting with a letter or digit.
         b"Auth_Status: OK\r\n\r\n",
@@ -385,7 +404,7 @@ def test_replies_that_break_the_protocol_are_invalid(head: bytes) -> None:
 
 def test_invalid_reasons_quote_no_header_value() -> None:
     for head in (
-        b"Auth-Status: OK\r\nAuth-Pass: \xffs3cr3t\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-User: \xffs3cr3t\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-Server: s3cr3t\r\nAuth-Port: 1\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-Server: ::1\r\nAuth-Port: s3cr3t\r\n\r\n",
         b"Auth-Status: s3cr3t\rx\r\n\r\n",
@@ -454,13 +473,13 @@ def test_any_bytes_give_none_or_a_verdict(data: bytes) -> None:
 
 def test_credentials_for_applies_the_overrides() -> None:
     plain = LoginRequest(
-        "imap", "alias", Credentials("alias", PASSWORD, Mechanism.PLAIN, authzid="alias"), tag=b"a1"
+        "imap", "alias", Credentials("alias", PASSWORD.encode(), Mechanism.PLAIN, authzid="alias"), tag=b"a1"
     )
     assert authhttp.credentials_for(plain, authhttp.Granted()) == plain.credentials
-    assert authhttp.credentials_for(plain, authhttp.Granted(password=BACKEND_PASSWORD)) == Credentials(
-        "alias", BACKEND_PASSWORD, Mechanism.PLAIN, authzid="alias"
+    assert authhttp.credentials_for(
+        plain, authhttp.Granted(password=BACKEND_PASSWORD.encode())
+    ) == Credentials("alias", BACKEND_PASSWORD.encode(), Mechanism.PLAIN, authzid="alias")
+    assert authhttp.credentials_for(plain, authhttp.Granted(user="anna", password=b"")) == Credentials(
+        "anna", b"", Mechanism.PLAIN, authzid=""
     )
-    assert authhttp.credentials_for(plain, authhttp.Granted(user="anna", password="")) == Credentials(
-        "anna", "", Mechanism.PLAIN, authzid=""
-    )
-    assert authhttp.credentials_for(INBOUND, authhttp.Granted(user="anna", password="x")) is None
+    assert authhttp.credentials_for(INBOUND, authhttp.Granted(user="anna", password=b"x")) is None

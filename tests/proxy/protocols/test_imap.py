@@ -169,7 +169,7 @@ def test_login_request_carries_protocol_tag_and_redacted_credentials() -> None:
         LoginRequest(
             protocol="imap",
             routing_key="user@example.org",
-            credentials=sasl.Credentials("user@example.org", PASSWORD),
+            credentials=sasl.Credentials("user@example.org", PASSWORD.encode()),
             tag=b"tag1",
         )
     )
@@ -209,7 +209,7 @@ def test_after_close_only_the_eof_is_accepted() -> None:
 
 
 def backend_login(
-    config: BackendConfig | None = None, username: str = "alice", password: str = PASSWORD
+    config: BackendConfig | None = None, username: str = "alice", password: bytes = PASSWORD.encode()
 ) -> imap.BackendLogin:
     credentials = sasl.Credentials(username, password)
     request = LoginRequest(protocol="imap", routing_key=username, credentials=credentials, tag=b"a1")
@@ -242,6 +242,22 @@ def test_backend_login_uses_literal_plus_when_advertised() -> None:
     expected = b"mg-login LOGIN {%d+}\r\n%b {%d+}\r\n%b\r\n" % literals
     assert commands == [Send(expected)]
     assert feed(login, b"mg-login OK Logged in") == [LoginSucceeded(b"a1 OK Logged in\r\n")]
+
+
+# Latin-1 "sésame": octets that are no UTF-8, with a quote and a backslash an RFC 3501 quoted
+# string would have to escape. Literals carry them as they are.
+LATIN1_PASSWORD = b's\xe9same "\\'
+
+
+def test_backend_login_sends_an_8_bit_password_as_its_octets_in_a_literal() -> None:
+    login = backend_login(password=LATIN1_PASSWORD)
+    feed(login, b"* OK Dovecot ready.")
+    assert feed(login, b"+ OK") == [Send(b"alice {%d}\r\n" % len(LATIN1_PASSWORD))]
+    assert feed(login, b"+ OK") == [Send(LATIN1_PASSWORD + b"\r\n")]
+    login = backend_login(password=LATIN1_PASSWORD)
+    assert feed(login, b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready") == [
+        Send(b"mg-login LOGIN {5+}\r\nalice {%d+}\r\n%b\r\n" % (len(LATIN1_PASSWORD), LATIN1_PASSWORD))
+    ]
 
 
 def test_backend_login_sends_client_address_with_id_first() -> None:
@@ -362,7 +378,7 @@ def test_backend_reply_limits() -> None:
 
 
 def test_backend_login_refuses_credentials_imap_cannot_carry() -> None:
-    assert feed(backend_login(password="a\x00b"), b"* OK ready") == [
+    assert feed(backend_login(password=b"a\x00b"), b"* OK ready") == [
         BackendFailed("login name or password contains NUL, which IMAP cannot carry")
     ]
 
@@ -372,7 +388,7 @@ def test_backend_login_misuse() -> None:
         imap.BackendLogin(LoginRequest(protocol="pop3", routing_key="a", tag=b"a1"), BackendConfig())
     with pytest.raises(LocalProtocolError):
         imap.BackendLogin(LoginRequest(protocol="imap", routing_key="a", tag=b"a1"), BackendConfig())
-    credentials = sasl.Credentials("a", "b")
+    credentials = sasl.Credentials("a", b"b")
     with pytest.raises(LocalProtocolError):
         imap.BackendLogin(LoginRequest("imap", "a", credentials), BackendConfig())
     login = backend_login()
@@ -584,7 +600,7 @@ REDACTION_DIALOGUES = [
     b"a LOGIN alice " + PASSWORD.encode() + b"\r\n",
     b'a LOGIN "alice" "' + PASSWORD.encode() + b'"\r\n',
     b"a LOGIN alice {%d+}\r\n%b\r\n" % (len(PASSWORD), PASSWORD.encode()),
-    b"a AUTHENTICATE PLAIN " + sasl.plain_response(sasl.Credentials("alice", PASSWORD)) + b"\r\n",
+    b"a AUTHENTICATE PLAIN " + sasl.plain_response(sasl.Credentials("alice", PASSWORD.encode())) + b"\r\n",
     b"a AUTHENTICATE LOGIN YWxpY2U=\r\n" + sasl.encode_base64(PASSWORD.encode()) + b"\r\n",
 ]
 

@@ -42,7 +42,7 @@ from tests.proxy.protocols import dialogues, transcript
 from tests.proxy.protocols.dialogues import FUZZ, PASSWORD, feed, sent
 
 TRANSCRIPTS = transcript.paths("pop3")
-CREDENTIALS = sasl.Credentials("alice", PASSWORD)
+CREDENTIALS = sasl.Credentials("alice", PASSWORD.encode())
 
 
 def started(config: FrontendConfig | None = None) -> pop3.Frontend:
@@ -76,7 +76,7 @@ def test_command_line_of_exactly_255_octets_is_accepted() -> None:
 
 
 def test_sasl_line_of_the_largest_plain_response_is_accepted() -> None:
-    credentials = sasl.Credentials("u" * 255, "p" * 255, sasl.Mechanism.PLAIN, authzid="z" * 255)
+    credentials = sasl.Credentials("u" * 255, b"p" * 255, sasl.Mechanism.PLAIN, authzid="z" * 255)
     response = sasl.plain_response(credentials)
     assert len(response) == pop3.MAX_SASL_LINE == 1024
     frontend = started()
@@ -88,7 +88,7 @@ def test_sasl_line_of_the_largest_plain_response_is_accepted() -> None:
 
 def test_initial_response_is_held_to_the_command_limit() -> None:
     """RFC 5034 section 4: a client must not send an initial response that overflows 255 octets."""
-    response = sasl.plain_response(sasl.Credentials("u" * 100, "p" * 100))
+    response = sasl.plain_response(sasl.Credentials("u" * 100, b"p" * 100))
     frontend = started()
     commands = frontend.handle(DataReceived(b"AUTH PLAIN " + response + b"\r\n"))
     assert commands == [Send(pop3.REPLY_TOO_LONG), Close("line too long")]
@@ -179,6 +179,13 @@ def test_backend_login_with_user_and_pass() -> None:
     commands = login.handle(DataReceived(b"+OK Logged in.\r\n+OK early"))
     assert commands == [LoginSucceeded(reply=b"+OK Logged in.\r\n", buffered=b"+OK early")]
     assert login.state is pop3.BackendState.DONE
+
+
+def test_backend_login_replays_an_8_bit_password_as_its_octets() -> None:
+    latin1 = sasl.Credentials("alice", b"s\xe9same p\xe4ss")  # Latin-1: no UTF-8
+    login = backend_login(credentials=latin1)
+    feed(login, b"+OK Dovecot ready.")
+    assert feed(login, b"+OK") == [Send(b"PASS s\xe9same p\xe4ss\r\n")]
 
 
 def test_backend_login_in_one_read() -> None:
@@ -287,9 +294,9 @@ def test_backend_response_limit() -> None:
 @pytest.mark.parametrize(
     "credentials",
     [
-        sasl.Credentials("ali\r\nce", PASSWORD),
-        sasl.Credentials("alice", "pass\nQUIT"),
-        sasl.Credentials("a", "\x00"),
+        sasl.Credentials("ali\r\nce", PASSWORD.encode()),
+        sasl.Credentials("alice", b"pass\nQUIT"),
+        sasl.Credentials("a", b"\x00"),
     ],
 )
 def test_backend_login_never_sends_credentials_that_would_break_the_line(

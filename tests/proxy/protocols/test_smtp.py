@@ -8,6 +8,7 @@ redaction, and hypothesis fuzzing of both machines. The tests every protocol run
 factories in dialogues.py, bound here to their names with SMTP's data.
 """
 
+import base64
 import dataclasses
 
 import pytest
@@ -44,7 +45,7 @@ from tests.proxy.protocols import dialogues, transcript
 from tests.proxy.protocols.dialogues import FUZZ, PASSWORD, feed, sent
 
 TRANSCRIPTS = transcript.paths("smtp")
-CREDENTIALS = sasl.Credentials("alice@example.com", PASSWORD, sasl.Mechanism.PLAIN)
+CREDENTIALS = sasl.Credentials("alice@example.com", PASSWORD.encode(), sasl.Mechanism.PLAIN)
 INBOUND = FrontendConfig(inbound=True)
 EHLO = b"EHLO client.example\r\n"
 ENVELOPE = (b"MAIL FROM:<alice@sender.example>", b"RCPT TO:<bob@example.com>")
@@ -254,7 +255,7 @@ def test_command_line_of_exactly_512_octets_is_accepted() -> None:
 
 
 def test_sasl_line_of_the_largest_plain_response_is_accepted() -> None:
-    credentials = sasl.Credentials("u" * 255, "p" * 255, sasl.Mechanism.PLAIN, authzid="z" * 255)
+    credentials = sasl.Credentials("u" * 255, b"p" * 255, sasl.Mechanism.PLAIN, authzid="z" * 255)
     response = sasl.plain_response(credentials)
     assert len(response) == smtp.MAX_SASL_LINE == 1024
     frontend = started()
@@ -472,6 +473,14 @@ def test_submission_login_with_auth_plain() -> None:
     assert login.state is smtp.BackendState.DONE
 
 
+def test_submission_login_replays_an_8_bit_password_as_its_octets() -> None:
+    latin1 = sasl.Credentials("alice@example.com", b"s\xe9same", sasl.Mechanism.LOGIN)  # no UTF-8
+    login = submission_login(credentials=latin1)
+    feed(login, b"220 postfix.example ESMTP")
+    response = base64.b64encode(b"\x00alice@example.com\x00s\xe9same")
+    assert feed(login, *POSTFIX_EHLO) == [Send(b"AUTH PLAIN " + response + b"\r\n")]
+
+
 def test_multi_line_replies_may_arrive_in_any_pieces() -> None:
     login = submission_login(BackendConfig(server_name="proxy.example"))
     assert login.handle(DataReceived(b"220-postfix.example ESMTP\r\n220-")) == []
@@ -548,7 +557,7 @@ def test_backend_refusing_xclient_fails_the_login() -> None:
 
 def test_long_credentials_go_after_a_334_challenge() -> None:
     """RFC 4954 section 4: no initial response that would make the AUTH line overflow 512 octets."""
-    credentials = sasl.Credentials("u" * 200, "p" * 200)
+    credentials = sasl.Credentials("u" * 200, b"p" * 200)
     login = submission_login(credentials=credentials)
     feed(login, b"220 mx")
     assert feed(login, *POSTFIX_EHLO) == [Send(b"AUTH PLAIN\r\n")]

@@ -26,8 +26,9 @@ EVENTS: ``LoginAccepted <reply>``, ``LoginRejected``, ``LoginRejected <reply>``,
 
 EXPECTED COMMANDS: ``Close``, ``StartTls``, ``Relay <python-bytes-literal>`` and
 ``Authenticate key=value ...`` with keys user (required), tag, protocol, mechanism, authzid,
-password, helo (text) and envelope (a Python tuple-of-bytes literal); only the keys given are
-compared. Values may be shell-quoted.
+password, helo (text) and envelope (a Python tuple-of-bytes literal); a password is text (its
+UTF-8 octets) or a Python bytes literal (octets that are no UTF-8, e.g. Latin-1); only the keys
+given are compared. Values may be shell-quoted.
 
 ``run(t, factory, chunks=[3, 1, 7])`` replays the same dialogue with the client's bytes cut into
 chunks of those sizes (cycled), everything between two events merged; the commands must then
@@ -274,7 +275,9 @@ def _describe(command: Command, expected: Expected | None) -> str:
                 "envelope": repr(request.envelope),
             }
             if "password" in wanted:
-                matches = credentials is not None and credentials.password == wanted["password"]
+                password = wanted["password"]
+                octets = _bytes_literal(password, "password") if password.startswith(("b'", 'b"')) else None
+                matches = credentials is not None and credentials.password == (octets or password.encode())
                 actual["password"] = "<given>" if matches else "<differs>"
             return "Authenticate " + " ".join(f"{key}={shlex.quote(actual[key])}" for key in wanted)
     # Anything else (a backend-login verdict from a front-end) never matches an expectation.

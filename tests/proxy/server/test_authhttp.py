@@ -37,7 +37,9 @@ from tests.proxy.server.conftest import (
 )
 
 CLIENT_PASSWORD = "client-typed-Secret-42"
-REQUEST = LoginRequest("imap", "alice@alpha.example", Credentials("alice@alpha.example", PASSWORD), tag=b"a1")
+REQUEST = LoginRequest(
+    "imap", "alice@alpha.example", Credentials("alice@alpha.example", PASSWORD.encode()), tag=b"a1"
+)
 ATTEMPT = protocol.Attempt(REQUEST, 1, "127.0.0.1")
 NO_TLS = ssl.create_default_context()
 
@@ -89,7 +91,7 @@ async def test_a_grant_comes_back_and_the_service_got_nginxs_request(
     service: authservice.AuthService,
 ) -> None:
     outcome = await ask(service, lambda received: authservice.ok("127.0.0.1", 143, password="backend"))
-    assert outcome == protocol.Granted(Endpoint("127.0.0.1", 143), None, "backend")
+    assert outcome == protocol.Granted(Endpoint("127.0.0.1", 143), None, b"backend")
     (received,) = service.requests
     assert received.head == protocol.build_request(target(service.url), ATTEMPT).data
 
