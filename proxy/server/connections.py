@@ -111,6 +111,7 @@ class _Connection(asyncio.Protocol):
         "_timer",
         "_tls",
         "_transport",
+        "_unmade",
         "busy",
     )
 
@@ -137,6 +138,9 @@ class _Connection(asyncio.Protocol):
         # What the client sent before the TLS layer took the transport over (its ClientHello, or
         # part of it); None when there is no TLS or once the TLS layer has it.
         self._early: bytearray | None = None
+        # What the TLS layer decrypted after the handshake and before this connection's task
+        # resumed to hand aiohttp's handler its connection (a client sends its request at once).
+        self._unmade = bytearray()
         self._made = False  # aiohttp's handler has its connection: events go to it
         # The loop keeps only a weak reference to a task: this one holds the handshake's.
         self._handshaking: asyncio.Task[None] | None = None
@@ -203,6 +207,9 @@ class _Connection(asyncio.Protocol):
         self._transport = secured
         self._made = True
         self._handler.connection_made(secured)
+        if self._unmade:
+            early_request, self._unmade = bytes(self._unmade), bytearray()
+            self._handler.data_received(early_request)
 
     def answered(self) -> None:
         self.busy = False
@@ -260,6 +267,8 @@ class _Connection(asyncio.Protocol):
             self._early += data
             assert self._transport is not None  # made
             self._transport.pause_reading()
+        else:
+            self._unmade += data  # from the TLS layer: the handler gets it once it is made
 
     def eof_received(self) -> None:
         if self._made:
