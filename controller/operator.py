@@ -3,14 +3,15 @@
 mailgress/cli.py adds ``add_arguments`` to its ``controller`` subcommand and calls ``command``;
 tests call ``run`` with a kubeconfig that points at the emulator. ``run`` loads the Kubernetes
 client configuration (a kubeconfig, or the pod's service account), starts the push channel
-(controller.publisher), registers controller.handlers on a fresh kopf registry and runs kopf
-until stopped. ``KubeApi`` is the reconciler's ``Cluster``: the few writes kopf does not make
-for us (status patches with a resourceVersion precondition, the snapshot Secret, Events) and
-one read (the snapshot Secret, at start), over aiohttp with the same credentials kopf logs in
-with. The snapshot is a Secret because tables carry auth_http request headers; a ConfigMap an
-earlier release wrote is never read (that needs rights on ConfigMaps the chart no longer grants).
-The chart renders the Secret empty and grants only get and patch on it; the controller creates it
-only when it is missing and it may (an install without the chart).
+(controller.publisher, its connections bounded by the guard mailgress/cli.py hands in), registers
+controller.handlers on a fresh kopf registry and runs kopf until stopped. ``KubeApi`` is the
+reconciler's ``Cluster``: the few writes kopf does not make for us (status patches with a
+resourceVersion precondition, the snapshot Secret, Events) and one read (the snapshot Secret, at
+start), over aiohttp with the same credentials kopf logs in with. The snapshot is a Secret because
+tables carry auth_http request headers; a ConfigMap an earlier release wrote is never read (that
+needs rights on ConfigMaps the chart no longer grants). The chart renders the Secret empty and
+grants only get and patch on it; the controller creates it only when it is missing and it may (an
+install without the chart).
 Never logs the push token, an API bearer token or the snapshot's content; never imports anything
 of the proxy but the table contract.
 
@@ -433,10 +434,15 @@ def read_token(path: Path) -> str:
         raise SettingsError(str(error)) from error
 
 
-def push_channel(settings: Settings, certificates: CertificateLoader | None = None) -> publisher.Publisher:
+def push_channel(
+    settings: Settings,
+    certificates: CertificateLoader | None = None,
+    guards: publisher.ConnectionGuards | None = None,
+) -> publisher.Publisher:
     """The push channel of ``settings``: it checks every request against the token file as it is
-    then, so a rotated Secret takes effect without a restart (the proxies re-read it too), and
-    serves TLS with ``certificates`` made from the settings' files, if they name any.
+    then, so a rotated Secret takes effect without a restart (the proxies re-read it too), serves
+    TLS with ``certificates`` made from the settings' files, if they name any, and bounds its
+    connections with a guard from ``guards`` (None: unguarded, see ``publisher.Publisher``).
 
     Raises:
         SettingsError: the token file cannot be read or holds no token at start (a setup error;
@@ -449,7 +455,9 @@ def push_channel(settings: Settings, certificates: CertificateLoader | None = No
         if certificates is None:
             raise SettingsError("--tls-cert-file: this entry point cannot load certificates")
         served = certificates(*settings.tls_files)
-    return publisher.Publisher(token=publisher.TokenFile(settings.token_file), certificates=served)
+    return publisher.Publisher(
+        token=publisher.TokenFile(settings.token_file), certificates=served, guards=guards
+    )
 
 
 async def run(
@@ -457,6 +465,7 @@ async def run(
     *,
     channel: publisher.Publisher | None = None,
     certificates: CertificateLoader | None = None,
+    guards: publisher.ConnectionGuards | None = None,
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     holdoff: float = reconciler.HOLDOFF_SECONDS,
@@ -466,8 +475,9 @@ async def run(
     Args:
         settings: as ``settings_from`` resolved them.
         channel: the publisher to start on the settings' address (tests keep a reference to
-            learn its port); None makes ``push_channel(settings, certificates)``.
+            learn its port); None makes ``push_channel(settings, certificates, guards)``.
         certificates: loads the settings' TLS files (see ``CertificateLoader``).
+        guards: bounds the push port's connections (``command`` always passes it).
         stop_flag, ready_flag: passed to kopf.operator.
         holdoff: the reconciler's debounce (tests shorten it).
 
@@ -476,7 +486,7 @@ async def run(
     """
     configuration = kube_configuration(settings.kubeconfig)
     if channel is None:
-        channel = push_channel(settings, certificates)
+        channel = push_channel(settings, certificates, guards)
     await channel.start(settings.listen_address, settings.listen_port)
     api = KubeApi(configuration, settings.namespace, settings.snapshot_secret)
     await api.start()
@@ -507,10 +517,13 @@ async def run(
         await channel.stop()
 
 
-def command(arguments: argparse.Namespace, *, certificates: CertificateLoader) -> int:
+def command(
+    arguments: argparse.Namespace, *, certificates: CertificateLoader, guards: publisher.ConnectionGuards
+) -> int:
     """``mailgress controller``: run until SIGTERM; exit status 2 on bad settings.
 
-    ``certificates`` loads the push channel's TLS files (mailgress/cli.py passes it).
+    ``certificates`` loads the push channel's TLS files and ``guards`` bounds its connections
+    (mailgress/cli.py passes both: the controller never runs an unguarded push port).
     """
     logging.basicConfig(
         level=getattr(logging, arguments.log_level.upper()),
@@ -519,7 +532,7 @@ def command(arguments: argparse.Namespace, *, certificates: CertificateLoader) -
     )
     try:
         settings = settings_from(arguments, os.environ)
-        uvloop.run(run(settings, certificates=certificates))
+        uvloop.run(run(settings, certificates=certificates, guards=guards))
     except SettingsError as error:
         print(f"mailgress controller: {error}", file=sys.stderr)
         return EXIT_USAGE

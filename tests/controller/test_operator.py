@@ -1,6 +1,7 @@
 """The controller process: settings from flags and environment, credentials, the push channel it
-starts on the token file (over TLS when given a certificate), and the API client (``KubeApi``)
-against the emulator, the snapshot Secret in both its forms included, written and read back."""
+starts on the token file (over TLS when given a certificate, through the guard it is given), and
+the API client (``KubeApi``) against the emulator, the snapshot Secret in both its forms included,
+written and read back."""
 
 import argparse
 import base64
@@ -18,6 +19,7 @@ from controller import operator, publisher, reconciler
 from proxy import table
 from proxy.server import subscriber
 from proxy.server.certificates import CertificateStore
+from proxy.server.connections import Guard
 from proxy.settings import CertificateFiles
 from testbed.tlscerts import TestAuthority
 from tests.controller.test_reconciler import since_of, table_over_the_plain_limit
@@ -222,7 +224,9 @@ def load_certificates(cert: Path, key: Path) -> CertificateStore:
     return CertificateStore("push channel", (CertificateFiles(cert, key),))
 
 
-async def test_the_push_channel_serves_tls_with_the_loaded_certificates(tmp_path: Path) -> None:
+async def test_the_push_channel_serves_tls_with_the_loaded_certificates_through_the_guard(
+    tmp_path: Path,
+) -> None:
     authority = TestAuthority(tmp_path / "ca")
     served = authority.issue("push", ["127.0.0.1"])
     token = tmp_path / "token"
@@ -230,9 +234,17 @@ async def test_the_push_channel_serves_tls_with_the_loaded_certificates(tmp_path
     flags = arguments(
         f"--token-file={token}", f"--tls-cert-file={served.cert}", f"--tls-key-file={served.key}"
     )
-    channel = operator.push_channel(operator.settings_from(flags, {}), load_certificates)
+    made: list[tuple[str, int, float]] = []
+
+    def guards(name: str, limit: int, timeout: float) -> Guard:
+        """What mailgress/cli.py hands the controller (connections.Guard), made as it is asked."""
+        made.append((name, limit, timeout))
+        return Guard(name, limit, timeout)
+
+    channel = operator.push_channel(operator.settings_from(flags, {}), load_certificates, guards)
     await channel.start("127.0.0.1", 0)
     try:
+        assert made == [("push channel", publisher.MAX_CONNECTIONS, publisher.REQUEST_TIMEOUT)]
         url = f"https://127.0.0.1:{channel.port}{publisher.METRICS_PATH}"
         context = ssl.create_default_context(cafile=str(authority.cert))
         async with (

@@ -1,5 +1,5 @@
 """The ``mailgress`` console script: ``routes check``, the proxy's start-up errors and the
-controller's push channel certificates (wired in here, from the proxy's store)."""
+controller's push channel certificates and connection guard (wired in here, from the proxy)."""
 
 import json
 import socket
@@ -11,7 +11,7 @@ import pytest
 
 from controller import operator
 from mailgress import cli
-from proxy.server import certificates
+from proxy.server import certificates, connections
 from testbed import tlscerts
 from tests.kube.conftest import kubeconfig_text
 
@@ -236,6 +236,19 @@ def test_controller_certificates_come_from_the_proxys_reloading_store(tmp_path: 
     assert loaded.refresh() is False  # nothing changed since loading
     with pytest.raises(operator.SettingsError, match="push channel"):
         cli.push_certificates(tmp_path / "missing.crt", served.key)
+
+
+def test_the_controller_always_runs_its_push_port_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mailgress controller hands the operator the admin port's guard for its push port."""
+    handed: dict[str, object] = {}
+
+    def command(arguments: object, **wiring: object) -> int:
+        handed.update(wiring)
+        return 0
+
+    monkeypatch.setattr(operator, "command", command)
+    assert cli.main(["controller", "--token-file=token"]) == 0
+    assert handed == {"certificates": cli.push_certificates, "guards": connections.Guard}
 
 
 def test_controller_with_unloadable_tls_files_exits_with_one_clear_line(
