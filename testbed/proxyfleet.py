@@ -3,13 +3,13 @@
 ``Deployment`` holds what a cluster mounts into every proxy pod (the push token and the snapshot
 file the snapshot Secret would hold) and the port of the controller's push channel. Given a test
 CA, the push channel speaks TLS as the chart has it by default: a certificate for the loopback
-address for the controller (``controller_tls``), the CA file and an https url for the proxies.
-It starts proxies whose settings have a ``controller`` key, each in a folder of its own;
+address for the controller (``controller_tls``), the CA file and an https url for the proxies. It
+starts proxies whose settings have a ``controller`` key, each in a folder of its own;
 ``start_proxy`` returns once the proxy holds a table (its /readyz). ``start_controller`` stands in
-for the controller with a loopback ``controller.publisher.Publisher``; tests/kube and
-bench/convergence.py run the real operator on ``port`` instead. Used by tests/e2e_push,
-tests/kube and bench/convergence.py. Never starts mail servers, never writes the token anywhere
-but its file, binds only 127.0.0.1.
+for the controller with a loopback ``controller.publisher.Publisher``, its connections guarded as
+``mailgress controller``'s are; tests/kube and bench/convergence.py run the real operator on
+``port`` instead. Used by tests/e2e_push, tests/kube and bench/convergence.py. Never starts mail
+servers, never writes the token anywhere but its file, binds only 127.0.0.1.
 """
 
 import asyncio
@@ -20,6 +20,7 @@ import yaml
 from controller import publisher
 from mailgress import cli
 from proxy import table
+from proxy.server import connections
 from testbed import mailservers, proxyprocess, proxysettings, tlscerts
 
 # The push channel's bearer token (a Secret in a cluster); tests check no log ever holds it.
@@ -56,7 +57,7 @@ class Deployment:
     async def start_controller(self, first: table.RoutingTable) -> publisher.Publisher:
         """A push channel on ``port`` publishing ``first``; the caller stops it."""
         served = None if self.controller_tls is None else cli.push_certificates(*self.controller_tls)
-        channel = publisher.Publisher(PUSH_TOKEN, certificates=served)
+        channel = publisher.Publisher(PUSH_TOKEN, certificates=served, guards=connections.Guard)
         channel.publish(first)
         await channel.start(mailservers.LOOPBACK, self.port)
         return channel

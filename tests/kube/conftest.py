@@ -8,12 +8,12 @@ proxies on the real push channel, and the log of what the controller asked the A
 - ``controller``: controller.operator.run in its own thread and event loop (kopf stops in
   milliseconds that way), logging in through a kubeconfig with the controller's token, its push
   channel on 127.0.0.1 with a random port (over TLS when the settings name certificate files,
-  loaded as ``mailgress controller`` loads them). The snapshot Secret exists before it starts, empty,
-  as the chart renders it (the chart grants the controller no create; ``ControllerRunner``
-  creates it). Stopped at teardown,
-  after which every (verb, resource) it used is added to ``controller_accesses``, but for those
-  a test still forbids then (refused, as RBAC refuses what the chart does not grant: the
-  controller got by without them).
+  loaded as ``mailgress controller`` loads them; its connections guarded as that command's are).
+  The snapshot Secret exists before it starts, empty, as the chart renders it (the chart grants
+  the controller no create; ``ControllerRunner`` creates it). Stopped at teardown, after which
+  every (verb, resource) it used is added to ``controller_accesses``, but for those a test still
+  forbids then (refused, as RBAC refuses what the chart does not grant: the controller got by
+  without them).
 - ``controller_accesses``: one JSON file for the whole session under pytest's base temp folder,
   the union of the accesses of every controller run; an RBAC check reads it.
 - ``FakeProxy``: a proxy pod's end of the push channel (stream, parse, ack) without the proxy.
@@ -43,6 +43,7 @@ from controller import operator, publisher, reconciler
 from deploy import render
 from mailgress import cli
 from proxy import table
+from proxy.server import connections
 from tests.kube.emulator import Emulator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,7 +176,7 @@ class Controller:
 def running_controller(settings: operator.Settings) -> Iterator[Controller]:
     """controller.operator.run in a thread of its own, until the block ends."""
     served = None if settings.tls_files is None else cli.push_certificates(*settings.tls_files)
-    channel = publisher.Publisher(token=PUSH_TOKEN, certificates=served)
+    channel = publisher.Publisher(token=PUSH_TOKEN, certificates=served, guards=connections.Guard)
     stop, ready = threading.Event(), threading.Event()
     failures: list[BaseException] = []
 
