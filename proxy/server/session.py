@@ -63,6 +63,9 @@ TIMED_OUT_REPLY_GRACE = 1.0
 # extra call. nginx reads a client into one page (IMAP, SMTP) or 128 octets (POP3), and reads
 # no more until its replies are sent.
 FEED_SIZE = 512
+# The session line's outcome when the pre-login deadline ended the dialogue, in place of the
+# machine's reason ("idle timeout", "timed out"), which would read like the relay's idle timeout.
+PRE_LOGIN_TIMED_OUT = "timed out before login"
 STARTTLS_POLICY = {
     ("starttls", True): events.StartTlsPolicy.REQUIRED,
     ("starttls", False): events.StartTlsPolicy.ON,
@@ -330,6 +333,7 @@ async def _converse(
     limit = deadline  # when the scope below ends: the deadline, then the timeout reply's grace
     timed_out = False
     sending = False  # a reply is on its way out: a deadline now would cut it short
+    handshaking = False  # the STARTTLS handshake is under way
     unfed = b""  # the rest of the last read: fed FEED_SIZE at a time, each after the replies
     try:
         while True:
@@ -353,7 +357,12 @@ async def _converse(
                                     await channel.send(data)
                                     sending = False
                                 case events.Close(reason=reason):
-                                    record.outcome = reason
+                                    if not timed_out:
+                                        record.outcome = reason
+                                    elif handshaking:
+                                        record.outcome = f"{PRE_LOGIN_TIMED_OUT}, in the STARTTLS handshake"
+                                    else:
+                                        record.outcome = PRE_LOGIN_TIMED_OUT
                                     return None
                                 case events.Authenticate(request=request):
                                     attempts += 1
@@ -390,9 +399,11 @@ async def _converse(
                                     # the handshake: never fed, least of all as if it came over
                                     # TLS (CVE-2011-0411; the machine drops its own share too).
                                     unfed = b""
+                                    handshaking = True
                                     await channel.start_tls(
                                         listener.certificates.context, server_side=True, server_hostname=None
                                     )
+                                    handshaking = False
                                     pending.extend(frontend.handle(events.TlsEstablished()))
                                 case other:
                                     raise AssertionError(f"front-end emitted {other!r}")
