@@ -87,6 +87,12 @@ class Guard:
         self._open[handler] = connection
         return connection
 
+    def abort_handshakes(self) -> None:
+        """Abort every connection still in its TLS handshake (``site`` stops: aiohttp's shutdown
+        closes only the connections its handler has)."""
+        for connection in list(self._open.values()):
+            connection.abort_handshake()
+
     def _answered(self, handler: web.RequestHandler) -> None:
         # Gone when the deadline or the client ended the connection while its answer was written.
         connection = self._open.pop(handler, None)
@@ -237,6 +243,10 @@ class _Connection(asyncio.Protocol):
         self._forget()
         self._transport.abort()
 
+    def abort_handshake(self) -> None:
+        if not self._made and self._transport is not None:
+            self._transport.abort()
+
     def _start_deadline(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -324,3 +334,7 @@ class _Site(web.BaseSite):
         self._server = await loop.create_server(
             lambda: self._guard.accept(server, self._tls), self._address, self._port, backlog=self._backlog
         )
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._guard.abort_handshakes()

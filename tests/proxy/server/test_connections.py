@@ -412,3 +412,15 @@ async def test_over_tls_connections_silent_in_their_handshake_make_room_and_plai
         for _, writer in silent:
             writer.close()
         assert not expiries(caplog)
+
+
+async def test_over_tls_stopping_the_site_closes_the_connections_still_in_their_handshake(
+    caplog: pytest.LogCaptureFixture, authority: TestAuthority, tmp_path: Path
+) -> None:
+    # aiohttp's shutdown closes the connections its handler has; these are the guard's alone.
+    async with serving(caplog, 4, LONG, server_context(authority, tmp_path)) as served:
+        silent = [await connect(served.port) for _ in range(2)]
+    for reader, writer in silent:
+        assert await until_closed(reader) == b""
+        writer.close()
+    assert not expiries(caplog)
