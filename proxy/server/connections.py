@@ -8,8 +8,11 @@ answered within ``timeout`` of its accept or of its last answer is aborted, the 
 counted in that time. A connection over the cap makes room by aborting the one without a request
 in progress that has waited longest for its next request, and is closed unread only when every
 open connection is busy. A request the application marks ``lasting`` (a long-lived stream it
-accepted) has no deadline and is never evicted until it ends. Never reads request contents;
-logs at debug only (a flood must not flood the log), never an address.
+accepted) has no deadline and is never evicted until it ends. Over TLS the guard runs each
+handshake itself (start_tls) after admitting the connection, so one silent before or within its
+ClientHello is timed and evicted like any other; stopping the site aborts those still in their
+handshake. Never interprets what a client sends; logs at debug only (a flood must not flood the
+log), never an address.
 """
 
 import asyncio
