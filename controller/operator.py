@@ -274,7 +274,23 @@ def _ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLConte
 
 
 class ForbiddenError(reconciler.ClusterError):
-    """HTTP 403: no RBAC rule grants the request."""
+    """HTTP 403: no RBAC rule grants the request, or an admission check refused it."""
+
+
+# At most this much of the API server's explanation of a refusal (a metav1.Status message: the
+# object, the field and the rule; an admission webhook's own words) goes into an error.
+MAX_REFUSAL_MESSAGE = 300
+
+
+def _refusal(content: bytes) -> str:
+    """ ": " and the message of the metav1.Status the API server refused a request with ("" if
+    the answer holds none)."""
+    try:
+        answer = json.loads(content)
+    except (ValueError, RecursionError):  # ValueError: JSON or UTF-8
+        return ""
+    message = answer.get("message") if isinstance(answer, dict) else None
+    return f": {message[:MAX_REFUSAL_MESSAGE]}" if isinstance(message, str) and message else ""
 
 
 class KubeApi:
@@ -311,7 +327,7 @@ class KubeApi:
         self, method: str, path: str, body: Mapping[str, Any] | None, content_type: str
     ) -> tuple[int, bytes]:
         """The HTTP status and body of one request; network trouble, 401, 429 and 5xx are
-        ClusterError, 403 ForbiddenError."""
+        ClusterUnavailableError (no other request would fare better), 403 ForbiddenError."""
         if self._session is None:
             raise RuntimeError("KubeApi.start() was not called")
         try:
@@ -321,11 +337,11 @@ class KubeApi:
                 content = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise reconciler.ClusterError(f"{method} {path}: {error!r}") from error
+            raise reconciler.ClusterUnavailableError(f"{method} {path}: {error!r}") from error
         if status == 403:
-            raise ForbiddenError(f"{method} {path}: HTTP {status}")
+            raise ForbiddenError(f"{method} {path}: HTTP {status}{_refusal(content)}")
         if status >= 500 or status in (401, 429):
-            raise reconciler.ClusterError(f"{method} {path}: HTTP {status}")
+            raise reconciler.ClusterUnavailableError(f"{method} {path}: HTTP {status}")
         return status, content
 
     async def patch_status(
@@ -335,11 +351,11 @@ class KubeApi:
         path = f"/apis/{group}/{version}/namespaces/{namespace}/mailroutes/{name}/status"
         # A resourceVersion in a merge patch is a precondition: 409 if the object moved on.
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
-        code, _ = await self._call("PATCH", path, body, "application/merge-patch+json")
+        code, content = await self._call("PATCH", path, body, "application/merge-patch+json")
         if code in (404, 409):
             return False
         if code >= 300:
-            raise reconciler.ClusterError(f"PATCH {path}: HTTP {code}")
+            raise reconciler.ClusterError(f"PATCH {path}: HTTP {code}{_refusal(content)}")
         return True
 
     async def load_snapshot(self) -> Mapping[str, Any] | None:
@@ -409,12 +425,19 @@ class KubeApi:
             "lastTimestamp": now,
             "count": 1,
         }
-        code, _ = await self._call(
-            "POST", f"/api/v1/namespaces/{route.namespace}/events", event, "application/json"
-        )
-        if code >= 300:
-            # An Event is a courtesy: a refusal (e.g. the namespace is terminating) is logged only.
-            log.warning("Event %s for %s was refused: HTTP %d", reason, route.key, code)
+        path = f"/api/v1/namespaces/{route.namespace}/events"
+        # An Event is a courtesy: a refusal (e.g. 403 in a terminating namespace, where the
+        # NamespaceLifecycle admission plugin refuses every create) is logged only, and the sweep
+        # goes on; an unavailable API still ends it.
+        try:
+            code, content = await self._call("POST", path, event, "application/json")
+        except ForbiddenError as error:
+            refused = str(error)
+        else:
+            if code < 300:
+                return
+            refused = f"POST {path}: HTTP {code}{_refusal(content)}"
+        log.warning("Event %s for %s was refused: %s", reason, route.key, refused)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ against the emulator, the snapshot Secret in both its forms included, written an
 
 import argparse
 import base64
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,8 +12,10 @@ from typing import Any
 
 import aiohttp
 import kmock
+import kubernetes.client
 import pytest
 import yaml
+from aiohttp import web
 
 from controller import operator, publisher, reconciler
 from proxy import table
@@ -20,7 +23,7 @@ from proxy.server import subscriber
 from proxy.server.certificates import CertificateStore
 from proxy.settings import CertificateFiles
 from testbed.tlscerts import TestAuthority
-from tests.controller.test_reconciler import since_of, table_over_the_plain_limit
+from tests.controller.test_reconciler import entry, route_body, since_of, table_over_the_plain_limit
 from tests.kube.conftest import CRD_FILE, kubeconfig_text
 from tests.kube.emulator import Access, Emulator
 
@@ -392,9 +395,107 @@ async def test_api_trouble_is_a_cluster_error(tmp_path: Path) -> None:
     api = operator.KubeApi(operator.kube_configuration(config), "ns", "snapshot")
     await api.start()
     try:
-        with pytest.raises(reconciler.ClusterError):
+        with pytest.raises(reconciler.ClusterUnavailableError):
             await api.save_snapshot(reconciler.Snapshot("v1", compressed=False, content=b"{}"))
-        with pytest.raises(reconciler.ClusterError):
+        with pytest.raises(reconciler.ClusterUnavailableError):
             await api.load_snapshot()
+        with pytest.raises(reconciler.ClusterUnavailableError):
+            await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
     finally:
         await api.stop()
+
+
+async def test_a_refused_event_is_logged_and_raises_nothing(
+    kube_api: tuple[Emulator, operator.KubeApi], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Event is a courtesy: a 403 (any create in a terminating namespace) must not end the
+    status sweep that posts it."""
+    emulator, api = kube_api
+    emulator.forbidden["writer-token"] = {Access(verb="create", resource="events")}
+    caplog.set_level(logging.WARNING, logger=operator.__name__)
+    await api.post_event(entry(route_body("alpha", "a.example")), "Normal", "Accepted", "valid")
+    refused = "Event Accepted for mail/alpha was refused: POST /api/v1/namespaces/mail/events: HTTP 403"
+    assert refused in caplog.text
+    assert "events is forbidden: cannot create" in caplog.text, "the API server's reason"
+
+
+async def test_a_refused_status_patch_is_a_refusal_not_an_outage(
+    kube_api: tuple[Emulator, operator.KubeApi],
+) -> None:
+    """403 (RBAC, an admission policy) is this write's refusal: the sweep goes on with the other
+    routes (ClusterError, not ClusterUnavailableError), and the error says why."""
+    emulator, api = kube_api
+    emulator.forbidden["writer-token"] = {
+        Access(verb="patch", group="mailgress.io", resource="mailroutes", subresource="status")
+    }
+    with pytest.raises(reconciler.ClusterError) as refused:
+        await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
+    assert not isinstance(refused.value, reconciler.ClusterUnavailableError)
+    assert str(refused.value).endswith("HTTP 403: mailroutes is forbidden: cannot patch")
+
+
+@pytest.fixture
+async def answering() -> AsyncIterator[tuple[list[tuple[int, bytes]], operator.KubeApi]]:
+    """A KubeApi against a server that gives every request the next (status, body) of a list
+    the test fills."""
+    answers: list[tuple[int, bytes]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        status, body = answers.pop(0)
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    api = operator.KubeApi(configuration, "mailgress-system", "snapshot")
+    await api.start()
+    try:
+        yield answers, api
+    finally:
+        await api.stop()
+        await runner.cleanup()
+
+
+INVALID = (
+    b'{"kind":"Status","status":"Failure","reason":"Invalid","code":422,"message":"MailRoute.mailgress.io '
+    b'\\"r\\" is invalid: status.conditions: Too many: 9: must have at most 8 items"}'
+)
+
+
+async def test_status_patch_answers_tell_a_refusal_from_an_outage(
+    answering: tuple[list[tuple[int, bytes]], operator.KubeApi],
+) -> None:
+    answers, api = answering
+    answers.append((422, INVALID))
+    with pytest.raises(reconciler.ClusterError) as refused:
+        await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
+    assert not isinstance(refused.value, reconciler.ClusterUnavailableError)
+    assert "HTTP 422: MailRoute.mailgress.io" in str(refused.value)
+    assert str(refused.value).endswith("must have at most 8 items")
+    answers.append((422, b"not json"))
+    with pytest.raises(reconciler.ClusterError, match=r"HTTP 422$"):
+        await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
+    for code in (401, 429, 500, 503):
+        answers.append((code, b"{}"))
+        with pytest.raises(reconciler.ClusterUnavailableError, match=rf"HTTP {code}$"):
+            await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
+
+
+async def test_a_refused_event_of_another_kind_is_logged_too(
+    answering: tuple[list[tuple[int, bytes]], operator.KubeApi], caplog: pytest.LogCaptureFixture
+) -> None:
+    """422 (an Event the API server finds invalid) is logged with its reason; an unavailable API
+    still raises, so the sweep stops as for a status write."""
+    answers, api = answering
+    caplog.set_level(logging.WARNING, logger=operator.__name__)
+    answers.append((422, b'{"message":"Event.core \\"r.x\\" is invalid: reason: Required value"}'))
+    await api.post_event(entry(route_body("r", "a.example")), "Normal", "Accepted", "valid")
+    assert 'HTTP 422: Event.core "r.x" is invalid: reason: Required value' in caplog.text
+    answers.append((503, b"{}"))
+    with pytest.raises(reconciler.ClusterUnavailableError):
+        await api.post_event(entry(route_body("r", "a.example")), "Normal", "Accepted", "valid")
