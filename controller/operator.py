@@ -44,12 +44,14 @@ Settings (flag, then environment variable, then default):
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import ssl
 import sys
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,6 +458,47 @@ def read_token(path: Path) -> str:
         raise SettingsError(str(error)) from error
 
 
+# Where kopf binds a liveness URL without a host or a port (kopf/_core/engines/probing.py).
+KOPF_HEALTH_HOST = "localhost"
+KOPF_HEALTH_PORT = 80
+
+
+def _may_share_sockets(first: str, second: str) -> bool:
+    """Whether listeners on ``first`` and ``second`` take the same port's sockets: one address, or
+    a wildcard of the same family (asyncio binds IPv6 only-v6, so "::" leaves IPv4 alone), or a
+    host name (it may resolve to the other)."""
+    try:
+        one, other = ipaddress.ip_address(first), ipaddress.ip_address(second)
+    except ValueError:
+        return True
+    return one.version == other.version and (one == other or one.is_unspecified or other.is_unspecified)
+
+
+def check_ports(settings: Settings) -> None:
+    """Refuse a liveness endpoint on the push channel's port: kopf would fail to bind it
+    (EADDRINUSE) after the channel started, and the operator end with a traceback.
+
+    Raises:
+        SettingsError: naming both settings, or a --health URL whose port is not a number.
+    """
+    if not settings.health:
+        return
+    health = urllib.parse.urlsplit(settings.health)
+    try:
+        port = health.port or KOPF_HEALTH_PORT
+    except ValueError as error:
+        raise SettingsError(f"--health: {settings.health!r} has no valid port ({error})") from error
+    if port == settings.listen_port and _may_share_sockets(
+        health.hostname or KOPF_HEALTH_HOST, settings.listen_address
+    ):
+        raise SettingsError(
+            f"--listen-port (MAILGRESS_LISTEN_PORT) {settings.listen_port} and --health "
+            f"(MAILGRESS_HEALTH) {settings.health} name the same port: the push channel and kopf's "
+            "liveness endpoint each need their own (the chart's controller.pushPort and "
+            "controller.healthPort)"
+        )
+
+
 def push_channel(settings: Settings, certificates: CertificateLoader | None = None) -> publisher.Publisher:
     """The push channel of ``settings``: it checks every request against the token file as it is
     then, so a rotated Secret takes effect without a restart (the proxies re-read it too), and
@@ -495,8 +538,10 @@ async def run(
         holdoff: the reconciler's debounce (tests shorten it).
 
     Raises:
-        SettingsError: credentials, the token or the TLS files cannot be loaded.
+        SettingsError: two listeners on one port (``check_ports``), or credentials, the token or
+            the TLS files cannot be loaded.
     """
+    check_ports(settings)
     configuration = kube_configuration(settings.kubeconfig)
     if channel is None:
         channel = push_channel(settings, certificates)

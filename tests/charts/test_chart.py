@@ -337,6 +337,15 @@ def test_render_refuses_clashing_listeners(listeners: list[dict[str, Any]], mess
     assert message in str(refused.value)
 
 
+def test_render_refuses_one_port_for_two_controller_listeners() -> None:
+    """The schema cannot compare two values and kubernetes-validate takes a Deployment whose two
+    containerPorts are alike, but the controller cannot bind the second (operator.check_ports
+    says so at start, for a controller run without the chart)."""
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render.render({"controller": {"pushPort": 9400, "healthPort": 9400}})
+    assert "controller.pushPort and controller.healthPort are both 9400" in str(refused.value)
+
+
 def test_render_refuses_more_minimum_than_maximum_replicas() -> None:
     autoscaling = {"enabled": True, "minReplicas": 5, "maxReplicas": 2}
     with pytest.raises(helm.HelmRenderError) as refused:
@@ -619,6 +628,7 @@ def test_controller_arguments_are_what_the_controller_accepts(scenario: str) -> 
     command = cli.parser().parse_args(arguments)
     assert command.handler is cli._run_controller
     parsed = operator.settings_from(command, {"POD_NAMESPACE": RELEASE_NAMESPACE})
+    operator.check_ports(parsed)  # what the controller checks before it binds anything
     env = {item["name"]: item["valueFrom"]["fieldRef"]["fieldPath"] for item in container(deployment)["env"]}
     assert env == {"POD_NAMESPACE": "metadata.namespace"}
     assert parsed.namespace == RELEASE_NAMESPACE

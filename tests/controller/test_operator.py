@@ -166,6 +166,68 @@ def test_bad_settings(argv: tuple[str, ...], environ: dict[str, str], problem: s
         operator.settings_from(arguments(*argv), environ)
 
 
+@pytest.mark.parametrize(
+    ("address", "port", "health"),
+    [
+        pytest.param("0.0.0.0", "9400", "http://0.0.0.0:9400/healthz", id="the-charts-form"),
+        pytest.param("0.0.0.0", "9400", "http://127.0.0.1:9400/healthz", id="a-wildcard-covers-loopback"),
+        pytest.param("::1", "9400", "http://[::]:9400/healthz", id="ipv6"),
+        pytest.param("0.0.0.0", "9400", "http://:9400/healthz", id="kopfs-default-host-a-name"),
+        pytest.param("127.0.0.1", "80", "http://127.0.0.1/healthz", id="kopfs-default-port"),
+    ],
+)
+def test_the_liveness_endpoint_on_the_push_port_is_refused_naming_both(
+    address: str, port: str, health: str
+) -> None:
+    flags = arguments(
+        "--token-file=t", f"--listen-address={address}", f"--listen-port={port}", f"--health={health}"
+    )
+    settings = operator.settings_from(flags, {})
+    with pytest.raises(operator.SettingsError) as refused:
+        operator.check_ports(settings)
+    assert f"--listen-port (MAILGRESS_LISTEN_PORT) {port} and --health (MAILGRESS_HEALTH) {health}" in str(
+        refused.value
+    )
+    assert "controller.pushPort and controller.healthPort" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "health"),
+    [
+        pytest.param("0.0.0.0", "9400", "http://0.0.0.0:8081/healthz", id="the-charts-defaults"),
+        pytest.param("127.0.0.1", "9400", "http://127.0.0.2:9400/healthz", id="two-addresses"),
+        pytest.param("0.0.0.0", "9400", "http://[::]:9400/healthz", id="two-families"),
+        pytest.param("0.0.0.0", "9400", "", id="no-liveness-endpoint"),
+        pytest.param("127.0.0.1", "0", "http://127.0.0.1:0/healthz", id="an-ephemeral-push-port"),
+    ],
+)
+def test_listeners_that_can_bind_side_by_side_pass(address: str, port: str, health: str) -> None:
+    flags = arguments(
+        "--token-file=t", f"--listen-address={address}", f"--listen-port={port}", f"--health={health}"
+    )
+    operator.check_ports(operator.settings_from(flags, {}))
+
+
+def test_a_liveness_url_with_a_bad_port_is_refused() -> None:
+    settings = operator.settings_from(arguments("--token-file=t", "--health=http://0.0.0.0:99999/"), {})
+    with pytest.raises(operator.SettingsError) as refused:
+        operator.check_ports(settings)
+    assert "--health: 'http://0.0.0.0:99999/' has no valid port" in str(refused.value)
+
+
+def test_the_controller_started_on_one_port_twice_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before anything binds or the API is asked: exit status 2, both settings named, no traceback."""
+    token = tmp_path / "token"
+    token.write_text("the-token\n")
+    flags = arguments(f"--token-file={token}", "--listen-port=9400", "--health=http://0.0.0.0:9400/healthz")
+    assert operator.command(flags, certificates=load_certificates) == operator.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("mailgress controller: --listen-port (MAILGRESS_LISTEN_PORT) 9400 and --health")
+    assert "Traceback" not in err
+
+
 def test_token_file(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("  secret-value\n")

@@ -122,6 +122,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- toJson (dict "names" ($names | uniq)) -}}
 {{- end -}}
 
+{{/* The controller's ports are distinct: it binds each of them (pushPort: the push channel and
+/metrics; healthPort: kopf's liveness endpoint), and two on one port end it with EADDRINUSE.
+values.schema.json cannot say so: JSON Schema compares no two values. */}}
+{{- define "mailgress.checkControllerPorts" -}}
+{{- $taken := dict -}}
+{{- range $key := list "pushPort" "healthPort" -}}
+{{- $port := toString (int (index $.Values.controller $key)) -}}
+{{- with index $taken $port -}}
+{{- fail (printf "controller.%s and controller.%s are both %s: the controller binds each, so each needs a port of its own" . $key $port) -}}
+{{- end -}}
+{{- $_ := set $taken $port $key -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Listener names (admin is the admin port's), container ports and Service ports are unique. */}}
 {{- define "mailgress.checkListeners" -}}
 {{- $names := list -}}
