@@ -11,6 +11,13 @@ with. The snapshot is a Secret because tables carry auth_http request headers; a
 earlier release wrote is never read (that needs rights on ConfigMaps the chart no longer grants).
 The chart renders the Secret empty and grants only get and patch on it; the controller creates it
 only when it is missing and it may (an install without the chart).
+Served namespaces: a MailRoute names the backend that gets its users' passwords, so whoever may
+write MailRoutes in a served namespace can route logins; a release serves the namespaces it is
+given and no other (as ingress-nginx's --watch-namespace, and Gateway API's allowedRoutes, whose
+default is the Gateway's own namespace). Without a flag that is the controller's own namespace,
+never every namespace: serving the whole cluster is a choice made with --all-namespaces. kopf then
+watches those namespaces plus the controller's own (where the proxy pods are); the handlers keep
+objects of served namespaces only.
 Never logs the push token, an API bearer token or the snapshot's content; never imports anything
 of the proxy but the table contract.
 
@@ -18,6 +25,13 @@ Settings (flag, then environment variable, then default):
   --namespace          MAILGRESS_NAMESPACE, POD_NAMESPACE    the controller's namespace (proxy pods,
                                                              snapshot Secret); else the service
                                                              account's, else "default"
+  --watch-namespace    MAILGRESS_WATCH_NAMESPACES            a namespace whose MailRoutes this
+                                                             release serves (repeatable; the
+                                                             variable: names separated by
+                                                             commas, "*" for all); else the
+                                                             controller's own namespace only
+  --all-namespaces     MAILGRESS_WATCH_NAMESPACES="*"        serve MailRoutes of every namespace
+                                                             (kopf cluster-wide)
   --proxy-selector     MAILGRESS_PROXY_SELECTOR              labels of proxy pods
                                                              (app.kubernetes.io/component=proxy)
   --listen-address     MAILGRESS_LISTEN_ADDRESS              push channel address (0.0.0.0)
@@ -79,6 +93,11 @@ DEFAULT_HEALTH = "http://0.0.0.0:8081/healthz"
 DEFAULT_NAMESPACE = "default"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 MAX_PORT = 65535  # RFC 793 section 3.1
+# A namespace name is an RFC 1123 label (Kubernetes' DNS label rule): lower-case letters, digits
+# and '-', starting and ending with a letter or digit, at most 63 characters (RFC 1035 2.3.4).
+MAX_NAMESPACE = 63
+_LABEL_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+ALL_NAMESPACES = "*"  # MAILGRESS_WATCH_NAMESPACES' word for --all-namespaces
 # One API write must not hold a pass forever; kopf's own requests use the same order of magnitude.
 REQUEST_TIMEOUT_SECONDS = 30.0
 # Who posts the Events (core/v1 Event source.component and reportingComponent).
@@ -108,6 +127,9 @@ class Settings:
     snapshot_secret: str
     kubeconfig: Path | None
     health: str
+    # The namespaces whose MailRoutes (and Services, EndpointSlices, labelled Secrets) this
+    # release serves; None: every namespace.
+    watch_namespaces: frozenset[str] | None
     log_level: str = "info"
     # The push channel's TLS certificate and key; None: plain HTTP.
     tls_files: tuple[Path, Path] | None = None
@@ -126,9 +148,52 @@ def _selector(text: str) -> dict[str, str]:
     return labels
 
 
+def _namespace_name(text: str, source: str) -> str:
+    if (
+        not 0 < len(text) <= MAX_NAMESPACE
+        or not set(text) <= _LABEL_CHARACTERS
+        or text.startswith("-")
+        or text.endswith("-")
+    ):
+        raise SettingsError(
+            f"{source}: {text!r} is not a namespace name (lower-case letters, digits and '-', "
+            f"at most {MAX_NAMESPACE} characters, no '-' first or last)"
+        )
+    return text
+
+
+def _watch_namespaces(
+    arguments: argparse.Namespace, environ: Mapping[str, str], own: str
+) -> frozenset[str] | None:
+    """The served namespaces: flags, else MAILGRESS_WATCH_NAMESPACES, else ``own`` alone."""
+    named: list[str] = arguments.watch_namespace or []
+    if arguments.all_namespaces:
+        if named:
+            raise SettingsError("--all-namespaces and --watch-namespace exclude each other")
+        return None
+    if named:
+        return frozenset(_namespace_name(name, "--watch-namespace") for name in named)
+    listed = [part.strip() for part in environ.get("MAILGRESS_WATCH_NAMESPACES", "").split(",")]
+    listed = [part for part in listed if part]
+    if listed == [ALL_NAMESPACES]:
+        return None
+    if listed:
+        return frozenset(_namespace_name(name, "MAILGRESS_WATCH_NAMESPACES") for name in listed)
+    return frozenset({own})
+
+
 def add_arguments(flags: argparse.ArgumentParser) -> None:
     """The flags of ``mailgress controller`` (mailgress/cli.py adds them to its subcommand)."""
     flags.add_argument("--namespace", help="the controller's namespace (proxy pods, snapshot Secret)")
+    flags.add_argument(
+        "--watch-namespace",
+        action="append",
+        metavar="NAME",
+        help="serve the MailRoutes of this namespace (repeatable; default: the controller's own)",
+    )
+    flags.add_argument(
+        "--all-namespaces", action="store_true", help="serve the MailRoutes of every namespace"
+    )
     flags.add_argument("--proxy-selector", help="label selector of proxy pods, k=v[,k=v]")
     flags.add_argument("--listen-address", help="push channel listen address")
     flags.add_argument("--listen-port", help="push channel listen port")
@@ -202,6 +267,7 @@ def settings_from(arguments: argparse.Namespace, environ: Mapping[str, str]) -> 
         # KUBECONFIG may list several files; kopf and kubectl merge them, we take the first.
         kubeconfig=Path(kubeconfig.split(os.pathsep)[0]) if kubeconfig else None,
         health=pick(arguments.health, "MAILGRESS_HEALTH", default=DEFAULT_HEALTH) or "",
+        watch_namespaces=_watch_namespaces(arguments, environ, namespace),
         log_level=arguments.log_level,
         tls_files=(Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None,
     )
@@ -553,6 +619,7 @@ async def run(
         registry,
         handlers.Wiring(
             namespace=settings.namespace,
+            served=settings.watch_namespaces,
             proxy_labels=dict(settings.proxy_selector),
             login=lambda: connection_info(configuration),
             publisher=channel,
@@ -561,10 +628,18 @@ async def run(
             metrics=channel.metrics,
         ),
     )
+    # kopf watches every kind it handles in every namespace it serves: the proxy pods are in the
+    # controller's own namespace, served or not (the handlers drop the rest of what it sees there).
+    watched = (
+        ()
+        if settings.watch_namespaces is None
+        else tuple(sorted(settings.watch_namespaces | {settings.namespace}))
+    )
     try:
         await kopf.operator(
             registry=registry,
-            clusterwide=True,
+            clusterwide=settings.watch_namespaces is None,
+            namespaces=watched,
             standalone=True,
             liveness_endpoint=settings.health or None,
             stop_flag=stop_flag,

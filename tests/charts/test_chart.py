@@ -126,7 +126,13 @@ def test_every_value_set_renders_named_namespaced_objects(scenario: str) -> None
         metadata = document.body["metadata"]
         assert len(metadata["name"]) <= MAX_NAME, metadata["name"]
         assert metadata["labels"]["app.kubernetes.io/instance"] == render.RELEASE
-        if document.body["kind"] not in CLUSTER_KINDS:
+        if document.body["kind"] in CLUSTER_KINDS:
+            continue
+        # The controller's Roles go where it serves MailRoutes (controller.watchNamespaces).
+        served = SCENARIOS[scenario].get("controller", {}).get("watchNamespaces", [])
+        if document.template == "controller-rbac.yaml" and metadata["namespace"] in served:
+            assert document.body["kind"] in ("Role", "RoleBinding"), metadata["name"]
+        else:
             assert metadata["namespace"] == RELEASE_NAMESPACE, (document.template, metadata["name"])
 
 
@@ -235,6 +241,18 @@ def test_every_value_set_renders_named_namespaced_objects(scenario: str) -> None
         (
             {"proxy": {"service": {"externalTrafficPolicy": "local"}}},
             "at '/proxy/service/externalTrafficPolicy': value must be one of 'Cluster', 'Local'",
+        ),
+        (
+            {"controller": {"watchNamespaces": ["mail", "*"]}},
+            "at '/controller/watchNamespaces': maxItems: got 2, want 1",
+        ),
+        (
+            {"controller": {"watchNamespaces": ["Mail"]}},
+            "at '/controller/watchNamespaces/0': 'Mail' does not match pattern",
+        ),
+        (
+            {"controller": {"watchNamespaces": ["mail", "mail"]}},
+            "at '/controller/watchNamespaces': items at 0 and 1 are equal",
         ),
         (
             {"monitoring": {"serviceMonitor": {"interval": "30 seconds"}}},
@@ -931,6 +949,23 @@ def test_mailroute_roles_aggregate_into_the_default_roles() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # NOTES.txt
+
+
+@pytest.mark.parametrize(
+    ("scenario", "served", "example"),
+    [
+        ("default", render.NAMESPACE, render.NAMESPACE),
+        ("watch-namespaces", "mail, team-a", "mail"),
+        ("all-namespaces", "every namespace", "mail"),
+    ],
+)
+def test_notes_put_the_example_route_where_the_release_serves_it(
+    scenario: str, served: str, example: str
+) -> None:
+    notes = render.render(SCENARIOS[scenario])["NOTES.txt"]
+    assert f"in a namespace this release serves\n   ({served}: controller.watchNamespaces" in notes
+    assert f"metadata: {{name: example-com, namespace: {example}}}" in notes
+    assert f"kubectl --namespace {example} describe mailroute example-com" in notes
 
 
 def test_notes_name_the_ports_and_warn_about_plaintext_logins() -> None:

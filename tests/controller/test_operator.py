@@ -48,6 +48,33 @@ def test_defaults_and_the_environment() -> None:
     assert settings.kubeconfig is None
     assert settings.health == operator.DEFAULT_HEALTH
     assert settings.tls_files is None  # plain HTTP unless given a certificate
+    # The MailRoutes of the controller's own namespace only, never every namespace unasked.
+    assert settings.watch_namespaces == frozenset({"mailgress-system"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "served"),
+    [
+        pytest.param(("--watch-namespace=mail",), {}, {"mail"}, id="one"),
+        pytest.param(
+            ("--watch-namespace=mail", "--watch-namespace=team-a"), {}, {"mail", "team-a"}, id="repeated"
+        ),
+        pytest.param(("--all-namespaces",), {}, None, id="all"),
+        pytest.param((), {"MAILGRESS_WATCH_NAMESPACES": "mail, team-a,"}, {"mail", "team-a"}, id="env"),
+        pytest.param((), {"MAILGRESS_WATCH_NAMESPACES": "*"}, None, id="env-all"),
+        pytest.param((), {"MAILGRESS_WATCH_NAMESPACES": " "}, {"ops"}, id="env-empty"),
+        pytest.param(
+            ("--watch-namespace=mail",), {"MAILGRESS_WATCH_NAMESPACES": "*"}, {"mail"}, id="flag-wins"
+        ),
+        pytest.param(("--all-namespaces",), {"MAILGRESS_WATCH_NAMESPACES": "x"}, None, id="all-flag-wins"),
+    ],
+)
+def test_the_served_namespaces(
+    argv: tuple[str, ...], environ: dict[str, str], served: set[str] | None
+) -> None:
+    environ = {"MAILGRESS_TOKEN_FILE": "t", "MAILGRESS_NAMESPACE": "ops", **environ}
+    settings = operator.settings_from(arguments(*argv), environ)
+    assert settings.watch_namespaces == (None if served is None else frozenset(served))
 
 
 def test_the_push_channels_tls_files_from_flags_or_the_environment() -> None:
@@ -158,6 +185,33 @@ def test_the_snapshot_secret_and_its_deprecated_configmap_aliases(
             {"MAILGRESS_TOKEN_FILE": "t", "MAILGRESS_TLS_KEY_FILE": "k"},
             "go together",
             id="key-without-certificate",
+        ),
+        pytest.param(
+            ("--all-namespaces", "--watch-namespace=mail"),
+            {"MAILGRESS_TOKEN_FILE": "t"},
+            "exclude each other",
+            id="all-and-some-namespaces",
+        ),
+        pytest.param(
+            ("--watch-namespace=Mail",), {"MAILGRESS_TOKEN_FILE": "t"}, "not a namespace", id="upper-case"
+        ),
+        pytest.param(
+            ("--watch-namespace=team-*",), {"MAILGRESS_TOKEN_FILE": "t"}, "not a namespace", id="pattern"
+        ),
+        pytest.param(
+            ("--watch-namespace=" + "a" * 64,), {"MAILGRESS_TOKEN_FILE": "t"}, "not a namespace", id="long"
+        ),
+        pytest.param(
+            (),
+            {"MAILGRESS_TOKEN_FILE": "t", "MAILGRESS_WATCH_NAMESPACES": "mail,-x"},
+            "MAILGRESS_WATCH_NAMESPACES",
+            id="env-bad-name",
+        ),
+        pytest.param(
+            (),
+            {"MAILGRESS_TOKEN_FILE": "t", "MAILGRESS_WATCH_NAMESPACES": "mail,*"},
+            "not a namespace",
+            id="env-all-among-names",
         ),
     ],
 )

@@ -180,6 +180,24 @@ def test_check_reads_the_list_kubectl_get_writes(tmp_path: Path, capsys: pytest.
     assert [route["name"] for route in json.loads(capsys.readouterr().out)["routes"]] == ["mail/a"]
 
 
+def test_check_refuses_a_user_of_another_namespaces_domain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same tenancy rule as the controller's (one compiler): older or not, team-x cannot
+    claim a user of the domain namespace mail routes."""
+    owner = ROUTE.format(name="alpha", created="2026-02-01T00:00:00Z", domain="alpha.example", port=143)
+    hijack = owner.replace("name: alpha, namespace: mail", "name: hijack, namespace: team-x")
+    hijack = hijack.replace("2026-02-01", "2026-01-01").replace(
+        'domains: ["alpha.example"]', "users: [ceo@alpha.example]"
+    )
+    routes = write(tmp_path, "routes.yaml", owner + "---" + hijack)
+    assert cli.main(["routes", "check", str(routes)]) == 1
+    out, err = capsys.readouterr()
+    assert [route["name"] for route in json.loads(out)["routes"]] == ["mail/alpha"]
+    assert "team-x/hijack: Accepted=False (Conflicted)" in err
+    assert 'user "ceo@alpha.example" is within the domain "alpha.example", which mail/alpha routes' in err
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("kind: [unclosed\n", "not valid YAML"), ("- just\n- a list\n", "must be a mapping")],

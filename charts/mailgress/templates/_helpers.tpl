@@ -35,6 +35,14 @@ tables carry auth_http request headers, which the aggregated view role must not 
 {{- define "mailgress.snapshotSecret" -}}
 {{- printf "%s-routing-table" (include "mailgress.fullname" . | trunc 49 | trimSuffix "-") -}}
 {{- end -}}
+{{/* "true" when the release serves the MailRoutes of every namespace (watchNamespaces ["*"]). */}}
+{{- define "mailgress.allNamespaces" -}}
+{{- has "*" .Values.controller.watchNamespaces -}}
+{{- end -}}
+{{/* The namespaces whose MailRoutes the release serves, sorted, as JSON (not with ["*"]). */}}
+{{- define "mailgress.servedNamespaces" -}}
+{{- .Values.controller.watchNamespaces | default (list .Release.Namespace) | uniq | sortAlpha | toJson -}}
+{{- end -}}
 {{/* The push channel's TLS Secret: tls.crt, tls.key and ca.crt (cert-manager's layout). */}}
 {{- define "mailgress.pushTlsSecret" -}}
 {{- if .Values.controller.pushTls.existingSecret -}}
