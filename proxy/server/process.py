@@ -50,6 +50,12 @@ async def run(settings: ProxySettings, source: TableSource) -> None:
     background: list[asyncio.Task[object]] = [on_sigterm, on_sigint]
     runner = None
     try:
+        # Listening before the first table is installed, on purpose: until then every login and
+        # recipient gets the protocol's temporary failure (backends.login, which logs why) and
+        # /readyz says 503, which keeps a cluster's traffic away. A proxy that waited instead (its
+        # route file broken at start, its controller away with no snapshot) would refuse
+        # connections without a word to the client, and a SIGTERM in that wait would need a stop
+        # of its own.
         server.start()
         if settings.admin is not None:
             runner = await admin.start(
