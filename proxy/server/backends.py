@@ -169,10 +169,9 @@ async def login(
             ``client_tls`` the client connection's TLS, if any: both for auth_http.
     """
     if not context.tables.ready:
-        # No table yet (the controller is unreachable and there is no snapshot, or a route file
-        # was broken since the start): no user is known or unknown, so the answer is "try later",
-        # never a refusal a client takes as final (a bounce, "wrong password") or that the
-        # failed-login throttle counts.
+        # No table yet (the controller is unreachable and there is no usable snapshot): no user
+        # is known or unknown, so the answer is "try later", never a refusal a client takes as
+        # final (a bounce, "wrong password") or that the failed-login throttle counts.
         log.warning("%s login answered with a temporary failure: no routing table yet", request.protocol)
         return LoginOutcome(events.LoginUnavailable(), "unavailable")
     route = table.lookup(context.tables.current, request.protocol, request.routing_key)

@@ -1,10 +1,10 @@
 """``backends.login`` through the session driver, for a proxy that has no routing table yet.
 
-A proxy whose controller is unreachable and which has no snapshot, or whose route file was broken
-since the start, listens all the same (process.py says why). Until its first table is installed,
-every login and every inbound recipient gets the protocol's temporary failure, which neither
-counts towards the failed-login lockout nor towards ``max_errors``; once the table is there, the
-same connection is routed as usual. Each protocol is driven over loopback on the shared fixture's
+A proxy whose controller is unreachable and which has no usable snapshot listens all the same
+(process.py says why). Until its first table is installed, every login and every inbound
+recipient gets the protocol's temporary failure, which neither counts towards the failed-login
+lockout nor towards ``max_errors``; once the table is there, the same connection is routed as
+usual. Each protocol is driven over loopback on the shared fixture's
 proxy, its holder replaced by one that has not had a table.
 """
 
