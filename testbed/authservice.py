@@ -55,7 +55,8 @@ class Reply:
         if self.raw is not None:
             return self.raw
         lines = [self.status_line, *(f"{name}: {value}" for name, value in self.headers), "", ""]
-        return "\r\n".join(lines).encode()
+        # A password holding octets that are no UTF-8 goes as those octets (see mailservers).
+        return mailservers.password_octets("\r\n".join(lines))
 
 
 def ok(
@@ -120,12 +121,13 @@ class Received:
     @property
     def user(self) -> str:
         """Auth-User with nginx's %XX escaping undone."""
-        return urllib.parse.unquote(self.header("Auth-User") or "")
+        return _unescape(self.header("Auth-User") or "")
 
     @property
     def password(self) -> str:
-        """Auth-Pass with nginx's %XX escaping undone."""
-        return urllib.parse.unquote(self.header("Auth-Pass") or "")
+        """Auth-Pass with nginx's %XX escaping undone, held as ``mailservers.User.password`` is
+        (octets that are no UTF-8 as surrogate escapes)."""
+        return _unescape(self.header("Auth-Pass") or "")
 
     @property
     def attempt(self) -> int:
@@ -197,6 +199,12 @@ def for_backends(bed: backends.Backends, failure: Reply | None = None) -> Answer
         return ok(mailservers.LOOPBACK, port, password=user.password)
 
     return answer
+
+
+def _unescape(value: str) -> str:
+    # The head was read as Latin-1, one character per octet; nginx escapes only some octets and
+    # sends the rest (UTF-8 or not) as they are.
+    return mailservers.password_text(urllib.parse.unquote_to_bytes(value.encode("latin-1")))
 
 
 def _parse_head(head: bytes) -> tuple[str, tuple[tuple[str, str], ...]]:

@@ -68,7 +68,9 @@ def redact(text: str, secrets: Sequence[str]) -> str:
             decoded = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
         except (binascii.Error, ValueError):
             return token
-        return REDACTED if any(secret.encode() in decoded for secret in secrets) else token
+        return (
+            REDACTED if any(mailservers.password_octets(secret) in decoded for secret in secrets) else token
+        )
 
     return _BASE64_TOKEN.sub(hide, text)
 
@@ -202,7 +204,7 @@ def smtp(port: int) -> Iterator[smtplib.SMTP]:
 
 def sasl_plain(user: mailservers.User) -> str:
     """The base64 SASL PLAIN response for ``user`` (RFC 4616: empty authzid, login, password)."""
-    return base64.b64encode(f"\0{user.address}\0{user.password}".encode()).decode()
+    return base64.b64encode(b"\0" + user.address.encode() + b"\0" + user.octets).decode()
 
 
 def imap_login_literal(client: imaplib.IMAP4, user: mailservers.User) -> None:
@@ -212,7 +214,7 @@ def imap_login_literal(client: imaplib.IMAP4, user: mailservers.User) -> None:
         imaplib.IMAP4.error: the server did not answer OK (as ``IMAP4.login`` does).
     """
     # typeshed declares `literal` as str, but imaplib sends it with socket.sendall: it must be bytes.
-    client.literal = user.password.encode()  # type: ignore[assignment]
+    client.literal = user.octets  # type: ignore[assignment]
     _imap_authenticated(client, *client._simple_command("LOGIN", client._quote(user.address)))
 
 

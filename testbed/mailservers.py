@@ -111,9 +111,28 @@ class DeliveryTimeoutError(MailServerError):
 # Users and maildirs
 
 
+# How a password that is octets, not UTF-8 text (a Latin-1 one), is held in a ``str``: each such
+# octet as a lone surrogate, as os.fsdecode holds file names. UTF-8 and ASCII passwords are as typed.
+PASSWORD_ERRORS = "surrogateescape"
+
+
+def password_octets(password: str) -> bytes:
+    """The octets a client sends for ``password`` (UTF-8, and the escaped octets as they were)."""
+    return password.encode("utf-8", PASSWORD_ERRORS)
+
+
+def password_text(octets: bytes) -> str:
+    """The password made of ``octets``, as ``User.password`` holds it (see PASSWORD_ERRORS)."""
+    return octets.decode("utf-8", PASSWORD_ERRORS)
+
+
 @dataclass(frozen=True, slots=True)
 class User:
-    """A mail account: the login is the full address; the password never shows in ``repr``."""
+    """A mail account: the login is the full address; the password never shows in ``repr``.
+
+    ``password`` may hold octets that are no UTF-8 (see PASSWORD_ERRORS); ``octets`` is what a
+    client sends.
+    """
 
     address: str
     password: str = field(repr=False)
@@ -127,6 +146,10 @@ class User:
             raise ValueError(f"{self.address!r} cannot be a testbed login")
         if any(c in self.password for c in ":\r\n\0"):
             raise ValueError(f"the password of {self.address} contains ':', CR, LF or NUL")
+
+    @property
+    def octets(self) -> bytes:
+        return password_octets(self.password)
 
     @property
     def local(self) -> str:
@@ -654,23 +677,31 @@ _LOGIN_LINE = re.compile(
 
 
 def hash_passwords(passwords: Sequence[str], scheme: PasswordScheme) -> list[str]:
-    """Dovecot passwd-file password fields (``{SCHEME}...``) for ``passwords``, in order."""
+    """Dovecot passwd-file password fields (``{SCHEME}...``) for ``passwords``, in order.
+
+    A PLAIN password that is no UTF-8 text goes in hex (``{PLAIN.HEX}``, Dovecot's encoding
+    suffix), so that the passwd-file stays text; Dovecot compares the octets either way.
+    """
     if scheme == "PLAIN":
-        return [f"{{PLAIN}}{password}" for password in passwords]
+        return [
+            f"{{PLAIN}}{password}"
+            if password.isprintable()
+            else f"{{PLAIN.HEX}}{password_octets(password).hex()}"
+            for password in passwords
+        ]
     if not passwords:
         return []
     # One openssl run for the lot; passwords go through stdin, never through argv where ps shows them.
     result = subprocess.run(
         [find_program("openssl", "openssl"), "passwd", "-6", "-stdin"],
-        input="".join(f"{password}\n" for password in passwords),
+        input=b"".join(password_octets(password) + b"\n" for password in passwords),
         capture_output=True,
-        text=True,
         timeout=60,
         check=False,
     )
-    hashes = result.stdout.split()
+    hashes = result.stdout.decode("ascii").split()
     if result.returncode != 0 or len(hashes) != len(passwords):
-        raise MailServerError(f"openssl passwd -6 failed: {result.stderr.strip()}")
+        raise MailServerError(f"openssl passwd -6 failed: {result.stderr.decode(errors='replace').strip()}")
     return [f"{{SHA512-CRYPT}}{digest}" for digest in hashes]
 
 

@@ -101,8 +101,11 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_answers",
+        "_early",
         "_forget",
         "_handler",
+        "_handshaking",
+        "_made",
         "_name",
         "_timeout",
         "_timer",
@@ -131,26 +134,63 @@ class _Connection(asyncio.Protocol):
         # The accepted socket's transport until the handshake is over, then the TLS one.
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # What the client sent before the TLS layer took the transport over (its ClientHello, or
+        # part of it); None when there is no TLS or once the TLS layer has it.
+        self._early: bytearray | None = None
+        self._made = False  # aiohttp's handler has its connection: events go to it
+        # The loop keeps only a weak reference to a task: this one holds the handshake's.
+        self._handshaking: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream server's transport (uvloop's quack like asyncio.Transport without subclassing it).
         self._transport = cast(asyncio.Transport, transport)
         self._start_deadline()
         if self._tls is None:
+            self._made = True
             self._handler.connection_made(transport)
             return
-        # The handshake runs inside the first deadline, and the connection can be evicted while
-        # it waits for a ClientHello. Not the listener's ssl=: there the protocol is made only
-        # after the handshake, and a silent connection could neither be evicted nor timed here.
-        # Paused now: bytes read before start_tls takes over would be the ClientHello, lost.
-        self._transport.pause_reading()
-        asyncio.get_running_loop().create_task(self._handshake(self._transport, self._tls))
+        # The handshake runs here, not through the listener's ssl=: there the protocol is made
+        # only after the handshake, and a connection silent before its ClientHello could be
+        # neither evicted nor timed. It is inside the first deadline.
+        self._early = bytearray()
+        self._transport.pause_reading()  # asyncio's; uvloop starts reading after this returns
+        loop = asyncio.get_running_loop()
+        self._handshaking = loop.create_task(self._handshake(self._transport, self._tls))
+        # Runs right after the task's first step, in which start_tls makes its TLS layer the
+        # transport's protocol (and schedules its connection_made and resume_reading): what came
+        # before is handed to that layer while reading is still paused, so nothing overtakes it.
+        loop.call_soon(self._hand_over_early, self._transport)
+
+    def _hand_over_early(self, accepted: asyncio.Transport) -> None:
+        early, self._early = self._early, None
+        if accepted.is_closing() or early is None:
+            return  # gone already: the handshake's end cleans up
+        # asyncio's and uvloop's TLS layers are buffered protocols (uvloop's without subclassing).
+        protocol = accepted.get_protocol()
+        if protocol is self or not hasattr(protocol, "buffer_updated"):
+            # Never seen: the TLS layer would have to read what is not there. Give up cleanly.
+            log.debug("%s connection closed: its TLS layer did not take over", self._name)
+            accepted.abort()
+            return
+        # The TLS layer takes bytes before its connection_made into its incoming buffer; its
+        # handshake then starts with them.
+        layer = cast(asyncio.BufferedProtocol, protocol)
+        view = memoryview(early)
+        while view:
+            buffer = memoryview(layer.get_buffer(len(view)))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            layer.buffer_updated(size)
+            view = view[size:]
 
     async def _handshake(self, accepted: asyncio.Transport, tls: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
+        if accepted.is_closing():  # evicted or gone before this task's first step
+            self._ended()
+            return
         try:
-            secured = await loop.start_tls(accepted, self, tls, server_side=True)
-        except (OSError, ConnectionError) as error:  # ssl.SSLError is an OSError
+            # No await before start_tls's own: the check above still holds when it takes over.
+            secured = await asyncio.get_running_loop().start_tls(accepted, self, tls, server_side=True)
+        except OSError as error:  # ssl.SSLError and ConnectionError are OSErrors
             # The transport's protocol was the TLS layer's, which tells this one nothing of the
             # loss; start_tls closed the transport. The deadline or an eviction aborted it, or the
             # client hung up or spoke no TLS.
@@ -161,6 +201,7 @@ class _Connection(asyncio.Protocol):
             self._ended()
             return
         self._transport = secured
+        self._made = True
         self._handler.connection_made(secured)
 
     def answered(self) -> None:
@@ -211,20 +252,32 @@ class _Connection(asyncio.Protocol):
         self._forget()
 
     def data_received(self, data: bytes) -> None:
-        self._handler.data_received(data)
+        if self._made:
+            self._handler.data_received(data)
+        elif self._early is not None:
+            # Before start_tls took over (uvloop reads before its first step): kept for the TLS
+            # layer, and no more read until it has them. Reading is effectively paused now.
+            self._early += data
+            assert self._transport is not None  # made
+            self._transport.pause_reading()
 
     def eof_received(self) -> None:
-        self._handler.eof_received()
+        if self._made:
+            self._handler.eof_received()
+        # Else the client left before its handshake: returning None closes the transport.
 
     def pause_writing(self) -> None:
-        self._handler.pause_writing()
+        if self._made:
+            self._handler.pause_writing()
 
     def resume_writing(self) -> None:
-        self._handler.resume_writing()
+        if self._made:
+            self._handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended()
-        self._handler.connection_lost(exc)
+        if self._made:
+            self._handler.connection_lost(exc)
 
 
 class _Refused(asyncio.Protocol):

@@ -1,11 +1,13 @@
 """nginx's mail module and mailgress behind the same auth_http service, driven by the same clients.
 
-Each test runs one imaplib, poplib or smtplib script against nginx and then against mailgress,
-and compares what the client saw and the requests the auth service received, header for header
-(names, order and values). Covered: success (IMAP, POP3, submission, an MX with Auth-Method
-none), a refused password, Auth-Wait then a retry on the same connection, an auth service that
-picks another server and other credentials, an auth service that is down, slow or answers
-garbage, Auth-Error-Code for an MX, and the Auth-SSL headers after STARTTLS.
+Each test runs one imaplib, poplib or smtplib script (raw lines for a password that is octets)
+against nginx and then against mailgress, and compares what the client saw and the requests the
+auth service received, header for header (names, order and values). Covered: success (IMAP,
+POP3, submission, an MX with Auth-Method none), a Latin-1 password (8-bit octets that are no
+UTF-8: Auth-Pass carries them unescaped, the grant's Auth-Pass brings them back, Dovecot gets
+them as they were), a refused password, Auth-Wait then a retry on the same connection, an auth
+service that picks another server and other credentials, an auth service that is down, slow or
+answers garbage, Auth-Error-Code for an MX, and the Auth-SSL headers after STARTTLS.
 
 Where mailgress differs on purpose, the test asserts each side's behaviour and says why:
 - A refusal without Auth-Wait: nginx closes the connection; mailgress keeps it open so the
@@ -32,11 +34,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from testbed import authservice, messages
+from testbed import authservice, clients, messages
 from testbed.backends import ALPHA, BETA, Backends
 from testbed.clients import SOCKET_TIMEOUT
 from testbed.mailservers import LOOPBACK, User
 from tests.differential.conftest import AUTH_TIMEOUT, Both, Run, Target
+from tests.e2e.helpers import latin1_user, sasl_plain
 
 PROTOCOLS = ["imap", "pop3", "submission"]
 CLIENT_NAME = "client.example"  # the EHLO name both proxies see (Auth-SMTP-Helo)
@@ -184,6 +187,37 @@ def mx_script(port: int, recipient: str) -> list[Seen]:
         client.close()
 
 
+def octets_script(protocol: str, user: User, recipient: str) -> Script:
+    """Log in with ``user``'s password octets as they are (imaplib, poplib and smtplib would
+    encode a password as ASCII or UTF-8), then use the session."""
+
+    def script(target: Target) -> list[Seen]:
+        port = target.ports[protocol]
+        if protocol == "submission":
+            with clients.smtp(port) as smtp:
+                smtp.ehlo(CLIENT_NAME)
+                code, _ = smtp.docmd("AUTH", "PLAIN " + sasl_plain(user.address, user.octets).decode())
+                smtp.sendmail(SENDER, [recipient], messages.compose(SENDER, recipient, "latin-1"))
+            # The text is the proxy's own (see the module docstring): the code only.
+            return [Seen("login", "ok" if code == 235 else "no", str(code)), Seen("send", "ok")]
+        with clients.RawClient(port) as raw:
+            raw.line()  # the greetings differ
+            if protocol == "imap":
+                address = clients.imap_quoted(user.address).encode()
+                raw.command(b"a1 LOGIN %b {%d}" % (address, len(user.octets)), b"+")
+                login, after = raw.command(user.octets, b"a1 "), raw.command(b"a2 SELECT INBOX", b"a2 ")
+                ok = login.startswith(b"a1 OK"), after.startswith(b"a2 OK")
+            else:
+                raw.command(b"USER " + user.address.encode(), b"")
+                login, after = raw.command(b"PASS " + user.octets, b""), raw.command(b"STAT", b"")
+                ok = login.startswith(b"+OK"), after.startswith(b"+OK")
+        # The login reply is the backend's own line, passed on by both proxies.
+        results = ["ok" if each else "no" for each in ok]
+        return [Seen("login", results[0], _text(login)), Seen("use", results[1])]
+
+    return script
+
+
 def login_script(protocol: str, logins: list[Login], recipient: str = "") -> Script:
     def script(target: Target) -> list[Seen]:
         port = target.ports[protocol]
@@ -238,6 +272,21 @@ def test_a_good_password_logs_in_the_same_way(
     )
     if protocol == "submission":
         assert len(backends.wait_delivered(user.address, 2)) == 2
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_latin1_password_logs_in_the_same_way(both: Both, backends: Backends, protocol: str) -> None:
+    user = latin1_user(backends, f"latin1-differential-{protocol}", ALPHA)
+    nginx, mailgress = both(octets_script(protocol, user, user.address))
+    assert mailgress.seen == nginx.seen
+    assert [step.result for step in nginx.seen] == ["ok", "ok"]
+    same_requests(nginx, mailgress)  # Auth-Pass byte for byte, by digest
+    (request,) = mailgress.requests
+    # nginx escapes only space, "%" and C0: the Latin-1 octets go raw (never shown on failure).
+    carried_raw = b"\r\nAuth-Pass: " + user.octets + b"\r\n" in request.head
+    assert carried_raw
+    if protocol != "submission":
+        backends.alpha.wait_logins(user.address, 2, protocol)
 
 
 def test_inbound_mail_is_routed_at_rcpt_the_same_way(

@@ -7,6 +7,7 @@ ports to a race retried); ``stop`` stops one and fails if its log holds a testbe
 each suite's conftest; this module has none, so that every suite can import it.
 """
 
+import base64
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -85,7 +86,9 @@ def launch(
 def stop(proxy: proxyprocess.ProxyProcess, backends: testbed_backends.Backends) -> None:
     """Stop the proxy, then fail if its log holds any testbed password."""
     proxy.stop()
-    leaks = leaked(proxy.log_text(), passwords(backends))
+    # Decoded as the testbed holds 8-bit passwords (surrogate escapes), so their octets can match.
+    log = proxy.log_path.read_bytes().decode("utf-8", mailservers.PASSWORD_ERRORS)
+    leaks = leaked(log, passwords(backends))
     if leaks:
         pytest.fail(f"passwords of {', '.join(leaks)} are in {proxy.log_path}", pytrace=False)
 
@@ -133,6 +136,34 @@ def login_count(backends: testbed_backends.Backends, domain: str, address: str, 
 def leaked(text: str, secrets: Mapping[str, str]) -> list[str]:
     """The names of the secrets that show in ``text``: in the clear, IMAP-quoted or inside base64."""
     return sorted(name for name, secret in secrets.items() if clients.redact(text, [secret]) != text)
+
+
+# Latin-1 "sésame": 0xE9 is no UTF-8. Held as testbed passwords hold octets (mailservers.PASSWORD_ERRORS).
+LATIN1 = mailservers.password_text("s\u00e9same".encode("latin-1"))
+
+
+def latin1_user(backends: testbed_backends.Backends, name: str, domain: str) -> mailservers.User:
+    """A new account ``name@domain`` (``name`` unused so far) whose password ends in Latin-1 octets.
+
+    The password starts with its own ASCII part, the testbed marker and ``name``:
+    ``octets_in_log`` looks for that part too, since a log decoded as text cannot show the octets.
+    """
+    return backends.add_user(f"{name}@{domain}", f"{ascii_part(name, domain)}{LATIN1}")
+
+
+def ascii_part(name: str, domain: str) -> str:
+    return f"{domain.partition('.')[0]}{testbed_backends.PASSWORD_MARKER}{name}-"
+
+
+def sasl_plain(address: str, password: bytes) -> bytes:
+    """The base64 SASL PLAIN response for any password octets (``clients.sasl_plain`` takes a User)."""
+    return base64.b64encode(b"\0" + address.encode() + b"\0" + password)
+
+
+def octets_in_log(proxy: proxyprocess.ProxyProcess, user: mailservers.User) -> bool:
+    """True if the proxy's log holds ``user``'s password octets or the ASCII part of them."""
+    log = proxy.log_path.read_bytes()
+    return user.octets in log or ascii_part(user.local, user.domain).encode() in log
 
 
 def passwords(backends: testbed_backends.Backends) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Proves: each user lands on the Dovecot of its domain (its log and its mailbox say so); LOGIN with
 quoted strings and literals, AUTHENTICATE PLAIN with and without SASL-IR and AUTHENTICATE LOGIN
-all work, also for a password full of IMAP syntax; a 20 MB message arrives byte-identical; wrong
+all work, also for a password full of IMAP syntax and for a Latin-1 one (8-bit octets that are
+no UTF-8: Dovecot gets them as they came); a 20 MB message arrives byte-identical; wrong
 passwords, unrouted domains, over-long lines, garbage and a stalled client each get IMAP's answer
 or a timely close while the proxy keeps serving everyone else.
 """
@@ -17,7 +18,7 @@ from testbed import clients, messages
 from testbed.backends import ALPHA, BETA, UNROUTED_DOMAIN, Backends, standard_addresses
 from testbed.mailservers import LOOPBACK, User
 from testbed.proxyprocess import ProxyProcess
-from tests.e2e.helpers import login_count, serves_imap
+from tests.e2e.helpers import latin1_user, login_count, octets_in_log, sasl_plain, serves_imap
 
 NewUser = Callable[..., User]
 
@@ -61,6 +62,34 @@ def test_every_login_form_works(proxy: ProxyProcess, backends: Backends, method:
         LOGINS[method](client, user)
         typ, _ = client.select("INBOX", readonly=True)
     assert typ == "OK"
+
+
+def latin1_login(raw: clients.RawClient, tag: bytes, user: User, password: bytes, form: str) -> bytes:
+    """Log in with ``password``'s octets in ``form``; the tagged reply."""
+    address = clients.imap_quoted(user.address).encode()
+    if form == "literal":
+        assert raw.command(tag + b" LOGIN %b {%d}" % (address, len(password)), b"+").startswith(b"+")
+        return raw.command(password, tag + b" ")
+    if form == "quoted":  # 8-bit in a quoted string: RFC 9051 allows UTF-8 only, old clients send it
+        return raw.command(tag + b' LOGIN %b "%b"' % (address, password), tag + b" ")
+    return raw.command(tag + b" AUTHENTICATE PLAIN " + sasl_plain(user.address, password), tag + b" ")
+
+
+@pytest.mark.parametrize("form", ["literal", "quoted", "authenticate-plain"])
+def test_a_latin1_password_logs_in_as_its_octets(proxy: ProxyProcess, backends: Backends, form: str) -> None:
+    user = latin1_user(backends, f"latin1-imap-{form}", ALPHA)
+    # The same characters in UTF-8 are another password: the proxy must not re-encode the octets.
+    as_utf8 = user.octets.decode("latin-1").encode()
+    with clients.RawClient(proxy.settings.ports.imap) as raw:
+        assert raw.line().startswith(b"* OK")
+        # Replies first, asserted after: a failing assertion must not show a password argument.
+        refused = latin1_login(raw, b"a1", user, as_utf8, form)
+        accepted = latin1_login(raw, b"a2", user, user.octets, form)
+        assert refused.startswith(b"a1 NO [AUTHENTICATIONFAILED]")
+        assert accepted.startswith(b"a2 OK")
+        assert raw.command(b"a3 SELECT INBOX", b"a3 ").startswith(b"a3 OK")
+    backends.dovecots[ALPHA].wait_logins(user.address, 1, "imap")
+    assert not octets_in_log(proxy, user)
 
 
 def test_a_20_mb_message_is_fetched_byte_identical(

@@ -2,7 +2,9 @@
 
 Proves: USER/PASS and AUTH PLAIN log in on the Dovecot of the user's domain; RETR returns the
 stored message byte for byte (dot-stuffing undone); wrong passwords and unrouted domains get
-``-ERR [AUTH]``; over-long lines, garbage and a stalled client get POP3's answer or a timely close
+``-ERR [AUTH]``; a Latin-1 password (8-bit octets that are no UTF-8) logs in with USER/PASS and
+AUTH PLAIN on the SHA512-CRYPT Dovecot, and its UTF-8 look-alike does not; over-long lines,
+garbage and a stalled client get POP3's answer or a timely close
 while the proxy keeps serving everyone else.
 """
 
@@ -15,7 +17,7 @@ from testbed import clients, messages
 from testbed.backends import ALPHA, BETA, UNROUTED_DOMAIN, Backends
 from testbed.mailservers import LOOPBACK, User
 from testbed.proxyprocess import ProxyProcess
-from tests.e2e.helpers import login_count, serves_imap
+from tests.e2e.helpers import latin1_user, login_count, octets_in_log, sasl_plain, serves_imap
 
 NewUser = Callable[..., User]
 
@@ -58,6 +60,32 @@ def test_the_awkward_password_works_with_user_pass_and_auth_plain(
         with clients.pop3(proxy.settings.ports.pop3) as client:
             login(client, al)
             client.stat()
+
+
+def latin1_login(raw: clients.RawClient, user: User, password: bytes, method: str) -> bytes:
+    """Log in with ``password``'s octets by ``method``; the final reply line."""
+    if method == "user-pass":
+        assert raw.command(b"USER " + user.address.encode(), b"").startswith(b"+OK")
+        return raw.command(b"PASS " + password, b"")
+    return raw.command(b"AUTH PLAIN " + sasl_plain(user.address, password), b"")
+
+
+@pytest.mark.parametrize("method", LOGINS)
+def test_a_latin1_password_logs_in_as_its_octets(
+    proxy: ProxyProcess, backends: Backends, method: str
+) -> None:
+    user = latin1_user(backends, f"latin1-pop3-{method}", BETA)
+    as_utf8 = user.octets.decode("latin-1").encode()  # the same characters, other octets
+    with clients.RawClient(proxy.settings.ports.pop3) as raw:
+        assert raw.line().startswith(b"+OK")
+        # Replies first, asserted after: a failing assertion must not show a password argument.
+        refused = latin1_login(raw, user, as_utf8, method)
+        accepted = latin1_login(raw, user, user.octets, method)
+        assert refused.startswith(b"-ERR [AUTH]")
+        assert accepted.startswith(b"+OK")
+        assert raw.command(b"STAT", b"").startswith(b"+OK 0 0")
+    backends.dovecots[BETA].wait_logins(user.address, 1, "pop3")
+    assert not octets_in_log(proxy, user)
 
 
 def test_curl_retrieves_through_the_proxy(proxy: ProxyProcess, backends: Backends, new_user: NewUser) -> None:

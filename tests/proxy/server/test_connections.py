@@ -1,0 +1,397 @@
+"""The connection guard on loopback: a small aiohttp application served through a Guard, plain and
+over TLS. The cap evicts the connection idle the longest and refuses only when all are busy; the
+deadline closes a connection without a request answered in time (silent, half-sent, stopped
+reading, or silent in its TLS handshake); a lasting request has no deadline and is never evicted.
+
+Deadlines are two seconds. Nothing is timed: a test waits, bounded by WAIT, for a connection to
+be closed, and the order in which deadlines passed is read from the guard's debug log.
+"""
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from proxy.server import connections
+from testbed.tlscerts import TestAuthority
+from tests.proxy.server.conftest import WAIT
+
+HALF_SENT = b"GET /small HTTP/1.1\r\nHost: guarded\r\n"  # the blank line that ends it never comes
+POLL = 0.01  # between two looks at the server's connections
+# The deadline in these tests: short, yet long enough that a busy machine does not close a
+# connection before its request (sent at once) is answered.
+DEADLINE = 2.0
+LONG = 600.0  # a deadline no test reaches
+# An answer larger than what the server's socket (at most 4 MiB here: net.ipv4.tcp_wmem) and a
+# non-reading client's small buffers take: its writing lasts until the client reads it.
+LARGE = 16_000_000
+GET_LARGE = b"GET /large HTTP/1.1\r\nHost: guarded\r\n\r\n"
+GET_HELD = b"GET /held HTTP/1.1\r\nHost: guarded\r\n\r\n"
+EVICTED = "guarded connection closed to make room: idle the longest (0 answered before)"
+
+
+@dataclass
+class Served:
+    server: web.Server
+    port: int
+    # Set by a test to end the /held request in progress.
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> TestAuthority:
+    return TestAuthority(tmp_path_factory.mktemp("guard-ca"))
+
+
+def server_context(authority: TestAuthority, directory: Path) -> ssl.SSLContext:
+    issued = authority.issue("guarded", ["127.0.0.1"], cert=directory / "tls.crt", key=directory / "tls.key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(issued.cert, issued.key)
+    return context
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    caplog: pytest.LogCaptureFixture, limit: int, timeout: float, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[Served]:
+    """Serve /small, /large and /held (lasting until ``release``) through a Guard on a free
+    loopback port; nothing at ERROR may be logged, cleanup included."""
+    caplog.set_level(logging.DEBUG, logger=connections.__name__)
+    guard = connections.Guard("guarded", limit, timeout)
+    release = asyncio.Event()
+
+    async def small(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def large(_: web.Request) -> web.Response:
+        return web.Response(body=b"x" * LARGE)
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        guard.lasting(request)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"held\n")
+        await release.wait()
+        await response.write(b"released\n")
+        return response
+
+    app = web.Application(middlewares=[guard.middleware])
+    app.router.add_get("/small", small)
+    app.router.add_get("/large", large)
+    app.router.add_get("/held", held)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await guard.site(runner, "127.0.0.1", 0, tls).start()
+        assert runner.server is not None
+        yield Served(runner.server, runner.addresses[0][1], release)
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def connect(
+    port: int, tls: ssl.SSLContext | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=tls), WAIT)
+
+
+async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes]:
+    """One request on a kept-alive connection: its status and body."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: guarded\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert b"connection: close" not in head.lower()
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)\r\n", head)
+    assert length is not None, head
+    body = await asyncio.wait_for(reader.readexactly(int(length[1])), WAIT)
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def answered(port: int, tls: ssl.SSLContext | None = None) -> None:
+    """/small on a new connection, which is then closed."""
+    reader, writer = await connect(port, tls)
+    assert await get(reader, writer, "/small") == (200, b"ok\n")
+    writer.close()
+
+
+async def until_closed(reader: asyncio.StreamReader) -> bytes:
+    """What the server sent before closing the connection (a reset ends it too)."""
+    try:
+        return await asyncio.wait_for(reader.read(), WAIT)
+    except ConnectionResetError:
+        return b""
+
+
+async def until_open(server: web.Server, count: int) -> None:
+    """Wait until aiohttp has exactly ``count`` connections (admitted, made and not yet gone; a
+    TLS connection counts once its handshake is over)."""
+    for _ in range(int(WAIT / POLL)):
+        if len(server.connections) == count:
+            return
+        await asyncio.sleep(POLL)
+    raise AssertionError(f"{len(server.connections)} connections open, expected {count}")
+
+
+async def non_reading(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose client takes little before it reads: a 4 KiB receive buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), WAIT)
+    return await asyncio.open_connection(sock=sock)
+
+
+async def busy_with_a_large_answer(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose /large answer is being written: its head has arrived, the rest waits
+    for the client to read."""
+    reader, writer = await non_reading(port)
+    writer.write(GET_LARGE)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert f"\r\nContent-Length: {LARGE}\r\n".encode() in head, head
+    return reader, writer
+
+
+async def held(
+    port: int, tls: ssl.SSLContext | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection with a lasting /held request in progress."""
+    reader, writer = await connect(port, tls)
+    writer.write(GET_HELD)
+    await asyncio.wait_for(reader.readuntil(b"held\n"), WAIT)
+    return reader, writer
+
+
+def evictions(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in caplog.messages if m.startswith("guarded connection closed to make room")]
+
+
+def expiries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in caplog.messages if m.startswith("guarded connection closed: no request answered")]
+
+
+def expired(answers: int) -> str:
+    """The debug line of a connection closed at its deadline with ``answers`` answered before."""
+    return f"guarded connection closed: no request answered within 2s ({answers} answered before)"
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in caplog.messages if m.startswith("guarded connection refused")]
+
+
+@pytest.mark.parametrize("sent", [b"", HALF_SENT], ids=["silent", "half-sent"])
+async def test_a_connection_without_a_whole_request_is_closed_at_its_deadline(
+    caplog: pytest.LogCaptureFixture, sent: bytes
+) -> None:
+    # One connection at most: the request afterwards shows that the closed one gave its place back.
+    async with serving(caplog, 1, DEADLINE) as served:
+        reader, writer = await connect(served.port)
+        writer.write(sent)
+        assert await until_closed(reader) == b""
+        writer.close()
+        assert expiries(caplog) == [expired(0)]
+        await until_open(served.server, 0)
+        await answered(served.port)
+
+
+async def test_a_client_that_stops_reading_its_answers_is_closed_at_its_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    requests = 3  # 48 MB of answers: more than a non-reading client's socket buffers take
+    async with serving(caplog, 8, DEADLINE) as served:
+        reader, writer = await non_reading(served.port)
+        writer.write(GET_LARGE * requests)
+        await until_open(served.server, 1)
+        await until_open(served.server, 0)  # closed while the client still reads nothing
+        received = await until_closed(reader)
+        writer.close()
+        answers = received.count(b"HTTP/1.1 200 OK")
+        assert 1 <= answers < requests, answers
+        assert len(received) < requests * LARGE
+        assert expiries(caplog)
+
+
+async def test_silent_connections_filling_the_cap_make_room_for_a_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(caplog, 4, LONG) as served:
+        silent = [await connect(served.port) for _ in range(4)]
+        await until_open(served.server, 4)
+        await answered(served.port)
+        # The one accepted first made room, unanswered; the others are still open.
+        assert await until_closed(silent[0][0]) == b""
+        assert evictions(caplog) == [
+            "guarded connection closed to make room: idle the longest (0 answered before)"
+        ]
+        await until_open(served.server, 3)  # the request's connection is closed too
+        for _, writer in silent:
+            writer.close()
+        assert not expiries(caplog)
+
+
+async def test_the_connection_answered_last_is_evicted_after_older_idle_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # `kept` is accepted first, but answered after `silent` was accepted: silent goes first.
+    async with serving(caplog, 2, LONG) as served:
+        kept_reader, kept_writer = await connect(served.port)
+        await until_open(served.server, 1)
+        silent_reader, silent_writer = await connect(served.port)
+        await until_open(served.server, 2)
+        assert await get(kept_reader, kept_writer, "/small") == (200, b"ok\n")
+        await answered(served.port)
+        assert await until_closed(silent_reader) == b""
+        silent_writer.close()
+        assert await get(kept_reader, kept_writer, "/small") == (200, b"ok\n")
+        kept_writer.close()
+        assert len(evictions(caplog)) == 1
+
+
+async def test_a_connection_in_the_middle_of_an_answer_is_never_evicted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(caplog, 2, LONG) as served:
+        busy_reader, busy_writer = await busy_with_a_large_answer(served.port)
+        idle_reader, idle_writer = await connect(served.port)
+        await until_open(served.server, 2)
+        # The busy connection is the older one; the idle one makes room.
+        await answered(served.port)
+        assert await until_closed(idle_reader) == b""
+        idle_writer.close()
+        assert evictions(caplog) == [
+            "guarded connection closed to make room: idle the longest (0 answered before)"
+        ]
+        # The answer arrives whole, and its connection serves on.
+        assert await asyncio.wait_for(busy_reader.readexactly(LARGE), WAIT) == b"x" * LARGE
+        assert await get(busy_reader, busy_writer, "/small") == (200, b"ok\n")
+        busy_writer.close()
+
+
+async def test_a_connection_over_the_cap_is_closed_unread_when_every_open_one_is_busy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(caplog, 1, LONG) as served:
+        busy_reader, busy_writer = await busy_with_a_large_answer(served.port)
+        for _ in range(3):
+            over_reader, over_writer = await connect(served.port)
+            over_writer.write(b"GET /small HTTP/1.1\r\nHost: guarded\r\n\r\n")
+            assert await until_closed(over_reader) == b""  # no answer, and no deadline involved
+            over_writer.close()
+        assert refusals(caplog) == ["guarded connection refused: all 1 connections open are busy"] * 3
+        assert not evictions(caplog)
+        assert await asyncio.wait_for(busy_reader.readexactly(LARGE), WAIT) == b"x" * LARGE
+        # Answered, the connection is idle and makes room for the next one.
+        await answered(served.port)
+        assert await until_closed(busy_reader) == b""
+        busy_writer.close()
+        await until_open(served.server, 0)
+
+
+async def test_each_answer_gives_the_connection_a_new_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    # `kept` is accepted before `idle` and answered after it: its deadline, counted from that
+    # answer, passes after idle's. Counted from its accept it would pass first.
+    async with serving(caplog, 8, DEADLINE) as served:
+        kept_reader, kept_writer = await connect(served.port)
+        await until_open(served.server, 1)
+        idle_reader, idle_writer = await connect(served.port)
+        await until_open(served.server, 2)
+        assert await get(kept_reader, kept_writer, "/small") == (200, b"ok\n")
+        assert await until_closed(idle_reader) == b""
+        idle_writer.close()
+        assert await until_closed(kept_reader) == b""
+        kept_writer.close()
+        assert expiries(caplog) == [
+            expired(0),
+            expired(1),
+        ]
+
+
+async def test_a_lasting_request_has_no_deadline_and_is_never_evicted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(caplog, 2, DEADLINE) as served:
+        lasting_reader, lasting_writer = await held(served.port)
+        # A silent connection accepted later: its deadline passes after the lasting one's would.
+        silent_reader, silent_writer = await connect(served.port)
+        assert await until_closed(silent_reader) == b""
+        silent_writer.close()
+        assert expiries(caplog) == [expired(0)]
+        # With the cap full of lasting requests, a new connection is refused.
+        second_reader, second_writer = await held(served.port)
+        over_reader, over_writer = await connect(served.port)
+        assert await until_closed(over_reader) == b""
+        over_writer.close()
+        assert refusals(caplog) == ["guarded connection refused: all 2 connections open are busy"]
+        assert not evictions(caplog)
+        # Once it ends, the connection has a deadline again, counted from its answer.
+        served.release.set()
+        for reader, writer in ((lasting_reader, lasting_writer), (second_reader, second_writer)):
+            await asyncio.wait_for(reader.readuntil(b"released\n\r\n0\r\n\r\n"), WAIT)
+            assert await until_closed(reader) == b""
+            writer.close()
+        assert expiries(caplog)[1:] == [expired(1)] * 2
+
+
+async def test_over_tls_requests_are_answered_and_lasting_ones_last(
+    caplog: pytest.LogCaptureFixture, authority: TestAuthority, tmp_path: Path
+) -> None:
+    client = ssl.create_default_context(cafile=authority.cert)
+    async with serving(caplog, 2, DEADLINE, server_context(authority, tmp_path)) as served:
+        reader, writer = await connect(served.port, client)
+        assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+        assert await get(reader, writer, "/small") == (200, b"ok\n")
+        assert await get(reader, writer, "/small") == (200, b"ok\n")
+        writer.close()
+        lasting_reader, lasting_writer = await held(served.port, client)
+        silent_reader, silent_writer = await connect(served.port)  # never says ClientHello
+        assert await until_closed(silent_reader) == b""
+        silent_writer.close()
+        served.release.set()
+        await asyncio.wait_for(lasting_reader.readuntil(b"released\n\r\n0\r\n\r\n"), WAIT)
+        lasting_writer.close()
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01"], ids=["silent", "half-a-hello"])
+async def test_over_tls_a_connection_silent_in_its_handshake_is_closed_at_its_deadline(
+    caplog: pytest.LogCaptureFixture, authority: TestAuthority, tmp_path: Path, sent: bytes
+) -> None:
+    async with serving(caplog, 1, DEADLINE, server_context(authority, tmp_path)) as served:
+        reader, writer = await connect(served.port)
+        writer.write(sent)
+        assert await until_closed(reader) == b""
+        writer.close()
+        assert expiries(caplog) == [expired(0)]
+        # It gave its place back.
+        await answered(served.port, ssl.create_default_context(cafile=authority.cert))
+
+
+async def test_over_tls_connections_silent_in_their_handshake_make_room_and_plain_http_is_closed(
+    caplog: pytest.LogCaptureFixture, authority: TestAuthority, tmp_path: Path
+) -> None:
+    client = ssl.create_default_context(cafile=authority.cert)
+    async with serving(caplog, 4, LONG, server_context(authority, tmp_path)) as served:
+        silent = [await connect(served.port) for _ in range(4)]
+        await answered(served.port, client)
+        assert await until_closed(silent[0][0]) == b""
+        assert evictions(caplog) == [
+            "guarded connection closed to make room: idle the longest (0 answered before)"
+        ]
+        # Plain HTTP on the TLS port gets no answer: the failed handshake ends the connection
+        # and gives its place back (the next one evicts another silent one, not it).
+        plain_reader, plain_writer = await connect(served.port)
+        plain_writer.write(b"GET /small HTTP/1.1\r\nHost: guarded\r\n\r\n")
+        assert await until_closed(plain_reader) == b""
+        plain_writer.close()
+        await answered(served.port, client)  # fits in the place the plain one gave back
+        assert len(evictions(caplog)) == 1
+        for _, writer in silent:
+            writer.close()
+        assert not expiries(caplog)
