@@ -53,6 +53,8 @@ TEST_TOKEN = "test-token"
 PUSH_TOKEN = "push-channel-token-for-tests"
 CONTROLLER_NAMESPACE = "mailgress-system"
 NAMESPACE = "mail"
+OTHER_NAMESPACE = "team-x"  # a namespace the default controller does not serve
+NAMESPACES = (CONTROLLER_NAMESPACE, NAMESPACE, OTHER_NAMESPACE)
 PROXY_LABELS = {"app.kubernetes.io/component": "proxy"}
 # kmock's ObjectsArray finds objects by resource objects only ("in" is False for a string key).
 MAILROUTES = kmock.resource("mailgress.io", "v1alpha1", "mailroutes")
@@ -85,6 +87,10 @@ async def emulator() -> AsyncIterator[Emulator]:
     emu = Emulator()
     emu.resources.load_bundled()
     async with emu, kmock.Server(emu):
+        # A controller serving some namespaces watches those that exist (kopf lists them).
+        async with client_session(emu) as session:
+            for namespace in NAMESPACES:
+                await Api(session).create("/api/v1/namespaces", namespace_body(namespace))
         yield emu
 
 
@@ -217,6 +223,7 @@ def controller_settings(emulator: Emulator, tmp_path: Path) -> operator.Settings
         snapshot_secret=SNAPSHOT_NAME,
         kubeconfig=kubeconfig,
         health="",
+        watch_namespaces=frozenset({NAMESPACE}),
     )
 
 
@@ -357,6 +364,10 @@ class FakeProxy:
         }
         async with session.post(publisher.ACK_PATH, json=ack) as response:
             assert response.status == 204
+
+
+def namespace_body(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
 
 
 def mailroute_body(name: str, spec: dict[str, Any], namespace: str = NAMESPACE) -> dict[str, Any]:
