@@ -79,7 +79,6 @@ plaintext fallback, so neither a credential nor the envelope is ever sent in the
 
 import ipaddress
 import re
-from collections.abc import Mapping
 from enum import Enum, auto
 from typing import assert_never
 
@@ -227,18 +226,16 @@ _FORWARD_PATH = re.compile(
 _REVERSE_PATH = re.compile(rf"<(?:[\x21\x23-\x3b\x3d\x3f-\x7e]|{_QUOTED_STRING})*>")
 # esmtp-param = esmtp-keyword ["=" esmtp-value]; esmtp-value = 1*(%d33-60 / %d62-126)
 _PARAMETER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3c\x3e-\x7e]+)?")
-# The parameters of the extensions the proxy advertises, keyword to the values it takes (both
-# upper-cased): RFC 6152's BODY at MAIL (8BITMIME); none at RCPT, as no DSN is advertised.
-MAIL_PARAMETERS: Mapping[str, frozenset[str]] = {"BODY": frozenset({"7BIT", "8BITMIME"})}
-RCPT_PARAMETERS: Mapping[str, frozenset[str]] = {}
+# The parameters of the extensions the proxy advertises, upper-cased: RFC 6152's BODY at MAIL
+# (8BITMIME); none at RCPT, as no DSN is advertised.
+MAIL_PARAMETERS = frozenset({"BODY=7BIT", "BODY=8BITMIME"})
+RCPT_PARAMETERS: frozenset[str] = frozenset()
 # In a recipient's local part these make a backend forward elsewhere: the percent hack
 # (user%other@here), bang paths (other!user@here), and inside quotes an "@" or escapes.
 _RELAY_MARKERS = frozenset("@%!\\")
 
 
-def _path(
-    text: str, path: re.Pattern[str], bad: bytes, parameters: Mapping[str, frozenset[str]]
-) -> re.Match[str]:
+def _path(text: str, path: re.Pattern[str], bad: bytes, parameters: frozenset[str]) -> re.Match[str]:
     """Match ``Path [SP Mail-parameters]`` (RFC 5321 section 4.1.2).
 
     Raises:
@@ -252,10 +249,8 @@ def _path(
     words = rest.split()
     if not all(_PARAMETER.fullmatch(word) for word in words):
         raise AddressError(REPLY_BAD_PARAMETERS)
-    for word in words:
-        keyword, _, value = word.upper().partition("=")
-        if value not in parameters.get(keyword, frozenset()):
-            raise AddressError(REPLY_UNSUPPORTED_PARAMETER)
+    if not parameters.issuperset(word.upper() for word in words):
+        raise AddressError(REPLY_UNSUPPORTED_PARAMETER)
     return match
 
 
@@ -298,6 +293,23 @@ def parse_forward_path(text: str) -> str:
     if _RELAY_MARKERS.intersection(match["local"]):
         raise AddressError(REPLY_RELAY_DENIED)
     return f"{match['local']}@{match['domain']}"
+
+
+def drop_over_long_line(buffer: LineBuffer) -> bool:
+    """After ``LineTooLongError``: drop the over-long line at the head of ``buffer`` up to its LF
+    and keep what follows it. True if the LF has not arrived yet: the caller then drops what
+    arrives with ``after_line_end`` until it has, so none of the line is ever buffered."""
+    rest = buffer.take_all()
+    end = rest.find(b"\n")
+    if end >= 0:
+        buffer.feed(rest[end + 1 :])
+    return end < 0
+
+
+def after_line_end(data: bytes) -> bytes | None:
+    """What follows the first LF in ``data``, or None if there is none (all of it is dropped)."""
+    end = data.find(b"\n")
+    return None if end < 0 else data[end + 1 :]
 
 
 def _command_text(line: bytes) -> str | None:
@@ -445,11 +457,10 @@ class Frontend:
         if self._state is State.STARTING_TLS:
             return []  # RFC 3207 section 4.2, CVE-2014-3556: plaintext behind STARTTLS is never read
         if self._skipping:
-            end = data.find(b"\n")
-            if end < 0:
+            rest = after_line_end(data)
+            if rest is None:
                 return []
-            self._skipping = False
-            data = data[end + 1 :]
+            self._skipping, data = False, rest
         self._buffer.feed(data)
         if self._state is State.AUTHENTICATING:
             if len(self._buffer) > MAX_HELD_BYTES:
@@ -475,11 +486,7 @@ class Frontend:
     def _too_long(self) -> list[Command]:
         """Refuse the over-long line at the head of the buffer and drop it up to its LF, now or
         (``_skipping``) as the rest arrives: memory stays bounded by one read and the limit."""
-        rest = self._buffer.take_all()
-        end = rest.find(b"\n")
-        self._skipping = end < 0
-        if not self._skipping:
-            self._buffer.feed(rest[end + 1 :])
+        self._skipping = drop_over_long_line(self._buffer)
         if self._state in _SASL:
             # RFC 4954 section 6: the exchange fails; the client starts again with AUTH.
             self._enter(State.READY)
