@@ -295,6 +295,14 @@ def parse_forward_path(text: str) -> str:
     return f"{match['local']}@{match['domain']}"
 
 
+def _command_text(line: bytes) -> str | None:
+    """The line as text if it is printable ASCII (RFC 5321 section 2.4: commands are ASCII;
+    without SMTPUTF8 so are addresses, and no control character may reach a backend)."""
+    if all(0x20 <= byte < 0x7F for byte in line):
+        return line.decode("ascii")
+    return None
+
+
 def drop_over_long_line(buffer: LineBuffer) -> bool:
     """After ``LineTooLongError``: drop the over-long line at the head of ``buffer`` up to its LF
     and keep what follows it. True if the LF has not arrived yet: the caller then drops what
@@ -310,14 +318,6 @@ def after_line_end(data: bytes) -> bytes | None:
     """What follows the first LF in ``data``, or None if there is none (all of it is dropped)."""
     end = data.find(b"\n")
     return None if end < 0 else data[end + 1 :]
-
-
-def _command_text(line: bytes) -> str | None:
-    """The line as text if it is printable ASCII (RFC 5321 section 2.4: commands are ASCII;
-    without SMTPUTF8 so are addresses, and no control character may reach a backend)."""
-    if all(0x20 <= byte < 0x7F for byte in line):
-        return line.decode("ascii")
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
