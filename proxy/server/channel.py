@@ -145,8 +145,13 @@ class SocketChannel:
             self.detach().close()
 
 
-class _Receiver(asyncio.Protocol):
+class _Receiver(asyncio.BufferedProtocol):
     """Collects what a transport reads until the channel asks for it; honours flow control.
+
+    Buffered (``get_buffer``): a transport hands over at most RECV_SIZE per call, so a TLS
+    layer decrypts no more than that at a time and keeps the rest as records (bounded by its
+    read marks) while the channel's input is paused; as a plain protocol it would get all it
+    had decrypted in one call.
 
     Once the relay has taken the transport over (``forward_to``; relay.Predecessor), whatever
     the loop still delivers here goes to the relay's protocol: uvloop's TLS transport schedules a
@@ -164,6 +169,7 @@ class _Receiver(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._successor: asyncio.Protocol | None = None
+        self._landing: bytearray | None = None  # where the transport writes its current read
 
     def forward_to(self, successor: asyncio.Protocol) -> None:
         """The relay took the transport over: pass on what still arrives here."""
@@ -172,11 +178,19 @@ class _Receiver(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # A buffer of its own for each read (the caller keeps a view of it until after
+        # buffer_updated, so ``unread`` itself could not grow then); reads are few before login.
+        self._landing = bytearray(RECV_SIZE)
+        return memoryview(self._landing)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        landing, self._landing = self._landing, None
+        assert landing is not None  # the transport asked for it first
         if self._successor is not None:
-            self._successor.data_received(data)
+            self._successor.data_received(bytes(landing[:nbytes]))
             return
-        self.unread += data
+        self.unread += memoryview(landing)[:nbytes]
         if len(self.unread) > MAX_UNREAD and self.transport and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -197,6 +211,7 @@ class _Receiver(asyncio.Protocol):
         self.eof = True
         self.lost = True
         self.error = exc
+        self._landing = None  # a read that never came
         self._wake()
         if self._writable and not self._writable.done():
             self._writable.set_result(None)
