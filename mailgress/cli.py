@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import logging
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from proxy.server.routes import TableHolder
 
 EXIT_USAGE = 2
 EXIT_INVALID_ROUTES = 1
+log = logging.getLogger(__name__)
 # The collector's first-generation threshold for a proxy (CPython's default is 700). Every
 # session allocates many short-lived containers (tasks, futures, frames, dataclasses), so at the
 # default the collector runs every few logins; profiles showed it at 2-7% of a login's samples
@@ -85,6 +87,7 @@ def _run_proxy(arguments: argparse.Namespace) -> int:
             await standalone.watch(settings.route_files, settings.services, holder, settings.secrets)
 
     _settle_heap()
+    _raise_descriptor_limit()
     sys.unraisablehook = certificates.quiet_undecodable_server_names
     try:
         uvloop.run(process.run(settings, source))
@@ -104,6 +107,26 @@ def _settle_heap() -> None:
     gc.freeze()
     _, second, third = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, second, third)
+
+
+def _raise_descriptor_limit() -> None:
+    """Raise the soft limit on open descriptors to the hard one, as Go's runtime does at start.
+
+    Every relayed session holds two sockets (and a splice pipe pair), and the guards bound the
+    push and admin ports by connection counts that mean nothing if the process stops at a soft
+    limit of 1024, which some container runtimes still hand out beside a hard limit of a million.
+    Raising the soft limit up to the hard one needs no privilege. nginx has
+    worker_rlimit_nofile for the same reason; here the hard limit is the operator's knob
+    (the runtime's or the pod's ulimit).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as error:  # a hard limit above the kernel's nr_open
+            log.warning("open descriptors stay limited to %d: raising to %d failed: %s", soft, hard, error)
+            return
+    log.info("open descriptors limited to %s", "unlimited" if hard == resource.RLIM_INFINITY else hard)
 
 
 def _check_routes(arguments: argparse.Namespace) -> int:
@@ -143,6 +166,7 @@ def push_certificates(cert: Path, key: Path) -> certificates.CertificateStore:
 
 
 def _run_controller(arguments: argparse.Namespace) -> int:
+    _raise_descriptor_limit()
     return operator.command(arguments, certificates=push_certificates, guards=connections.Guard)
 
 

@@ -2,6 +2,7 @@
 controller's push channel certificates and connection guard (wired in here, from the proxy)."""
 
 import json
+import resource
 import socket
 import subprocess
 import sys
@@ -310,3 +311,17 @@ def test_controller_with_unloadable_tls_files_exits_with_one_clear_line(
     assert err.startswith("mailgress controller: ")
     assert str(bad) in err
     assert "Traceback" not in err
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_limit(caplog: pytest.LogCaptureFixture) -> None:
+    """A runtime's soft limit of 1024 beside a large hard one must not cap the proxy's sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, 256)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        with caplog.at_level("INFO", logger="mailgress.cli"):
+            cli._raise_descriptor_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        assert "open descriptors limited to" in caplog.text
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
