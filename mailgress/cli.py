@@ -112,9 +112,10 @@ def _settle_heap() -> None:
 def _raise_descriptor_limit() -> None:
     """Raise the soft limit on open descriptors to the hard one, as Go's runtime does at start.
 
-    Every relayed session holds two sockets (and a splice pipe pair), and the guards bound the
-    push and admin ports by connection counts that mean nothing if the process stops at a soft
-    limit of 1024, which some container runtimes still hand out beside a hard limit of a million.
+    Every relayed session holds two sockets (and a splice pipe pair while it moves data), and the
+    guards bound the push and admin ports by connection counts that mean nothing if the process
+    stops at a soft limit of 1024, which some container runtimes still hand out beside a hard
+    limit of a million.
     Raising the soft limit up to the hard one needs no privilege. nginx has
     worker_rlimit_nofile for the same reason; here the hard limit is the operator's knob
     (the runtime's or the pod's ulimit).
