@@ -264,6 +264,27 @@ def parse_forward_path(text: str) -> str:
     return f"{match['local']}@{match['domain']}"
 
 
+def recipient_of(argument: str) -> str:
+    """The address to route by, from the argument of ``RCPT`` (``TO:<path>``, RFC 5321 section
+    4.1.1.3; clients often write ``TO: <path>``).
+
+    Raises:
+        AddressError: as ``parse_forward_path``, or 501 for a missing ``TO:``.
+    """
+    prefix, path = argument[:3], argument[3:].lstrip(" ")
+    if prefix.upper() != "TO:":
+        raise AddressError(_syntax("RCPT TO:<address>"))
+    return parse_forward_path(path)
+
+
+def _ehlo_reply(server_name: str, extensions: list[bytes]) -> list[bytes]:
+    """The lines of the proxy's EHLO reply (RFC 5321 section 4.1.1.1), ``extensions`` after the
+    ones it always offers. Never CHUNKING (BDAT gets 502), SIZE or SMTPUTF8 (module docstring)."""
+    lines = [server_name.encode(), b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES", *extensions]
+    last = len(lines) - 1
+    return [b"250" + (b" " if i == last else b"-") + line + CRLF for i, line in enumerate(lines)]
+
+
 def _command_text(line: bytes) -> str | None:
     """The line as text if it is printable ASCII (RFC 5321 section 2.4: commands are ASCII;
     without SMTPUTF8 so are addresses, and no control character may reach a backend)."""
@@ -497,13 +518,12 @@ class Frontend:
         server_name = self._config.server_name.encode()
         if verb == "HELO":
             return [Send(b"250 " + server_name + CRLF)]
-        extensions = [server_name, b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES"]
+        extensions: list[bytes] = []
         if self._starttls_offered():
             extensions.append(b"STARTTLS")
         if not self._config.inbound and not self._tls_required():
             extensions.append(b"AUTH " + b" ".join(sasl.MECHANISMS))
-        last = len(extensions) - 1
-        return [Send(b"250" + (b" " if i == last else b"-") + ext + CRLF) for i, ext in enumerate(extensions)]
+        return [Send(line) for line in _ehlo_reply(self._config.server_name, extensions)]
 
     def _starttls(self, argument: str) -> list[Command]:
         if argument:
@@ -587,11 +607,8 @@ class Frontend:
             return self._refuse(REPLY_AUTH_REQUIRED)
         if self._state is not State.MAIL:
             return self._refuse(REPLY_NEED_MAIL)
-        prefix, path = argument[:3], argument[3:].lstrip(" ")
-        if prefix.upper() != "TO:":
-            return self._refuse(_syntax("RCPT TO:<address>"))
         try:
-            recipient = parse_forward_path(path)
+            recipient = recipient_of(argument)
         except AddressError as error:
             return self._refuse(error.reply)
         self._enter(State.AUTHENTICATING)
@@ -662,11 +679,69 @@ def _extensions(lines: list[bytes]) -> dict[str, frozenset[str]]:
     return extensions
 
 
+class MalformedReplyError(RemoteProtocolError):
+    """A backend reply the proxy cannot read; the message never quotes it (a broken backend might
+    echo the AUTH line)."""
+
+
+class ReplyReader:
+    """Cuts a backend's bytes into complete replies (RFC 5321 section 4.2.1: ``code-text`` lines
+    until ``code text``, one code throughout), each line within ``MAX_REPLY_LINE`` and each reply
+    within ``MAX_REPLY_LINES``. Used by the backend login and by the inbound mediation."""
+
+    __slots__ = ("_buffer", "_lines")
+
+    def __init__(self) -> None:
+        self._buffer = LineBuffer(MAX_REPLY_LINE)
+        self._lines: list[bytes] = []  # lines of the multi-line reply being read
+
+    def feed(self, data: bytes) -> None:
+        self._buffer.feed(data)
+
+    def pop(self) -> tuple[int, list[bytes]] | None:
+        """The next complete reply (its code and lines without CRLF), or None until one is.
+
+        Raises:
+            MalformedReplyError: a line too long or not a reply line, or too many lines.
+        """
+        while True:
+            try:
+                line = self._buffer.pop_line()
+            except LineTooLongError:
+                raise MalformedReplyError("backend reply line too long") from None
+            if line is None:
+                return None
+            code, separator = line[:3], line[3:4]
+            if not (
+                len(code) == 3
+                and code.isdigit()
+                and code[:1] in b"2345"
+                and separator in (b"", b" ", b"-")
+                and (not self._lines or self._lines[0][:3] == code)
+            ):
+                raise MalformedReplyError("backend sent a malformed reply")
+            self._lines.append(line)
+            if len(self._lines) > MAX_REPLY_LINES:
+                raise MalformedReplyError("backend reply too long")
+            if separator != b"-":
+                lines, self._lines = self._lines, []
+                return int(code), lines
+
+    def take_all(self) -> bytes:
+        """Whatever arrived behind the last complete reply."""
+        return self._buffer.take_all()
+
+    def clear(self) -> None:
+        """Forget everything not yet read (the plaintext behind a STARTTLS 220)."""
+        self._buffer.clear()
+        self._lines = []
+
+
 class BackendLogin:
     """Replays a submission login (EHLO, STARTTLS, XCLIENT, AUTH PLAIN) or an inbound envelope
     (EHLO, STARTTLS, XCLIENT, MAIL FROM, RCPT TO) on one backend."""
 
-    __slots__ = ("_buffer", "_config", "_helo_name", "_reply", "_request", "_state", "_tls")
+    __slots__ = ("_config", "_helo_name", "_replies", "_request", "_state", "_tls")
 
     def __init__(self, request: LoginRequest, config: BackendConfig) -> None:
         """Prepare the replay of ``request``; the backend speaks first.
@@ -685,10 +760,9 @@ class BackendLogin:
             raise LocalProtocolError("HELO and envelope lines must be printable ASCII")
         self._request = request
         self._config = config
-        self._buffer = LineBuffer(MAX_REPLY_LINE)
+        self._replies = ReplyReader()
         self._state = BackendState.GREETING
         self._tls = False  # the backend connection is encrypted (after STARTTLS)
-        self._reply: list[bytes] = []  # lines of the multi-line reply being read
         # The client's own name, for the EHLO after XCLIENT (nginx replays it the same way).
         _, _, name = request.helo.partition(b" ")
         self._helo_name = name.strip() or config.server_name.encode()
@@ -715,7 +789,7 @@ class BackendLogin:
                     raise LocalProtocolError("backend data after the login verdict")
                 if self._state is BackendState.TLS:
                     return []  # plaintext after the STARTTLS 220: never read (CVE-2014-3556 class)
-                self._buffer.feed(data)
+                self._replies.feed(data)
                 return self._read()
             case ConnectionClosed():
                 return self._fail("backend closed the connection")
@@ -733,33 +807,15 @@ class BackendLogin:
                 assert_never(event)
 
     def _read(self) -> list[Command]:
-        """Collect reply lines (RFC 5321 section 4.2.1: ``code-text`` until ``code text``)."""
         commands: list[Command] = []
         while self._state not in (BackendState.DONE, BackendState.TLS):
             try:
-                line = self._buffer.pop_line()
-            except LineTooLongError:
-                return commands + self._fail(f"backend reply line too long in state {self._state.name}")
-            if line is None:
+                reply = self._replies.pop()
+            except MalformedReplyError as error:
+                return commands + self._fail(f"{error} in state {self._state.name}")
+            if reply is None:
                 break
-            code = line[:3]
-            separator = line[3:4]
-            if not (
-                len(code) == 3
-                and code.isdigit()
-                and code[:1] in b"2345"
-                and separator in (b"", b" ", b"-")
-                and (not self._reply or self._reply[0][:3] == code)
-            ):
-                # Never quote the backend: a broken one might echo the AUTH line.
-                return commands + self._fail(f"backend sent a malformed reply in state {self._state.name}")
-            self._reply.append(line)
-            if len(self._reply) > MAX_REPLY_LINES:
-                return commands + self._fail(f"backend reply too long in state {self._state.name}")
-            if separator == b"-":
-                continue
-            lines, self._reply = self._reply, []
-            commands += self._on_reply(int(code), lines)
+            commands += self._on_reply(*reply)
         return commands
 
     def _on_reply(self, code: int, lines: list[bytes]) -> list[Command]:
@@ -775,7 +831,7 @@ class BackendLogin:
             case BackendState.STARTTLS if code == 220:
                 # Whatever followed the 220 in plaintext could be an attacker's: never read.
                 self._state = BackendState.TLS
-                self._buffer.clear()
+                self._replies.clear()
                 return [StartTls()]
             case BackendState.STARTTLS:
                 return self._fail(_NO_STARTTLS)
@@ -803,7 +859,7 @@ class BackendLogin:
                 # The sender refused for good: the client hears it as the answer to its RCPT.
                 return self._verdict(LoginFailed(reply=reply))
             case BackendState.RCPT:
-                return self._verdict(LoginSucceeded(reply=reply, buffered=self._buffer.take_all()))
+                return self._verdict(LoginSucceeded(reply=reply, buffered=self._replies.take_all()))
             case _:
                 return self._fail(f"backend answered {code} in state {self._state.name}")
 
@@ -846,7 +902,7 @@ class BackendLogin:
 
     def _auth_verdict(self, code: int, reply: bytes) -> list[Command]:
         if code == 235:
-            return self._verdict(LoginSucceeded(reply=reply, buffered=self._buffer.take_all()))
+            return self._verdict(LoginSucceeded(reply=reply, buffered=self._replies.take_all()))
         if code >= 500:
             return self._verdict(LoginFailed(reply=reply))
         # 4xx (454 4.7.0 temporary authentication failure) or nonsense: another endpoint may do.
