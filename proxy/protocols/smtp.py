@@ -62,6 +62,8 @@ plaintext fallback, so neither a credential nor the envelope is ever sent in the
 
 import ipaddress
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum, auto
 from typing import assert_never
 
@@ -916,3 +918,328 @@ class BackendLogin:
         if self._state is BackendState.DONE:
             return []
         return self._verdict(BackendFailed(reason))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inbound mediation: after the backend login, one command at a time
+
+
+@dataclass(frozen=True, slots=True)
+class BackendData:
+    """Mediation event: bytes arrived from the backend."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BackendClosed:
+    """Mediation event: the backend closed its side or the connection broke."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendToBackend:
+    """Mediation command: write these bytes to the backend, in order (``Send`` goes to the client)."""
+
+    data: bytes
+
+    def __repr__(self) -> str:
+        # As Send: the bytes are a client's message; a repr in a traceback shows their size only.
+        return f"SendToBackend(<{len(self.data)} bytes>)"
+
+
+# What the mediation takes: the client's bytes (DataReceived), its close (ConnectionClosed), the
+# driver's idle timeout (TimedOut), and the backend's bytes and close.
+MediationEvent = DataReceived | ConnectionClosed | TimedOut | BackendData | BackendClosed
+MediationCommand = Send | SendToBackend | Close
+
+# RFC 5321 section 4.1.1.4: the body ends with a line holding a single ".": CRLF "." CRLF, where
+# the first CRLF may be the one that ended the DATA command itself.
+END_OF_DATA = CRLF + b"." + CRLF
+# RFC 5321 sections 4.5.3.1.10 and 3.3: 452 to a RCPT is "too many recipients": the sender
+# delivers to the recipients accepted so far and sends the others in a later transaction
+# (Postfix and Exim at once, on a new connection when needed). So a recipient of another route
+# than the one this connection's backend serves is deferred, never refused: 550 would bounce it.
+REPLY_OTHER_ROUTE = b"452 4.5.3 Too many recipients, send the others in another transaction" + CRLF
+# RFC 3207 section 4: 454 is "TLS not available due to temporary reason". STARTTLS is offered
+# only before the first routed recipient (the backend connection is set up by then).
+REPLY_TLS_UNAVAILABLE = b"454 4.7.0 TLS not available now" + CRLF
+# RFC 3030 section 2: BDAT only after CHUNKING was advertised, which the proxy never does;
+# 502 is RFC 5321 section 4.2.4's "command not implemented" (Postfix answers the same).
+REPLY_NO_BDAT = REPLY_NOT_IMPLEMENTED
+
+
+class EndOfData:
+    """Finds where a DATA body ends (``END_OF_DATA``) in the client's bytes, cut anywhere.
+
+    The body passes to the backend as it came: no dot-unstuffing, no line-end repair. Only the
+    last four bytes seen are kept (a terminator is five), so memory is constant whatever the size
+    of the body, and no chunk is copied. A bare LF does not end anything here (RFC 5321 section
+    2.3.8); a backend that took ``LF . LF`` for the end would answer while the proxy still streams,
+    which the mediation treats as a backend out of step and closes (no smuggled commands).
+    """
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = CRLF  # the CRLF of the DATA command line: ".\r\n" alone is an empty body
+
+    def scan(self, chunk: bytes) -> int | None:
+        """How many bytes of ``chunk`` are body (the terminator included), or None if all are and
+        the body goes on. Not to be called again once the end was found."""
+        # A terminator that begins in the tail ends within the chunk's first four bytes.
+        at = (self._tail + chunk[: len(END_OF_DATA) - 1]).find(END_OF_DATA)
+        if at >= 0:
+            return at + len(END_OF_DATA) - len(self._tail)
+        at = chunk.find(END_OF_DATA)
+        if at >= 0:
+            return at + len(END_OF_DATA)
+        self._tail = (self._tail + chunk[-(len(END_OF_DATA) - 1) :])[-(len(END_OF_DATA) - 1) :]
+        return None
+
+
+_CLIENT_ENDED = "client closed the connection"
+
+
+class Expecting(Enum):
+    """What the backend's next reply answers, and so what becomes of it."""
+
+    NOTHING = auto()  # no command pending: a reply now is the backend out of step
+    REPLY = auto()  # MAIL, RCPT, RSET, NOOP: passed on as it is
+    HELLO = auto()  # the RSET sent for EHLO: a 250 becomes the proxy's own EHLO reply
+    HELO = auto()  # the RSET sent for HELO: a 250 becomes the proxy's own HELO reply
+    DATA = auto()  # a 354 opens the body
+    BODY = auto()  # no reply may come while the body streams
+    QUIT = auto()  # passed on, then the connection ends
+
+
+class Mediator:
+    """Inbound SMTP after the first routed recipient: the client's commands go to the backend one
+    at a time, and each gets exactly the backend's one complete reply before the next is read.
+
+    The driver creates it when the front-end emits ``Relay`` on an inbound listener, with the
+    route that got the backend (``route``) and ``route_of``, the current table's route for a
+    recipient (None: no route). Commands:
+
+    - ``RCPT TO``: checked as before the login (``recipient_of``); a recipient of ``route`` goes
+      to the backend, one of another route gets ``REPLY_OTHER_ROUTE``, an unrouted one 550 5.7.1.
+    - ``MAIL``, ``RSET``, ``NOOP``, ``DATA``, ``QUIT``: to the backend, its reply to the client;
+      after a 354 the body streams to the backend as it comes until ``END_OF_DATA``, then the
+      backend's final reply goes to the client and commands are read again.
+    - ``EHLO``/``HELO``: end the transaction (RFC 5321 section 4.1.4), so the backend gets
+      ``RSET`` and the client the proxy's own reply, the same extensions as before minus STARTTLS:
+      the backend keeps the name it was given at login (the client's, with XCLIENT).
+    - ``STARTTLS`` 454 (or 554 inside TLS), ``AUTH`` 503, ``VRFY`` and ``BDAT`` 502, anything else
+      500, as before the login: nothing but the commands above ever reaches the backend, which
+      trusts the proxy (XCLIENT from a client would otherwise forge its address).
+
+    Pipelined commands wait in the buffer behind the pending one, so replies keep their order
+    (RFC 2920); ``wants_client_data`` tells the driver to stop reading while more than
+    ``MAX_HELD_BYTES`` wait. Refusals of the proxy's own count towards ``max_errors`` as before
+    the login (the deferral of another route's recipient does not: no fault of the client's).
+    Pure: no I/O, no clocks, no logging.
+    """
+
+    __slots__ = (
+        "_body",
+        "_buffer",
+        "_client_ended",
+        "_closed",
+        "_config",
+        "_deferred",
+        "_errors",
+        "_expecting",
+        "_replies",
+        "_route",
+        "_route_of",
+    )
+
+    def __init__(self, config: FrontendConfig, route: str, route_of: Callable[[str], str | None]) -> None:
+        self._config = config
+        self._route = route
+        self._route_of = route_of
+        self._buffer = LineBuffer(MAX_COMMAND_LINE)
+        self._replies = ReplyReader()
+        self._expecting = Expecting.NOTHING
+        self._body: EndOfData | None = None  # while the body streams
+        self._errors = 0
+        self._deferred = 0  # recipients of other routes answered with REPLY_OTHER_ROUTE
+        self._client_ended = False  # EOF from the client: answer what it sent, then close
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def deferred(self) -> int:
+        """How many recipients of other routes were deferred (for the session line)."""
+        return self._deferred
+
+    @property
+    def wants_client_data(self) -> bool:
+        """Whether the driver should read the client now: not while too much waits unread."""
+        if self._closed or self._client_ended:
+            return False
+        return self._body is not None or len(self._buffer) <= MAX_HELD_BYTES
+
+    @property
+    def quiet(self) -> bool:
+        """Between commands, nothing half-said: a closing line now interrupts nothing."""
+        return not self._closed and self._expecting is Expecting.NOTHING and not len(self._buffer)
+
+    def start(self, client: bytes, backend: bytes) -> list[MediationCommand]:
+        """Take what each side sent behind the login (the client's pipelined commands)."""
+        return self.handle(BackendData(backend)) + self.handle(DataReceived(client))
+
+    def handle(self, event: MediationEvent) -> list[MediationCommand]:
+        """Take one event; return what the driver must do, in order. Once closed, nothing."""
+        if self._closed:
+            return []
+        match event:
+            case DataReceived(data=data):
+                return self._from_client(data)
+            case BackendData(data=data):
+                self._replies.feed(data)
+                return self._from_backend()
+            case ConnectionClosed():
+                # A client may half-close behind its last commands (".", QUIT): they still get
+                # their replies, above all the final reply to DATA, or it would send the message
+                # again. A body cut short is no message: the backend drops it when we close.
+                self._client_ended = True
+                return self._close(_CLIENT_ENDED) if self._body is not None else self._interpret()
+            case BackendClosed():
+                return self._close("backend closed the connection", "4.4.2", "Error: backend went away")
+            case TimedOut():
+                return self._close("idle timeout", "4.4.2", "Error: timeout exceeded")
+            case _:
+                assert_never(event)
+
+    # -----------------------------------------------------------------------------------------
+    # Plumbing
+
+    def _close(self, reason: str, enhanced: str = "", why: str = "") -> list[MediationCommand]:
+        self._closed = True
+        notice = [Send(_closing(enhanced, self._config.server_name, why))] if why else []
+        return [*notice, Close(reason)]
+
+    def _refuse(self, reply: bytes) -> list[MediationCommand]:
+        """As the front-end: the ``max_errors``-th refusal is followed by 421 and a close."""
+        self._errors += 1
+        if self._errors >= self._config.max_errors:
+            return [
+                Send(reply),
+                *self._close("too many errors", "4.7.0", "Error: too many errors, closing connection"),
+            ]
+        return [Send(reply)]
+
+    def _forward(self, line: bytes, expecting: Expecting) -> list[MediationCommand]:
+        self._expecting = expecting
+        return [SendToBackend(line + CRLF)]
+
+    def _from_client(self, data: bytes) -> list[MediationCommand]:
+        if self._body is None:
+            self._buffer.feed(data)
+            return self._interpret()
+        end = self._body.scan(data)
+        if end is None:
+            return [SendToBackend(data)] if data else []
+        # The final reply comes next; whatever the client pipelined behind the body waits for it.
+        self._body = None
+        self._expecting = Expecting.REPLY
+        self._buffer.feed(data[end:])
+        return [SendToBackend(data[:end])]
+
+    def _from_backend(self) -> list[MediationCommand]:
+        commands: list[MediationCommand] = []
+        while not self._closed:
+            try:
+                reply = self._replies.pop()
+            except MalformedReplyError as error:
+                return commands + self._close(str(error), "4.4.2", "Error: backend failed")
+            if reply is None:
+                break
+            commands += self._on_reply(*reply)
+        return commands
+
+    def _on_reply(self, code: int, lines: list[bytes]) -> list[MediationCommand]:
+        reply = b"".join(line + CRLF for line in lines)
+        expecting, self._expecting = self._expecting, Expecting.NOTHING
+        match expecting:
+            case Expecting.NOTHING | Expecting.BODY:
+                # A reply nobody asked for (an idle backend's 421, or a backend that took the
+                # body's end elsewhere than the proxy): the two no longer agree; end it.
+                return self._close("backend replied out of turn", "4.4.2", "Error: backend out of step")
+            case Expecting.HELLO if code == 250:
+                reply = b"".join(_ehlo_reply(self._config.server_name, []))
+            case Expecting.HELO if code == 250:
+                reply = b"250 " + self._config.server_name.encode() + CRLF
+            case Expecting.DATA if code == 354:
+                self._body = EndOfData()
+                self._expecting = Expecting.BODY
+                # Bytes the client sent behind DATA before the 354 are the body's beginning.
+                return [Send(reply), *self._from_client(self._buffer.take_all())]
+            case Expecting.QUIT:
+                return [Send(reply), *self._close("client quit")]
+        return [Send(reply), *self._interpret()]
+
+    def _interpret(self) -> list[MediationCommand]:
+        """Answer complete lines, in order, while no command is pending at the backend."""
+        commands: list[MediationCommand] = []
+        while not self._closed and self._expecting is Expecting.NOTHING:
+            try:
+                line = self._buffer.pop_line()
+            except LineTooLongError:
+                return commands + self._close(
+                    "line too long", "4.7.0", "Error: line too long, closing connection"
+                )
+            if line is None:
+                if self._client_ended:  # all it sent is answered
+                    commands += self._close(_CLIENT_ENDED)
+                break
+            commands += self._command(line)
+        return commands
+
+    # -----------------------------------------------------------------------------------------
+    # Commands
+
+    def _command(self, line: bytes) -> list[MediationCommand]:
+        text = _command_text(line)
+        if not text:
+            return self._refuse(REPLY_BAD_SYNTAX)
+        verb, _, argument = text.partition(" ")
+        match verb.upper():
+            case "RCPT":
+                return self._rcpt_to(line, argument)
+            case "MAIL" | "RSET" | "NOOP":
+                return self._forward(line, Expecting.REPLY)
+            case "DATA":
+                return self._forward(line, Expecting.DATA)
+            case "QUIT":
+                return self._forward(line, Expecting.QUIT)
+            case "EHLO" | "HELO" as verb_name:
+                if not argument.strip():
+                    return self._refuse(_syntax(f"{verb_name} hostname"))
+                return self._forward(b"RSET", Expecting.HELLO if verb_name == "EHLO" else Expecting.HELO)
+            case "STARTTLS":
+                return [Send(REPLY_TLS_ACTIVE if self._config.tls_active else REPLY_TLS_UNAVAILABLE)]
+            case "AUTH":
+                return self._refuse(REPLY_NO_AUTH_HERE)
+            case "VRFY":
+                return self._refuse(REPLY_VRFY)
+            case "BDAT":
+                return self._refuse(REPLY_NO_BDAT)
+            case _:
+                return self._refuse(REPLY_UNKNOWN)
+
+    def _rcpt_to(self, line: bytes, argument: str) -> list[MediationCommand]:
+        try:
+            recipient = recipient_of(argument)
+        except AddressError as error:
+            return self._refuse(error.reply)
+        route = self._route_of(recipient)
+        if route is None:
+            return self._refuse(REPLY_RELAY_DENIED)
+        if route != self._route:
+            self._deferred += 1
+            return [Send(REPLY_OTHER_ROUTE)]
+        return self._forward(line, Expecting.REPLY)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from proxy import table
 from proxy.protocols import events, imap, pop3, proxyheader, smtp
-from proxy.server import backends, drain, limits, relay
+from proxy.server import backends, drain, limits, mediation, relay
 from proxy.server.certificates import CertificateStore
 from proxy.server.channel import SocketChannel, TransportChannel, as_transport
 from proxy.server.context import ProxyContext
@@ -484,6 +484,11 @@ async def _relay(
     relayed = context.metrics.relay_bytes
     relayed.started(listener.protocol, progress)
     try:
+        if listener.protocol == "smtp":
+            # Inbound: every later command is mediated, so no recipient of another route can
+            # reach this backend (mediation.py, smtp.Mediator).
+            record.outcome = await _mediate(context, channel, handover, turn=turn, progress=progress)
+            return
         if (
             isinstance(channel, SocketChannel)
             and channel.upgraded is None
@@ -526,3 +531,48 @@ async def _relay(
     record.outcome = f"relayed, ended by {result.ended_by}"
     if result.ended_by == relay.DRAINED:
         turn.outcome = drain.CLOSED_WHEN_QUIET
+
+
+async def _mediate(
+    context: ProxyContext,
+    channel: SocketChannel | TransportChannel,
+    handover: Handover,
+    *,
+    turn: drain.Turn,
+    progress: relay.Progress,
+) -> str:
+    """An inbound session after its backend login, to its end; the session line's outcome."""
+    login = handover.login
+    assert login.backend is not None
+
+    def route_of(recipient: str) -> str | None:
+        # The current table: a route edited since the login answers as it is now.
+        route = table.lookup(context.tables.current, "smtp", recipient)
+        return None if route is None else route.name
+
+    settings = context.settings
+    machine = smtp.Mediator(
+        events.FrontendConfig(
+            server_name=settings.server_name,
+            tls_active=channel.tls is not None,
+            inbound=True,
+            max_errors=settings.max_errors,
+        ),
+        login.route,
+        route_of,
+    )
+    ended_by = await mediation.mediate(
+        machine,
+        channel,
+        login.backend,
+        client_bytes=handover.buffered,
+        backend_bytes=login.buffered,
+        idle_timeout=settings.timeouts.idle,
+        closing_grace=TIMED_OUT_REPLY_GRACE,
+        drain=turn,
+        progress=progress,
+    )
+    if ended_by == relay.DRAINED:
+        turn.outcome = drain.CLOSED_WHEN_QUIET
+    deferred = f"; {machine.deferred} recipients of other routes deferred" if machine.deferred else ""
+    return f"relayed, ended by {ended_by}{deferred}"
