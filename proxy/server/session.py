@@ -574,5 +574,6 @@ async def _mediate(
     )
     if ended_by == relay.DRAINED:
         turn.outcome = drain.CLOSED_WHEN_QUIET
-    deferred = f"; {machine.deferred} recipients of other routes deferred" if machine.deferred else ""
+    # Deferred recipients are mail that arrives later through another connection: worth a word.
+    deferred = f"; recipients of other routes deferred: {machine.deferred}" if machine.deferred else ""
     return f"relayed, ended by {ended_by}{deferred}"

@@ -222,3 +222,143 @@ def test_a_client_that_stops_mid_command_is_closed_while_others_are_served(
         assert serves_imap(proxy, backends)
         rest = stalled.until_closed()
     assert rest.splitlines()[-1].startswith(b"421 ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inbound: recipients of a second route (alpha.example and beta.example are two routes, both on
+# Postfix). After the first routed recipient every command is mediated: another route's
+# recipient gets 452 4.5.3, which MTAs deliver later in another transaction, never a bounce.
+
+BIG_MESSAGE_BYTES = 6 * 1024 * 1024
+
+
+def smtp_reply(raw: clients.RawClient) -> bytes:
+    """One whole SMTP reply (RFC 5321 section 4.2.1: lines until ``code SP``)."""
+    reply = b""
+    for _ in range(100):
+        line = raw.line()
+        reply += line
+        if line[3:4] != b"-":
+            return reply
+    raise AssertionError(f"no end of reply in 100 lines: {reply[:200]!r}")
+
+
+def dot_stuffed(message: bytes) -> bytes:
+    """The message as DATA carries it (RFC 5321 section 4.5.2), without the final dot line."""
+    return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in message.split(b"\r\n"))
+
+
+def send_alone(port: int, recipient: str, message: bytes) -> None:
+    """What the sender does with a deferred recipient: its own transaction, on a new connection."""
+    with clients.smtp(port) as smtp:
+        assert smtp.sendmail("sender@example.net", [recipient], message) == {}
+
+
+def test_a_second_routes_recipient_in_the_same_transaction_is_deferred_then_delivered(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """Exim's multi_domain: one transaction for alpha and beta; beta's recipient gets 452 (never
+    the 550 of a backend that does not own it), then arrives on its own, byte-identical."""
+    first, second = new_user(ALPHA), new_user(BETA)
+    message = messages.compose("sender@example.net", first.address, "two routes", ".dot\nline\n")
+    port = proxy.settings.ports.smtp
+    with clients.smtp(port) as smtp:
+        refused = smtp.sendmail("sender@example.net", [first.address, second.address], message)
+    assert list(refused) == [second.address] and refused[second.address][0] == 452
+    (delivered,) = backends.wait_delivered(first.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+    send_alone(port, second.address, message)
+    (delivered,) = backends.wait_delivered(second.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+    assert delivered in backends.dovecots[BETA].messages(second.address)
+
+
+def test_a_second_routes_recipient_on_a_reused_connection_is_deferred_then_delivered(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """Postfix's connection cache: the next transaction on the same connection is for beta."""
+    first, second = new_user(ALPHA), new_user(BETA)
+    one = messages.compose("sender@example.net", first.address, "first transaction")
+    two = messages.compose("sender@example.net", second.address, "second transaction")
+    port = proxy.settings.ports.smtp
+    with clients.smtp(port) as smtp:
+        assert smtp.sendmail("sender@example.net", [first.address], one) == {}
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as deferred:
+            smtp.sendmail("sender@example.net", [second.address], two)
+        assert deferred.value.recipients[second.address][0] == 452
+        assert smtp.noop()[0] == 250  # the connection goes on
+        assert smtp.sendmail("sender@example.net", [first.address], one) == {}
+    send_alone(port, second.address, two)
+    (delivered,) = backends.wait_delivered(second.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(two)
+    assert delivered in backends.dovecots[BETA].messages(second.address)
+    assert len(backends.wait_delivered(first.address, 2)) == 2
+
+
+def test_a_pipelined_group_is_answered_in_order(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """RFC 2920: the whole envelope in one write, the body and QUIT in another; each command
+    gets its own reply in order, whoever answers it (proxy or Postfix)."""
+    first, other, second = new_user(ALPHA), new_user(BETA), new_user(ALPHA)
+    message = messages.compose("sender@example.net", first.address, "pipelined", "..\n.x\n")
+    with clients.RawClient(proxy.settings.ports.smtp) as raw:
+        assert smtp_reply(raw).startswith(b"220 ")
+        raw.send(b"EHLO client.example\r\n")
+        assert b"250-PIPELINING" in smtp_reply(raw)
+        raw.send(
+            b"MAIL FROM:<sender@example.net>\r\n"
+            + b"".join(b"RCPT TO:<%s>\r\n" % user.address.encode() for user in (first, other, second))
+            + b"RCPT TO:<nobody@gamma.example>\r\nDATA\r\n"
+        )
+        replies = [smtp_reply(raw)[:9] for _ in range(6)]
+        assert replies == [b"250 2.1.0", b"250 2.1.5", b"452 4.5.3", b"250 2.1.5", b"550 5.7.1", b"354 End d"]
+        raw.send(dot_stuffed(message) + b".\r\nRSET\r\nQUIT\r\n")
+        assert smtp_reply(raw).startswith(b"250 2.0.0 Ok: queued")
+        assert smtp_reply(raw).startswith(b"250 ")
+        assert smtp_reply(raw).startswith(b"221 ")
+        assert raw.until_closed() == b""
+    for user in (first, second):
+        (delivered,) = backends.wait_delivered(user.address, 1)
+        assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
+def test_a_big_message_passes_the_mediation_intact(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """Megabytes of body, with dot-stuffed lines and lines longer than a read, byte-identical."""
+    user = new_user(BETA)
+    line = "." + "0123456789abcdef" * 5 + "\n"
+    long_line = "x" * 70_000 + "\n"
+    body = (line * 100 + long_line) * (BIG_MESSAGE_BYTES // (len(line) * 100 + len(long_line)) + 1)
+    message = messages.compose("sender@example.net", user.address, "big", body)
+    assert len(message) > BIG_MESSAGE_BYTES
+    with clients.smtp(proxy.settings.ports.smtp) as smtp:
+        assert smtp.sendmail("sender@example.net", [user.address], message) == {}
+    (delivered,) = backends.wait_delivered(user.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
+def test_what_the_backend_must_never_hear_is_answered_by_the_proxy(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """After the backend login: XCLIENT (Postfix trusts the proxy with it), BDAT (no CHUNKING
+    advertised), STARTTLS and EHLO get the proxy's answers, and the transaction goes on."""
+    user = new_user(ALPHA)
+    with clients.RawClient(proxy.settings.ports.smtp) as raw:
+        assert smtp_reply(raw).startswith(b"220 ")
+        for command, reply in [
+            (b"EHLO client.example", b"250-mailgress.test"),
+            (b"MAIL FROM:<sender@example.net>", b"250 "),
+            (b"RCPT TO:<%s>" % user.address.encode(), b"250 "),
+            (b"XCLIENT ADDR=192.0.2.1", b"500 5.5.2"),
+            (b"BDAT 3 LAST", b"502 5.5.1"),
+            (b"STARTTLS", b"454 4.7.0"),
+            (b"EHLO again.example", b"250-mailgress.test"),
+            (b"RCPT TO:<%s>" % user.address.encode(), b"503 "),  # EHLO ended the transaction
+            (b"QUIT", b"221 "),
+        ]:
+            raw.send(command + b"\r\n")
+            got = smtp_reply(raw)
+            assert got.startswith(reply), (command, got)
+            assert b"XCLIENT" not in got and b"CHUNKING" not in got
