@@ -1,10 +1,12 @@
-"""SMTP before login: the client-facing ``Frontend`` and the ``BackendLogin`` replay.
+"""SMTP: the client-facing ``Frontend``, the ``BackendLogin`` replay and the inbound ``Mediator``.
 
 The session driver (proxy.server.session) runs a ``Frontend`` per submission or inbound-MX
-client; the backend driver (proxy.server.backends) runs a ``BackendLogin`` per backend attempt.
+client; the backend driver (proxy.server.backends) runs a ``BackendLogin`` per backend attempt;
+proxy.server.mediation runs a ``Mediator`` once an inbound client has a backend.
 Submission (``inbound=False``): EHLO, STARTTLS, AUTH PLAIN/LOGIN, and the credentials go out as
-``Authenticate``. Inbound MX (``inbound=True``): EHLO, MAIL FROM, and the first RCPT TO whose
-address passes the relay checks goes out as ``Authenticate``, routed by recipient.
+``Authenticate``; after the login the driver relays bytes. Inbound MX (``inbound=True``): EHLO,
+MAIL FROM, and the first RCPT TO whose address passes the relay checks goes out as
+``Authenticate``, routed by recipient; after it the ``Mediator`` takes every command.
 Pure: no I/O, no clocks, no logging; never puts a password into a reply, reason or repr.
 
 Theory of operation (front-end)::
@@ -13,7 +15,7 @@ Theory of operation (front-end)::
     READY --AUTH without initial response--> AUTH_PLAIN / AUTH_LOGIN_USERNAME --> ...
     READY / AUTH_* --credentials complete--> AUTHENTICATING             (submission)
     READY --MAIL FROM--> MAIL --RCPT TO passing the relay checks--> AUTHENTICATING  (inbound)
-    AUTHENTICATING --LoginAccepted--> RELAYING
+    AUTHENTICATING --LoginAccepted--> RELAYING   (inbound: the driver starts a Mediator)
     AUTHENTICATING --LoginRejected / LoginUnavailable--> READY (submission) or MAIL (inbound)
     CONNECTED / READY --STARTTLS--> STARTING_TLS --TlsEstablished--> CONNECTED
     any --QUIT, max_errors, over-long line, TimedOut, ConnectionClosed--> CLOSED
@@ -35,10 +37,23 @@ route, percent hack, bang path, quoted local part hiding one of those, or addres
 the routing table owns it (``LoginRejected(None)`` renders ``550 5.7.1``; ``<Postmaster>`` is
 routed as the bare user ``postmaster``); submission refuses MAIL, RCPT and DATA before login.
 What passes the proxy reaches the backend verbatim, so the backend parses the very address the
-proxy checked. The backend must still refuse relaying for the proxy's own
-address: after the first RCPT the proxy relays bytes and sees no more commands.
+proxy checked. The backend must still refuse relaying for the proxy's own address (defence in
+depth: every later RCPT is checked by the ``Mediator`` too).
 Deliberate deviations: no SIZE in EHLO (the proxy does not know the backend's limit), no
 SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it).
+
+Inbound mediation (``Mediator``): one backend connection serves one route, the first routed
+recipient's; nginx relays bytes from there, so a second recipient of another route reached the
+first backend and got its permanent ``550 Relay access denied``: a bounce, for mail another
+route would have taken (Exim groups the recipients of domains sharing an MX in one transaction,
+Postfix reuses a connection for another domain with the same MX address). So the proxy keeps
+reading the client's commands: each goes to the backend alone and its one complete reply comes
+back before the next is read (pipelined ones wait, in order), a recipient of another route gets
+``452 4.5.3`` (RFC 5321 4.5.3.1.10: "too many recipients", which senders deliver later in
+another transaction; never 550, which would bounce), the DATA body streams through unchanged
+until ``CRLF . CRLF`` (``EndOfData``), and what a trusting backend must not hear from a client
+(XCLIENT above all) is answered by the proxy. Mediating costs the zero-copy relay for inbound
+mail only; submission keeps it, its one user owns the whole session.
 
 The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``;
 with client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=

@@ -4,7 +4,8 @@ The listener hands over an accepted, non-blocking socket. A listener that trusts
 first reads its PROXY header (only trusted peers may connect there); an implicit-TLS listener
 runs the handshake. Then the session feeds the client's bytes to the protocol's ``Frontend``
 machine and carries out its commands: replies go to the client, ``StartTls`` upgrades the
-channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides to ``relay``.
+channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides to ``relay`` (an
+inbound SMTP session to ``mediation``, which keeps reading its commands).
 Everything before login is bounded by one deadline: reads, writes and TLS handshakes alike, so
 neither a slow client nor one that never reads its replies can hold a socket open past it (the
 backend login keeps its own timeouts). The shared ``limits`` refuse a client address over its
