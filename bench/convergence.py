@@ -412,6 +412,9 @@ async def convergence(counts: Sequence[int], runs: int) -> dict[tuple[str, int],
             snapshot_secret=operator.DEFAULT_SNAPSHOT_NAME,
             kubeconfig=kubeconfig,
             health="",
+            # Cluster-wide, as measured before served namespaces existed (this emulator holds no
+            # Namespace objects for kopf to find).
+            watch_namespaces=None,
             log_level="warning",
         )
         channel = RecordingPublisher(operator.read_token(deployment.token_file), PROXIES)

@@ -21,6 +21,24 @@ Rules, in order:
    placement, and serving half of it (its IMAP but not its SMTP, or some domains only) would
    split a user's mail between backends without anyone having asked for it. Only accepted
    routes claim keys, so a route that loses to an older one does not block a third.
+   Across namespaces a user or domain is one key for every protocol: a route of another
+   namespace that claims it for any protocol holds it (the older wins, as above), so the owner of
+   alpha.example for IMAP does not find its users' mail collected by inbound SMTP elsewhere.
+   The catch-all "*" stays per protocol (it is everyone's default, nobody's domain).
+2a. A namespace cannot take the logins of a domain another namespace routes (the tenancy rule;
+   age does not matter here, so a route created first to lie in wait gains nothing): a claim is
+   refused (Conflicted, naming the owner) when the nearest less specific domain claim that
+   ``table.lookup`` would otherwise have reached, of any protocol, is another namespace's:
+   for a user u@d the domain d, then its longest wildcard; for a domain or a wildcard, its
+   longest less specific wildcard; never the catch-all. So team-x cannot claim
+   ceo@alpha.example while mail routes alpha.example (or *.alpha.example, or *.example), nor
+   dept.alpha.example while mail routes *.alpha.example. A wildcard below another namespace's
+   exact domain (team-x's *.alpha.example against mail's alpha.example) is allowed: it takes
+   no login that route serves (lookup never goes from x.alpha.example to alpha.example), and a
+   subdomain is often another team's on purpose; whoever wants the subdomains claims the
+   wildcard too. Refusing a route frees its keys, which can change the owners the rule sees, so
+   settling and this check repeat until no accepted route is refused (at most once per route; a
+   route once refused stays refused, which keeps the outcome independent of input order).
 3. Backends resolve only in the route's own namespace: the ``ServiceKey`` is always the route's
    namespace. A missing key is BackendNotFound, an empty endpoint list NoReadyEndpoints; either
    way the route stays in the table with no endpoints for that protocol, so its users get a
@@ -112,6 +130,93 @@ def _conflict_message(loser: mailroute.MailRoute, winner: mailroute.MailRoute, c
         else "equally old and first by namespace/name"
     )
     return f'{kind} "{key}" is already routed for {protocol} by {winner.key} ({why}); this route is not used'
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """Why a valid route is left out: the route that holds what it claims, and the message."""
+
+    owner: mailroute.MailRoute
+    message: str
+
+
+# (kind, key) -> the oldest accepted route claiming it and that claim (any protocol).
+_KeyOwners = dict[tuple[str, str], tuple[mailroute.MailRoute, _Claim]]
+
+
+def _taken(
+    route: mailroute.MailRoute, owners: Mapping[_Claim, mailroute.MailRoute], by_key: _KeyOwners
+) -> _Refusal | None:
+    """The first claim of ``route`` an accepted route holds (rule 2), or None."""
+    for claim in _claims(route):
+        winner = owners.get(claim)
+        if winner is not None:
+            return _Refusal(winner, _conflict_message(route, winner, claim))
+        _, kind, key = claim
+        held = by_key.get((kind, key))
+        if held is not None and held[0].namespace != route.namespace and key != table.CATCH_ALL:
+            return _Refusal(held[0], _conflict_message(route, held[0], held[1]))
+    return None
+
+
+def _settle(
+    routes: Sequence[mailroute.MailRoute], refused: Mapping[str, _Refusal]
+) -> dict[str, _Refusal | None]:
+    """Rule 2 over ``routes`` (oldest first): each route's refusal, None when it is accepted.
+    Routes in ``refused`` stay refused and claim nothing."""
+    owners: dict[_Claim, mailroute.MailRoute] = {}
+    by_key: _KeyOwners = {}
+    outcome: dict[str, _Refusal | None] = {}
+    for route in routes:
+        refusal = refused.get(route.key) or _taken(route, owners, by_key)
+        outcome[route.key] = refusal
+        if refusal is None:
+            for claim in _claims(route):
+                owners[claim] = route
+                by_key.setdefault(claim[1:], (route, claim))
+    return outcome
+
+
+def _wildcards_above(domain: str) -> list[str]:
+    """The wildcards covering ``domain``, longest first (as ``table.lookup`` walks them)."""
+    labels = domain.split(".")
+    return [table.WILDCARD_PREFIX + ".".join(labels[start:]) for start in range(1, len(labels))]
+
+
+def _less_specific(kind: str, key: str) -> list[str]:
+    """The domain keys ``table.lookup`` would reach for the logins of this claim if it were not
+    there, nearest first; never the catch-all."""
+    if kind == "user":
+        domain = table.domain_of(key)
+        return [domain, *_wildcards_above(domain)] if domain else []
+    if key == table.CATCH_ALL:
+        return []
+    return _wildcards_above(key.removeprefix(table.WILDCARD_PREFIX))
+
+
+def _carved(accepted: Sequence[mailroute.MailRoute]) -> dict[str, _Refusal]:
+    """Rule 2a: the accepted routes with a claim inside a domain another namespace routes."""
+    holders: dict[str, list[mailroute.MailRoute]] = {}
+    for route in accepted:
+        for domain in route.domains:
+            holders.setdefault(domain, []).append(route)
+    found: dict[str, _Refusal] = {}
+    for route in accepted:
+        keys = sorted({("user", user) for user in route.users} | {("domain", d) for d in route.domains})
+        for kind, key in keys:
+            nearest = next((domain for domain in _less_specific(kind, key) if domain in holders), None)
+            if nearest is None:
+                continue
+            foreign = [owner for owner in holders[nearest] if owner.namespace != route.namespace]
+            if foreign:
+                owner = min(foreign, key=lambda other: (other.creation_timestamp, other.key))
+                message = (
+                    f'{kind} "{key}" is within the domain "{nearest}", which {owner.key} routes: '
+                    f"another namespace's; this route is not used"
+                )
+                found[route.key] = _Refusal(owner, message)
+                break
+    return found
 
 
 _Problems = dict[conditions.Reason, list[str]]
@@ -271,7 +376,12 @@ def compile_table(
     """
     valid, invalid = _split(routes)
     valid.sort(key=lambda route: (route.creation_timestamp, route.key))
-    owners: dict[_Claim, mailroute.MailRoute] = {}
+    refused: dict[str, _Refusal] = {}
+    outcome = _settle(valid, refused)
+    # Ends: each round refuses at least one route accepted (so not refused) before.
+    while carved := _carved([route for route in valid if outcome[route.key] is None]):
+        refused.update(carved)
+        outcome = _settle(valid, refused)
     compiled_routes: list[table.Route] = []
     found: dict[str, _Conditions] = {}
     counts: dict[str, _Counts] = {}
@@ -279,24 +389,22 @@ def compile_table(
         generation = route.generation
         upstreams, http_auth, resolved = _resolve(route, endpoints, secrets)
         counts[route.key] = tuple((protocol, len(upstream.endpoints)) for protocol, upstream in upstreams)
-        claims = _claims(route)
-        taken = next((claim for claim in claims if claim in owners), None)
-        if taken is not None:
-            winner = owners[taken]
-            message = _conflict_message(route, winner, taken)
+        refusal = outcome[route.key]
+        if refusal is not None:
             found[route.key] = (
-                conditions.Condition("Accepted", "False", conditions.Reason.CONFLICTED, message, generation),
+                conditions.Condition(
+                    "Accepted", "False", conditions.Reason.CONFLICTED, refusal.message, generation
+                ),
                 resolved,
                 conditions.Condition(
                     "Programmed",
                     "False",
                     conditions.Reason.INVALID,
-                    f"not in the routing table: it conflicts with {winner.key}",
+                    f"not in the routing table: it conflicts with {refusal.owner.key}",
                     generation,
                 ),
             )
             continue
-        owners.update((claim, route) for claim in claims)
         compiled_routes.append(
             table.Route(
                 name=route.key,

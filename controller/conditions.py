@@ -29,7 +29,9 @@ class Reason(StrEnum):
     # Accepted
     ACCEPTED = "Accepted"
     INVALID = "Invalid"  # the spec breaks a schema or CEL rule; also Programmed=False for it
-    CONFLICTED = "Conflicted"  # an older route claims one of its users or domains
+    # An older route claims one of its users or domains, or another namespace's route claims the
+    # domain one of them is in (controller.compiler, rules 2 and 2a).
+    CONFLICTED = "Conflicted"
     # ResolvedRefs
     RESOLVED_REFS = "ResolvedRefs"
     BACKEND_NOT_FOUND = "BackendNotFound"

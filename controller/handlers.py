@@ -13,12 +13,19 @@ itself guarantees one call even with no object at all.
 Never writes to the API here (the reconciler does, through controller.operator.KubeApi), never
 raises on a user's object: a broken MailRoute is a SpecError in the index, not a handler error.
 
+A release serves the MailRoutes of some namespaces only (``Wiring.served``; controller.operator
+says why and how they are chosen): kopf may watch more (the controller's own namespace, for the
+proxy pods), and a ``when`` filter on the handlers of MailRoutes, Services, EndpointSlices and
+Secrets drops every object of a namespace not served before it reaches an index, so such a route
+is not compiled and gets no status from this release (as an Ingress of another class), and two
+releases serving disjoint namespaces never write the same object.
+
 No handler changes objects, so kopf adds no finalizer and no annotation to MailRoutes: deleting
 one never waits for the controller. Proxy pods are watched with a server-side label selector and
-field selector (the controller's namespace only). Secrets are watched in every namespace (as the
-MailRoutes naming them) with the server-side label selector mailgress.io/auth-http=true (kopf's
+field selector (the controller's namespace only). Secrets are watched in every watched namespace
+(as the MailRoutes naming them) with the server-side label selector mailgress.io/auth-http=true (kopf's
 ``settings.watching.label_selectors``; a handler's ``labels=`` filter alone would be applied
-client-side, after every Secret of the cluster had been listed and watched), plus that same
+client-side, after every Secret of those namespaces had been listed and watched), plus that same
 filter on the handlers as a second guard; so no other Secret reaches the controller, and of a
 labelled one only the header values are kept, never logged. A MailRoute is parsed once per (uid,
 generation) (``ParseCache``): our own status writes come back as watch events with the spec
@@ -69,6 +76,7 @@ class Wiring:
     """What the handlers are connected to (built by controller.operator.run)."""
 
     namespace: str  # the controller's namespace: proxy pods live here
+    served: frozenset[str] | None  # namespaces whose MailRoutes this release serves; None: all
     proxy_labels: Mapping[str, str]
     login: Callable[[], kopf.ConnectionInfo]
     publisher: reconciler.Publisher
@@ -183,6 +191,11 @@ def inputs(indices: Mapping[str, Mapping[Any, Iterable[Any]]]) -> reconciler.Inp
 def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     """Define every handler of the operator on ``registry``."""
     state: dict[str, Any] = {}
+
+    # kopf's ``when`` filter of the handlers of namespaced kinds a route may use.
+    def served(namespace: str | None, **_: Any) -> bool:
+        return wiring.served is None or namespace in wiring.served
+
     parsed = ParseCache()
     ignored_addresses = endpoints.IgnoredAddresses()
 
@@ -223,16 +236,16 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
         current = None if worker is None else worker.table
         return "none yet" if current is None else current.version
 
-    @kopf.index(GROUP, VERSION, PLURAL, id=ROUTES_INDEX, registry=registry)
+    @kopf.index(GROUP, VERSION, PLURAL, id=ROUTES_INDEX, when=served, registry=registry)
     def mailroute_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): route_entry(body, parsed)}
 
-    @kopf.index(*SERVICES, id=SERVICES_INDEX, registry=registry)
+    @kopf.index(*SERVICES, id=SERVICES_INDEX, when=served, registry=registry)
     def service_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
         view = endpoints.service_view(body)
         return {} if view is None else {(view.namespace, view.name): view}
 
-    @kopf.index(*SLICES, id=SLICES_INDEX, registry=registry)
+    @kopf.index(*SLICES, id=SLICES_INDEX, when=served, registry=registry)
     def endpointslice_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
         view = endpoints.slice_view(body)
         if view is None:
@@ -250,7 +263,7 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     def proxy_index(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
         return {name: _pod_ready(body)}
 
-    @kopf.index(*SECRETS, id=SECRETS_INDEX, labels=dict(SECRET_LABELS), registry=registry)
+    @kopf.index(*SECRETS, id=SECRETS_INDEX, labels=dict(SECRET_LABELS), when=served, registry=registry)
     def secret_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): secret_values(body)}
 
@@ -261,20 +274,22 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
         worker.mark_synced()
         worker.touch()
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, id="mailroute_changed", registry=registry)
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="mailroute_changed", when=served, registry=registry)
     async def mailroute_changed(type: str | None, uid: str | None, **_: Any) -> None:
         # kopf drops a deleted object from the index without calling the index handler.
         if type == "DELETED" and uid:
             parsed.forget(uid)
         await wake()
 
-    kopf.on.event(*SERVICES, id="service_changed", registry=registry)(wake)
-    kopf.on.event(*SLICES, id="endpointslice_changed", registry=registry)(wake)
+    kopf.on.event(*SERVICES, id="service_changed", when=served, registry=registry)(wake)
+    kopf.on.event(*SLICES, id="endpointslice_changed", when=served, registry=registry)(wake)
     kopf.on.event(
         *PODS, id="proxy_changed", labels=dict(wiring.proxy_labels), field="metadata.namespace",
         value=wiring.namespace, registry=registry,
     )(wake)  # fmt: skip
     # A new, changed or rotated value becomes a new table version; a Secret that loses the label
     # leaves the watch as a deletion (the API server's selector), which wakes it too.
-    kopf.on.event(*SECRETS, id="secret_changed", labels=dict(SECRET_LABELS), registry=registry)(wake)
+    kopf.on.event(*SECRETS, id="secret_changed", labels=dict(SECRET_LABELS), when=served, registry=registry)(
+        wake
+    )
     kopf.on.event(*CRDS, id="crd_changed", field="metadata.name", value=CRD_NAME, registry=registry)(wake)

@@ -1,16 +1,22 @@
-"""The ``mailgress controller`` process: settings, the API writer, and kopf's run.
-
-mailgress/cli.py adds ``add_arguments`` to its ``controller`` subcommand and calls ``command``;
-tests call ``run`` with a kubeconfig that points at the emulator. ``run`` loads the Kubernetes
-client configuration (a kubeconfig, or the pod's service account), starts the push channel
-(controller.publisher), registers controller.handlers on a fresh kopf registry and runs kopf
-until stopped. ``KubeApi`` is the reconciler's ``Cluster``: the few writes kopf does not make
-for us (status patches with a resourceVersion precondition, the snapshot Secret, Events) and
-one read (the snapshot Secret, at start), over aiohttp with the same credentials kopf logs in
-with. The snapshot is a Secret because tables carry auth_http request headers; a ConfigMap an
-earlier release wrote is never read (that needs rights on ConfigMaps the chart no longer grants).
-The chart renders the Secret empty and grants only get and patch on it; the controller creates it
-only when it is missing and it may (an install without the chart).
+"""The ``mailgress controller`` process: settings, the API writer, and kopf's run. mailgress/cli.py
+adds ``add_arguments`` to its ``controller`` subcommand and calls ``command``; tests call ``run``
+with a kubeconfig that points at the emulator. ``run`` loads the Kubernetes client configuration (a
+kubeconfig, or the pod's service account), starts the push channel (controller.publisher, its
+connections bounded by the guard mailgress/cli.py hands in), registers controller.handlers on a
+fresh kopf registry and runs kopf until stopped. ``KubeApi`` is the reconciler's ``Cluster``: the
+few writes kopf does not make for us (status patches with a resourceVersion precondition, the
+snapshot Secret, Events) and one read (the snapshot Secret, at start), over aiohttp with the same
+credentials kopf logs in with. The snapshot is a Secret because tables carry auth_http request
+headers; a ConfigMap an earlier release wrote is never read (that needs rights on ConfigMaps the
+chart no longer grants). The chart renders the Secret empty and grants only get and patch on it; the
+controller creates it only when it is missing and it may (an install without the chart).
+Served namespaces: a MailRoute names the backend that gets its users' passwords, so whoever may
+write MailRoutes in a served namespace can route logins; a release serves the namespaces it is
+given and no other (as ingress-nginx's --watch-namespace, and Gateway API's allowedRoutes, whose
+default is the Gateway's own namespace). Without a flag that is the controller's own namespace,
+never every namespace: serving the whole cluster is a choice made with --all-namespaces. kopf then
+watches those namespaces plus the controller's own (where the proxy pods are); the handlers keep
+objects of served namespaces only.
 Never logs the push token, an API bearer token or the snapshot's content; never imports anything
 of the proxy but the table contract.
 
@@ -18,6 +24,13 @@ Settings (flag, then environment variable, then default):
   --namespace          MAILGRESS_NAMESPACE, POD_NAMESPACE    the controller's namespace (proxy pods,
                                                              snapshot Secret); else the service
                                                              account's, else "default"
+  --watch-namespace    MAILGRESS_WATCH_NAMESPACES            a namespace whose MailRoutes this
+                                                             release serves (repeatable; the
+                                                             variable: names separated by
+                                                             commas, "*" for all); else the
+                                                             controller's own namespace only
+  --all-namespaces     MAILGRESS_WATCH_NAMESPACES="*"        serve MailRoutes of every namespace
+                                                             (kopf cluster-wide)
   --proxy-selector     MAILGRESS_PROXY_SELECTOR              labels of proxy pods
                                                              (app.kubernetes.io/component=proxy)
   --listen-address     MAILGRESS_LISTEN_ADDRESS              push channel address (0.0.0.0)
@@ -44,12 +57,14 @@ Settings (flag, then environment variable, then default):
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import ssl
 import sys
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +92,11 @@ DEFAULT_HEALTH = "http://0.0.0.0:8081/healthz"
 DEFAULT_NAMESPACE = "default"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 MAX_PORT = 65535  # RFC 793 section 3.1
+# A namespace name is an RFC 1123 label (Kubernetes' DNS label rule): lower-case letters, digits
+# and '-', starting and ending with a letter or digit, at most 63 characters (RFC 1035 2.3.4).
+MAX_NAMESPACE = 63
+_LABEL_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+ALL_NAMESPACES = "*"  # MAILGRESS_WATCH_NAMESPACES' word for --all-namespaces
 # One API write must not hold a pass forever; kopf's own requests use the same order of magnitude.
 REQUEST_TIMEOUT_SECONDS = 30.0
 # Who posts the Events (core/v1 Event source.component and reportingComponent).
@@ -106,6 +126,9 @@ class Settings:
     snapshot_secret: str
     kubeconfig: Path | None
     health: str
+    # The namespaces whose MailRoutes (and Services, EndpointSlices, labelled Secrets) this
+    # release serves; None: every namespace.
+    watch_namespaces: frozenset[str] | None
     log_level: str = "info"
     # The push channel's TLS certificate and key; None: plain HTTP.
     tls_files: tuple[Path, Path] | None = None
@@ -124,9 +147,52 @@ def _selector(text: str) -> dict[str, str]:
     return labels
 
 
+def _namespace_name(text: str, source: str) -> str:
+    if (
+        not 0 < len(text) <= MAX_NAMESPACE
+        or not set(text) <= _LABEL_CHARACTERS
+        or text.startswith("-")
+        or text.endswith("-")
+    ):
+        raise SettingsError(
+            f"{source}: {text!r} is not a namespace name (lower-case letters, digits and '-', "
+            f"at most {MAX_NAMESPACE} characters, no '-' first or last)"
+        )
+    return text
+
+
+def _watch_namespaces(
+    arguments: argparse.Namespace, environ: Mapping[str, str], own: str
+) -> frozenset[str] | None:
+    """The served namespaces: flags, else MAILGRESS_WATCH_NAMESPACES, else ``own`` alone."""
+    named: list[str] = arguments.watch_namespace or []
+    if arguments.all_namespaces:
+        if named:
+            raise SettingsError("--all-namespaces and --watch-namespace exclude each other")
+        return None
+    if named:
+        return frozenset(_namespace_name(name, "--watch-namespace") for name in named)
+    listed = [part.strip() for part in environ.get("MAILGRESS_WATCH_NAMESPACES", "").split(",")]
+    listed = [part for part in listed if part]
+    if listed == [ALL_NAMESPACES]:
+        return None
+    if listed:
+        return frozenset(_namespace_name(name, "MAILGRESS_WATCH_NAMESPACES") for name in listed)
+    return frozenset({own})
+
+
 def add_arguments(flags: argparse.ArgumentParser) -> None:
     """The flags of ``mailgress controller`` (mailgress/cli.py adds them to its subcommand)."""
     flags.add_argument("--namespace", help="the controller's namespace (proxy pods, snapshot Secret)")
+    flags.add_argument(
+        "--watch-namespace",
+        action="append",
+        metavar="NAME",
+        help="serve the MailRoutes of this namespace (repeatable; default: the controller's own)",
+    )
+    flags.add_argument(
+        "--all-namespaces", action="store_true", help="serve the MailRoutes of every namespace"
+    )
     flags.add_argument("--proxy-selector", help="label selector of proxy pods, k=v[,k=v]")
     flags.add_argument("--listen-address", help="push channel listen address")
     flags.add_argument("--listen-port", help="push channel listen port")
@@ -200,6 +266,7 @@ def settings_from(arguments: argparse.Namespace, environ: Mapping[str, str]) -> 
         # KUBECONFIG may list several files; kopf and kubectl merge them, we take the first.
         kubeconfig=Path(kubeconfig.split(os.pathsep)[0]) if kubeconfig else None,
         health=pick(arguments.health, "MAILGRESS_HEALTH", default=DEFAULT_HEALTH) or "",
+        watch_namespaces=_watch_namespaces(arguments, environ, namespace),
         log_level=arguments.log_level,
         tls_files=(Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None,
     )
@@ -274,7 +341,23 @@ def _ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLConte
 
 
 class ForbiddenError(reconciler.ClusterError):
-    """HTTP 403: no RBAC rule grants the request."""
+    """HTTP 403: no RBAC rule grants the request, or an admission check refused it."""
+
+
+# At most this much of the API server's explanation of a refusal (a metav1.Status message: the
+# object, the field and the rule; an admission webhook's own words) goes into an error.
+MAX_REFUSAL_MESSAGE = 300
+
+
+def _refusal(content: bytes) -> str:
+    """ ": " and the message of the metav1.Status the API server refused a request with ("" if
+    the answer holds none)."""
+    try:
+        answer = json.loads(content)
+    except (ValueError, RecursionError):  # ValueError: JSON or UTF-8
+        return ""
+    message = answer.get("message") if isinstance(answer, dict) else None
+    return f": {message[:MAX_REFUSAL_MESSAGE]}" if isinstance(message, str) and message else ""
 
 
 class KubeApi:
@@ -311,7 +394,7 @@ class KubeApi:
         self, method: str, path: str, body: Mapping[str, Any] | None, content_type: str
     ) -> tuple[int, bytes]:
         """The HTTP status and body of one request; network trouble, 401, 429 and 5xx are
-        ClusterError, 403 ForbiddenError."""
+        ClusterUnavailableError (no other request would fare better), 403 ForbiddenError."""
         if self._session is None:
             raise RuntimeError("KubeApi.start() was not called")
         try:
@@ -321,11 +404,11 @@ class KubeApi:
                 content = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise reconciler.ClusterError(f"{method} {path}: {error!r}") from error
+            raise reconciler.ClusterUnavailableError(f"{method} {path}: {error!r}") from error
         if status == 403:
-            raise ForbiddenError(f"{method} {path}: HTTP {status}")
+            raise ForbiddenError(f"{method} {path}: HTTP {status}{_refusal(content)}")
         if status >= 500 or status in (401, 429):
-            raise reconciler.ClusterError(f"{method} {path}: HTTP {status}")
+            raise reconciler.ClusterUnavailableError(f"{method} {path}: HTTP {status}")
         return status, content
 
     async def patch_status(
@@ -335,11 +418,11 @@ class KubeApi:
         path = f"/apis/{group}/{version}/namespaces/{namespace}/mailroutes/{name}/status"
         # A resourceVersion in a merge patch is a precondition: 409 if the object moved on.
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
-        code, _ = await self._call("PATCH", path, body, "application/merge-patch+json")
+        code, content = await self._call("PATCH", path, body, "application/merge-patch+json")
         if code in (404, 409):
             return False
         if code >= 300:
-            raise reconciler.ClusterError(f"PATCH {path}: HTTP {code}")
+            raise reconciler.ClusterError(f"PATCH {path}: HTTP {code}{_refusal(content)}")
         return True
 
     async def load_snapshot(self) -> Mapping[str, Any] | None:
@@ -409,12 +492,19 @@ class KubeApi:
             "lastTimestamp": now,
             "count": 1,
         }
-        code, _ = await self._call(
-            "POST", f"/api/v1/namespaces/{route.namespace}/events", event, "application/json"
-        )
-        if code >= 300:
-            # An Event is a courtesy: a refusal (e.g. the namespace is terminating) is logged only.
-            log.warning("Event %s for %s was refused: HTTP %d", reason, route.key, code)
+        path = f"/api/v1/namespaces/{route.namespace}/events"
+        # An Event is a courtesy: a refusal (e.g. 403 in a terminating namespace, where the
+        # NamespaceLifecycle admission plugin refuses every create) is logged only, and the sweep
+        # goes on; an unavailable API still ends it.
+        try:
+            code, content = await self._call("POST", path, event, "application/json")
+        except ForbiddenError as error:
+            refused = str(error)
+        else:
+            if code < 300:
+                return
+            refused = f"POST {path}: HTTP {code}{_refusal(content)}"
+        log.warning("Event %s for %s was refused: %s", reason, route.key, refused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,10 +523,56 @@ def read_token(path: Path) -> str:
         raise SettingsError(str(error)) from error
 
 
-def push_channel(settings: Settings, certificates: CertificateLoader | None = None) -> publisher.Publisher:
+# Where kopf binds a liveness URL without a host or a port (kopf/_core/engines/probing.py).
+KOPF_HEALTH_HOST = "localhost"
+KOPF_HEALTH_PORT = 80
+
+
+def _may_share_sockets(first: str, second: str) -> bool:
+    """Whether listeners on ``first`` and ``second`` take the same port's sockets: one address, or
+    a wildcard of the same family (asyncio binds IPv6 only-v6, so "::" leaves IPv4 alone), or a
+    host name (it may resolve to the other)."""
+    try:
+        one, other = ipaddress.ip_address(first), ipaddress.ip_address(second)
+    except ValueError:
+        return True
+    return one.version == other.version and (one == other or one.is_unspecified or other.is_unspecified)
+
+
+def check_ports(settings: Settings) -> None:
+    """Refuse a liveness endpoint on the push channel's port: kopf would fail to bind it
+    (EADDRINUSE) after the channel started, and the operator end with a traceback.
+
+    Raises:
+        SettingsError: naming both settings, or a --health URL whose port is not a number.
+    """
+    if not settings.health:
+        return
+    health = urllib.parse.urlsplit(settings.health)
+    try:
+        port = health.port or KOPF_HEALTH_PORT
+    except ValueError as error:
+        raise SettingsError(f"--health: {settings.health!r} has no valid port ({error})") from error
+    if port == settings.listen_port and _may_share_sockets(
+        health.hostname or KOPF_HEALTH_HOST, settings.listen_address
+    ):
+        raise SettingsError(
+            f"--listen-port (MAILGRESS_LISTEN_PORT) {settings.listen_port} and --health "
+            f"(MAILGRESS_HEALTH) {settings.health} name the same port: the push channel and kopf's "
+            "liveness endpoint each need their own (the chart's controller.pushPort and "
+            "controller.healthPort)"
+        )
+
+
+def push_channel(
+    settings: Settings,
+    certificates: CertificateLoader | None = None,
+    guards: publisher.ConnectionGuards | None = None,
+) -> publisher.Publisher:
     """The push channel of ``settings``: it checks every request against the token file as it is
-    then, so a rotated Secret takes effect without a restart (the proxies re-read it too), and
-    serves TLS with ``certificates`` made from the settings' files, if they name any.
+    then, so a rotated Secret takes effect without a restart (the proxies re-read it too), serves
+    TLS with ``certificates`` made from the settings' files, if they name any, and bounds its
+    connections with a guard from ``guards`` (None: unguarded, see ``publisher.Publisher``).
 
     Raises:
         SettingsError: the token file cannot be read or holds no token at start (a setup error;
@@ -449,7 +585,9 @@ def push_channel(settings: Settings, certificates: CertificateLoader | None = No
         if certificates is None:
             raise SettingsError("--tls-cert-file: this entry point cannot load certificates")
         served = certificates(*settings.tls_files)
-    return publisher.Publisher(token=publisher.TokenFile(settings.token_file), certificates=served)
+    return publisher.Publisher(
+        token=publisher.TokenFile(settings.token_file), certificates=served, guards=guards
+    )
 
 
 async def run(
@@ -457,6 +595,7 @@ async def run(
     *,
     channel: publisher.Publisher | None = None,
     certificates: CertificateLoader | None = None,
+    guards: publisher.ConnectionGuards | None = None,
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     holdoff: float = reconciler.HOLDOFF_SECONDS,
@@ -466,17 +605,20 @@ async def run(
     Args:
         settings: as ``settings_from`` resolved them.
         channel: the publisher to start on the settings' address (tests keep a reference to
-            learn its port); None makes ``push_channel(settings, certificates)``.
+            learn its port); None makes ``push_channel(settings, certificates, guards)``.
         certificates: loads the settings' TLS files (see ``CertificateLoader``).
+        guards: bounds the push port's connections (``command`` always passes it).
         stop_flag, ready_flag: passed to kopf.operator.
         holdoff: the reconciler's debounce (tests shorten it).
 
     Raises:
-        SettingsError: credentials, the token or the TLS files cannot be loaded.
+        SettingsError: two listeners on one port (``check_ports``), or credentials, the token or
+            the TLS files cannot be loaded.
     """
+    check_ports(settings)
     configuration = kube_configuration(settings.kubeconfig)
     if channel is None:
-        channel = push_channel(settings, certificates)
+        channel = push_channel(settings, certificates, guards)
     await channel.start(settings.listen_address, settings.listen_port)
     api = KubeApi(configuration, settings.namespace, settings.snapshot_secret)
     await api.start()
@@ -485,6 +627,7 @@ async def run(
         registry,
         handlers.Wiring(
             namespace=settings.namespace,
+            served=settings.watch_namespaces,
             proxy_labels=dict(settings.proxy_selector),
             login=lambda: connection_info(configuration),
             publisher=channel,
@@ -493,10 +636,18 @@ async def run(
             metrics=channel.metrics,
         ),
     )
+    # kopf watches every kind it handles in every namespace it serves: the proxy pods are in the
+    # controller's own namespace, served or not (the handlers drop the rest of what it sees there).
+    watched = (
+        ()
+        if settings.watch_namespaces is None
+        else tuple(sorted(settings.watch_namespaces | {settings.namespace}))
+    )
     try:
         await kopf.operator(
             registry=registry,
-            clusterwide=True,
+            clusterwide=settings.watch_namespaces is None,
+            namespaces=watched,
             standalone=True,
             liveness_endpoint=settings.health or None,
             stop_flag=stop_flag,
@@ -507,10 +658,13 @@ async def run(
         await channel.stop()
 
 
-def command(arguments: argparse.Namespace, *, certificates: CertificateLoader) -> int:
+def command(
+    arguments: argparse.Namespace, *, certificates: CertificateLoader, guards: publisher.ConnectionGuards
+) -> int:
     """``mailgress controller``: run until SIGTERM; exit status 2 on bad settings.
 
-    ``certificates`` loads the push channel's TLS files (mailgress/cli.py passes it).
+    ``certificates`` loads the push channel's TLS files and ``guards`` bounds its connections
+    (mailgress/cli.py passes both: the controller never runs an unguarded push port).
     """
     logging.basicConfig(
         level=getattr(logging, arguments.log_level.upper()),
@@ -519,7 +673,7 @@ def command(arguments: argparse.Namespace, *, certificates: CertificateLoader) -
     )
     try:
         settings = settings_from(arguments, os.environ)
-        uvloop.run(run(settings, certificates=certificates))
+        uvloop.run(run(settings, certificates=certificates, guards=guards))
     except SettingsError as error:
         print(f"mailgress controller: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -38,13 +38,24 @@ Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``
   it holds counts, timings and the table version only (no token, proxy or user names, no routes'
   contents). It shares the push port, so the chart's NetworkPolicy opens that port to the
   scrapers (``networkPolicy.adminFrom``); the stream and ack paths still demand the token.
+Connections (the port is open to every pod by default): served through a guard (``guards``;
+``mailgress controller`` always has one), at most ``MAX_CONNECTIONS`` (1024) are open at once, and
+one without a request answered within ``REQUEST_TIMEOUT`` (60 s) of its accept (its TLS handshake
+included) or of its last answer is aborted: silent, half-sent and unauthenticated connections
+cannot hold the controller's descriptors. A stream has no deadline once its token is accepted and
+is never evicted; acks and /metrics are ordinary short requests. Over the cap the connection idle
+the longest (no request in progress) is aborted to make room, so silent connections never keep a
+proxy's stream out; only when every open connection is busy is the new one closed unread (logged
+at debug). A stream whose proxy takes no line for ``STALLED_WRITE_HEARTBEATS`` heartbeat intervals
+(45 s; the proxy itself reconnects after three missed heartbeats) ends, its connection aborted.
 TLS: given ``certificates`` (the chart's default), the whole port speaks TLS 1.2 or later, /metrics
 included (the chart's ServiceMonitor and PodMonitor scrape it over https); without, plain HTTP.
 Each handshake first calls ``certificates.refresh()`` and then serves the context in force, so a
 renewed certificate (cert-manager, or the chart rewriting the mounted Secret) reaches the very
 next connection without a restart, and open streams keep the one they began with. The reload
-logic is proxy.server.certificates.CertificateStore's, handed in by mailgress/cli.py: the
-controller never imports proxy.server.
+logic is proxy.server.certificates.CertificateStore's, and the guard proxy.server.connections'
+(the proxies' admin port has one too; it runs the handshake itself), both handed in by
+mailgress/cli.py: the controller never imports proxy.server.
 Push lag: from ``publish`` of a version, or from the proxy's stream opening if that came later
 (a proxy that connects late cannot have had it earlier), to that proxy's first ack of it.
 Delivery: a stream always ends up with the newest table, in publish order. A version that a
@@ -70,6 +81,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from controller import metrics as controller_metrics
@@ -107,6 +119,24 @@ MAX_TOKEN_FILE_BYTES = 1024 * 1024
 TOKEN_ROTATION_GRACE = 5 * 60.0
 # RFC 8996 retired TLS 1.0 and 1.1 (the proxy's listeners take the same floor).
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+# Push port connections open at once at most. A proxy pod holds one stream and, while it acks, one
+# short request (its ack connection, kept alive between acks), and Prometheus a scrape or two: 1024
+# leaves room for a fleet of several hundred proxy pods, far above any real one, and bounds the
+# descriptors anyone who reaches the port can hold, so that the kube API watch and the proxies'
+# streams keep theirs (the process needs a descriptor limit above this, as container runtimes
+# commonly give). Over the cap the connection idle the longest makes room; only when every open
+# one is busy (an accepted stream always is) is the new one closed unread.
+MAX_CONNECTIONS = 1024
+# How long a connection may go without a request answered, counted from its accept (its TLS
+# handshake included) and again from each answer; a stream, once its token is accepted, has no
+# deadline until it ends. As the proxies' admin port (proxy/server/admin.py) and nginx's
+# client_header_timeout: 60 s. A proxy's kept-alive ack connection idles 15 s at most (aiohttp's
+# client keepalive), Prometheus reconnects when it scrapes less often than this.
+REQUEST_TIMEOUT = 60.0
+# A line a stream cannot hand to its connection within this many heartbeat intervals ends the
+# stream. The proxy reconnects after three heartbeats without a line (its STREAM_IDLE_TIMEOUT,
+# proxy/server/subscriber.py): by then it has given up on the stream, or it stopped reading.
+STALLED_WRITE_HEARTBEATS = 3
 
 
 class ServerCertificates(Protocol):
@@ -124,6 +154,36 @@ class ServerCertificates(Protocol):
     def refresh(self) -> bool:
         """Reload if a file changed (a broken renewal keeps the context in force, logged)."""
         ...
+
+
+class ConnectionGuard(Protocol):
+    """Bounds the push port's connections: a cap and a deadline for a request answered (see
+    MAX_CONNECTIONS and REQUEST_TIMEOUT), serving them plain or over TLS.
+
+    proxy.server.connections.Guard is one: mailgress/cli.py, the composition root, hands its
+    constructor in as the ``ConnectionGuards`` (the controller never imports proxy.server).
+    """
+
+    @property
+    def middleware(self) -> Middleware:
+        """The application's middleware: tells the guard which connections have a request in
+        progress (those are never evicted)."""
+        ...
+
+    def lasting(self, request: web.BaseRequest) -> None:
+        """``request`` (in progress) has no deadline until it ends: an accepted stream."""
+        ...
+
+    def site(
+        self, runner: web.BaseRunner, address: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> web.BaseSite:
+        """The site that serves ``runner`` on ``address:port`` through the guard (with ``tls``:
+        the guard runs each handshake inside the deadline)."""
+        ...
+
+
+# Makes a ConnectionGuard from the name its log lines start with, the cap and the deadline.
+ConnectionGuards = Callable[[str, int, float], ConnectionGuard]
 
 
 class TokenFileError(Exception):
@@ -331,11 +391,18 @@ class Publisher:
         token: str | TokenFile,
         *,
         certificates: ServerCertificates | None = None,
+        guards: ConnectionGuards | None = None,
         heartbeat: float = HEARTBEAT_INTERVAL,
         registry: CollectorRegistry | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         """``token``: the one token (tests, tools), or the file it is read from whenever it
         changed (the controller). ``certificates``: serve TLS with them (None: plain HTTP).
+        ``guards``: each ``start`` serves the port through a guard made with ``max_connections``
+        and ``request_timeout`` (``mailgress controller`` always passes them); None serves it
+        unguarded, as aiohttp does (any number of connections, silent ones kept for an hour):
+        only for tests and tools on a port nobody else reaches.
         ``registry`` holds the metrics served on /metrics (a fresh one when None)."""
         # What a request is accepted with, and what an open stream may go on with.
         self._token_digests: Callable[[], tuple[bytes, ...]]
@@ -348,6 +415,10 @@ class Publisher:
         else:
             raise ValueError("the push channel token must not be empty")
         self._certificates = certificates
+        self._guards = guards
+        self._guard: ConnectionGuard | None = None  # the one of the running server, if any
+        self._max_connections = max_connections
+        self._request_timeout = request_timeout
         self._heartbeat = heartbeat
         self._version: str | None = None
         self._line = b""
@@ -369,7 +440,12 @@ class Publisher:
         """Listen on ``address:port`` until ``stop``."""
         if self._runner is not None:
             raise RuntimeError("the publisher is already started")
-        app = web.Application(client_max_size=MAX_ACK_BODY)
+        guard = None
+        if self._guards is not None:
+            guard = self._guards("push channel", self._max_connections, self._request_timeout)
+        app = web.Application(
+            client_max_size=MAX_ACK_BODY, middlewares=[] if guard is None else [guard.middleware]
+        )
         app.router.add_get(STREAM_PATH, self._serve_stream, allow_head=False)
         app.router.add_post(ACK_PATH, self._receive_ack)
         app.router.add_get(METRICS_PATH, self._serve_metrics)
@@ -378,15 +454,25 @@ class Publisher:
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         tls = None if self._certificates is None else _tls_context(self._certificates)
-        site = web.TCPSite(runner, address, port, ssl_context=tls)
+        site = (
+            web.TCPSite(runner, address, port, ssl_context=tls)
+            if guard is None
+            else guard.site(runner, address, port, tls)
+        )
         try:
             await site.start()
         except OSError:
             await runner.cleanup()
             raise
         self._port = int(runner.addresses[0][1])
-        self._runner = runner
-        log.info("push channel listening on %s:%d (%s)", address, self._port, "TLS" if tls else "plain HTTP")
+        self._runner, self._guard = runner, guard
+        log.info(
+            "push channel listening on %s:%d (%s, %s)",
+            address,
+            self._port,
+            "TLS" if tls else "plain HTTP",
+            "unguarded" if guard is None else f"at most {self._max_connections} connections",
+        )
 
     async def stop(self) -> None:
         """End every stream (proxies keep their table and reconnect) and stop listening."""
@@ -454,6 +540,10 @@ class Publisher:
         digest = self._authorized(request)
         if digest is None:
             return _unauthorized()
+        if self._guard is not None:
+            # A proxy's stream lasts as long as the proxy: no deadline, never evicted. Until its
+            # token was accepted it had the deadline of any request.
+            self._guard.lasting(request)
         proxy = request.query.get("proxy", "")
         if not _valid_proxy_name(proxy):
             return web.Response(status=400)
@@ -474,6 +564,13 @@ class Publisher:
             await self._feed(stream, response)
         except ConnectionError:
             pass  # the proxy went away mid-write; the finally block forgets it
+        except TimeoutError:
+            # Half a line may be out: the connection cannot carry another. abort, not close:
+            # close would wait to send what a proxy that stopped reading never takes.
+            stalled = self._heartbeat * STALLED_WRITE_HEARTBEATS
+            log.warning("proxy %s took no line for %gs: stream ended", proxy, stalled)
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             if self._streams.get(proxy) is stream:
                 del self._streams[proxy]
@@ -502,7 +599,10 @@ class Publisher:
             if stream.digest not in self._stream_digests():
                 log.info("proxy %s: the token its stream was opened with is no longer accepted", stream.proxy)
                 return
-            await response.write(line)
+            # A proxy that stopped reading fills its socket's buffers, and the write would wait
+            # for ever, holding the stream, its connection and the proxy's place in acks().
+            async with asyncio.timeout(self._heartbeat * STALLED_WRITE_HEARTBEATS):
+                await response.write(line)
 
     async def _receive_ack(self, request: web.Request) -> web.Response:
         # An ack carries its stream's token and is accepted as the stream is: a moment's

@@ -37,8 +37,11 @@ compiler, Programmed from which ready proxy pods run a table that holds this rou
 now is, whatever its endpoints, status.proxies from which run this route exactly as it now is)
 and patches the ones that differ, merging our conditions into the object's list
 (controller.conditions.merge: others' conditions stay) with the object's resourceVersion as a
-precondition, and posts an Event per condition that turned True or False. Both counts compare
-content, through the publications that held the route (``_Since``), never its name and
+precondition, and posts an Event per condition that turned True or False. A write the API
+server refuses (an admission policy, a status beyond the CRD's limits) holds up no other route:
+it is logged once per route and problem and tried again later, less often while the refusal
+lasts; an unavailable API ends the sweep, and a pass RETRY_SECONDS later sweeps again. Both
+counts compare content, through the publications that held the route (``_Since``), never its name and
 generation alone: a MailRoute deleted and created again starts at generation 1 again, and
 proxies still running the old object's table must not count as running the new one. So the two
 never contradict each other: status.proxies.programmed is at most Programmed's count, and
@@ -79,6 +82,11 @@ HOLDOFF_SECONDS = 0.1
 MAX_HOLDOFF_SECONDS = 0.5
 # A failed API write is retried on a later pass; this one comes at the latest after that long.
 RETRY_SECONDS = 5.0
+# A route's status write the API server refused (an admission policy, a status beyond the CRD's
+# limits, a missing RBAC rule) is tried again RETRY_SECONDS later, then after twice as long at
+# each refusal up to this, or as soon as the object changes: a refusal that lasts (every route's,
+# without the RBAC rule) must not cost a write per route every RETRY_SECONDS.
+MAX_REFUSED_RETRY_SECONDS = 300.0
 # Published table versions remembered to tell what an acked version holds. A proxy that acks
 # a version older than this many others counts as not running any current route.
 MAX_REMEMBERED_TABLES = 64
@@ -163,7 +171,13 @@ class Publisher(Protocol):
 
 
 class ClusterError(Exception):
-    """A Kubernetes API call failed for a reason a later retry may not have (5xx, network)."""
+    """A Kubernetes API call failed: the API server refused this request (403, 422, ...; a later
+    retry may not be refused), or it is unavailable (the subclass below)."""
+
+
+class ClusterUnavailableError(ClusterError):
+    """The API server cannot be reached or answers no request of ours now (network trouble, a
+    timeout, 401, 429, 5xx): every other call would fail too, so a status sweep stops here."""
 
 
 class SnapshotTooLargeError(Exception):
@@ -342,7 +356,8 @@ class Cluster(Protocol):
         """Merge-patch a MailRoute's status if it still has ``resource_version``.
 
         Returns False when the object changed meanwhile (409) or is gone (404); its next watch
-        event brings a new pass. Raises ClusterError for anything else.
+        event brings a new pass. Raises ClusterUnavailableError when the API is unavailable (the
+        sweep stops), ClusterError when it refused this write (only this route waits).
         """
         ...
 
@@ -357,7 +372,9 @@ class Cluster(Protocol):
         ...
 
     async def post_event(self, entry: RouteEntry, kind: str, reason: str, message: str) -> None:
-        """Post a core/v1 Event (``kind`` Normal or Warning) about the MailRoute."""
+        """Post a core/v1 Event (``kind`` Normal or Warning) about the MailRoute. An Event is a
+        courtesy: a refusal (e.g. its namespace is terminating) is logged, never raised; raises
+        ClusterUnavailableError when the API is unavailable."""
         ...
 
 
@@ -443,6 +460,16 @@ class _Published:
 
 
 @dataclass(frozen=True, slots=True)
+class _Refusal:
+    """The API server's last refusal of a route's status write (since its last that worked)."""
+
+    resource_version: str  # of the object the refused write was for: a newer one is tried at once
+    problem: str  # what was logged: the same problem again is logged at debug level only
+    delay: float  # seconds from this refusal to the next try
+    retry_at: float  # the event loop's time of the next try
+
+
+@dataclass(frozen=True, slots=True)
 class _SnapshotFailure:
     """The last snapshot write that failed (since the last that worked)."""
 
@@ -508,6 +535,8 @@ class Reconciler:
         # key -> (resourceVersion we patched against, status we wrote): until the watch brings
         # our own write back, the index still shows the old status.
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._refused: dict[str, _Refusal] = {}  # key -> the last refusal of its status write
+        self._refused_timer: asyncio.TimerHandle | None = None  # wakes a pass for the next retry
         self.passes = 0  # completed passes, for tests and the probe
         publisher.on_change(self.acks_changed)
 
@@ -799,31 +828,87 @@ class Reconciler:
         as soon as a newer table than ``compiled``'s has been published.
 
         A sweep starts where the last overtaken one stopped: under a steady stream of new
-        tables (endpoints that keep changing) every route still has its turn.
+        tables (endpoints that keep changing) every route still has its turn. A write the API
+        server refuses holds up no other route (``_status_refused``); an unavailable API ends
+        the sweep (ClusterUnavailableError), which the caller runs again later.
         """
+        now = asyncio.get_running_loop().time()
         ready = sorted(proxy for proxy, is_ready in inputs.proxies.items() if is_ready)
         keys = [entry.route.key for entry in inputs.routes]
         start = keys.index(self._resume_at) if self._resume_at in keys else 0
         seen: set[str] = set()
+        waiting: list[float] = []  # when the refused writes this sweep left are due again
         for entry in [*inputs.routes[start:], *inputs.routes[:start]]:
             key = entry.route.key
             if yield_to_newer and self._published.latest != compiled.table.version:
                 self._resume_at = key  # the sweep of the newer table goes on from here
                 return
             seen.add(key)
+            refusal = self._refused.get(key)
+            if refusal and refusal.resource_version == entry.resource_version and now < refusal.retry_at:
+                waiting.append(refusal.retry_at)
+                continue
             written = self._written.get(key)
             current = written[1] if written and written[0] == entry.resource_version else entry.status
             desired = self._desired(entry, compiled, ready, current)
             if all(current.get(name) == value for name, value in desired.items()):
                 continue
             namespace, name = entry.route.namespace, entry.route.name
-            if not await self._cluster.patch_status(namespace, name, entry.resource_version, desired):
-                continue  # changed or gone meanwhile: its watch event brings another pass
+            try:
+                if not await self._cluster.patch_status(namespace, name, entry.resource_version, desired):
+                    continue  # changed or gone meanwhile: its watch event brings another pass
+            except ClusterUnavailableError:
+                raise
+            except ClusterError as error:
+                waiting.append(self._status_refused(entry, error))
+                continue
+            if self._refused.pop(key, None) is not None:
+                log.info("the status of MailRoute %s is written again", key)
             self._written[key] = (entry.resource_version, desired)
             await self._post_transitions(entry, current.get("conditions"), desired["conditions"])
         self._resume_at = None
         for key in set(self._written) - seen:
             del self._written[key]
+        for key in set(self._refused) - seen:
+            del self._refused[key]  # the route is gone
+        if waiting:
+            self._wake_at(min(waiting))
+
+    def _status_refused(self, entry: RouteEntry, error: ClusterError) -> float:
+        """Note that the API server refused ``entry``'s status write: log it unless it is the
+        route's last problem again; when to try again (the event loop's time; sooner if the
+        object changes: ``MAX_REFUSED_RETRY_SECONDS``)."""
+        key = entry.route.key
+        last = self._refused.get(key)
+        delay = RETRY_SECONDS if last is None else min(last.delay * 2, MAX_REFUSED_RETRY_SECONDS)
+        problem = str(error)
+        log.log(
+            logging.DEBUG if last is not None and last.problem == problem else logging.WARNING,
+            "the Kubernetes API refused the status of MailRoute %s (the other routes' go on), "
+            "trying again in %.0f s or when it changes: %s",
+            key,
+            delay,
+            problem,
+        )
+        retry_at = asyncio.get_running_loop().time() + delay
+        self._refused[key] = _Refusal(entry.resource_version, problem, delay, retry_at)
+        return retry_at
+
+    def _wake_at(self, due: float) -> None:
+        """Have a pass, and its sweep, run at ``due`` (the event loop's time), when the first
+        refused status write is due again. Only those a sweep left waiting count: one tried
+        again and answered 404 or 409 waits for its watch event, not a timer."""
+        timer = self._refused_timer
+        if timer is not None:
+            if timer.when() <= due:
+                return
+            timer.cancel()
+        self._refused_timer = asyncio.get_running_loop().call_at(due, self._refused_due)
+
+    def _refused_due(self) -> None:
+        """The timer of ``_wake_at``: a pass, then a sweep that tries the refused writes due."""
+        self._refused_timer = None
+        self._wake.set()
 
     async def _post_transitions(self, entry: RouteEntry, before: Any, after: list[Any]) -> None:
         """An Event for each of our conditions that became True or False (or changed reason)."""

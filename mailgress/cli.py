@@ -11,8 +11,9 @@ Subcommands:
                                      headersFrom Secrets (without them: SecretNotFound)
   mailgress controller [FLAGS]       run the MailRoute operator (flags: controller/operator.py);
                                      its push channel's TLS files are loaded and reloaded by the
-                                     proxy's CertificateStore, wired in here (the controller may
-                                     not import proxy.server)
+                                     proxy's CertificateStore and its connections bounded by the
+                                     admin port's connections.Guard, both wired in here (the
+                                     controller may not import proxy.server)
 Errors in the user's files end the command with a clear message on stderr, never a traceback.
 Exit status 2 (EXIT_USAGE): a settings or route file that cannot be read or is not valid YAML,
 bad settings, a listener that cannot bind. Exit status 1 (EXIT_INVALID_ROUTES, routes check
@@ -33,7 +34,7 @@ import uvloop
 from controller import operator
 from mailgress import standalone
 from proxy import settings as proxy_settings
-from proxy.server import certificates, listeners, process, subscriber
+from proxy.server import certificates, connections, listeners, process, subscriber
 from proxy.server.routes import TableHolder
 
 EXIT_USAGE = 2
@@ -142,7 +143,7 @@ def push_certificates(cert: Path, key: Path) -> certificates.CertificateStore:
 
 
 def _run_controller(arguments: argparse.Namespace) -> int:
-    return operator.command(arguments, certificates=push_certificates)
+    return operator.command(arguments, certificates=push_certificates, guards=connections.Guard)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -5,7 +5,11 @@ compiles them with the controller's pure compiler against the ``services`` stand
 EndpointSlices and the ``secrets`` stand-in for the labelled Secrets auth_http ``headersFrom``
 reads, and installs the table. The files are re-read every ``POLL_INTERVAL`` seconds
 and a changed content is compiled and swapped in; open sessions are untouched. A file that
-cannot be read or parsed keeps the last good table in force. Problems with single objects are
+cannot be read or parsed keeps the last good table in force. A file may hold other kinds beside
+the MailRoutes (a Service, as kubectl users keep them), which are skipped, and lists (``kind:
+List``, what ``kubectl get -o yaml`` writes), whose items count as documents; a document meant as
+a MailRoute with a mistyped kind or apiVersion is no other kind: it becomes an Invalid route, as
+``kubectl apply`` would refuse it (``meant_as_mailroute``). Problems with single objects are
 logged with the same messages the controller writes into MailRoute status, which never hold an
 auth_http header value; ``printable_table`` is the table with those values redacted, for output.
 """
@@ -32,7 +36,11 @@ log = logging.getLogger("mailgress.standalone")
 # Edits must take effect within two seconds (issue "Proxy core"); four reads a second of a few
 # small files cost nothing measurable.
 POLL_INTERVAL = 0.25
-MAILROUTE_API_VERSION = "mailgress.io/v1alpha1"
+# The API group of MailRoutes (mailgress.io), whatever the version.
+MAILROUTE_GROUP = mailroute.API_VERSION.partition("/")[0]
+# kubectl takes a document whose kind ends so, with an items list (kind List from kubectl get -o
+# yaml; MailRouteList from the API), as the objects in the list.
+LIST_KIND_SUFFIX = "List"
 REDACTED = "<redacted>"
 _NO_SECRETS: SecretData = {}
 
@@ -59,8 +67,33 @@ def read_manifests(paths: Sequence[Path]) -> list[tuple[Path, bytes]]:
     return contents
 
 
+def meant_as_mailroute(document: Mapping[str, Any]) -> bool:
+    """Whether ``document`` is to be parsed as a MailRoute (and so be one, or Invalid): its kind
+    is MailRoute in any letter case, or its apiVersion in the mailgress.io group, or it lacks a
+    kind or an apiVersion (no object kubectl applies). A kind and apiVersion of something else (a
+    Service beside the routes) mean another kind."""
+    kind, api_version = document.get("kind"), document.get("apiVersion")
+    if not (isinstance(kind, str) and kind and isinstance(api_version, str) and api_version):
+        return True
+    return kind.lower() == mailroute.KIND.lower() or api_version.partition("/")[0] == MAILROUTE_GROUP
+
+
+def _objects(path: Path, document: Any) -> list[Mapping[str, Any]]:
+    """The objects of one YAML document: itself, or a list's items."""
+    if not isinstance(document, dict):
+        raise ManifestError(f"{path}: every YAML document must be a mapping")
+    kind = document.get("kind")
+    if not (isinstance(kind, str) and kind.endswith(LIST_KIND_SUFFIX) and "items" in document):
+        return [document]
+    items = document["items"]
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ManifestError(f"{path}: the items of a {kind} must be a list of mappings")
+    return items
+
+
 def mailroute_bodies(contents: Sequence[tuple[Path, bytes]]) -> list[Mapping[str, Any]]:
-    """Every MailRoute document in the files; other kinds are skipped."""
+    """Every document of the files meant as a MailRoute (``meant_as_mailroute``), lists'
+    items included; other kinds are skipped."""
     bodies: list[Mapping[str, Any]] = []
     for path, content in contents:
         try:
@@ -68,12 +101,8 @@ def mailroute_bodies(contents: Sequence[tuple[Path, bytes]]) -> list[Mapping[str
         except yaml.YAMLError as error:
             raise ManifestError(f"{path}: not valid YAML: {yaml_problem(error)}") from error
         for document in documents:
-            if document is None:
-                continue
-            if not isinstance(document, dict):
-                raise ManifestError(f"{path}: every YAML document must be a mapping")
-            if document.get("kind") == "MailRoute" and document.get("apiVersion") == MAILROUTE_API_VERSION:
-                bodies.append(document)
+            if document is not None:
+                bodies += filter(meant_as_mailroute, _objects(path, document))
     return bodies
 
 

@@ -4,12 +4,13 @@
 file the snapshot Secret would hold) and the port of the controller's push channel. Given a test
 CA, the push channel speaks TLS as the chart has it by default: a certificate for the loopback
 address for the controller (``controller_tls``), the CA file and an https url for the proxies.
-It starts proxies whose settings have a ``controller`` key, each in a folder of its own;
-``start_proxy`` returns once the proxy holds a table (its /readyz). ``start_controller`` stands in
-for the controller with a loopback ``controller.publisher.Publisher``; tests/kube and
-bench/convergence.py run the real operator on ``port`` instead. Used by tests/e2e_push,
-tests/kube and bench/convergence.py. Never starts mail servers, never writes the token anywhere
-but its file, binds only 127.0.0.1.
+It starts proxies whose settings have a ``controller`` key and the four plain listeners, each in a
+folder of its own; ``start_proxy`` returns once the proxy holds a table (its /readyz), or for a
+proxy meant to have none (no controller running, no snapshot written) once it listens.
+``start_controller`` stands in for the controller with a loopback ``controller.publisher.Publisher``,
+its connections guarded as ``mailgress controller``'s are; tests/kube and bench/convergence.py run
+the real operator on ``port`` instead. Used by tests/e2e_push, tests/kube and bench/convergence.py.
+Never starts mail servers, never writes the token anywhere but its file, binds only 127.0.0.1.
 """
 
 import asyncio
@@ -20,6 +21,7 @@ import yaml
 from controller import publisher
 from mailgress import cli
 from proxy import table
+from proxy.server import connections
 from testbed import mailservers, proxyprocess, proxysettings, tlscerts
 
 # The push channel's bearer token (a Secret in a cluster); tests check no log ever holds it.
@@ -56,13 +58,14 @@ class Deployment:
     async def start_controller(self, first: table.RoutingTable) -> publisher.Publisher:
         """A push channel on ``port`` publishing ``first``; the caller stops it."""
         served = None if self.controller_tls is None else cli.push_certificates(*self.controller_tls)
-        channel = publisher.Publisher(PUSH_TOKEN, certificates=served)
+        channel = publisher.Publisher(PUSH_TOKEN, certificates=served, guards=connections.Guard)
         channel.publish(first)
         await channel.start(mailservers.LOOPBACK, self.port)
         return channel
 
-    async def start_proxy(self, name: str) -> proxyprocess.ProxyProcess:
-        """Start the proxy ``name`` (its proxyName, its folder) and return once it holds a table.
+    async def start_proxy(self, name: str, *, ready: bool = True) -> proxyprocess.ProxyProcess:
+        """Start the proxy ``name`` (its proxyName, its folder) and return once it holds a table,
+        or with ``ready`` False once it listens (``proxyprocess.ProxyProcess.start``).
 
         Raises:
             proxyprocess.ProxyError: it exited, or had no table in proxyprocess.READY_TIMEOUT.
@@ -79,9 +82,7 @@ class Deployment:
         if self.ca_file is not None:
             controller["caFile"] = str(self.ca_file)
         document = {
-            "listeners": [
-                {"name": "imap", "protocol": "imap", "address": mailservers.LOOPBACK, "port": ports.imap}
-            ],
+            "listeners": proxysettings.listeners(ports),
             "admin": {"address": mailservers.LOOPBACK, "port": ports.admin},
             "controller": controller,
         }
@@ -91,7 +92,7 @@ class Deployment:
         proxy = proxyprocess.ProxyProcess(settings, directory / "mailgress.log", log_level="debug")
         self.proxies.append(proxy)
         # Blocking until /readyz answers 200; in a thread, so a controller on this loop serves it.
-        await asyncio.to_thread(proxy.start)
+        await asyncio.to_thread(proxy.start, ready=ready)
         return proxy
 
     async def stop_proxies(self) -> None:

@@ -1,7 +1,8 @@
 """``mailgress proxy --config FILE`` as a child process, for the e2e tests, the demo and the benchmarks.
 
 Starts the proxy in its own session with its stdout and stderr going to a log file, waits until the
-admin endpoint's /readyz answers 200 (bounded), fetches admin pages, and stops it with SIGTERM (then
+admin endpoint's /readyz answers 200, or answers at all for a proxy meant to start without a routing
+table (bounded), fetches admin pages, and stops it with SIGTERM (then
 SIGKILL after a bound) leaving no process behind. Never parses the proxy's settings itself beyond the
 admin port it was given, and never talks to anything but 127.0.0.1.
 """
@@ -74,8 +75,13 @@ class ProxyProcess:
         """The proxy's live processes (it runs in a session of its own)."""
         return [] if self._process is None else mailservers.session_processes(self._process.pid)
 
-    def start(self) -> None:
+    def start(self, *, ready: bool = True) -> None:
         """Start the proxy and wait until /readyz says ready.
+
+        Args:
+            ready: False for a proxy that is to have no routing table (a broken route file, an
+                unreachable controller): wait only until /readyz answers, 503 included. The proxy
+                starts its listeners before its admin endpoint, so they accept connections by then.
 
         Raises:
             ProxyError: it exited or did not become ready in READY_TIMEOUT seconds.
@@ -101,7 +107,8 @@ class ProxyProcess:
                 status = self._process.returncode
                 self._process = None
                 raise ProxyError(f"mailgress proxy exited with status {status}:\n{self.log_tail()}")
-            if self.get("/readyz")[0] == 200:
+            status = self.get("/readyz")[0]
+            if status == 200 or (status and not ready):
                 return
             if time.monotonic() >= deadline:
                 self.stop()

@@ -4,9 +4,10 @@ Called by the session driver when its front-end machine asks to ``Authenticate``
 login up in the current table, orders the endpoints by the route's balance policy, connects
 with a timeout, and drives the protocol's ``BackendLogin`` machine over the socket. An endpoint
 that refuses, times out or breaks the dialogue is skipped for the next one; when none is left
-the client gets the temporary failure. A refused password is final (the backend's verdict).
-A route with auth mode ``http`` asks its auth_http service first (``authhttp``): its refusal is
-final, and its grant may name the backend and the credentials to log in with.
+the client gets the temporary failure, as does every login before the first table is installed.
+A refused password is final (the backend's verdict). A route with auth mode ``http`` asks its
+auth_http service first (``authhttp``): its refusal is final, and its grant may name the backend
+and the credentials to log in with.
 Never logs a credential: only the user name, route and endpoint.
 """
 
@@ -167,6 +168,12 @@ async def login(
         attempt: the number of this login attempt on the client's connection, from 1, and
             ``client_tls`` the client connection's TLS, if any: both for auth_http.
     """
+    if not context.tables.ready:
+        # No table yet (the controller is unreachable and there is no usable snapshot): no user
+        # is known or unknown, so the answer is "try later", never a refusal a client takes as
+        # final (a bounce, "wrong password") or that the failed-login throttle counts.
+        log.warning("%s login answered with a temporary failure: no routing table yet", request.protocol)
+        return LoginOutcome(events.LoginUnavailable(), "unavailable")
     route = table.lookup(context.tables.current, request.protocol, request.routing_key)
     if route is None:
         return LoginOutcome(events.LoginRejected(), "no_route")

@@ -21,11 +21,15 @@ from typing import cast
 
 from proxy.server.poller import Poller
 
-# One read from a peer before login; pre-login dialogues are a few short lines.
+# One read from a peer before login; pre-login dialogues are a few short lines. A transport
+# channel hands out at most this much per ``recv`` too, as a socket read gives.
 RECV_SIZE = 16384
-# Stop reading from a peer when this much arrived unread (only a misbehaving peer gets there
-# before login: the machines bound lines and literals far below it).
-MAX_UNREAD = 256 * 1024
+# A transport stops reading from its peer when this much arrived unread, and reads again once the
+# session took it below (only a misbehaving peer gets there before login: the machines bound
+# lines and literals far below it). A client that pipelines commands and never reads the replies
+# is thus held at one read's worth, as on a bare socket, where the kernel's buffer holds the rest;
+# nginx keeps one page (IMAP, SMTP) or 128 octets (POP3) of a client unread.
+MAX_UNREAD = RECV_SIZE
 # How long a closing TLS connection may take to flush what is left and exchange close_notify
 # (RFC 8446 section 6.1) before it is cut: a peer that reads nothing would otherwise hold the
 # descriptor for the loop's default of 30 seconds after its session ended. nginx gives
@@ -216,10 +220,16 @@ class _Receiver(asyncio.Protocol):
         if self._writable is not None:
             await self._writable
 
-    def take(self) -> bytes:
-        data = bytes(self.unread)
-        self.unread.clear()
-        if self._reading_paused and self.transport:
+    def take(self, limit: int | None = None) -> bytes:
+        """What arrived unread, the first ``limit`` bytes of it at most; reads again below the
+        bound."""
+        if limit is None or limit >= len(self.unread):
+            data = bytes(self.unread)
+            self.unread.clear()
+        else:
+            data = bytes(self.unread[:limit])
+            del self.unread[:limit]
+        if self._reading_paused and self.transport and len(self.unread) <= MAX_UNREAD:
             self._reading_paused = False
             self.transport.resume_reading()
         return data
@@ -274,7 +284,7 @@ class TransportChannel:
         await self.receiver.wait_readable()
         if not self.receiver.unread and self.receiver.error is not None:
             raise self.receiver.error
-        return self.receiver.take()
+        return self.receiver.take(RECV_SIZE)
 
     async def send(self, data: bytes) -> None:
         if self.transport.is_closing():

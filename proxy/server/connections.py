@@ -8,8 +8,11 @@ answered within ``timeout`` of its accept or of its last answer is aborted, the 
 counted in that time. A connection over the cap makes room by aborting the one without a request
 in progress that has waited longest for its next request, and is closed unread only when every
 open connection is busy. A request the application marks ``lasting`` (a long-lived stream it
-accepted) has no deadline and is never evicted until it ends. Never reads request contents;
-logs at debug only (a flood must not flood the log), never an address.
+accepted) has no deadline and is never evicted until it ends. Over TLS the guard runs each
+handshake itself (start_tls) after admitting the connection, so one silent before or within its
+ClientHello is timed and evicted like any other; stopping the site aborts those still in their
+handshake. Never interprets what a client sends; logs at debug only (a flood must not flood the
+log), never an address.
 """
 
 import asyncio
@@ -87,6 +90,12 @@ class Guard:
         self._open[handler] = connection
         return connection
 
+    def abort_handshakes(self) -> None:
+        """Abort every connection still in its TLS handshake (``site`` stops: aiohttp's shutdown
+        closes only the connections its handler has)."""
+        for connection in list(self._open.values()):
+            connection.abort_handshake()
+
     def _answered(self, handler: web.RequestHandler) -> None:
         # Gone when the deadline or the client ended the connection while its answer was written.
         connection = self._open.pop(handler, None)
@@ -111,6 +120,7 @@ class _Connection(asyncio.Protocol):
         "_timer",
         "_tls",
         "_transport",
+        "_unmade",
         "busy",
     )
 
@@ -137,6 +147,9 @@ class _Connection(asyncio.Protocol):
         # What the client sent before the TLS layer took the transport over (its ClientHello, or
         # part of it); None when there is no TLS or once the TLS layer has it.
         self._early: bytearray | None = None
+        # What the TLS layer decrypted after the handshake and before this connection's task
+        # resumed to hand aiohttp's handler its connection (a client sends its request at once).
+        self._unmade = bytearray()
         self._made = False  # aiohttp's handler has its connection: events go to it
         # The loop keeps only a weak reference to a task: this one holds the handshake's.
         self._handshaking: asyncio.Task[None] | None = None
@@ -203,6 +216,9 @@ class _Connection(asyncio.Protocol):
         self._transport = secured
         self._made = True
         self._handler.connection_made(secured)
+        if self._unmade:
+            early_request, self._unmade = bytes(self._unmade), bytearray()
+            self._handler.data_received(early_request)
 
     def answered(self) -> None:
         self.busy = False
@@ -229,6 +245,10 @@ class _Connection(asyncio.Protocol):
         )
         self._forget()
         self._transport.abort()
+
+    def abort_handshake(self) -> None:
+        if not self._made and self._transport is not None:
+            self._transport.abort()
 
     def _start_deadline(self) -> None:
         if self._timer is not None:
@@ -260,6 +280,8 @@ class _Connection(asyncio.Protocol):
             self._early += data
             assert self._transport is not None  # made
             self._transport.pause_reading()
+        else:
+            self._unmade += data  # from the TLS layer: the handler gets it once it is made
 
     def eof_received(self) -> None:
         if self._made:
@@ -315,3 +337,7 @@ class _Site(web.BaseSite):
         self._server = await loop.create_server(
             lambda: self._guard.accept(server, self._tls), self._address, self._port, backlog=self._backlog
         )
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._guard.abort_handshakes()

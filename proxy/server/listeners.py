@@ -6,7 +6,8 @@ Sessions are tracked so a shutdown can stop accepting, drain them over the grace
 replies are small and latency-bound). Each listening socket has one reader registered for as
 long as it listens, which accepts what is queued: the loop's ``sock_accept`` registers and drops
 a reader per connection, which under uvloop costs about ten system calls each time. Accepting
-never blocks and never raises into the loop.
+never blocks and never raises into the loop; out of descriptors (or memory), a listener pauses
+between attempts and logs once when that begins and once when it ends.
 """
 
 import asyncio
@@ -29,8 +30,9 @@ LISTEN_BACKLOG = 511
 # its backlog, 100 by default, per wakeup).
 ACCEPTS_PER_WAKEUP = 64
 # After an accept that failed for want of resources, how long a listener stops accepting, instead
-# of spinning on a queue it cannot take from. Other accept errors concern one connection only.
-ACCEPT_ERROR_PAUSE = 0.1
+# of spinning on a queue it cannot take from: nginx's wait at the descriptor limit (its
+# accept_mutex_delay, 500 ms). Other accept errors concern one connection only.
+ACCEPT_ERROR_PAUSE = 0.5
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How often certificate files are checked for renewal: new connections get a renewed certificate
 # within this many seconds.
@@ -66,6 +68,9 @@ class Listeners:
         self._sockets: list[tuple[session.Listener, socket.socket]] = []
         self._watching: list[socket.socket] = []  # listening sockets with our reader registered
         self._paused: dict[socket.socket, asyncio.TimerHandle] = {}  # after an accept error
+        # Listening sockets out of resources: accepts failed since the last that succeeded. One
+        # line when such an episode begins and one when it ends, not one per pause.
+        self._failing: dict[socket.socket, int] = {}
         self._certificate_watch: asyncio.Task[None] | None = None
         # Held while accepting, so that the sessions share one poller (poller.py).
         self._poller: Poller | None = None
@@ -141,11 +146,25 @@ class Listeners:
                 if error.errno not in OUT_OF_RESOURCES:
                     continue  # this connection only (aborted by the client, refused by a firewall)
                 # Out of descriptors or memory: say so, and pause this listener instead of spinning.
-                log.error("accept on %s failed: %s", listener.settings.name, error.strerror)
+                failed = self._failing.get(sock, 0)
+                if not failed:
+                    log.error(
+                        "accept on %s failed: %s; retrying every %gs until it recovers",
+                        listener.settings.name,
+                        error.strerror,
+                        ACCEPT_ERROR_PAUSE,
+                    )
+                self._failing[sock] = failed + 1
                 loop.remove_reader(sock.fileno())
                 self._watching.remove(sock)
                 self._paused[sock] = loop.call_later(ACCEPT_ERROR_PAUSE, self._resume, loop, listener, sock)
                 return
+            if self._failing and sock in self._failing:
+                log.warning(
+                    "accept on %s recovered; failed accepts: %d",
+                    listener.settings.name,
+                    self._failing.pop(sock),
+                )
             try:
                 client.setblocking(False)
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -179,6 +198,7 @@ class Listeners:
             sock.close()
         self._watching.clear()
         self._paused.clear()
+        self._failing.clear()
         self._certificate_watch = None
         self._sockets.clear()
 

@@ -50,6 +50,13 @@ async def run(settings: ProxySettings, source: TableSource) -> None:
     background: list[asyncio.Task[object]] = [on_sigterm, on_sigint]
     runner = None
     try:
+        # Listening before the first table is installed, on purpose: until then every login and
+        # recipient gets the protocol's temporary failure (backends.login, which logs why) and
+        # /readyz says 503, which keeps a cluster's traffic away. In a cluster that lasts while
+        # the controller is away and there is no usable snapshot; a proxy that waited for a table
+        # would refuse connections meanwhile without a word to the client, and a SIGTERM in that
+        # wait would need a stop of its own. Standalone, the CLI does not start on a route file it
+        # cannot read or parse, so the file watcher installs a table at once.
         server.start()
         if settings.admin is not None:
             runner = await admin.start(

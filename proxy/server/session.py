@@ -8,12 +8,15 @@ channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides
 inbound SMTP session to ``mediation``, which keeps reading its commands).
 Everything before login is bounded by one deadline: reads, writes and TLS handshakes alike, so
 neither a slow client nor one that never reads its replies can hold a socket open past it (the
-backend login keeps its own timeouts). The shared ``limits`` refuse a client address over its
-connection limit (once a trusted PROXY header has named the real one) and logins locked by failed
-attempts, and hold back the refusal of each further failure. When the proxy drains (drain.py)
-and the session's turn comes, a client still logging in gets the protocol's closing line the next
-time the session waits for it, and a relayed one at the relay's next quiet moment. Exactly one
-INFO line per session is logged when it ends; it names the user but never a password.
+backend login keeps its own timeouts). A read reaches the machine ``FEED_SIZE`` octets at a
+time, each slice's replies sent before the next is fed, so what a client that pipelines and never
+reads makes the session hold is bounded by a slice, not by the read. The shared ``limits`` refuse
+a client address over its connection limit (once a trusted PROXY header has named the real one)
+and logins locked by failed attempts, and hold back the refusal of each further failure. When the
+proxy drains (drain.py) and the session's turn comes, a client still logging in gets the
+protocol's closing line the next time the session waits for it, and a relayed one at the relay's
+next quiet moment. Exactly one INFO line per session is logged when it ends; it names the user
+but never a password.
 """
 
 import asyncio
@@ -52,6 +55,18 @@ LOCKED_SUBJECT: dict[limits.Scope, str] = {"ip": "client address", "user": "user
 # ends. Short: the reply is one line into the socket's buffer, which only a client that stopped
 # reading keeps full, and its connection slot is held until then.
 TIMED_OUT_REPLY_GRACE = 1.0
+# The most of one read fed to the front-end machine at once. The replies to a slice go out
+# before the next is fed, so what a client makes the session hold before login is bounded by
+# this, not by the read: a client that pipelines cheap commands (IMAP CAPABILITY, POP3 CAPA,
+# SMTP EHLO) and reads none of the replies waits in a send with the replies to one slice queued,
+# at most about 12 KiB (POP3 CAPA asks the most per octet, 22 to 1), not the replies to a whole
+# read (a megabyte and more from 16 KiB). A normal read (a few short lines) is one slice: no
+# extra call. nginx reads a client into one page (IMAP, SMTP) or 128 octets (POP3), and reads
+# no more until its replies are sent.
+FEED_SIZE = 512
+# The session line's outcome when the pre-login deadline ended the dialogue, in place of the
+# machine's reason ("idle timeout", "timed out"), which would read like the relay's idle timeout.
+PRE_LOGIN_TIMED_OUT = "timed out before login"
 STARTTLS_POLICY = {
     ("starttls", True): events.StartTlsPolicy.REQUIRED,
     ("starttls", False): events.StartTlsPolicy.ON,
@@ -319,6 +334,8 @@ async def _converse(
     limit = deadline  # when the scope below ends: the deadline, then the timeout reply's grace
     timed_out = False
     sending = False  # a reply is on its way out: a deadline now would cut it short
+    handshaking = False  # the STARTTLS handshake is under way
+    unfed = b""  # the rest of the last read: fed FEED_SIZE at a time, each after the replies
     try:
         while True:
             # One scope bounds the whole dialogue (reads, writes, the STARTTLS handshake), not
@@ -341,7 +358,12 @@ async def _converse(
                                     await channel.send(data)
                                     sending = False
                                 case events.Close(reason=reason):
-                                    record.outcome = reason
+                                    if not timed_out:
+                                        record.outcome = reason
+                                    elif handshaking:
+                                        record.outcome = f"{PRE_LOGIN_TIMED_OUT}, in the STARTTLS handshake"
+                                    else:
+                                        record.outcome = PRE_LOGIN_TIMED_OUT
                                     return None
                                 case events.Authenticate(request=request):
                                     attempts += 1
@@ -363,29 +385,43 @@ async def _converse(
                                     pending.extend(frontend.handle(verdict))
                                 case events.Relay(buffered=buffered):
                                     assert login is not None and login.backend is not None
-                                    handover, login = Handover(login, buffered), None  # the relay's to close
+                                    # What the machine held after the login command, then the
+                                    # rest of the read it was in: the client's pipelined
+                                    # commands for the backend, in the order they came.
+                                    handover = Handover(login, buffered + unfed)
+                                    login = None  # the relay's to close
                                     return handover
                                 case events.StartTls():
                                     # Machines ask only on plaintext listeners that offer STARTTLS.
                                     assert listener.certificates is not None and isinstance(
                                         channel, SocketChannel
                                     )
+                                    # What followed STARTTLS in its read came in plaintext before
+                                    # the handshake: never fed, least of all as if it came over
+                                    # TLS (CVE-2011-0411; the machine drops its own share too).
+                                    unfed = b""
+                                    handshaking = True
                                     await channel.start_tls(
                                         listener.certificates.context, server_side=True, server_hostname=None
                                     )
+                                    handshaking = False
                                     pending.extend(frontend.handle(events.TlsEstablished()))
                                 case other:
                                     raise AssertionError(f"front-end emitted {other!r}")
                         if turn.due:
                             break
-                        turn.on_due = end_wait
-                        try:
-                            data = await channel.recv()
-                        finally:
-                            turn.on_due = None
-                        pending.extend(
-                            frontend.handle(events.DataReceived(data) if data else events.ConnectionClosed())
-                        )
+                        if not unfed:
+                            turn.on_due = end_wait
+                            try:
+                                unfed = await channel.recv()
+                            finally:
+                                turn.on_due = None
+                            if not unfed:
+                                pending.extend(frontend.handle(events.ConnectionClosed()))
+                                continue
+                        # A slice of a whole read is the read itself: no copy for a normal one.
+                        data, unfed = unfed[:FEED_SIZE], unfed[FEED_SIZE:]
+                        pending.extend(frontend.handle(events.DataReceived(data)))
             except TimeoutError:
                 if not scope.expired():
                     raise  # the system's (a send or read that timed out), not our deadline

@@ -126,7 +126,13 @@ def test_every_value_set_renders_named_namespaced_objects(scenario: str) -> None
         metadata = document.body["metadata"]
         assert len(metadata["name"]) <= MAX_NAME, metadata["name"]
         assert metadata["labels"]["app.kubernetes.io/instance"] == render.RELEASE
-        if document.body["kind"] not in CLUSTER_KINDS:
+        if document.body["kind"] in CLUSTER_KINDS:
+            continue
+        # The controller's Roles go where it serves MailRoutes (controller.watchNamespaces).
+        served = SCENARIOS[scenario].get("controller", {}).get("watchNamespaces", [])
+        if document.template == "controller-rbac.yaml" and metadata["namespace"] in served:
+            assert document.body["kind"] in ("Role", "RoleBinding"), metadata["name"]
+        else:
             assert metadata["namespace"] == RELEASE_NAMESPACE, (document.template, metadata["name"])
 
 
@@ -237,6 +243,18 @@ def test_every_value_set_renders_named_namespaced_objects(scenario: str) -> None
             "at '/proxy/service/externalTrafficPolicy': value must be one of 'Cluster', 'Local'",
         ),
         (
+            {"controller": {"watchNamespaces": ["mail", "*"]}},
+            "at '/controller/watchNamespaces': maxItems: got 2, want 1",
+        ),
+        (
+            {"controller": {"watchNamespaces": ["Mail"]}},
+            "at '/controller/watchNamespaces/0': 'Mail' does not match pattern",
+        ),
+        (
+            {"controller": {"watchNamespaces": ["mail", "mail"]}},
+            "at '/controller/watchNamespaces': items at 0 and 1 are equal",
+        ),
+        (
             {"monitoring": {"serviceMonitor": {"interval": "30 seconds"}}},
             "at '/monitoring/serviceMonitor/interval': '30 seconds' does not match pattern",
         ),
@@ -335,6 +353,15 @@ def test_render_refuses_clashing_listeners(listeners: list[dict[str, Any]], mess
     with pytest.raises(helm.HelmRenderError) as refused:
         render.render({"proxy": {"listeners": listeners}})
     assert message in str(refused.value)
+
+
+def test_render_refuses_one_port_for_two_controller_listeners() -> None:
+    """The schema cannot compare two values and kubernetes-validate takes a Deployment whose two
+    containerPorts are alike, but the controller cannot bind the second (operator.check_ports
+    says so at start, for a controller run without the chart)."""
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render.render({"controller": {"pushPort": 9400, "healthPort": 9400}})
+    assert "controller.pushPort and controller.healthPort are both 9400" in str(refused.value)
 
 
 def test_render_refuses_more_minimum_than_maximum_replicas() -> None:
@@ -619,6 +646,7 @@ def test_controller_arguments_are_what_the_controller_accepts(scenario: str) -> 
     command = cli.parser().parse_args(arguments)
     assert command.handler is cli._run_controller
     parsed = operator.settings_from(command, {"POD_NAMESPACE": RELEASE_NAMESPACE})
+    operator.check_ports(parsed)  # what the controller checks before it binds anything
     env = {item["name"]: item["valueFrom"]["fieldRef"]["fieldPath"] for item in container(deployment)["env"]}
     assert env == {"POD_NAMESPACE": "metadata.namespace"}
     assert parsed.namespace == RELEASE_NAMESPACE
@@ -921,6 +949,23 @@ def test_mailroute_roles_aggregate_into_the_default_roles() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # NOTES.txt
+
+
+@pytest.mark.parametrize(
+    ("scenario", "served", "example"),
+    [
+        ("default", render.NAMESPACE, render.NAMESPACE),
+        ("watch-namespaces", "mail, team-a", "mail"),
+        ("all-namespaces", "every namespace", "mail"),
+    ],
+)
+def test_notes_put_the_example_route_where_the_release_serves_it(
+    scenario: str, served: str, example: str
+) -> None:
+    notes = render.render(SCENARIOS[scenario])["NOTES.txt"]
+    assert f"in a namespace this release serves\n   ({served}: controller.watchNamespaces" in notes
+    assert f"metadata: {{name: example-com, namespace: {example}}}" in notes
+    assert f"kubectl --namespace {example} describe mailroute example-com" in notes
 
 
 def test_notes_name_the_ports_and_warn_about_plaintext_logins() -> None:

@@ -194,6 +194,7 @@ def registered(registry: kopf.OperatorRegistry) -> None:
         registry,
         handlers.Wiring(
             namespace="mailgress-system",
+            served=frozenset({"mail"}),
             proxy_labels={"app.kubernetes.io/name": "mailgress-proxy"},
             login=lambda: kopf.ConnectionInfo(server="http://127.0.0.1"),
             publisher=FakePublisher(),

@@ -1,9 +1,11 @@
 """The controller process: settings from flags and environment, credentials, the push channel it
-starts on the token file (over TLS when given a certificate), and the API client (``KubeApi``)
-against the emulator, the snapshot Secret in both its forms included, written and read back."""
+starts on the token file (over TLS when given a certificate, through the guard it is given), and
+the API client (``KubeApi``) against the emulator, the snapshot Secret in both its forms included,
+written and read back."""
 
 import argparse
 import base64
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,16 +13,19 @@ from typing import Any
 
 import aiohttp
 import kmock
+import kubernetes.client
 import pytest
 import yaml
+from aiohttp import web
 
 from controller import operator, publisher, reconciler
 from proxy import table
 from proxy.server import subscriber
 from proxy.server.certificates import CertificateStore
+from proxy.server.connections import Guard
 from proxy.settings import CertificateFiles
 from testbed.tlscerts import TestAuthority
-from tests.controller.test_reconciler import since_of, table_over_the_plain_limit
+from tests.controller.test_reconciler import entry, route_body, since_of, table_over_the_plain_limit
 from tests.kube.conftest import CRD_FILE, kubeconfig_text
 from tests.kube.emulator import Access, Emulator
 
@@ -45,6 +50,33 @@ def test_defaults_and_the_environment() -> None:
     assert settings.kubeconfig is None
     assert settings.health == operator.DEFAULT_HEALTH
     assert settings.tls_files is None  # plain HTTP unless given a certificate
+    # The MailRoutes of the controller's own namespace only, never every namespace unasked.
+    assert settings.watch_namespaces == frozenset({"mailgress-system"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "served"),
+    [
+        pytest.param(("--watch-namespace=mail",), {}, {"mail"}, id="one"),
+        pytest.param(
+            ("--watch-namespace=mail", "--watch-namespace=team-a"), {}, {"mail", "team-a"}, id="repeated"
+        ),
+        pytest.param(("--all-namespaces",), {}, None, id="all"),
+        pytest.param((), {"MAILGRESS_WATCH_NAMESPACES": "mail, team-a,"}, {"mail", "team-a"}, id="env"),
+        pytest.param((), {"MAILGRESS_WATCH_NAMESPACES": "*"}, None, id="env-all"),
+        pytest.param((), {"MAILGRESS_WATCH_NAMESPACES": " "}, {"ops"}, id="env-empty"),
+        pytest.param(
+            ("--watch-namespace=mail",), {"MAILGRESS_WATCH_NAMESPACES": "*"}, {"mail"}, id="flag-wins"
+        ),
+        pytest.param(("--all-namespaces",), {"MAILGRESS_WATCH_NAMESPACES": "x"}, None, id="all-flag-wins"),
+    ],
+)
+def test_the_served_namespaces(
+    argv: tuple[str, ...], environ: dict[str, str], served: set[str] | None
+) -> None:
+    environ = {"MAILGRESS_TOKEN_FILE": "t", "MAILGRESS_NAMESPACE": "ops", **environ}
+    settings = operator.settings_from(arguments(*argv), environ)
+    assert settings.watch_namespaces == (None if served is None else frozenset(served))
 
 
 def test_the_push_channels_tls_files_from_flags_or_the_environment() -> None:
@@ -156,11 +188,100 @@ def test_the_snapshot_secret_and_its_deprecated_configmap_aliases(
             "go together",
             id="key-without-certificate",
         ),
+        pytest.param(
+            ("--all-namespaces", "--watch-namespace=mail"),
+            {"MAILGRESS_TOKEN_FILE": "t"},
+            "exclude each other",
+            id="all-and-some-namespaces",
+        ),
+        pytest.param(
+            ("--watch-namespace=Mail",), {"MAILGRESS_TOKEN_FILE": "t"}, "not a namespace", id="upper-case"
+        ),
+        pytest.param(
+            ("--watch-namespace=team-*",), {"MAILGRESS_TOKEN_FILE": "t"}, "not a namespace", id="pattern"
+        ),
+        pytest.param(
+            ("--watch-namespace=" + "a" * 64,), {"MAILGRESS_TOKEN_FILE": "t"}, "not a namespace", id="long"
+        ),
+        pytest.param(
+            (),
+            {"MAILGRESS_TOKEN_FILE": "t", "MAILGRESS_WATCH_NAMESPACES": "mail,-x"},
+            "MAILGRESS_WATCH_NAMESPACES",
+            id="env-bad-name",
+        ),
+        pytest.param(
+            (),
+            {"MAILGRESS_TOKEN_FILE": "t", "MAILGRESS_WATCH_NAMESPACES": "mail,*"},
+            "not a namespace",
+            id="env-all-among-names",
+        ),
     ],
 )
 def test_bad_settings(argv: tuple[str, ...], environ: dict[str, str], problem: str) -> None:
     with pytest.raises(operator.SettingsError, match=problem):
         operator.settings_from(arguments(*argv), environ)
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "health"),
+    [
+        pytest.param("0.0.0.0", "9400", "http://0.0.0.0:9400/healthz", id="the-charts-form"),
+        pytest.param("0.0.0.0", "9400", "http://127.0.0.1:9400/healthz", id="a-wildcard-covers-loopback"),
+        pytest.param("::1", "9400", "http://[::]:9400/healthz", id="ipv6"),
+        pytest.param("0.0.0.0", "9400", "http://:9400/healthz", id="kopfs-default-host-a-name"),
+        pytest.param("127.0.0.1", "80", "http://127.0.0.1/healthz", id="kopfs-default-port"),
+    ],
+)
+def test_the_liveness_endpoint_on_the_push_port_is_refused_naming_both(
+    address: str, port: str, health: str
+) -> None:
+    flags = arguments(
+        "--token-file=t", f"--listen-address={address}", f"--listen-port={port}", f"--health={health}"
+    )
+    settings = operator.settings_from(flags, {})
+    with pytest.raises(operator.SettingsError) as refused:
+        operator.check_ports(settings)
+    assert f"--listen-port (MAILGRESS_LISTEN_PORT) {port} and --health (MAILGRESS_HEALTH) {health}" in str(
+        refused.value
+    )
+    assert "controller.pushPort and controller.healthPort" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "health"),
+    [
+        pytest.param("0.0.0.0", "9400", "http://0.0.0.0:8081/healthz", id="the-charts-defaults"),
+        pytest.param("127.0.0.1", "9400", "http://127.0.0.2:9400/healthz", id="two-addresses"),
+        pytest.param("0.0.0.0", "9400", "http://[::]:9400/healthz", id="two-families"),
+        pytest.param("0.0.0.0", "9400", "", id="no-liveness-endpoint"),
+        pytest.param("127.0.0.1", "0", "http://127.0.0.1:0/healthz", id="an-ephemeral-push-port"),
+    ],
+)
+def test_listeners_that_can_bind_side_by_side_pass(address: str, port: str, health: str) -> None:
+    flags = arguments(
+        "--token-file=t", f"--listen-address={address}", f"--listen-port={port}", f"--health={health}"
+    )
+    operator.check_ports(operator.settings_from(flags, {}))
+
+
+def test_a_liveness_url_with_a_bad_port_is_refused() -> None:
+    settings = operator.settings_from(arguments("--token-file=t", "--health=http://0.0.0.0:99999/"), {})
+    with pytest.raises(operator.SettingsError) as refused:
+        operator.check_ports(settings)
+    assert "--health: 'http://0.0.0.0:99999/' has no valid port" in str(refused.value)
+
+
+def test_the_controller_started_on_one_port_twice_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before anything binds or the API is asked: exit status 2, both settings named, no traceback."""
+    token = tmp_path / "token"
+    token.write_text("the-token\n")
+    flags = arguments(f"--token-file={token}", "--listen-port=9400", "--health=http://0.0.0.0:9400/healthz")
+    assert operator.command(flags, certificates=load_certificates) == operator.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("mailgress controller: --listen-port (MAILGRESS_LISTEN_PORT) 9400 and --health")
+    assert "Traceback" not in err
 
 
 def test_token_file(tmp_path: Path) -> None:
@@ -222,7 +343,9 @@ def load_certificates(cert: Path, key: Path) -> CertificateStore:
     return CertificateStore("push channel", (CertificateFiles(cert, key),))
 
 
-async def test_the_push_channel_serves_tls_with_the_loaded_certificates(tmp_path: Path) -> None:
+async def test_the_push_channel_serves_tls_with_the_loaded_certificates_through_the_guard(
+    tmp_path: Path,
+) -> None:
     authority = TestAuthority(tmp_path / "ca")
     served = authority.issue("push", ["127.0.0.1"])
     token = tmp_path / "token"
@@ -230,9 +353,17 @@ async def test_the_push_channel_serves_tls_with_the_loaded_certificates(tmp_path
     flags = arguments(
         f"--token-file={token}", f"--tls-cert-file={served.cert}", f"--tls-key-file={served.key}"
     )
-    channel = operator.push_channel(operator.settings_from(flags, {}), load_certificates)
+    made: list[tuple[str, int, float]] = []
+
+    def guards(name: str, limit: int, timeout: float) -> Guard:
+        """What mailgress/cli.py hands the controller (connections.Guard), made as it is asked."""
+        made.append((name, limit, timeout))
+        return Guard(name, limit, timeout)
+
+    channel = operator.push_channel(operator.settings_from(flags, {}), load_certificates, guards)
     await channel.start("127.0.0.1", 0)
     try:
+        assert made == [("push channel", publisher.MAX_CONNECTIONS, publisher.REQUEST_TIMEOUT)]
         url = f"https://127.0.0.1:{channel.port}{publisher.METRICS_PATH}"
         context = ssl.create_default_context(cafile=str(authority.cert))
         async with (
@@ -392,9 +523,107 @@ async def test_api_trouble_is_a_cluster_error(tmp_path: Path) -> None:
     api = operator.KubeApi(operator.kube_configuration(config), "ns", "snapshot")
     await api.start()
     try:
-        with pytest.raises(reconciler.ClusterError):
+        with pytest.raises(reconciler.ClusterUnavailableError):
             await api.save_snapshot(reconciler.Snapshot("v1", compressed=False, content=b"{}"))
-        with pytest.raises(reconciler.ClusterError):
+        with pytest.raises(reconciler.ClusterUnavailableError):
             await api.load_snapshot()
+        with pytest.raises(reconciler.ClusterUnavailableError):
+            await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
     finally:
         await api.stop()
+
+
+async def test_a_refused_event_is_logged_and_raises_nothing(
+    kube_api: tuple[Emulator, operator.KubeApi], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Event is a courtesy: a 403 (any create in a terminating namespace) must not end the
+    status sweep that posts it."""
+    emulator, api = kube_api
+    emulator.forbidden["writer-token"] = {Access(verb="create", resource="events")}
+    caplog.set_level(logging.WARNING, logger=operator.__name__)
+    await api.post_event(entry(route_body("alpha", "a.example")), "Normal", "Accepted", "valid")
+    refused = "Event Accepted for mail/alpha was refused: POST /api/v1/namespaces/mail/events: HTTP 403"
+    assert refused in caplog.text
+    assert "events is forbidden: cannot create" in caplog.text, "the API server's reason"
+
+
+async def test_a_refused_status_patch_is_a_refusal_not_an_outage(
+    kube_api: tuple[Emulator, operator.KubeApi],
+) -> None:
+    """403 (RBAC, an admission policy) is this write's refusal: the sweep goes on with the other
+    routes (ClusterError, not ClusterUnavailableError), and the error says why."""
+    emulator, api = kube_api
+    emulator.forbidden["writer-token"] = {
+        Access(verb="patch", group="mailgress.io", resource="mailroutes", subresource="status")
+    }
+    with pytest.raises(reconciler.ClusterError) as refused:
+        await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
+    assert not isinstance(refused.value, reconciler.ClusterUnavailableError)
+    assert str(refused.value).endswith("HTTP 403: mailroutes is forbidden: cannot patch")
+
+
+@pytest.fixture
+async def answering() -> AsyncIterator[tuple[list[tuple[int, bytes]], operator.KubeApi]]:
+    """A KubeApi against a server that gives every request the next (status, body) of a list
+    the test fills."""
+    answers: list[tuple[int, bytes]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        status, body = answers.pop(0)
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    api = operator.KubeApi(configuration, "mailgress-system", "snapshot")
+    await api.start()
+    try:
+        yield answers, api
+    finally:
+        await api.stop()
+        await runner.cleanup()
+
+
+INVALID = (
+    b'{"kind":"Status","status":"Failure","reason":"Invalid","code":422,"message":"MailRoute.mailgress.io '
+    b'\\"r\\" is invalid: status.conditions: Too many: 9: must have at most 8 items"}'
+)
+
+
+async def test_status_patch_answers_tell_a_refusal_from_an_outage(
+    answering: tuple[list[tuple[int, bytes]], operator.KubeApi],
+) -> None:
+    answers, api = answering
+    answers.append((422, INVALID))
+    with pytest.raises(reconciler.ClusterError) as refused:
+        await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
+    assert not isinstance(refused.value, reconciler.ClusterUnavailableError)
+    assert "HTTP 422: MailRoute.mailgress.io" in str(refused.value)
+    assert str(refused.value).endswith("must have at most 8 items")
+    answers.append((422, b"not json"))
+    with pytest.raises(reconciler.ClusterError, match=r"HTTP 422$"):
+        await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
+    for code in (401, 429, 500, 503):
+        answers.append((code, b"{}"))
+        with pytest.raises(reconciler.ClusterUnavailableError, match=rf"HTTP {code}$"):
+            await api.patch_status("mail", "r", "1", {"observedGeneration": 1})
+
+
+async def test_a_refused_event_of_another_kind_is_logged_too(
+    answering: tuple[list[tuple[int, bytes]], operator.KubeApi], caplog: pytest.LogCaptureFixture
+) -> None:
+    """422 (an Event the API server finds invalid) is logged with its reason; an unavailable API
+    still raises, so the sweep stops as for a status write."""
+    answers, api = answering
+    caplog.set_level(logging.WARNING, logger=operator.__name__)
+    answers.append((422, b'{"message":"Event.core \\"r.x\\" is invalid: reason: Required value"}'))
+    await api.post_event(entry(route_body("r", "a.example")), "Normal", "Accepted", "valid")
+    assert 'HTTP 422: Event.core "r.x" is invalid: reason: Required value' in caplog.text
+    answers.append((503, b"{}"))
+    with pytest.raises(reconciler.ClusterUnavailableError):
+        await api.post_event(entry(route_body("r", "a.example")), "Normal", "Accepted", "valid")

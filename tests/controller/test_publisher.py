@@ -9,9 +9,11 @@ than ``BOUND`` fails the test; no assertion is about time.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from proxy import metrics as proxy_metrics
 from proxy import table
 from proxy.server import subscriber
 from proxy.server.certificates import CertificateStore
+from proxy.server.connections import Guard
 from proxy.server.routes import TableHolder
 from proxy.settings import CertificateFiles, ControllerSettings
 from testbed.tlscerts import IssuedCertificate, TestAuthority
@@ -73,9 +76,19 @@ class Changes:
         raise AssertionError("the condition never held")
 
 
+# The two ways a Publisher serves: unguarded (tests, tools) and through the connection guard
+# mailgress/cli.py hands ``mailgress controller``. The shared fixtures run each test both ways.
+GUARDS: dict[str, publisher.ConnectionGuards | None] = {"unguarded": None, "guarded": Guard}
+
+
+@pytest.fixture(params=list(GUARDS))
+def guards(request: pytest.FixtureRequest) -> publisher.ConnectionGuards | None:
+    return GUARDS[request.param]
+
+
 @pytest.fixture
-async def channel() -> AsyncIterator[publisher.Publisher]:
-    started = publisher.Publisher(TOKEN)
+async def channel(guards: publisher.ConnectionGuards | None) -> AsyncIterator[publisher.Publisher]:
+    started = publisher.Publisher(TOKEN, guards=guards)
     await started.start("127.0.0.1", 0)
     yield started
     await started.stop()
@@ -979,9 +992,11 @@ def served(authority: TestAuthority, tmp_path: Path) -> IssuedCertificate:
 
 
 @pytest.fixture
-async def tls_channel(served: IssuedCertificate) -> AsyncIterator[publisher.Publisher]:
+async def tls_channel(
+    served: IssuedCertificate, guards: publisher.ConnectionGuards | None
+) -> AsyncIterator[publisher.Publisher]:
     store = CertificateStore("push channel", (CertificateFiles(served.cert, served.key),))
-    started = publisher.Publisher(TOKEN, certificates=store)
+    started = publisher.Publisher(TOKEN, certificates=store, guards=guards)
     await started.start("127.0.0.1", 0)
     yield started
     await started.stop()
@@ -1079,3 +1094,227 @@ async def test_a_broken_renewal_keeps_the_certificate_in_force(
     assert len(kept) == 1, "a broken renewal is logged once, not at every connection"
     renewed = authority.issue("push", ["127.0.0.1"], cert=served.cert, key=served.key)
     assert await served_serial(tls_channel, authority) == renewed.serial
+
+
+# The push port's guard (what mailgress controller runs with): a cap, a deadline for a request
+# answered, eviction of the connection idle the longest. Deadlines are two seconds; nothing is
+# timed: a test waits, bounded, for a connection to be closed and reads what closed it from the
+# guard's debug log.
+
+DEADLINE = 2.0
+
+
+def stream_head(proxy: str, token: str | None = TOKEN) -> bytes:
+    """A stream request's head without the blank line that ends it."""
+    authorization = "" if token is None else f"Authorization: Bearer {token}\r\n"
+    return f"GET {publisher.STREAM_PATH}?proxy={proxy} HTTP/1.1\r\nHost: c\r\n{authorization}".encode()
+
+
+HALF_SENT = stream_head("proxy-a")  # the blank line that ends it never comes
+# A table line larger than what the controller's socket (at most 4 MiB here: net.ipv4.tcp_wmem)
+# and a non-reading proxy's small receive buffer take: its writing waits for the proxy to read.
+LARGE_TABLE_USERS = 600_000  # about 16 MB of canonical JSON
+
+
+def guard_lines(caplog: pytest.LogCaptureFixture, start: str) -> list[str]:
+    """The guard's debug lines about the push port that start with ``start``."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == Guard.__module__ and r.getMessage().startswith(f"push channel connection {start}")
+    ]
+
+
+EVICTED = "closed to make room"
+EXPIRED = "closed: no request answered"
+REFUSED = "refused"
+
+
+@contextlib.asynccontextmanager
+async def guarded(
+    caplog: pytest.LogCaptureFixture,
+    *,
+    limit: int = publisher.MAX_CONNECTIONS,
+    timeout: float = publisher.REQUEST_TIMEOUT,
+    certificates: CertificateStore | None = None,
+    heartbeat: float = publisher.HEARTBEAT_INTERVAL,
+) -> AsyncIterator[publisher.Publisher]:
+    """A Publisher guarded as mailgress controller's is, with FIRST published."""
+    caplog.set_level(logging.DEBUG, logger=Guard.__module__)
+    started = publisher.Publisher(
+        TOKEN,
+        certificates=certificates,
+        guards=Guard,
+        heartbeat=heartbeat,
+        max_connections=limit,
+        request_timeout=timeout,
+    )
+    await started.start("127.0.0.1", 0)
+    started.publish(FIRST)
+    try:
+        yield started
+    finally:
+        await started.stop()
+
+
+async def raw_connection(channel: publisher.Publisher) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async with asyncio.timeout(BOUND):
+        return await asyncio.open_connection("127.0.0.1", channel.port)
+
+
+async def until_closed(reader: asyncio.StreamReader) -> bytes:
+    """What the controller sent before closing the connection (a reset ends it too)."""
+    try:
+        async with asyncio.timeout(BOUND):
+            return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
+async def test_silent_connections_filling_the_cap_do_not_keep_a_proxys_stream_out(
+    caplog: pytest.LogCaptureFixture, client: aiohttp.ClientSession
+) -> None:
+    async with guarded(caplog, limit=4) as channel:  # the default deadline: 60 s
+        silent = [await raw_connection(channel) for _ in range(4)]
+        response = await open_stream(client, channel)
+        assert (await next_table(response)).version == FIRST.version
+        assert await until_closed(silent[0][0]) == b""  # the oldest idle one made room
+        # The ack takes another connection: the next oldest makes room.
+        assert await post_ack(client, channel, ack_body("proxy-a", FIRST.version)) == 204
+        assert channel.acks()["proxy-a"].version == FIRST.version
+        assert await until_closed(silent[1][0]) == b""
+        assert len(guard_lines(caplog, EVICTED)) == 2
+        channel.publish(SECOND)
+        assert (await next_table(response)).version == SECOND.version
+        response.close()
+        for _, writer in silent:
+            writer.close()
+
+
+async def test_an_accepted_stream_outlives_the_deadline_and_is_never_evicted(
+    caplog: pytest.LogCaptureFixture, client: aiohttp.ClientSession
+) -> None:
+    async with guarded(caplog, limit=2, timeout=DEADLINE) as channel:
+        first = await open_stream(client, channel, "proxy-a")
+        assert (await next_table(first)).version == FIRST.version
+        # A silent connection accepted after the stream: its deadline passes after the stream's
+        # would have.
+        reader, writer = await raw_connection(channel)
+        assert await until_closed(reader) == b""
+        writer.close()
+        assert guard_lines(caplog, EXPIRED) == [
+            "push channel connection closed: no request answered within 2s (0 answered before)"
+        ]
+        channel.publish(SECOND)
+        assert (await next_table(first)).version == SECOND.version
+        # Two streams fill the cap: a third connection is closed unread, no stream is evicted.
+        second = await open_stream(client, channel, "proxy-b")
+        assert (await next_table(second)).version == SECOND.version
+        reader, writer = await raw_connection(channel)
+        writer.write(HALF_SENT + b"\r\n")
+        assert await until_closed(reader) == b""
+        writer.close()
+        assert guard_lines(caplog, REFUSED) == [
+            "push channel connection refused: all 2 connections open are busy"
+        ]
+        assert not guard_lines(caplog, EVICTED)
+        channel.publish(THIRD)
+        assert (await next_table(first)).version == THIRD.version
+        assert (await next_table(second)).version == THIRD.version
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize(
+    ("sent", "answers"),
+    [
+        (HALF_SENT, 0),
+        (stream_head("proxy-a", token=None) + b"\r\n", 1),
+        (stream_head("Not-A-Pod") + b"\r\n", 1),
+    ],
+    ids=["half-sent", "no-token", "refused-stream"],
+)
+async def test_a_connection_without_an_accepted_stream_is_closed_at_its_deadline(
+    caplog: pytest.LogCaptureFixture, client: aiohttp.ClientSession, sent: bytes, answers: int
+) -> None:
+    # One connection at most: the stream afterwards shows that the closed one gave its place back.
+    async with guarded(caplog, limit=1, timeout=DEADLINE) as channel:
+        reader, writer = await raw_connection(channel)
+        writer.write(sent)
+        received = await until_closed(reader)
+        writer.close()
+        assert received.count(b"HTTP/1.1 ") == answers
+        assert guard_lines(caplog, EXPIRED) == [
+            f"push channel connection closed: no request answered within 2s ({answers} answered before)"
+        ]
+        response = await open_stream(client, channel)
+        assert (await next_table(response)).version == FIRST.version
+        response.close()
+
+
+async def test_over_tls_connections_silent_in_their_handshake_do_not_keep_a_proxys_stream_out(
+    caplog: pytest.LogCaptureFixture,
+    authority: TestAuthority,
+    served: IssuedCertificate,
+    client: aiohttp.ClientSession,
+) -> None:
+    store = CertificateStore("push channel", (CertificateFiles(served.cert, served.key),))
+    async with guarded(caplog, limit=3, timeout=DEADLINE, certificates=store) as channel:
+        silent = [await raw_connection(channel) for _ in range(3)]  # no ClientHello ever
+        response = await client.get(
+            f"https://127.0.0.1:{channel.port}{publisher.STREAM_PATH}",
+            params={"proxy": "proxy-a"},
+            headers=AUTH,
+            ssl=verifying(authority),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        assert response.status == 200
+        assert (await next_table(response)).version == FIRST.version
+        assert await until_closed(silent[0][0]) == b""
+        assert guard_lines(caplog, EVICTED) == [
+            "push channel connection closed to make room: idle the longest (0 answered before)"
+        ]
+        # The others are closed at their deadline, handshake never begun; the stream goes on.
+        for reader, writer in silent[1:]:
+            assert await until_closed(reader) == b""
+            writer.close()
+        assert len(guard_lines(caplog, EXPIRED)) == 2
+        channel.publish(SECOND)
+        assert (await next_table(response)).version == SECOND.version
+        response.close()
+
+
+async def test_a_stream_whose_proxy_stops_reading_ends_after_three_heartbeats(
+    caplog: pytest.LogCaptureFixture, client: aiohttp.ClientSession
+) -> None:
+    upstream = table.Upstream(service="mail/dovecot", endpoints=(table.Endpoint("127.0.0.1", 10143),))
+    users = tuple(f"user{n:07d}@example.com" for n in range(LARGE_TABLE_USERS))
+    route = table.Route(
+        name="mail/big", generation=1, users=users, domains=(), upstreams=(("imap", upstream),)
+    )
+    large = table.make_table([route])
+    caplog.set_level(logging.INFO, logger=publisher.__name__)
+    async with guarded(caplog, heartbeat=0.2) as channel:
+        changes = Changes(channel)
+        channel.publish(large)
+        # A proxy with a small receive buffer that reads the answer's head and then nothing.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        async with asyncio.timeout(BOUND):
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", channel.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(HALF_SENT + b"\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        await changes.wait_until(lambda: changes.count == 2)  # connected, then gone
+        assert "proxy proxy-a took no line for 0.6s: stream ended" in caplog.messages
+        assert "proxy proxy-a disconnected" in caplog.messages
+        writer.close()
+        # A proxy that reads gets a stream again (the table, longer than the client's line limit,
+        # is read in part).
+        response = await open_stream(client, channel)
+        await changes.wait_until(lambda: changes.count == 3)
+        async with asyncio.timeout(BOUND):
+            assert (await response.content.readexactly(14)) == b'{"apiVersion":'
+        response.close()

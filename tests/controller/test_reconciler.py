@@ -61,7 +61,10 @@ class FakeCluster:
     snapshots: list[reconciler.Snapshot] = field(default_factory=list)
     events: list[tuple[str, str, str, str]] = field(default_factory=list)
     refuse: bool = False  # answer every status patch as a 409
-    failures: int = 0  # raise ClusterError on this many next status patches
+    failures: int = 0  # raise ClusterUnavailableError on this many next status patches
+    # route name -> the API server's refusal of its status patches (raised as ClusterError)
+    refused: dict[str, str] = field(default_factory=dict)
+    attempts: list[str] = field(default_factory=list)  # every status patch tried, by key
     snapshot_failures: int = 0  # raise ClusterError on this many next snapshot writes
     snapshot_attempts: int = 0
     # The snapshot Secret's data as the API server keeps it (None: absent).
@@ -76,9 +79,12 @@ class FakeCluster:
     async def patch_status(
         self, namespace: str, name: str, resource_version: str, status: Mapping[str, Any]
     ) -> bool:
+        self.attempts.append(f"{namespace}/{name}")
         if self.failures:
             self.failures -= 1
-            raise reconciler.ClusterError("HTTP 503")
+            raise reconciler.ClusterUnavailableError("HTTP 503")
+        if name in self.refused:
+            raise reconciler.ClusterError(self.refused[name])
         if self.refuse:
             return False
         self.patches.append((f"{namespace}/{name}", resource_version, dict(status)))
@@ -428,6 +434,137 @@ async def test_conflict_and_invalid_route(
     kinds = {(key, kind, reason) for key, kind, reason, _ in cluster.events}
     assert ("mail/zz-late", "Warning", "Conflicted") in kinds
     assert ("mail/broken", "Warning", "Invalid") in kinds
+
+
+# Status writes the API server refuses, and an API that is unavailable.
+
+REFUSAL = (
+    'PATCH .../aaa/status: HTTP 422: MailRoute.mailgress.io "aaa" is invalid: status.conditions: '
+    "Too many: 9: must have at most 8 items"
+)
+REFUSED = "the Kubernetes API refused the status of MailRoute"
+
+
+def refusals_logged(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and REFUSED in r.getMessage()]
+
+
+async def test_a_refused_status_write_holds_up_no_other_route(
+    world: World, worker: reconciler.Reconciler, cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first route of the sweep is refused (its status beyond the CRD's maxItems, an
+    admission policy): it is logged with the API server's reason and skipped, the others get
+    their status. It is not tried again on every pass before RETRY_SECONDS are over, but at
+    once when its object changes, or when it comes back after it was gone."""
+    caplog.set_level(logging.INFO, logger=reconciler.__name__)
+    world.routes.insert(0, entry(route_body("aaa", "a.example")))
+    cluster.refused["aaa"] = REFUSAL
+    await worker.reconcile()
+    assert [key for key, _, _ in cluster.patches] == ["mail/example"]
+    assert {key for key, _, _, _ in cluster.events} == {"mail/example"}
+    [logged] = refusals_logged(caplog)
+    assert "mail/aaa" in logged and REFUSAL in logged
+    assert f"trying again in {reconciler.RETRY_SECONDS:.0f} s" in logged
+
+    await worker.reconcile()
+    assert cluster.attempts == ["mail/aaa", "mail/example"], "not due again yet; example unchanged"
+    world.routes[0] = entry(route_body("aaa", "a.example"), version="2")
+    await worker.reconcile()
+    assert cluster.attempts[2:] == ["mail/aaa"]
+    gone = world.routes.pop(0)
+    await worker.reconcile()
+    world.routes.insert(0, gone)
+    await worker.reconcile()
+    assert cluster.attempts[3:] == ["mail/aaa"]
+
+
+async def test_a_lasting_refusal_is_logged_once_per_problem_and_the_status_written_when_it_ends(
+    worker: reconciler.Reconciler,
+    cluster: FakeCluster,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reconciler, "RETRY_SECONDS", 0)  # due again at every pass
+    caplog.set_level(logging.DEBUG, logger=reconciler.__name__)
+    cluster.refused["example"] = REFUSAL
+    for _ in range(3):
+        await worker.reconcile()
+    assert cluster.attempts == ["mail/example"] * 3
+    assert len(refusals_logged(caplog)) == 1
+    assert len(refusals_logged(caplog, logging.DEBUG)) == 2
+    cluster.refused["example"] = "PATCH .../example/status: HTTP 403: denied by the policy no-status"
+    await worker.reconcile()
+    assert len(refusals_logged(caplog)) == 2, "another problem is logged again"
+    assert cluster.events == []
+    del cluster.refused["example"]
+    await worker.reconcile()
+    assert [key for key, _, _ in cluster.patches] == ["mail/example"]
+    assert len(cluster.events) == 2
+    assert caplog.text.count("the status of MailRoute mail/example is written again") == 1
+
+
+async def test_refused_writes_are_tried_less_often_while_the_refusal_lasts(
+    world: World, worker: reconciler.Reconciler, cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twice the wait at each refusal, up to MAX_REFUSED_RETRY_SECONDS: a missing RBAC rule,
+    which refuses every route, costs few writes. (Each pass here changes the object, which
+    has it tried at once.)"""
+    caplog.set_level(logging.DEBUG, logger=reconciler.__name__)
+    cluster.refused["example"] = REFUSAL
+    for version in range(9):
+        world.routes[0] = entry(route_body("example", "example.com"), version=str(version))
+        await worker.reconcile()
+    waits = [
+        message.split("trying again in ")[1].split(" s ")[0]
+        for level in (logging.WARNING, logging.DEBUG)
+        for message in refusals_logged(caplog, level)
+    ]
+    expected = [min(reconciler.RETRY_SECONDS * 2**n, reconciler.MAX_REFUSED_RETRY_SECONDS) for n in range(9)]
+    assert waits == [f"{wait:.0f}" for wait in expected]
+    assert expected[-1] == reconciler.MAX_REFUSED_RETRY_SECONDS
+
+
+async def test_a_refused_write_is_tried_again_without_another_change(
+    world: World, worker: reconciler.Reconciler, cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No watch event needed: a timer wakes a pass when the refused write is due. Answered 409
+    (the object changed), it waits for its watch event instead: no timer, no write."""
+    monkeypatch.setattr(reconciler, "RETRY_SECONDS", 0)
+    cluster.refused["example"] = REFUSAL
+    worker.mark_synced()
+    task = asyncio.create_task(worker.run())
+    try:
+        await turns_until(lambda: len(cluster.attempts) >= 2)
+        del cluster.refused["example"]
+        await turns_until(lambda: len(cluster.patches) == 1)
+        cluster.refused["example"] = REFUSAL
+        world.routes[0] = entry(route_body("example", "example.com", generation=2), version="2")
+        worker.touch()
+        await turns_until(lambda: len(cluster.attempts) >= 5)
+        cluster.refuse, cluster.refused = True, {}
+        await turns_until(lambda: cluster.attempts[-1:] == ["mail/example"] and len(cluster.attempts) >= 6)
+        attempts = len(cluster.attempts)
+        for _ in range(MAX_TURNS):
+            await asyncio.sleep(0)
+        assert len(cluster.attempts) == attempts
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_unavailable_api_ends_the_sweep(
+    world: World, worker: reconciler.Reconciler, cluster: FakeCluster
+) -> None:
+    """Network trouble, 401, 429, 5xx: no other write would fare better, so the sweep stops there
+    (``run`` sweeps again RETRY_SECONDS later, test_api_failure_is_retried) instead of trying,
+    and timing out on, every route."""
+    world.routes.append(entry(route_body("other", "example.org")))
+    cluster.failures = 1
+    with pytest.raises(reconciler.ClusterUnavailableError):
+        await worker.reconcile()
+    assert cluster.attempts == ["mail/example"]
+    await worker.reconcile()
+    assert [key for key, _, _ in cluster.patches] == ["mail/example", "mail/other"]
 
 
 def since_of(first: table.RoutingTable) -> dict[str, str]:

@@ -5,12 +5,17 @@ loopback Publisher and writes the snapshot file, while real proxy processes (tes
 settings with a ``controller`` key) subscribe, acknowledge and carry IMAP logins to the testbed's
 Dovecot. It checks the wiring the unit tests cannot: the CLI picks the subscriber, readiness waits
 for a table, a pushed table changes where logins go, a controller outage changes nothing, and a
-proxy started during the outage serves the snapshot. Blocking clients run in threads so the
-Publisher keeps serving; every wait is bounded in count and time.
+proxy started during the outage serves the snapshot. A proxy started while the controller is away
+and with no snapshot has no table: it listens, and imaplib, poplib and smtplib (submission and
+MX) get their protocol's temporary failure, which counts towards neither the lockout nor
+max_errors. Blocking clients run in threads so the Publisher keeps serving; every wait is bounded
+in count and time.
 """
 
 import asyncio
 import imaplib
+import poplib
+import smtplib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -108,3 +113,88 @@ async def test_pushed_tables_route_real_logins_through_an_outage(
             await asyncio.to_thread(imap_login, proxy.settings.ports.imap, alpha)
     finally:
         await controller.stop()
+
+
+# A password never sent to any backend: the proxy's log must not hold it either.
+NO_TABLE_PASSWORD = "no-table-password-never-logged"
+NO_TABLE_USER = "anna@alpha.example"
+# More attempts on one connection than the default maxErrors (5): none of them may count.
+NO_TABLE_ATTEMPTS = 6
+
+
+def imap_without_table(port: int) -> None:
+    with clients.imap(port) as client:
+        for _ in range(NO_TABLE_ATTEMPTS):
+            with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\] Service temporarily unavailable"):
+                client.login(NO_TABLE_USER, NO_TABLE_PASSWORD)
+        assert client.noop()[0] == "OK"
+
+
+def pop3_without_table(port: int) -> None:
+    with clients.pop3(port) as client:
+        for _ in range(NO_TABLE_ATTEMPTS):
+            client.user(NO_TABLE_USER)
+            with pytest.raises(
+                poplib.error_proto, match=r"-ERR \[SYS/TEMP\] Temporary authentication failure"
+            ):
+                client.pass_(NO_TABLE_PASSWORD)
+        assert client.noop().startswith(b"+OK")
+
+
+def submission_without_table(port: int) -> None:
+    with clients.smtp(port) as client:
+        client.ehlo()
+        client.user, client.password = NO_TABLE_USER, NO_TABLE_PASSWORD
+        for _ in range(NO_TABLE_ATTEMPTS):
+            with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                client.auth("PLAIN", client.auth_plain)
+            assert (refused.value.smtp_code, refused.value.smtp_error) == (
+                454,
+                b"4.7.0 Temporary authentication failure",
+            )
+        assert client.noop()[0] == 250
+
+
+def mx_without_table(port: int) -> None:
+    with clients.smtp(port) as client:
+        for _ in range(NO_TABLE_ATTEMPTS):
+            with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+                client.sendmail("sender@example.net", [NO_TABLE_USER], b"Subject: x\r\n\r\nx\r\n")
+            # 4xx: the sender keeps the mail and retries; a 5xx here would bounce it.
+            assert refused.value.recipients == {
+                NO_TABLE_USER: (451, b"4.4.1 Mail server unavailable, try again later")
+            }
+        assert client.noop()[0] == 250
+
+
+@pytest.mark.parametrize(
+    ("protocol", "client"),
+    [
+        ("imap", imap_without_table),
+        ("pop3", pop3_without_table),
+        ("submission", submission_without_table),
+        ("smtp", mx_without_table),
+    ],
+)
+async def test_a_proxy_without_a_table_answers_logins_with_temporary_failures(
+    tmp_path: Path, protocol: str, client: Callable[[int], None]
+) -> None:
+    deployment = proxyfleet.Deployment(tmp_path)  # no controller on its port, no snapshot
+    try:
+        proxy = await deployment.start_proxy("proxy-a", ready=False)
+        await asyncio.to_thread(client, proxy.settings.ports.listener_port(protocol))
+        assert proxy.get("/readyz")[0] == 503
+        metrics = proxy.metrics()
+    finally:
+        await deployment.stop_proxies()
+    counted = (
+        f'mailgress_proxy_logins_total{{outcome="unavailable",protocol="{protocol}"}} {NO_TABLE_ATTEMPTS:.1f}'
+    )
+    assert counted in metrics
+    assert 'outcome="throttled"' not in metrics
+    log = proxy.log_text()
+    reason = f"{protocol} login answered with a temporary failure: no routing table yet"
+    assert log.count(reason) == NO_TABLE_ATTEMPTS
+    sessions = [line for line in log.splitlines() if "mailgress.session: session " in line]
+    assert len(sessions) == 1 and sessions[0].endswith(" held_back=0s"), sessions
+    assert NO_TABLE_PASSWORD not in log

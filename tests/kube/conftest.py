@@ -8,12 +8,12 @@ proxies on the real push channel, and the log of what the controller asked the A
 - ``controller``: controller.operator.run in its own thread and event loop (kopf stops in
   milliseconds that way), logging in through a kubeconfig with the controller's token, its push
   channel on 127.0.0.1 with a random port (over TLS when the settings name certificate files,
-  loaded as ``mailgress controller`` loads them). The snapshot Secret exists before it starts, empty,
-  as the chart renders it (the chart grants the controller no create; ``ControllerRunner``
-  creates it). Stopped at teardown,
-  after which every (verb, resource) it used is added to ``controller_accesses``, but for those
-  a test still forbids then (refused, as RBAC refuses what the chart does not grant: the
-  controller got by without them).
+  loaded as ``mailgress controller`` loads them; its connections guarded as that command's are).
+  The snapshot Secret exists before it starts, empty, as the chart renders it (the chart grants
+  the controller no create; ``ControllerRunner`` creates it). Stopped at teardown, after which
+  every (verb, resource) it used is added to ``controller_accesses``, but for those a test still
+  forbids then (refused, as RBAC refuses what the chart does not grant: the controller got by
+  without them).
 - ``controller_accesses``: one JSON file for the whole session under pytest's base temp folder,
   the union of the accesses of every controller run; an RBAC check reads it.
 - ``FakeProxy``: a proxy pod's end of the push channel (stream, parse, ack) without the proxy.
@@ -43,6 +43,7 @@ from controller import operator, publisher, reconciler
 from deploy import render
 from mailgress import cli
 from proxy import table
+from proxy.server import connections
 from tests.kube.emulator import Emulator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +53,8 @@ TEST_TOKEN = "test-token"
 PUSH_TOKEN = "push-channel-token-for-tests"
 CONTROLLER_NAMESPACE = "mailgress-system"
 NAMESPACE = "mail"
+OTHER_NAMESPACE = "team-x"  # a namespace the default controller does not serve
+NAMESPACES = (CONTROLLER_NAMESPACE, NAMESPACE, OTHER_NAMESPACE)
 PROXY_LABELS = {"app.kubernetes.io/component": "proxy"}
 # kmock's ObjectsArray finds objects by resource objects only ("in" is False for a string key).
 MAILROUTES = kmock.resource("mailgress.io", "v1alpha1", "mailroutes")
@@ -84,6 +87,10 @@ async def emulator() -> AsyncIterator[Emulator]:
     emu = Emulator()
     emu.resources.load_bundled()
     async with emu, kmock.Server(emu):
+        # A controller serving some namespaces watches those that exist (kopf lists them).
+        async with client_session(emu) as session:
+            for namespace in NAMESPACES:
+                await Api(session).create("/api/v1/namespaces", namespace_body(namespace))
         yield emu
 
 
@@ -175,7 +182,7 @@ class Controller:
 def running_controller(settings: operator.Settings) -> Iterator[Controller]:
     """controller.operator.run in a thread of its own, until the block ends."""
     served = None if settings.tls_files is None else cli.push_certificates(*settings.tls_files)
-    channel = publisher.Publisher(token=PUSH_TOKEN, certificates=served)
+    channel = publisher.Publisher(token=PUSH_TOKEN, certificates=served, guards=connections.Guard)
     stop, ready = threading.Event(), threading.Event()
     failures: list[BaseException] = []
 
@@ -216,6 +223,7 @@ def controller_settings(emulator: Emulator, tmp_path: Path) -> operator.Settings
         snapshot_secret=SNAPSHOT_NAME,
         kubeconfig=kubeconfig,
         health="",
+        watch_namespaces=frozenset({NAMESPACE}),
     )
 
 
@@ -356,6 +364,10 @@ class FakeProxy:
         }
         async with session.post(publisher.ACK_PATH, json=ack) as response:
             assert response.status == 204
+
+
+def namespace_body(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
 
 
 def mailroute_body(name: str, spec: dict[str, Any], namespace: str = NAMESPACE) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The ``mailgress`` console script: ``routes check``, the proxy's start-up errors and the
-controller's push channel certificates (wired in here, from the proxy's store)."""
+controller's push channel certificates and connection guard (wired in here, from the proxy)."""
 
 import json
 import socket
@@ -11,7 +11,7 @@ import pytest
 
 from controller import operator
 from mailgress import cli
-from proxy.server import certificates
+from proxy.server import certificates, connections
 from testbed import tlscerts
 from tests.kube.conftest import kubeconfig_text
 
@@ -153,6 +153,51 @@ def test_check_reports_the_loser_of_a_conflict(tmp_path: Path, capsys: pytest.Ca
     assert "mail/newer: Accepted=False (Conflicted)" in err and "mail/older" in err
 
 
+def test_check_fails_on_a_mistyped_kind_or_api_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kubectl apply refuses both: the file must not pass with exit status 0 as if they were absent."""
+    good = ROUTE.format(name="a", created="2026-01-01T00:00:00Z", domain="a.example", port=143)
+    kind = ROUTE.format(name="b", created="x", domain="b.example", port=143).replace(
+        "kind: MailRoute", "kind: Mailroute"
+    )
+    version = ROUTE.format(name="c", created="x", domain="c.example", port=143).replace(
+        "v1alpha1", "v1alpha2"
+    )
+    routes = write(tmp_path, "routes.yaml", "---".join((good, kind, version)))
+    assert cli.main(["routes", "check", str(routes)]) == 1
+    out, err = capsys.readouterr()
+    assert [route["name"] for route in json.loads(out)["routes"]] == ["mail/a"]
+    assert 'mail/b: Accepted=False (Invalid): kind: Unsupported value: "Mailroute"' in err
+    assert 'mail/c: Accepted=False (Invalid): apiVersion: Unsupported value: "mailgress.io/v1alpha2"' in err
+
+
+def test_check_reads_the_list_kubectl_get_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    item = ROUTE.format(name="a", created="2026-01-01T00:00:00Z", domain="a.example", port=143)
+    indented = "".join(f"  {line}\n" if line else "" for line in item.strip().splitlines())
+    routes = write(tmp_path, "list.yaml", "apiVersion: v1\nkind: List\nitems:\n-" + indented[1:])
+    assert cli.main(["routes", "check", str(routes)]) == 0
+    assert [route["name"] for route in json.loads(capsys.readouterr().out)["routes"]] == ["mail/a"]
+
+
+def test_check_refuses_a_user_of_another_namespaces_domain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same tenancy rule as the controller's (one compiler): older or not, team-x cannot
+    claim a user of the domain namespace mail routes."""
+    owner = ROUTE.format(name="alpha", created="2026-02-01T00:00:00Z", domain="alpha.example", port=143)
+    hijack = owner.replace("name: alpha, namespace: mail", "name: hijack, namespace: team-x")
+    hijack = hijack.replace("2026-02-01", "2026-01-01").replace(
+        'domains: ["alpha.example"]', "users: [ceo@alpha.example]"
+    )
+    routes = write(tmp_path, "routes.yaml", owner + "---" + hijack)
+    assert cli.main(["routes", "check", str(routes)]) == 1
+    out, err = capsys.readouterr()
+    assert [route["name"] for route in json.loads(out)["routes"]] == ["mail/alpha"]
+    assert "team-x/hijack: Accepted=False (Conflicted)" in err
+    assert 'user "ceo@alpha.example" is within the domain "alpha.example", which mail/alpha routes' in err
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("kind: [unclosed\n", "not valid YAML"), ("- just\n- a list\n", "must be a mapping")],
@@ -236,6 +281,19 @@ def test_controller_certificates_come_from_the_proxys_reloading_store(tmp_path: 
     assert loaded.refresh() is False  # nothing changed since loading
     with pytest.raises(operator.SettingsError, match="push channel"):
         cli.push_certificates(tmp_path / "missing.crt", served.key)
+
+
+def test_the_controller_always_runs_its_push_port_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mailgress controller hands the operator the admin port's guard for its push port."""
+    handed: dict[str, object] = {}
+
+    def command(arguments: object, **wiring: object) -> int:
+        handed.update(wiring)
+        return 0
+
+    monkeypatch.setattr(operator, "command", command)
+    assert cli.main(["controller", "--token-file=token"]) == 0
+    assert handed == {"certificates": cli.push_certificates, "guards": connections.Guard}
 
 
 def test_controller_with_unloadable_tls_files_exits_with_one_clear_line(

@@ -75,6 +75,17 @@ def test_a_proxy_that_never_gets_ready_is_stopped(tmp_path: Path, monkeypatch: p
     assert proxy.get("/readyz") == (0, "")
 
 
+def test_a_proxy_started_without_a_table_is_waited_for_until_its_admin_answers(tmp_path: Path) -> None:
+    proxy = stand_in(tmp_path, "unready")
+    proxy.start(ready=False)
+    try:
+        assert proxy.get("/readyz") == (503, "ok\n")
+        assert proxy.returncode is None
+    finally:
+        proxy.stop()
+    assert proxy.processes() == []
+
+
 def test_the_real_console_script_is_found() -> None:
     (command,) = proxyprocess.mailgress_command()
     assert Path(command).name == "mailgress"

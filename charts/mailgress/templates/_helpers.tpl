@@ -35,6 +35,14 @@ tables carry auth_http request headers, which the aggregated view role must not 
 {{- define "mailgress.snapshotSecret" -}}
 {{- printf "%s-routing-table" (include "mailgress.fullname" . | trunc 49 | trimSuffix "-") -}}
 {{- end -}}
+{{/* "true" when the release serves the MailRoutes of every namespace (watchNamespaces ["*"]). */}}
+{{- define "mailgress.allNamespaces" -}}
+{{- has "*" .Values.controller.watchNamespaces -}}
+{{- end -}}
+{{/* The namespaces whose MailRoutes the release serves, sorted, as JSON (not with ["*"]). */}}
+{{- define "mailgress.servedNamespaces" -}}
+{{- .Values.controller.watchNamespaces | default (list .Release.Namespace) | uniq | sortAlpha | toJson -}}
+{{- end -}}
 {{/* The push channel's TLS Secret: tls.crt, tls.key and ca.crt (cert-manager's layout). */}}
 {{- define "mailgress.pushTlsSecret" -}}
 {{- if .Values.controller.pushTls.existingSecret -}}
@@ -120,6 +128,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 {{- toJson (dict "names" ($names | uniq)) -}}
+{{- end -}}
+
+{{/* The controller's ports are distinct: it binds each of them (pushPort: the push channel and
+/metrics; healthPort: kopf's liveness endpoint), and two on one port end it with EADDRINUSE.
+values.schema.json cannot say so: JSON Schema compares no two values. */}}
+{{- define "mailgress.checkControllerPorts" -}}
+{{- $taken := dict -}}
+{{- range $key := list "pushPort" "healthPort" -}}
+{{- $port := toString (int (index $.Values.controller $key)) -}}
+{{- with index $taken $port -}}
+{{- fail (printf "controller.%s and controller.%s are both %s: the controller binds each, so each needs a port of its own" . $key $port) -}}
+{{- end -}}
+{{- $_ := set $taken $port $key -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Listener names (admin is the admin port's), container ports and Service ports are unique. */}}

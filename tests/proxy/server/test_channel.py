@@ -6,18 +6,24 @@ are not lost. Every wait is bounded; no assertion is about time.
 """
 
 import asyncio
+import contextlib
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from proxy.server import poller
-from proxy.server.channel import SocketChannel
+from proxy.server.channel import MAX_UNREAD, RECV_SIZE, SocketChannel, TransportChannel
 
 from .conftest import WAIT
 
 Pair = tuple[socket.socket, socket.socket]
+POLL = 0.01
+# The most either loop's transport reads from a socket at once (asyncio's max_size, uvloop's
+# buffer): what may arrive on top of MAX_UNREAD before the pause takes effect.
+TRANSPORT_READ = 256 * 1024
 
 
 @pytest.fixture
@@ -157,3 +163,41 @@ async def test_last_bytes_then_a_reset_read_as_the_bytes_then_the_reset(pair: Pa
     with pytest.raises(ConnectionResetError):
         await _read_in_this_task(channel)
     channel.close()
+
+
+async def test_a_transport_channel_holds_one_read_unread_and_hands_on_every_byte(pair: Pair) -> None:
+    """A peer that sends far more than the session reads: the transport stops reading once
+    MAX_UNREAD waits unread, ``recv`` hands out RECV_SIZE at most, and what ``take_unread`` hands
+    to the relay, with the reads before and after, is every byte the peer sent, in order."""
+    near, peer = pair
+    channel = await TransportChannel.from_socket(near)
+    sent = bytes(range(256)) * (4 * MAX_UNREAD // 256 + 1)  # no two offsets alike within 256
+    sender = threading.Thread(target=_send_and_end, args=(peer, sent))
+    sender.start()
+    try:
+        for _ in range(int(WAIT / POLL)):
+            if not channel.transport.is_reading():
+                break
+            await asyncio.sleep(POLL)
+        assert not channel.transport.is_reading()  # paused: the peer's bytes wait in the kernel
+        assert len(channel.receiver.unread) <= MAX_UNREAD + TRANSPORT_READ
+        received = [await asyncio.wait_for(channel.recv(), WAIT)]
+        assert len(received[0]) == RECV_SIZE
+        received.append(channel.take_unread())
+        assert channel.transport.is_reading()  # taken: reading again
+        for _ in range(len(sent)):  # each read brings at least one byte until the end
+            data = await asyncio.wait_for(channel.recv(), WAIT)
+            assert len(data) <= RECV_SIZE
+            if not data:
+                break
+            received.append(data)
+    finally:
+        channel.close()
+        sender.join(WAIT)
+    assert b"".join(received) == sent
+
+
+def _send_and_end(peer: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # the test failed and closed the channel: nothing to send to
+        peer.sendall(data)
+        peer.shutdown(socket.SHUT_WR)

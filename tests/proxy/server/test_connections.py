@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -359,6 +360,22 @@ async def test_over_tls_requests_are_answered_and_lasting_ones_last(
         lasting_writer.close()
 
 
+async def test_over_tls_a_request_sent_with_the_last_handshake_message_is_answered(
+    caplog: pytest.LogCaptureFixture, authority: TestAuthority, tmp_path: Path
+) -> None:
+    # aiohttp's client writes its request as soon as its side of the handshake is done, so it
+    # arrives with its Finished: the TLS layer decrypts it before the handshake's task resumes.
+    client = ssl.create_default_context(cafile=authority.cert)
+    async with (
+        serving(caplog, 2, DEADLINE, server_context(authority, tmp_path)) as served,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as session,
+    ):
+        for _ in range(3):  # kept alive: the later ones on the same connection
+            async with session.get(f"https://127.0.0.1:{served.port}/small", ssl=client) as response:
+                assert (response.status, await response.text()) == (200, "ok\n")
+        assert not expiries(caplog)
+
+
 @pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01"], ids=["silent", "half-a-hello"])
 async def test_over_tls_a_connection_silent_in_its_handshake_is_closed_at_its_deadline(
     caplog: pytest.LogCaptureFixture, authority: TestAuthority, tmp_path: Path, sent: bytes
@@ -395,3 +412,15 @@ async def test_over_tls_connections_silent_in_their_handshake_make_room_and_plai
         for _, writer in silent:
             writer.close()
         assert not expiries(caplog)
+
+
+async def test_over_tls_stopping_the_site_closes_the_connections_still_in_their_handshake(
+    caplog: pytest.LogCaptureFixture, authority: TestAuthority, tmp_path: Path
+) -> None:
+    # aiohttp's shutdown closes the connections its handler has; these are the guard's alone.
+    async with serving(caplog, 4, LONG, server_context(authority, tmp_path)) as served:
+        silent = [await connect(served.port) for _ in range(2)]
+    for reader, writer in silent:
+        assert await until_closed(reader) == b""
+        writer.close()
+    assert not expiries(caplog)

@@ -17,6 +17,7 @@ from proxy.server import listeners, poller
 from .conftest import WAIT, ProxyFactory, imap_client
 
 BURST = 3 * listeners.ACCEPTS_PER_WAKEUP  # more than one wakeup's worth of queued connections
+FAILURES = 20  # failed accepts in a row: as many pauses
 
 
 async def _greeted_from(port: int, source: str) -> asyncio.StreamWriter:
@@ -69,9 +70,45 @@ async def test_an_accept_error_is_counted_and_the_listener_serves_on(
     _, writer = await imap_client(proxy.port)
     assert proxy.metric("mailgress_proxy_refusals_total", reason="accept_error") == 1
     assert proxy.listeners.listening  # a pause is not a reason to go unready
-    paused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("accept on imap failed")]
-    assert paused == (["accept on imap failed: Too many open files"] if error == errno.EMFILE else [])
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("accept on imap")]
+    if error == errno.EMFILE:
+        assert logged == [
+            "accept on imap failed: Too many open files; retrying every 0.5s until it recovers",
+            "accept on imap recovered; failed accepts: 1",
+        ]
+    else:
+        assert logged == []
     _, second = await imap_client(proxy.port)
+    for done in (writer, second):
+        done.close()
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ENFILE], ids=["EMFILE", "ENFILE"])
+async def test_a_descriptor_shortage_is_logged_once_until_it_recovers(
+    start_proxy: ProxyFactory,
+    failing_accept: list[tuple[socket.socket, int]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: int,
+) -> None:
+    """Accepts failing again and again, one pause apart: one line when it begins, one when an
+    accept succeeds again, and every failure counted; then a new shortage is logged anew."""
+    monkeypatch.setattr(listeners, "ACCEPT_ERROR_PAUSE", 0.01)  # the pauses only make it slow
+    proxy = await start_proxy({}, [])
+    (sock,) = (sock for _, sock in proxy.listeners._sockets)
+    failing_accept.extend([(sock, error)] * FAILURES)
+    _, writer = await imap_client(proxy.port)  # taken once the failures ran out
+    assert not failing_accept
+    failing_accept.append((sock, error))
+    _, second = await imap_client(proxy.port)
+    strerror = os.strerror(error)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("accept on imap")] == [
+        f"accept on imap failed: {strerror}; retrying every 0.01s until it recovers",
+        f"accept on imap recovered; failed accepts: {FAILURES}",
+        f"accept on imap failed: {strerror}; retrying every 0.01s until it recovers",
+        "accept on imap recovered; failed accepts: 1",
+    ]
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="accept_error") == FAILURES + 1
     for done in (writer, second):
         done.close()
 

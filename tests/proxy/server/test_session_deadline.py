@@ -21,7 +21,14 @@ from proxy.server import channel, session
 from proxy.settings import CertificateFiles
 from proxy.table import Endpoint
 from testbed.tlscerts import IssuedCertificate, TestAuthority
-from tests.proxy.server.conftest import WAIT, ProxyFactory, RunningProxy, dead_port, imap_client
+from tests.proxy.server.conftest import (
+    WAIT,
+    ProxyFactory,
+    RunningProxy,
+    dead_port,
+    imap_client,
+    session_lines,
+)
 
 PRE_LOGIN = 1.0
 COMMAND = b"a CAPABILITY\r\n"  # a reply several times its size, and never an error
@@ -173,9 +180,34 @@ async def test_the_timeout_reply_gets_only_a_short_grace(
     assert "outcome=timed out before login; the client read no timeout reply" in caplog.text
 
 
-async def test_starttls_then_silence_is_timed_out_without_a_plaintext_line(
-    start_proxy: ProxyFactory, certificate: tuple[TestAuthority, IssuedCertificate]
+@pytest.mark.parametrize("protocol", ["imap", "pop3", "submission"])
+async def test_a_silent_client_is_timed_out_before_login_not_idle(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture, protocol: str
 ) -> None:
+    """The session line names the pre-login deadline, not the machine's reason ("idle timeout",
+    "timed out"), which reads like the relay's idle timeout."""
+    caplog.set_level(logging.INFO, logger="mailgress.session")
+    proxy = await start_proxy(
+        {}, [Endpoint("127.0.0.1", dead_port())], listener={"protocol": protocol}, pre_login=0.3
+    )
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", proxy.port), WAIT)
+    try:
+        await asyncio.wait_for(reader.readline(), WAIT)  # the greeting; then silence
+        closing = await asyncio.wait_for(reader.read(), WAIT)  # the timeout reply, then the end
+    finally:
+        writer.close()
+    assert closing  # the client read it: the deadline, not the grace after it, ended the session
+    (line,) = await session_lines(caplog)
+    assert f"protocol={protocol} " in line
+    assert " outcome=timed out before login bytes_up=" in line
+
+
+async def test_starttls_then_silence_is_timed_out_without_a_plaintext_line(
+    start_proxy: ProxyFactory,
+    certificate: tuple[TestAuthority, IssuedCertificate],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailgress.session")
     _, issued = certificate
     proxy = await start_proxy(
         {},
@@ -194,3 +226,5 @@ async def test_starttls_then_silence_is_timed_out_without_a_plaintext_line(
     assert rest == b""  # a plaintext * BYE would land in the TLS stream the client may start
     await wait_until_no_sessions(proxy)
     assert proxy.metric("mailgress_proxy_refusals_total", reason="pre_login_timeout") == 1
+    (line,) = await session_lines(caplog)
+    assert " outcome=timed out before login, in the STARTTLS handshake bytes_up=" in line

@@ -1,0 +1,166 @@
+"""Which namespaces' MailRoutes a release serves: the real kopf operator against the emulator.
+
+The default controller of tests/kube/conftest.py serves NAMESPACE only, in a cluster that also
+has the controller's own namespace (watched for the proxy pods, not served) and OTHER_NAMESPACE
+(not even watched). A route outside the served namespaces gets no status and stays out of the
+table; two releases serving disjoint namespaces each program their own routes and never write the
+other's; a controller started with every namespace (--all-namespaces) serves them all.
+"""
+
+import copy
+import dataclasses
+
+from controller import operator
+from tests.kube.conftest import (
+    CONTROLLER_NAMESPACE,
+    MAILROUTES,
+    NAMESPACE,
+    OTHER_NAMESPACE,
+    AccessLog,
+    Api,
+    ControllerRunner,
+    FakeProxy,
+    chart_snapshot_secret,
+    condition,
+    create_backend,
+    create_crd,
+    create_route,
+    eventually,
+    imap_route,
+    proxy_pod,
+    status_of,
+)
+from tests.kube.emulator import Emulator
+from tests.kube.test_operator import create_proxy_pods, fake_proxies, route_names
+
+# Release B: its own proxies (selected by their own label) and snapshot Secret, in the same
+# controller namespace as release A; it serves OTHER_NAMESPACE only.
+B_LABELS = {"app.kubernetes.io/instance": "release-b"}
+B_PROXY = "proxy-b-0"
+B_SNAPSHOT = "release-b-routing-table"
+
+
+def programmed(emulator: Emulator, name: str, namespace: str) -> bool:
+    found = condition(emulator, name, "Programmed", namespace)
+    return (found.get("status"), found.get("reason")) == ("True", "Programmed")
+
+
+def resource_version(emulator: Emulator, name: str, namespace: str) -> str:
+    return str(emulator.objects[MAILROUTES, namespace, name].raw["metadata"]["resourceVersion"])
+
+
+async def test_a_route_outside_the_served_namespaces_gets_no_status_and_no_place_in_the_table(
+    emulator: Emulator, api: Api, controller_runner: ControllerRunner
+) -> None:
+    """The review's hijack: a route of another namespace claims a user of a served domain. The
+    controller's own namespace is watched (kopf sees its objects) but not served; OTHER_NAMESPACE
+    is not watched at all. Both exist before the start, so the first table already saw them."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    for namespace in (CONTROLLER_NAMESPACE, OTHER_NAMESPACE):
+        route = imap_route("hijack", "example.com")
+        route["metadata"]["namespace"] = namespace
+        route["spec"] = {"users": ["ceo@example.com"], "imap": route["spec"]["imap"]}
+        await create_route(api, route)
+    await create_route(api, imap_route("example", "example.com"))
+    controller = await controller_runner.start()
+    async with fake_proxies(controller) as proxies:
+        await eventually(lambda: programmed(emulator, "example", NAMESPACE), "Programmed")
+        for proxy in proxies:
+            assert route_names(proxy.latest) == [f"{NAMESPACE}/example"]
+    assert status_of(emulator, "hijack", CONTROLLER_NAMESPACE) == {}
+    assert status_of(emulator, "hijack", OTHER_NAMESPACE) == {}
+
+
+async def test_two_releases_with_disjoint_namespaces_do_not_write_each_others_routes(
+    emulator: Emulator,
+    api: Api,
+    controller_runner: ControllerRunner,
+    controller_settings: operator.Settings,
+    controller_accesses: AccessLog,
+) -> None:
+    """The review's two releases, now each with its own namespaces: release B's controller starts
+    after A's route is programmed, programs its own route, is made to compile again, and A's
+    route was never written meanwhile (before, the two overwrote each other's status for ever)."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    b_pod = proxy_pod(B_PROXY)
+    b_pod["metadata"]["labels"] = dict(B_LABELS)
+    await api.create(f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/pods", b_pod)
+    b_route = imap_route("example", "example.org")
+    b_route["metadata"]["namespace"] = OTHER_NAMESPACE
+    await create_route(api, b_route)
+    settings_b = dataclasses.replace(
+        controller_settings,
+        proxy_selector=B_LABELS,
+        snapshot_secret=B_SNAPSHOT,
+        watch_namespaces=frozenset({OTHER_NAMESPACE}),
+    )
+    # Release B's chart renders its own (empty) snapshot Secret.
+    b_secret = copy.deepcopy(chart_snapshot_secret())
+    b_secret["metadata"]["name"] = B_SNAPSHOT
+    await api.create(f"/api/v1/namespaces/{CONTROLLER_NAMESPACE}/secrets", b_secret)
+    runner_b = ControllerRunner(emulator, settings_b, controller_accesses, chart_secret=False)
+    controller_a = await controller_runner.start()
+    async with fake_proxies(controller_a) as proxies:
+        await create_route(api, imap_route("example", "example.com"))
+        await eventually(lambda: programmed(emulator, "example", NAMESPACE), "A's route Programmed")
+        before = status_of(emulator, "example", NAMESPACE)
+        version_before = resource_version(emulator, "example", NAMESPACE)
+        assert status_of(emulator, "example", OTHER_NAMESPACE) == {}, "A wrote B's route"
+        controller_b = await runner_b.start()
+        try:
+            async with FakeProxy(B_PROXY, controller_b.port) as proxy_b:
+                await eventually(lambda: programmed(emulator, "example", OTHER_NAMESPACE), "B's route")
+                assert route_names(proxy_b.latest) == [f"{OTHER_NAMESPACE}/example"]
+                assert condition(emulator, "example", "Programmed", OTHER_NAMESPACE)["message"] == (
+                    "1 of 1 proxies"
+                )
+                # B compiles again (a new generation of its route) and writes that status too.
+                path = f"/apis/mailgress.io/v1alpha1/namespaces/{OTHER_NAMESPACE}/mailroutes/example"
+                await api.patch(path, {"spec": {"domains": ["example.net"]}})
+                await eventually(
+                    lambda: (
+                        status_of(emulator, "example", OTHER_NAMESPACE).get("observedGeneration") == 2
+                        and programmed(emulator, "example", OTHER_NAMESPACE)
+                    ),
+                    "B's second generation Programmed",
+                )
+        finally:
+            await runner_b.stop()
+        for proxy in proxies:
+            assert route_names(proxy.latest) == [f"{NAMESPACE}/example"]
+    assert resource_version(emulator, "example", NAMESPACE) == version_before
+    assert status_of(emulator, "example", NAMESPACE) == before
+    assert condition(emulator, "example", "Programmed", NAMESPACE)["message"] == "2 of 2 proxies"
+
+
+async def test_a_controller_of_every_namespace_serves_them_all(
+    emulator: Emulator,
+    api: Api,
+    controller_settings: operator.Settings,
+    controller_accesses: AccessLog,
+) -> None:
+    """--all-namespaces: kopf runs cluster-wide and every namespace's routes are served."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    other = imap_route("other", "example.org")
+    other["metadata"]["namespace"] = OTHER_NAMESPACE
+    await create_route(api, other)
+    await create_route(api, imap_route("example", "example.com"))
+    every = dataclasses.replace(controller_settings, watch_namespaces=None)
+    runner = ControllerRunner(emulator, every, controller_accesses)
+    try:
+        controller = await runner.start()
+        async with fake_proxies(controller) as proxies:
+            await eventually(lambda: programmed(emulator, "example", NAMESPACE), "mail's route Programmed")
+            await eventually(lambda: programmed(emulator, "other", OTHER_NAMESPACE), "team-x's route")
+            for proxy in proxies:
+                assert route_names(proxy.latest) == [f"{NAMESPACE}/example", f"{OTHER_NAMESPACE}/other"]
+    finally:
+        await runner.stop()
+    # team-x has no Service dovecot: the route is served, its backend is not found there.
+    assert condition(emulator, "other", "ResolvedRefs", OTHER_NAMESPACE)["reason"] == "BackendNotFound"
