@@ -48,12 +48,13 @@ first backend and got its permanent ``550 Relay access denied``: a bounce, for m
 route would have taken (Exim groups the recipients of domains sharing an MX in one transaction,
 Postfix reuses a connection for another domain with the same MX address). So the proxy keeps
 reading the client's commands: each goes to the backend alone and its one complete reply comes
-back before the next is read (pipelined ones wait, in order), a recipient of another route gets
-``452 4.5.3`` (RFC 5321 4.5.3.1.10: "too many recipients", which senders deliver later in
-another transaction; never 550, which would bounce), the DATA body streams through unchanged
-until ``CRLF . CRLF`` (``EndOfData``), and what a trusting backend must not hear from a client
-(XCLIENT above all) is answered by the proxy. Mediating costs the zero-copy relay for inbound
-mail only; submission keeps it, its one user owns the whole session.
+back before the next is read (pipelined ones wait, in order), a recipient of a route on another
+backend gets ``452 4.5.3`` (RFC 5321 4.5.3.1.10: "too many recipients", which senders deliver
+later in another transaction; never 550, which would bounce) while routes on the same backend
+endpoint share the transaction, the DATA body streams through unchanged until ``CRLF . CRLF``
+(``EndOfData``), and what a trusting backend must not hear from a client (XCLIENT above all) is
+answered by the proxy. Mediating costs the zero-copy relay for inbound mail only; submission
+keeps it, its one user owns the whole session.
 
 The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``;
 with client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
@@ -972,7 +973,7 @@ MediationCommand = Send | SendToBackend | Close
 END_OF_DATA = CRLF + b"." + CRLF
 # RFC 5321 sections 4.5.3.1.10 and 3.3: 452 to a RCPT is "too many recipients": the sender
 # delivers to the recipients accepted so far and sends the others in a later transaction
-# (Postfix and Exim at once, on a new connection when needed). So a recipient of another route
+# (a temporary reply: at worst at its next queue run). So a recipient of another route
 # than the one this connection's backend serves is deferred, never refused: 550 would bounce it.
 REPLY_OTHER_ROUTE = b"452 4.5.3 Too many recipients, send the others in another transaction" + CRLF
 # RFC 3207 section 4: 454 is "TLS not available due to temporary reason". STARTTLS is offered
@@ -1033,7 +1034,8 @@ class Mediator:
 
     The driver creates it when the front-end emits ``Relay`` on an inbound listener, with the
     route that got the backend (``route``) and ``route_of``, the current table's route for a
-    recipient (None: no route). Commands:
+    recipient (None: no route), which the driver answers with ``route`` for every route this
+    backend serves alike (several domains' routes on one Postfix endpoint). Commands:
 
     - ``RCPT TO``: checked as before the login (``recipient_of``); a recipient of ``route`` goes
       to the backend, one of another route gets ``REPLY_OTHER_ROUTE``, an unrouted one 550 5.7.1.

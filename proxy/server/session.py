@@ -580,12 +580,32 @@ async def _mediate(
 ) -> str:
     """An inbound session after its backend login, to its end; the session line's outcome."""
     login = handover.login
-    assert login.backend is not None
+    assert login.backend is not None and login.endpoint is not None
+    endpoint = login.endpoint
+    routes = context.tables.current.routes
+    first = next((route for route in routes if route.name == login.route), None)
+    # How the backend connection was set up (TLS, XCLIENT or PROXY header): another route's
+    # recipient may share it only if its route would have set it up the same way.
+    setup = None if first is None else first.upstream("smtp")
 
     def route_of(recipient: str) -> str | None:
-        # The current table: a route edited since the login answers as it is now.
+        """The recipient's route, in the current table (a route edited since the login answers as
+        it is now); ``login.route`` also for another route served by this very backend endpoint
+        (domains of several routes on one Postfix), which takes the recipient as it would have
+        directly. Not for auth_http routes: their service may pick a server per recipient."""
         route = table.lookup(context.tables.current, "smtp", recipient)
-        return None if route is None else route.name
+        if route is None:
+            return None
+        upstream = route.upstream("smtp")
+        shared = (
+            first is not None
+            and setup is not None
+            and upstream is not None
+            and first.auth == route.auth == "backend"
+            and endpoint in upstream.endpoints
+            and (upstream.tls, upstream.client_info) == (setup.tls, setup.client_info)
+        )
+        return login.route if shared else route.name
 
     settings = context.settings
     machine = smtp.Mediator(
