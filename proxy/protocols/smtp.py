@@ -979,9 +979,10 @@ REPLY_OTHER_ROUTE = b"452 4.5.3 Too many recipients, send the others in another 
 # RFC 3207 section 4: 454 is "TLS not available due to temporary reason". STARTTLS is offered
 # only before the first routed recipient (the backend connection is set up by then).
 REPLY_TLS_UNAVAILABLE = b"454 4.7.0 TLS not available now" + CRLF
-# RFC 3030 section 2: BDAT only after CHUNKING was advertised, which the proxy never does;
-# 502 is RFC 5321 section 4.2.4's "command not implemented" (Postfix answers the same).
-REPLY_NO_BDAT = REPLY_NOT_IMPLEMENTED
+# RFC 3030 section 2: BDAT only after CHUNKING was advertised, which the proxy never does. Its
+# chunk follows at once and cannot be told from commands, so the answer closes the connection,
+# as Postfix's without CHUNKING does, with Postfix's words (smtpd.c, bdat_cmd).
+REPLY_NO_BDAT = b"521 5.5.1 Error: command not implemented" + CRLF
 
 
 class EndOfData:
@@ -1045,9 +1046,10 @@ class Mediator:
     - ``EHLO``/``HELO``: end the transaction (RFC 5321 section 4.1.4), so the backend gets
       ``RSET`` and the client the proxy's own reply, the same extensions as before minus STARTTLS:
       the backend keeps the name it was given at login (the client's, with XCLIENT).
-    - ``STARTTLS`` 454 (or 554 inside TLS), ``AUTH`` 503, ``VRFY`` and ``BDAT`` 502, anything else
-      500, as before the login: nothing but the commands above ever reaches the backend, which
-      trusts the proxy (XCLIENT from a client would otherwise forge its address).
+    - ``STARTTLS`` 454 (or 554 inside TLS), ``AUTH`` 503, ``VRFY`` 502, anything else 500, as
+      before the login; ``BDAT`` 521 and a close (``REPLY_NO_BDAT``). Nothing but the commands
+      above ever reaches the backend, which trusts the proxy (XCLIENT from a client would
+      otherwise forge its address).
 
     Pipelined commands wait in the buffer behind the pending one, so replies keep their order
     (RFC 2920); ``wants_client_data`` tells the driver to stop reading while more than
@@ -1244,7 +1246,7 @@ class Mediator:
             case "VRFY":
                 return self._refuse(REPLY_VRFY)
             case "BDAT":
-                return self._refuse(REPLY_NO_BDAT)
+                return [Send(REPLY_NO_BDAT), *self._close("BDAT without CHUNKING")]
             case _:
                 return self._refuse(REPLY_UNKNOWN)
 

@@ -410,8 +410,9 @@ def test_a_big_message_passes_the_mediation_intact(
 def test_what_the_backend_must_never_hear_is_answered_by_the_proxy(
     proxy: ProxyProcess, backends: Backends, new_user: NewUser
 ) -> None:
-    """After the backend login: XCLIENT (Postfix trusts the proxy with it), BDAT (no CHUNKING
-    advertised), STARTTLS and EHLO get the proxy's answers, and the transaction goes on."""
+    """After the backend login: XCLIENT (Postfix trusts the proxy with it), STARTTLS and EHLO get
+    the proxy's answers and the session goes on; BDAT (no CHUNKING advertised) ends it, as
+    Postfix without CHUNKING does, before its chunk could be read as commands."""
     user = new_user(ALPHA)
     with clients.RawClient(proxy.settings.ports.smtp) as raw:
         assert smtp_reply(raw).startswith(b"220 ")
@@ -420,13 +421,13 @@ def test_what_the_backend_must_never_hear_is_answered_by_the_proxy(
             (b"MAIL FROM:<sender@example.net>", b"250 "),
             (b"RCPT TO:<%s>" % user.address.encode(), b"250 "),
             (b"XCLIENT ADDR=192.0.2.1", b"500 5.5.2"),
-            (b"BDAT 3 LAST", b"502 5.5.1"),
             (b"STARTTLS", b"454 4.7.0"),
             (b"EHLO again.example", b"250-mailgress.test"),
             (b"RCPT TO:<%s>" % user.address.encode(), b"503 "),  # EHLO ended the transaction
-            (b"QUIT", b"221 "),
+            (b"BDAT 10 LAST\r\nQUIT", b"521 5.5.1"),
         ]:
             raw.send(command + b"\r\n")
             got = smtp_reply(raw)
             assert got.startswith(reply), (command, got)
             assert b"XCLIENT" not in got and b"CHUNKING" not in got
+        assert raw.until_closed() == b""

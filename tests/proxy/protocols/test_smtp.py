@@ -1129,7 +1129,6 @@ def test_ehlo_and_helo_reset_the_backend_and_get_the_proxys_own_reply(hello: byt
     [
         (b"XCLIENT ADDR=10.0.0.1", smtp.REPLY_UNKNOWN),
         (b"AUTH PLAIN AGFsaWNl", smtp.REPLY_NO_AUTH_HERE),
-        (b"BDAT 5 LAST", smtp.REPLY_NOT_IMPLEMENTED),
         (b"VRFY root", smtp.REPLY_VRFY),
         (b"EXPN staff", smtp.REPLY_UNKNOWN),
         (b"STARTTLS", smtp.REPLY_TLS_UNAVAILABLE),
@@ -1144,6 +1143,15 @@ def test_the_proxy_answers_what_must_never_reach_the_backend(command: bytes, rep
     """A backend trusts the proxy (XCLIENT, relaying for it): only checked commands go through."""
     machine = mediator()
     assert client_says(machine, command + b"\r\n") == [Send(reply)]
+
+
+def test_bdat_without_chunking_is_refused_and_closes() -> None:
+    """Its chunk would follow at once: never read as commands (Postfix without CHUNKING: same)."""
+    machine = mediator()
+    assert client_says(machine, b"BDAT 21 LAST\r\nRCPT TO:<a@alpha.example>\r\n") == [
+        Send(b"521 5.5.1 Error: command not implemented\r\n"),
+        Close("BDAT without CHUNKING"),
+    ]
 
 
 def test_starttls_inside_tls_is_554() -> None:
