@@ -18,7 +18,7 @@ Theory of operation (front-end)::
     AUTHENTICATING --LoginAccepted--> RELAYING   (inbound: the driver starts a Mediator)
     AUTHENTICATING --LoginRejected / LoginUnavailable--> READY (submission) or MAIL (inbound)
     CONNECTED / READY --STARTTLS--> STARTING_TLS --TlsEstablished--> CONNECTED
-    any --QUIT, max_errors, over-long line, TimedOut, ConnectionClosed--> CLOSED
+    any --QUIT, max_errors, TimedOut, ConnectionClosed--> CLOSED
 
 RFC 5321 section 4.1.4 fixes the order (EHLO first, EHLO resets a transaction); RFC 3207
 section 4.2 makes STARTTLS forget everything the client said before it; RFC 4954 section 4
@@ -31,6 +31,23 @@ for ever) except the temporary failures, which are not the client's fault; the l
 followed by ``421`` and a close, as Postfix does. ``helo`` and ``envelope`` in the
 ``LoginRequest`` are the client's command lines without their CRLF, for the backend replay and
 for auth_http's Auth-SMTP-* headers.
+
+Limits no stricter than Postfix's: a client's command line may have ``MAX_CLIENT_LINE`` octets
+(Postfix's line_length_limit; RFC 5321 section 4.5.3.1 makes 512 the minimum and asks to avoid
+limits). A longer one is answered ``500 5.5.2`` (section 4.5.3.1.10; ``500 5.5.6`` inside an AUTH
+exchange, RFC 4954 section 6, which ends the exchange) and skipped up to its line end without
+being buffered; it counts towards ``max_errors`` and the session goes on. The sender takes no part
+in routing and MAIL reaches the backend verbatim, so it is only checked for the ``<...>`` form
+(printable ASCII, hence no CR, LF or NUL): SRS and VERP senders, dots anywhere, a local part of
+any length are the backend's to judge. A recipient needs only what the relay checks below need;
+its local part is bounded by the line alone (RFC 5321's 64 octets is a minimum to accept,
+section 4.5.3.1.1), its domain by the 255 octets of a DNS name. MAIL and RCPT take only the
+parameters of extensions the proxy advertises: ``BODY=7BIT`` or ``BODY=8BITMIME`` (RFC 6152) at
+MAIL, none at RCPT; any other is refused ``555 5.5.4`` (RFC 5321 section 4.1.1.11), as Postfix
+does. No DSN (RFC 3461) either: a server that lists DSN must honour NOTIFY, ORCPT, RET and ENVID,
+and the proxy cannot promise that for a backend it has not asked yet (Postfix with
+``smtpd_discard_ehlo_keywords = dsn`` refuses them); unadvertised, clients leave them out and
+mail flows with the backend's default notices instead of failing at RCPT.
 
 Never an open relay: a recipient is routed only if it is a plain ``local@domain`` (no source
 route, percent hack, bang path, quoted local part hiding one of those, or address literal) and
@@ -113,8 +130,14 @@ from proxy.protocols.lines import LineBuffer
 
 CRLF = b"\r\n"
 # RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets including its CRLF
-# (LineBuffer limits count without the line end).
+# (LineBuffer limits count without the line end). The lines the proxy itself makes (AUTH PLAIN
+# to a backend, RFC 4954 section 4) stay within it.
 MAX_COMMAND_LINE = 512 - len(CRLF)
+# The lines accepted from a client: 512 is only the minimum a server must take, and RFC 5321
+# section 4.5.3.1 asks to avoid limits. 2048 octets with the CRLF is Postfix's line_length_limit
+# (nginx's smtp_client_buffer is one 4 KiB page): no longer, because MAIL and RCPT lines are
+# replayed verbatim to a backend, which would cut a longer one in two commands.
+MAX_CLIENT_LINE = 2048 - len(CRLF)
 # RFC 4954 section 4 keeps the AUTH command itself within that limit but not the client's
 # responses to 334 challenges (see sasl.py).
 MAX_SASL_LINE = sasl.MAX_RESPONSE_LINE
@@ -123,10 +146,10 @@ MAX_REPLY_LINE = 512 - len(CRLF)
 # RFC 5321 sets no limit on the lines of one reply; a Postfix EHLO reply has about a dozen.
 # The bound keeps a broken backend from growing one reply for ever.
 MAX_REPLY_LINES = 100
-# RFC 5321 sections 4.5.3.1.1 to 4.5.3.1.3: local part, domain and whole path, in octets.
-MAX_LOCAL_PART = 64
+# RFC 1035 section 2.3.4: a domain name (as text, without a final dot) fits in 255 octets, so a
+# longer recipient domain cannot be anyone's. Local parts and paths have no bound but the line:
+# RFC 5321 sections 4.5.3.1.1 and 4.5.3.1.3 give minimums to accept, not maximums.
 MAX_DOMAIN = 255
-MAX_PATH = 256
 # Bytes a client may pipeline behind the command that triggered Authenticate while the login
 # or routing runs (they go to the backend first). RFC 2920 groups end at DATA, so a real client
 # sends a few hundred octets here; 64 KiB keeps a client from parking data in the proxy.
@@ -138,6 +161,8 @@ REPLY_SENDER_OK = b"250 2.1.0 Ok" + CRLF
 REPLY_BYE = b"221 2.0.0 Bye" + CRLF
 REPLY_READY_FOR_TLS = b"220 2.0.0 Ready to start TLS" + CRLF
 REPLY_UNKNOWN = b"500 5.5.2 Error: command not recognized" + CRLF
+REPLY_LINE_TOO_LONG = b"500 5.5.2 Error: line too long" + CRLF  # RFC 5321 section 4.5.3.1.10
+REPLY_SASL_LINE_TOO_LONG = b"500 5.5.6 Authentication exchange line is too long" + CRLF  # RFC 4954
 REPLY_BAD_SYNTAX = b"500 5.5.2 Error: bad syntax" + CRLF
 REPLY_NOT_IMPLEMENTED = b"502 5.5.1 Error: command not implemented" + CRLF
 REPLY_VRFY = b"502 5.5.1 VRFY command is disabled" + CRLF
@@ -166,6 +191,7 @@ REPLY_ROUTE_UNAVAILABLE = b"451 4.4.1 Mail server unavailable, try again later" 
 REPLY_BAD_SENDER = b"501 5.1.7 Bad sender address syntax" + CRLF
 REPLY_BAD_RECIPIENT = b"501 5.1.3 Bad recipient address syntax" + CRLF
 REPLY_BAD_PARAMETERS = b"501 5.5.4 Syntax error in parameters" + CRLF
+REPLY_UNSUPPORTED_PARAMETER = b"555 5.5.4 Unsupported option" + CRLF  # RFC 5321 section 4.1.1.11
 
 
 def _syntax(usage: str) -> bytes:
@@ -191,8 +217,9 @@ class AddressError(RemoteProtocolError):
 
 # atext = ALPHA / DIGIT / "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "/" / "="
 #         / "?" / "^" / "_" / "`" / "{" / "|" / "}" / "~"           (RFC 5322 section 3.2.3)
-# Dot-string = Atom *("." Atom)
-_DOT_STRING = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+# RFC 5321's Dot-string is Atom *("." Atom); dots anywhere (taro..yamada, hanako.) are taken
+# as Postfix takes them: they hide no route, and the backend judges the mailbox.
+_DOTS_AND_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
 # Quoted-string = DQUOTE *QcontentSMTP DQUOTE
 # QcontentSMTP = qtextSMTP / quoted-pairSMTP; qtextSMTP = %d32-33 / %d35-91 / %d93-126
 # quoted-pairSMTP = %d92 %d32-126
@@ -204,54 +231,56 @@ _DOMAIN = rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*"
 _ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
 # A-d-l = At-domain *( "," At-domain ); At-domain = "@" Domain (a source route)
 _ADL = rf"@{_DOMAIN}(?:,@{_DOMAIN})*"
-# Path = "<" [ A-d-l ":" ] Mailbox ">"; Mailbox = Local-part "@" ( Domain / address-literal )
-_PATH = re.compile(
-    rf"<(?:(?P<route>{_ADL}):)?"
-    rf"(?P<local>{_DOT_STRING}|{_QUOTED_STRING})@(?P<domain>{_DOMAIN}|{_ADDRESS_LITERAL})>"
+# Forward-path = "<" [ A-d-l ":" ] Mailbox ">"; Mailbox = Local-part "@" ( Domain /
+# address-literal ), or RFC 5321 section 4.1.1.3's "<Postmaster>" without a domain.
+_FORWARD_PATH = re.compile(
+    rf"<(?:(?:(?P<route>{_ADL}):)?"
+    rf"(?P<local>{_DOTS_AND_ATEXT}|{_QUOTED_STRING})@(?P<domain>{_DOMAIN}|{_ADDRESS_LITERAL})"
+    r"|(?P<postmaster>(?i:postmaster)))>"
 )
-# RFC 5321 section 4.1.1.3: "<Postmaster>" without a domain must be accepted.
-_POSTMASTER = re.compile(r"<(?P<local>postmaster)>", re.IGNORECASE)
+# Reverse-path, loosely (Postfix takes even a bare address): "<", then anything but SP, "<", ">"
+# and DQUOTE outside quoted strings, then ">"; "<>", "<alice>" and source routes pass. The
+# brackets are kept because without them the path could not be told from the parameters.
+_REVERSE_PATH = re.compile(rf"<(?:[\x21\x23-\x3b\x3d\x3f-\x7e]|{_QUOTED_STRING})*>")
 # esmtp-param = esmtp-keyword ["=" esmtp-value]; esmtp-value = 1*(%d33-60 / %d62-126)
 _PARAMETER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3c\x3e-\x7e]+)?")
+# The parameters of the extensions the proxy advertises, upper-cased: RFC 6152's BODY at MAIL
+# (8BITMIME); none at RCPT, as no DSN is advertised.
+MAIL_PARAMETERS = frozenset({"BODY=7BIT", "BODY=8BITMIME"})
+RCPT_PARAMETERS: frozenset[str] = frozenset()
 # In a recipient's local part these make a backend forward elsewhere: the percent hack
 # (user%other@here), bang paths (other!user@here), and inside quotes an "@" or escapes.
 _RELAY_MARKERS = frozenset("@%!\\")
 
 
-def _path(text: str, bad: bytes, *, reverse: bool) -> re.Match[str] | None:
-    """Match ``Path [SP Mail-parameters]``: None for the null reverse path ``<>``, and a
-    forward path may be ``<Postmaster>``.
+def _path(text: str, path: re.Pattern[str], bad: bytes, parameters: frozenset[str]) -> re.Match[str]:
+    """Match ``Path [SP Mail-parameters]`` (RFC 5321 section 4.1.2).
 
     Raises:
-        AddressError: with ``bad`` for a malformed path, or a parameter syntax error.
+        AddressError: with ``bad`` for a malformed path, 501 for a malformed parameter, 555 for
+            one that is not in ``parameters`` (RFC 5321 section 4.1.1.11).
     """
-    if reverse and (text == "<>" or text.startswith("<> ")):
-        match, rest = None, text[2:]
-    else:
-        match = _PATH.match(text) or (None if reverse else _POSTMASTER.match(text))
-        if match is None or len(match[0]) > MAX_PATH:
-            raise AddressError(bad)
-        if "domain" in match.groupdict() and (
-            len(match["local"]) > MAX_LOCAL_PART or len(match["domain"]) > MAX_DOMAIN
-        ):
-            raise AddressError(bad)
-        rest = text[match.end() :]
-    if rest and not rest.startswith(" "):
+    match = path.match(text)
+    rest = "" if match is None else text[match.end() :]
+    if match is None or (rest and not rest.startswith(" ")):
         raise AddressError(bad)
-    if not all(_PARAMETER.fullmatch(word) for word in rest.split()):
+    words = rest.split()
+    if not all(_PARAMETER.fullmatch(word) for word in words):
         raise AddressError(REPLY_BAD_PARAMETERS)
+    if not parameters.issuperset(word.upper() for word in words):
+        raise AddressError(REPLY_UNSUPPORTED_PARAMETER)
     return match
 
 
 def check_reverse_path(text: str) -> None:
-    """Check the argument of ``MAIL FROM:`` (RFC 5321 section 4.1.1.2): syntax only.
+    """Check the argument of ``MAIL FROM:`` (RFC 5321 section 4.1.1.2): the form only.
 
-    The sender takes no part in routing, so it only has to be well-formed.
+    The sender takes no part in routing and reaches the backend verbatim, which judges it.
 
     Raises:
         AddressError: the reply to send instead of 250.
     """
-    _path(text, REPLY_BAD_SENDER, reverse=True)
+    _path(text, _REVERSE_PATH, REPLY_BAD_SENDER, MAIL_PARAMETERS)
 
 
 def parse_forward_path(text: str) -> str:
@@ -264,15 +293,17 @@ def parse_forward_path(text: str) -> str:
     route takes the postmaster's mail is better said explicitly.
 
     Raises:
-        AddressError: the reply to send: 501 for bad syntax, 550 5.7.1 for anything that would
-            make a backend forward the message elsewhere.
+        AddressError: the reply to send: 501 for bad syntax, 555 for a parameter the proxy did
+            not advertise, 550 5.7.1 for anything that would make a backend forward the message
+            elsewhere.
     """
-    match = _path(text, REPLY_BAD_RECIPIENT, reverse=False)
-    assert match is not None  # only a reverse path may be null
-    if "domain" not in match.groupdict():
+    match = _path(text, _FORWARD_PATH, REPLY_BAD_RECIPIENT, RCPT_PARAMETERS)
+    if match["postmaster"]:
         # <Postmaster>: as typed (the table folds case); the client's RCPT line, replayed to
         # the backend, still says <Postmaster>.
-        return match["local"]
+        return match["postmaster"]
+    if len(match["domain"]) > MAX_DOMAIN:
+        raise AddressError(REPLY_BAD_RECIPIENT)
     if match["route"]:
         raise AddressError(REPLY_SOURCE_ROUTE)
     if match["domain"].startswith("["):
@@ -309,6 +340,23 @@ def _command_text(line: bytes) -> str | None:
     if all(0x20 <= byte < 0x7F for byte in line):
         return line.decode("ascii")
     return None
+
+
+def drop_over_long_line(buffer: LineBuffer) -> bool:
+    """After ``LineTooLongError``: drop the over-long line at the head of ``buffer`` up to its LF
+    and keep what follows it. True if the LF has not arrived yet: the caller then drops what
+    arrives with ``after_line_end`` until it has, so none of the line is ever buffered."""
+    rest = buffer.take_all()
+    end = rest.find(b"\n")
+    if end >= 0:
+        buffer.feed(rest[end + 1 :])
+    return end < 0
+
+
+def after_line_end(data: bytes) -> bytes | None:
+    """What follows the first LF in ``data``, or None if there is none (all of it is dropped)."""
+    end = data.find(b"\n")
+    return None if end < 0 else data[end + 1 :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +400,7 @@ class Frontend:
         "_helo",
         "_mail",
         "_sasl_exchange",
+        "_skipping",
         "_started",
         "_state",
         "_tls_active",
@@ -359,7 +408,8 @@ class Frontend:
 
     def __init__(self, config: FrontendConfig) -> None:
         self._config = config
-        self._buffer = LineBuffer(MAX_COMMAND_LINE)
+        self._buffer = LineBuffer(MAX_CLIENT_LINE)
+        self._skipping = False  # the rest of an over-long line is being dropped up to its LF
         self._state = State.CONNECTED
         self._started = False
         self._tls_active = config.tls_active
@@ -440,11 +490,16 @@ class Frontend:
 
     def _enter(self, state: State) -> None:
         self._state = state
-        self._buffer.max_line = MAX_SASL_LINE if state in _SASL else MAX_COMMAND_LINE
+        self._buffer.max_line = MAX_SASL_LINE if state in _SASL else MAX_CLIENT_LINE
 
     def _receive(self, data: bytes) -> list[Command]:
         if self._state is State.STARTING_TLS:
             return []  # RFC 3207 section 4.2, CVE-2014-3556: plaintext behind STARTTLS is never read
+        if self._skipping:
+            rest = after_line_end(data)
+            if rest is None:
+                return []
+            self._skipping, data = False, rest
         self._buffer.feed(data)
         if self._state is State.AUTHENTICATING:
             if len(self._buffer) > MAX_HELD_BYTES:
@@ -460,12 +515,22 @@ class Frontend:
             try:
                 line = self._buffer.pop_line()
             except LineTooLongError:
-                notice = self._closing("4.7.0", "Error: line too long, closing connection")
-                return commands + self._close("line too long", notice)
+                commands += self._too_long()
+                continue
             if line is None:
                 break
             commands += self._sasl(line) if self._state in _SASL else self._command(line)
         return commands
+
+    def _too_long(self) -> list[Command]:
+        """Refuse the over-long line at the head of the buffer and drop it up to its LF, now or
+        (``_skipping``) as the rest arrives: memory stays bounded by one read and the limit."""
+        self._skipping = drop_over_long_line(self._buffer)
+        if self._state in _SASL:
+            # RFC 4954 section 6: the exchange fails; the client starts again with AUTH.
+            self._enter(State.READY)
+            return self._refuse(REPLY_SASL_LINE_TOO_LONG)
+        return self._refuse(REPLY_LINE_TOO_LONG)
 
     def _closing(self, enhanced: str, why: str) -> bytes:
         return _closing(enhanced, self._config.server_name, why)

@@ -17,6 +17,7 @@ left behind would outlive the descriptor and fire for whatever socket reuses the
 import asyncio
 import socket
 import ssl
+import typing
 from typing import cast
 
 from proxy.server.poller import Poller
@@ -30,6 +31,14 @@ RECV_SIZE = 16384
 # is thus held at one read's worth, as on a bare socket, where the kernel's buffer holds the rest;
 # nginx keeps one page (IMAP, SMTP) or 128 octets (POP3) of a client unread.
 MAX_UNREAD = RECV_SIZE
+# What a client's TLS layer may hold before login, in place of the loops' defaults (256 KiB of
+# input not yet decrypted, 512 KiB of replies not yet sent), which a client that pipelines and
+# reads nothing would fill. Input: both marks above a whole record's ciphertext (RFC 5246
+# section 6.2.3: 2^14 + 2048 octets), or a record cut in two would never be completed. The
+# relay gets the defaults back for the input and sets its own marks for the output.
+TLS_READ_HIGH_WATER = 4 * RECV_SIZE
+TLS_READ_LOW_WATER = 2 * RECV_SIZE
+TLS_WRITE_HIGH_WATER = RECV_SIZE
 # How long a closing TLS connection may take to flush what is left and exchange close_notify
 # (RFC 8446 section 6.1) before it is cut: a peer that reads nothing would otherwise hold the
 # descriptor for the loop's default of 30 seconds after its session ended. nginx gives
@@ -235,6 +244,12 @@ class _Receiver(asyncio.Protocol):
         return data
 
 
+class _ReadLimits(typing.Protocol):
+    """A TLS transport of either loop: it bounds the input it holds not yet decrypted."""
+
+    def set_read_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+
 class TransportChannel:
     """An asyncio transport (plain, or TLS after ``start_tls``) read through a ``_Receiver``."""
 
@@ -258,6 +273,11 @@ class TransportChannel:
             ssl_handshake_timeout=handshake_timeout if context else None,
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if context else None,
         )
+        if context is not None:  # a client in TLS before its login
+            cast(_ReadLimits, transport).set_read_buffer_limits(
+                high=TLS_READ_HIGH_WATER, low=TLS_READ_LOW_WATER
+            )
+            transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
         return cls(transport, receiver)
 
     @classmethod
@@ -293,7 +313,10 @@ class TransportChannel:
         await self.receiver.wait_writable()
 
     def take_unread(self) -> bytes:
-        """What arrived but was not read: handed to the relay with the transport."""
+        """What arrived but was not read: handed to the relay with the transport, whose TLS layer
+        gets its default input limits back (a bare transport has none)."""
+        if self.tls is not None:
+            cast(_ReadLimits, self.transport).set_read_buffer_limits()
         return self.receiver.take()
 
     def close(self) -> None:

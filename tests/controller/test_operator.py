@@ -278,7 +278,7 @@ def test_the_controller_started_on_one_port_twice_says_so_in_one_line(
     token = tmp_path / "token"
     token.write_text("the-token\n")
     flags = arguments(f"--token-file={token}", "--listen-port=9400", "--health=http://0.0.0.0:9400/healthz")
-    assert operator.command(flags, certificates=load_certificates) == operator.EXIT_USAGE
+    assert operator.command(flags, certificates=load_certificates, guards=Guard) == operator.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("mailgress controller: --listen-port (MAILGRESS_LISTEN_PORT) 9400 and --health")
     assert "Traceback" not in err

@@ -3,7 +3,8 @@
 Each test runs one imaplib, poplib or smtplib script (raw lines for a password that is octets)
 against nginx and then against mailgress, and compares what the client saw and the requests the
 auth service received, header for header (names, order and values). Covered: success (IMAP,
-POP3, submission, an MX with Auth-Method none), a Latin-1 password (8-bit octets that are no
+POP3, submission, an MX with Auth-Method none, also from an SRS sender to a local part over 64
+octets, which neither nginx nor Postfix refuses), a Latin-1 password (8-bit octets that are no
 UTF-8: Auth-Pass carries them unescaped, the grant's Auth-Pass brings them back, Dovecot gets
 them as they were), a refused password, Auth-Wait then a retry on the same connection, an auth
 service that picks another server and other credentials, an auth service that is down, slow or
@@ -27,6 +28,7 @@ Passwords never appear in an assertion's expression: failures cannot print one.
 import hashlib
 import imaplib
 import poplib
+import secrets
 import smtplib
 import ssl
 from collections.abc import Callable
@@ -158,13 +160,13 @@ def submission_script(port: int, logins: list[Login], recipient: str) -> list[Se
         client.close()
 
 
-def mx_script(port: int, recipient: str) -> list[Seen]:
+def mx_script(port: int, recipient: str, sender: str = SENDER) -> list[Seen]:
     """Inbound mail: MAIL FROM, RCPT TO (where both proxies ask auth_http), DATA."""
     seen: list[Seen] = []
     client = smtplib.SMTP(LOOPBACK, port, timeout=SOCKET_TIMEOUT, local_hostname=CLIENT_NAME)
     try:
         client.ehlo()
-        code, _ = client.mail(SENDER)
+        code, _ = client.mail(sender)
         seen.append(Seen("mail", str(code)))  # the proxies' own texts: the code only
         try:
             code, reply = client.rcpt(recipient)
@@ -179,7 +181,7 @@ def mx_script(port: int, recipient: str) -> list[Seen]:
                 seen.append(Seen("noop", "closed"))
             return seen
         code, _ = client.data(
-            messages.compose(SENDER, recipient, "inbound", identifier=messages.message_id())
+            messages.compose(sender, recipient, "inbound", identifier=messages.message_id())
         )
         seen.append(Seen("data", str(code)))  # Postfix's queue id differs: the code only
         return seen
@@ -302,6 +304,20 @@ def test_inbound_mail_is_routed_at_rcpt_the_same_way(
     assert request.header("Auth-SMTP-Helo") == CLIENT_NAME
     assert request.header("Auth-SMTP-From") == f"mail FROM:<{SENDER}>"
     assert request.header("Auth-SMTP-To") == f"rcpt TO:<{user.address}>"
+    assert len(backends.wait_delivered(user.address, 2)) == 2
+
+
+def test_long_envelope_addresses_are_routed_the_same_way(both: Both, backends: Backends) -> None:
+    """An SRS sender (a 79-octet local part) to a 74-octet local part: RFC 5321's 64 octets is a
+    minimum, nginx checks neither address and Postfix takes both."""
+    sender = "SRS0=HHH6=TT=sub.originaldomain.example=first.last.very.long.name@forwarder.example"
+    user = backends.add_user(f"first.last+{'newsletter-' * 5}{secrets.token_hex(4)}@{BETA}")
+    nginx, mailgress = both(lambda target: mx_script(target.ports["mx"], user.address, sender))
+    assert mailgress.seen == nginx.seen
+    assert [step.result for step in nginx.seen[1:]] == ["ok", "250"]
+    same_requests(nginx, mailgress)
+    (request,) = mailgress.requests
+    assert request.header("Auth-SMTP-From") == f"mail FROM:<{sender}>"
     assert len(backends.wait_delivered(user.address, 2)) == 2
 
 

@@ -1,21 +1,34 @@
-"""SocketChannel over real loopback sockets, under uvloop and asyncio (conftest's loop hook).
+"""SocketChannel and TransportChannel over real loopback sockets, under uvloop and asyncio
+(conftest's loop hook).
 
 What matters beyond "bytes arrive": the reader a channel keeps registered between reads is never
-left behind when the socket is handed on or closed, and bytes the peer sends while nobody reads
-are not lost. Every wait is bounded; no assertion is about time.
+left behind when the socket is handed on or closed, bytes the peer sends while nobody reads are
+not lost, and a transport channel holds little of a peer that sends more than is read (plain and
+TLS) yet hands on every byte in order. Every wait is bounded; no assertion is about time.
 """
 
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from proxy.server import poller
-from proxy.server.channel import MAX_UNREAD, RECV_SIZE, SocketChannel, TransportChannel
+from proxy.server.channel import (
+    MAX_UNREAD,
+    RECV_SIZE,
+    TLS_READ_HIGH_WATER,
+    TLS_READ_LOW_WATER,
+    TLS_WRITE_HIGH_WATER,
+    SocketChannel,
+    TransportChannel,
+)
+from testbed.tlscerts import TestAuthority
 
 from .conftest import WAIT
 
@@ -201,3 +214,45 @@ def _send_and_end(peer: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):  # the test failed and closed the channel: nothing to send to
         peer.sendall(data)
         peer.shutdown(socket.SHUT_WR)
+
+
+async def test_a_tls_client_channel_holds_little_unsent_or_undecrypted_until_the_handover(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """Before login a client's TLS layer has the small marks (the loops' defaults let it hold
+    256 KiB of input and 512 KiB of replies); records still flow through them whole, in order,
+    to a reader that takes RECV_SIZE at a time; the relay gets the loop's default input marks."""
+    near, peer = pair
+    authority = TestAuthority(tmp_path)
+    issued = authority.issue("default", ["mail.alpha.example"])
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(issued.cert, issued.key)
+    client = ssl.create_default_context(cafile=str(authority.cert))
+    peer.setblocking(False)
+    channel, (_, writer) = await asyncio.wait_for(
+        asyncio.gather(
+            TransportChannel.from_socket(near, server),
+            asyncio.open_connection(sock=peer, ssl=client, server_hostname="mail.alpha.example"),
+        ),
+        WAIT,
+    )
+    try:
+        transport = channel.transport
+        assert transport.get_read_buffer_limits() == (TLS_READ_LOW_WATER, TLS_READ_HIGH_WATER)
+        assert transport.get_write_buffer_limits() == (TLS_WRITE_HIGH_WATER // 4, TLS_WRITE_HIGH_WATER)
+        sent = bytes(range(256)) * (4 * TLS_READ_HIGH_WATER // 256 + 7)  # records cut anywhere
+        writer.write(sent)
+        received = b""
+        for _ in range(len(sent)):  # each read brings at least one byte
+            if len(received) >= len(sent):
+                break
+            data = await asyncio.wait_for(channel.recv(), WAIT)
+            assert 0 < len(data) <= RECV_SIZE
+            received += data
+        assert received == sent
+        assert channel.take_unread() == b""
+        defaults = writer.transport.get_read_buffer_limits()  # a TLS transport left as it came
+        assert transport.get_read_buffer_limits() == defaults != (TLS_READ_LOW_WATER, TLS_READ_HIGH_WATER)
+    finally:
+        writer.close()
+        channel.close()

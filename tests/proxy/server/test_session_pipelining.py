@@ -62,6 +62,7 @@ class Seen:
     feeds: int = 0
     largest_answer: int = 0  # octets of replies to one event
     largest_recv: int = 0
+    tls_channels: set[channel.TransportChannel] = field(default_factory=set)  # that sent replies
     after_tls: list[bytes] = field(default_factory=list)  # data fed after TlsEstablished
 
 
@@ -110,6 +111,13 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
         return data
 
     monkeypatch.setattr(channel.TransportChannel, "recv", recording_recv)
+    real_send = channel.TransportChannel.send
+
+    async def recording_send(self: channel.TransportChannel, data: bytes) -> None:
+        record.tls_channels.add(self)
+        await real_send(self, data)
+
+    monkeypatch.setattr(channel.TransportChannel, "send", recording_send)
     real_socket_recv = channel.SocketChannel.recv
 
     async def recording_socket_recv(self: channel.SocketChannel) -> bytes:
@@ -207,6 +215,8 @@ async def test_a_client_that_pipelines_and_never_reads_gets_one_slice_answered_a
     _, writer = await connect(proxy.port, dialect, mode, authority)
     try:
         stalled = await push_until_stalled(writer, dialect.cheap)
+        # What the client's TLS layer holds unsent while the session waits for it to read.
+        unsent = [sent.transport.get_write_buffer_size() for sent in seen.tls_channels]
     finally:
         writer.transport.abort()
     assert stalled  # the proxy stopped reading: it waits to send replies nobody reads
@@ -214,7 +224,11 @@ async def test_a_client_that_pipelines_and_never_reads_gets_one_slice_answered_a
     assert seen.largest_feed <= session.FEED_SIZE
     assert seen.largest_recv <= channel.RECV_SIZE
     (config,) = seen.configs
-    assert seen.largest_answer <= one_slice_answer(dialect.listener, config, dialect.cheap)
+    answer = one_slice_answer(dialect.listener, config, dialect.cheap)
+    assert seen.largest_answer <= answer
+    # Over TLS, what waits in the transport unsent: its pre-login mark, then one more reply.
+    assert len(unsent) == (0 if mode == "none" else 1)
+    assert all(0 < size <= channel.TLS_WRITE_HIGH_WATER + answer for size in unsent)
 
 
 @pytest.mark.parametrize("protocol", DIALECTS)
