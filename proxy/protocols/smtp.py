@@ -313,6 +313,19 @@ def parse_forward_path(text: str) -> str:
     return f"{match['local']}@{match['domain']}"
 
 
+def check_sender(argument: str) -> None:
+    """Check the argument of ``MAIL`` (``FROM:<path>``, RFC 5321 section 4.1.1.2; clients often
+    write ``FROM: <path>``).
+
+    Raises:
+        AddressError: as ``check_reverse_path``, or 501 for a missing ``FROM:``.
+    """
+    prefix, path = argument[:5], argument[5:].lstrip(" ")
+    if prefix.upper() != "FROM:":
+        raise AddressError(_syntax("MAIL FROM:<address>"))
+    check_reverse_path(path)
+
+
 def recipient_of(argument: str) -> str:
     """The address to route by, from the argument of ``RCPT`` (``TO:<path>``, RFC 5321 section
     4.1.1.3; clients often write ``TO: <path>``).
@@ -674,11 +687,8 @@ class Frontend:
             return self._refuse(REPLY_HELO_FIRST)
         if self._state is State.MAIL:
             return self._refuse(REPLY_NESTED_MAIL)
-        prefix, path = argument[:5], argument[5:].lstrip(" ")  # clients often write "FROM: <a@b>"
-        if prefix.upper() != "FROM:":
-            return self._refuse(_syntax("MAIL FROM:<address>"))
         try:
-            check_reverse_path(path)
+            check_sender(argument)
         except AddressError as error:
             return self._refuse(error.reply)
         self._mail = line
@@ -1105,7 +1115,8 @@ class Mediator:
 
     - ``RCPT TO``: checked as before the login (``recipient_of``); a recipient of ``route`` goes
       to the backend, one of another route gets ``REPLY_OTHER_ROUTE``, an unrouted one 550 5.7.1.
-    - ``MAIL``, ``RSET``, ``NOOP``, ``DATA``, ``QUIT``: to the backend, its reply to the client;
+    - ``MAIL`` (checked as the first, ``check_sender``: only advertised parameters), ``RSET``,
+      ``NOOP``, ``DATA``, ``QUIT``: to the backend, its reply to the client;
       after a 354 the body streams to the backend as it comes until ``END_OF_DATA``, then the
       backend's final reply goes to the client and commands are read again.
     - ``EHLO``/``HELO``: end the transaction (RFC 5321 section 4.1.4), so the backend gets
@@ -1116,9 +1127,10 @@ class Mediator:
       above ever reaches the backend, which trusts the proxy (XCLIENT from a client would
       otherwise forge its address).
 
-    Pipelined commands wait in the buffer behind the pending one, so replies keep their order
-    (RFC 2920); ``wants_client_data`` tells the driver to stop reading while more than
-    ``MAX_HELD_BYTES`` wait. Refusals of the proxy's own count towards ``max_errors`` as before
+    An over-long line (``MAX_CLIENT_LINE``) is refused and skipped as before the login. Pipelined
+    commands wait in the buffer behind the pending one, so replies keep their order (RFC 2920);
+    ``wants_client_data`` tells the driver to stop reading while more than ``MAX_HELD_BYTES``
+    wait. Refusals of the proxy's own count towards ``max_errors`` as before
     the login (the deferral of another route's recipient does not: no fault of the client's).
     Pure: no I/O, no clocks, no logging.
     """
@@ -1135,13 +1147,15 @@ class Mediator:
         "_replies",
         "_route",
         "_route_of",
+        "_skipping",
     )
 
     def __init__(self, config: FrontendConfig, route: str, route_of: Callable[[str], str | None]) -> None:
         self._config = config
         self._route = route
         self._route_of = route_of
-        self._buffer = LineBuffer(MAX_COMMAND_LINE)
+        self._buffer = LineBuffer(MAX_CLIENT_LINE)
+        self._skipping = False  # the rest of an over-long line is being dropped up to its LF
         self._replies = ReplyReader()
         self._expecting = Expecting.NOTHING
         self._body: EndOfData | None = None  # while the body streams
@@ -1222,6 +1236,11 @@ class Mediator:
 
     def _from_client(self, data: bytes) -> list[MediationCommand]:
         if self._body is None:
+            if self._skipping:
+                rest = after_line_end(data)
+                if rest is None:
+                    return []
+                self._skipping, data = False, rest
             self._buffer.feed(data)
             return self._interpret()
         end = self._body.scan(data)
@@ -1273,9 +1292,10 @@ class Mediator:
             try:
                 line = self._buffer.pop_line()
             except LineTooLongError:
-                return commands + self._close(
-                    "line too long", "4.7.0", "Error: line too long, closing connection"
-                )
+                # As before the login: refused, dropped up to its LF, and the session goes on.
+                self._skipping = drop_over_long_line(self._buffer)
+                commands += self._refuse(REPLY_LINE_TOO_LONG)
+                continue
             if line is None:
                 if self._client_ended:  # all it sent is answered
                     commands += self._close(_CLIENT_ENDED)
@@ -1294,7 +1314,9 @@ class Mediator:
         match verb.upper():
             case "RCPT":
                 return self._rcpt_to(line, argument)
-            case "MAIL" | "RSET" | "NOOP":
+            case "MAIL":
+                return self._mail_from(line, argument)
+            case "RSET" | "NOOP":
                 return self._forward(line, Expecting.REPLY)
             case "DATA":
                 return self._forward(line, Expecting.DATA)
@@ -1314,6 +1336,14 @@ class Mediator:
                 return [Send(REPLY_NO_BDAT), *self._close("BDAT without CHUNKING")]
             case _:
                 return self._refuse(REPLY_UNKNOWN)
+
+    def _mail_from(self, line: bytes, argument: str) -> list[MediationCommand]:
+        # The same checks as the first MAIL: only the parameters the proxy advertised pass.
+        try:
+            check_sender(argument)
+        except AddressError as error:
+            return self._refuse(error.reply)
+        return self._forward(line, Expecting.REPLY)
 
     def _rcpt_to(self, line: bytes, argument: str) -> list[MediationCommand]:
         try:

@@ -1337,13 +1337,30 @@ def test_a_backend_that_answers_inside_the_body_ends_the_session() -> None:
     assert commands[-1] == Close("backend replied out of turn") and machine.closed
 
 
-def test_an_over_long_command_line_closes_with_421() -> None:
+def test_an_over_long_line_is_refused_and_skipped_as_before_the_login() -> None:
+    """500 5.5.2, dropped up to its LF even when it arrives in pieces, and the session goes on."""
     machine = mediator()
-    commands = client_says(machine, b"NOOP " + b"x" * smtp.MAX_COMMAND_LINE + b"\r\n")
-    assert commands == [
-        Send(b"421 4.7.0 mailgress Error: line too long, closing connection\r\n"),
-        Close("line too long"),
-    ]
+    long_line = b"NOOP " + b"x" * smtp.MAX_CLIENT_LINE
+    assert client_says(machine, long_line[:3000]) == [Send(smtp.REPLY_LINE_TOO_LONG)]
+    assert client_says(machine, b"x" * 5000) == []
+    assert client_says(machine, b"RCPT TO:<a@beta.example>\r\nNOOP\r\n") == [smtp.SendToBackend(b"NOOP\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("mail", "reply"),
+    [
+        (b"MAIL FROM:<s@example.net> SMTPUTF8", smtp.REPLY_UNSUPPORTED_PARAMETER),
+        (b"MAIL FROM:<s@example.net> RET=HDRS", smtp.REPLY_UNSUPPORTED_PARAMETER),
+        (b"MAIL TO:<s@example.net>", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
+        (b"MAIL FROM:s@example.net", smtp.REPLY_BAD_SENDER),
+    ],
+)
+def test_a_later_mail_is_checked_as_the_first(mail: bytes, reply: bytes) -> None:
+    """The backend may offer SMTPUTF8 or DSN; the proxy did not, so their parameters never pass."""
+    machine = mediator()
+    assert client_says(machine, mail + b"\r\n") == [Send(reply)]
+    ok = b"MAIL FROM:<s@example.net> BODY=8BITMIME\r\n"
+    assert client_says(machine, ok) == [smtp.SendToBackend(ok)]
 
 
 def test_reading_pauses_while_too_much_waits_behind_a_pending_command() -> None:
