@@ -1,10 +1,12 @@
-"""SMTP before login: the client-facing ``Frontend`` and the ``BackendLogin`` replay.
+"""SMTP: the client-facing ``Frontend``, the ``BackendLogin`` replay and the inbound ``Mediator``.
 
 The session driver (proxy.server.session) runs a ``Frontend`` per submission or inbound-MX
-client; the backend driver (proxy.server.backends) runs a ``BackendLogin`` per backend attempt.
+client; the backend driver (proxy.server.backends) runs a ``BackendLogin`` per backend attempt;
+proxy.server.mediation runs a ``Mediator`` once an inbound client has a backend.
 Submission (``inbound=False``): EHLO, STARTTLS, AUTH PLAIN/LOGIN, and the credentials go out as
-``Authenticate``. Inbound MX (``inbound=True``): EHLO, MAIL FROM, and the first RCPT TO whose
-address passes the relay checks goes out as ``Authenticate``, routed by recipient.
+``Authenticate``; after the login the driver relays bytes. Inbound MX (``inbound=True``): EHLO,
+MAIL FROM, and the first RCPT TO whose address passes the relay checks goes out as
+``Authenticate``, routed by recipient; after it the ``Mediator`` takes every command.
 Pure: no I/O, no clocks, no logging; never puts a password into a reply, reason or repr.
 
 Theory of operation (front-end)::
@@ -13,7 +15,7 @@ Theory of operation (front-end)::
     READY --AUTH without initial response--> AUTH_PLAIN / AUTH_LOGIN_USERNAME --> ...
     READY / AUTH_* --credentials complete--> AUTHENTICATING             (submission)
     READY --MAIL FROM--> MAIL --RCPT TO passing the relay checks--> AUTHENTICATING  (inbound)
-    AUTHENTICATING --LoginAccepted--> RELAYING
+    AUTHENTICATING --LoginAccepted--> RELAYING   (inbound: the driver starts a Mediator)
     AUTHENTICATING --LoginRejected / LoginUnavailable--> READY (submission) or MAIL (inbound)
     CONNECTED / READY --STARTTLS--> STARTING_TLS --TlsEstablished--> CONNECTED
     any --QUIT, max_errors, TimedOut, ConnectionClosed--> CLOSED
@@ -52,10 +54,24 @@ route, percent hack, bang path, quoted local part hiding one of those, or addres
 the routing table owns it (``LoginRejected(None)`` renders ``550 5.7.1``; ``<Postmaster>`` is
 routed as the bare user ``postmaster``); submission refuses MAIL, RCPT and DATA before login.
 What passes the proxy reaches the backend verbatim, so the backend parses the very address the
-proxy checked. The backend must still refuse relaying for the proxy's own
-address: after the first RCPT the proxy relays bytes and sees no more commands.
+proxy checked. The backend must still refuse relaying for the proxy's own address (defence in
+depth: every later RCPT is checked by the ``Mediator`` too).
 Deliberate deviations: no SIZE in EHLO (the proxy does not know the backend's limit), no
 SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it).
+
+Inbound mediation (``Mediator``): one backend connection serves one route, the first routed
+recipient's; nginx relays bytes from there, so a second recipient of another route reached the
+first backend and got its permanent ``550 Relay access denied``: a bounce, for mail another
+route would have taken (Exim groups the recipients of domains sharing an MX in one transaction,
+Postfix reuses a connection for another domain with the same MX address). So the proxy keeps
+reading the client's commands: each goes to the backend alone and its one complete reply comes
+back before the next is read (pipelined ones wait, in order), a recipient of a route on another
+backend gets ``452 4.5.3`` (RFC 5321 4.5.3.1.10: "too many recipients", which senders deliver
+later in another transaction; never 550, which would bounce) while routes on the same backend
+endpoint share the transaction, the DATA body streams through unchanged until ``CRLF . CRLF``
+(``EndOfData``), and what a trusting backend must not hear from a client (XCLIENT above all) is
+answered by the proxy. Mediating costs the zero-copy relay for inbound mail only; submission
+keeps it, its one user owns the whole session.
 
 The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``;
 with client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
@@ -79,6 +95,8 @@ plaintext fallback, so neither a credential nor the envelope is ever sent in the
 
 import ipaddress
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum, auto
 from typing import assert_never
 
@@ -293,6 +311,40 @@ def parse_forward_path(text: str) -> str:
     if _RELAY_MARKERS.intersection(match["local"]):
         raise AddressError(REPLY_RELAY_DENIED)
     return f"{match['local']}@{match['domain']}"
+
+
+def check_sender(argument: str) -> None:
+    """Check the argument of ``MAIL`` (``FROM:<path>``, RFC 5321 section 4.1.1.2; clients often
+    write ``FROM: <path>``).
+
+    Raises:
+        AddressError: as ``check_reverse_path``, or 501 for a missing ``FROM:``.
+    """
+    prefix, path = argument[:5], argument[5:].lstrip(" ")
+    if prefix.upper() != "FROM:":
+        raise AddressError(_syntax("MAIL FROM:<address>"))
+    check_reverse_path(path)
+
+
+def recipient_of(argument: str) -> str:
+    """The address to route by, from the argument of ``RCPT`` (``TO:<path>``, RFC 5321 section
+    4.1.1.3; clients often write ``TO: <path>``).
+
+    Raises:
+        AddressError: as ``parse_forward_path``, or 501 for a missing ``TO:``.
+    """
+    prefix, path = argument[:3], argument[3:].lstrip(" ")
+    if prefix.upper() != "TO:":
+        raise AddressError(_syntax("RCPT TO:<address>"))
+    return parse_forward_path(path)
+
+
+def _ehlo_reply(server_name: str, extensions: list[bytes]) -> list[bytes]:
+    """The lines of the proxy's EHLO reply (RFC 5321 section 4.1.1.1), ``extensions`` after the
+    ones it always offers. Never CHUNKING (BDAT gets 502), SIZE or SMTPUTF8 (module docstring)."""
+    lines = [server_name.encode(), b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES", *extensions]
+    last = len(lines) - 1
+    return [b"250" + (b" " if i == last else b"-") + line + CRLF for i, line in enumerate(lines)]
 
 
 def _command_text(line: bytes) -> str | None:
@@ -562,13 +614,12 @@ class Frontend:
         server_name = self._config.server_name.encode()
         if verb == "HELO":
             return [Send(b"250 " + server_name + CRLF)]
-        extensions = [server_name, b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES"]
+        extensions: list[bytes] = []
         if self._starttls_offered():
             extensions.append(b"STARTTLS")
         if not self._config.inbound and not self._tls_required():
             extensions.append(b"AUTH " + b" ".join(sasl.MECHANISMS))
-        last = len(extensions) - 1
-        return [Send(b"250" + (b" " if i == last else b"-") + ext + CRLF) for i, ext in enumerate(extensions)]
+        return [Send(line) for line in _ehlo_reply(self._config.server_name, extensions)]
 
     def _starttls(self, argument: str) -> list[Command]:
         if argument:
@@ -636,11 +687,8 @@ class Frontend:
             return self._refuse(REPLY_HELO_FIRST)
         if self._state is State.MAIL:
             return self._refuse(REPLY_NESTED_MAIL)
-        prefix, path = argument[:5], argument[5:].lstrip(" ")  # clients often write "FROM: <a@b>"
-        if prefix.upper() != "FROM:":
-            return self._refuse(_syntax("MAIL FROM:<address>"))
         try:
-            check_reverse_path(path)
+            check_sender(argument)
         except AddressError as error:
             return self._refuse(error.reply)
         self._mail = line
@@ -652,11 +700,8 @@ class Frontend:
             return self._refuse(REPLY_AUTH_REQUIRED)
         if self._state is not State.MAIL:
             return self._refuse(REPLY_NEED_MAIL)
-        prefix, path = argument[:3], argument[3:].lstrip(" ")
-        if prefix.upper() != "TO:":
-            return self._refuse(_syntax("RCPT TO:<address>"))
         try:
-            recipient = parse_forward_path(path)
+            recipient = recipient_of(argument)
         except AddressError as error:
             return self._refuse(error.reply)
         self._enter(State.AUTHENTICATING)
@@ -727,11 +772,69 @@ def _extensions(lines: list[bytes]) -> dict[str, frozenset[str]]:
     return extensions
 
 
+class MalformedReplyError(RemoteProtocolError):
+    """A backend reply the proxy cannot read; the message never quotes it (a broken backend might
+    echo the AUTH line)."""
+
+
+class ReplyReader:
+    """Cuts a backend's bytes into complete replies (RFC 5321 section 4.2.1: ``code-text`` lines
+    until ``code text``, one code throughout), each line within ``MAX_REPLY_LINE`` and each reply
+    within ``MAX_REPLY_LINES``. Used by the backend login and by the inbound mediation."""
+
+    __slots__ = ("_buffer", "_lines")
+
+    def __init__(self) -> None:
+        self._buffer = LineBuffer(MAX_REPLY_LINE)
+        self._lines: list[bytes] = []  # lines of the multi-line reply being read
+
+    def feed(self, data: bytes) -> None:
+        self._buffer.feed(data)
+
+    def pop(self) -> tuple[int, list[bytes]] | None:
+        """The next complete reply (its code and lines without CRLF), or None until one is.
+
+        Raises:
+            MalformedReplyError: a line too long or not a reply line, or too many lines.
+        """
+        while True:
+            try:
+                line = self._buffer.pop_line()
+            except LineTooLongError:
+                raise MalformedReplyError("backend reply line too long") from None
+            if line is None:
+                return None
+            code, separator = line[:3], line[3:4]
+            if not (
+                len(code) == 3
+                and code.isdigit()
+                and code[:1] in b"2345"
+                and separator in (b"", b" ", b"-")
+                and (not self._lines or self._lines[0][:3] == code)
+            ):
+                raise MalformedReplyError("backend sent a malformed reply")
+            self._lines.append(line)
+            if len(self._lines) > MAX_REPLY_LINES:
+                raise MalformedReplyError("backend reply too long")
+            if separator != b"-":
+                lines, self._lines = self._lines, []
+                return int(code), lines
+
+    def take_all(self) -> bytes:
+        """Whatever arrived behind the last complete reply."""
+        return self._buffer.take_all()
+
+    def clear(self) -> None:
+        """Forget everything not yet read (the plaintext behind a STARTTLS 220)."""
+        self._buffer.clear()
+        self._lines = []
+
+
 class BackendLogin:
     """Replays a submission login (EHLO, STARTTLS, XCLIENT, AUTH PLAIN) or an inbound envelope
     (EHLO, STARTTLS, XCLIENT, MAIL FROM, RCPT TO) on one backend."""
 
-    __slots__ = ("_buffer", "_config", "_helo_name", "_reply", "_request", "_state", "_tls")
+    __slots__ = ("_config", "_helo_name", "_replies", "_request", "_state", "_tls")
 
     def __init__(self, request: LoginRequest, config: BackendConfig) -> None:
         """Prepare the replay of ``request``; the backend speaks first.
@@ -750,10 +853,9 @@ class BackendLogin:
             raise LocalProtocolError("HELO and envelope lines must be printable ASCII")
         self._request = request
         self._config = config
-        self._buffer = LineBuffer(MAX_REPLY_LINE)
+        self._replies = ReplyReader()
         self._state = BackendState.GREETING
         self._tls = False  # the backend connection is encrypted (after STARTTLS)
-        self._reply: list[bytes] = []  # lines of the multi-line reply being read
         # The client's own name, for the EHLO after XCLIENT (nginx replays it the same way).
         _, _, name = request.helo.partition(b" ")
         self._helo_name = name.strip() or config.server_name.encode()
@@ -780,7 +882,7 @@ class BackendLogin:
                     raise LocalProtocolError("backend data after the login verdict")
                 if self._state is BackendState.TLS:
                     return []  # plaintext after the STARTTLS 220: never read (CVE-2014-3556 class)
-                self._buffer.feed(data)
+                self._replies.feed(data)
                 return self._read()
             case ConnectionClosed():
                 return self._fail("backend closed the connection")
@@ -798,33 +900,15 @@ class BackendLogin:
                 assert_never(event)
 
     def _read(self) -> list[Command]:
-        """Collect reply lines (RFC 5321 section 4.2.1: ``code-text`` until ``code text``)."""
         commands: list[Command] = []
         while self._state not in (BackendState.DONE, BackendState.TLS):
             try:
-                line = self._buffer.pop_line()
-            except LineTooLongError:
-                return commands + self._fail(f"backend reply line too long in state {self._state.name}")
-            if line is None:
+                reply = self._replies.pop()
+            except MalformedReplyError as error:
+                return commands + self._fail(f"{error} in state {self._state.name}")
+            if reply is None:
                 break
-            code = line[:3]
-            separator = line[3:4]
-            if not (
-                len(code) == 3
-                and code.isdigit()
-                and code[:1] in b"2345"
-                and separator in (b"", b" ", b"-")
-                and (not self._reply or self._reply[0][:3] == code)
-            ):
-                # Never quote the backend: a broken one might echo the AUTH line.
-                return commands + self._fail(f"backend sent a malformed reply in state {self._state.name}")
-            self._reply.append(line)
-            if len(self._reply) > MAX_REPLY_LINES:
-                return commands + self._fail(f"backend reply too long in state {self._state.name}")
-            if separator == b"-":
-                continue
-            lines, self._reply = self._reply, []
-            commands += self._on_reply(int(code), lines)
+            commands += self._on_reply(*reply)
         return commands
 
     def _on_reply(self, code: int, lines: list[bytes]) -> list[Command]:
@@ -840,7 +924,7 @@ class BackendLogin:
             case BackendState.STARTTLS if code == 220:
                 # Whatever followed the 220 in plaintext could be an attacker's: never read.
                 self._state = BackendState.TLS
-                self._buffer.clear()
+                self._replies.clear()
                 return [StartTls()]
             case BackendState.STARTTLS:
                 return self._fail(_NO_STARTTLS)
@@ -868,7 +952,7 @@ class BackendLogin:
                 # The sender refused for good: the client hears it as the answer to its RCPT.
                 return self._verdict(LoginFailed(reply=reply))
             case BackendState.RCPT:
-                return self._verdict(LoginSucceeded(reply=reply, buffered=self._buffer.take_all()))
+                return self._verdict(LoginSucceeded(reply=reply, buffered=self._replies.take_all()))
             case _:
                 return self._fail(f"backend answered {code} in state {self._state.name}")
 
@@ -911,7 +995,7 @@ class BackendLogin:
 
     def _auth_verdict(self, code: int, reply: bytes) -> list[Command]:
         if code == 235:
-            return self._verdict(LoginSucceeded(reply=reply, buffered=self._buffer.take_all()))
+            return self._verdict(LoginSucceeded(reply=reply, buffered=self._replies.take_all()))
         if code >= 500:
             return self._verdict(LoginFailed(reply=reply))
         # 4xx (454 4.7.0 temporary authentication failure) or nonsense: another endpoint may do.
@@ -925,3 +1009,351 @@ class BackendLogin:
         if self._state is BackendState.DONE:
             return []
         return self._verdict(BackendFailed(reason))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inbound mediation: after the backend login, one command at a time
+
+
+@dataclass(frozen=True, slots=True)
+class BackendData:
+    """Mediation event: bytes arrived from the backend."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BackendClosed:
+    """Mediation event: the backend closed its side or the connection broke."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendToBackend:
+    """Mediation command: write these bytes to the backend, in order (``Send`` goes to the client)."""
+
+    data: bytes
+
+    def __repr__(self) -> str:
+        # As Send: the bytes are a client's message; a repr in a traceback shows their size only.
+        return f"SendToBackend(<{len(self.data)} bytes>)"
+
+
+# What the mediation takes: the client's bytes (DataReceived), its close (ConnectionClosed), the
+# driver's idle timeout (TimedOut), and the backend's bytes and close.
+MediationEvent = DataReceived | ConnectionClosed | TimedOut | BackendData | BackendClosed
+MediationCommand = Send | SendToBackend | Close
+
+# RFC 5321 section 4.1.1.4: the body ends with a line holding a single ".": CRLF "." CRLF, where
+# the first CRLF may be the one that ended the DATA command itself.
+END_OF_DATA = CRLF + b"." + CRLF
+# RFC 5321 sections 4.5.3.1.10 and 3.3: 452 to a RCPT is "too many recipients": the sender
+# delivers to the recipients accepted so far and sends the others in a later transaction
+# (a temporary reply: at worst at its next queue run). So a recipient of another route
+# than the one this connection's backend serves is deferred, never refused: 550 would bounce it.
+REPLY_OTHER_ROUTE = b"452 4.5.3 Too many recipients, send the others in another transaction" + CRLF
+# RFC 3207 section 4: 454 is "TLS not available due to temporary reason". STARTTLS is offered
+# only before the first routed recipient (the backend connection is set up by then).
+REPLY_TLS_UNAVAILABLE = b"454 4.7.0 TLS not available now" + CRLF
+# RFC 3030 section 2: BDAT only after CHUNKING was advertised, which the proxy never does. Its
+# chunk follows at once and cannot be told from commands, so the answer closes the connection,
+# as Postfix's without CHUNKING does, with Postfix's words (smtpd.c, bdat_cmd).
+REPLY_NO_BDAT = b"521 5.5.1 Error: command not implemented" + CRLF
+
+
+class EndOfData:
+    """Finds where a DATA body ends (``END_OF_DATA``) in the client's bytes, cut anywhere.
+
+    The body passes to the backend as it came: no dot-unstuffing, no line-end repair. Only the
+    last four bytes seen are kept (a terminator is five), so memory is constant whatever the size
+    of the body, and no chunk is copied. A bare LF does not end anything here (RFC 5321 section
+    2.3.8); a backend that took ``LF . LF`` for the end would answer while the proxy still streams,
+    which the mediation treats as a backend out of step and closes (no smuggled commands).
+    """
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = CRLF  # the CRLF of the DATA command line: ".\r\n" alone is an empty body
+
+    def scan(self, chunk: bytes) -> int | None:
+        """How many bytes of ``chunk`` are body (the terminator included), or None if all are and
+        the body goes on. Not to be called again once the end was found."""
+        # A terminator that begins in the tail ends within the chunk's first four bytes.
+        at = (self._tail + chunk[: len(END_OF_DATA) - 1]).find(END_OF_DATA)
+        if at >= 0:
+            return at + len(END_OF_DATA) - len(self._tail)
+        at = chunk.find(END_OF_DATA)
+        if at >= 0:
+            return at + len(END_OF_DATA)
+        self._tail = (self._tail + chunk[-(len(END_OF_DATA) - 1) :])[-(len(END_OF_DATA) - 1) :]
+        return None
+
+
+_CLIENT_ENDED = "client closed the connection"
+
+
+class Expecting(Enum):
+    """What the backend's next reply answers, and so what becomes of it."""
+
+    NOTHING = auto()  # no command pending: a reply now is the backend out of step
+    REPLY = auto()  # MAIL, RCPT, RSET, NOOP: passed on as it is
+    HELLO = auto()  # the RSET sent for EHLO: a 250 becomes the proxy's own EHLO reply
+    HELO = auto()  # the RSET sent for HELO: a 250 becomes the proxy's own HELO reply
+    DATA = auto()  # a 354 opens the body
+    BODY = auto()  # no reply may come while the body streams
+    QUIT = auto()  # passed on, then the connection ends
+
+
+class Mediator:
+    """Inbound SMTP after the first routed recipient: the client's commands go to the backend one
+    at a time, and each gets exactly the backend's one complete reply before the next is read.
+
+    The driver creates it when the front-end emits ``Relay`` on an inbound listener, with the
+    route that got the backend (``route``) and ``route_of``, the current table's route for a
+    recipient (None: no route), which the driver answers with ``route`` for every route this
+    backend serves alike (several domains' routes on one Postfix endpoint). Commands:
+
+    - ``RCPT TO``: checked as before the login (``recipient_of``); a recipient of ``route`` goes
+      to the backend, one of another route gets ``REPLY_OTHER_ROUTE``, an unrouted one 550 5.7.1.
+    - ``MAIL`` (checked as the first, ``check_sender``: only advertised parameters), ``RSET``,
+      ``NOOP``, ``DATA``, ``QUIT``: to the backend, its reply to the client;
+      after a 354 the body streams to the backend as it comes until ``END_OF_DATA``, then the
+      backend's final reply goes to the client and commands are read again.
+    - ``EHLO``/``HELO``: end the transaction (RFC 5321 section 4.1.4), so the backend gets
+      ``RSET`` and the client the proxy's own reply, the same extensions as before minus STARTTLS:
+      the backend keeps the name it was given at login (the client's, with XCLIENT).
+    - ``STARTTLS`` 454 (or 554 inside TLS), ``AUTH`` 503, ``VRFY`` 502, anything else 500, as
+      before the login; ``BDAT`` 521 and a close (``REPLY_NO_BDAT``). Nothing but the commands
+      above ever reaches the backend, which trusts the proxy (XCLIENT from a client would
+      otherwise forge its address).
+
+    An over-long line (``MAX_CLIENT_LINE``) is refused and skipped as before the login. Pipelined
+    commands wait in the buffer behind the pending one, so replies keep their order (RFC 2920);
+    ``wants_client_data`` tells the driver to stop reading while more than ``MAX_HELD_BYTES``
+    wait. Refusals of the proxy's own count towards ``max_errors`` as before
+    the login (the deferral of another route's recipient does not: no fault of the client's).
+    Pure: no I/O, no clocks, no logging.
+    """
+
+    __slots__ = (
+        "_body",
+        "_buffer",
+        "_client_ended",
+        "_closed",
+        "_config",
+        "_deferred",
+        "_errors",
+        "_expecting",
+        "_replies",
+        "_route",
+        "_route_of",
+        "_skipping",
+    )
+
+    def __init__(self, config: FrontendConfig, route: str, route_of: Callable[[str], str | None]) -> None:
+        self._config = config
+        self._route = route
+        self._route_of = route_of
+        self._buffer = LineBuffer(MAX_CLIENT_LINE)
+        self._skipping = False  # the rest of an over-long line is being dropped up to its LF
+        self._replies = ReplyReader()
+        self._expecting = Expecting.NOTHING
+        self._body: EndOfData | None = None  # while the body streams
+        self._errors = 0
+        self._deferred = 0  # recipients of other routes answered with REPLY_OTHER_ROUTE
+        self._client_ended = False  # EOF from the client: answer what it sent, then close
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def deferred(self) -> int:
+        """How many recipients of other routes were deferred (for the session line)."""
+        return self._deferred
+
+    @property
+    def wants_client_data(self) -> bool:
+        """Whether the driver should read the client now: not while too much waits unread."""
+        if self._closed or self._client_ended:
+            return False
+        return self._body is not None or len(self._buffer) <= MAX_HELD_BYTES
+
+    @property
+    def quiet(self) -> bool:
+        """Between commands, nothing half-said: a closing line now interrupts nothing."""
+        return not self._closed and self._expecting is Expecting.NOTHING and not len(self._buffer)
+
+    def start(self, client: bytes, backend: bytes) -> list[MediationCommand]:
+        """Take what each side sent behind the login (the client's pipelined commands)."""
+        return self.handle(BackendData(backend)) + self.handle(DataReceived(client))
+
+    def handle(self, event: MediationEvent) -> list[MediationCommand]:
+        """Take one event; return what the driver must do, in order. Once closed, nothing."""
+        if self._closed:
+            return []
+        match event:
+            case DataReceived(data=data):
+                return self._from_client(data)
+            case BackendData(data=data):
+                self._replies.feed(data)
+                return self._from_backend()
+            case ConnectionClosed():
+                # A client may half-close behind its last commands (".", QUIT): they still get
+                # their replies, above all the final reply to DATA, or it would send the message
+                # again. A body cut short is no message: the backend drops it when we close.
+                self._client_ended = True
+                return self._close(_CLIENT_ENDED) if self._body is not None else self._interpret()
+            case BackendClosed():
+                return self._close("backend closed the connection", "4.4.2", "Error: backend went away")
+            case TimedOut():
+                return self._close("idle timeout", "4.4.2", "Error: timeout exceeded")
+            case _:
+                assert_never(event)
+
+    # -----------------------------------------------------------------------------------------
+    # Plumbing
+
+    def _close(self, reason: str, enhanced: str = "", why: str = "") -> list[MediationCommand]:
+        self._closed = True
+        notice = [Send(_closing(enhanced, self._config.server_name, why))] if why else []
+        return [*notice, Close(reason)]
+
+    def _refuse(self, reply: bytes) -> list[MediationCommand]:
+        """As the front-end: the ``max_errors``-th refusal is followed by 421 and a close."""
+        self._errors += 1
+        if self._errors >= self._config.max_errors:
+            return [
+                Send(reply),
+                *self._close("too many errors", "4.7.0", "Error: too many errors, closing connection"),
+            ]
+        return [Send(reply)]
+
+    def _forward(self, line: bytes, expecting: Expecting) -> list[MediationCommand]:
+        self._expecting = expecting
+        return [SendToBackend(line + CRLF)]
+
+    def _from_client(self, data: bytes) -> list[MediationCommand]:
+        if self._body is None:
+            if self._skipping:
+                rest = after_line_end(data)
+                if rest is None:
+                    return []
+                self._skipping, data = False, rest
+            self._buffer.feed(data)
+            return self._interpret()
+        end = self._body.scan(data)
+        if end is None:
+            return [SendToBackend(data)] if data else []
+        # The final reply comes next; whatever the client pipelined behind the body waits for it.
+        self._body = None
+        self._expecting = Expecting.REPLY
+        self._buffer.feed(data[end:])
+        return [SendToBackend(data[:end])]
+
+    def _from_backend(self) -> list[MediationCommand]:
+        commands: list[MediationCommand] = []
+        while not self._closed:
+            try:
+                reply = self._replies.pop()
+            except MalformedReplyError as error:
+                return commands + self._close(str(error), "4.4.2", "Error: backend failed")
+            if reply is None:
+                break
+            commands += self._on_reply(*reply)
+        return commands
+
+    def _on_reply(self, code: int, lines: list[bytes]) -> list[MediationCommand]:
+        reply = b"".join(line + CRLF for line in lines)
+        expecting, self._expecting = self._expecting, Expecting.NOTHING
+        match expecting:
+            case Expecting.NOTHING | Expecting.BODY:
+                # A reply nobody asked for (an idle backend's 421, or a backend that took the
+                # body's end elsewhere than the proxy): the two no longer agree; end it.
+                return self._close("backend replied out of turn", "4.4.2", "Error: backend out of step")
+            case Expecting.HELLO if code == 250:
+                reply = b"".join(_ehlo_reply(self._config.server_name, []))
+            case Expecting.HELO if code == 250:
+                reply = b"250 " + self._config.server_name.encode() + CRLF
+            case Expecting.DATA if code == 354:
+                self._body = EndOfData()
+                self._expecting = Expecting.BODY
+                # Bytes the client sent behind DATA before the 354 are the body's beginning.
+                return [Send(reply), *self._from_client(self._buffer.take_all())]
+            case Expecting.QUIT:
+                return [Send(reply), *self._close("client quit")]
+        return [Send(reply), *self._interpret()]
+
+    def _interpret(self) -> list[MediationCommand]:
+        """Answer complete lines, in order, while no command is pending at the backend."""
+        commands: list[MediationCommand] = []
+        while not self._closed and self._expecting is Expecting.NOTHING:
+            try:
+                line = self._buffer.pop_line()
+            except LineTooLongError:
+                # As before the login: refused, dropped up to its LF, and the session goes on.
+                self._skipping = drop_over_long_line(self._buffer)
+                commands += self._refuse(REPLY_LINE_TOO_LONG)
+                continue
+            if line is None:
+                if self._client_ended:  # all it sent is answered
+                    commands += self._close(_CLIENT_ENDED)
+                break
+            commands += self._command(line)
+        return commands
+
+    # -----------------------------------------------------------------------------------------
+    # Commands
+
+    def _command(self, line: bytes) -> list[MediationCommand]:
+        text = _command_text(line)
+        if not text:
+            return self._refuse(REPLY_BAD_SYNTAX)
+        verb, _, argument = text.partition(" ")
+        match verb.upper():
+            case "RCPT":
+                return self._rcpt_to(line, argument)
+            case "MAIL":
+                return self._mail_from(line, argument)
+            case "RSET" | "NOOP":
+                return self._forward(line, Expecting.REPLY)
+            case "DATA":
+                return self._forward(line, Expecting.DATA)
+            case "QUIT":
+                return self._forward(line, Expecting.QUIT)
+            case "EHLO" | "HELO" as verb_name:
+                if not argument.strip():
+                    return self._refuse(_syntax(f"{verb_name} hostname"))
+                return self._forward(b"RSET", Expecting.HELLO if verb_name == "EHLO" else Expecting.HELO)
+            case "STARTTLS":
+                return [Send(REPLY_TLS_ACTIVE if self._config.tls_active else REPLY_TLS_UNAVAILABLE)]
+            case "AUTH":
+                return self._refuse(REPLY_NO_AUTH_HERE)
+            case "VRFY":
+                return self._refuse(REPLY_VRFY)
+            case "BDAT":
+                return [Send(REPLY_NO_BDAT), *self._close("BDAT without CHUNKING")]
+            case _:
+                return self._refuse(REPLY_UNKNOWN)
+
+    def _mail_from(self, line: bytes, argument: str) -> list[MediationCommand]:
+        # The same checks as the first MAIL: only the parameters the proxy advertised pass.
+        try:
+            check_sender(argument)
+        except AddressError as error:
+            return self._refuse(error.reply)
+        return self._forward(line, Expecting.REPLY)
+
+    def _rcpt_to(self, line: bytes, argument: str) -> list[MediationCommand]:
+        try:
+            recipient = recipient_of(argument)
+        except AddressError as error:
+            return self._refuse(error.reply)
+        route = self._route_of(recipient)
+        if route is None:
+            return self._refuse(REPLY_RELAY_DENIED)
+        if route != self._route:
+            self._deferred += 1
+            return [Send(REPLY_OTHER_ROUTE)]
+        return self._forward(line, Expecting.REPLY)

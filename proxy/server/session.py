@@ -4,7 +4,8 @@ The listener hands over an accepted, non-blocking socket. A listener that trusts
 first reads its PROXY header (only trusted peers may connect there); an implicit-TLS listener
 runs the handshake. Then the session feeds the client's bytes to the protocol's ``Frontend``
 machine and carries out its commands: replies go to the client, ``StartTls`` upgrades the
-channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides to ``relay``.
+channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides to ``relay`` (an
+inbound SMTP session to ``mediation``, which keeps reading its commands).
 Everything before login is bounded by one deadline: reads, writes and TLS handshakes alike, so
 neither a slow client nor one that never reads its replies can hold a socket open past it (the
 backend login keeps its own timeouts). A read reaches the machine ``FEED_SIZE`` octets at a
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 from proxy import table
 from proxy.protocols import events, imap, pop3, proxyheader, smtp
-from proxy.server import backends, drain, limits, relay
+from proxy.server import backends, drain, limits, mediation, relay
 from proxy.server.certificates import CertificateStore
 from proxy.server.channel import SocketChannel, TransportChannel, as_transport
 from proxy.server.context import ProxyContext
@@ -520,6 +521,11 @@ async def _relay(
     relayed = context.metrics.relay_bytes
     relayed.started(listener.protocol, progress)
     try:
+        if listener.protocol == "smtp":
+            # Inbound: every later command is mediated, so no recipient of another route can
+            # reach this backend (mediation.py, smtp.Mediator).
+            record.outcome = await _mediate(context, channel, handover, turn=turn, progress=progress)
+            return
         if (
             isinstance(channel, SocketChannel)
             and channel.upgraded is None
@@ -562,3 +568,69 @@ async def _relay(
     record.outcome = f"relayed, ended by {result.ended_by}"
     if result.ended_by == relay.DRAINED:
         turn.outcome = drain.CLOSED_WHEN_QUIET
+
+
+async def _mediate(
+    context: ProxyContext,
+    channel: SocketChannel | TransportChannel,
+    handover: Handover,
+    *,
+    turn: drain.Turn,
+    progress: relay.Progress,
+) -> str:
+    """An inbound session after its backend login, to its end; the session line's outcome."""
+    login = handover.login
+    assert login.backend is not None and login.endpoint is not None
+    endpoint = login.endpoint
+    routes = context.tables.current.routes
+    first = next((route for route in routes if route.name == login.route), None)
+    # How the backend connection was set up (TLS, XCLIENT or PROXY header): another route's
+    # recipient may share it only if its route would have set it up the same way.
+    setup = None if first is None else first.upstream("smtp")
+
+    def route_of(recipient: str) -> str | None:
+        """The recipient's route, in the current table (a route edited since the login answers as
+        it is now); ``login.route`` also for another route served by this very backend endpoint
+        (domains of several routes on one Postfix), which takes the recipient as it would have
+        directly. Not for auth_http routes: their service may pick a server per recipient."""
+        route = table.lookup(context.tables.current, "smtp", recipient)
+        if route is None:
+            return None
+        upstream = route.upstream("smtp")
+        shared = (
+            first is not None
+            and setup is not None
+            and upstream is not None
+            and first.auth == route.auth == "backend"
+            and endpoint in upstream.endpoints
+            and (upstream.tls, upstream.client_info) == (setup.tls, setup.client_info)
+        )
+        return login.route if shared else route.name
+
+    settings = context.settings
+    machine = smtp.Mediator(
+        events.FrontendConfig(
+            server_name=settings.server_name,
+            tls_active=channel.tls is not None,
+            inbound=True,
+            max_errors=settings.max_errors,
+        ),
+        login.route,
+        route_of,
+    )
+    ended_by = await mediation.mediate(
+        machine,
+        channel,
+        login.backend,
+        client_bytes=handover.buffered,
+        backend_bytes=login.buffered,
+        idle_timeout=settings.timeouts.idle,
+        closing_grace=TIMED_OUT_REPLY_GRACE,
+        drain=turn,
+        progress=progress,
+    )
+    if ended_by == relay.DRAINED:
+        turn.outcome = drain.CLOSED_WHEN_QUIET
+    # Deferred recipients are mail that arrives later through another connection: worth a word.
+    deferred = f"; recipients of other routes deferred: {machine.deferred}" if machine.deferred else ""
+    return f"relayed, ended by {ended_by}{deferred}"

@@ -8,21 +8,30 @@ RFC 5321 puts none and to a local part over 64 octets (Postfix takes them, so th
 MAIL parameters of extensions not advertised get 555 as from Postfix; wrong passwords and
 unrouted logins get 535; over-long lines get 500 and the session goes on until max_errors,
 garbage and a stalled client get SMTP's answer or a timely close while the proxy keeps serving
-everyone else.
+everyone else. Inbound to two backends (the testbed's Postfix and a second one for
+delta.example): a recipient of the other backend, in the same transaction or on a reused
+connection, gets 452 4.5.3 and, sent again alone, arrives byte-identical at its own Postfix; two
+routes on one Postfix share a transaction; a pipelined envelope is answered in order; a 6 MiB
+message passes the mediation intact; XCLIENT, BDAT, STARTTLS and EHLO after the backend login get
+the proxy's answers.
 """
 
 import secrets
 import smtplib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from testbed import clients, mailservers, messages
-from testbed.backends import ALPHA, BETA, UNROUTED_DOMAIN, Backends
+from testbed import clients, mailservers, messages, proxysettings
+from testbed.backends import ALPHA, BETA, NAMESPACE, UNROUTED_DOMAIN, Backends
 from testbed.mailservers import LOOPBACK, User
 from testbed.proxyprocess import ProxyProcess
-from tests.e2e.helpers import latin1_user, octets_in_log, sasl_plain, serves_imap
+from tests.conftest import remove_testbed_directory
+from tests.conftest import testbed_directory as make_testbed_directory
+from tests.e2e.helpers import StartProxy, latin1_user, octets_in_log, sasl_plain, serves_imap
 
 NewUser = Callable[..., User]
 MESSAGE_COUNT = 100
@@ -313,3 +322,202 @@ def test_a_client_that_stops_mid_command_is_closed_while_others_are_served(
         assert serves_imap(proxy, backends)
         rest = stalled.until_closed()
     assert rest.splitlines()[-1].startswith(b"421 ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inbound: recipients of a second route. delta.example is a route on a second, real Postfix;
+# alpha.example and beta.example are two routes on the testbed's Postfix. After the first routed
+# recipient every command is mediated: a recipient another backend owns gets 452 4.5.3, which
+# MTAs deliver later in another transaction (never a bounce); one of a route served by the same
+# backend endpoint goes to it, as it would directly.
+
+DELTA = "delta.example"
+BIG_MESSAGE_BYTES = 6 * 1024 * 1024
+
+
+@dataclass
+class DeltaBackend:
+    """A second Postfix that owns delta.example, with mailboxes made on demand."""
+
+    postfix: mailservers.Postfix
+    directory: Path
+    made: int = 0
+
+    def new_address(self) -> str:
+        self.made += 1
+        address = f"d{self.made}-{secrets.token_hex(4)}@{DELTA}"
+        owner = mailservers.MailOwner.lookup(mailservers.DEFAULT_MAIL_USER)
+        self.postfix.add_mailbox(address, mailservers.Maildir(self.directory / address, owner))
+        return address
+
+
+@pytest.fixture(scope="module")
+def delta() -> Iterator[DeltaBackend]:
+    directory = make_testbed_directory("mailgress-delta-")
+    postfix = mailservers.Postfix(directory / "postfix", domains=[DELTA])
+    try:
+        postfix.start()
+    except mailservers.MailServerError as error:
+        remove_testbed_directory(directory)
+        pytest.fail(f"the delta Postfix could not start: {error}", pytrace=False)
+    yield DeltaBackend(postfix, directory)
+    postfix.stop()
+    remove_testbed_directory(directory)
+
+
+@pytest.fixture(scope="module")
+def two_backends(start_proxy: StartProxy, backends: Backends, delta: DeltaBackend) -> ProxyProcess:
+    """A proxy with the standard routes and delta.example on the second Postfix."""
+    services = backends.services()
+    services[f"{NAMESPACE}/delta-postfix"] = {"25": [f"{LOOPBACK}:{delta.postfix.smtp_port}"]}
+    routes = [
+        *backends.mailroutes(),
+        proxysettings.mailroute("delta", [DELTA], namespace=NAMESPACE, smtp=("delta-postfix", 25)),
+    ]
+    return start_proxy("two-backends", services=services, routes=routes)
+
+
+def smtp_reply(raw: clients.RawClient) -> bytes:
+    """One whole SMTP reply (RFC 5321 section 4.2.1: lines until ``code SP``)."""
+    reply = b""
+    for _ in range(100):
+        line = raw.line()
+        reply += line
+        if line[3:4] != b"-":
+            return reply
+    raise AssertionError(f"no end of reply in 100 lines: {reply[:200]!r}")
+
+
+def dot_stuffed(message: bytes) -> bytes:
+    """The message as DATA carries it (RFC 5321 section 4.5.2), without the final dot line."""
+    return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in message.split(b"\r\n"))
+
+
+def send_alone(port: int, recipient: str, message: bytes) -> None:
+    """What the sender does with a deferred recipient: its own transaction, on a new connection."""
+    with clients.smtp(port) as smtp:
+        assert smtp.sendmail("sender@example.net", [recipient], message) == {}
+
+
+def test_a_second_backends_recipient_in_the_same_transaction_is_deferred_then_delivered(
+    two_backends: ProxyProcess, backends: Backends, delta: DeltaBackend, new_user: NewUser
+) -> None:
+    """Exim's multi_domain: one transaction for alpha and delta; delta's recipient gets 452 (never
+    the 550 of a backend that does not own it), then arrives on its own, byte-identical."""
+    first, second = new_user(ALPHA), delta.new_address()
+    message = messages.compose("sender@example.net", first.address, "two routes", ".dot\nline\n")
+    port = two_backends.settings.ports.smtp
+    with clients.smtp(port) as smtp:
+        refused = smtp.sendmail("sender@example.net", [first.address, second], message)
+    assert list(refused) == [second] and refused[second][0] == 452
+    (delivered,) = backends.wait_delivered(first.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+    send_alone(port, second, message)
+    (delivered,) = delta.postfix.wait_delivered(second, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
+def test_a_second_backends_recipient_on_a_reused_connection_is_deferred_then_delivered(
+    two_backends: ProxyProcess, backends: Backends, delta: DeltaBackend, new_user: NewUser
+) -> None:
+    """Postfix's connection cache: the next transaction on the same connection is for delta."""
+    first, second = new_user(ALPHA), delta.new_address()
+    one = messages.compose("sender@example.net", first.address, "first transaction")
+    two = messages.compose("sender@example.net", second, "second transaction")
+    port = two_backends.settings.ports.smtp
+    with clients.smtp(port) as smtp:
+        assert smtp.sendmail("sender@example.net", [first.address], one) == {}
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as deferred:
+            smtp.sendmail("sender@example.net", [second], two)
+        assert deferred.value.recipients[second][0] == 452
+        assert smtp.noop()[0] == 250  # the connection goes on
+        assert smtp.sendmail("sender@example.net", [first.address], one) == {}
+    send_alone(port, second, two)
+    (delivered,) = delta.postfix.wait_delivered(second, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(two)
+    assert len(backends.wait_delivered(first.address, 2)) == 2
+
+
+def test_routes_on_the_same_backend_share_the_transaction(
+    two_backends: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """alpha and beta are two routes on one Postfix endpoint: nothing to defer, both delivered."""
+    first, second = new_user(ALPHA), new_user(BETA)
+    message = messages.compose("sender@example.net", first.address, "one backend", "both\n")
+    with clients.smtp(two_backends.settings.ports.smtp) as smtp:
+        assert smtp.sendmail("sender@example.net", [first.address, second.address], message) == {}
+    for user in (first, second):
+        (delivered,) = backends.wait_delivered(user.address, 1)
+        assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+        assert delivered in backends.dovecots[user.address.partition("@")[2]].messages(user.address)
+
+
+def test_a_pipelined_group_is_answered_in_order(
+    two_backends: ProxyProcess, backends: Backends, delta: DeltaBackend, new_user: NewUser
+) -> None:
+    """RFC 2920: the whole envelope in one write, the body and the rest in another; each command
+    gets its own reply in order, whoever answers it (the proxy or Postfix)."""
+    first, second = new_user(ALPHA), new_user(BETA)
+    message = messages.compose("sender@example.net", first.address, "pipelined", "..\n.x\n")
+    recipients = (first.address, delta.new_address(), second.address, "nobody@gamma.example")
+    with clients.RawClient(two_backends.settings.ports.smtp) as raw:
+        assert smtp_reply(raw).startswith(b"220 ")
+        raw.send(b"EHLO client.example\r\n")
+        assert b"250-PIPELINING" in smtp_reply(raw)
+        raw.send(
+            b"MAIL FROM:<sender@example.net>\r\n"
+            + b"".join(b"RCPT TO:<%s>\r\n" % address.encode() for address in recipients)
+            + b"DATA\r\n"
+        )
+        replies = [smtp_reply(raw)[:9] for _ in range(6)]
+        assert replies == [b"250 2.1.0", b"250 2.1.5", b"452 4.5.3", b"250 2.1.5", b"550 5.7.1", b"354 End d"]
+        raw.send(dot_stuffed(message) + b".\r\nRSET\r\nQUIT\r\n")
+        assert smtp_reply(raw).startswith(b"250 2.0.0 Ok: queued")
+        assert smtp_reply(raw).startswith(b"250 ")
+        assert smtp_reply(raw).startswith(b"221 ")
+        assert raw.until_closed() == b""
+    for user in (first, second):
+        (delivered,) = backends.wait_delivered(user.address, 1)
+        assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
+def test_a_big_message_passes_the_mediation_intact(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """Megabytes of body, with dot-stuffed lines and lines longer than a read, byte-identical."""
+    user = new_user(BETA)
+    line = "." + "0123456789abcdef" * 5 + "\n"
+    long_line = "x" * 70_000 + "\n"
+    body = (line * 100 + long_line) * (BIG_MESSAGE_BYTES // (len(line) * 100 + len(long_line)) + 1)
+    message = messages.compose("sender@example.net", user.address, "big", body)
+    assert len(message) > BIG_MESSAGE_BYTES
+    with clients.smtp(proxy.settings.ports.smtp) as smtp:
+        assert smtp.sendmail("sender@example.net", [user.address], message) == {}
+    (delivered,) = backends.wait_delivered(user.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
+def test_what_the_backend_must_never_hear_is_answered_by_the_proxy(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """After the backend login: XCLIENT (Postfix trusts the proxy with it), STARTTLS and EHLO get
+    the proxy's answers and the session goes on; BDAT (no CHUNKING advertised) ends it, as
+    Postfix without CHUNKING does, before its chunk could be read as commands."""
+    user = new_user(ALPHA)
+    with clients.RawClient(proxy.settings.ports.smtp) as raw:
+        assert smtp_reply(raw).startswith(b"220 ")
+        for command, reply in [
+            (b"EHLO client.example", b"250-mailgress.test"),
+            (b"MAIL FROM:<sender@example.net>", b"250 "),
+            (b"RCPT TO:<%s>" % user.address.encode(), b"250 "),
+            (b"XCLIENT ADDR=192.0.2.1", b"500 5.5.2"),
+            (b"STARTTLS", b"454 4.7.0"),
+            (b"EHLO again.example", b"250-mailgress.test"),
+            (b"RCPT TO:<%s>" % user.address.encode(), b"503 "),  # EHLO ended the transaction
+            (b"BDAT 10 LAST\r\nQUIT", b"521 5.5.1"),
+        ]:
+            raw.send(command + b"\r\n")
+            got = smtp_reply(raw)
+            assert got.startswith(reply), (command, got)
+            assert b"XCLIENT" not in got and b"CHUNKING" not in got
+        assert raw.until_closed() == b""

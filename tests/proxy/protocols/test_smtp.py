@@ -10,6 +10,7 @@ factories in dialogues.py, bound here to their names with SMTP's data.
 
 import base64
 import dataclasses
+import itertools
 
 import pytest
 from hypothesis import given
@@ -1066,3 +1067,443 @@ def test_backend_starttls_dialogue_split_anywhere_gives_the_same_commands(
     commands = dialogues.split_backend_dialogue(make, verdict_given, parts, sizes)
     assert isinstance(commands[-1], LoginSucceeded)
     assert commands[-1].buffered == b"354 early\r\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inbound mediation (after the backend login): transcripts of both sides, the DATA end, fuzzing
+
+ROUTES = {"alpha.example": "mail/alpha", "beta.example": "mail/beta"}
+MX_EHLO = b"250-mailgress\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+
+
+def route_of(recipient: str) -> str | None:
+    return ROUTES.get(recipient.rpartition("@")[2].lower())
+
+
+def mediator(config: FrontendConfig = INBOUND) -> smtp.Mediator:
+    """A mediation whose backend serves mail/alpha, started with nothing pipelined."""
+    machine = smtp.Mediator(config, "mail/alpha", route_of)
+    assert machine.start(b"", b"") == []
+    return machine
+
+
+def to_client(commands: list[smtp.MediationCommand]) -> bytes:
+    return b"".join(command.data for command in commands if isinstance(command, Send))
+
+
+def to_backend(commands: list[smtp.MediationCommand]) -> bytes:
+    return b"".join(command.data for command in commands if isinstance(command, smtp.SendToBackend))
+
+
+def client_says(machine: smtp.Mediator, data: bytes) -> list[smtp.MediationCommand]:
+    return machine.handle(DataReceived(data))
+
+
+def backend_says(machine: smtp.Mediator, data: bytes) -> list[smtp.MediationCommand]:
+    return machine.handle(smtp.BackendData(data))
+
+
+def test_a_recipient_of_another_route_is_deferred_and_the_transaction_goes_on() -> None:
+    """Exim's multi_domain: one transaction, recipients of two routes and of none."""
+    machine = mediator()
+    commands = client_says(machine, b"RCPT TO:<b@alpha.example>\r\n")
+    assert to_backend(commands) == b"RCPT TO:<b@alpha.example>\r\n" and to_client(commands) == b""
+    assert to_client(backend_says(machine, b"250 2.1.5 Ok\r\n")) == b"250 2.1.5 Ok\r\n"
+    commands = client_says(machine, b"RCPT TO:<c@Beta.Example>\r\n")
+    assert commands == [Send(smtp.REPLY_OTHER_ROUTE)]
+    assert client_says(machine, b"RCPT TO:<d@gamma.example>\r\n") == [Send(smtp.REPLY_RELAY_DENIED)]
+    assert to_backend(client_says(machine, b"DATA\r\n")) == b"DATA\r\n"
+    assert to_client(backend_says(machine, b"354 End data with <CR><LF>.<CR><LF>\r\n")).startswith(b"354 ")
+    body = b"Subject: x\r\n\r\n..leading dot\r\nbare\nLF and CR\r.\r\n"
+    assert to_backend(client_says(machine, body)) == body
+    assert client_says(machine, b".\r\n") == [smtp.SendToBackend(b".\r\n")]
+    assert (
+        to_client(backend_says(machine, b"250 2.0.0 Ok: queued as 1\r\n")) == b"250 2.0.0 Ok: queued as 1\r\n"
+    )
+    assert machine.deferred == 1 and machine.quiet
+
+
+def test_every_later_transaction_defers_other_routes_too() -> None:
+    """Postfix's connection cache: the next transaction on the same connection, after RSET."""
+    machine = mediator()
+    for command, reply in [
+        (b"RSET", b"250 2.0.0 Ok"),
+        (b"MAIL FROM:<s@example.net>", b"250 2.1.0 Ok"),
+        (b"RCPT TO:<x@alpha.example>", b"250 2.1.5 Ok"),
+    ]:
+        assert to_backend(client_says(machine, command + b"\r\n")) == command + b"\r\n"
+        assert to_client(backend_says(machine, reply + b"\r\n")) == reply + b"\r\n"
+    assert client_says(machine, b"RCPT TO:<y@beta.example>\r\n") == [Send(smtp.REPLY_OTHER_ROUTE)]
+    assert to_backend(client_says(machine, b"QUIT\r\n")) == b"QUIT\r\n"
+    assert backend_says(machine, b"221 2.0.0 Bye\r\n") == [Send(b"221 2.0.0 Bye\r\n"), Close("client quit")]
+    assert machine.closed and machine.deferred == 1
+
+
+def test_pipelined_commands_go_one_at_a_time_and_replies_keep_their_order() -> None:
+    """RFC 2920: a whole group in one read; each command waits for the reply to the one before."""
+    machine = mediator()
+    group = (
+        b"RSET\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<a@beta.example>\r\n"
+        b"RCPT TO:<b@alpha.example>\r\nRCPT TO:<c@nowhere.example>\r\nDATA\r\n"
+    )
+    assert client_says(machine, group) == [smtp.SendToBackend(b"RSET\r\n")]
+    assert not machine.quiet
+    assert backend_says(machine, b"250 2.0.0 Ok\r\n") == [
+        Send(b"250 2.0.0 Ok\r\n"),
+        smtp.SendToBackend(b"MAIL FROM:<s@example.net>\r\n"),
+    ]
+    assert backend_says(machine, b"250 2.1.0 Ok\r\n") == [
+        Send(b"250 2.1.0 Ok\r\n"),
+        Send(smtp.REPLY_OTHER_ROUTE),
+        smtp.SendToBackend(b"RCPT TO:<b@alpha.example>\r\n"),
+    ]
+    assert backend_says(machine, b"550 5.1.1 <b@alpha.example>: unknown\r\n") == [
+        Send(b"550 5.1.1 <b@alpha.example>: unknown\r\n"),
+        Send(smtp.REPLY_RELAY_DENIED),
+        smtp.SendToBackend(b"DATA\r\n"),
+    ]
+    # The backend has no recipient: its refusal of DATA is the client's, and commands go on.
+    assert backend_says(machine, b"554 5.5.1 Error: no valid recipients\r\n") == [
+        Send(b"554 5.5.1 Error: no valid recipients\r\n")
+    ]
+    assert machine.quiet
+
+
+def test_a_multi_line_reply_cut_anywhere_is_passed_on_whole_and_once() -> None:
+    machine = mediator()
+    client_says(machine, b"NOOP\r\nNOOP\r\n")
+    assert backend_says(machine, b"250-first\r\n250") == []
+    assert backend_says(machine, b" second\r\n") == [
+        Send(b"250-first\r\n250 second\r\n"),
+        smtp.SendToBackend(b"NOOP\r\n"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("hello", "reply"),
+    [(b"EHLO other.example", MX_EHLO), (b"HELO other.example", b"250 mailgress\r\n")],
+)
+def test_ehlo_and_helo_reset_the_backend_and_get_the_proxys_own_reply(hello: bytes, reply: bytes) -> None:
+    """The backend keeps the name from the login; its own extensions (XCLIENT, SIZE) never show."""
+    machine = mediator(dataclasses.replace(INBOUND, starttls=StartTlsPolicy.ON))
+    assert client_says(machine, hello + b"\r\n") == [smtp.SendToBackend(b"RSET\r\n")]
+    assert backend_says(machine, b"250 2.0.0 Ok\r\n") == [Send(reply)]
+    client_says(machine, hello + b"\r\n")
+    assert backend_says(machine, b"421 4.3.0 going down\r\n") == [Send(b"421 4.3.0 going down\r\n")]
+    assert client_says(machine, hello[:4] + b"\r\n") == [
+        Send(b"501 5.5.4 Syntax: " + hello[:4] + b" hostname\r\n")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        (b"XCLIENT ADDR=10.0.0.1", smtp.REPLY_UNKNOWN),
+        (b"AUTH PLAIN AGFsaWNl", smtp.REPLY_NO_AUTH_HERE),
+        (b"VRFY root", smtp.REPLY_VRFY),
+        (b"EXPN staff", smtp.REPLY_UNKNOWN),
+        (b"STARTTLS", smtp.REPLY_TLS_UNAVAILABLE),
+        (b"RCPT TO:<a%b@alpha.example>", smtp.REPLY_RELAY_DENIED),
+        (b"RCPT TO:<@relay.example:a@alpha.example>", smtp.REPLY_SOURCE_ROUTE),
+        (b"RCPT FROM:<a@alpha.example>", b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"),
+        (b"MAIL FROM:<a\x01@example.net>", smtp.REPLY_BAD_SYNTAX),
+        (b"", smtp.REPLY_BAD_SYNTAX),
+    ],
+)
+def test_the_proxy_answers_what_must_never_reach_the_backend(command: bytes, reply: bytes) -> None:
+    """A backend trusts the proxy (XCLIENT, relaying for it): only checked commands go through."""
+    machine = mediator()
+    assert client_says(machine, command + b"\r\n") == [Send(reply)]
+
+
+def test_bdat_without_chunking_is_refused_and_closes() -> None:
+    """Its chunk would follow at once: never read as commands (Postfix without CHUNKING: same)."""
+    machine = mediator()
+    assert client_says(machine, b"BDAT 21 LAST\r\nRCPT TO:<a@alpha.example>\r\n") == [
+        Send(b"521 5.5.1 Error: command not implemented\r\n"),
+        Close("BDAT without CHUNKING"),
+    ]
+
+
+def test_starttls_inside_tls_is_554() -> None:
+    machine = mediator(dataclasses.replace(INBOUND, tls_active=True))
+    assert client_says(machine, b"STARTTLS\r\n") == [Send(smtp.REPLY_TLS_ACTIVE)]
+
+
+def test_the_proxys_refusals_count_towards_max_errors_but_deferrals_do_not() -> None:
+    machine = mediator(dataclasses.replace(INBOUND, max_errors=2))
+    for _ in range(5):
+        assert client_says(machine, b"RCPT TO:<a@beta.example>\r\n") == [Send(smtp.REPLY_OTHER_ROUTE)]
+    assert client_says(machine, b"VRFY x\r\n") == [Send(smtp.REPLY_VRFY)]
+    commands = client_says(machine, b"RCPT TO:<a@gamma.example>\r\n")
+    assert commands == [
+        Send(smtp.REPLY_RELAY_DENIED),
+        Send(b"421 4.7.0 mailgress Error: too many errors, closing connection\r\n"),
+        Close("too many errors"),
+    ]
+    assert client_says(machine, b"NOOP\r\n") == [] and machine.closed
+
+
+def test_bytes_pipelined_behind_the_body_wait_for_its_final_reply() -> None:
+    machine = mediator()
+    client_says(machine, b"DATA\r\n")
+    # A client that did not wait for the 354: what it sent is the body's beginning.
+    assert client_says(machine, b"Subject: early\r\n") == []
+    assert backend_says(machine, b"354 go ahead\r\n") == [
+        Send(b"354 go ahead\r\n"),
+        smtp.SendToBackend(b"Subject: early\r\n"),
+    ]
+    commands = client_says(machine, b"\r\nbody\r\n.\r\nMAIL FROM:<s@example.net>\r\nQUIT\r\n")
+    assert commands == [smtp.SendToBackend(b"\r\nbody\r\n.\r\n")]
+    assert backend_says(machine, b"250 2.0.0 Ok: queued\r\n") == [
+        Send(b"250 2.0.0 Ok: queued\r\n"),
+        smtp.SendToBackend(b"MAIL FROM:<s@example.net>\r\n"),
+    ]
+
+
+def test_an_empty_body_ends_at_once() -> None:
+    machine = mediator()
+    client_says(machine, b"DATA\r\n")
+    backend_says(machine, b"354 go\r\n")
+    assert client_says(machine, b".\r\nNOOP\r\n") == [smtp.SendToBackend(b".\r\n")]
+
+
+def test_a_client_that_half_closes_behind_its_last_commands_gets_their_replies() -> None:
+    """The final reply to DATA above all: without it the sender would send the message again."""
+    machine = mediator()
+    client_says(machine, b"DATA\r\n")
+    backend_says(machine, b"354 go\r\n")
+    assert client_says(machine, b"x\r\n.\r\nQUIT\r\n") == [smtp.SendToBackend(b"x\r\n.\r\n")]
+    assert machine.handle(ConnectionClosed()) == []
+    assert not machine.wants_client_data
+    assert backend_says(machine, b"250 Ok: queued\r\n") == [
+        Send(b"250 Ok: queued\r\n"),
+        smtp.SendToBackend(b"QUIT\r\n"),
+    ]
+    assert backend_says(machine, b"221 Bye\r\n") == [Send(b"221 Bye\r\n"), Close("client quit")]
+
+
+@pytest.mark.parametrize(
+    ("pending", "closes"),
+    [(b"", True), (b"NOOP\r\n", False), (b"NOOP", True)],
+    ids=["quiet", "command-pending", "half-a-line"],
+)
+def test_client_close_ends_the_mediation_once_nothing_is_left_to_answer(pending: bytes, closes: bool) -> None:
+    machine = mediator()
+    client_says(machine, pending)
+    commands = machine.handle(ConnectionClosed())
+    assert (commands == [Close("client closed the connection")]) is closes
+
+
+def test_a_body_cut_short_by_the_client_is_dropped() -> None:
+    machine = mediator()
+    client_says(machine, b"DATA\r\n")
+    backend_says(machine, b"354 go\r\n")
+    client_says(machine, b"half a message\r\n")
+    assert machine.handle(ConnectionClosed()) == [Close("client closed the connection")]
+
+
+@pytest.mark.parametrize(
+    ("setup", "event", "reason"),
+    [
+        (b"", smtp.BackendClosed(), "backend closed the connection"),
+        (b"NOOP\r\n", smtp.BackendClosed(), "backend closed the connection"),
+        (b"", smtp.BackendData(b"421 4.4.2 idle\r\n"), "backend replied out of turn"),
+        (b"NOOP\r\n", smtp.BackendData(b"250 ok\r\n250 again\r\n"), "backend replied out of turn"),
+        (b"NOOP\r\n", smtp.BackendData(b"hello\r\n"), "backend sent a malformed reply"),
+        (b"NOOP\r\n", smtp.BackendData(b"250" + b"x" * 600 + b"\r\n"), "backend reply line too long"),
+        (b"NOOP\r\n", smtp.BackendData(b"250-x\r\n" * 101), "backend reply too long"),
+        (b"", TimedOut(), "idle timeout"),
+    ],
+)
+def test_a_backend_out_of_step_or_gone_ends_the_session_with_421(
+    setup: bytes, event: smtp.MediationEvent, reason: str
+) -> None:
+    machine = mediator()
+    client_says(machine, setup)
+    *_, notice, close = machine.handle(event)
+    assert isinstance(notice, Send) and notice.data.startswith(b"421 4.")
+    assert close == Close(reason) and machine.closed
+
+
+def test_a_backend_that_answers_inside_the_body_ends_the_session() -> None:
+    """A backend that took a bare-LF dot (or anything else) for the end: never resynchronised,
+    so what follows in the body can never pass for commands."""
+    machine = mediator()
+    client_says(machine, b"DATA\r\n")
+    backend_says(machine, b"354 go\r\n")
+    assert to_backend(client_says(machine, b"x\n.\nRCPT TO:<a@beta.example>\r\n")) != b""
+    commands = backend_says(machine, b"250 Ok: queued\r\n")
+    assert commands[-1] == Close("backend replied out of turn") and machine.closed
+
+
+def test_an_over_long_line_is_refused_and_skipped_as_before_the_login() -> None:
+    """500 5.5.2, dropped up to its LF even when it arrives in pieces, and the session goes on."""
+    machine = mediator()
+    long_line = b"NOOP " + b"x" * smtp.MAX_CLIENT_LINE
+    assert client_says(machine, long_line[:3000]) == [Send(smtp.REPLY_LINE_TOO_LONG)]
+    assert client_says(machine, b"x" * 5000) == []
+    assert client_says(machine, b"RCPT TO:<a@beta.example>\r\nNOOP\r\n") == [smtp.SendToBackend(b"NOOP\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("mail", "reply"),
+    [
+        (b"MAIL FROM:<s@example.net> SMTPUTF8", smtp.REPLY_UNSUPPORTED_PARAMETER),
+        (b"MAIL FROM:<s@example.net> RET=HDRS", smtp.REPLY_UNSUPPORTED_PARAMETER),
+        (b"MAIL TO:<s@example.net>", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
+        (b"MAIL FROM:s@example.net", smtp.REPLY_BAD_SENDER),
+    ],
+)
+def test_a_later_mail_is_checked_as_the_first(mail: bytes, reply: bytes) -> None:
+    """The backend may offer SMTPUTF8 or DSN; the proxy did not, so their parameters never pass."""
+    machine = mediator()
+    assert client_says(machine, mail + b"\r\n") == [Send(reply)]
+    ok = b"MAIL FROM:<s@example.net> BODY=8BITMIME\r\n"
+    assert client_says(machine, ok) == [smtp.SendToBackend(ok)]
+
+
+def test_reading_pauses_while_too_much_waits_behind_a_pending_command() -> None:
+    machine = mediator()
+    client_says(machine, b"NOOP\r\n")
+    client_says(machine, b"NOOP\r\n" * (smtp.MAX_HELD_BYTES // 6 + 1))
+    assert not machine.wants_client_data
+    backend_says(machine, b"250 ok\r\n" * 2)
+    assert machine.wants_client_data
+
+
+def test_the_start_takes_what_each_side_sent_behind_the_login() -> None:
+    machine = smtp.Mediator(INBOUND, "mail/alpha", route_of)
+    assert machine.start(b"RCPT TO:<a@beta.example>\r\nNOOP\r\n", b"") == [
+        Send(smtp.REPLY_OTHER_ROUTE),
+        smtp.SendToBackend(b"NOOP\r\n"),
+    ]
+    machine = smtp.Mediator(INBOUND, "mail/alpha", route_of)
+    assert machine.start(b"NOOP\r\n", b"421 bye\r\n")[-1] == Close("backend replied out of turn")
+
+
+def test_a_route_edited_during_the_session_is_asked_again_for_each_recipient() -> None:
+    current = {"alpha.example": "mail/alpha"}
+    machine = smtp.Mediator(INBOUND, "mail/alpha", lambda key: current.get(key.rpartition("@")[2]))
+    machine.start(b"", b"")
+    assert to_backend(client_says(machine, b"RCPT TO:<a@alpha.example>\r\n"))
+    backend_says(machine, b"250 ok\r\n")
+    current["alpha.example"] = "mail/moved"
+    assert client_says(machine, b"RCPT TO:<a@alpha.example>\r\n") == [Send(smtp.REPLY_OTHER_ROUTE)]
+
+
+def test_mediation_reprs_show_no_message_bytes() -> None:
+    assert repr(smtp.SendToBackend(b"secret body")) == "SendToBackend(<11 bytes>)"
+
+
+# The end of DATA, fuzzed: bodies of lines with dots and odd line ends, cut anywhere.
+
+BODY_LINES = st.lists(
+    st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a\rb", b"a\nb", b"\r", b"\n", b"text", b". ."]),
+    max_size=12,
+)
+
+
+def stuffed(lines: list[bytes]) -> bytes:
+    """A body as a client sends it: each line dot-stuffed (RFC 5321 section 4.5.2), CRLF-ended."""
+    return b"".join((b"." + line if line.startswith(b".") else line) + CRLF_BYTES for line in lines)
+
+
+CRLF_BYTES = b"\r\n"
+
+
+@FUZZ
+@given(lines=BODY_LINES, after=st.binary(max_size=12), cuts=st.lists(st.integers(0, 200), max_size=8))
+def test_end_of_data_is_found_wherever_the_stream_is_cut(
+    lines: list[bytes], after: bytes, cuts: list[int]
+) -> None:
+    body = stuffed(lines) + b".\r\n"
+    stream = body + after
+    points = sorted({min(cut, len(stream)) for cut in cuts} | {0, len(stream)})
+    tracker = smtp.EndOfData()
+    consumed = 0
+    for start, end in itertools.pairwise(points):
+        found = tracker.scan(stream[start:end])
+        if found is not None:
+            consumed += found
+            break
+        consumed += end - start
+    assert consumed == len(body)
+
+
+@FUZZ
+@given(data=st.binary(max_size=40), cuts=st.lists(st.integers(0, 40), max_size=6))
+def test_end_of_data_agrees_with_a_plain_search_on_any_bytes(data: bytes, cuts: list[int]) -> None:
+    """The first CRLF.CRLF, counting the DATA line's own CRLF, however the bytes arrive."""
+    expected = (b"\r\n" + data).find(smtp.END_OF_DATA)
+    points = sorted({min(cut, len(data)) for cut in cuts} | {0, len(data)})
+    tracker = smtp.EndOfData()
+    found_at = None
+    for start, end in itertools.pairwise(points):
+        found = tracker.scan(data[start:end])
+        if found is not None:
+            found_at = start + found
+            break
+    assert found_at == (None if expected < 0 else expected + len(smtp.END_OF_DATA) - 2)
+
+
+MEDIATED_CLIENT = (
+    b"MAIL FROM:<s@example.net>\r\nRCPT TO:<a@alpha.example>\r\nRCPT TO:<b@beta.example>\r\n"
+    b"DATA\r\nSubject: hi\r\n\r\n..dot\r\nline\r\n.\r\nRSET\r\nEHLO again.example\r\nQUIT\r\n"
+)
+# What the backend gets, cut after each command (or body) it owes a reply to, and those replies.
+MEDIATED_UPSTREAM = [
+    b"MAIL FROM:<s@example.net>\r\n",
+    b"RCPT TO:<a@alpha.example>\r\n",
+    b"DATA\r\n",
+    b"Subject: hi\r\n\r\n..dot\r\nline\r\n.\r\n",
+    b"RSET\r\n",
+    b"RSET\r\n",
+    b"QUIT\r\n",
+]
+MEDIATED_REPLIES = [
+    b"250 2.1.0 Ok\r\n",
+    b"250-2.1.5\r\n250 Ok\r\n",
+    b"354 go\r\n",
+    b"250 2.0.0 queued\r\n",
+    b"250 2.0.0 Ok\r\n",
+    b"250 2.0.0 Ok\r\n",
+    b"221 2.0.0 Bye\r\n",
+]
+
+
+@FUZZ
+@given(client_sizes=dialogues.SPLIT_READS, backend_sizes=dialogues.SPLIT_READS, backend_first=st.booleans())
+def test_a_mediated_session_cut_anywhere_gives_the_same_bytes_to_each_side(
+    client_sizes: list[int], backend_sizes: list[int], backend_first: bool
+) -> None:
+    """However both sides' bytes are cut and interleaved, each side gets the same bytes, in order,
+    and the session ends the same. The backend speaks only when spoken to, as a real one does."""
+    ends = list(itertools.accumulate(len(part) for part in MEDIATED_UPSTREAM))
+    reply_ends = list(itertools.accumulate(len(reply) for reply in MEDIATED_REPLIES))
+    backend_stream = b"".join(MEDIATED_REPLIES)
+    machine = mediator()
+    commands: list[smtp.MediationCommand] = []
+    client_at = backend_at = reads = 0
+    for reads in range(1000):
+        answered = sum(end <= len(to_backend(commands)) for end in ends)
+        owed = reply_ends[answered - 1] if answered else 0
+        client_size = client_sizes[reads % len(client_sizes)] * 5
+        backend_size = backend_sizes[reads % len(backend_sizes)] * 3
+        if backend_at < owed and (backend_first or client_at == len(MEDIATED_CLIENT)):
+            piece = backend_stream[backend_at : min(owed, backend_at + backend_size)]
+            backend_at += len(piece)
+            commands += backend_says(machine, piece)
+        elif client_at < len(MEDIATED_CLIENT):
+            piece = MEDIATED_CLIENT[client_at : client_at + client_size]
+            client_at += len(piece)
+            commands += client_says(machine, piece)
+        else:
+            break
+    assert reads < 999
+    assert to_backend(commands) == b"".join(MEDIATED_UPSTREAM)
+    assert to_client(commands) == (
+        b"250 2.1.0 Ok\r\n250-2.1.5\r\n250 Ok\r\n" + smtp.REPLY_OTHER_ROUTE + b"354 go\r\n"
+        b"250 2.0.0 queued\r\n250 2.0.0 Ok\r\n" + MX_EHLO + b"221 2.0.0 Bye\r\n"
+    )
+    assert commands[-1] == Close("client quit")

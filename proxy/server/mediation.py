@@ -1,0 +1,148 @@
+"""Drive an inbound SMTP session after its backend login: ``smtp.Mediator`` between two channels.
+
+Called by the session driver (session.py) in place of the byte relay once an inbound-MX client's
+first routed recipient has a backend. The machine decides everything (which command goes to the
+backend, which recipient is deferred, where a body ends); this driver only reads both sides at
+once, carries out the machine's commands in order and keeps time: a session in which neither
+side moves a byte for the idle timeout gets the machine's ``TimedOut`` (421, close), and when the
+proxy drains, the session ends with the turn's closing line at the first moment the machine is
+between commands. Reads of the client pause while the machine holds too much unread (its
+``wants_client_data``); writes wait for each peer to take the bytes, inside the same idle bound.
+Never logs and never looks at the bytes: they may be anyone's mail.
+"""
+
+import asyncio
+import contextlib
+import ssl
+from typing import assert_never
+
+from proxy.protocols import events, smtp
+from proxy.server import relay
+from proxy.server.channel import SocketChannel, TransportChannel
+from proxy.server.drain import Turn
+
+Channel = SocketChannel | TransportChannel
+
+
+class Moved:
+    """Bytes written to each side so far (the proxy's own replies included): for relay.Progress."""
+
+    __slots__ = ("down", "up")
+
+    def __init__(self) -> None:
+        self.up = 0  # to the backend
+        self.down = 0  # to the client
+
+    def moved(self) -> tuple[int, int]:
+        return self.up, self.down
+
+
+async def _read(channel: Channel) -> bytes:
+    """One read; a broken connection reads as closed (b""), as the machine only needs to know that."""
+    try:
+        return await channel.recv()
+    except (OSError, ssl.SSLError):
+        return b""
+
+
+async def mediate(
+    machine: smtp.Mediator,
+    client: Channel,
+    backend: Channel,
+    *,
+    client_bytes: bytes,
+    backend_bytes: bytes,
+    idle_timeout: float,
+    closing_grace: float,
+    drain: Turn,
+    progress: relay.Progress,
+) -> str:
+    """Run ``machine`` until it closes; return why (its ``Close`` reason, or ``relay.DRAINED``).
+
+    Args:
+        client_bytes, backend_bytes: what each side sent behind the login, not yet read by anyone.
+        idle_timeout: seconds without a byte either way (or a write that long stuck) before the
+            machine gets ``TimedOut``; its 421 then gets ``closing_grace`` seconds to go out.
+        progress: follows the bytes written to each side, until and after the end.
+
+    Raises:
+        OSError, ssl.SSLError: a write failed (the session reports a connection error).
+    """
+    moved = Moved()
+    progress.follow(moved)
+    loop = asyncio.get_running_loop()
+    due: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not due.done():
+            due.set_result(None)
+
+    reads: dict[str, asyncio.Task[bytes] | None] = {"client": None, "backend": None}
+    ended = relay.CANCELLED  # until the session ends otherwise
+    drain.on_due = wake
+    try:
+        commands = machine.start(client_bytes, backend_bytes)
+        while True:
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    reason = await _carry_out(commands, client, backend, moved)
+                    if reason is not None:
+                        ended = reason
+                        return ended
+                    if drain.due and machine.quiet:
+                        await client.send(drain.closing)
+                        ended = relay.DRAINED
+                        return ended
+                    if reads["client"] is None and machine.wants_client_data:
+                        reads["client"] = asyncio.ensure_future(_read(client))
+                    if reads["backend"] is None:
+                        reads["backend"] = asyncio.ensure_future(_read(backend))
+                    waiting: set[asyncio.Future[None] | asyncio.Task[bytes]] = {
+                        task for task in reads.values() if task is not None
+                    }
+                    if not due.done():
+                        waiting.add(due)
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError:
+                with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
+                    async with asyncio.timeout(closing_grace):  # a client that reads nothing gets nothing
+                        await _carry_out(machine.handle(events.TimedOut()), client, backend, moved)
+                ended = "idle timeout"
+                return ended
+            commands = []
+            # The backend first: its reply settles the pending command before the client's next.
+            backend_read = reads["backend"]
+            if backend_read is not None and backend_read.done():
+                reads["backend"] = None
+                data = backend_read.result()
+                commands += machine.handle(smtp.BackendData(data) if data else smtp.BackendClosed())
+            client_read = reads["client"]
+            if client_read is not None and client_read.done():
+                reads["client"] = None
+                data = client_read.result()
+                commands += machine.handle(events.DataReceived(data) if data else events.ConnectionClosed())
+    finally:
+        drain.on_due = None
+        for task in reads.values():
+            if task is not None:
+                task.cancel()
+        progress.settle(relay.RelayResult(moved.up, moved.down, ended))
+
+
+async def _carry_out(
+    commands: list[smtp.MediationCommand], client: Channel, backend: Channel, moved: Moved
+) -> str | None:
+    """Do the machine's commands in order; the reason if one of them closes the session."""
+    for command in commands:
+        match command:
+            case events.Send(data=data):
+                await client.send(data)
+                moved.down += len(data)
+            case smtp.SendToBackend(data=data):
+                await backend.send(data)
+                moved.up += len(data)
+            case events.Close(reason=reason):
+                return reason
+            case _:
+                assert_never(command)
+    return None
