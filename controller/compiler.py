@@ -19,26 +19,22 @@ Rules, in order:
    and takes them; a route with any taken claim is Accepted=False/Conflicted, names the owner
    and is left out entirely. Whole-route exclusion is deliberate: a route is one mailbox
    placement, and serving half of it (its IMAP but not its SMTP, or some domains only) would
-   split a user's mail between backends without anyone having asked for it. Only accepted
-   routes claim keys, so a route that loses to an older one does not block a third.
-   Across namespaces a user or domain is one key for every protocol: a route of another
-   namespace that claims it for any protocol holds it (the older wins, as above), so the owner of
-   alpha.example for IMAP does not find its users' mail collected by inbound SMTP elsewhere.
-   The catch-all "*" stays per protocol (it is everyone's default, nobody's domain).
-2a. A namespace cannot take the logins of a domain another namespace routes (the tenancy rule;
-   age does not matter here, so a route created first to lie in wait gains nothing): a claim is
-   refused (Conflicted, naming the owner) when the nearest less specific domain claim that
-   ``table.lookup`` would otherwise have reached, of any protocol, is another namespace's:
-   for a user u@d the domain d, then its longest wildcard; for a domain or a wildcard, its
-   longest less specific wildcard; never the catch-all. So team-x cannot claim
-   ceo@alpha.example while mail routes alpha.example (or *.alpha.example, or *.example), nor
-   dept.alpha.example while mail routes *.alpha.example. A wildcard below another namespace's
-   exact domain (team-x's *.alpha.example against mail's alpha.example) is allowed: it takes
-   no login that route serves (lookup never goes from x.alpha.example to alpha.example), and a
-   subdomain is often another team's on purpose; whoever wants the subdomains claims the
-   wildcard too. Refusing a route frees its keys, which can change the owners the rule sees, so
-   settling and this check repeat until no accepted route is refused (at most once per route; a
-   route once refused stays refused, which keeps the outcome independent of input order).
+   split a user's mail between backends without anyone having asked for it.
+2a. Across namespaces age decides over the name tree (the tenancy rule). A domain d covers the
+   users @d; a wildcard *.s covers every domain ending in .s, every wildcard *.x.s and every
+   user @x.s; a key covers itself. An exact d covers neither *.d nor x.d (lookup never goes
+   from x.d to d), and the catch-all "*" covers nothing and stays per protocol (everyone's
+   default, nobody's domain). A route is also refused when one of its keys covers, or is
+   covered by, a key that an older accepted route of another namespace holds for any
+   protocol: the owner of alpha.example for IMAP does not find its users' passwords or inbound
+   mail collected by another namespace's claim of alpha.example for SMTP, of *.example, or of
+   cfo@alpha.example. So a later claim never takes logins an accepted route serves: a newer
+   *.example does not evict alpha.example, a newer domain does not evict an older user route.
+   A squatter who claims a name first only blocks its owner, whose route is Conflicted naming
+   the squatter at once, before any mail flows (the accepted trade-off; an operator who wants
+   fixed ownership serves namespaces per release). Within one namespace names split freely.
+   Rules 2 and 2a are one greedy pass in age order: only accepted routes hold keys, so a
+   refused route blocks no one, and the outcome does not depend on the order of the input.
 3. Backends resolve only in the route's own namespace: the ``ServiceKey`` is always the route's
    namespace. A missing key is BackendNotFound, an empty endpoint list NoReadyEndpoints; either
    way the route stays in the table with no endpoints for that protocol, so its users get a
@@ -112,24 +108,18 @@ def service_keys(routes: Sequence[mailroute.MailRoute | mailroute.SpecError]) ->
     )
 
 
-def _claims(route: mailroute.MailRoute) -> list[_Claim]:
-    """(protocol, kind, key) for every key the route claims, in a fixed order.
-
-    Keys are compared as written: the CRD only admits lower-case users and domains, which is
-    what the table's case folding turns every login into.
-    """
-    keys = sorted({("user", user) for user in route.users} | {("domain", domain) for domain in route.domains})
-    return [(protocol, kind, key) for protocol, _ in route.protocols for kind, key in keys]
+def _why(loser: mailroute.MailRoute, winner: mailroute.MailRoute) -> str:
+    if winner.creation_timestamp < loser.creation_timestamp:
+        return "created earlier"
+    return "equally old and first by namespace/name"
 
 
 def _conflict_message(loser: mailroute.MailRoute, winner: mailroute.MailRoute, claim: _Claim) -> str:
     protocol, kind, key = claim
-    why = (
-        "created earlier"
-        if winner.creation_timestamp < loser.creation_timestamp
-        else "equally old and first by namespace/name"
+    return (
+        f'{kind} "{key}" is already routed for {protocol} by {winner.key} ({_why(loser, winner)}); '
+        "this route is not used"
     )
-    return f'{kind} "{key}" is already routed for {protocol} by {winner.key} ({why}); this route is not used'
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,83 +130,101 @@ class _Refusal:
     message: str
 
 
-# (kind, key) -> the oldest accepted route claiming it and that claim (any protocol).
-_KeyOwners = dict[tuple[str, str], tuple[mailroute.MailRoute, _Claim]]
+# A (kind, key) pair of a route, kind "user" or "domain": a claim without its protocol.
+_Key = tuple[str, str]
 
 
-def _taken(
-    route: mailroute.MailRoute, owners: Mapping[_Claim, mailroute.MailRoute], by_key: _KeyOwners
-) -> _Refusal | None:
-    """The first claim of ``route`` an accepted route holds (rule 2), or None."""
+def _keys(route: mailroute.MailRoute) -> list[_Key]:
+    return sorted({("user", user) for user in route.users} | {("domain", domain) for domain in route.domains})
+
+
+def _claims(route: mailroute.MailRoute) -> list[_Claim]:
+    """(protocol, kind, key) for every key the route claims, in a fixed order.
+
+    Keys are compared as written: the CRD only admits lower-case users and domains, which is
+    what the table's case folding turns every login into.
+    """
+    return [(protocol, kind, key) for protocol, _ in route.protocols for kind, key in _keys(route)]
+
+
+def _covering(kind: str, key: str) -> list[str]:
+    """The domain keys that cover this one (rule 2a), nearest first: for a user u@d the domain d
+    and every wildcard above d, for a domain or a wildcard every wildcard above it; nothing for
+    the catch-all or a user without a domain."""
+    if kind == "user":
+        domain = table.domain_of(key)
+        return [domain, *table.wildcards_above(domain)] if domain else []
+    if key == table.CATCH_ALL:
+        return []
+    return list(table.wildcards_above(key.removeprefix(table.WILDCARD_PREFIX)))
+
+
+@dataclass(slots=True)
+class _Held:
+    """What the accepted routes hold so far, for the checks of rule 2 and 2a."""
+
+    # Rule 2: each claim's route.
+    claims: dict[_Claim, mailroute.MailRoute] = dataclasses.field(default_factory=dict)
+    # Across namespaces: each key's first route and claim (every holder of a key but the
+    # catch-all is of one namespace, since rule 2a refuses the others).
+    keys: dict[_Key, tuple[mailroute.MailRoute, _Claim]] = dataclasses.field(default_factory=dict)
+    # Each domain key's covered keys as (route, kind, key), oldest route first.
+    below: dict[str, list[tuple[mailroute.MailRoute, str, str]]] = dataclasses.field(default_factory=dict)
+
+    def take(self, route: mailroute.MailRoute) -> None:
+        for claim in _claims(route):
+            self.claims[claim] = route
+            self.keys.setdefault(claim[1:], (route, claim))
+        for kind, key in _keys(route):
+            for above in _covering(kind, key):
+                self.below.setdefault(above, []).append((route, kind, key))
+
+
+def _refusal(route: mailroute.MailRoute, held: _Held) -> _Refusal | None:
+    """Why ``route`` cannot be accepted beside the older accepted routes in ``held``, or None."""
     for claim in _claims(route):
-        winner = owners.get(claim)
+        winner = held.claims.get(claim)
         if winner is not None:
             return _Refusal(winner, _conflict_message(route, winner, claim))
-        _, kind, key = claim
-        held = by_key.get((kind, key))
-        if held is not None and held[0].namespace != route.namespace and key != table.CATCH_ALL:
-            return _Refusal(held[0], _conflict_message(route, held[0], held[1]))
+    for kind, key in _keys(route):
+        if key == table.CATCH_ALL:  # everyone's default, nobody's domain: per protocol only
+            continue
+        same = held.keys.get((kind, key))
+        if same is not None and same[0].namespace != route.namespace:
+            return _Refusal(same[0], _conflict_message(route, same[0], same[1]))
+        for above in _covering(kind, key):
+            holder = held.keys.get(("domain", above))
+            if holder is not None and holder[0].namespace != route.namespace:
+                owner = holder[0]
+                message = (
+                    f'{kind} "{key}" is within the domain "{above}", which {owner.key} routes '
+                    f"({_why(route, owner)}) in another namespace; this route is not used"
+                )
+                return _Refusal(owner, message)
+        if kind == "domain":
+            covered = (entry for entry in held.below.get(key, ()) if entry[0].namespace != route.namespace)
+            found = next(covered, None)
+            if found is not None:
+                owner, inner_kind, inner = found
+                message = (
+                    f'domain "{key}" covers the {inner_kind} "{inner}", which {owner.key} routes '
+                    f"({_why(route, owner)}) in another namespace; this route is not used"
+                )
+                return _Refusal(owner, message)
     return None
 
 
-def _settle(
-    routes: Sequence[mailroute.MailRoute], refused: Mapping[str, _Refusal]
-) -> dict[str, _Refusal | None]:
-    """Rule 2 over ``routes`` (oldest first): each route's refusal, None when it is accepted.
-    Routes in ``refused`` stay refused and claim nothing."""
-    owners: dict[_Claim, mailroute.MailRoute] = {}
-    by_key: _KeyOwners = {}
+def _settle(routes: Sequence[mailroute.MailRoute]) -> dict[str, _Refusal | None]:
+    """Rules 2 and 2a over ``routes`` (oldest first), in one pass: each route's refusal, None
+    when it is accepted. Only accepted routes hold keys."""
+    held = _Held()
     outcome: dict[str, _Refusal | None] = {}
     for route in routes:
-        refusal = refused.get(route.key) or _taken(route, owners, by_key)
+        refusal = _refusal(route, held)
         outcome[route.key] = refusal
         if refusal is None:
-            for claim in _claims(route):
-                owners[claim] = route
-                by_key.setdefault(claim[1:], (route, claim))
+            held.take(route)
     return outcome
-
-
-def _wildcards_above(domain: str) -> list[str]:
-    """The wildcards covering ``domain``, longest first (as ``table.lookup`` walks them)."""
-    labels = domain.split(".")
-    return [table.WILDCARD_PREFIX + ".".join(labels[start:]) for start in range(1, len(labels))]
-
-
-def _less_specific(kind: str, key: str) -> list[str]:
-    """The domain keys ``table.lookup`` would reach for the logins of this claim if it were not
-    there, nearest first; never the catch-all."""
-    if kind == "user":
-        domain = table.domain_of(key)
-        return [domain, *_wildcards_above(domain)] if domain else []
-    if key == table.CATCH_ALL:
-        return []
-    return _wildcards_above(key.removeprefix(table.WILDCARD_PREFIX))
-
-
-def _carved(accepted: Sequence[mailroute.MailRoute]) -> dict[str, _Refusal]:
-    """Rule 2a: the accepted routes with a claim inside a domain another namespace routes."""
-    holders: dict[str, list[mailroute.MailRoute]] = {}
-    for route in accepted:
-        for domain in route.domains:
-            holders.setdefault(domain, []).append(route)
-    found: dict[str, _Refusal] = {}
-    for route in accepted:
-        keys = sorted({("user", user) for user in route.users} | {("domain", d) for d in route.domains})
-        for kind, key in keys:
-            nearest = next((domain for domain in _less_specific(kind, key) if domain in holders), None)
-            if nearest is None:
-                continue
-            foreign = [owner for owner in holders[nearest] if owner.namespace != route.namespace]
-            if foreign:
-                owner = min(foreign, key=lambda other: (other.creation_timestamp, other.key))
-                message = (
-                    f'{kind} "{key}" is within the domain "{nearest}", which {owner.key} routes: '
-                    f"another namespace's; this route is not used"
-                )
-                found[route.key] = _Refusal(owner, message)
-                break
-    return found
 
 
 _Problems = dict[conditions.Reason, list[str]]
@@ -376,12 +384,7 @@ def compile_table(
     """
     valid, invalid = _split(routes)
     valid.sort(key=lambda route: (route.creation_timestamp, route.key))
-    refused: dict[str, _Refusal] = {}
-    outcome = _settle(valid, refused)
-    # Ends: each round refuses at least one route accepted (so not refused) before.
-    while carved := _carved([route for route in valid if outcome[route.key] is None]):
-        refused.update(carved)
-        outcome = _settle(valid, refused)
+    outcome = _settle(valid)
     compiled_routes: list[table.Route] = []
     found: dict[str, _Conditions] = {}
     counts: dict[str, _Counts] = {}

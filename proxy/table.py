@@ -16,7 +16,9 @@ catch-all ``"*"``. Only routes that serve the asked protocol take part. Users an
 separate namespaces: a user key only ever matches that exact login (``"ceo"`` is the login
 "ceo", never a domain), a domain key only a login's domain part. Names compare
 case-insensitively (RFC 5321 section 2.4 for domains; user names are folded as Dovecot's
-default ``auth_username_format = %Lu`` does).
+default ``auth_username_format = %Lu`` does), a login's domain without one trailing dot and in
+A-labels. The catch-all is a namespace's default: it never takes a login whose user, or whose
+domain as lookup would match it, a route of another namespace claims for any protocol.
 """
 
 import hashlib
@@ -24,7 +26,8 @@ import hmac
 import ipaddress
 import json
 import math
-from collections.abc import Callable, Mapping
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -41,6 +44,9 @@ AuthMode = Literal["backend", "http"]
 TABLE_API_VERSION = "mailgress.io/table/v1"
 CATCH_ALL = "*"
 WILDCARD_PREFIX = "*."
+# RFC 5890 section 2.3.2.1: the prefix of an A-label; UTS #46 section 4 maps U+3002 to a dot.
+ACE_PREFIX = "xn--"
+IDEOGRAPHIC_FULL_STOP = "\u3002"
 # Kubernetes ObjectMeta.generation is an int64 that starts at 1; 0 stands for "no API server".
 MAX_GENERATION = 2**63 - 1
 
@@ -110,8 +116,15 @@ class _Keys:
     domains: dict[str, Route] = field(default_factory=dict)  # "name", "*.suffix" and "*"
 
 
-def _empty_index() -> dict[Protocol, _Keys]:
-    return {}
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """The lookup's dictionaries: per protocol the keys of the routes that serve it, and for
+    the catch-all's exception the namespaces that claim each user and domain key for any
+    protocol (a route's namespace is its name up to "/", "" for a name without one)."""
+
+    protocols: dict[Protocol, _Keys] = field(default_factory=dict)
+    user_namespaces: dict[str, frozenset[str]] = field(default_factory=dict)
+    domain_namespaces: dict[str, frozenset[str]] = field(default_factory=dict)  # no "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +135,7 @@ class RoutingTable:
     version: str
     # Hex key of the HMAC that hides header values in the version; "" when no route has any.
     version_key: str = field(default="", repr=False)
-    # Per protocol, the user and domain keys of the routes that serve it.
-    _index: dict[Protocol, _Keys] = field(default_factory=_empty_index, compare=False, repr=False)
+    _index: _Index = field(default_factory=_Index, compare=False, repr=False)
 
 
 def _fold(name: str) -> str:
@@ -136,19 +148,79 @@ def domain_of(address: str) -> str:
     return _fold(domain) if at else ""
 
 
-def _build_index(routes: tuple[Route, ...]) -> dict[Protocol, _Keys]:
-    index = {protocol: _Keys() for protocol in PROTOCOLS}
+def wildcards_above(domain: str) -> Iterator[str]:
+    """The wildcard keys that match ``domain``, longest first: "*.b.c" and "*.c" for "a.b.c"."""
+    labels = domain.split(".")
+    for start in range(1, len(labels)):
+        yield WILDCARD_PREFIX + ".".join(labels[start:])
+
+
+def _namespace(route_name: str) -> str:
+    namespace, slash, _ = route_name.partition("/")
+    return namespace if slash else ""
+
+
+def _a_labels(domain: str) -> str:
+    """A non-ASCII domain as A-labels (RFC 5890 section 2.3.2.1): each label mapped as UTS #46
+    does (NFKC of the lower case, the ideographic full stop a dot) and Punycode-encoded
+    (RFC 3492) behind "xn--". IDNA2008's own A-label for every valid name (ß and ς stay
+    themselves, where Python's IDNA 2003 codec would map them to other names); what no valid
+    name spells becomes a string no route key spells, so it matches no domain key."""
+    mapped = unicodedata.normalize("NFKC", domain).lower().replace(IDEOGRAPHIC_FULL_STOP, ".")
+    return ".".join(
+        label if label.isascii() else ACE_PREFIX + label.encode("punycode").decode("ascii")
+        for label in mapped.split(".")
+    )
+
+
+def _login_keys(login: str) -> tuple[str, str]:
+    """The login as the table's user keys spell it and its domain part ("" when none): folded,
+    a non-ASCII domain in A-labels, one trailing dot dropped (the root, RFC 1034 section 3.1:
+    "alpha.example." is alpha.example). An ASCII login costs a fold and a split."""
+    folded = _fold(login)
+    local, at, domain = folded.rpartition("@")
+    if not at:
+        return folded, ""
+    if not domain.isascii():
+        domain = _a_labels(domain)
+    domain = domain.removesuffix(".")
+    return f"{local}@{domain}", domain
+
+
+def _build_index(routes: tuple[Route, ...]) -> _Index:
+    index = _Index({protocol: _Keys() for protocol in PROTOCOLS})
+    user_namespaces: dict[str, set[str]] = {}
+    domain_namespaces: dict[str, set[str]] = {}
     for route in routes:
         users = [_fold(user) for user in route.users]
         domains = [_fold(domain) for domain in route.domains]
         for protocol, _ in route.upstreams:
-            keys = index[protocol]
+            keys = index.protocols[protocol]
             # The compiler resolves conflicts; a hand-made table keeps the first claim.
             for user in users:
                 keys.users.setdefault(user, route)
             for domain in domains:
                 keys.domains.setdefault(domain, route)
+        namespace = _namespace(route.name)
+        for user in users:
+            user_namespaces.setdefault(user, set()).add(namespace)
+        for domain in domains:
+            if domain != CATCH_ALL:
+                domain_namespaces.setdefault(domain, set()).add(namespace)
+    index.user_namespaces.update((key, frozenset(found)) for key, found in user_namespaces.items())
+    index.domain_namespaces.update((key, frozenset(found)) for key, found in domain_namespaces.items())
     return index
+
+
+def _claimed_elsewhere(index: _Index, login: str, domain: str, namespace: str) -> bool:
+    """Whether a route of another namespace than ``namespace`` claims the login's user, or the
+    domain key lookup would pick for it (the exact domain, else its longest wildcard), for any
+    protocol."""
+    claims = [index.user_namespaces.get(login, frozenset())]
+    if domain:
+        nearest = (key for key in (domain, *wildcards_above(domain)) if key in index.domain_namespaces)
+        claims.append(index.domain_namespaces.get(next(nearest, ""), frozenset()))
+    return any(found - {namespace} for found in claims)
 
 
 def lookup(table: RoutingTable, protocol: Protocol, login: str) -> Route | None:
@@ -156,31 +228,34 @@ def lookup(table: RoutingTable, protocol: Protocol, login: str) -> Route | None:
 
     Dictionary probes only (the user, the domain, one wildcard per label above it, the
     catch-all), stopping at the first hit: this runs on every login and inbound recipient.
+    The login's domain is compared without one trailing dot and, when not ASCII, in A-labels.
 
     Returns:
         The exact user's route; else, for a login with a domain part, the route of that domain
-        or of its longest wildcard; else the catch-all's. None when no route serves this login
-        for this protocol.
+        or of its longest wildcard; else the catch-all's, unless a route of another namespace
+        than the catch-all's claims the login's user or domain for any protocol (the catch-all
+        is a namespace's default, never a way into another's logins). None when no route
+        serves this login for this protocol.
     """
-    keys = table._index.get(protocol)
+    keys = table._index.protocols.get(protocol)
     if keys is None:
         return None
-    folded = _fold(login)
-    route = keys.users.get(folded)
+    login, domain = _login_keys(login)
+    route = keys.users.get(login)
     if route is not None:
         return route
-    domain = domain_of(folded)
     if domain:
         route = keys.domains.get(domain)
         if route is not None:
             return route
-        # Longest wildcard first: walk up the labels of the domain.
-        labels = domain.split(".")
-        for start in range(1, len(labels)):
-            route = keys.domains.get(WILDCARD_PREFIX + ".".join(labels[start:]))
+        for wildcard in wildcards_above(domain):
+            route = keys.domains.get(wildcard)
             if route is not None:
                 return route
-    return keys.domains.get(CATCH_ALL)
+    route = keys.domains.get(CATCH_ALL)
+    if route is None or _claimed_elsewhere(table._index, login, domain, _namespace(route.name)):
+        return None
+    return route
 
 
 # ---------------------------------------------------------------------------------------------

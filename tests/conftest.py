@@ -5,20 +5,24 @@
 enter, and too long for the unix sockets below it) and stops it when the session ends. Nothing is
 skipped: without Dovecot or Postfix every test that needs them fails with a message that names
 testbed/install-system-packages.sh. Failure reports are cleaned of passwords (pytest shows the
-arguments of the failing call, which for a login include one). Set MAILGRESS_KEEP_TESTBED=1 to
-keep the folder (logs, maildirs) after the session; its path is then printed.
+arguments of the failing call, which for a login include one), and a failed comparison of values
+that hold a password (sasl.Credentials, authhttp.Granted) shows their redacting reprs, not
+pytest's field-by-field diff. Set MAILGRESS_KEEP_TESTBED=1 to keep the folder (logs, maildirs)
+after the session; its path is then printed.
 """
 
+import dataclasses
 import itertools
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
+from proxy.protocols import authhttp, sasl
 from testbed import backends as testbed_backends
 from testbed import clients, mailservers
 
@@ -79,6 +83,61 @@ def pytest_runtest_makereport(
             report.longrepr = clients.redact_marked(str(report.longrepr), secrets)
         report.sections = [(title, clients.redact_marked(text, secrets)) for title, text in report.sections]
     return report
+
+
+# Values a comparison walks before it gives up and treats the operands as holding a password.
+MAX_WALKED_VALUES = 10_000
+# Characters of each operand's repr in a redacted comparison.
+MAX_REPR = 240
+
+
+def holds_a_password(value: object) -> bool:
+    """Whether ``value`` is, or holds within dataclasses, tuples, lists, sets and dicts, a
+    Credentials or a Granted with a password (True also when there is too much to walk)."""
+    pending = [value]
+    for _ in range(MAX_WALKED_VALUES):
+        if not pending:
+            return False
+        item = pending.pop()
+        if isinstance(item, sasl.Credentials) or (
+            isinstance(item, authhttp.Granted) and item.password is not None
+        ):
+            return True
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            pending.extend(getattr(item, field.name) for field in dataclasses.fields(item))
+        elif isinstance(item, Mapping):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (tuple, list, set, frozenset)):
+            pending.extend(item)
+    return bool(pending)
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "..."
+
+
+def pytest_assertrepr_compare(
+    config: pytest.Config, op: str, left: object, right: object
+) -> list[str] | None:
+    """A failed comparison of values holding a password: the operands' reprs (which redact it)
+    and the names of the fields that differ, never pytest's own explanation, which reads the
+    fields of dataclasses (and the octets of bytes) past their reprs. None: pytest's own."""
+    if not (holds_a_password(left) or holds_a_password(right)):
+        return None
+    lines = [
+        f"{_short_repr(left)} {op} {_short_repr(right)}",
+        "(they hold a password: pytest's comparison of their fields is not shown)",
+    ]
+    if type(left) is type(right) and dataclasses.is_dataclass(left) and not isinstance(left, type):
+        differing = [
+            field.name
+            for field in dataclasses.fields(left)
+            if getattr(left, field.name) != getattr(right, field.name)
+        ]
+        lines.append(f"Differing fields: {', '.join(differing) or 'none'}")
+    return lines
 
 
 @pytest.fixture

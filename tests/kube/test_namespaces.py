@@ -11,6 +11,7 @@ import copy
 import dataclasses
 
 from controller import operator
+from proxy import table
 from tests.kube.conftest import (
     CONTROLLER_NAMESPACE,
     MAILROUTES,
@@ -28,6 +29,8 @@ from tests.kube.conftest import (
     eventually,
     imap_route,
     proxy_pod,
+    service_body,
+    slice_body,
     status_of,
 )
 from tests.kube.emulator import Emulator
@@ -164,3 +167,50 @@ async def test_a_controller_of_every_namespace_serves_them_all(
         await runner.stop()
     # team-x has no Service dovecot: the route is served, its backend is not found there.
     assert condition(emulator, "other", "ResolvedRefs", OTHER_NAMESPACE)["reason"] == "BackendNotFound"
+
+
+async def test_a_newer_wildcard_of_another_namespace_does_not_take_a_served_domain(
+    emulator: Emulator,
+    api: Api,
+    controller_settings: operator.Settings,
+    controller_accesses: AccessLog,
+) -> None:
+    """The review's HIGH finding through the real operator: mail's route for alpha.example is
+    programmed, then team-x creates *.example. team-x's route is refused naming mail's, and the
+    proxies keep sending ceo@alpha.example to mail (before, mail's route flipped to Conflicted
+    and team-x's backend got the logins)."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    await api.create(
+        f"/api/v1/namespaces/{OTHER_NAMESPACE}/services", service_body("collector", OTHER_NAMESPACE)
+    )
+    await api.create(
+        f"/apis/discovery.k8s.io/v1/namespaces/{OTHER_NAMESPACE}/endpointslices",
+        slice_body("collector", ["10.9.9.9"], namespace=OTHER_NAMESPACE),
+    )
+    await create_route(api, imap_route("alpha", "alpha.example"))
+    both = dataclasses.replace(controller_settings, watch_namespaces=frozenset({NAMESPACE, OTHER_NAMESPACE}))
+    runner = ControllerRunner(emulator, both, controller_accesses)
+    try:
+        controller = await runner.start()
+        async with fake_proxies(controller) as proxies:
+            await eventually(lambda: programmed(emulator, "alpha", NAMESPACE), "mail's route Programmed")
+            grab = imap_route("grab", "*.example", service="collector")
+            grab["metadata"]["namespace"] = OTHER_NAMESPACE
+            await create_route(api, grab)
+            await eventually(
+                lambda: (
+                    condition(emulator, "grab", "Accepted", OTHER_NAMESPACE).get("reason") == "Conflicted"
+                ),
+                "team-x's wildcard Conflicted",
+            )
+            message = condition(emulator, "grab", "Accepted", OTHER_NAMESPACE)["message"]
+            assert f'covers the domain "alpha.example", which {NAMESPACE}/alpha routes' in message
+            assert programmed(emulator, "alpha", NAMESPACE)
+            for proxy in proxies:
+                assert route_names(proxy.latest) == [f"{NAMESPACE}/alpha"]
+                owner = table.lookup(proxy.latest, "imap", "ceo@alpha.example")
+                assert owner is not None and owner.name == f"{NAMESPACE}/alpha"
+    finally:
+        await runner.stop()

@@ -181,22 +181,45 @@ def test_check_reads_the_list_kubectl_get_writes(tmp_path: Path, capsys: pytest.
     assert [route["name"] for route in json.loads(capsys.readouterr().out)["routes"]] == ["mail/a"]
 
 
-def test_check_refuses_a_user_of_another_namespaces_domain(
+def _hijack(created: str) -> str:
+    """team-x's route for the user ceo@alpha.example, created at ``created``."""
+    route = ROUTE.format(name="hijack", created=created, domain="", port=143)
+    route = route.replace("namespace: mail", "namespace: team-x")
+    return route.replace('domains: [""]', "users: [ceo@alpha.example]")
+
+
+def test_check_refuses_a_later_user_of_another_namespaces_domain(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The same tenancy rule as the controller's (one compiler): older or not, team-x cannot
-    claim a user of the domain namespace mail routes."""
+    """The same tenancy rule as the controller's (one compiler): team-x cannot take a user of
+    the domain namespace mail already routes."""
     owner = ROUTE.format(name="alpha", created="2026-02-01T00:00:00Z", domain="alpha.example", port=143)
-    hijack = owner.replace("name: alpha, namespace: mail", "name: hijack, namespace: team-x")
-    hijack = hijack.replace("2026-02-01", "2026-01-01").replace(
-        'domains: ["alpha.example"]', "users: [ceo@alpha.example]"
-    )
-    routes = write(tmp_path, "routes.yaml", owner + "---" + hijack)
+    routes = write(tmp_path, "routes.yaml", owner + "---" + _hijack("2026-03-01T00:00:00Z"))
     assert cli.main(["routes", "check", str(routes)]) == 1
     out, err = capsys.readouterr()
     assert [route["name"] for route in json.loads(out)["routes"]] == ["mail/alpha"]
     assert "team-x/hijack: Accepted=False (Conflicted)" in err
-    assert 'user "ceo@alpha.example" is within the domain "alpha.example", which mail/alpha routes' in err
+    assert (
+        'user "ceo@alpha.example" is within the domain "alpha.example", which mail/alpha routes '
+        "(created earlier) in another namespace" in err
+    )
+
+
+def test_check_names_the_older_claim_that_blocks_a_domain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Age decides: a claim made first keeps its user, and the domain's route is refused at
+    once, naming it (before any mail flows), rather than evicting it later."""
+    owner = ROUTE.format(name="alpha", created="2026-02-01T00:00:00Z", domain="alpha.example", port=143)
+    routes = write(tmp_path, "routes.yaml", owner + "---" + _hijack("2026-01-01T00:00:00Z"))
+    assert cli.main(["routes", "check", str(routes)]) == 1
+    out, err = capsys.readouterr()
+    assert [route["name"] for route in json.loads(out)["routes"]] == ["team-x/hijack"]
+    assert "mail/alpha: Accepted=False (Conflicted)" in err
+    assert (
+        'domain "alpha.example" covers the user "ceo@alpha.example", which team-x/hijack routes '
+        "(created earlier) in another namespace" in err
+    )
 
 
 @pytest.mark.parametrize(

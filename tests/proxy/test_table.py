@@ -147,6 +147,119 @@ def test_the_recipient_of_a_bare_postmaster_is_the_user_postmaster() -> None:
     assert table.lookup(table.make_table([mx]), "smtp", key) is None
 
 
+def serving(
+    name: str,
+    protocols: tuple[table.Protocol, ...],
+    *,
+    users: tuple[str, ...] = (),
+    domains: tuple[str, ...] = (),
+) -> Route:
+    upstreams = tuple((protocol, DOVECOT) for protocol in protocols)
+    return Route(name=name, generation=1, users=users, domains=domains, upstreams=upstreams)
+
+
+# mail routes some names for IMAP only; team-x's catch-all serves the other protocols.
+TENANTS = table.make_table(
+    [
+        serving("mail/alpha", ("imap",), domains=("alpha.example", "*.beta.example")),
+        serving("mail/cfo", ("imap",), users=("cfo@gamma.example", "postmaster")),
+        serving("mail/idn", ("imap",), domains=("xn--bcher-kva.example", "xn--strae-oqa.example")),
+        serving("team-x/own", ("imap",), domains=("team-x.example",)),
+        serving("team-x/any", ("pop3", "submission", "smtp"), domains=("*",)),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "login",
+    [
+        "ceo@alpha.example",
+        "CEO@Alpha.Example",
+        "ceo@sales.beta.example",  # under mail's wildcard
+        "cfo@gamma.example",  # mail's user
+        "postmaster",
+        "ceo@alpha.example.",
+        "ceo@b\u00fccher.example",
+    ],
+)
+def test_the_catch_all_never_takes_a_login_another_namespace_claims(login: str) -> None:
+    """For any protocol: mail routes these for IMAP only, and team-x's catch-all does not get
+    their POP3, submission or inbound mail (the client gets the no-such-route refusal)."""
+    for protocol in ("pop3", "submission", "smtp"):
+        assert table.lookup(TENANTS, protocol, login) is None
+    found = table.lookup(TENANTS, "imap", login)
+    assert found is not None and found.name.startswith("mail/")
+
+
+@pytest.mark.parametrize(
+    "login", ["ceo@gamma.example", "anyone@other.org", "bob@team-x.example", "bob@beta.example", "nobody"]
+)
+def test_the_catch_all_takes_its_own_namespace_and_what_nobody_claims(login: str) -> None:
+    found = table.lookup(TENANTS, "smtp", login)
+    assert found is not None and found.name == "team-x/any"
+
+
+def test_the_longest_claim_decides_whose_login_it_is() -> None:
+    """Lookup's precedence: the exact domain, else the longest wildcard (a table the compiler
+    would not make, where two namespaces' claims nest)."""
+    nested = table.make_table(
+        [
+            serving("mail/all", ("imap",), domains=("*.example",)),
+            serving("team-x/sub", ("imap",), domains=("*.sub.example",)),
+            serving("team-x/any", ("pop3",), domains=("*",)),
+        ]
+    )
+    found = table.lookup(nested, "pop3", "a@x.sub.example")
+    assert found is not None and found.name == "team-x/any"
+    assert table.lookup(nested, "pop3", "a@x.example") is None
+
+
+def test_a_hand_made_table_without_namespaces_keeps_its_catch_all() -> None:
+    """Route names without "/" are all of one (empty) namespace: the catch-all takes what the
+    other routes do not serve for its protocol, as before namespaces."""
+    plain = table.make_table(
+        [serving("alpha", ("imap",), domains=("alpha.example",)), serving("any", ("pop3",), domains=("*",))]
+    )
+    found = table.lookup(plain, "pop3", "ceo@alpha.example")
+    assert found is not None and found.name == "any"
+
+
+@pytest.mark.parametrize(
+    ("login", "expected"),
+    [
+        ("ceo@alpha.example.", "mail/alpha"),  # one trailing dot: the same name (RFC 1034)
+        ("cfo@gamma.example.", "mail/cfo"),  # also for a user key
+        ("ceo@x.beta.example.", "mail/alpha"),
+        ("ceo@b\u00fccher.example", "mail/idn"),  # U-labels become A-labels
+        ("ceo@B\u00dcCHER.example", "mail/idn"),
+        ("ceo@b\u00fccher.example.", "mail/idn"),
+        ("ceo@b\u00fccher\uff0eexample", "mail/idn"),  # full-width full stop (UTS #46 maps it)
+        ("ceo@b\u00fccher\u3002example", "mail/idn"),  # ideographic full stop
+        ("ceo@stra\u00dfe.example", "mail/idn"),  # IDNA2008: sharp s stays, not "strasse"
+        ("ceo@alpha.example..", None),  # only one dot is the root's
+        ("ceo@.", None),
+    ],
+)
+def test_login_domains_are_compared_as_names(login: str, expected: str | None) -> None:
+    found = table.lookup(TENANTS, "imap", login)
+    assert (found.name if found else None) == expected
+
+
+def test_a_domain_no_name_spells_matches_only_an_unclaimed_catch_all() -> None:
+    for login in ("ceo@b\u00fc cher.example", "ceo@\udcff.example", "ceo@\u00fc..example"):
+        assert table.lookup(TENANTS, "imap", login) is None
+        found = table.lookup(TENANTS, "smtp", login)
+        assert found is not None and found.name == "team-x/any"
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=300)
+@given(login=st.text())
+def test_lookup_takes_any_text(login: str) -> None:
+    for protocol in table.PROTOCOLS:
+        found = table.lookup(TENANTS, protocol, login)
+        assert found is None or found in TENANTS.routes
+
+
 def test_json_round_trip_keeps_version_and_routes() -> None:
     restored = table.from_json(table.to_json(TABLE))
     assert restored == TABLE
