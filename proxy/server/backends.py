@@ -172,7 +172,12 @@ async def login(
         # No table yet (the controller is unreachable and there is no usable snapshot): no user
         # is known or unknown, so the answer is "try later", never a refusal a client takes as
         # final (a bounce, "wrong password") or that the failed-login throttle counts.
-        log.warning("%s login answered with a temporary failure: no routing table yet", request.protocol)
+        if context.tables.first_unready_answer():
+            log.warning(
+                "%s login answered with a temporary failure: no routing table yet (logged once; "
+                "every such login counts as outcome=unavailable in mailgress_proxy_logins_total)",
+                request.protocol,
+            )
         return LoginOutcome(events.LoginUnavailable(), "unavailable")
     route = table.lookup(context.tables.current, request.protocol, request.routing_key)
     if route is None:

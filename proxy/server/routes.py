@@ -20,6 +20,16 @@ class TableHolder:
         self._metrics = metrics
         self.current: table.RoutingTable = table.EMPTY_TABLE
         self.ready = False
+        self._unready_told = False
+
+    def first_unready_answer(self) -> bool:
+        """True for the first login answered while no table is installed, False after.
+
+        The warning is logged once, not per login: one client pipelining logins would otherwise
+        write a line per attempt (the metric still counts each). ``swap`` logs the end of it.
+        """
+        told, self._unready_told = self._unready_told, True
+        return not told
 
     def swap(self, new: table.RoutingTable) -> bool:
         """Install ``new``; returns False when it is the table already in use."""
