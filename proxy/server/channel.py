@@ -39,6 +39,9 @@ MAX_UNREAD = RECV_SIZE
 TLS_READ_HIGH_WATER = 4 * RECV_SIZE
 TLS_READ_LOW_WATER = 2 * RECV_SIZE
 TLS_WRITE_HIGH_WATER = RECV_SIZE
+# The buffer a read of a transport channel gets when its TLS layer holds next to nothing
+# encrypted (uvloop's asks for what it holds plus 256 octets).
+MIN_LANDING = 256
 # How long a closing TLS connection may take to flush what is left and exchange close_notify
 # (RFC 8446 section 6.1) before it is cut: a peer that reads nothing would otherwise hold the
 # descriptor for the loop's default of 30 seconds after its session ended. nginx gives
@@ -174,6 +177,7 @@ class _Receiver(asyncio.BufferedProtocol):
     def forward_to(self, successor: asyncio.Protocol) -> None:
         """The relay took the transport over: pass on what still arrives here."""
         self._successor = successor
+        self._landing = None  # left by a look that found nothing: the relay reads from here on
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -181,7 +185,10 @@ class _Receiver(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         # A buffer of its own for each read (the caller keeps a view of it until after
         # buffer_updated, so ``unread`` itself could not grow then); reads are few before login.
-        self._landing = bytearray(RECV_SIZE)
+        # A TLS layer hints what it holds encrypted and asks even when it holds nothing (it only
+        # looks): such a buffer stays unused until the next read, so it gets a small one.
+        size = MIN_LANDING if 0 <= sizehint <= MIN_LANDING else RECV_SIZE
+        self._landing = bytearray(size)
         return memoryview(self._landing)
 
     def buffer_updated(self, nbytes: int) -> None:
