@@ -1,18 +1,20 @@
 """A guard on an aiohttp port that anyone may reach: a cap on open connections and a deadline.
 
-proxy/server/admin.py serves its endpoint through a ``Guard``; mailgress/cli.py hands
-``Guard`` to the controller as the push port's guard (controller.publisher.ConnectionGuards:
-the controller never imports proxy.server). Whoever reaches such a port must never hold the
-process's descriptors: at most ``limit`` connections are open at once, and one without a request
-answered within ``timeout`` of its accept or of its last answer is aborted, the TLS handshake
-counted in that time. A connection over the cap makes room by aborting the one without a request
-in progress that has waited longest for its next request, and is closed unread only when every
-open connection is busy. A request the application marks ``lasting`` (a long-lived stream it
-accepted) has no deadline and is never evicted until it ends. Over TLS the guard runs each
-handshake itself (start_tls) after admitting the connection, so one silent before or within its
-ClientHello is timed and evicted like any other; stopping the site aborts those still in their
-handshake. Never interprets what a client sends; logs at debug only (a flood must not flood the
-log), never an address.
+proxy/server/admin.py serves its endpoint through a ``Guard``; mailgress/cli.py hands ``Guard`` to
+the controller as the push port's guard (controller.publisher.ConnectionGuards: the controller never
+imports proxy.server). Whoever reaches such a port must never hold the process's descriptors: at
+most ``limit`` connections are open at once, and one without a request answered within ``timeout``
+of its accept or of its last answer is aborted, the TLS handshake counted in that time. A connection
+over the cap makes room by aborting the one without a request in progress that has waited longest
+for its next request, and is closed unread only when every open connection is busy. A request is in
+progress from the moment aiohttp has parsed its head (it waits in aiohttp's queue) until its answer
+is written; a half-sent one is not, so partial requests never hold the cap. A request the
+application marks ``lasting`` (a long-lived stream it accepted) has no deadline and is never evicted
+until it ends. Over TLS the guard runs each handshake itself (start_tls) after admitting the
+connection, so one silent before or within its ClientHello is timed and evicted like any other;
+stopping the site aborts those still in their handshake, and any admitted in the same loop turn
+whose connection is made after the stop. Never interprets what a client sends; logs at debug only (a
+flood must not flood the log), never an address.
 """
 
 import asyncio
@@ -21,7 +23,9 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
-from aiohttp import web
+from aiohttp import streams, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.typedefs import Handler, Middleware
 
 log = logging.getLogger(__name__)
@@ -32,10 +36,10 @@ class Guard:
     and makes room for a new one by aborting the one idle the longest.
 
     Its ``middleware`` must be the application's (it tells requests in progress), and the port
-    must be served by ``site``.
+    must be served by ``site``: one site, once it stops the guard admits nothing more.
     """
 
-    __slots__ = ("_limit", "_name", "_open", "_timeout", "middleware")
+    __slots__ = ("_limit", "_name", "_open", "_stopped", "_timeout", "middleware")
 
     def __init__(self, name: str, limit: int, timeout: float) -> None:
         """``name`` starts this guard's log lines ("admin", "push channel")."""
@@ -45,6 +49,9 @@ class Guard:
         # In the order of their last answer (or accept when none): the first idle one has waited
         # longest for a request, and its deadline is the nearest.
         self._open: dict[web.RequestHandler, _Connection] = {}
+        # Set when a site stops: a connection the listener accepted before it closed is made
+        # (connection_made) a loop turn or more later, after the stop looked at the open ones.
+        self._stopped = False
         self.middleware: Middleware = self._track
 
     def site(
@@ -67,14 +74,27 @@ class Guard:
         # Its deadline restarts only then, so one that does not read its answer runs out of time.
         task = asyncio.current_task()
         assert task is not None  # a middleware runs in its request's task
-        connection = self._open.get(request.protocol)
-        if connection is not None:
-            connection.busy = True
-            task.add_done_callback(lambda _: self._answered(request.protocol))
+        if request.protocol in self._open:
+            task.add_done_callback(lambda _: self._answered(request.protocol, request))
         return await handler(request)
+
+    def _taking(self, server: web.Server) -> None:
+        """Make ``server``'s handlers tell this guard of each request they take (once)."""
+        factory = server.request_factory
+        if not (isinstance(factory, _Taken) and factory.guard is self):
+            server.request_factory = _Taken(self, factory)
+
+    def _took(self, handler: web.RequestHandler, request: web.BaseRequest) -> None:
+        # aiohttp takes a request from its queue and makes its task, which runs (and reaches the
+        # middleware) a loop turn later: in progress from here.
+        connection = self._open.get(handler)
+        if connection is not None:
+            connection.take(request)
 
     def accept(self, server: web.Server, tls: ssl.SSLContext | None) -> asyncio.Protocol:
         """The listener's protocol factory (``site``'s), called once per accepted connection."""
+        if self._stopped:
+            return _Refused()  # accepted before the listener closed, admitted after the stop
         # Counted here, not at connection_made: one wakeup of the loop accepts several
         # connections before any of them is made.
         if len(self._open) >= self._limit:
@@ -85,23 +105,51 @@ class Guard:
             idle.evict()
         handler = server()
         connection = _Connection(
-            self._name, handler, self._timeout, tls, lambda: self._open.pop(handler, None)
+            self._name,
+            handler,
+            self._timeout,
+            tls,
+            forget=lambda: self._open.pop(handler, None),
+            stopped=lambda: self._stopped,
         )
         self._open[handler] = connection
         return connection
 
-    def abort_handshakes(self) -> None:
-        """Abort every connection still in its TLS handshake (``site`` stops: aiohttp's shutdown
-        closes only the connections its handler has)."""
+    def stop(self) -> None:
+        """``site`` stops: abort every connection still in its TLS handshake (aiohttp's shutdown
+        closes only the connections its handler has), and from now on every one made."""
+        self._stopped = True
         for connection in list(self._open.values()):
             connection.abort_handshake()
 
-    def _answered(self, handler: web.RequestHandler) -> None:
+    def _answered(self, handler: web.RequestHandler, request: web.BaseRequest) -> None:
         # Gone when the deadline or the client ended the connection while its answer was written.
         connection = self._open.pop(handler, None)
         if connection is not None:
             self._open[handler] = connection  # now idle the shortest
-            connection.answered()
+            connection.answered(request)
+
+
+class _Taken:
+    """A server's request factory that tells ``guard`` which handler took a request."""
+
+    __slots__ = ("_factory", "guard")
+
+    def __init__(self, guard: Guard, factory: Callable[..., web.BaseRequest]) -> None:
+        self.guard = guard
+        self._factory = factory
+
+    def __call__(
+        self,
+        message: RawRequestMessage,
+        payload: streams.StreamReader,
+        protocol: web.RequestHandler,
+        writer: AbstractStreamWriter,
+        task: "asyncio.Task[None]",
+    ) -> web.BaseRequest:
+        request = self._factory(message, payload, protocol, writer, task)
+        self.guard._took(protocol, request)
+        return request
 
 
 class _Connection(asyncio.Protocol):
@@ -116,12 +164,13 @@ class _Connection(asyncio.Protocol):
         "_handshaking",
         "_made",
         "_name",
+        "_request",
+        "_stopped",
         "_timeout",
         "_timer",
         "_tls",
         "_transport",
         "_unmade",
-        "busy",
     )
 
     def __init__(
@@ -130,17 +179,22 @@ class _Connection(asyncio.Protocol):
         handler: web.RequestHandler,
         timeout: float,
         tls: ssl.SSLContext | None,
+        *,
         forget: Callable[[], object],
+        stopped: Callable[[], bool],
     ) -> None:
         self._name = name
         self._handler = handler
         self._timeout = timeout
         self._tls = tls
         self._forget = forget
+        self._stopped = stopped
         self._answers = 0
-        # A request is in progress: from its start until its answer is written (aiohttp waits for
-        # the transport to drain), so a client reading a large answer slowly is not cut.
-        self.busy = False
+        # The request in progress: from aiohttp taking it until its answer is written (aiohttp
+        # waits for the transport to drain), so a client reading a large answer slowly is not cut.
+        # One that never reaches the middleware (aiohttp's own error answers) is in progress until
+        # the next request is answered, or the deadline.
+        self._request: web.BaseRequest | None = None
         # The accepted socket's transport until the handshake is over, then the TLS one.
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -158,6 +212,12 @@ class _Connection(asyncio.Protocol):
         # A stream server's transport (uvloop's quack like asyncio.Transport without subclassing it).
         self._transport = cast(asyncio.Transport, transport)
         self._start_deadline()
+        if self._stopped():
+            # Admitted in the loop turn the site stopped in: aiohttp's shutdown is over or
+            # under way, and would never see it.
+            log.debug("%s connection closed: the site stopped", self._name)
+            self._transport.abort()
+            return
         if self._tls is None:
             self._made = True
             self._handler.connection_made(transport)
@@ -220,8 +280,12 @@ class _Connection(asyncio.Protocol):
             early_request, self._unmade = bytes(self._unmade), bytearray()
             self._handler.data_received(early_request)
 
-    def answered(self) -> None:
-        self.busy = False
+    def take(self, request: web.BaseRequest) -> None:
+        self._request = request
+
+    def answered(self, request: web.BaseRequest) -> None:
+        if request is self._request:  # else aiohttp took the next one (pipelined) already
+            self._request = None
         self._answers += 1
         self._start_deadline()
 
@@ -229,6 +293,14 @@ class _Connection(asyncio.Protocol):
         """No deadline until the request in progress is answered (``answered`` starts one)."""
         if self._timer is not None:
             self._timer.cancel()
+
+    @property
+    def busy(self) -> bool:
+        """A request in progress, or one aiohttp parsed whole and has not taken yet: its task
+        starts a loop turn or two later (a half-sent request is not one: it holds nothing)."""
+        # aiohttp's queue of parsed requests has no public view; it is empty until the whole
+        # head has arrived.
+        return self._request is not None or (self._made and bool(self._handler._messages))
 
     @property
     def evictable(self) -> bool:
@@ -333,6 +405,7 @@ class _Site(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None  # the runner is set up before its sites start
+        self._guard._taking(server)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: self._guard.accept(server, self._tls), self._address, self._port, backlog=self._backlog
@@ -340,4 +413,4 @@ class _Site(web.BaseSite):
 
     async def stop(self) -> None:
         await super().stop()
-        self._guard.abort_handshakes()
+        self._guard.stop()

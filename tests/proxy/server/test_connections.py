@@ -1,7 +1,9 @@
 """The connection guard on loopback: a small aiohttp application served through a Guard, plain and
 over TLS. The cap evicts the connection idle the longest and refuses only when all are busy; the
 deadline closes a connection without a request answered in time (silent, half-sent, stopped
-reading, or silent in its TLS handshake); a lasting request has no deadline and is never evicted.
+reading, or silent in its TLS handshake); a lasting request has no deadline and is never evicted;
+a whole request aiohttp has not started yet is not evicted, a half-sent one is; a connection
+admitted as the site stops is closed.
 
 Deadlines are two seconds. Nothing is timed: a test waits, bounded by WAIT, for a connection to
 be closed, and the order in which deadlines passed is read from the guard's debug log.
@@ -41,6 +43,7 @@ EVICTED = "guarded connection closed to make room: idle the longest (0 answered 
 
 @dataclass
 class Served:
+    runner: web.AppRunner
     server: web.Server
     port: int
     # Set by a test to end the /held request in progress.
@@ -93,10 +96,11 @@ async def serving(
     try:
         await guard.site(runner, "127.0.0.1", 0, tls).start()
         assert runner.server is not None
-        yield Served(runner.server, runner.addresses[0][1], release)
+        yield Served(runner, runner.server, runner.addresses[0][1], release)
     finally:
         release.set()
-        await runner.cleanup()
+        if runner.server is not None:  # else a test stopped it
+            await runner.cleanup()
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -424,3 +428,77 @@ async def test_over_tls_stopping_the_site_closes_the_connections_still_in_their_
         assert await until_closed(reader) == b""
         writer.close()
     assert not expiries(caplog)
+
+
+async def sent_as_another_arrives(
+    served: Served, sent: bytes
+) -> tuple[
+    tuple[asyncio.StreamReader, asyncio.StreamWriter], tuple[asyncio.StreamReader, asyncio.StreamWriter]
+]:
+    """``sent`` on an open idle connection and a new connection, both in the kernel before the
+    loop looks again: it reads the first and accepts the second in the same wakeup, before
+    aiohttp's task for a request could start."""
+    first_reader, first_writer = await connect(served.port)
+    await until_open(served.server, 1)
+    first_writer.write(sent)  # the loop's transports send at once what the socket takes
+    second = socket.create_connection(("127.0.0.1", served.port), timeout=WAIT)  # the kernel's
+    return (first_reader, first_writer), await asyncio.open_connection(sock=second)
+
+
+async def test_a_whole_request_not_yet_started_is_not_evicted(caplog: pytest.LogCaptureFixture) -> None:
+    async with serving(caplog, 1, LONG) as served:
+        (reader, writer), (over_reader, over_writer) = await sent_as_another_arrives(
+            served, b"GET /small HTTP/1.1\r\nHost: guarded\r\n\r\n"
+        )
+        assert await until_closed(over_reader) == b""
+        over_writer.close()
+        assert refusals(caplog) == ["guarded connection refused: all 1 connections open are busy"]
+        assert not evictions(caplog)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        writer.close()
+
+
+async def test_a_half_sent_request_is_evicted_by_a_connection_arriving_with_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(caplog, 1, LONG) as served:
+        (reader, writer), (later_reader, later_writer) = await sent_as_another_arrives(served, HALF_SENT)
+        assert await until_closed(reader) == b""
+        writer.close()
+        assert evictions(caplog) == [EVICTED]
+        assert await get(later_reader, later_writer, "/small") == (200, b"ok\n")
+        later_writer.close()
+        assert not refusals(caplog)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+async def test_a_connection_admitted_as_the_site_stops_is_closed(
+    caplog: pytest.LogCaptureFixture,
+    authority: TestAuthority,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    secure: bool,
+) -> None:
+    # The listener admits a connection; its connection_made (TLS: its handshake) comes a loop
+    # turn later, after the stop started here looked at the connections open.
+    stopping: list[asyncio.Task[None]] = []
+    admit = connections.Guard.accept
+
+    def admit_then_stop(
+        guard: connections.Guard, server: web.Server, tls: ssl.SSLContext | None
+    ) -> asyncio.Protocol:
+        protocol = admit(guard, server, tls)
+        stopping.append(asyncio.get_running_loop().create_task(served.runner.cleanup()))
+        return protocol
+
+    tls = server_context(authority, tmp_path) if secure else None
+    async with serving(caplog, 4, LONG, tls) as served:
+        monkeypatch.setattr(connections.Guard, "accept", admit_then_stop)
+        reader, writer = await connect(served.port)  # silent: no ClientHello either
+        assert await until_closed(reader) == b""
+        writer.close()
+        await asyncio.wait_for(asyncio.gather(*stopping), WAIT)
+        assert len(stopping) == 1
+        assert "guarded connection closed: the site stopped" in caplog.messages
+        assert not expiries(caplog)
