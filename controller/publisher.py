@@ -46,8 +46,23 @@ cannot hold the controller's descriptors. A stream has no deadline once its toke
 is never evicted; acks and /metrics are ordinary short requests. Over the cap the connection idle
 the longest (no request in progress) is aborted to make room, so silent connections never keep a
 proxy's stream out; only when every open connection is busy is the new one closed unread (logged
-at debug). A stream whose proxy takes no line for ``STALLED_WRITE_HEARTBEATS`` heartbeat intervals
-(45 s; the proxy itself reconnects after three missed heartbeats) ends, its connection aborted.
+at debug). A stream whose write waits ``STALLED_WRITE_HEARTBEATS`` heartbeat intervals (45 s; the
+proxy itself reconnects after three missed heartbeats) ends, its connection aborted (a warning).
+A write waits only when the connection takes no more: aiohttp waits for it after every 64 KiB
+written, and only while more than the transport's high-water mark (64 KiB) is left unsent beyond
+what the kernel took, that is once the proxy's receive buffer and the controller's send buffer
+are full (MiBs between pods). So a proxy is cut when it stopped reading while that much was
+sent to it. A proxy that stops reading with room left in those buffers (a wedged process with
+its socket open, ordinary tables) is not detected: its kernel acknowledges every line (a
+heartbeat is a few octets every 15 s), no write waits, and TCP keepalive and TCP_USER_TIMEOUT,
+which watch the peer's kernel, cannot tell it from a reading proxy; nothing at this end can without an
+answer from the proxy's process. Its stream lasts until its connection ends (its pod restarted
+or deleted; its node gone: once the kernel gives up retransmitting, about 15 minutes, the pod not
+Ready long before), and its ``acks()`` entry stays the last ack it sent: it counts as
+running the version it acked and never a later one, so while its pod is Ready a route changed
+since stays Programmed Unknown (Pending, one proxy short), and routes that version holds stay
+counted. A proxy whose event loop is wedged also fails its probes (its admin port is served by
+that loop): not Ready, it is counted for no route, and the kubelet restarts it.
 TLS: given ``certificates`` (the chart's default), the whole port speaks TLS 1.2 or later, /metrics
 included (the chart's ServiceMonitor and PodMonitor scrape it over https); without, plain HTTP.
 Each handshake first calls ``certificates.refresh()`` and then serves the context in force, so a
@@ -133,9 +148,11 @@ MAX_CONNECTIONS = 1024
 # client_header_timeout: 60 s. A proxy's kept-alive ack connection idles 15 s at most (aiohttp's
 # client keepalive), Prometheus reconnects when it scrapes less often than this.
 REQUEST_TIMEOUT = 60.0
-# A line a stream cannot hand to its connection within this many heartbeat intervals ends the
+# A write to a stream that waits this many heartbeat intervals for its connection ends the
 # stream. The proxy reconnects after three heartbeats without a line (its STREAM_IDLE_TIMEOUT,
-# proxy/server/subscriber.py): by then it has given up on the stream, or it stopped reading.
+# proxy/server/subscriber.py): by then it has given up on the stream, or it stopped reading. A
+# write waits only once the socket buffers are full (module docstring): a proxy that stops reading
+# with room left there is not detected.
 STALLED_WRITE_HEARTBEATS = 3
 
 
@@ -600,7 +617,8 @@ class Publisher:
                 log.info("proxy %s: the token its stream was opened with is no longer accepted", stream.proxy)
                 return
             # A proxy that stopped reading fills its socket's buffers, and the write would wait
-            # for ever, holding the stream, its connection and the proxy's place in acks().
+            # for ever, holding the stream, its connection and the proxy's place in acks(). Until
+            # they are full no write waits, whether the proxy reads or not (module docstring).
             async with asyncio.timeout(self._heartbeat * STALLED_WRITE_HEARTBEATS):
                 await response.write(line)
 
