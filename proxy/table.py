@@ -17,8 +17,10 @@ separate namespaces: a user key only ever matches that exact login (``"ceo"`` is
 "ceo", never a domain), a domain key only a login's domain part. Names compare
 case-insensitively (RFC 5321 section 2.4 for domains; user names are folded as Dovecot's
 default ``auth_username_format = %Lu`` does), a login's domain without one trailing dot and in
-A-labels. The catch-all is a namespace's default: it never takes a login whose user, or whose
-domain as lookup would match it, a route of another namespace claims for any protocol.
+A-labels (UTS #46 non-transitional processing, by the idna package, for a domain that is not
+ASCII; a domain that is no name, or longer than a name can be, matches no domain key). The
+catch-all is a namespace's default: it never takes a login whose user, or whose domain as
+lookup would match it, a route of another namespace claims for any protocol.
 """
 
 import hashlib
@@ -26,10 +28,12 @@ import hmac
 import ipaddress
 import json
 import math
-import unicodedata
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
+
+import idna
 
 # Bytes of a table's version key: HMAC-SHA256's own block of strength (RFC 2104 section 3).
 VERSION_KEY_BYTES = 32
@@ -44,9 +48,14 @@ AuthMode = Literal["backend", "http"]
 TABLE_API_VERSION = "mailgress.io/table/v1"
 CATCH_ALL = "*"
 WILDCARD_PREFIX = "*."
-# RFC 5890 section 2.3.2.1: the prefix of an A-label; UTS #46 section 4 maps U+3002 to a dot.
-ACE_PREFIX = "xn--"
-IDEOGRAPHIC_FULL_STOP = "\u3002"
+# RFC 1035 section 2.3.4: a name holds at most 255 octets on the wire, 253 characters written
+# out without the root's trailing dot, and a label at most 63 octets. An A-label is longer than
+# its U-label (RFC 3492 section 6.3: every character outputs at least one), so a longer domain or
+# label is no name, before any conversion (Punycode's cost grows with the square of a label).
+MAX_DOMAIN_LENGTH = 253
+MAX_LABEL_LENGTH = 63
+# UTS #46 section 2.3: the full stop and the three other dots that separate labels.
+LABEL_SEPARATORS = re.compile("[.\u3002\uff0e\uff61]")
 # Kubernetes ObjectMeta.generation is an int64 that starts at 1; 0 stands for "no API server".
 MAX_GENERATION = 2**63 - 1
 
@@ -161,29 +170,42 @@ def _namespace(route_name: str) -> str:
 
 
 def _a_labels(domain: str) -> str:
-    """A non-ASCII domain as A-labels (RFC 5890 section 2.3.2.1): each label mapped as UTS #46
-    does (NFKC of the lower case, the ideographic full stop a dot) and Punycode-encoded
-    (RFC 3492) behind "xn--". IDNA2008's own A-label for every valid name (ß and ς stay
-    themselves, where Python's IDNA 2003 codec would map them to other names); what no valid
-    name spells becomes a string no route key spells, so it matches no domain key."""
-    mapped = unicodedata.normalize("NFKC", domain).lower().replace(IDEOGRAPHIC_FULL_STOP, ".")
-    return ".".join(
-        label if label.isascii() else ACE_PREFIX + label.encode("punycode").decode("ascii")
-        for label in mapped.split(".")
-    )
+    """A non-ASCII domain as A-labels (RFC 5890 section 2.3.2.1), mapped and checked by UTS #46
+    non-transitional processing (IDNA2008: ß and ς stay themselves; Cherokee and Greek
+    ypogegrammeni fold as UTS #46 folds them; soft hyphens and variation selectors are ignored),
+    without one trailing dot. "" when it is no name: a label or the whole longer than a name's
+    (refused before the conversion, whose cost grows with the square of a label's length), or
+    text UTS #46 refuses (U+2024 ONE DOT LEADER is not a dot). Lengths count the characters
+    as given: a label that fits only once UTS #46 drops its ignored characters is refused."""
+    name = domain[:-1] if LABEL_SEPARATORS.fullmatch(domain[-1]) else domain
+    if len(name) > MAX_DOMAIN_LENGTH or any(
+        len(label) > MAX_LABEL_LENGTH for label in LABEL_SEPARATORS.split(name)
+    ):
+        return ""
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii").removesuffix(".")
+    except UnicodeError:  # idna.IDNAError, and any codec error on text no name spells
+        return ""
 
 
 def _login_keys(login: str) -> tuple[str, str]:
-    """The login as the table's user keys spell it and its domain part ("" when none): folded,
-    a non-ASCII domain in A-labels, one trailing dot dropped (the root, RFC 1034 section 3.1:
-    "alpha.example." is alpha.example). An ASCII login costs a fold and a split."""
+    """The login as the table's user keys spell it and its domain part ("" when none, or when
+    it is no name): folded, a non-ASCII domain in A-labels, one trailing dot dropped (the root,
+    RFC 1034 section 3.1: "alpha.example." is alpha.example). A domain longer than
+    MAX_DOMAIN_LENGTH is no name (it also bounds lookup's wildcard probes, one per label). An
+    ASCII login costs a fold, a split and a length check; only a non-ASCII domain is converted."""
     folded = _fold(login)
     local, at, domain = folded.rpartition("@")
     if not at:
         return folded, ""
-    if not domain.isascii():
+    if domain.isascii():
+        domain = domain.removesuffix(".")
+        if len(domain) > MAX_DOMAIN_LENGTH:
+            return folded, ""
+    else:
         domain = _a_labels(domain)
-    domain = domain.removesuffix(".")
+        if not domain:
+            return folded, ""
     return f"{local}@{domain}", domain
 
 
@@ -228,7 +250,8 @@ def lookup(table: RoutingTable, protocol: Protocol, login: str) -> Route | None:
 
     Dictionary probes only (the user, the domain, one wildcard per label above it, the
     catch-all), stopping at the first hit: this runs on every login and inbound recipient.
-    The login's domain is compared without one trailing dot and, when not ASCII, in A-labels.
+    The login's domain is compared without one trailing dot and, when not ASCII, in A-labels;
+    a domain that is no name (or longer than one) matches no domain key.
 
     Returns:
         The exact user's route; else, for a login with a domain part, the route of that domain

@@ -10,12 +10,13 @@ import hashlib
 import json
 from typing import Any
 
+import idna
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import table
-from proxy.protocols import smtp
+from proxy.protocols import imap, smtp
 from proxy.table import Endpoint, HttpAuth, Route, Upstream
 
 DOVECOT = Upstream(service="mail/dovecot", endpoints=(Endpoint("127.0.0.1", 143),))
@@ -250,6 +251,117 @@ def test_a_domain_no_name_spells_matches_only_an_unclaimed_catch_all() -> None:
         assert table.lookup(TENANTS, "imap", login) is None
         found = table.lookup(TENANTS, "smtp", login)
         assert found is not None and found.name == "team-x/any"
+
+
+# mail routes IDNs whose UTS #46 mapping is not NFKC of the lower case (A-labels the idna
+# package gives); team-x's catch-all would take any login that missed them.
+IDN_TENANTS = table.make_table(
+    [
+        serving(
+            "mail/idn",
+            ("imap",),
+            domains=(
+                "xn--f9dt7l.example",  # Cherokee, which UTS #46 folds to its upper case
+                "xn--b-ylby.example",  # alpha iota: UTS #46 case-folds U+1FB3's ypogegrammeni
+                "xn--bcher-kva.example",
+                "xn--11b2ezcw70k.example",  # Devanagari with a ZWJ after its virama (CONTEXTJ)
+                "xn--3xa.example",  # final sigma stays itself (non-transitional)
+                "alpha.example",
+                "1.example",
+            ),
+        ),
+        serving("team-x/any", ("imap", "smtp"), domains=("*",)),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "login",
+    [
+        "ceo@\u13e3\u13b3\u13a9.example",
+        "ceo@\uabb3\uab83\uab79.example",  # the same name in Cherokee small letters
+        "ceo@\u1fb3b.example",
+        "ceo@b\u00adu\u0308cher.example",  # a soft hyphen (ignored) and a combining diaeresis
+        "ceo@b\u00fccher\ufe0f.example",  # a variation selector (ignored)
+        "ceo@\u0915\u094d\u200d\u0937.example",
+        "ceo@\u03c2.example",
+        "ceo@b\u00fccher.example\u3002",  # one trailing ideographic full stop: the root
+    ],
+)
+def test_a_valid_idn_login_reaches_its_own_route(login: str) -> None:
+    found = table.lookup(IDN_TENANTS, "imap", login)
+    assert found is not None and found.name == "mail/idn"
+
+
+@pytest.mark.parametrize(
+    "login",
+    [
+        "ceo@alpha\ufe52example",  # SMALL FULL STOP: NFKC's dot, but UTS #46 refuses it
+        "ceo@alpha\u2024example",  # ONE DOT LEADER
+        "ceo@\u2488example",  # DIGIT ONE FULL STOP
+        "ceo@mail_x.b\u00fccher.example",  # no IDNA2008 label has an underscore
+    ],
+)
+def test_a_name_uts46_refuses_matches_no_domain_key(login: str) -> None:
+    """Only the catch-all, for a name no route claims, as for any unclaimed login."""
+    found = table.lookup(IDN_TENANTS, "imap", login)
+    assert found is not None and found.name == "team-x/any"
+
+
+@pytest.fixture
+def conversions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The domains lookup hands to the idna package, which still converts them."""
+    seen: list[str] = []
+    convert = idna.encode
+
+    def spy(domain: str, **options: bool) -> bytes:
+        seen.append(domain)
+        return convert(domain, **options)
+
+    monkeypatch.setattr(idna, "encode", spy)
+    return seen
+
+
+def cjk_login(octets: int) -> str:
+    """The longest "ceo@<CJK>.example" in ``octets`` UTF-8 octets: one label of 3-octet characters."""
+    fixed = len("ceo@.example")
+    return "ceo@" + "\u4e00" * ((octets - fixed) // 3) + ".example"
+
+
+@pytest.mark.parametrize(
+    "login",
+    [
+        cjk_login(imap.MAX_LITERAL_OCTETS),  # an IMAP LOGIN literal's most: 2,726 characters
+        "ceo@" + "\u00fc" * (table.MAX_LABEL_LENGTH + 1) + ".example",  # one label too long
+        "ceo@" + ".".join(["\u00fc" * table.MAX_LABEL_LENGTH] * 4) + ".example",  # 263 in all
+        "ceo@" + "a." * 200 + "beta.example",  # ASCII, 412: no more under mail's *.beta.example
+    ],
+)
+def test_a_domain_longer_than_a_name_is_never_converted(login: str, conversions: list[str]) -> None:
+    """RFC 1035's lengths refuse it first: no Punycode (its cost grows with the square of a
+    label's length, half a second in the event loop for the first login), no domain key."""
+    assert table.lookup(TENANTS, "imap", login) is None
+    found = table.lookup(TENANTS, "smtp", login)
+    assert found is not None and found.name == "team-x/any"
+    assert conversions == []
+
+
+@pytest.mark.parametrize(
+    ("domain", "converted"),
+    [
+        ("\u00fc" * table.MAX_LABEL_LENGTH + ".example", True),
+        ("\u00fc" * (table.MAX_LABEL_LENGTH + 1) + ".example", False),
+        (".".join(["\u00fc" * 62] * 4) + ".x", True),  # 253 characters
+        (".".join(["\u00fc" * 62] * 4) + ".x.", True),  # and the root's dot
+        (".".join(["\u00fc" * 62] * 4) + ".x\u3002", True),
+        (".".join(["\u00fc" * 62] * 4) + ".xy", False),  # 254
+        ("b\u00fccher.example", True),
+        ("alpha.example", False),  # ASCII: never
+    ],
+)
+def test_lengths_up_to_a_name_s_are_converted(domain: str, converted: bool, conversions: list[str]) -> None:
+    table.lookup(TENANTS, "imap", "ceo@" + domain)
+    assert conversions == ([domain] if converted else [])
 
 
 @settings(derandomize=True, database=None, deadline=None, max_examples=300)
