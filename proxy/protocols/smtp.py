@@ -68,10 +68,13 @@ reading the client's commands: each goes to the backend alone and its one comple
 back before the next is read (pipelined ones wait, in order), a recipient of a route on another
 backend gets ``452 4.5.3`` (RFC 5321 4.5.3.1.10: "too many recipients", which senders deliver
 later in another transaction; never 550, which would bounce) while routes on the same backend
-endpoint share the transaction, the DATA body streams through unchanged until ``CRLF . CRLF``
-(``EndOfData``), and what a trusting backend must not hear from a client (XCLIENT above all) is
-answered by the proxy. Mediating costs the zero-copy relay for inbound mail only; submission
-keeps it, its one user owns the whole session.
+endpoint share the transaction, the DATA body streams through with every line end made CRLF
+(a bare LF or CR too) until the line ``.`` (``BodyStream``), so a backend cannot see the body end
+anywhere else and run what follows as commands the proxy never read (SMTP smuggling), and what
+a trusting backend must not hear from a client (XCLIENT above all) is answered by the proxy. A
+backend's ``421`` is passed on and ends the session (RFC 5321 section 3.8: it closes).
+Mediating costs the zero-copy relay for inbound mail only; submission keeps it, its one user
+owns the whole session.
 
 The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``;
 with client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
@@ -94,6 +97,7 @@ plaintext fallback, so neither a credential nor the envelope is ever sent in the
 """
 
 import ipaddress
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,11 +145,16 @@ MAX_CLIENT_LINE = 2048 - len(CRLF)
 # RFC 4954 section 4 keeps the AUTH command itself within that limit but not the client's
 # responses to 334 challenges (see sasl.py).
 MAX_SASL_LINE = sasl.MAX_RESPONSE_LINE
-# RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets including its CRLF.
-MAX_REPLY_LINE = 512 - len(CRLF)
-# RFC 5321 sets no limit on the lines of one reply; a Postfix EHLO reply has about a dozen.
-# The bound keeps a broken backend from growing one reply for ever.
+# RFC 5321 section 4.5.3.1.5 makes 512 octets with the CRLF the reply line a client must take,
+# and section 4.5.3.1 asks to avoid limits: a reply may echo a whole client line the proxy
+# forwarded (Postfix's 550 quotes the recipient of a RCPT line of MAX_CLIENT_LINE octets), so a
+# backend's reply line may have that much and 512 octets of its own text.
+MAX_REPLY_LINE = MAX_CLIENT_LINE + 512 - len(CRLF)
+# RFC 5321 sets no limit on the lines of one reply; a Postfix EHLO reply has about a dozen. The
+# bounds keep a broken backend from growing one reply for ever: in lines, and in octets (a few
+# long lines, not a hundred of them; line ends not counted).
 MAX_REPLY_LINES = 100
+MAX_REPLY_OCTETS = 4 * MAX_REPLY_LINE
 # RFC 1035 section 2.3.4: a domain name (as text, without a final dot) fits in 255 octets, so a
 # longer recipient domain cannot be anyone's. Local parts and paths have no bound but the line:
 # RFC 5321 sections 4.5.3.1.1 and 4.5.3.1.3 give minimums to accept, not maximums.
@@ -780,13 +789,15 @@ class MalformedReplyError(RemoteProtocolError):
 class ReplyReader:
     """Cuts a backend's bytes into complete replies (RFC 5321 section 4.2.1: ``code-text`` lines
     until ``code text``, one code throughout), each line within ``MAX_REPLY_LINE`` and each reply
-    within ``MAX_REPLY_LINES``. Used by the backend login and by the inbound mediation."""
+    within ``MAX_REPLY_LINES`` and ``MAX_REPLY_OCTETS``. Used by the backend login and by the
+    inbound mediation."""
 
-    __slots__ = ("_buffer", "_lines")
+    __slots__ = ("_buffer", "_lines", "_octets")
 
     def __init__(self) -> None:
         self._buffer = LineBuffer(MAX_REPLY_LINE)
         self._lines: list[bytes] = []  # lines of the multi-line reply being read
+        self._octets = 0  # their length
 
     def feed(self, data: bytes) -> None:
         self._buffer.feed(data)
@@ -814,10 +825,11 @@ class ReplyReader:
             ):
                 raise MalformedReplyError("backend sent a malformed reply")
             self._lines.append(line)
-            if len(self._lines) > MAX_REPLY_LINES:
+            self._octets += len(line)
+            if len(self._lines) > MAX_REPLY_LINES or self._octets > MAX_REPLY_OCTETS:
                 raise MalformedReplyError("backend reply too long")
             if separator != b"-":
-                lines, self._lines = self._lines, []
+                lines, self._lines, self._octets = self._lines, [], 0
                 return int(code), lines
 
     def take_all(self) -> bytes:
@@ -827,7 +839,7 @@ class ReplyReader:
     def clear(self) -> None:
         """Forget everything not yet read (the plaintext behind a STARTTLS 220)."""
         self._buffer.clear()
-        self._lines = []
+        self._lines, self._octets = [], 0
 
 
 class BackendLogin:
@@ -1060,33 +1072,58 @@ REPLY_TLS_UNAVAILABLE = b"454 4.7.0 TLS not available now" + CRLF
 REPLY_NO_BDAT = b"521 5.5.1 Error: command not implemented" + CRLF
 
 
-class EndOfData:
-    """Finds where a DATA body ends (``END_OF_DATA``) in the client's bytes, cut anywhere.
+class BodyStream:
+    """A DATA body on its way to the backend: every line end made CRLF, and its end found.
 
-    The body passes to the backend as it came: no dot-unstuffing, no line-end repair. Only the
-    last four bytes seen are kept (a terminator is five), so memory is constant whatever the size
-    of the body, and no chunk is copied. A bare LF does not end anything here (RFC 5321 section
-    2.3.8); a backend that took ``LF . LF`` for the end would answer while the proxy still streams,
-    which the mediation treats as a backend out of step and closes (no smuggled commands).
+    RFC 5321 section 2.3.8 allows CR and LF only as CRLF, but servers differ on what else ends
+    a line, and so on where a body ends: Postfix before 3.9 (``smtpd_forbid_bare_newline = no``)
+    ends it at ``LF . LF`` too, and behind such an end a client could make a trusting backend run
+    commands the proxy never saw (SMTP smuggling, CVE-2023-51764: a forged XCLIENT, a relayed
+    message). So the proxy decides alone where every line ends and sends only CRLF: a bare LF
+    becomes CRLF (Postfix 3.9's ``smtpd_forbid_bare_newline = normalize``; Postfix stores such
+    lines that way anyway), and so does a bare CR, which Postfix keeps as data but other servers
+    have taken for a line end (CVE-2023-51765 class): with no line end but CRLF in the stream,
+    every backend cuts the same lines as the proxy whatever it takes for a line end, so a body
+    ends where the proxy's line ``.`` is (``END_OF_DATA`` in the normalised stream), and what
+    follows is the proxy's to read as commands. A CR that ends a chunk waits for the next one (it
+    may be half a CRLF), so the client must send the byte after it for the body to go on: a
+    client does (the CRLF's LF). No dot-unstuffing: lines pass as they came otherwise. Memory is
+    constant whatever the size of the body: the last four bytes sent and that one CR.
     """
 
-    __slots__ = ("_tail",)
+    __slots__ = ("_cr", "_tail")
 
     def __init__(self) -> None:
         self._tail = CRLF  # the CRLF of the DATA command line: ".\r\n" alone is an empty body
+        self._cr = False  # a CR ended the last chunk and was not sent yet
 
-    def scan(self, chunk: bytes) -> int | None:
-        """How many bytes of ``chunk`` are body (the terminator included), or None if all are and
-        the body goes on. Not to be called again once the end was found."""
-        # A terminator that begins in the tail ends within the chunk's first four bytes.
-        at = (self._tail + chunk[: len(END_OF_DATA) - 1]).find(END_OF_DATA)
-        if at >= 0:
-            return at + len(END_OF_DATA) - len(self._tail)
-        at = chunk.find(END_OF_DATA)
-        if at >= 0:
-            return at + len(END_OF_DATA)
-        self._tail = (self._tail + chunk[-(len(END_OF_DATA) - 1) :])[-(len(END_OF_DATA) - 1) :]
-        return None
+    def feed(self, chunk: bytes) -> tuple[bytes, int | None]:
+        """The body bytes to send for ``chunk`` and, once the body ended within it, how many of
+        its bytes were body (the terminator included; the rest are commands), else None. Not to
+        be called again once the end was found."""
+        held = b"\r" if self._cr else b""
+        data = held + chunk
+        self._cr = data.endswith(b"\r")
+        if self._cr:
+            data = data[:-1]
+        # CRLF, then each CR left (bare), then each LF (bare or from a CRLF) as CRLF.
+        body = data.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
+        # A terminator that begins in the tail ends within the first bytes of ``body``.
+        window = self._tail + body
+        at = window.find(END_OF_DATA)
+        if at < 0:
+            self._tail = window[-(len(END_OF_DATA) - 1) :]
+            return body, None
+        body = body[: at + len(END_OF_DATA) - len(self._tail)]
+        # Each CRLF of ``body`` stands for one line end of ``data``: the body ends behind the
+        # line end that stands for its last CRLF.
+        ends = _LINE_END.finditer(data)
+        last = next(itertools.islice(ends, body.count(CRLF) - 1, None))
+        return body, last.end() - len(held)
+
+
+# One line end in a client's body: CRLF, or a CR or an LF alone (see ``BodyStream``).
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 _CLIENT_ENDED = "client closed the connection"
@@ -1117,8 +1154,10 @@ class Mediator:
       to the backend, one of another route gets ``REPLY_OTHER_ROUTE``, an unrouted one 550 5.7.1.
     - ``MAIL`` (checked as the first, ``check_sender``: only advertised parameters), ``RSET``,
       ``NOOP``, ``DATA``, ``QUIT``: to the backend, its reply to the client;
-      after a 354 the body streams to the backend as it comes until ``END_OF_DATA``, then the
-      backend's final reply goes to the client and commands are read again.
+      after a 354 the body streams to the backend as it comes, its line ends made CRLF, until
+      the line ``.`` (``BodyStream``), then the backend's final reply goes to the client and
+      commands are read again. A ``421`` reply goes to the client and the session ends: the
+      backend is closing (RFC 5321 section 3.8), and the client hears it once.
     - ``EHLO``/``HELO``: end the transaction (RFC 5321 section 4.1.4), so the backend gets
       ``RSET`` and the client the proxy's own reply, the same extensions as before minus STARTTLS:
       the backend keeps the name it was given at login (the client's, with XCLIENT).
@@ -1158,7 +1197,7 @@ class Mediator:
         self._skipping = False  # the rest of an over-long line is being dropped up to its LF
         self._replies = ReplyReader()
         self._expecting = Expecting.NOTHING
-        self._body: EndOfData | None = None  # while the body streams
+        self._body: BodyStream | None = None  # while the body streams
         self._errors = 0
         self._deferred = 0  # recipients of other routes answered with REPLY_OTHER_ROUTE
         self._client_ended = False  # EOF from the client: answer what it sent, then close
@@ -1243,14 +1282,15 @@ class Mediator:
                 self._skipping, data = False, rest
             self._buffer.feed(data)
             return self._interpret()
-        end = self._body.scan(data)
+        body, end = self._body.feed(data)
+        sends: list[MediationCommand] = [SendToBackend(body)] if body else []
         if end is None:
-            return [SendToBackend(data)] if data else []
+            return sends
         # The final reply comes next; whatever the client pipelined behind the body waits for it.
         self._body = None
         self._expecting = Expecting.REPLY
         self._buffer.feed(data[end:])
-        return [SendToBackend(data[:end])]
+        return sends
 
     def _from_backend(self) -> list[MediationCommand]:
         commands: list[MediationCommand] = []
@@ -1277,12 +1317,15 @@ class Mediator:
             case Expecting.HELO if code == 250:
                 reply = b"250 " + self._config.server_name.encode() + CRLF
             case Expecting.DATA if code == 354:
-                self._body = EndOfData()
+                self._body = BodyStream()
                 self._expecting = Expecting.BODY
                 # Bytes the client sent behind DATA before the 354 are the body's beginning.
                 return [Send(reply), *self._from_client(self._buffer.take_all())]
             case Expecting.QUIT:
                 return [Send(reply), *self._close("client quit")]
+            case _ if code == 421:
+                # The backend is closing (RFC 5321 section 3.8): its own 421 is the client's only one.
+                return [Send(reply), *self._close("backend closed the connection")]
         return [Send(reply), *self._interpret()]
 
     def _interpret(self) -> list[MediationCommand]:

@@ -718,7 +718,7 @@ def test_backend_close_and_timeout_fail_the_login_once() -> None:
 
 def test_backend_reply_limits() -> None:
     line = b"220 " + b"x" * (smtp.MAX_REPLY_LINE - 4)
-    assert len(line + b"\r\n") == 512  # RFC 5321 section 4.5.3.1.5
+    assert len(line) >= smtp.MAX_CLIENT_LINE + 512 - 2  # a whole client line and the RFC's 512
     assert feed(submission_login(), line) == [Send(b"EHLO mailgress\r\n")]
     assert feed(submission_login(), line + b"x") == [
         BackendFailed("backend reply line too long in state GREETING")
@@ -729,6 +729,32 @@ def test_backend_reply_limits() -> None:
         BackendFailed("backend reply too long in state GREETING")
     ]
     assert feed(submission_login(), *endless[1:], b"220 end") == [Send(b"EHLO mailgress\r\n")]
+    # The octets of one reply are bounded too (here four lines of the longest), line ends not counted.
+    longest = b"x" * (smtp.MAX_REPLY_LINE - 4)
+    assert smtp.MAX_REPLY_OCTETS == 4 * smtp.MAX_REPLY_LINE
+    assert feed(submission_login(), *[b"220-" + longest] * 3, b"220 " + longest) == [
+        Send(b"EHLO mailgress\r\n")
+    ]
+    assert feed(submission_login(), *[b"220-" + longest] * 4, b"220 x") == [
+        BackendFailed("backend reply too long in state GREETING")
+    ]
+
+
+def test_a_recipient_refused_with_a_long_reply_is_the_clients_answer() -> None:
+    """Postfix's 550 quotes the recipient: a RCPT line as long as a client may send echoed in a
+    reply longer than 512 octets is still the backend's verdict, not a backend failure (451)."""
+    local = b"n" * (smtp.MAX_CLIENT_LINE - len(b"RCPT TO:<@alpha.example>"))
+    rcpt = b"RCPT TO:<" + local + b"@alpha.example>"
+    assert len(rcpt) == smtp.MAX_CLIENT_LINE
+    login = smtp.BackendLogin(
+        LoginRequest(protocol="smtp", routing_key="n@alpha.example", envelope=(ENVELOPE[0], rcpt)),
+        BackendConfig(),
+    )
+    refusal = b"550 5.1.1 <" + local + b"@alpha.example>: Recipient address rejected: User unknown in"
+    refusal += b" virtual mailbox table"
+    assert feed(login, b"220 mx", b"250 mx", b"250 2.1.0 Ok", refusal)[-1] == LoginSucceeded(
+        reply=refusal + b"\r\n", buffered=b""
+    )
 
 
 def test_backend_login_misuse() -> None:
@@ -1114,8 +1140,10 @@ def test_a_recipient_of_another_route_is_deferred_and_the_transaction_goes_on() 
     assert client_says(machine, b"RCPT TO:<d@gamma.example>\r\n") == [Send(smtp.REPLY_RELAY_DENIED)]
     assert to_backend(client_says(machine, b"DATA\r\n")) == b"DATA\r\n"
     assert to_client(backend_says(machine, b"354 End data with <CR><LF>.<CR><LF>\r\n")).startswith(b"354 ")
-    body = b"Subject: x\r\n\r\n..leading dot\r\nbare\nLF and CR\r.\r\n"
-    assert to_backend(client_says(machine, body)) == body
+    body = b"Subject: x\r\n\r\n..leading dot\r\nbare\nLF and CR\rend\r\n"
+    # Dots stay stuffed; a bare LF or CR is a line end, sent as CRLF (see BodyStream).
+    expected = b"Subject: x\r\n\r\n..leading dot\r\nbare\r\nLF and CR\r\nend\r\n"
+    assert to_backend(client_says(machine, body)) == expected
     assert client_says(machine, b".\r\n") == [smtp.SendToBackend(b".\r\n")]
     assert (
         to_client(backend_says(machine, b"250 2.0.0 Ok: queued as 1\r\n")) == b"250 2.0.0 Ok: queued as 1\r\n"
@@ -1189,7 +1217,7 @@ def test_ehlo_and_helo_reset_the_backend_and_get_the_proxys_own_reply(hello: byt
     assert client_says(machine, hello + b"\r\n") == [smtp.SendToBackend(b"RSET\r\n")]
     assert backend_says(machine, b"250 2.0.0 Ok\r\n") == [Send(reply)]
     client_says(machine, hello + b"\r\n")
-    assert backend_says(machine, b"421 4.3.0 going down\r\n") == [Send(b"421 4.3.0 going down\r\n")]
+    assert backend_says(machine, b"451 4.3.0 try later\r\n") == [Send(b"451 4.3.0 try later\r\n")]
     assert client_says(machine, hello[:4] + b"\r\n") == [
         Send(b"501 5.5.4 Syntax: " + hello[:4] + b" hostname\r\n")
     ]
@@ -1311,7 +1339,11 @@ def test_a_body_cut_short_by_the_client_is_dropped() -> None:
         (b"", smtp.BackendData(b"421 4.4.2 idle\r\n"), "backend replied out of turn"),
         (b"NOOP\r\n", smtp.BackendData(b"250 ok\r\n250 again\r\n"), "backend replied out of turn"),
         (b"NOOP\r\n", smtp.BackendData(b"hello\r\n"), "backend sent a malformed reply"),
-        (b"NOOP\r\n", smtp.BackendData(b"250" + b"x" * 600 + b"\r\n"), "backend reply line too long"),
+        (
+            b"NOOP\r\n",
+            smtp.BackendData(b"250 " + b"x" * smtp.MAX_REPLY_LINE + b"\r\n"),
+            "backend reply line too long",
+        ),
         (b"NOOP\r\n", smtp.BackendData(b"250-x\r\n" * 101), "backend reply too long"),
         (b"", TimedOut(), "idle timeout"),
     ],
@@ -1327,14 +1359,50 @@ def test_a_backend_out_of_step_or_gone_ends_the_session_with_421(
 
 
 def test_a_backend_that_answers_inside_the_body_ends_the_session() -> None:
-    """A backend that took a bare-LF dot (or anything else) for the end: never resynchronised,
-    so what follows in the body can never pass for commands."""
+    """A backend that took something else for the end: never resynchronised, so what follows in
+    the body can never pass for commands."""
     machine = mediator()
     client_says(machine, b"DATA\r\n")
     backend_says(machine, b"354 go\r\n")
-    assert to_backend(client_says(machine, b"x\n.\nRCPT TO:<a@beta.example>\r\n")) != b""
+    assert to_backend(client_says(machine, b"x\r\n")) == b"x\r\n"
     commands = backend_says(machine, b"250 Ok: queued\r\n")
     assert commands[-1] == Close("backend replied out of turn") and machine.closed
+
+
+SMUGGLED = b"XCLIENT ADDR=203.0.113.66\r\nMAIL FROM:<ceo@bank.example>\r\nRCPT TO:<v@outside.example>\r\n"
+
+
+@pytest.mark.parametrize(
+    "terminator", [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\n", b"\n.\r"], ids=repr
+)
+def test_a_dot_line_with_any_line_ends_ends_the_body_for_the_backend_and_the_proxy(terminator: bytes) -> None:
+    """SMTP smuggling (CVE-2023-51764 class): the body reaches the backend with only CRLF line
+    ends, so it ends at the same line ``.`` for both, and what the client put behind it is read
+    by the proxy as commands, after the final reply: XCLIENT refused, an outside recipient too."""
+    machine = mediator()
+    client_says(machine, b"DATA\r\n")
+    backend_says(machine, b"354 go\r\n")
+    commands = client_says(machine, b"Subject: cover\r\n\r\ncover\rtext" + terminator + SMUGGLED)
+    assert commands == [smtp.SendToBackend(b"Subject: cover\r\n\r\ncover\r\ntext\r\n.\r\n")]
+    assert backend_says(machine, b"250 2.0.0 Ok: queued\r\n") == [
+        Send(b"250 2.0.0 Ok: queued\r\n"),
+        Send(smtp.REPLY_UNKNOWN),
+        smtp.SendToBackend(b"MAIL FROM:<ceo@bank.example>\r\n"),
+    ]
+    assert backend_says(machine, b"250 2.1.0 Ok\r\n") == [
+        Send(b"250 2.1.0 Ok\r\n"),
+        Send(smtp.REPLY_RELAY_DENIED),
+    ]
+
+
+def test_a_backends_421_is_passed_on_once_and_ends_the_session() -> None:
+    machine = mediator()
+    client_says(machine, b"NOOP\r\nNOOP\r\n")
+    assert backend_says(machine, b"421 4.3.2 Service shutting down\r\n") == [
+        Send(b"421 4.3.2 Service shutting down\r\n"),
+        Close("backend closed the connection"),
+    ]
+    assert machine.closed and machine.handle(smtp.BackendClosed()) == []
 
 
 def test_an_over_long_line_is_refused_and_skipped_as_before_the_login() -> None:
@@ -1402,6 +1470,7 @@ BODY_LINES = st.lists(
     st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a\rb", b"a\nb", b"\r", b"\n", b"text", b". ."]),
     max_size=12,
 )
+LINE_ENDS = st.sampled_from([b"\r\n", b"\n", b"\r"])
 
 
 def stuffed(lines: list[bytes]) -> bytes:
@@ -1412,39 +1481,77 @@ def stuffed(lines: list[bytes]) -> bytes:
 CRLF_BYTES = b"\r\n"
 
 
-@FUZZ
-@given(lines=BODY_LINES, after=st.binary(max_size=12), cuts=st.lists(st.integers(0, 200), max_size=8))
-def test_end_of_data_is_found_wherever_the_stream_is_cut(
-    lines: list[bytes], after: bytes, cuts: list[int]
-) -> None:
-    body = stuffed(lines) + b".\r\n"
-    stream = body + after
+def fed(stream: bytes, cuts: list[int]) -> tuple[bytes, int | None]:
+    """What a ``BodyStream`` sends for ``stream`` cut at ``cuts``, and the length of the body in
+    ``stream`` if it ended (None if it goes on)."""
     points = sorted({min(cut, len(stream)) for cut in cuts} | {0, len(stream)})
-    tracker = smtp.EndOfData()
-    consumed = 0
+    tracker = smtp.BodyStream()
+    sent = b""
     for start, end in itertools.pairwise(points):
-        found = tracker.scan(stream[start:end])
+        body, found = tracker.feed(stream[start:end])
+        sent += body
         if found is not None:
-            consumed += found
-            break
-        consumed += end - start
-    assert consumed == len(body)
+            return sent, start + found
+    return sent, None
+
+
+def line_by_line(stream: bytes) -> tuple[bytes, int | None]:
+    """The same, one byte at a time: each line end (CRLF, or a CR or LF alone) is CRLF, and the
+    body ends behind the first line that is a single dot. A CR last may be half a CRLF: unsent."""
+    sent, line = bytearray(), bytearray()
+    at = 0
+    while at < len(stream):
+        byte = stream[at]
+        at += 1
+        if byte not in b"\r\n":
+            sent.append(byte)
+            line.append(byte)
+            continue
+        if byte == ord("\r"):
+            if at == len(stream):
+                break
+            at += stream[at] == ord("\n")
+        sent += CRLF_BYTES
+        if line == b".":
+            return bytes(sent), at
+        line.clear()
+    return bytes(sent), None
 
 
 @FUZZ
-@given(data=st.binary(max_size=40), cuts=st.lists(st.integers(0, 40), max_size=6))
-def test_end_of_data_agrees_with_a_plain_search_on_any_bytes(data: bytes, cuts: list[int]) -> None:
-    """The first CRLF.CRLF, counting the DATA line's own CRLF, however the bytes arrive."""
-    expected = (b"\r\n" + data).find(smtp.END_OF_DATA)
-    points = sorted({min(cut, len(data)) for cut in cuts} | {0, len(data)})
-    tracker = smtp.EndOfData()
-    found_at = None
-    for start, end in itertools.pairwise(points):
-        found = tracker.scan(data[start:end])
-        if found is not None:
-            found_at = start + found
-            break
-    assert found_at == (None if expected < 0 else expected + len(smtp.END_OF_DATA) - 2)
+@given(
+    lines=BODY_LINES,
+    ending=st.tuples(LINE_ENDS, LINE_ENDS),
+    after=st.binary(max_size=12),
+    cuts=st.lists(st.integers(0, 200), max_size=8),
+)
+def test_the_end_of_data_is_found_wherever_the_stream_is_cut(
+    lines: list[bytes], ending: tuple[bytes, bytes], after: bytes, cuts: list[int]
+) -> None:
+    """A body ended by a dot line with any line ends (the first of them the body's last line's
+    own) ends there, and the bytes behind it are not sent."""
+    body = stuffed(lines)[:-2] + ending[0] + b"." + ending[1] if lines else b"." + ending[1]
+    # A CR last is half a CRLF until the next byte says otherwise: give it one that is no LF.
+    stream = body + (after if not after.startswith(b"\n") else b"x" + after)
+    sent, end = fed(stream, cuts)
+    assert end == (len(body) if ending[1] != b"\r" or stream != body else None)
+    if end is not None:
+        assert sent.endswith(b"\r\n.\r\n") or sent == b".\r\n"
+        assert b"\n" not in sent.replace(b"\r\n", b"") and b"\r" not in sent.replace(b"\r\n", b"")
+
+
+@FUZZ
+@given(
+    data=st.binary(max_size=40)
+    | st.lists(st.sampled_from([b"\r", b"\n", b".", b"x"]), max_size=40).map(b"".join),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+)
+def test_the_normalised_body_and_its_end_agree_with_a_line_by_line_reading(
+    data: bytes, cuts: list[int]
+) -> None:
+    """On any bytes cut anywhere: what is sent is the input with each line end made CRLF, up to
+    and including the first line that is a single dot, and the end is reported just behind it."""
+    assert fed(data, cuts) == line_by_line(data)
 
 
 MEDIATED_CLIENT = (
