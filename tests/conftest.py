@@ -6,8 +6,9 @@ enter, and too long for the unix sockets below it) and stops it when the session
 skipped: without Dovecot or Postfix every test that needs them fails with a message that names
 testbed/install-system-packages.sh. Failure reports are cleaned of passwords (pytest shows the
 arguments of the failing call, which for a login include one), and a failed comparison of values
-that hold a password (sasl.Credentials, authhttp.Granted) shows their redacting reprs, not
-pytest's field-by-field diff. Set MAILGRESS_KEEP_TESTBED=1 to keep the folder (logs, maildirs)
+that hold a password (any dataclass with a ``password`` field that is set: sasl.Credentials,
+authhttp.Granted, testbed's User and Account) shows their redacting reprs, not pytest's
+field-by-field diff. Set MAILGRESS_KEEP_TESTBED=1 to keep the folder (logs, maildirs)
 after the session; its path is then printed.
 """
 
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from proxy.protocols import authhttp, sasl
 from testbed import backends as testbed_backends
 from testbed import clients, mailservers
 
@@ -91,20 +91,25 @@ MAX_WALKED_VALUES = 10_000
 MAX_REPR = 240
 
 
+# The field a dataclass keeps a password in, whatever the class: sasl.Credentials,
+# authhttp.Granted, testbed's mailservers.User and authservice.Account, and any later one.
+PASSWORD_FIELD = "password"
+
+
 def holds_a_password(value: object) -> bool:
     """Whether ``value`` is, or holds within dataclasses, tuples, lists, sets and dicts, a
-    Credentials or a Granted with a password (True also when there is too much to walk)."""
+    dataclass whose ``password`` field is set (not None: Granted's "the client's own"). True
+    also when there is too much to walk."""
     pending = [value]
     for _ in range(MAX_WALKED_VALUES):
         if not pending:
             return False
         item = pending.pop()
-        if isinstance(item, sasl.Credentials) or (
-            isinstance(item, authhttp.Granted) and item.password is not None
-        ):
-            return True
         if dataclasses.is_dataclass(item) and not isinstance(item, type):
-            pending.extend(getattr(item, field.name) for field in dataclasses.fields(item))
+            values = {field.name: getattr(item, field.name) for field in dataclasses.fields(item)}
+            if values.get(PASSWORD_FIELD) is not None:
+                return True
+            pending.extend(values.values())
         elif isinstance(item, Mapping):
             pending.extend(item.keys())
             pending.extend(item.values())
@@ -123,7 +128,11 @@ def pytest_assertrepr_compare(
 ) -> list[str] | None:
     """A failed comparison of values holding a password: the operands' reprs (which redact it)
     and the names of the fields that differ, never pytest's own explanation, which reads the
-    fields of dataclasses (and the octets of bytes) past their reprs. None: pytest's own."""
+    fields of dataclasses (and the octets of bytes) past their reprs. None: pytest's own.
+
+    Bare strings and bytes are not recognised: a test that compares a password itself
+    (``creds.password == b"..."``) compares its own test data, which its source spells anyway,
+    and gets pytest's explanation."""
     if not (holds_a_password(left) or holds_a_password(right)):
         return None
     lines = [

@@ -1,6 +1,7 @@
 """tests/conftest.py's redaction of failed comparisons: values holding a password are compared
 in failure output by their redacting reprs and the names of the differing fields, never by
-pytest's field-by-field diff (which printed Credentials' and Granted's password octets).
+pytest's field-by-field diff (which printed the passwords of Credentials, Granted and testbed's
+User and Account).
 
 The end-to-end checks run a small failing test file in a pytest subprocess, with and without
 tests/conftest.py as a plugin, and read its output.
@@ -14,6 +15,7 @@ import pytest
 
 from proxy.protocols import authhttp, events, sasl
 from proxy.table import Endpoint
+from testbed import authservice, mailservers
 from tests import conftest
 
 ROOT = Path(__file__).parents[1]
@@ -25,6 +27,7 @@ OTHER = "other-never-shown"
 # not spell them.
 FAILING = f"""
 from proxy.protocols import authhttp, events, sasl
+from testbed import authservice, mailservers
 
 SECRET = bytes.fromhex("{SECRET.encode("latin-1").hex()}")
 OTHER = bytes.fromhex("{OTHER.encode().hex()}")
@@ -41,6 +44,14 @@ def test_nested():
 
 def test_in_a_list():
     assert [sasl.Credentials("alice", SECRET)] == [sasl.Credentials("bob", b"")]
+
+def test_testbed_user():
+    user = mailservers.User("ceo@alpha.example", SECRET.decode("latin-1"))
+    assert user == mailservers.User("ceo@alpha.example", OTHER.decode())
+
+def test_auth_service_account():
+    account = authservice.Account(SECRET.decode("latin-1"), "127.0.0.1", 143)
+    assert account == authservice.Account(OTHER.decode(), "127.0.0.1", 143)
 """
 
 
@@ -61,16 +72,16 @@ def run_failing(tmp_path: Path, *plugin: str) -> str:
 def test_pytest_alone_shows_the_password(tmp_path: Path) -> None:
     """What the hook is for: without it, pytest's diff of the fields prints the octets."""
     output = run_failing(tmp_path)
-    assert "4 failed" in output
+    assert "6 failed" in output
     assert "never-shown" in output
 
 
 def test_failed_comparisons_of_passwords_never_show_them(tmp_path: Path) -> None:
     output = run_failing(tmp_path, "-p", "tests.conftest")
-    assert "4 failed" in output
+    assert "6 failed" in output
     assert "never-shown" not in output
-    assert output.count("they hold a password") >= 4  # each failure (-vv repeats it in the summary)
-    assert "Differing fields: password" in output  # Credentials and Granted
+    assert output.count("they hold a password") >= 6  # each failure (-vv repeats it in the summary)
+    assert output.count("Differing fields: password") >= 4  # Credentials, Granted, User, Account
     assert "Differing fields: routing_key, credentials" in output
     assert "password=<redacted>" in output
 
@@ -83,6 +94,8 @@ def test_failed_comparisons_of_passwords_never_show_them(tmp_path: Path) -> None
         events.LoginRequest("imap", "alice", sasl.Credentials("alice", b"x")),
         {"key": [(1, sasl.Credentials("alice", b"x"))]},
         {sasl.Credentials("alice", b"x")},
+        mailservers.User("ceo@alpha.example", "x"),
+        (authservice.Account("x", "127.0.0.1", 143),),
         [[0]] * (conftest.MAX_WALKED_VALUES + 1),  # too much to walk: treated as holding one
     ],
 )
