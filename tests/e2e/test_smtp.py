@@ -13,7 +13,11 @@ delta.example): a recipient of the other backend, in the same transaction or on 
 connection, gets 452 4.5.3 and, sent again alone, arrives byte-identical at its own Postfix; two
 routes on one Postfix share a transaction; a pipelined envelope is answered in order; a 6 MiB
 message passes the mediation intact; XCLIENT, BDAT, STARTTLS and EHLO after the backend login get
-the proxy's answers.
+the proxy's answers. SMTP smuggling: a dot line with a bare LF ends the body for Postfix 3.7 and
+the proxy alike, so what follows is mediated (a forged XCLIENT gets 500, a second message is an
+ordinary one with the real client in its Received header) and a Postfix trusting mynetworks
+never relays for it. Postfix's 550 quoting a long recipient (a reply line over 512 octets)
+reaches the client before and after the backend login, and the other recipient's mail arrives.
 """
 
 import secrets
@@ -521,3 +525,162 @@ def test_what_the_backend_must_never_hear_is_answered_by_the_proxy(
             assert got.startswith(reply), (command, got)
             assert b"XCLIENT" not in got and b"CHUNKING" not in got
         assert raw.until_closed() == b""
+
+
+# SMTP smuggling (CVE-2023-51764 class): a dot line with a bare LF ends DATA at the testbed's
+# Postfix 3.7 (smtpd_forbid_bare_newline = no). The proxy sends every body line end as CRLF, so
+# such a line ends the body for both, and what follows is the proxy's to read as commands.
+SMUGGLING_ENDS = [b"\n.\n", b"\n.\r\n", b"\r\n.\n"]
+
+
+@pytest.mark.parametrize("terminator", SMUGGLING_ENDS, ids=repr)
+def test_a_bare_lf_dot_line_ends_the_body_and_what_follows_is_mediated(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser, terminator: bytes
+) -> None:
+    """The review's repro: a forged XCLIENT and a second message behind a bare-LF dot line. The
+    XCLIENT gets the proxy's 500, the second message is an ordinary transaction of the session
+    (its Received header names the real client, no forged address or name)."""
+    first, second = new_user(ALPHA), new_user(BETA)
+    marker = secrets.token_hex(6).encode()
+    with clients.RawClient(proxy.settings.ports.smtp) as raw:
+        assert smtp_reply(raw).startswith(b"220 ")
+        for command in (
+            b"EHLO client.example",
+            b"MAIL FROM:<s@example.net>",
+            b"RCPT TO:<%s>" % first.address.encode(),
+        ):
+            raw.send(command + b"\r\n")
+            assert smtp_reply(raw).startswith(b"250"), command
+        raw.send(b"DATA\r\n")
+        assert smtp_reply(raw).startswith(b"354 ")
+        raw.send(
+            b"Subject: cover\r\n\r\ncover text" + terminator
+            + b"XCLIENT ADDR=203.0.113.66 NAME=forged.example\r\nEHLO forged.example\r\n"
+            + b"MAIL FROM:<ceo@bank.example>\r\nRCPT TO:<%s>\r\nDATA\r\n" % second.address.encode()
+            + b"Subject: second " + marker + b"\r\n\r\nsecond body\r\n.\r\nQUIT\r\n"
+        )  # fmt: skip
+        replies = [smtp_reply(raw)[:9] for _ in range(8)]
+        assert replies == [
+            b"250 2.0.0", b"500 5.5.2", b"250-mailg", b"250 2.1.0", b"250 2.1.5", b"354 End d", b"250 2.0.0",
+            b"221 2.0.0",
+        ]  # fmt: skip
+        assert raw.until_closed() == b""
+    (cover,) = backends.wait_delivered(first.address, 1)
+    assert mailservers.strip_delivery_headers(cover) == b"Subject: cover\n\ncover text\n"
+    (smuggled,) = backends.wait_delivered(second.address, 1)
+    assert mailservers.strip_delivery_headers(smuggled) == b"Subject: second " + marker + b"\n\nsecond body\n"
+    assert b"203.0.113.66" not in smuggled and b"forged" not in smuggled
+
+
+OMEGA = "omega.example"
+
+
+@dataclass
+class TrustingBackend:
+    """A Postfix that relays for a network it trusts (mynetworks), as many do; it owns omega.example."""
+
+    postfix: mailservers.Postfix
+    address: str  # its one mailbox
+
+
+@pytest.fixture(scope="module")
+def trusting() -> Iterator[TrustingBackend]:
+    directory = make_testbed_directory("mailgress-omega-")
+    postfix = mailservers.Postfix(
+        directory / "postfix",
+        domains=[OMEGA],
+        extra_main_cf={
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            # The proxy and the test client are 127.0.0.1, which it does not trust.
+            "mynetworks": "127.0.0.99/32",
+            # Mail it would relay never leaves the machine: discarded, and logged.
+            "default_transport": "discard:never-sent",
+            "relay_transport": "discard:never-sent",
+        },
+    )
+    try:
+        postfix.start()
+    except mailservers.MailServerError as error:
+        remove_testbed_directory(directory)
+        pytest.fail(f"the trusting Postfix could not start: {error}", pytrace=False)
+    address = f"u-{secrets.token_hex(4)}@{OMEGA}"
+    owner = mailservers.MailOwner.lookup(mailservers.DEFAULT_MAIL_USER)
+    postfix.add_mailbox(address, mailservers.Maildir(directory / address, owner))
+    yield TrustingBackend(postfix, address)
+    postfix.stop()
+    remove_testbed_directory(directory)
+
+
+def test_a_smuggled_xclient_never_makes_a_trusting_backend_an_open_relay(
+    start_proxy: StartProxy, backends: Backends, trusting: TrustingBackend
+) -> None:
+    """The review's second repro: behind a bare-LF dot line, XCLIENT naming a trusted address,
+    then an outside recipient. The proxy answers both (500, 550 5.7.1), and the trusting Postfix
+    hears of neither: its log of the session shows no outside recipient and no such client."""
+    services = backends.services()
+    services[f"{NAMESPACE}/omega"] = {"25": [f"{LOOPBACK}:{trusting.postfix.smtp_port}"]}
+    route = proxysettings.mailroute("omega", [OMEGA], namespace=NAMESPACE, smtp=("omega", 25))
+    route["spec"]["smtp"]["clientInfo"] = "xclient"
+    proxy = start_proxy("omega", services=services, routes=[*backends.mailroutes(), route])
+    with clients.RawClient(proxy.settings.ports.smtp) as raw:
+        assert smtp_reply(raw).startswith(b"220 ")
+        for command in (
+            b"EHLO client.example",
+            b"MAIL FROM:<s@example.net>",
+            b"RCPT TO:<%s>" % trusting.address.encode(),
+        ):
+            raw.send(command + b"\r\n")
+            assert smtp_reply(raw).startswith(b"250"), command
+        raw.send(b"DATA\r\n")
+        assert smtp_reply(raw).startswith(b"354 ")
+        raw.send(
+            b"Subject: cover\r\n\r\ncover\n.\nXCLIENT ADDR=127.0.0.99\r\nEHLO localhost\r\n"
+            b"MAIL FROM:<spam@example.org>\r\nRCPT TO:<victim@outside.example>\r\nQUIT\r\n"
+        )
+        replies = [smtp_reply(raw)[:9] for _ in range(6)]
+        assert replies == [b"250 2.0.0", b"500 5.5.2", b"250-mailg", b"250 2.1.0", b"550 5.7.1", b"221 2.0.0"]
+        assert raw.until_closed() == b""
+    (cover,) = trusting.postfix.wait_delivered(trusting.address, 1)
+    assert mailservers.strip_delivery_headers(cover) == b"Subject: cover\n\ncover\n"
+    # The session's last log line (its command counts) comes after all it did.
+    trusting.postfix.wait_log("quit=1")
+    log = trusting.postfix.log_text()
+    assert "outside.example" not in log and "127.0.0.99" not in log and "xclient=2" not in log
+
+
+def transaction_replies(port: int, recipients: list[bytes]) -> list[bytes]:
+    """The reply codes to each RCPT, then to DATA and the body (when DATA got 354)."""
+    with clients.RawClient(port) as raw:
+        assert smtp_reply(raw).startswith(b"220 ")
+        raw.send(b"EHLO client.example\r\n")
+        assert smtp_reply(raw).startswith(b"250")
+        raw.send(b"MAIL FROM:<sender@example.net>\r\n")
+        assert smtp_reply(raw).startswith(b"250")
+        replies = []
+        for recipient in recipients:
+            raw.send(b"RCPT TO:<" + recipient + b">\r\n")
+            replies.append(smtp_reply(raw))
+        raw.send(b"DATA\r\n")
+        replies.append(smtp_reply(raw))
+        if replies[-1].startswith(b"354"):
+            raw.send(b"Subject: long refusal\r\n\r\nhello\r\n.\r\n")
+            replies.append(smtp_reply(raw))
+    return replies
+
+
+@pytest.mark.parametrize("long_first", [False, True], ids=["after-the-login", "at-the-login"])
+def test_a_refusal_quoting_a_long_recipient_is_passed_on(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser, long_first: bool
+) -> None:
+    """Postfix's 550 echoes the recipient: for a long unknown local part the reply line is longer
+    than 512 octets. It is the client's answer, before the backend login (not 451) and after it
+    (not 421 and a lost transaction): the valid recipient's mail is delivered."""
+    user = new_user(ALPHA)
+    unknown = b"n" * 1500 + b"@" + ALPHA.encode()
+    recipients = [unknown, user.address.encode()] if long_first else [user.address.encode(), unknown]
+    replies = transaction_replies(proxy.settings.ports.smtp, recipients)
+    refusal = replies[0] if long_first else replies[1]
+    assert refusal.startswith(b"550 5.1.1 <" + unknown + b">") and len(refusal) > 512
+    codes = [b"550", b"250"] if long_first else [b"250", b"550"]
+    assert [reply[:3] for reply in replies] == [*codes, b"354", b"250"]
+    backends.wait_delivered(user.address, 1)
