@@ -91,6 +91,7 @@ async def mediate(
                         return ended
                     if drain.due and machine.quiet:
                         await client.send(drain.closing)
+                        moved.down += len(drain.closing)
                         ended = relay.DRAINED
                         return ended
                     if reads["client"] is None and machine.wants_client_data:

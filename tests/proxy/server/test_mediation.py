@@ -3,7 +3,7 @@
 Proves what the machine's transcripts cannot: both sides are read at once and each command's
 reply reaches the client before the next command reaches the backend, bytes are counted, a
 silent session gets the machine's 421 at the idle timeout, a drain turn waits for the pending
-reply and then sends its closing line, and a backend that goes away is reported to the client.
+reply and then sends its closing line (counted), and a backend that goes away is reported to the client.
 Every wait is bounded; no assertion is about time.
 """
 
@@ -147,6 +147,8 @@ async def test_a_drain_waits_for_the_pending_reply_then_closes(sides: Sides) -> 
     assert await sides.client_peer.read_until(b"down\r\n") == b"250 ok\r\n" + CLOSING
     assert await _ended(task) == relay.DRAINED
     assert sides.turn.on_due is None
+    # The closing line is the proxy's own reply: counted as written to the client (Moved).
+    assert sides.progress.moved() == (len(b"NOOP\r\n"), len(b"250 ok\r\n") + len(CLOSING))
 
 
 async def test_a_backend_that_goes_away_is_reported_to_the_client(sides: Sides) -> None:
