@@ -18,9 +18,9 @@ separate namespaces: a user key only ever matches that exact login (``"ceo"`` is
 case-insensitively (RFC 5321 section 2.4 for domains; user names are folded as Dovecot's
 default ``auth_username_format = %Lu`` does), a login's domain without one trailing dot and in
 A-labels (UTS #46 non-transitional processing, by the idna package, for a domain that is not
-ASCII; a domain that is no name, or longer than a name can be, matches no domain key). The
-catch-all is a namespace's default: it never takes a login whose user, or whose domain as
-lookup would match it, a route of another namespace claims for any protocol.
+ASCII; such a domain that is no name, or any domain longer than a name can be, matches no
+domain key). The catch-all is a namespace's default: it never takes a login whose user, or
+whose domain as lookup would match it, a route of another namespace claims for any protocol.
 """
 
 import hashlib
@@ -251,7 +251,7 @@ def lookup(table: RoutingTable, protocol: Protocol, login: str) -> Route | None:
     Dictionary probes only (the user, the domain, one wildcard per label above it, the
     catch-all), stopping at the first hit: this runs on every login and inbound recipient.
     The login's domain is compared without one trailing dot and, when not ASCII, in A-labels;
-    a domain that is no name (or longer than one) matches no domain key.
+    a non-ASCII domain that is no name, or any domain longer than one, matches no domain key.
 
     Returns:
         The exact user's route; else, for a login with a domain part, the route of that domain

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs the Debian 12 packages the testbed, the tests, the demo and the benchmarks need:
 # Dovecot (IMAP, POP3), Postfix, swaks, curl, nginx with its mail module (the reference proxy),
-# openssl and CA certificates; procps for pgrep and libnet-ssleay-perl for swaks' TLS.
+# openssl and CA certificates; procps for pgrep and libnet-ssleay-perl for swaks' TLS; python3-venv,
+# which the Makefile's next step needs and a minimal Debian 12 lacks.
 # Called by `make system-packages` (so by `make demo`, `make test` and .ci/run), as root.
 # No system service is started: a policy-rc.d that exits 101 is in place during the install and
 # whatever was there before is put back afterwards; the tests start their own instances.
@@ -9,7 +10,7 @@
 set -eu
 
 PACKAGES="dovecot-imapd dovecot-pop3d postfix swaks curl nginx libnginx-mod-mail openssl
-ca-certificates procps libnet-ssleay-perl"
+ca-certificates procps libnet-ssleay-perl python3-venv"
 # invoke-rc.d asks this file; the override exists for tests/testbed/test_install_system_packages.py.
 POLICY=${POLICY_RC_D:-/usr/sbin/policy-rc.d}
 
