@@ -175,6 +175,10 @@ REPLY_SASL_LINE_TOO_LONG = b"500 5.5.6 Authentication exchange line is too long"
 REPLY_BAD_SYNTAX = b"500 5.5.2 Error: bad syntax" + CRLF
 REPLY_NOT_IMPLEMENTED = b"502 5.5.1 Error: command not implemented" + CRLF
 REPLY_VRFY = b"502 5.5.1 VRFY command is disabled" + CRLF
+# RFC 3030 section 2: BDAT only after CHUNKING was advertised, which the proxy never does. Its
+# chunk follows at once and cannot be told from commands, so the answer closes the connection,
+# as Postfix's without CHUNKING does, with Postfix's words (smtpd.c, bdat_cmd).
+REPLY_NO_BDAT = b"521 5.5.1 Error: command not implemented" + CRLF
 REPLY_HELO_FIRST = b"503 5.5.1 Error: send HELO/EHLO first" + CRLF
 REPLY_NESTED_MAIL = b"503 5.5.1 Error: nested MAIL command" + CRLF
 REPLY_NEED_MAIL = b"503 5.5.1 Error: need MAIL command" + CRLF
@@ -241,10 +245,12 @@ _ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
 # A-d-l = At-domain *( "," At-domain ); At-domain = "@" Domain (a source route)
 _ADL = rf"@{_DOMAIN}(?:,@{_DOMAIN})*"
 # Forward-path = "<" [ A-d-l ":" ] Mailbox ">"; Mailbox = Local-part "@" ( Domain /
-# address-literal ), or RFC 5321 section 4.1.1.3's "<Postmaster>" without a domain.
+# address-literal ), or RFC 5321 section 4.1.1.3's "<Postmaster>" without a domain. The domain
+# may end in one dot, as Postfix accepts it (user@example.com. is the same mailbox; refusing it
+# with a 5xx would bounce the mail); table.lookup compares the domain without it.
 _FORWARD_PATH = re.compile(
     rf"<(?:(?:(?P<route>{_ADL}):)?"
-    rf"(?P<local>{_DOTS_AND_ATEXT}|{_QUOTED_STRING})@(?P<domain>{_DOMAIN}|{_ADDRESS_LITERAL})"
+    rf"(?P<local>{_DOTS_AND_ATEXT}|{_QUOTED_STRING})@(?P<domain>{_DOMAIN}\.?|{_ADDRESS_LITERAL})"
     r"|(?P<postmaster>(?i:postmaster)))>"
 )
 # Reverse-path, loosely (Postfix takes even a bare address): "<", then anything but SP, "<", ">"
@@ -350,7 +356,8 @@ def recipient_of(argument: str) -> str:
 
 def _ehlo_reply(server_name: str, extensions: list[bytes]) -> list[bytes]:
     """The lines of the proxy's EHLO reply (RFC 5321 section 4.1.1.1), ``extensions`` after the
-    ones it always offers. Never CHUNKING (BDAT gets 502), SIZE or SMTPUTF8 (module docstring)."""
+    ones it always offers. Never CHUNKING (BDAT gets 521 and a close), SIZE or SMTPUTF8 (module
+    docstring)."""
     lines = [server_name.encode(), b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES", *extensions]
     last = len(lines) - 1
     return [b"250" + (b" " if i == last else b"-") + line + CRLF for i, line in enumerate(lines)]
@@ -611,6 +618,8 @@ class Frontend:
                 return self._refuse(_syntax(verb.upper()))
             case "VRFY":
                 return self._refuse(REPLY_VRFY)
+            case "BDAT":  # its chunk follows at once: never read it as commands (REPLY_NO_BDAT)
+                return self._close("BDAT without CHUNKING", REPLY_NO_BDAT)
             case _:
                 return self._refuse(REPLY_UNKNOWN)
 
@@ -1066,10 +1075,6 @@ REPLY_OTHER_ROUTE = b"452 4.5.3 Too many recipients, send the others in another 
 # RFC 3207 section 4: 454 is "TLS not available due to temporary reason". STARTTLS is offered
 # only before the first routed recipient (the backend connection is set up by then).
 REPLY_TLS_UNAVAILABLE = b"454 4.7.0 TLS not available now" + CRLF
-# RFC 3030 section 2: BDAT only after CHUNKING was advertised, which the proxy never does. Its
-# chunk follows at once and cannot be told from commands, so the answer closes the connection,
-# as Postfix's without CHUNKING does, with Postfix's words (smtpd.c, bdat_cmd).
-REPLY_NO_BDAT = b"521 5.5.1 Error: command not implemented" + CRLF
 
 
 class BodyStream:
