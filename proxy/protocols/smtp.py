@@ -1084,35 +1084,44 @@ class BodyStream:
     a line, and so on where a body ends: Postfix before 3.9 (``smtpd_forbid_bare_newline = no``)
     ends it at ``LF . LF`` too, and behind such an end a client could make a trusting backend run
     commands the proxy never saw (SMTP smuggling, CVE-2023-51764: a forged XCLIENT, a relayed
-    message). So the proxy decides alone where every line ends and sends only CRLF: a bare LF
-    becomes CRLF (Postfix 3.9's ``smtpd_forbid_bare_newline = normalize``; Postfix stores such
-    lines that way anyway), and so does a bare CR, which Postfix keeps as data but other servers
-    have taken for a line end (CVE-2023-51765 class): with no line end but CRLF in the stream,
-    every backend cuts the same lines as the proxy whatever it takes for a line end, so a body
-    ends where the proxy's line ``.`` is (``END_OF_DATA`` in the normalised stream), and what
-    follows is the proxy's to read as commands. A CR that ends a chunk waits for the next one (it
-    may be half a CRLF), so the client must send the byte after it for the body to go on: a
-    client does (the CRLF's LF). No dot-unstuffing: lines pass as they came otherwise. Memory is
-    constant whatever the size of the body: the last four bytes sent and that one CR.
+    message). So the proxy decides alone where every line ends and sends only CRLF: a line end
+    is an LF with the run of CRs before it (``CR* LF``, one line end: ``CR CR LF`` is a message
+    converted to CRLF twice, and Postfix drops the CRs before an LF too), sent as CRLF; a bare
+    LF thus becomes CRLF (Postfix 3.9's ``smtpd_forbid_bare_newline = normalize``), and a CR
+    that is no part of such a run becomes a space, as Postfix stores it (other servers have
+    taken it for a line end: CVE-2023-51765 class). With no line end but CRLF in the stream and
+    no CR elsewhere, every backend cuts the same lines as the proxy whatever it takes for a line
+    end, so a body ends where the proxy's line ``.`` is (``END_OF_DATA`` in the normalised
+    stream), and what follows is the proxy's to read as commands. CRs that end a chunk wait for
+    the next byte (they may start a line end), so the client must send the byte after them for
+    the body to go on: a client does (the CRLF's LF). At most ``MAX_HELD_CRS`` wait: the earlier
+    ones of a longer run are sent as spaces. No dot-unstuffing: lines pass as they came
+    otherwise. Memory is constant whatever the size of the body: the last four bytes sent and
+    the count of the CRs held.
     """
 
-    __slots__ = ("_cr", "_tail")
+    __slots__ = ("_crs", "_tail")
 
     def __init__(self) -> None:
         self._tail = CRLF  # the CRLF of the DATA command line: ".\r\n" alone is an empty body
-        self._cr = False  # a CR ended the last chunk and was not sent yet
+        self._crs = 0  # how many CRs ended the last chunk and were not sent yet
 
     def feed(self, chunk: bytes) -> tuple[bytes, int | None]:
         """The body bytes to send for ``chunk`` and, once the body ended within it, how many of
         its bytes were body (the terminator included; the rest are commands), else None. Not to
         be called again once the end was found."""
-        held = b"\r" if self._cr else b""
-        data = held + chunk
-        self._cr = data.endswith(b"\r")
-        if self._cr:
-            data = data[:-1]
-        # CRLF, then each CR left (bare), then each LF (bare or from a CRLF) as CRLF.
-        body = data.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
+        held = self._crs
+        data = b"\r" * held + chunk
+        self._crs = min(len(data) - len(data.rstrip(b"\r")), MAX_HELD_CRS)
+        if self._crs:
+            data = data[: -self._crs]
+        lines = data
+        if b"\r\r" in lines:
+            # Each run of CRs before an LF goes, reversed so that the pattern starts at the LF:
+            # a regular expression would try a long run of CRs once from each of them.
+            lines = _LF_AFTER_CRS_REVERSED.sub(b"\n", lines[::-1])[::-1]
+        # A CRLF is an LF; each CR left (in no line end) a space; each LF a CRLF.
+        body = lines.replace(CRLF, b"\n").replace(b"\r", b" ").replace(b"\n", CRLF)
         # A terminator that begins in the tail ends within the first bytes of ``body``.
         window = self._tail + body
         at = window.find(END_OF_DATA)
@@ -1120,15 +1129,19 @@ class BodyStream:
             self._tail = window[-(len(END_OF_DATA) - 1) :]
             return body, None
         body = body[: at + len(END_OF_DATA) - len(self._tail)]
-        # Each CRLF of ``body`` stands for one line end of ``data``: the body ends behind the
-        # line end that stands for its last CRLF.
-        ends = _LINE_END.finditer(data)
+        # Each CRLF of ``body`` stands for one LF of ``data`` (the LF of one line end): the body
+        # ends behind the LF that stands for its last CRLF.
+        ends = _LF.finditer(data)
         last = next(itertools.islice(ends, body.count(CRLF) - 1, None))
-        return body, last.end() - len(held)
+        return body, last.end() - held
 
 
-# One line end in a client's body: CRLF, or a CR or an LF alone (see ``BodyStream``).
-_LINE_END = re.compile(rb"\r\n|\r|\n")
+# RFC 5321 section 4.5.3.1.6: a text line is at most 1000 octets with its CRLF; a run of CRs
+# longer than a line waits no more than that at the end of a read (see ``BodyStream``).
+MAX_HELD_CRS = 1000
+# An LF and the run of CRs before it, in a reversed stream (see ``BodyStream``).
+_LF_AFTER_CRS_REVERSED = re.compile(rb"\n\r+")
+_LF = re.compile(rb"\n")
 
 
 _CLIENT_ENDED = "client closed the connection"
@@ -1246,7 +1259,8 @@ class Mediator:
             case ConnectionClosed():
                 # A client may half-close behind its last commands (".", QUIT): they still get
                 # their replies, above all the final reply to DATA, or it would send the message
-                # again. A body cut short is no message: the backend drops it when we close.
+                # again. A body cut short is no message: the backend drops it when we close
+                # (one whose 354 is still to come, once that comes: see ``_on_reply``).
                 self._client_ended = True
                 return self._close(_CLIENT_ENDED) if self._body is not None else self._interpret()
             case BackendClosed():
@@ -1313,9 +1327,13 @@ class Mediator:
         reply = b"".join(line + CRLF for line in lines)
         expecting, self._expecting = self._expecting, Expecting.NOTHING
         match expecting:
+            case Expecting.NOTHING | Expecting.BODY if code == 421:
+                # The backend is closing unasked (Postfix's smtpd_timeout, RFC 5321 section
+                # 3.8): its own 421 says why, and is the client's only one.
+                return [Send(reply), *self._close("backend closed the connection")]
             case Expecting.NOTHING | Expecting.BODY:
-                # A reply nobody asked for (an idle backend's 421, or a backend that took the
-                # body's end elsewhere than the proxy): the two no longer agree; end it.
+                # A reply nobody asked for (a backend that took the body's end elsewhere than
+                # the proxy): the two no longer agree; end it.
                 return self._close("backend replied out of turn", "4.4.2", "Error: backend out of step")
             case Expecting.HELLO if code == 250:
                 reply = b"".join(_ehlo_reply(self._config.server_name, []))
@@ -1325,7 +1343,12 @@ class Mediator:
                 self._body = BodyStream()
                 self._expecting = Expecting.BODY
                 # Bytes the client sent behind DATA before the 354 are the body's beginning.
-                return [Send(reply), *self._from_client(self._buffer.take_all())]
+                body = self._from_client(self._buffer.take_all())
+                if self._client_ended and self._body is not None:
+                    # The client left before the body's end: a body cut short is no message,
+                    # and none of it is sent; the backend drops the transaction when we close.
+                    return [Send(reply), *self._close(_CLIENT_ENDED)]
+                return [Send(reply), *body]
             case Expecting.QUIT:
                 return [Send(reply), *self._close("client quit")]
             case _ if code == 421:
