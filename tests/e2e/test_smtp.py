@@ -18,10 +18,13 @@ the proxy alike, so what follows is mediated (a forged XCLIENT gets 500, a secon
 ordinary one with the real client in its Received header) and a Postfix trusting mynetworks
 never relays for it. Postfix's 550 quoting a long recipient (a reply line over 512 octets)
 reaches the client before and after the backend login, and the other recipient's mail arrives.
+Line ends in a body are stored as Postfix stores them directly (CR CR LF one line end, a bare CR
+a space), and a client that leaves behind DATA and half a body is closed at the 354, not held.
 """
 
 import secrets
 import smtplib
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +53,8 @@ REAL_WORLD_SENDERS = [
 ]
 # Over-long lines a client sends in a row: more than any max_errors the tests configure.
 OVER_LONG_LINES = 20
+# A reply line read from a plain socket: RFC 5321 section 4.5.3.1.5 (512 octets) with room to spare.
+SMTP_LINE = 4096
 
 
 def submit(port: int, user: User, mechanism: str, recipient: str, message: bytes) -> None:
@@ -570,6 +575,71 @@ def test_a_bare_lf_dot_line_ends_the_body_and_what_follows_is_mediated(
     (smuggled,) = backends.wait_delivered(second.address, 1)
     assert mailservers.strip_delivery_headers(smuggled) == b"Subject: second " + marker + b"\n\nsecond body\n"
     assert b"203.0.113.66" not in smuggled and b"forged" not in smuggled
+
+
+# Line ends Postfix reads otherwise than RFC 5321 says: CR CR LF (a message converted to CRLF
+# twice) is one line end, a bare CR a space (Postfix 3.7 stores them so received directly).
+ODD_LINE_ENDS = {
+    "cr-cr-lf": b"Subject: crcrlf\r\r\nFrom: a@sender.example\r\r\n\r\r\nbody line\r\r\n",
+    "bare-cr": b"Subject: t\r\n\r\nbare\rcr\r\ncrcrlf\r\r\nend\r\r\r\n",
+}
+
+
+def delivered_through(port: int, recipient: str, body: bytes) -> None:
+    with clients.RawClient(port) as raw:
+        assert smtp_reply(raw).startswith(b"220 ")
+        for command in (
+            b"EHLO client.example",
+            b"MAIL FROM:<s@example.net>",
+            b"RCPT TO:<%s>" % recipient.encode(),
+        ):
+            raw.send(command + b"\r\n")
+            assert smtp_reply(raw).startswith(b"250"), command
+        raw.send(b"DATA\r\n")
+        assert smtp_reply(raw).startswith(b"354 ")
+        raw.send(body + b".\r\nQUIT\r\n")
+        assert smtp_reply(raw).startswith(b"250 ")
+        assert smtp_reply(raw).startswith(b"221 ")
+
+
+@pytest.mark.parametrize("body", list(ODD_LINE_ENDS.values()), ids=list(ODD_LINE_ENDS))
+def test_odd_line_ends_are_stored_as_postfix_stores_them_directly(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser, body: bytes
+) -> None:
+    """The header section stays whole (CR CR LF split it: From became body), and no line is
+    gained or lost: the same bytes arrive through the proxy as sent to Postfix directly."""
+    via, direct = new_user(ALPHA), new_user(ALPHA)
+    delivered_through(proxy.settings.ports.smtp, via.address, body)
+    delivered_through(backends.postfix.smtp_port, direct.address, body)
+    (through_proxy,) = backends.wait_delivered(via.address, 1)
+    (straight,) = backends.wait_delivered(direct.address, 1)
+    stored = mailservers.strip_delivery_headers(through_proxy)
+    assert stored == mailservers.strip_delivery_headers(straight)
+    assert b"\r" not in stored and stored.count(b"\n") == body.count(b"\n")
+
+
+def test_a_client_that_leaves_behind_data_and_half_a_body_is_closed_at_the_354(
+    proxy: ProxyProcess, new_user: NewUser
+) -> None:
+    """Review H's repro: DATA and part of a body, then the client shuts its sending side before
+    the 354. The body can never end: the proxy answers the 354 and closes (it held the session
+    and its backend connection until Postfix timed out, 300 s)."""
+    user = new_user(ALPHA)
+    address = (LOOPBACK, proxy.settings.ports.smtp)
+    with socket.create_connection(address, timeout=clients.SOCKET_TIMEOUT) as client:
+        replies = client.makefile("rb")
+        assert replies.readline(SMTP_LINE).startswith(b"220 ")
+        for command in (
+            b"HELO client.example",
+            b"MAIL FROM:<s@example.net>",
+            b"RCPT TO:<%s>" % user.address.encode(),
+        ):
+            client.sendall(command + b"\r\n")
+            assert replies.readline(SMTP_LINE).startswith(b"250 "), command
+        client.sendall(b"DATA\r\nSubject: cut\r\n\r\npartial")
+        client.shutdown(socket.SHUT_WR)
+        rest = replies.read(SMTP_LINE)  # to the proxy's close, or the socket's timeout
+        assert rest.startswith(b"354 ") and rest.count(b"\n") == 1, rest
 
 
 OMEGA = "omega.example"
