@@ -9,7 +9,6 @@ bounded by WAIT, for a connection to be closed, and what closed it is read from 
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -19,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 from proxy.server import admin, connections
 from proxy.settings import AdminSettings
 from tests.proxy.server.conftest import WAIT
+from tests.proxy.server.test_connections import connect, get
 
 HALF_SENT = b"GET /metrics HTTP/1.1\r\nHost: admin\r\n"  # the blank line that ends it never comes
 POLL = 0.01  # between two looks at the server's connections
@@ -51,21 +51,6 @@ async def serving(
     finally:
         await runner.cleanup()
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
-
-
-async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes]:
-    """One request on a kept-alive connection: its status and body."""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
-    assert b"connection: close" not in head.lower()
-    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)\r\n", head)
-    assert length is not None, head
-    body = await asyncio.wait_for(reader.readexactly(int(length[1])), WAIT)
-    return int(head.split(b" ", 2)[1]), body
 
 
 async def scrape(port: int) -> bytes:
