@@ -16,6 +16,7 @@ slots exist only while their sessions are open. Never sees a password, never log
 """
 
 import collections
+import functools
 import ipaddress
 import time
 from collections.abc import Callable
@@ -32,12 +33,17 @@ IPV6_CLIENT_PREFIX = 64
 # users a proxy sees failing within `lockout` seconds. Beyond it the least recently failed go first.
 MAX_TRACKED_ADDRESSES = 100_000
 MAX_TRACKED_USERS = 100_000
+# client_key runs three times per session (the connection slot taken and given back, the lockout
+# check) and ipaddress's parsing is most of a login's bookkeeping; a proxy sees far fewer distinct
+# addresses at once than this, and 4,096 short strings cost well under 1 MB.
+CLIENT_KEY_CACHE_SIZE = 4096
 # 2 ** 62 seconds is beyond any cap a settings file can name; keeps the float power finite.
 MAX_DELAY_DOUBLINGS = 62
 
 Scope = Literal["ip", "user"]
 
 
+@functools.lru_cache(maxsize=CLIENT_KEY_CACHE_SIZE)
 def client_key(host: str) -> str:
     """The address a client is counted under: IPv4 as is, IPv6 by its /64, IPv4-mapped as IPv4."""
     try:

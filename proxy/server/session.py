@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import re
 import socket
 import ssl
 import time
@@ -204,12 +205,13 @@ def _as_field(value: str) -> str:
     """A client's word as one field of the session line: as it is when it is one plain token,
     else a JSON string, so a user name holding spaces or ``key=value`` cannot pass for more
     fields (control characters never get this far: the machines refuse them)."""
-    if value and not any(character.isspace() or character in _FIELD_SPECIALS for character in value):
+    if _PLAIN_FIELD.fullmatch(value):
         return value
     return json.dumps(value, ensure_ascii=False)
 
 
-_FIELD_SPECIALS = frozenset('"=\\')
+# One regular expression rather than a test per character: it runs for every session's line.
+_PLAIN_FIELD = re.compile(r'[^\s"=\\]+')
 
 
 def _refuse_connection(settings: ListenerSettings, client: socket.socket, server_name: str) -> None:
