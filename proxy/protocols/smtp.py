@@ -366,9 +366,12 @@ def _ehlo_reply(server_name: str, extensions: list[bytes]) -> list[bytes]:
 def _command_text(line: bytes) -> str | None:
     """The line as text if it is printable ASCII (RFC 5321 section 2.4: commands are ASCII;
     without SMTPUTF8 so are addresses, and no control character may reach a backend)."""
-    if all(0x20 <= byte < 0x7F for byte in line):
+    if _PRINTABLE_ASCII.fullmatch(line):
         return line.decode("ascii")
     return None
+
+
+_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 
 
 def drop_over_long_line(buffer: LineBuffer) -> bool:
