@@ -8,7 +8,6 @@ force and says so in the log. The first certificate is the default; each other o
 the DNS names in its subjectAltName (wildcards as RFC 6125 section 6.4.3 allows: one label).
 """
 
-import contextlib
 import logging
 import os
 import ssl
@@ -27,6 +26,10 @@ MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 
 class CertificateError(ValueError):
     """A certificate or key file that cannot be loaded; the message names the file."""
+
+
+# A file's modification time, size and inode, per certificate and key file of a listener.
+Stamps = tuple[tuple[int, int, int], ...]
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
@@ -91,7 +94,7 @@ def _matches(pattern: str, name: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
-    stamps: tuple[tuple[int, int, int], ...]
+    stamps: Stamps
     context: ssl.SSLContext
 
 
@@ -102,22 +105,23 @@ class CertificateStore:
         self._listener = listener
         self._files = files
         self._loaded = self._load()  # a broken file at start is fatal: raise to the caller
-        self._failed: tuple[tuple[int, int, int], ...] | None = None
+        # The state of the files whose load failed (their stamps, or why they could not be read).
+        self._failed: Stamps | tuple[str, str | None, int | None] | None = None
 
     @property
     def context(self) -> ssl.SSLContext:
         return self._loaded.context
 
-    def _stamps(self) -> tuple[tuple[int, int, int], ...]:
+    def _stamps(self) -> Stamps:
         return tuple(_stamp(path) for files in self._files for path in (files.cert, files.key))
 
-    def _load(self) -> _Loaded:
-        try:
-            stamps = self._stamps()
-        except OSError as error:
-            raise CertificateError(
-                f"listener {self._listener}: {error.filename}: {error.strerror}"
-            ) from error
+    def _load(self, stamps: Stamps | None = None) -> _Loaded:
+        """Load the files as they are now; ``stamps``: what the caller read of them just before."""
+        if stamps is None:
+            try:
+                stamps = self._stamps()
+            except OSError as error:
+                raise CertificateError(_unreadable(self._listener, error)) from error
         contexts = [_server_context(files) for files in self._files]
         by_name = [
             (name, context)
@@ -143,17 +147,35 @@ class CertificateStore:
         """Reload when a file changed; True when a new context is in force."""
         try:
             stamps = self._stamps()
-            if stamps in (self._loaded.stamps, self._failed):
-                return False
-            self._loaded = self._load()
-        except (OSError, CertificateError) as error:
-            # Report a broken renewal once, not at every poll; a further change is tried again.
-            with contextlib.suppress(OSError):
-                self._failed = self._stamps()
-            log.error("listener %s: keeping the certificates in use: %s", self._listener, error)
+        except OSError as error:
+            # A missing or unreadable file is one broken state however many polls see it.
+            return self._keep(("unreadable", error.filename, error.errno), _unreadable(self._listener, error))
+        if stamps == self._loaded.stamps:
+            self._failed = None  # back as loaded: a later breakage is news again
             return False
+        if stamps == self._failed:
+            return False
+        try:
+            self._loaded = self._load(stamps)
+        except (OSError, CertificateError) as error:
+            # Only the state just tried is marked broken: a writer that finishes its renewal
+            # while the half-written one was being loaded changes the stamps again, and the next
+            # poll loads the finished pair.
+            return self._keep(stamps, str(error))
+        self._failed = None
         log.info("listener %s: certificates reloaded", self._listener)
         return True
+
+    def _keep(self, state: Stamps | tuple[str, str | None, int | None], problem: str) -> bool:
+        """Report a broken renewal once per broken state, not at every poll; keep serving."""
+        if state != self._failed:
+            self._failed = state
+            log.error("listener %s: keeping the certificates in use: %s", self._listener, problem)
+        return False
+
+
+def _unreadable(listener: str, error: OSError) -> str:
+    return f"listener {listener}: {error.filename}: {error.strerror}"
 
 
 def client_context(ca_file: Path | None, setting: str) -> ssl.SSLContext:

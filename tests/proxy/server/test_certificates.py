@@ -1,12 +1,17 @@
 """Listener certificates: what cannot be loaded is refused with a message naming the file."""
 
+import logging
+import os
+import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from proxy.server import certificates
 from proxy.server.certificates import CertificateError, CertificateStore
 from proxy.settings import CertificateFiles
+from testbed import tlscerts
 
 
 def test_an_encrypted_key_is_refused_at_once_without_asking_for_a_passphrase(tmp_path: Path) -> None:
@@ -24,3 +29,47 @@ def test_an_encrypted_key_is_refused_at_once_without_asking_for_a_passphrase(tmp
     )  # fmt: skip
     with pytest.raises(CertificateError, match="the key is encrypted"):
         CertificateStore("imaps", (CertificateFiles(cert=cert, key=key),))
+
+
+def test_a_renewal_finished_while_its_half_written_state_was_loaded_is_picked_up_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal written in two steps (certificate, then key) polled between them: the half-done
+    pair fails to load; the finished pair must load at the next poll, not be taken for the broken
+    state (the stamps marked broken are those read before the failed load)."""
+    authority = tlscerts.TestAuthority(tmp_path / "ca")
+    first = authority.issue("first", ["mail.example"])
+    store = CertificateStore("imaps", (CertificateFiles(first.cert, first.key),))
+    renewed = authority.issue("renewed", ["mail.example"])
+    os.replace(renewed.cert, first.cert)  # the writer has put the new certificate, not its key yet
+    load = certificates._server_context
+
+    def load_while_the_writer_finishes(files: CertificateFiles) -> ssl.SSLContext:
+        try:
+            return load(files)  # new certificate, old key: refused
+        finally:
+            os.replace(renewed.key, first.key)
+
+    monkeypatch.setattr(certificates, "_server_context", load_while_the_writer_finishes)
+    assert store.refresh() is False
+    monkeypatch.setattr(certificates, "_server_context", load)
+    assert store.refresh() is True
+
+
+def test_a_missing_key_file_is_reported_once_and_its_return_reloads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    authority = tlscerts.TestAuthority(tmp_path / "ca")
+    first = authority.issue("first", ["mail.example"])
+    store = CertificateStore("imaps", (CertificateFiles(first.cert, first.key),))
+    renewed = authority.issue("renewed", ["mail.example"])
+    first.key.unlink()  # e.g. the key's entry removed from the Secret
+    caplog.set_level(logging.ERROR)
+    for _ in range(10):  # ten polls, one a second
+        assert store.refresh() is False
+    kept = [record for record in caplog.records if "keeping the certificates in use" in record.getMessage()]
+    assert len(kept) == 1
+    assert str(first.key) in kept[0].getMessage()
+    os.replace(renewed.cert, first.cert)
+    os.replace(renewed.key, first.key)
+    assert store.refresh() is True
