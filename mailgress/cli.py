@@ -16,7 +16,8 @@ Subcommands:
                                      controller may not import proxy.server)
 Errors in the user's files end the command with a clear message on stderr, never a traceback.
 Exit status 2 (EXIT_USAGE): a settings or route file that cannot be read or is not valid YAML,
-bad settings, a listener that cannot bind. Exit status 1 (EXIT_INVALID_ROUTES, routes check
+bad settings, a listener or the admin endpoint that cannot bind, a listener certificate or a
+backend CA file that cannot be loaded. Exit status 1 (EXIT_INVALID_ROUTES, routes check
 only): a MailRoute that is not Accepted (Invalid or Conflicted), or no MailRoute in the files;
 a backend not found or without endpoints is printed but leaves the status 0.
 """
@@ -93,6 +94,9 @@ def _run_proxy(arguments: argparse.Namespace) -> int:
         uvloop.run(process.run(settings, source))
     except listeners.ListenerError as error:
         print(f"mailgress: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except certificates.CertificateError as error:
+        print(f"mailgress: {error}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

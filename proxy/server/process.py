@@ -13,13 +13,14 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import metrics as proxy_metrics
 from proxy.server import admin, certificates, listeners
 from proxy.server.context import ProxyContext
 from proxy.server.routes import TableHolder
-from proxy.settings import ProxySettings
+from proxy.settings import AdminSettings, ProxySettings
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,13 @@ async def run(settings: ProxySettings, source: TableSource) -> None:
         # would refuse connections meanwhile without a word to the client, and a SIGTERM in that
         # wait would need a stop of its own. Standalone, the CLI does not start on a route file it
         # cannot read or parse, so the file watcher installs a table at once.
-        server.start()
         if settings.admin is not None:
-            runner = await admin.start(
+            # Bound before the mail listeners accept, so that a taken admin port stops the
+            # start-up before any client is let in (and then cut).
+            runner = await _start_admin(
                 settings.admin, registry, lambda: context.tables.ready and server.listening
             )
+        server.start()
         done, _ = await asyncio.wait(
             {on_sigterm, on_sigint, source_task}, return_when=asyncio.FIRST_COMPLETED
         )
@@ -90,3 +93,16 @@ async def run(settings: ProxySettings, source: TableSource) -> None:
         await server.stop_sessions()
         if runner is not None:
             await runner.cleanup()
+
+
+async def _start_admin(
+    settings: AdminSettings, registry: CollectorRegistry, ready: Callable[[], bool]
+) -> web.AppRunner:
+    """The admin endpoint, or ListenerError naming its address when it cannot bind."""
+    try:
+        return await admin.start(settings, registry, ready)
+    except OSError as error:
+        raise listeners.ListenerError(
+            error.errno,
+            f"admin endpoint: cannot bind {settings.address}:{settings.port}: {error.strerror or error}",
+        ) from error

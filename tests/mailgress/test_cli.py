@@ -13,7 +13,7 @@ import pytest
 from controller import operator
 from mailgress import cli
 from proxy.server import certificates, connections
-from testbed import tlscerts
+from testbed import mailservers, tlscerts
 from tests.kube.conftest import kubeconfig_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -272,7 +272,23 @@ def test_proxy_start_up_errors_are_one_clear_line(tmp_path: Path, settings: str,
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_proxy_reports_a_port_in_use(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("extra", "listener", "message"),
+    [
+        ("", "port: {taken}", "listener imap: cannot bind"),
+        ("admin: {{address: 127.0.0.1, port: {taken}}}\n", "port: {free}", "admin endpoint: cannot bind"),
+        ("", "port: {free}, tls: implicit, certificates: [{{cert: bad.crt, key: bad.key}}]", "bad.crt / "),
+        ("backendTls: {{caFile: bad.crt}}\n", "port: {free}", "backendTls.caFile"),
+    ],
+    ids=["listener-port-in-use", "admin-port-in-use", "unloadable-certificate", "unloadable-backend-ca"],
+)
+def test_proxy_start_up_failures_are_one_clear_line(
+    tmp_path: Path, extra: str, listener: str, message: str
+) -> None:
+    """What the proxy cannot start with (a port, a certificate, a CA file) ends it with one line
+    naming it and the usage status, before any client is accepted: never a traceback."""
+    (tmp_path / "bad.crt").write_text("not a certificate\n")
+    (tmp_path / "bad.key").write_text("not a key\n")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -280,20 +296,26 @@ def test_proxy_reports_a_port_in_use(tmp_path: Path) -> None:
         routes = write(
             tmp_path, "routes.yaml", ROUTE.format(name="a", created="", domain="a.example", port=143)
         )
-        path = write(
-            tmp_path,
-            "proxy.yaml",
-            f"listeners: [{{protocol: imap, address: 127.0.0.1, port: {port}}}]\nroutes: [{routes.name}]\n",
-        )
+        where = listener.format(taken=port, free=mailservers.free_port())
+        imap = f"{{name: imap, protocol: imap, address: 127.0.0.1, {where}}}"
+        settings = f"listeners: [{imap}]\nroutes: [{routes.name}]\n{extra.format(taken=port)}"
         result = subprocess.run(
-            [sys.executable, "-m", "mailgress.cli", "proxy", "--config", str(path)],
+            [
+                sys.executable,
+                "-m",
+                "mailgress.cli",
+                "proxy",
+                "--config",
+                str(write(tmp_path, "proxy.yaml", settings)),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
         )
-    assert result.returncode == 2
-    assert "cannot bind" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == cli.EXIT_USAGE
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("mailgress: ")]) == 1
 
 
 def test_controller_certificates_come_from_the_proxys_reloading_store(tmp_path: Path) -> None:
