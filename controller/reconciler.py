@@ -697,8 +697,11 @@ class Reconciler:
             self._publisher.publish(compiled.table)
             self._pushed = compiled.table.version
             self._published.add(compiled.table)
-        for proxy in set(self._applied) - set(inputs.proxies):
-            del self._applied[proxy]  # the pod is gone; a new one of that name acks afresh
+        for proxy in (self._applied.keys() | self._rejected.keys()) - inputs.proxies.keys():
+            # The pod is gone: a new one of that name acks afresh, and must not be reported with
+            # the rejection of the one before it (nor its pods' names kept through rollouts).
+            self._applied.pop(proxy, None)
+            self._rejected.pop(proxy, None)
         if self._snapshot != compiled.table.version:
             await self._save_snapshot(compiled.table)
         self.passes += 1

@@ -355,6 +355,28 @@ async def test_a_rejection_is_reported_and_the_last_good_table_still_counts(
     assert cluster.last_status("mail/other")["proxies"] == {"programmed": 1, "total": 2, "version": latest}
 
 
+async def test_a_gone_proxy_takes_its_rejection_with_it(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """A pod that rejected the table and is gone leaves no rejection behind: a new pod of the same
+    name (a StatefulSet's) that has not acked yet is not reported with its predecessor's error,
+    and a rollout of pods that each rejected the table keeps nothing of them."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b", accepted=False, error="no memory")
+    await worker.reconcile()
+    latest = publisher.published[-1].version
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == (
+        f"1 of 2 proxies; proxy-b rejected table {latest}: no memory"
+    )
+    del world.proxies["proxy-b"], publisher.current["proxy-b"]  # the pod and its stream are gone
+    publisher.ack("proxy-a")
+    await worker.reconcile()
+    world.proxies["proxy-b"] = True  # its successor, ready, not connected yet
+    await worker.reconcile()
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == "1 of 2 proxies"
+
+
 async def test_status_is_written_once_per_change_with_events_on_transitions(
     worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
 ) -> None:
