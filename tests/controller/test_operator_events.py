@@ -5,6 +5,7 @@ creates are bounded by a token bucket. Against the emulator, and through the who
 with an endpoint that flaps (review J4: an Event object per condition flip)."""
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,12 +15,12 @@ from tests.controller.test_operator import kube_api  # noqa: F401 (fixture)
 from tests.controller.test_reconciler import entry, route_body
 from tests.kube.conftest import (  # noqa: F401 (fixtures)
     NAMESPACE,
+    AccessLog,
     Api,
     Controller,
     api,
     condition,
     controller,
-    controller_accesses,
     controller_runner,
     controller_settings,
     create_backend,
@@ -172,6 +173,14 @@ async def test_creates_beyond_a_routes_budget_are_dropped_at_debug_level(
     assert [record.levelno for record in dropped] == [logging.DEBUG] * 2
     await writer.post_event(route, "Warning", "NoReadyEndpoints", "2 of 5 ready")
     assert events(server, "alpha")[-1]["count"] == 2, "a repeat is counted, within the budget or not"
+
+
+@pytest.fixture
+def controller_accesses(tmp_path: Path) -> AccessLog:
+    """A record of this module's own: the session's (tests/kube's, which the chart RBAC test reads)
+    is written whole from each instance of its fixture, so a second instance, here, would replace
+    what tests/kube recorded, or lose this, depending on the order the modules run in."""
+    return AccessLog(tmp_path / "controller-accesses.json")
 
 
 def by_reason(server: Emulator, name: str) -> dict[str, list[int]]:
