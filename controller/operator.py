@@ -64,7 +64,9 @@ import os
 import ssl
 import sys
 import threading
+import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +103,21 @@ ALL_NAMESPACES = "*"  # MAILGRESS_WATCH_NAMESPACES' word for --all-namespaces
 REQUEST_TIMEOUT_SECONDS = 30.0
 # Who posts the Events (core/v1 Event source.component and reportingComponent).
 COMPONENT = "mailgress-controller"
+# Events are aggregated as client-go's EventRecorder does (tools/record/events_cache.go): one like
+# an Event posted at most this long ago (same MailRoute uid, type, reason and message) is counted
+# in it (PATCH count + 1, lastTimestamp) instead of created again; a flapping backend otherwise
+# makes an Event object per condition flip. 10 minutes: client-go's aggregation interval
+# (defaultAggregateIntervalInSeconds), well within the API server's Event TTL (--event-ttl, 1 h).
+EVENT_AGGREGATION_SECONDS = 600.0
+# Events, and MailRoutes' create budgets, remembered at most (least recently posted forgotten
+# first): client-go's maxLruCacheEntries.
+MAX_REMEMBERED_EVENTS = 4096
+# Events created per MailRoute: a token bucket of EVENT_BURST, refilled by one every
+# EVENT_REFILL_SECONDS (client-go's spam filter: defaultSpamBurst 25, defaultSpamQPS 1/300), so a
+# flapping backend behind many routes, with messages that keep changing, cannot create thousands
+# of Events an hour. What goes over is dropped (logged at debug level).
+EVENT_BURST = 25
+EVENT_REFILL_SECONDS = 300.0
 EXIT_USAGE = 2
 
 # Builds the push channel's certificates from the certificate and key files. mailgress/cli.py,
@@ -360,6 +377,80 @@ def _refusal(content: bytes) -> str:
     return f": {message[:MAX_REFUSAL_MESSAGE]}" if isinstance(message, str) and message else ""
 
 
+# An Event's identity for aggregation: the MailRoute's uid, the type, the reason and the message.
+EventKey = tuple[str, str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class PostedEvent:
+    """An Event object this controller created, or last counted a repeat in."""
+
+    name: str  # the object's (the API server chose it: generateName)
+    count: int  # its count as last written
+    at: float  # when (RecentEvents' clock)
+
+
+@dataclass(frozen=True, slots=True)
+class _Budget:
+    """A MailRoute's Event creates still allowed (a token bucket)."""
+
+    tokens: float
+    at: float  # when last counted (RecentEvents' clock)
+
+
+class RecentEvents:
+    """What ``KubeApi.post_event`` remembers between posts: the Events posted in the last
+    EVENT_AGGREGATION_SECONDS, each MailRoute's create budget, and whether PATCH on Events is
+    allowed. Both maps are LRUs of at most MAX_REMEMBERED_EVENTS. No I/O: the caller asks, calls
+    the API, and reports back."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._posted: OrderedDict[EventKey, PostedEvent] = OrderedDict()
+        self._budgets: OrderedDict[str, _Budget] = OrderedDict()
+        self.patchable = True  # False once a PATCH was forbidden (a chart that grants only create)
+
+    def take(self, key: EventKey) -> PostedEvent | None:
+        """The Event like ``key`` posted within EVENT_AGGREGATION_SECONDS, if any, forgotten
+        until ``posted`` is called again (a failed post leaves nothing stale behind)."""
+        posted = self._posted.pop(key, None)
+        if posted is None or self._clock() - posted.at > EVENT_AGGREGATION_SECONDS:
+            return None
+        return posted
+
+    def posted(self, key: EventKey, name: str, count: int) -> None:
+        """The Event ``name`` now counts ``count`` posts like ``key``."""
+        self._posted[key] = PostedEvent(name, count, self._clock())
+        while len(self._posted) > MAX_REMEMBERED_EVENTS:
+            self._posted.popitem(last=False)
+
+    def may_create(self, uid: str) -> bool:
+        """Whether the MailRoute ``uid`` may have one more Event created (and count it)."""
+        now = self._clock()
+        budget = self._budgets.pop(uid, None)
+        tokens = (
+            float(EVENT_BURST)
+            if budget is None
+            else min(float(EVENT_BURST), budget.tokens + (now - budget.at) / EVENT_REFILL_SECONDS)
+        )
+        allowed = tokens >= 1
+        self._budgets[uid] = _Budget(tokens - 1 if allowed else tokens, now)
+        while len(self._budgets) > MAX_REMEMBERED_EVENTS:
+            self._budgets.popitem(last=False)
+        return allowed
+
+
+def _object_name(content: bytes) -> str | None:
+    """metadata.name of the object an API answer holds (None: none, or not JSON)."""
+    try:
+        answer = json.loads(content)
+    except (ValueError, RecursionError):  # ValueError: JSON or UTF-8
+        return None
+    metadata = answer.get("metadata") if isinstance(answer, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
 class KubeApi:
     """``reconciler.Cluster`` over aiohttp: status patches, the snapshot Secret, Events."""
 
@@ -368,6 +459,7 @@ class KubeApi:
         self._namespace = namespace
         self._secret = secret
         self._session: aiohttp.ClientSession | None = None
+        self._events = RecentEvents()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -469,8 +561,29 @@ class KubeApi:
             raise reconciler.ClusterError(f"saving the snapshot Secret {self._secret}: HTTP {code}")
 
     async def post_event(self, entry: reconciler.RouteEntry, kind: str, reason: str, message: str) -> None:
+        """Count it in the Event like it posted within EVENT_AGGREGATION_SECONDS, else create one
+        (within the MailRoute's budget, ``RecentEvents.may_create``)."""
         now = reconciler.utc_now()
         route = entry.route
+        key: EventKey = (entry.uid, kind, reason, message)
+        path = f"/api/v1/namespaces/{route.namespace}/events"
+        last = self._events.take(key)
+        if (
+            last is not None
+            and self._events.patchable
+            and await self._count_event(f"{path}/{last.name}", last.count + 1, now)
+        ):
+            self._events.posted(key, last.name, last.count + 1)
+            return
+        if not self._events.may_create(entry.uid):
+            log.debug(
+                "Event %s for %s dropped: %d were created for it lately (one more every %.0f s)",
+                reason,
+                route.key,
+                EVENT_BURST,
+                EVENT_REFILL_SECONDS,
+            )
+            return
         event = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -492,7 +605,6 @@ class KubeApi:
             "lastTimestamp": now,
             "count": 1,
         }
-        path = f"/api/v1/namespaces/{route.namespace}/events"
         # An Event is a courtesy: a refusal (e.g. 403 in a terminating namespace, where the
         # NamespaceLifecycle admission plugin refuses every create) is logged only, and the sweep
         # goes on; an unavailable API still ends it.
@@ -502,9 +614,37 @@ class KubeApi:
             refused = str(error)
         else:
             if code < 300:
+                name = _object_name(content)
+                if name is not None:  # else the next one like it is created: nothing to count in
+                    self._events.posted(key, name, 1)
                 return
             refused = f"POST {path}: HTTP {code}{_refusal(content)}"
         log.warning("Event %s for %s was refused: %s", reason, route.key, refused)
+
+    async def _count_event(self, path: str, count: int, now: str) -> bool:
+        """PATCH the Event at ``path`` to ``count`` posts, the last ``now``. False when it is to
+        be created anew: it is gone (404: its TTL ran out), refused (logged at debug level), or
+        PATCH on Events is forbidden (a chart that grants only create: logged once, and no Event
+        is patched again until a restart). Raises ClusterUnavailableError as ``_call``."""
+        body = {"count": count, "lastTimestamp": now}
+        try:
+            code, content = await self._call("PATCH", path, body, "application/merge-patch+json")
+        except ForbiddenError as error:
+            self._events.patchable = False
+            log.warning(
+                "patching Events is forbidden, so each repeated Event is created anew (at most %d "
+                "per MailRoute, then one every %.0f s) until the controller restarts; grant patch "
+                "on events: %s",
+                EVENT_BURST,
+                EVENT_REFILL_SECONDS,
+                error,
+            )
+            return False
+        if code < 300:
+            return True
+        if code != 404:
+            log.debug("PATCH %s: HTTP %d%s: the Event is created anew", path, code, _refusal(content))
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

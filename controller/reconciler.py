@@ -40,7 +40,11 @@ and patches the ones that differ, merging our conditions into the object's list
 precondition, and posts an Event per condition that turned True or False. A write the API
 server refuses (an admission policy, a status beyond the CRD's limits) holds up no other route:
 it is logged once per route and problem and tried again later, less often while the refusal
-lasts; an unavailable API ends the sweep, and a pass RETRY_SECONDS later sweeps again. Both
+lasts; an unavailable API (network trouble, 401, 429, 5xx) ends the sweep, and one pass
+RETRY_SECONDS later sweeps again, twice as long after each further failure in a row (up to
+MAX_RETRY_SECONDS). Until that retry, passes woken by watch events still compile and publish
+(proxies need no API server), but write no status: a 429 asks for fewer requests, and the retry
+tries them all. Both
 counts compare content, through the publications that held the route (``_Since``), never its name and
 generation alone: a MailRoute deleted and created again starts at generation 1 again, and
 proxies still running the old object's table must not count as running the new one. So the two
@@ -82,6 +86,11 @@ HOLDOFF_SECONDS = 0.1
 MAX_HOLDOFF_SECONDS = 0.5
 # A failed API write is retried on a later pass; this one comes at the latest after that long.
 RETRY_SECONDS = 5.0
+# An unavailable API (or a pass that fails) is tried again RETRY_SECONDS later, then after twice
+# as long at each failure in a row up to this, until a sweep goes through: an outage (429s from
+# API Priority and Fairness, a control plane upgrade) must not cost a sweep every RETRY_SECONDS,
+# and statuses catch up at most this long after it ends (tables reach the proxies meanwhile).
+MAX_RETRY_SECONDS = 60.0
 # A route's status write the API server refused (an admission policy, a status beyond the CRD's
 # limits, a missing RBAC rule) is tried again RETRY_SECONDS later, then after twice as long at
 # each refusal up to this, or as soon as the object changes: a refusal that lasts (every route's,
@@ -469,6 +478,12 @@ class _Refusal:
     retry_at: float  # the event loop's time of the next try
 
 
+def _backoff(last: float | None, cap: float) -> float:
+    """The wait before the next try: RETRY_SECONDS after a first failure (``last`` None), else
+    twice ``last``, at most ``cap``."""
+    return RETRY_SECONDS if last is None else min(last * 2, cap)
+
+
 @dataclass(frozen=True, slots=True)
 class _SnapshotFailure:
     """The last snapshot write that failed (since the last that worked)."""
@@ -537,6 +552,12 @@ class Reconciler:
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}
         self._refused: dict[str, _Refusal] = {}  # key -> the last refusal of its status write
         self._refused_timer: asyncio.TimerHandle | None = None  # wakes a pass for the next retry
+        # The one pending retry of a failed pass or sweep (``_retry_later``): while it is, no
+        # sweep runs. Since the last sweep that went through: the wait before the last retry
+        # (the next failure's doubles it) and the last problem logged (None: no failure).
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._retry_delay: float | None = None
+        self._retry_problem: str | None = None
         self.passes = 0  # completed passes, for tests and the probe
         publisher.on_change(self.acks_changed)
 
@@ -613,6 +634,8 @@ class Reconciler:
                 else:
                     self._sweep_due.set()
         finally:
+            if self._retry_timer is not None:
+                self._retry_timer.cancel()
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
 
@@ -623,12 +646,18 @@ class Reconciler:
             self._sweep_due.clear()
             assert self._sweep_input is not None  # set before the first _sweep_due
             inputs, compiled = self._sweep_input
+            if self._retry_timer is not None:
+                continue  # the API failed: statuses wait for the retry's pass, which sweeps
             if self._waiting_for_proxies(inputs):
                 continue  # their acks wake a pass, which makes the sweep due again
             try:
-                await self._write_statuses(inputs, compiled, yield_to_newer=True)
+                finished = await self._write_statuses(inputs, compiled, yield_to_newer=True)
             except Exception as error:
                 self._retry_later(error)
+            else:
+                if finished and self._retry_problem is not None:
+                    log.info("status writes go through again (the last failure: %s)", self._retry_problem)
+                    self._retry_delay = self._retry_problem = None
 
     def _waiting_for_proxies(self, inputs: Inputs) -> bool:
         """After a restore, until a ready proxy that has not acked to this controller yet does
@@ -650,13 +679,34 @@ class Reconciler:
             self._sweep_due.set()
 
     def _retry_later(self, error: Exception) -> None:
-        """A failed API write, or a bug in one pass: log it and run another pass later, but
-        never end reconciling for good."""
+        """A sweep the API failed (unavailable), or a bug in a pass: have one pass, and its sweep,
+        run later (``_backoff`` up to MAX_RETRY_SECONDS after the last failure), but never end
+        reconciling for good. One retry at most is pending: a failure meanwhile (a pass woken by
+        a watch event) adds none. Logged unless it is the last failure's problem again."""
+        if self._retry_timer is None:
+            self._retry_delay = _backoff(self._retry_delay, MAX_RETRY_SECONDS)
+            self._retry_timer = asyncio.get_running_loop().call_later(self._retry_delay, self._retry_due)
+        problem = str(error) if isinstance(error, ClusterError) else repr(error)
+        repeated, self._retry_problem = problem == self._retry_problem, problem
         if isinstance(error, ClusterError):
-            log.warning("Kubernetes API write failed, retrying in %.0f s: %s", RETRY_SECONDS, error)
+            log.log(
+                logging.DEBUG if repeated else logging.WARNING,
+                "Kubernetes API write failed, retrying in %.0f s: %s",
+                self._retry_delay,
+                error,
+            )
         else:
-            log.error("reconcile pass failed, retrying in %.0f s", RETRY_SECONDS, exc_info=error)
-        asyncio.get_running_loop().call_later(RETRY_SECONDS, self._wake.set)
+            log.log(
+                logging.DEBUG if repeated else logging.ERROR,
+                "reconcile pass failed, retrying in %.0f s",
+                self._retry_delay,
+                exc_info=error,
+            )
+
+    def _retry_due(self) -> None:
+        """The timer of ``_retry_later``: a pass, then its sweep."""
+        self._retry_timer = None
+        self._wake.set()
 
     async def _settle(self) -> None:
         """Wait until no change came for ``holdoff`` seconds, or ``max_holdoff`` passed."""
@@ -697,8 +747,11 @@ class Reconciler:
             self._publisher.publish(compiled.table)
             self._pushed = compiled.table.version
             self._published.add(compiled.table)
-        for proxy in set(self._applied) - set(inputs.proxies):
-            del self._applied[proxy]  # the pod is gone; a new one of that name acks afresh
+        for proxy in (self._applied.keys() | self._rejected.keys()) - inputs.proxies.keys():
+            # The pod is gone: a new one of that name acks afresh, and must not be reported with
+            # the rejection of the one before it (nor its pods' names kept through rollouts).
+            self._applied.pop(proxy, None)
+            self._rejected.pop(proxy, None)
         if self._snapshot != compiled.table.version:
             await self._save_snapshot(compiled.table)
         self.passes += 1
@@ -823,9 +876,10 @@ class Reconciler:
 
     async def _write_statuses(
         self, inputs: Inputs, compiled: compiler.Compiled, *, yield_to_newer: bool = False
-    ) -> None:
+    ) -> bool:
         """Patch every status that differs from the desired one; with ``yield_to_newer``, stop
-        as soon as a newer table than ``compiled``'s has been published.
+        as soon as a newer table than ``compiled``'s has been published. Whether it went through
+        every route (False: overtaken).
 
         A sweep starts where the last overtaken one stopped: under a steady stream of new
         tables (endpoints that keep changing) every route still has its turn. A write the API
@@ -842,7 +896,7 @@ class Reconciler:
             key = entry.route.key
             if yield_to_newer and self._published.latest != compiled.table.version:
                 self._resume_at = key  # the sweep of the newer table goes on from here
-                return
+                return False
             seen.add(key)
             refusal = self._refused.get(key)
             if refusal and refusal.resource_version == entry.resource_version and now < refusal.retry_at:
@@ -873,6 +927,7 @@ class Reconciler:
             del self._refused[key]  # the route is gone
         if waiting:
             self._wake_at(min(waiting))
+        return True
 
     def _status_refused(self, entry: RouteEntry, error: ClusterError) -> float:
         """Note that the API server refused ``entry``'s status write: log it unless it is the
@@ -880,7 +935,7 @@ class Reconciler:
         object changes: ``MAX_REFUSED_RETRY_SECONDS``)."""
         key = entry.route.key
         last = self._refused.get(key)
-        delay = RETRY_SECONDS if last is None else min(last.delay * 2, MAX_REFUSED_RETRY_SECONDS)
+        delay = _backoff(None if last is None else last.delay, MAX_REFUSED_RETRY_SECONDS)
         problem = str(error)
         log.log(
             logging.DEBUG if last is not None and last.problem == problem else logging.WARNING,

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import copy
 import dataclasses
+import functools
 import gzip
 import json
 import logging
@@ -124,6 +125,45 @@ class GatedCluster(FakeCluster):
     ) -> bool:
         await self.gate.wait()
         return await super().patch_status(namespace, name, resource_version, status)
+
+
+@dataclass
+class Timer:
+    delay: float
+    handle: asyncio.TimerHandle
+    callback: Callable[[], object]
+    fired: bool = False
+
+    def fire(self) -> None:
+        self.fired = True
+        self.callback()
+
+
+class Timers:
+    """The running loop's ``call_later``, recorded instead of scheduled: the test fires each timer
+    itself, so waits are checked by their length, never by the wall clock."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.timers: list[Timer] = []
+
+    def call_later(
+        self, delay: float, callback: Callable[..., object], *args: object, context: Any = None
+    ) -> asyncio.TimerHandle:
+        handle = asyncio.TimerHandle(self.loop.time() + delay, callback, args, self.loop, context)
+        self.timers.append(Timer(delay, handle, functools.partial(callback, *args)))
+        return handle
+
+    def pending(self) -> list[Timer]:
+        return [timer for timer in self.timers if not timer.fired and not timer.handle.cancelled()]
+
+
+@pytest.fixture
+async def timers(monkeypatch: pytest.MonkeyPatch) -> Timers:
+    loop = asyncio.get_running_loop()
+    recorded = Timers(loop)
+    monkeypatch.setattr(loop, "call_later", recorded.call_later)
+    return recorded
 
 
 def route_body(name: str, domain: str, *, generation: int = 1, port: int = 143) -> dict[str, Any]:
@@ -355,6 +395,28 @@ async def test_a_rejection_is_reported_and_the_last_good_table_still_counts(
     assert cluster.last_status("mail/other")["proxies"] == {"programmed": 1, "total": 2, "version": latest}
 
 
+async def test_a_gone_proxy_takes_its_rejection_with_it(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """A pod that rejected the table and is gone leaves no rejection behind: a new pod of the same
+    name (a StatefulSet's) that has not acked yet is not reported with its predecessor's error,
+    and a rollout of pods that each rejected the table keeps nothing of them."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b", accepted=False, error="no memory")
+    await worker.reconcile()
+    latest = publisher.published[-1].version
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == (
+        f"1 of 2 proxies; proxy-b rejected table {latest}: no memory"
+    )
+    del world.proxies["proxy-b"], publisher.current["proxy-b"]  # the pod and its stream are gone
+    publisher.ack("proxy-a")
+    await worker.reconcile()
+    world.proxies["proxy-b"] = True  # its successor, ready, not connected yet
+    await worker.reconcile()
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == "1 of 2 proxies"
+
+
 async def test_status_is_written_once_per_change_with_events_on_transitions(
     worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
 ) -> None:
@@ -565,6 +627,69 @@ async def test_an_unavailable_api_ends_the_sweep(
     assert cluster.attempts == ["mail/example"]
     await worker.reconcile()
     assert [key for key, _, _ in cluster.patches] == ["mail/example", "mail/other"]
+
+
+API_FAILED = "Kubernetes API write failed"
+
+
+async def test_an_outage_keeps_one_retry_pending_and_backs_off(
+    world: World,
+    worker: reconciler.Reconciler,
+    publisher: FakePublisher,
+    cluster: FakeCluster,
+    timers: Timers,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review J4: every pass woken during an outage (proxies reconnecting, slices changing) started
+    one more perpetual RETRY_SECONDS retry, so thirty such events made some 250 status writes in
+    ten retry periods. Now one retry is pending at most; passes woken meanwhile publish their
+    tables but write no status; each retry that fails again waits twice as long, up to
+    MAX_RETRY_SECONDS, logged once; the sweep that goes through ends the outage, and the next
+    one starts again at RETRY_SECONDS."""
+    caplog.set_level(logging.DEBUG, logger=reconciler.__name__)
+    cluster.failures = 1000
+    worker.mark_synced()
+    task = asyncio.create_task(worker.run())
+    try:
+        await turns_until(lambda: len(timers.pending()) == 1)
+        assert cluster.attempts == ["mail/example"]
+        for n in range(30):
+            world.routes.append(entry(route_body(f"r{n}", f"r{n}.example")))
+            worker.touch()
+            await turns_until(lambda: len(publisher.published) == n + 2)  # noqa: B023
+        for _ in range(MAX_TURNS):
+            await asyncio.sleep(0)
+        assert cluster.attempts == ["mail/example"], "no status write before the retry"
+        assert [timer.delay for timer in timers.pending()] == [reconciler.RETRY_SECONDS]
+
+        waits = []
+        for retry in range(8):
+            [timer] = timers.pending()
+            waits.append(timer.delay)
+            timer.fire()
+            await turns_until(
+                lambda: len(cluster.attempts) == retry + 2 and len(timers.pending()) == 1  # noqa: B023
+            )
+        cap = reconciler.MAX_RETRY_SECONDS
+        assert waits == [min(reconciler.RETRY_SECONDS * 2**n, cap) for n in range(8)]
+        assert waits[-1] == cap
+        failed = [record.levelno for record in caplog.records if API_FAILED in record.getMessage()]
+        assert failed == [logging.WARNING] + [logging.DEBUG] * 8, "one problem, logged once"
+
+        cluster.failures = 0
+        timers.pending()[0].fire()
+        await turns_until(lambda: len(cluster.patches) == len(world.routes))
+        assert timers.pending() == []
+        assert caplog.text.count("status writes go through again") == 1
+
+        cluster.failures = 1  # another outage waits RETRY_SECONDS first again
+        world.routes[0] = entry(route_body("example", "example.com", generation=2), version="2")
+        worker.touch()
+        await turns_until(lambda: len(timers.pending()) == 1)
+        assert timers.pending()[0].delay == reconciler.RETRY_SECONDS
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def since_of(first: table.RoutingTable) -> dict[str, str]:
