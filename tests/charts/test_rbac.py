@@ -169,7 +169,7 @@ READS = (
     | _list_watch("", "pods")
 )
 # What the controller writes where it serves MailRoutes.
-WRITES = {("patch", "mailgress.io", "mailroutes/status"), ("create", "", "events")}
+WRITES = {("patch", "mailgress.io", "mailroutes/status"), ("create", "", "events"), ("patch", "", "events")}
 SNAPSHOT = {("get", "", "secrets"), ("patch", "", "secrets")}  # by name, see the test below
 
 

@@ -1,49 +1,20 @@
 """KubeApi's Events as client-go's EventRecorder posts them: a repeat within the aggregation window
 is counted in the first (PATCH count, lastTimestamp), an expired one is created anew, a chart that
 grants no patch still gets its Events (created, the refusal logged once), and each MailRoute's
-creates are bounded by a token bucket. Against the emulator, and through the whole controller
-with an endpoint that flaps (review J4: an Event object per condition flip)."""
+creates are bounded by a token bucket. Against the emulator; tests/kube/test_operator.py has the
+whole controller with an endpoint that flaps (review J4: an Event object per condition flip)."""
 
 import logging
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from controller import operator
 from tests.controller.test_operator import kube_api  # noqa: F401 (fixture)
 from tests.controller.test_reconciler import entry, route_body
-from tests.kube.conftest import (  # noqa: F401 (fixtures)
-    NAMESPACE,
-    AccessLog,
-    Api,
-    Controller,
-    api,
-    condition,
-    controller,
-    controller_runner,
-    controller_settings,
-    create_backend,
-    create_route,
-    emulator,
-    eventually,
-    imap_route,
-)
+from tests.kube.conftest import route_events
 from tests.kube.emulator import Access, Emulator
-from tests.kube.test_operator import create_proxy_pods, fake_proxies, is_
 
 FORBIDDEN = "patching Events is forbidden"
-
-
-def events(server: Emulator, name: str, namespace: str = "mail") -> list[dict[str, Any]]:
-    """The Event objects about the MailRoute ``name``, oldest first."""
-    found = [
-        obj.raw
-        for (resource, where, _), obj in server.objects.items()
-        if resource.plural == "events" and where == namespace and not obj.deleted
-        if obj.raw.get("involvedObject", {}).get("name") == name
-    ]
-    return sorted(found, key=lambda event: int(event["metadata"]["resourceVersion"]))
 
 
 class Clock:
@@ -105,15 +76,15 @@ async def test_a_repeated_event_is_counted_in_the_first(
     route = entry(route_body("alpha", "a.example"))
     for _ in range(3):
         await writer.post_event(route, "Warning", "NoReadyEndpoints", "ResolvedRefs=False: none ready")
-    [counted] = events(server, "alpha")
+    [counted] = route_events(server, "alpha")
     assert counted["count"] == 3
     assert counted["reason"] == "NoReadyEndpoints"
     assert counted["firstTimestamp"] <= counted["lastTimestamp"]
     assert Access(verb="patch", resource="events") in server.accesses("writer-token")
     await writer.post_event(route, "Warning", "NoReadyEndpoints", "ResolvedRefs=False: another")
     await writer.post_event(entry(route_body("beta", "b.example")), "Warning", "NoReadyEndpoints", "x")
-    assert [event["count"] for event in events(server, "alpha")] == [3, 1], "another message"
-    assert len(events(server, "beta")) == 1, "another MailRoute"
+    assert [event["count"] for event in route_events(server, "alpha")] == [3, 1], "another message"
+    assert len(route_events(server, "beta")) == 1, "another MailRoute"
 
 
 async def test_an_expired_event_is_created_anew(
@@ -123,12 +94,12 @@ async def test_an_expired_event_is_created_anew(
     server, writer = kube_api
     route = entry(route_body("alpha", "a.example"))
     await writer.post_event(route, "Normal", "Accepted", "valid")
-    [first] = events(server, "alpha")
+    [first] = route_events(server, "alpha")
     async with server.delete(f"/api/v1/namespaces/mail/events/{first['metadata']['name']}") as response:
         assert response.status == 200
     await writer.post_event(route, "Normal", "Accepted", "valid")
     await writer.post_event(route, "Normal", "Accepted", "valid")
-    [again] = events(server, "alpha")
+    [again] = route_events(server, "alpha")
     assert again["metadata"]["name"] != first["metadata"]["name"]
     assert again["count"] == 2
 
@@ -147,7 +118,7 @@ async def test_a_forbidden_patch_falls_back_to_creating_logged_once(
         await writer.post_event(route, "Normal", "Accepted", "valid")
     server.forbidden.clear()
     await writer.post_event(route, "Normal", "Accepted", "valid")
-    assert [event["count"] for event in events(server, "alpha")] == [1, 1, 1, 1]
+    assert [event["count"] for event in route_events(server, "alpha")] == [1, 1, 1, 1]
     assert caplog.text.count(FORBIDDEN) == 1
     assert "grant patch on events" in caplog.text
     assert "was refused" not in caplog.text
@@ -164,7 +135,8 @@ async def test_creates_beyond_a_routes_budget_are_dropped_at_debug_level(
     route = entry(route_body("alpha", "a.example"))
     for n in range(5):  # messages that keep changing: nothing to count in
         await writer.post_event(route, "Warning", "NoReadyEndpoints", f"{n} of 5 ready")
-    assert [event["message"] for event in events(server, "alpha")] == [f"{n} of 5 ready" for n in range(3)]
+    posted = [event["message"] for event in route_events(server, "alpha")]
+    assert posted == [f"{n} of 5 ready" for n in range(3)]
     dropped = [
         record
         for record in caplog.records
@@ -172,52 +144,4 @@ async def test_creates_beyond_a_routes_budget_are_dropped_at_debug_level(
     ]
     assert [record.levelno for record in dropped] == [logging.DEBUG] * 2
     await writer.post_event(route, "Warning", "NoReadyEndpoints", "2 of 5 ready")
-    assert events(server, "alpha")[-1]["count"] == 2, "a repeat is counted, within the budget or not"
-
-
-@pytest.fixture
-def controller_accesses(tmp_path: Path) -> AccessLog:
-    """A record of this module's own: the session's (tests/kube's, which the chart RBAC test reads)
-    is written whole from each instance of its fixture, so a second instance, here, would replace
-    what tests/kube recorded, or lose this, depending on the order the modules run in."""
-    return AccessLog(tmp_path / "controller-accesses.json")
-
-
-def by_reason(server: Emulator, name: str) -> dict[str, list[int]]:
-    counts: dict[str, list[int]] = {}
-    for event in events(server, name, NAMESPACE):
-        counts.setdefault(event["reason"], []).append(event["count"])
-    return counts
-
-
-async def test_an_endpoint_that_flaps_makes_no_event_per_flip(
-    emulator: Emulator,  # noqa: F811
-    api: Api,  # noqa: F811
-    controller: Controller,  # noqa: F811
-) -> None:
-    """Review J4: twenty flaps of the only endpoint made forty Event objects. Now the two
-    transitions are one Event each, counted."""
-    await create_proxy_pods(api)
-    await create_backend(api, "dovecot", ["10.0.0.1"])
-    async with fake_proxies(controller):
-        await create_route(api, imap_route("example", "example.com"))
-        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "programmed")
-        await eventually(lambda: by_reason(emulator, "example").get("ResolvedRefs") == [1], "first Events")
-        path = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices/dovecot-abc"
-        flaps = 20
-        for _ in range(flaps):
-            for ready, reason in ((False, "NoReadyEndpoints"), (True, "ResolvedRefs")):
-                await api.patch(
-                    path, {"endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": ready}}]}
-                )
-                await eventually(
-                    lambda: condition(emulator, "example", "ResolvedRefs").get("reason") == reason,  # noqa: B023
-                    reason,
-                )
-        await eventually(
-            lambda: sum(by_reason(emulator, "example").get("ResolvedRefs", [])) == flaps + 1,
-            "every flip posted",
-        )
-        counts = by_reason(emulator, "example")
-        assert counts["ResolvedRefs"] == [flaps + 1]
-        assert counts["NoReadyEndpoints"] == [flaps]
+    assert route_events(server, "alpha")[-1]["count"] == 2, "a repeat is counted, within the budget or not"

@@ -464,6 +464,17 @@ def condition(emulator: Emulator, name: str, kind: str, namespace: str = NAMESPA
     return {}
 
 
+def route_events(emulator: Emulator, name: str, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+    """The Event objects about the MailRoute ``name``, oldest first."""
+    found = [
+        obj.raw
+        for (resource, where, _), obj in emulator.objects.items()
+        if resource.plural == "events" and where == namespace and not obj.deleted
+        if obj.raw.get("involvedObject", {}).get("name") == name
+    ]
+    return sorted(found, key=lambda event: int(event["metadata"]["resourceVersion"]))
+
+
 def snapshot_of(emulator: Emulator) -> str | None:
     """The table JSON in the snapshot Secret, plain or compressed (None: not written)."""
     key = (SECRETS, CONTROLLER_NAMESPACE, SNAPSHOT_NAME)

@@ -38,6 +38,7 @@ from tests.kube.conftest import (
     imap_route,
     mailroute_body,
     proxy_pod,
+    route_events,
     route_path,
     snapshot_of,
     status_of,
@@ -69,12 +70,15 @@ def is_(emulator: Emulator, name: str, kind: str, status: str, reason: str) -> b
 
 
 def event_reasons(emulator: Emulator, name: str) -> list[str]:
-    return sorted(
-        obj.raw["reason"]
-        for (resource, namespace, _), obj in emulator.objects.items()
-        if resource.plural == "events" and namespace == NAMESPACE and not obj.deleted
-        if obj.raw.get("involvedObject", {}).get("name") == name
-    )
+    return sorted(event["reason"] for event in route_events(emulator, name))
+
+
+def event_counts(emulator: Emulator, name: str) -> dict[str, list[int]]:
+    """The counts of the Events about MailRoute ``name``, oldest first, by reason."""
+    counts: dict[str, list[int]] = {}
+    for event in route_events(emulator, name):
+        counts.setdefault(event["reason"], []).append(event["count"])
+    return counts
 
 
 def route_names(current: table.RoutingTable | None) -> list[str]:
@@ -371,6 +375,40 @@ async def test_rejected_table_keeps_programmed_pending_and_others_conditions(
         await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "Programmed")
         assert condition(emulator, "example", "Programmed")["message"] == "1 of 1 proxies"
         assert condition(emulator, "example", "example.com/Audited") == foreign
+
+
+async def test_an_endpoint_that_flaps_makes_no_event_per_flip(
+    emulator: Emulator,
+    api: Api,
+    controller: Controller,
+) -> None:
+    """Review J4: twenty flaps of the only endpoint made forty Event objects. Now the two
+    transitions are one Event each, counted (and the controller patches Events: the chart's RBAC
+    test reads that from this run)."""
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    async with fake_proxies(controller):
+        await create_route(api, imap_route("example", "example.com"))
+        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "programmed")
+        await eventually(lambda: event_counts(emulator, "example").get("ResolvedRefs") == [1], "first Events")
+        path = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices/dovecot-abc"
+        flaps = 20
+        for _ in range(flaps):
+            for ready, reason in ((False, "NoReadyEndpoints"), (True, "ResolvedRefs")):
+                await api.patch(
+                    path, {"endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": ready}}]}
+                )
+                await eventually(
+                    lambda: condition(emulator, "example", "ResolvedRefs").get("reason") == reason,  # noqa: B023
+                    reason,
+                )
+        await eventually(
+            lambda: sum(event_counts(emulator, "example").get("ResolvedRefs", [])) == flaps + 1,
+            "every flip posted",
+        )
+        counts = event_counts(emulator, "example")
+        assert counts["ResolvedRefs"] == [flaps + 1]
+        assert counts["NoReadyEndpoints"] == [flaps]
 
 
 async def test_controller_accesses_are_recorded(
