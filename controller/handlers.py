@@ -30,18 +30,30 @@ filter on the handlers as a second guard; so no other Secret reaches the control
 labelled one only the header values are kept, never logged. A MailRoute is parsed once per (uid,
 generation) (``ParseCache``): our own status writes come back as watch events with the spec
 unchanged, and must not cost a jsonschema validation each.
+
+Watch gaps: when a watch resumes with a resourceVersion the API server no longer has (410 Gone),
+kopf lists the kind again and indexes what the listing holds, but never drops the values of
+objects the listing lacks: a deletion made during the gap would be served until a restart, and
+an object created again under the same name leaves both values in its store. So every index
+value carries its object's uid (``Indexed``), ``Sightings`` notes when each uid was first seen,
+and ``Resync`` LISTs each indexed kind (uids only, the selectors of kopf's watches) every
+``Wiring.resync`` seconds and soon after a re-list shows; a uid seen before such a LIST started
+and absent from it is gone, and ``inputs`` leaves its value out from then on.
 """
 
 import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import copy
+import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import kopf
 
@@ -69,6 +81,32 @@ SECRETS_INDEX = "secret_index"
 # sizes the compiler for. Past it the route seen longest ago is parsed again on its next event,
 # which costs time, never correctness.
 MAX_PARSED_ROUTES = 20_000
+# How often every indexed kind is listed to find deletions a watch gap hid from kopf. A deleted
+# backend or route is served at most this long after the watch's return when no listing event
+# revealed the gap; each resync is one metadata-only LIST per kind and served namespace that
+# holds objects, so once a minute costs the API server little beside kopf's own watches.
+RESYNC_SECONDS = 60.0
+# A re-list arrives as a burst of listing events (one per object); the resync LISTs once that
+# burst has been quiet this long, not once per event.
+RELIST_QUIET_SECONDS = 1.0
+
+V = TypeVar("V")
+
+
+class Lister(Protocol):
+    """The one read a resync makes (controller.operator.KubeApi.list_uids)."""
+
+    async def list_uids(
+        self, kind: tuple[str, ...], namespace: str | None, label_selector: str = "", field_selector: str = ""
+    ) -> frozenset[str]:
+        """The uids of the objects of ``kind`` (kopf's resource tuple) in ``namespace`` (None:
+        all) matching both selectors, from one snapshot. Raises reconciler.ClusterError (or its
+        ClusterUnavailableError) when the API refuses or fails."""
+        ...
+
+
+class Cluster(reconciler.Cluster, Lister, Protocol):
+    """What the handlers need of the API: the reconciler's writes and the resync's LIST."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +118,246 @@ class Wiring:
     proxy_labels: Mapping[str, str]
     login: Callable[[], kopf.ConnectionInfo]
     publisher: reconciler.Publisher
-    cluster: reconciler.Cluster
+    cluster: Cluster
     holdoff: float = reconciler.HOLDOFF_SECONDS
     metrics: ControllerMetrics | None = None  # compile timings, on the publisher's registry
+    resync: float = RESYNC_SECONDS  # seconds between the LISTs of every indexed kind
+
+
+@dataclass(frozen=True, slots=True)
+class Indexed(Generic[V]):
+    """An index value and the uid of the object it came from (kopf's stores keep their keys to
+    themselves, and whether a value is stale is a question about its object)."""
+
+    uid: str
+    value: V
+
+
+@dataclass(frozen=True, slots=True)
+class _Sighting:
+    namespace: str
+    first_seen: float  # Sightings' clock
+    announced: bool = False  # an event handler has had an event of it
+
+
+def _whole_store(_: object) -> str:
+    """One name for every value of a store: its key is the object's own (namespace, name)."""
+    return ""
+
+
+class Sightings:
+    """Which indexed objects are live, by uid, for ``inputs``.
+
+    Per index, each uid's namespace and when it was first seen (``indexed``, from the index
+    handlers), and whether an event handler has announced it (``announce``: a listing event of
+    an announced uid is kopf re-listing after a watch gap). ``judge`` applies a LIST: a uid first
+    seen before the LIST started and absent from it is gone, and stays gone unless an index
+    handler sees it again (a Secret labelled again keeps its uid). Bounded by kopf's own indexes:
+    a uid is forgotten on its DELETED event, and a gone uid leaves the sightings for the gone
+    set, which holds only values kopf keeps and will never drop. Thread-safe: index handlers run
+    in kopf's executor threads, everything else on its loop.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, dict[str, _Sighting]] = collections.defaultdict(dict)
+        self._gone: set[str] = set()
+
+    def now(self) -> float:
+        """The clock sightings are recorded with (a LIST's start is read from it)."""
+        return self._clock()
+
+    def indexed(self, index: str, body: Mapping[str, Any], values: Mapping[Any, V]) -> dict[Any, Indexed[V]]:
+        """What an index handler returns: ``values`` (index key to value) tagged with the body's
+        uid, whose first sighting is recorded now if it is new (and it holds a value). A body
+        without a uid (never from the API server) is tagged "" and never judged."""
+        found = body.get("metadata")
+        metadata: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+        uid = metadata.get("uid")
+        uid = uid if isinstance(uid, str) else ""
+        if uid and values:
+            with self._lock:
+                self._gone.discard(uid)  # seen again (a Secret labelled again keeps its uid)
+                if uid not in self._seen[index]:
+                    self._seen[index][uid] = _Sighting(str(metadata.get("namespace") or ""), self._clock())
+        return {key: Indexed(uid, value) for key, value in values.items()}
+
+    def announce(self, index: str, event_type: str | None, uid: str) -> bool:
+        """An event handler's event of ``uid``; True when it is a listing event (type None) of a
+        uid announced before, which only a re-list sends. DELETED forgets the uid."""
+        with self._lock:
+            known = self._seen[index]
+            if event_type == "DELETED":
+                known.pop(uid, None)
+                self._gone.discard(uid)
+                return False
+            sighting = known.get(uid)
+            if sighting is None:
+                return False
+            if not sighting.announced:
+                known[uid] = dataclasses.replace(sighting, announced=True)
+                return False
+            return event_type is None
+
+    def namespaces(self, index: str) -> set[str]:
+        """The namespaces that hold an object of ``index`` not yet found gone."""
+        with self._lock:
+            return {sighting.namespace for sighting in self._seen[index].values()}
+
+    def judge(self, index: str, namespace: str | None, started: float, listed: Collection[str]) -> int:
+        """Apply a LIST of ``index``'s kind in ``namespace`` (None: all) that started at
+        ``started`` (``now``) and found ``listed``: every uid first seen before it started and
+        not listed is gone. A uid first seen since is kept whatever the LIST says: it may be
+        newer than the LIST's snapshot. Returns how many uids this made gone."""
+        with self._lock:
+            known = self._seen[index]
+            lost = [
+                uid
+                for uid, sighting in known.items()
+                if sighting.first_seen < started
+                and uid not in listed
+                and (namespace is None or sighting.namespace == namespace)
+            ]
+            for uid in lost:
+                del known[uid]
+            self._gone.update(lost)
+        return len(lost)
+
+    def live(
+        self, index: str, values: Iterable[Indexed[V]], name: Callable[[V], str] = _whole_store
+    ) -> list[V]:
+        """The live values of one store of ``index``: none whose uid is gone, and of values with
+        one ``name`` the one first seen last. Two uids under one name mean the older object was
+        deleted (names are unique among live objects) and created again while the watch was
+        away; which of them is live needs no LIST."""
+        chosen: dict[str, tuple[float, str, V]] = {}
+        with self._lock:
+            known = self._seen[index]
+            for item in values:
+                if item.uid in self._gone:
+                    continue
+                sighting = known.get(item.uid)
+                rank = (sighting.first_seen if sighting is not None else float("-inf"), item.uid)
+                key = name(item.value)
+                if key not in chosen or rank > chosen[key][:2]:
+                    chosen[key] = (*rank, item.value)
+        return [value for _, _, value in chosen.values()]
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """How a resync LISTs the objects of one index as kopf's watch sees them."""
+
+    index: str
+    kind: tuple[str, ...]  # kopf's resource tuple
+    clusterwide: bool  # one LIST for every namespace, else one per namespace holding objects
+    label_selector: str = ""
+    field_selector: str = ""
+
+
+class Resync:
+    """Finds the index values of objects deleted while a watch was away (see the module
+    docstring) and wakes the reconciler when it does.
+
+    ``run`` LISTs every kind each ``period`` seconds, and a kind ``relisted`` names once its
+    listing events have been quiet for ``quiet`` seconds. A LIST that fails changes nothing; its
+    problem is logged once, and its recovery once. A scope (kind and namespace) is listed only
+    while it holds objects: with none there is nothing to find gone.
+    """
+
+    def __init__(
+        self,
+        sightings: Sightings,
+        lister: Lister,
+        listings: Iterable[Listing],
+        wake: Callable[[], None],
+        *,
+        period: float = RESYNC_SECONDS,
+        quiet: float = RELIST_QUIET_SECONDS,
+    ) -> None:
+        self._sightings = sightings
+        self._lister = lister
+        self._listings = tuple(listings)
+        self._wake = wake
+        self._period = period
+        self._quiet = quiet
+        self._due: set[str] = set()
+        self._relisted = asyncio.Event()
+        self._problems: dict[tuple[str, str | None], str] = {}
+
+    def relisted(self, index: str) -> None:
+        """kopf is re-listing ``index``'s kind: LIST it once the burst is over (on kopf's loop)."""
+        self._due.add(index)
+        self._relisted.set()
+
+    async def run(self) -> None:
+        """Resync after each period or quiet re-list, until cancelled."""
+        loop = asyncio.get_running_loop()
+        every = loop.time() + self._period
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(every):
+                    await self._relisted.wait()
+                    while self._relisted.is_set():
+                        self._relisted.clear()
+                        await asyncio.sleep(self._quiet)
+            indexes, self._due = self._due, set()
+            self._relisted.clear()  # what it announced is in ``indexes``, or in every index now
+            if loop.time() >= every:
+                every = loop.time() + self._period
+                indexes = {listing.index for listing in self._listings}
+            await self.resync(indexes)
+
+    async def resync(self, indexes: Collection[str]) -> None:
+        """LIST the kinds of ``indexes`` and apply what each LIST found; wake the reconciler
+        if anything was found gone."""
+        gone = 0
+        try:
+            for listing in self._listings:
+                if listing.index not in indexes:
+                    continue
+                held = self._sightings.namespaces(listing.index)
+                scopes: list[str | None] = [None] if listing.clusterwide and held else [*sorted(held)]
+                for namespace in scopes:
+                    gone += await self._list(listing, namespace)
+        except reconciler.ClusterUnavailableError:
+            pass  # every other LIST would fail too (logged by _list); what was found stands
+        if gone:
+            self._wake()
+
+    async def _list(self, listing: Listing, namespace: str | None) -> int:
+        """One LIST applied: how many uids it found gone (0 when it was refused, logged once).
+
+        Raises:
+            ClusterUnavailableError: the API is unavailable (logged once).
+        """
+        scope = _scope(listing.index, namespace)
+        started = self._sightings.now()
+        try:
+            listed = await self._lister.list_uids(
+                listing.kind, namespace, listing.label_selector, listing.field_selector
+            )
+        except reconciler.ClusterError as error:
+            problem = str(error)
+            if self._problems.get((listing.index, namespace)) != problem:
+                self._problems[(listing.index, namespace)] = problem
+                log.warning(
+                    "resync: listing %s failed, its index values are kept as they are: %s", scope, problem
+                )
+            if isinstance(error, reconciler.ClusterUnavailableError):
+                raise
+            return 0
+        if self._problems.pop((listing.index, namespace), None) is not None:
+            log.info("resync: listing %s works again", scope)
+        found = self._sightings.judge(listing.index, namespace, started, listed)
+        if found:
+            log.info("resync: %d object(s) of %s were deleted while a watch was away: left out", found, scope)
+        return found
+
+
+def _scope(index: str, namespace: str | None) -> str:
+    return f"{index} in {namespace}" if namespace is not None else f"{index} in every namespace"
 
 
 class ParseCache:
@@ -169,23 +444,36 @@ def secret_values(body: Mapping[str, Any]) -> compiler.SecretValues:
     return values
 
 
-def inputs(indices: Mapping[str, Mapping[Any, Iterable[Any]]]) -> reconciler.Inputs:
-    """The reconciler's view of the five kopf indexes at this moment.
+def inputs(
+    indices: Mapping[str, Mapping[Any, Iterable[Indexed[Any]]]], sightings: Sightings
+) -> reconciler.Inputs:
+    """The reconciler's view of the five kopf indexes at this moment, live values only.
 
     kopf's ``Index`` maps each key to a ``Store`` of the values every object returned for it;
-    the keys are the tuples and names the index functions below return.
+    the keys are the tuples and names the index functions below return. ``Sightings.live``
+    leaves out values of objects found gone and, where one name holds two objects, the older.
     """
-    services: dict[tuple[str, str], endpoints.Service] = {}
-    for key, store in indices[SERVICES_INDEX].items():
-        services[key] = next(iter(store))  # a Service's (namespace, name) is unique
+
+    def live(index: str, name: Callable[[Any], str] = _whole_store) -> dict[Any, list[Any]]:
+        found = {key: sightings.live(index, store, name) for key, store in indices[index].items()}
+        return {key: values for key, values in found.items() if values}
+
+    def one(index: str) -> dict[Any, Any]:
+        # A key of these indexes is the object's own (namespace, name): one live value at most.
+        return {key: values[0] for key, values in live(index).items()}
+
     return reconciler.Inputs(
-        routes=[entry for store in indices[ROUTES_INDEX].values() for entry in store],
-        services=services,
-        slices={key: list(store) for key, store in indices[SLICES_INDEX].items()},
-        proxies={str(key): any(store) for key, store in indices[PROXIES_INDEX].items()},
-        # A Secret's (namespace, name) is unique.
-        secrets={key: next(iter(store)) for key, store in indices[SECRETS_INDEX].items()},
+        routes=[entry for entries in live(ROUTES_INDEX).values() for entry in entries],
+        services=one(SERVICES_INDEX),
+        slices=live(SLICES_INDEX, lambda piece: str(piece.name)),
+        proxies={str(key): ready for key, ready in one(PROXIES_INDEX).items()},
+        secrets=one(SECRETS_INDEX),
     )
+
+
+def _selector(labels: Mapping[str, str]) -> str:
+    """An equality-based label selector, as kopf's watch and a resync's LIST both send it."""
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
 
 def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
@@ -198,6 +486,20 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
 
     parsed = ParseCache()
     ignored_addresses = endpoints.IgnoredAddresses()
+    sightings = Sightings()
+    pod_labels = _selector(wiring.proxy_labels)
+    pod_fields = f"metadata.namespace={wiring.namespace}"
+    secret_labels = _selector(SECRET_LABELS)
+    # What kopf watches, as it watches it: served namespaces (or all), and the proxy pods only
+    # in the controller's own namespace, whatever it serves.
+    clusterwide = wiring.served is None
+    listings = (
+        Listing(ROUTES_INDEX, (GROUP, VERSION, PLURAL), clusterwide),
+        Listing(SERVICES_INDEX, SERVICES, clusterwide),
+        Listing(SLICES_INDEX, SLICES, clusterwide),
+        Listing(PROXIES_INDEX, PODS, False, pod_labels, pod_fields),
+        Listing(SECRETS_INDEX, SECRETS, clusterwide, secret_labels),
+    )
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -205,30 +507,34 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
-        labels = ",".join(f"{key}={value}" for key, value in sorted(wiring.proxy_labels.items()))
-        settings.watching.label_selectors[PODS] = labels
-        settings.watching.field_selectors[PODS] = f"metadata.namespace={wiring.namespace}"
-        settings.watching.label_selectors[SECRETS] = ",".join(f"{k}={v}" for k, v in SECRET_LABELS.items())
+        settings.watching.label_selectors[PODS] = pod_labels
+        settings.watching.field_selectors[PODS] = pod_fields
+        settings.watching.label_selectors[SECRETS] = secret_labels
         # Only our own handlers' problems are worth an Event; kopf's progress chatter is not.
         settings.posting.level = logging.WARNING
         names = (ROUTES_INDEX, SERVICES_INDEX, SLICES_INDEX, PROXIES_INDEX, SECRETS_INDEX)
         indices = {name: kwargs[name] for name in names}
         worker = reconciler.Reconciler(
-            read=lambda: inputs(indices),
+            read=lambda: inputs(indices, sightings),
             publisher=wiring.publisher,
             cluster=wiring.cluster,
             holdoff=wiring.holdoff,
             metrics=wiring.metrics,
         )
+        resync = Resync(sightings, wiring.cluster, listings, worker.touch, period=wiring.resync)
         state["reconciler"] = worker
-        state["task"] = asyncio.create_task(worker.run(), name="mailgress reconciler")
+        state["resync"] = resync
+        state["tasks"] = [
+            asyncio.create_task(worker.run(), name="mailgress reconciler"),
+            asyncio.create_task(resync.run(), name="mailgress resync"),
+        ]
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        task = state.pop("task", None)
-        if task is not None:
+        tasks = state.pop("tasks", [])
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @kopf.on.probe(id="table", registry=registry)
     def table_probe(**_: Any) -> str:
@@ -238,12 +544,14 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
 
     @kopf.index(GROUP, VERSION, PLURAL, id=ROUTES_INDEX, when=served, registry=registry)
     def mailroute_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): route_entry(body, parsed)}
+        return sightings.indexed(ROUTES_INDEX, body, {(namespace, name): route_entry(body, parsed)})
 
     @kopf.index(*SERVICES, id=SERVICES_INDEX, when=served, registry=registry)
     def service_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
         view = endpoints.service_view(body)
-        return {} if view is None else {(view.namespace, view.name): view}
+        return sightings.indexed(
+            SERVICES_INDEX, body, {} if view is None else {(view.namespace, view.name): view}
+        )
 
     @kopf.index(*SLICES, id=SLICES_INDEX, when=served, registry=registry)
     def endpointslice_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
@@ -254,18 +562,18 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
         # the Service's owner learns why here, once per address, not on every slice event.
         for message in ignored_addresses.report(view):
             log.warning("%s", message)
-        return {(view.namespace, view.service): view}
+        return sightings.indexed(SLICES_INDEX, body, {(view.namespace, view.service): view})
 
     @kopf.index(
         *PODS, id=PROXIES_INDEX, labels=dict(wiring.proxy_labels), field="metadata.namespace",
         value=wiring.namespace, registry=registry,
     )  # fmt: skip
     def proxy_index(body: kopf.Body, name: str, **_: Any) -> dict[Any, Any]:
-        return {name: _pod_ready(body)}
+        return sightings.indexed(PROXIES_INDEX, body, {name: _pod_ready(body)})
 
     @kopf.index(*SECRETS, id=SECRETS_INDEX, labels=dict(SECRET_LABELS), when=served, registry=registry)
     def secret_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): secret_values(body)}
+        return sightings.indexed(SECRETS_INDEX, body, {(namespace, name): secret_values(body)})
 
     # async: kopf runs a synchronous handler in its executor's threads, and the reconciler's
     # asyncio.Event may be set only from the loop it waits on (kopf's, where these run).
@@ -274,22 +582,36 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
         worker.mark_synced()
         worker.touch()
 
+    # An object's event: its sighting is announced (a re-list shows here, and DELETED forgets
+    # it), then the reconciler wakes.
+    async def noticed(index: str, event_type: str | None, uid: str | None) -> None:
+        if uid and sightings.announce(index, event_type, uid):
+            resync: Resync = state["resync"]
+            resync.relisted(index)
+        await wake()
+
+    def changed(index: str) -> Callable[..., Awaitable[None]]:
+        async def handler(type: str | None, uid: str | None, **_: Any) -> None:
+            await noticed(index, type, uid)
+
+        return handler
+
     @kopf.on.event(GROUP, VERSION, PLURAL, id="mailroute_changed", when=served, registry=registry)
     async def mailroute_changed(type: str | None, uid: str | None, **_: Any) -> None:
         # kopf drops a deleted object from the index without calling the index handler.
         if type == "DELETED" and uid:
             parsed.forget(uid)
-        await wake()
+        await noticed(ROUTES_INDEX, type, uid)
 
-    kopf.on.event(*SERVICES, id="service_changed", when=served, registry=registry)(wake)
-    kopf.on.event(*SLICES, id="endpointslice_changed", when=served, registry=registry)(wake)
+    kopf.on.event(*SERVICES, id="service_changed", when=served, registry=registry)(changed(SERVICES_INDEX))
+    kopf.on.event(*SLICES, id="endpointslice_changed", when=served, registry=registry)(changed(SLICES_INDEX))
     kopf.on.event(
         *PODS, id="proxy_changed", labels=dict(wiring.proxy_labels), field="metadata.namespace",
         value=wiring.namespace, registry=registry,
-    )(wake)  # fmt: skip
+    )(changed(PROXIES_INDEX))  # fmt: skip
     # A new, changed or rotated value becomes a new table version; a Secret that loses the label
     # leaves the watch as a deletion (the API server's selector), which wakes it too.
     kopf.on.event(*SECRETS, id="secret_changed", labels=dict(SECRET_LABELS), when=served, registry=registry)(
-        wake
+        changed(SECRETS_INDEX)
     )
     kopf.on.event(*CRDS, id="crd_changed", field="metadata.name", value=CRD_NAME, registry=registry)(wake)

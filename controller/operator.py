@@ -452,7 +452,15 @@ def _object_name(content: bytes) -> str | None:
 
 
 class KubeApi:
-    """``reconciler.Cluster`` over aiohttp: status patches, the snapshot Secret, Events."""
+    """``reconciler.Cluster`` over aiohttp: status patches, the snapshot Secret, Events; and
+    ``list_uids``, the read controller.handlers' resync makes (``handlers.Cluster``)."""
+
+    # Objects per page of a resync's LIST: the page size of client-go's pager and of kubectl's
+    # --chunk-size. The API server may send fewer, and pages of one LIST are one snapshot.
+    LIST_PAGE_SIZE = 500
+    # A resync needs uids only: asked for as PartialObjectMetadataList (Kubernetes 1.15+), no
+    # spec, status or Secret data travels; an API server that cannot answer so sends plain JSON.
+    METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 
     def __init__(self, configuration: kubernetes.client.Configuration, namespace: str, secret: str) -> None:
         self._configuration = configuration
@@ -473,8 +481,8 @@ class KubeApi:
             await self._session.close()
             self._session = None
 
-    def _headers(self, content_type: str) -> dict[str, str]:
-        headers = {"Content-Type": content_type, "Accept": "application/json", "User-Agent": COMPONENT}
+    def _headers(self, content_type: str, accept: str) -> dict[str, str]:
+        headers = {"Content-Type": content_type, "Accept": accept, "User-Agent": COMPONENT}
         credential = _authorization(self._configuration)
         if not credential and self._configuration.username:
             credential = self._configuration.get_basic_auth_token()
@@ -483,7 +491,14 @@ class KubeApi:
         return headers
 
     async def _call(
-        self, method: str, path: str, body: Mapping[str, Any] | None, content_type: str
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        content_type: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        accept: str = "application/json",
     ) -> tuple[int, bytes]:
         """The HTTP status and body of one request; network trouble, 401, 429 and 5xx are
         ClusterUnavailableError (no other request would fare better), 403 ForbiddenError."""
@@ -491,7 +506,11 @@ class KubeApi:
             raise RuntimeError("KubeApi.start() was not called")
         try:
             async with self._session.request(
-                method, path.lstrip("/"), json=body, headers=self._headers(content_type)
+                method,
+                path.lstrip("/"),
+                params=params,
+                json=body,
+                headers=self._headers(content_type, accept),
             ) as response:
                 content = await response.read()
                 status = response.status
@@ -516,6 +535,70 @@ class KubeApi:
         if code >= 300:
             raise reconciler.ClusterError(f"PATCH {path}: HTTP {code}{_refusal(content)}")
         return True
+
+    async def list_uids(
+        self, kind: tuple[str, ...], namespace: str | None, label_selector: str = "", field_selector: str = ""
+    ) -> frozenset[str]:
+        """The uids of every object of ``kind`` (kopf's form: (version, plural) for the core group,
+        else (group, version, plural)) in ``namespace`` (None: every namespace) that match both
+        selectors (as the API's labelSelector and fieldSelector; "" matches all), read page by
+        page from one snapshot of the API server.
+
+        Raises:
+            ClusterUnavailableError: the API is unavailable (see ``_call``).
+            ForbiddenError: HTTP 403.
+            ClusterError: any other answer but 200 (410 when a continue token expired), or an
+                answer that is not a list of objects with uids; nothing of the pages read so far
+                is returned.
+        """
+        *group, version, plural = kind
+        root = f"/apis/{group[0]}/{version}" if group else f"/api/{version}"
+        path = f"{root}/namespaces/{namespace}/{plural}" if namespace is not None else f"{root}/{plural}"
+        query = {"limit": str(self.LIST_PAGE_SIZE)}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        if field_selector:
+            query["fieldSelector"] = field_selector
+        uids: set[str] = set()
+        token = ""
+        while True:
+            params = {**query, "continue": token} if token else query
+            code, content = await self._call(
+                "GET", path, None, "application/json", params=params, accept=self.METADATA_ONLY
+            )
+            if code >= 300:
+                raise reconciler.ClusterError(f"GET {path}: HTTP {code}{_refusal(content)}")
+            try:
+                found, token = self._list_page(content)
+            except ValueError as error:
+                raise reconciler.ClusterError(f"GET {path}: {error}") from error
+            uids.update(found)
+            if not token:
+                return frozenset(uids)
+
+    @staticmethod
+    def _list_page(content: bytes) -> tuple[list[str], str]:
+        """The uids on one page of a LIST and its continue token ("" on the last page).
+
+        Raises:
+            ValueError: the page is not a list of objects that each have a uid.
+        """
+        try:
+            page = json.loads(content)
+        except RecursionError as error:
+            raise ValueError("the answer is nested too deep") from error
+        if not isinstance(page, dict) or not isinstance(page.get("items"), list | None):
+            raise ValueError("the answer is not a list")
+        uids = []
+        for item in page.get("items") or ():
+            metadata = item.get("metadata") if isinstance(item, dict) else None
+            uid = metadata.get("uid") if isinstance(metadata, dict) else None
+            if not isinstance(uid, str) or not uid:
+                raise ValueError("an item of the list has no uid")
+            uids.append(uid)
+        metadata = page.get("metadata")
+        token = metadata.get("continue") if isinstance(metadata, dict) else None
+        return uids, token if isinstance(token, str) else ""
 
     async def load_snapshot(self) -> Mapping[str, Any] | None:
         path = f"/api/v1/namespaces/{self._namespace}/secrets/{self._secret}"

@@ -41,7 +41,8 @@ def test_pod_ready(pod: dict[str, Any], ready: bool) -> None:
 
 
 def test_inputs_flatten_the_index_stores() -> None:
-    """kopf's Index maps each key to a store of values; the reconciler wants plain mappings."""
+    """kopf's Index maps each key to a store of values (each tagged with its object's uid); the
+    reconciler wants plain mappings."""
     route = reconciler.RouteEntry(
         mailroute.parse({"metadata": {"namespace": "mail", "name": "r"}}),
         uid="u",
@@ -51,14 +52,16 @@ def test_inputs_flatten_the_index_stores() -> None:
     service = endpoints.Service("mail", "dovecot", ())
     piece = endpoints.Slice("mail", "dovecot", "a", (), ("10.0.0.1",), ())
     other = endpoints.Slice("mail", "dovecot", "b", (), ("10.0.0.2",), ())
+    tagged = handlers.Indexed
     view = handlers.inputs(
         {
-            handlers.ROUTES_INDEX: {("mail", "r"): [route]},
-            handlers.SERVICES_INDEX: {("mail", "dovecot"): [service]},
-            handlers.SLICES_INDEX: {("mail", "dovecot"): [piece, other]},
-            handlers.PROXIES_INDEX: {"proxy-a": [True], "proxy-b": [False]},
-            handlers.SECRETS_INDEX: {("mail", "auth-key"): [{"key": "v"}]},
-        }
+            handlers.ROUTES_INDEX: {("mail", "r"): [tagged("u", route)]},
+            handlers.SERVICES_INDEX: {("mail", "dovecot"): [tagged("s", service)]},
+            handlers.SLICES_INDEX: {("mail", "dovecot"): [tagged("a", piece), tagged("b", other)]},
+            handlers.PROXIES_INDEX: {"proxy-a": [tagged("pa", True)], "proxy-b": [tagged("pb", False)]},
+            handlers.SECRETS_INDEX: {("mail", "auth-key"): [tagged("k", {"key": "v"})]},
+        },
+        handlers.Sightings(),
     )
     assert view == reconciler.Inputs(
         routes=[route],
@@ -112,8 +115,10 @@ def test_the_secret_index_holds_labelled_secrets_only() -> None:
     [index] = [h for h in registry._indexing.get_all_handlers() if h.id == handlers.SECRETS_INDEX]
     [wake] = [h for h in registry._watching.get_all_handlers() if h.id == "secret_changed"]
     assert index.labels == wake.labels == {"mailgress.io/auth-http": "true"}
-    body = {"metadata": {"namespace": "mail", "name": "auth-key"}, "data": {"key": b64(b"v")}}
-    assert index.fn(body=body, namespace="mail", name="auth-key") == {("mail", "auth-key"): {"key": "v"}}
+    body = {"metadata": {"namespace": "mail", "name": "auth-key", "uid": "k"}, "data": {"key": b64(b"v")}}
+    assert index.fn(body=body, namespace="mail", name="auth-key") == {
+        ("mail", "auth-key"): handlers.Indexed("k", {"key": "v"})
+    }
 
 
 def route_body(uid: str, *, generation: int = 1, service: str = "dovecot") -> dict[str, Any]:
@@ -217,7 +222,7 @@ def test_an_ignored_slice_address_is_logged_once(caplog: pytest.LogCaptureFixtur
     )
     with caplog.at_level(logging.WARNING, logger=handlers.log.name):
         for _ in range(3):  # three events of the same slice
-            assert index.fn(body=body)[("mail", "dovecot")].ready == ("10.0.0.1",)
+            assert index.fn(body=body)[("mail", "dovecot")].value.ready == ("10.0.0.1",)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and "'010.0.0.7' ignored" in warnings[0]
 
