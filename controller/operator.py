@@ -5,7 +5,8 @@ kubeconfig, or the pod's service account), starts the push channel (controller.p
 connections bounded by the guard mailgress/cli.py hands in), registers controller.handlers on a
 fresh kopf registry and runs kopf until stopped. ``KubeApi`` is the reconciler's ``Cluster``: the
 few writes kopf does not make for us (status patches with a resourceVersion precondition, the
-snapshot Secret, Events) and one read (the snapshot Secret, at start), over aiohttp with the same
+snapshot Secret, Events) and two reads (the snapshot Secret at start, and the handlers' resync
+LISTs of uids), over aiohttp with the same
 credentials kopf logs in with. The snapshot is a Secret because tables carry auth_http request
 headers; a ConfigMap an earlier release wrote is never read (that needs rights on ConfigMaps the
 chart no longer grants). The chart renders the Secret empty and grants only get and patch on it; the
@@ -822,6 +823,7 @@ async def run(
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     holdoff: float = reconciler.HOLDOFF_SECONDS,
+    resync: float = handlers.RESYNC_SECONDS,
 ) -> None:
     """Run the operator until ``stop_flag`` is set (or SIGTERM/SIGINT in the main thread).
 
@@ -833,6 +835,8 @@ async def run(
         guards: bounds the push port's connections (``command`` always passes it).
         stop_flag, ready_flag: passed to kopf.operator.
         holdoff: the reconciler's debounce (tests shorten it).
+        resync: seconds between the handlers' LISTs that find objects a watch gap hid the
+            deletion of (tests shorten it).
 
     Raises:
         SettingsError: two listeners on one port (``check_ports``), or credentials, the token or
@@ -856,6 +860,7 @@ async def run(
             publisher=channel,
             cluster=api,
             holdoff=holdoff,
+            resync=resync,
             metrics=channel.metrics,
         ),
     )

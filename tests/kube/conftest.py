@@ -39,7 +39,7 @@ import kmock
 import pytest
 import yaml
 
-from controller import operator, publisher, reconciler
+from controller import handlers, operator, publisher, reconciler
 from deploy import render
 from mailgress import cli
 from proxy import table
@@ -179,7 +179,9 @@ class Controller:
 
 
 @contextlib.contextmanager
-def running_controller(settings: operator.Settings) -> Iterator[Controller]:
+def running_controller(
+    settings: operator.Settings, *, resync: float = handlers.RESYNC_SECONDS
+) -> Iterator[Controller]:
     """controller.operator.run in a thread of its own, until the block ends."""
     served = None if settings.tls_files is None else cli.push_certificates(*settings.tls_files)
     channel = publisher.Publisher(token=PUSH_TOKEN, certificates=served, guards=connections.Guard)
@@ -189,7 +191,9 @@ def running_controller(settings: operator.Settings) -> Iterator[Controller]:
     def main() -> None:
         try:
             asyncio.run(
-                operator.run(settings, channel=channel, stop_flag=stop, ready_flag=ready, holdoff=0.01)
+                operator.run(
+                    settings, channel=channel, stop_flag=stop, ready_flag=ready, holdoff=0.01, resync=resync
+                )
             )
         except BaseException as error:  # reported to the test below, not lost in the thread
             failures.append(error)
@@ -240,8 +244,10 @@ class ControllerRunner:
         accesses: AccessLog,
         *,
         chart_secret: bool = True,
+        resync: float = handlers.RESYNC_SECONDS,
     ) -> None:
         self._emulator = emulator
+        self._resync = resync
         self._settings = settings
         self._accesses = accesses
         self._chart_secret_due = chart_secret
@@ -255,7 +261,7 @@ class ControllerRunner:
         # The operator thread talks to the emulator served by this loop: keep the loop running
         # while the thread starts and stops.
         running: Controller = await asyncio.to_thread(
-            self._stack.enter_context, running_controller(self._settings)
+            self._stack.enter_context, running_controller(self._settings, resync=self._resync)
         )
         return running
 

@@ -2,26 +2,33 @@
 connections lose their events for a while, then break, and their reconnection is answered 410 Gone
 (the resourceVersion is too old), after which kopf lists again. kopf indexes what that listing
 holds but keeps the values of the objects it lacks; the controller's resync (controller.handlers)
-must find those gone within about a second of the re-list, and the proxies and statuses follow."""
+must find those gone within about a second of the re-list, and the proxies and statuses follow.
+A deletion lost without a 410 (the watch resumes where it was) shows no re-list: the periodic
+resync finds it."""
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 from typing import Any
 
 import kmock
 import pytest
 
+from controller import operator
 from proxy import table
 from tests.kube.conftest import (
     CONTROLLER_NAMESPACE,
     NAMESPACE,
     NAMESPACES,
+    AccessLog,
     Api,
     Controller,
+    ControllerRunner,
     FakeProxy,
     client_session,
     condition,
     create_backend,
+    create_crd,
     create_route,
     eventually,
     imap_route,
@@ -61,6 +68,7 @@ class PartitionEmulator(Emulator):
         self.blackout = False
         self.expire = False
         self.expired: set[tuple[str, str | None]] = set()
+        self.watches: collections.Counter[tuple[str, str | None]] = collections.Counter()
         self._close: asyncio.Future[None] | None = None
 
     def close_streams(self) -> None:
@@ -75,6 +83,7 @@ class PartitionEmulator(Emulator):
                 yield item
             return
         scope = (plural, request.namespace)
+        self.watches[scope] += 1
         if self.expire and request.params.get("resourceVersion") and scope not in self.expired:
             self.expired.add(scope)
             yield b""
@@ -196,3 +205,37 @@ async def test_deletions_in_a_watch_gap_leave_the_tables_and_statuses_after_the_
         await eventually(
             lambda: status_of(emulator, "stays").get("endpoints") == {"imap": 1}, "one endpoint in status"
         )
+
+
+async def test_a_deletion_lost_without_a_relist_is_found_by_the_periodic_resync(
+    emulator: PartitionEmulator,
+    api: Api,
+    controller_settings: operator.Settings,
+    controller_accesses: AccessLog,
+) -> None:
+    await create_crd(api)
+    runner = ControllerRunner(emulator, controller_settings, controller_accesses, resync=1.0)
+    try:
+        controller = await runner.start()
+        await create_proxy_pods(api)
+        await create_backend(api, "dovecot", ["10.0.0.1"])
+        async with fake_proxies(controller) as proxies:
+            await create_route(api, imap_route("gone", "gone.example"))
+            await create_route(api, imap_route("stays", "stays.example"))
+            both = ["mail/gone", "mail/stays"]
+            await eventually(lambda: all(route_names(p.latest) == both for p in proxies), "two routes")
+            # The deletion's event is lost and the watches resume where they were: nothing is
+            # listed again, so only the periodic LIST can tell.
+            emulator.blackout = True
+            await api.delete(route_path("gone"))
+            scope = ("mailroutes", NAMESPACE)
+            watched = emulator.watches[scope]
+            emulator.close_streams()
+            # Dark until the watch is back: its DELETED event is never delivered late.
+            await eventually(lambda: emulator.watches[scope] > watched, "the routes' watch resumed")
+            emulator.blackout = False
+            await eventually(
+                lambda: all(route_names(p.latest) == ["mail/stays"] for p in proxies), "gone left"
+            )
+    finally:
+        await runner.stop()
