@@ -611,11 +611,9 @@ class Frontend:
                 return [self._tagged(tag, b"BAD Authentication cancelled")]
             case sasl.SaslInvalid(reason):
                 return self._bad(tag, b"Invalid authentication data: " + reason.encode())
-            case sasl.Credentials() if step.authzid not in ("", step.username):
-                # We can only replay a login as the user itself; acting as someone else would
-                # silently open the wrong mailbox.
-                message = b"NO [AUTHORIZATIONFAILED] Authorization identity must be the user name"
-                return [self._tagged(tag, message)]
+            case sasl.SaslAuthzidRefused():
+                # Not counted, as a failed login is not (see sasl for why it is refused).
+                return [self._tagged(tag, b"NO [AUTHORIZATIONFAILED] " + sasl.AUTHZID_REFUSED_TEXT)]
             case sasl.Credentials():
                 return self._authenticate(tag, step)
             case _:

@@ -23,8 +23,8 @@ the backend first (``Relay``). Every error reply counts towards ``max_errors`` (
 too, so one connection cannot try passwords for ever) except the temporary failure, which is
 not the client's fault. Deliberate deviations: no APOP (the proxy cannot verify a digest);
 TimedOut says why before closing, as Dovecot does, although RFC 1939 section 3 allows a silent
-close; an authorization identity in AUTH PLAIN is ignored, as nginx does, because USER/PASS
-towards the backend cannot carry it.
+close; an authorization identity in AUTH PLAIN other than the user is refused with ``[AUTH]``
+(nginx ignores it; sasl says why we do not).
 
 The backend login (``BackendLogin``) expects the ``+OK`` greeting, sends Dovecot's
 ``XCLIENT ADDR= PORT=`` when asked to and the greeting advertises ``[XCLIENT]`` (Dovecot's
@@ -105,6 +105,7 @@ REPLY_TLS_REQUIRED = b"-ERR [AUTH] Plaintext authentication disallowed; use STLS
 REPLY_NO_STLS = b"-ERR STLS not available." + CRLF
 REPLY_TLS_ACTIVE = b"-ERR Command not permitted when TLS active." + CRLF
 REPLY_AUTH_FAILED = b"-ERR [AUTH] Authentication failed." + CRLF
+REPLY_AUTHZID_REFUSED = b"-ERR [AUTH] " + sasl.AUTHZID_REFUSED_TEXT + b"." + CRLF
 REPLY_UNAVAILABLE = b"-ERR [SYS/TEMP] Temporary authentication failure, try again later." + CRLF
 REPLY_TIMEOUT = b"-ERR [SYS/TEMP] Disconnected for inactivity." + CRLF
 REPLY_TOO_LONG = b"-ERR Line too long." + CRLF
@@ -377,13 +378,21 @@ class Frontend:
 
     def _sasl_step(self, step: sasl.SaslStep) -> list[Command]:
         """Where the client's SASL response leads: the next challenge, a refusal, or the login."""
-        if isinstance(step, sasl.Credentials):
-            return self._authenticate(step)
-        if not isinstance(step, sasl.SaslExchange):
-            return self._refuse(REPLY_CANCELLED if isinstance(step, sasl.SaslCancelled) else REPLY_BAD_SASL)
-        self._sasl_exchange = step
-        self._enter(_sasl_state(step))
-        return [Send(b"+ " + step.challenge + CRLF)]
+        match step:
+            case sasl.Credentials():
+                return self._authenticate(step)
+            case sasl.SaslExchange():
+                self._sasl_exchange = step
+                self._enter(_sasl_state(step))
+                return [Send(b"+ " + step.challenge + CRLF)]
+            case sasl.SaslCancelled():
+                return self._refuse(REPLY_CANCELLED)
+            case sasl.SaslInvalid():
+                return self._refuse(REPLY_BAD_SASL)
+            case sasl.SaslAuthzidRefused():
+                return self._refuse(REPLY_AUTHZID_REFUSED)
+            case _:
+                assert_never(step)
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
         if not sasl.printable(credentials.username, credentials.password):

@@ -57,7 +57,9 @@ What passes the proxy reaches the backend verbatim, so the backend parses the ve
 proxy checked. The backend must still refuse relaying for the proxy's own address (defence in
 depth: every later RCPT is checked by the ``Mediator`` too).
 Deliberate deviations: no SIZE in EHLO (the proxy does not know the backend's limit), no
-SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it).
+SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it),
+AUTH PLAIN with an authorization identity other than the user gets ``535 5.7.8`` (nginx drops
+the identity; sasl says why we refuse).
 
 Inbound mediation (``Mediator``): one backend connection serves one route, the first routed
 recipient's; nginx relays bytes from there, so a second recipient of another route reached the
@@ -196,6 +198,7 @@ REPLY_TLS_REQUIRED = b"530 5.7.0 Must issue a STARTTLS command first" + CRLF
 AUTH_FAILED_TEXT = b"Authentication credentials invalid"
 RELAY_DENIED_TEXT = b"Relay access denied"
 REPLY_AUTH_FAILED = b"535 5.7.8 " + AUTH_FAILED_TEXT + CRLF
+REPLY_AUTHZID_REFUSED = b"535 5.7.8 " + sasl.AUTHZID_REFUSED_TEXT + CRLF  # see sasl: why
 REPLY_AUTH_UNAVAILABLE = b"454 4.7.0 Temporary authentication failure" + CRLF
 REPLY_RELAY_DENIED = b"550 5.7.1 " + RELAY_DENIED_TEXT + CRLF
 REPLY_SOURCE_ROUTE = b"550 5.7.1 Source routes are not accepted" + CRLF
@@ -681,13 +684,21 @@ class Frontend:
 
     def _sasl_step(self, step: sasl.SaslStep) -> list[Command]:
         """Where the client's SASL response leads: the next challenge, a refusal, or the login."""
-        if isinstance(step, sasl.Credentials):
-            return self._authenticate(step)
-        if not isinstance(step, sasl.SaslExchange):
-            return self._refuse(REPLY_CANCELLED if isinstance(step, sasl.SaslCancelled) else REPLY_BAD_SASL)
-        self._sasl_exchange = step
-        self._enter(_sasl_state(step))
-        return [Send(b"334 " + step.challenge + CRLF)]
+        match step:
+            case sasl.Credentials():
+                return self._authenticate(step)
+            case sasl.SaslExchange():
+                self._sasl_exchange = step
+                self._enter(_sasl_state(step))
+                return [Send(b"334 " + step.challenge + CRLF)]
+            case sasl.SaslCancelled():
+                return self._refuse(REPLY_CANCELLED)
+            case sasl.SaslInvalid():
+                return self._refuse(REPLY_BAD_SASL)
+            case sasl.SaslAuthzidRefused():
+                return self._refuse(REPLY_AUTHZID_REFUSED)
+            case _:
+                assert_never(step)
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
         # Control characters in a name would reach logs and auth_http headers; no account has them.
