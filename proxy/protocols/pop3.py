@@ -19,9 +19,12 @@ State names follow RFC 1939 section 3 (AUTHORIZATION before login, TRANSACTION a
 TRANSACTION means "the driver relays bytes"). Replies use the response codes of RFC 2449
 section 8 and RFC 3206 ([AUTH], [SYS/TEMP]). Pipelined commands (RFC 2449 section 6.6) are
 answered in order; bytes behind the command that completed the credentials are held and go to
-the backend first (``Relay``). Every error reply counts towards ``max_errors`` (a refused login
-too, so one connection cannot try passwords for ever) except the temporary failure, which is
-not the client's fault. Deliberate deviations: no APOP (the proxy cannot verify a digest);
+the backend first (``Relay``). Every error reply to an invalid command counts towards
+``max_errors``; a refused login does not (nor one refused before it was asked, for control
+characters or another authorization identity), as in nginx: stopping password guessing is the
+failed-login throttle's and the auth service's job, and a client an auth service asked to wait
+must not be disconnected for it. Nor does the temporary failure, which is not the client's
+fault. Deliberate deviations: no APOP (the proxy cannot verify a digest);
 TimedOut says why before closing, as Dovecot does, although RFC 1939 section 3 allows a silent
 close; an authorization identity in AUTH PLAIN other than the user is refused with ``[AUTH]``
 (nginx ignores it; sasl says why we do not).
@@ -228,7 +231,7 @@ class Frontend:
             case LoginRejected(reply=reply):
                 self._expect(State.AUTHENTICATING, event)
                 self._enter(State.AUTHORIZATION)
-                return self._refuse(REPLY_AUTH_FAILED if reply is None else reply) + self._interpret()
+                return [Send(REPLY_AUTH_FAILED if reply is None else reply), *self._interpret()]
             case LoginUnavailable():
                 self._expect(State.AUTHENTICATING, event)
                 self._enter(State.AUTHORIZATION)
@@ -390,13 +393,13 @@ class Frontend:
             case sasl.SaslInvalid():
                 return self._refuse(REPLY_BAD_SASL)
             case sasl.SaslAuthzidRefused():
-                return self._refuse(REPLY_AUTHZID_REFUSED)
+                return [Send(REPLY_AUTHZID_REFUSED)]  # a refused login: not counted
             case _:
                 assert_never(step)
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
         if not sasl.printable(credentials.username, credentials.password):
-            return self._refuse(REPLY_AUTH_FAILED)
+            return [Send(REPLY_AUTH_FAILED)]  # refused like a failed login: not counted
         self._enter(State.AUTHENTICATING)
         request = LoginRequest(protocol="pop3", routing_key=credentials.username, credentials=credentials)
         return [Authenticate(request)]

@@ -26,11 +26,14 @@ fixes the AUTH exchange (``334`` continuations, ``*`` cancels with 501, undecoda
 501 5.5.2); RFC 2920: pipelined commands are answered in order and the bytes behind the
 command that triggered ``Authenticate`` are held for the backend (``Relay``). Enhanced
 status codes follow RFC 3463 (RFC 4954 section 6 for the AUTH ones). Every 4xx/5xx reply counts
-towards ``max_errors`` (refused logins and recipients too: no password or address guessing
-for ever) except the temporary failures, which are not the client's fault; the last error is
-followed by ``421`` and a close, as Postfix does. ``helo`` and ``envelope`` in the
-``LoginRequest`` are the client's command lines without their CRLF, for the backend replay and
-for auth_http's Auth-SMTP-* headers.
+towards ``max_errors`` (refused recipients too: no throttle guards the MX, so this bounds address
+guessing, and Postfix counts them as well) except the temporary failures, which are not the
+client's fault, and a refused login (also one refused before it was asked, for control characters
+or another authorization identity), as in nginx: stopping password guessing is the failed-login
+throttle's and the auth service's job, and a client an auth service asked to wait must not be
+disconnected for it. The last error is followed by ``421`` and a close, as Postfix does.
+``helo`` and ``envelope`` in the ``LoginRequest`` are the client's command lines without their
+CRLF, for the backend replay and for auth_http's Auth-SMTP-* headers.
 
 Limits no stricter than Postfix's: a client's command line may have ``MAX_CLIENT_LINE`` octets
 (Postfix's line_length_limit; RFC 5321 section 4.5.3.1 makes 512 the minimum and asks to avoid
@@ -504,10 +507,14 @@ class Frontend:
                 return [Send(reply), Relay(self._buffer.take_all())]
             case LoginRejected(reply=reply):
                 self._expect(State.AUTHENTICATING, event)
-                # Inbound stays in the transaction: the client may try other recipients.
-                self._enter(State.MAIL if self._config.inbound else State.READY)
-                refusal = REPLY_RELAY_DENIED if self._config.inbound else REPLY_AUTH_FAILED
-                return self._refuse(refusal if reply is None else reply) + self._interpret()
+                if self._config.inbound:
+                    # Stays in the transaction: the client may try other recipients. A refused
+                    # recipient counts: no throttle guards the MX, max_errors bounds guessing.
+                    self._enter(State.MAIL)
+                    return self._refuse(REPLY_RELAY_DENIED if reply is None else reply) + self._interpret()
+                # A refused login does not count (module docstring).
+                self._enter(State.READY)
+                return [Send(REPLY_AUTH_FAILED if reply is None else reply), *self._interpret()]
             case LoginUnavailable():
                 self._expect(State.AUTHENTICATING, event)
                 self._enter(State.MAIL if self._config.inbound else State.READY)
@@ -696,14 +703,15 @@ class Frontend:
             case sasl.SaslInvalid():
                 return self._refuse(REPLY_BAD_SASL)
             case sasl.SaslAuthzidRefused():
-                return self._refuse(REPLY_AUTHZID_REFUSED)
+                return [Send(REPLY_AUTHZID_REFUSED)]  # a refused login: not counted
             case _:
                 assert_never(step)
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
-        # Control characters in a name would reach logs and auth_http headers; no account has them.
+        # Control characters in a name would reach logs and auth_http headers; no account has
+        # them. Refused like a failed login, and like one not counted.
         if not sasl.printable(credentials.username, credentials.password):
-            return self._refuse(REPLY_AUTH_FAILED)
+            return [Send(REPLY_AUTH_FAILED)]
         self._enter(State.AUTHENTICATING)
         request = LoginRequest(
             protocol="submission", routing_key=credentials.username, credentials=credentials, helo=self._helo
