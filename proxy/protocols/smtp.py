@@ -380,6 +380,17 @@ def _command_text(line: bytes) -> str | None:
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 
 
+def _split_command(text: str) -> tuple[str, str]:
+    """A command line's verb and its argument, without the spaces between them.
+
+    RFC 5321 section 4.1.1 puts one SP there, but Postfix reads a command as words separated by
+    runs of spaces (``MAIL  FROM:<x>``, ``RSET ``), as nginx passes them on, and clients that
+    send two get no 501 from either; the argument keeps its own spaces for the command to read.
+    """
+    verb, _, argument = text.partition(" ")
+    return verb, argument.lstrip(" ")
+
+
 def drop_over_long_line(buffer: LineBuffer) -> bool:
     """After ``LineTooLongError``: drop the over-long line at the head of ``buffer`` up to its LF
     and keep what follows it. True if the LF has not arrived yet: the caller then drops what
@@ -604,7 +615,7 @@ class Frontend:
         text = _command_text(line)
         if text is None or not text:
             return self._refuse(REPLY_BAD_SYNTAX)
-        verb, _, argument = text.partition(" ")
+        verb, argument = _split_command(text)
         match verb.upper():
             case "EHLO" | "HELO" as verb_name:
                 return self._hello(line, verb_name, argument.strip())
@@ -674,10 +685,15 @@ class Frontend:
             return self._refuse(REPLY_HELO_FIRST)
         if self._tls_required():
             return self._refuse(REPLY_TLS_REQUIRED)
-        mechanism, _, initial = argument.partition(" ")
-        if not mechanism or " " in initial:
-            return self._refuse(_syntax("AUTH mechanism [initial-response]"))
-        step = sasl.begin(mechanism.encode("ascii"), initial.encode("ascii") or None)
+        # Split at runs of spaces (the line is printable ASCII), as between verb and argument.
+        match argument.split():
+            case [mechanism]:
+                initial = None
+            case [mechanism, response]:
+                initial = response.encode("ascii")
+            case _:
+                return self._refuse(_syntax("AUTH mechanism [initial-response]"))
+        step = sasl.begin(mechanism.encode("ascii"), initial)
         if step is None:
             return self._refuse(REPLY_MECHANISM)
         return self._sasl_step(step)
@@ -1403,7 +1419,7 @@ class Mediator:
         text = _command_text(line)
         if not text:
             return self._refuse(REPLY_BAD_SYNTAX)
-        verb, _, argument = text.partition(" ")
+        verb, argument = _split_command(text)
         match verb.upper():
             case "RCPT":
                 return self._rcpt_to(line, argument)

@@ -1154,6 +1154,19 @@ def test_a_recipient_of_another_route_is_deferred_and_the_transaction_goes_on() 
     assert machine.deferred == 1 and machine.quiet
 
 
+def test_mediated_commands_take_runs_of_spaces_after_the_verb() -> None:
+    """As before the first recipient (and as Postfix): the line goes to the backend as typed."""
+    machine = mediator()
+    for command, reply in [
+        (b"RSET  ", b"250 2.0.0 Ok"),
+        (b"MAIL  FROM:<s@example.net>", b"250 2.1.0 Ok"),
+        (b"RCPT   TO:<x@alpha.example>", b"250 2.1.5 Ok"),
+    ]:
+        assert to_backend(client_says(machine, command + b"\r\n")) == command + b"\r\n"
+        assert to_client(backend_says(machine, reply + b"\r\n")) == reply + b"\r\n"
+    assert client_says(machine, b"RCPT  TO:<y@beta.example>\r\n") == [Send(smtp.REPLY_OTHER_ROUTE)]
+
+
 def test_every_later_transaction_defers_other_routes_too() -> None:
     """Postfix's connection cache: the next transaction on the same connection, after RSET."""
     machine = mediator()
