@@ -81,6 +81,9 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9-]+")
 _HEADER_VALUE = re.compile(r"[\t -~]*")
 _AUTH_PROTOCOLS = {"imap": b"imap", "pop3": b"pop3", "submission": b"smtp", "smtp": b"smtp"}
 _MAX_PORT = 65535  # RFC 793 section 3.1: 16 bits
+# RFC 791 section 3.2: an IPv4 address is four octets, written as four decimal parts.
+_DOTTED_QUAD = re.compile(rb"([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)")
+_MAX_OCTET = 255
 
 
 class AuthConfigError(ValueError):
@@ -315,15 +318,25 @@ def _header_lines(head: bytes) -> list[tuple[bytes, bytes]] | None:
 
 
 def _port(text: bytes) -> int | None:
-    # ngx_atoi: ASCII digits only; ports 1-65535.
-    if not text.isdigit() or len(text) > len(str(_MAX_PORT)):
+    # ngx_atoi: ASCII digits only, leading zeros too ("000143"); ports 1-65535. The zeros go
+    # before the length check, so no run of them is ever converted (the reply is capped anyway).
+    digits = text.lstrip(b"0")
+    if not text.isdigit() or len(digits) > len(str(_MAX_PORT)):
         return None
-    port = int(text)
+    port = int(digits or b"0")
     return port if 0 < port <= _MAX_PORT else None
 
 
 def _server(text: bytes) -> str:
-    # ngx_parse_addr: a literal IPv4 or IPv6 address, never a name to resolve.
+    # ngx_parse_addr: a literal IPv4 or IPv6 address, never a name to resolve. ngx_inet_addr
+    # reads a dotted quad's parts as decimal with any leading zeros ("127.000.000.001"), where
+    # Python's parser refuses them (they could be meant as octal); each part is still 0-255.
+    quad = _DOTTED_QUAD.fullmatch(text)
+    if quad is not None:
+        parts = [part.lstrip(b"0") or b"0" for part in quad.groups()]
+        if any(len(part) > len(str(_MAX_OCTET)) or int(part) > _MAX_OCTET for part in parts):
+            raise _Malformed("Auth-Server is not an IP address")
+        return b".".join(parts).decode("ascii")
     try:
         address = ipaddress.ip_address(text.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as error:

@@ -259,6 +259,25 @@ def test_ok_alone_leaves_server_and_credentials_to_the_route() -> None:
 
 
 @pytest.mark.parametrize(
+    ("server", "port", "endpoint"),
+    [
+        # ngx_inet_addr reads each part of a dotted quad as decimal, leading zeros and all, and
+        # ngx_atoi a port (review J2: both were refused as a temporary failure).
+        (b"127.000.000.001", b"143", Endpoint("127.0.0.1", 143)),
+        (b"010.001.0.00255", b"143", Endpoint("10.1.0.255", 143)),
+        (b"127.0.0.1", b"000143", Endpoint("127.0.0.1", 143)),
+        (b"127.0.0.1", b"0" * 200 + b"65535", Endpoint("127.0.0.1", 65535)),
+        (b"::ffff:127.0.0.1", b"143", Endpoint("::ffff:7f00:1", 143)),
+    ],
+)
+def test_addresses_and_ports_with_leading_zeros_as_nginx_reads_them(
+    server: bytes, port: bytes, endpoint: Endpoint
+) -> None:
+    head = b"Auth-Status: OK\r\nAuth-Server: " + server + b"\r\nAuth-Port: " + port + b"\r\n\r\n"
+    assert parse(head) == authhttp.Granted(endpoint)
+
+
+@pytest.mark.parametrize(
     "head",
     [
         # No status line at all, bare LF, and a status code that means nothing: all as nginx.
@@ -383,6 +402,16 @@ def test_wait_and_refusal_precedence(head: bytes, verdict: authhttp.Verdict) -> 
         b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 0\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 65536\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 14 3\r\n\r\n",
+        # Leading zeros change no value: still 1-65535, each part of a quad still 0-255.
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 0000\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 065536\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.256\r\nAuth-Port: 143\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.0256\r\nAuth-Port: 143\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.1\r\nAuth-Port: 143\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1.2\r\nAuth-Port: 143\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: +143\r\n\r\n",
+        # ngx_inet_addr would read an empty part as 0; no auth service writes one: refused.
+        b"Auth-Status: OK\r\nAuth-Server: 127..0.1\r\nAuth-Port: 143\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-User: \xc3\r\n\r\n",
         # Header names: letters, digits and "-" only, starting with a letter or digit.
         b"Auth_Status: OK\r\n\r\n",
