@@ -27,6 +27,7 @@ Passwords never appear in an assertion's expression: failures cannot print one.
 """
 
 import base64
+import dataclasses
 import hashlib
 import imaplib
 import poplib
@@ -323,6 +324,36 @@ def test_long_envelope_addresses_are_routed_the_same_way(both: Both, backends: B
     assert len(backends.wait_delivered(user.address, 2)) == 2
 
 
+@pytest.mark.parametrize(
+    ("mail", "rcpt"),
+    [
+        ("MAIL  FROM:<{sender}>", "RCPT   TO:<{recipient}>"),
+        ("MAIL FROM: <{sender}>  BODY=8BITMIME", "RCPT  TO: <{recipient}>  "),
+    ],
+    ids=["two-and-three-spaces", "spaces-around-the-path"],
+)
+def test_runs_of_spaces_in_the_envelope_are_routed_the_same_way(
+    both: Both, backends: Backends, new_user: NewUser, mail: str, rcpt: str
+) -> None:
+    """Postfix and nginx take runs of spaces after MAIL and RCPT (review J2: mailgress said 501);
+    Auth-SMTP-From and -To carry the lines as typed."""
+    user = new_user(BETA)
+
+    def script(target: Target) -> list[Seen]:
+        with clients.RawClient(target.ports["mx"]) as raw:
+            raw.line()  # the greetings differ
+            raw.command(f"EHLO {CLIENT_NAME}".encode(), b"250 ")
+            sender_reply = raw.command(mail.format(sender=SENDER).encode(), b"")
+            recipient_reply = raw.command(rcpt.format(recipient=user.address).encode(), b"")
+            raw.command(b"QUIT", b"")
+        # The proxies' own texts for MAIL: the code only; the RCPT reply is Postfix's.
+        return [Seen("mail", _text(sender_reply[:3])), Seen("rcpt", _text(recipient_reply[:3]))]
+
+    nginx, mailgress = both(script)
+    assert mailgress.seen == nginx.seen == [Seen("mail", "250"), Seen("rcpt", "250")]
+    same_requests(nginx, mailgress)
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals
 
@@ -525,6 +556,40 @@ def test_an_auth_service_that_fails(
     answer(lambda received: reply)
     nginx, mailgress = both(login_script("imap", [(anna.address, anna.password)]))
     expect_temporary_failure("imap", nginx, mailgress)
+    same_requests(nginx, mailgress)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(
+    ("header", "rewrite"),
+    [("Auth-Server", lambda value: "127.000.000.001"), ("Auth-Port", lambda value: "000" + value)],
+    ids=["server-with-leading-zeros", "port-with-leading-zeros"],
+)
+def test_a_grant_with_leading_zeros_logs_in_the_same_way(
+    both: Both,
+    backends: Backends,
+    answer: Answerer,
+    new_user: NewUser,
+    protocol: str,
+    header: str,
+    rewrite: Callable[[str], str],
+) -> None:
+    """ngx_inet_addr and ngx_atoi read decimal with leading zeros (review J2: mailgress answered
+    with its temporary failure)."""
+    user = new_user(ALPHA)
+    testbed_answer = authservice.for_backends(backends)
+
+    def reply(received: authservice.Received) -> authservice.Reply:
+        granted = testbed_answer(received)
+        rewritten = tuple(
+            (name, rewrite(value) if name == header else value) for name, value in granted.headers
+        )
+        return dataclasses.replace(granted, headers=rewritten)
+
+    answer(reply)
+    nginx, mailgress = both(login_script(protocol, [(user.address, user.password)], recipient=user.address))
+    assert mailgress.seen == nginx.seen
+    assert [step.result for step in nginx.seen] == ["ok", "ok"]
     same_requests(nginx, mailgress)
 
 
