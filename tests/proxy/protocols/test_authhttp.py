@@ -165,6 +165,7 @@ def test_credentials_with_line_breaks_cannot_add_headers() -> None:
         ("https://auth.example/check?x=1", "auth.example", 443, b"auth.example", b"/check?x=1", "https"),
         ("HTTP://[::1]:8080/a/b", "::1", 8080, b"[::1]", b"/a/b", "http"),
         ("http://[::1]", "::1", 80, b"[::1]", b"/", "http"),
+        ("http://auth:0080/", "auth", 80, b"auth", b"/", "http"),  # ngx_atoi: leading zeros
     ],
 )
 def test_service_reads_the_url_as_nginx_does(
@@ -193,6 +194,11 @@ def test_service_reads_the_url_as_nginx_does(
         "http://:80/",
         "http://[::1/",
         "http://[::1]x/",
+        "http://[auth]/",
+        "http://::1/",
+        "http://auth:1:2/",
+        "http://auth:99999/",
+        "http://aut\u00e9/",
         "http://auth/a b",
         "http://auth/\u00e9",
     ],
