@@ -7,8 +7,13 @@ checked with jsonschema after the API server's own defaulting and null pruning, 
 ``x-kubernetes-validations`` rule of the CRD through its Python twin in ``_CEL`` (keyed by the
 exact rule text, so an edited rule without an edited twin fails at import). Messages are worded
 as the API server words them, so ``kubectl apply`` and standalone mode reject the same things
-for the same reasons. Pure apart from reading that one file at import: ``parse`` never raises
-on user input, never logs, and never puts an auth_http header value into a message.
+for the same reasons. One rule goes beyond the CRD: the auth_http URL is read as every proxy
+reads it (``table.auth_http_url``, the one rule both sides import), so a URL the CRD's pattern
+lets through but no proxy could request (port 99999, an IPv6 address without brackets) makes an
+invalid spec here instead of a temporary failure at every login; the API server takes such a
+URL, so it shows only as Accepted=False. Pure apart from reading that one file at import:
+``parse`` never raises on user input, never logs, and never puts an auth_http header value
+into a message.
 ``header_value`` is the CRD's rule for a header value, applied to a Secret's bytes (the operator's
 Secret index and the standalone ``secrets`` stand-in both call it before the compiler sees one).
 """
@@ -453,6 +458,19 @@ def _rule_problems(node: _Node, value: Any, path: tuple[str | int, ...]) -> Iter
             yield from _rule_problems(node.items, item, (*path, index))
 
 
+def _auth_url_problem(spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The auth_http URL read as the proxy reads it (see the module docstring)."""
+    url = spec["auth"].get("http", {}).get("url")
+    if url is None:
+        return None
+    try:
+        table.auth_http_url(url)
+    except table.TableError as error:
+        path = ("spec", "auth", "http", "url")
+        return _field(path), f"Invalid value: {_show(url, path)}: {error}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Normalising, defaulting
 
@@ -614,7 +632,8 @@ def parse(body: Mapping[str, Any]) -> MailRoute | SpecError:
     Returns:
         The ``MailRoute`` with defaults applied, or a ``SpecError`` naming the first broken
         rule: envelope (apiVersion, kind, metadata) first, then the schema (the
-        alphabetically first failing field), then the CEL rules in schema order.
+        alphabetically first failing field), then the CEL rules in schema order, then the
+        auth_http URL as the proxy reads it.
     """
     if not isinstance(body, Mapping):
         return _Identity(DEFAULT_NAMESPACE, "", 0, "").error(
@@ -633,6 +652,8 @@ def parse(body: Mapping[str, Any]) -> MailRoute | SpecError:
         _default(_TREE, document)
         errors = [_schema_problem(error) for error in _VALIDATOR.iter_errors(document)]
         problem = min(errors) if errors else next(_rule_problems(_TREE, document, ()), None)
+        if problem is None:
+            problem = _auth_url_problem(document["spec"])
         if problem is None:
             return _route(identity, document["spec"])
     return identity.error(*problem)

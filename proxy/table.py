@@ -58,6 +58,15 @@ MAX_LABEL_LENGTH = 63
 LABEL_SEPARATORS = re.compile("[.\u3002\uff0e\uff61]")
 # Kubernetes ObjectMeta.generation is an int64 that starts at 1; 0 stands for "no API server".
 MAX_GENERATION = 2**63 - 1
+# RFC 793 section 3.1: ports are 16 bits; 0 is no port to connect to.
+MAX_PORT = 65535
+# An auth_http URL (nginx's auth_http directive; https:// is a mailgress extension) and the
+# ports its schemes imply (RFC 9110 sections 4.2.1 and 4.2.2).
+AUTH_HTTP_DEFAULT_PORTS = {"http": 80, "https": 443}
+# The host of one, unless an IPv6 address in brackets: RFC 3986 section 3.2.2's reg-name as a
+# DNS or Service name spells it (RFC 1123 section 2.1), which an IPv4 address also matches.
+_URL_HOST = re.compile("[-A-Za-z0-9.]+")
+_DECIMAL = re.compile("[0-9]+")
 
 
 class TableError(ValueError):
@@ -93,6 +102,80 @@ class HttpAuth:
     timeout_seconds: float = 5.0
     # Extra request headers often carry a shared secret: never in a repr.
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthHttpUrl:
+    """The parts of an auth_http URL that a proxy connects to and asks for."""
+
+    scheme: str  # "http", or "https" (a mailgress extension: nginx speaks plain HTTP only)
+    host: str  # to connect to: a name, an IPv4 address, or an IPv6 address without brackets
+    host_header: str  # the host as written (an IPv6 address in brackets), without the port
+    port: int
+    uri: str  # path and query; "/" when the URL has none, as nginx asks for
+
+
+def port_number(text: str) -> int | None:
+    """A port written in decimal as nginx's ngx_atoi reads one (ASCII digits, leading zeros
+    allowed), or None unless it is 1 to MAX_PORT. The zeros go before the length check, so no
+    long run of digits is ever converted."""
+    digits = text.lstrip("0")
+    if not _DECIMAL.fullmatch(text) or len(digits) > len(str(MAX_PORT)):
+        return None
+    port = int(digits or "0")
+    return port if 0 < port <= MAX_PORT else None
+
+
+def auth_http_url(url: str) -> AuthHttpUrl:
+    """Read an auth_http URL, ``http(s)://host[:port][/path]`` as nginx's auth_http directive
+    takes it: the host a name, an IPv4 address or an IPv6 address in brackets. One rule for
+    both sides: the controller refuses a MailRoute whose URL this refuses (at parse time, as
+    an invalid spec), and the proxy reads the URL with it (proxy.protocols.authhttp).
+
+    Raises:
+        TableError: the URL cannot be requested; the message says why and never quotes it.
+    """
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not separator or scheme not in AUTH_HTTP_DEFAULT_PORTS:
+        raise TableError("the auth_http URL must start with http:// or https://")
+    authority, slash, path = rest.partition("/")
+    uri = slash + path if slash else "/"
+    if "@" in authority:
+        raise TableError("the auth_http URL may not carry user information")
+    port_text: str | None
+    if authority.startswith("["):  # RFC 3986 section 3.2.2: an IPv6 literal in brackets
+        host, bracket, after = authority[1:].partition("]")
+        if not bracket:
+            raise TableError("the auth_http URL has an unterminated IPv6 address")
+        if after and not after.startswith(":"):
+            raise TableError("the auth_http URL has more than a port after its IPv6 address")
+        if not _ipv6_address(host):
+            raise TableError("the auth_http URL's brackets hold no IPv6 address")
+        host_header, port_text = f"[{host}]", after[1:] if after else None
+    else:
+        host, colon, after = authority.partition(":")
+        if ":" in after:
+            raise TableError("the auth_http URL has more than one ':' (an IPv6 address goes in brackets)")
+        if not host:
+            raise TableError("the auth_http URL has no host")
+        if not _URL_HOST.fullmatch(host):
+            raise TableError("the auth_http URL's host must be a name or an IPv4 address")
+        host_header, port_text = host, after if colon else None
+    port = AUTH_HTTP_DEFAULT_PORTS[scheme] if port_text is None else port_number(port_text)
+    if port is None:
+        raise TableError(f"the auth_http URL's port must be a number from 1 to {MAX_PORT}")
+    if not uri.isascii() or not uri.isprintable() or " " in uri:
+        raise TableError("the auth_http URL path must be printable ASCII without spaces")
+    return AuthHttpUrl(scheme=scheme, host=host, host_header=host_header, port=port, uri=uri)
+
+
+def _ipv6_address(text: str) -> bool:
+    try:
+        address = ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return address.scope_id is None  # a zone (fe80::1%eth0) names an interface of one machine
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,7 +503,7 @@ def _parse_upstream(document: Any, where: str) -> Upstream:
         if not isinstance(item, dict):
             raise TableError(f"{spot}: not an object")
         port = _expect(item, "port", int, spot)
-        if not 0 < port < 65536:
+        if not 0 < port <= MAX_PORT:
             raise TableError(f"{spot}: port {port} out of range")
         host = _expect(item, "host", str, spot)
         try:

@@ -54,7 +54,7 @@ from typing import assert_never
 from proxy.protocols import imap, pop3, sasl, smtp
 from proxy.protocols.events import LoginRequest
 from proxy.protocols.lines import LineBuffer
-from proxy.table import Endpoint, HttpAuth
+from proxy.table import Endpoint, HttpAuth, TableError, auth_http_url, port_number
 
 # ngx_mail_auth_http_module.c reads the reply into a fixed 1024-byte buffer: a header that does
 # not end within it is an error there, and here.
@@ -62,8 +62,6 @@ MAX_RESPONSE_HEAD = 1024
 # ngx_mail_smtp_errcode: the SMTP refusal's prefix when the reply names no Auth-Error-Code
 # (RFC 4954 section 6: 535 5.7.8 would be the RFC's choice; nginx sends 5.7.0).
 DEFAULT_SMTP_ERROR_CODE = b"535 5.7.0"
-# RFC 9110 section 4.2.1 and 4.2.2: the ports an http:// and an https:// URL imply.
-DEFAULT_PORTS = {"http": 80, "https": 443}
 # What nginx's Client-Host says when it has no resolver (ngx_mail_smtp_handler.c); mailgress
 # resolves no client names (CVE-2026-28753 came from trusting PTR records).
 CLIENT_HOST_UNAVAILABLE = b"[UNAVAILABLE]"
@@ -80,7 +78,9 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9-]+")
 # Extra header values travel as typed in the MailRoute: printable ASCII, spaces and tabs (the CRD).
 _HEADER_VALUE = re.compile(r"[\t -~]*")
 _AUTH_PROTOCOLS = {"imap": b"imap", "pop3": b"pop3", "submission": b"smtp", "smtp": b"smtp"}
-_MAX_PORT = 65535  # RFC 793 section 3.1: 16 bits
+# RFC 791 section 3.2: an IPv4 address is four octets, written as four decimal parts.
+_DOTTED_QUAD = re.compile(rb"([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)")
+_MAX_OCTET = 255
 
 
 class AuthConfigError(ValueError):
@@ -189,30 +189,11 @@ def service(settings: HttpAuth) -> Service:
         AuthConfigError: the URL is not ``http(s)://host[:port][/path]`` or an extra header
             could not be sent as it is.
     """
-    scheme, separator, rest = settings.url.partition("://")
-    if not separator or scheme.lower() not in DEFAULT_PORTS:
-        raise AuthConfigError("the auth_http URL must start with http:// or https://")
-    scheme = scheme.lower()
-    authority, slash, path = rest.partition("/")
-    uri = slash + path if slash else "/"  # nginx asks for "/" when the URL has no path
-    if "@" in authority:
-        raise AuthConfigError("the auth_http URL may not carry user information")
-    if authority.startswith("["):  # RFC 3986 section 3.2.2: an IPv6 literal in brackets
-        inside, bracket, after = authority[1:].partition("]")
-        if not bracket or (after and not after.startswith(":")):
-            raise AuthConfigError("the auth_http URL has an unterminated IPv6 address")
-        host_header, host = f"[{inside}]", inside
-        port_text = after[1:] if after else None
-    else:
-        host_header, colon, port_text_or_empty = authority.partition(":")
-        host, port_text = host_header, (port_text_or_empty if colon else None)
-    if not host:
-        raise AuthConfigError("the auth_http URL has no host")
-    port = DEFAULT_PORTS[scheme] if port_text is None else _port(port_text.encode())
-    if port is None:
-        raise AuthConfigError("the auth_http URL has an invalid port")
-    if not uri.isascii() or not uri.isprintable() or " " in uri:
-        raise AuthConfigError("the auth_http URL path must be printable ASCII without spaces")
+    try:
+        # The controller refused a MailRoute whose URL this refuses: the same rule (table).
+        url = auth_http_url(settings.url)
+    except TableError as error:
+        raise AuthConfigError(str(error)) from error
     lines = []
     for name, value in settings.headers:
         if not _HEADER_NAME.fullmatch(name):
@@ -221,11 +202,11 @@ def service(settings: HttpAuth) -> Service:
             raise AuthConfigError(f"extra auth_http header {name} has a value that is not printable ASCII")
         lines.append(f"{name}: {value}".encode() + CRLF)
     return Service(
-        scheme=scheme,
-        host=host,
-        port=port,
-        host_header=host_header.encode("ascii"),
-        uri=uri.encode("ascii"),
+        scheme=url.scheme,
+        host=url.host,
+        port=url.port,
+        host_header=url.host_header.encode("ascii"),
+        uri=url.uri.encode("ascii"),
         extra_headers=b"".join(lines),
     )
 
@@ -314,16 +295,16 @@ def _header_lines(head: bytes) -> list[tuple[bytes, bytes]] | None:
     return None
 
 
-def _port(text: bytes) -> int | None:
-    # ngx_atoi: ASCII digits only; ports 1-65535.
-    if not text.isdigit() or len(text) > len(str(_MAX_PORT)):
-        return None
-    port = int(text)
-    return port if 0 < port <= _MAX_PORT else None
-
-
 def _server(text: bytes) -> str:
-    # ngx_parse_addr: a literal IPv4 or IPv6 address, never a name to resolve.
+    # ngx_parse_addr: a literal IPv4 or IPv6 address, never a name to resolve. ngx_inet_addr
+    # reads a dotted quad's parts as decimal with any leading zeros ("127.000.000.001"), where
+    # Python's parser refuses them (they could be meant as octal); each part is still 0-255.
+    quad = _DOTTED_QUAD.fullmatch(text)
+    if quad is not None:
+        parts = [part.lstrip(b"0") or b"0" for part in quad.groups()]
+        if any(len(part) > len(str(_MAX_OCTET)) or int(part) > _MAX_OCTET for part in parts):
+            raise _Malformed("Auth-Server is not an IP address")
+        return b".".join(parts).decode("ascii")
     try:
         address = ipaddress.ip_address(text.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as error:
@@ -412,7 +393,9 @@ def _verdict(headers: list[tuple[bytes, bytes]], request: LoginRequest) -> Verdi
     if address or port_text:
         if not (address and port_text):
             raise _Malformed("Auth-Server without Auth-Port, or Auth-Port without Auth-Server")
-        port = _port(port_text)
+        # ngx_atoi, as for the URL's port: leading zeros too ("000143"); Latin-1 maps each
+        # octet to one character, so an 8-bit octet is no digit and fails.
+        port = port_number(port_text.decode("latin-1"))
         if port is None:
             raise _Malformed("invalid Auth-Port")
         server = Endpoint(_server(address), port)

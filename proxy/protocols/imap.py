@@ -434,11 +434,11 @@ class Frontend:
             case LoginRejected(reply):
                 self._expect_login_pending()
                 default = self._tagged(self._login_tag, b"NO " + REFUSAL_TEXT)
-                return self._resume([Send(reply) if reply is not None else default], error=True)
+                return self._resume(Send(reply) if reply is not None else default)
             case LoginUnavailable():
                 self._expect_login_pending()
                 message = b"NO [UNAVAILABLE] Service temporarily unavailable, try again later"
-                return self._resume([self._tagged(self._login_tag, message)], error=False)
+                return self._resume(self._tagged(self._login_tag, message))
             case _:
                 assert_never(event)
 
@@ -465,15 +465,17 @@ class Frontend:
         if self._phase is not _Phase.LOGIN:
             raise LocalProtocolError("login verdict without a pending Authenticate")
 
-    def _resume(self, replies: list[Command], error: bool) -> list[Command]:
-        """After a failed login: answer, count it, then read what the client pipelined."""
+    def _resume(self, reply: Send) -> list[Command]:
+        """After a failed login: answer, then read what the client pipelined.
+
+        A refused login is no invalid command and does not count toward max_errors, as in
+        nginx: stopping password guessing is the failed-login throttle's and the auth
+        service's job (Auth-Login-Attempt), and a client refused a few times (an auth service
+        asking it to wait) must not be disconnected for it.
+        """
         self._phase = _Phase.COMMAND
         self._login_tag = b""
-        if error:
-            replies += self._count_error()
-            if self._phase is _Phase.CLOSED:
-                return replies
-        return replies + self._process()
+        return [reply, *self._process()]
 
     # -- input -------------------------------------------------------------------------------
 
@@ -611,11 +613,9 @@ class Frontend:
                 return [self._tagged(tag, b"BAD Authentication cancelled")]
             case sasl.SaslInvalid(reason):
                 return self._bad(tag, b"Invalid authentication data: " + reason.encode())
-            case sasl.Credentials() if step.authzid not in ("", step.username):
-                # We can only replay a login as the user itself; acting as someone else would
-                # silently open the wrong mailbox.
-                message = b"NO [AUTHORIZATIONFAILED] Authorization identity must be the user name"
-                return [self._tagged(tag, message)]
+            case sasl.SaslAuthzidRefused():
+                # Not counted, as a failed login is not (see sasl for why it is refused).
+                return [self._tagged(tag, b"NO [AUTHORIZATIONFAILED] " + sasl.AUTHZID_REFUSED_TEXT)]
             case sasl.Credentials():
                 return self._authenticate(tag, step)
             case _:
@@ -626,9 +626,10 @@ class Frontend:
             return self._bad(tag, b"Empty user name")
         if not sasl.printable(credentials.username, credentials.password):
             # A literal, a quoted string or a SASL response can carry CR, LF and other control
-            # characters: refused like a failed login, as POP3 and SMTP do and with Dovecot's
-            # words, so such a name never reaches a log line or an auth_http request.
-            return [self._tagged(tag, b"NO " + REFUSAL_TEXT), *self._count_error()]
+            # characters: refused like a failed login (and, like one, not counted), as POP3 and
+            # SMTP do and with Dovecot's words, so such a name never reaches a log line or an
+            # auth_http request.
+            return [self._tagged(tag, b"NO " + REFUSAL_TEXT)]
         self._phase = _Phase.LOGIN
         self._login_tag = tag
         request = LoginRequest(

@@ -19,12 +19,15 @@ State names follow RFC 1939 section 3 (AUTHORIZATION before login, TRANSACTION a
 TRANSACTION means "the driver relays bytes"). Replies use the response codes of RFC 2449
 section 8 and RFC 3206 ([AUTH], [SYS/TEMP]). Pipelined commands (RFC 2449 section 6.6) are
 answered in order; bytes behind the command that completed the credentials are held and go to
-the backend first (``Relay``). Every error reply counts towards ``max_errors`` (a refused login
-too, so one connection cannot try passwords for ever) except the temporary failure, which is
-not the client's fault. Deliberate deviations: no APOP (the proxy cannot verify a digest);
+the backend first (``Relay``). Every error reply to an invalid command counts towards
+``max_errors``; a refused login does not (nor one refused before it was asked, for control
+characters or another authorization identity), as in nginx: stopping password guessing is the
+failed-login throttle's and the auth service's job, and a client an auth service asked to wait
+must not be disconnected for it. Nor does the temporary failure, which is not the client's
+fault. Deliberate deviations: no APOP (the proxy cannot verify a digest);
 TimedOut says why before closing, as Dovecot does, although RFC 1939 section 3 allows a silent
-close; an authorization identity in AUTH PLAIN is ignored, as nginx does, because USER/PASS
-towards the backend cannot carry it.
+close; an authorization identity in AUTH PLAIN other than the user is refused with ``[AUTH]``
+(nginx ignores it; sasl says why we do not).
 
 The backend login (``BackendLogin``) expects the ``+OK`` greeting, sends Dovecot's
 ``XCLIENT ADDR= PORT=`` when asked to and the greeting advertises ``[XCLIENT]`` (Dovecot's
@@ -105,6 +108,7 @@ REPLY_TLS_REQUIRED = b"-ERR [AUTH] Plaintext authentication disallowed; use STLS
 REPLY_NO_STLS = b"-ERR STLS not available." + CRLF
 REPLY_TLS_ACTIVE = b"-ERR Command not permitted when TLS active." + CRLF
 REPLY_AUTH_FAILED = b"-ERR [AUTH] Authentication failed." + CRLF
+REPLY_AUTHZID_REFUSED = b"-ERR [AUTH] " + sasl.AUTHZID_REFUSED_TEXT + b"." + CRLF
 REPLY_UNAVAILABLE = b"-ERR [SYS/TEMP] Temporary authentication failure, try again later." + CRLF
 REPLY_TIMEOUT = b"-ERR [SYS/TEMP] Disconnected for inactivity." + CRLF
 REPLY_TOO_LONG = b"-ERR Line too long." + CRLF
@@ -227,7 +231,7 @@ class Frontend:
             case LoginRejected(reply=reply):
                 self._expect(State.AUTHENTICATING, event)
                 self._enter(State.AUTHORIZATION)
-                return self._refuse(REPLY_AUTH_FAILED if reply is None else reply) + self._interpret()
+                return [Send(REPLY_AUTH_FAILED if reply is None else reply), *self._interpret()]
             case LoginUnavailable():
                 self._expect(State.AUTHENTICATING, event)
                 self._enter(State.AUTHORIZATION)
@@ -377,17 +381,25 @@ class Frontend:
 
     def _sasl_step(self, step: sasl.SaslStep) -> list[Command]:
         """Where the client's SASL response leads: the next challenge, a refusal, or the login."""
-        if isinstance(step, sasl.Credentials):
-            return self._authenticate(step)
-        if not isinstance(step, sasl.SaslExchange):
-            return self._refuse(REPLY_CANCELLED if isinstance(step, sasl.SaslCancelled) else REPLY_BAD_SASL)
-        self._sasl_exchange = step
-        self._enter(_sasl_state(step))
-        return [Send(b"+ " + step.challenge + CRLF)]
+        match step:
+            case sasl.Credentials():
+                return self._authenticate(step)
+            case sasl.SaslExchange():
+                self._sasl_exchange = step
+                self._enter(_sasl_state(step))
+                return [Send(b"+ " + step.challenge + CRLF)]
+            case sasl.SaslCancelled():
+                return self._refuse(REPLY_CANCELLED)
+            case sasl.SaslInvalid():
+                return self._refuse(REPLY_BAD_SASL)
+            case sasl.SaslAuthzidRefused():
+                return [Send(REPLY_AUTHZID_REFUSED)]  # a refused login: not counted
+            case _:
+                assert_never(step)
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
         if not sasl.printable(credentials.username, credentials.password):
-            return self._refuse(REPLY_AUTH_FAILED)
+            return [Send(REPLY_AUTH_FAILED)]  # refused like a failed login: not counted
         self._enter(State.AUTHENTICATING)
         request = LoginRequest(protocol="pop3", routing_key=credentials.username, credentials=credentials)
         return [Authenticate(request)]

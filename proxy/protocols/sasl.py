@@ -20,6 +20,16 @@ only ever compared, never interpreted. A user name stays text and must be UTF-8 
 pass 8-bit octets on): it is the routing key, matched by its domain against the table's text,
 it names the user in the session's log line and it goes to auth_http as Auth-User, so octets
 there would have to be decoded after all; the front-ends refuse such a name with their error.
+
+An authorization identity (PLAIN's authzid, RFC 4616 section 2) other than the user is refused
+here, once for the three front-ends (``SaslAuthzidRefused``, answered like a failed login):
+the routing table, the failed-login throttle and auth_http's Auth-User all judge the user,
+while the backend would be asked to act as the authzid (a Dovecot master user logs in to that
+mailbox, Postfix sends as that identity). The identity approved and the one acting would
+differ. nginx drops the authzid and logs in as the user instead; silently acting as the user
+opens the wrong mailbox, or sends as the wrong sender, from the client's point of view, so a
+refusal that says why is the honest answer. An authzid equal to the user asks for nothing more
+and passes.
 """
 
 import base64
@@ -44,6 +54,8 @@ EMPTY_INITIAL_RESPONSE = b"="
 _CONTROL_CHARACTERS = frozenset(map(chr, (*range(0x20), 0x7F)))
 # Octets as the code points of the same number, so that one check serves text and octets.
 _OCTETS = "latin-1"
+# The front-ends' refusal of another authorization identity, in their own reply framing.
+AUTHZID_REFUSED_TEXT = b"Authorization identity must be the user name"
 # RFC 5034 section 4 and RFC 4954 section 4 exempt the client's responses from the command line
 # limit. The longest response the offered mechanisms can produce is PLAIN's: three RFC 4616
 # fields of at most 255 octets and two NULs, 767 octets, which base64 turns into 1024.
@@ -174,6 +186,12 @@ class SaslInvalid:
 
 
 @dataclass(frozen=True, slots=True)
+class SaslAuthzidRefused:
+    """The PLAIN response names an authorization identity other than its user: refused, as
+    the module docstring says why; the front-ends answer with ``AUTHZID_REFUSED_TEXT``."""
+
+
+@dataclass(frozen=True, slots=True)
 class SaslExchange:
     """An exchange waiting for the client's next response to ``challenge``.
 
@@ -201,7 +219,10 @@ class SaslExchange:
     def _answer(self, response: bytes) -> "SaslStep":
         try:
             if self.mechanism is Mechanism.PLAIN:
-                return parse_plain(response)
+                credentials = parse_plain(response)
+                if credentials.authzid not in ("", credentials.username):
+                    return SaslAuthzidRefused()
+                return credentials
             if self.username is None:
                 username = parse_login_user(response)
                 if not username:
@@ -213,8 +234,8 @@ class SaslExchange:
 
 
 # What one client response leads to: the next challenge (the exchange that waits for its
-# answer), complete credentials, a cancel, or malformed data.
-SaslStep = SaslExchange | Credentials | SaslCancelled | SaslInvalid
+# answer), complete credentials, a cancel, malformed data, or another identity refused.
+SaslStep = SaslExchange | Credentials | SaslCancelled | SaslInvalid | SaslAuthzidRefused
 
 
 def begin(name: bytes, initial: bytes | None) -> SaslStep | None:

@@ -26,11 +26,14 @@ fixes the AUTH exchange (``334`` continuations, ``*`` cancels with 501, undecoda
 501 5.5.2); RFC 2920: pipelined commands are answered in order and the bytes behind the
 command that triggered ``Authenticate`` are held for the backend (``Relay``). Enhanced
 status codes follow RFC 3463 (RFC 4954 section 6 for the AUTH ones). Every 4xx/5xx reply counts
-towards ``max_errors`` (refused logins and recipients too: no password or address guessing
-for ever) except the temporary failures, which are not the client's fault; the last error is
-followed by ``421`` and a close, as Postfix does. ``helo`` and ``envelope`` in the
-``LoginRequest`` are the client's command lines without their CRLF, for the backend replay and
-for auth_http's Auth-SMTP-* headers.
+towards ``max_errors`` (refused recipients too: no throttle guards the MX, so this bounds address
+guessing, and Postfix counts them as well) except the temporary failures, which are not the
+client's fault, and a refused login (also one refused before it was asked, for control characters
+or another authorization identity), as in nginx: stopping password guessing is the failed-login
+throttle's and the auth service's job, and a client an auth service asked to wait must not be
+disconnected for it. The last error is followed by ``421`` and a close, as Postfix does.
+``helo`` and ``envelope`` in the ``LoginRequest`` are the client's command lines without their
+CRLF, for the backend replay and for auth_http's Auth-SMTP-* headers.
 
 Limits no stricter than Postfix's: a client's command line may have ``MAX_CLIENT_LINE`` octets
 (Postfix's line_length_limit; RFC 5321 section 4.5.3.1 makes 512 the minimum and asks to avoid
@@ -57,7 +60,9 @@ What passes the proxy reaches the backend verbatim, so the backend parses the ve
 proxy checked. The backend must still refuse relaying for the proxy's own address (defence in
 depth: every later RCPT is checked by the ``Mediator`` too).
 Deliberate deviations: no SIZE in EHLO (the proxy does not know the backend's limit), no
-SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it).
+SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it),
+AUTH PLAIN with an authorization identity other than the user gets ``535 5.7.8`` (nginx drops
+the identity; sasl says why we refuse).
 
 Inbound mediation (``Mediator``): one backend connection serves one route, the first routed
 recipient's; nginx relays bytes from there, so a second recipient of another route reached the
@@ -196,6 +201,7 @@ REPLY_TLS_REQUIRED = b"530 5.7.0 Must issue a STARTTLS command first" + CRLF
 AUTH_FAILED_TEXT = b"Authentication credentials invalid"
 RELAY_DENIED_TEXT = b"Relay access denied"
 REPLY_AUTH_FAILED = b"535 5.7.8 " + AUTH_FAILED_TEXT + CRLF
+REPLY_AUTHZID_REFUSED = b"535 5.7.8 " + sasl.AUTHZID_REFUSED_TEXT + CRLF  # see sasl: why
 REPLY_AUTH_UNAVAILABLE = b"454 4.7.0 Temporary authentication failure" + CRLF
 REPLY_RELAY_DENIED = b"550 5.7.1 " + RELAY_DENIED_TEXT + CRLF
 REPLY_SOURCE_ROUTE = b"550 5.7.1 Source routes are not accepted" + CRLF
@@ -374,6 +380,17 @@ def _command_text(line: bytes) -> str | None:
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]*")
 
 
+def _split_command(text: str) -> tuple[str, str]:
+    """A command line's verb and its argument, without the spaces between them.
+
+    RFC 5321 section 4.1.1 puts one SP there, but Postfix reads a command as words separated by
+    runs of spaces (``MAIL  FROM:<x>``, ``RSET ``), as nginx passes them on, and clients that
+    send two get no 501 from either; the argument keeps its own spaces for the command to read.
+    """
+    verb, _, argument = text.partition(" ")
+    return verb, argument.lstrip(" ")
+
+
 def drop_over_long_line(buffer: LineBuffer) -> bool:
     """After ``LineTooLongError``: drop the over-long line at the head of ``buffer`` up to its LF
     and keep what follows it. True if the LF has not arrived yet: the caller then drops what
@@ -501,10 +518,14 @@ class Frontend:
                 return [Send(reply), Relay(self._buffer.take_all())]
             case LoginRejected(reply=reply):
                 self._expect(State.AUTHENTICATING, event)
-                # Inbound stays in the transaction: the client may try other recipients.
-                self._enter(State.MAIL if self._config.inbound else State.READY)
-                refusal = REPLY_RELAY_DENIED if self._config.inbound else REPLY_AUTH_FAILED
-                return self._refuse(refusal if reply is None else reply) + self._interpret()
+                if self._config.inbound:
+                    # Stays in the transaction: the client may try other recipients. A refused
+                    # recipient counts: no throttle guards the MX, max_errors bounds guessing.
+                    self._enter(State.MAIL)
+                    return self._refuse(REPLY_RELAY_DENIED if reply is None else reply) + self._interpret()
+                # A refused login does not count (module docstring).
+                self._enter(State.READY)
+                return [Send(REPLY_AUTH_FAILED if reply is None else reply), *self._interpret()]
             case LoginUnavailable():
                 self._expect(State.AUTHENTICATING, event)
                 self._enter(State.MAIL if self._config.inbound else State.READY)
@@ -594,7 +615,7 @@ class Frontend:
         text = _command_text(line)
         if text is None or not text:
             return self._refuse(REPLY_BAD_SYNTAX)
-        verb, _, argument = text.partition(" ")
+        verb, argument = _split_command(text)
         match verb.upper():
             case "EHLO" | "HELO" as verb_name:
                 return self._hello(line, verb_name, argument.strip())
@@ -664,10 +685,15 @@ class Frontend:
             return self._refuse(REPLY_HELO_FIRST)
         if self._tls_required():
             return self._refuse(REPLY_TLS_REQUIRED)
-        mechanism, _, initial = argument.partition(" ")
-        if not mechanism or " " in initial:
-            return self._refuse(_syntax("AUTH mechanism [initial-response]"))
-        step = sasl.begin(mechanism.encode("ascii"), initial.encode("ascii") or None)
+        # Split at runs of spaces (the line is printable ASCII), as between verb and argument.
+        match argument.split():
+            case [mechanism]:
+                initial = None
+            case [mechanism, response]:
+                initial = response.encode("ascii")
+            case _:
+                return self._refuse(_syntax("AUTH mechanism [initial-response]"))
+        step = sasl.begin(mechanism.encode("ascii"), initial)
         if step is None:
             return self._refuse(REPLY_MECHANISM)
         return self._sasl_step(step)
@@ -681,18 +707,27 @@ class Frontend:
 
     def _sasl_step(self, step: sasl.SaslStep) -> list[Command]:
         """Where the client's SASL response leads: the next challenge, a refusal, or the login."""
-        if isinstance(step, sasl.Credentials):
-            return self._authenticate(step)
-        if not isinstance(step, sasl.SaslExchange):
-            return self._refuse(REPLY_CANCELLED if isinstance(step, sasl.SaslCancelled) else REPLY_BAD_SASL)
-        self._sasl_exchange = step
-        self._enter(_sasl_state(step))
-        return [Send(b"334 " + step.challenge + CRLF)]
+        match step:
+            case sasl.Credentials():
+                return self._authenticate(step)
+            case sasl.SaslExchange():
+                self._sasl_exchange = step
+                self._enter(_sasl_state(step))
+                return [Send(b"334 " + step.challenge + CRLF)]
+            case sasl.SaslCancelled():
+                return self._refuse(REPLY_CANCELLED)
+            case sasl.SaslInvalid():
+                return self._refuse(REPLY_BAD_SASL)
+            case sasl.SaslAuthzidRefused():
+                return [Send(REPLY_AUTHZID_REFUSED)]  # a refused login: not counted
+            case _:
+                assert_never(step)
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
-        # Control characters in a name would reach logs and auth_http headers; no account has them.
+        # Control characters in a name would reach logs and auth_http headers; no account has
+        # them. Refused like a failed login, and like one not counted.
         if not sasl.printable(credentials.username, credentials.password):
-            return self._refuse(REPLY_AUTH_FAILED)
+            return [Send(REPLY_AUTH_FAILED)]
         self._enter(State.AUTHENTICATING)
         request = LoginRequest(
             protocol="submission", routing_key=credentials.username, credentials=credentials, helo=self._helo
@@ -1384,7 +1419,7 @@ class Mediator:
         text = _command_text(line)
         if not text:
             return self._refuse(REPLY_BAD_SYNTAX)
-        verb, _, argument = text.partition(" ")
+        verb, argument = _split_command(text)
         match verb.upper():
             case "RCPT":
                 return self._rcpt_to(line, argument)

@@ -2,6 +2,7 @@
 and the CRD that parse() validates against."""
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, get_args
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from controller import mailroute
 from controller.mailroute import BackendRef, MailRoute, ProtocolSpec, SecretHeader, SpecError
 from proxy import table
+from proxy.protocols import authhttp
 
 ROOT = Path(__file__).parents[2]
 CRD = yaml.safe_load((ROOT / "charts" / "mailgress" / "crds" / "mailroutes.yaml").read_text())
@@ -289,6 +291,59 @@ def test_spec_errors(spec: dict[str, Any], field: str, message: str) -> None:
     full = {"domains": ["alpha.example"], "imap": {"backend": {"service": "dovecot", "port": 143}}}
     full.update(spec)
     assert problem(mailroute.parse(body(**full))) == (field, message)
+
+
+URL_PROBLEMS = {
+    # Review J2: the CRD's pattern takes these, and the proxy refused each at every login.
+    "http://auth.mail.svc:99999/auth": "the auth_http URL's port must be a number from 1 to 65535",
+    "http://auth.mail.svc:/auth": "the auth_http URL's port must be a number from 1 to 65535",
+    "http://[::1/auth": "the auth_http URL has an unterminated IPv6 address",
+    "http://a:b:c/auth": "the auth_http URL has more than one ':' (an IPv6 address goes in brackets)",
+    "http://::1/auth": "the auth_http URL has more than one ':' (an IPv6 address goes in brackets)",
+    "http://[::1]]/auth": "the auth_http URL has more than a port after its IPv6 address",
+    "http://[a.b]/auth": "the auth_http URL's brackets hold no IPv6 address",
+    "http://auth.mail.svc:0/auth": "the auth_http URL's port must be a number from 1 to 65535",
+}
+
+
+@pytest.mark.parametrize(("url", "reason"), URL_PROBLEMS.items(), ids=list(URL_PROBLEMS))
+def test_an_auth_http_url_no_proxy_could_request_is_an_invalid_spec(url: str, reason: str) -> None:
+    result = mailroute.parse(imap_route(auth={"mode": "http", "http": {"url": url}}))
+    assert problem(result) == ("spec.auth.http.url", f'Invalid value: "{url}": {reason}')
+
+
+# The CRD's pattern for spec.auth.http.url, for generating URLs the API server takes (RE2's
+# "$" ends the text; Python's would also match before a final newline).
+URL_PATTERN = re.compile(
+    SPEC_SCHEMA["properties"]["auth"]["properties"]["http"]["properties"]["url"]["pattern"].removesuffix("$")
+    + r"\Z"
+)
+
+
+@settings(derandomize=True, max_examples=500, database=None, deadline=None)
+@given(
+    url=st.one_of(
+        st.from_regex(URL_PATTERN),
+        st.builds(
+            "http://{}{}/auth".format,
+            st.sampled_from(["auth.mail.svc", "127.0.0.1", "[::1]", "[fe80::1]", "::1", "[::1", ""]),
+            st.sampled_from(["", ":", ":0", ":1", ":00143", ":65535", ":65536", ":99999", ":1:2", ":x"]),
+        ),
+    )
+)
+def test_the_controller_accepts_an_auth_http_url_exactly_when_the_proxy_can_request_it(url: str) -> None:
+    result = mailroute.parse(imap_route(auth={"mode": "http", "http": {"url": url}}))
+    try:
+        authhttp.service(table.HttpAuth(url))
+    except authhttp.AuthConfigError:
+        usable = False
+    else:
+        usable = True
+    if usable:
+        assert isinstance(result, MailRoute)
+    else:
+        assert isinstance(result, SpecError)
+        assert result.field == "spec.auth.http.url"
 
 
 def test_the_first_rule_in_schema_order_is_reported() -> None:

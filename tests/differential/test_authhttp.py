@@ -12,8 +12,9 @@ answers garbage, Auth-Error-Code for an MX, and the Auth-SSL headers after START
 
 Where mailgress differs on purpose, the test asserts each side's behaviour and says why:
 - A refusal without Auth-Wait: nginx closes the connection; mailgress keeps it open so the
-  client may retry (its max_errors and failed-login throttle bound guessing), as IMAP, POP3 and
-  SMTP clients expect after a failed login.
+  client may retry (its failed-login throttle bounds guessing; as in nginx, refusals do not
+  count towards max_errors, only invalid commands do), as IMAP, POP3 and SMTP clients expect
+  after a failed login.
 - A failing auth service: nginx answers with its internal error and closes; mailgress answers
   with the protocol's temporary failure (IMAP [UNAVAILABLE] from RFC 5530, POP3 [SYS/TEMP] from
   RFC 3206, SMTP 454 4.7.0 from RFC 4954) and stays open.
@@ -25,6 +26,8 @@ Where mailgress differs on purpose, the test asserts each side's behaviour and s
 Passwords never appear in an assertion's expression: failures cannot print one.
 """
 
+import base64
+import dataclasses
 import hashlib
 import imaplib
 import poplib
@@ -321,6 +324,36 @@ def test_long_envelope_addresses_are_routed_the_same_way(both: Both, backends: B
     assert len(backends.wait_delivered(user.address, 2)) == 2
 
 
+@pytest.mark.parametrize(
+    ("mail", "rcpt"),
+    [
+        ("MAIL  FROM:<{sender}>", "RCPT   TO:<{recipient}>"),
+        ("MAIL FROM: <{sender}>  BODY=8BITMIME", "RCPT  TO: <{recipient}>  "),
+    ],
+    ids=["two-and-three-spaces", "spaces-around-the-path"],
+)
+def test_runs_of_spaces_in_the_envelope_are_routed_the_same_way(
+    both: Both, backends: Backends, new_user: NewUser, mail: str, rcpt: str
+) -> None:
+    """Postfix and nginx take runs of spaces after MAIL and RCPT (review J2: mailgress said 501);
+    Auth-SMTP-From and -To carry the lines as typed."""
+    user = new_user(BETA)
+
+    def script(target: Target) -> list[Seen]:
+        with clients.RawClient(target.ports["mx"]) as raw:
+            raw.line()  # the greetings differ
+            raw.command(f"EHLO {CLIENT_NAME}".encode(), b"250 ")
+            sender_reply = raw.command(mail.format(sender=SENDER).encode(), b"")
+            recipient_reply = raw.command(rcpt.format(recipient=user.address).encode(), b"")
+            raw.command(b"QUIT", b"")
+        # The proxies' own texts for MAIL: the code only; the RCPT reply is Postfix's.
+        return [Seen("mail", _text(sender_reply[:3])), Seen("rcpt", _text(recipient_reply[:3]))]
+
+    nginx, mailgress = both(script)
+    assert mailgress.seen == nginx.seen == [Seen("mail", "250"), Seen("rcpt", "250")]
+    same_requests(nginx, mailgress)
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals
 
@@ -363,6 +396,47 @@ def test_auth_wait_then_a_retry_on_the_same_connection(
     assert "Too fast, wait" in nginx.seen[0].text
     same_requests(nginx, mailgress)
     assert [request.attempt for request in mailgress.requests] == [1, 2]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_refusals_do_not_count_towards_max_errors(
+    both: Both, backends: Backends, new_user: NewUser, answer: Answerer, protocol: str
+) -> None:
+    """Six refusals with Auth-Wait (one more than the default max_errors), then the right
+    password: nginx counts only invalid commands, and so does mailgress."""
+    user = new_user(ALPHA)
+    refusal = authservice.refuse("Invalid login or password", wait=1)
+    answer(authservice.for_backends(backends, failure=refusal))
+    logins = [(user.address, "not-the-password")] * 6 + [(user.address, user.password)]
+    nginx, mailgress = both(login_script(protocol, logins, recipient=user.address))
+    assert mailgress.seen == nginx.seen
+    assert [step.result for step in nginx.seen[:7]] == ["no"] * 6 + ["ok"]
+    same_requests(nginx, mailgress)
+
+
+def test_an_authorization_identity_of_another_user_is_refused(
+    both: Both, backends: Backends, new_user: NewUser, answer: Answerer
+) -> None:
+    me, victim = new_user(ALPHA), new_user(ALPHA)
+    answer(authservice.for_backends(backends))
+    response = base64.b64encode(b"%b\0%b\0%b" % (victim.address.encode(), me.address.encode(), me.octets))
+
+    def script(target: Target) -> list[Seen]:
+        with clients.smtp(target.ports["submission"]) as smtp:
+            smtp.ehlo(CLIENT_NAME)
+            code, text = smtp.docmd("AUTH", "PLAIN " + response.decode())
+            seen = [Seen("login", str(code), _text(text) if code != 235 else "")]
+            if code == 235:
+                seen.append(Seen("mail", str(smtp.mail(victim.address)[0])))
+        return seen
+
+    nginx, mailgress = both(script)
+    # Deliberate difference (proxy.protocols.sasl): nginx drops the authzid and logs in as the
+    # user, whom alone the auth service was asked about; mailgress refuses, the service unasked.
+    assert nginx.seen == [Seen("login", "235"), Seen("mail", "250")]
+    assert [request.header("Auth-User") for request in nginx.requests] == [me.address]
+    assert mailgress.seen == [Seen("login", "535", "5.7.8 Authorization identity must be the user name")]
+    assert mailgress.requests == []
 
 
 def test_an_mx_refusal_carries_auth_error_code(both: Both, answer: Answerer) -> None:
@@ -482,6 +556,40 @@ def test_an_auth_service_that_fails(
     answer(lambda received: reply)
     nginx, mailgress = both(login_script("imap", [(anna.address, anna.password)]))
     expect_temporary_failure("imap", nginx, mailgress)
+    same_requests(nginx, mailgress)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(
+    ("header", "rewrite"),
+    [("Auth-Server", lambda value: "127.000.000.001"), ("Auth-Port", lambda value: "000" + value)],
+    ids=["server-with-leading-zeros", "port-with-leading-zeros"],
+)
+def test_a_grant_with_leading_zeros_logs_in_the_same_way(
+    both: Both,
+    backends: Backends,
+    answer: Answerer,
+    new_user: NewUser,
+    protocol: str,
+    header: str,
+    rewrite: Callable[[str], str],
+) -> None:
+    """ngx_inet_addr and ngx_atoi read decimal with leading zeros (review J2: mailgress answered
+    with its temporary failure)."""
+    user = new_user(ALPHA)
+    testbed_answer = authservice.for_backends(backends)
+
+    def reply(received: authservice.Received) -> authservice.Reply:
+        granted = testbed_answer(received)
+        rewritten = tuple(
+            (name, rewrite(value) if name == header else value) for name, value in granted.headers
+        )
+        return dataclasses.replace(granted, headers=rewritten)
+
+    answer(reply)
+    nginx, mailgress = both(login_script(protocol, [(user.address, user.password)], recipient=user.address))
+    assert mailgress.seen == nginx.seen
+    assert [step.result for step in nginx.seen] == ["ok", "ok"]
     same_requests(nginx, mailgress)
 
 

@@ -674,3 +674,56 @@ def test_a_mutated_table_is_a_table_or_a_table_error(
         assert HEADER_SECRET not in str(error)
     else:  # the mutations changed nothing the version covers
         assert table.from_json(table.to_json(parsed)) == parsed
+
+
+# ---------------------------------------------------------------------------------------------
+# auth_http URLs: the rule the controller and the proxy share
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://127.0.0.1:9000/auth", table.AuthHttpUrl("http", "127.0.0.1", "127.0.0.1", 9000, "/auth")),
+        ("http://auth.mail.svc", table.AuthHttpUrl("http", "auth.mail.svc", "auth.mail.svc", 80, "/")),
+        ("HTTPS://auth:00443/a?b", table.AuthHttpUrl("https", "auth", "auth", 443, "/a?b")),
+        ("http://[::1]:8080/a/b", table.AuthHttpUrl("http", "::1", "[::1]", 8080, "/a/b")),
+        ("http://[::1]", table.AuthHttpUrl("http", "::1", "[::1]", 80, "/")),
+    ],
+)
+def test_auth_http_url_parts(url: str, expected: table.AuthHttpUrl) -> None:
+    assert table.auth_http_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("auth:9000/auth", "must start with http:// or https://"),
+        ("ftp://auth/", "must start with http:// or https://"),
+        ("http://user:pw@auth/", "may not carry user information"),
+        ("http://[::1/", "unterminated IPv6 address"),
+        ("http://[::1]x/", "more than a port after its IPv6 address"),
+        ("http://[fe80::1%eth0]/", "brackets hold no IPv6 address"),
+        ("http://[127.0.0.1]/", "brackets hold no IPv6 address"),
+        ("http://::1/", "more than one ':'"),
+        ("http://a:1:2/", "more than one ':'"),
+        ("http://:80/", "no host"),
+        ("http://au th/", "host must be a name or an IPv4 address"),
+        ("http://aut\u00e9/", "host must be a name or an IPv4 address"),
+        ("http://auth:/", "port must be a number from 1 to 65535"),
+        ("http://auth:65536/", "port must be a number from 1 to 65535"),
+        ("http://auth:+80/", "port must be a number from 1 to 65535"),
+        ("http://auth/a b", "path must be printable ASCII without spaces"),
+    ],
+)
+def test_auth_http_url_refusals_say_why(url: str, reason: str) -> None:
+    with pytest.raises(table.TableError, match=reason.replace("(", r"\(")):
+        table.auth_http_url(url)
+
+
+@pytest.mark.parametrize(
+    ("text", "port"),
+    [("1", 1), ("143", 143), ("000143", 143), ("0" * 5000 + "65535", 65535), ("65535", 65535)]
+    + [(text, None) for text in ("", "0", "000", "65536", "1" * 5000, "+1", " 1", "1 ", "\u0661", "\u00b2")],
+)
+def test_port_number_reads_decimal_as_ngx_atoi(text: str, port: int | None) -> None:
+    assert table.port_number(text) == port

@@ -395,7 +395,8 @@ def drive(
 
 def check_fuzzed_dialogue(batches: Sequence[Sequence[Command]]) -> list[Command]:
     """What must hold for any front-end dialogue: front-end commands only, Authenticate last in
-    its batch (the driver acts on it at once), Relay last, whole lines, no test password.
+    its batch (the driver acts on it at once) and never acting as another identity than its
+    user (sasl refuses such an authzid), Relay last, whole lines, no test password.
 
     Returns the commands of all batches, in order.
     """
@@ -405,6 +406,11 @@ def check_fuzzed_dialogue(batches: Sequence[Sequence[Command]]) -> list[Command]
         not isinstance(command, events.Authenticate) or index == len(batch) - 1
         for batch in batches
         for index, command in enumerate(batch)
+    )
+    assert all(
+        command.request.credentials.authzid in ("", command.request.credentials.username)
+        for command in commands
+        if isinstance(command, events.Authenticate) and command.request.credentials is not None
     )
     relays = [index for index, command in enumerate(commands) if isinstance(command, events.Relay)]
     assert relays == [] or relays == [len(commands) - 1]

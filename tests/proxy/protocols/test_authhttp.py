@@ -165,6 +165,7 @@ def test_credentials_with_line_breaks_cannot_add_headers() -> None:
         ("https://auth.example/check?x=1", "auth.example", 443, b"auth.example", b"/check?x=1", "https"),
         ("HTTP://[::1]:8080/a/b", "::1", 8080, b"[::1]", b"/a/b", "http"),
         ("http://[::1]", "::1", 80, b"[::1]", b"/", "http"),
+        ("http://auth:0080/", "auth", 80, b"auth", b"/", "http"),  # ngx_atoi: leading zeros
     ],
 )
 def test_service_reads_the_url_as_nginx_does(
@@ -193,6 +194,11 @@ def test_service_reads_the_url_as_nginx_does(
         "http://:80/",
         "http://[::1/",
         "http://[::1]x/",
+        "http://[auth]/",
+        "http://::1/",
+        "http://auth:1:2/",
+        "http://auth:99999/",
+        "http://aut\u00e9/",
         "http://auth/a b",
         "http://auth/\u00e9",
     ],
@@ -256,6 +262,25 @@ def test_ok_alone_leaves_server_and_credentials_to_the_route() -> None:
     assert parse(b"HTTP/1.1 204 No Content\r\nAuth-Status: OK\r\n\r\n") == authhttp.Granted()
     # nginx treats empty values as missing ones.
     assert parse(b"Auth-Status: OK\r\nAuth-Server:\r\nAuth-Port: \r\n\r\n") == authhttp.Granted()
+
+
+@pytest.mark.parametrize(
+    ("server", "port", "endpoint"),
+    [
+        # ngx_inet_addr reads each part of a dotted quad as decimal, leading zeros and all, and
+        # ngx_atoi a port (review J2: both were refused as a temporary failure).
+        (b"127.000.000.001", b"143", Endpoint("127.0.0.1", 143)),
+        (b"010.001.0.00255", b"143", Endpoint("10.1.0.255", 143)),
+        (b"127.0.0.1", b"000143", Endpoint("127.0.0.1", 143)),
+        (b"127.0.0.1", b"0" * 200 + b"65535", Endpoint("127.0.0.1", 65535)),
+        (b"::ffff:127.0.0.1", b"143", Endpoint("::ffff:7f00:1", 143)),
+    ],
+)
+def test_addresses_and_ports_with_leading_zeros_as_nginx_reads_them(
+    server: bytes, port: bytes, endpoint: Endpoint
+) -> None:
+    head = b"Auth-Status: OK\r\nAuth-Server: " + server + b"\r\nAuth-Port: " + port + b"\r\n\r\n"
+    assert parse(head) == authhttp.Granted(endpoint)
 
 
 @pytest.mark.parametrize(
@@ -383,6 +408,16 @@ def test_wait_and_refusal_precedence(head: bytes, verdict: authhttp.Verdict) -> 
         b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 0\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 65536\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 14 3\r\n\r\n",
+        # Leading zeros change no value: still 1-65535, each part of a quad still 0-255.
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 0000\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 065536\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.256\r\nAuth-Port: 143\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.0256\r\nAuth-Port: 143\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.1\r\nAuth-Port: 143\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1.2\r\nAuth-Port: 143\r\n\r\n",
+        b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: +143\r\n\r\n",
+        # ngx_inet_addr would read an empty part as 0; no auth service writes one: refused.
+        b"Auth-Status: OK\r\nAuth-Server: 127..0.1\r\nAuth-Port: 143\r\n\r\n",
         b"Auth-Status: OK\r\nAuth-User: \xc3\r\n\r\n",
         # Header names: letters, digits and "-" only, starting with a letter or digit.
         b"Auth_Status: OK\r\n\r\n",

@@ -184,8 +184,18 @@ def test_plain_with_initial_response_completes_at_once() -> None:
 def test_plain_after_its_empty_challenge() -> None:
     exchange = sasl.begin(b"PLAIN", None)
     assert isinstance(exchange, sasl.SaslExchange)
-    step = exchange.respond(b64(b"admin\x00alice\x00" + PASSWORD.encode()))
-    assert step == sasl.Credentials("alice", PASSWORD.encode(), sasl.Mechanism.PLAIN, authzid="admin")
+    step = exchange.respond(b64(b"alice\x00alice\x00" + PASSWORD.encode()))
+    assert step == sasl.Credentials("alice", PASSWORD.encode(), sasl.Mechanism.PLAIN, authzid="alice")
+
+
+@pytest.mark.parametrize("initial", [True, False], ids=["initial-response", "after-challenge"])
+def test_plain_refuses_another_authorization_identity(initial: bool) -> None:
+    """The one check the three front-ends share: acting as another identity is never replayed."""
+    response = b64(b"admin\x00alice\x00" + PASSWORD.encode())
+    exchange = sasl.begin(b"PLAIN", None)
+    assert isinstance(exchange, sasl.SaslExchange)
+    step = sasl.begin(b"PLAIN", response) if initial else exchange.respond(response)
+    assert step == sasl.SaslAuthzidRefused()
 
 
 def test_login_asks_for_the_user_name_then_the_password() -> None:

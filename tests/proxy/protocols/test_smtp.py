@@ -330,7 +330,7 @@ def test_an_over_long_line_is_skipped_to_its_end_however_it_arrives(sizes: list[
 
 
 def test_sasl_line_of_the_largest_plain_response_is_accepted() -> None:
-    credentials = sasl.Credentials("u" * 255, b"p" * 255, sasl.Mechanism.PLAIN, authzid="z" * 255)
+    credentials = sasl.Credentials("u" * 255, b"p" * 255, sasl.Mechanism.PLAIN, authzid="u" * 255)
     response = sasl.plain_response(credentials)
     assert len(response) == smtp.MAX_SASL_LINE == 1024
     frontend = started()
@@ -1152,6 +1152,19 @@ def test_a_recipient_of_another_route_is_deferred_and_the_transaction_goes_on() 
         to_client(backend_says(machine, b"250 2.0.0 Ok: queued as 1\r\n")) == b"250 2.0.0 Ok: queued as 1\r\n"
     )
     assert machine.deferred == 1 and machine.quiet
+
+
+def test_mediated_commands_take_runs_of_spaces_after_the_verb() -> None:
+    """As before the first recipient (and as Postfix): the line goes to the backend as typed."""
+    machine = mediator()
+    for command, reply in [
+        (b"RSET  ", b"250 2.0.0 Ok"),
+        (b"MAIL  FROM:<s@example.net>", b"250 2.1.0 Ok"),
+        (b"RCPT   TO:<x@alpha.example>", b"250 2.1.5 Ok"),
+    ]:
+        assert to_backend(client_says(machine, command + b"\r\n")) == command + b"\r\n"
+        assert to_client(backend_says(machine, reply + b"\r\n")) == reply + b"\r\n"
+    assert client_says(machine, b"RCPT  TO:<y@beta.example>\r\n") == [Send(smtp.REPLY_OTHER_ROUTE)]
 
 
 def test_every_later_transaction_defers_other_routes_too() -> None:
