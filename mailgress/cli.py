@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import uvloop
+from aiohttp.http_exceptions import HttpProcessingError
 
 from controller import operator
 from mailgress import standalone
@@ -63,6 +64,28 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    _quiet_malformed_requests()
+
+
+def _quiet_malformed_requests() -> None:
+    """For the admin port (proxy) and the push port (controller), both served by aiohttp."""
+    logging.getLogger("aiohttp.server").addFilter(_malformed_requests_at_debug)
+
+
+def _malformed_requests_at_debug(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request it cannot parse (a negative Content-Length, an over-long URL or
+    header, a bad chunk) at ERROR with its traceback, ten lines for a 400 it has already answered;
+    the admin and push ports are reachable from other pods, so anyone could fill the log that way.
+    Such a record becomes one DEBUG line, kept only when debug logging is on; a handler's own
+    failure (a 500) stays an ERROR with its traceback."""
+    error = record.exc_info[1] if record.exc_info else None
+    if not isinstance(error, HttpProcessingError):
+        return True
+    # Changed in place: Python 3.11's filters cannot hand back a replacement record.
+    record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+    record.msg, record.args = "malformed HTTP request answered with %s: %s", (error.code, error.message)
+    record.exc_info, record.exc_text = None, None
+    return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 def _run_proxy(arguments: argparse.Namespace) -> int:
@@ -172,6 +195,7 @@ def push_certificates(cert: Path, key: Path) -> certificates.CertificateStore:
 
 def _run_controller(arguments: argparse.Namespace) -> int:
     _raise_descriptor_limit()
+    _quiet_malformed_requests()
     return operator.command(arguments, certificates=push_certificates, guards=connections.Guard)
 
 

@@ -1,7 +1,9 @@
 """The ``mailgress`` console script: ``routes check``, the proxy's start-up errors and the
 controller's push channel certificates and connection guard (wired in here, from the proxy)."""
 
+import asyncio
 import json
+import logging
 import resource
 import socket
 import subprocess
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from controller import operator
+from controller import operator, publisher
 from mailgress import cli
 from proxy.server import certificates, connections
 from testbed import mailservers, tlscerts
@@ -370,3 +372,43 @@ def test_the_descriptor_limit_is_raised_to_the_hard_limit(caplog: pytest.LogCapt
         assert "open descriptors limited to" in caplog.text
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["negative-content-length", "long-url", "bad-chunk"],
+)
+async def test_a_malformed_request_to_the_push_port_is_one_debug_line(
+    request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review J7: each one logged an ERROR with a ten-line traceback (aiohttp's), so anyone who
+    reaches the admin or push port could fill the log."""
+    cli._quiet_malformed_requests()
+    channel = publisher.Publisher(token="push-token", certificates=None, guards=connections.Guard)
+    await channel.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", channel.port)
+        writer.write(request_bytes)
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.0 400")
+        writer.close()
+    finally:
+        await channel.stop()
+    server = [record for record in caplog.records if record.name == "aiohttp.server"]
+    assert not [record for record in server if record.levelno > logging.DEBUG]
+    assert not any(record.exc_info for record in server)
+
+
+def test_a_failing_handler_stays_an_error_with_its_traceback() -> None:
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        record = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (), sys.exc_info()
+        )
+    assert cli._malformed_requests_at_debug(record) is True
+    assert record.levelno == logging.ERROR and record.exc_info is not None
