@@ -122,15 +122,21 @@ def _text(raw: bytes, what: str) -> str:
 
 def printable(*values: str | bytes) -> bool:
     """True if none of ``values`` (user names as text, passwords as octets) holds a control
-    character.
+    character, and every user name is printable text.
 
     The front-ends refuse credentials that fail this: a CR or LF in a user name would split
     the session's log line (a forged entry) or a replayed USER/PASS line, a NUL ends a C string
-    in the backend, and no real account name or password carries any of them. Octets from
-    0x80 up pass: in a password they are Latin-1 or UTF-8, not controls.
+    in the backend, and no real account name or password carries any of them. A user name must
+    also be printable as Unicode defines it (``str.isprintable``): no C1 control (U+009B is the
+    8-bit form of a terminal's ESC [), no line or paragraph separator (U+0085, U+2028: line ends
+    to a log reader), no bidirectional override or other format character that would make the
+    log line read otherwise than it is. Octets from 0x80 up pass in a password: they are
+    Latin-1 or UTF-8 text there, and a password is never logged.
     """
-    return not any(
-        _CONTROL_CHARACTERS.intersection(value if isinstance(value, str) else value.decode(_OCTETS))
+    return all(
+        value.isprintable()
+        if isinstance(value, str)
+        else not _CONTROL_CHARACTERS.intersection(value.decode(_OCTETS))
         for value in values
     )
 

@@ -205,9 +205,11 @@ def _as_field(value: str) -> str:
     """A client's word as one field of the session line: as it is when it is one plain token,
     else a JSON string, so a user name holding spaces or ``key=value`` cannot pass for more
     fields (control characters never get this far: the machines refuse them)."""
-    if _PLAIN_FIELD.fullmatch(value):
+    if value.isprintable() and _PLAIN_FIELD.fullmatch(value):
         return value
-    return json.dumps(value, ensure_ascii=False)
+    # Anything the machines let through that is not printable (they refuse it: sasl.printable)
+    # is escaped, so no line separator or terminal control ever reaches the log as itself.
+    return json.dumps(value, ensure_ascii=not value.isprintable())
 
 
 # One regular expression rather than a test per character: it runs for every session's line.

@@ -281,6 +281,18 @@ def test_control_characters_are_not_printable(char: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "char",
+    ["\u0085", "\u009b", "\u2028", "\u2029", "\u202e", "\u200f"],
+    ids=lambda char: f"U+{ord(char):04X}",
+)
+def test_a_user_name_must_be_printable_text(char: str) -> None:
+    """Review J7: C1 controls (U+009B: the 8-bit ESC [), line and paragraph separators and
+    bidirectional marks passed, and forged session lines (a log reader splits at U+2028)."""
+    assert not sasl.printable(f"ali{char}ce")
+    assert sasl.printable("alice", f"se{char}cret".encode())  # a password's octets are its own
+
+
+@pytest.mark.parametrize(
     "texts",
     [
         (),

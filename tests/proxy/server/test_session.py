@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from proxy.protocols import proxyheader
-from proxy.server import backends
+from proxy.server import backends, session
 from proxy.table import Endpoint
 from tests.proxy.server.conftest import (
     PASSWORD,
@@ -162,6 +162,29 @@ async def test_a_user_name_cannot_pass_for_more_fields_of_the_session_line(
         writer.close()
         [line] = await session_lines(caplog)
     assert 'user="x route=mail/alpha outcome=ok" route=- ' in line
+
+
+async def test_a_user_name_with_a_line_separator_is_refused_and_never_logged_as_one(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review J7: a LOGIN name holding U+2028 forged a whole session line for a log reader."""
+    caplog.set_level(logging.INFO)
+    forged = "x\u2028session protocol=imap user=ceo@alpha.example outcome=forged"
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        reader, writer = await imap_client(proxy.port)
+        name = forged.encode()
+        writer.write(b"a1 LOGIN {%d+}\r\n%s " % (len(name), name) + f'"{PASSWORD}"\r\n'.encode())
+        assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(b"a1 NO")
+        writer.close()
+        await session_lines(caplog)
+    assert "\u2028" not in caplog.text and len(caplog.text.splitlines()) == len(caplog.records)
+
+
+def test_a_field_that_is_not_printable_is_escaped() -> None:
+    assert session._as_field("a\u2028b") == '"a\\u2028b"'
+    assert session._as_field("\u00e9l\u00e8ve@example.org") == "\u00e9l\u00e8ve@example.org"
+    assert session._as_field("\u00e9 l") == '"\u00e9 l"'
 
 
 async def test_a_bug_ends_only_its_own_session_and_is_logged(
