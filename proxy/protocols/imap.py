@@ -45,9 +45,9 @@ through), and a client's byte must not turn into a backend failure. The LOGIN's 
 and the untagged lines before it reach the client line by line (a backend's bare LF line ends
 come out as CRLF), the tagged one with the client's tag in place of ours and the rest of it
 verbatim; the bytes after a success reply pass untouched. Where nginx gives up on any
-unexpected reply, we tell a refusal of the credentials (``LoginFailed``) from a backend at
-fault (``BackendFailed``: [UNAVAILABLE], [SERVERBUG], BYE, garbage), which the driver may retry
-elsewhere.
+unexpected reply, we tell a refusal (``LoginFailed``; of the credentials only without a
+response code or with [AUTHENTICATIONFAILED]) from a backend at fault (``BackendFailed``:
+[UNAVAILABLE], [SERVERBUG], BYE, garbage), which the driver may retry elsewhere.
 
 With ``BackendConfig.starttls`` no credential goes out before TLS. The greeting's CAPABILITY
 code (or, without one, our ``CAPABILITY``) must list STARTTLS; we send ``STARTTLS`` and, on its
@@ -704,6 +704,10 @@ _BACKEND_READING = frozenset(
 _RESPONSE = re.compile(rb"(?P<status>[A-Za-z]+)(?: \[(?P<code>[A-Za-z0-9.-]+)(?P<data>[^\]]*)\])?")
 # Refusals that say the backend, not the credentials, is at fault (RFC 5530): try elsewhere.
 _BACKEND_FAULT_CODES = frozenset({b"UNAVAILABLE", b"SERVERBUG"})
+# The response codes of a tagged NO that refuses the credentials themselves: none, or RFC 5530's
+# AUTHENTICATIONFAILED. Any other code ([LIMIT], [INUSE], [EXPIRED], [CONTACTADMIN],
+# [AUTHORIZATIONFAILED], [PRIVACYREQUIRED] ...) and a BAD refuse the login for another reason.
+_CREDENTIALS_REFUSED = frozenset({b"", b"AUTHENTICATIONFAILED"})
 _NO_STARTTLS = "backend does not offer STARTTLS"
 # Our tags towards the backend, one per kind of command; the CAPABILITY asked again after TLS
 # reuses its tag, as nothing is pending then. Only nginx's tag characters [A-Za-z0-9._-], so
@@ -904,13 +908,16 @@ class BackendLogin:
         code = (response["code"] or b"").upper()
         # The client hears its own tag; the backend's status, code and text follow verbatim.
         retagged = self._client_tag + line[len(_LOGIN_TAG) :] + CRLF
+        # The untagged lines before it reach the client either way: an [ALERT] among them must
+        # be presented to the user (RFC 3501 section 7.1), a refusal's above all.
+        reply = b"".join(self._untagged) + retagged
         if status == b"OK":
             self.state = BackendState.LOGGED_IN
             # What followed the OK is the backend's first output for the client: untouched.
-            return [LoginSucceeded(b"".join(self._untagged) + retagged, self._buffer.take_all())]
+            return [LoginSucceeded(reply, self._buffer.take_all())]
         if status in (b"NO", b"BAD") and code not in _BACKEND_FAULT_CODES:
             self.state = BackendState.FAILED
-            return [LoginFailed(retagged)]
+            return [LoginFailed(reply, credentials=status == b"NO" and code in _CREDENTIALS_REFUSED)]
         return self._fail(f"backend answered LOGIN with {status.decode()} [{code.decode()}]")
 
     def _id_reply(self, line: bytes) -> list[Command]:
