@@ -94,7 +94,8 @@ def create(registry: CollectorRegistry) -> ProxyMetrics:
         ),
         logins=Counter(
             f"{PREFIX}_logins",
-            "Login attempts by outcome (accepted, rejected, unavailable, no_route, throttled).",
+            "Login attempts by outcome (accepted, rejected: the credentials refused, refused: the login "
+            "refused for another reason, unavailable, no_route, throttled).",
             ["protocol", "outcome"],
             registry=registry,
         ),

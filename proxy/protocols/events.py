@@ -196,10 +196,18 @@ class LoginSucceeded:
 
 @dataclass(frozen=True, slots=True)
 class LoginFailed:
-    """Backend-login verdict: the backend refused these credentials; ``reply`` is its refusal
-    rewritten for the client (IMAP: with the client's tag)."""
+    """Backend-login verdict: the backend refused the login; ``reply`` is its refusal rewritten
+    for the client (IMAP: with the client's tag, after the untagged lines that came before it).
+
+    ``credentials`` says whether the refusal is about the credentials (a wrong name or password:
+    IMAP ``NO`` without a response code or with [AUTHENTICATIONFAILED], POP3 ``-ERR`` without a
+    code or with [AUTH], SMTP 535). Any other refusal ([LIMIT], [IN-USE], an expired account
+    ...) is final for this login but says nothing about the password, so the driver must not
+    count it as a guess towards the failed-login lockout.
+    """
 
     reply: bytes
+    credentials: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,9 +45,9 @@ through), and a client's byte must not turn into a backend failure. The LOGIN's 
 and the untagged lines before it reach the client line by line (a backend's bare LF line ends
 come out as CRLF), the tagged one with the client's tag in place of ours and the rest of it
 verbatim; the bytes after a success reply pass untouched. Where nginx gives up on any
-unexpected reply, we tell a refusal of the credentials (``LoginFailed``) from a backend at
-fault (``BackendFailed``: [UNAVAILABLE], [SERVERBUG], BYE, garbage), which the driver may retry
-elsewhere.
+unexpected reply, we tell a refusal (``LoginFailed``; of the credentials only without a
+response code or with [AUTHENTICATIONFAILED]) from a backend at fault (``BackendFailed``:
+[UNAVAILABLE], [SERVERBUG], BYE, garbage), which the driver may retry elsewhere.
 
 With ``BackendConfig.starttls`` no credential goes out before TLS. The greeting's CAPABILITY
 code (or, without one, our ``CAPABILITY``) must list STARTTLS; we send ``STARTTLS`` and, on its
@@ -136,6 +136,11 @@ _ATOM_SPECIALS = frozenset(b'(){ %*"\\]')
 _ATOM_CHARS = frozenset(byte for byte in range(0x21, 0x7F) if byte not in _ATOM_SPECIALS)
 _ASTRING_CHARS = _ATOM_CHARS | {ord("]")}
 _TAG_CHARS = _ASTRING_CHARS - {ord("+")}
+# LOGIN's atoms also take the list-wildcards, which only matter to LIST: Dovecot and nginx log
+# in with a password such as pa*ss%1 sent bare. What Dovecot refuses in an atom ("(", ")", "{",
+# DQUOTE, CTL, 8-bit octets) stays refused.
+_LOGIN_ATOM_CHARS = _ASTRING_CHARS | frozenset(b"%*")
+_SPACE = frozenset(b" ")
 # Octets that may stand for themselves in a quoted string: TEXT-CHAR minus quoted-specials,
 # plus 8-bit octets (RFC 9051 UTF-8). A user name is checked as UTF-8 when it is decoded; a
 # password stays octets, so Latin-1 in a quoted string passes as nginx and Dovecot let it.
@@ -188,6 +193,9 @@ class _Parser:
         if not tag or len(tag) > MAX_TAG or self._peek() not in (ord(" "), None):
             raise _SyntaxError("Invalid tag")
         self.tag = tag
+        # Spaces as Dovecot takes them (RFC 3501 wants exactly one): one after the tag and
+        # around AUTHENTICATE's mechanism, runs of them between LOGIN's and ID's arguments, and
+        # any number at the end of every command.
         self._space()
         self.name = self._atom("command name").upper().decode()
         arguments: tuple[bytes, ...] = ()
@@ -195,22 +203,23 @@ class _Parser:
             case "CAPABILITY" | "NOOP" | "LOGOUT" | "STARTTLS":
                 pass
             case "LOGIN":
-                self._space()
+                self._spaces()
                 user = self._astring()
-                self._space()
+                self._spaces()
                 arguments = (user, self._astring())
             case "AUTHENTICATE":
                 self._space()
                 arguments = (self._atom("mechanism").upper(),)
-                if self._peek() == ord(" "):
+                if self._peek() == ord(" ") and not self._only_spaces_left():
                     self._space()
                     # RFC 4959: the initial response is base64 or "="; both are atoms.
                     arguments += (self._atom("initial response"),)
             case "ID":
-                self._space()
+                self._spaces()
                 self._id_parameters()
             case _:
                 raise _SyntaxError("Command unknown or not allowed before login")
+        self._take(_SPACE)
         if self._pos != len(self._segments[self._index]):
             raise _SyntaxError("Unexpected characters after the command")
         return _Command(tag, self.name, arguments)
@@ -236,6 +245,14 @@ class _Parser:
     def _space(self) -> None:
         self._expect(b" ", "a single space between arguments")
 
+    def _spaces(self) -> None:
+        if not self._take(_SPACE):
+            raise _SyntaxError("Expected a space between arguments")
+
+    def _only_spaces_left(self) -> bool:
+        """Whether the rest of the current segment is spaces (or nothing)."""
+        return not self._segments[self._index][self._pos :].strip(b" ")
+
     def _atom(self, what: str) -> bytes:
         atom = self._take(_ATOM_CHARS)
         if not atom:
@@ -245,9 +262,10 @@ class _Parser:
     # -- strings -------------------------------------------------------------------------------
 
     def _astring(self) -> bytes:
+        """LOGIN's arguments (no other command here takes an astring)."""
         if self._peek() in (ord('"'), ord("{")):
             return self._string()
-        atom = self._take(_ASTRING_CHARS)
+        atom = self._take(_LOGIN_ATOM_CHARS)
         if not atom:
             raise _SyntaxError("Expected an atom, a quoted string or a literal")
         return atom
@@ -317,16 +335,17 @@ class _Parser:
                 raise _SyntaxError("ID takes a parenthesized list or NIL")
             return
         self._pos += 1
+        self._take(_SPACE)  # Dovecot takes spaces inside the parentheses too
         pairs = 0
         while self._peek() != ord(")"):
-            if pairs:
-                self._space()
             pairs += 1
             name = self._string()
-            self._space()
+            self._spaces()
             value = self._nstring()
             if pairs > MAX_ID_PAIRS or len(name) > MAX_ID_FIELD or len(value or b"") > MAX_ID_VALUE:
                 raise _SyntaxError("ID parameters exceed the limits of RFC 2971")
+            if not self._take(_SPACE) and self._peek() != ord(")"):
+                raise _SyntaxError("Expected a space between arguments")
         self._pos += 1
 
 
@@ -705,6 +724,10 @@ _BACKEND_READING = frozenset(
 _RESPONSE = re.compile(rb"(?P<status>[A-Za-z]+)(?: \[(?P<code>[A-Za-z0-9.-]+)(?P<data>[^\]]*)\])?")
 # Refusals that say the backend, not the credentials, is at fault (RFC 5530): try elsewhere.
 _BACKEND_FAULT_CODES = frozenset({b"UNAVAILABLE", b"SERVERBUG"})
+# The response codes of a tagged NO that refuses the credentials themselves: none, or RFC 5530's
+# AUTHENTICATIONFAILED. Any other code ([LIMIT], [INUSE], [EXPIRED], [CONTACTADMIN],
+# [AUTHORIZATIONFAILED], [PRIVACYREQUIRED] ...) and a BAD refuse the login for another reason.
+_CREDENTIALS_REFUSED = frozenset({b"", b"AUTHENTICATIONFAILED"})
 _NO_STARTTLS = "backend does not offer STARTTLS"
 # Our tags towards the backend, one per kind of command; the CAPABILITY asked again after TLS
 # reuses its tag, as nothing is pending then. Only nginx's tag characters [A-Za-z0-9._-], so
@@ -905,13 +928,16 @@ class BackendLogin:
         code = (response["code"] or b"").upper()
         # The client hears its own tag; the backend's status, code and text follow verbatim.
         retagged = self._client_tag + line[len(_LOGIN_TAG) :] + CRLF
+        # The untagged lines before it reach the client either way: an [ALERT] among them must
+        # be presented to the user (RFC 3501 section 7.1), a refusal's above all.
+        reply = b"".join(self._untagged) + retagged
         if status == b"OK":
             self.state = BackendState.LOGGED_IN
             # What followed the OK is the backend's first output for the client: untouched.
-            return [LoginSucceeded(b"".join(self._untagged) + retagged, self._buffer.take_all())]
+            return [LoginSucceeded(reply, self._buffer.take_all())]
         if status in (b"NO", b"BAD") and code not in _BACKEND_FAULT_CODES:
             self.state = BackendState.FAILED
-            return [LoginFailed(retagged)]
+            return [LoginFailed(reply, credentials=status == b"NO" and code in _CREDENTIALS_REFUSED)]
         return self._fail(f"backend answered LOGIN with {status.decode()} [{code.decode()}]")
 
     def _id_reply(self, line: bytes) -> list[Command]:

@@ -424,11 +424,27 @@ class BackendState(Enum):
 # Dovecot's pop3-login puts this code first in its greeting for trusted peers.
 XCLIENT_GREETING = b"+OK [XCLIENT]"
 # A -ERR with this code is the backend's own trouble (RFC 3206 section 4): another endpoint
-# may do better. Any other -ERR after USER or PASS is the verdict on these credentials; that
-# includes [IN-USE] (RFC 2449 section 8.1.2: the maildrop is locked by another session, which
-# another endpoint of the same storage cannot help with, and the client should see why).
+# may do better. Any other -ERR after USER or PASS is the verdict on this login; that includes
+# [IN-USE] (RFC 2449 section 8.1.2: the maildrop is locked by another session, which another
+# endpoint of the same storage cannot help with, and the client should see why).
 TEMPORARY_FAILURE = b"-ERR [SYS/TEMP]"
+# Of those verdicts, only a -ERR without a response code or with [AUTH] (RFC 3206 section 4)
+# refuses the credentials themselves; [IN-USE], [LOGIN-DELAY] (RFC 2449 section 8.1) and
+# [SYS/PERM] refuse the login for another reason. A code is "[" 1*level ("/" level) "]" and
+# its first level decides (RFC 2449 section 8).
+_ERR_CODE = b"-ERR ["
+_AUTH_CODE_LEVEL = b"AUTH"
 _NO_STARTTLS = "backend does not offer STARTTLS"
+
+
+def _refuses_credentials(refusal: bytes) -> bool:
+    """Whether a -ERR to USER or PASS says the name or password is wrong (see _AUTH_CODE_LEVEL)."""
+    if not refusal.startswith(_ERR_CODE):
+        return True
+    code, bracket, _ = refusal[len(_ERR_CODE) :].partition(b"]")
+    if not bracket:
+        return True  # an opening bracket in the text, not a response code
+    return code.split(b"/", 1)[0].upper() == _AUTH_CODE_LEVEL
 
 
 def _positive(line: bytes) -> bool | None:
@@ -541,7 +557,7 @@ class BackendLogin:
                 return self._fail("backend reported a temporary failure ([SYS/TEMP])")
             case _:
                 self._state = BackendState.DONE
-                return [LoginFailed(reply=line + CRLF)]
+                return [LoginFailed(reply=line + CRLF, credentials=_refuses_credentials(line))]
 
     def _introduce(self) -> list[Command]:
         """After the greeting (and TLS): XCLIENT if the greeting offered it, else the login."""
@@ -570,7 +586,7 @@ class BackendLogin:
         # a command of the client's choosing; no account has such a name.
         if not sasl.printable(credentials.username, credentials.password):
             self._state = BackendState.DONE
-            return [LoginFailed(reply=REPLY_AUTH_FAILED)]
+            return [LoginFailed(reply=REPLY_AUTH_FAILED, credentials=True)]
         self._state = BackendState.USER
         return [Send(b"USER " + credentials.username.encode() + CRLF)]
 

@@ -795,6 +795,10 @@ class BackendState(Enum):
 
 
 _NO_STARTTLS = "backend does not offer STARTTLS"
+# The one AUTH refusal that says the credentials are wrong (RFC 4954 section 6: 535 5.7.8
+# Authentication credentials invalid). Other permanent refusals (534 mechanism too weak, 538
+# encryption required, 554 ...) refuse the login for another reason.
+AUTH_CREDENTIALS_INVALID = 535
 
 
 def xtext(value: str) -> str:
@@ -1009,7 +1013,7 @@ class BackendLogin:
                 return [Send(self._request.envelope[1] + CRLF)]
             case BackendState.MAIL if code >= 500:
                 # The sender refused for good: the client hears it as the answer to its RCPT.
-                return self._verdict(LoginFailed(reply=reply))
+                return self._verdict(LoginFailed(reply=reply, credentials=False))
             case BackendState.RCPT:
                 return self._verdict(LoginSucceeded(reply=reply, buffered=self._replies.take_all()))
             case _:
@@ -1056,7 +1060,7 @@ class BackendLogin:
         if code == 235:
             return self._verdict(LoginSucceeded(reply=reply, buffered=self._replies.take_all()))
         if code >= 500:
-            return self._verdict(LoginFailed(reply=reply))
+            return self._verdict(LoginFailed(reply=reply, credentials=code == AUTH_CREDENTIALS_INVALID))
         # 4xx (454 4.7.0 temporary authentication failure) or nonsense: another endpoint may do.
         return self._fail(f"backend answered {code} to AUTH")
 

@@ -5,9 +5,11 @@ login up in the current table, orders the endpoints by the route's balance polic
 with a timeout, and drives the protocol's ``BackendLogin`` machine over the socket. An endpoint
 that refuses, times out or breaks the dialogue is skipped for the next one; when none is left
 the client gets the temporary failure, as does every login before the first table is installed.
-A refused password is final (the backend's verdict). A route with auth mode ``http`` asks its
-auth_http service first (``authhttp``): its refusal is final, and its grant may name the backend
-and the credentials to log in with.
+A refusal is final (the backend's verdict): outcome ``rejected`` when it refused the
+credentials, ``refused`` when it refused the login for another reason (a connection limit, an
+account in use or disabled), which the failed-login throttle must not count. A route with auth
+mode ``http`` asks its auth_http service first (``authhttp``): its refusal is final, and its
+grant may name the backend and the credentials to log in with.
 Never logs a credential: only the user name, route and endpoint.
 """
 
@@ -41,7 +43,8 @@ BACKEND_LOGINS: dict[
     "smtp": smtp.BackendLogin,
 }
 
-Outcome = Literal["accepted", "rejected", "unavailable", "no_route"]
+# The logins metric's outcome label (with the session's "throttled"): a fixed small set.
+Outcome = Literal["accepted", "rejected", "refused", "unavailable", "no_route"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,9 +246,10 @@ async def login(
                 return LoginOutcome(
                     events.LoginAccepted(reply), "accepted", route.name, endpoint, channel, buffered
                 )
-            case events.LoginFailed(reply=reply):
+            case events.LoginFailed(reply=reply, credentials=wrong):
                 channel.close()
-                return LoginOutcome(events.LoginRejected(reply), "rejected", route.name, endpoint)
+                outcome: Outcome = "rejected" if wrong else "refused"
+                return LoginOutcome(events.LoginRejected(reply), outcome, route.name, endpoint)
             case events.BackendFailed(reason=reason):
                 channel.close()
                 log.warning("backend %s of %s failed the login dialogue: %s", endpoint, route.name, reason)

@@ -489,7 +489,11 @@ async def _authenticate(
     record.outcome = f"login {login.outcome}"
     if guarded and login.outcome == "accepted":
         throttle.succeeded(request.routing_key)
-    elif guarded and login.outcome in ("rejected", "no_route"):  # no_route too: no hint who exists
+    elif guarded and login.outcome in ("rejected", "no_route"):
+        # Only a refusal of the credentials is a guess (no_route too: no hint who exists); a
+        # login the backend "refused" for another reason (a connection limit, an account in
+        # use) may have had the right password, and counting it would lock out the user's every
+        # device.
         penalty = throttle.failed(peer.host, request.routing_key, clock())
         for scope in penalty.locked:
             locked = limits.client_key(peer.host) if scope == "ip" else limits.user_key(request.routing_key)

@@ -80,10 +80,9 @@ def test_line_of_exactly_the_limit_is_accepted() -> None:
     frontend = started()
     line = b"a NOOP" + b" " * (imap.MAX_COMMAND_LINE - 6)
     assert len(line) == imap.MAX_COMMAND_LINE
-    # The padding is bad syntax, but the line is read and answered, not refused as too long.
-    assert frontend.handle(DataReceived(line + b"\r\n")) == [
-        Send(b"a BAD Unexpected characters after the command\r\n")
-    ]
+    # Trailing spaces are taken (as Dovecot does): the line is read and answered, not refused as
+    # too long.
+    assert frontend.handle(DataReceived(line + b"\r\n")) == [Send(b"a OK NOOP completed\r\n")]
 
 
 def test_command_line_limit_counts_every_segment_of_a_command() -> None:
@@ -295,13 +294,28 @@ def test_backend_login_sends_no_id_unless_asked_with_an_address(config: BackendC
 
 
 @pytest.mark.parametrize(
-    "reply",
-    [b"NO [AUTHENTICATIONFAILED] Authentication failed.", b"BAD Error in IMAP command", b"no nope"],
+    ("reply", "credentials"),
+    [
+        (b"NO [AUTHENTICATIONFAILED] Authentication failed.", True),
+        (b"no nope", True),
+        (b"NO [authenticationfailed] lower case", True),
+        # RFC 5530 codes that refuse the login for another reason than the credentials: final,
+        # but no guess (Dovecot's [LIMIT] comes only after a correct password).
+        (b"NO [LIMIT] Maximum number of connections from user+IP exceeded", False),
+        (b"NO [INUSE] Mailbox in use", False),
+        (b"NO [EXPIRED] Password expired", False),
+        (b"NO [CONTACTADMIN] Account disabled", False),
+        (b"NO [AUTHORIZATIONFAILED] Not authorized", False),
+        (b"NO [PRIVACYREQUIRED] Use TLS", False),
+        (b"NO [ALERT] Log in through the web site first", False),
+        (b"BAD Error in IMAP command", False),
+        (b"BAD [AUTHENTICATIONFAILED] A BAD is never about the password", False),
+    ],
 )
-def test_backend_refusal_goes_to_the_client_with_the_client_tag(reply: bytes) -> None:
+def test_backend_refusal_goes_to_the_client_with_the_client_tag(reply: bytes, credentials: bool) -> None:
     login = backend_login()
     feed(login, b"* OK [CAPABILITY LITERAL+] ready")
-    assert feed(login, b"mg-login " + reply) == [LoginFailed(b"a1 " + reply + b"\r\n")]
+    assert feed(login, b"mg-login " + reply) == [LoginFailed(b"a1 " + reply + b"\r\n", credentials)]
     assert login.state is imap.BackendState.FAILED
 
 
@@ -309,8 +323,19 @@ def test_backend_refusing_the_first_literal_is_a_refusal() -> None:
     login = backend_login()
     feed(login, b"* OK ready")
     assert feed(login, b"mg-login NO [CONTACTADMIN] Account disabled") == [
-        LoginFailed(b"a1 NO [CONTACTADMIN] Account disabled\r\n")
+        LoginFailed(b"a1 NO [CONTACTADMIN] Account disabled\r\n", credentials=False)
     ]
+
+
+def test_untagged_lines_before_a_refusal_reach_the_client_before_it() -> None:
+    """RFC 3501 section 7.1: an [ALERT] must be presented to the user, a refusal's above all."""
+    login = backend_login()
+    feed(login, b"* OK [CAPABILITY LITERAL+] ready")
+    # A bare LF line end comes out as CRLF, as on the success path.
+    untagged = b"* OK [ALERT] Your account expires tomorrow\n* NO [ALERT] Really\r\n"
+    (verdict,) = login.handle(DataReceived(untagged + b"mg-login NO Bad password\r\n"))
+    reply = b"* OK [ALERT] Your account expires tomorrow\r\n* NO [ALERT] Really\r\na1 NO Bad password\r\n"
+    assert verdict == LoginFailed(reply, credentials=True)
 
 
 @pytest.mark.parametrize(
@@ -447,7 +472,7 @@ def test_any_valid_tag_is_refused_with_the_client_tag_on_no(tag: bytes) -> None:
     assert dialogues.sent(commands) == b"mg-login LOGIN {5}\r\nalice {5}\r\nwrong\r\n"
     refusal = b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
     (verdict,) = login.handle(DataReceived(b"mg-login" + refusal))
-    assert verdict == LoginFailed(tag + refusal)
+    assert verdict == LoginFailed(tag + refusal, credentials=True)
     assert frontend.handle(LoginRejected(verdict.reply)) == [
         Send(tag + refusal),
         Send(b"c8 OK NOOP completed\r\n"),

@@ -231,24 +231,34 @@ def test_backend_login_sends_no_xclient_unless_asked_offered_and_possible(
 
 
 @pytest.mark.parametrize(
-    "refusal",
+    ("refusal", "credentials"),
     [
-        b"-ERR [AUTH] Authentication failed.",
-        b"-ERR [IN-USE] Mailbox is locked.",  # the client should see why; another endpoint will not help
-        b"-ERR [SYS/PERM] Account disabled.",
-        b"-ERR",
+        (b"-ERR [AUTH] Authentication failed.", True),
+        (b"-ERR [auth/unknown-user] Bad password.", True),  # a sub-code of AUTH (RFC 2449 section 8)
+        (b"-ERR Authentication failed.", True),
+        (b"-ERR", True),
+        (b"-ERR [no closing bracket", True),
+        # The client should see why; another endpoint will not help; none of them is a guess.
+        (b"-ERR [IN-USE] Mailbox is locked.", False),
+        (b"-ERR [SYS/PERM] Account disabled.", False),
+        (b"-ERR [LOGIN-DELAY] Wait 300 seconds between logins.", False),
+        (b"-ERR [AUTHX] Not the AUTH code.", False),
     ],
 )
-def test_backend_refusal_after_pass_goes_to_the_client(refusal: bytes) -> None:
+def test_backend_refusal_after_pass_goes_to_the_client(refusal: bytes, credentials: bool) -> None:
     login = backend_login()
     feed(login, b"+OK hi", b"+OK")
-    assert feed(login, refusal) == [LoginFailed(reply=refusal + b"\r\n")]
+    assert feed(login, refusal) == [LoginFailed(reply=refusal + b"\r\n", credentials=credentials)]
 
 
-def test_backend_refusing_user_is_a_refusal() -> None:
+@pytest.mark.parametrize(
+    ("refusal", "credentials"),
+    [(b"-ERR [AUTH] Unknown user.", True), (b"-ERR [IN-USE] Maildrop busy.", False)],
+)
+def test_backend_refusing_user_is_a_refusal(refusal: bytes, credentials: bool) -> None:
     login = backend_login()
     feed(login, b"+OK hi")
-    assert feed(login, b"-ERR [AUTH] Unknown user.") == [LoginFailed(reply=b"-ERR [AUTH] Unknown user.\r\n")]
+    assert feed(login, refusal) == [LoginFailed(reply=refusal + b"\r\n", credentials=credentials)]
 
 
 @pytest.mark.parametrize(
@@ -303,7 +313,7 @@ def test_backend_login_never_sends_credentials_that_would_break_the_line(
     credentials: sasl.Credentials,
 ) -> None:
     login = backend_login(credentials=credentials)
-    assert feed(login, b"+OK hi") == [LoginFailed(reply=pop3.REPLY_AUTH_FAILED)]
+    assert feed(login, b"+OK hi") == [LoginFailed(reply=pop3.REPLY_AUTH_FAILED, credentials=True)]
 
 
 def test_backend_login_misuse() -> None:
@@ -382,7 +392,9 @@ def test_backend_bytes_after_the_stls_ok_are_never_read() -> None:
     assert login.handle(DataReceived(b"+OK Begin TLS\r\n+OK\r\n+OK Logged in.\r\n")) == [StartTls()]
     assert login.handle(DataReceived(b"+OK\r\n")) == []  # before the handshake
     assert login.handle(TlsEstablished()) == [Send(b"USER alice\r\n")]
-    assert feed(login, b"-ERR [AUTH] Unknown user.") == [LoginFailed(reply=b"-ERR [AUTH] Unknown user.\r\n")]
+    assert feed(login, b"-ERR [AUTH] Unknown user.") == [
+        LoginFailed(reply=b"-ERR [AUTH] Unknown user.\r\n", credentials=True)
+    ]
 
 
 (

@@ -641,17 +641,22 @@ def test_long_credentials_go_after_a_334_challenge() -> None:
 
 
 @pytest.mark.parametrize(
-    "refusal",
+    ("refusal", "credentials"),
     [
-        [b"535 5.7.8 Error: authentication failed: authentication failure"],
-        [b"535-5.7.8 Error: authentication failed", b"535 5.7.8 try again"],
-        [b"534 5.7.9 Authentication mechanism is too weak"],
+        ([b"535 5.7.8 Error: authentication failed: authentication failure"], True),
+        ([b"535-5.7.8 Error: authentication failed", b"535 5.7.8 try again"], True),
+        # Refused for another reason (RFC 4954 section 6, RFC 5321): not a wrong password.
+        ([b"534 5.7.9 Authentication mechanism is too weak"], False),
+        ([b"538 5.7.11 Encryption required for requested authentication mechanism"], False),
+        ([b"554 5.7.0 Account disabled"], False),
+        ([b"503 5.5.1 Error: already authenticated"], False),
     ],
 )
-def test_backend_auth_refusal_goes_to_the_client(refusal: list[bytes]) -> None:
+def test_backend_auth_refusal_goes_to_the_client(refusal: list[bytes], credentials: bool) -> None:
     login = submission_login()
     feed(login, b"220 mx", *POSTFIX_EHLO)
-    assert feed(login, *refusal) == [LoginFailed(reply=b"".join(line + b"\r\n" for line in refusal))]
+    reply = b"".join(line + b"\r\n" for line in refusal)
+    assert feed(login, *refusal) == [LoginFailed(reply=reply, credentials=credentials)]
 
 
 def test_inbound_replays_the_envelope_and_passes_on_any_rcpt_reply() -> None:
@@ -677,7 +682,8 @@ def test_inbound_sender_refused_for_good_is_the_clients_rcpt_reply() -> None:
     login = inbound_login()
     feed(login, b"220 mx", b"250 mx")
     refusal = b"553 5.1.8 <alice@sender.example>: Sender address rejected: Domain not found\r\n"
-    assert login.handle(DataReceived(refusal)) == [LoginFailed(reply=refusal)]
+    # The sender's refusal: no credentials were tried, so none were refused.
+    assert login.handle(DataReceived(refusal)) == [LoginFailed(reply=refusal, credentials=False)]
 
 
 def test_inbound_sender_refused_for_now_is_a_backend_failure() -> None:
