@@ -91,6 +91,9 @@ class SessionRecord:
     user: str = "-"
     route: str = "-"
     backend: str = "-"
+    # The verdict on the session's last login attempt (a logins_total outcome), or "-": the
+    # outcome field says how the session ended, which is later and often the client's doing.
+    login: str = "-"
     outcome: str = "closed"
     upstream_bytes: int = 0
     downstream_bytes: int = 0
@@ -186,13 +189,14 @@ async def serve(
         active.dec()
         draining.leave(turn)
         log.info(
-            "session protocol=%s client=%s user=%s route=%s backend=%s outcome=%s "
+            "session protocol=%s client=%s user=%s route=%s backend=%s login=%s outcome=%s "
             "bytes_up=%d bytes_down=%d duration=%.3fs held_back=%gs",
             record.protocol,
             record.client,
             record.user,
             record.route,
             record.backend,
+            record.login,
             record.outcome,
             record.upstream_bytes,
             record.downstream_bytes,
@@ -480,13 +484,13 @@ async def _authenticate(
     if lock is not None:
         context.labelled(metrics.logins, request.protocol, "throttled").inc()
         context.labelled(metrics.refusals, f"login_lockout_{lock.scope}").inc()
-        record.outcome = f"login refused: {LOCKED_SUBJECT[lock.scope]} locked after too many failed logins"
+        record.login = "throttled"
         return events.LoginUnavailable(), None
     login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
     record.route = login.route
     record.backend = str(login.endpoint) if login.endpoint else "-"
     context.labelled(metrics.logins, request.protocol, login.outcome).inc()
-    record.outcome = f"login {login.outcome}"
+    record.login = login.outcome
     if guarded and login.outcome == "accepted":
         throttle.succeeded(request.routing_key)
     elif guarded and login.outcome in ("rejected", "no_route"):

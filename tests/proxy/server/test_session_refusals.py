@@ -10,6 +10,7 @@ reason (``refused``).
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from proxy.server.limits import Limits
 from proxy.settings import FailedLoginSettings, LimitSettings
 from proxy.table import Endpoint
-from tests.proxy.server.conftest import PASSWORD, WAIT, ProxyFactory, imap_client
+from tests.proxy.server.conftest import PASSWORD, WAIT, ProxyFactory, imap_client, session_lines
 
 USER = "carol@alpha.example"
 ALERT = b"* OK [ALERT] Close one of your other sessions first\r\n"
@@ -82,8 +83,13 @@ async def answer(port: int) -> bytes:
     ],
 )
 async def test_only_a_refusal_of_the_credentials_counts_towards_the_lockout(
-    start_proxy: ProxyFactory, refusal: bytes, outcome: str, second: bytes | None
+    start_proxy: ProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+    refusal: bytes,
+    outcome: str,
+    second: bytes | None,
 ) -> None:
+    caplog.set_level(logging.INFO)
     async with refusing_backend(refusal) as backend_port:
         proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend_port)])
         locking = FailedLoginSettings(per_user=1, per_ip=1000, first_delay=0)
@@ -94,3 +100,9 @@ async def test_only_a_refusal_of_the_credentials_counts_towards_the_lockout(
     counted = 1 if second else 2
     assert proxy.metric("mailgress_proxy_logins_total", protocol="imap", outcome=outcome) == counted
     assert proxy.metric("mailgress_proxy_logins_total", protocol="imap", outcome="throttled") == 2 - counted
+    # The session lines keep each login's verdict, though each session then ends by the client.
+    lines = await session_lines(caplog, 2)
+    assert [line.split(" login=")[1].split()[0] for line in lines] == [
+        outcome,
+        "throttled" if second else outcome,
+    ]
