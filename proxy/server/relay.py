@@ -30,6 +30,7 @@ chunk beyond the integers ``os.splice`` returns and the float of that timestamp.
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import os
 import socket
@@ -188,6 +189,11 @@ async def relay(
                 # The pumps are stopped and hold nothing: the line follows the last relayed byte.
                 with contextlib.suppress(OSError):
                     await loop.sock_sendall(client, drain.closing)
+                    # Counted like the bytes before it, as the transport path and the mediation do.
+                    result = dataclasses.replace(
+                        result, downstream_bytes=result.downstream_bytes + len(drain.closing)
+                    )
+                    spliced.progress.settle(result)
             return result
         finally:
             client.close()  # a drained relay leaves it open for the closing line
@@ -776,8 +782,10 @@ class _TransportRelay:
         return not any(side.eof or side.own().get_write_buffer_size() for side in (self.client, self.backend))
 
     def _say_goodbye(self, closing: bytes) -> None:
-        # Behind everything relayed so far; close() below flushes it before closing.
+        # Behind everything relayed so far; close() below flushes it before closing. Counted
+        # with the backend's bytes: all that went down to the client.
         self.client.own().write(closing)
+        self.backend.forwarded += len(closing)
         self.finish(DRAINED)
 
     def finish(self, ended_by: str) -> None:
