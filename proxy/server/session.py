@@ -236,7 +236,12 @@ async def _handshake(channel: SocketChannel | TransportChannel, context: ssl.SSL
     try:
         return await TransportChannel.from_socket(channel.detach(), context)
     except (ssl.SSLError, ConnectionError) as error:
-        raise SessionEnded(f"TLS handshake failed ({type(error).__name__})", "tls_handshake") from error
+        raise _handshake_failed(error) from error
+
+
+def _handshake_failed(error: BaseException, when: str = "") -> SessionEnded:
+    """Implicit TLS and STARTTLS alike: one outcome and one refusal reason for a failed handshake."""
+    return SessionEnded(f"TLS handshake failed ({type(error).__name__}){when}", "tls_handshake")
 
 
 async def _wait_readable(client: socket.socket) -> None:
@@ -409,9 +414,14 @@ async def _converse(
                                     # TLS (CVE-2011-0411; the machine drops its own share too).
                                     unfed = b""
                                     handshaking = True
-                                    await channel.start_tls(
-                                        listener.certificates.context, server_side=True, server_hostname=None
-                                    )
+                                    try:
+                                        await channel.start_tls(
+                                            listener.certificates.context,
+                                            server_side=True,
+                                            server_hostname=None,
+                                        )
+                                    except (ssl.SSLError, ConnectionError) as error:
+                                        raise _handshake_failed(error, " after STARTTLS") from error
                                     handshaking = False
                                     pending.extend(frontend.handle(events.TlsEstablished()))
                                 case other:

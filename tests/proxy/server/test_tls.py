@@ -162,6 +162,31 @@ async def test_plaintext_client_on_an_implicit_tls_listener_is_dropped(
     assert proxy.metric("mailgress_proxy_refusals_total", reason="tls_handshake") == 1
 
 
+async def test_a_failed_starttls_handshake_is_reported_as_one(
+    start_proxy: ProxyFactory,
+    server_certificates: tuple[IssuedCertificate, ...],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review J7: after STARTTLS, plaintext where the ClientHello belongs ended the session as a
+    'connection error' and counted no refusal, unlike the same failure on an implicit-TLS listener."""
+    caplog.set_level(logging.INFO)
+    proxy = await start_proxy(
+        {},
+        [Endpoint("127.0.0.1", 1)],
+        listener={"tls": "starttls", "certificates": files(server_certificates[0])},
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    await asyncio.wait_for(reader.readline(), WAIT)  # the greeting
+    writer.write(b"a1 STARTTLS\r\n")
+    assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(b"a1 OK")
+    writer.write(b"GET / HTTP/1.1\r\nHost: mail.alpha.example\r\n\r\n")
+    await read_until_closed(reader)
+    writer.close()
+    [line] = await session_lines(caplog)
+    assert "outcome=TLS handshake failed (SSLError) after STARTTLS " in line
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="tls_handshake") == 1
+
+
 async def test_starttls_discards_pipelined_plaintext_then_logs_in(
     start_proxy: ProxyFactory, authority: TestAuthority, server_certificates: tuple[IssuedCertificate, ...]
 ) -> None:
