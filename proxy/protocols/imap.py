@@ -643,11 +643,11 @@ class Frontend:
     def _authenticate(self, tag: bytes, credentials: sasl.Credentials) -> list[Command]:
         if not credentials.username:
             return self._bad(tag, b"Empty user name")
-        if not sasl.printable(credentials.username, credentials.password):
+        if not sasl.replayable(credentials):
             # A literal, a quoted string or a SASL response can carry CR, LF and other control
-            # characters: refused like a failed login (and, like one, not counted), as POP3 and
-            # SMTP do and with Dovecot's words, so such a name never reaches a log line or an
-            # auth_http request.
+            # characters, and a literal a name of kilobytes: refused like a failed login (and,
+            # like one, not counted), as POP3 and SMTP do and with Dovecot's words, so such a
+            # name never reaches a log line, an auth_http request or a backend.
             return [self._tagged(tag, b"NO " + REFUSAL_TEXT)]
         self._phase = _Phase.LOGIN
         self._login_tag = tag

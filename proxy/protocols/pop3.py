@@ -398,7 +398,7 @@ class Frontend:
                 assert_never(step)
 
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
-        if not sasl.printable(credentials.username, credentials.password):
+        if not sasl.replayable(credentials):
             return [Send(REPLY_AUTH_FAILED)]  # refused like a failed login: not counted
         self._enter(State.AUTHENTICATING)
         request = LoginRequest(protocol="pop3", routing_key=credentials.username, credentials=credentials)

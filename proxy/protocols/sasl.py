@@ -120,6 +120,23 @@ def _text(raw: bytes, what: str) -> str:
         raise SaslError(f"{what} is not UTF-8") from error
 
 
+def replayable(credentials: Credentials) -> bool:
+    """True if a front-end may route, ask about and replay these credentials: ``printable``
+    (below), and the user name and the password each within RFC 4616's 255 octets.
+
+    SASL PLAIN holds every field to that as it decodes; IMAP LOGIN and POP3 USER/PASS must too. A
+    longer name is no mailbox address (RFC 5321 section 4.5.3.1.3: a path is at most 256 octets
+    with its brackets), and Dovecot's login process drops a connection whose LOGIN passes about
+    a kilobyte ("* BYE Input buffer full"), which the proxy would take for a broken backend and
+    try the next one with.
+    """
+    return (
+        printable(credentials.username, credentials.password)
+        and len(credentials.username.encode()) <= MAX_PLAIN_FIELD
+        and len(credentials.password) <= MAX_PLAIN_FIELD
+    )
+
+
 def printable(*values: str | bytes) -> bool:
     """True if none of ``values`` (user names as text, passwords as octets) holds a control
     character, and every user name is printable text.

@@ -726,7 +726,7 @@ class Frontend:
     def _authenticate(self, credentials: sasl.Credentials) -> list[Command]:
         # Control characters in a name would reach logs and auth_http headers; no account has
         # them. Refused like a failed login, and like one not counted.
-        if not sasl.printable(credentials.username, credentials.password):
+        if not sasl.replayable(credentials):
             return [Send(REPLY_AUTH_FAILED)]
         self._enter(State.AUTHENTICATING)
         request = LoginRequest(

@@ -334,3 +334,24 @@ def test_front_ends_agree_on_sasl(
     assert commands[-1] == Send(refusal)
     commands = _front_end_answers(make, prefix + b"LOGIN =\r\n")
     assert commands[-1] == Send(continuation + sasl.LOGIN_USERNAME_PROMPT + b"\r\n")
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "expected"),
+    [
+        ("a" * 241 + "@alpha.example", b"p" * 255, True),  # 255 octets each: RFC 4616's limit
+        ("a" * 242 + "@alpha.example", b"secret", False),  # a name of 256 octets
+        ("\u00e9" * 128, b"secret", False),  # 128 characters, 256 octets of UTF-8
+        ("alice@alpha.example", b"p" * 256, False),
+        ("ali\u2028ce@alpha.example", b"secret", False),  # what printable refuses
+    ],
+    ids=["at-the-limit", "long-name", "long-utf8-name", "long-password", "unprintable"],
+)
+def test_credentials_to_replay_are_printable_and_within_rfc_4616(
+    username: str, password: bytes, expected: bool
+) -> None:
+    """Review J7: a 3,000-octet IMAP LOGIN literal made Dovecot answer "* BYE Input buffer full",
+    which the proxy took for a failing backend (a warning, the next endpoint tried with the
+    credentials, a temporary failure inviting the client to retry)."""
+    credentials = sasl.Credentials(username=username, password=password, mechanism=sasl.Mechanism.NATIVE)
+    assert sasl.replayable(credentials) is expected
