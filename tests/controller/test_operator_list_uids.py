@@ -4,34 +4,18 @@ only, and failures that return nothing (a resync then changes nothing)."""
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import kmock
 import kubernetes.client
 import pytest
 from aiohttp import web
 
 from controller import handlers, operator, reconciler
-from tests.kube.conftest import kubeconfig_text, proxy_pod
+from tests.controller.test_operator import kube_api  # noqa: F401 (fixture)
+from tests.kube.conftest import proxy_pod
 from tests.kube.emulator import Access, Emulator
 
 ROUTE_KIND = (handlers.GROUP, handlers.VERSION, handlers.PLURAL)
-
-
-@pytest.fixture
-async def emulated(tmp_path: Path) -> AsyncIterator[tuple[Emulator, operator.KubeApi]]:
-    emulator = Emulator()
-    emulator.resources.load_bundled()
-    async with emulator, kmock.Server(emulator):
-        config = tmp_path / "config"
-        config.write_text(kubeconfig_text(str(emulator.url), "reader-token"))
-        api = operator.KubeApi(operator.kube_configuration(config), "mailgress-system", "snapshot")
-        await api.start()
-        try:
-            yield emulator, api
-        finally:
-            await api.stop()
 
 
 async def create(emulator: Emulator, path: str, body: dict[str, Any]) -> str:
@@ -43,9 +27,9 @@ async def create(emulator: Emulator, path: str, body: dict[str, Any]) -> str:
 
 
 async def test_the_selected_objects_of_a_namespace_or_of_all(
-    emulated: tuple[Emulator, operator.KubeApi],
+    kube_api: tuple[Emulator, operator.KubeApi],  # noqa: F811
 ) -> None:
-    emulator, api = emulated
+    emulator, api = kube_api
     pods = "/api/v1/namespaces/mailgress-system/pods"
     proxy = await create(emulator, pods, proxy_pod("proxy-a"))
     other = proxy_pod("web")
@@ -59,15 +43,15 @@ async def test_the_selected_objects_of_a_namespace_or_of_all(
     assert await api.list_uids(handlers.PODS, None, labels) == {proxy, stray}
     assert await api.list_uids(handlers.PODS, None, labels, fields) == {proxy}
     assert await api.list_uids(handlers.SLICES, "mail") == frozenset()
-    assert set(emulator.accesses("reader-token")) == {
+    assert set(emulator.accesses("writer-token")) == {
         Access(verb="list", group="discovery.k8s.io", resource="endpointslices"),
         Access(verb="list", resource="pods"),
     }
 
 
-async def test_a_refused_list_is_a_refusal(emulated: tuple[Emulator, operator.KubeApi]) -> None:
-    emulator, api = emulated
-    emulator.forbidden["reader-token"] = {Access(verb="list", resource="services")}
+async def test_a_refused_list_is_a_refusal(kube_api: tuple[Emulator, operator.KubeApi]) -> None:  # noqa: F811
+    emulator, api = kube_api
+    emulator.forbidden["writer-token"] = {Access(verb="list", resource="services")}
     with pytest.raises(operator.ForbiddenError, match="HTTP 403"):
         await api.list_uids(handlers.SERVICES, "mail")
 

@@ -32,7 +32,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import kmock
@@ -82,15 +82,24 @@ async def eventually(check: Callable[[], Any], what: str, timeout: float = WAIT_
     raise AssertionError(f"not reached within {timeout:.0f} s: {what}")
 
 
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    emu = Emulator()
+AnyEmulator = TypeVar("AnyEmulator", bound=Emulator)
+
+
+@contextlib.asynccontextmanager
+async def serving(emu: AnyEmulator) -> AsyncIterator[AnyEmulator]:
+    """``emu`` (this module's Emulator or a subclass of a test's) served, with NAMESPACES in it."""
     emu.resources.load_bundled()
     async with emu, kmock.Server(emu):
         # A controller serving some namespaces watches those that exist (kopf lists them).
         async with client_session(emu) as session:
             for namespace in NAMESPACES:
                 await Api(session).create("/api/v1/namespaces", namespace_body(namespace))
+        yield emu
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async with serving(Emulator()) as emu:
         yield emu
 
 

@@ -11,7 +11,6 @@ import collections
 from collections.abc import AsyncIterator
 from typing import Any
 
-import kmock
 import pytest
 
 from controller import operator
@@ -19,22 +18,20 @@ from proxy import table
 from tests.kube.conftest import (
     CONTROLLER_NAMESPACE,
     NAMESPACE,
-    NAMESPACES,
     AccessLog,
     Api,
     Controller,
     ControllerRunner,
     FakeProxy,
-    client_session,
     condition,
     create_backend,
     create_crd,
     create_route,
     eventually,
     imap_route,
-    namespace_body,
     proxy_pod,
     route_path,
+    serving,
     slice_body,
     status_of,
 )
@@ -117,12 +114,7 @@ class PartitionEmulator(Emulator):
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[PartitionEmulator]:
-    emu = PartitionEmulator()
-    emu.resources.load_bundled()
-    async with emu, kmock.Server(emu):
-        async with client_session(emu) as session:
-            for namespace in NAMESPACES:
-                await Api(session).create("/api/v1/namespaces", namespace_body(namespace))
+    async with serving(PartitionEmulator()) as emu:
         yield emu
 
 
