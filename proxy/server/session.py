@@ -8,15 +8,15 @@ channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides
 inbound SMTP session to ``mediation``, which keeps reading its commands).
 Everything before login is bounded by one deadline: reads, writes and TLS handshakes alike, so
 neither a slow client nor one that never reads its replies can hold a socket open past it (the
-backend login has its own budget, and the deadline moves on by the time it took). A read reaches
-the machine ``FEED_SIZE`` octets at a time, each slice's replies sent before the next is fed, so
-what a client that pipelines and never reads makes the session hold is bounded by a slice, not by
-the read. The shared ``limits`` refuse a client address over its connection limit (once a trusted
-PROXY header has named the real one) and logins locked by failed attempts, and hold back the
-refusal of each further failure. When the proxy drains (drain.py) and the session's turn comes, a
-client still logging in gets the protocol's closing line the next time the session waits for it,
-and a relayed one at the relay's next quiet moment. Exactly one INFO line per session is logged
-when it ends; it names the user but never a password.
+backend login's time is added to it). A read reaches the machine ``FEED_SIZE`` octets at a
+time, each slice's replies sent before the next is fed, so what a client that pipelines and never
+reads makes the session hold is bounded by a slice, not by the read. The shared ``limits`` refuse
+a client address over its connection limit (once a trusted PROXY header has named the real one)
+and logins locked by failed attempts, and hold back the refusal of each further failure. When the
+proxy drains (drain.py) and the session's turn comes, a client still logging in gets the
+protocol's closing line the next time the session waits for it, and a relayed one at the relay's
+next quiet moment. Exactly one INFO line per session is logged when it ends; it names the user
+but never a password.
 """
 
 import asyncio
