@@ -327,11 +327,12 @@ def _endpoint_succeeded(context: ProxyContext, route: table.Route, endpoint: tab
     episode = context.health.succeeded(endpoint)
     if episode is not None:
         log.info(
-            "backend %s of %s works again after %d failures in %.0f s (the first: %s)",
+            "backend %s of %s works again, %.0f s after it began failing (failed attempts: %d; "
+            "the first: %s)",
             endpoint,
             route.name,
-            episode.failures,
             context.clock() - episode.since,
+            episode.failures,
             episode.reason,
         )
 
@@ -369,7 +370,7 @@ def _auth_http_answered(context: ProxyContext, route: table.Route, decision: aut
     if not isinstance(decision, authhttp.Unavailable):
         failures = context.auth_failures.pop(route.name, 0)
         if failures:
-            log.info("auth_http service of %s answers again after %d failed requests", route.name, failures)
+            log.info("auth_http service of %s answers again (failed requests: %d)", route.name, failures)
         return
     failures = context.auth_failures.get(route.name, 0)
     context.auth_failures[route.name] = failures + 1

@@ -236,15 +236,44 @@ async def test_an_outage_is_logged_when_it_begins_and_when_it_ends(
         clock.now += 5.0
         assert await logs_in(proxy, "anna@alpha.example")
         [recovered] = messages(caplog, logging.INFO)
-        works = recovered.startswith((f"backend {endpoint} of mail/alpha", f"backend {other} of mail/alpha"))
-        assert (
-            works
-            and "works again after 5 failures in 5 s (the first: failed the login dialogue:" in recovered
+        told = "works again, 5 s after it began failing (failed attempts: 5; the first: failed the login"
+        assert any(
+            recovered.startswith(f"backend {either} of mail/alpha {told}") for either in (endpoint, other)
         )
         broken = True  # a new outage of the same endpoint is a new episode
         clock.now += balancing.MAX_ENDPOINT_RETRY_SECONDS
         assert not await logs_in(proxy, "anna@alpha.example")
     assert len(warnings(caplog)) == 3
+
+
+async def test_a_refused_password_is_an_answer_and_ends_the_episode(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    clock = Clock()
+    backend = FakeImapBackend()
+    broken = True
+
+    async def switchable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if broken:
+            writer.close()
+        else:
+            await backend.handle(reader, writer)
+
+    async with serving(switchable) as (endpoint, _):
+        proxy = await start_proxy({}, [endpoint])
+        proxy.context.clock = clock
+        assert not await logs_in(proxy, "anna@alpha.example")
+        assert proxy.context.health.episode(endpoint) is not None
+        broken = False
+        reply, _, writer = await login(proxy.port, "anna@alpha.example", password="wrong")
+        writer.close()
+    assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    assert proxy.context.health.episode(endpoint) is None
+    [recovered] = messages(caplog, logging.INFO)
+    assert recovered.startswith(
+        f"backend {endpoint} of mail/alpha works again, 0 s after it began failing (failed attempts: 1;"
+    )
 
 
 async def test_an_auth_http_outage_is_logged_once_per_route(
@@ -264,7 +293,7 @@ async def test_an_auth_http_outage_is_logged_once_per_route(
     assert warning.startswith("auth_http service of mail/alpha failed: unreachable (")
     assert len(messages(caplog, logging.DEBUG)) == 3
     assert messages(caplog, logging.INFO) == [
-        "auth_http service of mail/alpha answers again after 4 failed requests"
+        "auth_http service of mail/alpha answers again (failed requests: 4)"
     ]
     assert not proxy.context.auth_failures
 
