@@ -117,8 +117,8 @@ async def test_a_hanging_endpoint_costs_one_login_a_share_then_goes_last(
     async with serving(hangs) as (dead, accepted), fake_backend() as good:
         live = Endpoint("127.0.0.1", good.port)
         user = pinned_to(dead, [dead, live])
-        # Two endpoints: the hanging one gets half the budget, the other the rest.
-        proxy = await start_proxy({}, [dead, live], backend_login=1.0)
+        # Two endpoints: the hanging one gets half the budget (1 s), the other the rest.
+        proxy = await start_proxy({}, [dead, live], backend_login=2.0)
         proxy.context.clock = clock
         for _ in range(4):
             assert await logs_in(proxy, user)
