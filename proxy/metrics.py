@@ -74,6 +74,7 @@ class ProxyMetrics:
     relay_bytes: RelayedBytes
     backend_connect_seconds: Histogram
     backend_connect_failures: Counter
+    backend_login_failures: Counter
     table_info: Gauge
     table_routes: Gauge
     refusals: Counter
@@ -109,8 +110,15 @@ def create(registry: CollectorRegistry) -> ProxyMetrics:
         ),
         backend_connect_failures=Counter(
             f"{PREFIX}_backend_connect_failures",
-            "Backend endpoints that refused or timed out.",
+            "Backend endpoints that refused the TCP connection or did not accept it in time.",
             ["protocol"],
+            registry=registry,
+        ),
+        backend_login_failures=Counter(
+            f"{PREFIX}_backend_login_failures",
+            "Backend login dialogues that failed after the TCP connect, by reason (timeout, tls, "
+            "connection, dialogue); a refused password is not one.",
+            ["protocol", "reason"],
             registry=registry,
         ),
         table_info=Gauge(

@@ -27,8 +27,12 @@ ListenerTls = Literal["none", "starttls", "implicit"]
 # server to wait at least 5 minutes for a command, but before login a short bound is what keeps
 # slow-loris clients from holding sockets, and real clients log in within seconds.
 DEFAULT_PRE_LOGIN_TIMEOUT = 60.0
+# Opening the TCP connection to one endpoint, within the login's budget below.
 DEFAULT_BACKEND_CONNECT_TIMEOUT = 5.0
-# A backend must answer each login step in this time (nginx reuses `timeout`, 60 s).
+# The whole backend side of one login: the connects and login dialogues of every endpoint it
+# tries, each getting an equal share of what is left (Dovecot's login_proxy_timeout, 30 s, also
+# spans its reconnects; nginx's one `timeout`, 60 s, covers its one backend's connect and login
+# along with the client's pre-login time). The session's pre-login deadline does not run meanwhile.
 DEFAULT_BACKEND_LOGIN_TIMEOUT = 30.0
 # After login: IMAP IDLE clients re-issue IDLE every 29 minutes (RFC 2177), so anything below
 # 30 minutes would cut idling clients; one hour leaves margin. nginx's proxy_timeout is 24 h.
@@ -116,9 +120,9 @@ class AdminSettings:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    pre_login: float = DEFAULT_PRE_LOGIN_TIMEOUT
-    backend_connect: float = DEFAULT_BACKEND_CONNECT_TIMEOUT
-    backend_login: float = DEFAULT_BACKEND_LOGIN_TIMEOUT
+    pre_login: float = DEFAULT_PRE_LOGIN_TIMEOUT  # the client's time before login
+    backend_connect: float = DEFAULT_BACKEND_CONNECT_TIMEOUT  # one endpoint's TCP connect
+    backend_login: float = DEFAULT_BACKEND_LOGIN_TIMEOUT  # all endpoints of one login together
     idle: float = DEFAULT_IDLE_TIMEOUT
 
 

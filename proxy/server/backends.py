@@ -1,15 +1,18 @@
 """Route a login, connect to the chosen backend endpoint and replay the login there.
 
 Called by the session driver when its front-end machine asks to ``Authenticate``. Looks the
-login up in the current table, orders the endpoints by the route's balance policy, connects
-with a timeout, and drives the protocol's ``BackendLogin`` machine over the socket. An endpoint
-that refuses, times out or breaks the dialogue is skipped for the next one; when none is left
-the client gets the temporary failure, as does every login before the first table is installed.
-A refusal is final (the backend's verdict): outcome ``rejected`` when it refused the
-credentials, ``refused`` when it refused the login for another reason (a connection limit, an
-account in use or disabled), which the failed-login throttle must not count. A route with auth
-mode ``http`` asks its auth_http service first (``authhttp``): its refusal is final, and its
-grant may name the backend and the credentials to log in with.
+login up in the current table, orders the endpoints by the route's balance policy (endpoints
+failing lately last, ``balancing.EndpointHealth``), connects, and drives the protocol's
+``BackendLogin`` machine over the socket. The whole login has one budget, ``backendLogin``:
+each endpoint tried gets an equal share of what is left, so an endpoint that refuses, hangs or
+breaks the dialogue is skipped for the next one in time; when none is left the client gets the
+temporary failure, as does every login before the first table is installed. A refusal is final
+(the backend's verdict): outcome ``rejected`` when it refused the credentials, ``refused`` when
+it refused the login for another reason (a connection limit, an account in use or disabled),
+which the failed-login throttle must not count. A route with auth mode ``http`` asks its
+auth_http service first (``authhttp``): its refusal is final, and its grant may name the backend
+and the credentials to log in with. An outage (an endpoint's, an auth service's) is logged as a
+warning when it begins and at INFO when it ends; the failures in between are debug lines.
 Never logs a credential: only the user name, route and endpoint.
 """
 
@@ -45,6 +48,9 @@ BACKEND_LOGINS: dict[
 
 # The logins metric's outcome label (with the session's "throttled"): a fixed small set.
 Outcome = Literal["accepted", "rejected", "refused", "unavailable", "no_route"]
+# Why a login dialogue failed after the TCP connect (the login-failures metric's reason label):
+# the budget ran out, TLS failed, the connection broke, or the backend's replies broke it.
+LoginFailure = Literal["timeout", "tls", "connection", "dialogue"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,7 @@ class LoginOutcome:
     endpoint: table.Endpoint | None = None
     backend: SocketChannel | TransportChannel | None = None
     buffered: bytes = b""  # backend bytes that followed its success reply
+    waited: float = 0.0  # seconds the auth service and the backends took (``login``)
 
 
 async def _connect(endpoint: table.Endpoint, timeout: float) -> socket.socket:
@@ -145,13 +152,19 @@ def server_name(upstream: table.Upstream) -> str:
 
 
 def _endpoint_order(
-    context: ProxyContext, route: table.Route, upstream: table.Upstream, key: str
+    context: ProxyContext, route: table.Route, upstream: table.Upstream, protocol: table.Protocol, key: str
 ) -> list[table.Endpoint]:
-    context.sessions_started += 1
-    order = balancing.endpoint_order(upstream.endpoints, route.balance, key, context.sessions_started)
-    if route.balance == "least-connections":
-        order.sort(key=lambda endpoint: context.active[endpoint])  # stable: ties keep round-robin order
-    return order
+    slot = (route.name, protocol)
+    position = context.positions.get(slot, 0)
+    context.positions[slot] = position + 1
+    return balancing.endpoint_order(
+        upstream.endpoints,
+        route.balance,
+        key,
+        position,
+        connections=context.active,
+        failing=context.health.failing(context.clock()),
+    )
 
 
 async def login(
@@ -170,7 +183,25 @@ async def login(
             for the PROXY header a ``proxy-v2`` upstream gets (as nginx sends it).
         attempt: the number of this login attempt on the client's connection, from 1, and
             ``client_tls`` the client connection's TLS, if any: both for auth_http.
+
+    Returns:
+        The verdict, with the seconds it took in ``waited``: the auth service's and the
+        backends' time, which the session does not count against the client's deadline.
     """
+    started = time.monotonic()
+    outcome = await _route_and_log_in(context, request, client, local, attempt=attempt, client_tls=client_tls)
+    return dataclasses.replace(outcome, waited=time.monotonic() - started)
+
+
+async def _route_and_log_in(
+    context: ProxyContext,
+    request: events.LoginRequest,
+    client: events.ClientAddress,
+    local: events.ClientAddress,
+    *,
+    attempt: int,
+    client_tls: ssl.SSLObject | None,
+) -> LoginOutcome:
     if not context.tables.ready:
         # No table yet (the controller is unreachable and there is no usable snapshot): no user
         # is known or unknown, so the answer is "try later", never a refusal a client takes as
@@ -182,7 +213,7 @@ async def login(
                 request.protocol,
             )
         return LoginOutcome(events.LoginUnavailable(), "unavailable")
-    route = table.lookup(context.tables.current, request.protocol, request.routing_key)
+    route = table.lookup(context.routing_table(), request.protocol, request.routing_key)
     if route is None:
         return LoginOutcome(events.LoginRejected(), "no_route")
     upstream = route.upstream(request.protocol)
@@ -191,6 +222,7 @@ async def login(
         decision = await _ask_auth_http(
             context, route, request, client=client, attempt=attempt, client_tls=client_tls
         )
+        _auth_http_answered(context, route, decision)
         match decision:
             case authhttp_protocol.Granted(server=server):
                 credentials = authhttp_protocol.credentials_for(request, decision)
@@ -201,8 +233,7 @@ async def login(
                     upstream = dataclasses.replace(upstream, endpoints=(server,))
             case authhttp_protocol.Refused(reply=reply):
                 return LoginOutcome(events.LoginRejected(reply), "rejected", route.name)
-            case authhttp.Unavailable(reason=reason):
-                log.warning("auth_http service of %s failed: %s", route.name, reason)
+            case authhttp.Unavailable():
                 return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
     timeouts = context.settings.timeouts
     config = events.BackendConfig(
@@ -213,20 +244,25 @@ async def login(
     )
     hostname = server_name(upstream)
     metrics = context.metrics
-    for endpoint in _endpoint_order(context, route, upstream, request.routing_key.lower()):
-        started = time.monotonic()
-        try:
-            sock = await _connect(endpoint, timeouts.backend_connect)
-        except (OSError, TimeoutError) as error:
-            context.labelled(metrics.backend_connect_failures, request.protocol).inc()
-            log.warning("backend %s of %s unreachable: %s", endpoint, route.name, _describe(error))
-            continue
-        connected_in = time.monotonic() - started
-        context.labelled(metrics.backend_connect_seconds, request.protocol).observe(connected_in)
+    order = _endpoint_order(context, route, upstream, request.protocol, request.routing_key.lower())
+    # One budget for the whole login, every endpoint tried included (Dovecot's
+    # login_proxy_timeout), so endpoints that hang cannot hold a client longer than that.
+    budget_ends = time.monotonic() + timeouts.backend_login
+    for index, endpoint in enumerate(order):
+        # Each endpoint gets an equal share of what is left: one that hangs leaves the others
+        # their turn. What a quick failure leaves goes to the endpoints after it.
+        share = (budget_ends - time.monotonic()) / (len(order) - index)
+        if share <= 0:
+            break  # spent (the loop woke late): the rest are neither tried nor blamed
+        context.health.trying(endpoint, context.clock())
         machine = BACKEND_LOGINS[request.protocol](request, config)
-        channel: SocketChannel | TransportChannel = SocketChannel(sock)
+        channel: SocketChannel | TransportChannel | None = None
         try:
-            async with asyncio.timeout(timeouts.backend_login):
+            async with asyncio.timeout(share):
+                started = time.monotonic()
+                channel = SocketChannel(await _connect(endpoint, timeouts.backend_connect))
+                connected_in = time.monotonic() - started
+                context.labelled(metrics.backend_connect_seconds, request.protocol).observe(connected_in)
                 if upstream.client_info == "proxy-v2":
                     header = proxyheader.build_v2((client.host, client.port), (local.host, local.port))
                     await channel.send(header)  # before any TLS: the header is for the TCP peer
@@ -237,23 +273,72 @@ async def login(
                     )
                 verdict = await _replay_login(machine, channel, context.backend_tls, hostname)
         except (OSError, TimeoutError, ssl.SSLError) as error:
+            if channel is None:
+                context.labelled(metrics.backend_connect_failures, request.protocol).inc()
+                _endpoint_failed(context, route, endpoint, f"unreachable: {_describe(error)}")
+                continue
             verdict = events.BackendFailed(_describe(error))
+            failure = _failure_kind(error)
         except BaseException:
-            channel.close()
+            if channel is not None:
+                channel.close()
             raise
+        else:
+            failure = "dialogue"  # only used when the machine's verdict is BackendFailed
         match verdict:
             case events.LoginSucceeded(reply=reply, buffered=buffered):
+                _endpoint_succeeded(context, route, endpoint)
                 return LoginOutcome(
                     events.LoginAccepted(reply), "accepted", route.name, endpoint, channel, buffered
                 )
             case events.LoginFailed(reply=reply, credentials=wrong):
                 channel.close()
+                _endpoint_succeeded(context, route, endpoint)  # it answered: a refusal is no fault
                 outcome: Outcome = "rejected" if wrong else "refused"
                 return LoginOutcome(events.LoginRejected(reply), outcome, route.name, endpoint)
             case events.BackendFailed(reason=reason):
                 channel.close()
-                log.warning("backend %s of %s failed the login dialogue: %s", endpoint, route.name, reason)
+                context.labelled(metrics.backend_login_failures, request.protocol, failure).inc()
+                _endpoint_failed(context, route, endpoint, f"failed the login dialogue: {reason}")
     return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
+
+
+def _failure_kind(error: BaseException) -> LoginFailure:
+    """The login-failures metric's reason label for an error after the connect."""
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, ssl.SSLError):
+        return "tls"
+    return "connection"
+
+
+def _endpoint_failed(context: ProxyContext, route: table.Route, endpoint: table.Endpoint, what: str) -> None:
+    """Count a failure of ``endpoint``; the one that makes it failing is a warning, the rest of
+    its episode debug lines, so an outage is one line, not one per login."""
+    if context.health.failed(endpoint, what, context.clock()) is None:
+        log.debug("backend %s of %s %s", endpoint, route.name, what)
+    else:
+        log.warning(
+            "backend %s of %s %s; tried after the healthy endpoints until a login there works "
+            "(further failures at debug level)",
+            endpoint,
+            route.name,
+            what,
+        )
+
+
+def _endpoint_succeeded(context: ProxyContext, route: table.Route, endpoint: table.Endpoint) -> None:
+    episode = context.health.succeeded(endpoint)
+    if episode is not None:
+        log.info(
+            "backend %s of %s works again, %.0f s after it began failing (failed attempts: %d; "
+            "the first: %s)",
+            endpoint,
+            route.name,
+            context.clock() - episode.since,
+            episode.failures,
+            episode.reason,
+        )
 
 
 async def _ask_auth_http(
@@ -280,6 +365,24 @@ async def _ask_auth_http(
         tls=context.backend_tls,  # an https:// service is checked against the backends' CAs
         # Auth-Wait holds the client before its retry; no longer than the whole pre-login phase.
         max_wait=context.settings.timeouts.pre_login,
+    )
+
+
+def _auth_http_answered(context: ProxyContext, route: table.Route, decision: authhttp.Outcome) -> None:
+    """Log an outage of a route's auth_http service when it begins (a warning) and ends; the
+    failures in between are debug lines, so an outage is not one line per login."""
+    if not isinstance(decision, authhttp.Unavailable):
+        failures = context.auth_failures.pop(route.name, 0)
+        if failures:
+            log.info("auth_http service of %s answers again (failed requests: %d)", route.name, failures)
+        return
+    failures = context.auth_failures.get(route.name, 0)
+    context.auth_failures[route.name] = failures + 1
+    log.log(
+        logging.DEBUG if failures else logging.WARNING,
+        "auth_http service of %s failed: %s",
+        route.name,
+        decision.reason,
     )
 
 

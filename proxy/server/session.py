@@ -8,7 +8,7 @@ channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides
 inbound SMTP session to ``mediation``, which keeps reading its commands).
 Everything before login is bounded by one deadline: reads, writes and TLS handshakes alike, so
 neither a slow client nor one that never reads its replies can hold a socket open past it (the
-backend login keeps its own timeouts). A read reaches the machine ``FEED_SIZE`` octets at a
+backend login's time is added to it). A read reaches the machine ``FEED_SIZE`` octets at a
 time, each slice's replies sent before the next is fed, so what a client that pipelines and never
 reads makes the session hold is bounded by a slice, not by the read. The shared ``limits`` refuse
 a client address over its connection limit (once a trusted PROXY header has named the real one)
@@ -380,9 +380,12 @@ async def _converse(
                                     return None
                                 case events.Authenticate(request=request):
                                     attempts += 1
-                                    # The backend login keeps its own timeouts (connect, each
-                                    # step); only its failed-login delay counts against the
-                                    # deadline (_authenticate), and its reply is bounded again.
+                                    # The backend login has its own budget (backendLogin,
+                                    # all endpoints together). The time the auth service and
+                                    # the backends take is not the client's: the deadline moves
+                                    # on by it, so a temporary failure leaves the client the
+                                    # time it had to retry. Only the failed-login delay counts
+                                    # against it (_authenticate); the reply is bounded again.
                                     scope.reschedule(None)
                                     verdict, login = await _authenticate(
                                         context,
@@ -394,6 +397,9 @@ async def _converse(
                                         attempt=attempts,
                                         client_tls=channel.tls,
                                     )
+                                    if login is not None:
+                                        deadline += login.waited
+                                        limit += login.waited
                                     scope.reschedule(limit)
                                     pending.extend(frontend.handle(verdict))
                                 case events.Relay(buffered=buffered):

@@ -1,0 +1,360 @@
+"""``backends.login`` when endpoints fail: passive health, one budget per login, the logs and the
+metrics of an outage, and round-robin per upstream (review J5 M1, M2, L1, L2; review J7 #5).
+
+Endpoints here are loopback servers that hang (accept, never greet), close or reset in the
+dialogue, or refuse the connection. The health clock is a hand-stepped fake, so whether an
+endpoint is still failing never depends on how fast the machine runs; the budget's share of an
+endpoint that hangs is real time, kept short, and nothing asserts a duration.
+"""
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+import yaml
+
+from mailgress import standalone
+from proxy import balancing
+from proxy.table import Endpoint
+from testbed import authservice
+from tests.proxy.server.conftest import (
+    PASSWORD,
+    WAIT,
+    FakeImapBackend,
+    ProxyFactory,
+    RunningProxy,
+    dead_port,
+    fake_backend,
+    login,
+)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+] fake\r\n"
+LOGGER = "proxy.server.backends"
+
+
+class Clock:
+    """The health clock, stepped by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[tuple[Endpoint, list[int]]]:
+    """A loopback server running ``handler`` per connection; the list counts its connections."""
+    accepted: list[int] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            await handler(reader, writer)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield Endpoint("127.0.0.1", server.sockets[0].getsockname()[1]), accepted
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+
+
+async def hangs(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Accepts and never greets (a wedged server, a full accept queue behind a balancer)."""
+    await reader.read()  # until the proxy gives up
+
+
+async def greets_in_another_protocol(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"220 mail.example ESMTP\r\n")  # an SMTP server behind the IMAP port
+    await reader.read()
+
+
+async def resets_at_login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(GREETING)
+    await reader.readline()  # the LOGIN command (LITERAL+: the rest follows unasked)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # RST, not FIN
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == level]
+
+
+async def logs_in(proxy: RunningProxy, user: str) -> bool:
+    reply, _, writer = await login(proxy.port, user)
+    writer.close()
+    return reply.startswith(b"a1 OK")
+
+
+def pinned_to(first: Endpoint, pool: list[Endpoint]) -> str:
+    """A user whose user-hash first choice in ``pool`` is ``first``."""
+    return next(
+        user
+        for user in (f"user{n}@alpha.example" for n in range(1000))
+        if balancing.endpoint_order(pool, "user-hash", user)[0] == first
+    )
+
+
+async def test_a_hanging_endpoint_costs_one_login_a_share_then_goes_last(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    clock = Clock()
+    async with serving(hangs) as (dead, accepted), fake_backend() as good:
+        live = Endpoint("127.0.0.1", good.port)
+        user = pinned_to(dead, [dead, live])
+        # Two endpoints: the hanging one gets half the budget (1 s), the other the rest.
+        proxy = await start_proxy({}, [dead, live], backend_login=2.0)
+        proxy.context.clock = clock
+        for _ in range(4):
+            assert await logs_in(proxy, user)
+        assert len(accepted) == 1  # only the first login tried it
+        assert good.logins == 4
+        assert (
+            proxy.metric("mailgress_proxy_backend_login_failures_total", protocol="imap", reason="timeout")
+            == 1
+        )
+        assert proxy.metric("mailgress_proxy_backend_connect_failures_total", protocol="imap") == 0
+        [warning] = warnings(caplog)
+        assert warning.startswith(f"backend {dead} of mail/alpha failed the login dialogue: timed out;")
+        # Its period over, one login retries it; it still hangs, so the period doubles.
+        clock.now += balancing.ENDPOINT_RETRY_SECONDS
+        assert await logs_in(proxy, user)
+        assert await logs_in(proxy, user)
+        assert len(accepted) == 2
+        episode = proxy.context.health.episode(dead)
+        assert episode is not None and episode.failures == 2
+        assert episode.period == 2 * balancing.ENDPOINT_RETRY_SECONDS
+        assert len(warnings(caplog)) == 1  # the same episode: the retry's failure is a debug line
+        assert messages(caplog, logging.DEBUG) == [
+            f"backend {dead} of mail/alpha failed the login dialogue: timed out"
+        ]
+
+
+async def test_least_connections_tries_a_failing_endpoint_last(start_proxy: ProxyFactory) -> None:
+    clock = Clock()
+    async with fake_backend() as good:
+        live, dead = Endpoint("127.0.0.1", good.port), Endpoint("127.0.0.1", dead_port())
+        proxy = await start_proxy({"balance": "least-connections"}, [live, dead])
+        proxy.context.clock = clock
+        writers = []
+        for n in range(5):  # users staying logged in (IDLE): live has the sessions, dead none
+            reply, _, writer = await login(proxy.port, f"user{n}@alpha.example")
+            assert reply.startswith(b"a1 OK"), reply
+            writers.append(writer)
+            for _ in range(int(WAIT / 0.01)):  # until the relay counts the session
+                if proxy.context.active[live] == n + 1:
+                    break
+                await asyncio.sleep(0.01)
+        for writer in writers:
+            writer.close()
+    # The second login found dead first (no sessions) and refused; from then on it came last.
+    assert proxy.metric("mailgress_proxy_backend_connect_failures_total", protocol="imap") == 1
+
+
+async def test_one_budget_for_every_endpoint_and_the_client_keeps_its_time(
+    start_proxy: ProxyFactory,
+) -> None:
+    async with serving(hangs) as (a, _), serving(hangs) as (b, _), serving(hangs) as (c, _):
+        # Three endpoints hanging in a budget of 3 s (1 s each); the client's pre-login deadline
+        # (2 s) would be over long before the backends gave up if their time were the client's.
+        proxy = await start_proxy({"balance": "round-robin"}, [a, b, c], backend_login=3.0, pre_login=2.0)
+        reply, reader, writer = await login(proxy.port, "anna@alpha.example")
+        assert reply == b"a1 NO [UNAVAILABLE] Service temporarily unavailable, try again later\r\n"
+        writer.write(b"a2 NOOP\r\n")  # the client may retry on the same connection
+        assert await asyncio.wait_for(reader.readline(), WAIT) == b"a2 OK NOOP completed\r\n"
+        writer.close()
+    assert (
+        proxy.metric("mailgress_proxy_backend_login_failures_total", protocol="imap", reason="timeout") == 3
+    )
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="pre_login_timeout") == 0
+
+
+async def test_login_dialogue_failures_are_counted_by_reason(start_proxy: ProxyFactory) -> None:
+    async with (
+        serving(greets_in_another_protocol) as (smtp, _),
+        serving(resets_at_login) as (resets, _),
+        fake_backend() as good,
+    ):
+        proxy = await start_proxy({}, [smtp, resets])
+        assert not await logs_in(proxy, "anna@alpha.example")
+        plain = await start_proxy(  # TLS towards a plaintext server: the handshake fails
+            {"imap": {"backend": {"service": "dovecot", "port": 143}, "tls": "tls"}},
+            [Endpoint("127.0.0.1", good.port)],
+        )
+        assert not await logs_in(plain, "anna@alpha.example")
+
+    def failures(running: RunningProxy, reason: str) -> float:
+        return running.metric("mailgress_proxy_backend_login_failures_total", protocol="imap", reason=reason)
+
+    assert [failures(proxy, reason) for reason in ("dialogue", "connection", "timeout", "tls")] == [
+        1,
+        1,
+        0,
+        0,
+    ]
+    assert failures(plain, "tls") == 1
+    assert proxy.metric("mailgress_proxy_backend_connect_failures_total", protocol="imap") == 0
+
+
+async def test_an_outage_is_logged_when_it_begins_and_when_it_ends(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    clock = Clock()
+    backend = FakeImapBackend()
+    broken = True
+
+    async def switchable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if broken:
+            writer.close()  # closed before the greeting
+        else:
+            await backend.handle(reader, writer)
+
+    async with serving(switchable) as (endpoint, _), serving(switchable) as (other, _):
+        proxy = await start_proxy({"balance": "round-robin"}, [endpoint, other])
+        proxy.context.clock = clock
+        for _ in range(5):
+            assert not await logs_in(proxy, "anna@alpha.example")
+        assert len(warnings(caplog)) == 2  # one per endpoint, not one per login and endpoint
+        assert len(messages(caplog, logging.DEBUG)) == 8
+        broken = False
+        clock.now += 5.0
+        assert await logs_in(proxy, "anna@alpha.example")
+        [recovered] = messages(caplog, logging.INFO)
+        told = "works again, 5 s after it began failing (failed attempts: 5; the first: failed the login"
+        assert any(
+            recovered.startswith(f"backend {either} of mail/alpha {told}") for either in (endpoint, other)
+        )
+        broken = True  # a new outage of the same endpoint is a new episode
+        clock.now += balancing.MAX_ENDPOINT_RETRY_SECONDS
+        assert not await logs_in(proxy, "anna@alpha.example")
+    assert len(warnings(caplog)) == 3
+
+
+async def test_a_refused_password_is_an_answer_and_ends_the_episode(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    clock = Clock()
+    backend = FakeImapBackend()
+    broken = True
+
+    async def switchable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if broken:
+            writer.close()
+        else:
+            await backend.handle(reader, writer)
+
+    async with serving(switchable) as (endpoint, _):
+        proxy = await start_proxy({}, [endpoint])
+        proxy.context.clock = clock
+        assert not await logs_in(proxy, "anna@alpha.example")
+        assert proxy.context.health.episode(endpoint) is not None
+        broken = False
+        reply, _, writer = await login(proxy.port, "anna@alpha.example", password="wrong")
+        writer.close()
+    assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    assert proxy.context.health.episode(endpoint) is None
+    [recovered] = messages(caplog, logging.INFO)
+    assert recovered.startswith(
+        f"backend {endpoint} of mail/alpha works again, 0 s after it began failing (failed attempts: 1;"
+    )
+
+
+async def test_an_auth_http_outage_is_logged_once_per_route(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with authservice.AuthService() as service:
+        proxy = await start_proxy(
+            {"auth": {"mode": "http", "http": {"url": service.url, "timeout": "5s"}}},
+            [Endpoint("127.0.0.1", dead_port())],
+        )
+        with service.down():
+            for _ in range(4):
+                assert not await logs_in(proxy, "anna@alpha.example")
+        assert not await logs_in(proxy, "anna@alpha.example")  # refused: the service answers
+    [warning] = warnings(caplog)
+    assert warning.startswith("auth_http service of mail/alpha failed: unreachable (")
+    assert len(messages(caplog, logging.DEBUG)) == 3
+    assert messages(caplog, logging.INFO) == [
+        "auth_http service of mail/alpha answers again (failed requests: 4)"
+    ]
+    assert not proxy.context.auth_failures
+
+
+def two_routes(services: dict[tuple[str, str, str], tuple[Endpoint, ...]]) -> list[dict[str, object]]:
+    return [
+        yaml.safe_load(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "mailgress.io/v1alpha1",
+                    "kind": "MailRoute",
+                    "metadata": {"name": name, "namespace": "mail"},
+                    "spec": {
+                        "domains": [f"{name}.example"],
+                        "imap": {"backend": {"service": service, "port": 143}},
+                        "balance": "round-robin",
+                    },
+                }
+            )
+        )
+        for name, (_, service, _) in zip(("alpha", "beta"), services, strict=True)
+    ]
+
+
+async def test_round_robin_keeps_a_position_per_route(start_proxy: ProxyFactory) -> None:
+    async with fake_backend() as a1, fake_backend() as a2, fake_backend() as b1, fake_backend() as b2:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", a1.port)])
+        services = {
+            ("mail", "dovecot-a", "143"): (Endpoint("127.0.0.1", a1.port), Endpoint("127.0.0.1", a2.port)),
+            ("mail", "dovecot-b", "143"): (Endpoint("127.0.0.1", b1.port), Endpoint("127.0.0.1", b2.port)),
+        }
+        compiled, _ = standalone.compile_bodies(two_routes(services), services)
+        proxy.context.tables.swap(compiled.table)
+        for _ in range(6):  # a client polling one account on each route, in turn
+            for user in ("anna@alpha.example", "bob@beta.example"):
+                assert await logs_in(proxy, user)
+    assert (a1.logins, a2.logins, b1.logins, b2.logins) == (3, 3, 3, 3)
+
+
+async def test_a_new_table_forgets_what_it_no_longer_has(start_proxy: ProxyFactory) -> None:
+    clock = Clock()
+    async with fake_backend() as good:
+        live, dead = Endpoint("127.0.0.1", good.port), Endpoint("127.0.0.1", dead_port())
+        proxy = await start_proxy({"balance": "round-robin"}, [dead])
+        context = proxy.context
+        context.clock = clock
+        assert not await logs_in(proxy, "anna@alpha.example")
+        assert context.health.failing(clock.now) == {dead}
+        assert context.positions == {("mail/alpha", "imap"): 1}
+        services = {
+            ("mail", "dovecot-a", "143"): (dead,),
+            ("mail", "dovecot-b", "143"): (live,),
+        }
+        compiled, _ = standalone.compile_bodies(two_routes(services)[1:], services)  # beta only
+        context.tables.swap(compiled.table)
+        assert await logs_in(proxy, "bob@beta.example")
+    assert len(context.health) == 0
+    assert context.positions == {("mail/beta", "imap"): 1}
+
+
+@pytest.fixture(autouse=True)
+def no_password_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    yield
+    assert PASSWORD not in caplog.text
