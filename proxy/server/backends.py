@@ -122,12 +122,18 @@ async def _replay_login(
     channel: SocketChannel | TransportChannel,
     tls: ssl.SSLContext,
     server_hostname: str,
+    greeted: Callable[[], None],
 ) -> Verdict:
-    """Feed the backend's bytes to the machine and carry out its commands until a verdict."""
+    """Feed the backend's bytes to the machine and carry out its commands until a verdict;
+    ``greeted`` is called once, when the backend's first bytes arrive."""
     event: events.Event | None = None
+    silent = True
     while True:
         if event is None:
             data = await channel.recv()
+            if data and silent:
+                silent = False
+                greeted()
             event = events.DataReceived(data) if data else events.ConnectionClosed()
         commands, event = machine.handle(event), None
         for command in commands:
@@ -247,18 +253,19 @@ async def _route_and_log_in(
     order = _endpoint_order(context, route, upstream, request.protocol, request.routing_key.lower())
     # One budget for the whole login, every endpoint tried included (Dovecot's
     # login_proxy_timeout), so endpoints that hang cannot hold a client longer than that.
-    budget_ends = time.monotonic() + timeouts.backend_login
+    loop = asyncio.get_running_loop()
+    budget_ends = loop.time() + timeouts.backend_login
     for index, endpoint in enumerate(order):
-        # Each endpoint gets an equal share of what is left: one that hangs leaves the others
-        # their turn. What a quick failure leaves goes to the endpoints after it.
-        share = (budget_ends - time.monotonic()) / (len(order) - index)
+        # Each endpoint gets an equal share of what is left to connect and greet: one that hangs
+        # leaves the others their turn. What a quick failure leaves goes to the endpoints after it.
+        share = (budget_ends - loop.time()) / (len(order) - index)
         if share <= 0:
-            break  # spent (the loop woke late): the rest are neither tried nor blamed
+            break  # spent (the loop woke late, or a greeted endpoint used it): none tried after
         context.health.trying(endpoint, context.clock())
         machine = BACKEND_LOGINS[request.protocol](request, config)
         channel: SocketChannel | TransportChannel | None = None
         try:
-            async with asyncio.timeout(share):
+            async with asyncio.timeout(share) as scope:
                 started = time.monotonic()
                 channel = SocketChannel(await _connect(endpoint, timeouts.backend_connect))
                 connected_in = time.monotonic() - started
@@ -271,7 +278,18 @@ async def _route_and_log_in(
                     channel = await TransportChannel.connect_tls(
                         channel.detach(), context.backend_tls, hostname
                     )
-                verdict = await _replay_login(machine, channel, context.backend_tls, hostname)
+                # Once the endpoint has greeted it is alive, and its dialogue may use all that is
+                # left of the budget: a backend answers a wrong password only after its failure
+                # delay (Dovecot's auth_failure_delay, 2 s), and a reply cut at the share would
+                # pass a guess off as an outage, past the failed-login throttle. The budget is
+                # then spent, so no other endpoint is given the credentials after a timeout.
+                verdict = await _replay_login(
+                    machine,
+                    channel,
+                    context.backend_tls,
+                    hostname,
+                    greeted=lambda: scope.reschedule(budget_ends),
+                )
         except (OSError, TimeoutError, ssl.SSLError) as error:
             if channel is None:
                 context.labelled(metrics.backend_connect_failures, request.protocol).inc()

@@ -345,6 +345,7 @@ async def _converse(
     attempts = 0  # logins tried on this connection (auth_http's Auth-Login-Attempt)
     loop = asyncio.get_running_loop()
     limit = deadline  # when the scope below ends: the deadline, then the timeout reply's grace
+    extension_left = context.settings.timeouts.backend_login  # what backend time may add to it
     timed_out = False
     sending = False  # a reply is on its way out: a deadline now would cut it short
     handshaking = False  # the STARTTLS handshake is under way
@@ -383,9 +384,10 @@ async def _converse(
                                     # The backend login has its own budget (backendLogin,
                                     # all endpoints together). The time the auth service and
                                     # the backends take is not the client's: the deadline moves
-                                    # on by it, so a temporary failure leaves the client the
-                                    # time it had to retry. Only the failed-login delay counts
-                                    # against it (_authenticate); the reply is bounded again.
+                                    # on by it (up to one backendLogin in all), so a temporary
+                                    # failure leaves the client the time it had to retry. Only
+                                    # the failed-login delay counts against it (_authenticate);
+                                    # the reply is bounded again.
                                     scope.reschedule(None)
                                     verdict, login = await _authenticate(
                                         context,
@@ -398,8 +400,13 @@ async def _converse(
                                         client_tls=channel.tls,
                                     )
                                     if login is not None:
-                                        deadline += login.waited
-                                        limit += login.waited
+                                        # At most one backendLogin over the session: a client
+                                        # retrying while every backend hangs still runs out of
+                                        # pre-login time (nginx closes after a backend failure).
+                                        extension = min(login.waited, extension_left)
+                                        extension_left -= extension
+                                        deadline += extension
+                                        limit += extension
                                     scope.reschedule(limit)
                                     pending.extend(frontend.handle(verdict))
                                 case events.Relay(buffered=buffered):

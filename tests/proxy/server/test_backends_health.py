@@ -184,6 +184,63 @@ async def test_one_budget_for_every_endpoint_and_the_client_keeps_its_time(
     assert proxy.metric("mailgress_proxy_refusals_total", reason="pre_login_timeout") == 0
 
 
+async def refuses_slowly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Greets at once and refuses the password after SLOW_REFUSAL seconds (Dovecot's
+    auth_failure_delay: a wrong password is answered late, the right one at once)."""
+    writer.write(GREETING)
+    for _ in range(8):  # LOGIN with two literals: three lines at most; bounded
+        line = await reader.readline()
+        if not line or b"LOGIN" in line:
+            break
+    await asyncio.sleep(SLOW_REFUSAL)
+    tag = line.split(b" ", 1)[0]
+    writer.write(tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+    await writer.drain()
+
+
+SLOW_REFUSAL = 3.5  # longer than an endpoint's share below (2 s), shorter than the budget (6 s)
+
+
+async def test_a_greeted_endpoints_late_refusal_is_a_refusal_not_an_outage(start_proxy: ProxyFactory) -> None:
+    """Review K1: each endpoint's share cut a refusal its backend delays (a guessed password),
+    so the guess got NO [UNAVAILABLE], the throttle never counted it, and the next endpoint was
+    given the credentials too. Once greeted, an endpoint has what is left of the budget."""
+    async with (
+        serving(refuses_slowly) as (a, first),
+        serving(refuses_slowly) as (b, second),
+        serving(refuses_slowly) as (c, third),
+    ):
+        proxy = await start_proxy({"balance": "round-robin"}, [a, b, c], backend_login=6.0)
+        reply, _, writer = await login(proxy.port, "anna@alpha.example")
+        writer.close()
+    assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    assert sum(first) + sum(second) + sum(third) == 1, "the credentials went to one endpoint only"
+    assert proxy.metric("mailgress_proxy_logins_total", protocol="imap", outcome="rejected") == 1
+
+
+async def test_retrying_while_backends_hang_still_runs_out_of_pre_login_time(
+    start_proxy: ProxyFactory,
+) -> None:
+    """Review K1: every temporary failure moved the pre-login deadline on by the backends' time,
+    so a client retrying LOGIN held its connection for ever; backend time adds at most one
+    backendLogin over the session."""
+    async with serving(hangs) as (endpoint, _):
+        proxy = await start_proxy({}, [endpoint], backend_login=0.5, pre_login=1.0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        await asyncio.wait_for(reader.readline(), WAIT)  # the greeting
+        closed = False
+        for attempt in range(40):  # 40 backend timeouts would be 20 s; the session ends first
+            writer.write(b"a%d LOGIN anna@alpha.example secret\r\n" % attempt)
+            reply = await asyncio.wait_for(reader.readline(), WAIT)
+            if reply.startswith(b"* BYE") or not reply:
+                closed = True
+                break
+            assert b"[UNAVAILABLE]" in reply
+        writer.close()
+    assert closed, "the session outlived every retry"
+    assert proxy.metric("mailgress_proxy_refusals_total", reason="pre_login_timeout") == 1
+
+
 async def test_login_dialogue_failures_are_counted_by_reason(start_proxy: ProxyFactory) -> None:
     async with (
         serving(greets_in_another_protocol) as (smtp, _),
