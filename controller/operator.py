@@ -411,17 +411,24 @@ class RecentEvents:
         self._budgets: OrderedDict[str, _Budget] = OrderedDict()
         self.patchable = True  # False once a PATCH was forbidden (a chart that grants only create)
 
-    def take(self, key: EventKey) -> PostedEvent | None:
-        """The Event like ``key`` posted within EVENT_AGGREGATION_SECONDS, if any, forgotten
-        until ``posted`` is called again (a failed post leaves nothing stale behind)."""
-        posted = self._posted.pop(key, None)
-        if posted is None or self._clock() - posted.at > EVENT_AGGREGATION_SECONDS:
+    def recent(self, key: EventKey) -> PostedEvent | None:
+        """The Event like ``key`` posted within EVENT_AGGREGATION_SECONDS, if any (an older one
+        is forgotten). It stays remembered: a PATCH that meets an unavailable API may count in
+        it at the next post; ``forget`` it when the API refuses the count."""
+        posted = self._posted.get(key)
+        if posted is not None and self._clock() - posted.at > EVENT_AGGREGATION_SECONDS:
+            del self._posted[key]
             return None
         return posted
+
+    def forget(self, key: EventKey) -> None:
+        """The Event like ``key`` is not to be counted in (gone, or its PATCH refused)."""
+        self._posted.pop(key, None)
 
     def posted(self, key: EventKey, name: str, count: int) -> None:
         """The Event ``name`` now counts ``count`` posts like ``key``."""
         self._posted[key] = PostedEvent(name, count, self._clock())
+        self._posted.move_to_end(key)  # least recently posted forgotten first
         while len(self._posted) > MAX_REMEMBERED_EVENTS:
             self._posted.popitem(last=False)
 
@@ -651,14 +658,14 @@ class KubeApi:
         route = entry.route
         key: EventKey = (entry.uid, kind, reason, message)
         path = f"/api/v1/namespaces/{route.namespace}/events"
-        last = self._events.take(key)
-        if (
-            last is not None
-            and self._events.patchable
-            and await self._count_event(f"{path}/{last.name}", last.count + 1, now)
-        ):
-            self._events.posted(key, last.name, last.count + 1)
-            return
+        last = self._events.recent(key)
+        if last is not None and self._events.patchable:
+            # An unavailable API raises here, and the Event stays remembered for the retry:
+            # forgetting it would make the next post create a duplicate.
+            if await self._count_event(f"{path}/{last.name}", last.count + 1, now):
+                self._events.posted(key, last.name, last.count + 1)
+                return
+            self._events.forget(key)
         if not self._events.may_create(entry.uid):
             log.debug(
                 "Event %s for %s dropped: %d were created for it lately (one more every %.0f s)",

@@ -5,10 +5,11 @@ creates are bounded by a token bucket. Against the emulator; tests/kube/test_ope
 whole controller with an endpoint that flaps (review J4: an Event object per condition flip)."""
 
 import logging
+from typing import Any
 
 import pytest
 
-from controller import operator
+from controller import operator, reconciler
 from tests.controller.test_operator import kube_api  # noqa: F401 (fixture)
 from tests.controller.test_reconciler import entry, route_body
 from tests.kube.conftest import route_events
@@ -33,14 +34,18 @@ KEY = ("uid-a", "Normal", "Accepted", "Accepted=True: valid")
 def test_an_event_is_remembered_for_the_aggregation_window() -> None:
     clock = Clock()
     recent = operator.RecentEvents(clock)
-    assert recent.take(KEY) is None
+    assert recent.recent(KEY) is None
     recent.posted(KEY, "a.1", 1)
     clock.now += operator.EVENT_AGGREGATION_SECONDS
-    assert recent.take(KEY) == operator.PostedEvent("a.1", 1, 1000.0)
-    assert recent.take(KEY) is None, "taken: a failed post leaves nothing behind"
+    assert recent.recent(KEY) == operator.PostedEvent("a.1", 1, 1000.0)
+    assert recent.recent(KEY) is not None, "still remembered: a PATCH that failed may count in it later"
+    recent.forget(KEY)
+    assert recent.recent(KEY) is None, "forgotten: its PATCH was refused"
     recent.posted(KEY, "a.1", 2)
     clock.now += operator.EVENT_AGGREGATION_SECONDS + 1
-    assert recent.take(KEY) is None, "too old: created anew"
+    assert recent.recent(KEY) is None, "too old: created anew"
+    clock.now -= operator.EVENT_AGGREGATION_SECONDS + 1
+    assert recent.recent(KEY) is None, "and forgotten"
 
 
 def test_the_remembered_events_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,7 +54,10 @@ def test_the_remembered_events_are_bounded(monkeypatch: pytest.MonkeyPatch) -> N
     keys = [("uid-a", "Normal", "Accepted", str(n)) for n in range(3)]
     for n, key in enumerate(keys):
         recent.posted(key, f"a.{n}", 1)
-    assert [recent.take(key) is not None for key in keys] == [False, True, True]
+    assert [recent.recent(key) is not None for key in keys] == [False, True, True]
+    recent.posted(keys[1], "a.1", 2)  # counted again: now the most recently posted
+    recent.posted(keys[0], "a.0", 1)
+    assert [recent.recent(key) is not None for key in keys] == [True, True, False]
 
 
 def test_creates_per_route_are_a_token_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,6 +110,32 @@ async def test_an_expired_event_is_created_anew(
     [again] = route_events(server, "alpha")
     assert again["metadata"]["name"] != first["metadata"]["name"]
     assert again["count"] == 2
+
+
+async def test_a_patch_that_meets_an_outage_counts_in_the_same_event_later(
+    kube_api: tuple[Emulator, operator.KubeApi],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review K2: the PATCH counting a repeat meets an unavailable API (the sweep ends); once the
+    API is back, the repeat is counted in the Event created before, not in a duplicate."""
+    server, writer = kube_api
+    route = entry(route_body("alpha", "a.example"))
+    message = ("Warning", "NoReadyEndpoints", "ResolvedRefs=False: none ready")
+    await writer.post_event(route, *message)
+    real_call = writer._call
+    outage = {"on": True}
+
+    async def flaky(method: str, path: str, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
+        if outage["on"] and method == "PATCH" and "/events/" in path:
+            raise reconciler.ClusterUnavailableError(f"{method} {path}: HTTP 503")
+        return await real_call(method, path, *args, **kwargs)
+
+    monkeypatch.setattr(writer, "_call", flaky)
+    with pytest.raises(reconciler.ClusterUnavailableError):
+        await writer.post_event(route, *message)
+    outage["on"] = False
+    await writer.post_event(route, *message)
+    assert [event["count"] for event in route_events(server, "alpha")] == [2]
 
 
 async def test_a_forbidden_patch_falls_back_to_creating_logged_once(
