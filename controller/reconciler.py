@@ -546,7 +546,8 @@ class Reconciler:
         self._snapshot_failure: _SnapshotFailure | None = None
         self._snapshot_paused = False  # a failed API write's RETRY_SECONDS are not over yet
         self._applied: dict[str, str] = {}  # proxy -> last version it accepted
-        self._rejected: dict[str, Ack] = {}  # proxy -> its rejection of a version it did not apply
+        # Connected proxy -> its rejection of a version it did not apply (``acks_changed``).
+        self._rejected: dict[str, Ack] = {}
         # key -> (resourceVersion we patched against, status we wrote): until the watch brings
         # our own write back, the index still shows the old status.
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -578,13 +579,21 @@ class Reconciler:
             self._wake.set()
 
     def acks_changed(self) -> None:
-        """The publisher saw a proxy connect, ack or leave: recompute Programmed."""
-        for proxy, ack in self._publisher.acks().items():
+        """The publisher saw a proxy connect, ack or leave: recompute Programmed.
+
+        A rejection is kept only while its proxy's stream is open: a StatefulSet successor of
+        the same name (the pod name is all the publisher and the proxy index know it by) may be
+        ready before any pass sees the name absent, and must not be reported with its
+        predecessor's error; a proxy that reconnects acks the current table again, so its
+        rejection, if it still holds, is back at once. The version a proxy applied is kept when
+        its stream leaves: a proxy that reconnects (a network blip, a controller restart) keeps
+        running it, and dropping it would turn Programmed to Pending on every route meanwhile;
+        a successor runs the snapshot's table (the latest one written), until its ack says."""
+        acks = self._publisher.acks()
+        self._rejected = {proxy: ack for proxy, ack in acks.items() if not ack.accepted}
+        for proxy, ack in acks.items():
             if ack.accepted:
                 self._applied[proxy] = ack.version
-                self._rejected.pop(proxy, None)
-            else:
-                self._rejected[proxy] = ack
         self._wake.set()
 
     async def restore(self) -> None:
@@ -747,11 +756,10 @@ class Reconciler:
             self._publisher.publish(compiled.table)
             self._pushed = compiled.table.version
             self._published.add(compiled.table)
-        for proxy in (self._applied.keys() | self._rejected.keys()) - inputs.proxies.keys():
-            # The pod is gone: a new one of that name acks afresh, and must not be reported with
-            # the rejection of the one before it (nor its pods' names kept through rollouts).
-            self._applied.pop(proxy, None)
-            self._rejected.pop(proxy, None)
+        for proxy in self._applied.keys() - inputs.proxies.keys():
+            # The pod is gone: its name is not kept through rollouts (rejections leave with the
+            # proxy's stream, ``acks_changed``).
+            del self._applied[proxy]
         if self._snapshot != compiled.table.version:
             await self._save_snapshot(compiled.table)
         self.passes += 1

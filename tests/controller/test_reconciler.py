@@ -417,6 +417,44 @@ async def test_a_gone_proxy_takes_its_rejection_with_it(
     assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == "1 of 2 proxies"
 
 
+async def test_a_successor_ready_before_a_pass_saw_its_name_absent_has_no_rejection(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """Review K2: the StatefulSet creates proxy-b again (same name) before any pass runs without
+    it; the rejection left with the predecessor's stream, not with its name."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b", accepted=False, error="no memory")
+    await worker.reconcile()
+    del publisher.current["proxy-b"]  # its stream closes; the successor is ready at once
+    publisher.ack("proxy-a")
+    await worker.reconcile()
+    assert world.proxies["proxy-b"], "the successor, ready, not connected yet"
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == "1 of 2 proxies"
+    publisher.ack("proxy-b", accepted=False, error="still no memory")  # it connects and rejects
+    await worker.reconcile()
+    latest = publisher.published[-1].version
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == (
+        f"1 of 2 proxies; proxy-b rejected table {latest}: still no memory"
+    )
+
+
+async def test_a_proxy_whose_stream_leaves_still_counts_as_running_what_it_applied(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """It keeps serving that table while it reconnects: Programmed does not flap to Pending."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    written = len(cluster.patches)
+    del publisher.current["proxy-b"]
+    publisher.ack("proxy-a")
+    await worker.reconcile()
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][:2] == ("True", "Programmed")
+    assert len(cluster.patches) == written, "nothing to write"
+
+
 async def test_status_is_written_once_per_change_with_events_on_transitions(
     worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
 ) -> None:
