@@ -35,10 +35,10 @@ Watch gaps: when a watch resumes with a resourceVersion the API server no longer
 kopf lists the kind again and indexes what the listing holds, but never drops the values of
 objects the listing lacks: a deletion made during the gap would be served until a restart, and
 an object created again under the same name leaves both values in its store. So every index
-value carries its object's uid (``Indexed``), ``Sightings`` notes when each uid was first seen,
-and ``Resync`` LISTs each indexed kind (uids only, the selectors of kopf's watches) every
-``Wiring.resync`` seconds and soon after a re-list shows; a uid seen before such a LIST started
-and absent from it is gone, and ``inputs`` leaves its value out from then on.
+value carries its object's uid (``Indexed``), ``Sightings`` notes when each uid was first and
+last indexed, and ``Resync`` LISTs each indexed kind (uids only, the selectors of kopf's watches)
+every ``Wiring.resync`` seconds and soon after a re-list shows; a uid last indexed before such a
+LIST started and absent from it is gone, and ``inputs`` leaves its value out from then on.
 """
 
 import asyncio
@@ -136,7 +136,10 @@ class Indexed(Generic[V]):
 @dataclass(frozen=True, slots=True)
 class _Sighting:
     namespace: str
-    first_seen: float  # Sightings' clock
+    first_seen: float  # Sightings' clock: ranks two uids under one name (``live``)
+    # Sightings' clock, at the uid's latest index handler call: a LIST that started before it
+    # may predate the object's return to the selection (``judge``).
+    last_seen: float
     announced: bool = False  # an event handler has had an event of it
 
 
@@ -148,11 +151,13 @@ def _whole_store(_: object) -> str:
 class Sightings:
     """Which indexed objects are live, by uid, for ``inputs``.
 
-    Per index, each uid's namespace and when it was first seen (``indexed``, from the index
-    handlers), and whether an event handler has announced it (``announce``: a listing event of
-    an announced uid is kopf re-listing after a watch gap). ``judge`` applies a LIST: a uid first
-    seen before the LIST started and absent from it is gone, and stays gone unless an index
-    handler sees it again (a Secret labelled again keeps its uid). Bounded by kopf's own indexes:
+    Per index, each uid's namespace and when it was first and last seen (``indexed``, from the
+    index handlers), and whether an event handler has announced it (``announce``: a listing event
+    of an announced uid is kopf re-listing after a watch gap). ``judge`` applies a LIST: a uid
+    last seen before the LIST started and absent from it is gone, and stays gone unless an index
+    handler sees it again (a Secret labelled again keeps its uid; its DELETED may have been lost,
+    and it may come back while a LIST that started before is in flight, so the last sighting
+    counts, not the first). Bounded by kopf's own indexes:
     a uid is forgotten on its DELETED event, and a gone uid leaves the sightings for the gone
     set, which holds only values kopf keeps and will never drop. Thread-safe: index handlers run
     in kopf's executor threads, everything else on its loop.
@@ -170,8 +175,8 @@ class Sightings:
 
     def indexed(self, index: str, body: Mapping[str, Any], values: Mapping[Any, V]) -> dict[Any, Indexed[V]]:
         """What an index handler returns: ``values`` (index key to value) tagged with the body's
-        uid, whose first sighting is recorded now if it is new (and it holds a value). A body
-        without a uid (never from the API server) is tagged "" and never judged."""
+        uid, whose sighting is recorded now (the first too, if it is new) when it holds a value.
+        A body without a uid (never from the API server) is tagged "" and never judged."""
         found = body.get("metadata")
         metadata: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
         uid = metadata.get("uid")
@@ -179,8 +184,14 @@ class Sightings:
         if uid and values:
             with self._lock:
                 self._gone.discard(uid)  # seen again (a Secret labelled again keeps its uid)
-                if uid not in self._seen[index]:
-                    self._seen[index][uid] = _Sighting(str(metadata.get("namespace") or ""), self._clock())
+                now = self._clock()
+                known = self._seen[index]
+                sighting = known.get(uid)
+                known[uid] = (
+                    _Sighting(str(metadata.get("namespace") or ""), now, now)
+                    if sighting is None
+                    else dataclasses.replace(sighting, last_seen=now)
+                )
         return {key: Indexed(uid, value) for key, value in values.items()}
 
     def announce(self, index: str, event_type: str | None, uid: str) -> bool:
@@ -207,15 +218,15 @@ class Sightings:
 
     def judge(self, index: str, namespace: str | None, started: float, listed: Collection[str]) -> int:
         """Apply a LIST of ``index``'s kind in ``namespace`` (None: all) that started at
-        ``started`` (``now``) and found ``listed``: every uid first seen before it started and
-        not listed is gone. A uid first seen since is kept whatever the LIST says: it may be
-        newer than the LIST's snapshot. Returns how many uids this made gone."""
+        ``started`` (``now``) and found ``listed``: every uid last seen before it started and
+        not listed is gone. A uid indexed since (first or again) is kept whatever the LIST says:
+        it may be newer than the LIST's snapshot. Returns how many uids this made gone."""
         with self._lock:
             known = self._seen[index]
             lost = [
                 uid
                 for uid, sighting in known.items()
-                if sighting.first_seen < started
+                if sighting.last_seen < started
                 and uid not in listed
                 and (namespace is None or sighting.namespace == namespace)
             ]

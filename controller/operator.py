@@ -119,6 +119,10 @@ MAX_REMEMBERED_EVENTS = 4096
 # of Events an hour. What goes over is dropped (logged at debug level).
 EVENT_BURST = 25
 EVENT_REFILL_SECONDS = 300.0
+# After a 403 on an Event PATCH in a namespace (a chart that grants only create, a per-namespace
+# Role, an admission webhook), repeats there are created anew for this long, then PATCH is tried
+# again: a grant may come without a restart. One aggregation interval, as client-go's.
+EVENT_PATCH_RETRY_SECONDS = EVENT_AGGREGATION_SECONDS
 EXIT_USAGE = 2
 
 # Builds the push channel's certificates from the certificate and key files. mailgress/cli.py,
@@ -401,29 +405,54 @@ class _Budget:
 
 class RecentEvents:
     """What ``KubeApi.post_event`` remembers between posts: the Events posted in the last
-    EVENT_AGGREGATION_SECONDS, each MailRoute's create budget, and whether PATCH on Events is
-    allowed. Both maps are LRUs of at most MAX_REMEMBERED_EVENTS. No I/O: the caller asks, calls
-    the API, and reports back."""
+    EVENT_AGGREGATION_SECONDS, each MailRoute's create budget, and the namespaces where a PATCH
+    of an Event was forbidden lately. The maps are LRUs of at most MAX_REMEMBERED_EVENTS. No I/O:
+    the caller asks, calls the API, and reports back."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._posted: OrderedDict[EventKey, PostedEvent] = OrderedDict()
         self._budgets: OrderedDict[str, _Budget] = OrderedDict()
-        self.patchable = True  # False once a PATCH was forbidden (a chart that grants only create)
+        # Namespace to when a PATCH of an Event there was last forbidden; kept after
+        # EVENT_PATCH_RETRY_SECONDS so the refusal is named once per namespace.
+        self._unpatchable: OrderedDict[str, float] = OrderedDict()
 
-    def take(self, key: EventKey) -> PostedEvent | None:
-        """The Event like ``key`` posted within EVENT_AGGREGATION_SECONDS, if any, forgotten
-        until ``posted`` is called again (a failed post leaves nothing stale behind)."""
-        posted = self._posted.pop(key, None)
-        if posted is None or self._clock() - posted.at > EVENT_AGGREGATION_SECONDS:
+    def recent(self, key: EventKey) -> PostedEvent | None:
+        """The Event like ``key`` posted within EVENT_AGGREGATION_SECONDS, if any (an older one
+        is forgotten). It stays remembered: a PATCH that meets an unavailable API may count in
+        it at the next post; ``forget`` it when the API refuses the count."""
+        posted = self._posted.get(key)
+        if posted is not None and self._clock() - posted.at > EVENT_AGGREGATION_SECONDS:
+            del self._posted[key]
             return None
         return posted
+
+    def forget(self, key: EventKey) -> None:
+        """The Event like ``key`` is not to be counted in (gone, or its PATCH refused)."""
+        self._posted.pop(key, None)
 
     def posted(self, key: EventKey, name: str, count: int) -> None:
         """The Event ``name`` now counts ``count`` posts like ``key``."""
         self._posted[key] = PostedEvent(name, count, self._clock())
+        self._posted.move_to_end(key)  # least recently posted forgotten first
         while len(self._posted) > MAX_REMEMBERED_EVENTS:
             self._posted.popitem(last=False)
+
+    def may_patch(self, namespace: str) -> bool:
+        """Whether to count a repeat in ``namespace`` with a PATCH: none was forbidden there in
+        the last EVENT_PATCH_RETRY_SECONDS."""
+        refused = self._unpatchable.get(namespace)
+        return refused is None or self._clock() - refused >= EVENT_PATCH_RETRY_SECONDS
+
+    def patch_forbidden(self, namespace: str) -> bool:
+        """A PATCH of an Event in ``namespace`` was forbidden: none is tried there for
+        EVENT_PATCH_RETRY_SECONDS. True the first time for ``namespace`` (to be logged)."""
+        first = namespace not in self._unpatchable
+        self._unpatchable[namespace] = self._clock()
+        self._unpatchable.move_to_end(namespace)
+        while len(self._unpatchable) > MAX_REMEMBERED_EVENTS:
+            self._unpatchable.popitem(last=False)
+        return first
 
     def may_create(self, uid: str) -> bool:
         """Whether the MailRoute ``uid`` may have one more Event created (and count it)."""
@@ -651,14 +680,14 @@ class KubeApi:
         route = entry.route
         key: EventKey = (entry.uid, kind, reason, message)
         path = f"/api/v1/namespaces/{route.namespace}/events"
-        last = self._events.take(key)
-        if (
-            last is not None
-            and self._events.patchable
-            and await self._count_event(f"{path}/{last.name}", last.count + 1, now)
-        ):
-            self._events.posted(key, last.name, last.count + 1)
-            return
+        last = self._events.recent(key)
+        if last is not None and self._events.may_patch(route.namespace):
+            # An unavailable API raises here, and the Event stays remembered for the retry:
+            # forgetting it would make the next post create a duplicate.
+            if await self._count_event(route.namespace, f"{path}/{last.name}", last.count + 1, now):
+                self._events.posted(key, last.name, last.count + 1)
+                return
+            self._events.forget(key)
         if not self._events.may_create(entry.uid):
             log.debug(
                 "Event %s for %s dropped: %d were created for it lately (one more every %.0f s)",
@@ -705,22 +734,26 @@ class KubeApi:
             refused = f"POST {path}: HTTP {code}{_refusal(content)}"
         log.warning("Event %s for %s was refused: %s", reason, route.key, refused)
 
-    async def _count_event(self, path: str, count: int, now: str) -> bool:
-        """PATCH the Event at ``path`` to ``count`` posts, the last ``now``. False when it is to
-        be created anew: it is gone (404: its TTL ran out), refused (logged at debug level), or
-        PATCH on Events is forbidden (a chart that grants only create: logged once, and no Event
-        is patched again until a restart). Raises ClusterUnavailableError as ``_call``."""
+    async def _count_event(self, namespace: str, path: str, count: int, now: str) -> bool:
+        """PATCH the Event at ``path`` (in ``namespace``) to ``count`` posts, the last ``now``.
+        False when it is to be created anew: it is gone (404: its TTL ran out), refused (logged
+        at debug level), or forbidden (a chart that grants only create, a per-namespace Role, a
+        webhook: logged once per namespace, and no Event there is patched for
+        EVENT_PATCH_RETRY_SECONDS). Raises ClusterUnavailableError as ``_call``."""
         body = {"count": count, "lastTimestamp": now}
         try:
             code, content = await self._call("PATCH", path, body, "application/merge-patch+json")
         except ForbiddenError as error:
-            self._events.patchable = False
-            log.warning(
-                "patching Events is forbidden, so each repeated Event is created anew (at most %d "
-                "per MailRoute, then one every %.0f s) until the controller restarts; grant patch "
-                "on events: %s",
+            first = self._events.patch_forbidden(namespace)
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "patching Events is forbidden in namespace %s, so each repeated Event there is "
+                "created anew (at most %d per MailRoute, then one every %.0f s), and PATCH tried "
+                "again every %.0f s; grant patch on events: %s",
+                namespace,
                 EVENT_BURST,
                 EVENT_REFILL_SECONDS,
+                EVENT_PATCH_RETRY_SECONDS,
                 error,
             )
             return False

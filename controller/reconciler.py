@@ -37,7 +37,8 @@ compiler, Programmed from which ready proxy pods run a table that holds this rou
 now is, whatever its endpoints, status.proxies from which run this route exactly as it now is)
 and patches the ones that differ, merging our conditions into the object's list
 (controller.conditions.merge: others' conditions stay) with the object's resourceVersion as a
-precondition, and posts an Event per condition that turned True or False. A write the API
+precondition, and posts an Event per condition that turned True or False (one an unavailable
+API kept back is posted by the retried sweep, though the status is written). A write the API
 server refuses (an admission policy, a status beyond the CRD's limits) holds up no other route:
 it is logged once per route and problem and tried again later, less often while the refusal
 lasts; an unavailable API (network trouble, 401, 429, 5xx) ends the sweep, and one pass
@@ -546,10 +547,15 @@ class Reconciler:
         self._snapshot_failure: _SnapshotFailure | None = None
         self._snapshot_paused = False  # a failed API write's RETRY_SECONDS are not over yet
         self._applied: dict[str, str] = {}  # proxy -> last version it accepted
-        self._rejected: dict[str, Ack] = {}  # proxy -> its rejection of a version it did not apply
+        # Connected proxy -> its rejection of a version it did not apply (``acks_changed``).
+        self._rejected: dict[str, Ack] = {}
         # key -> (resourceVersion we patched against, status we wrote): until the watch brings
         # our own write back, the index still shows the old status.
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}
+        # key -> each condition's (status, reason) as the Events posted so far tell it, while a
+        # status written has transitions whose Events are not all posted (an unavailable API
+        # ended the sweep): the retried sweep posts them, though the status is written.
+        self._unposted: dict[str, dict[Any, tuple[Any, Any]]] = {}
         self._refused: dict[str, _Refusal] = {}  # key -> the last refusal of its status write
         self._refused_timer: asyncio.TimerHandle | None = None  # wakes a pass for the next retry
         # The one pending retry of a failed pass or sweep (``_retry_later``): while it is, no
@@ -578,13 +584,21 @@ class Reconciler:
             self._wake.set()
 
     def acks_changed(self) -> None:
-        """The publisher saw a proxy connect, ack or leave: recompute Programmed."""
-        for proxy, ack in self._publisher.acks().items():
+        """The publisher saw a proxy connect, ack or leave: recompute Programmed.
+
+        A rejection is kept only while its proxy's stream is open: a StatefulSet successor of
+        the same name (the pod name is all the publisher and the proxy index know it by) may be
+        ready before any pass sees the name absent, and must not be reported with its
+        predecessor's error; a proxy that reconnects acks the current table again, so its
+        rejection, if it still holds, is back at once. The version a proxy applied is kept when
+        its stream leaves: a proxy that reconnects (a network blip, a controller restart) keeps
+        running it, and dropping it would turn Programmed to Pending on every route meanwhile;
+        a successor runs the snapshot's table (the latest one written), until its ack says."""
+        acks = self._publisher.acks()
+        self._rejected = {proxy: ack for proxy, ack in acks.items() if not ack.accepted}
+        for proxy, ack in acks.items():
             if ack.accepted:
                 self._applied[proxy] = ack.version
-                self._rejected.pop(proxy, None)
-            else:
-                self._rejected[proxy] = ack
         self._wake.set()
 
     async def restore(self) -> None:
@@ -747,11 +761,10 @@ class Reconciler:
             self._publisher.publish(compiled.table)
             self._pushed = compiled.table.version
             self._published.add(compiled.table)
-        for proxy in (self._applied.keys() | self._rejected.keys()) - inputs.proxies.keys():
-            # The pod is gone: a new one of that name acks afresh, and must not be reported with
-            # the rejection of the one before it (nor its pods' names kept through rollouts).
-            self._applied.pop(proxy, None)
-            self._rejected.pop(proxy, None)
+        for proxy in self._applied.keys() - inputs.proxies.keys():
+            # The pod is gone: its name is not kept through rollouts (rejections leave with the
+            # proxy's stream, ``acks_changed``).
+            del self._applied[proxy]
         if self._snapshot != compiled.table.version:
             await self._save_snapshot(compiled.table)
         self.passes += 1
@@ -906,6 +919,8 @@ class Reconciler:
             current = written[1] if written and written[0] == entry.resource_version else entry.status
             desired = self._desired(entry, compiled, ready, current)
             if all(current.get(name) == value for name, value in desired.items()):
+                if key in self._unposted:
+                    await self._post_transitions(entry, desired["conditions"])
                 continue
             namespace, name = entry.route.namespace, entry.route.name
             try:
@@ -919,12 +934,15 @@ class Reconciler:
             if self._refused.pop(key, None) is not None:
                 log.info("the status of MailRoute %s is written again", key)
             self._written[key] = (entry.resource_version, desired)
-            await self._post_transitions(entry, current.get("conditions"), desired["conditions"])
+            self._unposted.setdefault(key, _states(current.get("conditions")))
+            await self._post_transitions(entry, desired["conditions"])
         self._resume_at = None
         for key in set(self._written) - seen:
             del self._written[key]
         for key in set(self._refused) - seen:
             del self._refused[key]  # the route is gone
+        for key in set(self._unposted) - seen:
+            del self._unposted[key]
         if waiting:
             self._wake_at(min(waiting))
         return True
@@ -965,13 +983,12 @@ class Reconciler:
         self._refused_timer = None
         self._wake.set()
 
-    async def _post_transitions(self, entry: RouteEntry, before: Any, after: list[Any]) -> None:
-        """An Event for each of our conditions that became True or False (or changed reason)."""
-        previous = {
-            item.get("type"): (item.get("status"), item.get("reason"))
-            for item in (before if isinstance(before, list) else [])
-            if isinstance(item, Mapping)
-        }
+    async def _post_transitions(self, entry: RouteEntry, after: list[Any]) -> None:
+        """An Event for each of our conditions that became True or False (or changed reason)
+        since the Events ``_unposted`` records. Each posted moves that record on, so an
+        unavailable API (raised) leaves only the Events not posted for the retried sweep."""
+        key = entry.route.key
+        previous = self._unposted[key]
         for item in after:
             kind, status, reason = item["type"], item["status"], item["reason"]
             if kind not in conditions.CONDITION_TYPES or status == "Unknown":
@@ -981,3 +998,15 @@ class Reconciler:
                 await self._cluster.post_event(
                     entry, "Normal" if status == "True" else "Warning", reason, message
                 )
+                previous[kind] = (status, reason)
+        del self._unposted[key]
+
+
+def _states(found: Any) -> dict[Any, tuple[Any, Any]]:
+    """Each condition's (status, reason) in a status's conditions list (any shape: it is the
+    object's as the API server keeps it)."""
+    return {
+        item.get("type"): (item.get("status"), item.get("reason"))
+        for item in (found if isinstance(found, list) else [])
+        if isinstance(item, Mapping)
+    }

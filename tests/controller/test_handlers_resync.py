@@ -1,5 +1,5 @@
-"""Watch gaps (controller.handlers' Sightings and Resync): the staleness rule (a uid first seen
-before a LIST started and absent from it is gone; one first seen since is kept), an object
+"""Watch gaps (controller.handlers' Sightings and Resync): the staleness rule (a uid last seen
+before a LIST started and absent from it is gone; one seen since, first or again, is kept), an object
 created again under its name while the watch was away, the re-list sign, the bounds, failed
 LISTs, and the resync task's two triggers. The operator runs it against the emulator in
 tests/kube/test_watch_gap.py."""
@@ -68,6 +68,36 @@ def test_a_uid_first_seen_after_the_list_started_is_kept() -> None:
     assert sightings.live(ROUTES, [created]) == ["created during the LIST"]
     clock.now = 2.0
     assert sightings.judge(ROUTES, "mail", sightings.now(), set()) == 1, "a LIST started after it"
+
+
+def test_a_uid_indexed_again_after_the_list_started_is_kept() -> None:
+    """Review K2: a labelled Secret keeps its uid when its label goes and comes back; if the
+    DELETED of the removal was lost, a LIST whose snapshot fell between the two lacks it. It was
+    indexed again after that LIST started, so it may be newer than the snapshot: kept."""
+    clock = Clock()
+    sightings = handlers.Sightings(clock)
+    index(sightings, ROUTES, "u1", "first value")
+    clock.now = 100.0
+    started = sightings.now()
+    clock.now = 101.0
+    again = index(sightings, ROUTES, "u1", "indexed again")
+    assert sightings.judge(ROUTES, "mail", started, set()) == 0
+    assert sightings.live(ROUTES, [again]) == ["indexed again"]
+    clock.now = 102.0
+    assert sightings.judge(ROUTES, "mail", sightings.now(), set()) == 1, "a LIST started after it"
+
+
+def test_of_two_uids_under_one_name_the_first_sighting_ranks_not_the_last() -> None:
+    """An older object's value indexed again (a resync of kopf's own) does not make it newer
+    than the object created again under its name."""
+    clock = Clock()
+    sightings = handlers.Sightings(clock)
+    old = index(sightings, ROUTES, "old", "old object")
+    clock.now = 1.0
+    new = index(sightings, ROUTES, "new", "new object")
+    clock.now = 2.0
+    old = index(sightings, ROUTES, "old", "old object")
+    assert sightings.live(ROUTES, [old, new]) == ["new object"]
 
 
 def test_a_seen_time_equal_to_the_lists_start_is_kept() -> None:
@@ -299,6 +329,27 @@ async def test_an_object_seen_while_the_list_runs_survives_it() -> None:
     await handlers.Resync(sightings, lister, LISTINGS, Wakes()).resync({ROUTES})
     assert sightings.live(ROUTES, created) == ["new"]
     assert sightings.namespaces(ROUTES) == {"mail"}
+
+
+async def test_an_object_indexed_again_while_the_list_runs_survives_it() -> None:
+    """Review K2's repro: the LIST's snapshot lacks s1 (its label gone, the DELETED lost); the
+    label comes back while the LIST is in flight and the index handler runs again."""
+    clock = Clock()
+    sightings = handlers.Sightings(clock)
+    index(sightings, ROUTES, "s1", "v1")
+    clock.now = 100.0
+    again: list[Any] = []
+
+    def meanwhile() -> None:
+        clock.now = 101.0
+        again.append(index(sightings, ROUTES, "s1", "v2"))
+
+    lister = FakeLister({(ROUTE_KIND, "mail"): set()})
+    lister.during = meanwhile
+    wakes = Wakes()
+    await handlers.Resync(sightings, lister, LISTINGS, wakes).resync({ROUTES})
+    assert sightings.live(ROUTES, again) == ["v2"]
+    assert wakes.count == 0, "nothing found gone"
 
 
 async def test_a_failed_list_changes_nothing_and_is_logged_once_per_problem(

@@ -71,6 +71,9 @@ class FakeCluster:
     # The snapshot Secret's data as the API server keeps it (None: absent).
     secret: dict[str, dict[str, str]] | None = None
     refuse_reads: bool = False  # raise ClusterError on reading the snapshot
+    # Event posts tried (0, 1, ...) that raise ClusterUnavailableError instead of posting.
+    failing_events: set[int] = field(default_factory=set)
+    event_attempts: int = 0
 
     async def load_snapshot(self) -> Mapping[str, Any] | None:
         if self.refuse_reads:
@@ -108,6 +111,9 @@ class FakeCluster:
         self.secret = stored
 
     async def post_event(self, entry: reconciler.RouteEntry, kind: str, reason: str, message: str) -> None:
+        attempt, self.event_attempts = self.event_attempts, self.event_attempts + 1
+        if attempt in self.failing_events:
+            raise reconciler.ClusterUnavailableError("POST events: HTTP 503")
         self.events.append((entry.route.key, kind, reason, message))
 
     def last_status(self, key: str) -> dict[str, Any]:
@@ -415,6 +421,63 @@ async def test_a_gone_proxy_takes_its_rejection_with_it(
     world.proxies["proxy-b"] = True  # its successor, ready, not connected yet
     await worker.reconcile()
     assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == "1 of 2 proxies"
+
+
+@pytest.mark.parametrize("failing", [{0}, {1}, {0, 1, 2}])
+async def test_transition_events_an_outage_kept_back_are_posted_by_the_retried_sweep(
+    worker: reconciler.Reconciler, cluster: FakeCluster, failing: set[int]
+) -> None:
+    """Review K2: the status went through, then an Event's POST met an unavailable API (the sweep
+    ends): the retry finds the status written, and still posts the Events not posted, once each."""
+    cluster.failing_events = failing
+    for _ in range(len(failing)):
+        with pytest.raises(reconciler.ClusterUnavailableError):
+            await worker.reconcile()
+    await worker.reconcile()
+    await worker.reconcile()
+    assert len(cluster.patches) == 1, "the status was written once"
+    assert [(kind, reason) for _, kind, reason, _ in cluster.events] == [
+        ("Normal", "Accepted"),
+        ("Normal", "ResolvedRefs"),
+    ]
+
+
+async def test_a_successor_ready_before_a_pass_saw_its_name_absent_has_no_rejection(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """Review K2: the StatefulSet creates proxy-b again (same name) before any pass runs without
+    it; the rejection left with the predecessor's stream, not with its name."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b", accepted=False, error="no memory")
+    await worker.reconcile()
+    del publisher.current["proxy-b"]  # its stream closes; the successor is ready at once
+    publisher.ack("proxy-a")
+    await worker.reconcile()
+    assert world.proxies["proxy-b"], "the successor, ready, not connected yet"
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == "1 of 2 proxies"
+    publisher.ack("proxy-b", accepted=False, error="still no memory")  # it connects and rejects
+    await worker.reconcile()
+    latest = publisher.published[-1].version
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][2] == (
+        f"1 of 2 proxies; proxy-b rejected table {latest}: still no memory"
+    )
+
+
+async def test_a_proxy_whose_stream_leaves_still_counts_as_running_what_it_applied(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """It keeps serving that table while it reconnects: Programmed does not flap to Pending."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+    written = len(cluster.patches)
+    del publisher.current["proxy-b"]
+    publisher.ack("proxy-a")
+    await worker.reconcile()
+    assert conditions_of(cluster.last_status("mail/example"))["Programmed"][:2] == ("True", "Programmed")
+    assert len(cluster.patches) == written, "nothing to write"
 
 
 async def test_status_is_written_once_per_change_with_events_on_transitions(
