@@ -4,8 +4,9 @@ Called by the session driver when its front-end machine asks to ``Authenticate``
 login up in the current table, orders the endpoints by the route's balance policy (endpoints
 failing lately last, ``balancing.EndpointHealth``), connects, and drives the protocol's
 ``BackendLogin`` machine over the socket. The whole login has one budget, ``backendLogin``:
-each endpoint tried gets an equal share of what is left, so an endpoint that refuses, hangs or
-breaks the dialogue is skipped for the next one in time; when none is left the client gets the
+each endpoint tried gets an equal share of what is left to connect and greet, so an endpoint that
+refuses, hangs or breaks the dialogue is skipped for the next one in time, and one that greeted has
+all that is left for its dialogue (a late refusal is a refusal); when none is left the client gets the
 temporary failure, as does every login before the first table is installed. A refusal is final
 (the backend's verdict): outcome ``rejected`` when it refused the credentials, ``refused`` when
 it refused the login for another reason (a connection limit, an account in use or disabled),
