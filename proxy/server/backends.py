@@ -47,6 +47,12 @@ BACKEND_LOGINS: dict[
     "smtp": smtp.BackendLogin,
 }
 
+# The part of backendLogin an endpoint that greeted has at least for its dialogue, even when the
+# endpoints tried before it used the rest (so a login takes at most 1.5 times backendLogin): a
+# backend answers a wrong password only after its failure delay (Dovecot's auth_failure_delay,
+# 2 s), and one cut short would be an outage where the throttle must count a refusal. Keep
+# backendLogin above twice the backends' failure delay.
+GREETED_MINIMUM = 0.5
 # The logins metric's outcome label (with the session's "throttled"): a fixed small set.
 Outcome = Literal["accepted", "rejected", "refused", "unavailable", "no_route"]
 # Why a login dialogue failed after the TCP connect (the login-failures metric's reason label):
@@ -289,7 +295,11 @@ async def _route_and_log_in(
                     channel,
                     context.backend_tls,
                     hostname,
-                    greeted=lambda: scope.reschedule(budget_ends),
+                    # At least GREETED_MINIMUM of the budget, however much the endpoints before
+                    # it used: hanging ones ahead must not cut a late refusal either.
+                    greeted=lambda: scope.reschedule(
+                        max(budget_ends, loop.time() + timeouts.backend_login * GREETED_MINIMUM)
+                    ),
                 )
         except (OSError, TimeoutError, ssl.SSLError) as error:
             if channel is None:

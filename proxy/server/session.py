@@ -387,8 +387,10 @@ async def _converse(
                                     # on by it (up to one backendLogin in all), so a temporary
                                     # failure leaves the client the time it had to retry. Only
                                     # the failed-login delay counts against it (_authenticate);
-                                    # the reply is bounded again.
-                                    scope.reschedule(None)
+                                    # the reply is bounded again. Never disarmed: a login that
+                                    # starts with no allowance left (a LOGIN pipelined behind the
+                                    # one that used it) is ended by the deadline like anything else.
+                                    scope.reschedule(limit + extension_left)
                                     verdict, login = await _authenticate(
                                         context,
                                         request,

@@ -29,6 +29,7 @@ from tests.proxy.server.conftest import (
     RunningProxy,
     dead_port,
     fake_backend,
+    imap_client,
     login,
 )
 
@@ -184,37 +185,59 @@ async def test_one_budget_for_every_endpoint_and_the_client_keeps_its_time(
     assert proxy.metric("mailgress_proxy_refusals_total", reason="pre_login_timeout") == 0
 
 
-async def refuses_slowly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Greets at once and refuses the password after SLOW_REFUSAL seconds (Dovecot's
+def refusing_after(delay: float) -> Handler:
+    """A backend that greets at once and refuses the password after ``delay`` seconds (Dovecot's
     auth_failure_delay: a wrong password is answered late, the right one at once)."""
-    writer.write(GREETING)
-    for _ in range(8):  # LOGIN with two literals: three lines at most; bounded
-        line = await reader.readline()
-        if not line or b"LOGIN" in line:
-            break
-    await asyncio.sleep(SLOW_REFUSAL)
-    tag = line.split(b" ", 1)[0]
-    writer.write(tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
-    await writer.drain()
 
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(GREETING)
+        line = b""
+        for _ in range(8):  # LOGIN with two literals: three lines at most; bounded
+            line = await reader.readline()
+            if not line or b"LOGIN" in line:
+                break
+        await asyncio.sleep(delay)
+        tag = line.split(b" ", 1)[0]
+        writer.write(tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        await writer.drain()
 
-SLOW_REFUSAL = 3.5  # longer than an endpoint's share below (2 s), shorter than the budget (6 s)
+    return refuse
 
 
 async def test_a_greeted_endpoints_late_refusal_is_a_refusal_not_an_outage(start_proxy: ProxyFactory) -> None:
     """Review K1: each endpoint's share cut a refusal its backend delays (a guessed password),
     so the guess got NO [UNAVAILABLE], the throttle never counted it, and the next endpoint was
     given the credentials too. Once greeted, an endpoint has what is left of the budget."""
-    async with (
-        serving(refuses_slowly) as (a, first),
-        serving(refuses_slowly) as (b, second),
-        serving(refuses_slowly) as (c, third),
-    ):
+    slow = refusing_after(3.5)  # longer than an endpoint's share (2 s), shorter than the budget (6 s)
+    async with serving(slow) as (a, first), serving(slow) as (b, second), serving(slow) as (c, third):
         proxy = await start_proxy({"balance": "round-robin"}, [a, b, c], backend_login=6.0)
         reply, _, writer = await login(proxy.port, "anna@alpha.example")
         writer.close()
     assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
     assert sum(first) + sum(second) + sum(third) == 1, "the credentials went to one endpoint only"
+    assert proxy.metric("mailgress_proxy_logins_total", protocol="imap", outcome="rejected") == 1
+
+
+async def test_an_endpoint_greeting_late_in_the_budget_still_has_time_to_refuse(
+    start_proxy: ProxyFactory,
+) -> None:
+    """Review L1: two hanging endpoints ahead used 2/3 of the budget, the one that greeted had
+    the third left, less than its failure delay: every guess was an outage the throttle never
+    counted. A greeted endpoint has at least half of backendLogin."""
+    async with serving(hangs) as (a, _), serving(hangs) as (b, _), serving(refusing_after(4.2)) as (live, _):
+        pool = [a, b, live]
+        user = next(  # a user whose user-hash order tries both hanging endpoints first
+            f"user{n}@alpha.example"
+            for n in range(5000)
+            if balancing.endpoint_order(pool, "user-hash", f"user{n}@alpha.example") == [a, b, live]
+        )
+        # Shares of 10/3 s each: the live endpoint greets with 3.3 s left, and refuses at 4.2 s.
+        proxy = await start_proxy({"balance": "user-hash"}, pool, backend_login=10.0)
+        reader, writer = await imap_client(proxy.port)
+        writer.write(f'a1 LOGIN {user} "{PASSWORD}"\r\n'.encode())
+        reply = await asyncio.wait_for(reader.readline(), 10.0 * 1.5 + WAIT)  # a login's bound, and more
+        writer.close()
+    assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
     assert proxy.metric("mailgress_proxy_logins_total", protocol="imap", outcome="rejected") == 1
 
 
@@ -239,6 +262,27 @@ async def test_retrying_while_backends_hang_still_runs_out_of_pre_login_time(
         writer.close()
     assert closed, "the session outlived every retry"
     assert proxy.metric("mailgress_proxy_refusals_total", reason="pre_login_timeout") == 1
+
+
+async def test_pipelined_logins_cannot_outlive_the_pre_login_time(start_proxy: ProxyFactory) -> None:
+    """Review L1: the pre-login scope was disarmed for every login, and the timeout queued when the
+    deadline passed was disarmed again by the next LOGIN pipelined behind it: 300 LOGINs in one
+    write held a session 15 s against a bound of 0.55 s, each with a backend connection."""
+    async with serving(hangs) as (endpoint, connections):
+        proxy = await start_proxy({}, [endpoint], backend_login=0.5, pre_login=1.0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        await asyncio.wait_for(reader.readline(), WAIT)  # the greeting
+        writer.write(b"".join(b"a%d LOGIN anna@alpha.example secret\r\n" % n for n in range(20)))
+        replies = []
+        for _ in range(21):  # bounded: one reply per LOGIN and the closing line at most
+            line = await asyncio.wait_for(reader.readline(), WAIT)
+            replies.append(line)
+            if not line or line.startswith(b"* BYE"):
+                break
+        writer.close()
+    assert replies[-1].startswith(b"* BYE"), replies
+    # preLogin (1 s) and one backendLogin (0.5 s) of backend time: three logins at most.
+    assert len(connections) <= 3 and len(replies) <= 4, (len(connections), replies)
 
 
 async def test_login_dialogue_failures_are_counted_by_reason(start_proxy: ProxyFactory) -> None:
