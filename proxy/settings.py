@@ -31,9 +31,10 @@ DEFAULT_PRE_LOGIN_TIMEOUT = 60.0
 DEFAULT_BACKEND_CONNECT_TIMEOUT = 5.0
 # The whole backend side of one login: the connects and login dialogues of every endpoint it
 # tries, each getting an equal share of what is left to connect and greet, and one that greeted all
-# that is left (Dovecot's login_proxy_timeout, 30 s, also spans its reconnects; nginx's one
-# `timeout`, 60 s, covers its one backend's connect and login along with the client's pre-login
-# time). The session's pre-login deadline does not run meanwhile, up to one such budget a session.
+# that is left, at least half of it (backends.GREETED_MINIMUM). Dovecot's login_proxy_timeout, 30 s,
+# also spans its reconnects; nginx's one `timeout`, 60 s, covers its one backend's connect and login
+# along with the client's pre-login time. The session's pre-login deadline does not run meanwhile,
+# up to one such budget a session.
 DEFAULT_BACKEND_LOGIN_TIMEOUT = 30.0
 # After login: IMAP IDLE clients re-issue IDLE every 29 minutes (RFC 2177), so anything below
 # 30 minutes would cut idling clients; one hour leaves margin. nginx's proxy_timeout is 24 h.
