@@ -5,6 +5,8 @@ written and read back."""
 
 import argparse
 import base64
+import contextlib
+import json
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -562,15 +564,22 @@ async def test_a_refused_status_patch_is_a_refusal_not_an_outage(
     assert str(refused.value).endswith("HTTP 403: mailroutes is forbidden: cannot patch")
 
 
-@pytest.fixture
-async def answering() -> AsyncIterator[tuple[list[tuple[int, bytes]], operator.KubeApi]]:
-    """A KubeApi against a server that gives every request the next (status, body) of a list
-    the test fills."""
-    answers: list[tuple[int, bytes]] = []
+Scripted = tuple[list[tuple[int, Any]], list[web.Request], operator.KubeApi]
+
+
+@contextlib.asynccontextmanager
+async def scripted_kube_api() -> AsyncIterator[Scripted]:
+    """A KubeApi against a server that gives every request the next (status, body) of a list the
+    test fills (bytes and text as they are, anything else as JSON), and keeps the requests."""
+    answers: list[tuple[int, Any]] = []
+    requests: list[web.Request] = []
 
     async def answer(request: web.Request) -> web.Response:
+        requests.append(request)
         status, body = answers.pop(0)
-        return web.Response(status=status, body=body, content_type="application/json")
+        text = body if isinstance(body, str | bytes) else json.dumps(body)
+        raw = text if isinstance(text, bytes) else text.encode()
+        return web.Response(status=status, body=raw, content_type="application/json")
 
     app = web.Application()
     app.router.add_route("*", "/{path:.*}", answer)
@@ -583,10 +592,17 @@ async def answering() -> AsyncIterator[tuple[list[tuple[int, bytes]], operator.K
     api = operator.KubeApi(configuration, "mailgress-system", "snapshot")
     await api.start()
     try:
-        yield answers, api
+        yield answers, requests, api
     finally:
         await api.stop()
         await runner.cleanup()
+
+
+@pytest.fixture
+async def answering() -> AsyncIterator[tuple[list[tuple[int, Any]], operator.KubeApi]]:
+    """``scripted_kube_api``'s answers and KubeApi."""
+    async with scripted_kube_api() as (answers, _, api):
+        yield answers, api
 
 
 INVALID = (

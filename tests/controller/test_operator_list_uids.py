@@ -2,16 +2,14 @@
 groups, namespaced or not, the selectors kopf's watches use, paging by continue token, metadata
 only, and failures that return nothing (a resync then changes nothing)."""
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import kubernetes.client
 import pytest
 from aiohttp import web
 
 from controller import handlers, operator, reconciler
-from tests.controller.test_operator import kube_api  # noqa: F401 (fixture)
+from tests.controller.test_operator import Scripted, kube_api, scripted_kube_api  # noqa: F401 (fixture)
 from tests.kube.conftest import proxy_pod
 from tests.kube.emulator import Access, Emulator
 
@@ -57,33 +55,9 @@ async def test_a_refused_list_is_a_refusal(kube_api: tuple[Emulator, operator.Ku
 
 
 @pytest.fixture
-async def paged() -> AsyncIterator[tuple[list[tuple[int, Any]], list[web.Request], operator.KubeApi]]:
-    """A KubeApi against a server that answers each request with the next (status, JSON body)
-    of a list the test fills, and keeps the requests."""
-    answers: list[tuple[int, Any]] = []
-    requests: list[web.Request] = []
-
-    async def answer(request: web.Request) -> web.Response:
-        requests.append(request)
-        status, body = answers.pop(0)
-        text = body if isinstance(body, str) else json.dumps(body)
-        return web.Response(status=status, text=text, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    configuration = kubernetes.client.Configuration()
-    configuration.host = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    api = operator.KubeApi(configuration, "mailgress-system", "snapshot")
-    await api.start()
-    try:
-        yield answers, requests, api
-    finally:
-        await api.stop()
-        await runner.cleanup()
+async def paged() -> AsyncIterator[Scripted]:
+    async with scripted_kube_api() as scripted:
+        yield scripted
 
 
 def page(uids: list[str], token: str = "") -> dict[str, Any]:
