@@ -64,6 +64,24 @@ async def fake_proxies(
         ]
 
 
+@contextlib.asynccontextmanager
+async def resyncing_proxies(
+    emulator: Emulator, api: Api, settings: operator.Settings, accesses: AccessLog, *, resync: float
+) -> AsyncIterator[list[FakeProxy]]:
+    """The controller with the MailRoute CRD, LISTing every ``resync`` seconds (handlers' resync),
+    the proxy pods, the dovecot backend at 10.0.0.1, and the fake proxies it pushes to."""
+    await create_crd(api)
+    runner = ControllerRunner(emulator, settings, accesses, resync=resync)
+    try:
+        controller = await runner.start()
+        await create_proxy_pods(api)
+        await create_backend(api, "dovecot", ["10.0.0.1"])
+        async with fake_proxies(controller) as proxies:
+            yield proxies
+    finally:
+        await runner.stop()
+
+
 def is_(emulator: Emulator, name: str, kind: str, status: str, reason: str) -> bool:
     found = condition(emulator, name, kind)
     return (found.get("status"), found.get("reason")) == (status, reason)

@@ -18,9 +18,6 @@ from tests.kube.conftest import (
     WAIT_SECONDS,
     AccessLog,
     Api,
-    ControllerRunner,
-    create_backend,
-    create_crd,
     create_route,
     eventually,
     imap_route,
@@ -39,7 +36,7 @@ from tests.kube.test_headers_from import (
     keyed_route,
     secret_body,
 )
-from tests.kube.test_operator import create_proxy_pods, fake_proxies, route_names
+from tests.kube.test_operator import resyncing_proxies, route_names
 
 
 class GatedEmulator(Emulator):
@@ -80,13 +77,10 @@ async def test_a_secret_labelled_again_while_a_resync_list_runs_keeps_its_header
     controller_settings: operator.Settings,
     controller_accesses: AccessLog,
 ) -> None:
-    await create_crd(api)
-    runner = ControllerRunner(emulator, controller_settings, controller_accesses, resync=1.0)
-    try:
-        controller = await runner.start()
-        await create_proxy_pods(api)
-        await create_backend(api, "dovecot", ["10.0.0.1"])
-        async with fake_proxies(controller) as proxies:
+    async with resyncing_proxies(
+        emulator, api, controller_settings, controller_accesses, resync=1.0
+    ) as proxies:
+        try:
             await api.create(SECRET_PATH, secret_body(FIRST_VALUE, labels=LABELS))
             await create_route(api, keyed_route())
             await eventually(every_proxy(proxies, carries(FIRST_VALUE)), "the header on every proxy")
@@ -119,6 +113,5 @@ async def test_a_secret_labelled_again_while_a_resync_list_runs_keeps_its_header
 
             await eventually(marked, "the marker route on every proxy")
             assert every_proxy(proxies, carries(ROTATED_VALUE))(), "the LIST dropped the labelled Secret"
-    finally:
-        emulator.release.set()
-        await runner.stop()
+        finally:
+            emulator.release.set()  # a gated LIST never holds the controller's stop

@@ -21,11 +21,9 @@ from tests.kube.conftest import (
     AccessLog,
     Api,
     Controller,
-    ControllerRunner,
     FakeProxy,
     condition,
     create_backend,
-    create_crd,
     create_route,
     eventually,
     imap_route,
@@ -36,7 +34,7 @@ from tests.kube.conftest import (
     status_of,
 )
 from tests.kube.emulator import Emulator
-from tests.kube.test_operator import create_proxy_pods, fake_proxies, route_names
+from tests.kube.test_operator import create_proxy_pods, fake_proxies, resyncing_proxies, route_names
 from tests.kube.test_recreated_route import uid_of
 
 # The metav1.Status an API server ends a watch with when the resourceVersion asked for is compacted.
@@ -205,29 +203,21 @@ async def test_a_deletion_lost_without_a_relist_is_found_by_the_periodic_resync(
     controller_settings: operator.Settings,
     controller_accesses: AccessLog,
 ) -> None:
-    await create_crd(api)
-    runner = ControllerRunner(emulator, controller_settings, controller_accesses, resync=1.0)
-    try:
-        controller = await runner.start()
-        await create_proxy_pods(api)
-        await create_backend(api, "dovecot", ["10.0.0.1"])
-        async with fake_proxies(controller) as proxies:
-            await create_route(api, imap_route("gone", "gone.example"))
-            await create_route(api, imap_route("stays", "stays.example"))
-            both = ["mail/gone", "mail/stays"]
-            await eventually(lambda: all(route_names(p.latest) == both for p in proxies), "two routes")
-            # The deletion's event is lost and the watches resume where they were: nothing is
-            # listed again, so only the periodic LIST can tell.
-            emulator.blackout = True
-            await api.delete(route_path("gone"))
-            scope = ("mailroutes", NAMESPACE)
-            watched = emulator.watches[scope]
-            emulator.close_streams()
-            # Dark until the watch is back: its DELETED event is never delivered late.
-            await eventually(lambda: emulator.watches[scope] > watched, "the routes' watch resumed")
-            emulator.blackout = False
-            await eventually(
-                lambda: all(route_names(p.latest) == ["mail/stays"] for p in proxies), "gone left"
-            )
-    finally:
-        await runner.stop()
+    async with resyncing_proxies(
+        emulator, api, controller_settings, controller_accesses, resync=1.0
+    ) as proxies:
+        await create_route(api, imap_route("gone", "gone.example"))
+        await create_route(api, imap_route("stays", "stays.example"))
+        both = ["mail/gone", "mail/stays"]
+        await eventually(lambda: all(route_names(p.latest) == both for p in proxies), "two routes")
+        # The deletion's event is lost and the watches resume where they were: nothing is
+        # listed again, so only the periodic LIST can tell.
+        emulator.blackout = True
+        await api.delete(route_path("gone"))
+        scope = ("mailroutes", NAMESPACE)
+        watched = emulator.watches[scope]
+        emulator.close_streams()
+        # Dark until the watch is back: its DELETED event is never delivered late.
+        await eventually(lambda: emulator.watches[scope] > watched, "the routes' watch resumed")
+        emulator.blackout = False
+        await eventually(lambda: all(route_names(p.latest) == ["mail/stays"] for p in proxies), "gone left")
