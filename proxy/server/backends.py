@@ -343,8 +343,13 @@ def _failure_kind(error: BaseException) -> LoginFailure:
 
 def _endpoint_failed(context: ProxyContext, route: table.Route, endpoint: table.Endpoint, what: str) -> None:
     """Count a failure of ``endpoint``; the one that makes it failing is a warning, the rest of
-    its episode debug lines, so an outage is one line, not one per login."""
-    if context.health.failed(endpoint, what, context.clock()) is None:
+    its episode debug lines, so an outage is one line, not one per login. An endpoint that a
+    table swapped in during this login no longer has gets no episode: no later login can try
+    it, and nothing would forget the entry until the next swap."""
+    context.routing_table()  # trims the health state to the table in use first
+    if endpoint not in context.endpoints_in_use:
+        log.debug("backend %s of %s %s (it has left the routing table)", endpoint, route.name, what)
+    elif context.health.failed(endpoint, what, context.clock()) is None:
         log.debug("backend %s of %s %s", endpoint, route.name, what)
     else:
         log.warning(

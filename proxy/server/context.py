@@ -51,8 +51,9 @@ class ProxyContext:
     children: dict[tuple[Counter | Gauge | Histogram, tuple[str, ...]], object] = field(
         init=False, default_factory=dict, repr=False
     )
-    # The table version the balancing state was last trimmed to.
+    # The table version the balancing state was last trimmed to, and that table's endpoints.
     trimmed_for: str = field(init=False, default="")
+    endpoints_in_use: frozenset[Endpoint] = field(init=False, default=frozenset())
 
     def __post_init__(self) -> None:
         self.limits = Limits(self.settings.limits)
@@ -76,13 +77,13 @@ class ProxyContext:
         if current.version != self.trimmed_for:
             self.trimmed_for = current.version
             names = {route.name for route in current.routes}
-            endpoints = {
+            self.endpoints_in_use = frozenset(
                 endpoint
                 for route in current.routes
                 for _, upstream in route.upstreams
                 for endpoint in upstream.endpoints
-            }
+            )
             self.positions = {key: value for key, value in self.positions.items() if key[0] in names}
             self.auth_failures = {name: n for name, n in self.auth_failures.items() if name in names}
-            self.health.retain(endpoints)
+            self.health.retain(self.endpoints_in_use)
         return current

@@ -455,6 +455,30 @@ async def test_a_new_table_forgets_what_it_no_longer_has(start_proxy: ProxyFacto
     assert context.positions == {("mail/beta", "imap"): 1}
 
 
+async def test_an_endpoint_that_left_the_table_during_a_login_gets_no_episode(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with serving(hangs) as (dead, accepted), fake_backend() as good:
+        live = Endpoint("127.0.0.1", good.port)
+        proxy = await start_proxy({}, [dead], backend_login=1.0)
+        attempt = asyncio.create_task(logs_in(proxy, "anna@alpha.example"))
+        async with asyncio.timeout(WAIT):
+            while not accepted:  # the login is waiting for the hanging endpoint's greeting
+                await asyncio.sleep(0.01)
+        services = {("mail", "dovecot-a", "143"): (live,), ("mail", "dovecot-b", "143"): (live,)}
+        compiled, _ = standalone.compile_bodies(two_routes(services)[:1], services)
+        proxy.context.tables.swap(compiled.table)  # the endpoint leaves while its login runs
+        assert not await attempt
+        assert len(proxy.context.health) == 0
+        assert warnings(caplog) == []
+        assert messages(caplog, logging.DEBUG) == [
+            f"backend {dead} of mail/alpha failed the login dialogue: timed out "
+            "(it has left the routing table)"
+        ]
+        assert await logs_in(proxy, "anna@alpha.example")
+
+
 @pytest.fixture(autouse=True)
 def no_password_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     yield
