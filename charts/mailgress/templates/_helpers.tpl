@@ -59,10 +59,11 @@ tables carry auth_http request headers, which the aggregated view role must not 
 {{- end -}}
 {{- end -}}
 
+{{/* Names and release names are quoted: YAML would read "123", "on" or "null" as no string. */}}
 {{- define "mailgress.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
-app.kubernetes.io/name: {{ include "mailgress.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "mailgress.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: mailgress
@@ -70,8 +71,8 @@ app.kubernetes.io/part-of: mailgress
 
 {{/* Selector labels of one component: (dict "context" $ "component" "proxy"). */}}
 {{- define "mailgress.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "mailgress.name" .context }}
-app.kubernetes.io/instance: {{ .context.Release.Name }}
+app.kubernetes.io/name: {{ include "mailgress.name" .context | quote }}
+app.kubernetes.io/instance: {{ .context.Release.Name | quote }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
