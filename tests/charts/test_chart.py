@@ -138,6 +138,59 @@ def test_every_value_set_renders_named_namespaced_objects(scenario: str) -> None
             assert metadata["namespace"] == RELEASE_NAMESPACE, (document.template, metadata["name"])
 
 
+# Helm's longest release name, and Kubernetes' longest namespace name (a DNS-1123 label).
+LONGEST_RELEASE = "r" * 53
+LONGEST_NAMESPACE = "n" * 63
+
+
+@pytest.mark.parametrize("release", ["x" * 42, LONGEST_RELEASE])
+def test_every_name_fits_63_characters_with_the_longest_names(release: str) -> None:
+    """Every object of the monitoring set (the one that renders the most), the proxies' admin
+    Service and the cluster-scoped objects, whose names carry the namespace, included."""
+    documents = render.documents(SCENARIOS["monitoring"], release=release, namespace=LONGEST_NAMESPACE)
+    names = {(document.body["kind"], document.body["metadata"]["name"]) for document in documents}
+    assert ("Service", f"{release}-mailgress"[:51] + "-proxy-admin") in names
+    assert len(names) == len(documents), "two objects of one kind share a name"
+    assert max(len(name) for _, name in names) <= MAX_NAME, sorted(names, key=lambda item: -len(item[1]))[0]
+
+
+def cluster_objects(release: str, namespace: str) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """(kind, name) -> the release's cluster-scoped objects."""
+    return {
+        (document.body["kind"], document.body["metadata"]["name"]): document.body
+        for document in render.documents({}, release=release, namespace=namespace)
+        if document.body["kind"] in CLUSTER_KINDS
+    }
+
+
+@pytest.mark.parametrize(
+    ("release", "namespaces"),
+    [
+        ("mailgress", ("mail-a", "mail-b")),
+        # Alike in the first 54 characters a long name is cut to: told apart by the hash.
+        (LONGEST_RELEASE, (LONGEST_NAMESPACE[:-1] + "a", LONGEST_NAMESPACE[:-1] + "b")),
+    ],
+)
+def test_releases_of_one_name_in_two_namespaces_own_distinct_cluster_objects(
+    release: str, namespaces: tuple[str, str]
+) -> None:
+    """Helm lets a release name be used once per namespace; the ClusterRoles and the binding of
+    each release are its own, binding its own controller."""
+    first, second = (cluster_objects(release, namespace) for namespace in namespaces)
+    assert sorted(kind for kind, _ in first) == [
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ]
+    assert set(first).isdisjoint(second)
+    for namespace, found in zip(namespaces, (first, second), strict=True):
+        [binding] = [body for (kind, _), body in found.items() if kind == "ClusterRoleBinding"]
+        assert ("ClusterRole", binding["roleRef"]["name"]) in found
+        assert [subject["namespace"] for subject in binding["subjects"]] == [namespace]
+        assert all(len(name) <= MAX_NAME for _, name in found)
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
@@ -1104,15 +1157,15 @@ def test_controller_monitoring_is_off_by_default_and_scrapes_its_push_port() -> 
 
 def test_mailroute_roles_aggregate_into_the_default_roles() -> None:
     roles = {role["metadata"]["name"]: role for role in objects("default", "ClusterRole")}
-    edit = roles["mailgress-mailroutes-edit"]
+    edit = roles[f"{RELEASE_NAMESPACE}-mailgress-mailroutes-edit"]
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
     assert edit["rules"][0]["resources"] == ["mailroutes"], "status stays the controller's"
-    view = roles["mailgress-mailroutes-view"]
+    view = roles[f"{RELEASE_NAMESPACE}-mailgress-mailroutes-view"]
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
     assert {role["metadata"]["name"] for role in objects("minimal", "ClusterRole")} == {
-        "mailgress-controller"
+        f"{RELEASE_NAMESPACE}-mailgress-controller"
     }
 
 

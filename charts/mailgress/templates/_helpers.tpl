@@ -29,6 +29,22 @@ mounts at exactly these places.
 {{- define "mailgress.proxy.fullname" -}}
 {{- printf "%s-proxy" (include "mailgress.fullname" . | trunc 57 | trimSuffix "-") -}}
 {{- end -}}
+{{/* The Service of the proxies' admin port that a ServiceMonitor scrapes. */}}
+{{- define "mailgress.proxyAdmin.fullname" -}}
+{{- printf "%s-proxy-admin" (include "mailgress.fullname" . | trunc 51 | trimSuffix "-") -}}
+{{- end -}}
+{{/* A cluster-scoped object's name: "<namespace>-<fullname>-<suffix>", so that releases of one
+name in two namespaces own distinct ClusterRoles and ClusterRoleBindings. Over 63 characters it
+is cut to 54 and ended with 8 hex digits of the whole name's SHA-256, which keeps two long names
+apart where the cut alone would make them alike. (dict "context" $ "suffix" "controller") */}}
+{{- define "mailgress.clusterName" -}}
+{{- $name := printf "%s-%s-%s" .context.Release.Namespace (include "mailgress.fullname" .context) .suffix -}}
+{{- if le (len $name) 63 -}}
+{{- $name -}}
+{{- else -}}
+{{- printf "%s-%s" ($name | trunc 54 | trimSuffix "-") ($name | sha256sum | trunc 8) -}}
+{{- end -}}
+{{- end -}}
 {{/* The Secret the controller writes the routing table snapshot to (reconciler.SNAPSHOT_KEY,
 or reconciler.SNAPSHOT_GZIP_KEY for a table too large to store plainly). A Secret because route
 tables carry auth_http request headers, which the aggregated view role must not read. */}}
