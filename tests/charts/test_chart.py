@@ -593,6 +593,22 @@ def test_render_refuses_more_minimum_than_maximum_replicas() -> None:
     assert "minReplicas must not exceed maxReplicas" in str(refused.value)
 
 
+@pytest.mark.parametrize(("sleep", "grace"), [(120, 30), (30, 30)])
+def test_render_refuses_a_pre_stop_sleep_the_grace_period_cannot_hold(sleep: int, grace: int) -> None:
+    """The grace period counts from the start of the preStop sleep: the kubelet would kill the
+    pod during or right at the end of it, before the proxy drained anything."""
+    values = {"proxy": {"preStopSleepSeconds": sleep, "terminationGracePeriodSeconds": grace}}
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render.render(values)
+    refusal = f"proxy.preStopSleepSeconds ({sleep}) must be shorter than proxy.terminationGracePeriodSeconds"
+    assert f"{refusal} ({grace})" in str(refused.value)
+    values["proxy"]["preStopSleepSeconds"] = grace - 1
+    drain = yaml.safe_load(
+        yaml.safe_load(render.render(values)["proxy-configmap.yaml"])["data"]["settings.yaml"]
+    )
+    assert drain["drain"]["gracePeriod"] == 0
+
+
 def _properties(schema: Mapping[str, Any], path: str) -> list[tuple[str, Mapping[str, Any]]]:
     found = []
     for key, child in schema.get("properties", {}).items():

@@ -161,6 +161,16 @@ values.schema.json cannot say so: JSON Schema compares no two values. */}}
 {{- end -}}
 {{- end -}}
 
+{{/* The preStop sleep counts against the grace period: one at least as long leaves the proxy no
+time to drain, and the kubelet kills it during the sleep. values.schema.json cannot compare them. */}}
+{{- define "mailgress.checkGracePeriod" -}}
+{{- $sleep := int .Values.proxy.preStopSleepSeconds -}}
+{{- $grace := int .Values.proxy.terminationGracePeriodSeconds -}}
+{{- if ge $sleep $grace -}}
+{{- fail (printf "proxy.preStopSleepSeconds (%d) must be shorter than proxy.terminationGracePeriodSeconds (%d): the grace period counts from the start of the sleep, and the kubelet kills the pod when it ends" $sleep $grace) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Listener names (admin is the admin port's), container ports and Service ports are unique. */}}
 {{- define "mailgress.checkListeners" -}}
 {{- $names := list -}}
