@@ -92,6 +92,23 @@ app.kubernetes.io/instance: {{ .context.Release.Name | quote }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* The live Deployment of a component (lookup, as JSON; {} when there is none, and in offline
+renders: helm template, --dry-run). A Deployment's selector never changes, and nameOverride is
+in it (app.kubernetes.io/name): an upgrade that would change it fails here, showing both
+selectors, rather than at the API server after other objects were applied. (dict "context" $ "component"
+"proxy" "name" <the Deployment's name>) */}}
+{{- define "mailgress.liveDeployment" -}}
+{{- $live := lookup "apps/v1" "Deployment" .context.Release.Namespace .name -}}
+{{- if $live -}}
+{{- $wanted := dict "matchLabels" (include "mailgress.selectorLabels" . | fromYaml) -}}
+{{- $selector := dig "spec" "selector" dict $live -}}
+{{- if ne (toJson $selector) (toJson $wanted) -}}
+{{- fail (printf "nameOverride is fixed at install: the Deployment %s selects %s, and Kubernetes never changes a Deployment's selector, but these values would make it select %s. Keep the nameOverride the release was installed with, or uninstall and install again" .name (toJson (dig "matchLabels" dict $selector)) (toJson $wanted.matchLabels)) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson ($live | default dict) -}}
+{{- end -}}
+
 {{/* The controller finds this release's proxy pods by these labels (--proxy-selector). */}}
 {{- define "mailgress.proxySelector" -}}
 {{- $labels := include "mailgress.selectorLabels" (dict "context" . "component" "proxy") | fromYaml -}}
