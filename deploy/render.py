@@ -7,8 +7,9 @@ installation's token, so deploy/README.md has the user create it; nor, for the s
 the push channel's TLS Secret (``controller.pushTls.existingSecret``). It also writes the values
 table of charts/mailgress/README.md from values.schema.json and values.yaml. The tests in
 tests/charts/ call ``documents`` to render value sets, and ``files`` and ``readme`` to check that
-deploy/ and the README are current. Offline only: never contacts a cluster, never writes outside
-deploy/ and that README's values table.
+deploy/ and the README are current. Offline (``lookup`` finds nothing, as with ``helm template``)
+unless a test passes a kubeconfig, which only its ``lookup`` calls use, to see what an upgrade of
+a release in that cluster would render; never writes outside deploy/ and that README's values table.
 """
 
 import argparse
@@ -99,26 +100,43 @@ class Document:
 
 
 def render(
-    values: Mapping[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE
+    values: Mapping[str, Any] | None = None,
+    *,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+    kubeconfig: str | None = None,
 ) -> dict[str, str]:
     """Template file name -> rendered text (empty for templates switched off).
+
+    With ``kubeconfig`` (a kubeconfig's text) the templates' ``lookup`` reads that cluster, as
+    ``helm upgrade`` does; nothing is written there.
 
     Raises:
         helm_python.HelmValuesError: the values break values.schema.json.
         helm_python.HelmRenderError: a template failed (e.g. a ``fail`` on duplicate listeners).
     """
     with helm.Chart.load(CHART) as chart:
-        rendered = chart.render(dict(values or {}), name=release, namespace=namespace)
+        if kubeconfig is None:
+            rendered = chart.render(dict(values or {}), name=release, namespace=namespace)
+        else:
+            with helm.Config(kubeconfig_content=kubeconfig, namespace=namespace) as cluster:
+                rendered = cluster.render(chart, dict(values or {}), name=release, namespace=namespace)
         prefix = f"{chart.name}/templates/"
     return {path.removeprefix(prefix): text for path, text in rendered.items()}
 
 
 def documents(
-    values: Mapping[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE
+    values: Mapping[str, Any] | None = None,
+    *,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+    kubeconfig: str | None = None,
 ) -> list[Document]:
-    """Every object the chart renders with ``values``, in template order."""
+    """Every object the chart renders with ``values``, in template order (``kubeconfig``: see
+    ``render``)."""
     found: list[Document] = []
-    for template, text in sorted(render(values, release=release, namespace=namespace).items()):
+    rendered = render(values, release=release, namespace=namespace, kubeconfig=kubeconfig)
+    for template, text in sorted(rendered.items()):
         if template in NOT_MANIFESTS:
             continue
         found.extend(Document(template, body) for body in yaml.safe_load_all(text) if body)

@@ -89,6 +89,7 @@ class ListenerSettings:
     # The first is the default; the others are chosen by SNI from the names they carry.
     certificates: tuple[CertificateFiles, ...] = ()
     # Peers allowed to send a PROXY protocol header; empty: the listener takes no PROXY header.
+    # Written as trustedCidrs; address bits past the prefix are dropped without a warning.
     proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
@@ -259,8 +260,11 @@ def _networks(
         raise SettingsError(f"{spot}.trustedCidrs: name at least one network, or leave proxyProtocol out")
     networks = []
     for cidr in cidrs:
+        # Address bits past the prefix are ignored, as nginx's set_real_ip_from does (10.0.0.1/8 is
+        # 10.0.0.0/8). nginx warns that they are meaningless; this parser has no way to warn, so
+        # it takes them silently (the chart's schema says so).
         try:
-            networks.append(ipaddress.ip_network(str(cidr), strict=True))
+            networks.append(ipaddress.ip_network(str(cidr), strict=False))
         except ValueError as error:
             raise SettingsError(f"{spot}.trustedCidrs: {cidr!r} is not a network ({error})") from error
     return tuple(networks)

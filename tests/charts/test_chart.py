@@ -10,8 +10,10 @@ import asyncio
 import base64
 import ipaddress
 import json
+import random
 import re
 import ssl
+import sys
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -134,6 +136,59 @@ def test_every_value_set_renders_named_namespaced_objects(scenario: str) -> None
             assert document.body["kind"] in ("Role", "RoleBinding"), metadata["name"]
         else:
             assert metadata["namespace"] == RELEASE_NAMESPACE, (document.template, metadata["name"])
+
+
+# Helm's longest release name, and Kubernetes' longest namespace name (a DNS-1123 label).
+LONGEST_RELEASE = "r" * 53
+LONGEST_NAMESPACE = "n" * 63
+
+
+@pytest.mark.parametrize("release", ["x" * 42, LONGEST_RELEASE])
+def test_every_name_fits_63_characters_with_the_longest_names(release: str) -> None:
+    """Every object of the monitoring set (the one that renders the most), the proxies' admin
+    Service and the cluster-scoped objects, whose names carry the namespace, included."""
+    documents = render.documents(SCENARIOS["monitoring"], release=release, namespace=LONGEST_NAMESPACE)
+    names = {(document.body["kind"], document.body["metadata"]["name"]) for document in documents}
+    assert ("Service", f"{release}-mailgress"[:51] + "-proxy-admin") in names
+    assert len(names) == len(documents), "two objects of one kind share a name"
+    assert max(len(name) for _, name in names) <= MAX_NAME, sorted(names, key=lambda item: -len(item[1]))[0]
+
+
+def cluster_objects(release: str, namespace: str) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """(kind, name) -> the release's cluster-scoped objects."""
+    return {
+        (document.body["kind"], document.body["metadata"]["name"]): document.body
+        for document in render.documents({}, release=release, namespace=namespace)
+        if document.body["kind"] in CLUSTER_KINDS
+    }
+
+
+@pytest.mark.parametrize(
+    ("release", "namespaces"),
+    [
+        ("mailgress", ("mail-a", "mail-b")),
+        # Alike in the first 54 characters a long name is cut to: told apart by the hash.
+        (LONGEST_RELEASE, (LONGEST_NAMESPACE[:-1] + "a", LONGEST_NAMESPACE[:-1] + "b")),
+    ],
+)
+def test_releases_of_one_name_in_two_namespaces_own_distinct_cluster_objects(
+    release: str, namespaces: tuple[str, str]
+) -> None:
+    """Helm lets a release name be used once per namespace; the ClusterRoles and the binding of
+    each release are its own, binding its own controller."""
+    first, second = (cluster_objects(release, namespace) for namespace in namespaces)
+    assert sorted(kind for kind, _ in first) == [
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ]
+    assert set(first).isdisjoint(second)
+    for namespace, found in zip(namespaces, (first, second), strict=True):
+        [binding] = [body for (kind, _), body in found.items() if kind == "ClusterRoleBinding"]
+        assert ("ClusterRole", binding["roleRef"]["name"]) in found
+        assert [subject["namespace"] for subject in binding["subjects"]] == [namespace]
+        assert all(len(name) <= MAX_NAME for _, name in found)
 
 
 @pytest.mark.parametrize(
@@ -266,6 +321,173 @@ def test_schema_refuses_bad_values_naming_the_key(bad: dict[str, Any], message: 
     assert message in str(refused.value)
 
 
+def schema_property(*path: str) -> Mapping[str, Any]:
+    """The schema of one value, by its keys from the top (items: "[]")."""
+    schema: Mapping[str, Any] = json.loads((render.CHART / "values.schema.json").read_text())
+    found = schema
+    for key in path:
+        found = found["items"] if key == "[]" else found["properties"][key]
+    return found
+
+
+def network_candidates() -> list[str]:
+    """Networks written right and wrong, built from pieces (a seeded choice: the same every run)."""
+    # Mostly good pieces, so that about a third of the candidates are networks.
+    octets = ("0", "7", "10", "99", "100", "199", "249", "250", "255") * 4 + ("256", "300", "01", "")
+    choose = random.Random(20261127)
+    candidates = {
+        ".".join(choose.choice(octets) for _ in range(4)) + f"/{prefix}"
+        for prefix in ("0", "8", "24", "32", "33", "99", "")
+        for _ in range(100)
+    }
+    groups = ("0", "1", "db8", "ffff", "FFFF") * 4 + ("", "", "12345", "g", "10.0.0.1", "300.0.0.1")
+    for count in range(1, 10):
+        for _ in range(150):
+            address = ":".join(choose.choice(groups) for _ in range(count))
+            for head, tail in (("", ""), ("::", ""), ("", "::"), ("::", "::")):
+                candidates.update(f"{head}{address}{tail}/{prefix}" for prefix in ("0", "64", "128", "129"))
+    return sorted(candidates)
+
+
+def is_network(text: str) -> bool:
+    """Whether the proxy takes ``text`` as a trusted network (proxy.settings, nginx's rule)."""
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def test_the_network_pattern_takes_the_networks_the_proxy_takes() -> None:
+    """One pattern for trustedCidrs and loadBalancerSourceRanges: what it takes the proxy takes
+    (a value it took and the proxy refused would crash-loop every pod), address bits past the
+    prefix included; and it takes every network the proxy does but those with a prefix length
+    written with a leading zero ("/08"). Python's re and Helm's RE2 read this pattern alike;
+    test_the_schema_refuses_what_is_no_network checks a set of them through Helm."""
+    [pattern] = {
+        json.dumps(schema_property("proxy", "listeners", "[]", "proxyProtocol", "trustedCidrs", "[]")),
+        json.dumps(schema_property("proxy", "service", "loadBalancerSourceRanges", "[]")),
+    }
+    cidr = json.loads((render.CHART / "values.schema.json").read_text())["definitions"]["cidr"]
+    assert json.loads(pattern) == {"$ref": "#/definitions/cidr"}
+    candidates = network_candidates()
+    taken = {candidate for candidate in candidates if re.search(cidr["pattern"], candidate)}
+    networks = {candidate for candidate in candidates if is_network(candidate)}
+    assert len(taken) > 500
+    assert taken <= networks
+    assert {network for network in networks if not re.search(r"/0[0-9]", network)} <= taken
+
+
+# Value -> whether the schema takes it.
+NETWORKS_AND_NOT = {
+    "10.0.0.0/8": True,
+    "10.0.0.1/8": True,  # bits past the prefix: ignored, as nginx does
+    "0.0.0.0/0": True,
+    "fd00::/8": True,
+    "::ffff:10.0.0.0/104": True,
+    "2001:db8:0:0:0:0:0:1/128": True,
+    "::/0": True,
+    "10.0.0.0/99": False,
+    "10.0.0.0/33": False,
+    "300.1.1.0/24": False,
+    "999.0.0.0/8": False,
+    "10.0.0/8": False,
+    "10.0.0.0": False,  # the proxy would read /32; the schema asks for the prefix length
+    "fd00::/129": False,
+    "1:::2/64": False,
+    "1:2:3:4:5:6:7:8:9/64": False,
+    " 10.0.0.0/8": False,
+    "10.0.0.0/8\n": False,
+}
+
+
+def refused_items(values: dict[str, Any], key: str) -> set[int]:
+    """The indexes of the list ``key`` the schema refuses in ``values``."""
+    with helm.Chart.load(render.CHART) as chart:
+        try:
+            chart.validate_schema(values)
+        except helm.HelmValuesError as refused:
+            return {int(index) for index in re.findall(rf"at '[^']*/{key}/([0-9]+)'", str(refused))}
+    return set()
+
+
+def test_the_schema_refuses_what_is_no_network() -> None:
+    candidates = list(NETWORKS_AND_NOT)
+    expected = {index for index, candidate in enumerate(candidates) if not NETWORKS_AND_NOT[candidate]}
+    ranges = {"proxy": {"service": {"loadBalancerSourceRanges": candidates}}}
+    assert refused_items(ranges, "loadBalancerSourceRanges") == expected
+
+    def trusting(cidrs: list[str]) -> dict[str, Any]:
+        listener = {"name": "imap", "protocol": "imap", "port": 143, "containerPort": 1143}
+        return {"proxy": {"listeners": [{**listener, "proxyProtocol": {"trustedCidrs": cidrs}}]}}
+
+    assert refused_items(trusting(candidates), "trustedCidrs") == expected
+    # What it takes reaches a proxy that starts with it.
+    taken = [candidate for candidate in candidates if NETWORKS_AND_NOT[candidate]]
+    configmap = yaml.safe_load(render.render(trusting(taken))["proxy-configmap.yaml"])
+    parsed = proxy_settings.parse(yaml.safe_load(configmap["data"]["settings.yaml"]), Path("/"))
+    assert len(parsed.listeners[0].proxy_protocol_from) == len(taken)
+
+
+# Every character Python calls white space (str.isspace, which proxy.settings uses for serverName).
+WHITE_SPACE = [chr(code) for code in range(sys.maxunicode + 1) if chr(code).isspace()]
+
+
+def test_the_schema_takes_a_server_name_the_proxy_takes() -> None:
+    """No white space, as the proxy reads it; Go's \\s alone misses \\v and Unicode's spaces."""
+    with helm.Chart.load(render.CHART) as chart:
+        for space in WHITE_SPACE:
+            with pytest.raises(helm.HelmValuesError, match="at '/proxy/serverName'"):
+                chart.validate_schema({"proxy": {"serverName": f"mail{space}example"}})
+        # Everything else, up to the surrogates, in one name: taken, and the proxy takes it too.
+        name = "".join(chr(code) for code in range(0xD800) if not chr(code).isspace())
+        chart.validate_schema({"proxy": {"serverName": name}})
+    document, _ = settings_of("default")
+    assert proxy_settings.parse({**document, "serverName": name}, Path("/")).server_name == name
+
+
+@pytest.mark.parametrize("key", [".", "..", "..data", "...", "", "ca/crt"])
+def test_schema_refuses_a_ca_key_kubernetes_cannot_mount(key: str) -> None:
+    """A key-to-path item's path may not be "." or ".." nor start with ".." (nor hold a "/" here)."""
+    with helm.Chart.load(render.CHART) as chart, pytest.raises(helm.HelmValuesError, match="/caKey'"):
+        chart.validate_schema({"proxy": {"backendTls": {"caSecret": "ca", "caKey": key}}})
+
+
+@pytest.mark.parametrize("key", ["ca.crt", ".ca", "a..b", "CA_bundle-2.pem"])
+def test_schema_takes_ca_keys_kubernetes_mounts(key: str) -> None:
+    with helm.Chart.load(render.CHART) as chart:
+        chart.validate_schema({"proxy": {"backendTls": {"caSecret": "ca", "caKey": key}}})
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"fullnameOverride": "Mail_Gress"},
+        {"fullnameOverride": "1mail"},  # Services need a letter first (DNS-1035)
+        {"fullnameOverride": "mail-"},
+        {"nameOverride": "Mail.Gress"},
+        {"nameOverride": "mail_gress"},
+        {"nameOverride": "-mail"},
+    ],
+)
+def test_schema_refuses_overrides_that_are_no_object_names(values: dict[str, Any]) -> None:
+    [key] = values
+    with helm.Chart.load(render.CHART) as chart, pytest.raises(helm.HelmValuesError, match=f"at '/{key}'"):
+        chart.validate_schema(values)
+
+
+def test_names_yaml_could_misread_stay_strings_in_labels() -> None:
+    """A DNS-1123 label may be "123", and Helm takes a release named "null" or "on"."""
+    documents = render.documents({"nameOverride": "123"}, release="on")
+    for document in documents:
+        labels = document.body["metadata"]["labels"]
+        assert (labels["app.kubernetes.io/name"], labels["app.kubernetes.io/instance"]) == ("123", "on")
+    for document in documents:
+        if document.body["kind"] == "Deployment":
+            selector = document.body["spec"]["selector"]["matchLabels"]
+            assert all(isinstance(value, str) for value in selector.values())
+
+
 def test_listener_names_follow_the_crds_port_name_rule() -> None:
     """One rule for port names, the one Kubernetes applies (IsValidPortName)."""
     schema = json.loads((render.CHART / "values.schema.json").read_text())
@@ -369,6 +591,22 @@ def test_render_refuses_more_minimum_than_maximum_replicas() -> None:
     with pytest.raises(helm.HelmRenderError) as refused:
         render.render({"proxy": {"autoscaling": autoscaling}})
     assert "minReplicas must not exceed maxReplicas" in str(refused.value)
+
+
+@pytest.mark.parametrize(("sleep", "grace"), [(120, 30), (30, 30)])
+def test_render_refuses_a_pre_stop_sleep_the_grace_period_cannot_hold(sleep: int, grace: int) -> None:
+    """The grace period counts from the start of the preStop sleep: the kubelet would kill the
+    pod during or right at the end of it, before the proxy drained anything."""
+    values = {"proxy": {"preStopSleepSeconds": sleep, "terminationGracePeriodSeconds": grace}}
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render.render(values)
+    refusal = f"proxy.preStopSleepSeconds ({sleep}) must be shorter than proxy.terminationGracePeriodSeconds"
+    assert f"{refusal} ({grace})" in str(refused.value)
+    values["proxy"]["preStopSleepSeconds"] = grace - 1
+    drain = yaml.safe_load(
+        yaml.safe_load(render.render(values)["proxy-configmap.yaml"])["data"]["settings.yaml"]
+    )
+    assert drain["drain"]["gracePeriod"] == 0
 
 
 def _properties(schema: Mapping[str, Any], path: str) -> list[tuple[str, Mapping[str, Any]]]:
@@ -935,15 +1173,15 @@ def test_controller_monitoring_is_off_by_default_and_scrapes_its_push_port() -> 
 
 def test_mailroute_roles_aggregate_into_the_default_roles() -> None:
     roles = {role["metadata"]["name"]: role for role in objects("default", "ClusterRole")}
-    edit = roles["mailgress-mailroutes-edit"]
+    edit = roles[f"{RELEASE_NAMESPACE}-mailgress-mailroutes-edit"]
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
     assert edit["rules"][0]["resources"] == ["mailroutes"], "status stays the controller's"
-    view = roles["mailgress-mailroutes-view"]
+    view = roles[f"{RELEASE_NAMESPACE}-mailgress-mailroutes-view"]
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
     assert {role["metadata"]["name"] for role in objects("minimal", "ClusterRole")} == {
-        "mailgress-controller"
+        f"{RELEASE_NAMESPACE}-mailgress-controller"
     }
 
 

@@ -112,6 +112,28 @@ def test_mistakes_are_named(change: dict[str, object], message: str) -> None:
 PLAIN_LISTENER = {"protocol": "imap", "address": "127.0.0.1", "port": 1143}
 
 
+def test_trusted_networks_ignore_address_bits_past_the_prefix() -> None:
+    """As nginx's set_real_ip_from, which warns that they are meaningless and uses the network."""
+    cidrs = ["10.0.0.1/8", "192.168.1.77/24", "fd00::1/8", "2001:db8::/32"]
+    listener = {**PLAIN_LISTENER, "name": "imap", "proxyProtocol": {"trustedCidrs": cidrs}}
+    parsed = settings.parse({**yaml.safe_load(GOOD), "listeners": [listener]}, Path("/"))
+    assert [str(network) for network in parsed.listeners[0].proxy_protocol_from] == [
+        "10.0.0.0/8",
+        "192.168.1.0/24",
+        "fd00::/8",
+        "2001:db8::/32",
+    ]
+
+
+@pytest.mark.parametrize("cidr", ["10.0.0.0/33", "300.1.1.0/24", "fd00::/129", "10.0", "mail/8"])
+def test_trusted_networks_must_be_networks(cidr: str) -> None:
+    listener = {**PLAIN_LISTENER, "name": "imap", "proxyProtocol": {"trustedCidrs": [cidr]}}
+    with pytest.raises(
+        settings.SettingsError, match=r"listeners\[0\].proxyProtocol.trustedCidrs: .* is not a network"
+    ):
+        settings.parse({**yaml.safe_load(GOOD), "listeners": [listener]}, Path("/"))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

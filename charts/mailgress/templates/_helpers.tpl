@@ -29,6 +29,22 @@ mounts at exactly these places.
 {{- define "mailgress.proxy.fullname" -}}
 {{- printf "%s-proxy" (include "mailgress.fullname" . | trunc 57 | trimSuffix "-") -}}
 {{- end -}}
+{{/* The Service of the proxies' admin port that a ServiceMonitor scrapes. */}}
+{{- define "mailgress.proxyAdmin.fullname" -}}
+{{- printf "%s-proxy-admin" (include "mailgress.fullname" . | trunc 51 | trimSuffix "-") -}}
+{{- end -}}
+{{/* A cluster-scoped object's name: "<namespace>-<fullname>-<suffix>", so that releases of one
+name in two namespaces own distinct ClusterRoles and ClusterRoleBindings. Over 63 characters it
+is cut to 54 and ended with 8 hex digits of the whole name's SHA-256, which keeps two long names
+apart where the cut alone would make them alike. (dict "context" $ "suffix" "controller") */}}
+{{- define "mailgress.clusterName" -}}
+{{- $name := printf "%s-%s-%s" .context.Release.Namespace (include "mailgress.fullname" .context) .suffix -}}
+{{- if le (len $name) 63 -}}
+{{- $name -}}
+{{- else -}}
+{{- printf "%s-%s" ($name | trunc 54 | trimSuffix "-") ($name | sha256sum | trunc 8) -}}
+{{- end -}}
+{{- end -}}
 {{/* The Secret the controller writes the routing table snapshot to (reconciler.SNAPSHOT_KEY,
 or reconciler.SNAPSHOT_GZIP_KEY for a table too large to store plainly). A Secret because route
 tables carry auth_http request headers, which the aggregated view role must not read. */}}
@@ -59,10 +75,11 @@ tables carry auth_http request headers, which the aggregated view role must not 
 {{- end -}}
 {{- end -}}
 
+{{/* Names and release names are quoted: YAML would read "123", "on" or "null" as no string. */}}
 {{- define "mailgress.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
-app.kubernetes.io/name: {{ include "mailgress.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "mailgress.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: mailgress
@@ -70,9 +87,26 @@ app.kubernetes.io/part-of: mailgress
 
 {{/* Selector labels of one component: (dict "context" $ "component" "proxy"). */}}
 {{- define "mailgress.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "mailgress.name" .context }}
-app.kubernetes.io/instance: {{ .context.Release.Name }}
+app.kubernetes.io/name: {{ include "mailgress.name" .context | quote }}
+app.kubernetes.io/instance: {{ .context.Release.Name | quote }}
 app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The live Deployment of a component (lookup, as JSON; {} when there is none, and in offline
+renders: helm template, --dry-run). A Deployment's selector never changes, and nameOverride is
+in it (app.kubernetes.io/name): an upgrade that would change it fails here, showing both
+selectors, rather than at the API server after other objects were applied. (dict "context" $ "component"
+"proxy" "name" <the Deployment's name>) */}}
+{{- define "mailgress.liveDeployment" -}}
+{{- $live := lookup "apps/v1" "Deployment" .context.Release.Namespace .name -}}
+{{- if $live -}}
+{{- $wanted := dict "matchLabels" (include "mailgress.selectorLabels" . | fromYaml) -}}
+{{- $selector := dig "spec" "selector" dict $live -}}
+{{- if ne (toJson $selector) (toJson $wanted) -}}
+{{- fail (printf "nameOverride is fixed at install: the Deployment %s selects %s, and Kubernetes never changes a Deployment's selector, but these values would make it select %s. Keep the nameOverride the release was installed with, or uninstall and install again" .name (toJson (dig "matchLabels" dict $selector)) (toJson $wanted.matchLabels)) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson ($live | default dict) -}}
 {{- end -}}
 
 {{/* The controller finds this release's proxy pods by these labels (--proxy-selector). */}}
@@ -141,6 +175,16 @@ values.schema.json cannot say so: JSON Schema compares no two values. */}}
 {{- fail (printf "controller.%s and controller.%s are both %s: the controller binds each, so each needs a port of its own" . $key $port) -}}
 {{- end -}}
 {{- $_ := set $taken $port $key -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The preStop sleep counts against the grace period: one at least as long leaves the proxy no
+time to drain, and the kubelet kills it during the sleep. values.schema.json cannot compare them. */}}
+{{- define "mailgress.checkGracePeriod" -}}
+{{- $sleep := int .Values.proxy.preStopSleepSeconds -}}
+{{- $grace := int .Values.proxy.terminationGracePeriodSeconds -}}
+{{- if ge $sleep $grace -}}
+{{- fail (printf "proxy.preStopSleepSeconds (%d) must be shorter than proxy.terminationGracePeriodSeconds (%d): the grace period counts from the start of the sleep, and the kubelet kills the pod when it ends" $sleep $grace) -}}
 {{- end -}}
 {{- end -}}
 
