@@ -396,7 +396,9 @@ def _profile_section(results: Results) -> list[str]:
         "it pauses the proxy at each sample, which slows it and inflates the share of system calls). "
         "Kind of work: the package of the innermost Python function of each sample, with what it "
         "calls in C and in the kernel (an `os.splice` or a `sock_sendall` counts for its caller; "
-        "'event loop' is uvloop's own C code, epoll included); with native frames a system call or "
+        "'event loop' is time with no Python frame above the loop's run call: `perf` finds it mostly "
+        "the kernel's going to sleep and waking up and C work done for Python callbacks, uvloop's own "
+        "C a few percent); with native frames a system call or "
         "the garbage collector is named as such. Own: share of samples with the function "
         "innermost; total: with it anywhere on the stack.",
     ]
