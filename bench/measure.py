@@ -13,7 +13,7 @@ import os
 import resource
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -174,6 +174,12 @@ class CpuUse:
             bench=bench,
             other=max(other, 0.0),
         )
+
+    @classmethod
+    def sum(cls, parts: Iterable["CpuUse"]) -> "CpuUse":
+        """The CPU of several stretches of one run (a run that pauses between them)."""
+        listed = list(parts)
+        return cls(**{f.name: math.fsum(getattr(part, f.name) for part in listed) for f in fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,13 +31,16 @@ STOP_TIMEOUT = 30.0
 # Frames of the interpreter's start-up that sit at the bottom of every stack.
 _ROOT_FRAMES = ("<module>", "main", "run", "_run_proxy", "Runner.run", "run_until_complete", "run_forever")
 PROJECT_PREFIXES = ("proxy/", "mailgress/")
-# Where a Python function's file lives -> the name the breakdown gives its time. The event loop's
-# C code runs under Runner.run (uvloop) with no Python frame of its own above it.
+# Where a Python function's file lives -> the name the breakdown gives its time. Samples with no
+# Python frame above Runner.run (uvloop's run loop) are not mostly uvloop's own C: `perf` of a paced
+# run (docs/benchmarks.md, sixth series) found them mostly the kernel's going to sleep and waking
+# up, and C work done for Python callbacks; uvloop's own C was about 3% of the proxy's time.
+EVENT_LOOP = "event loop, no Python frame (kernel sleep/wake, C under callbacks)"
 _PACKAGES = (
     ("proxy/", "mailgress code (proxy/, mailgress/)"),
     ("mailgress/", "mailgress code (proxy/, mailgress/)"),
-    ("asyncio/runners.py", "event loop (uvloop, libuv)"),
-    ("uvloop/", "event loop (uvloop, libuv)"),
+    ("asyncio/runners.py", EVENT_LOOP),
+    ("uvloop/", EVENT_LOOP),
     ("asyncio/", "asyncio library code"),
     ("logging/", "logging"),
     ("prometheus_client/", "prometheus_client"),

@@ -37,30 +37,39 @@ class Workload:
     # nginx's proxy_buffer only matters where bytes are relayed or buffers sit allocated: these
     # also run against nginx with proxy_buffer 64k.
     buffer_sensitive: bool = False
+    # Where logins are the work, mailgress is also measured asking nginx's auth_http service at
+    # every login, as nginx does (targets.AUTH_VARIANTS).
+    login_bound: bool = False
 
 
 def workloads_for(scale: workloads.Scale) -> list[Workload]:
     c, rate, paced = scale.concurrency, f"{scale.paced_rate:g}", scale.paced_sessions
     return [
         Workload(
-            "imap-saturated", f"IMAP LOGIN/SELECT/LOGOUT, {c} clients, {scale.sessions} sessions", "saturated"
+            "imap-saturated",
+            f"IMAP LOGIN/SELECT/LOGOUT, {c} clients, {scale.sessions} sessions",
+            "saturated",
+            login_bound=True,
         ),
         Workload(
             "imap-paced",
             f"IMAP LOGIN/SELECT/LOGOUT, {rate} sessions/s, {paced} sessions",
             "paced",
+            login_bound=True,
         ),
         Workload(
             "pop3-saturated",
             f"POP3 USER/PASS/STAT/RETR/QUIT, {c} clients, {scale.sessions} sessions",
             "saturated",
             "pop3",
+            login_bound=True,
         ),
         Workload(
             "pop3-paced",
             f"POP3 USER/PASS/STAT/RETR/QUIT, {rate} sessions/s, {paced} sessions",
             "paced",
             "pop3",
+            login_bound=True,
         ),
         Workload(
             "imap-fetch-20mb",
@@ -81,6 +90,7 @@ def workloads_for(scale: workloads.Scale) -> list[Workload]:
                 "idle",
                 connections=count,
                 buffer_sensitive=True,
+                login_bound=True,
             )
             for count in scale.idle
         ),
@@ -119,7 +129,16 @@ def target_factory(variants: Sequence[Variant], names: Sequence[str] | None) -> 
     """Builds a round's targets (all of them, or those in ``names``)."""
 
     def make(bed: targets.Bed, directory: Path) -> list[targets.Target]:
-        made: list[targets.Target] = [targets.Direct(bed), targets.Mailgress(bed, directory / "mailgress")]
+        made: list[targets.Target] = [
+            targets.Direct(bed),
+            targets.Mailgress(bed, directory / "mailgress"),
+            targets.Mailgress(
+                bed,
+                directory / targets.MAILGRESS_AUTH_HTTP,
+                name=targets.MAILGRESS_AUTH_HTTP,
+                auth_http=True,
+            ),
+        ]
         made += [
             targets.Mailgress(
                 bed,
@@ -137,8 +156,24 @@ def target_factory(variants: Sequence[Variant], names: Sequence[str] | None) -> 
 
 
 def target_names(variants: Sequence[Variant], names: Sequence[str] | None) -> list[str]:
-    every = ["direct", "mailgress", *(v.name for v in variants), *targets.NGINX_BUFFERS]
+    every = [
+        "direct",
+        "mailgress",
+        *targets.AUTH_VARIANTS,
+        *(v.name for v in variants),
+        *targets.NGINX_BUFFERS,
+    ]
     return [name for name in every if names is None or name in names]
+
+
+def runs_against(workload: Workload, target: str) -> bool:
+    """Whether ``workload`` is measured against the target named ``target``: a variant that differs
+    only in relay buffers or in asking an auth service runs only where that matters."""
+    if target in targets.BUFFER_VARIANTS:
+        return workload.buffer_sensitive
+    if target in targets.AUTH_VARIANTS:
+        return workload.login_bound
+    return True
 
 
 def _rotated(items: Sequence[targets.Target], by: int) -> list[targets.Target]:
@@ -151,7 +186,7 @@ def _progress(measurement: workloads.Measurement) -> None:
     rate = m.operations / m.seconds if m.seconds else 0.0
     cpu = m.cpu
     print(
-        f"  round {m.round + 1} {m.workload:<16} {m.target:<12} ops {m.operations:>6} "
+        f"  round {m.round + 1} {m.workload:<16} {m.target:<18} ops {m.operations:>6} "
         f"failures {m.failures:>4} "
         f"{m.seconds:7.2f} s {rate:8.1f}/s  CPU s: proxy {cpu.proxy:.2f} mail servers {cpu.backends:.2f} "
         f"bench {cpu.bench:.2f} other {cpu.other:.2f}"
@@ -181,11 +216,7 @@ def run_rounds(
         with targets.Bed(directory, load_users=scale.load_users, target_names=names) as bed:
             round_targets = make_targets(bed, directory)
             for workload in chosen:
-                eligible = [
-                    t
-                    for t in round_targets
-                    if workload.buffer_sensitive or t.name not in targets.BUFFER_VARIANTS
-                ]
+                eligible = [t for t in round_targets if runs_against(workload, t.name)]
                 for target in _rotated(eligible, number):
                     target.start()
                     try:

@@ -9,11 +9,12 @@ the proxy (None for the direct connection). Everything here starts processes on 
 and stops them again; nothing here measures.
 """
 
+import copy
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from bench import authserver, clients
 from testbed import backends, mailservers, messages, nginx, proxyprocess
@@ -59,6 +60,12 @@ NGINX_BUFFERS = {"nginx": None, "nginx-64k": "64k"}
 # Targets that differ from another only in relay buffers: measured where bytes are relayed or
 # buffers sit allocated, not in the login runs.
 BUFFER_VARIANTS = ("nginx-64k",)
+# mailgress with the same routes in "auth: http" mode against the very auth_http service nginx
+# asks: the like-for-like comparison of a login with nginx, which asks that service at every
+# login (the "mailgress" target's routes use "auth: backend" and ask none). Measured where logins
+# are the work (the login runs and the idle connections), not in the relay or SMTP runs.
+MAILGRESS_AUTH_HTTP = "mailgress-authhttp"
+AUTH_VARIANTS = (MAILGRESS_AUTH_HTTP,)
 LOAD_DOMAIN = backends.ALPHA
 POP3_MESSAGE_SIZE = 4 * 1024  # a typical short mail: RETR is part of every POP3 session
 FETCH_MESSAGE_SIZE = 20 * 1000 * 1000  # "IMAP FETCH of a 20 MB message" (decimal megabytes)
@@ -176,6 +183,9 @@ class Mailgress:
     """``mailgress proxy`` in standalone mode (uvloop) in front of the round's mail servers.
 
     ``command`` runs another build of the proxy (a patched source tree) under another name.
+    With ``auth_http`` every route asks the benchmark's auth_http service (``AuthProcess``, the
+    one nginx asks, counted apart as nginx's is) before the backend login, instead of taking the
+    backend's verdict alone.
     """
 
     def __init__(
@@ -186,27 +196,52 @@ class Mailgress:
         name: str = "mailgress",
         command: Sequence[str] | None = None,
         log_level: str = "info",
+        auth_http: bool = False,
     ) -> None:
         self.name = name
         self._bed = bed
         self._directory = directory
         self._command = command
         self._log_level = log_level
+        self._auth_http = auth_http
+        self._auth: authserver.AuthProcess | None = None
         self._process: proxyprocess.ProxyProcess | None = None
+
+    def _routes(self) -> list[dict[str, Any]]:
+        """The testbed's MailRoutes; with auth_http, each in "auth: http" mode against the service."""
+        routes = self._bed.backends.mailroutes()
+        if self._auth is None:
+            return routes
+        asking = copy.deepcopy(routes)
+        for route in asking:
+            route["spec"]["auth"] = {"mode": "http", "http": {"url": self._auth.url}}
+        return asking
 
     def start(self) -> None:
         shutil.rmtree(self._directory, ignore_errors=True)
-        settings = self._bed.backends.write_proxy_settings(self._directory, extra=MAILGRESS_BENCH_SETTINGS)
-        process = proxyprocess.ProxyProcess(
-            settings, self._directory / "mailgress.log", command=self._command, log_level=self._log_level
-        )
-        process.start()
+        try:
+            if self._auth_http:
+                self._auth = authserver.AuthProcess(self._bed.backends)
+                self._auth.start()
+            settings = self._bed.backends.write_proxy_settings(
+                self._directory, routes=self._routes(), extra=MAILGRESS_BENCH_SETTINGS
+            )
+            process = proxyprocess.ProxyProcess(
+                settings, self._directory / "mailgress.log", command=self._command, log_level=self._log_level
+            )
+            process.start()
+        except BaseException:
+            self.stop()
+            raise
         self._process = process
 
     def stop(self) -> None:
         if self._process is not None:
             self._process.stop()
             self._process = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def _running(self) -> proxyprocess.ProxyProcess:
         if self._process is None:
@@ -219,7 +254,8 @@ class Mailgress:
 
     @property
     def auth_session(self) -> int | None:
-        return None  # the routes check passwords at the backend ("auth: backend")
+        # Without auth_http the routes check passwords at the backend ("auth: backend").
+        return None if self._auth is None else self._auth.session
 
     def port(self, protocol: ClientProtocol, address: str) -> int:
         return self._running().settings.ports.listener_port(protocol)

@@ -1,11 +1,12 @@
 """The measured runs: one workload against one started target, read into a ``Measurement``.
 
-``bench.runner`` calls ``run`` for every (round, workload, target). Each run warms the target
-up with a few of its own operations, reads the CPU counters (the proxy's, the mail servers',
-this process's and the machine's), does a bounded amount of work, reads them again and
-returns what happened: operations, failures, wall time, CPU by whom, login latencies, bytes
-relayed, resident memory per idle connection, messages delivered intact. Every loop here is
-bounded in count, and every client dialogue in time. Failures are counted, never hidden.
+``bench.runner`` has a ``Runner`` measure every (round, workload, target). Each run warms the
+target up (login sessions, or a few submissions before an SMTP run), reads the CPU counters
+(the proxy's, the mail servers', this process's and the machine's), does a bounded amount of
+work, reads them again and returns what happened: operations, failures, wall time, CPU by
+whom, login latencies, bytes relayed, resident memory per idle connection, messages delivered
+intact. Every loop here is bounded in count, and every client dialogue in time. Failures are
+counted, never hidden.
 """
 
 import asyncio
@@ -369,7 +370,14 @@ class Runner:
     # -- idle connections ----------------------------------------------------------------------
 
     def idle(self, workload: str, count: int) -> Measurement:
-        """Open ``count`` logged-in IMAP connections, then read the proxy's resident memory."""
+        """Open ``count`` logged-in IMAP connections in two halves; the memory per connection is
+        the proxy's resident memory's slope over the second half.
+
+        Not (RSS after ``count`` - RSS before) / ``count``: a fresh Python process holds resident
+        free memory after start-up that its first connections fill, so that figure undercounts
+        (and moves with how the process was launched). The second half's connections find none
+        left: (RSS(count) - RSS(count / 2)) / (count / 2), for every target alike.
+        """
         session = self.target.session
 
         def resident() -> int:
@@ -382,12 +390,9 @@ class Runner:
             held: list[asyncio.StreamWriter] = []
             latencies: list[float] = []
             accounts = self._accounts(IDLE_OPENERS)
-            opened = itertools.count()
-            baseline = resident()
-            before, started = self._meter.read(), time.perf_counter()
 
-            async def opener(slot: int) -> None:
-                while next(opened) < count:
+            async def opener(slot: int, opened: Iterator[int], limit: int) -> None:
+                while next(opened) < limit:
                     account = accounts.next(slot)
                     begin = time.perf_counter()
                     try:
@@ -402,19 +407,34 @@ class Runner:
                     held.append(writer)
                     tally.done += 1
 
+            async def open_more(limit: int) -> None:
+                opened = itertools.count()
+                await asyncio.gather(*(opener(slot, opened, limit) for slot in range(IDLE_OPENERS)))
+
+            first_half = count // 2
             try:
-                await asyncio.gather(*(opener(slot) for slot in range(IDLE_OPENERS)))
-                seconds, after = time.perf_counter() - started, self._meter.read()
+                before, started = self._meter.read(), time.perf_counter()
+                await open_more(first_half)
+                seconds, halfway = time.perf_counter() - started, self._meter.read()
+                # The second half's memory is read apart from the first's, so both settle first.
                 await asyncio.sleep(IDLE_SETTLE)
-                per_connection = (resident() - baseline) / tally.done if session and tally.done else None
+                half_resident, half_done = resident(), tally.done
+                middle, resumed = self._meter.read(), time.perf_counter()
+                await open_more(count - first_half)
+                seconds, after = seconds + time.perf_counter() - resumed, self._meter.read()
+                await asyncio.sleep(IDLE_SETTLE)
+                added = tally.done - half_done
+                per_connection = (resident() - half_resident) / added if session and added else None
             finally:
                 for writer in held:
                     writer.close()
+            # The CPU of every login, the settling pause between the halves left out.
+            halves = (measure.CpuUse.between(before, halfway), measure.CpuUse.between(middle, after))
             return self._measurement(
                 workload,
                 tally,
                 seconds,
-                measure.CpuUse.between(before, after),
+                measure.CpuUse.sum(halves),
                 latencies=latencies,
                 rss_per_connection=per_connection,
             )
