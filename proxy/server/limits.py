@@ -202,18 +202,15 @@ class RefusalTimes:
     their failure delay together, which is what a client can measure.
     """
 
-    def __init__(
-        self, initial: float = DEFAULT_BACKEND_REFUSAL_TIME, samples: int = REFUSAL_TIME_SAMPLES
-    ) -> None:
-        self._initial = initial
-        self._samples = samples
+    def __init__(self, initial: float = DEFAULT_BACKEND_REFUSAL_TIME) -> None:
+        self._initial = initial  # tests set it small; the proxy keeps the default
         self._times: dict[Protocol, collections.deque[float]] = {}
 
     def refused(self, protocol: Protocol, started: float, now: float) -> None:
         """A login of ``protocol`` begun at ``started`` had its credentials refused at ``now``."""
         times = self._times.get(protocol)
         if times is None:
-            times = self._times[protocol] = collections.deque(maxlen=self._samples)
+            times = self._times[protocol] = collections.deque(maxlen=REFUSAL_TIME_SAMPLES)
         times.append(max(0.0, now - started))
 
     def estimate(self, protocol: Protocol) -> float:
