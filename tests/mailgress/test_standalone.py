@@ -157,6 +157,30 @@ async def test_an_invalid_route_in_an_edit_keeps_the_last_good_table(
         assert holder.current.routes[1].domains == ("other.example",)
 
 
+async def test_a_route_copied_into_a_second_file_keeps_the_table_and_names_both_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two copies of one namespace/name (the API server cannot hold both) are Invalid: the
+    route in use stays as it was, not dropped for both copies."""
+    monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
+    reads = CountedReads(monkeypatch)
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(ROUTE.format(domain="a.example"))
+    second.write_text("")
+    holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    async with watching([first, second], holder):
+        await wait_for(lambda current: routes_domain(current) == "a.example", holder)
+        good = holder.current
+        with caplog.at_level(logging.ERROR, logger="mailgress.standalone"):
+            second.write_text(ROUTE.format(domain="b.example"))
+            await reads.wait(3)
+        assert holder.current is good
+    [error] = [record.getMessage() for record in caplog.records]
+    assert error.startswith(
+        f'{first}, {second}: MailRoute mail/r: Accepted=False (Invalid): metadata.name: Duplicate value: "r"'
+    )
+
+
 async def test_routes_the_api_server_takes_are_applied_with_their_problems(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
