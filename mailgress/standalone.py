@@ -4,8 +4,10 @@ Reads the MailRoute manifests named in the settings (the same YAML users ``kubec
 compiles them with the controller's pure compiler against the ``services`` stand-in for
 EndpointSlices and the ``secrets`` stand-in for the labelled Secrets auth_http ``headersFrom``
 reads, and installs the table. The files are re-read every ``POLL_INTERVAL`` seconds
-and a changed content is compiled and swapped in; open sessions are untouched. A file that
-cannot be read or parsed keeps the last good table in force. A file may hold other kinds beside
+and a changed content is compiled and swapped in; open sessions are untouched. A file set that
+cannot be read or parsed, or that holds any Invalid MailRoute (one ``kubectl apply`` would refuse,
+leaving the object as it was), keeps the last good table in force; before there is one (at start),
+an Invalid MailRoute is left out of the first table. A file may hold other kinds beside
 the MailRoutes (a Service, as kubectl users keep them), which are skipped, and lists (``kind:
 List``, what ``kubectl get -o yaml`` writes), whose items count as documents; a document meant as
 a MailRoute with a mistyped kind or apiVersion is no other kind: it becomes an Invalid route, as
@@ -25,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from controller import compiler, mailroute
+from controller import compiler, conditions, mailroute
 from proxy import table
 from proxy.server.routes import TableHolder
 from proxy.settings import SecretData, yaml_problem
@@ -51,10 +53,16 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One object that did not make it into the table as written, and why."""
+    """One object that did not make it into the table as written, and why.
+
+    ``invalid``: Accepted=False (Invalid), an object ``kubectl apply`` would refuse (a broken
+    schema or CEL rule, a mistyped kind, a namespace/name given twice), as opposed to one the
+    API server takes and the controller reports (Conflicted, an unresolved backend or Secret).
+    """
 
     route: str
     message: str
+    invalid: bool = False
 
 
 def read_manifests(paths: Sequence[Path]) -> list[tuple[Path, bytes]]:
@@ -91,10 +99,10 @@ def _objects(path: Path, document: Any) -> list[Mapping[str, Any]]:
     return items
 
 
-def mailroute_bodies(contents: Sequence[tuple[Path, bytes]]) -> list[Mapping[str, Any]]:
+def sourced_bodies(contents: Sequence[tuple[Path, bytes]]) -> list[tuple[Path, Mapping[str, Any]]]:
     """Every document of the files meant as a MailRoute (``meant_as_mailroute``), lists'
-    items included; other kinds are skipped."""
-    bodies: list[Mapping[str, Any]] = []
+    items included, with the file it is in; other kinds are skipped."""
+    bodies: list[tuple[Path, Mapping[str, Any]]] = []
     for path, content in contents:
         try:
             documents = list(yaml.safe_load_all(content))
@@ -102,8 +110,13 @@ def mailroute_bodies(contents: Sequence[tuple[Path, bytes]]) -> list[Mapping[str
             raise ManifestError(f"{path}: not valid YAML: {yaml_problem(error)}") from error
         for document in documents:
             if document is not None:
-                bodies += filter(meant_as_mailroute, _objects(path, document))
+                bodies += ((path, body) for body in _objects(path, document) if meant_as_mailroute(body))
     return bodies
+
+
+def mailroute_bodies(contents: Sequence[tuple[Path, bytes]]) -> list[Mapping[str, Any]]:
+    """``sourced_bodies`` without the files."""
+    return [body for _, body in sourced_bodies(contents)]
 
 
 def secret_values(secrets: SecretData) -> dict[compiler.SecretRef, compiler.SecretValues]:
@@ -133,13 +146,23 @@ def compile_bodies(
     secrets: SecretData = _NO_SECRETS,
     version_key: str | None = None,
 ) -> tuple[compiler.Compiled, list[Problem]]:
-    """Parse and compile; every object that is not Accepted or not resolved becomes a Problem.
+    """Parse and compile (``compile_routes``)."""
+    return compile_routes([mailroute.parse(body) for body in bodies], services, secrets, version_key)
+
+
+def compile_routes(
+    routes: Sequence[mailroute.MailRoute | mailroute.SpecError],
+    services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]],
+    secrets: SecretData = _NO_SECRETS,
+    version_key: str | None = None,
+) -> tuple[compiler.Compiled, list[Problem]]:
+    """Compile; every object that is not Accepted or not resolved becomes a Problem.
 
     ``version_key`` hides auth_http header values in the table's version (table.make_table);
     None: a random one of its own (``routes check``: nothing outlives the command).
     """
     compiled = compiler.compile_table(
-        [mailroute.parse(body) for body in bodies],
+        routes,
         services,
         secret_values(secrets),
         token_hex(table.VERSION_KEY_BYTES) if version_key is None else version_key,
@@ -148,9 +171,10 @@ def compile_bodies(
         Problem(
             route=key,
             message=f"{condition.type}={condition.status} ({condition.reason}): {condition.message}",
+            invalid=condition.type == "Accepted" and condition.reason == conditions.Reason.INVALID,
         )
-        for key, conditions in sorted(compiled.conditions.items())
-        for condition in conditions
+        for key, found in sorted(compiled.conditions.items())
+        for condition in found
         if condition.type in ("Accepted", "ResolvedRefs") and condition.status != "True"
     ]
     return compiled, problems
@@ -171,12 +195,7 @@ async def watch(
             contents = read_manifests(paths)
             if contents != last:
                 last = contents
-                compiled, problems = compile_bodies(
-                    mailroute_bodies(contents), services, secrets, version_key
-                )
-                for problem in problems:
-                    log.warning("MailRoute %s: %s", problem.route, problem.message)
-                holder.swap(compiled.table)
+                _apply(sourced_bodies(contents), services, holder, secrets, version_key)
             last_error = ""
         except ManifestError as error:
             if str(error) != last_error:  # once per distinct problem, not every poll
@@ -184,3 +203,38 @@ async def watch(
             last_error = str(error)
             last = None
         await asyncio.sleep(POLL_INTERVAL)
+
+
+def _apply(
+    sourced: Sequence[tuple[Path, Mapping[str, Any]]],
+    services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]],
+    holder: TableHolder,
+    secrets: SecretData,
+    version_key: str,
+) -> None:
+    """Compile one changed file set and install its table, unless a MailRoute in it is Invalid
+    and there is a table to keep: ``kubectl apply`` would refuse that object and leave the one
+    in force, so a typo in one field must not drop a route (and fail its users' logins).
+
+    Called once per change of the files, so each problem is logged once per change.
+    """
+    parsed = [(path, mailroute.parse(body)) for path, body in sourced]
+    files: dict[str, dict[str, None]] = {}  # the files defining each namespace/name, in order
+    for path, route in parsed:
+        files.setdefault(route.key, {})[str(path)] = None
+    compiled, problems = compile_routes([route for _, route in parsed], services, secrets, version_key)
+    keep = holder.ready and any(problem.invalid for problem in problems)
+    # Before a first table there is nothing to keep: the other routes are served without it.
+    consequence = (
+        "none of the route files' changes is applied; the routing table in use stays"
+        if keep
+        else "left out of the routing table"
+    )
+    for problem in problems:
+        if problem.invalid:
+            where = ", ".join(files[problem.route])
+            log.error("%s: MailRoute %s: %s; %s", where, problem.route, problem.message, consequence)
+        elif not keep:  # about a table that is installed
+            log.warning("MailRoute %s: %s", problem.route, problem.message)
+    if not keep:
+        holder.swap(compiled.table)

@@ -12,7 +12,8 @@ backend login's time is added to it). A read reaches the machine ``FEED_SIZE`` o
 time, each slice's replies sent before the next is fed, so what a client that pipelines and never
 reads makes the session hold is bounded by a slice, not by the read. The shared ``limits`` refuse
 a client address over its connection limit (once a trusted PROXY header has named the real one)
-and logins locked by failed attempts, and hold back the refusal of each further failure. When the
+and logins locked by failed attempts, and hold back the refusal of each further failure, and that
+of a login no route owns as long as a backend's refusal takes (no hint who exists). When the
 proxy drains (drain.py) and the session's turn comes, a client still logging in gets the
 protocol's closing line the next time the session waits for it, and a relayed one at the relay's
 next quiet moment. Exactly one INFO line per session is logged when it ends; it names the user
@@ -97,7 +98,9 @@ class SessionRecord:
     outcome: str = "closed"
     upstream_bytes: int = 0
     downstream_bytes: int = 0
-    held_back: float = 0.0  # seconds the failed-login throttle held refusals back
+    # Seconds refusals were held back: the failed-login throttle's delay, and for a login no route
+    # owns the time a backend's refusal takes (limits.RefusalTimes).
+    held_back: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,6 +514,7 @@ async def _authenticate(
         context.labelled(metrics.refusals, f"login_lockout_{lock.scope}").inc()
         record.login = "throttled"
         return events.LoginUnavailable(), None
+    started = clock()
     login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
     record.route = login.route
     record.backend = str(login.endpoint) if login.endpoint else "-"
@@ -532,8 +536,17 @@ async def _authenticate(
                 locked,
                 throttle.settings.lockout,
             )
+        delay = penalty.delay
+        refusal_times = context.limits.refusal_times
+        if login.outcome == "rejected":
+            refusal_times.refused(request.protocol, started, clock())
+        else:
+            # Refused at once, where a routed wrong password waits for the backend's failure
+            # delay: held as long as those take, so that the time tells no more than the reply
+            # which domains (and users) the proxy serves.
+            delay += refusal_times.estimate(request.protocol)
         # Never past the pre-login deadline, which then ends the session as usual.
-        delay = max(0.0, min(penalty.delay, deadline - asyncio.get_running_loop().time()))
+        delay = max(0.0, min(delay, deadline - asyncio.get_running_loop().time()))
         if delay:
             record.held_back += delay
             await asyncio.sleep(delay)

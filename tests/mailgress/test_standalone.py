@@ -3,7 +3,7 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,161 @@ async def test_edits_apply_and_broken_files_keep_the_last_table(
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+
+
+TYPO_ROUTES = """
+apiVersion: mailgress.io/v1alpha1
+kind: MailRoute
+metadata: {{name: alpha, namespace: mail}}
+spec:
+  domains: [alpha.example]
+  imap: {{backend: {{service: dovecot, port: 143}}, tls: {tls}}}
+---
+apiVersion: mailgress.io/v1alpha1
+kind: MailRoute
+metadata: {{name: beta, namespace: mail}}
+spec:
+  domains: [{beta}]
+  imap: {{backend: {{service: {service}, port: 143}}}}
+"""
+TYPO = 'spec.imap.tls: Unsupported value: "startls"'
+
+
+class CountedReads:
+    """``read_manifests`` counting the watcher's polls, so a test waits for polls, not time."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self._read = standalone.read_manifests
+        monkeypatch.setattr(standalone, "read_manifests", self)
+
+    def __call__(self, paths: Sequence[Path]) -> list[tuple[Path, bytes]]:
+        self.count += 1
+        return self._read(paths)
+
+    async def wait(self, polls: int) -> None:
+        target = self.count + polls
+        for _ in range(int(WAIT / 0.01)):
+            if self.count >= target:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the watcher did not poll {polls} times in time")
+
+
+@contextlib.asynccontextmanager
+async def watching(paths: list[Path], holder: TableHolder) -> AsyncIterator[None]:
+    watcher = asyncio.create_task(standalone.watch(paths, SERVICES, holder))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+def route_names(current: table.RoutingTable) -> list[str]:
+    return [route.name for route in current.routes]
+
+
+async def test_an_invalid_route_in_an_edit_keeps_the_last_good_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in one field (review M1, LOW 3): kubectl apply would refuse the object and leave
+    the route as it was; the watcher used to install the table without it, so its users got
+    "authentication failed" and counted towards the lockout."""
+    monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
+    reads = CountedReads(monkeypatch)
+    path = tmp_path / "routes.yaml"
+    path.write_text(TYPO_ROUTES.format(tls="none", beta="beta.example", service="dovecot"))
+    holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    async with watching([path], holder):
+        await wait_for(lambda current: route_names(current) == ["mail/alpha", "mail/beta"], holder)
+        good = holder.current
+        with caplog.at_level(logging.WARNING, logger="mailgress.standalone"):
+            # The typo, and beside it a change that alone would be applied: neither is.
+            path.write_text(TYPO_ROUTES.format(tls="startls", beta="other.example", service="dovecot"))
+            await reads.wait(5)  # the change and several polls after it
+        assert holder.current is good
+        errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+        assert len(errors) == 1, caplog.text  # once per change, not every poll
+        assert errors[0].getMessage() == (
+            f"{path}: MailRoute mail/alpha: Accepted=False (Invalid): {TYPO}: supported values: "
+            '"none", "starttls", "tls"; '
+            "none of the route files' changes is applied; the routing table in use stays"
+        )
+        assert not [record for record in caplog.records if record.levelno == logging.WARNING]
+        path.write_text(TYPO_ROUTES.format(tls="starttls", beta="other.example", service="dovecot"))
+        await wait_for(lambda current: current.version != good.version, holder)
+        assert route_names(holder.current) == ["mail/alpha", "mail/beta"]
+        assert holder.current.routes[1].domains == ("other.example",)
+
+
+async def test_a_route_copied_into_a_second_file_keeps_the_table_and_names_both_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two copies of one namespace/name (the API server cannot hold both) are Invalid: the
+    route in use stays as it was, not dropped for both copies."""
+    monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
+    reads = CountedReads(monkeypatch)
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(ROUTE.format(domain="a.example"))
+    second.write_text("")
+    holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    async with watching([first, second], holder):
+        await wait_for(lambda current: routes_domain(current) == "a.example", holder)
+        good = holder.current
+        with caplog.at_level(logging.ERROR, logger="mailgress.standalone"):
+            second.write_text(ROUTE.format(domain="b.example"))
+            await reads.wait(3)
+        assert holder.current is good
+    [error] = [record.getMessage() for record in caplog.records]
+    assert error.startswith(
+        f'{first}, {second}: MailRoute mail/r: Accepted=False (Invalid): metadata.name: Duplicate value: "r"'
+    )
+
+
+async def test_routes_the_api_server_takes_are_applied_with_their_problems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only an Invalid object holds an edit back: a backend not found (or a conflict) is what
+    the cluster would report on a stored object, and the table takes the route as compiled."""
+    monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
+    path = tmp_path / "routes.yaml"
+    path.write_text(TYPO_ROUTES.format(tls="none", beta="beta.example", service="dovecot"))
+    holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    async with watching([path], holder):
+        await wait_for(lambda current: len(current.routes) == 2, holder)
+        good = holder.current.version
+        with caplog.at_level(logging.WARNING, logger="mailgress.standalone"):
+            path.write_text(TYPO_ROUTES.format(tls="none", beta="alpha.example", service="nowhere"))
+            await wait_for(lambda current: current.version != good, holder)
+        assert route_names(holder.current) == ["mail/alpha"]  # beta: Conflicted with the older alpha
+        assert "MailRoute mail/beta: Accepted=False (Conflicted)" in caplog.text
+        assert not [record for record in caplog.records if record.levelno == logging.ERROR]
+        path.write_text(TYPO_ROUTES.format(tls="none", beta="beta.example", service="nowhere"))
+        await wait_for(lambda current: len(current.routes) == 2, holder)
+        assert "MailRoute mail/beta: ResolvedRefs=False (BackendNotFound)" in caplog.text
+
+
+async def test_an_invalid_route_at_start_is_left_out_with_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No earlier table to keep: the other routes are served (as the cluster would serve them
+    without the refused object), and the error names the file, the route and the field."""
+    monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
+    good = tmp_path / "good.yaml"
+    good.write_text(ROUTE.format(domain="a.example"))
+    path = tmp_path / "routes.yaml"
+    path.write_text(TYPO_ROUTES.format(tls="startls", beta="beta.example", service="dovecot"))
+    holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    with caplog.at_level(logging.ERROR, logger="mailgress.standalone"):
+        async with watching([good, path], holder):
+            await wait_for(lambda current: holder.ready, holder)
+    assert route_names(holder.current) == ["mail/beta", "mail/r"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: MailRoute mail/alpha: Accepted=False (Invalid): {TYPO}: supported values: "
+        '"none", "starttls", "tls"; left out of the routing table'
+    ]
 
 
 def bodies_of(tmp_path: Path, text: str) -> list[Mapping[str, Any]]:

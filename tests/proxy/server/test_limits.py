@@ -7,10 +7,12 @@ delays are set to hundredths of a second and observed in the session log line, n
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import ipaddress
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +21,20 @@ from prometheus_client import generate_latest
 
 from proxy import settings as proxy_settings
 from proxy.server.limits import (
+    DEFAULT_BACKEND_REFUSAL_TIME,
     MAX_TRACKED_USERS,
+    REFUSAL_TIME_SAMPLES,
     ConnectionCounts,
     Limits,
     Lock,
     LoginThrottle,
     Penalty,
+    RefusalTimes,
     client_key,
     connection_refusal,
 )
 from proxy.server.listeners import Listeners
+from proxy.server.session import PRE_LOGIN_TIMED_OUT
 from proxy.settings import FailedLoginSettings, LimitSettings, ListenerSettings, SettingsError
 from proxy.table import Endpoint
 from testbed.tlscerts import TestAuthority
@@ -129,6 +135,24 @@ def test_spraying_users_and_addresses_keeps_memory_bounded() -> None:
     assert MAX_TRACKED_USERS >= 10_000
 
 
+def test_refusal_time_is_dovecots_failure_delay_until_refusals_tell_the_median_of_recent_ones() -> None:
+    assert DEFAULT_BACKEND_REFUSAL_TIME == 2.0  # Dovecot's auth_failure_delay default
+    times = Limits(LimitSettings()).refusal_times
+    assert times.estimate("imap") == DEFAULT_BACKEND_REFUSAL_TIME
+    times.refused("imap", 1000.0, 1000.5)
+    assert times.estimate("imap") == 0.5
+    assert times.estimate("pop3") == DEFAULT_BACKEND_REFUSAL_TIME  # each protocol its own backends
+    times.refused("imap", 1000.0, 1000.5)
+    times.refused("imap", 1000.0, 1030.0)  # a refusal after a hang does not pull it up
+    assert times.estimate("imap") == 0.5
+    # Only the most recent count: older times are forgotten, so memory stays fixed.
+    for _ in range(REFUSAL_TIME_SAMPLES):
+        times.refused("imap", 1000.0, 1001.25)
+    assert times.estimate("imap") == 1.25
+    times.refused("submission", 1000.0, 999.0)  # a clock never goes back; a time is never negative
+    assert times.estimate("submission") == 0.0
+
+
 def test_ipv6_clients_count_by_their_64() -> None:
     assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
     assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
@@ -219,12 +243,19 @@ def test_limit_settings_mistakes_name_the_key(limits: Any, message: str) -> None
 
 
 def install(
-    proxy: RunningProxy, *, connections: int = 100, clock: FakeClock | None = None, **failed: Any
+    proxy: RunningProxy,
+    *,
+    connections: int = 100,
+    clock: FakeClock | None = None,
+    no_route_hold: float = 0.0,
+    **failed: Any,
 ) -> FakeClock:
-    """Give the running proxy fresh limits: tiny real delays, a hand-set clock."""
+    """Give the running proxy fresh limits: tiny real delays, a hand-set clock, and
+    ``no_route_hold`` seconds for a login no route owns until a backend has refused one."""
     clock = clock or FakeClock()
     settings = FailedLoginSettings(**{"first_delay": 0.01, "max_delay": 0.02, **failed})
     proxy.context.limits = Limits(LimitSettings(connections, settings), clock)
+    proxy.context.limits.refusal_times = RefusalTimes(initial=no_route_hold)
     return clock
 
 
@@ -290,6 +321,90 @@ async def test_a_successful_login_resets_the_users_count(start_proxy: ProxyFacto
             await attempt(proxy, "alice@alpha.example", password)
         assert (await attempt(proxy, "alice@alpha.example")).startswith(b"a1 OK")
         assert backend.logins == 2
+
+
+@contextlib.asynccontextmanager
+async def refusing_backend(clock: FakeClock, failure_delay: float) -> AsyncIterator[int]:
+    """An IMAP backend that refuses every LOGIN ``failure_delay`` seconds of ``clock`` after it
+    came (the clock is stepped, nobody waits), as Dovecot after its auth_failure_delay."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n")
+        with contextlib.suppress(ConnectionError):
+            # LOGIN with two non-synchronizing literals: three lines.
+            lines = [await asyncio.wait_for(reader.readline(), WAIT) for _ in range(3)]
+            clock.now += failure_delay
+            writer.write(lines[0].split(b" ")[0] + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+
+
+async def test_a_login_no_route_owns_takes_as_long_as_a_backends_refusal(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review M1, LOW 4: an unknown domain was refused at once, a routed wrong password after
+    the backend's failure delay, so the time told which domains (and users) the proxy serves."""
+    caplog.set_level(logging.INFO)
+    clock = FakeClock()
+    async with refusing_backend(clock, failure_delay=0.03) as backend_port:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend_port)])
+        # No throttle delay here (firstDelay 0): what is held back is the refusal time alone.
+        install(proxy, clock=clock, first_delay=0, no_route_hold=0.05)
+        users = ["nobody@unrouted.example", "alice@alpha.example", "other@unrouted2.example"]
+        for user in users:
+            assert (await attempt(proxy, user, "Wrong-Pass-1")) == (
+                b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+            )
+    lines = await session_lines(caplog, 3)
+    assert [line.split(" login=")[1].split()[0] for line in lines] == ["no_route", "rejected", "no_route"]
+    # Before any refusal the named default (here set small); after one, what the backend took.
+    assert [line.rpartition(" held_back=")[2] for line in lines] == ["0.05s", "0s", "0.03s"]
+
+
+async def test_the_refusal_time_adds_to_the_throttle_and_stops_at_the_deadline(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    proxy = await start_proxy({}, [Endpoint("127.0.0.1", dead_port())], pre_login=1.0)
+    install(proxy, first_delay=0.02, no_route_hold=0.01)
+    assert (await attempt(proxy, "nobody@unrouted.example")).startswith(b"a1 NO [AUTH")
+    assert (await attempt(proxy, "nobody@unrouted.example")).startswith(b"a1 NO [AUTH")
+    # A hold longer than the pre-login time left: cut at the deadline, which ends the session
+    # (whether the refusal or the timeout reply goes out first is the loop's choice).
+    install(proxy, no_route_hold=WAIT)
+    await attempt(proxy, "nobody@unrouted.example")
+    lines = await session_lines(caplog, 3)
+    held_back = [float(line.rpartition(" held_back=")[2].rstrip("s")) for line in lines]
+    assert held_back[:2] == [0.01, 0.03]  # 0 then 0.02 from the throttle, each plus the 0.01
+    assert 0 < held_back[2] <= 1.0
+    assert f" outcome={PRE_LOGIN_TIMED_OUT} " in lines[2], lines[2]
+
+
+async def test_only_a_login_no_route_owns_is_held_as_long_as_a_refusal(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inbound mail for a domain no route owns tries no password: its 550 is not held back."""
+    caplog.set_level(logging.INFO)
+    proxy = await start_proxy({}, [Endpoint("127.0.0.1", dead_port())], listener={"protocol": "smtp"})
+    install(proxy, no_route_hold=WAIT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"EHLO client.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<bob@alpha.example>\r\n")
+    for _ in range(20):  # greeting, EHLO lines and MAIL's reply, then RCPT's
+        line = await asyncio.wait_for(reader.readline(), WAIT)
+        if line.startswith(b"5"):
+            break
+    assert line.startswith(b"550 5.7.1")
+    writer.write(b"QUIT\r\n")
+    await asyncio.wait_for(reader.read(), WAIT)
+    writer.close()
+    [session] = await session_lines(caplog)
+    assert " login=no_route " in session and session.endswith(" held_back=0s"), session
 
 
 async def test_every_listener_shares_the_lockout_in_its_own_words(start_proxy: ProxyFactory) -> None:
