@@ -44,9 +44,12 @@ one without a request answered within ``REQUEST_TIMEOUT`` (60 s) of its accept (
 included) or of its last answer is aborted: silent, half-sent and unauthenticated connections
 cannot hold the controller's descriptors. A stream has no deadline once its token is accepted and
 is never evicted; acks and /metrics are ordinary short requests. Over the cap the connection idle
-the longest (no request in progress) is aborted to make room, so silent connections never keep a
-proxy's stream out; only when every open connection is busy is the new one closed unread (logged
-at debug). A stream whose write waits ``STALLED_WRITE_HEARTBEATS`` heartbeat intervals (45 s; the
+the longest (no request in progress) is aborted to make room, else one whose client is behind on
+its answers (an answer it does not read waits to be written, or requests it pipelined wait behind
+one; never an accepted stream), so neither silent connections nor clients that pipeline requests
+without the token and never read the answers keep a proxy's stream or ack out; only when every
+open connection is busy with a client that keeps up is the new one closed unread (logged at
+debug). A stream whose write waits ``STALLED_WRITE_HEARTBEATS`` heartbeat intervals (45 s; the
 proxy itself reconnects after three missed heartbeats) ends, its connection aborted (a warning).
 A write waits only when the connection takes no more: aiohttp waits for it after every 64 KiB
 written, and only while more than the transport's high-water mark (64 KiB) is left unsent beyond
@@ -139,8 +142,9 @@ MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 # leaves room for a fleet of several hundred proxy pods, far above any real one, and bounds the
 # descriptors anyone who reaches the port can hold, so that the kube API watch and the proxies'
 # streams keep theirs (the process needs a descriptor limit above this, as container runtimes
-# commonly give). Over the cap the connection idle the longest makes room; only when every open
-# one is busy (an accepted stream always is) is the new one closed unread.
+# commonly give). Over the cap the connection idle the longest makes room, else one whose client
+# is behind on its answers; only when every open one is busy with a client that keeps up (an
+# accepted stream always counts as one) is the new one closed unread.
 MAX_CONNECTIONS = 1024
 # How long a connection may go without a request answered, counted from its accept (its TLS
 # handshake included) and again from each answer; a stream, once its token is accepted, has no

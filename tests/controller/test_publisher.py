@@ -1111,6 +1111,8 @@ def stream_head(proxy: str, token: str | None = TOKEN) -> bytes:
 
 
 HALF_SENT = stream_head("proxy-a")  # the blank line that ends it never comes
+# Scrapes a flooding client pipelines: their answers are more than the socket buffers take.
+PIPELINED = 4000
 # A table line larger than what the controller's socket (at most 4 MiB here: net.ipv4.tcp_wmem)
 # and a non-reading proxy's small receive buffer take: its writing waits for the proxy to read.
 LARGE_TABLE_USERS = 600_000  # about 16 MB of canonical JSON
@@ -1189,6 +1191,39 @@ async def test_silent_connections_filling_the_cap_do_not_keep_a_proxys_stream_ou
         response.close()
         for _, writer in silent:
             writer.close()
+
+
+async def test_clients_without_the_token_that_pipeline_and_never_read_do_not_keep_a_proxy_out(
+    caplog: pytest.LogCaptureFixture, client: aiohttp.ClientSession
+) -> None:
+    # The review's scenario (M3): /metrics needs no token; one connection per slot pipelines
+    # scrapes, reads the first answer's head and then nothing, so each has a request in progress
+    # (its answer unwritten, or more waiting behind it) until its deadline (the default, 60 s).
+    async with guarded(caplog, limit=4) as channel:
+        flooding = []
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            async with asyncio.timeout(BOUND):
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", channel.port))
+                reader, writer = await asyncio.open_connection(sock=sock)
+                writer.write(f"GET {publisher.METRICS_PATH} HTTP/1.1\r\nHost: c\r\n\r\n".encode() * PIPELINED)
+                await reader.readuntil(b"\r\n\r\n")
+            flooding.append(writer)
+        response = await open_stream(client, channel)
+        assert (await next_table(response)).version == FIRST.version
+        # The ack takes a connection of its own: another flooding one makes room.
+        assert await post_ack(client, channel, ack_body("proxy-a", FIRST.version)) == 204
+        assert channel.acks()["proxy-a"].version == FIRST.version
+        evicted = guard_lines(caplog, EVICTED)
+        assert len(evicted) == 2
+        assert all("its client is behind on its answers" in line for line in evicted)
+        assert not guard_lines(caplog, REFUSED)
+        response.close()
+        for writer in flooding:
+            # abort: close would wait to send requests the controller no longer reads.
+            writer.transport.abort()
 
 
 async def test_an_accepted_stream_outlives_the_deadline_and_is_never_evicted(
