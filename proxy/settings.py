@@ -374,6 +374,18 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
     _only(document, {"url", "tokenFile", "proxyName", "snapshotFile", "caFile"}, "controller")
     url = _require(document, "url", str, "controller")
     parts = urllib.parse.urlsplit(url)
+    if "@" in url:
+        # Never echoed: what precedes the @ may be a password (user:password@host, or with the
+        # scheme left out), and this message is printed. The channel authenticates with tokenFile
+        # (aiohttp would refuse both in one request).
+        raise SettingsError(
+            "controller.url: must not hold a user name or password (user:password@host); the push"
+            " channel authenticates with tokenFile"
+        )
+    try:
+        parts.port  # noqa: B018  urlsplit checks the port only when asked for it
+    except ValueError as error:
+        raise SettingsError(f"controller.url: expected http(s)://host:port, got {url!r} ({error})") from error
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise SettingsError(f"controller.url: expected http(s)://host:port, got {url!r}")
     name = document.get("proxyName")
