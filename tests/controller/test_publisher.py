@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from controller import publisher
 from proxy import metrics as proxy_metrics
-from proxy import table
+from proxy import push, table
 from proxy.server import subscriber
 from proxy.server.certificates import CertificateStore
 from proxy.server.connections import Guard
@@ -721,8 +721,10 @@ def swap_for_a_directory(path: Path) -> None:
         (lambda secret: shutil.rmtree((secret.directory / "..data").resolve()), "No such file or directory"),
         (lambda secret: swap_for_a_directory(secret.directory / "..data" / "token"), "Is a directory"),
         (lambda secret: (secret.directory / "..data" / "token").write_bytes(b"\xff\xfe"), "not UTF-8"),
+        # No proxy could send it (proxy.push reads the file for both ends).
+        (lambda secret: secret.update("first-line\nsecond-line"), "holds a control character"),
     ],
-    ids=["empty", "blank", "missing", "directory", "not-utf-8"],
+    ids=["empty", "blank", "missing", "directory", "not-utf-8", "two-lines"],
 )
 async def test_without_a_token_in_the_file_every_request_is_refused_and_logged_once(
     file_channel: publisher.Publisher,
@@ -756,7 +758,7 @@ async def test_a_token_file_larger_than_a_secret_is_refused(
     tmp_path: Path, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "token"
-    path.write_bytes(b"a" * (publisher.MAX_TOKEN_FILE_BYTES + 1))
+    path.write_bytes(b"a" * (push.MAX_TOKEN_FILE_BYTES + 1))
     channel = publisher.Publisher(publisher.TokenFile(path))
     await channel.start("127.0.0.1", 0)
     try:
@@ -764,7 +766,7 @@ async def test_a_token_file_larger_than_a_secret_is_refused(
         assert await status_of_stream(client, channel, "a") == 401
     finally:
         await channel.stop()
-    assert f"larger than {publisher.MAX_TOKEN_FILE_BYTES} bytes" in caplog.text
+    assert f"larger than {push.MAX_TOKEN_FILE_BYTES} bytes" in caplog.text
 
 
 async def test_a_presented_token_that_is_not_utf_8_is_refused(channel: publisher.Publisher) -> None:

@@ -205,3 +205,16 @@ def test_a_controller_url_with_a_user_or_password_is_refused_without_showing_it(
 def test_a_controller_url_with_a_bad_port_is_refused(url: str) -> None:
     with pytest.raises(settings.SettingsError, match=r"controller\.url: expected http"):
         controller_settings({"url": url})
+
+
+@pytest.mark.parametrize("name", ["proxy-1", "mailgress-proxy-7d9f5c-x2b4q", "proxy-1.zone-a"])
+def test_a_pod_name_is_a_proxy_name(name: str) -> None:
+    parsed = controller_settings({"url": "http://c:1", "proxyName": name})
+    assert parsed is not None and parsed.proxy_name == name
+
+
+@pytest.mark.parametrize("name", ["Proxy_1", "PROXY-1", "proxy_1", "-proxy", "proxy-", "a..b", "", 7])
+def test_a_proxy_name_the_controller_refuses_is_refused(name: object) -> None:
+    """The controller answers 400 to every stream under such a name: the proxy would never follow."""
+    with pytest.raises(settings.SettingsError, match=r"controller\.proxyName: expected lower-case letters"):
+        controller_settings({"url": "http://c:1", "proxyName": name})
