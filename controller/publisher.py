@@ -4,7 +4,9 @@ The reconciler calls ``publish(table)`` with each compiled table; each proxy pod
 long-lived stream open here and receives the new version at once, then acknowledges what it did
 with it. ``acks()`` is what the reconciler turns into the Programmed condition, and ``on_change``
 tells it when to look again. controller.operator builds it on a ``TokenFile`` (the mounted push
-token Secret). Never imports kopf; never logs, echoes or stores the token itself.
+token Secret). Never imports kopf; from the proxy only the table contract and the rules both
+ends of the channel share (proxy.push: proxy names, token files). Never logs, echoes or stores the
+token itself.
 The controller's metrics (controller.metrics) live on ``registry`` and are updated here.
 
 Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``):
@@ -16,24 +18,25 @@ Wire protocol (HTTP/1.1; every request carries ``Authorization: Bearer <token>``
 - A missing or wrong token gets 401 with an empty body on both, before anything else is looked
   at; a malformed request gets 400 with an empty body.
 - The token to compare with is the token file's content as it is now (``TokenFile``, a mounted
-  Secret the proxies mount too): re-read whenever a stat of it (symlinks followed: the kubelet
-  swaps the ``..data`` link) differs, so a rotated Secret takes effect in the controller as the
-  proxies, which read the file for every new stream, start sending it. The kubelet updates each
-  pod's copy on its own schedule, so the token a rotation replaced stays accepted until
-  ``TOKEN_ROTATION_GRACE`` (5 minutes) after the rotation: after the new file's modification
-  time (wall clock; a time ahead of the clock counts as now), however late the controller
-  notices it, so a rotation noticed over 5 minutes late accepts the old token not at all. Then
-  only the current token is. A proxy whose copy is not updated yet keeps its stream and its acks
-  count; a proxy whose copy is updated first keeps acking on its open stream with the token the
-  stream was opened with, the controller's current one until the controller's copy rotates too.
+  Secret the proxies mount too; read as they read it, proxy.push: UTF-8 without a leading byte order
+  mark or surrounding whitespace, refused with a control character in it): re-read whenever a stat
+  of it (symlinks followed: the kubelet swaps the ``..data`` link) differs, so a rotated Secret
+  takes effect in the controller as the proxies, which read the file for every new stream, start
+  sending it. The kubelet updates each pod's copy on its own schedule, so the token a rotation
+  replaced stays accepted until ``TOKEN_ROTATION_GRACE`` (5 minutes) after the rotation: after the
+  new file's modification time (wall clock; a time ahead of the clock counts as now), however late
+  the controller notices it, so a rotation noticed over 5 minutes late accepts the old token not at
+  all. Then only the current token is. A proxy whose copy is not updated yet keeps its stream and
+  its acks count; a proxy whose copy is updated first keeps acking on its open stream with the token
+  the stream was opened with, the controller's current one until the controller's copy rotates too.
   Each stream remembers the token it was opened with and ends at its next line (a table or a
   heartbeat) once that token is no longer accepted (its grace is over, or the file was replaced
-  again); the proxy then reconnects with its current file. An operator rotating a leaked token
-  who wants the old one refused at once restarts the controller: a controller that starts
-  accepts only the token its file holds, and its streams start afresh. While the file is missing,
-  unreadable, empty or not UTF-8 every request gets 401, logged once per problem (never a
-  token); that ends no stream and no grace (the kubelet's swap can make one read fail): the
-  replaced token's grace keeps its end time for when the file is readable again.
+  again); the proxy then reconnects with its current file. An operator rotating a leaked token who
+  wants the old one refused at once restarts the controller: a controller that starts accepts only
+  the token its file holds, and its streams start afresh. While the file is missing, unreadable,
+  empty, not UTF-8 or holds a token no proxy can send every request gets 401, logged once per
+  problem (never a token); that ends no stream and no grace (the kubelet's swap can make one read
+  fail): the replaced token's grace keeps its end time for when the file is readable again.
 - ``GET /metrics`` -> 200, Prometheus text format, WITHOUT the token: Prometheus scrapes it, and
   it holds counts, timings and the table version only (no token, proxy or user names, no routes'
   contents). It shares the push port, so the chart's NetworkPolicy opens that port to the
@@ -44,9 +47,12 @@ one without a request answered within ``REQUEST_TIMEOUT`` (60 s) of its accept (
 included) or of its last answer is aborted: silent, half-sent and unauthenticated connections
 cannot hold the controller's descriptors. A stream has no deadline once its token is accepted and
 is never evicted; acks and /metrics are ordinary short requests. Over the cap the connection idle
-the longest (no request in progress) is aborted to make room, so silent connections never keep a
-proxy's stream out; only when every open connection is busy is the new one closed unread (logged
-at debug). A stream whose write waits ``STALLED_WRITE_HEARTBEATS`` heartbeat intervals (45 s; the
+the longest (no request in progress) is aborted to make room, else one whose client is behind on
+its answers (an answer it does not read waits to be written, or requests it pipelined wait behind
+one; never an accepted stream), so neither silent connections nor clients that pipeline requests
+without the token and never read the answers keep a proxy's stream or ack out; only when every
+open connection is busy with a client that keeps up is the new one closed unread (logged at
+debug). A stream whose write waits ``STALLED_WRITE_HEARTBEATS`` heartbeat intervals (45 s; the
 proxy itself reconnects after three missed heartbeats) ends, its connection aborted (a warning).
 A write waits only when the connection takes no more: aiohttp waits for it after every 64 KiB
 written, and only while more than the transport's high-water mark (64 KiB) is left unsent beyond
@@ -87,7 +93,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -100,7 +105,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from controller import metrics as controller_metrics
-from proxy import table
+from proxy import push, table
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +115,6 @@ METRICS_PATH = "/metrics"
 NDJSON = "application/x-ndjson"
 # The proxy reconnects after three missed heartbeats (proxy/server/subscriber.py).
 HEARTBEAT_INTERVAL = 15.0
-# Proxy names are pod names: Kubernetes object names are RFC 1123 DNS subdomains, at most 253
-# characters.
-MAX_PROXY_NAME = 253
-PROXY_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 # An ack is a few short strings; anything bigger is not one of ours.
 MAX_ACK_BODY = 64 * 1024
 # What is kept of an ack's version and error: "sha256:" and 64 hex digits fit with room, and an
@@ -123,9 +124,6 @@ MAX_ERROR_LENGTH = 1024
 # Publish times kept for the push lag: an ack of a version published longer ago than this many
 # publications is too stale to say anything about the push channel, and is not observed.
 MAX_TIMED_VERSIONS = 64
-# What is read of a token file at most: a Secret holds at most 1 MiB (Kubernetes'
-# core.MaxSecretSize), so a path that names anything larger (a device, a log) is not a token.
-MAX_TOKEN_FILE_BYTES = 1024 * 1024
 # How long the token a rotation replaced stays accepted after the rotation (the new file's
 # modification time). The kubelet updates each pod's copy of a mounted Secret separately, within
 # its sync period plus its Secret cache's TTL (about a minute each by default); until then that
@@ -139,8 +137,9 @@ MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 # leaves room for a fleet of several hundred proxy pods, far above any real one, and bounds the
 # descriptors anyone who reaches the port can hold, so that the kube API watch and the proxies'
 # streams keep theirs (the process needs a descriptor limit above this, as container runtimes
-# commonly give). Over the cap the connection idle the longest makes room; only when every open
-# one is busy (an accepted stream always is) is the new one closed unread.
+# commonly give). Over the cap the connection idle the longest makes room, else one whose client
+# is behind on its answers; only when every open one is busy with a client that keeps up (an
+# accepted stream always counts as one) is the new one closed unread.
 MAX_CONNECTIONS = 1024
 # How long a connection may go without a request answered, counted from its accept (its TLS
 # handshake included) and again from each answer; a stream, once its token is accepted, has no
@@ -203,8 +202,9 @@ class ConnectionGuard(Protocol):
 ConnectionGuards = Callable[[str, int, float], ConnectionGuard]
 
 
-class TokenFileError(Exception):
-    """The token file cannot be read or holds no token; the message is safe to log."""
+# The token file's error: it is read as the proxies read it (proxy.push); controller.operator
+# catches it under this name.
+TokenFileError = push.TokenFileError
 
 
 # What tells one version of a file from the next: device, inode, modification time, size. The
@@ -218,31 +218,18 @@ def _stamp(status: os.stat_result) -> _Stamp:
 
 
 def _read_token(path: Path) -> tuple[str, _Stamp]:
-    """The token ``path`` holds (surrounding whitespace removed, as the proxies read it) and the
+    """The token ``path`` holds, read as the proxies read it (``push.read_token_file``), and the
     stamp of the very file read.
 
     Raises:
-        TokenFileError: it cannot be read, is not UTF-8 text, is too large or holds only whitespace.
+        TokenFileError: as ``push.read_token_file``.
     """
-    try:
-        with path.open("rb") as file:
-            stamp = _stamp(os.fstat(file.fileno()))
-            raw = file.read(MAX_TOKEN_FILE_BYTES + 1)
-    except OSError as error:
-        raise TokenFileError(f"cannot read the token file {path}: {error.strerror}") from error
-    if len(raw) > MAX_TOKEN_FILE_BYTES:
-        raise TokenFileError(f"the token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
-    try:
-        token = raw.decode().strip()
-    except UnicodeDecodeError as error:
-        raise TokenFileError(f"the token file {path} is not UTF-8 text") from error
-    if not token:
-        raise TokenFileError(f"the token file {path} is empty")
-    return token, stamp
+    token, status = push.read_token_file(path)
+    return token, _stamp(status)
 
 
 def read_token(path: Path) -> str:
-    """The token ``path`` holds now (surrounding whitespace removed).
+    """The token ``path`` holds now (as the proxies read it: ``push.read_token_file``).
 
     Raises:
         TokenFileError: as ``TokenFile`` would refuse every request for.
@@ -562,7 +549,7 @@ class Publisher:
             # token was accepted it had the deadline of any request.
             self._guard.lasting(request)
         proxy = request.query.get("proxy", "")
-        if not _valid_proxy_name(proxy):
+        if not push.valid_proxy_name(proxy):
             return web.Response(status=400)
         if self._version is None:
             return web.Response(status=503)
@@ -687,17 +674,13 @@ def _unauthorized() -> web.Response:
     return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _valid_proxy_name(name: str) -> bool:
-    return len(name) <= MAX_PROXY_NAME and PROXY_NAME.fullmatch(name) is not None
-
-
 def _parse_ack(document: Any) -> tuple[str, Ack] | None:
     """(proxy, Ack) from an ack body, or None when it is not one."""
     if not isinstance(document, dict):
         return None
     proxy, version = document.get("proxy"), document.get("version")
     accepted, error = document.get("accepted"), document.get("error", "")
-    if not isinstance(proxy, str) or not _valid_proxy_name(proxy):
+    if not isinstance(proxy, str) or not push.valid_proxy_name(proxy):
         return None
     if not isinstance(version, str) or not isinstance(accepted, bool) or not isinstance(error, str):
         return None

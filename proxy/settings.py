@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from proxy import push
 from proxy.table import Endpoint
 
 ListenerProtocol = Literal["imap", "pop3", "submission", "smtp"]
@@ -108,7 +109,8 @@ class ControllerSettings:
 
     url: str  # http(s)://host:port of the controller's Service
     token_file: Path  # the bearer token, from a mounted Secret; read at every connect
-    proxy_name: str | None  # None: the POD_NAME environment variable, else the host name
+    # A pod name (proxy.push). None: the POD_NAME environment variable, else the host name.
+    proxy_name: str | None
     snapshot_file: Path | None  # the table Secret, mounted: served while the controller is away
     # The CA an https url's certificate is verified with (and the url's host name); read at every
     # connect, since it may rotate. None: the system's trusted CAs. Only with https.
@@ -378,11 +380,24 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
     _only(document, {"url", "tokenFile", "proxyName", "snapshotFile", "caFile"}, "controller")
     url = _require(document, "url", str, "controller")
     parts = urllib.parse.urlsplit(url)
+    if "@" in url:
+        # Never echoed: what precedes the @ may be a password (user:password@host, or with the
+        # scheme left out), and this message is printed. The channel authenticates with tokenFile
+        # (aiohttp would refuse both in one request).
+        raise SettingsError(
+            "controller.url: must not hold a user name or password (user:password@host); the push"
+            " channel authenticates with tokenFile"
+        )
+    try:
+        parts.port  # noqa: B018  urlsplit checks the port only when asked for it
+    except ValueError as error:
+        raise SettingsError(f"controller.url: expected http(s)://host:port, got {url!r} ({error})") from error
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise SettingsError(f"controller.url: expected http(s)://host:port, got {url!r}")
     name = document.get("proxyName")
-    if name is not None and (not isinstance(name, str) or not name or any(c.isspace() for c in name)):
-        raise SettingsError(f"controller.proxyName: expected a pod name, got {name!r}")
+    if name is not None and (not isinstance(name, str) or not push.valid_proxy_name(name)):
+        # The controller refuses any other name at every stream (proxy.push).
+        raise SettingsError(f"controller.proxyName: expected {push.PROXY_NAME_RULE}, got {name!r}")
     snapshot = document.get("snapshotFile")
     if snapshot is not None and not isinstance(snapshot, str):
         raise SettingsError("controller.snapshotFile: expected a file path")

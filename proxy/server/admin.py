@@ -8,9 +8,12 @@ connection that has no request answered within REQUEST_TIMEOUT is closed, so sil
 non-reading clients cannot leave the mail listeners without descriptors (EMFILE). Nor must they
 keep the kubelet's probes out (failed liveness probes restart a healthy proxy and cut every mail
 session on it): a connection over the cap makes room by aborting the one without a request in
-progress that has waited longest for its next request, and is refused only when every open
-connection is in the middle of a request or its answer. proxy.server.connections.Guard does this
-guarding (the controller's push port has one too).
+progress that has waited longest for its next request, else one whose client is behind on its
+answers (an answer it does not read waits to be written, or requests it pipelined wait behind
+one: /metrics needs no token, and such a client would otherwise hold its place until its
+deadline); it is refused only when every open connection is in the middle of a request its client
+keeps up with. proxy.server.connections.Guard does this guarding (the controller's push port has
+one too).
 """
 
 from collections.abc import Callable
@@ -26,7 +29,8 @@ from proxy.settings import AdminSettings
 # share of even a 1024-descriptor limit. One more aborts the connection idle the longest (without
 # a request in progress; answered or accepted the longest ago), so probes get through: an
 # attacker's idle connections are the oldest and go first, and a probe's own connection is busy
-# only for the milliseconds of its answer. Only when all are busy is the new one closed unread.
+# only for the milliseconds of its answer. Then one whose client pipelines or does not read its
+# answers makes room; only when all are busy with clients that keep up is the new one closed unread.
 MAX_CONNECTIONS = 32
 # How long a connection may go without a request answered, counted from its accept and again from
 # each answer written. nginx gives a client 60 s for its request headers (client_header_timeout). Prometheus

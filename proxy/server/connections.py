@@ -6,15 +6,25 @@ imports proxy.server). Whoever reaches such a port must never hold the process's
 most ``limit`` connections are open at once, and one without a request answered within ``timeout``
 of its accept or of its last answer is aborted, the TLS handshake counted in that time. A connection
 over the cap makes room by aborting the one without a request in progress that has waited longest
-for its next request, and is closed unread only when every open connection is busy. A request is in
-progress from the moment aiohttp has parsed its head (it waits in aiohttp's queue) until its answer
-is written; a half-sent one is not, so partial requests never hold the cap. A request the
-application marks ``lasting`` (a long-lived stream it accepted) has no deadline and is never evicted
-until it ends. Over TLS the guard runs each handshake itself (start_tls) after admitting the
-connection, so one silent before or within its ClientHello is timed and evicted like any other;
-stopping the site aborts those still in their handshake, and any admitted in the same loop turn
-whose connection is made after the stop. Never interprets what a client sends; logs at debug only (a
-flood must not flood the log), never an address.
+for its next request; when there is none, the one answered longest ago whose client is behind on its
+answers: one sits unwritten in the transport's buffer (writing paused or not), or more requests wait
+behind the one in progress. A client that pipelines requests and reads nothing holds its connection
+so, and would otherwise keep every probe or proxy out until its deadline; no probe, scraper or proxy
+sends a request before it has read the last answer. A new connection is closed unread only when
+every open one is busy with a request its client keeps up with. A request is in progress from the
+moment aiohttp has parsed its head (it waits in aiohttp's queue) until its answer is written; a
+half-sent one is not, so partial requests never hold the cap. A request the application marks
+``lasting`` (a long-lived stream it accepted) has no deadline and is never evicted until it ends,
+even while its client reads nothing: the application watches its own writes (the push channel ends a
+stream that takes no line for three heartbeats). Pipelining is bounded by aiohttp (its
+MAX_MSG_QUEUE_SIZE: at most 32 parsed requests wait, then it stops reading) and by its transport's
+write buffer (an answer beyond the high-water mark waits for the client): a connection that
+pipelines and does not read holds a few answers' worth of memory, the kernel's buffers hold the
+rest. Over TLS the guard runs each handshake itself (start_tls) after admitting the connection, so
+one silent before or within its ClientHello is timed and evicted like any other; stopping the site
+aborts those still in their handshake, and any admitted in the same loop turn whose connection is
+made after the stop. Never interprets what a client sends; logs at debug only (a flood must not
+flood the log), never an address.
 """
 
 import asyncio
@@ -33,7 +43,8 @@ log = logging.getLogger(__name__)
 
 class Guard:
     """The open connections of one port: admits up to ``limit`` of them, each with a deadline,
-    and makes room for a new one by aborting the one idle the longest.
+    and makes room for a new one by aborting the one idle the longest, else one whose client is
+    behind on its answers.
 
     Its ``middleware`` must be the application's (it tells requests in progress), and the port
     must be served by ``site``: one site, once it stops the guard admits nothing more.
@@ -98,11 +109,11 @@ class Guard:
         # Counted here, not at connection_made: one wakeup of the loop accepts several
         # connections before any of them is made.
         if len(self._open) >= self._limit:
-            idle = next((c for c in self._open.values() if c.evictable), None)
-            if idle is None:
+            room = self._room()
+            if room is None:
                 log.debug("%s connection refused: all %d connections open are busy", self._name, self._limit)
                 return _Refused()
-            idle.evict()
+            room.evict()
         handler = server()
         connection = _Connection(
             self._name,
@@ -114,6 +125,17 @@ class Guard:
         )
         self._open[handler] = connection
         return connection
+
+    def _room(self) -> "_Connection | None":
+        """The connection to abort for a new one: the first idle one (in the order of their last
+        answer: idle the longest), else the first whose client is behind on its answers."""
+        lagging = None
+        for connection in self._open.values():
+            if connection.evictable:
+                return connection
+            if lagging is None and connection.lagging:
+                lagging = connection
+        return lagging
 
     def stop(self) -> None:
         """``site`` stops: abort every connection still in its TLS handshake (aiohttp's shutdown
@@ -162,6 +184,7 @@ class _Connection(asyncio.Protocol):
         "_forget",
         "_handler",
         "_handshaking",
+        "_held",
         "_made",
         "_name",
         "_request",
@@ -171,6 +194,7 @@ class _Connection(asyncio.Protocol):
         "_tls",
         "_transport",
         "_unmade",
+        "_writing_paused",
     )
 
     def __init__(
@@ -195,6 +219,9 @@ class _Connection(asyncio.Protocol):
         # One that never reaches the middleware (aiohttp's own error answers) is in progress until
         # the next request is answered, or the deadline.
         self._request: web.BaseRequest | None = None
+        self._held = False  # the request in progress is lasting (``hold``)
+        # The transport holds more than its high-water mark that the client has not taken.
+        self._writing_paused = False
         # The accepted socket's transport until the handshake is over, then the TLS one.
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -287,10 +314,13 @@ class _Connection(asyncio.Protocol):
         if request is self._request:  # else aiohttp took the next one (pipelined) already
             self._request = None
         self._answers += 1
+        self._held = False
         self._start_deadline()
 
     def hold(self) -> None:
-        """No deadline until the request in progress is answered (``answered`` starts one)."""
+        """No deadline and no eviction until the request in progress is answered (``answered``
+        starts a deadline)."""
+        self._held = True
         if self._timer is not None:
             self._timer.cancel()
 
@@ -307,12 +337,27 @@ class _Connection(asyncio.Protocol):
         """Idle, and made: one accepted in the same wakeup of the loop has no transport yet."""
         return not self.busy and self._transport is not None
 
+    @property
+    def lagging(self) -> bool:
+        """Its client is behind on its answers: one waits in the transport's buffer (writing
+        paused or not), or more requests wait behind the one in progress (pipelined: no probe,
+        scraper or proxy sends a request before it has read the last answer). A lasting
+        request's connection never is: its application watches its own writes."""
+        if self._held or not self._made or self._transport is None:
+            return False
+        return (
+            self._writing_paused
+            or self._transport.get_write_buffer_size() > 0
+            or (self._request is not None and bool(self._handler._messages))
+        )
+
     def evict(self) -> None:
         """Abort to make room: forgotten at once, since connection_lost comes a loop turn later."""
-        assert self._transport is not None  # evictable
+        assert self._transport is not None  # evictable or lagging
         log.debug(
-            "%s connection closed to make room: idle the longest (%d answered before)",
+            "%s connection closed to make room: %s (%d answered before)",
             self._name,
+            "its client is behind on its answers" if self.busy else "idle the longest",
             self._answers,
         )
         self._forget()
@@ -361,10 +406,12 @@ class _Connection(asyncio.Protocol):
         # Else the client left before its handshake: returning None closes the transport.
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         if self._made:
             self._handler.pause_writing()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         if self._made:
             self._handler.resume_writing()
 

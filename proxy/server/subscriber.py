@@ -24,8 +24,11 @@ only in that stream's headers, which its acks carry too: a rotated Secret takes 
 stream. The token a stream was opened with is the one the controller knows that stream by, and
 keeps accepting until the grace after its own copy rotates (controller/publisher.py); the
 controller then ends the stream and the proxy reconnects with the file as it is. A file that
-cannot be read, is not UTF-8 or holds only whitespace is a ChannelError: logged, retried. Never
-logs the token.
+cannot be read or holds no token the controller would take (read as the controller reads it,
+proxy.push: a leading byte order mark and surrounding whitespace dropped) is a ChannelError:
+logged, retried. Never logs the token. The proxy name (controller.proxyName, else POD_NAME, else
+the host name in lower case) must be a pod name as the controller requires (proxy.push): one that
+is not refuses to start the subscriber, saying why.
 
 TLS: an https:// url is verified against ``caFile`` (the chart mounts the controller's CA), or
 the system CAs without one, and against the url's host name (the controller Service's DNS name),
@@ -52,13 +55,12 @@ from typing import Any
 
 import aiohttp
 
-from proxy import table
-from proxy.protocols import sasl
+from proxy import push, table
 from proxy.protocols.errors import LineTooLongError
 from proxy.protocols.lines import LineBuffer
 from proxy.server import certificates
 from proxy.server.routes import TableHolder
-from proxy.settings import ControllerSettings
+from proxy.settings import ControllerSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,22 @@ class Backoff:
 
 
 def resolve_proxy_name(configured: str | None) -> str:
-    """The name this proxy acks under: the setting, else POD_NAME (downward API), else the host name."""
-    return configured or os.environ.get("POD_NAME") or socket.gethostname()
+    """The name this proxy acks under: the setting (checked by proxy.settings), else POD_NAME
+    (the downward API's pod name), else the host name in lower case (DNS names ignore case).
+
+    Raises:
+        SettingsError: POD_NAME or the host name is no name the controller takes.
+    """
+    if configured:
+        return configured
+    pod = os.environ.get("POD_NAME")
+    name, source = (pod, "POD_NAME") if pod else (socket.gethostname().lower(), "the host name")
+    if not push.valid_proxy_name(name):
+        raise SettingsError(
+            f"controller.proxyName is not set, and {source} {name!r} cannot stand in for it: the"
+            f" controller takes {push.PROXY_NAME_RULE}; set controller.proxyName"
+        )
+    return name
 
 
 class Subscriber:
@@ -151,23 +167,17 @@ class Subscriber:
         """The headers of one stream and its acks, with the token the file holds now.
 
         Raises:
-            ChannelError: the file cannot be read, is not UTF-8 text or holds only whitespace.
+            ChannelError: the file holds no token (``push.read_token_file``).
         """
         # Re-read for every stream, never kept beyond it: a rotated Secret takes effect without
         # a restart.
-        path = self._settings.token_file
+        # Read as the controller reads it. A line break or NUL cannot go into a header (aiohttp
+        # refuses it with a ValueError, which would end the table source and so the proxy): the
+        # reader refuses it, and a broken Secret is retried.
         try:
-            token = path.read_bytes().decode().strip()
-        except OSError as error:
-            raise ChannelError(f"cannot read the token file {path}: {error.strerror}") from error
-        except UnicodeDecodeError as error:
-            raise ChannelError(f"the token file {path} is not UTF-8 text") from error
-        if not token:
-            raise ChannelError(f"the token file {path} is empty")
-        if not sasl.printable(token):
-            # A line break or NUL cannot go into a header (aiohttp refuses it with a ValueError,
-            # which would end the table source and so the proxy): a broken Secret is retried.
-            raise ChannelError(f"the token file {path} holds a control character (a line break?)")
+            token, _ = push.read_token_file(self._settings.token_file)
+        except push.TokenFileError as error:
+            raise ChannelError(str(error)) from error
         return {"Authorization": f"Bearer {token}"}
 
     def _tls(self) -> ssl.SSLContext | bool:

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from controller import publisher
 from proxy import metrics as proxy_metrics
-from proxy import table
+from proxy import push, table
 from proxy.server import subscriber
 from proxy.server.certificates import CertificateStore
 from proxy.server.connections import Guard
@@ -721,8 +721,10 @@ def swap_for_a_directory(path: Path) -> None:
         (lambda secret: shutil.rmtree((secret.directory / "..data").resolve()), "No such file or directory"),
         (lambda secret: swap_for_a_directory(secret.directory / "..data" / "token"), "Is a directory"),
         (lambda secret: (secret.directory / "..data" / "token").write_bytes(b"\xff\xfe"), "not UTF-8"),
+        # No proxy could send it (proxy.push reads the file for both ends).
+        (lambda secret: secret.update("first-line\nsecond-line"), "holds a control character"),
     ],
-    ids=["empty", "blank", "missing", "directory", "not-utf-8"],
+    ids=["empty", "blank", "missing", "directory", "not-utf-8", "two-lines"],
 )
 async def test_without_a_token_in_the_file_every_request_is_refused_and_logged_once(
     file_channel: publisher.Publisher,
@@ -756,7 +758,7 @@ async def test_a_token_file_larger_than_a_secret_is_refused(
     tmp_path: Path, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "token"
-    path.write_bytes(b"a" * (publisher.MAX_TOKEN_FILE_BYTES + 1))
+    path.write_bytes(b"a" * (push.MAX_TOKEN_FILE_BYTES + 1))
     channel = publisher.Publisher(publisher.TokenFile(path))
     await channel.start("127.0.0.1", 0)
     try:
@@ -764,7 +766,7 @@ async def test_a_token_file_larger_than_a_secret_is_refused(
         assert await status_of_stream(client, channel, "a") == 401
     finally:
         await channel.stop()
-    assert f"larger than {publisher.MAX_TOKEN_FILE_BYTES} bytes" in caplog.text
+    assert f"larger than {push.MAX_TOKEN_FILE_BYTES} bytes" in caplog.text
 
 
 async def test_a_presented_token_that_is_not_utf_8_is_refused(channel: publisher.Publisher) -> None:
@@ -1111,6 +1113,8 @@ def stream_head(proxy: str, token: str | None = TOKEN) -> bytes:
 
 
 HALF_SENT = stream_head("proxy-a")  # the blank line that ends it never comes
+# Scrapes a flooding client pipelines: their answers are more than the socket buffers take.
+PIPELINED = 4000
 # A table line larger than what the controller's socket (at most 4 MiB here: net.ipv4.tcp_wmem)
 # and a non-reading proxy's small receive buffer take: its writing waits for the proxy to read.
 LARGE_TABLE_USERS = 600_000  # about 16 MB of canonical JSON
@@ -1189,6 +1193,39 @@ async def test_silent_connections_filling_the_cap_do_not_keep_a_proxys_stream_ou
         response.close()
         for _, writer in silent:
             writer.close()
+
+
+async def test_clients_without_the_token_that_pipeline_and_never_read_do_not_keep_a_proxy_out(
+    caplog: pytest.LogCaptureFixture, client: aiohttp.ClientSession
+) -> None:
+    # The review's scenario (M3): /metrics needs no token; one connection per slot pipelines
+    # scrapes, reads the first answer's head and then nothing, so each has a request in progress
+    # (its answer unwritten, or more waiting behind it) until its deadline (the default, 60 s).
+    async with guarded(caplog, limit=4) as channel:
+        flooding = []
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            async with asyncio.timeout(BOUND):
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", channel.port))
+                reader, writer = await asyncio.open_connection(sock=sock)
+                writer.write(f"GET {publisher.METRICS_PATH} HTTP/1.1\r\nHost: c\r\n\r\n".encode() * PIPELINED)
+                await reader.readuntil(b"\r\n\r\n")
+            flooding.append(writer)
+        response = await open_stream(client, channel)
+        assert (await next_table(response)).version == FIRST.version
+        # The ack takes a connection of its own: another flooding one makes room.
+        assert await post_ack(client, channel, ack_body("proxy-a", FIRST.version)) == 204
+        assert channel.acks()["proxy-a"].version == FIRST.version
+        evicted = guard_lines(caplog, EVICTED)
+        assert len(evicted) == 2
+        assert all("its client is behind on its answers" in line for line in evicted)
+        assert not guard_lines(caplog, REFUSED)
+        response.close()
+        for writer in flooding:
+            # abort: close would wait to send requests the controller no longer reads.
+            writer.transport.abort()
 
 
 async def test_an_accepted_stream_outlives_the_deadline_and_is_never_evicted(

@@ -192,3 +192,51 @@ def test_a_yaml_error_says_where_without_quoting_the_line(tmp_path: Path) -> Non
     message = str(raised.value)
     assert "S3cr3t" not in message
     assert "while scanning a quoted scalar (line 3, column 20)" in message
+
+
+CLUSTER_LISTENERS = [PLAIN_LISTENER]
+
+
+def controller_settings(controller: dict[str, object]) -> settings.ControllerSettings | None:
+    document = {"listeners": CLUSTER_LISTENERS, "controller": {"tokenFile": "token", **controller}}
+    return settings.parse(document, Path("/")).controller
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://admin:S3cretPw@mailgress-controller.mail.svc:9400",
+        "https://admin:S3cretPw@mailgress-controller.mail.svc:9400/",
+        "https://:S3cretPw@mailgress-controller.mail.svc",
+        "http://S3cretPw@mailgress-controller.mail.svc:9400",
+        "http://admin:S3cretPw@mailgress-controller.mail.svc:9400/?q=1",  # two mistakes
+        "admin:S3cretPw@mailgress-controller.mail.svc:9400",  # no scheme: urlsplit sees none
+    ],
+)
+def test_a_controller_url_with_a_user_or_password_is_refused_without_showing_it(url: str) -> None:
+    """The channel authenticates with tokenFile: a password in the url would reach the log and
+    then make the HTTP client refuse every request (an exception that ended the proxy)."""
+    with pytest.raises(
+        settings.SettingsError, match=r"controller\.url: must not hold a user name or password"
+    ) as raised:
+        controller_settings({"url": url})
+    assert "S3cretPw" not in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["http://c:99999", "http://c:port", "http://c:-1"])
+def test_a_controller_url_with_a_bad_port_is_refused(url: str) -> None:
+    with pytest.raises(settings.SettingsError, match=r"controller\.url: expected http"):
+        controller_settings({"url": url})
+
+
+@pytest.mark.parametrize("name", ["proxy-1", "mailgress-proxy-7d9f5c-x2b4q", "proxy-1.zone-a"])
+def test_a_pod_name_is_a_proxy_name(name: str) -> None:
+    parsed = controller_settings({"url": "http://c:1", "proxyName": name})
+    assert parsed is not None and parsed.proxy_name == name
+
+
+@pytest.mark.parametrize("name", ["Proxy_1", "PROXY-1", "proxy_1", "-proxy", "proxy-", "a..b", "", 7])
+def test_a_proxy_name_the_controller_refuses_is_refused(name: object) -> None:
+    """The controller answers 400 to every stream under such a name: the proxy would never follow."""
+    with pytest.raises(settings.SettingsError, match=r"controller\.proxyName: expected lower-case letters"):
+        controller_settings({"url": "http://c:1", "proxyName": name})

@@ -1,6 +1,7 @@
 """The admin endpoint on loopback: what /metrics, /healthz and /readyz answer, and that its
 connections are guarded (start()'s cap and deadline reach the guard; the kubelet's probes get in
-when silent connections fill the cap). The guard's own behaviour is tested in test_connections.py.
+when silent connections, or clients that pipeline scrapes and never read them, fill the cap). The
+guard's own behaviour is tested in test_connections.py.
 
 Deadlines are set to two seconds through start()'s parameters. Nothing is timed: a test waits,
 bounded by WAIT, for a connection to be closed, and what closed it is read from the debug log.
@@ -18,13 +19,17 @@ from prometheus_client import CollectorRegistry, Counter
 from proxy.server import admin, connections
 from proxy.settings import AdminSettings
 from tests.proxy.server.conftest import WAIT
-from tests.proxy.server.test_connections import connect, get
+from tests.proxy.server.test_connections import connect, get, non_reading
 
 HALF_SENT = b"GET /metrics HTTP/1.1\r\nHost: admin\r\n"  # the blank line that ends it never comes
 POLL = 0.01  # between two looks at the server's connections
 # The deadline in these tests: short, yet long enough that a busy machine does not close a
 # connection before its request (sent at once) is answered.
 DEADLINE = 2.0
+# Scrapes one flooding client pipelines: with SERIES series of about 50 octets in /metrics, some MB
+# of answers, more than the socket buffers between it and the endpoint take.
+PIPELINED = 100
+SERIES = 1000
 
 
 @contextlib.asynccontextmanager
@@ -149,3 +154,36 @@ async def test_probes_are_answered_when_silent_connections_fill_the_cap(
         for _, silent_writer in silent:
             silent_writer.close()
         assert not expiries(caplog)
+
+
+async def test_probes_are_answered_when_clients_that_pipeline_scrapes_and_never_read_fill_the_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The review's scenario (M3): no token needed, one connection per slot, scrapes pipelined and
+    # the answers never read: each connection has a request in progress until its deadline.
+    registry = CollectorRegistry()
+    series = Counter("admin_test_series", "many series make a large answer", ["n"], registry=registry)
+    for n in range(SERIES):
+        series.labels(n=str(n)).inc()
+    limit = 4
+    async with serving(caplog, registry, max_connections=limit) as (server, port):
+        flooding = []
+        for _ in range(limit):
+            reader, writer = await non_reading(port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n" * PIPELINED)
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)  # then reads nothing
+            flooding.append((reader, writer))
+        await until_open(server, limit)
+        reader, writer = await connect(port)
+        assert await get(reader, writer, "/healthz") == (200, b"ok\n")
+        assert await get(reader, writer, "/readyz") == (200, b"ready\n")
+        writer.close()
+        # The probe took the place of the flooding connection answered longest ago.
+        (eviction,) = evictions(caplog)
+        assert eviction.startswith(
+            "admin connection closed to make room: its client is behind on its answers"
+        )
+        await until_open(server, limit - 1)  # it is gone, and the probe's connection closed
+        for _, flooding_writer in flooding:
+            # abort: close would wait to send requests the endpoint no longer reads.
+            flooding_writer.transport.abort()

@@ -1,5 +1,7 @@
 """The connection guard on loopback: a small aiohttp application served through a Guard, plain and
-over TLS. The cap evicts the connection idle the longest and refuses only when all are busy; the
+over TLS. The cap evicts the connection idle the longest, else one whose client is behind on its
+answers (not reading one, or pipelining), and refuses only when all are busy with clients that keep
+up; the
 deadline closes a connection without a request answered in time (silent, half-sent, stopped
 reading, or silent in its TLS handshake); a lasting request has no deadline and is never evicted;
 a whole request aiohttp has not started yet is not evicted, a half-sent one is; a connection
@@ -38,6 +40,8 @@ LONG = 600.0  # a deadline no test reaches
 LARGE = 16_000_000
 GET_LARGE = b"GET /large HTTP/1.1\r\nHost: guarded\r\n\r\n"
 GET_HELD = b"GET /held HTTP/1.1\r\nHost: guarded\r\n\r\n"
+GET_SLOW = b"GET /slow HTTP/1.1\r\nHost: guarded\r\n\r\n"
+GET_SMALL = b"GET /small HTTP/1.1\r\nHost: guarded\r\n\r\n"
 EVICTED = "guarded connection closed to make room: idle the longest (0 answered before)"
 
 
@@ -46,8 +50,10 @@ class Served:
     runner: web.AppRunner
     server: web.Server
     port: int
-    # Set by a test to end the /held request in progress.
+    # Set by a test to end the /held and /slow requests in progress.
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when a /slow request is in its handler.
+    slow: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +72,12 @@ def server_context(authority: TestAuthority, directory: Path) -> ssl.SSLContext:
 async def serving(
     caplog: pytest.LogCaptureFixture, limit: int, timeout: float, tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[Served]:
-    """Serve /small, /large and /held (lasting until ``release``) through a Guard on a free
-    loopback port; nothing at ERROR may be logged, cleanup included."""
+    """Serve /small, /large, /held (lasting until ``release``) and /slow (an ordinary request
+    answered at ``release``) through a Guard on a free loopback port; nothing at ERROR may be
+    logged, cleanup included."""
     caplog.set_level(logging.DEBUG, logger=connections.__name__)
     guard = connections.Guard("guarded", limit, timeout)
-    release = asyncio.Event()
+    release, slowed = asyncio.Event(), asyncio.Event()
 
     async def small(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -87,16 +94,22 @@ async def serving(
         await response.write(b"released\n")
         return response
 
+    async def slow(_: web.Request) -> web.Response:
+        slowed.set()
+        await release.wait()
+        return web.Response(text="slow\n")
+
     app = web.Application(middlewares=[guard.middleware])
     app.router.add_get("/small", small)
     app.router.add_get("/large", large)
     app.router.add_get("/held", held)
+    app.router.add_get("/slow", slow)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await guard.site(runner, "127.0.0.1", 0, tls).start()
         assert runner.server is not None
-        yield Served(runner, runner.server, runner.addresses[0][1], release)
+        yield Served(runner, runner.server, runner.addresses[0][1], release, slowed)
     finally:
         release.set()
         if runner.server is not None:  # else a test stopped it
@@ -260,14 +273,68 @@ async def test_the_connection_answered_last_is_evicted_after_older_idle_ones(
         assert len(evictions(caplog)) == 1
 
 
-async def test_a_connection_in_the_middle_of_an_answer_is_never_evicted(
+async def test_a_connection_over_the_cap_is_closed_unread_when_every_open_one_is_busy(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    async with serving(caplog, 1, LONG) as served:
+        # A request its handler is still working on, its client waiting for the answer.
+        busy_reader, busy_writer = await connect(served.port)
+        busy_writer.write(GET_SLOW)
+        await asyncio.wait_for(served.slow.wait(), WAIT)
+        for _ in range(3):
+            over_reader, over_writer = await connect(served.port)
+            over_writer.write(GET_SMALL)
+            assert await until_closed(over_reader) == b""  # no answer, and no deadline involved
+            over_writer.close()
+        assert refusals(caplog) == ["guarded connection refused: all 1 connections open are busy"] * 3
+        assert not evictions(caplog)
+        served.release.set()
+        assert await asyncio.wait_for(busy_reader.readuntil(b"slow\n"), WAIT)
+        # Answered, the connection is idle and makes room for the next one.
+        await answered(served.port)
+        assert await until_closed(busy_reader) == b""
+        busy_writer.close()
+        await until_open(served.server, 0)
+
+
+async def test_a_client_that_does_not_read_its_answer_makes_room_when_none_is_idle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its /large answer waits in the transport's buffer: were it busy, every new connection
+    # would be refused until its deadline.
+    async with serving(caplog, 1, LONG) as served:
+        busy_reader, _ = await busy_with_a_large_answer(served.port)
+        await answered(served.port)
+        received = await until_closed(busy_reader)
+        assert len(received) < LARGE
+        assert evictions(caplog) == [
+            "guarded connection closed to make room: its client is behind on its answers (0 answered before)"
+        ]
+        assert not refusals(caplog)
+
+
+async def test_a_client_that_pipelines_makes_room_when_none_is_idle(caplog: pytest.LogCaptureFixture) -> None:
+    # A second request waits behind /slow in progress: sent before the first answer was read.
+    async with serving(caplog, 1, LONG) as served:
+        reader, writer = await connect(served.port)
+        writer.write(GET_SLOW + GET_SMALL)
+        await asyncio.wait_for(served.slow.wait(), WAIT)
+        await answered(served.port)
+        assert await until_closed(reader) == b""
+        writer.close()
+        assert evictions(caplog) == [
+            "guarded connection closed to make room: its client is behind on its answers (0 answered before)"
+        ]
+
+
+async def test_an_idle_connection_makes_room_before_one_whose_client_is_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The busy connection is the older one: still, the idle one goes first.
     async with serving(caplog, 2, LONG) as served:
         busy_reader, busy_writer = await busy_with_a_large_answer(served.port)
         idle_reader, idle_writer = await connect(served.port)
         await until_open(served.server, 2)
-        # The busy connection is the older one; the idle one makes room.
         await answered(served.port)
         assert await until_closed(idle_reader) == b""
         idle_writer.close()
@@ -278,26 +345,6 @@ async def test_a_connection_in_the_middle_of_an_answer_is_never_evicted(
         assert await asyncio.wait_for(busy_reader.readexactly(LARGE), WAIT) == b"x" * LARGE
         assert await get(busy_reader, busy_writer, "/small") == (200, b"ok\n")
         busy_writer.close()
-
-
-async def test_a_connection_over_the_cap_is_closed_unread_when_every_open_one_is_busy(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    async with serving(caplog, 1, LONG) as served:
-        busy_reader, busy_writer = await busy_with_a_large_answer(served.port)
-        for _ in range(3):
-            over_reader, over_writer = await connect(served.port)
-            over_writer.write(b"GET /small HTTP/1.1\r\nHost: guarded\r\n\r\n")
-            assert await until_closed(over_reader) == b""  # no answer, and no deadline involved
-            over_writer.close()
-        assert refusals(caplog) == ["guarded connection refused: all 1 connections open are busy"] * 3
-        assert not evictions(caplog)
-        assert await asyncio.wait_for(busy_reader.readexactly(LARGE), WAIT) == b"x" * LARGE
-        # Answered, the connection is idle and makes room for the next one.
-        await answered(served.port)
-        assert await until_closed(busy_reader) == b""
-        busy_writer.close()
-        await until_open(served.server, 0)
 
 
 async def test_each_answer_gives_the_connection_a_new_deadline(caplog: pytest.LogCaptureFixture) -> None:
@@ -343,6 +390,23 @@ async def test_a_lasting_request_has_no_deadline_and_is_never_evicted(
             assert await until_closed(reader) == b""
             writer.close()
         assert expiries(caplog)[1:] == [expired(1)] * 2
+
+
+async def test_a_lasting_request_is_never_evicted_even_with_requests_pipelined_behind_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(caplog, 1, LONG) as served:
+        reader, writer = await connect(served.port)
+        writer.write(GET_HELD + GET_SMALL)
+        await asyncio.wait_for(reader.readuntil(b"held\n"), WAIT)
+        over_reader, over_writer = await connect(served.port)
+        assert await until_closed(over_reader) == b""
+        over_writer.close()
+        assert refusals(caplog) == ["guarded connection refused: all 1 connections open are busy"]
+        assert not evictions(caplog)
+        served.release.set()
+        await asyncio.wait_for(reader.readuntil(b"ok\n"), WAIT)  # then the pipelined one
+        writer.close()
 
 
 async def test_over_tls_requests_are_answered_and_lasting_ones_last(

@@ -634,6 +634,23 @@ async def test_a_token_file_without_a_token_is_reported_and_retried(
     assert not leaked
 
 
+async def test_a_token_file_with_a_byte_order_mark_is_read_alike_by_the_controller_and_the_proxy(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An editor on Windows saved the Secret's file: both ends take the token without the mark."""
+    cluster.token_file.write_text(f"\ufeff{TOKEN}\r\n", encoding="utf-8")
+    channel = publisher.Publisher(publisher.TokenFile(cluster.token_file))
+    await channel.start("127.0.0.1", cluster.port)
+    try:
+        channel.publish(FIRST)
+        cluster.start_proxy("proxy-a", snapshot=False)
+        await eventually(lambda: channel.acks().get("proxy-a") == accepted(FIRST.version), "first ack")
+    finally:
+        await channel.stop()
+    leaked = TOKEN in caplog.text  # not asserted as such: a failure would print the token
+    assert not leaked
+
+
 # TLS.
 
 
@@ -791,6 +808,34 @@ def test_the_proxy_name_comes_from_settings_then_pod_name_then_host_name(
     clean_environment.setenv("POD_NAME", "mailgress-proxy-7d9f")
     assert subscriber.resolve_proxy_name(None) == "mailgress-proxy-7d9f"
     assert subscriber.resolve_proxy_name("proxy-a") == "proxy-a"
+
+
+def test_the_host_name_stands_in_for_the_proxy_name_in_lower_case(
+    clean_environment: pytest.MonkeyPatch,
+) -> None:
+    clean_environment.setattr(socket, "gethostname", lambda: "Mail-Host.Example")
+    assert subscriber.resolve_proxy_name(None) == "mail-host.example"
+
+
+@pytest.mark.parametrize(
+    ("variable", "host", "source"),
+    [(None, "mail_host", "the host name 'mail_host'"), ("Proxy_1", "mail-host", "POD_NAME 'Proxy_1'")],
+    ids=["host-name", "pod-name"],
+)
+def test_a_stand_in_that_is_no_pod_name_says_why_it_cannot_serve(
+    clean_environment: pytest.MonkeyPatch, variable: str | None, host: str, source: str
+) -> None:
+    """The controller would answer 400 to every stream: the proxy must not start as if it followed."""
+    clean_environment.setattr(socket, "gethostname", lambda: host)
+    if variable is not None:
+        clean_environment.setenv("POD_NAME", variable)
+    with pytest.raises(settings.SettingsError) as raised:
+        subscriber.resolve_proxy_name(None)
+    assert str(raised.value).startswith(
+        f"controller.proxyName is not set, and {source} cannot stand in for it: the controller takes"
+        " lower-case letters"
+    )
+    assert str(raised.value).endswith("; set controller.proxyName")
 
 
 # The settings' controller key.
