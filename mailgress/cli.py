@@ -94,10 +94,13 @@ def _run_proxy(arguments: argparse.Namespace) -> int:
         settings = proxy_settings.load(Path(arguments.config))
         # Fail fast on unreadable or broken route files; later edits are only warned about.
         standalone.mailroute_bodies(standalone.read_manifests(settings.route_files))
+        # Made here, not in the loop: a POD_NAME or host name the controller would refuse is a
+        # start-up error like a bad setting.
+        follower = None if settings.controller is None else subscriber.Subscriber(settings.controller)
     except (proxy_settings.SettingsError, standalone.ManifestError) as error:
         print(f"mailgress: {error}", file=sys.stderr)
         return EXIT_USAGE
-    if settings.controller is None and not settings.route_files:
+    if follower is None and not settings.route_files:
         print(
             "mailgress: the settings name no MailRoute files under 'routes' and no 'controller'",
             file=sys.stderr,
@@ -105,8 +108,8 @@ def _run_proxy(arguments: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     async def source(holder: TableHolder) -> None:
-        if settings.controller is not None:
-            await subscriber.Subscriber(settings.controller).run(holder)
+        if follower is not None:
+            await follower.run(holder)
         else:
             await standalone.watch(settings.route_files, settings.services, holder, settings.secrets)
 

@@ -49,6 +49,8 @@ PURE = {
         {"controller.compiler", "controller.mailroute", "controller.conditions", "controller.endpoints"},
         NO_IO | {"kopf", "aiohttp", "kubernetes"},
     ),
+    "The push channel's shared rules (proxy.push) read a file and nothing more: no event loop, "
+    "network, HTTP, clocks or logging": ({"proxy.push"}, NO_IO | {"aiohttp"}),
 }
 
 

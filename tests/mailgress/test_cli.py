@@ -4,6 +4,7 @@ controller's push channel certificates and connection guard (wired in here, from
 import asyncio
 import json
 import logging
+import os
 import resource
 import socket
 import subprocess
@@ -272,6 +273,32 @@ def test_proxy_start_up_errors_are_one_clear_line(tmp_path: Path, settings: str,
     )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_pod_name_the_controller_would_refuse_is_a_start_up_error(tmp_path: Path) -> None:
+    """Without controller.proxyName the proxy acks under POD_NAME; one the controller refuses
+    ends the start with one line naming it, not a traceback from inside the loop."""
+    (tmp_path / "token").write_text("secret-token\n")
+    listener = f"{{protocol: imap, address: 127.0.0.1, port: {mailservers.free_port()}}}"
+    settings = f"listeners: [{listener}]\ncontroller: {{url: 'http://127.0.0.1:1', tokenFile: token}}\n"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mailgress.cli",
+            "proxy",
+            "--config",
+            str(write(tmp_path, "proxy.yaml", settings)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "POD_NAME": "Proxy_1"},
+    )
+    assert result.returncode == cli.EXIT_USAGE
+    assert "POD_NAME 'Proxy_1'" in result.stderr and "Traceback" not in result.stderr
+    assert "secret-token" not in result.stderr
 
 
 @pytest.mark.parametrize(
