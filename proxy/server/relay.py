@@ -30,8 +30,9 @@ but dot-terminated, so following them would mean reading every body octet in Pyt
 path of every session. Their blind spots stay: a backend pausing longer than the quiet period
 inside a RETR (the client sees the closing line as message text, then the connection ends, and
 fetches the message again), and a client pausing that long right after the backend's ``354``
-(told nothing was accepted, it retries). Inbound SMTP does not come here (mediation.py). The closing line is the proxy's, not the backend's: it is counted
-with the bytes that went down to the client.
+(told nothing was accepted, it retries). Inbound SMTP does not come here (mediation.py). The
+closing line is the proxy's, not the backend's: it is counted with the bytes that went down to
+the client.
 
 Hot path rules (nginx is the benchmark): no timer is rescheduled per chunk (the idle watchdog
 reads a last-activity timestamp when it fires), and the splice path allocates nothing per
