@@ -3,7 +3,9 @@
 Three levels. ``Drain`` alone: when turns come and what is counted. The relay with a turn, on both
 paths (splice and transports), between a scripted client and a scripted backend on loopback: the
 closing line comes only at a quiet moment, after the backend spoke last, behind every relayed
-byte (a slowly sent FETCH literal, a pausing DATA transfer, a client that does not read). The
+byte (a slowly sent FETCH literal, a pausing DATA transfer, a client that does not read), and
+for IMAP only where both directions are between lines, outside any literal (a backend stalling
+inside a FETCH literal, a client pausing inside an APPEND literal), and never after COMPRESS. The
 in-process proxy (``start_proxy``): clients still logging in get their protocol's closing reply,
 and ``Listeners.drain_sessions`` ends when the sessions are gone or cuts them at the grace
 period's end. The drain settings are parsed here too. No assertion is about time: waits are
@@ -431,6 +433,27 @@ async def test_a_relayed_imap_session_gets_bye_and_the_drain_ends(draining_proxy
         assert await asyncio.wait_for(reader.readline(), WAIT) == b"echo:a2 NOOP\r\n"
         drained_all = await drain_in_background(running)
         assert await until_closed(reader) == BYE
+        await asyncio.wait_for(drained_all, WAIT)
+        assert drained(registry, "imap", drain.CLOSED_WHEN_QUIET) == 1
+        writer.close()
+
+
+async def test_a_relayed_imap_client_pausing_inside_a_literal_gets_bye_only_after_it(
+    draining_proxy: Any,
+) -> None:
+    """Through the session driver: an IMAP session's relay follows its streams (review M1)."""
+    async with fake_backend() as backend:
+        running, registry = await draining_proxy(endpoint_port=backend.port)
+        reply, reader, writer = await login(running.port, "u@alpha.example")
+        assert reply.startswith(b"a1 OK"), reply
+        writer.write(b"a2 APPEND INBOX {20+}\r\n0123456789")
+        echoed = await asyncio.wait_for(reader.readuntil(b"0123456789"), WAIT)
+        assert echoed.startswith(b"echo:a2 APPEND"), echoed
+        drained_all = await drain_in_background(running)
+        # The echo backend spoke last and nothing is held: quiet, but the client is inside its literal.
+        await asyncio.sleep(2 * QUIET)
+        writer.write(b"abcdefghij\r\n")
+        assert await until_closed(reader) == b"echo:abcdefghij\r\n" + BYE
         await asyncio.wait_for(drained_all, WAIT)
         assert drained(registry, "imap", drain.CLOSED_WHEN_QUIET) == 1
         writer.close()
