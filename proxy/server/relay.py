@@ -328,21 +328,22 @@ class _QuietWatch:
     """During a drain: calls ``on_quiet`` at the relay's first quiet moment (module docstring).
 
     Checks when the quiet period since the last byte would be over, and again a period later
-    while the backend has not spoken last or a direction still holds bytes.
+    while the backend has not spoken last or ``may_end`` says no (a direction still holds bytes,
+    or an IMAP direction is inside a line or a literal).
     """
 
-    __slots__ = ("_handle", "_holds_nothing", "_on_quiet", "period", "watch")
+    __slots__ = ("_handle", "_may_end", "_on_quiet", "period", "watch")
 
     def __init__(
         self,
         watch: _IdleWatch,
         period: float,
-        holds_nothing: Callable[[], bool],
+        may_end: Callable[[], bool],
         on_quiet: Callable[[], None],
     ) -> None:
         self.watch = watch
         self.period = period
-        self._holds_nothing = holds_nothing
+        self._may_end = may_end
         self._on_quiet = on_quiet
         self._handle: asyncio.TimerHandle | None = None
         self._check()
@@ -350,7 +351,7 @@ class _QuietWatch:
     def _check(self) -> None:
         watch = self.watch
         silent = watch.loop.time() - watch.last_activity
-        if silent >= self.period and watch.last_from == BACKEND and self._holds_nothing():
+        if silent >= self.period and watch.last_from == BACKEND and self._may_end():
             self._handle = None
             self._on_quiet()
             return
