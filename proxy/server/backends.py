@@ -375,6 +375,38 @@ def _endpoint_succeeded(context: ProxyContext, route: table.Route, endpoint: tab
         )
 
 
+async def place_recipient(
+    context: ProxyContext,
+    route: table.Route,
+    endpoint: table.Endpoint,
+    request: events.LoginRequest,
+    *,
+    client: events.ClientAddress,
+    attempt: int,
+    client_tls: ssl.SSLObject | None,
+) -> "smtp.RecipientPlaced":
+    """Where ``route``'s auth_http service places a later recipient of an inbound session logged
+    in on ``endpoint`` (``request``: its envelope so far), asked as for the first recipient:
+    ``here`` if it names ``endpoint`` (or names no server and ``endpoint`` is the route's)."""
+    decision = await _ask_auth_http(
+        context, route, request, client=client, attempt=attempt, client_tls=client_tls
+    )
+    _auth_http_answered(context, route, decision)
+    match decision:
+        case authhttp_protocol.Granted(server=server):
+            upstream = route.upstream("smtp")
+            here = (
+                endpoint == server
+                if server is not None
+                else upstream is not None and endpoint in upstream.endpoints
+            )
+            return smtp.RecipientPlaced("here" if here else "elsewhere")
+        case authhttp_protocol.Refused(reply=reply):
+            return smtp.RecipientPlaced("refused", reply)
+        case authhttp.Unavailable():
+            return smtp.RecipientPlaced("unavailable")
+
+
 async def _ask_auth_http(
     context: ProxyContext,
     route: table.Route,

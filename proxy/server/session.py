@@ -106,6 +106,11 @@ class Handover:
 
     login: backends.LoginOutcome
     buffered: bytes  # client bytes that followed its login command
+    # Inbound SMTP: the login's request (no credentials), its attempt number and the client's
+    # address, for the auth service of an auth_http route, asked about each later recipient too.
+    request: events.LoginRequest | None
+    attempt: int
+    client: events.ClientAddress
 
 
 class SessionEnded(Exception):
@@ -416,7 +421,14 @@ async def _converse(
                                     # What the machine held after the login command, then the
                                     # rest of the read it was in: the client's pipelined
                                     # commands for the backend, in the order they came.
-                                    handover = Handover(login, buffered + unfed)
+                                    inbound = listener_settings.protocol == "smtp"
+                                    handover = Handover(
+                                        login,
+                                        buffered + unfed,
+                                        request if inbound else None,
+                                        attempts,
+                                        peer,
+                                    )
                                     login = None  # the relay's to close
                                     return handover
                                 case events.StartTls():
@@ -644,6 +656,27 @@ async def _mediate(
         )
         return login.route if shared else route.name
 
+    asked = handover.attempt
+    client_tls = channel.tls
+
+    async def place(ask: smtp.AskRecipient) -> smtp.RecipientPlaced:
+        """Ask the login route's auth service about a later recipient of that route, as it was
+        asked about the first (the route as it is now: route_of found it in the current table)."""
+        nonlocal asked
+        asked += 1
+        route = next((route for route in context.tables.current.routes if route.name == login.route), None)
+        if route is None:  # swapped out since route_of looked
+            return smtp.RecipientPlaced("elsewhere")
+        return await backends.place_recipient(
+            context,
+            route,
+            endpoint,
+            ask.request,
+            client=handover.client,
+            attempt=asked,
+            client_tls=client_tls,
+        )
+
     settings = context.settings
     machine = smtp.Mediator(
         events.FrontendConfig(
@@ -654,6 +687,8 @@ async def _mediate(
         ),
         login.route,
         route_of,
+        # An auth_http route's service may place each recipient on another server: it is asked.
+        handover.request if first is not None and first.auth == "http" else None,
     )
     ended_by = await mediation.mediate(
         machine,
@@ -665,6 +700,7 @@ async def _mediate(
         closing_grace=TIMED_OUT_REPLY_GRACE,
         drain=turn,
         progress=progress,
+        place=place,
     )
     if ended_by == relay.DRAINED:
         turn.outcome = drain.CLOSED_WHEN_QUIET
