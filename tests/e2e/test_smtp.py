@@ -10,7 +10,8 @@ unrouted logins get 535; over-long lines get 500 and the session goes on until m
 garbage and a stalled client get SMTP's answer or a timely close while the proxy keeps serving
 everyone else. Inbound to two backends (the testbed's Postfix and a second one for
 delta.example): a recipient of the other backend, in the same transaction or on a reused
-connection, gets 452 4.5.3 and, sent again alone, arrives byte-identical at its own Postfix; two
+connection, gets 452 4.5.3 and, sent again alone, arrives byte-identical at its own Postfix, also
+when an auth_http route's service places it there (it is asked about every recipient); two
 routes on one Postfix share a transaction; a pipelined envelope is answered in order; a 6 MiB
 message passes the mediation intact; XCLIENT, BDAT, STARTTLS and EHLO after the backend login get
 the proxy's answers. SMTP smuggling: a dot line with a bare LF ends the body for Postfix 3.7 and
@@ -32,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import clients, mailservers, messages, proxysettings
-from testbed.backends import ALPHA, BETA, NAMESPACE, UNROUTED_DOMAIN, Backends
+from testbed import authservice, clients, mailservers, messages, proxysettings
+from testbed.backends import ALPHA, BETA, NAMESPACE, POSTFIX_SERVICE, UNROUTED_DOMAIN, Backends
 from testbed.mailservers import LOOPBACK, User
 from testbed.proxyprocess import ProxyProcess
 from tests.conftest import remove_testbed_directory
@@ -445,6 +446,54 @@ def test_a_second_backends_recipient_on_a_reused_connection_is_deferred_then_del
     (delivered,) = delta.postfix.wait_delivered(second, 1)
     assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(two)
     assert len(backends.wait_delivered(first.address, 2)) == 2
+
+
+@pytest.fixture(scope="module")
+def placing_service(backends: Backends, delta: DeltaBackend) -> Iterator[authservice.AuthService]:
+    """An auth service that places each recipient on the Postfix owning its domain."""
+
+    def answer(received: authservice.Received) -> authservice.Reply:
+        owner = delta.postfix if f"@{DELTA}>" in (received.header("Auth-SMTP-To") or "") else backends.postfix
+        return authservice.ok(LOOPBACK, owner.smtp_port)
+
+    with authservice.AuthService(answer) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def placing_proxy(
+    start_proxy: StartProxy, backends: Backends, placing_service: authservice.AuthService
+) -> ProxyProcess:
+    """One auth_http route for alpha.example and delta.example, whose service places mailboxes."""
+    route = proxysettings.mailroute("placed", [ALPHA, DELTA], namespace=NAMESPACE, smtp=(POSTFIX_SERVICE, 25))
+    route["spec"]["auth"] = {"mode": "http", "http": {"url": placing_service.url}}
+    return start_proxy("placing", routes=[route])
+
+
+def test_an_auth_http_route_asks_its_service_about_each_recipient(
+    placing_proxy: ProxyProcess,
+    placing_service: authservice.AuthService,
+    backends: Backends,
+    delta: DeltaBackend,
+    new_user: NewUser,
+) -> None:
+    """Review M5 #1: the service places the second recipient (of the same route) on the other
+    Postfix, so it is deferred (452) and arrives there on its own; before, it went to the first
+    recipient's Postfix unasked and was refused there for good (550: a bounce)."""
+    first, second = new_user(ALPHA), delta.new_address()
+    message = messages.compose("sender@example.net", first.address, "placed", "one route, two servers\n")
+    port = placing_proxy.settings.ports.smtp
+    placing_service.clear()
+    with clients.smtp(port) as smtp:
+        refused = smtp.sendmail("sender@example.net", [first.address, second], message)
+    assert list(refused) == [second] and refused[second][0] == 452
+    asked = [received.header("Auth-SMTP-To") for received in placing_service.requests]
+    assert asked == [f"rcpt TO:<{first.address}>", f"rcpt TO:<{second}>"]  # the lines as smtplib sent them
+    (delivered,) = backends.wait_delivered(first.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+    send_alone(port, second, message)
+    (delivered,) = delta.postfix.wait_delivered(second, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
 
 
 def test_routes_on_the_same_backend_share_the_transaction(
