@@ -91,7 +91,11 @@ success); inbound replays MAIL FROM and RCPT TO, and whatever the backend answer
 the client's reply, as nginx does. A MAIL refused with 5xx becomes the client's RCPT reply
 (Postfix itself reports sender refusals at RCPT time by default), with 4xx it is a backend
 failure, so the client hears 451 and retries: either way no mail is accepted that the backend
-did not take.
+did not take. A 4xx or 5xx to XCLIENT or to the EHLO after it is the backend's verdict on the
+client it now sees (Postfix's client and HELO restrictions with ``smtpd_delay_reject = no``):
+the client hears it as the reply to its RCPT (submission: to its AUTH), and the endpoint, which
+answered, is not failing (Postfix lists XCLIENT only to hosts it authorizes, so its refusal of
+the proxy itself does not come here).
 
 With ``BackendConfig.starttls`` the first EHLO reply must list STARTTLS (RFC 3207); the machine
 sends it and, on ``220``, emits ``StartTls`` and drops whatever the backend sent behind the 220
@@ -1003,6 +1007,10 @@ class BackendLogin:
                 return [Send(b"EHLO " + self._helo_name + CRLF)]
             case BackendState.CLIENT_EHLO if code == 250:
                 return self._login(_extensions(lines))
+            case BackendState.XCLIENT | BackendState.CLIENT_EHLO if code >= 400:
+                # The backend's verdict on the client it now sees (Postfix's client or HELO
+                # restrictions): the client's reply, as a refused sender's; the endpoint is fine.
+                return self._verdict(LoginFailed(reply=reply, credentials=False))
             case BackendState.AUTH_CHALLENGE if code == 334:
                 self._state = BackendState.AUTH
                 return [Send(self._plain_response() + CRLF)]

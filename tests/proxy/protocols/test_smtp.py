@@ -622,12 +622,24 @@ def test_xtext_encoding_follows_rfc_3461() -> None:
     assert smtp.xtext("\x7f\x00é") == "+7F+00+C3+A9"
 
 
-def test_backend_refusing_xclient_fails_the_login() -> None:
+@pytest.mark.parametrize("code", [b"554 5.7.1", b"450 4.7.1"])
+@pytest.mark.parametrize("after_ehlo", [False, True], ids=["to-xclient", "to-the-ehlo-after-it"])
+def test_a_refusal_of_the_real_client_is_the_clients_reply(code: bytes, after_ehlo: bool) -> None:
+    """Review M5 #2: Postfix's client restrictions refuse the address XCLIENT gave it (or its
+    HELO restrictions the name): the backend's verdict, passed on; before, a failing endpoint and
+    451 (so any blocked client made every endpoint look down)."""
+    login = inbound_login(XCLIENT)
+    feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
+    refusal = code + b" <unknown[192.0.2.7]>: Client host rejected: Access denied"
+    if after_ehlo:
+        assert feed(login, b"220 mx") == [Send(b"EHLO client.example\r\n")]
+    assert feed(login, refusal) == [LoginFailed(reply=refusal + b"\r\n", credentials=False)]
+
+
+def test_an_xclient_reply_that_is_neither_success_nor_refusal_fails_the_login() -> None:
     login = submission_login(XCLIENT)
     feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
-    assert feed(login, b"550 5.7.0 Error: insufficient authorization") == [
-        BackendFailed("backend answered 550 in state XCLIENT")
-    ]
+    assert feed(login, b"354 what") == [BackendFailed("backend answered 354 in state XCLIENT")]
 
 
 def test_long_credentials_go_after_a_334_challenge() -> None:

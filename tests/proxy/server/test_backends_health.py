@@ -1,5 +1,6 @@
 """``backends.login`` when endpoints fail: passive health, one budget per login, the logs and the
-metrics of an outage, and round-robin per upstream (review J5 M1, M2, L1, L2; review J7 #5).
+metrics of an outage, and round-robin per upstream (review J5 M1, M2, L1, L2; review J7 #5); a
+backend refusing the client XCLIENT names is that client's refusal, no failure (review M5 #2).
 
 Endpoints here are loopback servers that hang (accept, never greet), close or reset in the
 dialogue, or refuse the connection. The health clock is a hand-stepped fake, so whether an
@@ -483,3 +484,59 @@ async def test_an_endpoint_that_left_the_table_during_a_login_gets_no_episode(
 def no_password_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     yield
     assert PASSWORD not in caplog.text
+
+
+def postfix_refusing_the_client(after: bytes) -> Handler:
+    """A Postfix whose client restrictions (smtpd_delay_reject = no) refuse the address XCLIENT
+    names: at XCLIENT (``after`` b"XCLIENT") or at the EHLO after it (b"EHLO client")."""
+    refusal = b"554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: blocked\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.example ESMTP\r\n")
+        for _ in range(3):  # EHLO, XCLIENT, EHLO: bounded
+            line = await reader.readline()
+            if line.startswith(after):
+                writer.write(refusal)
+            elif line.startswith(b"XCLIENT"):
+                writer.write(b"220 mx.example ESMTP\r\n")
+            elif line.startswith(b"EHLO"):
+                writer.write(b"250-mx.example\r\n250 XCLIENT NAME ADDR PORT\r\n")
+            await writer.drain()
+        await reader.read()
+
+    return handler
+
+
+@pytest.mark.parametrize("after", [b"XCLIENT", b"EHLO client"])
+async def test_a_backend_refusing_the_real_client_is_no_endpoint_failure(
+    start_proxy: ProxyFactory, after: bytes
+) -> None:
+    """Review M5 #2: the refusal is the client's RCPT reply; before, 451 and a failing endpoint
+    (so one blocked client pushed every endpoint to the back of the queue)."""
+    async with serving(postfix_refusing_the_client(after)) as (endpoint, _):
+        smtp_route = {"smtp": {"backend": {"service": "dovecot", "port": 143}, "clientInfo": "xclient"}}
+        proxy = await start_proxy(smtp_route, [endpoint], listener={"protocol": "smtp"})
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            replies = []
+            for line in (
+                b"",
+                b"EHLO client\r\n",
+                b"MAIL FROM:<s@example.net>\r\n",
+                b"RCPT TO:<a@alpha.example>\r\n",
+            ):
+                writer.write(line)
+                for _ in range(20):  # the lines of one reply
+                    reply = await asyncio.wait_for(reader.readline(), WAIT)
+                    if reply[3:4] != b"-":
+                        break
+                replies.append(reply)
+        finally:
+            writer.close()
+    assert replies[-1] == b"554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: blocked\r\n"
+    context = proxy.context
+    assert not context.health.failing(context.clock())
+    assert proxy.metric("mailgress_proxy_logins_total", protocol="smtp", outcome="refused") == 1
+    assert (
+        proxy.metric("mailgress_proxy_backend_login_failures_total", protocol="smtp", reason="dialogue") == 0
+    )
