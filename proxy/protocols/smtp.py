@@ -798,6 +798,16 @@ class BackendState(Enum):
     DONE = auto()  # a verdict was given
 
 
+# RFC 5321 section 4.5.3.2: a client waits at least this long (seconds) for each reply, however
+# long the proxy lets an idle session sit, for a backend's policy checks (RBL, greylisting,
+# milters) may take that long; a timeout cut shorter turns a delivery into a retry or, after
+# the body, into a duplicate (the backend queued the message, the client heard it failed).
+MAIL_REPLY_TIMEOUT = 5 * 60.0  # section 4.5.3.2.2, MAIL
+RCPT_REPLY_TIMEOUT = 5 * 60.0  # section 4.5.3.2.3, RCPT
+FINAL_REPLY_TIMEOUT = 10 * 60.0  # section 4.5.3.2.6, DATA termination
+# The envelope's replies during the backend login: RFC 5321's times, not the login budget's.
+ENVELOPE_REPLY_TIMEOUTS = {BackendState.MAIL: MAIL_REPLY_TIMEOUT, BackendState.RCPT: RCPT_REPLY_TIMEOUT}
+
 _NO_STARTTLS = "backend does not offer STARTTLS"
 # The one AUTH refusal that says the credentials are wrong (RFC 4954 section 6: 535 5.7.8
 # Authentication credentials invalid). Other permanent refusals (534 mechanism too weak, 538
@@ -930,6 +940,12 @@ class BackendLogin:
     @property
     def state(self) -> BackendState:
         return self._state
+
+    @property
+    def reply_timeout(self) -> float | None:
+        """How long the pending reply to MAIL or RCPT (inbound) is waited for, RFC 5321 section
+        4.5.3.2's, in place of what is left of the login budget; None for the others."""
+        return ENVELOPE_REPLY_TIMEOUTS.get(self._state)
 
     def handle(self, event: Event) -> list[Command]:
         """Take one event from the backend side; return the lines to send and, once, a verdict.
@@ -1235,13 +1251,6 @@ class Expecting(Enum):
     PLACEMENT = auto()  # the driver asks the auth service about a recipient (``AskRecipient``)
 
 
-# RFC 5321 section 4.5.3.2: a client waits at least this long (seconds) for each reply, however
-# long the proxy lets an idle session sit, for a backend's policy checks (RBL, greylisting,
-# milters) may take that long; a timeout cut shorter turns a delivery into a retry or, after
-# the body, into a duplicate (the backend queued the message, the client heard it failed).
-MAIL_REPLY_TIMEOUT = 5 * 60.0  # section 4.5.3.2.2, MAIL
-RCPT_REPLY_TIMEOUT = 5 * 60.0  # section 4.5.3.2.3, RCPT
-FINAL_REPLY_TIMEOUT = 10 * 60.0  # section 4.5.3.2.6, DATA termination
 _REPLY_TIMEOUTS = {
     Expecting.MAIL: MAIL_REPLY_TIMEOUT,
     Expecting.RCPT: RCPT_REPLY_TIMEOUT,

@@ -68,6 +68,9 @@ FEED_SIZE = 512
 # The session line's outcome when the pre-login deadline ended the dialogue, in place of the
 # machine's reason ("idle timeout", "timed out"), which would read like the relay's idle timeout.
 PRE_LOGIN_TIMED_OUT = "timed out before login"
+# The most an inbound login's MAIL and RCPT replies may take beyond backendLogin (RFC 5321
+# section 4.5.3.2; backends._Envelope): the pre-login deadline waits for them too.
+ENVELOPE_ALLOWANCE = smtp.MAIL_REPLY_TIMEOUT + smtp.RCPT_REPLY_TIMEOUT
 STARTTLS_POLICY = {
     ("starttls", True): events.StartTlsPolicy.REQUIRED,
     ("starttls", False): events.StartTlsPolicy.ON,
@@ -395,7 +398,10 @@ async def _converse(
                                     # the reply is bounded again. Never disarmed: a login that
                                     # starts with no allowance left (a LOGIN pipelined behind the
                                     # one that used it) is ended by the deadline like anything else.
-                                    scope.reschedule(limit + extension_left)
+                                    # An inbound envelope's replies have RFC 5321's times on top
+                                    # (backends._Envelope): the backend's, not the client's.
+                                    envelope = ENVELOPE_ALLOWANCE if request.protocol == "smtp" else 0.0
+                                    scope.reschedule(limit + extension_left + envelope)
                                     verdict, login = await _authenticate(
                                         context,
                                         request,
@@ -410,10 +416,10 @@ async def _converse(
                                         # At most one backendLogin over the session: a client
                                         # retrying while every backend hangs still runs out of
                                         # pre-login time (nginx closes after a backend failure).
-                                        extension = min(login.waited, extension_left)
+                                        extension = min(login.waited - login.envelope_waited, extension_left)
                                         extension_left -= extension
-                                        deadline += extension
-                                        limit += extension
+                                        deadline += extension + login.envelope_waited
+                                        limit += extension + login.envelope_waited
                                     scope.reschedule(limit)
                                     pending.extend(frontend.handle(verdict))
                                 case events.Relay(buffered=buffered):

@@ -636,6 +636,21 @@ def test_a_refusal_of_the_real_client_is_the_clients_reply(code: bytes, after_eh
     assert feed(login, refusal) == [LoginFailed(reply=refusal + b"\r\n", credentials=False)]
 
 
+def test_the_envelope_replies_have_rfc_5321s_times_in_the_login() -> None:
+    """Review M5 #3: the driver bounds the replies to MAIL and RCPT by these, not by the budget."""
+    login = inbound_login(XCLIENT)
+    feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
+    assert login.reply_timeout is None  # greeting, EHLO, XCLIENT: the login budget's
+    assert feed(login, b"220 mx") == [Send(b"EHLO client.example\r\n")]
+    assert login.reply_timeout is None
+    assert feed(login, b"250 mx") == [Send(ENVELOPE[0] + b"\r\n")]
+    assert login.reply_timeout == smtp.MAIL_REPLY_TIMEOUT
+    assert feed(login, b"250 2.1.0 Ok") == [Send(ENVELOPE[1] + b"\r\n")]
+    assert login.reply_timeout == smtp.RCPT_REPLY_TIMEOUT
+    feed(login, b"250 2.1.5 Ok")
+    assert login.reply_timeout is None
+
+
 def test_an_xclient_reply_that_is_neither_success_nor_refusal_fails_the_login() -> None:
     login = submission_login(XCLIENT)
     feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
