@@ -522,6 +522,9 @@ class Frontend:
                 return [Send(reply), Relay(self._buffer.take_all())]
             case LoginRejected(reply=reply):
                 self._expect(State.AUTHENTICATING, event)
+                if self._config.inbound and reply is not None and reply.startswith(b"%d" % CLOSING_CODE):
+                    # The backend's 421 (RFC 5321 section 3.8): the session ends with it.
+                    return self._close("backend closed the connection", reply)
                 if self._config.inbound:
                     # Stays in the transaction: the client may try other recipients. A refused
                     # recipient counts: no throttle guards the MX, max_errors bounds guessing.
@@ -809,6 +812,8 @@ FINAL_REPLY_TIMEOUT = 10 * 60.0  # section 4.5.3.2.6, DATA termination
 ENVELOPE_REPLY_TIMEOUTS = {BackendState.MAIL: MAIL_REPLY_TIMEOUT, BackendState.RCPT: RCPT_REPLY_TIMEOUT}
 
 _NO_STARTTLS = "backend does not offer STARTTLS"
+# RFC 5321 section 3.8: "421 Service not available, closing transmission channel".
+CLOSING_CODE = 421
 # The one AUTH refusal that says the credentials are wrong (RFC 4954 section 6: 535 5.7.8
 # Authentication credentials invalid). Other permanent refusals (534 mechanism too weak, 538
 # encryption required, 554 ...) refuse the login for another reason.
@@ -1037,6 +1042,10 @@ class BackendLogin:
                 return [Send(self._request.envelope[1] + CRLF)]
             case BackendState.MAIL if code >= 500:
                 # The sender refused for good: the client hears it as the answer to its RCPT.
+                return self._verdict(LoginFailed(reply=reply, credentials=False))
+            case BackendState.RCPT if code == CLOSING_CODE:
+                # The backend is closing (RFC 5321 section 3.8): no connection to relay; the
+                # front-end passes its 421 on and closes, so the client hears one 421.
                 return self._verdict(LoginFailed(reply=reply, credentials=False))
             case BackendState.RCPT:
                 return self._verdict(LoginSucceeded(reply=reply, buffered=self._replies.take_all()))

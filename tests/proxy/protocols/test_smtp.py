@@ -651,6 +651,22 @@ def test_the_envelope_replies_have_rfc_5321s_times_in_the_login() -> None:
     assert login.reply_timeout is None
 
 
+def test_a_backend_closing_at_the_first_recipient_is_heard_once() -> None:
+    """Review M5 #7: its 421 is the client's only one, and the session ends with it; before, the
+    mediation started on the closed connection and added its own 421."""
+    login = inbound_login()
+    feed(login, b"220 mx", b"250 mx", b"250 2.1.0 Ok")
+    closing = b"421 4.3.2 mx.example Service shutting down"
+    assert feed(login, closing) == [LoginFailed(reply=closing + b"\r\n", credentials=False)]
+    frontend = started(INBOUND)
+    feed(frontend, b"EHLO client.example", b"MAIL FROM:<s@example.net>")
+    assert isinstance(feed(frontend, b"RCPT TO:<a@alpha.example>")[-1], Authenticate)
+    assert frontend.handle(LoginRejected(closing + b"\r\n")) == [
+        Send(closing + b"\r\n"),
+        Close("backend closed the connection"),
+    ]
+
+
 def test_an_xclient_reply_that_is_neither_success_nor_refusal_fails_the_login() -> None:
     login = submission_login(XCLIENT)
     feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
@@ -1256,7 +1272,7 @@ def test_a_placed_recipient_is_asked_about_with_its_own_transactions_sender() ->
 
 
 def test_the_pending_reply_to_mail_rcpt_and_the_body_is_waited_for_as_rfc_5321_says() -> None:
-    """Review M5 #3: RFC 5321 section 4.5.3.2's timeouts, which the driver keeps whatever its
+    """Review M5 #3 and #4: RFC 5321 section 4.5.3.2's timeouts, which the driver keeps whatever its
     idle timeout; before, a backend slower than idle after the final dot got the client a 421
     for a message it queued."""
     machine = mediator()

@@ -613,3 +613,27 @@ async def test_a_first_recipient_never_answered_is_a_temporary_failure_not_a_fai
     assert (
         proxy.metric("mailgress_proxy_backend_login_failures_total", protocol="smtp", reason="timeout") == 0
     )
+
+
+async def closes_at_the_first_recipient(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A Postfix going down (or over its limits) between MAIL and RCPT: 421, then the close."""
+    writer.write(b"220 mx.example ESMTP\r\n")
+    for _ in range(3):  # EHLO, MAIL, RCPT: bounded
+        line = await reader.readline()
+        writer.write(b"421 4.3.2 Service shutting down\r\n" if line.startswith(b"RCPT") else b"250 Ok\r\n")
+        await writer.drain()
+    writer.close()
+
+
+async def test_a_backend_closing_at_the_first_recipient_is_one_421(start_proxy: ProxyFactory) -> None:
+    """Review M5 #7: before, the client got the backend's 421 and then the proxy's own."""
+    async with serving(closes_at_the_first_recipient) as (endpoint, _):
+        smtp_route = {"smtp": {"backend": {"service": "dovecot", "port": 143}}}
+        proxy = await start_proxy(smtp_route, [endpoint], listener={"protocol": "smtp"})
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            replies = [await smtp_reply(reader, writer, line) for line in FIRST_RECIPIENT]
+            assert replies[-1] == b"421 4.3.2 Service shutting down\r\n"
+            assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed, and nothing more
+        finally:
+            writer.close()

@@ -140,7 +140,7 @@ async def test_a_silent_session_gets_421_at_the_idle_timeout(sides: Sides) -> No
 
 
 async def test_the_reply_to_the_body_is_waited_for_past_the_idle_timeout(sides: Sides) -> None:
-    """Review M5 #3: the backend queued the message and answers after the idle timeout; before,
+    """Review M5 #4: the backend queued the message and answers after the idle timeout; before,
     the client got 421 (and sent the message again). RFC 5321 section 4.5.3.2.6 waits 10 min."""
     task = sides.mediate(idle=0.2, client_bytes=b"DATA\r\n")
     assert await sides.backend_peer.read_until(b"\r\n") == b"DATA\r\n"
