@@ -81,21 +81,22 @@ backend's ``421`` is passed on and ends the session (RFC 5321 section 3.8: it cl
 Mediating costs the zero-copy relay for inbound mail only; submission keeps it, its one user
 owns the whole session.
 
-The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``;
-with client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
-NAME=[UNAVAILABLE]`` (the attributes it lists, xtext-encoded) and, after its fresh ``220``,
-``EHLO <the client's own name>``. Without XCLIENT the backend takes the proxy for the client,
-so the proxy introduces itself by its own name: replaying the client's name would only put
-an unverifiable name next to the proxy's address. Then submission sends ``AUTH PLAIN`` (235 is
-success); inbound replays MAIL FROM and RCPT TO, and whatever the backend answers to RCPT is
-the client's reply, as nginx does. A MAIL refused with 5xx becomes the client's RCPT reply
-(Postfix itself reports sender refusals at RCPT time by default), with 4xx it is a backend
-failure, so the client hears 451 and retries: either way no mail is accepted that the backend
-did not take. A 4xx or 5xx to XCLIENT or to the EHLO after it is the backend's verdict on the
-client it now sees (Postfix's client and HELO restrictions with ``smtpd_delay_reject = no``):
+The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``; with
+client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
+NAME=[UNAVAILABLE]`` (the attributes it lists, xtext-encoded) and, after its fresh ``220``, ``EHLO
+<the client's own name>``. With ``proxy-v2`` the backend has the client's address from the PROXY
+header, so the first EHLO gives the client's name too. Otherwise the backend takes the proxy for
+the client, so the proxy introduces itself by its own name: replaying the client's name would only
+put an unverifiable name next to the proxy's address. Then submission sends ``AUTH PLAIN`` (235 is
+success); inbound replays MAIL FROM and RCPT TO, and whatever the backend answers to RCPT is the
+client's reply, as nginx does (a 421 ends the session with it). A MAIL refused with 5xx becomes the
+client's RCPT reply (Postfix itself reports sender refusals at RCPT time by default), with 4xx it
+is a backend failure, so the client hears 451 and retries: either way no mail is accepted that the
+backend did not take. A 4xx or 5xx to XCLIENT or to the EHLO after it is the backend's verdict on
+the client it now sees (Postfix's client and HELO restrictions with ``smtpd_delay_reject = no``):
 the client hears it as the reply to its RCPT (submission: to its AUTH), and the endpoint, which
-answered, is not failing (Postfix lists XCLIENT only to hosts it authorizes, so its refusal of
-the proxy itself does not come here).
+answered, is not failing (Postfix lists XCLIENT only to hosts it authorizes, so its refusal of the
+proxy itself does not come here).
 
 With ``BackendConfig.starttls`` the first EHLO reply must list STARTTLS (RFC 3207); the machine
 sends it and, on ``220``, emits ``StartTls`` and drops whatever the backend sent behind the 220
@@ -938,7 +939,8 @@ class BackendLogin:
         self._replies = ReplyReader()
         self._state = BackendState.GREETING
         self._tls = False  # the backend connection is encrypted (after STARTTLS)
-        # The client's own name, for the EHLO after XCLIENT (nginx replays it the same way).
+        # The client's own name, for the EHLO after XCLIENT or behind a PROXY header (nginx
+        # replays it after XCLIENT the same way).
         _, _, name = request.helo.partition(b" ")
         self._helo_name = name.strip() or config.server_name.encode()
 
@@ -1054,7 +1056,11 @@ class BackendLogin:
 
     def _ehlo(self) -> list[Command]:
         self._state = BackendState.EHLO
-        return [Send(b"EHLO " + self._config.server_name.encode() + CRLF)]
+        # With a PROXY header the backend sees the real client's address, so the name goes with
+        # it (as after XCLIENT); otherwise it sees the proxy's, which goes with the proxy's name.
+        proxied = self._config.client_info == "proxy-v2" and self._config.client is not None
+        name = self._helo_name if proxied else self._config.server_name.encode()
+        return [Send(b"EHLO " + name + CRLF)]
 
     def _xclient(self, attributes: frozenset[str] | None) -> bytes | None:
         """``XCLIENT`` with the attributes the backend lists, when wanted and possible."""
@@ -1291,7 +1297,7 @@ class Mediator:
       backend is closing (RFC 5321 section 3.8), and the client hears it once.
     - ``EHLO``/``HELO``: end the transaction (RFC 5321 section 4.1.4), so the backend gets
       ``RSET`` and the client the proxy's own reply, the same extensions as before minus STARTTLS:
-      the backend keeps the name it was given at login (the client's, with XCLIENT).
+      the backend keeps the name it was given at login (the client's, with XCLIENT or proxy-v2).
     - ``STARTTLS`` 454 (or 554 inside TLS), ``AUTH`` 503, ``VRFY`` 502, anything else 500, as
       before the login; ``BDAT`` 521 and a close (``REPLY_NO_BDAT``). Nothing but the commands
       above ever reaches the backend, which trusts the proxy (XCLIENT from a client would

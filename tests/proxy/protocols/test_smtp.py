@@ -591,6 +591,22 @@ def test_xclient_sends_only_the_attributes_the_backend_lists() -> None:
     assert feed(login, b"250 mx") == [Send(ENVELOPE[0] + b"\r\n")]
 
 
+@pytest.mark.parametrize("starttls", [False, True])
+def test_behind_a_proxy_header_the_backend_gets_the_clients_name(starttls: bool) -> None:
+    """Review M5 #6: the PROXY header gives the backend the client's address, so the EHLO gives
+    its name (as after XCLIENT); before, the proxy's own name went with the client's address."""
+    config = BackendConfig(
+        client=ClientAddress("192.0.2.7", 40123), client_info="proxy-v2", starttls=starttls
+    )
+    login = inbound_login(config)
+    assert feed(login, b"220 mx") == [Send(b"EHLO client.example\r\n")]
+    if starttls:
+        assert feed(login, b"250-mx", b"250 STARTTLS") == [Send(b"STARTTLS\r\n")]
+        assert feed(login, b"220 go") == [StartTls()]
+        assert login.handle(TlsEstablished()) == [Send(b"EHLO client.example\r\n")]
+    assert feed(login, b"250-mx", b"250 XCLIENT ADDR") == [Send(ENVELOPE[0] + b"\r\n")]
+
+
 def test_xclient_after_a_helo_client_replays_its_name_with_ehlo() -> None:
     login = submission_login(XCLIENT, helo=b"HELO old.example")
     feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
