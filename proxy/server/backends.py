@@ -447,22 +447,22 @@ async def place_recipient(
     client: events.ClientAddress,
     attempt: int,
     client_tls: ssl.SSLObject | None,
-) -> "smtp.RecipientPlaced":
+) -> smtp.RecipientPlaced:
     """Where ``route``'s auth_http service places a later recipient of an inbound session logged
     in on ``endpoint`` (``request``: its envelope so far), asked as for the first recipient:
-    ``here`` if it names ``endpoint`` (or names no server and ``endpoint`` is the route's)."""
+    ``here`` if it names ``endpoint`` (or names no server and ``endpoint`` is the route's). A
+    route edited to auth mode backend since the login asks nobody: ``endpoint`` is its or not."""
+    upstream = route.upstream("smtp")
+    ours = upstream is not None and endpoint in upstream.endpoints
+    if route.auth != "http":
+        return smtp.RecipientPlaced("here" if ours else "elsewhere")
     decision = await _ask_auth_http(
         context, route, request, client=client, attempt=attempt, client_tls=client_tls
     )
     _auth_http_answered(context, route, decision)
     match decision:
         case authhttp_protocol.Granted(server=server):
-            upstream = route.upstream("smtp")
-            here = (
-                endpoint == server
-                if server is not None
-                else upstream is not None and endpoint in upstream.endpoints
-            )
+            here = endpoint == server if server is not None else ours
             return smtp.RecipientPlaced("here" if here else "elsewhere")
         case authhttp_protocol.Refused(reply=reply):
             return smtp.RecipientPlaced("refused", reply)

@@ -647,7 +647,8 @@ async def _mediate(
         """The recipient's route, in the current table (a route edited since the login answers as
         it is now); ``login.route`` also for another route served by this very backend endpoint
         (domains of several routes on one Postfix), which takes the recipient as it would have
-        directly. Not for auth_http routes: their service may pick a server per recipient."""
+        directly. Not for auth_http routes: their service may pick a server per recipient (the
+        machine asks it about each of the login's route through ``place``)."""
         route = table.lookup(context.tables.current, "smtp", recipient)
         if route is None:
             return None
