@@ -11,7 +11,8 @@ garbage and a stalled client get SMTP's answer or a timely close while the proxy
 everyone else. Inbound to two backends (the testbed's Postfix and a second one for
 delta.example): a recipient of the other backend, in the same transaction or on a reused
 connection, gets 452 4.5.3 and, sent again alone, arrives byte-identical at its own Postfix, also
-when an auth_http route's service places it there (it is asked about every recipient); two
+when an auth_http route's service places it there (it is asked about every recipient); a Postfix
+refusing the client's HELO name after XCLIENT is heard at RCPT, no endpoint failure; two
 routes on one Postfix share a transaction; a pipelined envelope is answered in order; a 6 MiB
 message passes the mediation intact; XCLIENT, BDAT, STARTTLS and EHLO after the backend login get
 the proxy's answers. SMTP smuggling: a dot line with a bare LF ends the body for Postfix 3.7 and
@@ -342,6 +343,7 @@ def test_a_client_that_stops_mid_command_is_closed_while_others_are_served(
 # backend endpoint goes to it, as it would directly.
 
 DELTA = "delta.example"
+PICKY = "picky.example"
 BIG_MESSAGE_BYTES = 6 * 1024 * 1024
 
 
@@ -494,6 +496,49 @@ def test_an_auth_http_route_asks_its_service_about_each_recipient(
     send_alone(port, second, message)
     (delivered,) = delta.postfix.wait_delivered(second, 1)
     assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
+@pytest.fixture(scope="module")
+def picky(start_proxy: StartProxy, backends: Backends) -> Iterator[ProxyProcess]:
+    """A proxy routing picky.example (XCLIENT) to a Postfix that judges a client by its HELO name
+    as soon as it gives it (smtpd_delay_reject = no)."""
+    directory = make_testbed_directory("mailgress-picky-")
+    postfix = mailservers.Postfix(
+        directory / "postfix",
+        domains=[PICKY],
+        extra_main_cf={
+            "smtpd_delay_reject": "no",
+            "smtpd_helo_restrictions": "check_helo_access inline:{blocked.example=REJECT}",
+        },
+    )
+    try:
+        postfix.start()
+    except mailservers.MailServerError as error:
+        remove_testbed_directory(directory)
+        pytest.fail(f"the picky Postfix could not start: {error}", pytrace=False)
+    services = backends.services()
+    services[f"{NAMESPACE}/picky-postfix"] = {"25": [f"{LOOPBACK}:{postfix.smtp_port}"]}
+    route = proxysettings.mailroute("picky", [PICKY], namespace=NAMESPACE, smtp=("picky-postfix", 25))
+    route["spec"]["smtp"]["clientInfo"] = "xclient"
+    yield start_proxy("picky", services=services, routes=[route])
+    postfix.stop()
+    remove_testbed_directory(directory)
+
+
+def test_a_backend_refusing_the_real_client_is_heard_and_no_endpoint_failure(picky: ProxyProcess) -> None:
+    """Review M5 #2: Postfix refuses the EHLO name the proxy gives it after XCLIENT; the client
+    hears that refusal at its RCPT, and the endpoint is not failing (before: 451, and a warning
+    that the endpoint failed the login dialogue, for every blocked client)."""
+    raw = clients.RawClient(picky.settings.ports.smtp)
+    try:
+        smtp_reply(raw)  # the greeting
+        for line in (b"EHLO blocked.example", b"MAIL FROM:<s@example.net>", f"RCPT TO:<x@{PICKY}>".encode()):
+            raw.send(line + b"\r\n")
+            reply = smtp_reply(raw)
+    finally:
+        raw.close()
+    assert reply.startswith(b"554 5.7.1 <blocked.example>: Helo command rejected"), reply
+    assert "failed the login dialogue" not in picky.log_text()
 
 
 def test_routes_on_the_same_backend_share_the_transaction(
