@@ -416,7 +416,9 @@ async def _converse(
                                         # At most one backendLogin over the session: a client
                                         # retrying while every backend hangs still runs out of
                                         # pre-login time (nginx closes after a backend failure).
-                                        extension = min(login.waited - login.envelope_waited, extension_left)
+                                        extension = min(
+                                            max(0.0, login.waited - login.envelope_waited), extension_left
+                                        )
                                         extension_left -= extension
                                         deadline += extension + login.envelope_waited
                                         limit += extension + login.envelope_waited
