@@ -81,17 +81,22 @@ backend's ``421`` is passed on and ends the session (RFC 5321 section 3.8: it cl
 Mediating costs the zero-copy relay for inbound mail only; submission keeps it, its one user
 owns the whole session.
 
-The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``;
-with client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
-NAME=[UNAVAILABLE]`` (the attributes it lists, xtext-encoded) and, after its fresh ``220``,
-``EHLO <the client's own name>``. Without XCLIENT the backend takes the proxy for the client,
-so the proxy introduces itself by its own name: replaying the client's name would only put
-an unverifiable name next to the proxy's address. Then submission sends ``AUTH PLAIN`` (235 is
-success); inbound replays MAIL FROM and RCPT TO, and whatever the backend answers to RCPT is
-the client's reply, as nginx does. A MAIL refused with 5xx becomes the client's RCPT reply
-(Postfix itself reports sender refusals at RCPT time by default), with 4xx it is a backend
-failure, so the client hears 451 and retries: either way no mail is accepted that the backend
-did not take.
+The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``; with
+client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
+NAME=[UNAVAILABLE]`` (the attributes it lists, xtext-encoded) and, after its fresh ``220``, ``EHLO
+<the client's own name>``. With ``proxy-v2`` the backend has the client's address from the PROXY
+header, so the first EHLO gives the client's name too. Otherwise the backend takes the proxy for
+the client, so the proxy introduces itself by its own name: replaying the client's name would only
+put an unverifiable name next to the proxy's address. Then submission sends ``AUTH PLAIN`` (235 is
+success); inbound replays MAIL FROM and RCPT TO, and whatever the backend answers to RCPT is the
+client's reply, as nginx does (a 421 ends the session with it). A MAIL refused with 5xx becomes the
+client's RCPT reply (Postfix itself reports sender refusals at RCPT time by default), with 4xx it
+is a backend failure, so the client hears 451 and retries: either way no mail is accepted that the
+backend did not take. A 4xx or 5xx to XCLIENT or to the EHLO after it is the backend's verdict on
+the client it now sees (Postfix's client and HELO restrictions with ``smtpd_delay_reject = no``):
+the client hears it as the reply to its RCPT (submission: to its AUTH), and the endpoint, which
+answered, is not failing (Postfix lists XCLIENT only to hosts it authorizes, so its refusal of the
+proxy itself does not come here).
 
 With ``BackendConfig.starttls`` the first EHLO reply must list STARTTLS (RFC 3207); the machine
 sends it and, on ``220``, emits ``StartTls`` and drops whatever the backend sent behind the 220
@@ -105,9 +110,9 @@ import ipaddress
 import itertools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum, auto
-from typing import assert_never
+from typing import Literal, assert_never
 
 from proxy.protocols import sasl
 from proxy.protocols.errors import LineTooLongError, LocalProtocolError, RemoteProtocolError
@@ -518,6 +523,9 @@ class Frontend:
                 return [Send(reply), Relay(self._buffer.take_all())]
             case LoginRejected(reply=reply):
                 self._expect(State.AUTHENTICATING, event)
+                if self._config.inbound and reply is not None and reply.startswith(b"%d" % CLOSING_CODE):
+                    # The backend's 421 (RFC 5321 section 3.8): the session ends with it.
+                    return self._close("backend closed the connection", reply)
                 if self._config.inbound:
                     # Stays in the transaction: the client may try other recipients. A refused
                     # recipient counts: no throttle guards the MX, max_errors bounds guessing.
@@ -794,7 +802,19 @@ class BackendState(Enum):
     DONE = auto()  # a verdict was given
 
 
+# RFC 5321 section 4.5.3.2: a client waits at least this long (seconds) for each reply, however
+# long the proxy lets an idle session sit, for a backend's policy checks (RBL, greylisting,
+# milters) may take that long; a timeout cut shorter turns a delivery into a retry or, after
+# the body, into a duplicate (the backend queued the message, the client heard it failed).
+MAIL_REPLY_TIMEOUT = 5 * 60.0  # section 4.5.3.2.2, MAIL
+RCPT_REPLY_TIMEOUT = 5 * 60.0  # section 4.5.3.2.3, RCPT
+FINAL_REPLY_TIMEOUT = 10 * 60.0  # section 4.5.3.2.6, DATA termination
+# The envelope's replies during the backend login: RFC 5321's times, not the login budget's.
+ENVELOPE_REPLY_TIMEOUTS = {BackendState.MAIL: MAIL_REPLY_TIMEOUT, BackendState.RCPT: RCPT_REPLY_TIMEOUT}
+
 _NO_STARTTLS = "backend does not offer STARTTLS"
+# RFC 5321 section 3.8: "421 Service not available, closing transmission channel".
+CLOSING_CODE = 421
 # The one AUTH refusal that says the credentials are wrong (RFC 4954 section 6: 535 5.7.8
 # Authentication credentials invalid). Other permanent refusals (534 mechanism too weak, 538
 # encryption required, 554 ...) refuse the login for another reason.
@@ -919,13 +939,20 @@ class BackendLogin:
         self._replies = ReplyReader()
         self._state = BackendState.GREETING
         self._tls = False  # the backend connection is encrypted (after STARTTLS)
-        # The client's own name, for the EHLO after XCLIENT (nginx replays it the same way).
+        # The client's own name, for the EHLO after XCLIENT or behind a PROXY header (nginx
+        # replays it after XCLIENT the same way).
         _, _, name = request.helo.partition(b" ")
         self._helo_name = name.strip() or config.server_name.encode()
 
     @property
     def state(self) -> BackendState:
         return self._state
+
+    @property
+    def reply_timeout(self) -> float | None:
+        """How long the pending reply to MAIL or RCPT (inbound) is waited for, RFC 5321 section
+        4.5.3.2's, in place of what is left of the login budget; None for the others."""
+        return ENVELOPE_REPLY_TIMEOUTS.get(self._state)
 
     def handle(self, event: Event) -> list[Command]:
         """Take one event from the backend side; return the lines to send and, once, a verdict.
@@ -1003,6 +1030,10 @@ class BackendLogin:
                 return [Send(b"EHLO " + self._helo_name + CRLF)]
             case BackendState.CLIENT_EHLO if code == 250:
                 return self._login(_extensions(lines))
+            case BackendState.XCLIENT | BackendState.CLIENT_EHLO if code >= 400:
+                # The backend's verdict on the client it now sees (Postfix's client or HELO
+                # restrictions): the client's reply, as a refused sender's; the endpoint is fine.
+                return self._verdict(LoginFailed(reply=reply, credentials=False))
             case BackendState.AUTH_CHALLENGE if code == 334:
                 self._state = BackendState.AUTH
                 return [Send(self._plain_response() + CRLF)]
@@ -1014,6 +1045,10 @@ class BackendLogin:
             case BackendState.MAIL if code >= 500:
                 # The sender refused for good: the client hears it as the answer to its RCPT.
                 return self._verdict(LoginFailed(reply=reply, credentials=False))
+            case BackendState.RCPT if code == CLOSING_CODE:
+                # The backend is closing (RFC 5321 section 3.8): no connection to relay; the
+                # front-end passes its 421 on and closes, so the client hears one 421.
+                return self._verdict(LoginFailed(reply=reply, credentials=False))
             case BackendState.RCPT:
                 return self._verdict(LoginSucceeded(reply=reply, buffered=self._replies.take_all()))
             case _:
@@ -1021,7 +1056,11 @@ class BackendLogin:
 
     def _ehlo(self) -> list[Command]:
         self._state = BackendState.EHLO
-        return [Send(b"EHLO " + self._config.server_name.encode() + CRLF)]
+        # With a PROXY header the backend sees the real client's address, so the name goes with
+        # it (as after XCLIENT); otherwise it sees the proxy's, which goes with the proxy's name.
+        proxied = self._config.client_info == "proxy-v2" and self._config.client is not None
+        name = self._helo_name if proxied else self._config.server_name.encode()
+        return [Send(b"EHLO " + name + CRLF)]
 
     def _xclient(self, attributes: frozenset[str] | None) -> bytes | None:
         """``XCLIENT`` with the attributes the backend lists, when wanted and possible."""
@@ -1101,10 +1140,31 @@ class SendToBackend:
         return f"SendToBackend(<{len(self.data)} bytes>)"
 
 
+@dataclass(frozen=True, slots=True)
+class AskRecipient:
+    """Mediation command: ask the route's auth service where it places a later recipient of the
+    login's route (auth_http picks a server per recipient); answer with ``RecipientPlaced``.
+    ``request`` is the login's, with this transaction's MAIL line and this RCPT line as its
+    envelope and the recipient as its routing key (Auth-SMTP-From, Auth-SMTP-To)."""
+
+    request: LoginRequest
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientPlaced:
+    """Mediation event, the answer to ``AskRecipient``: ``here`` (this backend: the RCPT goes to
+    it), ``elsewhere`` (another server: deferred as another route's recipient), ``refused``
+    (``reply``, the service's refusal, or None: 550 5.7.1, as for a first recipient) or
+    ``unavailable`` (the service gave no verdict: 451, as for a first recipient)."""
+
+    where: Literal["here", "elsewhere", "refused", "unavailable"]
+    reply: bytes | None = None
+
+
 # What the mediation takes: the client's bytes (DataReceived), its close (ConnectionClosed), the
-# driver's idle timeout (TimedOut), and the backend's bytes and close.
-MediationEvent = DataReceived | ConnectionClosed | TimedOut | BackendData | BackendClosed
-MediationCommand = Send | SendToBackend | Close
+# driver's idle timeout (TimedOut), the backend's bytes and close, and the auth service's answer.
+MediationEvent = DataReceived | ConnectionClosed | TimedOut | BackendData | BackendClosed | RecipientPlaced
+MediationCommand = Send | SendToBackend | Close | AskRecipient
 
 # RFC 5321 section 4.1.1.4: the body ends with a line holding a single ".": CRLF "." CRLF, where
 # the first CRLF may be the one that ended the DATA command itself.
@@ -1193,12 +1253,24 @@ class Expecting(Enum):
     """What the backend's next reply answers, and so what becomes of it."""
 
     NOTHING = auto()  # no command pending: a reply now is the backend out of step
-    REPLY = auto()  # MAIL, RCPT, RSET, NOOP: passed on as it is
+    REPLY = auto()  # NOOP: passed on as it is
+    RCPT = auto()  # passed on as it is
+    MAIL = auto()  # passed on; a 250 opens a transaction
+    RSET = auto()  # passed on; a 250 ends the transaction
     HELLO = auto()  # the RSET sent for EHLO: a 250 becomes the proxy's own EHLO reply
     HELO = auto()  # the RSET sent for HELO: a 250 becomes the proxy's own HELO reply
     DATA = auto()  # a 354 opens the body
     BODY = auto()  # no reply may come while the body streams
+    FINAL = auto()  # the reply to the body: passed on; it ends the transaction, whatever it says
     QUIT = auto()  # passed on, then the connection ends
+    PLACEMENT = auto()  # the driver asks the auth service about a recipient (``AskRecipient``)
+
+
+_REPLY_TIMEOUTS = {
+    Expecting.MAIL: MAIL_REPLY_TIMEOUT,
+    Expecting.RCPT: RCPT_REPLY_TIMEOUT,
+    Expecting.FINAL: FINAL_REPLY_TIMEOUT,
+}
 
 
 class Mediator:
@@ -1212,6 +1284,11 @@ class Mediator:
 
     - ``RCPT TO``: checked as before the login (``recipient_of``); a recipient of ``route`` goes
       to the backend, one of another route gets ``REPLY_OTHER_ROUTE``, an unrouted one 550 5.7.1.
+      With ``ask`` (the login's request, on an auth_http route, whose service may place each
+      recipient on another server) a recipient of ``route`` inside a transaction is first the
+      subject of ``AskRecipient``: placed here it goes to the backend, elsewhere it is deferred
+      as another route's, refused it gets the service's refusal and unavailable 451 4.4.1, as a
+      first recipient would (``Frontend``); the commands behind it wait for the answer.
     - ``MAIL`` (checked as the first, ``check_sender``: only advertised parameters), ``RSET``,
       ``NOOP``, ``DATA``, ``QUIT``: to the backend, its reply to the client;
       after a 354 the body streams to the backend as it comes, its line ends made CRLF, until
@@ -1220,7 +1297,7 @@ class Mediator:
       backend is closing (RFC 5321 section 3.8), and the client hears it once.
     - ``EHLO``/``HELO``: end the transaction (RFC 5321 section 4.1.4), so the backend gets
       ``RSET`` and the client the proxy's own reply, the same extensions as before minus STARTTLS:
-      the backend keeps the name it was given at login (the client's, with XCLIENT).
+      the backend keeps the name it was given at login (the client's, with XCLIENT or proxy-v2).
     - ``STARTTLS`` 454 (or 554 inside TLS), ``AUTH`` 503, ``VRFY`` 502, anything else 500, as
       before the login; ``BDAT`` 521 and a close (``REPLY_NO_BDAT``). Nothing but the commands
       above ever reaches the backend, which trusts the proxy (XCLIENT from a client would
@@ -1231,6 +1308,9 @@ class Mediator:
     ``wants_client_data`` tells the driver to stop reading while more than ``MAX_HELD_BYTES``
     wait. Refusals of the proxy's own count towards ``max_errors`` as before
     the login (the deferral of another route's recipient does not: no fault of the client's).
+    The machine follows the transaction (RFC 5321 section 3.3): it is open from the start (the
+    login's MAIL was accepted), opened by a MAIL the backend accepts, and ended by the final
+    reply to the body or by RSET (EHLO, HELO), so ``quiet`` holds only between transactions.
     Pure: no I/O, no clocks, no logging.
     """
 
@@ -1243,14 +1323,24 @@ class Mediator:
         "_deferred",
         "_errors",
         "_expecting",
+        "_pending",
         "_replies",
+        "_request",
         "_route",
         "_route_of",
+        "_sender",
         "_skipping",
     )
 
-    def __init__(self, config: FrontendConfig, route: str, route_of: Callable[[str], str | None]) -> None:
+    def __init__(
+        self,
+        config: FrontendConfig,
+        route: str,
+        route_of: Callable[[str], str | None],
+        ask: LoginRequest | None = None,
+    ) -> None:
         self._config = config
+        self._request = ask  # the login's request: ask about each later recipient of ``route``
         self._route = route
         self._route_of = route_of
         self._buffer = LineBuffer(MAX_CLIENT_LINE)
@@ -1262,6 +1352,10 @@ class Mediator:
         self._deferred = 0  # recipients of other routes answered with REPLY_OTHER_ROUTE
         self._client_ended = False  # EOF from the client: answer what it sent, then close
         self._closed = False
+        # The MAIL line of the open transaction (from the start the login's, which the backend
+        # accepted; b"" when nobody asks about recipients), or None between transactions.
+        self._sender: bytes | None = ask.envelope[0] if ask is not None else b""
+        self._pending = b""  # the MAIL line at the backend, or the RCPT line at the auth service
 
     @property
     def closed(self) -> bool:
@@ -1280,19 +1374,37 @@ class Mediator:
         return self._body is not None or len(self._buffer) <= MAX_HELD_BYTES
 
     @property
+    def reply_timeout(self) -> float | None:
+        """The least time the backend's pending reply is waited for whatever the idle timeout
+        (RFC 5321 section 4.5.3.2's for MAIL, RCPT and the end of the body), or None."""
+        return _REPLY_TIMEOUTS.get(self._expecting)
+
+    @property
     def quiet(self) -> bool:
-        """Between commands, nothing half-said: a closing line now interrupts nothing."""
-        return not self._closed and self._expecting is Expecting.NOTHING and not len(self._buffer)
+        """Between transactions and commands, nothing half-said: a closing line now interrupts
+        nothing (RFC 5321 section 3.3: a transaction in progress completes first)."""
+        return (
+            not self._closed
+            and self._sender is None
+            and self._expecting is Expecting.NOTHING
+            and not len(self._buffer)
+        )
 
     def start(self, client: bytes, backend: bytes) -> list[MediationCommand]:
         """Take what each side sent behind the login (the client's pipelined commands)."""
         return self.handle(BackendData(backend)) + self.handle(DataReceived(client))
 
     def handle(self, event: MediationEvent) -> list[MediationCommand]:
-        """Take one event; return what the driver must do, in order. Once closed, nothing."""
+        """Take one event; return what the driver must do, in order. Once closed, nothing.
+
+        Raises:
+            LocalProtocolError: ``RecipientPlaced`` without ``AskRecipient``.
+        """
         if self._closed:
             return []
         match event:
+            case RecipientPlaced():
+                return self._placed(event)
             case DataReceived(data=data):
                 return self._from_client(data)
             case BackendData(data=data):
@@ -1349,7 +1461,7 @@ class Mediator:
             return sends
         # The final reply comes next; whatever the client pipelined behind the body waits for it.
         self._body = None
-        self._expecting = Expecting.REPLY
+        self._expecting = Expecting.FINAL
         self._buffer.feed(data[end:])
         return sends
 
@@ -1369,18 +1481,26 @@ class Mediator:
         reply = b"".join(line + CRLF for line in lines)
         expecting, self._expecting = self._expecting, Expecting.NOTHING
         match expecting:
-            case Expecting.NOTHING | Expecting.BODY if code == 421:
+            case Expecting.NOTHING | Expecting.BODY | Expecting.PLACEMENT if code == 421:
                 # The backend is closing unasked (Postfix's smtpd_timeout, RFC 5321 section
                 # 3.8): its own 421 says why, and is the client's only one.
                 return [Send(reply), *self._close("backend closed the connection")]
-            case Expecting.NOTHING | Expecting.BODY:
+            case Expecting.NOTHING | Expecting.BODY | Expecting.PLACEMENT:
                 # A reply nobody asked for (a backend that took the body's end elsewhere than
                 # the proxy): the two no longer agree; end it.
                 return self._close("backend replied out of turn", "4.4.2", "Error: backend out of step")
             case Expecting.HELLO if code == 250:
+                self._sender = None
                 reply = b"".join(_ehlo_reply(self._config.server_name, []))
             case Expecting.HELO if code == 250:
+                self._sender = None
                 reply = b"250 " + self._config.server_name.encode() + CRLF
+            case Expecting.MAIL if code == 250:
+                self._sender = self._pending
+            case Expecting.RSET if code == 250:
+                self._sender = None
+            case Expecting.FINAL if code != 421:
+                self._sender = None
             case Expecting.DATA if code == 354:
                 self._body = BodyStream()
                 self._expecting = Expecting.BODY
@@ -1429,7 +1549,9 @@ class Mediator:
                 return self._rcpt_to(line, argument)
             case "MAIL":
                 return self._mail_from(line, argument)
-            case "RSET" | "NOOP":
+            case "RSET":
+                return self._forward(line, Expecting.RSET)
+            case "NOOP":
                 return self._forward(line, Expecting.REPLY)
             case "DATA":
                 return self._forward(line, Expecting.DATA)
@@ -1456,7 +1578,8 @@ class Mediator:
             check_sender(argument)
         except AddressError as error:
             return self._refuse(error.reply)
-        return self._forward(line, Expecting.REPLY)
+        self._pending = line  # the sender, once the backend accepts it
+        return self._forward(line, Expecting.MAIL)
 
     def _rcpt_to(self, line: bytes, argument: str) -> list[MediationCommand]:
         try:
@@ -1467,6 +1590,32 @@ class Mediator:
         if route is None:
             return self._refuse(REPLY_RELAY_DENIED)
         if route != self._route:
-            self._deferred += 1
-            return [Send(REPLY_OTHER_ROUTE)]
-        return self._forward(line, Expecting.REPLY)
+            return self._defer()
+        if self._request is None or self._sender is None:
+            # Outside a transaction the backend answers 503 itself: nothing to ask about.
+            return self._forward(line, Expecting.RCPT)
+        self._expecting, self._pending = Expecting.PLACEMENT, line
+        envelope = (self._sender, line)
+        return [AskRecipient(replace(self._request, routing_key=recipient, envelope=envelope))]
+
+    def _defer(self) -> list[MediationCommand]:
+        self._deferred += 1
+        return [Send(REPLY_OTHER_ROUTE)]
+
+    def _placed(self, placed: RecipientPlaced) -> list[MediationCommand]:
+        if self._expecting is not Expecting.PLACEMENT:
+            raise LocalProtocolError("RecipientPlaced without AskRecipient")
+        self._expecting = Expecting.NOTHING
+        match placed.where:
+            case "here":
+                return self._forward(self._pending, Expecting.RCPT)
+            case "elsewhere":
+                commands = self._defer()
+            case "refused":
+                # As the front-end's refused first recipient: it counts towards max_errors.
+                commands = self._refuse(REPLY_RELAY_DENIED if placed.reply is None else placed.reply)
+            case "unavailable":
+                commands = [Send(REPLY_ROUTE_UNAVAILABLE)]
+            case _:
+                assert_never(placed.where)
+        return commands + self._interpret()

@@ -7,7 +7,9 @@ failing lately last, ``balancing.EndpointHealth``), connects, and drives the pro
 each endpoint tried gets an equal share of what is left to connect and greet, so an endpoint that
 refuses, hangs or breaks the dialogue is skipped for the next one in time, and one that greeted has
 all that is left for its dialogue (a late refusal is a refusal); when none is left the client gets the
-temporary failure, as does every login before the first table is installed. A refusal is final
+temporary failure, as does every login before the first table is installed. An inbound envelope's
+MAIL and RCPT replies have RFC 5321's times instead (minutes: a backend's policy checks), and one
+not given in time is a temporary failure, not a failing endpoint. A refusal is final
 (the backend's verdict): outcome ``rejected`` when it refused the credentials, ``refused`` when
 it refused the login for another reason (a connection limit, an account in use or disabled),
 which the failed-login throttle must not count. A route with auth mode ``http`` asks its
@@ -71,6 +73,9 @@ class LoginOutcome:
     backend: SocketChannel | TransportChannel | None = None
     buffered: bytes = b""  # backend bytes that followed its success reply
     waited: float = 0.0  # seconds the auth service and the backends took (``login``)
+    # Of ``waited``, the seconds an inbound envelope's MAIL and RCPT replies took: RFC 5321's
+    # times, outside the login budget (smtp.BackendLogin.reply_timeout).
+    envelope_waited: float = 0.0
 
 
 async def _connect(endpoint: table.Endpoint, timeout: float) -> socket.socket:
@@ -130,9 +135,12 @@ async def _replay_login(
     tls: ssl.SSLContext,
     server_hostname: str,
     greeted: Callable[[], None],
+    *,
+    sent: Callable[[], None],
 ) -> Verdict:
     """Feed the backend's bytes to the machine and carry out its commands until a verdict;
-    ``greeted`` is called once, when the backend's first bytes arrive."""
+    ``greeted`` is called once, when the backend's first bytes arrive, ``sent`` after the
+    machine's lines for each event have gone out."""
     event: events.Event | None = None
     silent = True
     while True:
@@ -156,6 +164,7 @@ async def _replay_login(
                     return command
                 case other:
                     return events.BackendFailed(f"backend dialogue emitted {type(other).__name__}")
+        sent()
 
 
 def server_name(upstream: table.Upstream) -> str:
@@ -271,8 +280,11 @@ async def _route_and_log_in(
         context.health.trying(endpoint, context.clock())
         machine = BACKEND_LOGINS[request.protocol](request, config)
         channel: SocketChannel | TransportChannel | None = None
+        envelope = _Envelope(machine)
         try:
             async with asyncio.timeout(share) as scope:
+                envelope.scope = scope
+
                 started = time.monotonic()
                 channel = SocketChannel(await _connect(endpoint, timeouts.backend_connect))
                 connected_in = time.monotonic() - started
@@ -300,8 +312,23 @@ async def _route_and_log_in(
                     greeted=lambda: scope.reschedule(
                         max(budget_ends, loop.time() + timeouts.backend_login * GREETED_MINIMUM)
                     ),
+                    sent=envelope.sent,
                 )
         except (OSError, TimeoutError, ssl.SSLError) as error:
+            if envelope.since is not None and isinstance(error, TimeoutError):
+                assert channel is not None
+                channel.close()
+                # RFC 5321's minutes are over: the client's to retry, the endpoint alive (it
+                # greeted and took EHLO), and no other endpoint is worth the wait again.
+                log.info(
+                    "backend %s of %s did not answer the envelope in RFC 5321's time", endpoint, route.name
+                )
+                return LoginOutcome(
+                    events.LoginUnavailable(),
+                    "unavailable",
+                    route.name,
+                    envelope_waited=envelope.waited(),
+                )
             if channel is None:
                 context.labelled(metrics.backend_connect_failures, request.protocol).inc()
                 _endpoint_failed(context, route, endpoint, f"unreachable: {_describe(error)}")
@@ -318,18 +345,54 @@ async def _route_and_log_in(
             case events.LoginSucceeded(reply=reply, buffered=buffered):
                 _endpoint_succeeded(context, route, endpoint)
                 return LoginOutcome(
-                    events.LoginAccepted(reply), "accepted", route.name, endpoint, channel, buffered
+                    events.LoginAccepted(reply),
+                    "accepted",
+                    route.name,
+                    endpoint,
+                    channel,
+                    buffered,
+                    envelope_waited=envelope.waited(),
                 )
             case events.LoginFailed(reply=reply, credentials=wrong):
                 channel.close()
                 _endpoint_succeeded(context, route, endpoint)  # it answered: a refusal is no fault
                 outcome: Outcome = "rejected" if wrong else "refused"
-                return LoginOutcome(events.LoginRejected(reply), outcome, route.name, endpoint)
+                return LoginOutcome(
+                    events.LoginRejected(reply),
+                    outcome,
+                    route.name,
+                    endpoint,
+                    envelope_waited=envelope.waited(),
+                )
             case events.BackendFailed(reason=reason):
                 channel.close()
                 context.labelled(metrics.backend_login_failures, request.protocol, failure).inc()
                 _endpoint_failed(context, route, endpoint, f"failed the login dialogue: {reason}")
     return LoginOutcome(events.LoginUnavailable(), "unavailable", route.name)
+
+
+class _Envelope:
+    """An inbound login's envelope: once its MAIL has gone out (the backend greeted and took
+    EHLO/XCLIENT), the replies to MAIL and RCPT get RFC 5321's times (a backend's policy checks
+    may take minutes; ``smtp.BackendLogin.reply_timeout``), not what is left of the budget."""
+
+    __slots__ = ("machine", "scope", "since")
+
+    def __init__(self, machine: events.BackendMachine) -> None:
+        self.machine = machine
+        self.scope: asyncio.Timeout | None = None  # the attempt's
+        self.since: float | None = None  # when the MAIL went out (loop time)
+
+    def sent(self) -> None:
+        wait = self.machine.reply_timeout if isinstance(self.machine, smtp.BackendLogin) else None
+        if wait is not None and self.scope is not None:
+            now = asyncio.get_running_loop().time()
+            self.since = now if self.since is None else self.since
+            self.scope.reschedule(now + wait)
+
+    def waited(self) -> float:
+        """Seconds since the MAIL went out, or 0."""
+        return 0.0 if self.since is None else asyncio.get_running_loop().time() - self.since
 
 
 def _failure_kind(error: BaseException) -> LoginFailure:
@@ -373,6 +436,38 @@ def _endpoint_succeeded(context: ProxyContext, route: table.Route, endpoint: tab
             episode.failures,
             episode.reason,
         )
+
+
+async def place_recipient(
+    context: ProxyContext,
+    route: table.Route,
+    endpoint: table.Endpoint,
+    request: events.LoginRequest,
+    *,
+    client: events.ClientAddress,
+    attempt: int,
+    client_tls: ssl.SSLObject | None,
+) -> smtp.RecipientPlaced:
+    """Where ``route``'s auth_http service places a later recipient of an inbound session logged
+    in on ``endpoint`` (``request``: its envelope so far), asked as for the first recipient:
+    ``here`` if it names ``endpoint`` (or names no server and ``endpoint`` is the route's). A
+    route edited to auth mode backend since the login asks nobody: ``endpoint`` is its or not."""
+    upstream = route.upstream("smtp")
+    ours = upstream is not None and endpoint in upstream.endpoints
+    if route.auth != "http":
+        return smtp.RecipientPlaced("here" if ours else "elsewhere")
+    decision = await _ask_auth_http(
+        context, route, request, client=client, attempt=attempt, client_tls=client_tls
+    )
+    _auth_http_answered(context, route, decision)
+    match decision:
+        case authhttp_protocol.Granted(server=server):
+            here = endpoint == server if server is not None else ours
+            return smtp.RecipientPlaced("here" if here else "elsewhere")
+        case authhttp_protocol.Refused(reply=reply):
+            return smtp.RecipientPlaced("refused", reply)
+        case authhttp.Unavailable():
+            return smtp.RecipientPlaced("unavailable")
 
 
 async def _ask_auth_http(

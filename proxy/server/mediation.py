@@ -3,17 +3,22 @@
 Called by the session driver (session.py) in place of the byte relay once an inbound-MX client's
 first routed recipient has a backend. The machine decides everything (which command goes to the
 backend, which recipient is deferred, where a body ends); this driver only reads both sides at
-once, carries out the machine's commands in order and keeps time: a session in which neither
-side moves a byte for the idle timeout gets the machine's ``TimedOut`` (421, close), and when the
-proxy drains, the session ends with the turn's closing line at the first moment the machine is
-between commands. Reads of the client pause while the machine holds too much unread (its
+once, carries out the machine's commands in order (an ``AskRecipient`` through the caller's
+``place``) and keeps time: a session in which neither side moves a byte for the idle timeout gets
+the machine's ``TimedOut`` (421, close), except that a reply the backend owes to MAIL, RCPT or the
+end of a body is waited for at least as long as RFC 5321 section 4.5.3.2 says
+(``Mediator.reply_timeout``); and when the proxy drains, the session ends with the turn's
+closing line at the first moment the machine is between transactions (the drain's grace period
+bounds the wait). Reads of the client pause while the machine holds too much unread (its
 ``wants_client_data``); writes wait for each peer to take the bytes, inside the same idle bound.
 Never logs and never looks at the bytes: they may be anyone's mail.
 """
 
 import asyncio
+import collections
 import contextlib
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import assert_never
 
 from proxy.protocols import events, smtp
@@ -22,6 +27,8 @@ from proxy.server.channel import SocketChannel, TransportChannel
 from proxy.server.drain import Turn
 
 Channel = SocketChannel | TransportChannel
+# Where the route's auth service places a recipient (``smtp.AskRecipient``); the session's.
+Place = Callable[[smtp.AskRecipient], Awaitable[smtp.RecipientPlaced]]
 
 
 class Moved:
@@ -56,6 +63,7 @@ async def mediate(
     closing_grace: float,
     drain: Turn,
     progress: relay.Progress,
+    place: Place | None = None,
 ) -> str:
     """Run ``machine`` until it closes; return why (its ``Close`` reason, or ``relay.DRAINED``).
 
@@ -64,6 +72,7 @@ async def mediate(
         idle_timeout: seconds without a byte either way (or a write that long stuck) before the
             machine gets ``TimedOut``; its 421 then gets ``closing_grace`` seconds to go out.
         progress: follows the bytes written to each side, until and after the end.
+        place: answers the machine's ``AskRecipient`` (None: it never asks).
 
     Raises:
         OSError, ssl.SSLError: a write failed (the session reports a connection error).
@@ -84,8 +93,8 @@ async def mediate(
         commands = machine.start(client_bytes, backend_bytes)
         while True:
             try:
-                async with asyncio.timeout(idle_timeout):
-                    reason = await _carry_out(commands, client, backend, moved)
+                async with asyncio.timeout(idle_timeout) as scope:
+                    reason = await _carry_out(machine, commands, client, backend, moved, place=place)
                     if reason is not None:
                         ended = reason
                         return ended
@@ -98,6 +107,9 @@ async def mediate(
                         reads["client"] = asyncio.ensure_future(_read(client))
                     if reads["backend"] is None:
                         reads["backend"] = asyncio.ensure_future(_read(backend))
+                    least = machine.reply_timeout
+                    if least is not None and least > idle_timeout:
+                        scope.reschedule(loop.time() + least)
                     waiting: set[asyncio.Future[None] | asyncio.Task[bytes]] = {
                         task for task in reads.values() if task is not None
                     }
@@ -107,7 +119,9 @@ async def mediate(
             except TimeoutError:
                 with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
                     async with asyncio.timeout(closing_grace):  # a client that reads nothing gets nothing
-                        await _carry_out(machine.handle(events.TimedOut()), client, backend, moved)
+                        await _carry_out(
+                            machine, machine.handle(events.TimedOut()), client, backend, moved, place=place
+                        )
                 ended = "idle timeout"
                 return ended
             commands = []
@@ -131,10 +145,19 @@ async def mediate(
 
 
 async def _carry_out(
-    commands: list[smtp.MediationCommand], client: Channel, backend: Channel, moved: Moved
+    machine: smtp.Mediator,
+    commands: list[smtp.MediationCommand],
+    client: Channel,
+    backend: Channel,
+    moved: Moved,
+    *,
+    place: Place | None,
 ) -> str | None:
-    """Do the machine's commands in order; the reason if one of them closes the session."""
-    for command in commands:
+    """Do the machine's commands in order (and those its answers bring); the reason if one of
+    them closes the session."""
+    pending = collections.deque(commands)
+    while pending:
+        command = pending.popleft()
         match command:
             case events.Send(data=data):
                 await client.send(data)
@@ -144,6 +167,9 @@ async def _carry_out(
                 moved.up += len(data)
             case events.Close(reason=reason):
                 return reason
+            case smtp.AskRecipient():
+                assert place is not None, "the machine asks only when given a login request to ask with"
+                pending.extend(machine.handle(await place(command)))
             case _:
                 assert_never(command)
     return None

@@ -69,6 +69,9 @@ FEED_SIZE = 512
 # The session line's outcome when the pre-login deadline ended the dialogue, in place of the
 # machine's reason ("idle timeout", "timed out"), which would read like the relay's idle timeout.
 PRE_LOGIN_TIMED_OUT = "timed out before login"
+# The most an inbound login's MAIL and RCPT replies may take beyond backendLogin (RFC 5321
+# section 4.5.3.2; backends._Envelope): the pre-login deadline waits for them too.
+ENVELOPE_ALLOWANCE = smtp.MAIL_REPLY_TIMEOUT + smtp.RCPT_REPLY_TIMEOUT
 STARTTLS_POLICY = {
     ("starttls", True): events.StartTlsPolicy.REQUIRED,
     ("starttls", False): events.StartTlsPolicy.ON,
@@ -109,6 +112,11 @@ class Handover:
 
     login: backends.LoginOutcome
     buffered: bytes  # client bytes that followed its login command
+    # Inbound SMTP: the login's request (no credentials), its attempt number and the client's
+    # address, for the auth service of an auth_http route, asked about each later recipient too.
+    request: events.LoginRequest | None
+    attempt: int
+    client: events.ClientAddress
 
 
 class SessionEnded(Exception):
@@ -393,7 +401,10 @@ async def _converse(
                                     # the reply is bounded again. Never disarmed: a login that
                                     # starts with no allowance left (a LOGIN pipelined behind the
                                     # one that used it) is ended by the deadline like anything else.
-                                    scope.reschedule(limit + extension_left)
+                                    # An inbound envelope's replies have RFC 5321's times on top
+                                    # (backends._Envelope): the backend's, not the client's.
+                                    envelope = ENVELOPE_ALLOWANCE if request.protocol == "smtp" else 0.0
+                                    scope.reschedule(limit + extension_left + envelope)
                                     verdict, login = await _authenticate(
                                         context,
                                         request,
@@ -408,10 +419,12 @@ async def _converse(
                                         # At most one backendLogin over the session: a client
                                         # retrying while every backend hangs still runs out of
                                         # pre-login time (nginx closes after a backend failure).
-                                        extension = min(login.waited, extension_left)
+                                        extension = min(
+                                            max(0.0, login.waited - login.envelope_waited), extension_left
+                                        )
                                         extension_left -= extension
-                                        deadline += extension
-                                        limit += extension
+                                        deadline += extension + login.envelope_waited
+                                        limit += extension + login.envelope_waited
                                     scope.reschedule(limit)
                                     pending.extend(frontend.handle(verdict))
                                 case events.Relay(buffered=buffered):
@@ -419,7 +432,14 @@ async def _converse(
                                     # What the machine held after the login command, then the
                                     # rest of the read it was in: the client's pipelined
                                     # commands for the backend, in the order they came.
-                                    handover = Handover(login, buffered + unfed)
+                                    inbound = listener_settings.protocol == "smtp"
+                                    handover = Handover(
+                                        login,
+                                        buffered + unfed,
+                                        request if inbound else None,
+                                        attempts,
+                                        peer,
+                                    )
                                     login = None  # the relay's to close
                                     return handover
                                 case events.StartTls():
@@ -642,7 +662,8 @@ async def _mediate(
         """The recipient's route, in the current table (a route edited since the login answers as
         it is now); ``login.route`` also for another route served by this very backend endpoint
         (domains of several routes on one Postfix), which takes the recipient as it would have
-        directly. Not for auth_http routes: their service may pick a server per recipient."""
+        directly. Not for auth_http routes: their service may pick a server per recipient (the
+        machine asks it about each of the login's route through ``place``)."""
         route = table.lookup(context.tables.current, "smtp", recipient)
         if route is None:
             return None
@@ -657,6 +678,27 @@ async def _mediate(
         )
         return login.route if shared else route.name
 
+    asked = handover.attempt
+    client_tls = channel.tls
+
+    async def place(ask: smtp.AskRecipient) -> smtp.RecipientPlaced:
+        """Ask the login route's auth service about a later recipient of that route, as it was
+        asked about the first (the route as it is now: route_of found it in the current table)."""
+        nonlocal asked
+        asked += 1
+        route = next((route for route in context.tables.current.routes if route.name == login.route), None)
+        if route is None:  # swapped out since route_of looked
+            return smtp.RecipientPlaced("elsewhere")
+        return await backends.place_recipient(
+            context,
+            route,
+            endpoint,
+            ask.request,
+            client=handover.client,
+            attempt=asked,
+            client_tls=client_tls,
+        )
+
     settings = context.settings
     machine = smtp.Mediator(
         events.FrontendConfig(
@@ -667,6 +709,8 @@ async def _mediate(
         ),
         login.route,
         route_of,
+        # An auth_http route's service may place each recipient on another server: it is asked.
+        handover.request if first is not None and first.auth == "http" else None,
     )
     ended_by = await mediation.mediate(
         machine,
@@ -678,6 +722,7 @@ async def _mediate(
         closing_grace=TIMED_OUT_REPLY_GRACE,
         drain=turn,
         progress=progress,
+        place=place,
     )
     if ended_by == relay.DRAINED:
         turn.outcome = drain.CLOSED_WHEN_QUIET

@@ -10,7 +10,9 @@ unrouted logins get 535; over-long lines get 500 and the session goes on until m
 garbage and a stalled client get SMTP's answer or a timely close while the proxy keeps serving
 everyone else. Inbound to two backends (the testbed's Postfix and a second one for
 delta.example): a recipient of the other backend, in the same transaction or on a reused
-connection, gets 452 4.5.3 and, sent again alone, arrives byte-identical at its own Postfix; two
+connection, gets 452 4.5.3 and, sent again alone, arrives byte-identical at its own Postfix, also
+when an auth_http route's service places it there (it is asked about every recipient); a Postfix
+refusing the client's HELO name after XCLIENT is heard at RCPT, no endpoint failure; two
 routes on one Postfix share a transaction; a pipelined envelope is answered in order; a 6 MiB
 message passes the mediation intact; XCLIENT, BDAT, STARTTLS and EHLO after the backend login get
 the proxy's answers. SMTP smuggling: a dot line with a bare LF ends the body for Postfix 3.7 and
@@ -32,8 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import clients, mailservers, messages, proxysettings
-from testbed.backends import ALPHA, BETA, NAMESPACE, UNROUTED_DOMAIN, Backends
+from testbed import authservice, clients, mailservers, messages, proxysettings
+from testbed.backends import ALPHA, BETA, NAMESPACE, POSTFIX_SERVICE, UNROUTED_DOMAIN, Backends
 from testbed.mailservers import LOOPBACK, User
 from testbed.proxyprocess import ProxyProcess
 from tests.conftest import remove_testbed_directory
@@ -341,6 +343,7 @@ def test_a_client_that_stops_mid_command_is_closed_while_others_are_served(
 # backend endpoint goes to it, as it would directly.
 
 DELTA = "delta.example"
+PICKY = "picky.example"
 BIG_MESSAGE_BYTES = 6 * 1024 * 1024
 
 
@@ -445,6 +448,97 @@ def test_a_second_backends_recipient_on_a_reused_connection_is_deferred_then_del
     (delivered,) = delta.postfix.wait_delivered(second, 1)
     assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(two)
     assert len(backends.wait_delivered(first.address, 2)) == 2
+
+
+@pytest.fixture(scope="module")
+def placing_service(backends: Backends, delta: DeltaBackend) -> Iterator[authservice.AuthService]:
+    """An auth service that places each recipient on the Postfix owning its domain."""
+
+    def answer(received: authservice.Received) -> authservice.Reply:
+        owner = delta.postfix if f"@{DELTA}>" in (received.header("Auth-SMTP-To") or "") else backends.postfix
+        return authservice.ok(LOOPBACK, owner.smtp_port)
+
+    with authservice.AuthService(answer) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def placing_proxy(
+    start_proxy: StartProxy, backends: Backends, placing_service: authservice.AuthService
+) -> ProxyProcess:
+    """One auth_http route for alpha.example and delta.example, whose service places mailboxes."""
+    route = proxysettings.mailroute("placed", [ALPHA, DELTA], namespace=NAMESPACE, smtp=(POSTFIX_SERVICE, 25))
+    route["spec"]["auth"] = {"mode": "http", "http": {"url": placing_service.url}}
+    return start_proxy("placing", routes=[route])
+
+
+def test_an_auth_http_route_asks_its_service_about_each_recipient(
+    placing_proxy: ProxyProcess,
+    placing_service: authservice.AuthService,
+    backends: Backends,
+    delta: DeltaBackend,
+    new_user: NewUser,
+) -> None:
+    """Review M5 #1: the service places the second recipient (of the same route) on the other
+    Postfix, so it is deferred (452) and arrives there on its own; before, it went to the first
+    recipient's Postfix unasked and was refused there for good (550: a bounce)."""
+    first, second = new_user(ALPHA), delta.new_address()
+    message = messages.compose("sender@example.net", first.address, "placed", "one route, two servers\n")
+    port = placing_proxy.settings.ports.smtp
+    placing_service.clear()
+    with clients.smtp(port) as smtp:
+        refused = smtp.sendmail("sender@example.net", [first.address, second], message)
+    assert list(refused) == [second] and refused[second][0] == 452
+    asked = [received.header("Auth-SMTP-To") for received in placing_service.requests]
+    assert asked == [f"rcpt TO:<{first.address}>", f"rcpt TO:<{second}>"]  # the lines as smtplib sent them
+    (delivered,) = backends.wait_delivered(first.address, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+    send_alone(port, second, message)
+    (delivered,) = delta.postfix.wait_delivered(second, 1)
+    assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
+@pytest.fixture(scope="module")
+def picky(start_proxy: StartProxy, backends: Backends) -> Iterator[ProxyProcess]:
+    """A proxy routing picky.example (XCLIENT) to a Postfix that judges a client by its HELO name
+    as soon as it gives it (smtpd_delay_reject = no)."""
+    directory = make_testbed_directory("mailgress-picky-")
+    postfix = mailservers.Postfix(
+        directory / "postfix",
+        domains=[PICKY],
+        extra_main_cf={
+            "smtpd_delay_reject": "no",
+            "smtpd_helo_restrictions": "check_helo_access inline:{blocked.example=REJECT}",
+        },
+    )
+    try:
+        postfix.start()
+    except mailservers.MailServerError as error:
+        remove_testbed_directory(directory)
+        pytest.fail(f"the picky Postfix could not start: {error}", pytrace=False)
+    services = backends.services()
+    services[f"{NAMESPACE}/picky-postfix"] = {"25": [f"{LOOPBACK}:{postfix.smtp_port}"]}
+    route = proxysettings.mailroute("picky", [PICKY], namespace=NAMESPACE, smtp=("picky-postfix", 25))
+    route["spec"]["smtp"]["clientInfo"] = "xclient"
+    yield start_proxy("picky", services=services, routes=[route])
+    postfix.stop()
+    remove_testbed_directory(directory)
+
+
+def test_a_backend_refusing_the_real_client_is_heard_and_no_endpoint_failure(picky: ProxyProcess) -> None:
+    """Review M5 #2: Postfix refuses the EHLO name the proxy gives it after XCLIENT; the client
+    hears that refusal at its RCPT, and the endpoint is not failing (before: 451, and a warning
+    that the endpoint failed the login dialogue, for every blocked client)."""
+    raw = clients.RawClient(picky.settings.ports.smtp)
+    try:
+        smtp_reply(raw)  # the greeting
+        for line in (b"EHLO blocked.example", b"MAIL FROM:<s@example.net>", f"RCPT TO:<x@{PICKY}>".encode()):
+            raw.send(line + b"\r\n")
+            reply = smtp_reply(raw)
+    finally:
+        raw.close()
+    assert reply.startswith(b"554 5.7.1 <blocked.example>: Helo command rejected"), reply
+    assert "failed the login dialogue" not in picky.log_text()
 
 
 def test_routes_on_the_same_backend_share_the_transaction(

@@ -7,14 +7,19 @@ haproxy listener; Postfix's ``client=`` after XCLIENT and after a PROXY v2 heade
 ``smtpd_upstream_proxy_protocol`` listener, for submission and for the inbound MX. The same holds
 when a load balancer in front of the proxy announces the client (192.0.2.7) in a PROXY header on a
 listener that trusts it. Without forwarding, the same logs name the proxy: the check can fail.
+Postfix's Received header pairs the inbound client's EHLO name with its address whenever it has
+that address (XCLIENT, PROXY v2), and the proxy's name with the proxy's address otherwise.
 """
 
+import re
+import smtplib
 from collections.abc import Callable
 
 import pytest
 
 from testbed.backends import HAPROXY_SERVICE_PORTS, Backends
 from testbed.mailservers import User
+from tests.e2e.helpers import SERVER_NAME
 from tests.e2e_edge.conftest import (
     SESSIONS,
     EdgeProxy,
@@ -108,3 +113,23 @@ def test_the_proxy_logs_the_real_client_address(
     SESSIONS["imap"](edge_backends, client, proxy.port(listener("imap", client)), user)
     (closing,) = proxy.session_lines("imap", user)
     assert f" client={client.address}:" in closing
+
+
+@pytest.mark.parametrize("mode", ["native", "proxy-v2", "none"])
+def test_the_mx_backend_hears_the_clients_ehlo_name_with_its_address(
+    proxies: dict[str, EdgeProxy], edge_backends: Backends, edge_user: NewUser, mode: str
+) -> None:
+    """Review M5 #6: Postfix's Received header pairs the client's EHLO name with the client's
+    address after XCLIENT and behind a PROXY header, and the proxy's name with the proxy's
+    address otherwise; before, a PROXY header paired the proxy's name with the client's address."""
+    client = ORIGINS["client-on-127.0.0.2"]
+    user = edge_user()
+    SESSIONS["smtp"](edge_backends, client, proxies[mode].port(listener("smtp", client)), user)
+    (delivered,) = edge_backends.wait_delivered(user.address, 1)
+    received = re.search(rb"^Received: from (\S+) \([^\[]*\[([^\]]+)\]\)", delivered, re.MULTILINE)
+    assert received is not None, delivered[:300]
+    # smtplib's EHLO name (OriginSMTP leaves it to smtplib; an SMTP without a host connects nowhere).
+    expected = (
+        (SERVER_NAME, PROXY_ADDRESS) if mode == "none" else (smtplib.SMTP().local_hostname, client.address)
+    )
+    assert (received[1].decode(), received[2].decode()) == expected

@@ -591,6 +591,22 @@ def test_xclient_sends_only_the_attributes_the_backend_lists() -> None:
     assert feed(login, b"250 mx") == [Send(ENVELOPE[0] + b"\r\n")]
 
 
+@pytest.mark.parametrize("starttls", [False, True])
+def test_behind_a_proxy_header_the_backend_gets_the_clients_name(starttls: bool) -> None:
+    """Review M5 #6: the PROXY header gives the backend the client's address, so the EHLO gives
+    its name (as after XCLIENT); before, the proxy's own name went with the client's address."""
+    config = BackendConfig(
+        client=ClientAddress("192.0.2.7", 40123), client_info="proxy-v2", starttls=starttls
+    )
+    login = inbound_login(config)
+    assert feed(login, b"220 mx") == [Send(b"EHLO client.example\r\n")]
+    if starttls:
+        assert feed(login, b"250-mx", b"250 STARTTLS") == [Send(b"STARTTLS\r\n")]
+        assert feed(login, b"220 go") == [StartTls()]
+        assert login.handle(TlsEstablished()) == [Send(b"EHLO client.example\r\n")]
+    assert feed(login, b"250-mx", b"250 XCLIENT ADDR") == [Send(ENVELOPE[0] + b"\r\n")]
+
+
 def test_xclient_after_a_helo_client_replays_its_name_with_ehlo() -> None:
     login = submission_login(XCLIENT, helo=b"HELO old.example")
     feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
@@ -622,12 +638,55 @@ def test_xtext_encoding_follows_rfc_3461() -> None:
     assert smtp.xtext("\x7f\x00é") == "+7F+00+C3+A9"
 
 
-def test_backend_refusing_xclient_fails_the_login() -> None:
+@pytest.mark.parametrize("code", [b"554 5.7.1", b"450 4.7.1"])
+@pytest.mark.parametrize("after_ehlo", [False, True], ids=["to-xclient", "to-the-ehlo-after-it"])
+def test_a_refusal_of_the_real_client_is_the_clients_reply(code: bytes, after_ehlo: bool) -> None:
+    """Review M5 #2: Postfix's client restrictions refuse the address XCLIENT gave it (or its
+    HELO restrictions the name): the backend's verdict, passed on; before, a failing endpoint and
+    451 (so any blocked client made every endpoint look down)."""
+    login = inbound_login(XCLIENT)
+    feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
+    refusal = code + b" <unknown[192.0.2.7]>: Client host rejected: Access denied"
+    if after_ehlo:
+        assert feed(login, b"220 mx") == [Send(b"EHLO client.example\r\n")]
+    assert feed(login, refusal) == [LoginFailed(reply=refusal + b"\r\n", credentials=False)]
+
+
+def test_the_envelope_replies_have_rfc_5321s_times_in_the_login() -> None:
+    """Review M5 #3: the driver bounds the replies to MAIL and RCPT by these, not by the budget."""
+    login = inbound_login(XCLIENT)
+    feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
+    assert login.reply_timeout is None  # greeting, EHLO, XCLIENT: the login budget's
+    assert feed(login, b"220 mx") == [Send(b"EHLO client.example\r\n")]
+    assert login.reply_timeout is None
+    assert feed(login, b"250 mx") == [Send(ENVELOPE[0] + b"\r\n")]
+    assert login.reply_timeout == smtp.MAIL_REPLY_TIMEOUT
+    assert feed(login, b"250 2.1.0 Ok") == [Send(ENVELOPE[1] + b"\r\n")]
+    assert login.reply_timeout == smtp.RCPT_REPLY_TIMEOUT
+    feed(login, b"250 2.1.5 Ok")
+    assert login.reply_timeout is None
+
+
+def test_a_backend_closing_at_the_first_recipient_is_heard_once() -> None:
+    """Review M5 #7: its 421 is the client's only one, and the session ends with it; before, the
+    mediation started on the closed connection and added its own 421."""
+    login = inbound_login()
+    feed(login, b"220 mx", b"250 mx", b"250 2.1.0 Ok")
+    closing = b"421 4.3.2 mx.example Service shutting down"
+    assert feed(login, closing) == [LoginFailed(reply=closing + b"\r\n", credentials=False)]
+    frontend = started(INBOUND)
+    feed(frontend, b"EHLO client.example", b"MAIL FROM:<s@example.net>")
+    assert isinstance(feed(frontend, b"RCPT TO:<a@alpha.example>")[-1], Authenticate)
+    assert frontend.handle(LoginRejected(closing + b"\r\n")) == [
+        Send(closing + b"\r\n"),
+        Close("backend closed the connection"),
+    ]
+
+
+def test_an_xclient_reply_that_is_neither_success_nor_refusal_fails_the_login() -> None:
     login = submission_login(XCLIENT)
     feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
-    assert feed(login, b"550 5.7.0 Error: insufficient authorization") == [
-        BackendFailed("backend answered 550 in state XCLIENT")
-    ]
+    assert feed(login, b"354 what") == [BackendFailed("backend answered 354 in state XCLIENT")]
 
 
 def test_long_credentials_go_after_a_334_challenge() -> None:
@@ -1160,6 +1219,118 @@ def test_a_recipient_of_another_route_is_deferred_and_the_transaction_goes_on() 
     assert machine.deferred == 1 and machine.quiet
 
 
+ASKED_LOGIN = LoginRequest(
+    protocol="smtp",
+    routing_key="a@alpha.example",
+    helo=b"EHLO client.example",
+    envelope=(b"MAIL FROM:<s@example.net>", b"RCPT TO:<a@alpha.example>"),
+)
+
+
+def asked(recipient: str, sender: bytes = b"MAIL FROM:<s@example.net>") -> smtp.AskRecipient:
+    rcpt = b"RCPT TO:<" + recipient.encode() + b">"
+    return smtp.AskRecipient(dataclasses.replace(ASKED_LOGIN, routing_key=recipient, envelope=(sender, rcpt)))
+
+
+def test_each_later_recipient_of_an_auth_http_route_is_placed_by_its_service() -> None:
+    """Review M5 #1: the service may place each recipient on another server; before, a later
+    recipient of the login's route went to the first recipient's server unasked."""
+    machine = smtp.Mediator(INBOUND, "mail/alpha", route_of, ASKED_LOGIN)
+    assert machine.start(b"", b"") == []
+    group = b"".join(b"RCPT TO:<%s@alpha.example>\r\n" % name for name in (b"b", b"c", b"d", b"e", b"f"))
+    # The commands behind the recipient wait for the service's answer, as for a backend reply.
+    assert client_says(machine, group + b"RCPT TO:<g@beta.example>\r\nDATA\r\n") == [asked("b@alpha.example")]
+    assert not machine.quiet
+    assert machine.handle(smtp.RecipientPlaced("here")) == [
+        smtp.SendToBackend(b"RCPT TO:<b@alpha.example>\r\n")
+    ]
+    assert backend_says(machine, b"250 2.1.5 Ok\r\n") == [Send(b"250 2.1.5 Ok\r\n"), asked("c@alpha.example")]
+    # Another server: deferred as another route's recipient (452, sent later on its own).
+    assert machine.handle(smtp.RecipientPlaced("elsewhere")) == [
+        Send(smtp.REPLY_OTHER_ROUTE),
+        asked("d@alpha.example"),
+    ]
+    refusal = b"550 5.1.1 <d@alpha.example>: no such user\r\n"
+    assert machine.handle(smtp.RecipientPlaced("refused", refusal)) == [
+        Send(refusal),
+        asked("e@alpha.example"),
+    ]
+    assert machine.handle(smtp.RecipientPlaced("refused")) == [
+        Send(smtp.REPLY_RELAY_DENIED),
+        asked("f@alpha.example"),
+    ]
+    assert machine.handle(smtp.RecipientPlaced("unavailable")) == [
+        Send(smtp.REPLY_ROUTE_UNAVAILABLE),
+        Send(smtp.REPLY_OTHER_ROUTE),  # another route's: deferred without asking anyone
+        smtp.SendToBackend(b"DATA\r\n"),
+    ]
+    assert machine.deferred == 2
+    with pytest.raises(LocalProtocolError):
+        machine.handle(smtp.RecipientPlaced("here"))
+
+
+def test_a_placed_recipient_is_asked_about_with_its_own_transactions_sender() -> None:
+    machine = smtp.Mediator(INBOUND, "mail/alpha", route_of, ASKED_LOGIN)
+    assert machine.start(b"", b"") == []
+    assert to_backend(client_says(machine, b"RSET\r\nRCPT TO:<b@alpha.example>\r\n")) == b"RSET\r\n"
+    # No transaction: nothing to ask about, and the backend answers the RCPT (503) itself.
+    assert backend_says(machine, b"250 2.0.0 Ok\r\n") == [
+        Send(b"250 2.0.0 Ok\r\n"),
+        smtp.SendToBackend(b"RCPT TO:<b@alpha.example>\r\n"),
+    ]
+    assert to_client(backend_says(machine, b"503 5.5.1 Error: need MAIL command\r\n")).startswith(b"503 ")
+    sender = b"MAIL FROM:<t@example.org>"
+    assert to_backend(client_says(machine, sender + b"\r\nRCPT TO:<c@alpha.example>\r\n")) == sender + b"\r\n"
+    assert backend_says(machine, b"250 2.1.0 Ok\r\n") == [
+        Send(b"250 2.1.0 Ok\r\n"),
+        asked("c@alpha.example", sender),
+    ]
+
+
+def test_the_pending_reply_to_mail_rcpt_and_the_body_is_waited_for_as_rfc_5321_says() -> None:
+    """Review M5 #3 and #4: RFC 5321 section 4.5.3.2's timeouts, which the driver keeps whatever its
+    idle timeout; before, a backend slower than idle after the final dot got the client a 421
+    for a message it queued."""
+    machine = mediator()
+    assert machine.reply_timeout is None
+    client_says(machine, b"RCPT TO:<b@alpha.example>\r\n")
+    assert machine.reply_timeout == smtp.RCPT_REPLY_TIMEOUT == 300
+    backend_says(machine, b"250 2.1.5 Ok\r\n")
+    client_says(machine, b"DATA\r\n")
+    assert machine.reply_timeout is None
+    backend_says(machine, b"354 go\r\n")
+    client_says(machine, b"body\r\n")
+    assert machine.reply_timeout is None  # the client's to send: the idle timeout
+    client_says(machine, b".\r\n")
+    assert machine.reply_timeout == smtp.FINAL_REPLY_TIMEOUT == 600
+    backend_says(machine, b"250 2.0.0 queued\r\n")
+    client_says(machine, b"MAIL FROM:<s@example.net>\r\n")
+    assert machine.reply_timeout == smtp.MAIL_REPLY_TIMEOUT == 300
+    backend_says(machine, b"250 2.1.0 Ok\r\n")
+    client_says(machine, b"NOOP\r\n")
+    assert machine.reply_timeout is None
+
+
+def test_the_transaction_ends_only_with_the_final_reply_or_a_reset() -> None:
+    """Review M1 #2: ``quiet`` (when a drain may close) holds between transactions only."""
+    machine = mediator()
+    assert not machine.quiet  # the login's MAIL opened one
+    for command, reply, quiet in [
+        (b"NOOP", b"250 2.0.0 Ok", False),
+        (b"RSET", b"250 2.0.0 Ok", True),
+        (b"MAIL FROM:<s@example.net>", b"550 5.7.1 refused", True),
+        (b"MAIL FROM:<s@example.net>", b"250 2.1.0 Ok", False),
+        (b"EHLO client.example", b"250 2.0.0 Ok", True),
+        (b"MAIL FROM:<s@example.net>", b"250 2.1.0 Ok", False),
+        (b"RSET", b"421 4.4.2 closing", False),
+    ]:
+        client_says(machine, command + b"\r\n")
+        assert not machine.quiet  # a reply pending
+        backend_says(machine, reply + b"\r\n")
+        assert machine.quiet is quiet, command
+    assert machine.closed
+
+
 def test_mediated_commands_take_runs_of_spaces_after_the_verb() -> None:
     """As before the first recipient (and as Postfix): the line goes to the backend as typed."""
     machine = mediator()
@@ -1215,6 +1386,11 @@ def test_pipelined_commands_go_one_at_a_time_and_replies_keep_their_order() -> N
     # The backend has no recipient: its refusal of DATA is the client's, and commands go on.
     assert backend_says(machine, b"554 5.5.1 Error: no valid recipients\r\n") == [
         Send(b"554 5.5.1 Error: no valid recipients\r\n")
+    ]
+    # Between commands, but the transaction its MAIL opened stands until RSET (RFC 5321 4.1.1.5).
+    assert not machine.quiet
+    assert backend_says(machine, b"250 2.0.0 Ok\r\n" if client_says(machine, b"RSET\r\n") else b"") == [
+        Send(b"250 2.0.0 Ok\r\n")
     ]
     assert machine.quiet
 

@@ -5,21 +5,26 @@ A proxy whose controller is unreachable and which has no usable snapshot listens
 recipient gets the protocol's temporary failure, which neither counts towards the failed-login
 lockout nor towards ``max_errors``; once the table is there, the same connection is routed as
 usual. Each protocol is driven over loopback on the shared fixture's
-proxy, its holder replaced by one that has not had a table.
+proxy, its holder replaced by one that has not had a table. And ``backends.place_recipient``: where
+an auth_http route's service places a later recipient of an inbound session (review M5 #1).
 """
 
 import asyncio
 import base64
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import pytest
 
 from proxy.protocols import pop3, smtp
+from proxy.protocols.events import ClientAddress, LoginRequest
+from proxy.server import backends
 from proxy.server.limits import Limits
 from proxy.server.routes import TableHolder
 from proxy.settings import FailedLoginSettings, LimitSettings
 from proxy.table import Endpoint
+from testbed import authservice
 from tests.proxy.server.conftest import WAIT, ProxyFactory, dead_port
 
 USER = "anna@other.example"  # a domain no route serves: refused once there is a table
@@ -122,3 +127,52 @@ async def test_without_a_table_logins_fail_temporarily_and_count_for_nothing(
     assert proxy.metric("mailgress_proxy_logins_total", **labels, outcome="throttled") == 0
     warning = f"{protocol} login answered with a temporary failure: no routing table yet"
     assert caplog.text.count(warning) == 1  # once, not per attempt: a pipelining client cannot flood the log
+
+
+async def test_a_later_recipient_is_placed_where_the_auth_service_says(start_proxy: ProxyFactory) -> None:
+    """Review M5 #1: each later recipient of an auth_http route is asked about as the first was."""
+    endpoint, other = Endpoint("127.0.0.1", dead_port()), Endpoint("127.0.0.2", dead_port())
+    answers = {
+        "here@alpha.example": authservice.ok(endpoint.host, endpoint.port),
+        "there@alpha.example": authservice.ok(other.host, other.port),
+        "anywhere@alpha.example": authservice.ok(),  # one of the route's endpoints: this one
+        "nobody@alpha.example": authservice.refuse("No such user", error_code="550 5.1.1"),
+    }
+    # Auth-SMTP-To is the RCPT line: "RCPT TO:<" address ">".
+    with authservice.AuthService(
+        lambda received: answers[(received.header("Auth-SMTP-To") or "")[9:-1]]
+    ) as service:
+        spec = {
+            "smtp": {"backend": {"service": "dovecot", "port": 143}},
+            "auth": {"mode": "http", "http": {"url": service.url}},
+        }
+        proxy = await start_proxy(spec, [endpoint], listener={"protocol": "smtp"})
+        (route,) = proxy.context.tables.current.routes
+        request = LoginRequest(
+            "smtp", "a@alpha.example", helo=b"EHLO client.example", envelope=(b"MAIL FROM:<>", b"")
+        )
+
+        async def placed(recipient: str, at: Endpoint = endpoint) -> smtp.RecipientPlaced:
+            asked = dataclasses.replace(
+                request, routing_key=recipient, envelope=(b"MAIL FROM:<>", f"RCPT TO:<{recipient}>".encode())
+            )
+            return await backends.place_recipient(
+                proxy.context,
+                route,
+                at,
+                asked,
+                client=ClientAddress("192.0.2.7", 1),
+                attempt=2,
+                client_tls=None,
+            )
+
+        assert await placed("here@alpha.example") == smtp.RecipientPlaced("here")
+        assert await placed("there@alpha.example") == smtp.RecipientPlaced("elsewhere")
+        assert await placed("anywhere@alpha.example") == smtp.RecipientPlaced("here")
+        assert await placed("anywhere@alpha.example", other) == smtp.RecipientPlaced("elsewhere")
+        assert await placed("nobody@alpha.example") == smtp.RecipientPlaced(
+            "refused", b"550 5.1.1 No such user\r\n"
+        )
+        assert [received.attempt for received in service.requests] == [2] * 5
+    # The service is gone: no verdict, a temporary failure.
+    assert await placed("here@alpha.example") == smtp.RecipientPlaced("unavailable")

@@ -1,5 +1,7 @@
 """``backends.login`` when endpoints fail: passive health, one budget per login, the logs and the
-metrics of an outage, and round-robin per upstream (review J5 M1, M2, L1, L2; review J7 #5).
+metrics of an outage, and round-robin per upstream (review J5 M1, M2, L1, L2; review J7 #5); a
+backend refusing the client XCLIENT names is that client's refusal, no failure (review M5 #2);
+a first recipient's reply has RFC 5321's time, not the budget's (review M5 #3).
 
 Endpoints here are loopback servers that hang (accept, never greet), close or reset in the
 dialogue, or refuse the connection. The health clock is a hand-stepped fake, so whether an
@@ -19,6 +21,7 @@ import yaml
 
 from mailgress import standalone
 from proxy import balancing
+from proxy.protocols import smtp
 from proxy.table import Endpoint
 from testbed import authservice
 from tests.proxy.server.conftest import (
@@ -483,3 +486,154 @@ async def test_an_endpoint_that_left_the_table_during_a_login_gets_no_episode(
 def no_password_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     yield
     assert PASSWORD not in caplog.text
+
+
+# An inbound client up to its first recipient: the greeting, then one command per reply.
+FIRST_RECIPIENT = (
+    b"",
+    b"EHLO client\r\n",
+    b"MAIL FROM:<s@example.net>\r\n",
+    b"RCPT TO:<a@alpha.example>\r\n",
+)
+
+
+async def smtp_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes) -> bytes:
+    """Send ``line`` (b"": nothing); the last line of the reply."""
+    writer.write(line)
+    for _ in range(20):  # the lines of one reply
+        reply = await asyncio.wait_for(reader.readline(), WAIT)
+        if reply[3:4] != b"-":
+            return reply
+    raise AssertionError("no end of reply in 20 lines")
+
+
+def postfix_refusing_the_client(after: bytes) -> Handler:
+    """A Postfix whose client restrictions (smtpd_delay_reject = no) refuse the address XCLIENT
+    names: at XCLIENT (``after`` b"XCLIENT") or at the EHLO after it (b"EHLO client")."""
+    refusal = b"554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: blocked\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.example ESMTP\r\n")
+        for _ in range(3):  # EHLO, XCLIENT, EHLO: bounded
+            line = await reader.readline()
+            if line.startswith(after):
+                writer.write(refusal)
+            elif line.startswith(b"XCLIENT"):
+                writer.write(b"220 mx.example ESMTP\r\n")
+            elif line.startswith(b"EHLO"):
+                writer.write(b"250-mx.example\r\n250 XCLIENT NAME ADDR PORT\r\n")
+            await writer.drain()
+        await reader.read()
+
+    return handler
+
+
+@pytest.mark.parametrize("after", [b"XCLIENT", b"EHLO client"])
+async def test_a_backend_refusing_the_real_client_is_no_endpoint_failure(
+    start_proxy: ProxyFactory, after: bytes
+) -> None:
+    """Review M5 #2: the refusal is the client's RCPT reply; before, 451 and a failing endpoint
+    (so one blocked client pushed every endpoint to the back of the queue)."""
+    async with serving(postfix_refusing_the_client(after)) as (endpoint, _):
+        smtp_route = {"smtp": {"backend": {"service": "dovecot", "port": 143}, "clientInfo": "xclient"}}
+        proxy = await start_proxy(smtp_route, [endpoint], listener={"protocol": "smtp"})
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            replies = [await smtp_reply(reader, writer, line) for line in FIRST_RECIPIENT]
+        finally:
+            writer.close()
+    assert replies[-1] == b"554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: blocked\r\n"
+    context = proxy.context
+    assert not context.health.failing(context.clock())
+    assert proxy.metric("mailgress_proxy_logins_total", protocol="smtp", outcome="refused") == 1
+    assert (
+        proxy.metric("mailgress_proxy_backend_login_failures_total", protocol="smtp", reason="dialogue") == 0
+    )
+
+
+def postfix_with_a_slow_policy_check(delay: float) -> Handler:
+    """A Postfix whose RCPT policy check (a milter, greylisting) answers after ``delay`` seconds."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.example ESMTP\r\n")
+        for _ in range(4):  # EHLO, MAIL, RCPT, QUIT: bounded
+            line = await reader.readline()
+            if line.startswith(b"RCPT"):
+                await asyncio.sleep(delay)
+            writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 2.0.0 Ok\r\n")
+            await writer.drain()
+        await reader.read()
+
+    return handler
+
+
+async def test_the_first_recipients_reply_has_rfc_5321s_time_not_the_login_budgets(
+    start_proxy: ProxyFactory,
+) -> None:
+    """Review M5 #3: RFC 5321 section 4.5.3.2.3 waits 5 minutes for a RCPT reply; before, the
+    backendLogin budget cut it (451, and the endpoint counted as failing)."""
+    budget, pre_login = 0.2, 1.0
+    # Slower than the budget (with its greeted minimum) and than the pre-login time it extends.
+    async with serving(postfix_with_a_slow_policy_check(pre_login + budget * 2)) as (endpoint, _):
+        smtp_route = {"smtp": {"backend": {"service": "dovecot", "port": 143}}}
+        proxy = await start_proxy(
+            smtp_route, [endpoint], listener={"protocol": "smtp"}, backend_login=budget, pre_login=pre_login
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            replies = [await smtp_reply(reader, writer, line) for line in FIRST_RECIPIENT]
+            assert replies[-1] == b"250 2.0.0 Ok\r\n"
+            writer.write(b"QUIT\r\n")
+            assert await asyncio.wait_for(reader.readline(), WAIT) == b"221 bye\r\n"  # the backend's
+        finally:
+            writer.close()
+    context = proxy.context
+    assert not context.health.failing(context.clock())
+    assert proxy.metric("mailgress_proxy_logins_total", protocol="smtp", outcome="accepted") == 1
+
+
+async def test_a_first_recipient_never_answered_is_a_temporary_failure_not_a_failing_endpoint(
+    start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 5321's RCPT time (shortened here) ran out: 451 for the client to retry; the endpoint
+    greeted and took EHLO, so it is not failing (no other endpoint is tried after minutes)."""
+    monkeypatch.setitem(smtp.ENVELOPE_REPLY_TIMEOUTS, smtp.BackendState.RCPT, 0.3)
+    async with serving(postfix_with_a_slow_policy_check(WAIT)) as (endpoint, _):
+        smtp_route = {"smtp": {"backend": {"service": "dovecot", "port": 143}}}
+        proxy = await start_proxy(smtp_route, [endpoint], listener={"protocol": "smtp"}, backend_login=0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            replies = [await smtp_reply(reader, writer, line) for line in FIRST_RECIPIENT]
+        finally:
+            writer.close()
+    assert replies[-1] == smtp.REPLY_ROUTE_UNAVAILABLE
+    context = proxy.context
+    assert not context.health.failing(context.clock())
+    assert proxy.metric("mailgress_proxy_logins_total", protocol="smtp", outcome="unavailable") == 1
+    assert (
+        proxy.metric("mailgress_proxy_backend_login_failures_total", protocol="smtp", reason="timeout") == 0
+    )
+
+
+async def closes_at_the_first_recipient(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A Postfix going down (or over its limits) between MAIL and RCPT: 421, then the close."""
+    writer.write(b"220 mx.example ESMTP\r\n")
+    for _ in range(3):  # EHLO, MAIL, RCPT: bounded
+        line = await reader.readline()
+        writer.write(b"421 4.3.2 Service shutting down\r\n" if line.startswith(b"RCPT") else b"250 Ok\r\n")
+        await writer.drain()
+    writer.close()
+
+
+async def test_a_backend_closing_at_the_first_recipient_is_one_421(start_proxy: ProxyFactory) -> None:
+    """Review M5 #7: before, the client got the backend's 421 and then the proxy's own."""
+    async with serving(closes_at_the_first_recipient) as (endpoint, _):
+        smtp_route = {"smtp": {"backend": {"service": "dovecot", "port": 143}}}
+        proxy = await start_proxy(smtp_route, [endpoint], listener={"protocol": "smtp"})
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            replies = [await smtp_reply(reader, writer, line) for line in FIRST_RECIPIENT]
+            assert replies[-1] == b"421 4.3.2 Service shutting down\r\n"
+            assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed, and nothing more
+        finally:
+            writer.close()

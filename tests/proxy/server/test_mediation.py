@@ -139,16 +139,52 @@ async def test_a_silent_session_gets_421_at_the_idle_timeout(sides: Sides) -> No
     assert await _ended(task) == "idle timeout"
 
 
+async def test_the_reply_to_the_body_is_waited_for_past_the_idle_timeout(sides: Sides) -> None:
+    """Review M5 #4: the backend queued the message and answers after the idle timeout; before,
+    the client got 421 (and sent the message again). RFC 5321 section 4.5.3.2.6 waits 10 min."""
+    task = sides.mediate(idle=0.2, client_bytes=b"DATA\r\n")
+    assert await sides.backend_peer.read_until(b"\r\n") == b"DATA\r\n"
+    await sides.backend_peer.send(b"354 go\r\n")
+    assert await sides.client_peer.read_until(b"\r\n") == b"354 go\r\n"
+    await sides.client_peer.send(b"body\r\n.\r\n")
+    assert await sides.backend_peer.read_until(b"\r\n.\r\n") == b"body\r\n.\r\n"
+    await asyncio.sleep(1.0)  # a slow queue-file write: five idle timeouts
+    await sides.backend_peer.send(b"250 queued\r\n")
+    assert await sides.client_peer.read_until(b"\r\n") == b"250 queued\r\n"
+    # Commands are the client's again: a silent one meets the idle timeout as before.
+    assert await sides.client_peer.read_until(b"\r\n") == b"421 4.4.2 mailgress Error: timeout exceeded\r\n"
+    assert await _ended(task) == "idle timeout"
+
+
 async def test_a_drain_waits_for_the_pending_reply_then_closes(sides: Sides) -> None:
-    task = sides.mediate(client_bytes=b"NOOP\r\n")
-    assert await sides.backend_peer.read_until(b"\r\n") == b"NOOP\r\n"
+    task = sides.mediate(client_bytes=b"RSET\r\n")
+    assert await sides.backend_peer.read_until(b"\r\n") == b"RSET\r\n"
     sides.turn.arrive()
     await sides.backend_peer.send(b"250 ok\r\n")
     assert await sides.client_peer.read_until(b"down\r\n") == b"250 ok\r\n" + CLOSING
     assert await _ended(task) == relay.DRAINED
     assert sides.turn.on_due is None
     # The closing line is the proxy's own reply: counted as written to the client (Moved).
-    assert sides.progress.moved() == (len(b"NOOP\r\n"), len(b"250 ok\r\n") + len(CLOSING))
+    assert sides.progress.moved() == (len(b"RSET\r\n"), len(b"250 ok\r\n") + len(CLOSING))
+
+
+async def test_a_drain_lets_the_transaction_in_progress_end_before_closing(sides: Sides) -> None:
+    """RFC 5321 section 3.3 (review M1 #2): a turn that comes between RCPT and DATA waits for the
+    final reply to the body; before, the 421 came between the RCPT's reply and DATA."""
+    task = sides.mediate(client_bytes=b"RCPT TO:<c@alpha.example>\r\n")
+    assert await sides.backend_peer.read_until(b"\r\n") == b"RCPT TO:<c@alpha.example>\r\n"
+    sides.turn.arrive()
+    await sides.backend_peer.send(b"250 2.1.5 Ok\r\n")
+    assert await sides.client_peer.read_until(b"\r\n") == b"250 2.1.5 Ok\r\n"
+    await sides.client_peer.send(b"DATA\r\n")
+    assert await sides.backend_peer.read_until(b"\r\n") == b"DATA\r\n"
+    await sides.backend_peer.send(b"354 go\r\n")
+    assert await sides.client_peer.read_until(b"\r\n") == b"354 go\r\n"
+    await sides.client_peer.send(b"Subject: drained\r\n\r\nbody\r\n.\r\n")
+    assert await sides.backend_peer.read_until(b"\r\n.\r\n") == b"Subject: drained\r\n\r\nbody\r\n.\r\n"
+    await sides.backend_peer.send(b"250 queued\r\n")
+    assert await sides.client_peer.read_until(b"down\r\n") == b"250 queued\r\n" + CLOSING
+    assert await _ended(task) == relay.DRAINED
 
 
 async def test_a_backend_that_goes_away_is_reported_to_the_client(sides: Sides) -> None:
