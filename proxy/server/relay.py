@@ -29,8 +29,9 @@ POP3 and submission keep the quiet rule alone: their bodies (RETR, DATA) are not
 but dot-terminated, so following them would mean reading every body octet in Python, on the hot
 path of every session. Their blind spots stay: a backend pausing longer than the quiet period
 inside a RETR (the client sees the closing line as message text, then the connection ends, and
-fetches the message again), and a client pausing that long right after the backend's ``354``
-(told nothing was accepted, it retries). Inbound SMTP does not come here (mediation.py). The
+fetches the message again), and a submission client pausing that long inside a transaction
+(after its MAIL or RCPT was answered, or right after the backend's ``354``): told nothing was
+accepted, it retries. Inbound SMTP does not come here (mediation.py). The
 closing line is the proxy's, not the backend's: it is counted with the bytes that went down to
 the client.
 
