@@ -683,6 +683,17 @@ def test_a_backend_closing_at_the_first_recipient_is_heard_once() -> None:
     ]
 
 
+@pytest.mark.parametrize("code", [b"550 5.7.0 Error: insufficient authorization", b"501 5.5.4 Bad syntax"])
+def test_an_xclient_refused_to_the_proxy_is_an_endpoint_failure_not_a_bounce(code: bytes) -> None:
+    """A backend that lists XCLIENT but does not trust the proxy (or cannot parse the command):
+    every client would get a permanent refusal over a configuration error; it is 451 instead."""
+    login = inbound_login(XCLIENT)
+    feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
+    [failed] = feed(login, code)
+    assert isinstance(failed, BackendFailed)
+    assert failed.reason.startswith(f"backend refused XCLIENT with {int(code[:3])}")
+
+
 def test_an_xclient_reply_that_is_neither_success_nor_refusal_fails_the_login() -> None:
     login = submission_login(XCLIENT)
     feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO)
