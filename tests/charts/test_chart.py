@@ -47,8 +47,15 @@ MAIL_PORTS = {143, 993, 110, 995, 587, 465, 25}
 ACCEPTED_LINT_MESSAGES = [{"severity": 1, "path": "Chart.yaml", "error": "icon is recommended"}]
 # Kinds that live in a namespace (everything the chart renders but RBAC's cluster objects).
 CLUSTER_KINDS = {"ClusterRole", "ClusterRoleBinding"}
-# Kubernetes object names: RFC 1123 DNS labels for Services, at most 63 characters everywhere here.
+# Kubernetes object names: RFC 1123 DNS labels for Services, at most 63 characters everywhere here
+# but for RBAC's objects, whose names are path segments (ValidateRBACName; Helm's lint applies the
+# same rule): any length, only not "." or "..", and neither '/' nor '%' in them.
 MAX_NAME = 63
+RBAC_KINDS = {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+NOT_IN_PATH_SEGMENTS = ("/", "%")
+# The suffixes of the cluster-scoped objects' names: the controller's ClusterRole and binding, the
+# MailRoute roles aggregated into admin, edit and view.
+CLUSTER_SUFFIXES = ("controller", "mailroutes-edit", "mailroutes-view")
 ALL = list(SCENARIOS)
 # The push TLS Secret of a release named mailgress, and the name proxies reach the controller by.
 PUSH_TLS_SECRET = "mailgress-push-tls"
@@ -126,7 +133,8 @@ def test_every_value_set_renders_named_namespaced_objects(scenario: str) -> None
     }
     for document in documents:
         metadata = document.body["metadata"]
-        assert len(metadata["name"]) <= MAX_NAME, metadata["name"]
+        if document.body["kind"] not in RBAC_KINDS:
+            assert len(metadata["name"]) <= MAX_NAME, metadata["name"]
         assert metadata["labels"]["app.kubernetes.io/instance"] == render.RELEASE
         if document.body["kind"] in CLUSTER_KINDS:
             continue
@@ -143,15 +151,29 @@ LONGEST_RELEASE = "r" * 53
 LONGEST_NAMESPACE = "n" * 63
 
 
+def cluster_name(namespace: str, fullname: str, suffix: str) -> str:
+    """A cluster-scoped object's name: no namespace name holds a ':', so none is another's."""
+    return f"{namespace}:{fullname}-{suffix}"
+
+
 @pytest.mark.parametrize("release", ["x" * 42, LONGEST_RELEASE])
-def test_every_name_fits_63_characters_with_the_longest_names(release: str) -> None:
+def test_every_name_fits_its_kinds_rule_with_the_longest_names(release: str) -> None:
     """Every object of the monitoring set (the one that renders the most), the proxies' admin
-    Service and the cluster-scoped objects, whose names carry the namespace, included."""
+    Service included, fits 63 characters; the cluster-scoped objects, whose names carry the
+    namespace, are path segments of any length and are never cut."""
     documents = render.documents(SCENARIOS["monitoring"], release=release, namespace=LONGEST_NAMESPACE)
     names = {(document.body["kind"], document.body["metadata"]["name"]) for document in documents}
     assert ("Service", f"{release}-mailgress"[:51] + "-proxy-admin") in names
     assert len(names) == len(documents), "two objects of one kind share a name"
-    assert max(len(name) for _, name in names) <= MAX_NAME, sorted(names, key=lambda item: -len(item[1]))[0]
+    namespaced = [name for kind, name in names if kind not in CLUSTER_KINDS]
+    assert max(len(name) for name in namespaced) <= MAX_NAME, max(namespaced, key=len)
+    fullname = f"{release}-mailgress"
+    assert {(kind, name) for kind, name in names if kind in CLUSTER_KINDS} == {
+        ("ClusterRole", cluster_name(LONGEST_NAMESPACE, fullname, suffix)) for suffix in CLUSTER_SUFFIXES
+    } | {("ClusterRoleBinding", cluster_name(LONGEST_NAMESPACE, fullname, "controller"))}
+    for kind, name in names:
+        if kind in RBAC_KINDS:
+            assert name not in (".", "..") and not any(c in name for c in NOT_IN_PATH_SEGMENTS), name
 
 
 def cluster_objects(release: str, namespace: str) -> dict[tuple[str, str], Mapping[str, Any]]:
@@ -164,19 +186,23 @@ def cluster_objects(release: str, namespace: str) -> dict[tuple[str, str], Mappi
 
 
 @pytest.mark.parametrize(
-    ("release", "namespaces"),
+    "releases",
     [
-        ("mailgress", ("mail-a", "mail-b")),
-        # Alike in the first 54 characters a long name is cut to: told apart by the hash.
-        (LONGEST_RELEASE, (LONGEST_NAMESPACE[:-1] + "a", LONGEST_NAMESPACE[:-1] + "b")),
+        # Helm lets a release name be used once per namespace.
+        (("mailgress", "mail-a"), ("mailgress", "mail-b")),
+        # Alike once namespace and name are joined by '-': "mail-prod" + "eu", "mail" + "prod-eu".
+        (("eu", "mail-prod"), ("prod-eu", "mail")),
+        (("mailgress", "mx-a"), ("a-mailgress", "mx")),
+        # The longest names, alike but for their last character.
+        ((LONGEST_RELEASE, LONGEST_NAMESPACE[:-1] + "a"), (LONGEST_RELEASE, LONGEST_NAMESPACE[:-1] + "b")),
     ],
 )
-def test_releases_of_one_name_in_two_namespaces_own_distinct_cluster_objects(
-    release: str, namespaces: tuple[str, str]
+def test_releases_in_two_namespaces_own_distinct_cluster_objects(
+    releases: tuple[tuple[str, str], tuple[str, str]],
 ) -> None:
-    """Helm lets a release name be used once per namespace; the ClusterRoles and the binding of
-    each release are its own, binding its own controller."""
-    first, second = (cluster_objects(release, namespace) for namespace in namespaces)
+    """The ClusterRoles and the binding of each release are its own, binding its own controller:
+    shared ones would be another release's to Helm, which refuses to install the second."""
+    first, second = (cluster_objects(release, namespace) for release, namespace in releases)
     assert sorted(kind for kind, _ in first) == [
         "ClusterRole",
         "ClusterRole",
@@ -184,11 +210,10 @@ def test_releases_of_one_name_in_two_namespaces_own_distinct_cluster_objects(
         "ClusterRoleBinding",
     ]
     assert set(first).isdisjoint(second)
-    for namespace, found in zip(namespaces, (first, second), strict=True):
+    for (_, namespace), found in zip(releases, (first, second), strict=True):
         [binding] = [body for (kind, _), body in found.items() if kind == "ClusterRoleBinding"]
         assert ("ClusterRole", binding["roleRef"]["name"]) in found
         assert [subject["namespace"] for subject in binding["subjects"]] == [namespace]
-        assert all(len(name) <= MAX_NAME for _, name in found)
 
 
 @pytest.mark.parametrize(
@@ -486,6 +511,119 @@ def test_names_yaml_could_misread_stay_strings_in_labels() -> None:
         if document.body["kind"] == "Deployment":
             selector = document.body["spec"]["selector"]["matchLabels"]
             assert all(isinstance(value, str) for value in selector.values())
+
+
+# DNS-1123 labels, which namespaces and the names of Secrets and PriorityClasses may be, that YAML
+# reads as a boolean, a null or a number unless the chart quotes them ("1e5" only to YAML 1.2 and
+# to the Go parser Helm and kubectl use, not to PyYAML).
+MISREAD_NAMES = ("on", "no", "null", "123", "0x1a", "1e5")
+
+
+@pytest.mark.parametrize("namespace", MISREAD_NAMES)
+def test_a_release_namespace_yaml_could_misread_stays_a_string(namespace: str) -> None:
+    """In every object's namespace, the controller's bindings and arguments and what the
+    monitors select: the API server refuses a boolean or a number where a name goes."""
+    documents = render.documents(SCENARIOS["monitoring"], namespace=namespace)
+    for document in documents:
+        if document.body["kind"] not in CLUSTER_KINDS:
+            assert document.body["metadata"]["namespace"] == namespace, document.body["metadata"]
+    bindings = [d.body for d in documents if d.body["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert [subject["namespace"] for binding in bindings for subject in binding["subjects"]] == [
+        namespace
+    ] * len(bindings)
+    monitors = [d.body for d in documents if d.body["kind"] in ("ServiceMonitor", "PodMonitor")]
+    assert len(monitors) == 4
+    for monitor in monitors:
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [namespace]}
+    [controller] = [d.body for d in documents if d.template == "controller-deployment.yaml"]
+    arguments = container(controller)["args"]
+    assert arguments[arguments.index("--watch-namespace") + 1] == namespace
+
+
+def named(names: Mapping[str, str]) -> dict[str, Any]:
+    """A value set that writes ``names`` wherever the values take a name (keys: see ORDINARY)."""
+    return {
+        "image": {"repository": names["repository"], "tag": names["tag"]},
+        "controller": {
+            "watchNamespaces": [names["served"], names["other"]],
+            "pushToken": {"existingSecret": names["token"]},
+            "pushTls": {"existingSecret": names["tls"]},
+            "priorityClassName": names["priority"],
+        },
+        "proxy": {
+            "priorityClassName": names["priority"],
+            "listeners": [
+                {
+                    "name": "imaps",
+                    "protocol": "imap",
+                    "port": 993,
+                    "containerPort": 1993,
+                    "tls": "implicit",
+                    "certificates": [names["certificate"]],
+                }
+            ],
+            "backendTls": {"caSecret": names["certificate"], "caKey": names["key"]},
+            "service": {"loadBalancerClass": names["class"]},
+        },
+        "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
+    }
+
+
+ORDINARY = {
+    "namespace": "mail-system",
+    "served": "mail",
+    "other": "team-a",
+    "token": "push-token",
+    "tls": "push-tls",
+    "priority": "mail-high",
+    "certificate": "mail-cert",
+    "key": "ca.crt",
+    "class": "example.net/lb",
+    "repository": "mailgress",
+    "tag": "v1",
+}
+# The same places, with names YAML misreads; the image becomes "123:45", which YAML 1.1 reads as a
+# number in base 60.
+MISREAD = {
+    "namespace": "off",
+    "served": "123",
+    "other": "null",
+    "token": "on",
+    "tls": "no",
+    "priority": "0x1a",
+    "certificate": "1e5",
+    "key": "1",
+    "class": "true",
+    "repository": "123",
+    "tag": "45",
+}
+
+
+def scalar_types(node: object, path: str = "") -> set[tuple[str, str]]:
+    """(path, type name) of every scalar in a parsed document; list positions are written []."""
+    if isinstance(node, Mapping):
+        return {found for key, value in node.items() for found in scalar_types(value, f"{path}.{key}")}
+    if isinstance(node, list):
+        return {found for item in node for found in scalar_types(item, f"{path}[]")}
+    return {(path, type(node).__name__)}
+
+
+def test_names_yaml_could_misread_stay_strings_in_every_field() -> None:
+    """Every field the chart renders has the same YAML type whether the names in the values (and
+    the release's namespace) read as YAML values or not: the templates quote every one."""
+    found = {}
+    for names in (ORDINARY, MISREAD):
+        with helm.Chart.load(render.CHART) as chart:
+            chart.validate_schema(named(names))
+        documents = render.documents(named(names), namespace=names["namespace"])
+        found[names["namespace"]] = (
+            len(documents),
+            {(d.body["kind"], *typed) for d in documents for typed in scalar_types(d.body)},
+        )
+    (count, types), (misread_count, misread_types) = found[ORDINARY["namespace"]], found[MISREAD["namespace"]]
+    assert misread_count == count
+    misread_only = "\n".join(f"{kind} {path}: {name}" for kind, path, name in sorted(misread_types - types))
+    assert misread_types == types, f"typed otherwise with misread names:\n{misread_only}"
 
 
 def test_listener_names_follow_the_crds_port_name_rule() -> None:
@@ -1173,15 +1311,15 @@ def test_controller_monitoring_is_off_by_default_and_scrapes_its_push_port() -> 
 
 def test_mailroute_roles_aggregate_into_the_default_roles() -> None:
     roles = {role["metadata"]["name"]: role for role in objects("default", "ClusterRole")}
-    edit = roles[f"{RELEASE_NAMESPACE}-mailgress-mailroutes-edit"]
+    edit = roles[cluster_name(RELEASE_NAMESPACE, "mailgress", "mailroutes-edit")]
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
     assert edit["rules"][0]["resources"] == ["mailroutes"], "status stays the controller's"
-    view = roles[f"{RELEASE_NAMESPACE}-mailgress-mailroutes-view"]
+    view = roles[cluster_name(RELEASE_NAMESPACE, "mailgress", "mailroutes-view")]
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
     assert {role["metadata"]["name"] for role in objects("minimal", "ClusterRole")} == {
-        f"{RELEASE_NAMESPACE}-mailgress-controller"
+        cluster_name(RELEASE_NAMESPACE, "mailgress", "controller")
     }
 
 

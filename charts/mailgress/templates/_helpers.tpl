@@ -33,17 +33,14 @@ mounts at exactly these places.
 {{- define "mailgress.proxyAdmin.fullname" -}}
 {{- printf "%s-proxy-admin" (include "mailgress.fullname" . | trunc 51 | trimSuffix "-") -}}
 {{- end -}}
-{{/* A cluster-scoped object's name: "<namespace>-<fullname>-<suffix>", so that releases of one
-name in two namespaces own distinct ClusterRoles and ClusterRoleBindings. Over 63 characters it
-is cut to 54 and ended with 8 hex digits of the whole name's SHA-256, which keeps two long names
-apart where the cut alone would make them alike. (dict "context" $ "suffix" "controller") */}}
+{{/* A cluster-scoped object's name: "<namespace>:<fullname>-<suffix>". The namespace keeps apart
+releases of one name in two namespaces, and the ':' keeps apart the names a '-' would join alike
+(release eu in namespace mail-prod, prod-eu in mail): no namespace name holds a ':'. RBAC names
+are path segments (Kubernetes' ValidateRBACName, which Helm's lint applies too: not "." or "..",
+no '/' or '%'), as in Kubernetes' own system:controller:... roles, of any length: the name is
+never cut, at most 63 + 1 + 63 + 1 + 15 characters. (dict "context" $ "suffix" "controller") */}}
 {{- define "mailgress.clusterName" -}}
-{{- $name := printf "%s-%s-%s" .context.Release.Namespace (include "mailgress.fullname" .context) .suffix -}}
-{{- if le (len $name) 63 -}}
-{{- $name -}}
-{{- else -}}
-{{- printf "%s-%s" ($name | trunc 54 | trimSuffix "-") ($name | sha256sum | trunc 8) -}}
-{{- end -}}
+{{- printf "%s:%s-%s" .context.Release.Namespace (include "mailgress.fullname" .context) .suffix -}}
 {{- end -}}
 {{/* The Secret the controller writes the routing table snapshot to (reconciler.SNAPSHOT_KEY,
 or reconciler.SNAPSHOT_GZIP_KEY for a table too large to store plainly). A Secret because route
@@ -75,7 +72,8 @@ tables carry auth_http request headers, which the aggregated view role must not 
 {{- end -}}
 {{- end -}}
 
-{{/* Names and release names are quoted: YAML would read "123", "on" or "null" as no string. */}}
+{{/* Every name that comes from the values or the release (names, namespaces, Secrets, classes)
+is quoted wherever the templates write it: YAML would read "123", "on" or "null" as no string. */}}
 {{- define "mailgress.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 app.kubernetes.io/name: {{ include "mailgress.name" . | quote }}
