@@ -5,9 +5,11 @@ compiles them with the controller's pure compiler against the ``services`` stand
 EndpointSlices and the ``secrets`` stand-in for the labelled Secrets auth_http ``headersFrom``
 reads, and installs the table. The files are re-read every ``POLL_INTERVAL`` seconds
 and a changed content is compiled and swapped in; open sessions are untouched. A file set that
-cannot be read or parsed, or that holds any Invalid MailRoute (one ``kubectl apply`` would refuse,
-leaving the object as it was), keeps the last good table in force; before there is one (at start),
-an Invalid MailRoute is left out of the first table. A file may hold other kinds beside
+cannot be read or parsed keeps the last good table in force. An Invalid MailRoute (one ``kubectl
+apply`` would refuse, leaving the stored object as it was) is treated per route, as the API server
+treats each object: its version last applied stays, and every other change is applied; one never
+applied (at start, or new) is left out. Last applied versions live in this process only: a restart
+with the file still Invalid leaves the route out. A file may hold other kinds beside
 the MailRoutes (a Service, as kubectl users keep them), which are skipped, and lists (``kind:
 List``, what ``kubectl get -o yaml`` writes), whose items count as documents; a document meant as
 a MailRoute with a mistyped kind or apiVersion is no other kind: it becomes an Invalid route, as
@@ -188,6 +190,7 @@ async def watch(
 ) -> None:
     """Keep ``holder`` in step with the route files until cancelled."""
     version_key = token_hex(table.VERSION_KEY_BYTES)  # one per process: unchanged files, same version
+    applied: dict[str, mailroute.MailRoute] = {}  # each MailRoute's version last applied, by key
     last: list[tuple[Path, bytes]] | None = None
     last_error = ""
     while True:
@@ -195,7 +198,8 @@ async def watch(
             contents = read_manifests(paths)
             if contents != last:
                 last = contents
-                _apply(sourced_bodies(contents), services, holder, secrets, version_key)
+                bodies = sourced_bodies(contents)
+                applied = _apply(bodies, services, holder, secrets, version_key=version_key, applied=applied)
             last_error = ""
         except ManifestError as error:
             if str(error) != last_error:  # once per distinct problem, not every poll
@@ -210,11 +214,14 @@ def _apply(
     services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]],
     holder: TableHolder,
     secrets: SecretData,
+    *,
     version_key: str,
-) -> None:
-    """Compile one changed file set and install its table, unless a MailRoute in it is Invalid
-    and there is a table to keep: ``kubectl apply`` would refuse that object and leave the one
-    in force, so a typo in one field must not drop a route (and fail its users' logins).
+    applied: Mapping[str, mailroute.MailRoute],
+) -> dict[str, mailroute.MailRoute]:
+    """Compile one changed file set and install its table; returns each MailRoute's version now
+    applied. An Invalid MailRoute keeps its version in ``applied`` (``kubectl apply`` would refuse
+    the edit and leave the stored object), so a typo in one field neither drops a route (and
+    fails its users' logins) nor holds back the other changes; without one it is left out.
 
     Called once per change of the files, so each problem is logged once per change.
     """
@@ -222,19 +229,27 @@ def _apply(
     files: dict[str, dict[str, None]] = {}  # the files defining each namespace/name, in order
     for path, route in parsed:
         files.setdefault(route.key, {})[str(path)] = None
-    compiled, problems = compile_routes([route for _, route in parsed], services, secrets, version_key)
-    keep = holder.ready and any(problem.invalid for problem in problems)
-    # Before a first table there is nothing to keep: the other routes are served without it.
-    consequence = (
-        "none of the route files' changes is applied; the routing table in use stays"
-        if keep
-        else "left out of the routing table"
-    )
+    routes = [route for _, route in parsed]
+    compiled, problems = compile_routes(routes, services, secrets, version_key)
+    invalid = {problem.route: problem.message for problem in problems if problem.invalid}
+    kept = {key: applied[key] for key in invalid if key in applied}
+    if kept:  # compiled again with the versions kept instead of every copy of their keys
+        routes = [route for route in routes if route.key not in kept] + list(kept.values())
+        compiled, problems = compile_routes(routes, services, secrets, version_key)
+    for key, message in invalid.items():
+        consequence = (
+            "its last applied version stays in use; the other changes are applied"
+            if key in kept
+            else "left out of the routing table"
+        )
+        log.error("%s: MailRoute %s: %s; %s", ", ".join(files[key]), key, message, consequence)
     for problem in problems:
-        if problem.invalid:
-            where = ", ".join(files[problem.route])
-            log.error("%s: MailRoute %s: %s; %s", where, problem.route, problem.message, consequence)
-        elif not keep:  # about a table that is installed
+        # A route left out as Invalid has its one ERROR above (not also "ResolvedRefs Pending").
+        if problem.route not in invalid or problem.route in kept:
             log.warning("MailRoute %s: %s", problem.route, problem.message)
-    if not keep:
-        holder.swap(compiled.table)
+    holder.swap(compiled.table)
+    return {
+        route.key: route
+        for route in routes
+        if isinstance(route, mailroute.MailRoute) and (route.key not in invalid or route.key in kept)
+    }

@@ -6,29 +6,24 @@ trusted PROXY header) and gives it back when the session ends; before a login go
 it asks ``LoginThrottle.locked`` (a locked address or user gets the protocol's temporary failure,
 and no backend is asked), and afterwards it reports the verdict: ``failed`` answers how long to
 hold the refusal back, ``succeeded`` forgets the user's failures (never the address's: one valid
-account must not wash away an address's guessing). ``RefusalTimes`` learns how long the backends
-take to refuse credentials, per protocol, so that the driver holds a login no route owns about as
-long: the refusal must not tell by its speed which users and domains the proxy serves.
+account must not wash away an address's guessing).
 
 The bookkeeping takes ``now`` as an argument (the driver reads ``Limits.clock``), so tests step
 time by hand. Memory is bounded: failure records expire ``lockout`` seconds after their last
 failure and each map keeps at most MAX_TRACKED_ADDRESSES / MAX_TRACKED_USERS entries (the least
 recently failed is dropped first), so spraying addresses or user names cannot grow it; connection
-slots exist only while their sessions are open; the refusal times keep a few numbers per protocol.
-Never sees a password, never logs, never sleeps.
+slots exist only while their sessions are open. Never sees a password, never logs, never sleeps.
 """
 
 import collections
 import functools
 import ipaddress
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, assert_never
 
 from proxy.settings import FailedLoginSettings, LimitSettings, ListenerProtocol
-from proxy.table import Protocol
 
 # One IPv6 client usually owns a whole /64 (RFC 4291 section 2.5.1: 64-bit interface identifiers),
 # so its addresses count as one; Dovecot's auth penalty groups IPv6 clients too (by /48).
@@ -44,15 +39,6 @@ MAX_TRACKED_USERS = 100_000
 CLIENT_KEY_CACHE_SIZE = 4096
 # 2 ** 62 seconds is beyond any cap a settings file can name; keeps the float power finite.
 MAX_DELAY_DOUBLINGS = 62
-# Dovecot answers a failed authentication this long after it (auth_failure_delay, default "2 secs":
-# https://doc.dovecot.org/2.3/settings/core/#core_setting-auth_failure_delay), so a routed wrong
-# password takes about this long; until a protocol's backends have refused any login, a login no
-# route owns is held as long.
-DEFAULT_BACKEND_REFUSAL_TIME = 2.0
-# The refusal times of the most recent logins, per protocol, whose median is the estimate: a median
-# so that a few refusals slow for other reasons (a backend hanging until the login budget ran out)
-# move nothing. Nine floats per protocol, and protocols are four: the memory is fixed.
-REFUSAL_TIME_SAMPLES = 9
 
 Scope = Literal["ip", "user"]
 
@@ -193,34 +179,6 @@ class LoginThrottle:
         return float(min(settings.first_delay * 2.0**doublings, settings.max_delay))
 
 
-class RefusalTimes:
-    """How long a login whose credentials the backends refuse takes, per protocol: the median of
-    the last REFUSAL_TIME_SAMPLES, DEFAULT_BACKEND_REFUSAL_TIME before the first.
-
-    Times are differences of the clock ``Limits.clock`` reads, taken before the login is routed
-    and once its refusal is in: the auth service's, the backends' connect and dialogue, and
-    their failure delay together, which is what a client can measure.
-    """
-
-    def __init__(self, initial: float = DEFAULT_BACKEND_REFUSAL_TIME) -> None:
-        self._initial = initial  # tests set it small; the proxy keeps the default
-        self._times: dict[Protocol, collections.deque[float]] = {}
-
-    def refused(self, protocol: Protocol, started: float, now: float) -> None:
-        """A login of ``protocol`` begun at ``started`` had its credentials refused at ``now``."""
-        times = self._times.get(protocol)
-        if times is None:
-            times = self._times[protocol] = collections.deque(maxlen=REFUSAL_TIME_SAMPLES)
-        times.append(max(0.0, now - started))
-
-    def estimate(self, protocol: Protocol) -> float:
-        """Seconds a refusal of ``protocol`` takes, as far as recent ones tell."""
-        times = self._times.get(protocol)
-        if not times:
-            return self._initial
-        return statistics.median_low(times)
-
-
 class ConnectionCounts:
     """Open sessions per client address, refused above the limit.
 
@@ -257,7 +215,6 @@ class Limits:
     def __init__(self, settings: LimitSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.logins = LoginThrottle(settings.failed_logins)
-        self.refusal_times = RefusalTimes()
         self.connections = ConnectionCounts(settings.connections_per_ip)
 
 

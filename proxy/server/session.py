@@ -13,7 +13,7 @@ time, each slice's replies sent before the next is fed, so what a client that pi
 reads makes the session hold is bounded by a slice, not by the read. The shared ``limits`` refuse
 a client address over its connection limit (once a trusted PROXY header has named the real one)
 and logins locked by failed attempts, and hold back the refusal of each further failure, and that
-of a login no route owns as long as a backend's refusal takes (no hint who exists). When the
+of a login no route owns as long as a backend's failure delay (``unroutedDelay``). When the
 proxy drains (drain.py) and the session's turn comes, a client still logging in gets the
 protocol's closing line the next time the session waits for it, and a relayed one at the relay's
 next quiet moment. Exactly one INFO line per session is logged when it ends; it names the user
@@ -23,6 +23,7 @@ but never a password.
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -102,7 +103,7 @@ class SessionRecord:
     upstream_bytes: int = 0
     downstream_bytes: int = 0
     # Seconds refusals were held back: the failed-login throttle's delay, and for a login no route
-    # owns the time a backend's refusal takes (limits.RefusalTimes).
+    # owns the backends' failure delay (limits.failedLogins.unroutedDelay).
     held_back: float = 0.0
 
 
@@ -394,7 +395,8 @@ async def _converse(
                                     attempts += 1
                                     # The backend login has its own budget (backendLogin,
                                     # all endpoints together). The time the auth service and
-                                    # the backends take is not the client's: the deadline moves
+                                    # the backends take (and the hold of a login no route owns,
+                                    # which stands for it) is not the client's: the deadline moves
                                     # on by it (up to one backendLogin in all), so a temporary
                                     # failure leaves the client the time it had to retry. Only
                                     # the failed-login delay counts against it (_authenticate);
@@ -534,8 +536,17 @@ async def _authenticate(
         context.labelled(metrics.refusals, f"login_lockout_{lock.scope}").inc()
         record.login = "throttled"
         return events.LoginUnavailable(), None
-    started = clock()
     login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
+    if guarded and login.outcome == "no_route" and throttle.settings.unrouted_delay:
+        # Refused at once, where a routed wrong password waits for the backend's failure delay:
+        # held as long (a fixed time, so that no client's logins set it for others), so that the
+        # time tells no more than the reply which domains and users the proxy serves. Counted as
+        # the backend time it stands for (the caller moves the deadline on by ``waited``), or
+        # the timeout reply would come that much sooner after it than after a routed refusal.
+        hold = throttle.settings.unrouted_delay
+        record.held_back += hold
+        await asyncio.sleep(hold)
+        login = dataclasses.replace(login, waited=login.waited + hold)
     record.route = login.route
     record.backend = str(login.endpoint) if login.endpoint else "-"
     context.labelled(metrics.logins, request.protocol, login.outcome).inc()
@@ -556,17 +567,8 @@ async def _authenticate(
                 locked,
                 throttle.settings.lockout,
             )
-        delay = penalty.delay
-        refusal_times = context.limits.refusal_times
-        if login.outcome == "rejected":
-            refusal_times.refused(request.protocol, started, clock())
-        else:
-            # Refused at once, where a routed wrong password waits for the backend's failure
-            # delay: held as long as those take, so that the time tells no more than the reply
-            # which domains (and users) the proxy serves.
-            delay += refusal_times.estimate(request.protocol)
         # Never past the pre-login deadline, which then ends the session as usual.
-        delay = max(0.0, min(delay, deadline - asyncio.get_running_loop().time()))
+        delay = max(0.0, min(penalty.delay, deadline - asyncio.get_running_loop().time()))
         if delay:
             record.held_back += delay
             await asyncio.sleep(delay)

@@ -124,12 +124,13 @@ def route_names(current: table.RoutingTable) -> list[str]:
     return [route.name for route in current.routes]
 
 
-async def test_an_invalid_route_in_an_edit_keeps_the_last_good_table(
+async def test_an_invalid_route_in_an_edit_keeps_its_last_version_and_the_rest_applies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A typo in one field (review M1, LOW 3): kubectl apply would refuse the object and leave
     the route as it was; the watcher used to install the table without it, so its users got
-    "authentication failed" and counted towards the lockout."""
+    "authentication failed" and counted towards the lockout. Then (review N1) the whole edit was
+    held back; the API server refuses the one object and stores every other change."""
     monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
     reads = CountedReads(monkeypatch)
     path = tmp_path / "routes.yaml"
@@ -137,24 +138,58 @@ async def test_an_invalid_route_in_an_edit_keeps_the_last_good_table(
     holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
     async with watching([path], holder):
         await wait_for(lambda current: route_names(current) == ["mail/alpha", "mail/beta"], holder)
-        good = holder.current
+        alpha = holder.current.routes[0]
         with caplog.at_level(logging.WARNING, logger="mailgress.standalone"):
-            # The typo, and beside it a change that alone would be applied: neither is.
+            # The typo, and beside it a change of another route: that one is applied.
             path.write_text(TYPO_ROUTES.format(tls="startls", beta="other.example", service="dovecot"))
-            await reads.wait(5)  # the change and several polls after it
-        assert holder.current is good
-        errors = [record for record in caplog.records if record.levelno == logging.ERROR]
-        assert len(errors) == 1, caplog.text  # once per change, not every poll
-        assert errors[0].getMessage() == (
+            await wait_for(lambda current: current.routes[-1].domains == ("other.example",), holder)
+            await reads.wait(5)  # several polls after the change
+        assert holder.current.routes == (alpha, holder.current.routes[1])  # alpha as it was
+        assert [record.levelname for record in caplog.records] == ["ERROR"], caplog.text  # once a change
+        assert caplog.records[0].getMessage() == (
             f"{path}: MailRoute mail/alpha: Accepted=False (Invalid): {TYPO}: supported values: "
-            '"none", "starttls", "tls"; '
-            "none of the route files' changes is applied; the routing table in use stays"
+            '"none", "starttls", "tls"; its last applied version stays in use; the other changes are applied'
         )
-        assert not [record for record in caplog.records if record.levelno == logging.WARNING]
         path.write_text(TYPO_ROUTES.format(tls="starttls", beta="other.example", service="dovecot"))
-        await wait_for(lambda current: current.version != good.version, holder)
+        await wait_for(lambda current: current.routes[0] != alpha, holder)
         assert route_names(holder.current) == ["mail/alpha", "mail/beta"]
-        assert holder.current.routes[1].domains == ("other.example",)
+        upstream = holder.current.routes[0].upstream("imap")
+        assert upstream is not None and upstream.tls == "starttls"
+
+
+async def test_deleting_a_kept_invalid_route_removes_it_and_a_new_invalid_one_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A route kept at its last version while its document is Invalid goes when the document
+    goes (kubectl delete); an Invalid route never applied has no version to keep."""
+    monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
+    path, other = tmp_path / "routes.yaml", tmp_path / "other.yaml"
+    path.write_text(TYPO_ROUTES.format(tls="none", beta="beta.example", service="dovecot"))
+    other.write_text("")
+    holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    async with watching([path, other], holder):
+        await wait_for(lambda current: route_names(current) == ["mail/alpha", "mail/beta"], holder)
+        path.write_text(TYPO_ROUTES.format(tls="startls", beta="other.example", service="dovecot"))
+        await wait_for(lambda current: current.routes[-1].domains == ("other.example",), holder)
+        assert route_names(holder.current) == ["mail/alpha", "mail/beta"]
+        # Its document deleted (the Invalid alpha), the route is gone from the table.
+        path.write_text(
+            TYPO_ROUTES.format(tls="startls", beta="other.example", service="dovecot").split("---")[1]
+        )
+        await wait_for(lambda current: route_names(current) == ["mail/beta"], holder)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mailgress.standalone"):
+            # alpha comes back Invalid: no version to keep, left out; r, beside it, is applied.
+            other.write_text(
+                TYPO_ROUTES.format(tls="startls", beta="beta.example", service="dovecot").split("---")[0]
+                + "---"
+                + ROUTE.format(domain="a.example")
+            )
+            await wait_for(lambda current: route_names(current) == ["mail/beta", "mail/r"], holder)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{other}: MailRoute mail/alpha: Accepted=False (Invalid): {TYPO}: supported values: "
+        '"none", "starttls", "tls"; left out of the routing table'
+    ]
 
 
 async def test_a_route_copied_into_a_second_file_keeps_the_table_and_names_both_files(
@@ -204,24 +239,56 @@ async def test_routes_the_api_server_takes_are_applied_with_their_problems(
         assert "MailRoute mail/beta: ResolvedRefs=False (BackendNotFound)" in caplog.text
 
 
-async def test_an_invalid_route_at_start_is_left_out_with_an_error(
+async def test_an_invalid_route_at_start_is_left_out_with_an_error_and_later_edits_apply(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """No earlier table to keep: the other routes are served (as the cluster would serve them
-    without the refused object), and the error names the file, the route and the field."""
+    """No earlier version to keep: the other routes are served (as the cluster would serve them
+    without the refused object), one ERROR (no WARNING besides) names the file, the route and
+    the field. Review N1: every later edit used to be refused for good while it stayed Invalid."""
     monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
     good = tmp_path / "good.yaml"
     good.write_text(ROUTE.format(domain="a.example"))
     path = tmp_path / "routes.yaml"
     path.write_text(TYPO_ROUTES.format(tls="startls", beta="beta.example", service="dovecot"))
     holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
-    with caplog.at_level(logging.ERROR, logger="mailgress.standalone"):
-        async with watching([good, path], holder):
-            await wait_for(lambda current: holder.ready, holder)
-    assert route_names(holder.current) == ["mail/beta", "mail/r"]
-    assert [record.getMessage() for record in caplog.records] == [
+    error = (
         f"{path}: MailRoute mail/alpha: Accepted=False (Invalid): {TYPO}: supported values: "
         '"none", "starttls", "tls"; left out of the routing table'
+    )
+    with caplog.at_level(logging.WARNING, logger="mailgress.standalone"):
+        async with watching([good, path], holder):
+            await wait_for(lambda current: holder.ready, holder)
+            assert route_names(holder.current) == ["mail/beta", "mail/r"]
+            assert [record.getMessage() for record in caplog.records] == [error]
+            good.write_text(ROUTE.format(domain="b.example"))  # an edit of another file
+            await wait_for(lambda current: current.routes[-1].domains == ("b.example",), holder)
+            good.write_text("")  # and a deletion
+            await wait_for(lambda current: route_names(current) == ["mail/beta"], holder)
+    assert [record.getMessage() for record in caplog.records] == [error] * 3  # once per change
+
+
+async def test_a_kept_route_lives_in_the_process_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files have no stored last-applied version (README): a restart with the file still Invalid
+    leaves the route out, with the ERROR."""
+    monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
+    path = tmp_path / "routes.yaml"
+    path.write_text(TYPO_ROUTES.format(tls="none", beta="beta.example", service="dovecot"))
+    holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    async with watching([path], holder):
+        await wait_for(lambda current: route_names(current) == ["mail/alpha", "mail/beta"], holder)
+        path.write_text(TYPO_ROUTES.format(tls="startls", beta="other.example", service="dovecot"))
+        await wait_for(lambda current: current.routes[-1].domains == ("other.example",), holder)
+        assert route_names(holder.current) == ["mail/alpha", "mail/beta"]
+    restarted = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="mailgress.standalone"):
+        async with watching([path], restarted):
+            await wait_for(lambda current: restarted.ready, restarted)
+    assert route_names(restarted.current) == ["mail/beta"]
+    assert [record.getMessage().rpartition("; ")[2] for record in caplog.records] == [
+        "left out of the routing table"
     ]
 
 

@@ -7,12 +7,10 @@ delays are set to hundredths of a second and observed in the session log line, n
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import ipaddress
 import logging
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +19,19 @@ from prometheus_client import generate_latest
 
 from proxy import settings as proxy_settings
 from proxy.server.limits import (
-    DEFAULT_BACKEND_REFUSAL_TIME,
     MAX_TRACKED_USERS,
-    REFUSAL_TIME_SAMPLES,
     ConnectionCounts,
     Limits,
     Lock,
     LoginThrottle,
     Penalty,
-    RefusalTimes,
     client_key,
     connection_refusal,
 )
 from proxy.server.listeners import Listeners
-from proxy.server.session import PRE_LOGIN_TIMED_OUT
 from proxy.settings import FailedLoginSettings, LimitSettings, ListenerSettings, SettingsError
 from proxy.table import Endpoint
+from testbed import authservice
 from testbed.tlscerts import TestAuthority
 from tests.proxy.server.conftest import (
     PASSWORD,
@@ -135,24 +130,6 @@ def test_spraying_users_and_addresses_keeps_memory_bounded() -> None:
     assert MAX_TRACKED_USERS >= 10_000
 
 
-def test_refusal_time_is_dovecots_failure_delay_until_refusals_tell_the_median_of_recent_ones() -> None:
-    assert DEFAULT_BACKEND_REFUSAL_TIME == 2.0  # Dovecot's auth_failure_delay default
-    times = Limits(LimitSettings()).refusal_times
-    assert times.estimate("imap") == DEFAULT_BACKEND_REFUSAL_TIME
-    times.refused("imap", 1000.0, 1000.5)
-    assert times.estimate("imap") == 0.5
-    assert times.estimate("pop3") == DEFAULT_BACKEND_REFUSAL_TIME  # each protocol its own backends
-    times.refused("imap", 1000.0, 1000.5)
-    times.refused("imap", 1000.0, 1030.0)  # a refusal after a hang does not pull it up
-    assert times.estimate("imap") == 0.5
-    # Only the most recent count: older times are forgotten, so memory stays fixed.
-    for _ in range(REFUSAL_TIME_SAMPLES):
-        times.refused("imap", 1000.0, 1001.25)
-    assert times.estimate("imap") == 1.25
-    times.refused("submission", 1000.0, 999.0)  # a clock never goes back; a time is never negative
-    assert times.estimate("submission") == 0.0
-
-
 def test_ipv6_clients_count_by_their_64() -> None:
     assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
     assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
@@ -204,13 +181,25 @@ def test_limit_settings_default_and_read_back() -> None:
     assert proxy_settings.parse({"listeners": LISTENERS}, Path("/")).limits == LimitSettings()
     assert LimitSettings() == LimitSettings(
         connections_per_ip=100,
-        failed_logins=FailedLoginSettings(per_user=10, per_ip=30, first_delay=1, max_delay=15, lockout=300),
+        failed_logins=FailedLoginSettings(
+            per_user=10, per_ip=30, first_delay=1, max_delay=15, lockout=300, unrouted_delay=2
+        ),
     )
+    assert proxy_settings.DEFAULT_UNROUTED_LOGIN_DELAY == 2.0  # Dovecot's auth_failure_delay default
     document = {
         "connectionsPerIp": 20,
-        "failedLogins": {"perUser": 5, "perIp": 50, "firstDelay": 0.5, "maxDelay": 4, "lockout": 900},
+        "failedLogins": {
+            "perUser": 5,
+            "perIp": 50,
+            "firstDelay": 0.5,
+            "maxDelay": 4,
+            "lockout": 900,
+            "unroutedDelay": 1.5,
+        },
     }
-    assert parse_limits(document) == LimitSettings(20, FailedLoginSettings(5, 50, 0.5, 4.0, 900.0))
+    assert parse_limits(document) == LimitSettings(20, FailedLoginSettings(5, 50, 0.5, 4.0, 900.0, 1.5))
+    # unroutedDelay 0 refuses a login no route owns at once.
+    assert parse_limits({"failedLogins": {"unroutedDelay": 0}}).failed_logins.unrouted_delay == 0.0
     assert parse_limits({"failedLogins": {"perUser": 3}}).failed_logins.per_ip == 30
     # firstDelay 0 turns the delay off; the lockout stays.
     undelayed = LoginThrottle(parse_limits({"failedLogins": {"firstDelay": 0}}).failed_logins)
@@ -231,6 +220,10 @@ def test_limit_settings_default_and_read_back() -> None:
         ({"failedLogins": {"maxDelay": "15s"}}, "limits.failedLogins.maxDelay: expected a positive number"),
         ({"failedLogins": {"maxDelay": 0}}, "limits.failedLogins.maxDelay: expected a positive number"),
         ({"failedLogins": {"firstDelay": -1}}, "limits.failedLogins.firstDelay: expected 0 or a positive"),
+        (
+            {"failedLogins": {"unroutedDelay": "2s"}},
+            "limits.failedLogins.unroutedDelay: expected 0 or a positive",
+        ),
     ],
 )
 def test_limit_settings_mistakes_name_the_key(limits: Any, message: str) -> None:
@@ -247,15 +240,15 @@ def install(
     *,
     connections: int = 100,
     clock: FakeClock | None = None,
-    no_route_hold: float = 0.0,
     **failed: Any,
 ) -> FakeClock:
-    """Give the running proxy fresh limits: tiny real delays, a hand-set clock, and
-    ``no_route_hold`` seconds for a login no route owns until a backend has refused one."""
+    """Give the running proxy fresh limits: tiny real delays (a login no route owns is not held
+    unless ``unrouted_delay`` says so) and a hand-set clock."""
     clock = clock or FakeClock()
-    settings = FailedLoginSettings(**{"first_delay": 0.01, "max_delay": 0.02, **failed})
+    settings = FailedLoginSettings(
+        **{"first_delay": 0.01, "max_delay": 0.02, "unrouted_delay": 0.0, **failed}
+    )
     proxy.context.limits = Limits(LimitSettings(connections, settings), clock)
-    proxy.context.limits.refusal_times = RefusalTimes(initial=no_route_hold)
     return clock
 
 
@@ -323,67 +316,65 @@ async def test_a_successful_login_resets_the_users_count(start_proxy: ProxyFacto
         assert backend.logins == 2
 
 
-@contextlib.asynccontextmanager
-async def refusing_backend(clock: FakeClock, failure_delay: float) -> AsyncIterator[int]:
-    """An IMAP backend that refuses every LOGIN ``failure_delay`` seconds of ``clock`` after it
-    came (the clock is stepped, nobody waits), as Dovecot after its auth_failure_delay."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n")
-        with contextlib.suppress(ConnectionError):
-            # LOGIN with two non-synchronizing literals: three lines.
-            lines = [await asyncio.wait_for(reader.readline(), WAIT) for _ in range(3)]
-            clock.now += failure_delay
-            writer.write(lines[0].split(b" ")[0] + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield int(server.sockets[0].getsockname()[1])
-    finally:
-        server.close()
-
-
-async def test_a_login_no_route_owns_takes_as_long_as_a_backends_refusal(
+async def test_a_login_no_route_owns_is_held_the_set_time_whatever_routed_refusals_took(
     start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Review M1, LOW 4: an unknown domain was refused at once, a routed wrong password after
-    the backend's failure delay, so the time told which domains (and users) the proxy serves."""
+    """Review M1 LOW 4, then N1: an unknown domain was refused at once, a routed wrong password
+    after the backend's failure delay, so the time told which domains the proxy serves; the hold
+    that fixed it was then learned from recent refusals, so one client's wrong passwords on a
+    route whose backend refuses at once made it ~0 for everyone. It is unroutedDelay, fixed."""
     caplog.set_level(logging.INFO)
-    clock = FakeClock()
-    async with refusing_backend(clock, failure_delay=0.03) as backend_port:
-        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend_port)])
-        # No throttle delay here (firstDelay 0): what is held back is the refusal time alone.
-        install(proxy, clock=clock, first_delay=0, no_route_hold=0.05)
-        users = ["nobody@unrouted.example", "alice@alpha.example", "other@unrouted2.example"]
+    async with fake_backend() as backend:  # refuses a wrong password at once
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        # No throttle delay here (firstDelay 0): what is held back is the unrouted hold alone.
+        install(proxy, first_delay=0, unrouted_delay=0.05)
+        users = [
+            "nobody@unrouted.example",
+            *(f"user{n}@alpha.example" for n in range(5)),
+            "x@unrouted2.example",
+        ]
         for user in users:
             assert (await attempt(proxy, user, "Wrong-Pass-1")) == (
                 b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
             )
-    lines = await session_lines(caplog, 3)
-    assert [line.split(" login=")[1].split()[0] for line in lines] == ["no_route", "rejected", "no_route"]
-    # Before any refusal the named default (here set small); after one, what the backend took.
-    assert [line.rpartition(" held_back=")[2] for line in lines] == ["0.05s", "0s", "0.03s"]
+    lines = await session_lines(caplog, len(users))
+    assert [line.split(" login=")[1].split()[0] for line in lines] == [
+        "no_route",
+        *["rejected"] * 5,
+        "no_route",
+    ]
+    assert [line.rpartition(" held_back=")[2] for line in lines] == ["0.05s", *["0s"] * 5, "0.05s"]
 
 
-async def test_the_refusal_time_adds_to_the_throttle_and_stops_at_the_deadline(
+async def test_an_auth_wait_holds_its_own_refusal_not_the_logins_no_route_owns(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review N1: an auth_http refusal's Auth-Wait (nginx: hold this client's refusal) became the
+    hold of every login no route owns, up to its whole pre-login time."""
+    caplog.set_level(logging.INFO)
+    with authservice.AuthService() as service:
+        service.answer = lambda received: authservice.refuse(wait=1)
+        spec = {"auth": {"mode": "http", "http": {"url": service.url, "timeout": "5s"}}}
+        proxy = await start_proxy(spec, [Endpoint("127.0.0.1", dead_port())])
+        install(proxy, first_delay=0, unrouted_delay=0.05)
+        for user in ("mallory@alpha.example", "typo@alpah.example"):
+            assert (await attempt(proxy, user, "Wrong-Pass-1")).startswith(b"a1 NO ")
+    lines = await session_lines(caplog, 2)
+    assert [line.split(" login=")[1].split()[0] for line in lines] == ["rejected", "no_route"]
+    assert lines[1].endswith(" held_back=0.05s"), lines[1]
+
+
+async def test_the_unrouted_hold_adds_to_the_throttle(
     start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    proxy = await start_proxy({}, [Endpoint("127.0.0.1", dead_port())], pre_login=1.0)
-    install(proxy, first_delay=0.02, no_route_hold=0.01)
-    assert (await attempt(proxy, "nobody@unrouted.example")).startswith(b"a1 NO [AUTH")
-    assert (await attempt(proxy, "nobody@unrouted.example")).startswith(b"a1 NO [AUTH")
-    # A hold longer than the pre-login time left: cut at the deadline, which ends the session
-    # (whether the refusal or the timeout reply goes out first is the loop's choice).
-    install(proxy, no_route_hold=WAIT)
-    await attempt(proxy, "nobody@unrouted.example")
-    lines = await session_lines(caplog, 3)
+    proxy = await start_proxy({}, [Endpoint("127.0.0.1", dead_port())])
+    install(proxy, first_delay=0.02, unrouted_delay=0.01)
+    for _ in range(2):
+        assert (await attempt(proxy, "nobody@unrouted.example")).startswith(b"a1 NO [AUTH")
+    lines = await session_lines(caplog, 2)
     held_back = [float(line.rpartition(" held_back=")[2].rstrip("s")) for line in lines]
-    assert held_back[:2] == [0.01, 0.03]  # 0 then 0.02 from the throttle, each plus the 0.01
-    assert 0 < held_back[2] <= 1.0
-    assert f" outcome={PRE_LOGIN_TIMED_OUT} " in lines[2], lines[2]
+    assert held_back == [0.01, 0.03]  # 0 then 0.02 from the throttle, each plus the 0.01
 
 
 async def test_only_a_login_no_route_owns_is_held_as_long_as_a_refusal(
@@ -392,7 +383,7 @@ async def test_only_a_login_no_route_owns_is_held_as_long_as_a_refusal(
     """Inbound mail for a domain no route owns tries no password: its 550 is not held back."""
     caplog.set_level(logging.INFO)
     proxy = await start_proxy({}, [Endpoint("127.0.0.1", dead_port())], listener={"protocol": "smtp"})
-    install(proxy, no_route_hold=WAIT)
+    install(proxy, unrouted_delay=WAIT)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"EHLO client.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<bob@alpha.example>\r\n")
     for _ in range(20):  # greeting, EHLO lines and MAIL's reply, then RCPT's

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from proxy.server import channel, session
-from proxy.settings import CertificateFiles
+from proxy.server.limits import Limits
+from proxy.settings import CertificateFiles, FailedLoginSettings, LimitSettings
 from proxy.table import Endpoint
 from testbed.tlscerts import IssuedCertificate, TestAuthority
 from tests.proxy.server.conftest import (
@@ -27,8 +28,10 @@ from tests.proxy.server.conftest import (
     RunningProxy,
     dead_port,
     imap_client,
+    login,
     session_lines,
 )
+from tests.proxy.server.test_backends_health import refusing_after, serving
 
 PRE_LOGIN = 1.0
 COMMAND = b"a CAPABILITY\r\n"  # a reply several times its size, and never an error
@@ -36,6 +39,8 @@ MAX_SENT = 1024 * 1024  # what a client pushes at most
 SEND_FOR = 3.0  # how long it pushes at most: well past the deadline
 SMALL_RECEIVE_BUFFER = 4096  # the client's window: the proxy's replies back up quickly
 POLL = 0.05
+# A backend's failure delay, and the hold of a login no route owns: longer than PRE_LOGIN.
+FAILURE_DELAY = 1.2
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +233,54 @@ async def test_starttls_then_silence_is_timed_out_without_a_plaintext_line(
     assert proxy.metric("mailgress_proxy_refusals_total", reason="pre_login_timeout") == 1
     (line,) = await session_lines(caplog)
     assert " outcome=timed out before login, in the STARTTLS handshake bytes_up=" in line
+
+
+@pytest.mark.parametrize("user", ["anna@alpha.example", "anna@unrouted.example"])
+async def test_a_refused_login_leaves_the_client_its_time_routed_or_not(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture, user: str
+) -> None:
+    """Review N1: the hold of a login no route owns used up the client's pre-login time, while a
+    routed refusal's backend time moved the deadline on, so the timeout reply came one failure
+    delay sooner after an unknown domain's refusal than after a routed one: the timing the hold
+    hides, read off the closing line. Both count as backend time now. The backend's failure
+    delay and the hold are longer than the whole pre-login time: a refusal counted against it
+    would end the session instead of leaving the client time for another command."""
+    caplog.set_level(logging.INFO)
+    async with serving(refusing_after(FAILURE_DELAY)) as (endpoint, _):
+        proxy = await start_proxy({}, [endpoint], pre_login=PRE_LOGIN)
+        failed = FailedLoginSettings(first_delay=0, unrouted_delay=FAILURE_DELAY)
+        proxy.context.limits = Limits(LimitSettings(failed_logins=failed))
+        reply, reader, writer = await login(proxy.port, user, password="Wrong-Pass-1")
+        assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+        writer.write(b"a2 NOOP\r\n")
+        assert await asyncio.wait_for(reader.readline(), WAIT) == b"a2 OK NOOP completed\r\n"
+        # Then silence: the deadline, moved on by the refusal's time, ends the session.
+        assert await asyncio.wait_for(reader.readline(), WAIT) == b"* BYE Autologout; idle for too long\r\n"
+        writer.close()
+    [line] = await session_lines(caplog)
+    assert f" outcome={session.PRE_LOGIN_TIMED_OUT} " in line, line
+
+
+async def test_holds_of_logins_no_route_owns_add_at_most_one_backend_login(
+    start_proxy: ProxyFactory,
+) -> None:
+    """Counted as backend time, the hold has its cap too: a client retrying unknown domains runs
+    out of pre-login time after at most one backendLogin more, as one retrying while the
+    backends hang (test_backends_health)."""
+    proxy = await start_proxy(
+        {}, [Endpoint("127.0.0.1", dead_port())], backend_login=0.5, pre_login=PRE_LOGIN
+    )
+    failed = FailedLoginSettings(first_delay=0, unrouted_delay=0.4, per_user=100, per_ip=100)
+    proxy.context.limits = Limits(LimitSettings(failed_logins=failed))
+    reader, writer = await imap_client(proxy.port)
+    replies = []
+    for attempt in range(40):  # 40 holds would be 16 s; the session ends first
+        writer.write(b"a%d LOGIN anna@unrouted.example secret\r\n" % attempt)
+        reply = await asyncio.wait_for(reader.readline(), WAIT)
+        replies.append(reply)
+        if reply.startswith(b"* BYE") or not reply:
+            break
+    writer.close()
+    assert replies[-1].startswith(b"* BYE"), replies
+    # preLogin (1 s) and one backendLogin (0.5 s): three holds of 0.4 s at most, and part of a fourth.
+    assert len(replies) <= 5, replies
