@@ -95,10 +95,10 @@ is a backend failure, so the client hears 451 and retries: either way no mail is
 backend did not take. A 4xx or 5xx to XCLIENT or to the EHLO after it is the backend's verdict on
 the client it now sees (Postfix's client and HELO restrictions with ``smtpd_delay_reject = no``):
 the client hears it as the reply to its RCPT (submission: to its AUTH), and the endpoint, which
-answered, is not failing. A refusal of XCLIENT itself as not understood or not authorized (500-504,
-550: ``XCLIENT_REFUSED_TO_THE_PROXY``) is about the proxy, not the client: a failure of the endpoint
-and 451 to the client, never a bounce (Postfix lists XCLIENT only to hosts it authorizes, so with
-Postfix it does not happen).
+answered, is not failing. A refusal of XCLIENT itself as not understood (500-504) or not authorized
+(Postfix's 550 "insufficient authorization") is about the proxy, not the client: a failure of the
+endpoint and 451 to the client, never a bounce (Postfix lists XCLIENT only to hosts it authorizes,
+so with Postfix the second does not happen).
 
 With ``BackendConfig.starttls`` the first EHLO reply must list STARTTLS (RFC 3207); the machine
 sends it and, on ``220``, emits ``StartTls`` and drops whatever the backend sent behind the 220
@@ -525,8 +525,9 @@ class Frontend:
                 return [Send(reply), Relay(self._buffer.take_all())]
             case LoginRejected(reply=reply):
                 self._expect(State.AUTHENTICATING, event)
-                if self._config.inbound and reply is not None and reply.startswith(b"%d" % CLOSING_CODE):
-                    # The backend's 421 (RFC 5321 section 3.8): the session ends with it.
+                if reply is not None and reply.startswith(b"%d" % CLOSING_CODE):
+                    # The backend's 421 (RFC 5321 section 3.8): the session ends with it, on
+                    # submission as on inbound (a client-restriction 421 after XCLIENT, say).
                     return self._close("backend closed the connection", reply)
                 if self._config.inbound:
                     # Stays in the transaction: the client may try other recipients. A refused
@@ -817,12 +818,14 @@ ENVELOPE_REPLY_TIMEOUTS = {BackendState.MAIL: MAIL_REPLY_TIMEOUT, BackendState.R
 _NO_STARTTLS = "backend does not offer STARTTLS"
 # RFC 5321 section 3.8: "421 Service not available, closing transmission channel".
 CLOSING_CODE = 421
-# Replies to XCLIENT itself that are about the proxy, not the client: Postfix's XCLIENT_README
-# gives "550 5.7.0 Error: insufficient authorization" to a host it does not trust, and 501-504
-# (RFC 5321 section 4.2.2) mean the command was not understood or not allowed. Passing these on
-# as the client's reply would bounce every message over a configuration error; they are the
-# endpoint's failure (451 to the client, who retries).
-XCLIENT_REFUSED_TO_THE_PROXY = frozenset({500, 501, 502, 503, 504, 550})
+# Replies to XCLIENT itself that are about the proxy, not the client: 500-504 (RFC 5321 section
+# 4.2.2: the command was not understood or not allowed), and Postfix's refusal of a host it does
+# not trust (XCLIENT_README: "550 5.7.0 Error: insufficient authorization"; its text tells it from
+# a 550 of the client restrictions, which Postfix also sends to XCLIENT). Passing these on as the
+# client's reply would bounce every message over a configuration error; they are the endpoint's
+# failure (451 to the client, who retries).
+XCLIENT_NOT_UNDERSTOOD = frozenset({500, 501, 502, 503, 504})
+XCLIENT_NOT_AUTHORIZED = b"insufficient authorization"
 # The one AUTH refusal that says the credentials are wrong (RFC 4954 section 6: 535 5.7.8
 # Authentication credentials invalid). Other permanent refusals (534 mechanism too weak, 538
 # encryption required, 554 ...) refuse the login for another reason.
@@ -1038,7 +1041,9 @@ class BackendLogin:
                 return [Send(b"EHLO " + self._helo_name + CRLF)]
             case BackendState.CLIENT_EHLO if code == 250:
                 return self._login(_extensions(lines))
-            case BackendState.XCLIENT if code in XCLIENT_REFUSED_TO_THE_PROXY:
+            case BackendState.XCLIENT if code in XCLIENT_NOT_UNDERSTOOD or (
+                code == 550 and XCLIENT_NOT_AUTHORIZED in reply.lower()
+            ):
                 return self._fail(
                     f"backend refused XCLIENT with {code} (is the proxy an authorized XCLIENT host?)"
                 )

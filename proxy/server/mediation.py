@@ -94,7 +94,9 @@ async def mediate(
         while True:
             try:
                 async with asyncio.timeout(idle_timeout) as scope:
-                    reason = await _carry_out(machine, commands, client, backend, moved, place=place)
+                    reason = await _carry_out(
+                        machine, commands, client, backend, moved, place=place, scope=scope
+                    )
                     if reason is not None:
                         ended = reason
                         return ended
@@ -152,9 +154,12 @@ async def _carry_out(
     moved: Moved,
     *,
     place: Place | None,
+    scope: asyncio.Timeout | None = None,
 ) -> str | None:
     """Do the machine's commands in order (and those its answers bring); the reason if one of
-    them closes the session."""
+    them closes the session. While the auth service places a recipient, ``scope`` (the idle
+    timeout's) is moved on to a RCPT reply's time: the client is owed that reply (RFC 5321
+    section 4.5.3.2.3), however short ``idle`` is; the service's own timeout bounds the ask."""
     pending = collections.deque(commands)
     while pending:
         command = pending.popleft()
@@ -169,6 +174,9 @@ async def _carry_out(
                 return reason
             case smtp.AskRecipient():
                 assert place is not None, "the machine asks only when given a login request to ask with"
+                if scope is not None:
+                    owed = asyncio.get_running_loop().time() + smtp.RCPT_REPLY_TIMEOUT
+                    scope.reschedule(max(owed, scope.when() or owed))
                 pending.extend(machine.handle(await place(command)))
             case _:
                 assert_never(command)

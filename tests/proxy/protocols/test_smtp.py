@@ -638,7 +638,7 @@ def test_xtext_encoding_follows_rfc_3461() -> None:
     assert smtp.xtext("\x7f\x00é") == "+7F+00+C3+A9"
 
 
-@pytest.mark.parametrize("code", [b"554 5.7.1", b"450 4.7.1"])
+@pytest.mark.parametrize("code", [b"554 5.7.1", b"450 4.7.1", b"550 5.7.1"])
 @pytest.mark.parametrize("after_ehlo", [False, True], ids=["to-xclient", "to-the-ehlo-after-it"])
 def test_a_refusal_of_the_real_client_is_the_clients_reply(code: bytes, after_ehlo: bool) -> None:
     """Review M5 #2: Postfix's client restrictions refuse the address XCLIENT gave it (or its
@@ -692,6 +692,16 @@ def test_an_xclient_refused_to_the_proxy_is_an_endpoint_failure_not_a_bounce(cod
     [failed] = feed(login, code)
     assert isinstance(failed, BackendFailed)
     assert failed.reason.startswith(f"backend refused XCLIENT with {int(code[:3])}")
+
+
+def test_a_backend_closing_at_a_submission_login_ends_the_session_with_its_421() -> None:
+    """Review O3 #3: a 421 (RFC 5321 section 3.8: the backend is closing; here Postfix's client
+    restrictions after XCLIENT) was the AUTH reply and the session went on; it ends it, as inbound."""
+    frontend = started()
+    auth = b"AUTH PLAIN " + sasl.plain_response(CREDENTIALS) + b"\r\n"
+    assert isinstance(frontend.handle(DataReceived(EHLO + auth))[-1], Authenticate)
+    closing = b"421 4.7.0 <unknown[192.0.2.7]>: Client host rejected: too busy\r\n"
+    assert frontend.handle(LoginRejected(closing)) == [Send(closing), Close("backend closed the connection")]
 
 
 def test_an_xclient_reply_that_is_neither_success_nor_refusal_fails_the_login() -> None:

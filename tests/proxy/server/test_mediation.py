@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from proxy.protocols import events, smtp
+from proxy.protocols.events import LoginRequest
 from proxy.server import mediation, relay
 from proxy.server.channel import SocketChannel
 from proxy.server.drain import Turn
@@ -152,6 +153,51 @@ async def test_the_reply_to_the_body_is_waited_for_past_the_idle_timeout(sides: 
     await sides.backend_peer.send(b"250 queued\r\n")
     assert await sides.client_peer.read_until(b"\r\n") == b"250 queued\r\n"
     # Commands are the client's again: a silent one meets the idle timeout as before.
+    assert await sides.client_peer.read_until(b"\r\n") == b"421 4.4.2 mailgress Error: timeout exceeded\r\n"
+    assert await _ended(task) == "idle timeout"
+
+
+async def test_the_auth_services_answer_is_waited_for_past_the_idle_timeout(sides: Sides) -> None:
+    """Review O3 #5: the client is owed its RCPT reply while the auth service places the
+    recipient; before, an idle timeout shorter than the service's answer gave it 421."""
+    asked: list[smtp.AskRecipient] = []
+
+    async def place(command: smtp.AskRecipient) -> smtp.RecipientPlaced:
+        asked.append(command)
+        await asyncio.sleep(1.0)  # a slow auth service: five idle timeouts
+        return smtp.RecipientPlaced("here")
+
+    login = LoginRequest(
+        protocol="smtp",
+        routing_key="a@alpha.example",
+        helo=b"EHLO client.example",
+        envelope=(b"MAIL FROM:<s@example.net>", b"RCPT TO:<a@alpha.example>"),
+    )
+    machine = smtp.Mediator(
+        events.FrontendConfig(inbound=True),
+        "mail/alpha",
+        lambda key: ROUTES.get(key.rpartition("@")[2]),
+        login,
+    )
+    task = asyncio.ensure_future(
+        mediation.mediate(
+            machine,
+            sides.client,
+            sides.backend,
+            client_bytes=b"RCPT TO:<b@alpha.example>\r\n",
+            backend_bytes=b"",
+            idle_timeout=0.2,
+            closing_grace=WAIT,
+            drain=sides.turn,
+            progress=sides.progress,
+            place=place,
+        )
+    )
+    assert await sides.backend_peer.read_until(b"\r\n") == b"RCPT TO:<b@alpha.example>\r\n"
+    assert [command.request.routing_key for command in asked] == ["b@alpha.example"]
+    await sides.backend_peer.send(b"250 2.1.5 Ok\r\n")
+    assert await sides.client_peer.read_until(b"\r\n") == b"250 2.1.5 Ok\r\n"
+    # The client's silence after its reply meets the idle timeout as before.
     assert await sides.client_peer.read_until(b"\r\n") == b"421 4.4.2 mailgress Error: timeout exceeded\r\n"
     assert await _ended(task) == "idle timeout"
 
