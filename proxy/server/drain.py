@@ -6,9 +6,8 @@ when it ends. On SIGTERM ``process.run`` stops accepting and ``Listeners.drain_s
 period, so the clients reconnecting to the other pods arrive spread out, not in one stampede.
 When its turn comes, the session driver ends the session at its next safe point with the
 protocol's closing line: before login at once (session.py), in the relay only at a quiet moment
-(relay.py; for IMAP also at a line boundary of both directions, outside any literal). Whatever
-is left when the grace period ends is cancelled. This module only keeps time and counts how
-drained sessions ended; it never reads a session's bytes, never logs.
+(relay.py). Whatever is left when the grace period ends is cancelled. This module only keeps
+time and counts how drained sessions ended; it never reads a session's bytes, never logs.
 """
 
 import asyncio
@@ -21,9 +20,7 @@ from proxy.settings import DrainSettings, ListenerProtocol
 
 # How a session that was open during a drain ended (the drained_sessions metric's outcome label).
 CLOSED_BEFORE_LOGIN = "closed_before_login"  # the closing reply while the client was logging in
-# The closing line at a quiet moment of the relay (an IMAP session that sent COMPRESS: closed
-# then without it, relay.py).
-CLOSED_WHEN_QUIET = "closed_when_quiet"
+CLOSED_WHEN_QUIET = "closed_when_quiet"  # the closing line at a quiet moment of the relay
 ENDED_ON_THEIR_OWN = "ended_on_their_own"  # client or backend ended it first (QUIT, LOGOUT, ...)
 CUT_AT_DEADLINE = "cut_at_deadline"  # still busy when the grace period ended: closed without a word
 

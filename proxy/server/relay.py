@@ -6,41 +6,39 @@ take a zero-copy path (socket -> pipe -> socket with ``os.splice``, the bytes ne
 Python); everything else takes a transport/Protocol path with flow control. Both half-close
 like TCP, end on an idle timeout, close both sides, and count exactly the bytes handed to the
 kernel towards each peer (one blind spot: on the transport path, bytes still buffered when a peer
-resets during the final flush count as sent). The relay never logs, never touches a credential,
-and parses nothing but what the drain of an IMAP session needs (below).
+resets during the final flush count as sent). The relay never parses, never logs, never touches
+a credential.
 
 Drain (drain.py): once a stopping proxy says a session's turn has come, the relay waits for a
 quiet moment and then writes the protocol's closing line to the client and closes both sides.
 Quiet means: no byte moved either way for the turn's quiet period, the last bytes read came from
 the backend, neither side has ended, and neither direction holds bytes (on the splice path: no
-pipe held). The rule relies on the protocols being lock-step: a client that waits for nothing has
-had the last word answered. A backend can still pause for longer than the quiet period in the
-middle of a response (inside a FETCH literal, on slow storage), so for IMAP each direction is
-also followed (``proxy.protocols.imap_stream``), and the ``* BYE`` comes only where both are at
-a line boundary outside any literal: RFC 3501 section 7.1.5 allows it at any moment, but only as
-a whole response. To see the lines, the splice path reads an IMAP direction into Python while it
-is between literals, and splices a literal body of at least ``SPLICE_LITERAL_MIN`` octets for
-exactly its length; the transport path follows what ``data_received`` gets. Once the client has
-sent COMPRESS (RFC 4978), or a literal marker too long to be one, the stream is no longer followed
-and the drain closes such a session at its quiet moment without a closing line: a plaintext
-``BYE`` inside a deflate stream would be garbage, and a session cut at a quiet moment reconnects
-like one that got its ``BYE``.
-POP3 and submission keep the quiet rule alone: their bodies (RETR, DATA) are not length-prefixed
-but dot-terminated, so following them would mean reading every body octet in Python, on the hot
-path of every session. Their blind spots stay: a backend pausing longer than the quiet period
-inside a RETR (the client sees the closing line as message text, then the connection ends, and
-fetches the message again), and a submission client pausing that long inside a transaction
-(after its MAIL or RCPT was answered, or right after the backend's ``354``): told nothing was
-accepted, it retries. Inbound SMTP does not come here (mediation.py). The
-closing line is the proxy's, not the backend's: it is counted with the bytes that went down to
-the client.
+pipe held). The relay cannot parse, so this is a heuristic, and it is this one because IMAP,
+POP3 and SMTP are lock-step: a client that waits for nothing has had the last word answered.
+A client in the middle of an SMTP DATA transfer or an IMAP APPEND literal spoke last, however
+long it pauses, and a backend answering a command keeps the stream busy, so neither gets the
+closing line in the middle; bytes still flowing (a FETCH literal, a multi-line reply) keep it
+busy too. What it cannot tell:
+- a client that pauses longer than the quiet period right after the backend's ``354`` (SMTP),
+  ``+`` continuation (IMAP literal), or anywhere inside a submission transaction after its MAIL
+  or RCPT was answered, gets the closing line instead of finishing; it was told nothing was
+  accepted, so it retries and nothing is lost;
+- a backend that stalls longer than the quiet period in the middle of a response (inside a FETCH
+  literal or a POP3 RETR, on slow storage) gets the closing line written into it: the client
+  sees a broken response, then the end of the connection, and fetches the message again;
+- after an IMAP COMPRESS (RFC 4978) the plaintext ``BYE`` lands inside a deflate stream, which
+  the client cannot read: it sees a broken stream and reconnects, as it would on a close.
+Following the protocols closes these gaps only by reading what they carry in Python: an IMAP
+follower that spliced only literals of 16 KiB or more (review M1, built and measured, then taken
+out) cost 3.4 times the CPU per GiB of a FETCH of 8 KiB messages (0.85 against 0.25 CPU s/GiB),
+most mail being that small, and POP3 and SMTP bodies end with a dot, not a length. A rare drain
+that needs a client's retry is the better trade. Inbound SMTP does not come here (mediation.py),
+and has none of these gaps. The closing line is the proxy's, not the backend's: it is counted
+with the bytes that went down to the client.
 
 Hot path rules (nginx is the benchmark): no timer is rescheduled per chunk (the idle watchdog
 reads a last-activity timestamp when it fires), and the splice path allocates nothing per
-chunk beyond the integers ``os.splice`` returns and the float of that timestamp; an IMAP
-direction read into Python between literals allocates the bytes read and at most a few dozen
-octets per line for its tracker. Idle, a relay holds no buffer: two trackers of a few slots each
-for an IMAP session, nothing for the others.
+chunk beyond the integers ``os.splice`` returns and the float of that timestamp.
 """
 
 import asyncio
@@ -54,7 +52,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
-from proxy.protocols.imap_stream import ImapStream
 from proxy.server.drain import Turn
 from proxy.server.poller import Poller
 
@@ -79,12 +76,6 @@ IDLE_PIPES_KEPT = 16
 # costs at most about 320 KiB of Python memory per direction. These are asyncio's own defaults.
 WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
-# An IMAP direction the drain follows (imap_stream.py) is read into Python while in its lines, at
-# most this much per read; a literal body of at least SPLICE_LITERAL_MIN octets still to come is
-# spliced for exactly that length, a smaller one is read with the lines around it (one copy is
-# cheaper than two splices and a pipe for a few KiB).
-LINE_READ_SIZE = 64 * 1024
-SPLICE_LITERAL_MIN = 16 * 1024
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 SPLICE_AVAILABLE = hasattr(os, "splice")
@@ -182,7 +173,6 @@ async def relay(
         idle_timeout: seconds without a byte in either direction before both are closed.
         splice: use the zero-copy path when the platform has ``os.splice``.
         drain: the session's turn in a drain: once due, end at a quiet moment with its line.
-            An IMAP turn also has both directions followed (module docstring).
         progress: follows the bytes handed to each peer while the relay runs, and after it
             ended however it ended (cancellation included).
 
@@ -204,11 +194,10 @@ async def relay(
             to_client=to_client,
             idle_timeout=idle_timeout,
             progress=progress or Progress(),
-            drain=drain,
         )
         try:
             result = await _wait(spliced.done, spliced.finish, drain, spliced.drain_when_quiet)
-            if result.ended_by == DRAINED and spliced.says_goodbye():
+            if result.ended_by == DRAINED:
                 assert drain is not None
                 # The pumps are stopped and hold nothing: the line follows the last relayed byte.
                 with contextlib.suppress(OSError):
@@ -223,7 +212,7 @@ async def relay(
             client.close()  # a drained relay leaves it open for the closing line
     # The transports start reading as soon as they exist, before both are wrapped; their
     # protocols hold what arrives until linked (_Side.data_received).
-    state = _TransportRelay(loop, idle_timeout, progress or Progress(), drain)
+    state = _TransportRelay(loop, idle_timeout, progress or Progress())
     try:
         await loop.connect_accepted_socket(lambda: state.client, client)
         await loop.create_connection(lambda: state.backend, sock=backend)
@@ -259,7 +248,7 @@ async def relay_transports(
 
     Returns and raises as ``relay``.
     """
-    state = _TransportRelay(asyncio.get_running_loop(), idle_timeout, progress or Progress(), drain)
+    state = _TransportRelay(asyncio.get_running_loop(), idle_timeout, progress or Progress())
     sides = ((state.client, client, client_before), (state.backend, backend, backend_before))
     for side, transport, before in sides:
         side.transport = transport
@@ -329,22 +318,21 @@ class _QuietWatch:
     """During a drain: calls ``on_quiet`` at the relay's first quiet moment (module docstring).
 
     Checks when the quiet period since the last byte would be over, and again a period later
-    while the backend has not spoken last or ``may_end`` says no (a direction still holds bytes,
-    or an IMAP direction is inside a line or a literal).
+    while the backend has not spoken last or a direction still holds bytes.
     """
 
-    __slots__ = ("_handle", "_may_end", "_on_quiet", "period", "watch")
+    __slots__ = ("_handle", "_holds_nothing", "_on_quiet", "period", "watch")
 
     def __init__(
         self,
         watch: _IdleWatch,
         period: float,
-        may_end: Callable[[], bool],
+        holds_nothing: Callable[[], bool],
         on_quiet: Callable[[], None],
     ) -> None:
         self.watch = watch
         self.period = period
-        self._may_end = may_end
+        self._holds_nothing = holds_nothing
         self._on_quiet = on_quiet
         self._handle: asyncio.TimerHandle | None = None
         self._check()
@@ -352,7 +340,7 @@ class _QuietWatch:
     def _check(self) -> None:
         watch = self.watch
         silent = watch.loop.time() - watch.last_activity
-        if silent >= self.period and watch.last_from == BACKEND and self._may_end():
+        if silent >= self.period and watch.last_from == BACKEND and self._holds_nothing():
             self._handle = None
             self._on_quiet()
             return
@@ -420,20 +408,12 @@ class _Pump:
         "poller",
         "relay",
         "src_fd",
-        "stream",
         "watch",
         "writing",
     )
 
     def __init__(
-        self,
-        relay: "_SpliceRelay",
-        src: socket.socket,
-        dst: socket.socket,
-        head: bytes,
-        name: str,
-        *,
-        stream: ImapStream | None,
+        self, relay: "_SpliceRelay", src: socket.socket, dst: socket.socket, head: bytes, name: str
     ) -> None:
         self.relay = relay
         self.poller = relay.poller
@@ -449,9 +429,6 @@ class _Pump:
         self.moved = 0  # bytes handed to dst, head included
         self.eof = False
         self.writing = False  # a writer callback is registered on dst
-        self.stream = stream  # where this direction is, for the drain (IMAP only)
-        if stream is not None:
-            stream.feed(head)
 
     def start(self) -> None:
         if self.head:
@@ -481,24 +458,11 @@ class _Pump:
     def _on_readable(self) -> None:
         # One read per wakeup: the poller calls again while the socket stays readable (or in
         # error), and a busy connection cannot starve the others.
-        stream = self.stream
         try:
-            size = _splice_size(stream)
-            if size:
-                if self.pipe is None:
-                    self.pipe = _take_pipe()
-                self.in_pipe = read = os.splice(self.src_fd, self.pipe.write, size, flags=_SPLICE_FLAGS)
-                if stream is not None and not stream.opaque:
-                    stream.skip(read)
-            else:
-                assert stream is not None
-                data = os.read(self.src_fd, LINE_READ_SIZE)
-                read = len(data)
-                self.head = memoryview(data)
-                stream.feed(data)
-                if stream.opaque:
-                    self.relay.go_opaque()
-            if not read:
+            if self.pipe is None:
+                self.pipe = _take_pipe()
+            self.in_pipe = os.splice(self.src_fd, self.pipe.write, PIPE_SIZE, flags=_SPLICE_FLAGS)
+            if not self.in_pipe:
                 self._at_eof()
                 return
             self.watch.last_activity = self.clock()
@@ -556,30 +520,6 @@ class _Pump:
             self.pipe = None
 
 
-def _splice_size(stream: ImapStream | None) -> int:
-    """How much the next splice of a direction may move; 0: read it into Python instead."""
-    if stream is None or stream.opaque:
-        return PIPE_SIZE
-    if stream.literal >= SPLICE_LITERAL_MIN:
-        return min(stream.literal, PIPE_SIZE)
-    return 0
-
-
-def _between_responses(client: ImapStream | None, backend: ImapStream | None) -> bool:
-    """The drain may end the relay here: no stream followed (POP3, submission), or both
-    directions at a line boundary, or no longer followed (then without a closing line)."""
-    if client is None or backend is None:
-        return True
-    return client.opaque or (client.at_boundary and backend.at_boundary)
-
-
-def _imap_streams(drain: Turn | None) -> tuple[ImapStream, ImapStream] | tuple[None, None]:
-    """The (client -> backend, backend -> client) trackers of a relay whose drain is IMAP's."""
-    if drain is None or drain.protocol != "imap":
-        return None, None
-    return ImapStream(client=True), ImapStream(client=False)
-
-
 class _SpliceRelay:
     """Both pumps of one spliced relay, its idle watchdog and its end."""
 
@@ -608,7 +548,6 @@ class _SpliceRelay:
         to_client: bytes,
         idle_timeout: float,
         progress: Progress,
-        drain: Turn | None,
     ) -> None:
         self.loop = loop
         self.client = client
@@ -621,11 +560,8 @@ class _SpliceRelay:
             self.watch.last_from = CLIENT
         self.quiet: _QuietWatch | None = None
         self.poller = Poller.acquire(loop)
-        up_stream, down_stream = _imap_streams(drain)
-        self.up = _Pump(self, client, backend, to_backend, CLIENT, stream=up_stream)
-        self.down = _Pump(self, backend, client, to_client, BACKEND, stream=down_stream)
-        if any(stream is not None and stream.opaque for stream in (up_stream, down_stream)):
-            self.go_opaque()
+        self.up = _Pump(self, client, backend, to_backend, CLIENT)
+        self.down = _Pump(self, backend, client, to_client, BACKEND)
         self.progress = progress
         progress.follow(self)
         self.up.start()
@@ -646,26 +582,12 @@ class _SpliceRelay:
         if self.up.eof and self.down.eof:
             self.finish(self.first_eof)
 
-    def go_opaque(self) -> None:
-        """A direction can no longer be followed (COMPRESS): stop following both."""
-        for pump in (self.up, self.down):
-            if pump.stream is not None:
-                pump.stream.go_opaque()
-
-    def says_goodbye(self) -> bool:
-        """A drained relay writes the closing line: unless its IMAP stream is opaque."""
-        return self.up.stream is None or not self.up.stream.opaque
-
     def drain_when_quiet(self, turn: Turn) -> None:
         if self.quiet is None and not self.finished:
             self.quiet = _QuietWatch(
                 self.watch,
                 turn.quiet_period,
-                lambda: (
-                    self.up.holds_nothing()
-                    and self.down.holds_nothing()
-                    and _between_responses(self.up.stream, self.down.stream)
-                ),
+                lambda: self.up.holds_nothing() and self.down.holds_nothing(),
                 lambda: self.finish(DRAINED),
             )
 
@@ -708,12 +630,11 @@ class _Side(asyncio.Protocol):
         "out",
         "peer",
         "state",
-        "stream",
         "transport",
         "watch",
     )
 
-    def __init__(self, state: "_TransportRelay", name: str, stream: ImapStream | None) -> None:
+    def __init__(self, state: "_TransportRelay", name: str) -> None:
         self.state = state
         self.name = name
         self.clock = state.loop.time
@@ -726,7 +647,6 @@ class _Side(asyncio.Protocol):
         self.forwarded = 0  # bytes written to out
         self.eof = False
         self.lost = False  # the connection was gone before the relay took it over
-        self.stream = stream  # where what this side sends is, for the drain (IMAP only)
 
     def own(self) -> asyncio.Transport:
         assert self.transport is not None, "connection_made has not run"
@@ -749,16 +669,6 @@ class _Side(asyncio.Protocol):
         self.forwarded += len(data)
         self.watch.last_activity = self.clock()
         self.watch.last_from = self.name
-        if self.stream is not None:
-            self.follow(data)
-
-    def follow(self, data: bytes) -> None:
-        """Feed what this side sent on to its stream's tracker."""
-        stream = self.stream
-        assert stream is not None
-        stream.feed(data)
-        if stream.opaque:
-            self.state.go_opaque()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -801,18 +711,11 @@ class _TransportRelay:
         "watch",
     )
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        idle_timeout: float,
-        progress: Progress,
-        drain: Turn | None,
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float, progress: Progress) -> None:
         self.loop = loop
         self.watch = _IdleWatch(loop, idle_timeout, lambda: self.finish(IDLE))
-        client_stream, backend_stream = _imap_streams(drain)
-        self.client = _Side(self, CLIENT, client_stream)
-        self.backend = _Side(self, BACKEND, backend_stream)
+        self.client = _Side(self, CLIENT)
+        self.backend = _Side(self, BACKEND)
         self.client.peer, self.backend.peer = self.backend, self.client
         self.done: asyncio.Future[RelayResult] = loop.create_future()
         self.finished = False
@@ -846,8 +749,6 @@ class _TransportRelay:
             if held:
                 out.write(held)
                 side.forwarded += len(held)
-                if side.stream is not None:
-                    side.follow(held)
         if self.client.forwarded:  # the client pipelined commands: the backend has not answered yet
             self.watch.last_from = CLIENT
         for side in (self.client, self.backend):
@@ -884,31 +785,20 @@ class _TransportRelay:
             if not self.done.done():  # a cancelled wait has cancelled it already
                 self.done.set_result(self.result)
 
-    def go_opaque(self) -> None:
-        """A direction can no longer be followed (COMPRESS): stop following both."""
-        for side in (self.client, self.backend):
-            if side.stream is not None:
-                side.stream.go_opaque()
-
     def drain_when_quiet(self, turn: Turn) -> None:
         if self.quiet is None and not self.finished:
             self.quiet = _QuietWatch(
-                self.watch, turn.quiet_period, self._may_end, lambda: self._say_goodbye(turn.closing)
+                self.watch, turn.quiet_period, self._holds_nothing, lambda: self._say_goodbye(turn.closing)
             )
 
-    def _may_end(self) -> bool:
-        if any(side.eof or side.own().get_write_buffer_size() for side in (self.client, self.backend)):
-            return False
-        return _between_responses(self.client.stream, self.backend.stream)
+    def _holds_nothing(self) -> bool:
+        return not any(side.eof or side.own().get_write_buffer_size() for side in (self.client, self.backend))
 
     def _say_goodbye(self, closing: bytes) -> None:
         # Behind everything relayed so far; close() below flushes it before closing. Counted
-        # with the backend's bytes: all that went down to the client. An opaque stream (a
-        # deflate one) cannot carry it: closed without a word.
-        stream = self.client.stream
-        if stream is None or not stream.opaque:
-            self.client.own().write(closing)
-            self.backend.forwarded += len(closing)
+        # with the backend's bytes: all that went down to the client.
+        self.client.own().write(closing)
+        self.backend.forwarded += len(closing)
         self.finish(DRAINED)
 
     def finish(self, ended_by: str) -> None:

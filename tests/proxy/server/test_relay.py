@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from proxy.server import drain, relay
+from proxy.server import relay
 
 T = TypeVar("T")
 
@@ -175,7 +175,6 @@ def _start(
     splice: bool,
     idle_timeout: float = LONG_IDLE,
     progress: relay.Progress | None = None,
-    turn: drain.Turn | None = None,
     **heads: bytes,
 ) -> asyncio.Task[relay.RelayResult]:
     """Run the relay on the proxy's two ends, as the session driver does after a login."""
@@ -186,7 +185,6 @@ def _start(
             idle_timeout=idle_timeout,
             splice=splice,
             progress=progress,
-            drain=turn,
             **heads,
         )
     )
@@ -590,131 +588,6 @@ def test_last_bytes_then_a_reset_reach_the_other_side_and_end_both(
         _assert_closed(ends.proxy_client, ends.proxy_backend)
 
     run(scenario())
-
-
-# ---------------------------------------------------------------------------------------------
-# IMAP: each direction followed for the drain (proxy.protocols.imap_stream)
-
-# Literal sizes around the splice threshold, and one of several pipes' worth.
-LITERAL_SIZES = [0, 5, relay.SPLICE_LITERAL_MIN - 1, relay.SPLICE_LITERAL_MIN, 3 * 1024 * 1024 + 7]
-
-
-def _imap_turn() -> drain.Turn:
-    """An IMAP session's turn in a drain that has not come: only the streams are followed."""
-    return drain.Turn("imap", drain.closing_line("imap", "proxy.test"), 1.0)
-
-
-def _appends(sizes: list[int]) -> bytes:
-    rng = random.Random(4)
-    return b"".join(
-        b"a%d APPEND INBOX {%d+}\r\n%s\r\na%d NOOP\r\n" % (number, size, rng.randbytes(size), number)
-        for number, size in enumerate(sizes)
-    )
-
-
-def _fetches(sizes: list[int]) -> bytes:
-    rng = random.Random(5)
-    return b"".join(
-        b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\na%d OK done\r\n"
-        % (number + 1, number, size, rng.randbytes(size), number)
-        for number, size in enumerate(sizes)
-    )
-
-
-@pytest.mark.parametrize("buffers", ["ends", "tight_ends"], ids=["default-buffers", "tight-buffers"])
-def test_an_imap_relay_carries_literals_of_every_size_unchanged(
-    run: Callable[[Coroutine[Any, Any, None]], None],
-    splice: bool,
-    buffers: str,
-    request: pytest.FixtureRequest,
-) -> None:
-    """Lines read into Python and literal bodies spliced for their length, both ways at once."""
-    ends: Ends = request.getfixturevalue(buffers)
-    up, down = _appends(LITERAL_SIZES), _fetches(LITERAL_SIZES[::-1])
-    pipelined = b"a NOOP\r\n"  # sent by the client during its login: fed to the tracker first
-
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        task = _start(ends, splice=splice, turn=_imap_turn(), to_backend=pipelined)
-
-        async def client() -> tuple[int, str]:
-            async def send() -> None:
-                await loop.sock_sendall(ends.client, up)
-                ends.client.shutdown(socket.SHUT_WR)
-
-            sending = asyncio.create_task(send())
-            received = await _digest_to_eof(ends.client, limit=len(down))
-            await sending
-            return received
-
-        async def backend() -> tuple[int, str]:
-            sending = asyncio.create_task(loop.sock_sendall(ends.backend, down))
-            received = await _digest_to_eof(ends.backend, limit=len(pipelined + up))
-            await sending
-            ends.backend.shutdown(socket.SHUT_WR)  # only after the client's EOF came through
-            return received
-
-        at_client, at_backend, result = await asyncio.gather(client(), backend(), task)
-        assert at_backend == (len(pipelined + up), hashlib.sha256(pipelined + up).hexdigest())
-        assert at_client == (len(down), hashlib.sha256(down).hexdigest())
-        assert result == relay.RelayResult(len(pipelined + up), len(down), relay.CLIENT)
-
-    run(scenario())
-
-
-def test_an_imap_relay_reads_only_lines_into_python(
-    run: Callable[[Coroutine[Any, Any, None]], None], ends: Ends, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A large literal is spliced; after COMPRESS everything is (the stream is no longer followed)."""
-    read_into_python = 0
-    real_read = os.read
-    relayed = {ends.proxy_client.fileno(), ends.proxy_backend.fileno()}
-
-    def counting_read(fd: int, size: int) -> bytes:
-        nonlocal read_into_python
-        data = real_read(fd, size)
-        if fd in relayed:
-            read_into_python += len(data)
-        return data
-
-    monkeypatch.setattr(os, "read", counting_read)
-    big = 8 * 1024 * 1024
-    response = _fetches([big])
-    compressed = random.Random(6).randbytes(big)  # what a deflate stream would look like
-
-    async def scenario() -> None:
-        nonlocal read_into_python
-        loop = asyncio.get_running_loop()
-        task = _start(ends, splice=True, turn=_imap_turn())
-        await loop.sock_sendall(ends.backend, response)
-        assert await _digest_to_exactly(ends.client, len(response)) == hashlib.sha256(response).hexdigest()
-        assert read_into_python <= 2 * relay.LINE_READ_SIZE
-        await loop.sock_sendall(ends.client, b"z COMPRESS DEFLATE\r\n")
-        assert await loop.sock_recv(ends.backend, 64) == b"z COMPRESS DEFLATE\r\n"
-        read_into_python = 0
-        await loop.sock_sendall(ends.backend, compressed)
-        assert await _digest_to_exactly(ends.client, big) == hashlib.sha256(compressed).hexdigest()
-        assert read_into_python == 0
-        ends.client.shutdown(socket.SHUT_WR)
-        ends.backend.shutdown(socket.SHUT_WR)
-        assert (await task).ended_by == relay.CLIENT
-
-    run(scenario())
-
-
-async def _digest_to_exactly(sock: socket.socket, size: int) -> str:
-    """SHA-256 of the next ``size`` bytes ``sock`` receives."""
-    loop = asyncio.get_running_loop()
-    digest = hashlib.sha256()
-    left = size
-    for _ in range(size + 1):  # every read returns at least one byte
-        if not left:
-            return digest.hexdigest()
-        chunk = await loop.sock_recv(sock, min(left, RECV_SIZE))
-        assert chunk, "EOF before the bytes expected"
-        digest.update(chunk)
-        left -= len(chunk)
-    raise AssertionError("fewer bytes than expected")
 
 
 def test_splice_flag_selects_the_zero_copy_path(
