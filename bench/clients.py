@@ -3,7 +3,8 @@
 ``bench.workloads`` runs thousands of these at once under uvloop, so they do only what a real
 client does on the wire (one command, wait for its reply) with as little Python as possible: the
 load generator shares the machine's two cores with the proxy and the mail servers. The 20 MB
-FETCH uses a blocking socket that reads the literal straight into a preallocated buffer. Every
+FETCH uses a blocking socket that reads the literal straight into a preallocated buffer; the
+FETCH of many small messages reads each literal of its reply on that socket too. Every
 read and the whole dialogue are bounded in time; every failure is a ``DialogueError`` whose
 message never carries a password. Talks to 127.0.0.1 only.
 """
@@ -26,6 +27,9 @@ SOCKET_TIMEOUT = 60.0
 MAX_LINE = 8192
 # StreamReader buffer limit: a POP3 RETR response is read whole with readuntil.
 STREAM_LIMIT = 1024 * 1024
+# Largest literal ``BlockingImap.fetch_all`` accepts: it holds each one in memory, and its
+# messages are of kilobytes (the 20 MB FETCH reads into a buffer of its own instead).
+MAX_LITERAL = 1024 * 1024
 CRLF = b"\r\n"
 
 
@@ -186,6 +190,11 @@ async def smtp_submission(port: int, account: Account, recipient: str, data: byt
     return latency
 
 
+def _literal_size(header: bytes) -> int:
+    """The octet count of the literal that ends a reply line: ``... {1234}\\r\\n`` (RFC 3501 4.3)."""
+    return int(header[header.rindex(b"{") + 1 : -3])
+
+
 class BlockingImap:
     """One IMAP connection on a blocking socket, for the FETCH of a large literal."""
 
@@ -232,10 +241,39 @@ class BlockingImap:
         header = self._line("FETCH")
         if not header.startswith(b"* ") or not header.endswith(b"}\r\n"):
             raise DialogueError(f"FETCH: {header[:80]!r}")
-        size = int(header[header.rindex(b"{") + 1 : -3])
+        size = _literal_size(header)
         if size > len(into):
             raise DialogueError(f"FETCH: a {size}-octet literal does not fit")
-        view = memoryview(into)
+        self._literal_into(memoryview(into)[:size])
+        self._tagged(tag, "FETCH completion")
+        return size
+
+    def fetch_all(self, tag: bytes, last: int) -> list[bytes]:
+        """FETCH 1:``last`` BODY.PEEK[]; return every literal of the reply, in the order sent.
+
+        Untagged replies without a literal (a FLAGS update, EXISTS) are skipped.
+
+        Raises:
+            DialogueError: the tagged completion is not OK, or a literal is longer than
+                MAX_LITERAL octets.
+        """
+        self._socket.sendall(tag + b"FETCH 1:" + str(last).encode() + b" BODY.PEEK[]" + CRLF)
+        literals: list[bytes] = []
+        while not (line := self._line("FETCH")).startswith(tag):
+            if line.startswith(b"* ") and line.endswith(b"}\r\n"):
+                size = _literal_size(line)
+                if size > MAX_LITERAL:
+                    raise DialogueError(f"FETCH: a {size}-octet literal is over {MAX_LITERAL}")
+                literal = bytearray(size)
+                self._literal_into(memoryview(literal))
+                literals.append(bytes(literal))
+        if line[len(tag) : len(tag) + 2] != b"OK":
+            raise DialogueError(f"FETCH: {line[:80]!r}")
+        return literals
+
+    def _literal_into(self, view: memoryview) -> None:
+        """Fill ``view`` with the literal that follows the header line just read."""
+        size = len(view)
         # What was read past the header line is the literal's start.
         have = min(size, len(self._buffer))
         view[:have] = self._buffer[:have]
@@ -245,8 +283,6 @@ class BlockingImap:
             if not received:
                 raise DialogueError("FETCH: connection closed inside the literal")
             have += received
-        self._tagged(tag, "FETCH completion")
-        return size
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # already gone: closing is all that is left to do

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from bench import environment, measure, profiling, targets, workloads
 
-Kind = Literal["saturated", "paced", "fetch", "smtp", "idle"]
+Kind = Literal["saturated", "paced", "fetch", "fetch-small", "smtp", "idle"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +78,13 @@ def workloads_for(scale: workloads.Scale) -> list[Workload]:
             buffer_sensitive=True,
         ),
         Workload(
+            "imap-fetch-small",
+            f"IMAP FETCH 1:{targets.SMALL_MESSAGES} BODY.PEEK[] of {targets.SMALL_MESSAGES:,} messages of "
+            f"{targets.SMALL_MESSAGE_SIZE // 1024} KiB, {scale.small_fetches} times in one session",
+            "fetch-small",
+            buffer_sensitive=True,
+        ),
+        Workload(
             "smtp-submission",
             f"SMTP submission of {scale.smtp_messages} messages of 100 KiB, {c} clients, one session each",
             "smtp",
@@ -105,6 +112,8 @@ def measure_one(runner: workloads.Runner, workload: Workload) -> workloads.Measu
                 return runner.sessions(workload.name, workload.protocol, paced=workload.kind == "paced")
             case "fetch":
                 return runner.fetch(workload.name)
+            case "fetch-small":
+                return runner.fetch_small(workload.name)
             case "smtp":
                 return runner.smtp(workload.name)
             case "idle":

@@ -70,6 +70,11 @@ LOAD_DOMAIN = backends.ALPHA
 POP3_MESSAGE_SIZE = 4 * 1024  # a typical short mail: RETR is part of every POP3 session
 FETCH_MESSAGE_SIZE = 20 * 1000 * 1000  # "IMAP FETCH of a 20 MB message" (decimal megabytes)
 FETCH_ADDRESS = f"fetch@{LOAD_DOMAIN}"
+# "IMAP FETCH of many small messages": most mail is 5-50 KiB, so a FETCH 1:N of 8 KiB messages
+# is the relay's common case (one 20 MB literal is its best). 1,000 of them: 8.2 MB per FETCH.
+SMALL_MESSAGE_SIZE = 8 * 1024
+SMALL_MESSAGES = 1000
+SMALL_ADDRESS = f"small@{LOAD_DOMAIN}"
 WARMUP_RECIPIENT = f"warmup@{LOAD_DOMAIN}"
 
 
@@ -88,7 +93,8 @@ class Bed:
     def __init__(self, directory: Path, *, load_users: int, target_names: Sequence[str]) -> None:
         self.directory = directory
         addresses = [load_address(n) for n in range(load_users)]
-        extra = [*addresses, FETCH_ADDRESS, WARMUP_RECIPIENT, *(sink_address(t) for t in target_names)]
+        sinks = [sink_address(t) for t in target_names]
+        extra = [*addresses, FETCH_ADDRESS, SMALL_ADDRESS, WARMUP_RECIPIENT, *sinks]
         self.backends = backends.Backends(
             directory / "backends",
             extra_addresses=extra,
@@ -96,6 +102,13 @@ class Bed:
         )
         self.load_accounts = [self.account(address) for address in addresses]
         self.fetch_message = messages.large(f"sender@{LOAD_DOMAIN}", FETCH_ADDRESS, FETCH_MESSAGE_SIZE)
+        # Distinct subjects make every small message's bytes distinct.
+        self.small_messages = [
+            messages.large(
+                f"sender@{LOAD_DOMAIN}", SMALL_ADDRESS, SMALL_MESSAGE_SIZE, subject=f"small message {number}"
+            )
+            for number in range(SMALL_MESSAGES)
+        ]
 
     def account(self, address: str) -> clients.Account:
         user = self.backends.user(address)
@@ -110,6 +123,8 @@ class Bed:
                     messages.large(f"sender@{LOAD_DOMAIN}", account.address, POP3_MESSAGE_SIZE),
                 )
             self.backends.deliver(FETCH_ADDRESS, self.fetch_message)
+            for message in self.small_messages:
+                self.backends.deliver(SMALL_ADDRESS, message)
         except BaseException:
             self.backends.stop()
             raise

@@ -91,3 +91,41 @@ def test_the_header_says_what_the_auth_service_column_holds() -> None:
     text = report.render(_document(rows, [PACED]))
     assert f"The auth_http service that nginx and {targets.MAILGRESS_AUTH_HTTP} ask at every login" in text
     assert "the proxy's own side of that HTTP exchange is in the proxy's figure" in text
+
+
+SMALL = {"name": "imap-fetch-small", "title": "FETCH of small messages", "kind": "fetch-small"}
+TWENTY = {"name": "imap-fetch-20mb", "title": "FETCH of 20 MB", "kind": "fetch"}
+
+
+def _relayed(workload: str, target: str, *, proxy: float, gigabytes: float) -> Any:
+    return {**_row(workload, target, proxy=proxy), "relayed_bytes": int(gigabytes * report.GB)}
+
+
+def test_the_small_message_fetch_is_reported_for_reference_not_as_the_relay_target() -> None:
+    rows = [
+        _relayed("imap-fetch-small", "mailgress", proxy=0.6, gigabytes=0.2),
+        _relayed("imap-fetch-small", "nginx", proxy=0.4, gigabytes=0.2),
+        _relayed("imap-fetch-small", "nginx-64k", proxy=0.3, gigabytes=0.2),
+    ]
+    text = report.render(_document(rows, [SMALL]))
+    assert "| mailgress | 20.0 | 3.00 | 50 | 1.50x | 0 of 1000 | 0 |" in text
+    line = _line(text, "- Relay, many small messages (imap-fetch-small)")
+    assert "not a target (the issue states the relay target on the 20 MB FETCH); for reference." in line
+    assert "mailgress 3.00 CPU s/GB, 1.50x nginx's 2.00; 20.0 MB/s against nginx's 20.0." in line
+    assert line.endswith("With proxy_buffer 64k nginx uses 1.50 CPU s/GB at 20.0 MB/s.")
+    assert "**met**" not in line and "**not met**" not in line
+    assert not [line for line in text.splitlines() if line.startswith("- Relay (imap-fetch-small)")]
+
+
+def test_the_relay_target_stays_on_the_20_mb_fetch_beside_the_small_one() -> None:
+    rows = [
+        _relayed("imap-fetch-20mb", "mailgress", proxy=0.2, gigabytes=1.0),
+        _relayed("imap-fetch-20mb", "nginx", proxy=0.5, gigabytes=1.0),
+        _relayed("imap-fetch-small", "mailgress", proxy=0.6, gigabytes=0.2),
+        _relayed("imap-fetch-small", "nginx", proxy=0.4, gigabytes=0.2),
+    ]
+    text = report.render(_document(rows, [TWENTY, SMALL]))
+    assert "**met**. mailgress 0.200 CPU s/GB against a limit of 0.250" in _line(
+        text, "- Relay (imap-fetch-20mb)"
+    )
+    assert _line(text, "- Relay, many small messages (imap-fetch-small)")

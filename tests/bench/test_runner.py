@@ -19,6 +19,7 @@ def _by_kind() -> dict[str, list[runner.Workload]]:
         ("paced", True, False),
         ("idle", True, True),
         ("fetch", False, True),
+        ("fetch-small", False, True),
         ("smtp", False, False),
     ],
 )
