@@ -99,7 +99,7 @@ async def serving(
         await release.wait()
         return web.Response(text="slow\n")
 
-    app = web.Application(middlewares=[guard.middleware])
+    app = web.Application()
     app.router.add_get("/small", small)
     app.router.add_get("/large", large)
     app.router.add_get("/held", held)
@@ -325,6 +325,29 @@ async def test_a_client_that_pipelines_makes_room_when_none_is_idle(caplog: pyte
         assert evictions(caplog) == [
             "guarded connection closed to make room: its client is behind on its answers (0 answered before)"
         ]
+
+
+async def test_a_request_answered_by_aiohttp_before_any_middleware_leaves_its_connection_idle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiohttp's expect handler answers 417 to an Expect other than 100-continue before the
+    # application sees the request: once that answer is read, the connection waits for its next
+    # request like any other, and makes room (it was counted busy until its deadline).
+    async with serving(caplog, 1, LONG) as served:
+        reader, writer = await connect(served.port)
+        writer.write(b"GET /small HTTP/1.1\r\nHost: guarded\r\nExpect: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 417 ") and b"connection: close" not in head.lower()
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)\r\n", head)
+        assert length is not None, head
+        await asyncio.wait_for(reader.readexactly(int(length[1])), WAIT)
+        await answered(served.port)
+        assert await until_closed(reader) == b""
+        writer.close()
+        assert evictions(caplog) == [
+            "guarded connection closed to make room: idle the longest (1 answered before)"
+        ]
+        assert not refusals(caplog)
 
 
 async def test_an_idle_connection_makes_room_before_one_whose_client_is_behind(
