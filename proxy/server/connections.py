@@ -13,12 +13,12 @@ nothing), else one whose buffer shrank (a slow reader, making progress, goes las
 the one answered longest ago. A client that pipelines requests and reads nothing holds its
 connection so, and would otherwise keep every probe or proxy out until its deadline; no probe,
 scraper or proxy sends a request before it has read the last answer. Progress is judged only when
-room is needed, from one number kept per connection: no timer. A new connection is closed unread only when
-every open one is busy with a request its client keeps up with. A request is in progress from the
-moment aiohttp has parsed its head (it waits in aiohttp's queue) until its answer is written,
-whoever answers it: the application, or aiohttp before any middleware runs (its expect handler
-answers 417 to any Expect but 100-continue), so the guard hooks aiohttp's request handler, not a
-middleware such a request never reaches. A half-sent request is not in progress, so partial
+room is needed, from one number kept per connection: no timer. A new connection is closed unread
+only when every open one is busy with a request its client keeps up with. A request is in progress
+from the moment aiohttp has parsed its head (it waits in aiohttp's queue) until its answer is
+written, whoever answers it: the application, or aiohttp before any middleware runs (its expect
+handler answers 417 to any Expect but 100-continue), so the guard hooks aiohttp's request handler,
+not a middleware such a request never reaches. A half-sent request is not in progress, so partial
 requests never hold the cap. A request the application marks ``lasting`` (a long-lived stream it
 accepted) has no deadline and is never evicted until it ends, even while its client reads nothing:
 the application watches its own writes (the push channel ends a stream that takes no line for three

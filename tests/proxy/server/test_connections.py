@@ -1,8 +1,8 @@
 """The connection guard on loopback: a small aiohttp application served through a Guard, plain and
-over TLS. The cap evicts the connection idle the longest, else one whose client is behind on its
-answers (not reading one, or pipelining), and refuses only when all are busy with clients that keep
-up; the
-deadline closes a connection without a request answered in time (silent, half-sent, stopped
+over TLS. The cap evicts the connection idle the longest (a request aiohttp answered before any
+middleware counts as answered), else one whose client is behind on its answers (pipelining, then
+taking nothing, then reading slowly), and refuses only when all are busy with clients that keep up;
+the deadline closes a connection without a request answered in time (silent, half-sent, stopped
 reading, or silent in its TLS handshake); a lasting request has no deadline and is never evicted;
 a whole request aiohttp has not started yet is not evicted, a half-sent one is; a connection
 admitted as the site stops is closed.
