@@ -101,7 +101,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from controller import metrics as controller_metrics
@@ -180,12 +179,6 @@ class ConnectionGuard(Protocol):
     constructor in as the ``ConnectionGuards`` (the controller never imports proxy.server).
     """
 
-    @property
-    def middleware(self) -> Middleware:
-        """The application's middleware: tells the guard which connections have a request in
-        progress (those are never evicted)."""
-        ...
-
     def lasting(self, request: web.BaseRequest) -> None:
         """``request`` (in progress) has no deadline until it ends: an accepted stream."""
         ...
@@ -194,7 +187,8 @@ class ConnectionGuard(Protocol):
         self, runner: web.BaseRunner, address: str, port: int, tls: ssl.SSLContext | None = None
     ) -> web.BaseSite:
         """The site that serves ``runner`` on ``address:port`` through the guard (with ``tls``:
-        the guard runs each handshake inside the deadline)."""
+        the guard runs each handshake inside the deadline); it tells the guard which connections
+        have a request in progress (those are never evicted), whoever answers it."""
         ...
 
 
@@ -447,9 +441,7 @@ class Publisher:
         guard = None
         if self._guards is not None:
             guard = self._guards("push channel", self._max_connections, self._request_timeout)
-        app = web.Application(
-            client_max_size=MAX_ACK_BODY, middlewares=[] if guard is None else [guard.middleware]
-        )
+        app = web.Application(client_max_size=MAX_ACK_BODY)
         app.router.add_get(STREAM_PATH, self._serve_stream, allow_head=False)
         app.router.add_post(ACK_PATH, self._receive_ack)
         app.router.add_get(METRICS_PATH, self._serve_metrics)

@@ -9,6 +9,7 @@ it makes holds a token.
 
 import os
 import re
+import stat
 from pathlib import Path
 
 # A proxy acks under its pod's name: a Kubernetes object name, an RFC 1123 DNS subdomain (lower-case
@@ -23,6 +24,18 @@ PROXY_NAME_RULE = (
 # What is read of a token file at most: a Secret holds at most 1 MiB (Kubernetes'
 # core.MaxSecretSize), so a path that names anything larger (a device, a log) is not a token.
 MAX_TOKEN_FILE_BYTES = 1024 * 1024
+# How a token file is opened: never waiting (a FIFO's open waits for a writer, and both ends read
+# on their event loop), never inherited by a child, never a controlling terminal. A regular file
+# ignores O_NONBLOCK; anything else is refused once opened.
+TOKEN_FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+# What a path that is not a regular file names instead, for the message.
+FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 class TokenFileError(Exception):
@@ -42,13 +55,24 @@ def read_token_file(path: Path) -> tuple[str, os.stat_result]:
     file with a line break).
 
     Raises:
-        TokenFileError: the file cannot be read, is larger than MAX_TOKEN_FILE_BYTES, is not UTF-8
-            text, holds only whitespace, or its token holds a character that cannot go into an
+        TokenFileError: the file cannot be read, is not a regular file (a named pipe's open and
+            read would wait on the caller's event loop), is larger than MAX_TOKEN_FILE_BYTES, is
+            not UTF-8 text, holds only whitespace, or its token holds a character that cannot go into an
             HTTP header (a line break, another control character; HTTP clients refuse them).
     """
     try:
-        with path.open("rb") as file:
-            status = os.fstat(file.fileno())
+        descriptor = os.open(path, TOKEN_FILE_FLAGS)  # follows symlinks (Kubernetes' ..data)
+    except OSError as error:
+        raise TokenFileError(f"cannot read the token file {path}: {error.strerror}") from error
+    # Python's file object refuses a directory itself: the descriptor's type is checked first.
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(descriptor)
+        # Reading a pipe or a device could wait for ever (or never end): it holds no Secret.
+        kind = FILE_KINDS.get(stat.S_IFMT(status.st_mode), "another kind of file")
+        raise TokenFileError(f"the token file {path} is not a regular file but {kind}")
+    try:
+        with open(descriptor, "rb") as file:
             raw = file.read(MAX_TOKEN_FILE_BYTES + 1)
     except OSError as error:
         raise TokenFileError(f"cannot read the token file {path}: {error.strerror}") from error

@@ -386,10 +386,13 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
     _only(document, {"url", "tokenFile", "proxyName", "snapshotFile", "caFile"}, "controller")
     url = _require(document, "url", str, "controller")
     parts = urllib.parse.urlsplit(url)
-    if "@" in url:
-        # Never echoed: what precedes the @ may be a password (user:password@host, or with the
-        # scheme left out), and this message is printed. The channel authenticates with tokenFile
-        # (aiohttp would refuse both in one request).
+    # User information is the authority's part before an '@' (RFC 3986 3.2.1); an '@' in the path,
+    # query or fragment is data (3.3). Without '//' urlsplit finds no authority, hence no user
+    # information where a person meant some (user:password@host, the scheme left out), and the
+    # messages below would echo it: then any '@' is refused too.
+    if "@" in parts.netloc or ("@" in url and not parts.netloc):
+        # Never echoed: what precedes the @ may be a password, and this message is printed. The
+        # channel authenticates with tokenFile (aiohttp would refuse both in one request).
         raise SettingsError(
             "controller.url: must not hold a user name or password (user:password@host); the push"
             " channel authenticates with tokenFile"

@@ -64,7 +64,7 @@ async def start(
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready: no routing table yet or listeners down\n")
 
-    app = web.Application(middlewares=[guard.middleware])
+    app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

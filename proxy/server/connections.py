@@ -6,51 +6,65 @@ imports proxy.server). Whoever reaches such a port must never hold the process's
 most ``limit`` connections are open at once, and one without a request answered within ``timeout``
 of its accept or of its last answer is aborted, the TLS handshake counted in that time. A connection
 over the cap makes room by aborting the one without a request in progress that has waited longest
-for its next request; when there is none, the one answered longest ago whose client is behind on its
-answers: one sits unwritten in the transport's buffer (writing paused or not), or more requests wait
-behind the one in progress. A client that pipelines requests and reads nothing holds its connection
-so, and would otherwise keep every probe or proxy out until its deadline; no probe, scraper or proxy
-sends a request before it has read the last answer. A new connection is closed unread only when
-every open one is busy with a request its client keeps up with. A request is in progress from the
-moment aiohttp has parsed its head (it waits in aiohttp's queue) until its answer is written; a
-half-sent one is not, so partial requests never hold the cap. A request the application marks
-``lasting`` (a long-lived stream it accepted) has no deadline and is never evicted until it ends,
-even while its client reads nothing: the application watches its own writes (the push channel ends a
-stream that takes no line for three heartbeats). Pipelining is bounded by aiohttp (its
-MAX_MSG_QUEUE_SIZE: at most 32 parsed requests wait, then it stops reading) and by its transport's
-write buffer (an answer beyond the high-water mark waits for the client): a connection that
-pipelines and does not read holds a few answers' worth of memory, the kernel's buffers hold the
-rest. Over TLS the guard runs each handshake itself (start_tls) after admitting the connection, so
-one silent before or within its ClientHello is timed and evicted like any other; stopping the site
-aborts those still in their handshake, and any admitted in the same loop turn whose connection is
-made after the stop. Never interprets what a client sends; logs at debug only (a flood must not
-flood the log), never an address.
+for its next request; when there is none, one whose client is behind on its answers, in this order:
+more requests wait behind the one in progress (pipelined), else an answer sits unwritten in the
+transport's buffer and that buffer has not shrunk since the guard last looked (the client takes
+nothing), else one whose buffer shrank (a slow reader, making progress, goes last); within each,
+the one answered longest ago. A client that pipelines requests and reads nothing holds its
+connection so, and would otherwise keep every probe or proxy out until its deadline; no probe,
+scraper or proxy sends a request before it has read the last answer. Progress is judged only when
+room is needed, from one number kept per connection: no timer. A new connection is closed unread
+only when every open one is busy with a request its client keeps up with. A request is in progress
+from the moment aiohttp has parsed its head (it waits in aiohttp's queue) until its answer is
+written, whoever answers it: the application, or aiohttp before any middleware runs (its expect
+handler answers 417 to any Expect but 100-continue), so the guard hooks aiohttp's request handler,
+not a middleware such a request never reaches. A half-sent request is not in progress, so partial
+requests never hold the cap. A request the application marks ``lasting`` (a long-lived stream it
+accepted) has no deadline and is never evicted until it ends, even while its client reads nothing:
+the application watches its own writes (the push channel ends a stream that takes no line for three
+heartbeats). Pipelining is bounded by aiohttp (its MAX_MSG_QUEUE_SIZE: at most 32 parsed requests
+wait, then it stops reading) and by its transport's write buffer (an answer beyond the high-water
+mark waits for the client): a connection that pipelines and does not read holds a few answers'
+worth of memory, the kernel's buffers hold the rest. Over TLS the guard runs each handshake
+itself (start_tls) after admitting the connection, so one silent before or within its ClientHello
+is timed and evicted like any other; stopping the site aborts those still in their handshake, and
+any admitted in the same loop turn whose connection is made after the stop. Never interprets what a
+client sends; logs at debug only (a flood must not flood the log), never an address.
 """
 
 import asyncio
+import functools
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 from aiohttp import streams, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.typedefs import Handler, Middleware
 
 log = logging.getLogger(__name__)
+
+# A connection's standing when room is needed: the lowest goes first (the answered longest ago of
+# them). Idle: no request in progress. Pipelining: requests wait behind the one in progress.
+# Stalled: its answer waits in the transport's buffer, which has not shrunk since the guard last
+# looked. Draining: its buffer shrank, or it was not looked at since its last answer.
+IDLE, PIPELINING, STALLED, DRAINING = range(4)
+
+# aiohttp's server calls one with each request it takes: the application's handling.
+_RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class Guard:
     """The open connections of one port: admits up to ``limit`` of them, each with a deadline,
     and makes room for a new one by aborting the one idle the longest, else one whose client is
-    behind on its answers.
+    behind on its answers (pipelining, then taking nothing, then reading slowly).
 
-    Its ``middleware`` must be the application's (it tells requests in progress), and the port
-    must be served by ``site``: one site, once it stops the guard admits nothing more.
+    The port must be served by ``site`` (it tells the guard of each request aiohttp takes and of
+    its end): one site, once it stops the guard admits nothing more.
     """
 
-    __slots__ = ("_limit", "_name", "_open", "_stopped", "_timeout", "middleware")
+    __slots__ = ("_limit", "_name", "_open", "_stopped", "_timeout")
 
     def __init__(self, name: str, limit: int, timeout: float) -> None:
         """``name`` starts this guard's log lines ("admin", "push channel")."""
@@ -63,7 +77,6 @@ class Guard:
         # Set when a site stops: a connection the listener accepted before it closed is made
         # (connection_made) a loop turn or more later, after the stop looked at the open ones.
         self._stopped = False
-        self.middleware: Middleware = self._track
 
     def site(
         self, runner: web.BaseRunner, address: str, port: int, tls: ssl.SSLContext | None = None
@@ -78,26 +91,30 @@ class Guard:
         if connection is not None:
             connection.hold()
 
-    @web.middleware
-    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        # aiohttp runs each request in a task of its own that also writes the answer once this
-        # returns: the request is over when that task ends, answer written or connection lost.
-        # Its deadline restarts only then, so one that does not read its answer runs out of time.
-        task = asyncio.current_task()
-        assert task is not None  # a middleware runs in its request's task
-        if request.protocol in self._open:
-            task.add_done_callback(lambda _: self._answered(request.protocol, request))
-        return await handler(request)
-
     def _taking(self, server: web.Server) -> None:
-        """Make ``server``'s handlers tell this guard of each request they take (once)."""
+        """Make ``server``'s handlers tell this guard of each request they take and of its end
+        (once: before the site accepts, a handler reads both when it is made)."""
         factory = server.request_factory
         if not (isinstance(factory, _Taken) and factory.guard is self):
             server.request_factory = _Taken(self, factory)
+            server.request_handler = functools.partial(self._handle, server.request_handler)
+
+    async def _handle(self, handle: _RequestHandler, request: web.BaseRequest) -> web.StreamResponse:
+        # aiohttp runs each request it takes in a task of its own, which calls this (the
+        # application's handling: expect handler, router, middlewares) and then writes the answer:
+        # the request is over when that task ends, answer written or connection lost, however
+        # the answer was made. Its deadline restarts only then, so one that does not read its
+        # answer runs out of time. (A request aiohttp could not parse gets its error answer from
+        # another handler, and then the connection is closed.)
+        task = asyncio.current_task()
+        assert task is not None  # aiohttp calls its request handler in the request's task
+        if request.protocol in self._open:
+            task.add_done_callback(lambda _: self._answered(request.protocol, request))
+        return await handle(request)
 
     def _took(self, handler: web.RequestHandler, request: web.BaseRequest) -> None:
-        # aiohttp takes a request from its queue and makes its task, which runs (and reaches the
-        # middleware) a loop turn later: in progress from here.
+        # aiohttp takes a request from its queue and makes its task, which runs (and reaches
+        # ``_handle``) a loop turn later: in progress from here.
         connection = self._open.get(handler)
         if connection is not None:
             connection.take(request)
@@ -127,15 +144,16 @@ class Guard:
         return connection
 
     def _room(self) -> "_Connection | None":
-        """The connection to abort for a new one: the first idle one (in the order of their last
-        answer: idle the longest), else the first whose client is behind on its answers."""
-        lagging = None
+        """The connection to abort for a new one: the first (in the order of their last answer)
+        of the lowest standing, if any may go."""
+        chosen, lowest = None, None
         for connection in self._open.values():
-            if connection.evictable:
-                return connection
-            if lagging is None and connection.lagging:
-                lagging = connection
-        return lagging
+            standing = connection.standing()
+            if standing == IDLE:
+                return connection  # none goes before it
+            if standing is not None and (lowest is None or standing < lowest):
+                chosen, lowest = connection, standing
+        return chosen
 
     def stop(self) -> None:
         """``site`` stops: abort every connection still in its TLS handshake (aiohttp's shutdown
@@ -186,6 +204,7 @@ class _Connection(asyncio.Protocol):
         "_handshaking",
         "_held",
         "_made",
+        "_measured",
         "_name",
         "_request",
         "_stopped",
@@ -216,12 +235,13 @@ class _Connection(asyncio.Protocol):
         self._answers = 0
         # The request in progress: from aiohttp taking it until its answer is written (aiohttp
         # waits for the transport to drain), so a client reading a large answer slowly is not cut.
-        # One that never reaches the middleware (aiohttp's own error answers) is in progress until
-        # the next request is answered, or the deadline.
         self._request: web.BaseRequest | None = None
         self._held = False  # the request in progress is lasting (``hold``)
         # The transport holds more than its high-water mark that the client has not taken.
         self._writing_paused = False
+        # The transport's write buffer when ``standing`` last found the client behind, since its
+        # last answer (None: not since): a client that takes some of it has shrunk it next time.
+        self._measured: int | None = None
         # The accepted socket's transport until the handshake is over, then the TLS one.
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -315,6 +335,7 @@ class _Connection(asyncio.Protocol):
             self._request = None
         self._answers += 1
         self._held = False
+        self._measured = None
         self._start_deadline()
 
     def hold(self) -> None:
@@ -337,23 +358,25 @@ class _Connection(asyncio.Protocol):
         """Idle, and made: one accepted in the same wakeup of the loop has no transport yet."""
         return not self.busy and self._transport is not None
 
-    @property
-    def lagging(self) -> bool:
-        """Its client is behind on its answers: one waits in the transport's buffer (writing
-        paused or not), or more requests wait behind the one in progress (pipelined: no probe,
-        scraper or proxy sends a request before it has read the last answer). A lasting
-        request's connection never is: its application watches its own writes."""
+    def standing(self) -> int | None:
+        """Its place in the order of eviction (IDLE, PIPELINING, STALLED or DRAINING), or None
+        when it must not go: busy with a request its client keeps up with, lasting (its
+        application watches its own writes) or not made. Measures its write buffer (``_measured``)."""
+        if self.evictable:
+            return IDLE
         if self._held or not self._made or self._transport is None:
-            return False
-        return (
-            self._writing_paused
-            or self._transport.get_write_buffer_size() > 0
-            or (self._request is not None and bool(self._handler._messages))
-        )
+            return None
+        if self._request is not None and self._handler._messages:
+            return PIPELINING  # no probe, scraper or proxy sends a request before it read the last
+        buffered = self._transport.get_write_buffer_size()
+        if not (self._writing_paused or buffered > 0):
+            return None
+        measured, self._measured = self._measured, buffered
+        return STALLED if measured is not None and buffered >= measured else DRAINING
 
     def evict(self) -> None:
         """Abort to make room: forgotten at once, since connection_lost comes a loop turn later."""
-        assert self._transport is not None  # evictable or lagging
+        assert self._transport is not None  # it has a standing
         log.debug(
             "%s connection closed to make room: %s (%d answered before)",
             self._name,

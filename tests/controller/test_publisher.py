@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import socket
 import ssl
@@ -713,18 +714,25 @@ def swap_for_a_directory(path: Path) -> None:
     path.mkdir()
 
 
+def swap_for_a_named_pipe(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
 @pytest.mark.parametrize(
     ("spoil", "problem"),
     [
         (lambda secret: secret.update(""), "is empty"),
         (lambda secret: secret.update(" \n\t"), "is empty"),
         (lambda secret: shutil.rmtree((secret.directory / "..data").resolve()), "No such file or directory"),
-        (lambda secret: swap_for_a_directory(secret.directory / "..data" / "token"), "Is a directory"),
+        (lambda secret: swap_for_a_directory(secret.directory / "..data" / "token"), "but a directory"),
+        # Its open would wait for a writer on the event loop (the review's O1 #2): refused at once.
+        (lambda secret: swap_for_a_named_pipe(secret.directory / "..data" / "token"), "but a named pipe"),
         (lambda secret: (secret.directory / "..data" / "token").write_bytes(b"\xff\xfe"), "not UTF-8"),
         # No proxy could send it (proxy.push reads the file for both ends).
         (lambda secret: secret.update("first-line\nsecond-line"), "holds a control character"),
     ],
-    ids=["empty", "blank", "missing", "directory", "not-utf-8", "two-lines"],
+    ids=["empty", "blank", "missing", "directory", "named-pipe", "not-utf-8", "two-lines"],
 )
 async def test_without_a_token_in_the_file_every_request_is_refused_and_logged_once(
     file_channel: publisher.Publisher,
@@ -1226,6 +1234,32 @@ async def test_clients_without_the_token_that_pipeline_and_never_read_do_not_kee
         for writer in flooding:
             # abort: close would wait to send requests the controller no longer reads.
             writer.transport.abort()
+
+
+async def test_clients_without_the_token_sending_an_unmet_expectation_do_not_keep_a_proxy_out(
+    caplog: pytest.LogCaptureFixture, client: aiohttp.ClientSession
+) -> None:
+    # The review's scenario (O1): aiohttp answers 417 to 'Expect: x' before any middleware runs;
+    # each client reads that answer and sends nothing more, so its connection is idle.
+    async with guarded(caplog, limit=4) as channel:  # the default deadline: 60 s
+        expecting = []
+        for _ in range(4):
+            reader, writer = await raw_connection(channel)
+            writer.write(f"GET {publisher.METRICS_PATH} HTTP/1.1\r\nHost: c\r\nExpect: x\r\n\r\n".encode())
+            async with asyncio.timeout(BOUND):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 417 "), head
+                await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+            expecting.append((reader, writer))
+        response = await open_stream(client, channel)
+        assert (await next_table(response)).version == FIRST.version
+        assert await until_closed(expecting[0][0]) == b""
+        evicted = guard_lines(caplog, EVICTED)
+        assert len(evicted) == 1 and "idle the longest" in evicted[0]
+        assert not guard_lines(caplog, REFUSED)
+        response.close()
+        for _, writer in expecting:
+            writer.close()
 
 
 async def test_an_accepted_stream_outlives_the_deadline_and_is_never_evicted(

@@ -1,6 +1,7 @@
 """The push channel's shared rules: which proxy names both ends take, and how both read a token file."""
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -98,5 +99,44 @@ def test_a_file_without_a_token_both_ends_can_use_is_refused(
 def test_an_unreadable_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(push.TokenFileError, match=r"cannot read the token file .*: No such file"):
         push.read_token_file(tmp_path / "missing")
-    with pytest.raises(push.TokenFileError, match=r"cannot read the token file .*: Is a directory"):
+    with pytest.raises(push.TokenFileError, match=r"token file .* is not a regular file but a directory"):
         push.read_token_file(tmp_path)
+    with pytest.raises(push.TokenFileError, match=r"token file .* is not a regular file but a character"):
+        push.read_token_file(Path(os.devnull))
+
+
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """Both ends read on their event loop: an open or a read that waits would stop the process."""
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            push.read_token_file(fifo)
+        except push.TokenFileError as error:
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():
+        # Blocked in open: a writer that comes and goes ends it, so the test ends too.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+    assert not reader.is_alive() and len(outcome) == 1
+    assert isinstance(outcome[0], push.TokenFileError)
+    assert "is not a regular file but a named pipe" in str(outcome[0])
+
+
+def test_a_symlink_to_a_regular_file_is_read(tmp_path: Path) -> None:
+    """A mounted Secret is token -> ..data/token, ..data -> a timestamped directory."""
+    (tmp_path / "..2026_11_27").mkdir()
+    (tmp_path / "..2026_11_27" / "token").write_text(TOKEN + "\n")
+    (tmp_path / "..data").symlink_to("..2026_11_27")
+    (tmp_path / "token").symlink_to("..data/token")
+    token, status = push.read_token_file(tmp_path / "token")
+    assert token == TOKEN
+    assert status.st_ino == (tmp_path / "..2026_11_27" / "token").stat().st_ino

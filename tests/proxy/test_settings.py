@@ -211,6 +211,7 @@ def controller_settings(controller: dict[str, object]) -> settings.ControllerSet
         "http://S3cretPw@mailgress-controller.mail.svc:9400",
         "http://admin:S3cretPw@mailgress-controller.mail.svc:9400/?q=1",  # two mistakes
         "admin:S3cretPw@mailgress-controller.mail.svc:9400",  # no scheme: urlsplit sees none
+        "http:/admin:S3cretPw@mailgress-controller.mail.svc",  # one slash: no authority either
     ],
 )
 def test_a_controller_url_with_a_user_or_password_is_refused_without_showing_it(url: str) -> None:
@@ -221,6 +222,15 @@ def test_a_controller_url_with_a_user_or_password_is_refused_without_showing_it(
     ) as raised:
         controller_settings({"url": url})
     assert "S3cretPw" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://c:9400/base@v1", "https://c/mail@example.com/", "http://[::1]:9400/a@b@c"]
+)
+def test_an_at_sign_in_the_controller_urls_path_is_taken(url: str) -> None:
+    """Only user information in the authority is refused (RFC 3986 3.2.1); a path may hold '@' (3.3)."""
+    parsed = controller_settings({"url": url})
+    assert parsed is not None and parsed.url == url.rstrip("/")
 
 
 @pytest.mark.parametrize("url", ["http://c:99999", "http://c:port", "http://c:-1"])

@@ -10,6 +10,7 @@ bounded by WAIT, for a connection to be closed, and what closed it is read from 
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -187,3 +188,31 @@ async def test_probes_are_answered_when_clients_that_pipeline_scrapes_and_never_
         for _, flooding_writer in flooding:
             # abort: close would wait to send requests the endpoint no longer reads.
             flooding_writer.transport.abort()
+
+
+async def test_probes_are_answered_when_clients_sending_an_unmet_expectation_fill_the_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The review's scenario (O1): no token needed, one connection per slot, each with one request
+    # that aiohttp answers 417 before any middleware runs, the answer read whole, nothing more sent.
+    limit = 4
+    async with serving(caplog, max_connections=limit) as (_, port):
+        expecting = []
+        for _ in range(limit):
+            reader, writer = await connect(port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nExpect: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            assert head.startswith(b"HTTP/1.1 417 "), head
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)\r\n", head)
+            assert length is not None, head
+            await asyncio.wait_for(reader.readexactly(int(length[1])), WAIT)
+            expecting.append((reader, writer))
+        reader, writer = await connect(port)
+        assert await get(reader, writer, "/healthz") == (200, b"ok\n")
+        writer.close()
+        assert await until_closed(expecting[0][0]) == b""
+        assert evictions(caplog) == [
+            "admin connection closed to make room: idle the longest (1 answered before)"
+        ]
+        for _, expecting_writer in expecting:
+            expecting_writer.close()

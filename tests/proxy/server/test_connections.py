@@ -1,8 +1,8 @@
 """The connection guard on loopback: a small aiohttp application served through a Guard, plain and
-over TLS. The cap evicts the connection idle the longest, else one whose client is behind on its
-answers (not reading one, or pipelining), and refuses only when all are busy with clients that keep
-up; the
-deadline closes a connection without a request answered in time (silent, half-sent, stopped
+over TLS. The cap evicts the connection idle the longest (a request aiohttp answered before any
+middleware counts as answered), else one whose client is behind on its answers (pipelining, then
+taking nothing, then reading slowly), and refuses only when all are busy with clients that keep up;
+the deadline closes a connection without a request answered in time (silent, half-sent, stopped
 reading, or silent in its TLS handshake); a lasting request has no deadline and is never evicted;
 a whole request aiohttp has not started yet is not evicted, a half-sent one is; a connection
 admitted as the site stops is closed.
@@ -17,7 +17,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +99,7 @@ async def serving(
         await release.wait()
         return web.Response(text="slow\n")
 
-    app = web.Application(middlewares=[guard.middleware])
+    app = web.Application()
     app.router.add_get("/small", small)
     app.router.add_get("/large", large)
     app.router.add_get("/held", held)
@@ -325,6 +325,95 @@ async def test_a_client_that_pipelines_makes_room_when_none_is_idle(caplog: pyte
         assert evictions(caplog) == [
             "guarded connection closed to make room: its client is behind on its answers (0 answered before)"
         ]
+
+
+Opened = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def aborting() -> AsyncIterator[Callable[[Opened], Opened]]:
+    """Aborts, however the test ends, each connection passed to what it yields: close would wait
+    to send what the server no longer reads, and the site's cleanup for its answers to be taken."""
+    connections: list[asyncio.StreamWriter] = []
+
+    def opened(connection: Opened) -> Opened:
+        connections.append(connection[1])
+        return connection
+
+    try:
+        yield opened
+    finally:
+        for writer in connections:
+            writer.transport.abort()
+
+
+BEHIND = "guarded connection closed to make room: its client is behind on its answers (0 answered before)"
+# What a client reading slowly takes between two looks of the guard: more than the server's socket
+# buffer holds (at most 4 MiB here), so its answer's rest in the transport's buffer has shrunk.
+TAKEN = 6 * 1024 * 1024
+
+
+async def test_a_client_that_pipelines_makes_room_before_one_reading_a_large_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The review's scenario (O1 #3): a scrape over a slow link, accepted first, and clients that
+    # pipeline and read nothing filling the rest of the cap. The scrape is answered whole.
+    async with serving(caplog, 3, LONG) as served, aborting() as opened:
+        reading_reader, _ = opened(await busy_with_a_large_answer(served.port))
+        pipelining = []
+        for _ in range(2):
+            reader, writer = opened(await non_reading(served.port))
+            writer.write(GET_LARGE * 2)
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            pipelining.append(reader)
+        await answered(served.port)
+        await until_closed(pipelining[0])
+        assert await asyncio.wait_for(reading_reader.readexactly(LARGE), WAIT) == b"x" * LARGE
+        assert evictions(caplog) == [BEHIND]
+
+
+async def test_a_client_that_takes_nothing_makes_room_before_one_reading_slowly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Both have a large answer in progress and read nothing at first; the guard looks at both when
+    # an idle connection makes room. The older one then reads some of its answer, the younger
+    # none: at the next look the younger one goes.
+    async with serving(caplog, 3, LONG) as served, aborting() as opened:
+        reading_reader, _ = opened(await busy_with_a_large_answer(served.port))
+        stalled_reader, _ = opened(await busy_with_a_large_answer(served.port))
+        opened(await connect(served.port))
+        await until_open(served.server, 3)
+        # The first look: the idle one makes room for one more that takes nothing.
+        opened(await busy_with_a_large_answer(served.port))
+        assert evictions(caplog) == [EVICTED]
+        assert await asyncio.wait_for(reading_reader.readexactly(TAKEN), WAIT)
+        await answered(served.port)  # the second look
+        await until_closed(stalled_reader)
+        assert evictions(caplog) == [EVICTED, BEHIND]
+        assert await asyncio.wait_for(reading_reader.readexactly(LARGE - TAKEN), WAIT)
+
+
+async def test_a_request_answered_by_aiohttp_before_any_middleware_leaves_its_connection_idle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiohttp's expect handler answers 417 to an Expect other than 100-continue before the
+    # application sees the request: once that answer is read, the connection waits for its next
+    # request like any other, and makes room (it was counted busy until its deadline).
+    async with serving(caplog, 1, LONG) as served:
+        reader, writer = await connect(served.port)
+        writer.write(b"GET /small HTTP/1.1\r\nHost: guarded\r\nExpect: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 417 ") and b"connection: close" not in head.lower()
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)\r\n", head)
+        assert length is not None, head
+        await asyncio.wait_for(reader.readexactly(int(length[1])), WAIT)
+        await answered(served.port)
+        assert await until_closed(reader) == b""
+        writer.close()
+        assert evictions(caplog) == [
+            "guarded connection closed to make room: idle the longest (1 answered before)"
+        ]
+        assert not refusals(caplog)
 
 
 async def test_an_idle_connection_makes_room_before_one_whose_client_is_behind(
