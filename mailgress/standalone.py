@@ -8,7 +8,9 @@ and a changed content is compiled and swapped in; open sessions are untouched. A
 cannot be read or parsed keeps the last good table in force. An Invalid MailRoute (one ``kubectl
 apply`` would refuse, leaving the stored object as it was) is treated per route, as the API server
 treats each object: its version last applied stays, and every other change is applied; one never
-applied (at start, or new) is left out. Last applied versions live in this process only: a restart
+applied (at start, or new) is left out. A file holding an Invalid MailRoute is mid-edit: the
+routes last applied from it that it no longer defines validly (a typo in the name gives another
+key) keep their version too. Last applied versions live in this process only: a restart
 with the file still Invalid leaves the route out. A file may hold other kinds beside
 the MailRoutes (a Service, as kubectl users keep them), which are skipped, and lists (``kind:
 List``, what ``kubectl get -o yaml`` writes), whose items count as documents; a document meant as
@@ -190,7 +192,7 @@ async def watch(
 ) -> None:
     """Keep ``holder`` in step with the route files until cancelled."""
     version_key = token_hex(table.VERSION_KEY_BYTES)  # one per process: unchanged files, same version
-    applied: dict[str, mailroute.MailRoute] = {}  # each MailRoute's version last applied, by key
+    applied: dict[str, Applied] = {}  # each MailRoute's version last applied, by key
     last: list[tuple[Path, bytes]] | None = None
     last_error = ""
     while True:
@@ -209,6 +211,14 @@ async def watch(
         await asyncio.sleep(POLL_INTERVAL)
 
 
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A MailRoute's version last applied, and the files it was applied from."""
+
+    route: mailroute.MailRoute
+    files: tuple[str, ...]
+
+
 def _apply(
     sourced: Sequence[tuple[Path, Mapping[str, Any]]],
     services: Mapping[tuple[str, str, str], tuple[Endpoint, ...]],
@@ -216,12 +226,15 @@ def _apply(
     secrets: SecretData,
     *,
     version_key: str,
-    applied: Mapping[str, mailroute.MailRoute],
-) -> dict[str, mailroute.MailRoute]:
+    applied: Mapping[str, Applied],
+) -> dict[str, Applied]:
     """Compile one changed file set and install its table; returns each MailRoute's version now
     applied. An Invalid MailRoute keeps its version in ``applied`` (``kubectl apply`` would refuse
     the edit and leave the stored object), so a typo in one field neither drops a route (and
-    fails its users' logins) nor holds back the other changes; without one it is left out.
+    fails its users' logins) nor holds back the other changes; without one it is left out. A
+    file holding an Invalid document is mid-edit: the routes last applied from it that it no
+    longer defines validly keep their version too (a typo in the name, or in ``metadata``, gives
+    the document another key; ``kubectl apply`` without ``--prune`` deletes nothing either).
 
     Called once per change of the files, so each problem is logged once per change.
     """
@@ -232,9 +245,17 @@ def _apply(
     routes = [route for _, route in parsed]
     compiled, problems = compile_routes(routes, services, secrets, version_key)
     invalid = {problem.route: problem.message for problem in problems if problem.invalid}
+    mid_edit = {file for key in invalid for file in files[key]}
     kept = {key: applied[key] for key in invalid if key in applied}
-    if kept:  # compiled again with the versions kept instead of every copy of their keys
-        routes = [route for route in routes if route.key not in kept] + list(kept.values())
+    # Last applied from a file mid-edit, and no longer in the files (an Invalid one is kept above).
+    orphaned = {
+        key: last
+        for key, last in applied.items()
+        if key not in files and any(file in mid_edit for file in last.files)
+    }
+    if kept or orphaned:  # compiled again with the versions kept instead of every copy of their keys
+        routes = [route for route in routes if route.key not in kept]
+        routes += [last.route for last in (*kept.values(), *orphaned.values())]
         compiled, problems = compile_routes(routes, services, secrets, version_key)
     for key, message in invalid.items():
         consequence = (
@@ -243,13 +264,22 @@ def _apply(
             else "left out of the routing table"
         )
         log.error("%s: MailRoute %s: %s; %s", ", ".join(files[key]), key, message, consequence)
+    for file in sorted(mid_edit):
+        if names := sorted(key for key, last in orphaned.items() if file in last.files):
+            log.error(
+                "%s: holds an Invalid MailRoute; MailRoute %s, applied from it and no longer in it, "
+                "stays in use as last applied until the file is valid",
+                file,
+                ", ".join(names),
+            )
     for problem in problems:
         # A route left out as Invalid has its one ERROR above (not also "ResolvedRefs Pending").
         if problem.route not in invalid or problem.route in kept:
             log.warning("MailRoute %s: %s", problem.route, problem.message)
     holder.swap(compiled.table)
-    return {
-        route.key: route
-        for route in routes
-        if isinstance(route, mailroute.MailRoute) and (route.key not in invalid or route.key in kept)
+    now = {
+        route.key: Applied(route, tuple(files[route.key]))
+        for _, route in parsed
+        if isinstance(route, mailroute.MailRoute) and route.key not in invalid
     }
+    return {**now, **kept, **orphaned}

@@ -56,11 +56,12 @@ DEFAULT_FIRST_LOGIN_DELAY = 1.0
 DEFAULT_MAX_LOGIN_DELAY = 15.0
 # How long a tripped lock refuses logins; failures are remembered as long after the last one.
 DEFAULT_LOGIN_LOCKOUT = 300.0
-# A login no route owns is refused this long after it came, as a routed wrong password is answered
-# after the backend's failure delay: Dovecot's auth_failure_delay, default "2 secs"
-# (https://doc.dovecot.org/2.3/settings/core/#core_setting-auth_failure_delay). Its speed must not
-# tell which users and domains the proxy serves; 0 refuses at once.
-DEFAULT_UNROUTED_LOGIN_DELAY = 2.0
+# Every login refusal (a wrong password, a backend's refusal, a login no route owns) is answered
+# no sooner than this long after the login was asked, so that its speed tells no more than the
+# reply which users and domains the proxy serves: about a backend's failure delay, Dovecot's
+# auth_failure_delay, default "2 secs", which it answers after 1.5 to 2 s
+# (https://doc.dovecot.org/2.3/settings/core/#core_setting-auth_failure_delay); 0 turns it off.
+DEFAULT_LOGIN_REFUSAL_TIME = 2.0
 # Graceful drain on SIGTERM (proxy/server/drain.py), for a proxy run without the chart: 540 s
 # leaves a 600 s kill deadline room for the last closes and the process exit. The chart sets its
 # own: terminationGracePeriodSeconds less the preStop sleep and 10 s (600 - 5 - 10 = 585).
@@ -145,7 +146,7 @@ class FailedLoginSettings:
     first_delay: float = DEFAULT_FIRST_LOGIN_DELAY
     max_delay: float = DEFAULT_MAX_LOGIN_DELAY
     lockout: float = DEFAULT_LOGIN_LOCKOUT
-    unrouted_delay: float = DEFAULT_UNROUTED_LOGIN_DELAY  # the backends' failure delay
+    refusal_time: float = DEFAULT_LOGIN_REFUSAL_TIME  # least seconds from a login to its refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,7 +471,7 @@ def _limits(document: Mapping[str, Any]) -> LimitSettings:
     failures = _mapping(
         raw,
         "failedLogins",
-        {"perUser", "perIp", "firstDelay", "maxDelay", "lockout", "unroutedDelay"},
+        {"perUser", "perIp", "firstDelay", "maxDelay", "lockout", "refusalTime"},
         "limits",
     )
     return LimitSettings(
@@ -481,9 +482,7 @@ def _limits(document: Mapping[str, Any]) -> LimitSettings:
             first_delay=_seconds(failures, "firstDelay", DEFAULT_FIRST_LOGIN_DELAY, where, zero=True),
             max_delay=_seconds(failures, "maxDelay", DEFAULT_MAX_LOGIN_DELAY, where),
             lockout=_seconds(failures, "lockout", DEFAULT_LOGIN_LOCKOUT, where),
-            unrouted_delay=_seconds(
-                failures, "unroutedDelay", DEFAULT_UNROUTED_LOGIN_DELAY, where, zero=True
-            ),
+            refusal_time=_seconds(failures, "refusalTime", DEFAULT_LOGIN_REFUSAL_TIME, where, zero=True),
         ),
     )
 

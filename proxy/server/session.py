@@ -12,11 +12,11 @@ backend login's time is added to it). A read reaches the machine ``FEED_SIZE`` o
 time, each slice's replies sent before the next is fed, so what a client that pipelines and never
 reads makes the session hold is bounded by a slice, not by the read. The shared ``limits`` refuse
 a client address over its connection limit (once a trusted PROXY header has named the real one)
-and logins locked by failed attempts, and hold back the refusal of each further failure, and that
-of a login no route owns as long as a backend's failure delay (``unroutedDelay``). When the
-proxy drains (drain.py) and the session's turn comes, a client still logging in gets the
-protocol's closing line the next time the session waits for it, and a relayed one at the relay's
-next quiet moment. Exactly one INFO line per session is logged when it ends; it names the user
+and logins locked by failed attempts, and hold back the refusal of each further failure; every
+login refusal, routed or not, is answered no sooner than ``refusalTime`` after the login was
+asked. When the proxy drains (drain.py) and the session's turn comes, a client still logging in
+gets the protocol's closing line the next time the session waits for it, and a relayed one at
+the relay's next quiet moment. Exactly one INFO line per session is logged when it ends; it names the user
 but never a password.
 """
 
@@ -53,6 +53,9 @@ FRONTENDS: dict[table.Protocol, Callable[[events.FrontendConfig], events.Fronten
 }
 # How a lock's scope is named in log lines.
 LOCKED_SUBJECT: dict[limits.Scope, str] = {"ip": "client address", "user": "user"}
+# The login outcomes the client gets as a refusal of its login, each held until refusalTime after
+# the login was asked; a temporary failure (unavailable, throttled) says nothing about the user.
+REFUSALS: frozenset[backends.Outcome] = frozenset({"rejected", "refused", "no_route"})
 # After the pre-login deadline the client gets the protocol's timeout reply (* BYE, -ERR, 421)
 # if it takes it within this many seconds; one that reads nothing gets nothing, and the session
 # ends. Short: the reply is one line into the socket's buffer, which only a client that stopped
@@ -102,8 +105,8 @@ class SessionRecord:
     outcome: str = "closed"
     upstream_bytes: int = 0
     downstream_bytes: int = 0
-    # Seconds refusals were held back: the failed-login throttle's delay, and for a login no route
-    # owns the backends' failure delay (limits.failedLogins.unroutedDelay).
+    # Seconds refusals were actually held back: the failed-login throttle's delay, and the hold up
+    # to limits.failedLogins.refusalTime after the login was asked.
     held_back: float = 0.0
 
 
@@ -395,8 +398,8 @@ async def _converse(
                                     attempts += 1
                                     # The backend login has its own budget (backendLogin,
                                     # all endpoints together). The time the auth service and
-                                    # the backends take (and the hold of a login no route owns,
-                                    # which stands for it) is not the client's: the deadline moves
+                                    # the backends take (and the refusal-time hold, which
+                                    # stands for it) is not the client's: the deadline moves
                                     # on by it (up to one backendLogin in all), so a temporary
                                     # failure leaves the client the time it had to retry. Only
                                     # the failed-login delay counts against it (_authenticate);
@@ -536,17 +539,22 @@ async def _authenticate(
         context.labelled(metrics.refusals, f"login_lockout_{lock.scope}").inc()
         record.login = "throttled"
         return events.LoginUnavailable(), None
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
     login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
-    if guarded and login.outcome == "no_route" and throttle.settings.unrouted_delay:
-        # Refused at once, where a routed wrong password waits for the backend's failure delay:
-        # held as long (a fixed time, so that no client's logins set it for others), so that the
-        # time tells no more than the reply which domains and users the proxy serves. Counted as
+    if guarded and login.outcome in REFUSALS and throttle.settings.refusal_time:
+        # Every refusal is answered no sooner than refusalTime after the login was asked: a
+        # login no route owns (refused at once) and a wrong password a backend refused sooner
+        # (Dovecot's failure delay varies with its timer) are held up to it, a fixed time so that
+        # no client's logins set it for others, and the time tells no more than the reply which
+        # domains and users the proxy serves. A backend slower than it still shows. Counted as
         # the backend time it stands for (the caller moves the deadline on by ``waited``), or
-        # the timeout reply would come that much sooner after it than after a routed refusal.
-        hold = throttle.settings.unrouted_delay
-        record.held_back += hold
-        await asyncio.sleep(hold)
-        login = dataclasses.replace(login, waited=login.waited + hold)
+        # the timeout reply would come that much sooner after it than after a backend's refusal.
+        refusal_time = throttle.settings.refusal_time
+        # A login no route owns asked no one: held all of it, whatever the lookup took.
+        hold = refusal_time if login.outcome == "no_route" else asked + refusal_time - loop.time()
+        held = await _hold(hold, record)
+        login = dataclasses.replace(login, waited=login.waited + held)
     record.route = login.route
     record.backend = str(login.endpoint) if login.endpoint else "-"
     context.labelled(metrics.logins, request.protocol, login.outcome).inc()
@@ -568,11 +576,27 @@ async def _authenticate(
                 throttle.settings.lockout,
             )
         # Never past the pre-login deadline, which then ends the session as usual.
-        delay = max(0.0, min(penalty.delay, deadline - asyncio.get_running_loop().time()))
-        if delay:
-            record.held_back += delay
-            await asyncio.sleep(delay)
+        await _hold(min(penalty.delay, deadline - loop.time()), record)
     return login.event, login
+
+
+async def _hold(seconds: float, record: SessionRecord) -> float:
+    """Hold a refusal back ``seconds`` and return the time held, which the session line's
+    ``held_back`` counts: ``seconds``, or only the time until the scope around the login (the
+    pre-login deadline) cut the hold short."""
+    if seconds <= 0:
+        return 0.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    held = 0.0
+    try:
+        await asyncio.sleep(seconds)
+        held = seconds
+    finally:
+        if not held:  # cut short
+            held = min(seconds, loop.time() - started)
+        record.held_back += held
+    return held
 
 
 async def _relay(

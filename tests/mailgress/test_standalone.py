@@ -157,6 +157,69 @@ async def test_an_invalid_route_in_an_edit_keeps_its_last_version_and_the_rest_a
         assert upstream is not None and upstream.tls == "starttls"
 
 
+METADATA_TYPOS = {
+    "uppercase-name": ("name: alpha, namespace", "name: Alpha, namespace"),
+    "underscore-name": ("name: alpha, namespace", "name: alpha_1, namespace"),
+    "misspelt-name-key": ("{name: alpha, namespace", "{nmae: alpha, namespace"),
+    "misspelt-metadata-key": ("metadata: {name: alpha", "metdata: {name: alpha"),
+}
+
+
+@pytest.mark.parametrize("typo", METADATA_TYPOS)
+async def test_a_typo_in_a_routes_metadata_keeps_the_route_its_file_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, typo: str
+) -> None:
+    """Review O4: a typo in the name (or in metadata) makes an Invalid document of another key,
+    so the route last applied from the file was dropped (its users got "authentication failed").
+    A file holding an Invalid document is mid-edit: what it applied and no longer defines stays."""
+    monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
+    reads = CountedReads(monkeypatch)
+    path = tmp_path / "routes.yaml"
+    text = TYPO_ROUTES.format(tls="none", beta="beta.example", service="dovecot")
+    path.write_text(text)
+    holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    async with watching([path], holder):
+        await wait_for(lambda current: route_names(current) == ["mail/alpha", "mail/beta"], holder)
+        alpha = holder.current.routes[0]
+        old, new = METADATA_TYPOS[typo]
+        with caplog.at_level(logging.ERROR, logger="mailgress.standalone"):
+            # The typo, and beside it a change of beta: that one is applied, alpha kept.
+            path.write_text(text.replace(old, new, 1).replace("beta.example", "other.example"))
+            await wait_for(lambda current: current.routes[-1].domains == ("other.example",), holder)
+            await reads.wait(5)  # several polls after the change
+        assert holder.current.routes[0] == alpha
+        messages = [record.getMessage() for record in caplog.records]
+        assert len(messages) == 2 and "Accepted=False (Invalid)" in messages[0], messages
+        assert messages[1] == (
+            f"{path}: holds an Invalid MailRoute; MailRoute mail/alpha, applied from it and no longer"
+            " in it, stays in use as last applied until the file is valid"
+        )
+        # Fixed: alpha as written now; then a valid rename drops the old name.
+        path.write_text(text.replace("tls: none", "tls: starttls"))
+        await wait_for(lambda current: current.routes[0] != alpha, holder)
+        assert route_names(holder.current) == ["mail/alpha", "mail/beta"]
+        path.write_text(text.replace("name: alpha, namespace", "name: alpha2, namespace"))
+        await wait_for(lambda current: route_names(current) == ["mail/alpha2", "mail/beta"], holder)
+
+
+async def test_a_valid_rename_drops_the_old_route_though_another_file_is_invalid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the routes of the file mid-edit are kept: an Invalid document elsewhere keeps none."""
+    monkeypatch.setattr(standalone, "POLL_INTERVAL", 0.01)
+    path, other = tmp_path / "routes.yaml", tmp_path / "other.yaml"
+    text = TYPO_ROUTES.format(tls="none", beta="beta.example", service="dovecot")
+    path.write_text(text)
+    other.write_text(ROUTE.format(domain="a.example"))
+    holder = TableHolder(proxy_metrics.create(CollectorRegistry()))
+    async with watching([path, other], holder):
+        await wait_for(lambda current: len(current.routes) == 3, holder)
+        other.write_text(ROUTE.format(domain="a.example").replace("name: r", "name: R"))
+        path.write_text(text.replace("name: alpha, namespace", "name: alpha2, namespace"))
+        await wait_for(lambda current: "mail/alpha2" in route_names(current), holder)
+        assert route_names(holder.current) == ["mail/alpha2", "mail/beta", "mail/r"]
+
+
 async def test_deleting_a_kept_invalid_route_removes_it_and_a_new_invalid_one_is_left_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

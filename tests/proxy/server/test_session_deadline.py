@@ -39,7 +39,8 @@ MAX_SENT = 1024 * 1024  # what a client pushes at most
 SEND_FOR = 3.0  # how long it pushes at most: well past the deadline
 SMALL_RECEIVE_BUFFER = 4096  # the client's window: the proxy's replies back up quickly
 POLL = 0.05
-# A backend's failure delay, and the hold of a login no route owns: longer than PRE_LOGIN.
+# A backend's failure delay, and the refusal time a login no route owns is held: longer than
+# PRE_LOGIN.
 FAILURE_DELAY = 1.2
 
 
@@ -248,7 +249,7 @@ async def test_a_refused_login_leaves_the_client_its_time_routed_or_not(
     caplog.set_level(logging.INFO)
     async with serving(refusing_after(FAILURE_DELAY)) as (endpoint, _):
         proxy = await start_proxy({}, [endpoint], pre_login=PRE_LOGIN)
-        failed = FailedLoginSettings(first_delay=0, unrouted_delay=FAILURE_DELAY)
+        failed = FailedLoginSettings(first_delay=0, refusal_time=FAILURE_DELAY)
         proxy.context.limits = Limits(LimitSettings(failed_logins=failed))
         reply, reader, writer = await login(proxy.port, user, password="Wrong-Pass-1")
         assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
@@ -270,7 +271,7 @@ async def test_holds_of_logins_no_route_owns_add_at_most_one_backend_login(
     proxy = await start_proxy(
         {}, [Endpoint("127.0.0.1", dead_port())], backend_login=0.5, pre_login=PRE_LOGIN
     )
-    failed = FailedLoginSettings(first_delay=0, unrouted_delay=0.4, per_user=100, per_ip=100)
+    failed = FailedLoginSettings(first_delay=0, refusal_time=0.4, per_user=100, per_ip=100)
     proxy.context.limits = Limits(LimitSettings(failed_logins=failed))
     reader, writer = await imap_client(proxy.port)
     replies = []
@@ -284,3 +285,31 @@ async def test_holds_of_logins_no_route_owns_add_at_most_one_backend_login(
     assert replies[-1].startswith(b"* BYE"), replies
     # preLogin (1 s) and one backendLogin (0.5 s): three holds of 0.4 s at most, and part of a fourth.
     assert len(replies) <= 5, replies
+
+
+async def test_the_session_line_counts_only_the_time_a_cut_hold_held(
+    start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review O4: logins no route owns pipelined in one write; the deadline cuts the last hold
+    short, and held_back counted it whole, more than the session lasted."""
+    caplog.set_level(logging.INFO)
+    proxy = await start_proxy(
+        {}, [Endpoint("127.0.0.1", dead_port())], backend_login=0.5, pre_login=PRE_LOGIN
+    )
+    failed = FailedLoginSettings(first_delay=0, refusal_time=0.4, per_user=100, per_ip=100)
+    proxy.context.limits = Limits(LimitSettings(failed_logins=failed))
+    reader, writer = await imap_client(proxy.port)
+    writer.write(b"".join(b"a%d LOGIN anna@unrouted.example secret\r\n" % n for n in range(20)))
+    replies = []
+    for _ in range(25):  # 20 refusals would take 8 s; the deadline ends it first
+        line = await asyncio.wait_for(reader.readline(), WAIT)
+        if not line:
+            break
+        replies.append(line)
+    writer.close()
+    assert replies[-1] == b"* BYE Autologout; idle for too long\r\n", replies
+    [line] = await session_lines(caplog)
+    duration = float(line.split(" duration=")[1].split()[0].rstrip("s"))
+    held_back = float(line.split(" held_back=")[1].rstrip("s"))
+    # Rounded to the millisecond in the line; the holds are parts of the session's time.
+    assert held_back <= duration + 0.0005, line
