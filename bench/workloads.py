@@ -314,49 +314,53 @@ class Runner:
 
     def fetch(self, workload: str) -> Measurement:
         """One IMAP session FETCHes the 20 MB message ``scale.fetches`` times; compares every copy."""
-        uvloop.run(self._warm_up(self._imap))
-        account = self.bed.account(targets.FETCH_ADDRESS)
         expected = self.bed.fetch_message
         into = bytearray(len(expected))
-        tally = _Tally()
-        relayed = 0
-        try:
-            client = clients.BlockingImap(self.target.port("imap", account.address))
-        except OSError as error:
-            raise WarmUpError(f"connecting for the FETCH: {error}") from error
-        try:
-            try:
-                client.login(account)
-                client.command(b"b ", b"SELECT INBOX", "SELECT")
-            except _CLIENT_ERRORS as error:
-                raise WarmUpError(f"login before the FETCH: {error}") from error
-            before, started = self._meter.read(), time.perf_counter()
-            for number in range(self.scale.fetches):
-                try:
-                    size = client.fetch_into(f"f{number} ".encode(), 1, into)
-                except _CLIENT_ERRORS as error:
-                    tally.failed(error)
-                    break  # the connection's state is unknown after a broken FETCH
-                relayed += size
-                if size == len(expected) and into == expected:
-                    tally.done += 1
-                else:
-                    tally.failed(clients.DialogueError(f"FETCH {number}: the message came back altered"))
-            seconds, after = time.perf_counter() - started, self._meter.read()
-        finally:
-            client.close()
-        return self._measurement(
-            workload, tally, seconds, measure.CpuUse.between(before, after), relayed_bytes=relayed
-        )
+
+        def fetch_once(client: clients.BlockingImap, number: int, tally: _Tally) -> int:
+            size = client.fetch_into(f"f{number} ".encode(), 1, into)
+            if size == len(expected) and into == expected:
+                tally.done += 1
+            else:
+                tally.failed(clients.DialogueError(f"FETCH {number}: the message came back altered"))
+            return size
+
+        return self._fetch_runs(workload, targets.FETCH_ADDRESS, self.scale.fetches, fetch_once)
 
     # -- many small messages -------------------------------------------------------------------
 
     def fetch_small(self, workload: str) -> Measurement:
         """One IMAP session FETCHes 1:N (the small messages) ``scale.small_fetches`` times; every
         message of every reply is compared with what was stored."""
-        uvloop.run(self._warm_up(self._imap))
-        account = self.bed.account(targets.SMALL_ADDRESS)
         stored = self.bed.small_messages
+
+        def fetch_once(client: clients.BlockingImap, number: int, tally: _Tally) -> int:
+            fetched = client.fetch_all(f"f{number} ".encode(), len(stored))
+            compare_copies(stored, fetched, tally, f"FETCH {number}")
+            return sum(map(len, fetched))
+
+        def index(client: clients.BlockingImap) -> None:
+            # Unmeasured: Dovecot's first read of the maildir builds its index and cache.
+            client.fetch_all(b"w ", len(stored))
+
+        return self._fetch_runs(
+            workload, targets.SMALL_ADDRESS, self.scale.small_fetches, fetch_once, prepare=index
+        )
+
+    def _fetch_runs(
+        self,
+        workload: str,
+        address: str,
+        rounds: int,
+        fetch_once: Callable[[clients.BlockingImap, int, _Tally], int],
+        *,
+        prepare: Callable[[clients.BlockingImap], None] | None = None,
+    ) -> Measurement:
+        """After the warm-up, one IMAP session of ``address`` selects INBOX, runs ``prepare``
+        (unmeasured), then ``fetch_once`` ``rounds`` times, measured: each tallies its copies and
+        returns the bytes it relayed. A broken FETCH ends the runs."""
+        uvloop.run(self._warm_up(self._imap))
+        account = self.bed.account(address)
         tally = _Tally()
         relayed = 0
         try:
@@ -367,19 +371,17 @@ class Runner:
             try:
                 client.login(account)
                 client.command(b"b ", b"SELECT INBOX", "SELECT")
-                # Unmeasured: Dovecot's first read of the maildir builds its index and cache.
-                client.fetch_all(b"w ", len(stored))
+                if prepare is not None:
+                    prepare(client)
             except _CLIENT_ERRORS as error:
                 raise WarmUpError(f"login before the FETCH: {error}") from error
             before, started = self._meter.read(), time.perf_counter()
-            for number in range(self.scale.small_fetches):
+            for number in range(rounds):
                 try:
-                    fetched = client.fetch_all(f"f{number} ".encode(), len(stored))
+                    relayed += fetch_once(client, number, tally)
                 except _CLIENT_ERRORS as error:
                     tally.failed(error)
                     break  # the connection's state is unknown after a broken FETCH
-                relayed += sum(map(len, fetched))
-                compare_copies(stored, fetched, tally, f"FETCH {number}")
             seconds, after = time.perf_counter() - started, self._meter.read()
         finally:
             client.close()

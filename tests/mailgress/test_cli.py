@@ -38,6 +38,18 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
+def start_proxy(config: Path, **environment: str) -> subprocess.CompletedProcess[str]:
+    """``mailgress proxy --config CONFIG`` in a process of its own, for what ends its start."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailgress.cli", "proxy", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **environment},
+    )
+
+
 def test_check_prints_the_compiled_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["routes", "check", str(EXAMPLES)]) == 0
     out, err = capsys.readouterr()
@@ -264,13 +276,7 @@ def test_check_without_mailroutes_fails(tmp_path: Path, capsys: pytest.CaptureFi
 )
 def test_proxy_start_up_errors_are_one_clear_line(tmp_path: Path, settings: str, message: str) -> None:
     path = write(tmp_path, "proxy.yaml", settings)
-    result = subprocess.run(
-        [sys.executable, "-m", "mailgress.cli", "proxy", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = start_proxy(path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
@@ -281,21 +287,7 @@ def test_a_pod_name_the_controller_would_refuse_is_a_start_up_error(tmp_path: Pa
     (tmp_path / "token").write_text("secret-token\n")
     listener = f"{{protocol: imap, address: 127.0.0.1, port: {mailservers.free_port()}}}"
     settings = f"listeners: [{listener}]\ncontroller: {{url: 'http://127.0.0.1:1', tokenFile: token}}\n"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mailgress.cli",
-            "proxy",
-            "--config",
-            str(write(tmp_path, "proxy.yaml", settings)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "POD_NAME": "Proxy_1"},
-    )
+    result = start_proxy(write(tmp_path, "proxy.yaml", settings), POD_NAME="Proxy_1")
     assert result.returncode == cli.EXIT_USAGE
     assert "POD_NAME 'Proxy_1'" in result.stderr and "Traceback" not in result.stderr
     assert "secret-token" not in result.stderr
@@ -328,20 +320,7 @@ def test_proxy_start_up_failures_are_one_clear_line(
         where = listener.format(taken=port, free=mailservers.free_port())
         imap = f"{{name: imap, protocol: imap, address: 127.0.0.1, {where}}}"
         settings = f"listeners: [{imap}]\nroutes: [{routes.name}]\n{extra.format(taken=port)}"
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mailgress.cli",
-                "proxy",
-                "--config",
-                str(write(tmp_path, "proxy.yaml", settings)),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = start_proxy(write(tmp_path, "proxy.yaml", settings))
     assert result.returncode == cli.EXIT_USAGE
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("mailgress: ")]) == 1
