@@ -1142,6 +1142,15 @@ EXPIRED = "closed: no request answered"
 REFUSED = "refused"
 
 
+async def slow_reader(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the port with a 4 KiB receive buffer: what it does not read soon fills it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
+
 @contextlib.asynccontextmanager
 async def guarded(
     caplog: pytest.LogCaptureFixture,
@@ -1212,12 +1221,8 @@ async def test_clients_without_the_token_that_pipeline_and_never_read_do_not_kee
     async with guarded(caplog, limit=4) as channel:
         flooding = []
         for _ in range(4):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
             async with asyncio.timeout(BOUND):
-                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", channel.port))
-                reader, writer = await asyncio.open_connection(sock=sock)
+                reader, writer = await slow_reader(channel.port)
                 writer.write(f"GET {publisher.METRICS_PATH} HTTP/1.1\r\nHost: c\r\n\r\n".encode() * PIPELINED)
                 await reader.readuntil(b"\r\n\r\n")
             flooding.append(writer)
@@ -1369,12 +1374,8 @@ async def test_a_stream_whose_proxy_stops_reading_ends_after_three_heartbeats(
         changes = Changes(channel)
         channel.publish(large)
         # A proxy with a small receive buffer that reads the answer's head and then nothing.
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
         async with asyncio.timeout(BOUND):
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", channel.port))
-            reader, writer = await asyncio.open_connection(sock=sock)
+            reader, writer = await slow_reader(channel.port)
             writer.write(HALF_SENT + b"\r\n")
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK")
