@@ -542,6 +542,28 @@ async def _authenticate(
     loop = asyncio.get_running_loop()
     asked = loop.time()
     login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
+    record.route = login.route
+    record.backend = str(login.endpoint) if login.endpoint else "-"
+    context.labelled(metrics.logins, request.protocol, login.outcome).inc()
+    record.login = login.outcome
+    penalty = None
+    if guarded and login.outcome == "accepted":
+        throttle.succeeded(request.routing_key)
+    elif guarded and login.outcome in ("rejected", "no_route"):
+        # Only a refusal of the credentials is a guess (no_route too: no hint who exists); a
+        # login the backend "refused" for another reason (a connection limit, an account in
+        # use) may have had the right password, and counting it would lock out the user's every
+        # device. Counted at once, before any hold: the lock must stop the guesses asked while
+        # this refusal is held back (review P1).
+        penalty = throttle.failed(peer.host, request.routing_key, clock())
+        for scope in penalty.locked:
+            locked = limits.client_key(peer.host) if scope == "ip" else limits.user_key(request.routing_key)
+            log.warning(
+                "too many failed logins: %s %r refused for %gs",
+                LOCKED_SUBJECT[scope],
+                locked,
+                throttle.settings.lockout,
+            )
     if guarded and login.outcome in REFUSALS and throttle.settings.refusal_time:
         # Every refusal is answered no sooner than refusalTime after the login was asked: a
         # login no route owns (refused at once) and a wrong password a backend refused sooner
@@ -555,26 +577,7 @@ async def _authenticate(
         hold = refusal_time if login.outcome == "no_route" else asked + refusal_time - loop.time()
         held = await _hold(hold, record)
         login = dataclasses.replace(login, waited=login.waited + held)
-    record.route = login.route
-    record.backend = str(login.endpoint) if login.endpoint else "-"
-    context.labelled(metrics.logins, request.protocol, login.outcome).inc()
-    record.login = login.outcome
-    if guarded and login.outcome == "accepted":
-        throttle.succeeded(request.routing_key)
-    elif guarded and login.outcome in ("rejected", "no_route"):
-        # Only a refusal of the credentials is a guess (no_route too: no hint who exists); a
-        # login the backend "refused" for another reason (a connection limit, an account in
-        # use) may have had the right password, and counting it would lock out the user's every
-        # device.
-        penalty = throttle.failed(peer.host, request.routing_key, clock())
-        for scope in penalty.locked:
-            locked = limits.client_key(peer.host) if scope == "ip" else limits.user_key(request.routing_key)
-            log.warning(
-                "too many failed logins: %s %r refused for %gs",
-                LOCKED_SUBJECT[scope],
-                locked,
-                throttle.settings.lockout,
-            )
+    if penalty is not None:
         # Never past the pre-login deadline, which then ends the session as usual.
         await _hold(min(penalty.delay, deadline - loop.time()), record)
     return login.event, login

@@ -40,6 +40,7 @@ from tests.proxy.server.conftest import (
     RunningProxy,
     dead_port,
     fake_backend,
+    imap_client,
     login,
     session_lines,
 )
@@ -290,6 +291,33 @@ async def test_failed_logins_are_held_back_then_refused_without_a_backend(
     assert "too many failed logins: user 'alice@alpha.example' refused for 60s" in caplog.text
     assert proxy.metric("mailgress_proxy_refusals_total", reason="login_lockout_user") == 1
     assert proxy.metric("mailgress_proxy_logins_total", protocol="imap", outcome="throttled") == 1
+
+
+async def test_a_failure_locks_at_once_not_when_its_refusal_time_is_over(start_proxy: ProxyFactory) -> None:
+    """Review P1: the failure was counted after the refusal-time hold, so every login of the user
+    asked within refusalTime of the third failure still reached the backend."""
+    async with fake_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        install(proxy, per_user=3, per_ip=100, lockout=60, refusal_time=WAIT * 3)
+        throttle = proxy.context.limits.logins
+        held = []
+        for number in range(3):
+            _, writer = await imap_client(proxy.port)
+            writer.write(f'a1 LOGIN alice@alpha.example "guess{number}"\r\n'.encode())
+            held.append(writer)
+            async with asyncio.timeout(WAIT):
+                while len(backend.received) < number + 1:  # refused by the backend, reply held
+                    await asyncio.sleep(STEP)
+        async with asyncio.timeout(WAIT):
+            while throttle.locked("127.0.0.1", "alice@alpha.example", proxy.context.limits.clock()) is None:
+                await asyncio.sleep(STEP)
+        # The three replies are still held back; a fourth guess is refused without the backend.
+        reply, _, writer = await login(proxy.port, "alice@alpha.example", password="guess3")
+        writer.close()
+        assert reply.startswith(b"a1 NO [UNAVAILABLE]")
+        assert len(backend.received) == 3
+        for writer in held:
+            writer.close()
 
 
 async def test_failures_from_one_address_lock_it_for_every_user(start_proxy: ProxyFactory) -> None:
