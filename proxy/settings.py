@@ -387,16 +387,16 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
     _only(document, {"url", "tokenFile", "proxyName", "snapshotFile", "caFile"}, "controller")
     url = _require(document, "url", str, "controller")
     parts = urllib.parse.urlsplit(url)
-    # User information is the authority's part before an '@' (RFC 3986 3.2.1); an '@' in the path,
-    # query or fragment is data (3.3). Without '//' urlsplit finds no authority, hence no user
-    # information where a person meant some (user:password@host, the scheme left out), and the
-    # messages below would echo it: then any '@' is refused too.
-    if "@" in parts.netloc or ("@" in url and not parts.netloc):
-        # Never echoed: what precedes the @ may be a password, and this message is printed. The
-        # channel authenticates with tokenFile (aiohttp would refuse both in one request).
+    # User information is the authority's part before an '@' (RFC 3986 3.2.1). Where it ends is
+    # not for us to guess: a password holding '/', '?' or '#' moves the '@' into what urlsplit
+    # calls the path (and a numeric one reads as host:port), so any '@' is refused, and never
+    # echoed: what precedes it may be a password, and this message is printed. The channel
+    # authenticates with tokenFile (aiohttp would refuse both in one request); the controller's
+    # own paths hold no '@', and one elsewhere is written %40 (RFC 3986 2.1).
+    if "@" in url:
         raise SettingsError(
             "controller.url: must not hold a user name or password (user:password@host); the push"
-            " channel authenticates with tokenFile"
+            " channel authenticates with tokenFile (write an '@' that belongs in a path as %40)"
         )
     try:
         parts.port  # noqa: B018  urlsplit checks the port only when asked for it
