@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 # A connection's standing when room is needed: the lowest goes first (the answered longest ago of
 # them). Idle: no request in progress. Pipelining: requests wait behind the one in progress.
-# Stalled: its answer waits in the transport's buffer, which has not shrunk since the guard last
-# looked. Draining: its buffer shrank, or it was not looked at since its last answer.
+# Stalled: its answer waits in the transport's buffer, which has not shrunk since writing paused
+# or the guard last looked. Draining: its buffer shrank, or it was never measured since its last
+# answer (a small answer, under the high-water mark).
 IDLE, PIPELINING, STALLED, DRAINING = range(4)
 
 # aiohttp's server calls one with each request it takes: the application's handling.
@@ -239,8 +240,9 @@ class _Connection(asyncio.Protocol):
         self._held = False  # the request in progress is lasting (``hold``)
         # The transport holds more than its high-water mark that the client has not taken.
         self._writing_paused = False
-        # The transport's write buffer when ``standing`` last found the client behind, since its
-        # last answer (None: not since): a client that takes some of it has shrunk it next time.
+        # The transport's write buffer when writing paused or ``standing`` last found the client
+        # behind, since its last answer (None: not since): a client that takes some of it has
+        # shrunk it by the next look.
         self._measured: int | None = None
         # The accepted socket's transport until the handshake is over, then the TLS one.
         self._transport: asyncio.Transport | None = None
@@ -430,6 +432,10 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        if self._measured is None and self._transport is not None:
+            # The first measure of an answer the client is behind on: the guard's first look
+            # then already tells a client that has taken some of it from one that took nothing.
+            self._measured = self._transport.get_write_buffer_size()
         if self._made:
             self._handler.pause_writing()
 

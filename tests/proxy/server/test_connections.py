@@ -393,6 +393,21 @@ async def test_a_client_that_takes_nothing_makes_room_before_one_reading_slowly(
         assert await asyncio.wait_for(reading_reader.readexactly(LARGE - TAKEN), WAIT)
 
 
+async def test_at_the_first_look_a_client_that_takes_nothing_goes_before_one_reading(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Review P1: at the guard's first look no connection had been measured, so both counted as
+    # draining and the older, reading one went. Its buffer is measured when writing pauses.
+    async with serving(caplog, 2, LONG) as served, aborting() as opened:
+        reading_reader, _ = opened(await busy_with_a_large_answer(served.port))
+        stalled_reader, _ = opened(await busy_with_a_large_answer(served.port))
+        assert await asyncio.wait_for(reading_reader.readexactly(TAKEN), WAIT)
+        await answered(served.port)  # the first look
+        await until_closed(stalled_reader)
+        assert evictions(caplog) == [BEHIND]
+        assert await asyncio.wait_for(reading_reader.readexactly(LARGE - TAKEN), WAIT)
+
+
 async def test_a_request_answered_by_aiohttp_before_any_middleware_leaves_its_connection_idle(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
