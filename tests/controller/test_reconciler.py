@@ -245,6 +245,14 @@ def worker(world: World, publisher: FakePublisher, cluster: FakeCluster) -> reco
     )
 
 
+async def applied_by_both(worker: reconciler.Reconciler, publisher: FakePublisher) -> None:
+    """A pass publishes the table, both ready proxies apply it, and the next pass sees their acks."""
+    await worker.reconcile()
+    publisher.ack("proxy-a")
+    publisher.ack("proxy-b")
+    await worker.reconcile()
+
+
 def conditions_of(status: Mapping[str, Any]) -> dict[str, tuple[str, str, str]]:
     return {c["type"]: (c["status"], c["reason"], c["message"]) for c in status["conditions"]}
 
@@ -366,10 +374,7 @@ async def test_a_later_table_with_the_same_generation_still_counts(
 async def test_a_new_generation_needs_new_acks(
     world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
 ) -> None:
-    await worker.reconcile()
-    publisher.ack("proxy-a")
-    publisher.ack("proxy-b")
-    await worker.reconcile()
+    await applied_by_both(worker, publisher)
     world.routes[0] = entry(route_body("example", "example.com", generation=2, port=110), version="7")
     await worker.reconcile()
     status = cluster.last_status("mail/example")
@@ -468,10 +473,7 @@ async def test_a_proxy_whose_stream_leaves_still_counts_as_running_what_it_appli
     world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
 ) -> None:
     """It keeps serving that table while it reconnects: Programmed does not flap to Pending."""
-    await worker.reconcile()
-    publisher.ack("proxy-a")
-    publisher.ack("proxy-b")
-    await worker.reconcile()
+    await applied_by_both(worker, publisher)
     written = len(cluster.patches)
     del publisher.current["proxy-b"]
     publisher.ack("proxy-a")
@@ -1007,20 +1009,14 @@ async def test_a_table_that_does_not_change_a_route_writes_no_status_for_it(
 ) -> None:
     """status.proxies names the route's own first table, not the latest: adding a route, the
     proxies acking it and deleting it again leave the other route's status as it was."""
-    await worker.reconcile()
-    publisher.ack("proxy-a")
-    publisher.ack("proxy-b")
-    await worker.reconcile()
+    await applied_by_both(worker, publisher)
     first = publisher.published[0].version
     example = cluster.last_status("mail/example")
     assert example["proxies"] == {"programmed": 2, "total": 2, "version": first}
     writes = len(cluster.patches)
 
     world.routes.append(entry(route_body("other", "example.org")))
-    await worker.reconcile()
-    publisher.ack("proxy-a")
-    publisher.ack("proxy-b")
-    await worker.reconcile()
+    await applied_by_both(worker, publisher)
     second = publisher.published[1].version
     assert second != first
     assert [key for key, _, _ in cluster.patches[writes:]] == ["mail/other", "mail/other"]
@@ -1042,10 +1038,7 @@ async def test_new_endpoints_move_the_version_and_the_count_while_programmed_hol
     """The route's compiled form changed: status.proxies names the table that carries the new
     endpoints and counts the proxies that run it; the generation did not change, so every proxy
     still runs it and Programmed stays True."""
-    await worker.reconcile()
-    publisher.ack("proxy-a")
-    publisher.ack("proxy-b")
-    await worker.reconcile()
+    await applied_by_both(worker, publisher)
     world.dovecot = dovecot_slice("10.0.0.2")
     await worker.reconcile()
     moved = publisher.published[-1].version
@@ -1094,10 +1087,7 @@ async def test_a_route_created_again_with_another_spec_counts_no_proxy_running_t
 ) -> None:
     """Same name, same generation 1, another domain: proxies still on the old object's table do
     not run it, and Programmed says so as status.proxies does, until they ack the new table."""
-    await worker.reconcile()
-    publisher.ack("proxy-a")
-    publisher.ack("proxy-b")
-    await worker.reconcile()
+    await applied_by_both(worker, publisher)
     assert conditions_of(cluster.last_status("mail/example"))["Programmed"][0] == "True"
     world.routes[0] = recreated(route_body("example", "new.example"))
     await worker.reconcile()
@@ -1122,10 +1112,7 @@ async def test_a_route_created_again_with_another_spec_counts_no_proxy_running_t
 async def test_a_route_created_again_that_every_proxy_rejects_stays_pending_with_their_errors(
     world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
 ) -> None:
-    await worker.reconcile()
-    publisher.ack("proxy-a")
-    publisher.ack("proxy-b")
-    await worker.reconcile()
+    await applied_by_both(worker, publisher)
     world.routes[0] = recreated(route_body("example", "new.example"))
     await worker.reconcile()
     publisher.ack("proxy-a", accepted=False, error="bad table")
@@ -1146,10 +1133,7 @@ async def test_a_route_created_again_unchanged_is_programmed_where_the_proxies_r
 ) -> None:
     """The new object compiles to the very route the proxies run (the table holds no uid): the
     same table, and the new object's first status says Programmed."""
-    await worker.reconcile()
-    publisher.ack("proxy-a")
-    publisher.ack("proxy-b")
-    await worker.reconcile()
+    await applied_by_both(worker, publisher)
     world.routes[0] = recreated(route_body("example", "example.com"))
     await worker.reconcile()
     (only,) = publisher.published
@@ -1172,10 +1156,7 @@ async def programmed_in_two_tables(
     publisher.ack("proxy-a")
     publisher.ack("proxy-b")
     world.routes.append(entry(route_body("other", "example.org")))
-    await worker.reconcile()
-    publisher.ack("proxy-a")
-    publisher.ack("proxy-b")
-    await worker.reconcile()
+    await applied_by_both(worker, publisher)
     first, second = (published.version for published in publisher.published)
     assert cluster.last_status("mail/example")["proxies"] == {"programmed": 2, "total": 2, "version": first}
     assert cluster.last_status("mail/other")["proxies"] == {"programmed": 2, "total": 2, "version": second}
