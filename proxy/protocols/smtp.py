@@ -1,12 +1,12 @@
-"""SMTP: the client-facing ``Frontend``, the ``BackendLogin`` replay and the inbound ``Mediator``.
+"""SMTP: the client-facing ``Frontend``, the ``BackendLogin`` replay and the ``Mediator``.
 
 The session driver (proxy.server.session) runs a ``Frontend`` per submission or inbound-MX
 client; the backend driver (proxy.server.backends) runs a ``BackendLogin`` per backend attempt;
-proxy.server.mediation runs a ``Mediator`` once an inbound client has a backend.
+proxy.server.mediation runs a ``Mediator`` once a client has a backend.
 Submission (``inbound=False``): EHLO, STARTTLS, AUTH PLAIN/LOGIN, and the credentials go out as
-``Authenticate``; after the login the driver relays bytes. Inbound MX (``inbound=True``): EHLO,
-MAIL FROM, and the first RCPT TO whose address passes the relay checks goes out as
-``Authenticate``, routed by recipient; after it the ``Mediator`` takes every command.
+``Authenticate``. Inbound MX (``inbound=True``): EHLO, MAIL FROM, and the first RCPT TO whose
+address passes the relay checks goes out as ``Authenticate``, routed by recipient. After the
+login of either, the ``Mediator`` takes every command.
 Pure: no I/O, no clocks, no logging; never puts a password into a reply, reason or repr.
 
 Theory of operation (front-end)::
@@ -15,7 +15,7 @@ Theory of operation (front-end)::
     READY --AUTH without initial response--> AUTH_PLAIN / AUTH_LOGIN_USERNAME --> ...
     READY / AUTH_* --credentials complete--> AUTHENTICATING             (submission)
     READY --MAIL FROM--> MAIL --RCPT TO passing the relay checks--> AUTHENTICATING  (inbound)
-    AUTHENTICATING --LoginAccepted--> RELAYING   (inbound: the driver starts a Mediator)
+    AUTHENTICATING --LoginAccepted--> RELAYING   (the driver starts a Mediator)
     AUTHENTICATING --LoginRejected / LoginUnavailable--> READY (submission) or MAIL (inbound)
     CONNECTED / READY --STARTTLS--> STARTING_TLS --TlsEstablished--> CONNECTED
     any --QUIT, max_errors, TimedOut, ConnectionClosed--> CLOSED
@@ -78,8 +78,16 @@ endpoint share the transaction, the DATA body streams through with every line en
 anywhere else and run what follows as commands the proxy never read (SMTP smuggling), and what
 a trusting backend must not hear from a client (XCLIENT above all) is answered by the proxy. A
 backend's ``421`` is passed on and ends the session (RFC 5321 section 3.8: it closes).
-Mediating costs the zero-copy relay for inbound mail only; submission keeps it, its one user
-owns the whole session.
+
+Submission is mediated too, with the recipients left to the backend (``Mediator`` without
+``InboundRouting``): the backend trusts the proxy's address, and a byte relay would hand that
+trust to the client. Behind a relayed login a client could send its own ``XCLIENT ADDR=...
+LOGIN=...``, which Postfix obeys from a host in ``smtpd_authorized_xclient_hosts`` at any time
+outside a transaction (its XCLIENT_README), so an authenticated user could take another user's
+login name or an address in ``mynetworks``; nginx's mail proxy relays such a command. The same
+follow-up makes the drain wait for a submission transaction to complete (RFC 5321 section 3.3)
+and keeps a body's end where the proxy sees it. It costs the zero-copy relay for submission
+(the body passes through ``BodyStream``); docs/benchmarks.md gives the price.
 
 The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``; with
 client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
@@ -197,6 +205,7 @@ REPLY_NEED_MAIL = b"503 5.5.1 Error: need MAIL command" + CRLF
 REPLY_NEED_RCPT = b"503 5.5.1 Error: need RCPT command" + CRLF
 REPLY_IN_TRANSACTION = b"503 5.5.1 Error: MAIL transaction in progress" + CRLF
 REPLY_NO_AUTH_HERE = b"503 5.5.1 Error: authentication not enabled" + CRLF
+REPLY_ALREADY_AUTHENTICATED = b"503 5.5.1 Error: already authenticated" + CRLF  # RFC 4954 section 4
 REPLY_NO_RECIPIENTS = b"554 5.5.1 Error: no valid recipients" + CRLF
 REPLY_TLS_ACTIVE = b"554 5.5.1 Error: TLS already active" + CRLF
 REPLY_MECHANISM = b"504 5.5.4 Unrecognized authentication type" + CRLF
@@ -361,10 +370,27 @@ def recipient_of(argument: str) -> str:
     Raises:
         AddressError: as ``parse_forward_path``, or 501 for a missing ``TO:``.
     """
+    return parse_forward_path(_forward_path_of(argument))
+
+
+def check_recipient(argument: str) -> None:
+    """Check the argument of a submission's ``RCPT`` for its form and parameters only: where an
+    authenticated user's mail may go (source routes, address literals, other domains) is the
+    submission server's to judge, as it is where the recipients' domains are its own.
+
+    Raises:
+        AddressError: 501 for bad syntax or a missing ``TO:``, 555 for a parameter the proxy did
+            not advertise.
+    """
+    _path(_forward_path_of(argument), _FORWARD_PATH, REPLY_BAD_RECIPIENT, RCPT_PARAMETERS)
+
+
+def _forward_path_of(argument: str) -> str:
+    """The path of ``RCPT``'s argument, behind its ``TO:``; 501 without one."""
     prefix, path = argument[:3], argument[3:].lstrip(" ")
     if prefix.upper() != "TO:":
         raise AddressError(_syntax("RCPT TO:<address>"))
-    return parse_forward_path(path)
+    return path
 
 
 def _ehlo_reply(server_name: str, extensions: list[bytes]) -> list[bytes]:
@@ -1231,16 +1257,14 @@ class BodyStream:
         be called again once the end was found."""
         held = self._crs
         data = b"\r" * held + chunk
-        self._crs = min(len(data) - len(data.rstrip(b"\r")), MAX_HELD_CRS)
+        self._crs = min(len(data) - len(data.rstrip(b"\r")), MAX_HELD_CRS) if data.endswith(b"\r") else 0
         if self._crs:
             data = data[: -self._crs]
-        lines = data
-        if b"\r\r" in lines:
-            # Each run of CRs before an LF goes, reversed so that the pattern starts at the LF:
-            # a regular expression would try a long run of CRs once from each of them.
-            lines = _LF_AFTER_CRS_REVERSED.sub(b"\n", lines[::-1])[::-1]
-        # A CRLF is an LF; each CR left (in no line end) a space; each LF a CRLF.
-        body = lines.replace(CRLF, b"\n").replace(b"\r", b" ").replace(b"\n", CRLF)
+        line_ends = data.count(b"\n")
+        # Mail as clients send it: every CR and every LF in a CRLF (three counts in C, where the
+        # rewriting below costs twice as much on a 64 KiB read): the bytes are the body as they are.
+        as_sent = data.count(b"\r") == line_ends == data.count(CRLF)
+        body = data if as_sent else _crlf_lines(data)
         # A terminator that begins in the tail ends within the first bytes of ``body``.
         window = self._tail + body
         at = window.find(END_OF_DATA)
@@ -1248,11 +1272,24 @@ class BodyStream:
             self._tail = window[-(len(END_OF_DATA) - 1) :]
             return body, None
         body = body[: at + len(END_OF_DATA) - len(self._tail)]
+        if as_sent:
+            return body, len(body) - held
         # Each CRLF of ``body`` stands for one LF of ``data`` (the LF of one line end): the body
         # ends behind the LF that stands for its last CRLF.
         ends = _LF.finditer(data)
         last = next(itertools.islice(ends, body.count(CRLF) - 1, None))
         return body, last.end() - held
+
+
+def _crlf_lines(data: bytes) -> bytes:
+    """``data`` with each line end (an LF and the run of CRs before it) made CRLF and every other
+    CR a space (``BodyStream``)."""
+    if b"\r\r" in data:
+        # Each run of CRs before an LF goes, reversed so that the pattern starts at the LF:
+        # a regular expression would try a long run of CRs once from each of them.
+        data = _LF_AFTER_CRS_REVERSED.sub(b"\n", data[::-1])[::-1]
+    # A CRLF is an LF; each CR left (in no line end) a space; each LF a CRLF.
+    return data.replace(CRLF, b"\n").replace(b"\r", b" ").replace(b"\n", CRLF)
 
 
 # RFC 5321 section 4.5.3.1.6: a text line is at most 1000 octets with its CRLF; a run of CRs
@@ -1290,22 +1327,35 @@ _REPLY_TIMEOUTS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class InboundRouting:
+    """How an inbound ``Mediator`` routes each later recipient: ``route`` got the backend, and
+    ``route_of`` is the current table's route for a recipient (None: no route), which the driver
+    answers with ``route`` for every route this backend serves alike (several domains' routes on
+    one Postfix endpoint). ``ask`` is the login's request on an auth_http route, whose service
+    may place each recipient on another server (``AskRecipient``)."""
+
+    route: str
+    route_of: Callable[[str], str | None]
+    ask: LoginRequest | None = None
+
+
 class Mediator:
-    """Inbound SMTP after the first routed recipient: the client's commands go to the backend one
-    at a time, and each gets exactly the backend's one complete reply before the next is read.
+    """SMTP after the backend login: the client's commands go to the backend one at a time, and
+    each gets exactly the backend's one complete reply before the next is read.
 
-    The driver creates it when the front-end emits ``Relay`` on an inbound listener, with the
-    route that got the backend (``route``) and ``route_of``, the current table's route for a
-    recipient (None: no route), which the driver answers with ``route`` for every route this
-    backend serves alike (several domains' routes on one Postfix endpoint). Commands:
+    The driver creates it when the front-end emits ``Relay``: on an inbound listener with the
+    ``InboundRouting`` of the first routed recipient, on a submission listener without (the
+    recipients of an authenticated user are the submission server's to judge). Commands:
 
-    - ``RCPT TO``: checked as before the login (``recipient_of``); a recipient of ``route`` goes
-      to the backend, one of another route gets ``REPLY_OTHER_ROUTE``, an unrouted one 550 5.7.1.
-      With ``ask`` (the login's request, on an auth_http route, whose service may place each
-      recipient on another server) a recipient of ``route`` inside a transaction is first the
-      subject of ``AskRecipient``: placed here it goes to the backend, elsewhere it is deferred
-      as another route's, refused it gets the service's refusal and unavailable 451 4.4.1, as a
-      first recipient would (``Frontend``); the commands behind it wait for the answer.
+    - ``RCPT TO``: inbound, checked as before the login (``recipient_of``); a recipient of the
+      routing's ``route`` goes to the backend, one of another route gets ``REPLY_OTHER_ROUTE``,
+      an unrouted one 550 5.7.1. With ``ask``, a recipient of ``route`` inside a transaction is
+      first the subject of ``AskRecipient``: placed here it goes to the backend, elsewhere it is
+      deferred as another route's, refused it gets the service's refusal and unavailable 451
+      4.4.1, as a first recipient would (``Frontend``); the commands behind it wait for the
+      answer. Submission: checked for its form and parameters (``check_recipient``), then to
+      the backend.
     - ``MAIL`` (checked as the first, ``check_sender``: only advertised parameters), ``RSET``,
       ``NOOP``, ``DATA``, ``QUIT``: to the backend, its reply to the client;
       after a 354 the body streams to the backend as it comes, its line ends made CRLF, until
@@ -1315,18 +1365,20 @@ class Mediator:
     - ``EHLO``/``HELO``: end the transaction (RFC 5321 section 4.1.4), so the backend gets
       ``RSET`` and the client the proxy's own reply, the same extensions as before minus STARTTLS:
       the backend keeps the name it was given at login (the client's, with XCLIENT or proxy-v2).
-    - ``STARTTLS`` 454 (or 554 inside TLS), ``AUTH`` 503, ``VRFY`` 502, anything else 500, as
-      before the login; ``BDAT`` 521 and a close (``REPLY_NO_BDAT``). Nothing but the commands
-      above ever reaches the backend, which trusts the proxy (XCLIENT from a client would
-      otherwise forge its address).
+    - ``STARTTLS`` 454 (or 554 inside TLS), ``AUTH`` 503 (submission: already authenticated,
+      RFC 4954 section 4), ``VRFY`` 502, anything else 500, as before the login; ``BDAT`` 521
+      and a close (``REPLY_NO_BDAT``). Nothing but the commands above ever reaches the backend,
+      which trusts the proxy (XCLIENT from a client would otherwise forge its address or, on
+      submission, its login name).
 
     An over-long line (``MAX_CLIENT_LINE``) is refused and skipped as before the login. Pipelined
     commands wait in the buffer behind the pending one, so replies keep their order (RFC 2920);
     ``wants_client_data`` tells the driver to stop reading while more than ``MAX_HELD_BYTES``
     wait. Refusals of the proxy's own count towards ``max_errors`` as before
     the login (the deferral of another route's recipient does not: no fault of the client's).
-    The machine follows the transaction (RFC 5321 section 3.3): it is open from the start (the
-    login's MAIL was accepted), opened by a MAIL the backend accepts, and ended by the final
+    The machine follows the transaction (RFC 5321 section 3.3): it is open from the start of an
+    inbound mediation (the login's MAIL was accepted) and closed at the start of a submission
+    (AUTH comes before MAIL), opened by a MAIL the backend accepts, and ended by the final
     reply to the body or by RSET (EHLO, HELO), so ``quiet`` holds only between transactions.
     Pure: no I/O, no clocks, no logging.
     """
@@ -1342,24 +1394,22 @@ class Mediator:
         "_expecting",
         "_pending",
         "_replies",
-        "_request",
-        "_route",
-        "_route_of",
+        "_routing",
         "_sender",
         "_skipping",
     )
 
-    def __init__(
-        self,
-        config: FrontendConfig,
-        route: str,
-        route_of: Callable[[str], str | None],
-        ask: LoginRequest | None = None,
-    ) -> None:
+    def __init__(self, config: FrontendConfig, routing: InboundRouting | None) -> None:
+        """``routing`` for an inbound listener's client (``config.inbound``), None for submission.
+
+        Raises:
+            LocalProtocolError: ``routing`` given for a submission listener, or none for an
+                inbound one.
+        """
+        if config.inbound != (routing is not None):
+            raise LocalProtocolError("inbound mediation needs InboundRouting, submission none")
         self._config = config
-        self._request = ask  # the login's request: ask about each later recipient of ``route``
-        self._route = route
-        self._route_of = route_of
+        self._routing = routing
         self._buffer = LineBuffer(MAX_CLIENT_LINE)
         self._skipping = False  # the rest of an over-long line is being dropped up to its LF
         self._replies = ReplyReader()
@@ -1369,9 +1419,11 @@ class Mediator:
         self._deferred = 0  # recipients of other routes answered with REPLY_OTHER_ROUTE
         self._client_ended = False  # EOF from the client: answer what it sent, then close
         self._closed = False
-        # The MAIL line of the open transaction (from the start the login's, which the backend
-        # accepted; b"" when nobody asks about recipients), or None between transactions.
-        self._sender: bytes | None = ask.envelope[0] if ask is not None else b""
+        # The MAIL line of the open transaction (inbound, from the start the login's, which the
+        # backend accepted; b"" when nobody asks about recipients), or None between transactions.
+        self._sender: bytes | None = None
+        if routing is not None:
+            self._sender = b"" if routing.ask is None else routing.ask.envelope[0]
         self._pending = b""  # the MAIL line at the backend, or the RCPT line at the auth service
 
     @property
@@ -1581,7 +1633,7 @@ class Mediator:
             case "STARTTLS":
                 return [Send(REPLY_TLS_ACTIVE if self._config.tls_active else REPLY_TLS_UNAVAILABLE)]
             case "AUTH":
-                return self._refuse(REPLY_NO_AUTH_HERE)
+                return self._refuse(REPLY_NO_AUTH_HERE if self._routing else REPLY_ALREADY_AUTHENTICATED)
             case "VRFY":
                 return self._refuse(REPLY_VRFY)
             case "BDAT":
@@ -1599,21 +1651,25 @@ class Mediator:
         return self._forward(line, Expecting.MAIL)
 
     def _rcpt_to(self, line: bytes, argument: str) -> list[MediationCommand]:
+        routing = self._routing
         try:
+            if routing is None:
+                check_recipient(argument)
+                return self._forward(line, Expecting.RCPT)
             recipient = recipient_of(argument)
         except AddressError as error:
             return self._refuse(error.reply)
-        route = self._route_of(recipient)
+        route = routing.route_of(recipient)
         if route is None:
             return self._refuse(REPLY_RELAY_DENIED)
-        if route != self._route:
+        if route != routing.route:
             return self._defer()
-        if self._request is None or self._sender is None:
+        if routing.ask is None or self._sender is None:
             # Outside a transaction the backend answers 503 itself: nothing to ask about.
             return self._forward(line, Expecting.RCPT)
         self._expecting, self._pending = Expecting.PLACEMENT, line
         envelope = (self._sender, line)
-        return [AskRecipient(replace(self._request, routing_key=recipient, envelope=envelope))]
+        return [AskRecipient(replace(routing.ask, routing_key=recipient, envelope=envelope))]
 
     def _defer(self) -> list[MediationCommand]:
         self._deferred += 1

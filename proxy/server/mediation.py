@@ -1,16 +1,17 @@
-"""Drive an inbound SMTP session after its backend login: ``smtp.Mediator`` between two channels.
+"""Drive an SMTP session after its backend login: ``smtp.Mediator`` between two channels.
 
 Called by the session driver (session.py) in place of the byte relay once an inbound-MX client's
-first routed recipient has a backend. The machine decides everything (which command goes to the
-backend, which recipient is deferred, where a body ends); this driver only reads both sides at
-once, carries out the machine's commands in order (an ``AskRecipient`` through the caller's
-``place``) and keeps time: a session in which neither side moves a byte for the idle timeout gets
-the machine's ``TimedOut`` (421, close), except that a reply the backend owes to MAIL, RCPT or the
-end of a body is waited for at least as long as RFC 5321 section 4.5.3.2 says
-(``Mediator.reply_timeout``); and when the proxy drains, the session ends with the turn's
-closing line at the first moment the machine is between transactions (the drain's grace period
-bounds the wait). Reads of the client pause while the machine holds too much unread (its
-``wants_client_data``); writes wait for each peer to take the bytes, inside the same idle bound.
+first routed recipient, or a submission client's AUTH, has a backend. The machine decides
+everything (which command goes to the backend, which recipient is deferred, where a body ends);
+this driver only reads both sides at once, carries out the machine's commands in order (an
+``AskRecipient`` through the caller's ``place``) and keeps time: a session in which neither side
+moves a byte for the idle timeout gets the machine's ``TimedOut`` (421, close), except that a
+reply the backend owes to MAIL, RCPT or the end of a body is waited for at least as long as RFC
+5321 section 4.5.3.2 says (``Mediator.reply_timeout``); and when the proxy drains, the session
+ends with the turn's closing line at the first moment the machine is between transactions (the
+drain's grace period bounds the wait). Reads of the client pause while the machine holds too much
+unread (its ``wants_client_data``); writes wait for each peer to take the bytes, inside the same
+idle bound.
 Never logs and never looks at the bytes: they may be anyone's mail.
 """
 

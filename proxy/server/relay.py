@@ -13,16 +13,15 @@ Drain (drain.py): once a stopping proxy says a session's turn has come, the rela
 quiet moment and then writes the protocol's closing line to the client and closes both sides.
 Quiet means: no byte moved either way for the turn's quiet period, the last bytes read came from
 the backend, neither side has ended, and neither direction holds bytes (on the splice path: no
-pipe held). The relay cannot parse, so this is a heuristic, and it is this one because IMAP,
-POP3 and SMTP are lock-step: a client that waits for nothing has had the last word answered.
-A client in the middle of an SMTP DATA transfer or an IMAP APPEND literal spoke last, however
-long it pauses, and a backend answering a command keeps the stream busy, so neither gets the
-closing line in the middle; bytes still flowing (a FETCH literal, a multi-line reply) keep it
-busy too. What it cannot tell:
-- a client that pauses longer than the quiet period right after the backend's ``354`` (SMTP),
-  ``+`` continuation (IMAP literal), or anywhere inside a submission transaction after its MAIL
-  or RCPT was answered, gets the closing line instead of finishing; it was told nothing was
-  accepted, so it retries and nothing is lost;
+pipe held). The relay cannot parse, so this is a heuristic, and it is this one because IMAP
+and POP3 are lock-step: a client that waits for nothing has had the last word answered.
+A client in the middle of an IMAP APPEND literal spoke last, however long it pauses, and a
+backend answering a command keeps the stream busy, so neither gets the closing line in the
+middle; bytes still flowing (a FETCH literal, a multi-line reply) keep it busy too. What it
+cannot tell:
+- a client that pauses longer than the quiet period right after the backend's ``+``
+  continuation (IMAP literal) gets the closing line instead of finishing; it was told nothing
+  was accepted, so it retries and nothing is lost;
 - a backend that stalls longer than the quiet period in the middle of a response (inside a FETCH
   literal or a POP3 RETR, on slow storage) gets the closing line written into it: the client
   sees a broken response, then the end of the connection, and fetches the message again;
@@ -31,10 +30,11 @@ busy too. What it cannot tell:
 Following the protocols closes these gaps only by reading what they carry in Python: an IMAP
 follower that spliced only literals of 16 KiB or more (review M1, built and measured, then taken
 out) cost 3.4 times the CPU per GiB of a FETCH of 8 KiB messages (0.85 against 0.25 CPU s/GiB),
-most mail being that small, and POP3 and SMTP bodies end with a dot, not a length. A rare drain
-that needs a client's retry is the better trade. Inbound SMTP does not come here (mediation.py),
-and has none of these gaps. The closing line is the proxy's, not the backend's: it is counted
-with the bytes that went down to the client.
+most mail being that small, and POP3 bodies end with a dot, not a length. A rare drain that
+needs a client's retry is the better trade. SMTP does not come here (mediation.py), and has none
+of these gaps: its backends trust the proxy with commands a client must not send (XCLIENT).
+The closing line is the proxy's, not the backend's: it is counted with the bytes that went down
+to the client.
 
 Hot path rules (nginx is the benchmark): no timer is rescheduled per chunk (the idle watchdog
 reads a last-activity timestamp when it fires), and the splice path allocates nothing per

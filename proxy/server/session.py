@@ -5,7 +5,7 @@ first reads its PROXY header (only trusted peers may connect there); an implicit
 runs the handshake. Then the session feeds the client's bytes to the protocol's ``Frontend``
 machine and carries out its commands: replies go to the client, ``StartTls`` upgrades the
 channel, ``Authenticate`` goes to ``backends.login``, ``Relay`` hands both sides to ``relay`` (an
-inbound SMTP session to ``mediation``, which keeps reading its commands).
+SMTP session, inbound or submission, to ``mediation``, which keeps reading its commands).
 Everything before login is bounded by one deadline: reads, writes and TLS handshakes alike, so
 neither a slow client nor one that never reads its replies can hold a socket open past it (the
 backend login's time is added to it). A read reaches the machine ``FEED_SIZE`` octets at a
@@ -620,10 +620,13 @@ async def _relay(
     relayed = context.metrics.relay_bytes
     relayed.started(listener.protocol, progress)
     try:
-        if listener.protocol == "smtp":
-            # Inbound: every later command is mediated, so no recipient of another route can
-            # reach this backend (mediation.py, smtp.Mediator).
-            record.outcome = await _mediate(context, channel, handover, turn=turn, progress=progress)
+        if listener.protocol in ("smtp", "submission"):
+            # Every later command is mediated (mediation.py, smtp.Mediator): inbound, so no
+            # recipient of another route reaches this backend; both, so no client command the
+            # backend takes only from the proxy (XCLIENT) reaches it.
+            record.outcome = await _mediate(
+                context, channel, handover, inbound=listener.protocol == "smtp", turn=turn, progress=progress
+            )
             return
         if (
             isinstance(channel, SocketChannel)
@@ -674,12 +677,46 @@ async def _mediate(
     channel: SocketChannel | TransportChannel,
     handover: Handover,
     *,
+    inbound: bool,
     turn: drain.Turn,
     progress: relay.Progress,
 ) -> str:
-    """An inbound session after its backend login, to its end; the session line's outcome."""
+    """An SMTP session after its backend login, to its end; the session line's outcome."""
     login = handover.login
-    assert login.backend is not None and login.endpoint is not None
+    assert login.backend is not None
+    settings = context.settings
+    machine = smtp.Mediator(
+        events.FrontendConfig(
+            server_name=settings.server_name,
+            tls_active=channel.tls is not None,
+            inbound=inbound,
+            max_errors=settings.max_errors,
+        ),
+        _inbound_routing(context, handover) if inbound else None,
+    )
+    ended_by = await mediation.mediate(
+        machine,
+        channel,
+        login.backend,
+        client_bytes=handover.buffered,
+        backend_bytes=login.buffered,
+        idle_timeout=settings.timeouts.idle,
+        closing_grace=TIMED_OUT_REPLY_GRACE,
+        drain=turn,
+        progress=progress,
+        place=_placement(context, handover, channel.tls),
+    )
+    if ended_by == relay.DRAINED:
+        turn.outcome = drain.CLOSED_WHEN_QUIET
+    # Deferred recipients are mail that arrives later through another connection: worth a word.
+    deferred = f"; recipients of other routes deferred: {machine.deferred}" if machine.deferred else ""
+    return f"relayed, ended by {ended_by}{deferred}"
+
+
+def _inbound_routing(context: ProxyContext, handover: Handover) -> smtp.InboundRouting:
+    """How an inbound session's later recipients are routed, from the login's route."""
+    login = handover.login
+    assert login.endpoint is not None
     endpoint = login.endpoint
     routes = context.tables.current.routes
     first = next((route for route in routes if route.name == login.route), None)
@@ -707,54 +744,35 @@ async def _mediate(
         )
         return login.route if shared else route.name
 
+    # An auth_http route's service may place each recipient on another server: it is asked.
+    ask = handover.request if first is not None and first.auth == "http" else None
+    return smtp.InboundRouting(login.route, route_of, ask)
+
+
+def _placement(
+    context: ProxyContext, handover: Handover, client_tls: ssl.SSLObject | None
+) -> mediation.Place:
+    """How a mediation asks the login route's auth service about a later recipient of that
+    route (inbound auth_http routes only: ``smtp.InboundRouting.ask``)."""
+    login = handover.login
     asked = handover.attempt
-    client_tls = channel.tls
 
     async def place(ask: smtp.AskRecipient) -> smtp.RecipientPlaced:
-        """Ask the login route's auth service about a later recipient of that route, as it was
-        asked about the first (the route as it is now: route_of found it in the current table)."""
+        """As the service was asked about the first recipient (the route as it is now: the
+        routing found it in the current table)."""
         nonlocal asked
         asked += 1
         route = next((route for route in context.tables.current.routes if route.name == login.route), None)
-        if route is None:  # swapped out since route_of looked
+        if route is None or login.endpoint is None:  # swapped out since the routing looked
             return smtp.RecipientPlaced("elsewhere")
         return await backends.place_recipient(
             context,
             route,
-            endpoint,
+            login.endpoint,
             ask.request,
             client=handover.client,
             attempt=asked,
             client_tls=client_tls,
         )
 
-    settings = context.settings
-    machine = smtp.Mediator(
-        events.FrontendConfig(
-            server_name=settings.server_name,
-            tls_active=channel.tls is not None,
-            inbound=True,
-            max_errors=settings.max_errors,
-        ),
-        login.route,
-        route_of,
-        # An auth_http route's service may place each recipient on another server: it is asked.
-        handover.request if first is not None and first.auth == "http" else None,
-    )
-    ended_by = await mediation.mediate(
-        machine,
-        channel,
-        login.backend,
-        client_bytes=handover.buffered,
-        backend_bytes=login.buffered,
-        idle_timeout=settings.timeouts.idle,
-        closing_grace=TIMED_OUT_REPLY_GRACE,
-        drain=turn,
-        progress=progress,
-        place=place,
-    )
-    if ended_by == relay.DRAINED:
-        turn.outcome = drain.CLOSED_WHEN_QUIET
-    # Deferred recipients are mail that arrives later through another connection: worth a word.
-    deferred = f"; recipients of other routes deferred: {machine.deferred}" if machine.deferred else ""
-    return f"relayed, ended by {ended_by}{deferred}"
+    return place

@@ -5,7 +5,9 @@ and the listeners refuse new connections; an idle IMAP session gets ``* BYE [UNA
 then the connection ends, an idle POP3 session a closing ``-ERR``, a client still logging in
 ``421 4.3.2``; a submission in the middle of DATA, pausing longer than the quiet period after its
 turn has come, is not cut: its message reaches Postfix's maildir byte for byte and only then does
-the client get ``421 4.3.2``; the process exits 0 once the sessions are gone, before the grace
+the client get ``421 4.3.2``; so is one pausing as long between its answered RCPT and its DATA
+(the backend spoke last: no byte relay could tell that from the end of a transaction); the process
+exits 0 once the sessions are gone, before the grace
 period is over. The proxy runs with a short drain so the test stays short; every wait is bounded.
 """
 
@@ -82,11 +84,12 @@ def stuffed(message: bytes) -> bytes:
 def test_sigterm_drains_every_session_and_loses_no_message_in_flight(
     draining_proxy: proxyprocess.ProxyProcess, backends: Backends, new_user: NewUser
 ) -> None:
-    reader, pop_user, sender, recipient = (new_user(ALPHA) for _ in range(4))
+    reader, pop_user, sender, recipient, pauser, pauser_recipient = (new_user(ALPHA) for _ in range(6))
     ports = draining_proxy.settings.ports
     imap = imaplib.IMAP4(LOOPBACK, ports.imap, timeout=clients.SOCKET_TIMEOUT)
     pop = poplib.POP3(LOOPBACK, ports.pop3, timeout=clients.SOCKET_TIMEOUT)
     smtp = smtplib.SMTP(LOOPBACK, ports.submission, timeout=clients.SOCKET_TIMEOUT)
+    paused = smtplib.SMTP(LOOPBACK, ports.submission, timeout=clients.SOCKET_TIMEOUT)
     logging_in = clients.RawClient(ports.smtp)
     try:
         imap.login(reader.address, reader.password)
@@ -104,6 +107,9 @@ def test_sigterm_drains_every_session_and_loses_no_message_in_flight(
         data = stuffed(message)
         assert smtp.sock is not None
         smtp.sock.sendall(data[: len(data) // 2])
+        paused.login(pauser.address, pauser.password)
+        assert paused.mail(pauser.address)[0] == 250
+        assert paused.rcpt(pauser_recipient.address)[0] == 250
 
         os.kill(draining_proxy.pid, signal.SIGTERM)
         poll("not ready", lambda: draining_proxy.get("/readyz")[0] == 503)
@@ -115,6 +121,12 @@ def test_sigterm_drains_every_session_and_loses_no_message_in_flight(
         code, text = smtp.getreply()
         assert code == 250, text
         code, text = smtp.getreply()
+        assert (code, text) == (421, b"4.3.2 mailgress.test Service shutting down")
+        second = messages.compose(
+            pauser.address, pauser_recipient.address, "after a pause", "in a transaction\n"
+        )
+        assert paused.data(second)[0] == 250
+        code, text = paused.getreply()
         assert (code, text) == (421, b"4.3.2 mailgress.test Service shutting down")
 
         assert imap.readline() == b"* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n"
@@ -128,11 +140,14 @@ def test_sigterm_drains_every_session_and_loses_no_message_in_flight(
         assert draining_proxy.returncode == 0
         (delivered,) = backends.wait_delivered(recipient.address, 1)
         assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+        (delivered,) = backends.wait_delivered(pauser_recipient.address, 1)
+        assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(second)
         log = draining_proxy.log_text()
-        assert log.count("outcome=relayed, ended by drain") == 3, draining_proxy.log_tail()
+        assert log.count("outcome=relayed, ended by drain") == 4, draining_proxy.log_tail()
         assert log.count("outcome=closed before login: the proxy is draining") == 1
     finally:
         imap.shutdown()
         pop.close()
         smtp.close()
+        paused.close()
         logging_in.close()

@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import pytest
 
-from testbed.backends import HAPROXY_SERVICE_PORTS, Backends
+from testbed import messages
+from testbed.backends import ALPHA, HAPROXY_SERVICE_PORTS, Backends
 from testbed.mailservers import User
 from tests.e2e.helpers import SERVER_NAME
 from tests.e2e_edge.conftest import (
@@ -25,6 +26,7 @@ from tests.e2e_edge.conftest import (
     EdgeProxy,
     LaunchEdgeProxy,
     Origin,
+    OriginSMTP,
     logged_client_address,
     routes_with,
 )
@@ -133,3 +135,25 @@ def test_the_mx_backend_hears_the_clients_ehlo_name_with_its_address(
         (SERVER_NAME, PROXY_ADDRESS) if mode == "none" else (smtplib.SMTP().local_hostname, client.address)
     )
     assert (received[1].decode(), received[2].decode()) == expected
+
+
+def test_a_logged_in_submission_client_cannot_send_its_own_xclient(
+    proxies: dict[str, EdgeProxy], edge_backends: Backends, edge_user: NewUser
+) -> None:
+    """Postfix obeys XCLIENT from the proxy's address at any time outside a transaction
+    (smtpd_authorized_xclient_hosts). Behind a relayed login, a client's own ``XCLIENT
+    ADDR=... LOGIN=...`` reached Postfix, which then took the client for another address and
+    another user: the proxy answers it and Postfix never hears it."""
+    client = ORIGINS["client-on-127.0.0.2"]
+    user = edge_user()
+    forged = "192.0.2.99"
+    with OriginSMTP(client, proxies["native"].port(listener("submission", client))) as smtp:
+        smtp.login(user.address, user.password)
+        code, _ = smtp.docmd(f"XCLIENT ADDR={forged} LOGIN=someone.else@{ALPHA}")
+        assert code == 500
+        smtp.sendmail(
+            user.address, [user.address], messages.compose(user.address, user.address, "after", "x\n")
+        )
+    edge_backends.wait_delivered(user.address, 1)
+    assert logged_client_address(edge_backends, "submission", user) == client.address
+    assert forged not in edge_backends.postfix.log_text()

@@ -1197,7 +1197,7 @@ def route_of(recipient: str) -> str | None:
 
 def mediator(config: FrontendConfig = INBOUND) -> smtp.Mediator:
     """A mediation whose backend serves mail/alpha, started with nothing pipelined."""
-    machine = smtp.Mediator(config, "mail/alpha", route_of)
+    machine = smtp.Mediator(config, smtp.InboundRouting("mail/alpha", route_of))
     assert machine.start(b"", b"") == []
     return machine
 
@@ -1256,7 +1256,7 @@ def asked(recipient: str, sender: bytes = b"MAIL FROM:<s@example.net>") -> smtp.
 def test_each_later_recipient_of_an_auth_http_route_is_placed_by_its_service() -> None:
     """Review M5 #1: the service may place each recipient on another server; before, a later
     recipient of the login's route went to the first recipient's server unasked."""
-    machine = smtp.Mediator(INBOUND, "mail/alpha", route_of, ASKED_LOGIN)
+    machine = smtp.Mediator(INBOUND, smtp.InboundRouting("mail/alpha", route_of, ASKED_LOGIN))
     assert machine.start(b"", b"") == []
     group = b"".join(b"RCPT TO:<%s@alpha.example>\r\n" % name for name in (b"b", b"c", b"d", b"e", b"f"))
     # The commands behind the recipient wait for the service's answer, as for a backend reply.
@@ -1291,7 +1291,7 @@ def test_each_later_recipient_of_an_auth_http_route_is_placed_by_its_service() -
 
 
 def test_a_placed_recipient_is_asked_about_with_its_own_transactions_sender() -> None:
-    machine = smtp.Mediator(INBOUND, "mail/alpha", route_of, ASKED_LOGIN)
+    machine = smtp.Mediator(INBOUND, smtp.InboundRouting("mail/alpha", route_of, ASKED_LOGIN))
     assert machine.start(b"", b"") == []
     assert to_backend(client_says(machine, b"RSET\r\nRCPT TO:<b@alpha.example>\r\n")) == b"RSET\r\n"
     # No transaction: nothing to ask about, and the backend answers the RCPT (503) itself.
@@ -1730,18 +1730,20 @@ def test_reading_pauses_while_too_much_waits_behind_a_pending_command() -> None:
 
 
 def test_the_start_takes_what_each_side_sent_behind_the_login() -> None:
-    machine = smtp.Mediator(INBOUND, "mail/alpha", route_of)
+    machine = smtp.Mediator(INBOUND, smtp.InboundRouting("mail/alpha", route_of))
     assert machine.start(b"RCPT TO:<a@beta.example>\r\nNOOP\r\n", b"") == [
         Send(smtp.REPLY_OTHER_ROUTE),
         smtp.SendToBackend(b"NOOP\r\n"),
     ]
-    machine = smtp.Mediator(INBOUND, "mail/alpha", route_of)
+    machine = smtp.Mediator(INBOUND, smtp.InboundRouting("mail/alpha", route_of))
     assert machine.start(b"NOOP\r\n", b"250 bye\r\n")[-1] == Close("backend replied out of turn")
 
 
 def test_a_route_edited_during_the_session_is_asked_again_for_each_recipient() -> None:
     current = {"alpha.example": "mail/alpha"}
-    machine = smtp.Mediator(INBOUND, "mail/alpha", lambda key: current.get(key.rpartition("@")[2]))
+    machine = smtp.Mediator(
+        INBOUND, smtp.InboundRouting("mail/alpha", lambda key: current.get(key.rpartition("@")[2]))
+    )
     machine.start(b"", b"")
     assert to_backend(client_says(machine, b"RCPT TO:<a@alpha.example>\r\n"))
     backend_says(machine, b"250 ok\r\n")
@@ -1754,6 +1756,80 @@ def test_mediation_reprs_show_no_message_bytes() -> None:
 
 
 # The end of DATA, fuzzed: bodies of lines with dots and odd line ends, cut anywhere.
+
+# ---------------------------------------------------------------------------------------------
+# Submission mediation: the same machine, without inbound routing
+
+SUBMISSION = FrontendConfig()
+
+
+def submission_mediator() -> smtp.Mediator:
+    machine = smtp.Mediator(SUBMISSION, None)
+    assert machine.start(b"", b"") == []
+    return machine
+
+
+def test_a_submission_is_mediated_between_transactions_from_the_start_and_every_recipient_goes_on() -> None:
+    """AUTH came before MAIL: a drain may close at once; an authenticated user's recipients, of
+    any domain and in any form the backend may take, are the submission server's to judge."""
+    machine = submission_mediator()
+    assert machine.quiet
+    assert to_backend(client_says(machine, b"MAIL FROM:<a@alpha.example> BODY=8BITMIME\r\n")) == (
+        b"MAIL FROM:<a@alpha.example> BODY=8BITMIME\r\n"
+    )
+    assert to_client(backend_says(machine, b"250 2.1.0 Ok\r\n")) == b"250 2.1.0 Ok\r\n"
+    assert not machine.quiet
+    for recipient in (b"<b@elsewhere.example>", b"<c%d@alpha.example>", b"<e@[192.0.2.1]>", b"<Postmaster>"):
+        rcpt = b"RCPT TO:" + recipient + b"\r\n"
+        assert client_says(machine, rcpt) == [smtp.SendToBackend(rcpt)]
+        assert backend_says(machine, b"250 2.1.5 Ok\r\n") == [Send(b"250 2.1.5 Ok\r\n")]
+    assert to_backend(client_says(machine, b"DATA\r\n")) == b"DATA\r\n"
+    backend_says(machine, b"354 go\r\n")
+    assert not machine.quiet
+    assert (
+        to_backend(client_says(machine, b"Subject: x\n\nbody\r\n.\r\n")) == b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    )
+    assert not machine.quiet  # the final reply is still to come
+    assert backend_says(machine, b"250 2.0.0 queued\r\n") == [Send(b"250 2.0.0 queued\r\n")]
+    assert machine.quiet and machine.deferred == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        # Postfix obeys XCLIENT from the proxy's address at any time outside a transaction: a
+        # client's own would take another login name or a trusted address.
+        (b"XCLIENT ADDR=10.0.0.1 LOGIN=someone.else", smtp.REPLY_UNKNOWN),
+        (b"AUTH PLAIN AGFsaWNl", smtp.REPLY_ALREADY_AUTHENTICATED),
+        (b"VRFY root", smtp.REPLY_VRFY),
+        (b"ETRN alpha.example", smtp.REPLY_UNKNOWN),
+        (b"STARTTLS", smtp.REPLY_TLS_UNAVAILABLE),
+        (b"RCPT TO:<a@alpha.example> NOTIFY=NEVER", smtp.REPLY_UNSUPPORTED_PARAMETER),
+        (b"RCPT TO:a@alpha.example", smtp.REPLY_BAD_RECIPIENT),
+        (b"RCPT FROM:<a@alpha.example>", b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"),
+        (b"MAIL FROM:<a@alpha.example> SIZE=10", smtp.REPLY_UNSUPPORTED_PARAMETER),
+    ],
+)
+def test_a_submission_client_gets_the_proxys_answer_to_what_must_never_reach_the_backend(
+    command: bytes, reply: bytes
+) -> None:
+    machine = submission_mediator()
+    assert client_says(machine, command + b"\r\n") == [Send(reply)]
+
+
+def test_a_submission_clients_ehlo_resets_the_backend_and_offers_no_auth_again() -> None:
+    machine = submission_mediator()
+    assert client_says(machine, b"EHLO client.example\r\n") == [smtp.SendToBackend(b"RSET\r\n")]
+    # The MX's reply after its login too: no AUTH, no STARTTLS, none of the backend's own.
+    assert backend_says(machine, b"250 2.0.0 Ok\r\n") == [Send(MX_EHLO)]
+
+
+def test_a_mediator_is_inbound_exactly_when_it_has_inbound_routing() -> None:
+    with pytest.raises(LocalProtocolError):
+        smtp.Mediator(SUBMISSION, smtp.InboundRouting("mail/alpha", route_of))
+    with pytest.raises(LocalProtocolError):
+        smtp.Mediator(INBOUND, None)
+
 
 BODY_LINES = st.lists(
     st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a\rb", b"a\nb", b"\r", b"\n", b"text", b". ."]),

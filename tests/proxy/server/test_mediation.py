@@ -70,7 +70,8 @@ class Sides:
 
     def mediate(self, *, idle: float = WAIT * 3, client_bytes: bytes = b"") -> "asyncio.Task[str]":
         machine = smtp.Mediator(
-            events.FrontendConfig(inbound=True), "mail/alpha", lambda key: ROUTES.get(key.rpartition("@")[2])
+            events.FrontendConfig(inbound=True),
+            smtp.InboundRouting("mail/alpha", lambda key: ROUTES.get(key.rpartition("@")[2])),
         )
         return asyncio.ensure_future(
             mediation.mediate(
@@ -175,9 +176,7 @@ async def test_the_auth_services_answer_is_waited_for_past_the_idle_timeout(side
     )
     machine = smtp.Mediator(
         events.FrontendConfig(inbound=True),
-        "mail/alpha",
-        lambda key: ROUTES.get(key.rpartition("@")[2]),
-        login,
+        smtp.InboundRouting("mail/alpha", lambda key: ROUTES.get(key.rpartition("@")[2]), login),
     )
     task = asyncio.ensure_future(
         mediation.mediate(
