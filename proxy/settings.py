@@ -386,7 +386,14 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
         raise SettingsError("controller: expected {url, tokenFile, proxyName, snapshotFile, caFile}")
     _only(document, {"url", "tokenFile", "proxyName", "snapshotFile", "caFile"}, "controller")
     url = _require(document, "url", str, "controller")
-    parts = urllib.parse.urlsplit(url)
+    # Only ASCII, and never echoed when it is not: urlsplit reads characters that NFKC folds to
+    # '@', '/', '?', '#' or ':' (the full-width at sign, U+FF20) and raises a ValueError that quotes the
+    # whole authority, password included. A host name outside ASCII is written in its A-labels.
+    if not url.isascii():
+        raise SettingsError(
+            "controller.url: expected an ASCII http(s)://host:port (a host name outside ASCII in its"
+            " xn-- form); not echoed, as it may hold a password"
+        )
     # User information is the authority's part before an '@' (RFC 3986 3.2.1). Where it ends is
     # not for us to guess: a password holding '/', '?' or '#' moves the '@' into what urlsplit
     # calls the path (and a numeric one reads as host:port), so any '@' is refused, and never
@@ -398,6 +405,7 @@ def _controller(document: Any, base: Path) -> ControllerSettings:
             "controller.url: must not hold a user name or password (user:password@host); the push"
             " channel authenticates with tokenFile (write an '@' that belongs in a path as %40)"
         )
+    parts = urllib.parse.urlsplit(url)
     try:
         parts.port  # noqa: B018  urlsplit checks the port only when asked for it
     except ValueError as error:

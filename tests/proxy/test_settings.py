@@ -237,6 +237,23 @@ def test_an_at_sign_anywhere_in_the_controller_url_is_refused_and_percent_encode
     assert parsed is not None and parsed.url == "http://c:9400/base%40v1"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://admin:S3cretPw\uff20mailgress-controller.mail.svc:9400",  # full-width '@'
+        "https://admin:S3cretPw\ufe6bmailgress-controller.mail.svc:9400",  # small '@'
+        "https://admin:S3cretPw\uff0fx.svc:9400",  # full-width '/': urlsplit's ValueError
+        "https://S3cretPw.b\u00fccher.example:9400",  # any other non-ASCII
+    ],
+)
+def test_a_controller_url_outside_ascii_is_refused_without_showing_it(url: str) -> None:
+    """Review Q1 #3: urlsplit reads characters that NFKC folds to '@', '/', '?', '#' or ':' and
+    raised a bare ValueError quoting the whole authority, password included (a traceback at start)."""
+    with pytest.raises(settings.SettingsError, match=r"controller\.url: expected an ASCII") as raised:
+        controller_settings({"url": url})
+    assert "S3cretPw" not in str(raised.value)
+
+
 @pytest.mark.parametrize("url", ["http://c:99999", "http://c:port", "http://c:-1"])
 def test_a_controller_url_with_a_bad_port_is_refused(url: str) -> None:
     with pytest.raises(settings.SettingsError, match=r"controller\.url: expected http"):
