@@ -10,7 +10,12 @@ for its next request; when there is none, one whose client is behind on its answ
 more requests wait behind the one in progress (pipelined), else an answer sits unwritten in the
 transport's buffer and that buffer has not shrunk since the guard last looked (the client takes
 nothing), else one whose buffer shrank (a slow reader, making progress, goes last); within each,
-the one answered longest ago. A client that pipelines requests and reads nothing holds its
+the one whose request in progress was taken first. Not the one answered longest ago: a keep-alive
+scraper's last answer is its previous scrape, older than the accept of any connection opened since,
+though its current request is the newest, and it went before fresher connections reading no more
+than it. The trade-off: a connection whose request is newer than a scrape in progress keeps its
+place over the scraper while it takes anything at all (taking nothing, it goes first): nothing tells
+it from a scraper without a token. A client that pipelines requests and reads nothing holds its
 connection so, and would otherwise keep every probe or proxy out until its deadline; no probe,
 scraper or proxy sends a request before it has read the last answer. Progress is judged only when
 room is needed, from one number kept per connection: no timer. A new connection is closed unread
@@ -34,6 +39,7 @@ client sends; logs at debug only (a flood must not flood the log), never an addr
 
 import asyncio
 import functools
+import itertools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -45,11 +51,12 @@ from aiohttp.http_parser import RawRequestMessage
 
 log = logging.getLogger(__name__)
 
-# A connection's standing when room is needed: the lowest goes first (the answered longest ago of
-# them). Idle: no request in progress. Pipelining: requests wait behind the one in progress.
-# Stalled: its answer waits in the transport's buffer, which has not shrunk since writing paused
-# or the guard last looked. Draining: its buffer shrank, or it was never measured since its last
-# answer (a small answer, under the high-water mark).
+# A connection's standing when room is needed: the lowest goes first (of idle ones the one answered
+# longest ago, of the others the one whose request in progress was taken first). Idle: no request
+# in progress. Pipelining: requests wait behind the one in progress. Stalled: its answer waits in
+# the transport's buffer, which has not shrunk since writing paused or the guard last looked.
+# Draining: its buffer shrank, or it was never measured since its last answer (a small answer,
+# under the high-water mark).
 IDLE, PIPELINING, STALLED, DRAINING = range(4)
 
 # aiohttp's server calls one with each request it takes: the application's handling.
@@ -65,7 +72,7 @@ class Guard:
     its end): one site, once it stops the guard admits nothing more.
     """
 
-    __slots__ = ("_limit", "_name", "_open", "_stopped", "_timeout")
+    __slots__ = ("_limit", "_name", "_open", "_order", "_stopped", "_timeout")
 
     def __init__(self, name: str, limit: int, timeout: float) -> None:
         """``name`` starts this guard's log lines ("admin", "push channel")."""
@@ -75,6 +82,8 @@ class Guard:
         # In the order of their last answer (or accept when none): the first idle one has waited
         # longest for a request, and its deadline is the nearest.
         self._open: dict[web.RequestHandler, _Connection] = {}
+        # Numbers each accept and each request taken: orders connections behind on their answers.
+        self._order = itertools.count()
         # Set when a site stops: a connection the listener accepted before it closed is made
         # (connection_made) a loop turn or more later, after the stop looked at the open ones.
         self._stopped = False
@@ -118,7 +127,7 @@ class Guard:
         # ``_handle``) a loop turn later: in progress from here.
         connection = self._open.get(handler)
         if connection is not None:
-            connection.take(request)
+            connection.take(request, next(self._order))
 
     def accept(self, server: web.Server, tls: ssl.SSLContext | None) -> asyncio.Protocol:
         """The listener's protocol factory (``site``'s), called once per accepted connection."""
@@ -138,6 +147,7 @@ class Guard:
             handler,
             self._timeout,
             tls,
+            next(self._order),
             forget=lambda: self._open.pop(handler, None),
             stopped=lambda: self._stopped,
         )
@@ -145,15 +155,17 @@ class Guard:
         return connection
 
     def _room(self) -> "_Connection | None":
-        """The connection to abort for a new one: the first (in the order of their last answer)
-        of the lowest standing, if any may go."""
+        """The connection to abort for a new one, if any may go: the first idle one (in the order of
+        their last answer), else of the lowest standing the one whose request was taken first."""
         chosen, lowest = None, None
         for connection in self._open.values():
             standing = connection.standing()
             if standing == IDLE:
                 return connection  # none goes before it
-            if standing is not None and (lowest is None or standing < lowest):
-                chosen, lowest = connection, standing
+            if standing is not None:
+                rank = (standing, connection.taken)
+                if lowest is None or rank < lowest:
+                    chosen, lowest = connection, rank
         return chosen
 
     def stop(self) -> None:
@@ -215,6 +227,7 @@ class _Connection(asyncio.Protocol):
         "_transport",
         "_unmade",
         "_writing_paused",
+        "taken",
     )
 
     def __init__(
@@ -223,10 +236,12 @@ class _Connection(asyncio.Protocol):
         handler: web.RequestHandler,
         timeout: float,
         tls: ssl.SSLContext | None,
+        accepted: int,
         *,
         forget: Callable[[], object],
         stopped: Callable[[], bool],
     ) -> None:
+        """``accepted`` is its place in the guard's order (``taken`` until it takes a request)."""
         self._name = name
         self._handler = handler
         self._timeout = timeout
@@ -237,6 +252,9 @@ class _Connection(asyncio.Protocol):
         # The request in progress: from aiohttp taking it until its answer is written (aiohttp
         # waits for the transport to drain), so a client reading a large answer slowly is not cut.
         self._request: web.BaseRequest | None = None
+        # The guard's number of the request in progress (or the last one) when taken, else of the
+        # accept: among connections behind on their answers, the lowest goes first.
+        self.taken = accepted
         self._held = False  # the request in progress is lasting (``hold``)
         # The transport holds more than its high-water mark that the client has not taken.
         self._writing_paused = False
@@ -329,8 +347,9 @@ class _Connection(asyncio.Protocol):
             early_request, self._unmade = bytes(self._unmade), bytearray()
             self._handler.data_received(early_request)
 
-    def take(self, request: web.BaseRequest) -> None:
+    def take(self, request: web.BaseRequest, order: int) -> None:
         self._request = request
+        self.taken = order
 
     def answered(self, request: web.BaseRequest) -> None:
         if request is self._request:  # else aiohttp took the next one (pipelined) already

@@ -1,11 +1,12 @@
 """The connection guard on loopback: a small aiohttp application served through a Guard, plain and
 over TLS. The cap evicts the connection idle the longest (a request aiohttp answered before any
 middleware counts as answered), else one whose client is behind on its answers (pipelining, then
-taking nothing, then reading slowly), and refuses only when all are busy with clients that keep up;
-the deadline closes a connection without a request answered in time (silent, half-sent, stopped
-reading, or silent in its TLS handshake); a lasting request has no deadline and is never evicted;
-a whole request aiohttp has not started yet is not evicted, a half-sent one is; a connection
-admitted as the site stops is closed.
+taking nothing, then reading slowly; of these the one whose request was taken first, so a
+keep-alive client's newest request outlasts fresher connections), and refuses only when all are
+busy with clients that keep up; the deadline closes a connection without a request answered in
+time (silent, half-sent, stopped reading, or silent in its TLS handshake); a lasting request has
+no deadline and is never evicted; a whole request aiohttp has not started yet is not evicted, a
+half-sent one is; a connection admitted as the site stops is closed.
 
 Deadlines are two seconds. Nothing is timed: a test waits, bounded by WAIT, for a connection to
 be closed, and the order in which deadlines passed is read from the guard's debug log.
@@ -406,6 +407,28 @@ async def test_at_the_first_look_a_client_that_takes_nothing_goes_before_one_rea
         await until_closed(stalled_reader)
         assert evictions(caplog) == [BEHIND]
         assert await asyncio.wait_for(reading_reader.readexactly(LARGE - TAKEN), WAIT)
+
+
+async def test_a_keep_alive_client_reading_its_newest_request_goes_after_fresher_connections(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Review Q1 #6: a scraper's last answer (its previous scrape) is older than the accept of
+    # connections opened since, though its current request is the newest; all read the same
+    # amount, and the one answered longest ago, the scraper, went. Now the oldest request goes.
+    async with serving(caplog, 3, LONG) as served, aborting() as opened:
+        scraper_reader, scraper_writer = opened(await non_reading(served.port))
+        assert await get(scraper_reader, scraper_writer, "/small") == (200, b"ok\n")  # the last scrape
+        fresher = [opened(await busy_with_a_large_answer(served.port)) for _ in range(2)]
+        scraper_writer.write(GET_LARGE)  # the next scrape
+        await asyncio.wait_for(scraper_reader.readuntil(b"\r\n\r\n"), WAIT)
+        for reader in [scraper_reader] + [reader for reader, _ in fresher]:
+            assert await asyncio.wait_for(reader.readexactly(TAKEN), WAIT)
+        await answered(served.port)  # the look: all three are draining
+        rest = await asyncio.wait_for(scraper_reader.readexactly(LARGE - TAKEN), WAIT)
+        assert rest == b"x" * (LARGE - TAKEN)  # the scrape is answered whole
+        await until_closed(fresher[0][0])
+        assert evictions(caplog) == [BEHIND]  # 0 answered before: not the scraper
+        assert await asyncio.wait_for(fresher[1][0].readexactly(LARGE - TAKEN), WAIT)
 
 
 async def test_a_request_answered_by_aiohttp_before_any_middleware_leaves_its_connection_idle(
