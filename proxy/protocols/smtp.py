@@ -1436,11 +1436,16 @@ class Mediator:
         return self._deferred
 
     @property
+    def streaming_body(self) -> bool:
+        """Whether the client's bytes are a DATA body now: they go on as they come, unbuffered."""
+        return self._body is not None
+
+    @property
     def wants_client_data(self) -> bool:
         """Whether the driver should read the client now: not while too much waits unread."""
         if self._closed or self._client_ended:
             return False
-        return self._body is not None or len(self._buffer) <= MAX_HELD_BYTES
+        return self.streaming_body or len(self._buffer) <= MAX_HELD_BYTES
 
     @property
     def reply_timeout(self) -> float | None:

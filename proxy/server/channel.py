@@ -78,9 +78,10 @@ class SocketChannel:
     def tls(self) -> ssl.SSLObject | None:
         return self.upgraded.tls if self.upgraded else None
 
-    async def recv(self) -> bytes:
+    async def recv(self, size: int = RECV_SIZE) -> bytes:
+        """At most ``size`` octets, once there are any; b"" at the peer's EOF."""
         if self.upgraded:
-            return await self.upgraded.recv()
+            return await self.upgraded.recv(size)
         loop = self._loop or self._bind_loop()
         while True:
             waiter = self._readable = loop.create_future()
@@ -94,7 +95,7 @@ class SocketChannel:
             finally:
                 self._readable = None
             try:
-                return self.sock.recv(RECV_SIZE)
+                return self.sock.recv(size)
             except (BlockingIOError, InterruptedError):
                 continue  # readable, then not after all: wait again
 
@@ -322,11 +323,13 @@ class TransportChannel:
         ssl_object = self.transport.get_extra_info("ssl_object")
         return ssl_object if isinstance(ssl_object, ssl.SSLObject) else None
 
-    async def recv(self) -> bytes:
+    async def recv(self, size: int = RECV_SIZE) -> bytes:
+        """At most ``size`` octets of what arrived (no more than ``MAX_UNREAD`` and one read wait
+        unread), once there are any; b"" at the peer's EOF."""
         await self.receiver.wait_readable()
         if not self.receiver.unread and self.receiver.error is not None:
             raise self.receiver.error
-        return self.receiver.take(RECV_SIZE)
+        return self.receiver.take(size)
 
     async def send(self, data: bytes) -> None:
         if self.transport.is_closing():

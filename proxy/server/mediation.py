@@ -24,7 +24,7 @@ from typing import assert_never
 
 from proxy.protocols import events, smtp
 from proxy.server import relay
-from proxy.server.channel import SocketChannel, TransportChannel
+from proxy.server.channel import RECV_SIZE, SocketChannel, TransportChannel
 from proxy.server.drain import Turn
 
 Channel = SocketChannel | TransportChannel
@@ -45,10 +45,18 @@ class Moved:
         return self.up, self.down
 
 
-async def _read(channel: Channel) -> bytes:
+# One read of a message body on its way through (``Mediator.streaming_body``): a body of 100 KiB
+# took seven trips round the loop at the channel's 16 KiB (a task, a wait and a timeout scope
+# each), more than the body's bytes cost; 64 KiB is the relay's pipe-sized read, and stays below
+# the allocator's threshold for a mapping of its own. Commands are read at the channel's size,
+# so what a pipelining client can make the machine hold stays bounded by it.
+BODY_READ_SIZE = 64 * 1024
+
+
+async def _read(channel: Channel, size: int) -> bytes:
     """One read; a broken connection reads as closed (b""), as the machine only needs to know that."""
     try:
-        return await channel.recv()
+        return await channel.recv(size)
     except (OSError, ssl.SSLError):
         return b""
 
@@ -81,20 +89,30 @@ async def mediate(
     moved = Moved()
     progress.follow(moved)
     loop = asyncio.get_running_loop()
-    due: asyncio.Future[None] = loop.create_future()
+    # What the loop waits on between its turns: set when a read ends or the drain's turn comes.
+    # One future and done-callbacks, not asyncio.wait over the reads: that adds and removes a
+    # callback on each of them at every turn, and a 100 KiB message takes a dozen turns.
+    woken: asyncio.Future[None] = loop.create_future()
 
-    def wake() -> None:
-        if not due.done():
-            due.set_result(None)
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    def read(channel: Channel, size: int) -> asyncio.Task[bytes]:
+        task = asyncio.ensure_future(_read(channel, size))
+        task.add_done_callback(wake)
+        return task
 
     reads: dict[str, asyncio.Task[bytes] | None] = {"client": None, "backend": None}
     ended = relay.CANCELLED  # until the session ends otherwise
     drain.on_due = wake
     try:
         commands = machine.start(client_bytes, backend_bytes)
-        while True:
-            try:
-                async with asyncio.timeout(idle_timeout) as scope:
+        try:
+            # One idle bound for the whole mediation, moved on at every turn.
+            async with asyncio.timeout(None) as scope:
+                while True:
+                    scope.reschedule(loop.time() + idle_timeout)
                     reason = await _carry_out(
                         machine, commands, client, backend, moved, place=place, scope=scope
                     )
@@ -107,38 +125,41 @@ async def mediate(
                         ended = relay.DRAINED
                         return ended
                     if reads["client"] is None and machine.wants_client_data:
-                        reads["client"] = asyncio.ensure_future(_read(client))
+                        reads["client"] = read(
+                            client, BODY_READ_SIZE if machine.streaming_body else RECV_SIZE
+                        )
                     if reads["backend"] is None:
-                        reads["backend"] = asyncio.ensure_future(_read(backend))
+                        reads["backend"] = read(backend, RECV_SIZE)
                     least = machine.reply_timeout
                     if least is not None and least > idle_timeout:
                         scope.reschedule(loop.time() + least)
-                    waiting: set[asyncio.Future[None] | asyncio.Task[bytes]] = {
-                        task for task in reads.values() if task is not None
-                    }
-                    if not due.done():
-                        waiting.add(due)
-                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            except TimeoutError:
-                with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
-                    async with asyncio.timeout(closing_grace):  # a client that reads nothing gets nothing
-                        await _carry_out(
-                            machine, machine.handle(events.TimedOut()), client, backend, moved, place=place
+                    # A fresh future before looking: a read that ends from here on wakes it (one
+                    # that ended earlier may wake it too: a turn that finds nothing is harmless).
+                    woken = loop.create_future()
+                    if not any(task.done() for task in reads.values() if task is not None):
+                        await woken
+                    commands = []
+                    # The backend first: its reply settles the pending command before the client's next.
+                    backend_read = reads["backend"]
+                    if backend_read is not None and backend_read.done():
+                        reads["backend"] = None
+                        data = backend_read.result()
+                        commands += machine.handle(smtp.BackendData(data) if data else smtp.BackendClosed())
+                    client_read = reads["client"]
+                    if client_read is not None and client_read.done():
+                        reads["client"] = None
+                        data = client_read.result()
+                        commands += machine.handle(
+                            events.DataReceived(data) if data else events.ConnectionClosed()
                         )
-                ended = "idle timeout"
-                return ended
-            commands = []
-            # The backend first: its reply settles the pending command before the client's next.
-            backend_read = reads["backend"]
-            if backend_read is not None and backend_read.done():
-                reads["backend"] = None
-                data = backend_read.result()
-                commands += machine.handle(smtp.BackendData(data) if data else smtp.BackendClosed())
-            client_read = reads["client"]
-            if client_read is not None and client_read.done():
-                reads["client"] = None
-                data = client_read.result()
-                commands += machine.handle(events.DataReceived(data) if data else events.ConnectionClosed())
+        except TimeoutError:
+            with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
+                async with asyncio.timeout(closing_grace):  # a client that reads nothing gets nothing
+                    await _carry_out(
+                        machine, machine.handle(events.TimedOut()), client, backend, moved, place=place
+                    )
+            ended = "idle timeout"
+            return ended
     finally:
         drain.on_due = None
         for task in reads.values():

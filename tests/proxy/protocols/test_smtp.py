@@ -1784,12 +1784,13 @@ def test_a_submission_is_mediated_between_transactions_from_the_start_and_every_
         assert client_says(machine, rcpt) == [smtp.SendToBackend(rcpt)]
         assert backend_says(machine, b"250 2.1.5 Ok\r\n") == [Send(b"250 2.1.5 Ok\r\n")]
     assert to_backend(client_says(machine, b"DATA\r\n")) == b"DATA\r\n"
+    assert not machine.streaming_body  # not before the 354
     backend_says(machine, b"354 go\r\n")
-    assert not machine.quiet
+    assert not machine.quiet and machine.streaming_body
     assert (
         to_backend(client_says(machine, b"Subject: x\n\nbody\r\n.\r\n")) == b"Subject: x\r\n\r\nbody\r\n.\r\n"
     )
-    assert not machine.quiet  # the final reply is still to come
+    assert not machine.quiet and not machine.streaming_body  # the final reply is still to come
     assert backend_says(machine, b"250 2.0.0 queued\r\n") == [Send(b"250 2.0.0 queued\r\n")]
     assert machine.quiet and machine.deferred == 0
 
