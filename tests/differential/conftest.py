@@ -9,8 +9,9 @@ saw and what the auth service received, for the tests to compare.
 
 Configured alike on purpose: nginx with ``proxy_smtp_auth on`` (it logs in to Postfix's
 submission with AUTH PLAIN, as mailgress does) and ``proxy_pass_error_message on``; both with a
-2-second auth timeout. mailgress runs without its failed-login throttle (nginx has none, and
-the tests fail logins on purpose from one address).
+2-second auth timeout. mailgress runs without its failed-login throttle and without its
+refusal-time hold (nginx has neither, and the tests fail logins on purpose from one address; no
+test here compares timing).
 """
 
 import ssl
@@ -142,7 +143,9 @@ def candidate(
             "serverName": "mailgress.test",
             "listeners": listeners,
             "timeouts": {"preLogin": PRE_LOGIN_TIMEOUT},
-            "limits": {"failedLogins": {"firstDelay": 0, "perUser": 10_000, "perIp": 10_000}},
+            "limits": {
+                "failedLogins": {"firstDelay": 0, "perUser": 10_000, "perIp": 10_000, "refusalTime": 0}
+            },
         },
     )
     proxy = proxyprocess.ProxyProcess(settings, directory / "mailgress.log", log_level="debug")

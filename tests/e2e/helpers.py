@@ -25,10 +25,13 @@ SERVER_NAME = "mailgress.test"
 # socket timeout (clients.SOCKET_TIMEOUT), long enough for any real login on a busy machine.
 PRE_LOGIN_TIMEOUT = 5
 # Every test client comes from 127.0.0.1 and many fail logins on purpose: the proxy's abuse limits
-# (proxy/server/limits.py) would lock the whole suite out, so they are set out of reach here.
+# (proxy/server/limits.py) would lock the whole suite out, so they are set out of reach here. A
+# refused login is answered at once: held to the default refusalTime (2 s), each refusal would
+# cost its test that long, and no test here is about the hold (tests/proxy/server checks it; the
+# proxies of tests/e2e_push and tests/kube, started by testbed.proxyfleet, keep the default).
 TEST_LIMITS = {
     "connectionsPerIp": 10_000,
-    "failedLogins": {"perUser": 100_000, "perIp": 100_000, "firstDelay": 0},
+    "failedLogins": {"perUser": 100_000, "perIp": 100_000, "firstDelay": 0, "refusalTime": 0},
 }
 
 

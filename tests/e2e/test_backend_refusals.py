@@ -2,10 +2,11 @@
 
 A Dovecot of its own takes at most two sessions of a user from one address
 (``mail_max_userip_connections``) and serves alpha.example's IMAP and POP3 for a proxy of its own,
-whose failed-login throttle locks a user after three failures (``firstDelay: 0``, so no refusal
-is held back). With two sessions held, every further login with the right password gets
-Dovecot's own refusal, counted as ``outcome="refused"``; more of them than the lockout takes
-still reach Dovecot, never the lockout's temporary failure. Three wrong passwords still lock.
+whose failed-login throttle locks a user after three failures (``firstDelay: 0`` and
+``refusalTime: 0``, so no refusal is held back). With two sessions held, every further login
+with the right password gets Dovecot's own refusal, counted as ``outcome="refused"``; more of
+them than the lockout takes still reach Dovecot, never the lockout's temporary failure. Three
+wrong passwords still lock.
 Each test has users of its own: the throttle and Dovecot's count are per user.
 """
 
@@ -60,7 +61,7 @@ def limit_proxy(start_proxy: StartProxy, backends: Backends, limited: mailserver
     alpha = services[f"{NAMESPACE}/{SERVICE_NAMES[ALPHA]}"]
     alpha[IMAP_SERVICE_PORT] = [f"{mailservers.LOOPBACK}:{limited.imap_port}"]
     alpha[POP3_SERVICE_PORT] = [f"{mailservers.LOOPBACK}:{limited.pop3_port}"]
-    throttle = {"perUser": FAILURES_PER_USER, "perIp": 1000, "firstDelay": 0}
+    throttle = {"perUser": FAILURES_PER_USER, "perIp": 1000, "firstDelay": 0, "refusalTime": 0}
     return start_proxy("proxy-limits", services=services, extra={"limits": {"failedLogins": throttle}})
 
 

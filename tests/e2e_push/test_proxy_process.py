@@ -5,7 +5,9 @@ loopback Publisher and writes the snapshot file, while real proxy processes (tes
 settings with a ``controller`` key) subscribe, acknowledge and carry IMAP logins to the testbed's
 Dovecot. It checks the wiring the unit tests cannot: the CLI picks the subscriber, readiness waits
 for a table, a pushed table changes where logins go, a controller outage changes nothing, and a
-proxy started during the outage serves the snapshot. A proxy started while the controller is away
+proxy started during the outage serves the snapshot. These proxies keep the default limits: the
+login refused once its route is gone is held the default refusalTime, the end-to-end run of the
+hold the other e2e suites turn off to stay fast. A proxy started while the controller is away
 and with no snapshot has no table: it listens, and imaplib, poplib and smtplib (submission and
 MX) get their protocol's temporary failure, which counts towards neither the lockout nor
 max_errors. Blocking clients run in threads so the Publisher keeps serving; every wait is bounded
@@ -26,7 +28,7 @@ from mailgress import standalone
 from proxy import settings as proxy_settings
 from proxy import table
 from testbed import backends as testbed_backends
-from testbed import clients, mailservers, proxyfleet
+from testbed import clients, mailservers, proxyfleet, proxyprocess
 
 POLL = 0.02
 POLLS = 1000  # 20 s at most for any one wait
@@ -54,6 +56,15 @@ def compile_routes(bed: testbed_backends.Backends, domains: tuple[str, ...]) -> 
 
 def user_of(bed: testbed_backends.Backends, domain: str) -> mailservers.User:
     return next(user for address, user in bed.users.items() if address.endswith("@" + domain))
+
+
+def refusals_held(proxy: proxyprocess.ProxyProcess) -> list[str]:
+    """The ``held_back`` of each session line in ``proxy``'s log whose login no route owned."""
+    return [
+        line.rsplit(" held_back=", 1)[1]
+        for line in proxy.log_text().splitlines()
+        if "mailgress.session: session " in line and " login=no_route " in line
+    ]
 
 
 def imap_login(port: int, user: mailservers.User) -> None:
@@ -94,6 +105,8 @@ async def test_pushed_tables_route_real_logins_through_an_outage(
         await eventually(lambda: controller.acks()["proxy-a"].version == beta_only.version, "ack")
         with pytest.raises(imaplib.IMAP4.error):
             await asyncio.to_thread(imap_login, first.settings.ports.imap, alpha)
+        default_hold = f"{proxy_settings.DEFAULT_LOGIN_REFUSAL_TIME:g}s"
+        await eventually(lambda: refusals_held(first) == [default_hold], "the refusal held refusalTime")
         await asyncio.to_thread(imap_login, first.settings.ports.imap, beta)
         deployment.snapshot_file.write_bytes(table.to_json(beta_only))  # as the Secret would hold
     finally:

@@ -22,7 +22,14 @@ from proxy.server import certificates
 from proxy.server.context import ProxyContext
 from proxy.server.listeners import Listeners
 from proxy.server.routes import TableHolder
-from proxy.settings import BackendTlsSettings, ListenerSettings, ProxySettings, Timeouts
+from proxy.settings import (
+    BackendTlsSettings,
+    FailedLoginSettings,
+    LimitSettings,
+    ListenerSettings,
+    ProxySettings,
+    Timeouts,
+)
 from proxy.table import Endpoint
 
 PASSWORD = "s3cret-Password-never-logged"
@@ -37,6 +44,11 @@ def pytest_asyncio_loop_factories(
 
 
 WAIT = 10.0  # generous bound for any single step on a loaded machine
+# The proxies here answer a refused login at once: held to the default refusalTime (2 s), every
+# test that refuses a password would wait that long, and none of them is about the hold. The
+# tests of the hold give the proxy limits of their own (test_session_refusal_time.py holds the
+# default, test_limits.py and test_session_deadline.py shorter times).
+TEST_LIMITS = LimitSettings(failed_logins=FailedLoginSettings(refusal_time=0.0))
 
 
 @dataclass
@@ -143,7 +155,8 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
     """Start a proxy with one IMAP listener and one MailRoute for alpha.example.
 
     ``spec`` is merged into the MailRoute's spec; ``listener`` overrides listener settings;
-    ``backend_tls`` sets how backends are verified; the rest are timeouts.
+    ``backend_tls`` sets how backends are verified; the rest are timeouts. Its limits are
+    TEST_LIMITS: no refusal is held back.
     """
     started: list[Listeners] = []
 
@@ -180,6 +193,7 @@ async def start_proxy() -> AsyncIterator[ProxyFactory]:
             route_files=(Path("unused"),),
             services=services,
             backend_tls=backend_tls or BackendTlsSettings(),
+            limits=TEST_LIMITS,
         )
         registry = CollectorRegistry()
         metrics = proxy_metrics.create(registry)

@@ -105,7 +105,8 @@ async def test_without_a_table_logins_fail_temporarily_and_count_for_nothing(
     table = context.tables.current
     context.tables = TableHolder(context.metrics)  # as at the start: nothing installed yet
     # One failure locks a user and an address: any attempt counted would lock the next one out.
-    locking = FailedLoginSettings(per_user=1, per_ip=1, first_delay=0)
+    # No refusal held back (conftest.TEST_LIMITS): the last, refused login is about its reply.
+    locking = FailedLoginSettings(per_user=1, per_ip=1, first_delay=0, refusal_time=0)
     context.limits = Limits(LimitSettings(failed_logins=locking))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:

@@ -92,7 +92,8 @@ async def test_only_a_refusal_of_the_credentials_counts_towards_the_lockout(
     caplog.set_level(logging.INFO)
     async with refusing_backend(refusal) as backend_port:
         proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend_port)])
-        locking = FailedLoginSettings(per_user=1, per_ip=1000, first_delay=0)
+        # No refusal held back either (conftest.TEST_LIMITS): the count is checked, not the time.
+        locking = FailedLoginSettings(per_user=1, per_ip=1000, first_delay=0, refusal_time=0)
         proxy.context.limits = Limits(LimitSettings(failed_logins=locking))
         backend_answer = ALERT + b"a1 " + refusal + b"\r\n"
         assert await answer(proxy.port) == backend_answer
