@@ -105,8 +105,8 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
         monkeypatch.setitem(session.FRONTENDS, protocol, recording)
     real_recv = channel.TransportChannel.recv
 
-    async def recording_recv(self: channel.TransportChannel) -> bytes:
-        data = await real_recv(self)
+    async def recording_recv(self: channel.TransportChannel, size: int = channel.RECV_SIZE) -> bytes:
+        data = await real_recv(self, size)
         record.largest_recv = max(record.largest_recv, len(data))
         return data
 
@@ -120,8 +120,8 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[Seen]:
     monkeypatch.setattr(channel.TransportChannel, "send", recording_send)
     real_socket_recv = channel.SocketChannel.recv
 
-    async def recording_socket_recv(self: channel.SocketChannel) -> bytes:
-        data = await real_socket_recv(self)
+    async def recording_socket_recv(self: channel.SocketChannel, size: int = channel.RECV_SIZE) -> bytes:
+        data = await real_socket_recv(self, size)
         record.largest_recv = max(record.largest_recv, len(data))
         return data
 
