@@ -44,7 +44,9 @@ characters a backend may refuse (Dovecot answers ``* BAD`` to a ``]``, which ngi
 through), and a client's byte must not turn into a backend failure. The LOGIN's tagged reply
 and the untagged lines before it reach the client line by line (a backend's bare LF line ends
 come out as CRLF), the tagged one with the client's tag in place of ours and the rest of it
-verbatim; the bytes after a success reply pass untouched. Where nginx gives up on any
+verbatim, except a refusal of the credentials, which is the proxy's own ``REFUSAL_TEXT``, as for a
+login no route owns (a backend's own words would tell the two apart); the bytes after a success
+reply pass untouched. Where nginx gives up on any
 unexpected reply, we tell a refusal (``LoginFailed``; of the credentials only without a
 response code or with [AUTHENTICATIONFAILED]) from a backend at fault (``BackendFailed``:
 [UNAVAILABLE], [SERVERBUG], BYE, garbage), which the driver may retry elsewhere.
@@ -926,7 +928,8 @@ class BackendLogin:
             return self._fail("backend sent an unexpected line during login")
         status = response["status"].upper()
         code = (response["code"] or b"").upper()
-        # The client hears its own tag; the backend's status, code and text follow verbatim.
+        # The client hears its own tag; the backend's status, code and text follow verbatim
+        # (but for a refusal of the credentials, below).
         retagged = self._client_tag + line[len(_LOGIN_TAG) :] + CRLF
         # The untagged lines before it reach the client either way: an [ALERT] among them must
         # be presented to the user (RFC 3501 section 7.1), a refusal's above all.
@@ -935,9 +938,15 @@ class BackendLogin:
             self.state = BackendState.LOGGED_IN
             # What followed the OK is the backend's first output for the client: untouched.
             return [LoginSucceeded(reply, self._buffer.take_all())]
+        if status == b"NO" and code in _CREDENTIALS_REFUSED:
+            self.state = BackendState.FAILED
+            # The proxy's own words after the untagged lines, as for a login no route owns: a
+            # backend's own text would tell a routed user from an unrouted one.
+            refusal = b"".join(self._untagged) + self._client_tag + b" NO " + REFUSAL_TEXT + CRLF
+            return [LoginFailed(refusal, credentials=True)]
         if status in (b"NO", b"BAD") and code not in _BACKEND_FAULT_CODES:
             self.state = BackendState.FAILED
-            return [LoginFailed(reply, credentials=status == b"NO" and code in _CREDENTIALS_REFUSED)]
+            return [LoginFailed(reply, credentials=False)]
         return self._fail(f"backend answered LOGIN with {status.decode()} [{code.decode()}]")
 
     def _id_reply(self, line: bytes) -> list[Command]:

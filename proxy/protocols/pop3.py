@@ -557,7 +557,11 @@ class BackendLogin:
                 return self._fail("backend reported a temporary failure ([SYS/TEMP])")
             case _:
                 self._state = BackendState.DONE
-                return [LoginFailed(reply=line + CRLF, credentials=_refuses_credentials(line))]
+                if _refuses_credentials(line):
+                    # The proxy's own words, as for a login no route owns: a backend's own text
+                    # would tell a routed user from an unrouted one.
+                    return [LoginFailed(reply=REPLY_AUTH_FAILED, credentials=True)]
+                return [LoginFailed(reply=line + CRLF, credentials=False)]
 
     def _introduce(self) -> list[Command]:
         """After the greeting (and TLS): XCLIENT if the greeting offered it, else the login."""

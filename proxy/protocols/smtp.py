@@ -1141,8 +1141,12 @@ class BackendLogin:
     def _auth_verdict(self, code: int, reply: bytes) -> list[Command]:
         if code == 235:
             return self._verdict(LoginSucceeded(reply=reply, buffered=self._replies.take_all()))
+        if code == AUTH_CREDENTIALS_INVALID:
+            # The proxy's own words, as for a login no route owns: a backend's own text (Postfix's
+            # "authentication failed: (reason unavailable)") would tell the two apart.
+            return self._verdict(LoginFailed(reply=REPLY_AUTH_FAILED, credentials=True))
         if code >= 500:
-            return self._verdict(LoginFailed(reply=reply, credentials=code == AUTH_CREDENTIALS_INVALID))
+            return self._verdict(LoginFailed(reply=reply, credentials=False))
         # 4xx (454 4.7.0 temporary authentication failure) or nonsense: another endpoint may do.
         return self._fail(f"backend answered {code} to AUTH")
 

@@ -129,8 +129,12 @@ def test_curl_examines_fetches_and_is_refused(
 
 @pytest.mark.parametrize(
     "login",
-    [("alice@alpha.example", "not-the-password"), (f"alice@{UNROUTED_DOMAIN}", None)],
-    ids=["wrong-password", "unrouted-domain"],
+    [
+        ("alice@alpha.example", "not-the-password"),
+        ("nobody@alpha.example", "not-the-password"),
+        (f"alice@{UNROUTED_DOMAIN}", None),
+    ],
+    ids=["wrong-password", "unknown-user", "unrouted-domain"],
 )
 def test_refused_logins_get_authenticationfailed(
     proxy: ProxyProcess, backends: Backends, login: tuple[str, str | None]
@@ -139,7 +143,10 @@ def test_refused_logins_get_authenticationfailed(
     user = User(address, password or backends.user("alice@alpha.example").password)
     with (
         clients.imap(proxy.settings.ports.imap) as client,
-        pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"),
+        pytest.raises(
+            imaplib.IMAP4.error,
+            match=r"^b'\[AUTHENTICATIONFAILED\] Authentication failed\.'$",
+        ),
     ):
         clients.imap_authenticate_plain(client, user)
     assert serves_imap(proxy, backends)

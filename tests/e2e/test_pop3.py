@@ -102,8 +102,12 @@ def test_curl_retrieves_through_the_proxy(proxy: ProxyProcess, backends: Backend
 @pytest.mark.parametrize("method", LOGINS)
 @pytest.mark.parametrize(
     "login",
-    [("alice@alpha.example", "not-the-password"), (f"alice@{UNROUTED_DOMAIN}", None)],
-    ids=["wrong-password", "unrouted-domain"],
+    [
+        ("alice@alpha.example", "not-the-password"),
+        ("nobody@alpha.example", "not-the-password"),
+        (f"alice@{UNROUTED_DOMAIN}", None),
+    ],
+    ids=["wrong-password", "unknown-user", "unrouted-domain"],
 )
 def test_refused_logins_get_err_auth(
     proxy: ProxyProcess, backends: Backends, method: str, login: tuple[str, str | None]
@@ -112,7 +116,7 @@ def test_refused_logins_get_err_auth(
     user = User(address, password or backends.user("alice@alpha.example").password)
     with (
         clients.pop3(proxy.settings.ports.pop3) as client,
-        pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"),
+        pytest.raises(poplib.error_proto, match=r"^b'-ERR \[AUTH\] Authentication failed\.'$"),
     ):
         LOGINS[method](client, user)
     assert serves_imap(proxy, backends)

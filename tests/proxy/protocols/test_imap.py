@@ -313,9 +313,12 @@ def test_backend_login_sends_no_id_unless_asked_with_an_address(config: BackendC
     ],
 )
 def test_backend_refusal_goes_to_the_client_with_the_client_tag(reply: bytes, credentials: bool) -> None:
+    """A refusal of the credentials in the proxy's own words (review Q1 #4: a backend's own text
+    would tell a routed user from an unrouted one); any other refusal as the backend said it."""
     login = backend_login()
     feed(login, b"* OK [CAPABILITY LITERAL+] ready")
-    assert feed(login, b"mg-login " + reply) == [LoginFailed(b"a1 " + reply + b"\r\n", credentials)]
+    told = b"NO " + imap.REFUSAL_TEXT if credentials else reply
+    assert feed(login, b"mg-login " + reply) == [LoginFailed(b"a1 " + told + b"\r\n", credentials)]
     assert login.state is imap.BackendState.FAILED
 
 
@@ -334,7 +337,8 @@ def test_untagged_lines_before_a_refusal_reach_the_client_before_it() -> None:
     # A bare LF line end comes out as CRLF, as on the success path.
     untagged = b"* OK [ALERT] Your account expires tomorrow\n* NO [ALERT] Really\r\n"
     (verdict,) = login.handle(DataReceived(untagged + b"mg-login NO Bad password\r\n"))
-    reply = b"* OK [ALERT] Your account expires tomorrow\r\n* NO [ALERT] Really\r\na1 NO Bad password\r\n"
+    refusal = b"a1 NO " + imap.REFUSAL_TEXT + b"\r\n"
+    reply = b"* OK [ALERT] Your account expires tomorrow\r\n* NO [ALERT] Really\r\n" + refusal
     assert verdict == LoginFailed(reply, credentials=True)
 
 

@@ -733,9 +733,11 @@ def test_long_credentials_go_after_a_334_challenge() -> None:
     ],
 )
 def test_backend_auth_refusal_goes_to_the_client(refusal: list[bytes], credentials: bool) -> None:
+    """A refusal of the credentials in the proxy's own words (review Q1 #4: Postfix's "(reason
+    unavailable)" told a routed user from an unrouted one); any other as the backend said it."""
     login = submission_login()
     feed(login, b"220 mx", *POSTFIX_EHLO)
-    reply = b"".join(line + b"\r\n" for line in refusal)
+    reply = smtp.REPLY_AUTH_FAILED if credentials else b"".join(line + b"\r\n" for line in refusal)
     assert feed(login, *refusal) == [LoginFailed(reply=reply, credentials=credentials)]
 
 

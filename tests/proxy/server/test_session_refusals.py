@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from proxy.protocols import imap
 from proxy.server.limits import Limits
 from proxy.settings import FailedLoginSettings, LimitSettings
 from proxy.table import Endpoint
@@ -95,7 +96,9 @@ async def test_only_a_refusal_of_the_credentials_counts_towards_the_lockout(
         # No refusal held back either (conftest.TEST_LIMITS): the count is checked, not the time.
         locking = FailedLoginSettings(per_user=1, per_ip=1000, first_delay=0, refusal_time=0)
         proxy.context.limits = Limits(LimitSettings(failed_logins=locking))
-        backend_answer = ALERT + b"a1 " + refusal + b"\r\n"
+        # A refusal of the credentials in the proxy's own words, after the ALERT (review Q1 #4).
+        told = b"NO " + imap.REFUSAL_TEXT if outcome == "rejected" else refusal
+        backend_answer = ALERT + b"a1 " + told + b"\r\n"
         assert await answer(proxy.port) == backend_answer
         assert await answer(proxy.port) == (second or backend_answer)
     counted = 1 if second else 2
