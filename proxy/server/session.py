@@ -12,7 +12,8 @@ backend login's time is added to it). A read reaches the machine ``FEED_SIZE`` o
 time, each slice's replies sent before the next is fed, so what a client that pipelines and never
 reads makes the session hold is bounded by a slice, not by the read. The shared ``limits`` refuse
 a client address over its connection limit (once a trusted PROXY header has named the real one)
-and logins locked by failed attempts, and hold back the refusal of each further failure; every
+and logins locked by failed attempts (each counted from when it is asked, so logins in flight at
+once see each other), and hold back the refusal of each further failure; every
 login refusal, routed or not, is answered no sooner than ``refusalTime`` after the login was
 asked. When the proxy drains (drain.py) and the session's turn comes, a client still logging in
 gets the protocol's closing line the next time the session waits for it, and a relayed one at
