@@ -2,17 +2,20 @@
 
 One ``Limits`` lives in the ``ProxyContext``, so every listener of a proxy shares it. The session
 driver takes a connection slot per client once it knows the client's real address (after a
-trusted PROXY header) and gives it back when the session ends; before a login goes to a backend
-it asks ``LoginThrottle.locked`` (a locked address or user gets the protocol's temporary failure,
-and no backend is asked), and afterwards it reports the verdict: ``failed`` answers how long to
-hold the refusal back, ``succeeded`` forgets the user's failures (never the address's: one valid
-account must not wash away an address's guessing).
+trusted PROXY header) and gives it back when the session ends. A login starts as
+``LoginThrottle.begin``: a locked address or user gets the protocol's temporary failure and no
+backend is asked; else the attempt counts from then on, so logins in flight at once see each
+other. Its verdict settles it: ``failed`` (a refused credential, a login no route owns, or no
+verdict at all) keeps it as a failure and answers how long to hold the refusal back,
+``succeeded`` drops it and forgets the user's failures (never the address's: one valid account
+must not wash away an address's guessing), ``withdrawn`` drops it (no verdict on the password).
 
 The bookkeeping takes ``now`` as an argument (the driver reads ``Limits.clock``), so tests step
 time by hand. Memory is bounded: failure records expire ``lockout`` seconds after their last
 failure and each map keeps at most MAX_TRACKED_ADDRESSES / MAX_TRACKED_USERS entries (the least
-recently failed is dropped first), so spraying addresses or user names cannot grow it; connection
-slots exist only while their sessions are open. Never sees a password, never logs, never sleeps.
+recently failed is dropped first), so spraying addresses or user names cannot grow it; attempts
+in flight and connection slots exist only while their sessions are open. Never sees a password,
+never logs, never sleeps.
 """
 
 import collections
@@ -33,14 +36,16 @@ IPV6_CLIENT_PREFIX = 64
 # users a proxy sees failing within `lockout` seconds. Beyond it the least recently failed go first.
 MAX_TRACKED_ADDRESSES = 100_000
 MAX_TRACKED_USERS = 100_000
-# client_key runs three times per session (the connection slot taken and given back, the lockout
-# check) and ipaddress's parsing is most of a login's bookkeeping; a proxy sees far fewer distinct
+# client_key runs three times per session (the connection slot taken and given back, the login's
+# attempt) and ipaddress's parsing is most of a login's bookkeeping; a proxy sees far fewer distinct
 # addresses at once than this, and 4,096 short strings cost well under 1 MB.
 CLIENT_KEY_CACHE_SIZE = 4096
 # 2 ** 62 seconds is beyond any cap a settings file can name; keeps the float power finite.
 MAX_DELAY_DOUBLINGS = 62
 
 Scope = Literal["ip", "user"]
+# The order locks are looked for in: a locked address is named before a locked user.
+SCOPES: tuple[Scope, ...] = ("ip", "user")
 
 
 @functools.lru_cache(maxsize=CLIENT_KEY_CACHE_SIZE)
@@ -64,10 +69,24 @@ def user_key(user: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Lock:
-    """Logins are refused for this address or user until ``until`` (clock seconds)."""
+    """Logins are refused for this address or user until ``until`` (clock seconds); None: while
+    attempts still in flight make up the limit (each that fails turns it into a lock of
+    ``lockout`` from its failure; each answered otherwise lifts it)."""
 
     scope: Scope
-    until: float
+    until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A login asked of a backend or an auth service, counted under these keys until settled."""
+
+    ip: str
+    user: str
+
+    def key(self, scope: Scope) -> str:
+        """The address or user this attempt counts under in ``scope``."""
+        return self.ip if scope == "ip" else self.user
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +143,22 @@ class _FailureCounts:
         self._entries.pop(key, None)
 
 
+def _release(counter: collections.Counter[str], key: str) -> None:
+    """One fewer for ``key``, which leaves the counter at none: only live entries take memory."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
 class LoginThrottle:
-    """Failed logins per client address and per user: a growing delay, then temporary refusal."""
+    """Failed logins per client address and per user: a growing delay, then temporary refusal.
+
+    An attempt in flight counts as a failure towards the lock, as it may well be one: the lock
+    check of a login that comes while others are being answered (a guesser's parallel
+    connections, or pipelined logins on several) must see them, or every one of them would pass
+    it before the first verdict came back (review Q1). It is not yet a failure record: the
+    growing delay, the lock's warning and expiry follow the verdicts, as they come.
+    """
 
     def __init__(
         self,
@@ -140,35 +173,82 @@ class LoginThrottle:
             "user": _FailureCounts(settings.lockout, max_users),
         }
         self._limits: dict[Scope, int] = {"ip": settings.per_ip, "user": settings.per_user}
+        # Attempts asked and not yet settled, per key: entries live only while their logins do.
+        self._in_flight: dict[Scope, collections.Counter[str]] = {
+            "ip": collections.Counter(),
+            "user": collections.Counter(),
+        }
 
     def tracked(self, scope: Scope) -> int:
         """How many addresses or users have failures on record."""
         return len(self._counts[scope])
 
-    def _keys(self, address: str, user: str) -> dict[Scope, str]:
-        return {"ip": client_key(address), "user": user_key(user)}
+    def in_flight(self, scope: Scope) -> int:
+        """How many addresses or users have attempts in flight."""
+        return len(self._in_flight[scope])
 
     def locked(self, address: str, user: str, now: float) -> Lock | None:
-        """The lock (address first) that refuses this login now, if any."""
-        for scope, key in self._keys(address, user).items():
+        """The lock (address first) that refuses a login of ``user`` from ``address`` now, if any."""
+        return self._lock(Attempt(client_key(address), user_key(user)), now)
+
+    def _lock(self, attempt: Attempt, now: float) -> Lock | None:
+        """The lock ``attempt``'s keys are under: failures on record and attempts in flight."""
+        for scope in SCOPES:
+            key = attempt.key(scope)
             record = self._counts[scope].get(key, now)
-            if record is not None and record.count >= self._limits[scope]:
+            failures = 0 if record is None else record.count
+            if failures + self._in_flight[scope][key] < self._limits[scope]:
+                continue
+            if record is not None and failures >= self._limits[scope]:
                 # The lock ends when the record expires: a refused login is not a failure and
                 # extends nothing, so a patient user gets one try per lockout.
                 return Lock(scope, record.last + self.settings.lockout)
+            return Lock(scope, None)  # made up by attempts in flight: their verdicts decide
         return None
 
-    def failed(self, address: str, user: str, now: float) -> Penalty:
-        """Count a failed login of ``user`` from ``address``."""
-        counts = {
-            scope: self._counts[scope].add(key, now) for scope, key in self._keys(address, user).items()
-        }
+    def begin(self, address: str, user: str, now: float) -> Attempt | Lock:
+        """A login of ``user`` from ``address`` is about to be asked of a backend or an auth
+        service: the lock that refuses it, or the attempt, counted until it is settled.
+
+        Args:
+            now: the clock's seconds, for the expiry of failure records.
+
+        Returns:
+            A ``Lock`` (address first; nothing counted), or the ``Attempt`` the caller must
+            settle exactly once: ``failed``, ``succeeded`` or ``withdrawn``.
+        """
+        attempt = Attempt(client_key(address), user_key(user))
+        lock = self._lock(attempt, now)
+        if lock is not None:
+            return lock
+        for scope in SCOPES:
+            self._in_flight[scope][attempt.key(scope)] += 1
+        return attempt
+
+    def _settle(self, attempt: Attempt) -> None:
+        for scope in SCOPES:
+            _release(self._in_flight[scope], attempt.key(scope))
+
+    def failed(self, attempt: Attempt, now: float) -> Penalty:
+        """The attempt is a failure (a refused credential, a login no route owns, a login cut off
+        before its verdict): kept as a failure record of its address and user."""
+        self._settle(attempt)
+        counts = {scope: self._counts[scope].add(attempt.key(scope), now) for scope in SCOPES}
+        # Attempts in flight keep a count from passing the limit, so it reaches it exactly once
+        # per lock: the lock is announced once.
         locked = tuple(scope for scope, count in counts.items() if count == self._limits[scope])
         return Penalty(self.delay(max(counts.values())), locked)
 
-    def succeeded(self, user: str) -> None:
-        """A login of ``user`` worked: its failures are forgotten (the address's are not)."""
-        self._counts["user"].forget(user_key(user))
+    def succeeded(self, attempt: Attempt) -> None:
+        """The login worked: the attempt is dropped and the user's failures are forgotten (the
+        address's are not)."""
+        self._settle(attempt)
+        self._counts["user"].forget(attempt.user)
+
+    def withdrawn(self, attempt: Attempt) -> None:
+        """The attempt got no verdict on its password (a refusal for another reason, a backend
+        or auth service unavailable): dropped, it counts as nothing."""
+        self._settle(attempt)
 
     def delay(self, failures: int) -> float:
         """Seconds to hold back the refusal of the ``failures``-th failure: 0, then doubling."""
@@ -203,10 +283,7 @@ class ConnectionCounts:
 
     def release(self, address: str) -> None:
         """Give back the slot ``acquire`` granted."""
-        key = client_key(address)
-        self._open[key] -= 1
-        if self._open[key] <= 0:
-            del self._open[key]
+        _release(self._open, client_key(address))
 
 
 class Limits:

@@ -12,7 +12,8 @@ backend login's time is added to it). A read reaches the machine ``FEED_SIZE`` o
 time, each slice's replies sent before the next is fed, so what a client that pipelines and never
 reads makes the session hold is bounded by a slice, not by the read. The shared ``limits`` refuse
 a client address over its connection limit (once a trusted PROXY header has named the real one)
-and logins locked by failed attempts, and hold back the refusal of each further failure; every
+and logins locked by failed attempts (each counted from when it is asked, so logins in flight at
+once see each other), and hold back the refusal of each further failure; every
 login refusal, routed or not, is answered no sooner than ``refusalTime`` after the login was
 asked. When the proxy drains (drain.py) and the session's turn comes, a client still logging in
 gets the protocol's closing line the next time the session waits for it, and a relayed one at
@@ -33,6 +34,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import assert_never
 
 from proxy import table
 from proxy.protocols import events, imap, pop3, proxyheader, smtp
@@ -533,37 +535,48 @@ async def _authenticate(
     metrics, throttle, clock = context.metrics, context.limits.logins, context.limits.clock
     # Inbound MX routes a recipient and tries no password: max_errors bounds its guessing.
     guarded = request.credentials is not None
-    lock = throttle.locked(peer.host, request.routing_key, clock()) if guarded else None
-    if lock is not None:
+    # Counted from here, before anyone is asked: logins in flight at once (one guesser's parallel
+    # connections) must see each other at the lock check, not only each other's verdicts (review
+    # Q1). Nothing is awaited between the check and the count.
+    counted = throttle.begin(peer.host, request.routing_key, clock()) if guarded else None
+    if isinstance(counted, limits.Lock):
         context.labelled(metrics.logins, request.protocol, "throttled").inc()
-        context.labelled(metrics.refusals, f"login_lockout_{lock.scope}").inc()
+        context.labelled(metrics.refusals, f"login_lockout_{counted.scope}").inc()
         record.login = "throttled"
         return events.LoginUnavailable(), None
     loop = asyncio.get_running_loop()
     asked = loop.time()
-    login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
+    try:
+        login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
+    except BaseException:
+        # Cut before its verdict came (the pre-login deadline, the proxy stopping): the backend
+        # may have checked the password already, and how long it took may tell the client the
+        # verdict (a right one answered at once, a wrong one after the failure delay), so the
+        # guess stays counted (review Q1).
+        if counted is not None:
+            _failed(throttle, counted, clock())
+        raise
     record.route = login.route
     record.backend = str(login.endpoint) if login.endpoint else "-"
     context.labelled(metrics.logins, request.protocol, login.outcome).inc()
     record.login = login.outcome
     penalty = None
-    if guarded and login.outcome == "accepted":
-        throttle.succeeded(request.routing_key)
-    elif guarded and login.outcome in ("rejected", "no_route"):
-        # Only a refusal of the credentials is a guess (no_route too: no hint who exists); a
-        # login the backend "refused" for another reason (a connection limit, an account in
-        # use) may have had the right password, and counting it would lock out the user's every
-        # device. Counted at once, before any hold: the lock must stop the guesses asked while
-        # this refusal is held back (review P1).
-        penalty = throttle.failed(peer.host, request.routing_key, clock())
-        for scope in penalty.locked:
-            locked = limits.client_key(peer.host) if scope == "ip" else limits.user_key(request.routing_key)
-            log.warning(
-                "too many failed logins: %s %r refused for %gs",
-                LOCKED_SUBJECT[scope],
-                locked,
-                throttle.settings.lockout,
-            )
+    if counted is not None:
+        match login.outcome:
+            case "accepted":
+                throttle.succeeded(counted)
+            case "rejected" | "no_route":
+                # Only a refusal of the credentials is a guess (no_route too: no hint who
+                # exists). It was counted when asked; settled here, before any hold, so the lock
+                # it makes stops the guesses asked while this refusal is held back (review P1).
+                penalty = _failed(throttle, counted, clock())
+            case "refused" | "unavailable":
+                # A login the backend "refused" for another reason (a connection limit, an
+                # account in use) may have had the right password, and counting it would lock
+                # out the user's every device; an unavailable one got no verdict at all.
+                throttle.withdrawn(counted)
+            case other:
+                assert_never(other)
     if guarded and login.outcome in REFUSALS and throttle.settings.refusal_time:
         # Every refusal is answered no sooner than refusalTime after the login was asked: a
         # login no route owns (refused at once) and a wrong password a backend refused sooner
@@ -581,6 +594,19 @@ async def _authenticate(
         # Never past the pre-login deadline, which then ends the session as usual.
         await _hold(min(penalty.delay, deadline - loop.time()), record)
     return login.event, login
+
+
+def _failed(throttle: limits.LoginThrottle, attempt: limits.Attempt, now: float) -> limits.Penalty:
+    """Settle ``attempt`` as a failure, with a warning for each lock it makes."""
+    penalty = throttle.failed(attempt, now)
+    for scope in penalty.locked:
+        log.warning(
+            "too many failed logins: %s %r refused for %gs",
+            LOCKED_SUBJECT[scope],
+            attempt.key(scope),
+            throttle.settings.lockout,
+        )
+    return penalty
 
 
 async def _hold(seconds: float, record: SessionRecord) -> float:

@@ -7,10 +7,12 @@ delays are set to hundredths of a second and observed in the session log line, n
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import ipaddress
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from prometheus_client import generate_latest
 from proxy import settings as proxy_settings
 from proxy.server.limits import (
     MAX_TRACKED_USERS,
+    Attempt,
     ConnectionCounts,
     Limits,
     Lock,
@@ -60,6 +63,18 @@ def throttle(**overrides: Any) -> LoginThrottle:
     return LoginThrottle(FailedLoginSettings(**overrides))
 
 
+def begun(limits: LoginThrottle, address: str, user: str, now: float) -> Attempt:
+    """An attempt the throttle let through (a test that expects a lock asks ``begin`` itself)."""
+    attempt = limits.begin(address, user, now)
+    assert isinstance(attempt, Attempt), attempt
+    return attempt
+
+
+def fail(limits: LoginThrottle, address: str, user: str, now: float) -> Penalty:
+    """One login asked and refused as a wrong password at ``now``."""
+    return limits.failed(begun(limits, address, user, now), now)
+
+
 # ---------------------------------------------------------------------------------------------
 # The throttle's bookkeeping
 
@@ -73,7 +88,7 @@ def test_delay_is_zero_then_doubles_up_to_the_cap() -> None:
 
 def test_failures_of_a_user_lock_it_until_lockout_after_the_last() -> None:
     limits = throttle(per_user=3, per_ip=100, lockout=60)
-    penalties = [limits.failed("192.0.2.1", "alice@alpha.example", now) for now in (0.0, 1.0, 2.0)]
+    penalties = [fail(limits, "192.0.2.1", "alice@alpha.example", now) for now in (0.0, 1.0, 2.0)]
     assert penalties == [Penalty(0.0), Penalty(1.0), Penalty(2.0, ("user",))]
     # Case does not make another user, and another address does not help.
     assert limits.locked("198.51.100.9", "ALICE@alpha.example", 2.0) == Lock("user", 62.0)
@@ -86,48 +101,94 @@ def test_failures_of_a_user_lock_it_until_lockout_after_the_last() -> None:
 def test_failures_from_an_address_lock_it_for_every_user() -> None:
     limits = throttle(per_user=100, per_ip=3, lockout=60)
     for number in range(3):
-        limits.failed("192.0.2.1", f"user{number}@alpha.example", float(number))
+        fail(limits, "192.0.2.1", f"user{number}@alpha.example", float(number))
     assert limits.locked("192.0.2.1", "anyone@alpha.example", 3.0) == Lock("ip", 62.0)
     assert limits.locked("192.0.2.2", "anyone@alpha.example", 3.0) is None
 
 
-def test_a_lock_is_announced_once() -> None:
+def test_a_lock_is_announced_once_by_the_failure_that_makes_it() -> None:
     limits = throttle(per_user=2, per_ip=2)
-    assert limits.failed("192.0.2.1", "alice", 0.0).locked == ()
-    assert limits.failed("192.0.2.1", "alice", 0.0).locked == ("ip", "user")
-    assert limits.failed("192.0.2.1", "alice", 0.0).locked == ()  # in flight while it locked
+    first, second = (begun(limits, "192.0.2.1", "alice", 0.0) for _ in range(2))
+    assert limits.failed(first, 0.0).locked == ()
+    assert limits.failed(second, 0.0).locked == ("ip", "user")
+    # No third attempt gets in flight to fail again past the limit.
+    assert limits.begin("192.0.2.1", "alice", 0.0) == Lock("ip", 300.0)
 
 
 def test_success_forgets_the_users_failures_not_the_addresses() -> None:
     limits = throttle(per_user=3, per_ip=5)
     for _ in range(2):
-        limits.failed("192.0.2.1", "alice", 0.0)
-    limits.succeeded("ALICE")
-    assert limits.failed("192.0.2.1", "alice", 0.0).delay == limits.delay(3)  # the address's count
-    limits.failed("192.0.2.1", "alice", 0.0)
+        fail(limits, "192.0.2.1", "alice", 0.0)
+    limits.succeeded(begun(limits, "192.0.2.1", "ALICE", 0.0))
+    assert fail(limits, "192.0.2.1", "alice", 0.0).delay == limits.delay(3)  # the address's count
+    fail(limits, "192.0.2.1", "alice", 0.0)
     assert limits.locked("192.0.2.1", "bob", 0.0) is None
-    limits.failed("192.0.2.1", "bob", 0.0)
+    fail(limits, "192.0.2.1", "bob", 0.0)
     assert limits.locked("192.0.2.1", "bob", 0.0) == Lock("ip", 300.0)
+
+
+def test_attempts_in_flight_count_towards_the_lock() -> None:
+    """Review Q1 #1: logins asked at once must see each other at the lock check, not only each
+    other's verdicts."""
+    limits = throttle(per_user=3, per_ip=5, lockout=60)
+    alices = [begun(limits, "192.0.2.1", "alice", 0.0) for _ in range(3)]
+    # Still in flight, no failure on record, and alice is locked (the address is not).
+    assert (limits.tracked("ip"), limits.tracked("user")) == (0, 0)
+    assert limits.begin("198.51.100.9", "ALICE", 0.0) == Lock("user", None)
+    others = [begun(limits, "192.0.2.1", f"user{number}", 0.0) for number in range(2)]
+    assert limits.begin("192.0.2.1", "bob", 0.0) == Lock("ip", None)
+    assert limits.locked("192.0.2.1", "bob", 0.0) == Lock("ip", None)
+    assert (limits.in_flight("ip"), limits.in_flight("user")) == (1, 3)
+    # The refused ones above counted nothing: three failures of alice make her lock, announced
+    # by the third; the address is at three of five failures, two still in flight.
+    penalties = [limits.failed(attempt, 1.0) for attempt in alices]
+    assert penalties == [Penalty(0.0), Penalty(1.0), Penalty(2.0, ("user",))]
+    assert limits.locked("198.51.100.9", "alice", 1.0) == Lock("user", 61.0)
+    assert limits.begin("192.0.2.1", "carol", 1.0) == Lock("ip", None)
+    for attempt in others:
+        limits.withdrawn(attempt)  # refused for another reason: no verdict on the password
+    assert limits.locked("192.0.2.1", "carol", 1.0) is None
+    assert (limits.in_flight("ip"), limits.in_flight("user")) == (0, 0)  # nothing left behind
+
+
+def test_a_rejected_attempt_is_counted_once_and_others_leave_nothing() -> None:
+    limits = throttle(per_user=2, per_ip=100)
+    # Rejected: the failure it was in flight is the failure on record, not one more.
+    assert limits.failed(begun(limits, "192.0.2.1", "alice", 0.0), 0.0) == Penalty(0.0)
+    assert limits.locked("192.0.2.1", "alice", 0.0) is None
+    assert fail(limits, "192.0.2.1", "alice", 0.0) == Penalty(limits.delay(2), ("user",))
+    # Withdrawn: as if never asked, and whatever lock it made up while in flight is lifted.
+    bob = begun(limits, "192.0.2.1", "bob", 0.0)
+    held = begun(limits, "192.0.2.1", "bob", 0.0)
+    assert limits.locked("192.0.2.1", "bob", 0.0) == Lock("user", None)
+    limits.withdrawn(held)
+    assert limits.locked("192.0.2.1", "bob", 0.0) is None
+    # Succeeded: dropped, and the user's failure (made meanwhile by another) is forgotten.
+    limits.failed(begun(limits, "192.0.2.1", "bob", 0.0), 0.0)
+    limits.succeeded(bob)
+    assert limits.tracked("user") == 1  # alice's lock alone
+    assert limits.failed(begun(limits, "192.0.2.1", "bob", 0.0), 0.0) == Penalty(limits.delay(4))
+    assert (limits.in_flight("ip"), limits.in_flight("user")) == (0, 0)
 
 
 def test_records_expire_in_order_of_their_last_failure() -> None:
     limits = throttle(lockout=10)
-    limits.failed("192.0.2.1", "alice", 0.0)
-    limits.failed("192.0.2.2", "bob", 5.0)
-    limits.failed("192.0.2.1", "alice", 6.0)  # alice is now the most recent
+    fail(limits, "192.0.2.1", "alice", 0.0)
+    fail(limits, "192.0.2.2", "bob", 5.0)
+    fail(limits, "192.0.2.1", "alice", 6.0)  # alice is now the most recent
     assert limits.locked("192.0.2.3", "carol", 15.5) is None
     assert (limits.tracked("ip"), limits.tracked("user")) == (1, 1)  # bob and 192.0.2.2 expired
-    assert limits.failed("192.0.2.1", "alice", 15.5).delay == limits.delay(3)
+    assert fail(limits, "192.0.2.1", "alice", 15.5).delay == limits.delay(3)
 
 
 def test_spraying_users_and_addresses_keeps_memory_bounded() -> None:
     limits = LoginThrottle(FailedLoginSettings(per_user=2, per_ip=10**6), max_addresses=4, max_users=4)
-    limits.failed("192.0.2.1", "victim", 0.0)
+    fail(limits, "192.0.2.1", "victim", 0.0)
     for number in range(1000):  # no time passes: nothing expires, only the cap holds
-        limits.failed(f"10.0.{number // 256}.{number % 256}", f"sprayed{number}", 0.0)
+        fail(limits, f"10.0.{number // 256}.{number % 256}", f"sprayed{number}", 0.0)
     assert (limits.tracked("ip"), limits.tracked("user")) == (4, 4)
-    assert limits.failed("192.0.2.1", "victim", 0.0).locked == ()  # its first failure was evicted
-    assert limits.failed("10.0.3.231", "sprayed999", 0.0).delay == limits.delay(2)  # recent ones kept
+    assert fail(limits, "192.0.2.1", "victim", 0.0).locked == ()  # its first failure was evicted
+    assert fail(limits, "10.0.3.231", "sprayed999", 0.0).delay == limits.delay(2)  # recent ones kept
     assert MAX_TRACKED_USERS >= 10_000
 
 
@@ -330,6 +391,154 @@ async def test_failures_from_one_address_lock_it_for_every_user(start_proxy: Pro
         assert (await attempt(proxy, "alice@alpha.example")).startswith(b"a1 NO [UNAVAILABLE]")
         assert backend.received == []
     assert proxy.metric("mailgress_proxy_refusals_total", reason="login_lockout_ip") == 1
+
+
+@dataclasses.dataclass
+class HeldBackend:
+    """An IMAP backend whose verdicts wait for ``release`` (bounded by WAIT), as Dovecot's
+    failure delay holds a refusal: logins stay in flight for as long as a test needs. The
+    guesser's own account, mallory, is refused at once for another reason (Dovecot's
+    ``NO [LIMIT]`` over mail_max_userip_connections)."""
+
+    # What the proxy sent, passwords included: never in a repr, so never in a failure's output.
+    received: list[bytes] = dataclasses.field(default_factory=list, repr=False)
+    release: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] held\r\n")
+        with contextlib.suppress(ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            # The proxy's LOGIN: the command line, then the user and the password as literals.
+            login = b"".join([await asyncio.wait_for(reader.readline(), WAIT) for _ in range(3)])
+            self.received.append(login)
+            tag = login.split(b" ", 1)[0]
+            if b"mallory" in login:
+                writer.write(tag + b" NO [LIMIT] Maximum number of connections from user+IP exceeded\r\n")
+            else:
+                await asyncio.wait_for(self.release.wait(), WAIT)
+                verdict = b" OK Logged in" if PASSWORD.encode() in login else b" NO [AUTHENTICATIONFAILED] No"
+                writer.write(tag + verdict + b"\r\n")
+            await writer.drain()
+        writer.close()
+
+    def guesses(self, user: str) -> int:
+        return sum(user.encode() in login for login in self.received)
+
+
+@contextlib.asynccontextmanager
+async def held_backend() -> AsyncIterator[HeldBackend]:
+    backend = HeldBackend()
+    server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
+    backend.port = server.sockets[0].getsockname()[1]
+    try:
+        yield backend
+    finally:
+        backend.release.set()  # no handler waits out its bound after the test
+        server.close()
+
+
+CONCURRENT_GUESSES = 20
+
+
+@pytest.mark.parametrize(
+    ("user", "reach", "scope"),
+    [("alice@alpha.example", 3, "user"), ("user{number}@alpha.example", 5, "ip")],
+    ids=["one user", "many users"],
+)
+async def test_logins_in_flight_count_towards_the_lock(
+    start_proxy: ProxyFactory, user: str, reach: int, scope: str
+) -> None:
+    """Review Q1 #1: the failure was counted when its verdict came back, so logins asked at once
+    all passed the lock check: 20 connections from one address, one wrong login each, all
+    reached the backend with perUser=3 and perIp=5."""
+    async with held_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        clock = install(proxy, per_user=3, per_ip=5, lockout=60)
+        clients = [await imap_client(proxy.port) for _ in range(CONCURRENT_GUESSES)]
+        for number, (_, writer) in enumerate(clients):
+            name = user.format(number=number)
+            writer.write(f'a1 LOGIN {name} "guess{number}"\r\n'.encode())
+        replies = [asyncio.ensure_future(reader.readline()) for reader, _ in clients]
+        # Each login has reached the backend, its verdict held, or has been answered.
+        async with asyncio.timeout(WAIT):
+            while len(backend.received) + sum(reply.done() for reply in replies) < CONCURRENT_GUESSES:
+                await asyncio.sleep(STEP)
+        assert len(backend.received) == reach
+        backend.release.set()
+        answers = await asyncio.wait_for(asyncio.gather(*replies), WAIT)
+        for _, writer in clients:
+            writer.close()
+        await sessions_settle(proxy)
+    refused = [answer for answer in answers if answer.startswith(b"a1 NO [AUTHENTICATIONFAILED]")]
+    locked = [answer for answer in answers if answer.startswith(b"a1 NO [UNAVAILABLE]")]
+    assert (len(refused), len(locked)) == (reach, CONCURRENT_GUESSES - reach), answers
+    assert proxy.metric("mailgress_proxy_refusals_total", reason=f"login_lockout_{scope}") == len(locked)
+    assert proxy.metric("mailgress_proxy_logins_total", protocol="imap", outcome="throttled") == len(locked)
+    # Their verdicts made the lock they had been counted towards, for lockout from then on.
+    assert proxy.context.limits.logins.locked("127.0.0.1", "alice@alpha.example", clock.now) == (
+        Lock(scope, clock.now + 60)  # type: ignore[arg-type]
+    )
+    assert proxy.context.limits.logins.in_flight("ip") == 0
+
+
+VICTIM = "alice@alpha.example"
+# Scaled down from the defaults (preLogin 60, backendLogin 30, refusalTime 2). PADDING logins,
+# each refused and held REFUSAL_TIME (backend time, which moves the deadline on), use up the
+# session's BACKEND_LOGIN allowance; the guess then starts later than PRE_LOGIN after the session,
+# so the pre-login deadline, not the backend login's own budget, cuts it.
+PRE_LOGIN, BACKEND_LOGIN, REFUSAL_TIME, PADDING = 1.0, 1.0, 0.25, 5
+
+
+@pytest.mark.parametrize(
+    ("padding", "per_ip"),
+    [("nobody{number}@unrouted.example", 100), ("mallory@alpha.example", 1)],
+    ids=["logins no route owns", "the guessers own account"],
+)
+async def test_a_guess_cut_by_the_pre_login_deadline_stays_counted(
+    start_proxy: ProxyFactory, padding: str, per_ip: int
+) -> None:
+    """Review Q1 #2: a guess the pre-login deadline cut while the backend was answering was never
+    counted, although the backend checked the password and a fast OK or a slow refusal (the
+    timeout reply) told the client the verdict. Padded with logins no route owns (each counted
+    for the address only) or with the guesser's own account refused for another reason
+    (counted nowhere), perUser=1 never locked the victim."""
+    async with held_backend() as backend:
+        proxy = await start_proxy(
+            {}, [Endpoint("127.0.0.1", backend.port)], pre_login=PRE_LOGIN, backend_login=BACKEND_LOGIN
+        )
+        clock = install(
+            proxy, per_user=1, per_ip=per_ip, lockout=60, first_delay=0, refusal_time=REFUSAL_TIME
+        )
+        reader, writer = await imap_client(proxy.port)
+        for number in range(PADDING):
+            writer.write(f'p{number} LOGIN {padding.format(number=number)} "x"\r\n'.encode())
+            assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(f"p{number} NO ".encode())
+        writer.write(f'g LOGIN {VICTIM} "guess"\r\n'.encode())
+        # The backend has the guess and holds its verdict; the deadline ends the session first.
+        assert await asyncio.wait_for(reader.readline(), WAIT) == b"* BYE Autologout; idle for too long\r\n"
+        writer.close()
+        await sessions_settle(proxy)
+        assert backend.guesses(VICTIM) == 1
+    throttle = proxy.context.limits.logins
+    assert throttle.locked("192.0.2.99", VICTIM, clock.now) == Lock("user", clock.now + 60)
+    assert throttle.in_flight("ip") == 0
+
+
+async def test_a_guess_cut_by_the_proxy_stopping_stays_counted(start_proxy: ProxyFactory) -> None:
+    async with held_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        clock = install(proxy, per_user=1, per_ip=100, lockout=60)
+        _, writer = await imap_client(proxy.port)
+        writer.write(f'a1 LOGIN {VICTIM} "guess"\r\n'.encode())
+        async with asyncio.timeout(WAIT):
+            while not backend.received:
+                await asyncio.sleep(STEP)
+        proxy.listeners.close()
+        await proxy.listeners.stop_sessions()
+        writer.close()
+    throttle = proxy.context.limits.logins
+    assert throttle.locked("127.0.0.1", VICTIM, clock.now) == Lock("user", clock.now + 60)
+    assert throttle.in_flight("user") == 0
 
 
 async def test_a_successful_login_resets_the_users_count(start_proxy: ProxyFactory) -> None:
