@@ -43,14 +43,14 @@ being buffered; it counts towards ``max_errors`` and the session goes on. The se
 in routing and MAIL reaches the backend verbatim, so it is only checked for the ``<...>`` form
 (printable ASCII, hence no CR, LF or NUL): SRS and VERP senders, dots anywhere, a local part of
 any length are the backend's to judge. A recipient needs only what the relay checks below need;
-its local part is bounded by the line alone (RFC 5321's 64 octets is a minimum to accept,
-section 4.5.3.1.1), its domain by the 255 octets of a DNS name. MAIL and RCPT take only the
-parameters of extensions the proxy advertises: ``BODY=7BIT`` or ``BODY=8BITMIME`` (RFC 6152) at
-MAIL, none at RCPT; any other is refused ``555 5.5.4`` (RFC 5321 section 4.1.1.11), as Postfix
-does. No DSN (RFC 3461) either: a server that lists DSN must honour NOTIFY, ORCPT, RET and ENVID,
-and the proxy cannot promise that for a backend it has not asked yet (Postfix with
-``smtpd_discard_ehlo_keywords = dsn`` refuses them); unadvertised, clients leave them out and
-mail flows with the backend's default notices instead of failing at RCPT.
+its local part is bounded by the line alone (RFC 5321's 64 octets is a minimum to accept, section
+4.5.3.1.1), its domain by the 255 octets of a DNS name. MAIL and RCPT take only the parameters of
+extensions the proxy advertises: ``BODY=7BIT`` or ``BODY=8BITMIME`` (RFC 6152) at MAIL (and after
+a submission's AUTH, RFC 4954's ``AUTH=``), none at RCPT; any other is refused ``555 5.5.4`` (RFC
+5321 section 4.1.1.11), as Postfix does. No DSN (RFC 3461) either: a server that lists DSN must
+honour NOTIFY, ORCPT, RET and ENVID, and the proxy cannot promise that for a backend it has not
+asked yet (Postfix with ``smtpd_discard_ehlo_keywords = dsn`` refuses them); unadvertised, clients
+leave them out and mail flows with the backend's default notices instead of failing at RCPT.
 
 Never an open relay: a recipient is routed only if it is a plain ``local@domain`` (no source
 route, percent hack, bang path, quoted local part hiding one of those, or address literal) and
@@ -80,14 +80,15 @@ a trusting backend must not hear from a client (XCLIENT above all) is answered b
 backend's ``421`` is passed on and ends the session (RFC 5321 section 3.8: it closes).
 
 Submission is mediated too, with the recipients left to the backend (``Mediator`` without
-``InboundRouting``): the backend trusts the proxy's address, and a byte relay would hand that
-trust to the client. Behind a relayed login a client could send its own ``XCLIENT ADDR=...
-LOGIN=...``, which Postfix obeys from a host in ``smtpd_authorized_xclient_hosts`` at any time
-outside a transaction (its XCLIENT_README), so an authenticated user could take another user's
-login name or an address in ``mynetworks``; nginx's mail proxy relays such a command. The same
-follow-up makes the drain wait for a submission transaction to complete (RFC 5321 section 3.3)
-and keeps a body's end where the proxy sees it. It costs the zero-copy relay for submission
-(the body passes through ``BodyStream``); docs/benchmarks.md gives the price.
+``InboundRouting``; MAIL and RCPT paths in the forms Postfix takes by default, brackets or not):
+the backend trusts the proxy's address, and a byte relay would hand that trust to the client.
+Behind a relayed login a client could send its own ``XCLIENT ADDR=... LOGIN=...``, which Postfix
+obeys from a host in ``smtpd_authorized_xclient_hosts`` at any time outside a transaction (its
+XCLIENT_README), so an authenticated user could take another user's login name or an address in
+``mynetworks``; nginx's mail proxy relays such a command. The same follow-up makes the drain wait
+for a submission transaction to complete (RFC 5321 section 3.3) and keeps a body's end where the
+proxy sees it. It costs the zero-copy relay for submission (the body passes through
+``BodyStream``); docs/benchmarks.md gives the price.
 
 The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <server_name>``; with
 client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
@@ -285,17 +286,33 @@ _PARAMETER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3c\x3e-\x7e]+)?")
 # (8BITMIME); none at RCPT, as no DSN is advertised.
 MAIL_PARAMETERS = frozenset({"BODY=7BIT", "BODY=8BITMIME"})
 RCPT_PARAMETERS: frozenset[str] = frozenset()
+# After a submission's AUTH, MAIL also takes RFC 4954 section 5's AUTH=<mailbox in xtext> or
+# AUTH=<>: a server that lists AUTH (the proxy's EHLO does, before the login) MUST take it, and
+# relaying clients (Postfix's smtp_send_dummy_mail_auth, curl --mail-auth) send it with every
+# message. It reaches the backend as sent, which decides how far it trusts it.
+SUBMISSION_MAIL_KEYWORDS = frozenset({"AUTH"})
+# A submission's MAIL and RCPT paths, as Postfix takes them by default (strict_rfc821_envelopes =
+# no): the loose bracketed form above, or an address without its brackets, as scanners and
+# scripts send it; the authenticated user's mail is the submission server's to judge.
+_SUBMISSION_PATH = re.compile(rf"{_REVERSE_PATH.pattern}|[^ <>\"]+")
 # In a recipient's local part these make a backend forward elsewhere: the percent hack
 # (user%other@here), bang paths (other!user@here), and inside quotes an "@" or escapes.
 _RELAY_MARKERS = frozenset("@%!\\")
 
 
-def _path(text: str, path: re.Pattern[str], bad: bytes, parameters: frozenset[str]) -> re.Match[str]:
+def _path(
+    text: str,
+    path: re.Pattern[str],
+    bad: bytes,
+    parameters: frozenset[str],
+    keywords: frozenset[str] = frozenset(),
+) -> re.Match[str]:
     """Match ``Path [SP Mail-parameters]`` (RFC 5321 section 4.1.2).
 
     Raises:
         AddressError: with ``bad`` for a malformed path, 501 for a malformed parameter, 555 for
-            one that is not in ``parameters`` (RFC 5321 section 4.1.1.11).
+            one that is neither in ``parameters`` nor has its keyword in ``keywords`` (any
+            value; RFC 5321 section 4.1.1.11).
     """
     match = path.match(text)
     rest = "" if match is None else text[match.end() :]
@@ -304,8 +321,9 @@ def _path(text: str, path: re.Pattern[str], bad: bytes, parameters: frozenset[st
     words = rest.split()
     if not all(_PARAMETER.fullmatch(word) for word in words):
         raise AddressError(REPLY_BAD_PARAMETERS)
-    if not parameters.issuperset(word.upper() for word in words):
-        raise AddressError(REPLY_UNSUPPORTED_PARAMETER)
+    for word in (word.upper() for word in words):
+        if word not in parameters and word.partition("=")[0] not in keywords:
+            raise AddressError(REPLY_UNSUPPORTED_PARAMETER)
     return match
 
 
@@ -350,9 +368,10 @@ def parse_forward_path(text: str) -> str:
     return f"{match['local']}@{match['domain']}"
 
 
-def check_sender(argument: str) -> None:
+def check_sender(argument: str, *, submission: bool = False) -> None:
     """Check the argument of ``MAIL`` (``FROM:<path>``, RFC 5321 section 4.1.1.2; clients often
-    write ``FROM: <path>``).
+    write ``FROM: <path>``); after a submission's AUTH, ``_SUBMISSION_PATH`` and
+    ``SUBMISSION_MAIL_KEYWORDS`` too.
 
     Raises:
         AddressError: as ``check_reverse_path``, or 501 for a missing ``FROM:``.
@@ -360,7 +379,10 @@ def check_sender(argument: str) -> None:
     prefix, path = argument[:5], argument[5:].lstrip(" ")
     if prefix.upper() != "FROM:":
         raise AddressError(_syntax("MAIL FROM:<address>"))
-    check_reverse_path(path)
+    if submission:
+        _path(path, _SUBMISSION_PATH, REPLY_BAD_SENDER, MAIL_PARAMETERS, SUBMISSION_MAIL_KEYWORDS)
+    else:
+        check_reverse_path(path)
 
 
 def recipient_of(argument: str) -> str:
@@ -374,15 +396,16 @@ def recipient_of(argument: str) -> str:
 
 
 def check_recipient(argument: str) -> None:
-    """Check the argument of a submission's ``RCPT`` for its form and parameters only: where an
-    authenticated user's mail may go (source routes, address literals, other domains) is the
-    submission server's to judge, as it is where the recipients' domains are its own.
+    """Check the argument of a submission's ``RCPT`` for its form (``_SUBMISSION_PATH``) and
+    parameters only: where an authenticated user's mail may go (source routes, address literals,
+    other domains) is the submission server's to judge, as it is where the recipients' domains
+    are its own.
 
     Raises:
         AddressError: 501 for bad syntax or a missing ``TO:``, 555 for a parameter the proxy did
             not advertise.
     """
-    _path(_forward_path_of(argument), _FORWARD_PATH, REPLY_BAD_RECIPIENT, RCPT_PARAMETERS)
+    _path(_forward_path_of(argument), _SUBMISSION_PATH, REPLY_BAD_RECIPIENT, RCPT_PARAMETERS)
 
 
 def _forward_path_of(argument: str) -> str:
@@ -1653,7 +1676,7 @@ class Mediator:
     def _mail_from(self, line: bytes, argument: str) -> list[MediationCommand]:
         # The same checks as the first MAIL: only the parameters the proxy advertised pass.
         try:
-            check_sender(argument)
+            check_sender(argument, submission=self._routing is None)
         except AddressError as error:
             return self._refuse(error.reply)
         self._pending = line  # the sender, once the backend accepts it

@@ -69,6 +69,25 @@ def submit(port: int, user: User, mechanism: str, recipient: str, message: bytes
         smtp.sendmail(user.address, [recipient], message)
 
 
+def test_submission_takes_the_auth_parameter_and_envelopes_without_brackets(
+    proxy: ProxyProcess, backends: Backends, new_user: NewUser
+) -> None:
+    """Review R1: after AUTH, MAIL's AUTH= (RFC 4954 section 5; curl --mail-auth, relaying
+    clients) and addresses without their brackets (Postfix's strict_rfc821_envelopes = no) reached
+    Postfix through the byte relay; the mediation must take them as Postfix does."""
+    sender, first, second = new_user(BETA), new_user(ALPHA), new_user(ALPHA)
+    message = messages.compose(sender.address, first.address, "auth parameter", "x\n")
+    with clients.smtp(proxy.settings.ports.submission) as smtp:
+        smtp.login(sender.address, sender.password)
+        smtp.sendmail(sender.address, [first.address], message, mail_options=[f"AUTH={sender.address}"])
+        assert smtp.docmd(f"MAIL FROM: {sender.address}")[0] == 250
+        assert smtp.docmd(f"RCPT TO:{second.address}")[0] == 250
+        assert smtp.data(message)[0] == 250
+    for recipient in (first, second):
+        (delivered,) = backends.wait_delivered(recipient.address, 1)
+        assert mailservers.strip_delivery_headers(delivered) == mailservers.as_stored(message)
+
+
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_submission_with_auth_delivers_byte_identical(
     proxy: ProxyProcess, backends: Backends, new_user: NewUser, mechanism: str

@@ -1808,7 +1808,8 @@ def test_a_submission_is_mediated_between_transactions_from_the_start_and_every_
         (b"ETRN alpha.example", smtp.REPLY_UNKNOWN),
         (b"STARTTLS", smtp.REPLY_TLS_UNAVAILABLE),
         (b"RCPT TO:<a@alpha.example> NOTIFY=NEVER", smtp.REPLY_UNSUPPORTED_PARAMETER),
-        (b"RCPT TO:a@alpha.example", smtp.REPLY_BAD_RECIPIENT),
+        (b"RCPT TO:<a b@alpha.example>", smtp.REPLY_BAD_RECIPIENT),
+        (b"RCPT TO:a@alpha.example>", smtp.REPLY_BAD_RECIPIENT),
         (b"RCPT FROM:<a@alpha.example>", b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"),
         (b"MAIL FROM:<a@alpha.example> SIZE=10", smtp.REPLY_UNSUPPORTED_PARAMETER),
     ],
@@ -1818,6 +1819,39 @@ def test_a_submission_client_gets_the_proxys_answer_to_what_must_never_reach_the
 ) -> None:
     machine = submission_mediator()
     assert client_says(machine, command + b"\r\n") == [Send(reply)]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        # RFC 4954 section 5: the proxy's EHLO listed AUTH, so MAIL takes its AUTH parameter
+        # (review R1: curl --mail-auth and relaying clients send it with every message).
+        b"MAIL FROM:<u@alpha.example> AUTH=<>",
+        b"MAIL FROM:<u@alpha.example> BODY=8BITMIME AUTH=u+2Bx@alpha.example",
+        # As Postfix takes them (strict_rfc821_envelopes = no): no brackets, no domain, a space.
+        b"MAIL FROM:u@alpha.example",
+        b"MAIL FROM: u@alpha.example AUTH=<>",
+        b"RCPT TO:b@beta.example",
+        b"RCPT TO: <alice>",
+        b"RCPT TO:<user@under_score.example>",
+    ],
+)
+def test_a_submission_envelope_in_a_form_postfix_takes_goes_to_the_backend_as_sent(command: bytes) -> None:
+    machine = submission_mediator()
+    assert client_says(machine, command + b"\r\n") == [smtp.SendToBackend(command + b"\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        (b"MAIL FROM:<s@example.net> AUTH=<>", smtp.REPLY_UNSUPPORTED_PARAMETER),
+        (b"MAIL FROM:s@example.net", smtp.REPLY_BAD_SENDER),
+        (b"RCPT TO:b@alpha.example", smtp.REPLY_BAD_RECIPIENT),
+    ],
+)
+def test_the_mx_keeps_its_stricter_envelope(command: bytes, reply: bytes) -> None:
+    """Inbound, the proxy lists no AUTH, and a recipient's form decides its route."""
+    assert client_says(mediator(), command + b"\r\n") == [Send(reply)]
 
 
 def test_a_submission_clients_ehlo_resets_the_backend_and_offers_no_auth_again() -> None:
