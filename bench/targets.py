@@ -39,8 +39,16 @@ service pop3 {
 """
 # mailgress settings that differ from its defaults. Every benchmark client comes from 127.0.0.1,
 # which the per-address connection cap (100 by default) would refuse after the hundredth idle
-# connection; nginx has no such cap, so it is lifted here.
-MAILGRESS_BENCH_SETTINGS = {"limits": {"connectionsPerIp": 1_000_000}}
+# connection, and whose logins in flight at once count towards the failed-login limits (30 per
+# address, 10 per user by default: the 31st waits for a verdict); nginx has neither, so both are
+# lifted here.
+BENCH_LIMIT = 1_000_000
+MAILGRESS_BENCH_SETTINGS = {
+    "limits": {
+        "connectionsPerIp": BENCH_LIMIT,
+        "failedLogins": {"perIp": BENCH_LIMIT, "perUser": BENCH_LIMIT},
+    }
+}
 # nginx configured as mailgress behaves with the testbed's routes: no client address forwarded
 # (the routes set no clientInfo, so mailgress sends no XCLIENT), and the submission login replayed
 # to Postfix with AUTH PLAIN, as mailgress replays it. Only the listeners the workloads use.

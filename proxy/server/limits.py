@@ -1,21 +1,24 @@
 """Abuse limits at the edge: failed logins per client address and per user, connections per address.
 
 One ``Limits`` lives in the ``ProxyContext``, so every listener of a proxy shares it. The session
-driver takes a connection slot per client once it knows the client's real address (after a
-trusted PROXY header) and gives it back when the session ends. A login starts as
-``LoginThrottle.begin``: a locked address or user gets the protocol's temporary failure and no
-backend is asked; else the attempt counts from then on, so logins in flight at once see each
-other. Its verdict settles it: ``failed`` (a refused credential, a login no route owns, or no
-verdict at all) keeps it as a failure and answers how long to hold the refusal back,
-``succeeded`` drops it and forgets the user's failures (never the address's: one valid account
-must not wash away an address's guessing), ``withdrawn`` drops it (no verdict on the password).
+driver takes a connection slot per client once it knows the client's real address (after a trusted
+PROXY header) and gives it back when the session ends. A login starts as ``LoginThrottle.begin``:
+a locked address or user gets the protocol's temporary failure and no backend is asked; else the
+attempt counts from then on, so logins in flight at once see each other. A login that finds the
+limit made up by attempts still in flight (a lock with no end yet) is not refused: the driver asks
+``wait_for_room`` to be called back when one of them settles, and begins again; one waiter per
+settled attempt is woken, in the order they came. An attempt's verdict settles it: ``failed`` (a
+refused credential, a login no route owns, or no verdict at all) keeps it as a failure and answers
+how long to hold the refusal back, ``succeeded`` drops it and forgets the user's failures (never
+the address's: one valid account must not wash away an address's guessing), ``withdrawn`` drops it
+(no verdict on the password).
 
 The bookkeeping takes ``now`` as an argument (the driver reads ``Limits.clock``), so tests step
 time by hand. Memory is bounded: failure records expire ``lockout`` seconds after their last
 failure and each map keeps at most MAX_TRACKED_ADDRESSES / MAX_TRACKED_USERS entries (the least
 recently failed is dropped first), so spraying addresses or user names cannot grow it; attempts
-in flight and connection slots exist only while their sessions are open. Never sees a password,
-never logs, never sleeps.
+in flight, waiters and connection slots exist only while their sessions are open. Never sees a
+password, never logs, never sleeps.
 """
 
 import collections
@@ -143,6 +146,11 @@ class _FailureCounts:
         self._entries.pop(key, None)
 
 
+# A waiter's callback: True if it took the wake-up (its login looks again), False if its session
+# has gone meanwhile (the next waiter is woken instead).
+Wake = Callable[[], bool]
+
+
 def _release(counter: collections.Counter[str], key: str) -> None:
     """One fewer for ``key``, which leaves the counter at none: only live entries take memory."""
     counter[key] -= 1
@@ -178,6 +186,8 @@ class LoginThrottle:
             "ip": collections.Counter(),
             "user": collections.Counter(),
         }
+        # Logins waiting for an attempt in flight under their key to settle, oldest first.
+        self._waiting: dict[Scope, dict[str, collections.deque[Wake]]] = {"ip": {}, "user": {}}
 
     def tracked(self, scope: Scope) -> int:
         """How many addresses or users have failures on record."""
@@ -225,9 +235,44 @@ class LoginThrottle:
             self._in_flight[scope][attempt.key(scope)] += 1
         return attempt
 
+    def wait_for_room(self, lock: Lock, address: str, user: str, wake: Wake, *, again: bool = False) -> None:
+        """Call ``wake`` when an attempt in flight under the key ``lock`` (one with no end: made
+        up by attempts in flight, ``begin``) holds for this login settles; ``again``: a login
+        that was woken and found no room after all waits first in line, not last.
+
+        Raises:
+            ValueError: ``lock`` has an end (only time lifts it).
+        """
+        if lock.until is not None:
+            raise ValueError("a lock with an end is lifted by time, not by a settled attempt")
+        key = Attempt(client_key(address), user_key(user)).key(lock.scope)
+        queue = self._waiting[lock.scope].setdefault(key, collections.deque())
+        if again:
+            queue.appendleft(wake)
+        else:
+            queue.append(wake)
+
+    def waiting(self, scope: Scope) -> int:
+        """How many logins wait for room under an address or a user (a session gone meanwhile
+        counts until its turn to be woken comes)."""
+        return sum(len(queue) for queue in self._waiting[scope].values())
+
     def _settle(self, attempt: Attempt) -> None:
         for scope in SCOPES:
-            _release(self._in_flight[scope], attempt.key(scope))
+            key = attempt.key(scope)
+            _release(self._in_flight[scope], key)
+            self._wake(scope, key, everyone=False)
+
+    def _wake(self, scope: Scope, key: str, *, everyone: bool) -> None:
+        """Wake the first waiter under ``key`` whose session is still there (room for one more),
+        or ``everyone`` (a lock with an end: each of them is refused at once)."""
+        queue = self._waiting[scope].get(key)
+        if queue is None:
+            return
+        while queue and (not queue.popleft()() or everyone):
+            pass
+        if not queue:
+            del self._waiting[scope][key]
 
     def failed(self, attempt: Attempt, now: float) -> Penalty:
         """The attempt is a failure (a refused credential, a login no route owns, a login cut off
@@ -235,8 +280,10 @@ class LoginThrottle:
         self._settle(attempt)
         counts = {scope: self._counts[scope].add(attempt.key(scope), now) for scope in SCOPES}
         # Attempts in flight keep a count from passing the limit, so it reaches it exactly once
-        # per lock: the lock is announced once.
+        # per lock: the lock is announced once, and whoever waited for room under it hears now.
         locked = tuple(scope for scope, count in counts.items() if count == self._limits[scope])
+        for scope in locked:
+            self._wake(scope, attempt.key(scope), everyone=True)
         return Penalty(self.delay(max(counts.values())), locked)
 
     def succeeded(self, attempt: Attempt) -> None:

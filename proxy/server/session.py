@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
@@ -539,12 +540,24 @@ async def _authenticate(
     # connections) must see each other at the lock check, not only each other's verdicts (review
     # Q1). Nothing is awaited between the check and the count.
     counted = throttle.begin(peer.host, request.routing_key, clock()) if guarded else None
+    loop = asyncio.get_running_loop()
+    waited = False
+    while isinstance(counted, limits.Lock) and counted.until is None:
+        # The limit is made up by logins still in flight (an office behind one address, a mail
+        # client's parallel connections): wait for one of their verdicts and look again, within
+        # the pre-login deadline. Refusing now would refuse right passwords nobody has failed
+        # (review Q2), and waiting lets no more guesses reach a backend than the limit.
+        room: asyncio.Future[None] = loop.create_future()
+        wake = functools.partial(_wake, room)
+        throttle.wait_for_room(counted, peer.host, request.routing_key, wake, again=waited)
+        await room
+        waited = True
+        counted = throttle.begin(peer.host, request.routing_key, clock())
     if isinstance(counted, limits.Lock):
         context.labelled(metrics.logins, request.protocol, "throttled").inc()
         context.labelled(metrics.refusals, f"login_lockout_{counted.scope}").inc()
         record.login = "throttled"
         return events.LoginUnavailable(), None
-    loop = asyncio.get_running_loop()
     asked = loop.time()
     try:
         login = await backends.login(context, request, peer, local, attempt=attempt, client_tls=client_tls)
@@ -594,6 +607,14 @@ async def _authenticate(
         # Never past the pre-login deadline, which then ends the session as usual.
         await _hold(min(penalty.delay, deadline - loop.time()), record)
     return login.event, login
+
+
+def _wake(room: asyncio.Future[None]) -> bool:
+    """``LoginThrottle.wait_for_room``'s call-back: False once the waiting session has gone."""
+    if room.done():
+        return False
+    room.set_result(None)
+    return True
 
 
 def _failed(throttle: limits.LoginThrottle, attempt: limits.Attempt, now: float) -> limits.Penalty:

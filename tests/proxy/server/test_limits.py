@@ -12,7 +12,7 @@ import dataclasses
 import ipaddress
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,54 @@ def test_a_rejected_attempt_is_counted_once_and_others_leave_nothing() -> None:
     assert limits.tracked("user") == 1  # alice's lock alone
     assert limits.failed(begun(limits, "192.0.2.1", "bob", 0.0), 0.0) == Penalty(limits.delay(4))
     assert (limits.in_flight("ip"), limits.in_flight("user")) == (0, 0)
+
+
+def waiter(woken: list[object], name: object, *, gone: bool = False) -> Callable[[], bool]:
+    """A login waiting for room that notes ``name`` in ``woken`` when woken; ``gone``: its
+    session ended while it waited (it declines, and the next one is woken)."""
+
+    def wake() -> bool:
+        if not gone:
+            woken.append(name)
+        return not gone
+
+    return wake
+
+
+def test_a_login_waiting_for_room_is_woken_once_per_settled_attempt_in_order() -> None:
+    """Review Q2 #1: a limit made up by attempts in flight waits for their verdicts, not refuses."""
+    limits = throttle(per_user=2, per_ip=100, lockout=60)
+    first, second = (begun(limits, "192.0.2.1", "alice", 0.0) for _ in range(2))
+    lock = limits.begin("192.0.2.1", "alice", 0.0)
+    assert lock == Lock("user", None)
+    woken: list[object] = []
+    for name, gone in (("gone", True), ("a", False), ("b", False)):
+        limits.wait_for_room(lock, "198.51.100.9", "ALICE", waiter(woken, name, gone=gone))
+    limits.wait_for_room(lock, "192.0.2.1", "alice", waiter(woken, "retry"), again=True)  # first in line
+    assert limits.waiting("user") == 4
+    limits.succeeded(first)
+    assert woken == ["retry"]
+    limits.withdrawn(second)
+    assert woken == ["retry", "a"]  # the one whose session had gone was passed over
+    assert limits.waiting("user") == 1
+    with pytest.raises(ValueError, match="lifted by time"):
+        limits.wait_for_room(Lock("user", 60.0), "192.0.2.1", "alice", waiter(woken, "never"))
+
+
+def test_the_failure_that_makes_a_lock_wakes_every_login_waiting_under_it() -> None:
+    """Each of them is refused at once then, not left waiting for settlements that never come."""
+    limits = throttle(per_user=2, per_ip=100, lockout=60)
+    attempts = [begun(limits, "192.0.2.1", "alice", 0.0) for _ in range(2)]
+    lock = limits.begin("192.0.2.1", "alice", 0.0)
+    assert isinstance(lock, Lock)
+    woken: list[object] = []
+    for number in range(5):
+        limits.wait_for_room(lock, "192.0.2.1", "alice", waiter(woken, number))
+    limits.failed(attempts[0], 1.0)
+    assert woken == [0]
+    limits.failed(attempts[1], 1.0)  # the lock: everyone hears
+    assert woken == [0, 1, 2, 3, 4] and limits.waiting("user") == 0
+    assert limits.begin("192.0.2.1", "alice", 1.0) == Lock("user", 61.0)
 
 
 def test_records_expire_in_order_of_their_last_failure() -> None:
@@ -459,11 +507,13 @@ async def test_logins_in_flight_count_towards_the_lock(
             name = user.format(number=number)
             writer.write(f'a1 LOGIN {name} "guess{number}"\r\n'.encode())
         replies = [asyncio.ensure_future(reader.readline()) for reader, _ in clients]
-        # Each login has reached the backend, its verdict held, or has been answered.
+        # Each login has reached the backend, its verdict held, or waits for room (review Q2: not
+        # refused while the limit is only made up by logins in flight).
+        throttle = proxy.context.limits.logins
         async with asyncio.timeout(WAIT):
-            while len(backend.received) + sum(reply.done() for reply in replies) < CONCURRENT_GUESSES:
+            while len(backend.received) + throttle.waiting(scope) < CONCURRENT_GUESSES:  # type: ignore[arg-type]
                 await asyncio.sleep(STEP)
-        assert len(backend.received) == reach
+        assert len(backend.received) == reach and not any(reply.done() for reply in replies)
         backend.release.set()
         answers = await asyncio.wait_for(asyncio.gather(*replies), WAIT)
         for _, writer in clients:
@@ -479,6 +529,41 @@ async def test_logins_in_flight_count_towards_the_lock(
         Lock(scope, clock.now + 60)  # type: ignore[arg-type]
     )
     assert proxy.context.limits.logins.in_flight("ip") == 0
+    assert throttle.waiting("ip") == throttle.waiting("user") == 0
+
+
+@pytest.mark.parametrize(
+    ("users", "logins"),
+    [(["alice@alpha.example"], 12), ([f"user{number}@alpha.example" for number in range(40)], 40)],
+    ids=["one user, 12 connections", "40 users behind one address"],
+)
+async def test_a_burst_of_right_passwords_is_never_refused(
+    start_proxy: ProxyFactory, users: list[str], logins: int
+) -> None:
+    """Review Q2 #1: logins in flight counted towards the lock as failures, so a burst of right
+    passwords above perUser or perIp (a mail client's connections, an office behind NAT, every
+    client reconnecting after a pod went) got NO [UNAVAILABLE] without anyone having failed.
+    They now wait for room; the backend never has more than the limit of them at once."""
+    async with held_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        install(proxy, per_user=10, per_ip=30, lockout=60)
+        clients = [await imap_client(proxy.port) for _ in range(logins)]
+        for number, (_, writer) in enumerate(clients):
+            writer.write(f'a1 LOGIN {users[number % len(users)]} "{PASSWORD}"\r\n'.encode())
+        replies = [asyncio.ensure_future(reader.readline()) for reader, _ in clients]
+        throttle = proxy.context.limits.logins
+        async with asyncio.timeout(WAIT):
+            while len(backend.received) + throttle.waiting("ip") + throttle.waiting("user") < logins:
+                await asyncio.sleep(STEP)
+        assert len(backend.received) == min(logins, 10 if len(users) == 1 else 30)
+        backend.release.set()
+        answers = await asyncio.wait_for(asyncio.gather(*replies), WAIT)
+        for _, writer in clients:
+            writer.close()
+        await sessions_settle(proxy)
+    assert all(answer.startswith(b"a1 OK") for answer in answers), answers
+    assert len(backend.received) == logins
+    assert throttle.in_flight("ip") == throttle.waiting("ip") == throttle.waiting("user") == 0
 
 
 VICTIM = "alice@alpha.example"
