@@ -7,11 +7,12 @@ a locked address or user gets the protocol's temporary failure and no backend is
 attempt counts from then on, so logins in flight at once see each other. A login that finds the
 limit made up by attempts still in flight (a lock with no end yet) is not refused: the driver asks
 ``wait_for_room`` to be called back when one of them settles, and begins again; one waiter per
-settled attempt is woken, in the order they came. An attempt's verdict settles it: ``failed`` (a
-refused credential, a login no route owns, or no verdict at all) keeps it as a failure and answers
-how long to hold the refusal back, ``succeeded`` drops it and forgets the user's failures (never
-the address's: one valid account must not wash away an address's guessing), ``withdrawn`` drops it
-(no verdict on the password).
+settled attempt is woken, in the order they came, and each woken login says when it is done with
+its wake-up (``after_wait``), which passes it on while there is room. An attempt's verdict settles
+it: ``failed`` (a refused credential, a login no route owns, or no verdict at all) keeps it as a
+failure and answers how long to hold the refusal back, ``succeeded`` drops it and forgets the
+user's failures (never the address's: one valid account must not wash away an address's guessing),
+``withdrawn`` drops it (no verdict on the password).
 
 The bookkeeping takes ``now`` as an argument (the driver reads ``Limits.clock``), so tests step
 time by hand. Memory is bounded: failure records expire ``lockout`` seconds after their last
@@ -251,6 +252,18 @@ class LoginThrottle:
             queue.appendleft(wake)
         else:
             queue.append(wake)
+
+    def after_wait(self, lock: Lock, address: str, user: str, now: float) -> None:
+        """A login woken from ``wait_for_room`` under ``lock``'s key is done with its wake-up: it
+        began, was refused by a lock with an end, waits again (here or under its other key), or
+        its session ended. While the key still has room the next waiter is woken, so a wake-up
+        that was not used is never lost (review Q3), and room that opened for more than one
+        (failure records expired, a user's failures forgotten) reaches more than one."""
+        key = Attempt(client_key(address), user_key(user)).key(lock.scope)
+        record = self._counts[lock.scope].get(key, now)
+        failures = 0 if record is None else record.count
+        if failures + self._in_flight[lock.scope][key] < self._limits[lock.scope]:
+            self._wake(lock.scope, key, everyone=False)
 
     def waiting(self, scope: Scope) -> int:
         """How many logins wait for room under an address or a user (a session gone meanwhile

@@ -547,12 +547,21 @@ async def _authenticate(
         # client's parallel connections): wait for one of their verdicts and look again, within
         # the pre-login deadline. Refusing now would refuse right passwords nobody has failed
         # (review Q2), and waiting lets no more guesses reach a backend than the limit.
-        room: asyncio.Future[None] = loop.create_future()
+        lock, room = counted, loop.create_future()
         wake = functools.partial(_wake, room)
-        throttle.wait_for_room(counted, peer.host, request.routing_key, wake, again=waited)
-        await room
+        throttle.wait_for_room(lock, peer.host, request.routing_key, wake, again=waited)
+        try:
+            await room
+        except BaseException:
+            if room.done() and not room.cancelled():
+                # Woken, then cut (the deadline, the proxy stopping): the wake-up goes on.
+                throttle.after_wait(lock, peer.host, request.routing_key, clock())
+            raise
         waited = True
         counted = throttle.begin(peer.host, request.routing_key, clock())
+        # Begun, refused by a lock with an end, or waiting again: the next waiter's turn if
+        # there is room left under the key this one was woken from (review Q3).
+        throttle.after_wait(lock, peer.host, request.routing_key, clock())
     if isinstance(counted, limits.Lock):
         context.labelled(metrics.logins, request.protocol, "throttled").inc()
         context.labelled(metrics.refusals, f"login_lockout_{counted.scope}").inc()

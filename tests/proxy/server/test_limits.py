@@ -219,6 +219,34 @@ def test_the_failure_that_makes_a_lock_wakes_every_login_waiting_under_it() -> N
     assert limits.begin("192.0.2.1", "alice", 1.0) == Lock("user", 61.0)
 
 
+def test_a_wake_up_the_woken_login_could_not_use_goes_on_while_there_is_room() -> None:
+    """Review Q3: one waiter was woken per settled attempt; one refused by a lock of its own (or
+    waiting again under its other key, or gone) took the wake-up with it, and the next waited
+    for its deadline though there was room. Room that opens for several reaches several."""
+    limits = throttle(per_user=1, per_ip=2, lockout=60)
+    fail(limits, "192.0.2.1", "nobody", 0.0)  # nobody is locked; the address has one failure
+    alice = begun(limits, "192.0.2.1", "alice", 0.0)
+    lock = limits.begin("192.0.2.1", "dave", 0.0)
+    assert lock == Lock("ip", None)
+    woken: list[object] = []
+    for name in ("nobody", "dave", "erin"):
+        limits.wait_for_room(lock, "192.0.2.1", name, waiter(woken, name))
+    limits.succeeded(alice)
+    assert woken == ["nobody"]
+    assert limits.begin("192.0.2.1", "nobody", 0.0) == Lock("user", 60.0)  # refused: room unused
+    limits.after_wait(lock, "192.0.2.1", "nobody", 0.0)
+    assert woken == ["nobody", "dave"]
+    dave = begun(limits, "192.0.2.1", "dave", 0.0)
+    limits.after_wait(lock, "192.0.2.1", "dave", 0.0)  # the address is full again: erin waits
+    assert woken == ["nobody", "dave"] and limits.waiting("ip") == 1
+    # The address's failure expires: room for two at once, and the chain reaches both.
+    limits.wait_for_room(lock, "192.0.2.1", "frank", waiter(woken, "frank"))
+    limits.succeeded(dave)
+    assert woken[2:] == ["erin"]
+    limits.after_wait(lock, "192.0.2.1", "erin", 61.0)
+    assert woken[2:] == ["erin", "frank"] and limits.waiting("ip") == 0
+
+
 def test_records_expire_in_order_of_their_last_failure() -> None:
     limits = throttle(lockout=10)
     fail(limits, "192.0.2.1", "alice", 0.0)
@@ -564,6 +592,42 @@ async def test_a_burst_of_right_passwords_is_never_refused(
     assert all(answer.startswith(b"a1 OK") for answer in answers), answers
     assert len(backend.received) == logins
     assert throttle.in_flight("ip") == throttle.waiting("ip") == throttle.waiting("user") == 0
+
+
+async def test_a_waiter_refused_by_its_own_lock_passes_its_turn_to_the_next(
+    start_proxy: ProxyFactory,
+) -> None:
+    """Review Q3: all from one address (an office behind NAT), perIp 2, perUser 1. A login no
+    route owns locks its user; alice's right password is in flight; behind it wait that locked
+    user again, then dave's right password. alice's verdict woke the first only, refused by its
+    own lock, and dave waited for the pre-login deadline, never asked."""
+    async with held_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        install(proxy, per_user=1, per_ip=2, lockout=60)
+        throttle = proxy.context.limits.logins
+        clients = [await imap_client(proxy.port) for _ in range(4)]
+        logins = [
+            b'x LOGIN nobody@unrouted.example "x"',
+            f'a LOGIN alice@alpha.example "{PASSWORD}"'.encode(),
+            b'w1 LOGIN nobody@unrouted.example "x"',
+            f'w2 LOGIN dave@alpha.example "{PASSWORD}"'.encode(),
+        ]
+        (reader, writer), *rest = clients
+        writer.write(logins[0] + b"\r\n")
+        assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(b"x NO [AUTHENTICATIONFAILED]")
+        for waiting, ((_, writer), login) in enumerate(zip(rest, logins[1:], strict=True)):
+            writer.write(login + b"\r\n")
+            async with asyncio.timeout(WAIT):  # alice at the backend, then each in line
+                while len(backend.received) + throttle.waiting("ip") < waiting + 1:
+                    await asyncio.sleep(STEP)
+        backend.release.set()
+        replies = [await asyncio.wait_for(reader.readline(), WAIT) for reader, _ in rest]
+        for _, writer in clients:
+            writer.close()
+        await sessions_settle(proxy)
+    assert [reply.split(b" ")[:2] for reply in replies] == [[b"a", b"OK"], [b"w1", b"NO"], [b"w2", b"OK"]]
+    assert replies[1].startswith(b"w1 NO [UNAVAILABLE]")
+    assert throttle.waiting("ip") == throttle.in_flight("ip") == 0
 
 
 VICTIM = "alice@alpha.example"
