@@ -189,6 +189,11 @@ class LoginThrottle:
         }
         # Logins waiting for an attempt in flight under their key to settle, oldest first.
         self._waiting: dict[Scope, dict[str, collections.deque[Wake]]] = {"ip": {}, "user": {}}
+        # Logins woken and not yet done with their wake-up (``after_wait``), per key.
+        self._woken: dict[Scope, collections.Counter[str]] = {
+            "ip": collections.Counter(),
+            "user": collections.Counter(),
+        }
 
     def tracked(self, scope: Scope) -> int:
         """How many addresses or users have failures on record."""
@@ -217,12 +222,17 @@ class LoginThrottle:
             return Lock(scope, None)  # made up by attempts in flight: their verdicts decide
         return None
 
-    def begin(self, address: str, user: str, now: float) -> Attempt | Lock:
+    def begin(self, address: str, user: str, now: float, *, woken: bool = False) -> Attempt | Lock:
         """A login of ``user`` from ``address`` is about to be asked of a backend or an auth
         service: the lock that refuses it, or the attempt, counted until it is settled.
 
         Args:
             now: the clock's seconds, for the expiry of failure records.
+            woken: the login was woken from ``wait_for_room``: the room it finds is its own. Any
+                other login finding room under a key that logins wait under goes behind them
+                (a lock with no end) and the first of them is woken: room opened by records that
+                expired reaches the logins that waited, and no newcomer takes the room a woken
+                login was woken for (review Q4).
 
         Returns:
             A ``Lock`` (address first; nothing counted), or the ``Attempt`` the caller must
@@ -232,6 +242,10 @@ class LoginThrottle:
         lock = self._lock(attempt, now)
         if lock is not None:
             return lock
+        for scope in SCOPES:
+            key = attempt.key(scope)
+            if not woken and (self._woken[scope][key] or self._wake(scope, key, everyone=False)):
+                return Lock(scope, None)
         for scope in SCOPES:
             self._in_flight[scope][attempt.key(scope)] += 1
         return attempt
@@ -256,10 +270,13 @@ class LoginThrottle:
     def after_wait(self, lock: Lock, address: str, user: str, now: float) -> None:
         """A login woken from ``wait_for_room`` under ``lock``'s key is done with its wake-up: it
         began, was refused by a lock with an end, waits again (here or under its other key), or
-        its session ended. While the key still has room the next waiter is woken, so a wake-up
-        that was not used is never lost (review Q3), and room that opened for more than one
-        (failure records expired, a user's failures forgotten) reaches more than one."""
+        its session ended. Until then its wake-up holds the room it was woken for against
+        newcomers (``begin``). While the key still has room the next waiter is woken, so a
+        wake-up that was not used is never lost (review Q3), and room that opened for more than
+        one (failure records expired, a user's failures forgotten) reaches more than one. Called
+        exactly once per wake-up, with the lock the login waited under."""
         key = Attempt(client_key(address), user_key(user)).key(lock.scope)
+        _release(self._woken[lock.scope], key)
         record = self._counts[lock.scope].get(key, now)
         failures = 0 if record is None else record.count
         if failures + self._in_flight[lock.scope][key] < self._limits[lock.scope]:
@@ -276,16 +293,20 @@ class LoginThrottle:
             _release(self._in_flight[scope], key)
             self._wake(scope, key, everyone=False)
 
-    def _wake(self, scope: Scope, key: str, *, everyone: bool) -> None:
+    def _wake(self, scope: Scope, key: str, *, everyone: bool) -> bool:
         """Wake the first waiter under ``key`` whose session is still there (room for one more),
-        or ``everyone`` (a lock with an end: each of them is refused at once)."""
+        or ``everyone`` (a lock with an end: each of them is refused at once); whether anyone was."""
         queue = self._waiting[scope].get(key)
         if queue is None:
-            return
-        while queue and (not queue.popleft()() or everyone):
-            pass
+            return False
+        woke = False
+        while queue and not (woke and not everyone):
+            if queue.popleft()():
+                woke = True
+                self._woken[scope][key] += 1  # until it is done with the wake-up (after_wait)
         if not queue:
             del self._waiting[scope][key]
+        return woke
 
     def failed(self, attempt: Attempt, now: float) -> Penalty:
         """The attempt is a failure (a refused credential, a login no route owns, a login cut off

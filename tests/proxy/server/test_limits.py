@@ -203,6 +203,37 @@ def test_a_login_waiting_for_room_is_woken_once_per_settled_attempt_in_order() -
         limits.wait_for_room(Lock("user", 60.0), "192.0.2.1", "alice", waiter(woken, "never"))
 
 
+def test_a_newcomer_goes_behind_the_logins_waiting_under_its_key() -> None:
+    """Review Q4: a login arriving between a wake-up and the woken login's turn took the room
+    (20 times running in the review's repro), and room that expiring failure records opened
+    reached whoever came next, not the logins that had waited."""
+    limits = throttle(per_user=100, per_ip=3, lockout=60)
+    for name in ("x", "y"):
+        fail(limits, "192.0.2.1", name, 0.0)
+    alice = begun(limits, "192.0.2.1", "alice", 0.0)
+    lock = limits.begin("192.0.2.1", "dave", 0.0)
+    assert lock == Lock("ip", None)
+    woken: list[object] = []
+    limits.wait_for_room(lock, "192.0.2.1", "dave", waiter(woken, "dave"))
+    # The failures expire: room, and the newcomer wakes dave and waits behind him.
+    assert limits.begin("192.0.2.1", "late", 61.0) == Lock("ip", None)
+    assert woken == ["dave"]
+    limits.wait_for_room(Lock("ip", None), "192.0.2.1", "late", waiter(woken, "late"))
+    dave = limits.begin("192.0.2.1", "dave", 61.0, woken=True)
+    assert isinstance(dave, Attempt)
+    limits.after_wait(lock, "192.0.2.1", "dave", 61.0)  # room for one more: the newcomer's turn
+    assert woken == ["dave", "late"]
+    assert isinstance(limits.begin("192.0.2.1", "late", 61.0, woken=True), Attempt)
+    limits.after_wait(Lock("ip", None), "192.0.2.1", "late", 61.0)
+    # A settled attempt's room goes to the login it woke, not to one that begins before it runs.
+    assert limits.begin("192.0.2.1", "erin", 61.0) == Lock("ip", None)
+    limits.wait_for_room(Lock("ip", None), "192.0.2.1", "erin", waiter(woken, "erin"))
+    limits.succeeded(alice)
+    assert woken[-1] == "erin"
+    assert limits.begin("192.0.2.1", "frank", 61.0) == Lock("ip", None)
+    assert isinstance(limits.begin("192.0.2.1", "erin", 61.0, woken=True), Attempt)
+
+
 def test_the_failure_that_makes_a_lock_wakes_every_login_waiting_under_it() -> None:
     """Each of them is refused at once then, not left waiting for settlements that never come."""
     limits = throttle(per_user=2, per_ip=100, lockout=60)
@@ -233,10 +264,11 @@ def test_a_wake_up_the_woken_login_could_not_use_goes_on_while_there_is_room() -
         limits.wait_for_room(lock, "192.0.2.1", name, waiter(woken, name))
     limits.succeeded(alice)
     assert woken == ["nobody"]
-    assert limits.begin("192.0.2.1", "nobody", 0.0) == Lock("user", 60.0)  # refused: room unused
+    assert limits.begin("192.0.2.1", "nobody", 0.0, woken=True) == Lock("user", 60.0)  # room unused
     limits.after_wait(lock, "192.0.2.1", "nobody", 0.0)
     assert woken == ["nobody", "dave"]
-    dave = begun(limits, "192.0.2.1", "dave", 0.0)
+    dave = limits.begin("192.0.2.1", "dave", 0.0, woken=True)
+    assert isinstance(dave, Attempt)
     limits.after_wait(lock, "192.0.2.1", "dave", 0.0)  # the address is full again: erin waits
     assert woken == ["nobody", "dave"] and limits.waiting("ip") == 1
     # The address's failure expires: room for two at once, and the chain reaches both.
