@@ -760,7 +760,8 @@ async def _mediate(
         closing_grace=TIMED_OUT_REPLY_GRACE,
         drain=turn,
         progress=progress,
-        place=_placement(context, handover, channel.tls),
+        # Only an inbound auth_http route's machine asks about recipients.
+        place=_placement(context, handover, channel.tls) if inbound else None,
     )
     if ended_by == relay.DRAINED:
         turn.outcome = drain.CLOSED_WHEN_QUIET
