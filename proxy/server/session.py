@@ -541,7 +541,7 @@ async def _authenticate(
     # Q1). Nothing is awaited between the check and the count.
     counted = throttle.begin(peer.host, request.routing_key, clock()) if guarded else None
     loop = asyncio.get_running_loop()
-    waited = False
+    woken_under: limits.Scope | None = None
     while isinstance(counted, limits.Lock) and counted.until is None:
         # The limit is made up by logins still in flight (an office behind one address, a mail
         # client's parallel connections): wait for one of their verdicts and look again, within
@@ -549,7 +549,10 @@ async def _authenticate(
         # (review Q2), and waiting lets no more guesses reach a backend than the limit.
         lock, room = counted, loop.create_future()
         wake = functools.partial(_wake, room)
-        throttle.wait_for_room(lock, peer.host, request.routing_key, wake, again=waited)
+        # Woken and stopped again under the same key: first in line there, where it waited. Under
+        # its other key it has not waited yet, so it goes behind the logins that have.
+        again = woken_under == lock.scope
+        throttle.wait_for_room(lock, peer.host, request.routing_key, wake, again=again)
         try:
             await room
         except BaseException:
@@ -557,7 +560,7 @@ async def _authenticate(
                 # Woken, then cut (the deadline, the proxy stopping): the wake-up goes on.
                 throttle.after_wait(lock, peer.host, request.routing_key, clock())
             raise
-        waited = True
+        woken_under = lock.scope
         counted = throttle.begin(peer.host, request.routing_key, clock(), woken=True)
         # Begun, refused by a lock with an end, or waiting again: the next waiter's turn if
         # there is room left under the key this one was woken from (review Q3).

@@ -662,6 +662,47 @@ async def test_a_waiter_refused_by_its_own_lock_passes_its_turn_to_the_next(
     assert throttle.waiting("ip") == throttle.in_flight("ip") == 0
 
 
+async def test_a_login_stopped_under_its_other_key_waits_behind_those_already_there(
+    start_proxy: ProxyFactory,
+) -> None:
+    """A login woken under its address that finds its user full goes behind the logins that
+    waited under that user before it; it went to the front there, as if it had waited there
+    already. perIp 1, perUser 1; the test's own attempts hold the room."""
+    async with held_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        clock = install(proxy, per_user=1, per_ip=1, lockout=60)
+        throttle = proxy.context.limits.logins
+        user_holder = throttle.begin("192.0.2.3", VICTIM, clock())
+        first = await imap_client(proxy.port)
+        first[1].write(f'w LOGIN {VICTIM} "{PASSWORD}"\r\n'.encode())
+        async with asyncio.timeout(WAIT):  # waits under the user
+            while throttle.waiting("user") < 1:
+                await asyncio.sleep(STEP)
+        address_holder = throttle.begin("127.0.0.1", "bob@alpha.example", clock())
+        second = await imap_client(proxy.port)
+        second[1].write(f'l LOGIN {VICTIM} "second"\r\n'.encode())
+        async with asyncio.timeout(WAIT):  # waits under the address
+            while throttle.waiting("ip") < 1:
+                await asyncio.sleep(STEP)
+        assert isinstance(user_holder, Attempt) and isinstance(address_holder, Attempt)
+        throttle.succeeded(address_holder)  # wakes the second, which stops at the user
+        async with asyncio.timeout(WAIT):
+            while throttle.waiting("user") < 2:
+                await asyncio.sleep(STEP)
+        throttle.succeeded(user_holder)
+        async with asyncio.timeout(WAIT):
+            while not backend.received:
+                await asyncio.sleep(STEP)
+        assert PASSWORD.encode() in backend.received[0]
+        backend.release.set()
+        replies = [await asyncio.wait_for(reader.readline(), WAIT) for reader, _ in (first, second)]
+        for _, writer in (first, second):
+            writer.close()
+        await sessions_settle(proxy)
+    assert [reply.split(b" ")[:2] for reply in replies] == [[b"w", b"OK"], [b"l", b"NO"]]
+    assert throttle.waiting("ip") == throttle.waiting("user") == throttle.in_flight("user") == 0
+
+
 VICTIM = "alice@alpha.example"
 # Scaled down from the defaults (preLogin 60, backendLogin 30, refusalTime 2). PADDING logins,
 # each refused and held REFUSAL_TIME (backend time, which moves the deadline on), use up the
