@@ -46,6 +46,10 @@ def dns_names(cert_file: Path) -> tuple[str, ...]:
         decoded: dict[str, Any] = decode(str(cert_file))
     except (OSError, ssl.SSLError) as error:
         raise CertificateError(f"{cert_file}: not a PEM certificate ({error})") from error
+    except ValueError as error:
+        # A DNS name that is not UTF-8 (OpenSSL loads such a certificate, the decoder refuses
+        # it): a broken renewal like any other, kept out of force (review S1).
+        raise CertificateError(f"{cert_file}: a subjectAltName is not readable ({error})") from error
     return tuple(value.lower() for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS")
 
 

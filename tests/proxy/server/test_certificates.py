@@ -31,6 +31,52 @@ def test_an_encrypted_key_is_refused_at_once_without_asking_for_a_passphrase(tmp
         CertificateStore("imaps", (CertificateFiles(cert=cert, key=key),))
 
 
+def unreadable_dns_name_pair(folder: Path) -> CertificateFiles:
+    """A certificate OpenSSL loads whose DNS subjectAltName is not UTF-8 (b"\\xffa.test"), and
+    its key."""
+    folder.mkdir()
+    commands = [
+        ["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", "tls.key"],
+        ["openssl", "req", "-new", "-key", "tls.key", "-out", "tls.csr", "-subj", "/CN=mail.example"],
+        [
+            "openssl", "x509", "-req", "-in", "tls.csr", "-signkey", "tls.key", "-out", "tls.crt",
+            "-days", "1", "-extfile", "san",
+        ],
+    ]  # fmt: skip
+    (folder / "san").write_text("subjectAltName=DER:30098207ff612e74657374\n")
+    for command in commands:
+        subprocess.run(command, check=True, capture_output=True, timeout=60, cwd=folder)
+    files = CertificateFiles(cert=folder / "tls.crt", key=folder / "tls.key")
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(files.cert, files.key)  # OpenSSL takes it
+    return files
+
+
+def test_a_certificate_with_an_unreadable_dns_name_is_refused_at_start(tmp_path: Path) -> None:
+    """Review S1: the decoder's UnicodeDecodeError escaped; ``mailgress proxy`` exited with a
+    traceback instead of the clear message."""
+    with pytest.raises(CertificateError, match="subjectAltName is not readable"):
+        CertificateStore("imaps", (unreadable_dns_name_pair(tmp_path / "bad"),))
+
+
+def test_a_renewal_to_a_certificate_with_an_unreadable_dns_name_keeps_the_previous_one(
+    tmp_path: Path,
+) -> None:
+    """Review S1: the error escaped ``refresh``, the certificate watch died silently, the proxy
+    went unready for good and later renewals were never loaded."""
+    issued = tlscerts.TestAuthority(tmp_path / "ca").issue("good", ["mail.example"])
+    store = CertificateStore("imaps", (CertificateFiles(issued.cert, issued.key),))
+    before = store.context
+    bad = unreadable_dns_name_pair(tmp_path / "bad")
+    os.replace(bad.key, issued.key)
+    os.replace(bad.cert, issued.cert)
+    assert store.refresh() is False
+    assert store.context is before
+    renewed = tlscerts.TestAuthority(tmp_path / "ca2").issue("renewed", ["mail.example"])
+    os.replace(renewed.key, issued.key)
+    os.replace(renewed.cert, issued.cert)
+    assert store.refresh() is True
+
+
 def test_a_renewal_finished_while_its_half_written_state_was_loaded_is_picked_up_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
