@@ -222,19 +222,17 @@ class LoginThrottle:
             return Lock(scope, None)  # made up by attempts in flight: their verdicts decide
         return None
 
-    def begin(self, address: str, user: str, now: float, *, woken: Scope | None = None) -> Attempt | Lock:
+    def begin(self, address: str, user: str, now: float, *, woken: bool = False) -> Attempt | Lock:
         """A login of ``user`` from ``address`` is about to be asked of a backend or an auth
         service: the lock that refuses it, or the attempt, counted until it is settled.
 
         Args:
             now: the clock's seconds, for the expiry of failure records.
-            woken: the scope of the key the login was woken under from ``wait_for_room``: the
-                room it finds there is its own. Any other login finding room under a key that
-                logins wait under goes behind them (a lock with no end) and the first of them is
-                woken: room opened by records that expired reaches the logins that waited, and
-                no newcomer takes the room a woken login was woken for (review Q4). Under its
-                other key a woken login is a newcomer too, or it would take the room that key's
-                own woken login was woken for (review S4).
+            woken: the login was woken from ``wait_for_room``: the room it finds is its own. Any
+                other login finding room under a key that logins wait under goes behind them
+                (a lock with no end) and the first of them is woken: room opened by records that
+                expired reaches the logins that waited, and no newcomer takes the room a woken
+                login was woken for (review Q4).
 
         Returns:
             A ``Lock`` (address first; nothing counted), or the ``Attempt`` the caller must
@@ -246,7 +244,7 @@ class LoginThrottle:
             return lock
         for scope in SCOPES:
             key = attempt.key(scope)
-            if scope != woken and (self._woken[scope][key] or self._wake(scope, key, everyone=False)):
+            if not woken and (self._woken[scope][key] or self._wake(scope, key, everyone=False)):
                 return Lock(scope, None)
         for scope in SCOPES:
             self._in_flight[scope][attempt.key(scope)] += 1

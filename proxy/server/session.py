@@ -561,7 +561,7 @@ async def _authenticate(
                 throttle.after_wait(lock, peer.host, request.routing_key, clock())
             raise
         woken_under = lock.scope
-        counted = throttle.begin(peer.host, request.routing_key, clock(), woken=lock.scope)
+        counted = throttle.begin(peer.host, request.routing_key, clock(), woken=True)
         # Begun, refused by a lock with an end, or waiting again: the next waiter's turn if
         # there is room left under the key this one was woken from (review Q3).
         throttle.after_wait(lock, peer.host, request.routing_key, clock())

@@ -219,11 +219,11 @@ def test_a_newcomer_goes_behind_the_logins_waiting_under_its_key() -> None:
     assert limits.begin("192.0.2.1", "late", 61.0) == Lock("ip", None)
     assert woken == ["dave"]
     limits.wait_for_room(Lock("ip", None), "192.0.2.1", "late", waiter(woken, "late"))
-    dave = limits.begin("192.0.2.1", "dave", 61.0, woken="ip")
+    dave = limits.begin("192.0.2.1", "dave", 61.0, woken=True)
     assert isinstance(dave, Attempt)
     limits.after_wait(lock, "192.0.2.1", "dave", 61.0)  # room for one more: the newcomer's turn
     assert woken == ["dave", "late"]
-    assert isinstance(limits.begin("192.0.2.1", "late", 61.0, woken="ip"), Attempt)
+    assert isinstance(limits.begin("192.0.2.1", "late", 61.0, woken=True), Attempt)
     limits.after_wait(Lock("ip", None), "192.0.2.1", "late", 61.0)
     # A settled attempt's room goes to the login it woke, not to one that begins before it runs.
     assert limits.begin("192.0.2.1", "erin", 61.0) == Lock("ip", None)
@@ -231,26 +231,7 @@ def test_a_newcomer_goes_behind_the_logins_waiting_under_its_key() -> None:
     limits.succeeded(alice)
     assert woken[-1] == "erin"
     assert limits.begin("192.0.2.1", "frank", 61.0) == Lock("ip", None)
-    assert isinstance(limits.begin("192.0.2.1", "erin", 61.0, woken="ip"), Attempt)
-
-
-def test_a_login_woken_under_its_address_is_a_newcomer_under_its_user() -> None:
-    """Review S4: a login woken under its address took the room its user's own woken login was
-    woken for, so a stream of logins for alice from the office kept alice at home (waiting
-    since before all of them) waiting until her pre-login deadline."""
-    limits = throttle(per_user=1, per_ip=1, lockout=60)
-    office = begun(limits, "192.0.2.1", "alice", 0.0)
-    woken: list[object] = []
-    at_home = limits.begin("198.51.100.7", "alice", 0.0)
-    assert at_home == Lock("user", None)
-    limits.wait_for_room(at_home, "198.51.100.7", "alice", waiter(woken, "home"))
-    next_at_office = limits.begin("192.0.2.1", "alice", 0.0)
-    assert next_at_office == Lock("ip", None)
-    limits.wait_for_room(next_at_office, "192.0.2.1", "alice", waiter(woken, "office"))
-    limits.succeeded(office)  # wakes both: the office under the address, home under the user
-    assert sorted(woken) == ["home", "office"]
-    assert limits.begin("192.0.2.1", "alice", 0.0, woken="ip") == Lock("user", None)
-    assert isinstance(limits.begin("198.51.100.7", "alice", 0.0, woken="user"), Attempt)
+    assert isinstance(limits.begin("192.0.2.1", "erin", 61.0, woken=True), Attempt)
 
 
 def test_the_failure_that_makes_a_lock_wakes_every_login_waiting_under_it() -> None:
@@ -283,10 +264,10 @@ def test_a_wake_up_the_woken_login_could_not_use_goes_on_while_there_is_room() -
         limits.wait_for_room(lock, "192.0.2.1", name, waiter(woken, name))
     limits.succeeded(alice)
     assert woken == ["nobody"]
-    assert limits.begin("192.0.2.1", "nobody", 0.0, woken="ip") == Lock("user", 60.0)  # room unused
+    assert limits.begin("192.0.2.1", "nobody", 0.0, woken=True) == Lock("user", 60.0)  # room unused
     limits.after_wait(lock, "192.0.2.1", "nobody", 0.0)
     assert woken == ["nobody", "dave"]
-    dave = limits.begin("192.0.2.1", "dave", 0.0, woken="ip")
+    dave = limits.begin("192.0.2.1", "dave", 0.0, woken=True)
     assert isinstance(dave, Attempt)
     limits.after_wait(lock, "192.0.2.1", "dave", 0.0)  # the address is full again: erin waits
     assert woken == ["nobody", "dave"] and limits.waiting("ip") == 1
@@ -720,45 +701,6 @@ async def test_a_login_stopped_under_its_other_key_waits_behind_those_already_th
         await sessions_settle(proxy)
     assert [reply.split(b" ")[:2] for reply in replies] == [[b"w", b"OK"], [b"l", b"NO"]]
     assert throttle.waiting("ip") == throttle.waiting("user") == throttle.in_flight("user") == 0
-
-
-async def test_a_login_woken_under_its_address_goes_behind_its_users_woken_login(
-    start_proxy: ProxyFactory,
-) -> None:
-    """Review S4: both woken by one verdict, the login woken under its address (the office's
-    next, from 127.0.0.1) took the user's room from the login woken under the user (alice at
-    home, from 127.0.0.2, waiting since before it). perIp 1, perUser 1; the test's own attempt
-    is the office login in flight."""
-    async with held_backend() as backend:
-        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
-        clock = install(proxy, per_user=1, per_ip=1, lockout=60)
-        throttle = proxy.context.limits.logins
-        in_flight = throttle.begin("127.0.0.1", VICTIM, clock())
-        assert isinstance(in_flight, Attempt)
-        home = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", proxy.port, local_addr=("127.0.0.2", 0)), WAIT
-        )
-        assert (await asyncio.wait_for(home[0].readline(), WAIT)).startswith(b"* OK")
-        home[1].write(f'h LOGIN {VICTIM} "{PASSWORD}"\r\n'.encode())
-        async with asyncio.timeout(WAIT):
-            while throttle.waiting("user") < 1:
-                await asyncio.sleep(STEP)
-        office = await imap_client(proxy.port)
-        office[1].write(f'o LOGIN {VICTIM} "from the office"\r\n'.encode())
-        async with asyncio.timeout(WAIT):
-            while throttle.waiting("ip") < 1:
-                await asyncio.sleep(STEP)
-        throttle.succeeded(in_flight)
-        async with asyncio.timeout(WAIT):
-            while not backend.received:
-                await asyncio.sleep(STEP)
-        assert PASSWORD.encode() in backend.received[0]
-        backend.release.set()
-        replies = [await asyncio.wait_for(reader.readline(), WAIT) for reader, _ in (home, office)]
-        for _, writer in (home, office):
-            writer.close()
-        await sessions_settle(proxy)
-    assert [reply.split(b" ")[:2] for reply in replies] == [[b"h", b"OK"], [b"o", b"NO"]]
 
 
 VICTIM = "alice@alpha.example"
