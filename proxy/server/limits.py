@@ -7,8 +7,9 @@ a locked address or user gets the protocol's temporary failure and no backend is
 attempt counts from then on, so logins in flight at once see each other. A login that finds the
 limit made up by attempts still in flight (a lock with no end yet) is not refused: the driver asks
 ``wait_for_room`` to be called back when one of them settles, and begins again; one waiter per
-settled attempt is woken, in the order they came, and each woken login says when it is done with
-its wake-up (``after_wait``), which passes it on while there is room. An attempt's verdict settles
+settled attempt is woken, oldest login first (by a ticket taken when it first waited), and each
+woken login says when it is done with its wake-up (``after_wait``), which passes it on while
+there is room. An attempt's verdict settles
 it: ``failed`` (a refused credential, a login no route owns, or no verdict at all) keeps it as a
 failure and answers how long to hold the refusal back, ``succeeded`` drops it and forgets the
 user's failures (never the address's: one valid account must not wash away an address's guessing),
@@ -24,7 +25,9 @@ password, never logs, never sleeps.
 
 import collections
 import functools
+import heapq
 import ipaddress
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,13 +190,13 @@ class LoginThrottle:
             "ip": collections.Counter(),
             "user": collections.Counter(),
         }
-        # Logins waiting for an attempt in flight under their key to settle, oldest first.
-        self._waiting: dict[Scope, dict[str, collections.deque[Wake]]] = {"ip": {}, "user": {}}
-        # Logins woken and not yet done with their wake-up (``after_wait``), per key.
-        self._woken: dict[Scope, collections.Counter[str]] = {
-            "ip": collections.Counter(),
-            "user": collections.Counter(),
-        }
+        # Logins waiting for an attempt in flight under their key to settle: a heap by ticket,
+        # the oldest login first wherever it waited before.
+        self._waiting: dict[Scope, dict[str, list[tuple[int, Wake]]]] = {"ip": {}, "user": {}}
+        # The tickets of logins woken and not yet done with their wake-up (``after_wait``), per
+        # key: each holds one room of its key against younger logins.
+        self._woken: dict[Scope, dict[str, list[int]]] = {"ip": {}, "user": {}}
+        self._tickets = itertools.count()
 
     def tracked(self, scope: Scope) -> int:
         """How many addresses or users have failures on record."""
@@ -222,17 +225,25 @@ class LoginThrottle:
             return Lock(scope, None)  # made up by attempts in flight: their verdicts decide
         return None
 
-    def begin(self, address: str, user: str, now: float, *, woken: bool = False) -> Attempt | Lock:
+    def begin(
+        self, address: str, user: str, now: float, *, ticket: int | None = None, woken: Scope | None = None
+    ) -> Attempt | Lock:
         """A login of ``user`` from ``address`` is about to be asked of a backend or an auth
         service: the lock that refuses it, or the attempt, counted until it is settled.
 
         Args:
             now: the clock's seconds, for the expiry of failure records.
-            woken: the login was woken from ``wait_for_room``: the room it finds is its own. Any
-                other login finding room under a key that logins wait under goes behind them
-                (a lock with no end) and the first of them is woken: room opened by records that
-                expired reaches the logins that waited, and no newcomer takes the room a woken
-                login was woken for (review Q4).
+            ticket: the login's ticket from ``wait_for_room`` once it has waited; None for a
+                login that has not (younger than every login that has).
+            woken: the scope of the key the login was just woken under: the room it finds there
+                is its own. Under any other key the room older logins were woken for is theirs,
+                and while older logins wait there the first of them is woken and this one goes
+                behind them (a lock with no end). So room opened by records that expired reaches
+                the logins that waited, no newcomer takes the room a woken login was woken for
+                (review Q4), and a login woken under its address does not take its user's room
+                from an older login woken for it (review S4). Only older logins hold a login
+                back, so the oldest woken login is never held back by another's wake-up: logins
+                woken under different keys cannot hand their wake-ups round for ever.
 
         Returns:
             A ``Lock`` (address first; nothing counted), or the ``Attempt`` the caller must
@@ -243,40 +254,66 @@ class LoginThrottle:
         if lock is not None:
             return lock
         for scope in SCOPES:
-            key = attempt.key(scope)
-            if not woken and (self._woken[scope][key] or self._wake(scope, key, everyone=False)):
+            if scope != woken and self._behind_older(scope, attempt.key(scope), ticket, now):
                 return Lock(scope, None)
         for scope in SCOPES:
             self._in_flight[scope][attempt.key(scope)] += 1
         return attempt
 
-    def wait_for_room(self, lock: Lock, address: str, user: str, wake: Wake, *, again: bool = False) -> None:
+    def _behind_older(self, scope: Scope, key: str, ticket: int | None, now: float) -> bool:
+        """Whether a login holding ``ticket`` waits under ``key`` for older logins: those woken
+        for the key's room use up what is left of it, or one still waits there (it is woken
+        now, to use the room)."""
+
+        def older(other: int) -> bool:
+            return ticket is None or other < ticket
+
+        record = self._counts[scope].get(key, now)
+        failures = 0 if record is None else record.count
+        held = sum(1 for other in self._woken[scope].get(key, ()) if older(other))
+        if failures + self._in_flight[scope][key] + held >= self._limits[scope]:
+            return True
+        queue = self._waiting[scope].get(key, [])
+        return bool(queue) and older(queue[0][0]) and self._wake(scope, key, everyone=False)
+
+    def wait_for_room(
+        self, lock: Lock, address: str, user: str, wake: Wake, *, ticket: int | None = None
+    ) -> int:
         """Call ``wake`` when an attempt in flight under the key ``lock`` (one with no end: made
-        up by attempts in flight, ``begin``) holds for this login settles; ``again``: a login
-        that was woken and found no room after all waits first in line, not last.
+        up by attempts in flight, ``begin``) holds for this login settles, after the logins
+        with older tickets waiting there.
+
+        Args:
+            ticket: the login's ticket if it has waited before (under either key), else None.
+
+        Returns:
+            The login's ticket: every later ``begin``, ``wait_for_room`` and ``after_wait`` of
+            this login passes it.
 
         Raises:
             ValueError: ``lock`` has an end (only time lifts it).
         """
         if lock.until is not None:
             raise ValueError("a lock with an end is lifted by time, not by a settled attempt")
+        if ticket is None:
+            ticket = next(self._tickets)
         key = Attempt(client_key(address), user_key(user)).key(lock.scope)
-        queue = self._waiting[lock.scope].setdefault(key, collections.deque())
-        if again:
-            queue.appendleft(wake)
-        else:
-            queue.append(wake)
+        heapq.heappush(self._waiting[lock.scope].setdefault(key, []), (ticket, wake))
+        return ticket
 
-    def after_wait(self, lock: Lock, address: str, user: str, now: float) -> None:
+    def after_wait(self, lock: Lock, address: str, user: str, now: float, ticket: int) -> None:
         """A login woken from ``wait_for_room`` under ``lock``'s key is done with its wake-up: it
         began, was refused by a lock with an end, waits again (here or under its other key), or
         its session ended. Until then its wake-up holds the room it was woken for against
         newcomers (``begin``). While the key still has room the next waiter is woken, so a
         wake-up that was not used is never lost (review Q3), and room that opened for more than
         one (failure records expired, a user's failures forgotten) reaches more than one. Called
-        exactly once per wake-up, with the lock the login waited under."""
+        exactly once per wake-up, with the lock the login waited under and its ticket."""
         key = Attempt(client_key(address), user_key(user)).key(lock.scope)
-        _release(self._woken[lock.scope], key)
+        held = self._woken[lock.scope][key]
+        held.remove(ticket)
+        if not held:
+            del self._woken[lock.scope][key]
         record = self._counts[lock.scope].get(key, now)
         failures = 0 if record is None else record.count
         if failures + self._in_flight[lock.scope][key] < self._limits[lock.scope]:
@@ -301,9 +338,11 @@ class LoginThrottle:
             return False
         woke = False
         while queue and not (woke and not everyone):
-            if queue.popleft()():
+            ticket, wake = heapq.heappop(queue)
+            if wake():
                 woke = True
-                self._woken[scope][key] += 1  # until it is done with the wake-up (after_wait)
+                # Holds the room until it is done with the wake-up (after_wait).
+                self._woken[scope].setdefault(key, []).append(ticket)
         if not queue:
             del self._waiting[scope][key]
         return woke

@@ -541,7 +541,7 @@ async def _authenticate(
     # Q1). Nothing is awaited between the check and the count.
     counted = throttle.begin(peer.host, request.routing_key, clock()) if guarded else None
     loop = asyncio.get_running_loop()
-    woken_under: limits.Scope | None = None
+    ticket: int | None = None  # the login's place among the logins that waited, once it waits
     while isinstance(counted, limits.Lock) and counted.until is None:
         # The limit is made up by logins still in flight (an office behind one address, a mail
         # client's parallel connections): wait for one of their verdicts and look again, within
@@ -549,22 +549,18 @@ async def _authenticate(
         # (review Q2), and waiting lets no more guesses reach a backend than the limit.
         lock, room = counted, loop.create_future()
         wake = functools.partial(_wake, room)
-        # Woken and stopped again under the same key: first in line there, where it waited. Under
-        # its other key it has not waited yet, so it goes behind the logins that have.
-        again = woken_under == lock.scope
-        throttle.wait_for_room(lock, peer.host, request.routing_key, wake, again=again)
+        ticket = throttle.wait_for_room(lock, peer.host, request.routing_key, wake, ticket=ticket)
         try:
             await room
         except BaseException:
             if room.done() and not room.cancelled():
                 # Woken, then cut (the deadline, the proxy stopping): the wake-up goes on.
-                throttle.after_wait(lock, peer.host, request.routing_key, clock())
+                throttle.after_wait(lock, peer.host, request.routing_key, clock(), ticket)
             raise
-        woken_under = lock.scope
-        counted = throttle.begin(peer.host, request.routing_key, clock(), woken=True)
+        counted = throttle.begin(peer.host, request.routing_key, clock(), ticket=ticket, woken=lock.scope)
         # Begun, refused by a lock with an end, or waiting again: the next waiter's turn if
         # there is room left under the key this one was woken from (review Q3).
-        throttle.after_wait(lock, peer.host, request.routing_key, clock())
+        throttle.after_wait(lock, peer.host, request.routing_key, clock(), ticket)
     if isinstance(counted, limits.Lock):
         context.labelled(metrics.logins, request.protocol, "throttled").inc()
         context.labelled(metrics.refusals, f"login_lockout_{counted.scope}").inc()

@@ -7,10 +7,12 @@ delays are set to hundredths of a second and observed in the session log line, n
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import ipaddress
 import logging
+import random
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -190,9 +192,11 @@ def test_a_login_waiting_for_room_is_woken_once_per_settled_attempt_in_order() -
     lock = limits.begin("192.0.2.1", "alice", 0.0)
     assert lock == Lock("user", None)
     woken: list[object] = []
+    # A login that waited under its address before all of them (woken since) keeps its place.
+    earlier = limits.wait_for_room(Lock("ip", None), "192.0.2.1", "alice", waiter(woken, "-", gone=True))
     for name, gone in (("gone", True), ("a", False), ("b", False)):
         limits.wait_for_room(lock, "198.51.100.9", "ALICE", waiter(woken, name, gone=gone))
-    limits.wait_for_room(lock, "192.0.2.1", "alice", waiter(woken, "retry"), again=True)  # first in line
+    limits.wait_for_room(lock, "192.0.2.1", "alice", waiter(woken, "retry"), ticket=earlier)  # first in line
     assert limits.waiting("user") == 4
     limits.succeeded(first)
     assert woken == ["retry"]
@@ -214,24 +218,153 @@ def test_a_newcomer_goes_behind_the_logins_waiting_under_its_key() -> None:
     lock = limits.begin("192.0.2.1", "dave", 0.0)
     assert lock == Lock("ip", None)
     woken: list[object] = []
-    limits.wait_for_room(lock, "192.0.2.1", "dave", waiter(woken, "dave"))
+    dave_ticket = limits.wait_for_room(lock, "192.0.2.1", "dave", waiter(woken, "dave"))
     # The failures expire: room, and the newcomer wakes dave and waits behind him.
     assert limits.begin("192.0.2.1", "late", 61.0) == Lock("ip", None)
     assert woken == ["dave"]
-    limits.wait_for_room(Lock("ip", None), "192.0.2.1", "late", waiter(woken, "late"))
-    dave = limits.begin("192.0.2.1", "dave", 61.0, woken=True)
+    late_ticket = limits.wait_for_room(Lock("ip", None), "192.0.2.1", "late", waiter(woken, "late"))
+    dave = limits.begin("192.0.2.1", "dave", 61.0, ticket=dave_ticket, woken="ip")
     assert isinstance(dave, Attempt)
-    limits.after_wait(lock, "192.0.2.1", "dave", 61.0)  # room for one more: the newcomer's turn
+    limits.after_wait(lock, "192.0.2.1", "dave", 61.0, dave_ticket)  # room for one more: the newcomer's turn
     assert woken == ["dave", "late"]
-    assert isinstance(limits.begin("192.0.2.1", "late", 61.0, woken=True), Attempt)
-    limits.after_wait(Lock("ip", None), "192.0.2.1", "late", 61.0)
+    assert isinstance(limits.begin("192.0.2.1", "late", 61.0, ticket=late_ticket, woken="ip"), Attempt)
+    limits.after_wait(Lock("ip", None), "192.0.2.1", "late", 61.0, late_ticket)
     # A settled attempt's room goes to the login it woke, not to one that begins before it runs.
     assert limits.begin("192.0.2.1", "erin", 61.0) == Lock("ip", None)
-    limits.wait_for_room(Lock("ip", None), "192.0.2.1", "erin", waiter(woken, "erin"))
+    erin_ticket = limits.wait_for_room(Lock("ip", None), "192.0.2.1", "erin", waiter(woken, "erin"))
     limits.succeeded(alice)
     assert woken[-1] == "erin"
     assert limits.begin("192.0.2.1", "frank", 61.0) == Lock("ip", None)
-    assert isinstance(limits.begin("192.0.2.1", "erin", 61.0, woken=True), Attempt)
+    assert isinstance(limits.begin("192.0.2.1", "erin", 61.0, ticket=erin_ticket, woken="ip"), Attempt)
+
+
+def test_a_login_woken_under_its_address_is_a_newcomer_under_its_user() -> None:
+    """Review S4: a login woken under its address took the room its user's own woken login was
+    woken for, so a stream of logins for alice from the office kept alice at home (waiting
+    since before all of them) waiting until her pre-login deadline."""
+    limits = throttle(per_user=1, per_ip=1, lockout=60)
+    office = begun(limits, "192.0.2.1", "alice", 0.0)
+    woken: list[object] = []
+    at_home = limits.begin("198.51.100.7", "alice", 0.0)
+    assert at_home == Lock("user", None)
+    home_ticket = limits.wait_for_room(at_home, "198.51.100.7", "alice", waiter(woken, "home"))
+    next_at_office = limits.begin("192.0.2.1", "alice", 0.0)
+    assert next_at_office == Lock("ip", None)
+    office_ticket = limits.wait_for_room(next_at_office, "192.0.2.1", "alice", waiter(woken, "office"))
+    limits.succeeded(office)  # wakes both: the office under the address, home under the user
+    assert sorted(woken) == ["home", "office"]
+    assert limits.begin("192.0.2.1", "alice", 0.0, ticket=office_ticket, woken="ip") == Lock("user", None)
+    assert isinstance(limits.begin("198.51.100.7", "alice", 0.0, ticket=home_ticket, woken="user"), Attempt)
+
+
+# Random runs of the model below: each takes a few milliseconds. A livelock of wake-ups handed
+# round between two keys (review S4's fix, before tickets) failed in about one run of 40.
+MODEL_RUNS, MODEL_STEPS, MODEL_DRAIN_STEPS = 400, 300, 10_000
+
+
+@dataclasses.dataclass(eq=False)
+class ModelLogin:
+    """One login as ``session._authenticate`` drives the throttle."""
+
+    address: str
+    user: str
+    state: str = "new"  # waiting, woken (its wake-up not yet run), in flight, done
+    lock: Lock | None = None
+    ticket: int | None = None
+    attempt: Attempt | None = None
+
+
+def run_model(seed: int) -> str | None:
+    """Random logins, verdicts, cancellations and clock steps; a wake-up runs later, in the
+    order given, as a woken task does. What went wrong, if anything."""
+    chance = random.Random(seed)
+    limit = {"ip": chance.randint(1, 3), "user": chance.randint(1, 3)}
+    limits = throttle(per_ip=limit["ip"], per_user=limit["user"], lockout=60)
+    addresses = [f"192.0.2.{number}" for number in range(chance.randint(1, 3))]
+    users = ["u", "v", "w", "x"][: chance.randint(1, 4)]
+    logins: list[ModelLogin] = []
+    woken: collections.deque[ModelLogin] = collections.deque()
+    now = 0.0
+
+    def place(login: ModelLogin, counted: Attempt | Lock) -> None:
+        if isinstance(counted, Attempt):
+            login.state, login.attempt = "in flight", counted
+        elif counted.until is not None:
+            login.state = "done"
+        else:
+            login.state, login.lock = "waiting", counted
+
+            def wake() -> bool:
+                if login.state != "waiting":
+                    return False
+                login.state = "woken"
+                woken.append(login)
+                return True
+
+            login.ticket = limits.wait_for_room(counted, login.address, login.user, wake, ticket=login.ticket)
+
+    def run_woken() -> None:
+        login = woken.popleft()
+        assert login.lock is not None and login.ticket is not None
+        counted = limits.begin(login.address, login.user, now, ticket=login.ticket, woken=login.lock.scope)
+        limits.after_wait(login.lock, login.address, login.user, now, login.ticket)
+        place(login, counted)
+
+    def settle(login: ModelLogin, verdict: str) -> None:
+        assert login.attempt is not None
+        login.state = "done"
+        if verdict == "failed":
+            limits.failed(login.attempt, now)
+        else:
+            getattr(limits, verdict)(login.attempt)
+
+    for _ in range(MODEL_STEPS):
+        in_flight = [login for login in logins if login.state == "in flight"]
+        waiting = [login for login in logins if login.state in ("waiting", "woken")]
+        roll = chance.random()
+        if roll < 0.35:
+            logins.append(ModelLogin(chance.choice(addresses), chance.choice(users)))
+            place(logins[-1], limits.begin(logins[-1].address, logins[-1].user, now))
+        elif roll < 0.6 and in_flight:
+            settle(chance.choice(in_flight), chance.choice(["failed", "succeeded", "withdrawn"]))
+        elif roll < 0.7 and waiting:
+            gone = chance.choice(waiting)  # its session ends (the deadline, the client)
+            if gone.state == "woken":
+                assert gone.lock is not None and gone.ticket is not None
+                woken.remove(gone)
+                limits.after_wait(gone.lock, gone.address, gone.user, now, gone.ticket)
+            gone.state = "done"
+        elif roll < 0.75:
+            now += chance.choice([1, 30, 59, 60, 61])
+        elif woken:
+            run_woken()
+        for scope, key in (("ip", "address"), ("user", "user")):
+            counts = collections.Counter(
+                getattr(login, key) for login in logins if login.state == "in flight"
+            )
+            if counts and max(counts.values()) > limit[scope]:
+                return f"more in flight under one {key} than {scope} allows: {counts}"
+    for _ in range(MODEL_DRAIN_STEPS):  # every wake-up runs and every attempt succeeds
+        if woken:
+            run_woken()
+            continue
+        in_flight = [login for login in logins if login.state == "in flight"]
+        if not in_flight:
+            break
+        settle(in_flight[0], "succeeded")
+    else:
+        return "wake-ups still handed round after every attempt settled"
+    left = [login for login in logins if login.state != "done"]
+    return f"logins left waiting with nothing in flight: {left}" if left else None
+
+
+def test_random_logins_keep_the_limits_and_leave_nobody_waiting() -> None:
+    """A model run of the wait-for-room bookkeeping (review S4's fuzz, which found that a login
+    woken under its address and one woken under its user, each held back by the other's
+    wake-up, handed them round for ever): attempts in flight stay within perIp and perUser, and
+    once every attempt has settled no login waits and no wake-up is left to run."""
+    problems = {seed: problem for seed in range(MODEL_RUNS) if (problem := run_model(seed))}
+    assert not problems, problems
 
 
 def test_the_failure_that_makes_a_lock_wakes_every_login_waiting_under_it() -> None:
@@ -260,22 +393,27 @@ def test_a_wake_up_the_woken_login_could_not_use_goes_on_while_there_is_room() -
     lock = limits.begin("192.0.2.1", "dave", 0.0)
     assert lock == Lock("ip", None)
     woken: list[object] = []
-    for name in ("nobody", "dave", "erin"):
-        limits.wait_for_room(lock, "192.0.2.1", name, waiter(woken, name))
+    tickets = {
+        name: limits.wait_for_room(lock, "192.0.2.1", name, waiter(woken, name))
+        for name in ("nobody", "dave", "erin")
+    }
     limits.succeeded(alice)
     assert woken == ["nobody"]
-    assert limits.begin("192.0.2.1", "nobody", 0.0, woken=True) == Lock("user", 60.0)  # room unused
-    limits.after_wait(lock, "192.0.2.1", "nobody", 0.0)
+    nobody = limits.begin("192.0.2.1", "nobody", 0.0, ticket=tickets["nobody"], woken="ip")
+    assert nobody == Lock("user", 60.0)  # room unused
+    limits.after_wait(lock, "192.0.2.1", "nobody", 0.0, tickets["nobody"])
     assert woken == ["nobody", "dave"]
-    dave = limits.begin("192.0.2.1", "dave", 0.0, woken=True)
+    dave = limits.begin("192.0.2.1", "dave", 0.0, ticket=tickets["dave"], woken="ip")
     assert isinstance(dave, Attempt)
-    limits.after_wait(lock, "192.0.2.1", "dave", 0.0)  # the address is full again: erin waits
+    limits.after_wait(
+        lock, "192.0.2.1", "dave", 0.0, tickets["dave"]
+    )  # the address is full again: erin waits
     assert woken == ["nobody", "dave"] and limits.waiting("ip") == 1
     # The address's failure expires: room for two at once, and the chain reaches both.
     limits.wait_for_room(lock, "192.0.2.1", "frank", waiter(woken, "frank"))
     limits.succeeded(dave)
     assert woken[2:] == ["erin"]
-    limits.after_wait(lock, "192.0.2.1", "erin", 61.0)
+    limits.after_wait(lock, "192.0.2.1", "erin", 61.0, tickets["erin"])
     assert woken[2:] == ["erin", "frank"] and limits.waiting("ip") == 0
 
 
@@ -701,6 +839,45 @@ async def test_a_login_stopped_under_its_other_key_waits_behind_those_already_th
         await sessions_settle(proxy)
     assert [reply.split(b" ")[:2] for reply in replies] == [[b"w", b"OK"], [b"l", b"NO"]]
     assert throttle.waiting("ip") == throttle.waiting("user") == throttle.in_flight("user") == 0
+
+
+async def test_a_login_woken_under_its_address_goes_behind_its_users_woken_login(
+    start_proxy: ProxyFactory,
+) -> None:
+    """Review S4: both woken by one verdict, the login woken under its address (the office's
+    next, from 127.0.0.1) took the user's room from the login woken under the user (alice at
+    home, from 127.0.0.2, waiting since before it). perIp 1, perUser 1; the test's own attempt
+    is the office login in flight."""
+    async with held_backend() as backend:
+        proxy = await start_proxy({}, [Endpoint("127.0.0.1", backend.port)])
+        clock = install(proxy, per_user=1, per_ip=1, lockout=60)
+        throttle = proxy.context.limits.logins
+        in_flight = throttle.begin("127.0.0.1", VICTIM, clock())
+        assert isinstance(in_flight, Attempt)
+        home = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", proxy.port, local_addr=("127.0.0.2", 0)), WAIT
+        )
+        assert (await asyncio.wait_for(home[0].readline(), WAIT)).startswith(b"* OK")
+        home[1].write(f'h LOGIN {VICTIM} "{PASSWORD}"\r\n'.encode())
+        async with asyncio.timeout(WAIT):
+            while throttle.waiting("user") < 1:
+                await asyncio.sleep(STEP)
+        office = await imap_client(proxy.port)
+        office[1].write(f'o LOGIN {VICTIM} "from the office"\r\n'.encode())
+        async with asyncio.timeout(WAIT):
+            while throttle.waiting("ip") < 1:
+                await asyncio.sleep(STEP)
+        throttle.succeeded(in_flight)
+        async with asyncio.timeout(WAIT):
+            while not backend.received:
+                await asyncio.sleep(STEP)
+        assert PASSWORD.encode() in backend.received[0]
+        backend.release.set()
+        replies = [await asyncio.wait_for(reader.readline(), WAIT) for reader, _ in (home, office)]
+        for _, writer in (home, office):
+            writer.close()
+        await sessions_settle(proxy)
+    assert [reply.split(b" ")[:2] for reply in replies] == [[b"h", b"OK"], [b"o", b"NO"]]
 
 
 VICTIM = "alice@alpha.example"
