@@ -550,6 +550,12 @@ class Frontend:
     def _await_literal(self, parser: _Parser, pending: _Incomplete) -> list[Command]:
         assert parser.tag is not None  # a literal is only reached after the tag parsed
         if sum(map(len, self._literals)) + pending.size > MAX_LITERAL_OCTETS:
+            if pending.synchronizing:
+                # Refused instead of "+": the client sends none of it (RFC 9051 section 4.3), so
+                # the session goes on (review S5). A {n+} literal is on its way regardless, and
+                # its bytes could not be told from commands: that closes.
+                self._reset_command()
+                return self._bad(parser.tag, b"[TOOBIG] Literal too large before login")
             reply = self._tagged(parser.tag, b"BAD [TOOBIG] Literal too large before login")
             return [reply, *self._close("literal too large")]
         if parser.name == "LOGIN" and self._privacy_required() and pending.synchronizing:
@@ -643,13 +649,12 @@ class Frontend:
                 assert_never(step)
 
     def _authenticate(self, tag: bytes, credentials: sasl.Credentials) -> list[Command]:
-        if not credentials.username:
-            return self._bad(tag, b"Empty user name")
-        if not sasl.replayable(credentials):
+        if not credentials.username or not sasl.replayable(credentials):
             # A literal, a quoted string or a SASL response can carry CR, LF and other control
             # characters, and a literal a name of kilobytes: refused like a failed login (and,
             # like one, not counted), as POP3 and SMTP do and with Dovecot's words, so such a
-            # name never reaches a log line, an auth_http request or a backend.
+            # name never reaches a log line, an auth_http request or a backend. An empty name
+            # is a valid astring (RFC 9051 section 6.2.3): a failed login too (review S5).
             return [self._tagged(tag, b"NO " + REFUSAL_TEXT)]
         self._phase = _Phase.LOGIN
         self._login_tag = tag
