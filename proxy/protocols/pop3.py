@@ -389,7 +389,8 @@ class Frontend:
                 self._enter(_sasl_state(step))
                 return [Send(b"+ " + step.challenge + CRLF)]
             case sasl.SaslCancelled():
-                return self._refuse(REPLY_CANCELLED)
+                # Not counted as an error, as in IMAP: the client chose to stop (review S5).
+                return [Send(REPLY_CANCELLED)]
             case sasl.SaslInvalid():
                 return self._refuse(REPLY_BAD_SASL)
             case sasl.SaslAuthzidRefused():
