@@ -2,7 +2,8 @@
 
 The reconciler (and ``mailgress routes check``) calls ``compile_table`` with every MailRoute it
 knows, parsed or not, the ready endpoints of every backend Service port those routes name, and
-the data of the labelled Secrets their auth_http ``headersFrom`` may name.
+the data of the labelled Secrets their auth_http ``headersFrom`` may name, and the claims each
+route holds in the table it published last (``holdings``; rule 2b).
 Pure and deterministic (Contour's DAG build, in small): the output does not depend on the order
 of the input, equal input gives an equal ``table.version``, and a user's mistake becomes a
 condition on that user's object, never an exception. No I/O, no clocks, no logging.
@@ -15,26 +16,36 @@ Rules, in order:
    separate namespaces, as in ``table.lookup``: a user "example.com" (a login without a domain)
    and a domain "example.com" never match the same login, so they do not conflict; two routes
    claiming one user, or one domain, for one protocol do. Oldest first (creationTimestamp, then
-   namespace/name as Gateway API breaks ties), a route whose claims are all free is Accepted
-   and takes them; a route with any taken claim is Accepted=False/Conflicted, names the owner
-   and is left out entirely. Whole-route exclusion is deliberate: a route is one mailbox
-   placement, and serving half of it (its IMAP but not its SMTP, or some domains only) would
-   split a user's mail between backends without anyone having asked for it.
-2a. Across namespaces age decides over the name tree (the tenancy rule). A domain d covers the
-   users @d; a wildcard *.s covers every domain ending in .s, every wildcard *.x.s and every
-   user @x.s; a key covers itself. An exact d covers neither *.d nor x.d (lookup never goes
-   from x.d to d), and the catch-all "*" covers nothing and stays per protocol (everyone's
-   default, nobody's domain). A route is also refused when one of its keys covers, or is
-   covered by, a key that an older accepted route of another namespace holds for any
-   protocol: the owner of alpha.example for IMAP does not find its users' passwords or inbound
-   mail collected by another namespace's claim of alpha.example for SMTP, of *.example, or of
-   cfo@alpha.example. So a later claim never takes logins an accepted route serves: a newer
-   *.example does not evict alpha.example, a newer domain does not evict an older user route.
-   A squatter who claims a name first only blocks its owner, whose route is Conflicted naming
-   the squatter at once, before any mail flows (the accepted trade-off; an operator who wants
-   fixed ownership serves namespaces per release). Within one namespace names split freely.
-   Rules 2 and 2a are one greedy pass in age order: only accepted routes hold keys, so a
-   refused route blocks no one, and the outcome does not depend on the order of the input.
+   namespace/name as Gateway API breaks ties) but after rule 2b, a route whose claims are all
+   free is Accepted and takes them; a route with any taken claim is Accepted=False/Conflicted,
+   names the owner and is left out entirely. Whole-route exclusion is deliberate: a route is
+   one mailbox placement, and serving half of it (its IMAP but not its SMTP, or some domains
+   only) would split a user's mail between backends without anyone having asked for it.
+2a. Across namespaces the name tree counts. A domain d covers the users @d; a wildcard *.s
+   covers every domain ending in .s, every wildcard *.x.s and every user @x.s; a key covers
+   itself. An exact d covers neither *.d nor x.d (lookup never goes from x.d to d), and the
+   catch-all "*" covers nothing and stays per protocol (everyone's default, nobody's domain). A
+   route is also refused when one of its keys covers, or is covered by, a key that an accepted
+   route of another namespace holds for any protocol: the owner of alpha.example for IMAP does
+   not find its users' passwords or inbound mail collected by another namespace's claim of
+   alpha.example for SMTP, of *.example, or of cfo@alpha.example. A squatter who claims a name
+   first only blocks its owner, whose route is Conflicted naming the squatter at once, before
+   any mail flows (the accepted trade-off; an operator who wants fixed ownership serves
+   namespaces per release). Within one namespace names split freely.
+2b. Serving comes before age: a later claim never takes logins a route serves. ``held`` says
+   what each route holds in the table published last (``holdings``), by namespace/name, so a
+   MailRoute deleted and created again keeps what the old object held. A claim (rule 2) or key
+   (rule 2a, for any protocol) a route does not hold there loses against a conflicting one that
+   another route holds there, whatever their ages: an older route edited to claim *.example, an
+   old invalid route made valid, or a refused route whose rival is created again takes nothing
+   from the route serving those logins. Age decides only between claims neither route holds
+   (or both, after a table made by other rules), and alone without ``held``
+   (``mailgress routes check``, or a controller that found no snapshot at start).
+   Rules 2 to 2b are one greedy pass in age order against the accepted routes and the held
+   claims. A refused route holds nothing: if one was refused, its held claims lapse and the pass
+   runs again without them (each run drops at least one route's, so the runs end). So every
+   refusal names an accepted route, the outcome does not depend on the order of the input, and
+   compiling again with the holdings of the table made gives that table again.
 3. Backends resolve only in the route's own namespace: the ``ServiceKey`` is always the route's
    namespace. A missing key is BackendNotFound, an empty endpoint list NoReadyEndpoints; either
    way the route stays in the table with no endpoints for that protocol, so its users get a
@@ -50,7 +61,7 @@ Rules, in order:
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -63,7 +74,9 @@ _Table = table.RoutingTable
 _Conditions = tuple[conditions.Condition, ...]
 _Counts = tuple[tuple[table.Protocol, int], ...]
 # (protocol, "user" or "domain", key): the kind is part of the claim, as lookup keeps the two apart.
-_Claim = tuple[table.Protocol, str, str]
+Claim = tuple[table.Protocol, str, str]
+# "namespace/name" -> the claims that route holds in the table published last (``holdings``).
+Holdings = Mapping[str, frozenset[Claim]]
 SecretRef = tuple[str, str]  # (namespace, Secret name)
 # A labelled Secret's data as headersFrom may use it: each key's value as mailroute.header_value
 # made it from the Secret's bytes, None where those bytes are no header value.
@@ -76,6 +89,7 @@ _PROBLEM_ORDER = (
     conditions.Reason.NO_READY_ENDPOINTS,
 )
 _NO_SECRETS: Mapping[SecretRef, SecretValues] = MappingProxyType({})
+_NO_HOLDINGS: Holdings = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,13 +122,22 @@ def service_keys(routes: Sequence[mailroute.MailRoute | mailroute.SpecError]) ->
     )
 
 
+def _age(route: mailroute.MailRoute) -> tuple[str, str]:
+    """Rule 2's order: creationTimestamp, then namespace/name."""
+    return (route.creation_timestamp, route.key)
+
+
 def _why(loser: mailroute.MailRoute, winner: mailroute.MailRoute) -> str:
+    # Age is named whenever it gives the same winner: the reason then stays the same once the
+    # winner's own table makes it a holder too, and no status is written again for it.
+    if _age(winner) > _age(loser):  # only rule 2b lets a newer route win
+        return "already serving it"
     if winner.creation_timestamp < loser.creation_timestamp:
         return "created earlier"
     return "equally old and first by namespace/name"
 
 
-def _conflict_message(loser: mailroute.MailRoute, winner: mailroute.MailRoute, claim: _Claim) -> str:
+def _conflict_message(loser: mailroute.MailRoute, winner: mailroute.MailRoute, claim: Claim) -> str:
     protocol, kind, key = claim
     return (
         f'{kind} "{key}" is already routed for {protocol} by {winner.key} ({_why(loser, winner)}); '
@@ -134,17 +157,70 @@ class _Refusal:
 _Key = tuple[str, str]
 
 
+def _keys_of(users: Iterable[str], domains: Iterable[str]) -> list[_Key]:
+    return sorted({("user", user) for user in users} | {("domain", domain) for domain in domains})
+
+
 def _keys(route: mailroute.MailRoute) -> list[_Key]:
-    return sorted({("user", user) for user in route.users} | {("domain", domain) for domain in route.domains})
+    return _keys_of(route.users, route.domains)
 
 
-def _claims(route: mailroute.MailRoute) -> list[_Claim]:
+def _claims(route: mailroute.MailRoute) -> list[Claim]:
     """(protocol, kind, key) for every key the route claims, in a fixed order.
 
     Keys are compared as written: the CRD only admits lower-case users and domains, which is
     what the table's case folding turns every login into.
     """
     return [(protocol, kind, key) for protocol, _ in route.protocols for kind, key in _keys(route)]
+
+
+def holdings(published: Iterable[table.Route]) -> dict[str, frozenset[Claim]]:
+    """What each route of a published table holds (rule 2b), by its namespace/name: a claim for
+    each protocol it serves and each user and domain it routes."""
+    return {
+        route.name: frozenset(
+            (protocol, kind, key)
+            for protocol, _ in route.upstreams
+            for kind, key in _keys_of(route.users, route.domains)
+        )
+        for route in published
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Holding:
+    """What a route claims now and already holds in the published table (rule 2b): claims for
+    rule 2, keys (held for any protocol) for rule 2a."""
+
+    claims: frozenset[Claim] = frozenset()
+    keys: frozenset[_Key] = frozenset()
+
+
+_NOTHING_HELD = _Holding()
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    """A route with its claims and keys, worked out once per compilation (rules 2 and 2a)."""
+
+    route: mailroute.MailRoute
+    claims: list[Claim]
+    keys: list[_Key]
+
+
+def _claimed(route: mailroute.MailRoute) -> _Claimed:
+    return _Claimed(route, _claims(route), _keys(route))
+
+
+def _holding(claimed: _Claimed, held: Holdings) -> _Holding:
+    published = held.get(claimed.route.key)
+    if not published:
+        return _NOTHING_HELD
+    published_keys = {claim[1:] for claim in published}
+    return _Holding(
+        frozenset(claim for claim in claimed.claims if claim in published),
+        frozenset(key for key in claimed.keys if key in published_keys),
+    )
 
 
 def _covering(kind: str, key: str) -> list[str]:
@@ -161,32 +237,40 @@ def _covering(kind: str, key: str) -> list[str]:
 
 @dataclass(slots=True)
 class _Held:
-    """What the accepted routes hold so far, for the checks of rule 2 and 2a."""
+    """What the accepted routes hold so far, or the published table's holders (rule 2b), for
+    the checks of rules 2 and 2a."""
 
     # Rule 2: each claim's route.
-    claims: dict[_Claim, mailroute.MailRoute] = dataclasses.field(default_factory=dict)
-    # Across namespaces: each key's first route and claim (every holder of a key but the
+    claims: dict[Claim, mailroute.MailRoute] = dataclasses.field(default_factory=dict)
+    # Across namespaces: each key's first route and a claim of it (every holder of a key but the
     # catch-all is of one namespace, since rule 2a refuses the others).
-    keys: dict[_Key, tuple[mailroute.MailRoute, _Claim]] = dataclasses.field(default_factory=dict)
+    keys: dict[_Key, tuple[mailroute.MailRoute, Claim]] = dataclasses.field(default_factory=dict)
     # Each domain key's covered keys as (route, kind, key), oldest route first.
     below: dict[str, list[tuple[mailroute.MailRoute, str, str]]] = dataclasses.field(default_factory=dict)
 
-    def take(self, route: mailroute.MailRoute) -> None:
-        for claim in _claims(route):
-            self.claims[claim] = route
-            self.keys.setdefault(claim[1:], (route, claim))
-        for kind, key in _keys(route):
+    def take(self, claimed: _Claimed, claims: Iterable[Claim], keys: Iterable[_Key]) -> None:
+        """Let a route hold ``claims`` (rule 2) and ``keys`` (rule 2a), some or all of its own."""
+        route = claimed.route
+        for claim in claims:
+            self.claims.setdefault(claim, route)
+        first: dict[_Key, Claim] = {}  # a message names the protocol of a key's first claim
+        for claim in claimed.claims:
+            first.setdefault(claim[1:], claim)
+        for kind, key in keys:
+            self.keys.setdefault((kind, key), (route, first[kind, key]))
             for above in _covering(kind, key):
                 self.below.setdefault(above, []).append((route, kind, key))
 
 
-def _refusal(route: mailroute.MailRoute, held: _Held) -> _Refusal | None:
-    """Why ``route`` cannot be accepted beside the older accepted routes in ``held``, or None."""
-    for claim in _claims(route):
+def _conflict(
+    route: mailroute.MailRoute, claims: Iterable[Claim], keys: Iterable[_Key], held: _Held
+) -> _Refusal | None:
+    """Why ``claims`` and ``keys`` of ``route`` cannot be had beside what ``held`` holds, or None."""
+    for claim in claims:
         winner = held.claims.get(claim)
         if winner is not None:
             return _Refusal(winner, _conflict_message(route, winner, claim))
-    for kind, key in _keys(route):
+    for kind, key in keys:
         if key == table.CATCH_ALL:  # everyone's default, nobody's domain: per protocol only
             continue
         same = held.keys.get((kind, key))
@@ -214,17 +298,44 @@ def _refusal(route: mailroute.MailRoute, held: _Held) -> _Refusal | None:
     return None
 
 
-def _settle(routes: Sequence[mailroute.MailRoute]) -> dict[str, _Refusal | None]:
-    """Rules 2 and 2a over ``routes`` (oldest first), in one pass: each route's refusal, None
-    when it is accepted. Only accepted routes hold keys."""
-    held = _Held()
-    outcome: dict[str, _Refusal | None] = {}
-    for route in routes:
-        refusal = _refusal(route, held)
-        outcome[route.key] = refusal
-        if refusal is None:
-            held.take(route)
-    return outcome
+def _refusal(claimed: _Claimed, accepted: _Held, published: _Held, holding: _Holding) -> _Refusal | None:
+    """Why a route cannot be accepted, or None: a claim or key taken by an older accepted route
+    in ``accepted`` (rules 2 and 2a), or one it does not hold (``holding``) taken by another
+    route in ``published`` (rule 2b)."""
+    route, claims, keys = claimed.route, claimed.claims, claimed.keys
+    refusal = _conflict(route, claims, keys, accepted)
+    if refusal is not None or not published.keys:  # no holder (a held claim's key is held too)
+        return refusal
+    return _conflict(
+        route,
+        [claim for claim in claims if claim not in holding.claims],
+        [key for key in keys if key not in holding.keys],
+        published,
+    )
+
+
+def _settle(routes: Sequence[mailroute.MailRoute], held: Holdings) -> dict[str, _Refusal | None]:
+    """Rules 2 to 2b over ``routes`` (oldest first): each route's refusal, None when it is
+    accepted. Only accepted routes hold keys in the end: a run that refuses a holder runs again
+    with that route's held claims lapsed."""
+    every = [_claimed(route) for route in routes]
+    holding = {claimed.route.key: _holding(claimed, held) for claimed in every}
+    while True:  # each run but the last empties at least one route's holding
+        published = _Held()
+        for claimed in every:
+            published.take(claimed, holding[claimed.route.key].claims, holding[claimed.route.key].keys)
+        accepted = _Held()
+        outcome: dict[str, _Refusal | None] = {}
+        for claimed in every:
+            refusal = _refusal(claimed, accepted, published, holding[claimed.route.key])
+            outcome[claimed.route.key] = refusal
+            if refusal is None:
+                accepted.take(claimed, claimed.claims, claimed.keys)
+        lapsed = [key for key, refusal in outcome.items() if refusal is not None and holding[key].keys]
+        if not lapsed:
+            return outcome
+        for key in lapsed:
+            holding[key] = _NOTHING_HELD
 
 
 _Problems = dict[conditions.Reason, list[str]]
@@ -363,6 +474,7 @@ def compile_table(
     endpoints: Mapping[ServiceKey, Sequence[table.Endpoint]],
     secrets: Mapping[SecretRef, SecretValues] = _NO_SECRETS,
     version_key: str = "",
+    held: Holdings = _NO_HOLDINGS,
 ) -> Compiled:
     """Compile every MailRoute into one routing table plus per-object conditions.
 
@@ -376,6 +488,8 @@ def compile_table(
         version_key: the caller's random key hiding auth_http header values in the table's
             version (``table.make_table``); needed once a route has headers, and kept from
             table to table so that equal content keeps its version.
+        held: what each route holds in the table published last (``holdings`` of it; rule
+            2b); left out, age alone decides every conflict.
 
     Returns:
         The table (routes sorted, version = hash of the content) and, per "namespace/name",
@@ -383,8 +497,8 @@ def compile_table(
 
     """
     valid, invalid = _split(routes)
-    valid.sort(key=lambda route: (route.creation_timestamp, route.key))
-    outcome = _settle(valid)
+    valid.sort(key=_age)
+    outcome = _settle(valid, held)
     compiled_routes: list[table.Route] = []
     found: dict[str, _Conditions] = {}
     counts: dict[str, _Counts] = {}

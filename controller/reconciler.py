@@ -7,7 +7,8 @@ filled every index (kopf holds resource handlers until then). The publisher call
 through ``read`` (never an event's diff: Contour's level-based build), so a lost or repeated
 event costs nothing but a pass.
 
-One pass: compile every MailRoute with the resolved endpoints and Secrets (controller.compiler, pure);
+One pass: compile every MailRoute with the resolved endpoints and Secrets (controller.compiler, pure),
+and with what each route holds in the table published last, so that a route keeps the names it serves;
 publish the table if its version is new and write it to the snapshot Secret (the one place
 the latest version is published, with the controller's table metric; a Secret, not a ConfigMap,
 because route tables carry auth_http request headers, and the aggregated ``view`` role reads
@@ -426,6 +427,9 @@ class _Published:
     # moves to the end).
     tables: dict[str, int] = field(default_factory=dict)
     since: dict[str, _Since] = field(default_factory=dict)  # the latest table's routes
+    # What each route holds in the latest table: the compiler's ``held`` (its rule 2b), so that
+    # a route serving a name keeps it, also across a restart from the snapshot.
+    held: compiler.Holdings = field(default_factory=dict)
 
     @property
     def latest(self) -> str | None:
@@ -445,6 +449,7 @@ class _Published:
                 kept = _Since(route, self.publications, new.version, kept.spec_publication)
             since[route.name] = kept
         self.since = since
+        self.held = compiler.holdings(new.routes)
         self.tables.pop(new.version, None)
         self.tables[new.version] = self.publications
         while len(self.tables) > MAX_REMEMBERED_TABLES:
@@ -529,6 +534,7 @@ class Reconciler:
                 list[_Parsed],
                 dict[compiler.ServiceKey, _Endpoints],
                 Mapping[compiler.SecretRef, compiler.SecretValues],
+                compiler.Holdings,
             ]
             | None
         ) = None
@@ -748,12 +754,14 @@ class Reconciler:
         inputs = self._read()
         routes: list[_Parsed] = [entry.route for entry in inputs.routes]
         resolved = endpoints.resolve(compiler.service_keys(routes), inputs.services, inputs.slices)
-        if self._compiled is None or self._compiled_from != (routes, resolved, inputs.secrets):
+        # Who holds what in the table published last (the restored snapshot's before the first).
+        held = self._published.held
+        if self._compiled is None or self._compiled_from != (routes, resolved, inputs.secrets, held):
             started = time.perf_counter()
-            self._compiled = compiler.compile_table(routes, resolved, inputs.secrets, self._version_key)
+            self._compiled = compiler.compile_table(routes, resolved, inputs.secrets, self._version_key, held)
             if self._metrics is not None:
                 self._metrics.compile_seconds.observe(time.perf_counter() - started)
-            self._compiled_from = (routes, resolved, inputs.secrets)
+            self._compiled_from = (routes, resolved, inputs.secrets, held)
         compiled = self._compiled
         if compiled.table.version != self._pushed:
             if self._pushed is None and self._restored:  # proxies can connect from now on
@@ -761,6 +769,9 @@ class Reconciler:
             self._publisher.publish(compiled.table)
             self._pushed = compiled.table.version
             self._published.add(compiled.table)
+            # Compiling the same input with what this table holds gives it again (the compiler's
+            # rule 2b), so the next pass compiles only when an input changes.
+            self._compiled_from = (routes, resolved, inputs.secrets, self._published.held)
         for proxy in self._applied.keys() - inputs.proxies.keys():
             # The pod is gone: its name is not kept through rollouts (rejections leave with the
             # proxy's stream, ``acks_changed``).

@@ -7,6 +7,8 @@ Case file format:
     endpoints:  "namespace/service": {port as written in the route: ["host:port", ...]}
     secrets (optional): "namespace/name": {key: value}, the labelled Secrets; each value's UTF-8
                 bytes go through mailroute.header_value as the operator's Secret index does
+    published (optional): the table the controller published last, in the form of expect.table;
+                what its routes hold is the compiler's ``held`` (rule 2b)
     expect:
       table:       "namespace/name": route with defaults left out (users [], balance user-hash,
                    auth backend, tls none, clientInfo none, generation 0); each protocol as
@@ -39,7 +41,9 @@ CRD = yaml.safe_load(
 
 def _load(path: Path) -> dict[str, Any]:
     case: dict[str, Any] = yaml.safe_load(path.read_text())
-    assert set(case) <= {"routes", "endpoints", "secrets", "expect"}, f"{path.name}: unknown sections"
+    assert set(case) <= {"routes", "endpoints", "secrets", "published", "expect"}, (
+        f"{path.name}: unknown sections"
+    )
     return case
 
 
@@ -69,6 +73,38 @@ def _secrets(raw: Mapping[str, Mapping[str, str]] | None) -> dict[compiler.Secre
 
 def _parsed(case: Mapping[str, Any]) -> list[mailroute.MailRoute | mailroute.SpecError]:
     return [mailroute.parse(body) for body in case.get("routes") or []]
+
+
+def _published_route(name: str, document: Mapping[str, Any]) -> table.Route:
+    """A route of a case's published table, from the form ``render_table`` writes."""
+    upstreams = tuple(
+        (
+            protocol,
+            table.Upstream(
+                service=document[protocol]["service"],
+                endpoints=tuple(_endpoint(text) for text in document[protocol]["endpoints"]),
+            ),
+        )
+        for protocol in table.PROTOCOLS
+        if protocol in document
+    )
+    users, domains = tuple(document.get("users", ())), tuple(document.get("domains", ()))
+    return table.Route(name, document.get("generation", 0), users, domains, upstreams)
+
+
+def _held(case: Mapping[str, Any]) -> compiler.Holdings:
+    published = case.get("published") or {}
+    return compiler.holdings(_published_route(name, document) for name, document in published.items())
+
+
+def _compile(case: Mapping[str, Any]) -> compiler.Compiled:
+    return compiler.compile_table(
+        _parsed(case),
+        _endpoints(case.get("endpoints")),
+        _secrets(case.get("secrets")),
+        VERSION_KEY,
+        _held(case),
+    )
 
 
 def _render_upstream(upstream: table.Upstream) -> dict[str, Any]:
@@ -139,9 +175,7 @@ def _generations(case: Mapping[str, Any]) -> dict[str, int]:
 def test_case(path: Path) -> None:
     case = _load(path)
     expect = case["expect"]
-    compiled = compiler.compile_table(
-        _parsed(case), _endpoints(case.get("endpoints")), _secrets(case.get("secrets")), VERSION_KEY
-    )
+    compiled = _compile(case)
 
     assert render_table(compiled.table) == (expect.get("table") or {})
     _check_conditions(compiled, expect.get("conditions") or {})
@@ -166,13 +200,69 @@ def test_input_order_does_not_matter(path: Path, data: st.DataObject) -> None:
     routes = _parsed(case)
     endpoints = _endpoints(case.get("endpoints"))
     secrets = _secrets(case.get("secrets"))
-    reference = compiler.compile_table(routes, endpoints, secrets, VERSION_KEY)
+    held = _held(case)
+    reference = compiler.compile_table(routes, endpoints, secrets, VERSION_KEY, held)
     shuffled_routes = data.draw(st.permutations(routes))
     shuffled_endpoints = dict(data.draw(st.permutations(list(endpoints.items()))))
     shuffled_secrets = dict(data.draw(st.permutations(list(secrets.items()))))
-    compiled = compiler.compile_table(shuffled_routes, shuffled_endpoints, shuffled_secrets, VERSION_KEY)
+    shuffled_held = dict(data.draw(st.permutations(list(held.items()))))
+    compiled = compiler.compile_table(
+        shuffled_routes, shuffled_endpoints, shuffled_secrets, VERSION_KEY, shuffled_held
+    )
     assert compiled.table.version == reference.table.version
     assert compiled == reference
+
+
+@pytest.mark.parametrize("path", CASES, ids=[path.stem for path in CASES])
+def test_its_own_table_published_changes_nothing(path: Path) -> None:
+    """Once a table is published, compiling the same input again with what that table holds
+    gives the same table and conditions (rule 2b): the pass after a publication writes no status
+    and publishes nothing, and a refused route holds nothing."""
+    case = _load(path)
+    compiled = _compile(case)
+    again = compiler.compile_table(
+        _parsed(case),
+        _endpoints(case.get("endpoints")),
+        _secrets(case.get("secrets")),
+        VERSION_KEY,
+        compiler.holdings(compiled.table.routes),
+    )
+    assert again == compiled
+
+
+def _every_claim(route: mailroute.MailRoute) -> list[compiler.Claim]:
+    keys = [("user", user) for user in route.users] + [("domain", domain) for domain in route.domains]
+    return [(protocol, kind, key) for protocol, _ in route.protocols for kind, key in keys]
+
+
+@pytest.mark.parametrize("path", CASES, ids=[path.stem for path in CASES])
+@settings(derandomize=True, max_examples=25, database=None, deadline=None)
+@given(data=st.data())
+def test_whatever_a_table_held_every_refusal_names_a_route_of_the_new_one(
+    path: Path, data: st.DataObject
+) -> None:
+    """Any holdings (some claims of some routes, conflicting ones too, as a table made by other
+    rules may hold): a Conflicted route names a route of the table, and that table published
+    gives itself again."""
+    case = _load(path)
+    routes = _parsed(case)
+    held = {
+        route.key: frozenset(data.draw(st.sets(st.sampled_from(_every_claim(route)))))
+        for route in routes
+        if isinstance(route, mailroute.MailRoute) and data.draw(st.booleans())
+    }
+    endpoints, secrets = _endpoints(case.get("endpoints")), _secrets(case.get("secrets"))
+    compiled = compiler.compile_table(routes, endpoints, secrets, VERSION_KEY, held)
+    names = {route.name for route in compiled.table.routes}
+    for key, found in compiled.conditions.items():
+        (accepted,) = (c for c in found if c.type == "Accepted")
+        (programmed,) = (c for c in found if c.type == "Programmed")
+        if accepted.reason == conditions.Reason.CONFLICTED:
+            assert programmed.message.rpartition(" ")[2] in names, key
+    again = compiler.compile_table(
+        routes, endpoints, secrets, VERSION_KEY, compiler.holdings(compiled.table.routes)
+    )
+    assert again.table == compiled.table
 
 
 def test_there_are_enough_cases() -> None:

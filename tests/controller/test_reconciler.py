@@ -1513,3 +1513,76 @@ async def test_a_snapshot_stored_without_its_since_map_is_reported_and_a_restart
     again, _ = restarted(world, cluster)
     await again.restore()
     assert f"{RESTORE_FAILED} (no since.json.gz beside table.json.gz" in caplog.text
+
+
+# A name a route serves stays with it (the compiler's rule 2b): the reconciler gives the compiler
+# what the table it published last holds, also the table restored from the snapshot.
+
+
+def tenant_route(
+    namespace: str, name: str, created: str, domains: list[str], *, generation: int = 1
+) -> dict[str, Any]:
+    body = route_body(name, domains[0], generation=generation)
+    body["metadata"].update(namespace=namespace, creationTimestamp=created)
+    body["spec"]["domains"] = domains
+    return body
+
+
+# team-x's harmless route from January, and mail's alpha.example from June.
+MISC = tenant_route("team-x", "misc", "2026-01-01T00:00:00Z", ["team-x.example"])
+ALPHA = tenant_route("mail", "alpha", "2026-06-01T00:00:00Z", ["alpha.example"])
+# team-x's route edited later to claim *.example as well.
+GRAB = tenant_route("team-x", "misc", "2026-01-01T00:00:00Z", ["team-x.example", "*.example"], generation=2)
+SERVED = (
+    'domain "*.example" covers the domain "alpha.example", which mail/alpha routes (already '
+    "serving it) in another namespace; this route is not used"
+)
+
+
+def owner_of(published: table.RoutingTable, login: str) -> str | None:
+    found = table.lookup(published, "imap", login)
+    return None if found is None else found.name
+
+
+async def test_an_older_route_edited_to_claim_a_served_name_is_refused_not_the_route_serving_it(
+    world: World,
+    counted: reconciler.Reconciler,
+    publisher: FakePublisher,
+    cluster: FakeCluster,
+    registry: CollectorRegistry,
+) -> None:
+    world.routes = [entry(MISC), entry(ALPHA)]
+    await counted.reconcile()
+    assert owner_of(publisher.published[-1], "ceo@alpha.example") == "mail/alpha"
+    world.routes[0] = entry(GRAB, version="2")
+    await counted.reconcile()
+    assert owner_of(publisher.published[-1], "ceo@alpha.example") == "mail/alpha"
+    assert conditions_of(cluster.last_status("team-x/misc"))["Accepted"] == ("False", "Conflicted", SERVED)
+    assert conditions_of(cluster.last_status("mail/alpha"))["Accepted"][:2] == ("True", "Accepted")
+    # Compiling again with what the new table holds would give it again: the passes that follow
+    # (status writes coming back as watch events) compile nothing.
+    compiled = registry.get_sample_value("mailgress_controller_compile_seconds_count")
+    await counted.reconcile()
+    assert registry.get_sample_value("mailgress_controller_compile_seconds_count") == compiled == 2
+
+
+async def test_a_restarted_controller_keeps_a_name_with_the_route_that_served_it(
+    world: World, worker: reconciler.Reconciler, publisher: FakePublisher, cluster: FakeCluster
+) -> None:
+    """team-x's route is edited while the controller is away: the table restored from the
+    snapshot says who serves alpha.example. Without a snapshot to read (none, or unusable: the
+    previous table is then unknown), age alone decides, and the older route takes it."""
+    world.routes = [entry(MISC), entry(ALPHA)]
+    await worker.reconcile()
+    world.routes[0] = entry(GRAB, version="2")
+    again, channel = restarted(world, cluster)
+    await again.restore()
+    await again.reconcile()
+    assert owner_of(channel.published[-1], "ceo@alpha.example") == "mail/alpha"
+    assert conditions_of(cluster.last_status("team-x/misc"))["Accepted"] == ("False", "Conflicted", SERVED)
+
+    cluster.secret = None
+    fresh, unaware = restarted(world, cluster)
+    await fresh.restore()
+    await fresh.reconcile()
+    assert owner_of(unaware.published[-1], "ceo@alpha.example") == "team-x/misc"

@@ -4,7 +4,9 @@ The default controller of tests/kube/conftest.py serves NAMESPACE only, in a clu
 has the controller's own namespace (watched for the proxy pods, not served) and OTHER_NAMESPACE
 (not even watched). A route outside the served namespaces gets no status and stays out of the
 table; two releases serving disjoint namespaces each program their own routes and never write the
-other's; a controller started with every namespace (--all-namespaces) serves them all.
+other's; a controller started with every namespace (--all-namespaces) serves them all. A name a
+route serves stays with it: an older route of another namespace edited to claim it is refused,
+also when the edit lands while the controller is away.
 """
 
 import copy
@@ -29,8 +31,10 @@ from tests.kube.conftest import (
     eventually,
     imap_route,
     proxy_pod,
+    route_path,
     service_body,
     slice_body,
+    snapshot_of,
     status_of,
 )
 from tests.kube.emulator import Emulator
@@ -212,5 +216,114 @@ async def test_a_newer_wildcard_of_another_namespace_does_not_take_a_served_doma
                 assert route_names(proxy.latest) == [f"{NAMESPACE}/alpha"]
                 owner = table.lookup(proxy.latest, "imap", "ceo@alpha.example")
                 assert owner is not None and owner.name == f"{NAMESPACE}/alpha"
+    finally:
+        await runner.stop()
+
+
+# A name a route serves stays with it (review S3's HIGH finding). mail's route is created first,
+# so it is the older one whatever the clock says (equal creationTimestamps, of second precision,
+# go by namespace/name, and "mail/" comes first): age alone would give it the name.
+GRAB_DOMAINS = ["misc.example", "*.example"]
+
+
+async def two_tenants(api: Api, controller_settings: operator.Settings) -> operator.Settings:
+    """mail's harmless route (misc.example), then team-x's alpha.example with its own backend;
+    the settings of a release serving both namespaces."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    await api.create(
+        f"/api/v1/namespaces/{OTHER_NAMESPACE}/services", service_body("collector", OTHER_NAMESPACE)
+    )
+    await api.create(
+        f"/apis/discovery.k8s.io/v1/namespaces/{OTHER_NAMESPACE}/endpointslices",
+        slice_body("collector", ["10.9.9.9"], namespace=OTHER_NAMESPACE),
+    )
+    await create_route(api, imap_route("misc", "misc.example"))
+    alpha = imap_route("alpha", "alpha.example", service="collector")
+    alpha["metadata"]["namespace"] = OTHER_NAMESPACE
+    await create_route(api, alpha)
+    return dataclasses.replace(controller_settings, watch_namespaces=frozenset({NAMESPACE, OTHER_NAMESPACE}))
+
+
+def without_the_first_misc(proxies: list[FakeProxy]) -> bool:
+    """Every proxy runs a table made after the edit: mail/misc at generation 2, or not at all."""
+    return all(
+        proxy.latest is not None
+        and not any(
+            route.name == f"{NAMESPACE}/misc" and route.generation == 1 for route in proxy.latest.routes
+        )
+        for proxy in proxies
+    )
+
+
+async def assert_alpha_kept(emulator: Emulator, proxies: list[FakeProxy]) -> None:
+    await eventually(lambda: without_the_first_misc(proxies), "the edited route compiled")
+    for proxy in proxies:
+        assert proxy.latest is not None
+        assert route_names(proxy.latest) == [f"{OTHER_NAMESPACE}/alpha"]
+        owner = table.lookup(proxy.latest, "imap", "ceo@alpha.example")
+        assert owner is not None and owner.name == f"{OTHER_NAMESPACE}/alpha"
+    await eventually(
+        lambda: condition(emulator, "misc", "Accepted").get("observedGeneration") == 2, "misc's status"
+    )
+    accepted = condition(emulator, "misc", "Accepted")
+    assert (accepted["status"], accepted["reason"]) == ("False", "Conflicted")
+    assert accepted["message"] == (
+        f'domain "*.example" covers the domain "alpha.example", which {OTHER_NAMESPACE}/alpha routes '
+        "(already serving it) in another namespace; this route is not used"
+    )
+    assert programmed(emulator, "alpha", OTHER_NAMESPACE)
+
+
+async def test_an_older_route_edited_to_claim_a_served_domain_does_not_take_it(
+    emulator: Emulator,
+    api: Api,
+    controller_settings: operator.Settings,
+    controller_accesses: AccessLog,
+) -> None:
+    """mail's older route, edited to claim *.example as well, is refused; team-x's route keeps
+    serving alpha.example (before, it turned Conflicted and mail's backend got its logins)."""
+    both = await two_tenants(api, controller_settings)
+    runner = ControllerRunner(emulator, both, controller_accesses)
+    try:
+        controller = await runner.start()
+        async with fake_proxies(controller) as proxies:
+            await eventually(
+                lambda: programmed(emulator, "alpha", OTHER_NAMESPACE), "team-x's route Programmed"
+            )
+            await eventually(lambda: programmed(emulator, "misc", NAMESPACE), "mail's route Programmed")
+            await api.patch(route_path("misc"), {"spec": {"domains": GRAB_DOMAINS}})
+            await assert_alpha_kept(emulator, proxies)
+    finally:
+        await runner.stop()
+
+
+async def test_a_restarted_controller_keeps_a_served_domain_with_its_route(
+    emulator: Emulator,
+    api: Api,
+    controller_settings: operator.Settings,
+    controller_accesses: AccessLog,
+) -> None:
+    """The edit lands while the controller is away: the new one reads who serves what from the
+    snapshot Secret it starts from."""
+    both = await two_tenants(api, controller_settings)
+    runner = ControllerRunner(emulator, both, controller_accesses)
+    try:
+        controller = await runner.start()
+        async with fake_proxies(controller) as proxies:
+            await eventually(
+                lambda: programmed(emulator, "alpha", OTHER_NAMESPACE), "team-x's route Programmed"
+            )
+            await eventually(lambda: programmed(emulator, "misc", NAMESPACE), "mail's route Programmed")
+            served = proxies[0].latest.version if proxies[0].latest else ""
+            await eventually(
+                lambda: table.from_json(snapshot_of(emulator) or "").version == served, "snapshot"
+            )
+        await runner.stop()
+        await api.patch(route_path("misc"), {"spec": {"domains": GRAB_DOMAINS}})
+        controller = await runner.start()
+        async with fake_proxies(controller) as proxies:
+            await assert_alpha_kept(emulator, proxies)
     finally:
         await runner.stop()
