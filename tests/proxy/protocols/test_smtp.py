@@ -3,9 +3,10 @@
 The transcripts in transcripts/smtp/ carry the front-end's dialogue in both modes (submission
 and inbound MX); this module runs them (whole and cut into random chunks), then checks that
 nothing gets past the relay checks, the envelope address grammar, limits in octets, driver
-misuse, the BackendLogin dialogue (EHLO, STARTTLS, XCLIENT, AUTH PLAIN, MAIL/RCPT replay),
-redaction, and hypothesis fuzzing of both machines. The tests every protocol runs come from the
-factories in dialogues.py, bound here to their names with SMTP's data.
+misuse, the BackendLogin dialogue (EHLO, STARTTLS, XCLIENT, AUTH PLAIN or, after an auth_http
+grant, XCLIENT LOGIN, MAIL/RCPT replay), redaction, and hypothesis fuzzing of both machines.
+The tests every protocol runs come from the factories in dialogues.py, bound here to their names
+with SMTP's data.
 """
 
 import base64
