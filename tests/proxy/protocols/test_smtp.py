@@ -1232,6 +1232,7 @@ BACKEND_LINES = [
     b"220-mx",
     b"250-mx",
     b"250-XCLIENT NAME ADDR PORT",
+    b"250-XCLIENT NAME ADDR PORT LOGIN",
     b"250-AUTH PLAIN LOGIN",
     b"250 AUTH PLAIN",
     b"250 2.1.0 Ok",
@@ -1250,10 +1251,13 @@ def verdict_given(login: smtp.BackendLogin) -> bool:
     return login.state is smtp.BackendState.DONE
 
 
-def fuzzed_login(starttls: bool, inbound: bool, use_xclient: bool) -> smtp.BackendLogin:
-    """An inbound or submission login that forwards the client's address with XCLIENT or not."""
+def fuzzed_login(starttls: bool, inbound: bool, use_xclient: bool, verified: bool) -> smtp.BackendLogin:
+    """An inbound or submission login that forwards the client's address with XCLIENT or not; a
+    submission maybe verified by an auth_http service (XCLIENT LOGIN where the backend takes it)."""
     config = dataclasses.replace(XCLIENT if use_xclient else BackendConfig(), starttls=starttls)
-    return inbound_login(config) if inbound else submission_login(config)
+    if inbound:
+        return inbound_login(config)
+    return verified_login(config) if verified else submission_login(config)
 
 
 def one_line_each_and_credentials_only_in_auth(commands: list[Command]) -> None:
@@ -1272,6 +1276,10 @@ STARTTLS_DIALOGUES = [
     [
         [b"220-mx", b"220 ESMTP", b"250-mx", b"250 STARTTLS", b"220 go"],
         [b"250-mx", b"250 AUTH PLAIN", b"250 2.1.0 Ok", b"250 2.1.5 Ok"],
+    ],
+    [
+        [b"220 mx", *NO_SASL_EHLO[:-1], b"250 STARTTLS", b"220 2.0.0 Ready to start TLS"],
+        [*NO_SASL_XCLIENT_EHLO, b"220 mx", *NO_SASL_EHLO],
     ],
 ]
 STARTTLS_NOISE = [*BACKEND_LINES, b"250-STARTTLS", b"220 2.0.0 Ready to start TLS"]
@@ -1292,6 +1300,7 @@ BEFORE_TLS = (b"", b"EHLO mailgress\r\n", b"EHLO mailgress\r\nSTARTTLS\r\n")
     check=one_line_each_and_credentials_only_in_auth,
     inbound=st.booleans(),
     use_xclient=st.booleans(),
+    verified=st.booleans(),
 )
 
 
