@@ -94,20 +94,26 @@ The backend login (``BackendLogin``, nginx's order): greeting ``220``, ``EHLO <s
 client_info xclient and ``XCLIENT`` in the EHLO reply, Postfix's ``XCLIENT ADDR= PORT=
 NAME=[UNAVAILABLE]`` (the attributes it lists, xtext-encoded) and, after its fresh ``220``, ``EHLO
 <the client's own name>``. With ``proxy-v2`` the backend has the client's address from the PROXY
-header, so the first EHLO gives the client's name too. Otherwise the backend takes the proxy for
-the client, so the proxy introduces itself by its own name: replaying the client's name would only
-put an unverifiable name next to the proxy's address. Then submission sends ``AUTH PLAIN`` (235 is
-success); inbound replays MAIL FROM and RCPT TO, and whatever the backend answers to RCPT is the
-client's reply, as nginx does (a 421 ends the session with it). A MAIL refused with 5xx becomes the
-client's RCPT reply (Postfix itself reports sender refusals at RCPT time by default), with 4xx it
-is a backend failure, so the client hears 451 and retries: either way no mail is accepted that the
-backend did not take. A 4xx or 5xx to XCLIENT or to the EHLO after it is the backend's verdict on
-the client it now sees (Postfix's client and HELO restrictions with ``smtpd_delay_reject = no``):
-the client hears it as the reply to its RCPT (submission: to its AUTH), and the endpoint, which
-answered, is not failing. A refusal of XCLIENT itself as not understood (500-504) or not authorized
-(Postfix's 550 "insufficient authorization") is about the proxy, not the client: a failure of the
-endpoint and 451 to the client, never a bounce (Postfix lists XCLIENT only to hosts it authorizes,
-so with Postfix the second does not happen).
+header, so the first EHLO gives the client's name too. Otherwise the backend takes the proxy for the
+client, so the proxy introduces itself by its own name: replaying the client's name would only put
+an unverifiable name next to the proxy's address. Then submission sends ``AUTH PLAIN`` (235 is
+success), except after a ``verified`` login: one an auth_http service has already accepted. There a
+backend whose EHLO lists ``LOGIN`` among the XCLIENT attributes and offers no AUTH PLAIN (nginx's
+default ``xclient on; proxy_smtp_auth off`` behind it: a Postfix port without SASL that trusts the
+proxy) gets ``LOGIN=<the user the service granted>`` in that XCLIENT, and its 250 to the EHLO after
+it is the success (the client hears ``235``). Never for a login the backend must verify (auth mode
+backend): XCLIENT LOGIN carries no password, so it would let any password in; such a backend without
+AUTH PLAIN fails the attempt as before. Inbound replays MAIL FROM and RCPT TO, and whatever the
+backend answers to RCPT is the client's reply, as nginx does (a 421 ends the session with it). A
+MAIL refused with 5xx becomes the client's RCPT reply (Postfix itself reports sender refusals at
+RCPT time by default), with 4xx it is a backend failure, so the client hears 451 and retries: either
+way no mail is accepted that the backend did not take. A 4xx or 5xx to XCLIENT or to the EHLO after
+it is the backend's verdict on the client it now sees (Postfix's client and HELO restrictions with
+``smtpd_delay_reject = no``): the client hears it as the reply to its RCPT (submission: to its
+AUTH), and the endpoint, which answered, is not failing. A refusal of XCLIENT itself as not
+understood (500-504) or not authorized (Postfix's 550 "insufficient authorization") is about the
+proxy, not the client: a failure of the endpoint and 451 to the client, never a bounce (Postfix
+lists XCLIENT only to hosts it authorizes, so with Postfix the second does not happen).
 
 With ``BackendConfig.starttls`` the first EHLO reply must list STARTTLS (RFC 3207); the machine
 sends it and, on ``220``, emits ``StartTls`` and drops whatever the backend sent behind the 220
@@ -218,6 +224,9 @@ REPLY_TLS_REQUIRED = b"530 5.7.0 Must issue a STARTTLS command first" + CRLF
 AUTH_FAILED_TEXT = b"Authentication credentials invalid"
 RELAY_DENIED_TEXT = b"Relay access denied"
 REPLY_AUTH_FAILED = b"535 5.7.8 " + AUTH_FAILED_TEXT + CRLF
+# A login the proxy completed with XCLIENT LOGIN, where no backend 235 exists to pass on: RFC 4954
+# section 6's code in Postfix's words, what the client hears from a login with AUTH at Postfix.
+REPLY_AUTH_SUCCEEDED = b"235 2.7.0 Authentication successful" + CRLF
 REPLY_AUTHZID_REFUSED = b"535 5.7.8 " + sasl.AUTHZID_REFUSED_TEXT + CRLF  # see sasl: why
 REPLY_AUTH_UNAVAILABLE = b"454 4.7.0 Temporary authentication failure" + CRLF
 REPLY_RELAY_DENIED = b"550 5.7.1 " + RELAY_DENIED_TEXT + CRLF
@@ -875,6 +884,11 @@ CLOSING_CODE = 421
 # failure (451 to the client, who retries).
 XCLIENT_NOT_UNDERSTOOD = frozenset({500, 501, 502, 503, 504})
 XCLIENT_NOT_AUTHORIZED = b"insufficient authorization"
+# XCLIENT_README asks for XCLIENT lines within RFC 5321's 512 octets, which ADDR, PORT and NAME keep;
+# LOGIN (a name of up to the auth_http reply's length, xtext-encoded) may pass it, as the AUTH PLAIN
+# response after a 334 and the replayed MAIL and RCPT lines already do, but never Postfix's
+# line_length_limit: a longer line would be cut, and a cut LOGIN= could name another user.
+MAX_XCLIENT_LINE = MAX_CLIENT_LINE
 # The one AUTH refusal that says the credentials are wrong (RFC 4954 section 6: 535 5.7.8
 # Authentication credentials invalid). Other permanent refusals (534 mechanism too weak, 538
 # encryption required, 554 ...) refuse the login for another reason.
@@ -974,20 +988,37 @@ class ReplyReader:
 
 
 class BackendLogin:
-    """Replays a submission login (EHLO, STARTTLS, XCLIENT, AUTH PLAIN) or an inbound envelope
-    (EHLO, STARTTLS, XCLIENT, MAIL FROM, RCPT TO) on one backend."""
+    """Replays a submission login (EHLO, STARTTLS, XCLIENT, AUTH PLAIN or XCLIENT LOGIN) or an
+    inbound envelope (EHLO, STARTTLS, XCLIENT, MAIL FROM, RCPT TO) on one backend."""
 
-    __slots__ = ("_config", "_helo_name", "_replies", "_request", "_state", "_tls")
+    __slots__ = (
+        "_config",
+        "_helo_name",
+        "_replies",
+        "_request",
+        "_state",
+        "_tls",
+        "_verified",
+        "_xclient_login",
+    )
 
-    def __init__(self, request: LoginRequest, config: BackendConfig) -> None:
+    def __init__(self, request: LoginRequest, config: BackendConfig, *, verified: bool = False) -> None:
         """Prepare the replay of ``request``; the backend speaks first.
+
+        Args:
+            verified: an auth_http service has already accepted this submission login, so a
+                backend that trusts the proxy with XCLIENT LOGIN and offers no AUTH PLAIN may be
+                told the user that way (module docstring). Never for a login the backend verifies.
 
         Raises:
             LocalProtocolError: a submission request without credentials, an inbound one
-                without its MAIL and RCPT lines, or lines that are not single printable lines.
+                without its MAIL and RCPT lines or ``verified``, or lines that are not single
+                printable lines.
         """
         if request.protocol == "submission" and request.credentials is None:
             raise LocalProtocolError("a submission login needs credentials")
+        if verified and request.protocol != "submission":
+            raise LocalProtocolError("only a submission login is verified before the backend login")
         if request.protocol == "smtp" and len(request.envelope) != 2:
             raise LocalProtocolError("an inbound SMTP login needs the MAIL FROM and RCPT TO lines")
         if request.protocol not in ("submission", "smtp"):
@@ -999,6 +1030,8 @@ class BackendLogin:
         self._replies = ReplyReader()
         self._state = BackendState.GREETING
         self._tls = False  # the backend connection is encrypted (after STARTTLS)
+        self._verified = verified
+        self._xclient_login = False  # the XCLIENT sent carries LOGIN: its EHLO 250 is the login
         # The client's own name, for the EHLO after XCLIENT or behind a PROXY header (nginx
         # replays it after XCLIENT the same way).
         _, _, name = request.helo.partition(b" ")
@@ -1083,8 +1116,15 @@ class BackendLogin:
                 xclient = self._xclient(extensions.get("XCLIENT"))
                 if xclient is None:
                     return self._login(extensions)
+                if self._logs_in_with_xclient(extensions):
+                    xclient += b" LOGIN=" + xtext(self._credentials().username).encode("ascii")
+                    if len(xclient) > MAX_XCLIENT_LINE:
+                        # The service's name for the user cannot reach this backend whole: no
+                        # fault of the endpoint, and no other endpoint would do better.
+                        return self._verdict(LoginFailed(reply=REPLY_AUTH_UNAVAILABLE, credentials=False))
+                    self._xclient_login = True
                 self._state = BackendState.XCLIENT
-                return [Send(xclient)]
+                return [Send(xclient + CRLF)]
             case BackendState.XCLIENT if code in (220, 250):
                 self._state = BackendState.CLIENT_EHLO
                 return [Send(b"EHLO " + self._helo_name + CRLF)]
@@ -1129,7 +1169,7 @@ class BackendLogin:
         return [Send(b"EHLO " + name + CRLF)]
 
     def _xclient(self, attributes: frozenset[str] | None) -> bytes | None:
-        """``XCLIENT`` with the attributes the backend lists, when wanted and possible."""
+        """``XCLIENT`` with the attributes the backend lists, when wanted and possible (no CRLF)."""
         client = self._config.client
         if self._config.client_info != "xclient" or client is None or attributes is None:
             return None
@@ -1139,12 +1179,27 @@ class BackendLogin:
         # NAME: the proxy resolves no names; without it Postfix would keep the proxy's own.
         values = (("ADDR", address), ("PORT", str(client.port)), ("NAME", "[UNAVAILABLE]"))
         fields = " ".join(f"{name}={xtext(value)}" for name, value in values if name in attributes)
-        return b"XCLIENT " + fields.encode("ascii") + CRLF
+        return b"XCLIENT " + fields.encode("ascii")
+
+    def _logs_in_with_xclient(self, extensions: dict[str, frozenset[str]]) -> bool:
+        """The XCLIENT about to go out logs a verified submission in with LOGIN: the backend takes
+        LOGIN there and has no AUTH PLAIN to check a password with (when it has, AUTH PLAIN is
+        sent as for any login: the service's Auth-Pass may be meant for it)."""
+        return (
+            self._verified
+            and "LOGIN" in extensions.get("XCLIENT", frozenset())
+            and "PLAIN" not in extensions.get("AUTH", frozenset())
+        )
 
     def _login(self, extensions: dict[str, frozenset[str]]) -> list[Command]:
         if self._request.protocol == "smtp":
             self._state = BackendState.MAIL
             return [Send(self._request.envelope[0] + CRLF)]
+        if self._xclient_login:
+            # The backend took the login with XCLIENT and greeted the client's EHLO: logged in.
+            return self._verdict(
+                LoginSucceeded(reply=REPLY_AUTH_SUCCEEDED, buffered=self._replies.take_all())
+            )
         if "PLAIN" not in extensions.get("AUTH", frozenset()):
             # Sending AUTH anyway would make a configuration problem look like a bad password.
             return self._fail("backend does not offer AUTH PLAIN")
@@ -1157,9 +1212,12 @@ class BackendLogin:
         return [Send(b"AUTH PLAIN" + CRLF)]
 
     def _plain_response(self) -> bytes:
+        return sasl.plain_response(self._credentials())
+
+    def _credentials(self) -> sasl.Credentials:
         credentials = self._request.credentials
         assert credentials is not None  # checked in __init__ for submission
-        return sasl.plain_response(credentials)
+        return credentials
 
     def _auth_verdict(self, code: int, reply: bytes) -> list[Command]:
         if code == 235:

@@ -12,15 +12,18 @@ MAIL and RCPT replies have RFC 5321's times instead (minutes: a backend's policy
 not given in time is a temporary failure, not a failing endpoint. A refusal is final
 (the backend's verdict): outcome ``rejected`` when it refused the credentials, ``refused`` when
 it refused the login for another reason (a connection limit, an account in use or disabled),
-which the failed-login throttle must not count. A route with auth mode ``http`` asks its
-auth_http service first (``authhttp``): its refusal is final, and its grant may name the backend
-and the credentials to log in with. An outage (an endpoint's, an auth service's) is logged as a
-warning when it begins and at INFO when it ends; the failures in between are debug lines.
+which the failed-login throttle must not count. A route with auth mode ``http`` asks its auth_http
+service first (``authhttp``): its refusal is final, and its grant may name the backend and the
+credentials to log in with; a submission login it granted is verified, so a backend that trusts the
+proxy may take it with XCLIENT LOGIN (``smtp.BackendLogin``). An outage (an endpoint's, an auth
+service's) is logged as a warning when it begins and at INFO when it ends; the failures in between
+are debug lines.
 Never logs a credential: only the user name, route and endpoint.
 """
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -240,6 +243,7 @@ async def _route_and_log_in(
         return LoginOutcome(events.LoginRejected(), "no_route")
     upstream = route.upstream(request.protocol)
     assert upstream is not None  # lookup only returns routes serving the protocol
+    start_login = BACKEND_LOGINS[request.protocol]
     if route.auth == "http":
         decision = await _ask_auth_http(
             context, route, request, client=client, attempt=attempt, client_tls=client_tls
@@ -253,6 +257,10 @@ async def _route_and_log_in(
                     # The auth service picked the backend, as with nginx; the route's TLS and
                     # client-info settings still say how to talk to it.
                     upstream = dataclasses.replace(upstream, endpoints=(server,))
+                if request.protocol == "submission":
+                    # The service has checked the password: a backend that trusts the proxy may
+                    # take the login with XCLIENT LOGIN, as behind nginx (smtp.BackendLogin).
+                    start_login = functools.partial(smtp.BackendLogin, verified=True)
             case authhttp_protocol.Refused(reply=reply):
                 return LoginOutcome(events.LoginRejected(reply), "rejected", route.name)
             case authhttp.Unavailable():
@@ -278,7 +286,7 @@ async def _route_and_log_in(
         if share <= 0:
             break  # spent (the loop woke late, or a greeted endpoint used it): none tried after
         context.health.trying(endpoint, context.clock())
-        machine = BACKEND_LOGINS[request.protocol](request, config)
+        machine = start_login(request, config)
         channel: SocketChannel | TransportChannel | None = None
         envelope = _Envelope(machine)
         try:

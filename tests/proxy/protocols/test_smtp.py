@@ -3,9 +3,10 @@
 The transcripts in transcripts/smtp/ carry the front-end's dialogue in both modes (submission
 and inbound MX); this module runs them (whole and cut into random chunks), then checks that
 nothing gets past the relay checks, the envelope address grammar, limits in octets, driver
-misuse, the BackendLogin dialogue (EHLO, STARTTLS, XCLIENT, AUTH PLAIN, MAIL/RCPT replay),
-redaction, and hypothesis fuzzing of both machines. The tests every protocol runs come from the
-factories in dialogues.py, bound here to their names with SMTP's data.
+misuse, the BackendLogin dialogue (EHLO, STARTTLS, XCLIENT, AUTH PLAIN or, after an auth_http
+grant, XCLIENT LOGIN, MAIL/RCPT replay), redaction, and hypothesis fuzzing of both machines.
+The tests every protocol runs come from the factories in dialogues.py, bound here to their names
+with SMTP's data.
 """
 
 import base64
@@ -720,6 +721,151 @@ def test_long_credentials_go_after_a_334_challenge() -> None:
     assert feed(login, b"235 2.7.0 ok") == [LoginSucceeded(reply=b"235 2.7.0 ok\r\n")]
 
 
+# ---------------------------------------------------------------------------------------------
+# Backend login with XCLIENT LOGIN: a submission an auth_http service has already accepted, at a
+# backend that trusts the proxy and has no AUTH (nginx's default xclient on, proxy_smtp_auth off)
+
+# Postfix without SASL, to a host in smtpd_authorized_xclient_hosts.
+NO_SASL_XCLIENT_EHLO = [
+    b"250-postfix.example",
+    b"250-PIPELINING",
+    b"250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT",
+    b"250 8BITMIME",
+]
+NO_SASL_EHLO = [b"250-postfix.example", b"250-PIPELINING", b"250 8BITMIME"]
+CLIENT_FIELDS = b"XCLIENT ADDR=192.0.2.7 PORT=40123 NAME=[UNAVAILABLE]"
+
+
+def verified_login(
+    config: BackendConfig = XCLIENT, credentials: sasl.Credentials = CREDENTIALS
+) -> smtp.BackendLogin:
+    request = LoginRequest(
+        protocol="submission", routing_key=credentials.username, credentials=credentials, helo=EHLO.rstrip()
+    )
+    return smtp.BackendLogin(request, config, verified=True)
+
+
+def test_a_verified_login_goes_in_with_xclient_login_where_the_backend_has_no_auth() -> None:
+    """Review S2 #1: behind nginx's defaults a Postfix port without SASL takes the login from
+    XCLIENT LOGIN; mailgress sent AUTH PLAIN there, got nothing to send it to, and failed."""
+    login = verified_login()
+    assert feed(login, b"220 postfix.example ESMTP") == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, *NO_SASL_XCLIENT_EHLO) == [Send(CLIENT_FIELDS + b" LOGIN=alice@example.com\r\n")]
+    assert feed(login, b"220 postfix.example ESMTP") == [Send(EHLO)]
+    assert login.handle(DataReceived(b"".join(line + b"\r\n" for line in NO_SASL_EHLO) + b"421 early")) == [
+        LoginSucceeded(reply=smtp.REPLY_AUTH_SUCCEEDED, buffered=b"421 early")
+    ]
+    assert login.state is smtp.BackendState.DONE
+
+
+def test_the_login_name_goes_xtext_encoded_and_never_the_password() -> None:
+    credentials = sasl.Credentials("a+b=c é@example.com", PASSWORD.encode(), sasl.Mechanism.LOGIN)
+    login = verified_login(credentials=credentials)
+    wire = feed(login, b"220 mx", *NO_SASL_XCLIENT_EHLO, b"220 mx", *NO_SASL_EHLO)
+    assert sent(wire) == (
+        b"EHLO mailgress\r\n" + CLIENT_FIELDS + b" LOGIN=a+2Bb+3Dc+20+C3+A9@example.com\r\n" + EHLO
+    )
+    assert PASSWORD.encode() not in sent(wire)
+    assert wire[-1] == LoginSucceeded(reply=smtp.REPLY_AUTH_SUCCEEDED)
+
+
+def test_a_verified_login_still_uses_auth_plain_where_the_backend_offers_it() -> None:
+    """The service's Auth-Pass may be meant for the backend: with AUTH PLAIN there, it decides."""
+    login = verified_login()
+    feed(login, b"220 mx")
+    assert feed(login, *POSTFIX_XCLIENT_EHLO) == [Send(CLIENT_FIELDS + b"\r\n")]
+    assert feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO) == [Send(EHLO), Send(AUTH_LINE)]
+
+
+def test_a_verified_login_goes_in_with_xclient_login_after_starttls() -> None:
+    login = verified_login(XCLIENT_STARTTLS)
+    feed(login, b"220 mx")
+    # LOGIN listed in plaintext decides nothing: only what the backend says after TLS counts.
+    assert feed(login, *NO_SASL_XCLIENT_EHLO[:-1], b"250 STARTTLS") == [Send(b"STARTTLS\r\n")]
+    assert feed(login, b"220 go") == [StartTls()]
+    assert login.handle(TlsEstablished()) == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, *NO_SASL_XCLIENT_EHLO) == [Send(CLIENT_FIELDS + b" LOGIN=alice@example.com\r\n")]
+    assert feed(login, b"220 mx", *NO_SASL_EHLO) == [Send(EHLO), LoginSucceeded(smtp.REPLY_AUTH_SUCCEEDED)]
+
+
+@pytest.mark.parametrize(
+    ("verified", "config", "ehlo", "xclient"),
+    [
+        # auth: backend: the backend's verdict on the password is the authentication, and this
+        # backend has none to give; XCLIENT LOGIN would let any password in.
+        (False, XCLIENT, NO_SASL_XCLIENT_EHLO, CLIENT_FIELDS),
+        # Verified, but the backend does not take LOGIN from the proxy.
+        (True, XCLIENT, [b"250-mx", b"250 XCLIENT NAME ADDR PORT"], CLIENT_FIELDS),
+        # Verified, but the route forwards no client information with XCLIENT.
+        (True, BackendConfig(client=ClientAddress("192.0.2.7", 40123)), NO_SASL_XCLIENT_EHLO, None),
+        (True, dataclasses.replace(XCLIENT, client_info="proxy-v2"), NO_SASL_XCLIENT_EHLO, None),
+    ],
+    ids=["auth-backend", "no-login-attribute", "client-info-none", "client-info-proxy-v2"],
+)
+def test_no_xclient_login_without_a_verified_login_and_a_backend_that_takes_it(
+    verified: bool, config: BackendConfig, ehlo: list[bytes], xclient: bytes | None
+) -> None:
+    """Only a login an auth_http service accepted goes in by XCLIENT LOGIN, and only in the
+    XCLIENT the route asks for: otherwise a backend without AUTH PLAIN fails the attempt (the
+    client hears the temporary failure), however right or wrong the password."""
+    login = verified_login(config) if verified else submission_login(config)
+    wire = feed(login, b"220 mx", *ehlo)
+    if xclient is not None:
+        assert wire[-1] == Send(xclient + b"\r\n")
+        wire += feed(login, b"220 mx", *ehlo)
+    assert b"LOGIN=" not in sent(wire)
+    assert wire[-1] == BackendFailed("backend does not offer AUTH PLAIN")
+
+
+def test_a_granted_name_too_long_for_an_xclient_line_is_a_temporary_failure() -> None:
+    """A cut line could name another user: the login is refused for now, nothing is sent, and the
+    endpoint, which did nothing wrong, is not failing."""
+    # Past RFC 5321's 512 octets (as a long AUTH PLAIN response after 334), within Postfix's 2048.
+    fits = sasl.Credentials("é" * 300 + "@example.com", PASSWORD.encode())
+    login = verified_login(credentials=fits)
+    feed(login, b"220 mx")
+    [xclient] = feed(login, *NO_SASL_XCLIENT_EHLO)
+    assert isinstance(xclient, Send) and 512 < len(xclient.data) <= smtp.MAX_XCLIENT_LINE + 2
+    assert xclient.data.endswith(b"+C3+A9@example.com\r\n")
+    too_long = sasl.Credentials("é" * 400 + "@example.com", PASSWORD.encode())
+    login = verified_login(credentials=too_long)
+    feed(login, b"220 mx")
+    assert feed(login, *NO_SASL_XCLIENT_EHLO) == [
+        LoginFailed(reply=smtp.REPLY_AUTH_UNAVAILABLE, credentials=False)
+    ]
+
+
+def test_a_refusal_of_the_client_after_xclient_login_is_still_the_clients_reply() -> None:
+    login = verified_login()
+    feed(login, b"220 mx", *NO_SASL_XCLIENT_EHLO)
+    refusal = b"554 5.7.1 <unknown[192.0.2.7]>: Client host rejected: Access denied"
+    assert feed(login, refusal) == [LoginFailed(reply=refusal + b"\r\n", credentials=False)]
+
+
+def test_only_a_submission_login_is_verified() -> None:
+    request = LoginRequest(
+        protocol="smtp", routing_key="bob@example.com", helo=EHLO.rstrip(), envelope=ENVELOPE
+    )
+    with pytest.raises(LocalProtocolError):
+        smtp.BackendLogin(request, XCLIENT, verified=True)
+
+
+def test_frontend_and_xclient_login_compose() -> None:
+    """The front-end hears the proxy's 235 and relays what the client pipelined behind its AUTH."""
+    frontend = started()
+    auth = b"AUTH PLAIN " + sasl.plain_response(CREDENTIALS) + b"\r\n"
+    *_, authenticate = frontend.handle(DataReceived(EHLO + auth + b"MAIL FROM:<alice@example.com>\r\n"))
+    assert isinstance(authenticate, Authenticate)
+    login = smtp.BackendLogin(authenticate.request, XCLIENT, verified=True)
+    wire = feed(login, b"220 mx", *NO_SASL_XCLIENT_EHLO, b"220 mx", *NO_SASL_EHLO)
+    verdict = wire[-1]
+    assert isinstance(verdict, LoginSucceeded)
+    assert frontend.handle(LoginAccepted(verdict.reply)) == [
+        Send(b"235 2.7.0 Authentication successful\r\n"),
+        Relay(b"MAIL FROM:<alice@example.com>\r\n"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("refusal", "credentials"),
     [
@@ -1086,6 +1232,7 @@ BACKEND_LINES = [
     b"220-mx",
     b"250-mx",
     b"250-XCLIENT NAME ADDR PORT",
+    b"250-XCLIENT NAME ADDR PORT LOGIN",
     b"250-AUTH PLAIN LOGIN",
     b"250 AUTH PLAIN",
     b"250 2.1.0 Ok",
@@ -1104,10 +1251,13 @@ def verdict_given(login: smtp.BackendLogin) -> bool:
     return login.state is smtp.BackendState.DONE
 
 
-def fuzzed_login(starttls: bool, inbound: bool, use_xclient: bool) -> smtp.BackendLogin:
-    """An inbound or submission login that forwards the client's address with XCLIENT or not."""
+def fuzzed_login(starttls: bool, inbound: bool, use_xclient: bool, verified: bool) -> smtp.BackendLogin:
+    """An inbound or submission login that forwards the client's address with XCLIENT or not; a
+    submission maybe verified by an auth_http service (XCLIENT LOGIN where the backend takes it)."""
     config = dataclasses.replace(XCLIENT if use_xclient else BackendConfig(), starttls=starttls)
-    return inbound_login(config) if inbound else submission_login(config)
+    if inbound:
+        return inbound_login(config)
+    return verified_login(config) if verified else submission_login(config)
 
 
 def one_line_each_and_credentials_only_in_auth(commands: list[Command]) -> None:
@@ -1126,6 +1276,10 @@ STARTTLS_DIALOGUES = [
     [
         [b"220-mx", b"220 ESMTP", b"250-mx", b"250 STARTTLS", b"220 go"],
         [b"250-mx", b"250 AUTH PLAIN", b"250 2.1.0 Ok", b"250 2.1.5 Ok"],
+    ],
+    [
+        [b"220 mx", *NO_SASL_EHLO[:-1], b"250 STARTTLS", b"220 2.0.0 Ready to start TLS"],
+        [*NO_SASL_XCLIENT_EHLO, b"220 mx", *NO_SASL_EHLO],
     ],
 ]
 STARTTLS_NOISE = [*BACKEND_LINES, b"250-STARTTLS", b"220 2.0.0 Ready to start TLS"]
@@ -1146,6 +1300,7 @@ BEFORE_TLS = (b"", b"EHLO mailgress\r\n", b"EHLO mailgress\r\nSTARTTLS\r\n")
     check=one_line_each_and_credentials_only_in_auth,
     inbound=st.booleans(),
     use_xclient=st.booleans(),
+    verified=st.booleans(),
 )
 
 
