@@ -60,7 +60,8 @@ What passes the proxy reaches the backend verbatim, so the backend parses the ve
 proxy checked. The backend must still refuse relaying for the proxy's own address (defence in
 depth: every later RCPT is checked by the ``Mediator`` too).
 Deliberate deviations: no SIZE in EHLO (the proxy does not know the backend's limit), no
-SMTPUTF8 (so envelope addresses are ASCII), VRFY is refused (RFC 5321 section 3.5.3 allows it),
+SMTPUTF8 (so envelope addresses are ASCII), VRFY and EXPN verify nothing (252, as RFC 5321
+section 7.3 asks of a server that disables them, and not counted as errors),
 AUTH PLAIN with an authorization identity other than the user gets ``535 5.7.8`` (nginx drops
 the identity; sasl says why we refuse).
 
@@ -201,7 +202,9 @@ REPLY_LINE_TOO_LONG = b"500 5.5.2 Error: line too long" + CRLF  # RFC 5321 secti
 REPLY_SASL_LINE_TOO_LONG = b"500 5.5.6 Authentication exchange line is too long" + CRLF  # RFC 4954
 REPLY_BAD_SYNTAX = b"500 5.5.2 Error: bad syntax" + CRLF
 REPLY_NOT_IMPLEMENTED = b"502 5.5.1 Error: command not implemented" + CRLF
-REPLY_VRFY = b"502 5.5.1 VRFY command is disabled" + CRLF
+# RFC 5321 section 7.3: a server that disables VRFY and EXPN MUST answer 252, not a code that
+# could be read as a verdict on the address.
+REPLY_NOT_VERIFIED = b"252 2.5.0 Cannot VRFY or EXPN; send the message and delivery will be attempted" + CRLF
 # RFC 3030 section 2: BDAT only after CHUNKING was advertised, which the proxy never does. Its
 # chunk follows at once and cannot be told from commands, so the answer closes the connection,
 # as Postfix's without CHUNKING does, with Postfix's words (smtpd.c, bdat_cmd).
@@ -709,8 +712,8 @@ class Frontend:
                 return self._close("client quit", REPLY_BYE)
             case "RSET" | "QUIT":
                 return self._refuse(_syntax(verb.upper()))
-            case "VRFY":
-                return self._refuse(REPLY_VRFY)
+            case "VRFY" | "EXPN":
+                return [Send(REPLY_NOT_VERIFIED)]
             case "BDAT":  # its chunk follows at once: never read it as commands (REPLY_NO_BDAT)
                 return self._close("BDAT without CHUNKING", REPLY_NO_BDAT)
             case _:
@@ -784,7 +787,8 @@ class Frontend:
                 self._enter(_sasl_state(step))
                 return [Send(b"334 " + step.challenge + CRLF)]
             case sasl.SaslCancelled():
-                return self._refuse(REPLY_CANCELLED)
+                # Not counted as an error, as in IMAP and POP3: the client chose to stop.
+                return [Send(REPLY_CANCELLED)]
             case sasl.SaslInvalid():
                 return self._refuse(REPLY_BAD_SASL)
             case sasl.SaslAuthzidRefused():
@@ -1451,7 +1455,7 @@ class Mediator:
       ``RSET`` and the client the proxy's own reply, the same extensions as before minus STARTTLS:
       the backend keeps the name it was given at login (the client's, with XCLIENT or proxy-v2).
     - ``STARTTLS`` 454 (or 554 inside TLS), ``AUTH`` 503 (submission: already authenticated,
-      RFC 4954 section 4), ``VRFY`` 502, anything else 500, as before the login; ``BDAT`` 521
+      RFC 4954 section 4), ``VRFY``/``EXPN`` 252, anything else 500, as before the login; ``BDAT`` 521
       and a close (``REPLY_NO_BDAT``). Nothing but the commands above ever reaches the backend,
       which trusts the proxy (XCLIENT from a client would otherwise forge its address or, on
       submission, its login name).
@@ -1724,8 +1728,8 @@ class Mediator:
                 return [Send(REPLY_TLS_ACTIVE if self._config.tls_active else REPLY_TLS_UNAVAILABLE)]
             case "AUTH":
                 return self._refuse(REPLY_NO_AUTH_HERE if self._routing else REPLY_ALREADY_AUTHENTICATED)
-            case "VRFY":
-                return self._refuse(REPLY_VRFY)
+            case "VRFY" | "EXPN":
+                return [Send(REPLY_NOT_VERIFIED)]
             case "BDAT":
                 return [Send(REPLY_NO_BDAT), *self._close("BDAT without CHUNKING")]
             case _:
