@@ -875,15 +875,16 @@ class Reconciler:
             ours.append(self._programmed(since, route.generation, ready))
         existing = current.get("conditions")
         counts = compiled.endpoint_counts.get(route.key, ())
+        # None deletes the field (merge patch): a route left out of the table (invalid, or
+        # Conflicted: compiler rule 2) serves nothing and runs on no proxy, so it lists no
+        # protocol or endpoint (kubectl's PROTOCOLS column) and no proxies.
         return {
             "observedGeneration": route.generation,
             "conditions": conditions.merge(existing if isinstance(existing, list) else [], ours, self._now()),
-            # None deletes the field (merge patch): an invalid route serves nothing, a route
-            # left out of the table runs on no proxy.
             "protocols": ",".join(p for p, _ in route.protocols)
-            if isinstance(route, mailroute.MailRoute)
+            if since is not None and isinstance(route, mailroute.MailRoute)
             else None,
-            "endpoints": dict(counts) or None,
+            "endpoints": (dict(counts) or None) if since is not None else None,
             "proxies": None if since is None else self._proxies(since, ready),
         }
 
