@@ -924,8 +924,9 @@ class Reconciler:
                     await self._post_transitions(entry, desired["conditions"])
                 continue
             namespace, name = entry.route.namespace, entry.route.name
+            patch = _merge_patch(current, desired)
             try:
-                if not await self._cluster.patch_status(namespace, name, entry.resource_version, desired):
+                if not await self._cluster.patch_status(namespace, name, entry.resource_version, patch):
                     continue  # changed or gone meanwhile: its watch event brings another pass
             except ClusterUnavailableError:
                 raise
@@ -1001,6 +1002,22 @@ class Reconciler:
                 )
                 previous[kind] = (status, reason)
         del self._unposted[key]
+
+
+def _merge_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch (RFC 7386) that makes the fields of ``current`` that ``desired`` names
+    equal to it: the API server merges a map into the map it stores, so every key ``desired``
+    no longer has (a protocol removed from status.endpoints) is sent as null, which deletes it;
+    else it would stay for good, and the status differ from the desired one at every pass.
+    Lists and other values replace what is stored; None deletes the field."""
+    patch: dict[str, Any] = {}
+    for name, value in desired.items():
+        stored = current.get(name)
+        if isinstance(value, Mapping) and isinstance(stored, Mapping):
+            patch[name] = {**dict.fromkeys(stored.keys() - value.keys()), **_merge_patch(stored, value)}
+        else:
+            patch[name] = value
+    return patch
 
 
 def _states(found: Any) -> dict[Any, tuple[Any, Any]]:

@@ -2,6 +2,9 @@
 what a merge patch (RFC 7386) must delete, given the status the API server keeps. The fakes are
 test_reconciler's."""
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 
 from controller import reconciler
@@ -51,3 +54,43 @@ async def test_a_route_that_turns_conflicted_loses_the_fields_it_had(
     await worker.reconcile()
     late = cluster.last_status("mail/zz-late")
     assert (late["protocols"], late["endpoints"]) == (None, None)
+
+
+def merged(stored: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``patch`` applied to ``stored`` as the API server applies a merge patch (RFC 7386)."""
+    result = dict(stored)
+    for name, value in patch.items():
+        if value is None:
+            result.pop(name, None)
+        elif isinstance(value, Mapping) and isinstance(stored.get(name), Mapping):
+            result[name] = merged(stored[name], value)
+        else:
+            result[name] = value
+    return result
+
+
+def both_protocols(generation: int) -> dict[str, Any]:
+    body = route_body("both", "example.com", generation=generation)
+    body["spec"]["pop3"] = {"backend": {"service": "dovecot", "port": 143}}
+    return body
+
+
+async def test_a_protocol_removed_leaves_status_endpoints_and_the_writes_stop(
+    world: World, worker: reconciler.Reconciler, cluster: FakeCluster
+) -> None:
+    """Each pass sees the status the API server made of the last patch (its watch event): once
+    the protocol's count is deleted, the status is the desired one and nothing more is written."""
+    world.routes = [entry(both_protocols(1))]
+    await worker.reconcile()
+    stored = merged({}, cluster.last_status("mail/both"))
+    assert (stored["protocols"], stored["endpoints"]) == ("imap,pop3", {"imap": 1, "pop3": 1})
+    world.routes = [entry(route_body("both", "example.com", generation=2), version="2", status=stored)]
+    await worker.reconcile()
+    assert cluster.last_status("mail/both")["endpoints"] == {"imap": 1, "pop3": None}
+    stored = merged(stored, cluster.last_status("mail/both"))
+    assert (stored["protocols"], stored["endpoints"]) == ("imap", {"imap": 1})
+    writes = len(cluster.patches)
+    world.routes = [entry(route_body("both", "example.com", generation=2), version="3", status=stored)]
+    await worker.reconcile()
+    await worker.reconcile()
+    assert len(cluster.patches) == writes
