@@ -8,8 +8,10 @@ reconciler, which reads the indexes afresh. Handlers that touch the
 reconciler are ``async def``, so kopf runs them on its loop (the reconciler's asyncio events are
 not thread-safe); the index handlers stay synchronous, in kopf's executor threads, so parsing
 never blocks the loop. kopf runs resource handlers only once every index holds its initial
-listing, so the first such call opens the reconciler's sync gate; a handler on the MailRoute CRD
-itself guarantees one call even with no object at all.
+listing, so the first such call lets ``RouteGate`` open the reconciler's sync gate once the
+MailRoutes the API lists are all indexed (kopf may not watch them at all: see there); a handler
+on the MailRoute CRD itself guarantees one call even with no object at all, and its later
+events (kopf then scans API discovery again) one more.
 Never writes to the API here (the reconciler does, through controller.operator.KubeApi), never
 raises on a user's object: a broken MailRoute is a SpecError in the index, not a handler error.
 
@@ -89,6 +91,10 @@ RESYNC_SECONDS = 60.0
 # A re-list arrives as a burst of listing events (one per object); the resync LISTs once that
 # burst has been quiet this long, not once per event.
 RELIST_QUIET_SECONDS = 1.0
+# While the MailRoutes the API lists are not all in kopf's index, the sync gate stays closed
+# (``RouteGate``) and they are listed again on every event and at the latest after this long:
+# the reconciler's retry delay, as a failed write's.
+GATE_RETRY_SECONDS = reconciler.RETRY_SECONDS
 
 V = TypeVar("V")
 
@@ -210,6 +216,11 @@ class Sightings:
                 known[uid] = dataclasses.replace(sighting, announced=True)
                 return False
             return event_type is None
+
+    def uids(self, index: str) -> set[str]:
+        """The uids of ``index`` indexed and not yet found gone."""
+        with self._lock:
+            return set(self._seen[index])
 
     def namespaces(self, index: str) -> set[str]:
         """The namespaces that hold an object of ``index`` not yet found gone."""
@@ -365,6 +376,78 @@ class Resync:
         if found:
             log.info("resync: %d object(s) of %s were deleted while a watch was away: left out", found, scope)
         return found
+
+
+class RouteGate:
+    """Opens the reconciler's sync gate once the MailRoutes themselves are in kopf's index.
+
+    kopf calls the resource handlers once every index it serves holds its initial listing, but
+    it serves only the kinds its one scan of API discovery found at start. When that read of the
+    MailRoute group failed (a 404 while an API server's CRD handler has not synced), kopf starts
+    no MailRoute watch at all, the other indexes fill, and the first handler call would publish
+    a table without any route to every proxy and write it to the snapshot Secret. So ``run``
+    waits for the first ``wake`` (kopf's indexes are filled), then LISTs the MailRoutes of the
+    served namespaces itself (uids only) and opens the gate once every uid listed is indexed (an
+    empty listing is a listing too). Until then it lists again on each ``wake`` and at the
+    latest every ``retry`` seconds, logging why once per problem: a CRD event makes kopf scan
+    the group again and start the watch, whose listing fills the index and opens the gate.
+    """
+
+    def __init__(
+        self,
+        sightings: Sightings,
+        lister: Lister,
+        served: frozenset[str] | None,
+        open_gate: Callable[[], None],
+        *,
+        retry: float = GATE_RETRY_SECONDS,
+    ) -> None:
+        self._sightings = sightings
+        self._lister = lister
+        self._scopes: list[str | None] = [None] if served is None else [*sorted(served)]
+        self._open_gate = open_gate
+        self._retry = retry
+        self._woken = asyncio.Event()
+        self._problem: str | None = None
+
+    def wake(self) -> None:
+        """A resource handler ran (on kopf's loop): list again now, if the gate is still closed."""
+        self._woken.set()
+
+    async def run(self) -> None:
+        """Open the gate once MailRoutes are indexed (see the class docstring), then return."""
+        await self._woken.wait()
+        while True:
+            self._woken.clear()
+            problem = await self._unindexed()
+            if problem is None:
+                if self._problem is not None:
+                    log.info("every MailRoute the API lists is indexed now: routing tables will be published")
+                self._open_gate()
+                return
+            if problem != self._problem:
+                self._problem = problem
+                log.warning("no routing table is published yet: %s", problem)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._retry):
+                    await self._woken.wait()
+
+    async def _unindexed(self) -> str | None:
+        """Why the gate stays closed (None: every MailRoute listed is indexed)."""
+        listed: set[str] = set()
+        try:
+            for namespace in self._scopes:
+                listed |= await self._lister.list_uids((GROUP, VERSION, PLURAL), namespace)
+        except reconciler.ClusterError as error:
+            return f"listing MailRoutes failed, trying again in {self._retry:.0f} s: {error}"
+        missing = listed - self._sightings.uids(ROUTES_INDEX)
+        if missing:
+            return (
+                f"{len(missing)} MailRoute(s) the API lists are not in the operator's index (its "
+                "watch of MailRoutes has not listed them: API discovery may have missed the "
+                "MailRoute kind at start, and a CRD event makes it look again)"
+            )
+        return None
 
 
 def _scope(index: str, namespace: str | None) -> str:
@@ -533,11 +616,14 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
             metrics=wiring.metrics,
         )
         resync = Resync(sightings, wiring.cluster, listings, worker.touch, period=wiring.resync)
+        gate = RouteGate(sightings, wiring.cluster, wiring.served, worker.mark_synced)
         state["reconciler"] = worker
         state["resync"] = resync
+        state["gate"] = gate
         state["tasks"] = [
             asyncio.create_task(worker.run(), name="mailgress reconciler"),
             asyncio.create_task(resync.run(), name="mailgress resync"),
+            asyncio.create_task(gate.run(), name="mailgress sync gate"),
         ]
 
     @kopf.on.cleanup(registry=registry)
@@ -589,8 +675,9 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     # async: kopf runs a synchronous handler in its executor's threads, and the reconciler's
     # asyncio.Event may be set only from the loop it waits on (kopf's, where these run).
     async def wake(**_: Any) -> None:
+        gate: RouteGate = state["gate"]
+        gate.wake()
         worker: reconciler.Reconciler = state["reconciler"]
-        worker.mark_synced()
         worker.touch()
 
     # An object's event: its sighting is announced (a re-list shows here, and DELETED forgets
