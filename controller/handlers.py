@@ -95,6 +95,12 @@ RELIST_QUIET_SECONDS = 1.0
 # (``RouteGate``) and they are listed again on every event and at the latest after this long:
 # the reconciler's retry delay, as a failed write's.
 GATE_RETRY_SECONDS = reconciler.RETRY_SECONDS
+# Once the MailRoutes the API lists have been missing from kopf's index this long (a route
+# created after kopf's listing is indexed within one watch event), kopf is asked to run again
+# (``Wiring.rescan``), which scans API discovery afresh: the CRD event that would make the
+# running kopf scan again may never come. Two retries: a needless fresh run costs kopf's
+# listings once, before any table went out; a late one keeps every change from the proxies.
+GATE_RESCAN_SECONDS = 2 * GATE_RETRY_SECONDS
 
 V = TypeVar("V")
 
@@ -128,6 +134,9 @@ class Wiring:
     holdoff: float = reconciler.HOLDOFF_SECONDS
     metrics: ControllerMetrics | None = None  # compile timings, on the publisher's registry
     resync: float = RESYNC_SECONDS  # seconds between the LISTs of every indexed kind
+    # Ends this kopf run for a fresh one (which scans API discovery again), saying why; None:
+    # never (``RouteGate``).
+    rescan: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +399,9 @@ class RouteGate:
     served namespaces itself (uids only) and opens the gate once every uid listed is indexed (an
     empty listing is a listing too). Until then it lists again on each ``wake`` and at the
     latest every ``retry`` seconds, logging why once per problem: a CRD event makes kopf scan
-    the group again and start the watch, whose listing fills the index and opens the gate.
+    the group again and start the watch, whose listing fills the index and opens the gate; and
+    once listed routes have been missing from the index for ``rescan_after`` seconds, ``rescan``
+    is called (once) to have kopf run again and scan afresh.
     """
 
     def __init__(
@@ -401,12 +412,16 @@ class RouteGate:
         open_gate: Callable[[], None],
         *,
         retry: float = GATE_RETRY_SECONDS,
+        rescan: Callable[[str], None] | None = None,
+        rescan_after: float = GATE_RESCAN_SECONDS,
     ) -> None:
         self._sightings = sightings
         self._lister = lister
         self._scopes: list[str | None] = [None] if served is None else [*sorted(served)]
         self._open_gate = open_gate
         self._retry = retry
+        self._rescan = rescan
+        self._rescan_after = rescan_after
         self._woken = asyncio.Event()
         self._problem: str | None = None
 
@@ -417,9 +432,20 @@ class RouteGate:
     async def run(self) -> None:
         """Open the gate once MailRoutes are indexed (see the class docstring), then return."""
         await self._woken.wait()
+        loop = asyncio.get_running_loop()
+        missing_since: float | None = None  # when listed routes were first found unindexed
         while True:
             self._woken.clear()
-            problem = await self._unindexed()
+            problem, missing = await self._unindexed()
+            if missing and missing_since is None:
+                missing_since = loop.time()
+            if (
+                missing_since is not None
+                and self._rescan is not None
+                and loop.time() - missing_since >= self._rescan_after
+            ):
+                self._rescan(f"for {self._rescan_after:.0f} s and more: {problem}")
+                self._rescan = None  # once: this run of kopf ends
             if problem is None:
                 if self._problem is not None:
                     log.info("every MailRoute the API lists is indexed now: routing tables will be published")
@@ -432,22 +458,24 @@ class RouteGate:
                 async with asyncio.timeout(self._retry):
                     await self._woken.wait()
 
-    async def _unindexed(self) -> str | None:
-        """Why the gate stays closed (None: every MailRoute listed is indexed)."""
+    async def _unindexed(self) -> tuple[str | None, bool]:
+        """Why the gate stays closed (None: every MailRoute listed is indexed), and whether it
+        is that listed routes are missing from the index (else the LIST failed)."""
         listed: set[str] = set()
         try:
             for namespace in self._scopes:
                 listed |= await self._lister.list_uids((GROUP, VERSION, PLURAL), namespace)
         except reconciler.ClusterError as error:
-            return f"listing MailRoutes failed, trying again in {self._retry:.0f} s: {error}"
+            return f"listing MailRoutes failed, trying again in {self._retry:.0f} s: {error}", False
         missing = listed - self._sightings.uids(ROUTES_INDEX)
         if missing:
             return (
                 f"{len(missing)} MailRoute(s) the API lists are not in the operator's index (its "
                 "watch of MailRoutes has not listed them: API discovery may have missed the "
-                "MailRoute kind at start, and a CRD event makes it look again)"
+                "MailRoute kind at start, and a CRD event makes it look again)",
+                True,
             )
-        return None
+        return None, False
 
 
 def _scope(index: str, namespace: str | None) -> str:
@@ -616,7 +644,15 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
             metrics=wiring.metrics,
         )
         resync = Resync(sightings, wiring.cluster, listings, worker.touch, period=wiring.resync)
-        gate = RouteGate(sightings, wiring.cluster, wiring.served, worker.mark_synced)
+        gate = RouteGate(
+            sightings,
+            wiring.cluster,
+            wiring.served,
+            worker.mark_synced,
+            retry=GATE_RETRY_SECONDS,
+            rescan=wiring.rescan,
+            rescan_after=GATE_RESCAN_SECONDS,
+        )
         state["reconciler"] = worker
         state["resync"] = resync
         state["gate"] = gate

@@ -137,6 +137,9 @@ EXIT_USAGE = 2
 # during its run); the proxies keep their tables and reconnect.
 KOPF_RERUN_SECONDS = 1.0
 MAX_KOPF_RERUN_SECONDS = 60.0
+# How long one wait for a stop flag given as a threading.Event (a test's thread) lasts before it
+# looks again: a thread outlives the kopf run it waited for at most this long.
+STOP_POLL_SECONDS = 1.0
 
 # Builds the push channel's certificates from the certificate and key files. mailgress/cli.py,
 # the composition root, passes proxy.server.certificates.CertificateStore's (the one reload logic
@@ -895,6 +898,33 @@ def _is_set(flag: asyncio.Event | threading.Event | None) -> bool:
     return flag is not None and flag.is_set()
 
 
+class _RunStop:
+    """One kopf run's stop flag: set when the controller is stopped (``_forward_stop``) or when
+    the handlers ask for a fresh run (``handlers.Wiring.rescan``), which ``rescan`` then says."""
+
+    def __init__(self) -> None:
+        self.flag = asyncio.Event()
+        self.rescan: str | None = None  # why a fresh run was asked for (None: it was not)
+
+    def request_rescan(self, reason: str) -> None:
+        if self.rescan is None:
+            self.rescan = reason
+        self.flag.set()
+
+
+async def _forward_stop(stop_flag: asyncio.Event | threading.Event | None, run_stop: asyncio.Event) -> None:
+    """Set ``run_stop`` once ``stop_flag`` is set (a None flag never is: SIGTERM and SIGINT stop
+    kopf itself); cancelled when the run ends."""
+    if isinstance(stop_flag, asyncio.Event):
+        await stop_flag.wait()
+    elif isinstance(stop_flag, threading.Event):
+        while not await asyncio.to_thread(stop_flag.wait, STOP_POLL_SECONDS):
+            pass
+    else:
+        return
+    run_stop.set()
+
+
 async def _pause(seconds: float, stop_flag: asyncio.Event | threading.Event | None) -> bool:
     """Wait ``seconds`` between two kopf runs; True if told to stop meanwhile: ``stop_flag``, or
     SIGTERM or SIGINT in the main thread (kopf leaves its own handlers installed after a run,
@@ -947,7 +977,9 @@ async def run(
 
     kopf runs until stopped; a run that ends on an error (see KOPF_RERUN_SECONDS) is logged and
     kopf runs again after a pause, with fresh handlers (a fresh reconciler starts from the
-    snapshot Secret, as after a restart) on the same push channel and API client.
+    snapshot Secret, as after a restart) on the same push channel and API client. So does a run
+    the handlers end because kopf does not watch MailRoutes it should (``handlers.RouteGate``),
+    at once: the fresh run scans API discovery again.
 
     Raises:
         SettingsError: two listeners on one port (``check_ports``), or credentials, the token or
@@ -973,6 +1005,7 @@ async def run(
     try:
         while True:
             run_publisher.next_run()
+            run_stop = _RunStop()
             registry = kopf.OperatorRegistry()
             handlers.register(
                 registry,
@@ -986,8 +1019,12 @@ async def run(
                     holdoff=holdoff,
                     resync=resync,
                     metrics=channel.metrics,
+                    rescan=run_stop.request_rescan,
                 ),
             )
+            # Created before kopf starts, so kopf's end (which cancels every task started during
+            # its run) leaves it to us.
+            forwarding = asyncio.create_task(_forward_stop(stop_flag, run_stop.flag))
             started = loop.time()
             try:
                 await kopf.operator(
@@ -996,10 +1033,9 @@ async def run(
                     namespaces=watched,
                     standalone=True,
                     liveness_endpoint=settings.health or None,
-                    stop_flag=stop_flag,
+                    stop_flag=run_stop.flag,
                     ready_flag=ready_flag,
                 )
-                return  # stopped: the stop flag, or a signal
             except Exception as error:
                 if _is_set(stop_flag):
                     raise
@@ -1014,6 +1050,14 @@ async def run(
                     error,
                     exc_info=error,
                 )
+            else:
+                if run_stop.rescan is None or _is_set(stop_flag):
+                    return  # stopped: the stop flag, or a signal
+                log.warning("running the operator again, to scan API discovery afresh: %s", run_stop.rescan)
+                continue
+            finally:
+                forwarding.cancel()
+                await asyncio.gather(forwarding, return_exceptions=True)
             if await _pause(delay, stop_flag):
                 return
     finally:

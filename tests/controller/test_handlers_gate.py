@@ -19,13 +19,23 @@ NO_RETRY_SECONDS = 3600.0
 
 
 class Gate:
-    """A RouteGate running in a task, and whether it opened the reconciler's gate."""
+    """A RouteGate running in a task, whether it opened the reconciler's gate, and the fresh
+    kopf runs it asked for (at once: ``rescan_after`` 0)."""
 
     def __init__(
         self, sightings: handlers.Sightings, lister: FakeLister, served: frozenset[str] | None
     ) -> None:
         self.opened = asyncio.Event()
-        self.gate = handlers.RouteGate(sightings, lister, served, self.opened.set, retry=NO_RETRY_SECONDS)
+        self.rescans: list[str] = []
+        self.gate = handlers.RouteGate(
+            sightings,
+            lister,
+            served,
+            self.opened.set,
+            retry=NO_RETRY_SECONDS,
+            rescan=self.rescans.append,
+            rescan_after=0,
+        )
         self.lister = lister
 
     async def listed_again(self) -> None:
@@ -65,6 +75,8 @@ async def test_it_opens_only_once_every_listed_route_is_indexed(
             len(warnings) == 1
             and "1 MailRoute(s) the API lists are not in the operator's index" in warnings[0]
         )
+        assert len(gate.rescans) == 1, "a fresh kopf run asked for, once"
+        assert "1 MailRoute(s) the API lists are not in the operator's index" in gate.rescans[0]
         index(sightings, ROUTES, "r1", "r1")
         gate.gate.wake()
         async with asyncio.timeout(WAIT_SECONDS):
@@ -91,6 +103,7 @@ async def test_a_failed_list_keeps_it_closed_until_one_works(
         await gate.listed_again()
         await gate.listed_again()
         assert not gate.opened.is_set()
+        assert gate.rescans == [], "a failed LIST says nothing of kopf's watch"
         del lister.errors[(ROUTE_KIND, "team-x")]
         gate.gate.wake()
         async with asyncio.timeout(WAIT_SECONDS):

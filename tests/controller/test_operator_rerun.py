@@ -1,7 +1,8 @@
-"""What lets controller.operator.run run kopf again after a run that ended on an error: the pause
-between runs ends early when the controller is told to stop (its stop flag, or SIGTERM in the main
-thread, where kopf's own handlers point at the run that ended), and the push channel calls the
-reconciler of the current run only."""
+"""What lets controller.operator.run run kopf again after a run that ended on an error, or that
+the handlers ended for a fresh scan of API discovery: the pause between runs ends early when the
+controller is told to stop (its stop flag, or SIGTERM in the main thread, where kopf's own
+handlers point at the run that ended), the controller's stop flag and a rescan request both stop
+the current run, and the push channel calls the reconciler of the current run only."""
 
 import asyncio
 import os
@@ -43,6 +44,23 @@ async def test_sigterm_during_a_pause_stops_and_the_handlers_go_with_it() -> Non
         assert await operator._pause(LONG_PAUSE_SECONDS, None)
     # Removed again: kopf's next run installs its own.
     assert not loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def test_the_controllers_stop_flag_stops_the_current_run() -> None:
+    flag = threading.Event()
+    run_stop = asyncio.Event()
+    forwarding = asyncio.create_task(operator._forward_stop(flag, run_stop))
+    flag.set()
+    async with asyncio.timeout(WAIT_SECONDS):
+        await run_stop.wait()
+    await forwarding
+
+
+async def test_a_rescan_stops_the_current_run_and_says_why_once() -> None:
+    run_stop = operator._RunStop()
+    run_stop.request_rescan("first")
+    run_stop.request_rescan("second")
+    assert (run_stop.flag.is_set(), run_stop.rescan) == (True, "first")
 
 
 def test_the_channel_calls_the_callbacks_of_the_current_run_only() -> None:
