@@ -472,7 +472,8 @@ class RouteGate:
             return (
                 f"{len(missing)} MailRoute(s) the API lists are not in the operator's index (its "
                 "watch of MailRoutes has not listed them: API discovery may have missed the "
-                "MailRoute kind at start, and a CRD event makes it look again)",
+                "MailRoute kind at start; a CRD event, or a fresh run of the operator after "
+                f"{self._rescan_after:.0f} s, makes it look again)",
                 True,
             )
         return None, False
