@@ -8,8 +8,10 @@ reconciler, which reads the indexes afresh. Handlers that touch the
 reconciler are ``async def``, so kopf runs them on its loop (the reconciler's asyncio events are
 not thread-safe); the index handlers stay synchronous, in kopf's executor threads, so parsing
 never blocks the loop. kopf runs resource handlers only once every index holds its initial
-listing, so the first such call opens the reconciler's sync gate; a handler on the MailRoute CRD
-itself guarantees one call even with no object at all.
+listing, so the first such call lets ``RouteGate`` open the reconciler's sync gate once the
+MailRoutes the API lists are all indexed (kopf may not watch them at all: see there); a handler
+on the MailRoute CRD itself guarantees one call even with no object at all, and its later
+events (kopf then scans API discovery again) one more.
 Never writes to the API here (the reconciler does, through controller.operator.KubeApi), never
 raises on a user's object: a broken MailRoute is a SpecError in the index, not a handler error.
 
@@ -89,6 +91,16 @@ RESYNC_SECONDS = 60.0
 # A re-list arrives as a burst of listing events (one per object); the resync LISTs once that
 # burst has been quiet this long, not once per event.
 RELIST_QUIET_SECONDS = 1.0
+# While the MailRoutes the API lists are not all in kopf's index, the sync gate stays closed
+# (``RouteGate``) and they are listed again on every event and at the latest after this long:
+# the reconciler's retry delay, as a failed write's.
+GATE_RETRY_SECONDS = reconciler.RETRY_SECONDS
+# Once the MailRoutes the API lists have been missing from kopf's index this long (a route
+# created after kopf's listing is indexed within one watch event), kopf is asked to run again
+# (``Wiring.rescan``), which scans API discovery afresh: the CRD event that would make the
+# running kopf scan again may never come. Two retries: a needless fresh run costs kopf's
+# listings once, before any table went out; a late one keeps every change from the proxies.
+GATE_RESCAN_SECONDS = 2 * GATE_RETRY_SECONDS
 
 V = TypeVar("V")
 
@@ -122,6 +134,9 @@ class Wiring:
     holdoff: float = reconciler.HOLDOFF_SECONDS
     metrics: ControllerMetrics | None = None  # compile timings, on the publisher's registry
     resync: float = RESYNC_SECONDS  # seconds between the LISTs of every indexed kind
+    # Ends this kopf run for a fresh one (which scans API discovery again), saying why; None:
+    # never (``RouteGate``).
+    rescan: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +225,11 @@ class Sightings:
                 known[uid] = dataclasses.replace(sighting, announced=True)
                 return False
             return event_type is None
+
+    def uids(self, index: str) -> set[str]:
+        """The uids of ``index`` indexed and not yet found gone."""
+        with self._lock:
+            return set(self._seen[index])
 
     def namespaces(self, index: str) -> set[str]:
         """The namespaces that hold an object of ``index`` not yet found gone."""
@@ -365,6 +385,98 @@ class Resync:
         if found:
             log.info("resync: %d object(s) of %s were deleted while a watch was away: left out", found, scope)
         return found
+
+
+class RouteGate:
+    """Opens the reconciler's sync gate once the MailRoutes themselves are in kopf's index.
+
+    kopf calls the resource handlers once every index it serves holds its initial listing, but
+    it serves only the kinds its one scan of API discovery found at start. When that read of the
+    MailRoute group failed (a 404 while an API server's CRD handler has not synced), kopf starts
+    no MailRoute watch at all, the other indexes fill, and the first handler call would publish
+    a table without any route to every proxy and write it to the snapshot Secret. So ``run``
+    waits for the first ``wake`` (kopf's indexes are filled), then LISTs the MailRoutes of the
+    served namespaces itself (uids only) and opens the gate once every uid listed is indexed (an
+    empty listing is a listing too). Until then it lists again on each ``wake`` and at the
+    latest every ``retry`` seconds, logging why once per problem: a CRD event makes kopf scan
+    the group again and start the watch, whose listing fills the index and opens the gate; and
+    once listed routes have been missing from the index for ``rescan_after`` seconds, ``rescan``
+    is called (once) to have kopf run again and scan afresh.
+    """
+
+    def __init__(
+        self,
+        sightings: Sightings,
+        lister: Lister,
+        served: frozenset[str] | None,
+        open_gate: Callable[[], None],
+        *,
+        retry: float = GATE_RETRY_SECONDS,
+        rescan: Callable[[str], None] | None = None,
+        rescan_after: float = GATE_RESCAN_SECONDS,
+    ) -> None:
+        self._sightings = sightings
+        self._lister = lister
+        self._scopes: list[str | None] = [None] if served is None else [*sorted(served)]
+        self._open_gate = open_gate
+        self._retry = retry
+        self._rescan = rescan
+        self._rescan_after = rescan_after
+        self._woken = asyncio.Event()
+        self._problem: str | None = None
+
+    def wake(self) -> None:
+        """A resource handler ran (on kopf's loop): list again now, if the gate is still closed."""
+        self._woken.set()
+
+    async def run(self) -> None:
+        """Open the gate once MailRoutes are indexed (see the class docstring), then return."""
+        await self._woken.wait()
+        loop = asyncio.get_running_loop()
+        missing_since: float | None = None  # when listed routes were first found unindexed
+        while True:
+            self._woken.clear()
+            problem, missing = await self._unindexed()
+            if missing and missing_since is None:
+                missing_since = loop.time()
+            if (
+                missing_since is not None
+                and self._rescan is not None
+                and loop.time() - missing_since >= self._rescan_after
+            ):
+                self._rescan(f"for {self._rescan_after:.0f} s and more: {problem}")
+                self._rescan = None  # once: this run of kopf ends
+            if problem is None:
+                if self._problem is not None:
+                    log.info("every MailRoute the API lists is indexed now: routing tables will be published")
+                self._open_gate()
+                return
+            if problem != self._problem:
+                self._problem = problem
+                log.warning("no routing table is published yet: %s", problem)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._retry):
+                    await self._woken.wait()
+
+    async def _unindexed(self) -> tuple[str | None, bool]:
+        """Why the gate stays closed (None: every MailRoute listed is indexed), and whether it
+        is that listed routes are missing from the index (else the LIST failed)."""
+        listed: set[str] = set()
+        try:
+            for namespace in self._scopes:
+                listed |= await self._lister.list_uids((GROUP, VERSION, PLURAL), namespace)
+        except reconciler.ClusterError as error:
+            return f"listing MailRoutes failed, trying again in {self._retry:.0f} s: {error}", False
+        missing = listed - self._sightings.uids(ROUTES_INDEX)
+        if missing:
+            return (
+                f"{len(missing)} MailRoute(s) the API lists are not in the operator's index (its "
+                "watch of MailRoutes has not listed them: API discovery may have missed the "
+                "MailRoute kind at start; a CRD event, or a fresh run of the operator after "
+                f"{self._rescan_after:.0f} s, makes it look again)",
+                True,
+            )
+        return None, False
 
 
 def _scope(index: str, namespace: str | None) -> str:
@@ -533,11 +645,22 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
             metrics=wiring.metrics,
         )
         resync = Resync(sightings, wiring.cluster, listings, worker.touch, period=wiring.resync)
+        gate = RouteGate(
+            sightings,
+            wiring.cluster,
+            wiring.served,
+            worker.mark_synced,
+            retry=GATE_RETRY_SECONDS,
+            rescan=wiring.rescan,
+            rescan_after=GATE_RESCAN_SECONDS,
+        )
         state["reconciler"] = worker
         state["resync"] = resync
+        state["gate"] = gate
         state["tasks"] = [
             asyncio.create_task(worker.run(), name="mailgress reconciler"),
             asyncio.create_task(resync.run(), name="mailgress resync"),
+            asyncio.create_task(gate.run(), name="mailgress sync gate"),
         ]
 
     @kopf.on.cleanup(registry=registry)
@@ -589,8 +712,9 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     # async: kopf runs a synchronous handler in its executor's threads, and the reconciler's
     # asyncio.Event may be set only from the loop it waits on (kopf's, where these run).
     async def wake(**_: Any) -> None:
+        gate: RouteGate = state["gate"]
+        gate.wake()
         worker: reconciler.Reconciler = state["reconciler"]
-        worker.mark_synced()
         worker.touch()
 
     # An object's event: its sighting is announced (a re-list shows here, and DELETED forgets

@@ -886,15 +886,16 @@ class Reconciler:
             ours.append(self._programmed(since, route.generation, ready))
         existing = current.get("conditions")
         counts = compiled.endpoint_counts.get(route.key, ())
+        # None deletes the field (merge patch): a route left out of the table (invalid, or
+        # Conflicted: compiler rule 2) serves nothing and runs on no proxy, so it lists no
+        # protocol or endpoint (kubectl's PROTOCOLS column) and no proxies.
         return {
             "observedGeneration": route.generation,
             "conditions": conditions.merge(existing if isinstance(existing, list) else [], ours, self._now()),
-            # None deletes the field (merge patch): an invalid route serves nothing, a route
-            # left out of the table runs on no proxy.
             "protocols": ",".join(p for p, _ in route.protocols)
-            if isinstance(route, mailroute.MailRoute)
+            if since is not None and isinstance(route, mailroute.MailRoute)
             else None,
-            "endpoints": dict(counts) or None,
+            "endpoints": (dict(counts) or None) if since is not None else None,
             "proxies": None if since is None else self._proxies(since, ready),
         }
 
@@ -934,8 +935,9 @@ class Reconciler:
                     await self._post_transitions(entry, desired["conditions"])
                 continue
             namespace, name = entry.route.namespace, entry.route.name
+            patch = _merge_patch(current, desired)
             try:
-                if not await self._cluster.patch_status(namespace, name, entry.resource_version, desired):
+                if not await self._cluster.patch_status(namespace, name, entry.resource_version, patch):
                     continue  # changed or gone meanwhile: its watch event brings another pass
             except ClusterUnavailableError:
                 raise
@@ -1011,6 +1013,22 @@ class Reconciler:
                 )
                 previous[kind] = (status, reason)
         del self._unposted[key]
+
+
+def _merge_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch (RFC 7386) that makes the fields of ``current`` that ``desired`` names
+    equal to it: the API server merges a map into the map it stores, so every key ``desired``
+    no longer has (a protocol removed from status.endpoints) is sent as null, which deletes it;
+    else it would stay for good, and the status differ from the desired one at every pass.
+    Lists and other values replace what is stored; None deletes the field."""
+    patch: dict[str, Any] = {}
+    for name, value in desired.items():
+        stored = current.get(name)
+        if isinstance(value, Mapping) and isinstance(stored, Mapping):
+            patch[name] = {**dict.fromkeys(stored.keys() - value.keys()), **_merge_patch(stored, value)}
+        else:
+            patch[name] = value
+    return patch
 
 
 def _states(found: Any) -> dict[Any, tuple[Any, Any]]:
