@@ -2,10 +2,11 @@
 
 controller.handlers starts one ``Reconciler`` per operator and calls ``touch`` whenever a
 MailRoute, Service, EndpointSlice, proxy Pod or labelled Secret changes, and ``mark_synced`` once kopf has
-filled every index (kopf holds resource handlers until then). The publisher calls
-``acks_changed`` when a proxy connects, acks or leaves. Each pass reads everything afresh
-through ``read`` (never an event's diff: Contour's level-based build), so a lost or repeated
-event costs nothing but a pass.
+filled every index (kopf holds resource handlers until then) and ``handlers.RouteGate`` found every
+MailRoute a LIST of its own returns in it (review S3: a kind kopf missed at start is no empty
+table). The publisher calls ``acks_changed`` when a proxy connects, acks or leaves. Each pass
+reads everything afresh through ``read`` (never an event's diff: Contour's level-based build),
+so a lost or repeated event costs nothing but a pass.
 
 One pass: compile every MailRoute with the resolved endpoints and Secrets (controller.compiler, pure),
 and with what each route holds in the table published last, so that a route keeps the names it serves;
