@@ -144,6 +144,20 @@ async def test_two_releases_with_disjoint_namespaces_do_not_write_each_others_ro
     assert condition(emulator, "example", "Programmed", NAMESPACE)["message"] == "2 of 2 proxies"
 
 
+async def mail_and_collector_backends(api: Api) -> None:
+    """The CRD, the proxy Pods, mail's dovecot and team-x's own backend, collector."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    await api.create(
+        f"/api/v1/namespaces/{OTHER_NAMESPACE}/services", service_body("collector", OTHER_NAMESPACE)
+    )
+    await api.create(
+        f"/apis/discovery.k8s.io/v1/namespaces/{OTHER_NAMESPACE}/endpointslices",
+        slice_body("collector", ["10.9.9.9"], namespace=OTHER_NAMESPACE),
+    )
+
+
 async def test_a_controller_of_every_namespace_serves_them_all(
     emulator: Emulator,
     api: Api,
@@ -183,16 +197,7 @@ async def test_a_newer_wildcard_of_another_namespace_does_not_take_a_served_doma
     programmed, then team-x creates *.example. team-x's route is refused naming mail's, and the
     proxies keep sending ceo@alpha.example to mail (before, mail's route flipped to Conflicted
     and team-x's backend got the logins)."""
-    await create_crd(api)
-    await create_proxy_pods(api)
-    await create_backend(api, "dovecot", ["10.0.0.1"])
-    await api.create(
-        f"/api/v1/namespaces/{OTHER_NAMESPACE}/services", service_body("collector", OTHER_NAMESPACE)
-    )
-    await api.create(
-        f"/apis/discovery.k8s.io/v1/namespaces/{OTHER_NAMESPACE}/endpointslices",
-        slice_body("collector", ["10.9.9.9"], namespace=OTHER_NAMESPACE),
-    )
+    await mail_and_collector_backends(api)
     await create_route(api, imap_route("alpha", "alpha.example"))
     both = dataclasses.replace(controller_settings, watch_namespaces=frozenset({NAMESPACE, OTHER_NAMESPACE}))
     runner = ControllerRunner(emulator, both, controller_accesses)
@@ -229,16 +234,7 @@ GRAB_DOMAINS = ["misc.example", "*.example"]
 async def two_tenants(api: Api, controller_settings: operator.Settings) -> operator.Settings:
     """mail's harmless route (misc.example), then team-x's alpha.example with its own backend;
     the settings of a release serving both namespaces."""
-    await create_crd(api)
-    await create_proxy_pods(api)
-    await create_backend(api, "dovecot", ["10.0.0.1"])
-    await api.create(
-        f"/api/v1/namespaces/{OTHER_NAMESPACE}/services", service_body("collector", OTHER_NAMESPACE)
-    )
-    await api.create(
-        f"/apis/discovery.k8s.io/v1/namespaces/{OTHER_NAMESPACE}/endpointslices",
-        slice_body("collector", ["10.9.9.9"], namespace=OTHER_NAMESPACE),
-    )
+    await mail_and_collector_backends(api)
     await create_route(api, imap_route("misc", "misc.example"))
     alpha = imap_route("alpha", "alpha.example", service="collector")
     alpha["metadata"]["namespace"] = OTHER_NAMESPACE
