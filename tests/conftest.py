@@ -12,6 +12,7 @@ field-by-field diff. Set MAILGRESS_KEEP_TESTBED=1 to keep the folder (logs, mail
 after the session; its path is then printed.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -42,6 +43,22 @@ def remove_testbed_directory(directory: Path) -> None:
         print(f"\n{KEEP_VARIABLE}: kept {directory}")
     else:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_postfix(postfix: mailservers.Postfix, directory: Path, name: str) -> Iterator[None]:
+    """A test's own Postfix (its files under ``directory``) started, or the test failed naming
+    it; stopped and its directory removed afterwards."""
+    try:
+        postfix.start()
+    except mailservers.MailServerError as error:
+        remove_testbed_directory(directory)
+        pytest.fail(f"the {name} Postfix could not start: {error}", pytrace=False)
+    try:
+        yield
+    finally:
+        postfix.stop()
+        remove_testbed_directory(directory)
 
 
 # The running backends, so that failure reports can be cleaned of every password they know.

@@ -38,7 +38,7 @@ from testbed import authservice, clients, mailservers, messages, proxysettings
 from testbed.backends import ALPHA, BETA, NAMESPACE, POSTFIX_SERVICE, UNROUTED_DOMAIN, Backends
 from testbed.mailservers import LOOPBACK, User
 from testbed.proxyprocess import ProxyProcess
-from tests.conftest import remove_testbed_directory
+from tests.conftest import running_postfix
 from tests.conftest import testbed_directory as make_testbed_directory
 from tests.e2e.helpers import StartProxy, latin1_user, octets_in_log, sasl_plain, serves_imap
 
@@ -394,14 +394,8 @@ class DeltaBackend:
 def delta() -> Iterator[DeltaBackend]:
     directory = make_testbed_directory("mailgress-delta-")
     postfix = mailservers.Postfix(directory / "postfix", domains=[DELTA])
-    try:
-        postfix.start()
-    except mailservers.MailServerError as error:
-        remove_testbed_directory(directory)
-        pytest.fail(f"the delta Postfix could not start: {error}", pytrace=False)
-    yield DeltaBackend(postfix, directory)
-    postfix.stop()
-    remove_testbed_directory(directory)
+    with running_postfix(postfix, directory, "delta"):
+        yield DeltaBackend(postfix, directory)
 
 
 @pytest.fixture(scope="module")
@@ -538,18 +532,12 @@ def picky(start_proxy: StartProxy, backends: Backends) -> Iterator[ProxyProcess]
             "smtpd_helo_restrictions": "check_helo_access inline:{blocked.example=REJECT}",
         },
     )
-    try:
-        postfix.start()
-    except mailservers.MailServerError as error:
-        remove_testbed_directory(directory)
-        pytest.fail(f"the picky Postfix could not start: {error}", pytrace=False)
-    services = backends.services()
-    services[f"{NAMESPACE}/picky-postfix"] = {"25": [f"{LOOPBACK}:{postfix.smtp_port}"]}
-    route = proxysettings.mailroute("picky", [PICKY], namespace=NAMESPACE, smtp=("picky-postfix", 25))
-    route["spec"]["smtp"]["clientInfo"] = "xclient"
-    yield start_proxy("picky", services=services, routes=[route])
-    postfix.stop()
-    remove_testbed_directory(directory)
+    with running_postfix(postfix, directory, "picky"):
+        services = backends.services()
+        services[f"{NAMESPACE}/picky-postfix"] = {"25": [f"{LOOPBACK}:{postfix.smtp_port}"]}
+        route = proxysettings.mailroute("picky", [PICKY], namespace=NAMESPACE, smtp=("picky-postfix", 25))
+        route["spec"]["smtp"]["clientInfo"] = "xclient"
+        yield start_proxy("picky", services=services, routes=[route])
 
 
 def test_a_backend_refusing_the_real_client_is_heard_and_no_endpoint_failure(picky: ProxyProcess) -> None:
@@ -789,17 +777,11 @@ def trusting() -> Iterator[TrustingBackend]:
             "relay_transport": "discard:never-sent",
         },
     )
-    try:
-        postfix.start()
-    except mailservers.MailServerError as error:
-        remove_testbed_directory(directory)
-        pytest.fail(f"the trusting Postfix could not start: {error}", pytrace=False)
-    address = f"u-{secrets.token_hex(4)}@{OMEGA}"
-    owner = mailservers.MailOwner.lookup(mailservers.DEFAULT_MAIL_USER)
-    postfix.add_mailbox(address, mailservers.Maildir(directory / address, owner))
-    yield TrustingBackend(postfix, address)
-    postfix.stop()
-    remove_testbed_directory(directory)
+    with running_postfix(postfix, directory, "trusting"):
+        address = f"u-{secrets.token_hex(4)}@{OMEGA}"
+        owner = mailservers.MailOwner.lookup(mailservers.DEFAULT_MAIL_USER)
+        postfix.add_mailbox(address, mailservers.Maildir(directory / address, owner))
+        yield TrustingBackend(postfix, address)
 
 
 def test_a_smuggled_xclient_never_makes_a_trusting_backend_an_open_relay(

@@ -21,7 +21,7 @@ from testbed import authservice, clients, mailservers, messages, proxysettings
 from testbed.backends import ALPHA, BETA, NAMESPACE, Backends
 from testbed.mailservers import LOOPBACK, User
 from testbed.proxyprocess import ProxyProcess
-from tests.conftest import remove_testbed_directory
+from tests.conftest import running_postfix
 from tests.conftest import testbed_directory as make_testbed_directory
 from tests.e2e.helpers import StartProxy
 
@@ -56,14 +56,8 @@ def trusting() -> Iterator[TrustingBackend]:
         # Received then names the login XCLIENT gave ("Authenticated sender: ...").
         extra_main_cf={"smtpd_sasl_authenticated_header": "yes"},
     )
-    try:
-        postfix.start()
-    except mailservers.MailServerError as error:
-        remove_testbed_directory(directory)
-        pytest.fail(f"the trusting Postfix could not start: {error}", pytrace=False)
-    yield TrustingBackend(postfix, directory)
-    postfix.stop()
-    remove_testbed_directory(directory)
+    with running_postfix(postfix, directory, "trusting"):
+        yield TrustingBackend(postfix, directory)
 
 
 @pytest.fixture(scope="module")

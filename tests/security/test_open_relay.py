@@ -24,7 +24,7 @@ import pytest
 
 from testbed import backends as testbed_backends
 from testbed import clients, mailservers, proxyprocess, proxysettings
-from tests.conftest import remove_testbed_directory
+from tests.conftest import running_postfix
 from tests.conftest import testbed_directory as make_testbed_directory
 from tests.e2e.helpers import SERVER_NAME, StartProxy
 from tests.security.conftest import with_client_info
@@ -206,14 +206,8 @@ def trusting_postfix() -> Iterator[mailservers.Postfix]:
             "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         },
     )
-    try:
-        postfix.start()
-    except mailservers.MailServerError as error:
-        remove_testbed_directory(directory)
-        pytest.fail(f"the trusting Postfix could not start: {error}", pytrace=False)
-    yield postfix
-    postfix.stop()
-    remove_testbed_directory(directory)
+    with running_postfix(postfix, directory, "trusting"):
+        yield postfix
 
 
 def test_xclient_makes_a_trusting_postfix_judge_the_real_client(
