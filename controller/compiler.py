@@ -34,18 +34,23 @@ Rules, in order:
    namespaces per release). Within one namespace names split freely.
 2b. Serving comes before age: a later claim never takes logins a route serves. ``held`` says
    what each route holds in the table published last (``holdings``), by namespace/name, so a
-   MailRoute deleted and created again keeps what the old object held. A claim (rule 2) or key
-   (rule 2a, for any protocol) a route does not hold there loses against a conflicting one that
-   another route holds there, whatever their ages: an older route edited to claim *.example, an
-   old invalid route made valid, or a refused route whose rival is created again takes nothing
-   from the route serving those logins. Age decides only between claims neither route holds
-   (or both, after a table made by other rules), and alone without ``held``
-   (``mailgress routes check``, or a controller that found no snapshot at start).
+   MailRoute deleted and created again keeps what the old object held. Against routes of its
+   own namespace a route holds what it held there itself; against other namespaces, every
+   claim and key that any route of its namespace held there (the namespace serves the name, as
+   rule 2a speaks of namespaces), so a name moved from one route of a namespace to another, or
+   a route renamed (deleted and created under a new name), stays the namespace's. A claim
+   (rule 2) or key (rule 2a, for any protocol) a route does not hold loses against a
+   conflicting one that another route holds, whatever their ages: an older route edited to
+   claim *.example, an old invalid route made valid, or a refused route whose rival is created
+   again takes nothing from the route serving those logins. Age decides only between claims
+   neither route holds (or both, after a table made by other rules), and alone without
+   ``held`` (``mailgress routes check``, or a controller that found no snapshot at start).
    Rules 2 to 2b are one greedy pass in age order against the accepted routes and the held
-   claims. A refused route holds nothing: if one was refused, its held claims lapse and the pass
-   runs again without them (each run drops at least one route's, so the runs end). So every
-   refusal names an accepted route, the outcome does not depend on the order of the input, and
-   compiling again with the holdings of the table made gives that table again.
+   claims. A refused route holds nothing (not even for its namespace; another route of the
+   namespace that claims the name still holds it): if one was refused, its held claims lapse
+   and the pass runs again without them (each run drops at least one route's, so the runs
+   end). So every refusal names an accepted route, the outcome does not depend on the order of
+   the input, and compiling again with the holdings of the table made gives that table again.
 3. Backends resolve only in the route's own namespace: the ``ServiceKey`` is always the route's
    namespace. A missing key is BackendNotFound, an empty endpoint list NoReadyEndpoints; either
    way the route stays in the table with no endpoints for that protocol, so its users get a
@@ -61,7 +66,7 @@ Rules, in order:
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -189,8 +194,8 @@ def holdings(published: Iterable[table.Route]) -> dict[str, frozenset[Claim]]:
 
 @dataclass(frozen=True, slots=True)
 class _Holding:
-    """What a route claims now and already holds in the published table (rule 2b): claims for
-    rule 2, keys (held for any protocol) for rule 2a."""
+    """What a route claims now and already holds in the published table (rule 2b), by itself
+    or by its namespace: claims for rule 2, keys (held for any protocol) for rule 2a."""
 
     claims: frozenset[Claim] = frozenset()
     keys: frozenset[_Key] = frozenset()
@@ -212,8 +217,8 @@ def _claimed(route: mailroute.MailRoute) -> _Claimed:
     return _Claimed(route, _claims(route), _keys(route))
 
 
-def _holding(claimed: _Claimed, held: Holdings) -> _Holding:
-    published = held.get(claimed.route.key)
+def _holding(claimed: _Claimed, published: Collection[Claim]) -> _Holding:
+    """The part of ``published`` (held claims, a route's or its namespace's) the route claims now."""
     if not published:
         return _NOTHING_HELD
     published_keys = {claim[1:] for claim in published}
@@ -298,19 +303,53 @@ def _conflict(
     return None
 
 
-def _refusal(claimed: _Claimed, accepted: _Held, published: _Held, holding: _Holding) -> _Refusal | None:
+@dataclass(frozen=True, slots=True)
+class _Standing:
+    """What a route holds (rule 2b): by itself, against routes of its namespace, and by its
+    namespace, against the others (a superset of its own)."""
+
+    own: _Holding = _NOTHING_HELD
+    namespace: _Holding = _NOTHING_HELD
+
+
+_NO_STANDING = _Standing()
+
+
+@dataclass(slots=True)
+class _Holders:
+    """The published table's holders that a pass checks new claims against (rule 2b)."""
+
+    # Each namespace's routes with what they hold by themselves, for rule 2 within it.
+    own: dict[str, _Held] = dataclasses.field(default_factory=dict)
+    # Every route with what its namespace holds, for rules 2 and 2a across namespaces.
+    namespace: _Held = dataclasses.field(default_factory=_Held)
+
+    def take(self, claimed: _Claimed, standing: _Standing) -> None:
+        own, namespace = standing.own, standing.namespace
+        self.own.setdefault(claimed.route.namespace, _Held()).take(claimed, own.claims, own.keys)
+        self.namespace.take(claimed, namespace.claims, namespace.keys)
+
+
+def _refusal(claimed: _Claimed, accepted: _Held, published: _Holders, standing: _Standing) -> _Refusal | None:
     """Why a route cannot be accepted, or None: a claim or key taken by an older accepted route
-    in ``accepted`` (rules 2 and 2a), or one it does not hold (``holding``) taken by another
-    route in ``published`` (rule 2b)."""
+    in ``accepted`` (rules 2 and 2a), or, in ``published`` (rule 2b), a claim it does not hold
+    itself held by another route of its namespace, or a claim or key its namespace does not
+    hold held by a route of another namespace."""
     route, claims, keys = claimed.route, claimed.claims, claimed.keys
     refusal = _conflict(route, claims, keys, accepted)
-    if refusal is not None or not published.keys:  # no holder (a held claim's key is held too)
+    if refusal is not None or not published.namespace.keys:  # no holder (a held claim's key is held too)
         return refusal
+    own, namespace = standing.own, standing.namespace
+    ours = published.own[route.namespace]  # within the namespace only claims conflict (rule 2)
+    refusal = _conflict(route, [claim for claim in claims if claim not in own.claims], (), ours)
+    if refusal is not None:
+        return refusal
+    # What the namespace does not hold, no route of it holds: a holder found is another namespace's.
     return _conflict(
         route,
-        [claim for claim in claims if claim not in holding.claims],
-        [key for key in keys if key not in holding.keys],
-        published,
+        [claim for claim in claims if claim not in namespace.claims],
+        [key for key in keys if key not in namespace.keys],
+        published.namespace,
     )
 
 
@@ -319,23 +358,35 @@ def _settle(routes: Sequence[mailroute.MailRoute], held: Holdings) -> dict[str, 
     accepted. Only accepted routes hold keys in the end: a run that refuses a holder runs again
     with that route's held claims lapsed."""
     every = [_claimed(route) for route in routes]
-    holding = {claimed.route.key: _holding(claimed, held) for claimed in every}
-    while True:  # each run but the last empties at least one route's holding
-        published = _Held()
+    by_namespace: dict[str, set[Claim]] = {}
+    for key, claims in held.items():
+        by_namespace.setdefault(key.partition("/")[0], set()).update(claims)
+    standing = {
+        claimed.route.key: _Standing(
+            _holding(claimed, held.get(claimed.route.key, ())),
+            _holding(claimed, by_namespace.get(claimed.route.namespace, ())),
+        )
+        for claimed in every
+    }
+    while True:  # each run but the last empties at least one route's standing
+        published = _Holders()
         for claimed in every:
-            published.take(claimed, holding[claimed.route.key].claims, holding[claimed.route.key].keys)
+            published.take(claimed, standing[claimed.route.key])
         accepted = _Held()
         outcome: dict[str, _Refusal | None] = {}
         for claimed in every:
-            refusal = _refusal(claimed, accepted, published, holding[claimed.route.key])
+            refusal = _refusal(claimed, accepted, published, standing[claimed.route.key])
             outcome[claimed.route.key] = refusal
             if refusal is None:
                 accepted.take(claimed, claimed.claims, claimed.keys)
-        lapsed = [key for key, refusal in outcome.items() if refusal is not None and holding[key].keys]
+        # A route's own holding is part of its namespace's: an empty one means nothing held.
+        lapsed = [
+            key for key, refusal in outcome.items() if refusal is not None and standing[key].namespace.keys
+        ]
         if not lapsed:
             return outcome
         for key in lapsed:
-            holding[key] = _NOTHING_HELD
+            standing[key] = _NO_STANDING
 
 
 _Problems = dict[conditions.Reason, list[str]]
