@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from controller import compiler, conditions, mailroute
@@ -263,6 +263,127 @@ def test_whatever_a_table_held_every_refusal_names_a_route_of_the_new_one(
         routes, endpoints, secrets, VERSION_KEY, compiler.holdings(compiled.table.routes)
     )
     assert again.table == compiled.table
+
+
+# A namespace's names across its own routes (rule 2b; review T1's A1 and A2): random routes of
+# two namespaces, the table they make, then one pass in which a namespace moves one of a route's
+# names to another of its routes or renames a route (deleted, and created again as the newest).
+_MODEL_KEYS = (
+    ("domain", "alpha.example"),
+    ("domain", "*.example"),
+    ("domain", "beta.example"),
+    ("domain", "*.alpha.example"),
+    ("domain", "x.alpha.example"),
+    ("domain", "*"),
+    ("user", "cfo@alpha.example"),
+    ("user", "bob"),
+)
+_MODEL_PORTS = {"imap": 143, "smtp": 25}
+_MODEL_ENDPOINTS = {
+    (namespace, "svc", str(port)): [table.Endpoint("10.0.0.1", port)]
+    for namespace in ("a", "b")
+    for port in _MODEL_PORTS.values()
+}
+
+
+def _model_route(
+    namespace: str, name: str, stamp: str, keys: frozenset[tuple[str, str]], protocols: frozenset[str]
+) -> mailroute.MailRoute:
+    spec: dict[str, Any] = {p: {"backend": {"service": "svc", "port": _MODEL_PORTS[p]}} for p in protocols}
+    for kind, field in (("user", "users"), ("domain", "domains")):
+        if any(k == kind for k, _ in keys):
+            spec[field] = sorted(key for k, key in keys if k == kind)
+    metadata = {"name": name, "namespace": namespace, "generation": 1, "creationTimestamp": stamp}
+    route = mailroute.parse(
+        {"apiVersion": "mailgress.io/v1alpha1", "kind": "MailRoute", "metadata": metadata, "spec": spec}
+    )
+    assert isinstance(route, mailroute.MailRoute), route
+    return route
+
+
+def _model_keys(route: mailroute.MailRoute) -> frozenset[tuple[str, str]]:
+    return frozenset(claim[1:] for claim in _every_claim(route))
+
+
+def _model_protocols(route: mailroute.MailRoute) -> frozenset[str]:
+    return frozenset(protocol for protocol, _ in route.protocols)
+
+
+@settings(derandomize=True, max_examples=500, database=None, deadline=None)
+@given(data=st.data())
+def test_a_namespace_keeps_a_name_it_moves_between_its_routes(data: st.DataObject) -> None:
+    """The route that gets the name (and every other route of the table) is in the next table:
+    no older claim of another namespace takes the name or refuses the receiving route, as long
+    as no third route of the namespace claims it (then age decides, within the namespace)."""
+    drawn = data.draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(("a", "b")),
+                st.sampled_from(("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z")),
+                st.frozensets(st.sampled_from(_MODEL_KEYS), min_size=1, max_size=3),
+                st.frozensets(st.sampled_from(tuple(_MODEL_PORTS)), min_size=1),
+            ),
+            min_size=2,
+            max_size=6,
+        )
+    )
+    routes = [
+        _model_route(ns, f"r{i}", stamp, keys, protocols)
+        for i, (ns, stamp, keys, protocols) in enumerate(drawn)
+    ]
+    before = compiler.compile_table(routes, _MODEL_ENDPOINTS)
+    served = {route.name for route in before.table.routes}
+    moves = [  # (giver, taker): routes of one namespace in the table, the taker serving no other protocol
+        (giver, taker)
+        for giver in routes
+        for taker in routes
+        if {giver.key, taker.key} <= served
+        and giver is not taker
+        and giver.namespace == taker.namespace
+        and len(_model_keys(giver)) > 1
+        and _model_protocols(taker) <= _model_protocols(giver)
+    ]
+    if moves and data.draw(st.booleans()):
+        old, taker = data.draw(st.sampled_from(moves))
+        moved = data.draw(st.sampled_from(sorted(_model_keys(old))))
+        fresh = frozenset({moved})
+        gave = _model_route(
+            old.namespace, old.name, old.creation_timestamp, _model_keys(old) - fresh, _model_protocols(old)
+        )
+        receiver = _model_route(
+            taker.namespace,
+            taker.name,
+            taker.creation_timestamp,
+            _model_keys(taker) | fresh,
+            _model_protocols(taker),
+        )
+        kept = [gave, *(route for route in routes if route is not old and route is not taker)]
+    else:  # rename: the same claims under a new name, created last
+        old = data.draw(st.sampled_from([route for route in routes if route.key in served]))
+        fresh = _model_keys(old)
+        receiver = _model_route(
+            old.namespace, "renamed", "2027-01-01T00:00:00Z", fresh, _model_protocols(old)
+        )
+        kept = [route for route in routes if route is not old]
+    after = [*kept, receiver]
+    third = [
+        route
+        for route in after
+        if route.namespace == receiver.namespace
+        and route is not receiver
+        and fresh & _model_keys(route)
+        and _model_protocols(route) & _model_protocols(receiver)
+    ]
+    assume(not third)  # another route of the namespace claims the name too: age decides, within it
+    compiled = compiler.compile_table(after, _MODEL_ENDPOINTS, held=compiler.holdings(before.table.routes))
+    names = {route.name for route in compiled.table.routes}
+    assert {route.key for route in after if route.key in served} | {receiver.key} <= names, (
+        compiled.conditions
+    )
+    (route,) = (route for route in compiled.table.routes if route.name == receiver.key)
+    assert fresh <= {("user", user) for user in route.users} | {
+        ("domain", domain) for domain in route.domains
+    }
 
 
 def test_there_are_enough_cases() -> None:
