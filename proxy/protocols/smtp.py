@@ -99,22 +99,28 @@ header, so the first EHLO gives the client's name too. Otherwise the backend tak
 client, so the proxy introduces itself by its own name: replaying the client's name would only put
 an unverifiable name next to the proxy's address. Then submission sends ``AUTH PLAIN`` (235 is
 success), except after a ``verified`` login: one an auth_http service has already accepted. There a
-backend whose EHLO lists ``LOGIN`` among the XCLIENT attributes and offers no AUTH PLAIN (nginx's
-default ``xclient on; proxy_smtp_auth off`` behind it: a Postfix port without SASL that trusts the
-proxy) gets ``LOGIN=<the user the service granted>`` in that XCLIENT, and its 250 to the EHLO after
-it is the success (the client hears ``235``). Never for a login the backend must verify (auth mode
-backend): XCLIENT LOGIN carries no password, so it would let any password in; such a backend without
-AUTH PLAIN fails the attempt as before. Inbound replays MAIL FROM and RCPT TO, and whatever the
-backend answers to RCPT is the client's reply, as nginx does (a 421 ends the session with it). A
-MAIL refused with 5xx becomes the client's RCPT reply (Postfix itself reports sender refusals at
-RCPT time by default), with 4xx it is a backend failure, so the client hears 451 and retries: either
-way no mail is accepted that the backend did not take. A 4xx or 5xx to XCLIENT or to the EHLO after
-it is the backend's verdict on the client it now sees (Postfix's client and HELO restrictions with
-``smtpd_delay_reject = no``): the client hears it as the reply to its RCPT (submission: to its
-AUTH), and the endpoint, which answered, is not failing. A refusal of XCLIENT itself as not
-understood (500-504) or not authorized (Postfix's 550 "insufficient authorization") is about the
-proxy, not the client: a failure of the endpoint and 451 to the client, never a bounce (Postfix
-lists XCLIENT only to hosts it authorizes, so with Postfix the second does not happen).
+backend whose EHLO lists ``LOGIN`` among the XCLIENT attributes gets ``LOGIN=<the user the service
+granted>`` in that XCLIENT and no AUTH, whatever AUTH it offers, as nginx's default ``xclient on;
+proxy_smtp_auth off`` does, and its 250 to the EHLO after it is the success (the client hears
+``235``). A Postfix with ``smtpd_sasl_auth_enable = yes`` offers AUTH PLAIN too, but its SASL need
+not know the service's users, and only a SASL or XCLIENT login passes its
+``permit_sasl_authenticated``: AUTH PLAIN there would be a 535 for a right password. AUTH PLAIN
+(with the service's Auth-Pass) is for a backend that does not take LOGIN from the proxy. A name that
+cannot go as LOGIN (longer than ``MAX_XCLIENT_VALUE`` xtext-encoded) is the client's temporary
+failure, the endpoint untouched; an empty one is left out, as nginx does (see ``_on_reply``). Never
+for a login the backend must verify (auth mode backend): XCLIENT LOGIN carries no password, so it
+would let any password in; such a backend without AUTH PLAIN fails the attempt as before. Inbound
+replays MAIL FROM and RCPT TO, and whatever the backend answers to RCPT is the client's reply, as
+nginx does (a 421 ends the session with it). A MAIL refused with 5xx becomes the client's RCPT reply
+(Postfix itself reports sender refusals at RCPT time by default), with 4xx it is a backend failure,
+so the client hears 451 and retries: either way no mail is accepted that the backend did not take. A
+4xx or 5xx to XCLIENT or to the EHLO after it is the backend's verdict on the client it now sees
+(Postfix's client and HELO restrictions with ``smtpd_delay_reject = no``): the client hears it as
+the reply to its RCPT (submission: to its AUTH), and the endpoint, which answered, is not failing. A
+refusal of XCLIENT itself as not understood (500-504) or not authorized (Postfix's 550 "insufficient
+authorization") is about the proxy, not the client: a failure of the endpoint and 451 to the client,
+never a bounce (Postfix lists XCLIENT only to hosts it authorizes, so with Postfix the second does
+not happen).
 
 With ``BackendConfig.starttls`` the first EHLO reply must list STARTTLS (RFC 3207); the machine
 sends it and, on ``220``, emits ``StartTls`` and drops whatever the backend sent behind the 220
@@ -888,11 +894,13 @@ CLOSING_CODE = 421
 # failure (451 to the client, who retries).
 XCLIENT_NOT_UNDERSTOOD = frozenset({500, 501, 502, 503, 504})
 XCLIENT_NOT_AUTHORIZED = b"insufficient authorization"
-# XCLIENT_README asks for XCLIENT lines within RFC 5321's 512 octets, which ADDR, PORT and NAME keep;
-# LOGIN (a name of up to the auth_http reply's length, xtext-encoded) may pass it, as the AUTH PLAIN
-# response after a 334 and the replayed MAIL and RCPT lines already do, but never Postfix's
-# line_length_limit: a longer line would be cut, and a cut LOGIN= could name another user.
-MAX_XCLIENT_LINE = MAX_CLIENT_LINE
+# Postfix refuses an XCLIENT attribute value longer than 255 characters as sent, that is xtext-encoded
+# (src/smtpd/smtpd.c, xclient_cmd(): "strlen(raw_value) > 255" is checked before xtext_unquote(),
+# and answered "501 5.5.4 Error: attribute value too long"), and an empty one ("501 5.5.4 Error:
+# attribute=value expected"). Those 501s would read as XCLIENT not understood (an endpoint failure,
+# above), so a LOGIN value is checked against this before it is sent. ADDR, PORT and NAME always
+# fit, and with LOGIN within it the line stays within RFC 5321's 512 octets, as XCLIENT_README asks.
+MAX_XCLIENT_VALUE = 255
 # The one AUTH refusal that says the credentials are wrong (RFC 4954 section 6: 535 5.7.8
 # Authentication credentials invalid). Other permanent refusals (534 mechanism too weak, 538
 # encryption required, 554 ...) refuse the login for another reason.
@@ -1011,8 +1019,8 @@ class BackendLogin:
 
         Args:
             verified: an auth_http service has already accepted this submission login, so a
-                backend that trusts the proxy with XCLIENT LOGIN and offers no AUTH PLAIN may be
-                told the user that way (module docstring). Never for a login the backend verifies.
+                backend that takes XCLIENT LOGIN from the proxy is told the user that way, with no
+                AUTH (module docstring). Never for a login the backend verifies.
 
         Raises:
             LocalProtocolError: a submission request without credentials, an inbound one
@@ -1121,11 +1129,20 @@ class BackendLogin:
                 if xclient is None:
                     return self._login(extensions)
                 if self._logs_in_with_xclient(extensions):
-                    xclient += b" LOGIN=" + xtext(self._credentials().username).encode("ascii")
-                    if len(xclient) > MAX_XCLIENT_LINE:
+                    login = xtext(self._credentials().username)
+                    if len(login) > MAX_XCLIENT_VALUE:
                         # The service's name for the user cannot reach this backend whole: no
-                        # fault of the endpoint, and no other endpoint would do better.
+                        # fault of the endpoint, and no other endpoint would do better. Not AUTH
+                        # PLAIN instead: this backend's SASL need not know the user (a 535 for a
+                        # right password, counted by the failed-login throttle).
                         return self._verdict(LoginFailed(reply=REPLY_AUTH_UNAVAILABLE, credentials=False))
+                    if login:
+                        xclient += b" LOGIN=" + login.encode("ascii")
+                    # An empty name (an ``Auth-User:`` without a value in the service's grant)
+                    # goes without LOGIN, as nginx sends it: the client hears 235, since the
+                    # service said OK, but the backend has no login for the session and treats it
+                    # as an unauthenticated client at ADDR (Postfix: no permit_sasl_authenticated,
+                    # so no relaying past its restrictions for strangers).
                     self._xclient_login = True
                 self._state = BackendState.XCLIENT
                 return [Send(xclient + CRLF)]
@@ -1187,13 +1204,9 @@ class BackendLogin:
 
     def _logs_in_with_xclient(self, extensions: dict[str, frozenset[str]]) -> bool:
         """The XCLIENT about to go out logs a verified submission in with LOGIN: the backend takes
-        LOGIN there and has no AUTH PLAIN to check a password with (when it has, AUTH PLAIN is
-        sent as for any login: the service's Auth-Pass may be meant for it)."""
-        return (
-            self._verified
-            and "LOGIN" in extensions.get("XCLIENT", frozenset())
-            and "PLAIN" not in extensions.get("AUTH", frozenset())
-        )
+        LOGIN there, whatever AUTH it offers too (module docstring: its SASL need not know the
+        users the service grants, as behind nginx)."""
+        return self._verified and "LOGIN" in extensions.get("XCLIENT", frozenset())
 
     def _login(self, extensions: dict[str, frozenset[str]]) -> list[Command]:
         if self._request.protocol == "smtp":

@@ -14,10 +14,10 @@ not given in time is a temporary failure, not a failing endpoint. A refusal is f
 it refused the login for another reason (a connection limit, an account in use or disabled),
 which the failed-login throttle must not count. A route with auth mode ``http`` asks its auth_http
 service first (``authhttp``): its refusal is final, and its grant may name the backend and the
-credentials to log in with; a submission login it granted is verified, so a backend that trusts the
-proxy may take it with XCLIENT LOGIN (``smtp.BackendLogin``). An outage (an endpoint's, an auth
-service's) is logged as a warning when it begins and at INFO when it ends; the failures in between
-are debug lines.
+credentials to log in with; a submission login it granted is verified, so a backend that takes
+XCLIENT LOGIN from the proxy is told the user that way and gets no AUTH (``smtp.BackendLogin``). An
+outage (an endpoint's, an auth service's) is logged as a warning when it begins and at INFO when it
+ends; the failures in between are debug lines.
 Never logs a credential: only the user name, route and endpoint.
 """
 
@@ -258,8 +258,9 @@ async def _route_and_log_in(
                     # client-info settings still say how to talk to it.
                     upstream = dataclasses.replace(upstream, endpoints=(server,))
                 if request.protocol == "submission":
-                    # The service has checked the password: a backend that trusts the proxy may
-                    # take the login with XCLIENT LOGIN, as behind nginx (smtp.BackendLogin).
+                    # The service has checked the password: a backend that takes XCLIENT LOGIN
+                    # gets the login that way, even beside AUTH PLAIN, as behind nginx; its SASL
+                    # need not know the service's users (smtp.BackendLogin).
                     start_login = functools.partial(smtp.BackendLogin, verified=True)
             case authhttp_protocol.Refused(reply=reply):
                 return LoginOutcome(events.LoginRejected(reply), "rejected", route.name)

@@ -723,7 +723,7 @@ def test_long_credentials_go_after_a_334_challenge() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Backend login with XCLIENT LOGIN: a submission an auth_http service has already accepted, at a
-# backend that trusts the proxy and has no AUTH (nginx's default xclient on, proxy_smtp_auth off)
+# backend that takes LOGIN from the proxy, AUTH or none (nginx's default xclient on, proxy_smtp_auth off)
 
 # Postfix without SASL, to a host in smtpd_authorized_xclient_hosts.
 NO_SASL_XCLIENT_EHLO = [
@@ -769,12 +769,44 @@ def test_the_login_name_goes_xtext_encoded_and_never_the_password() -> None:
     assert wire[-1] == LoginSucceeded(reply=smtp.REPLY_AUTH_SUCCEEDED)
 
 
-def test_a_verified_login_still_uses_auth_plain_where_the_backend_offers_it() -> None:
-    """The service's Auth-Pass may be meant for the backend: with AUTH PLAIN there, it decides."""
+def test_a_verified_login_goes_in_with_xclient_login_where_the_backend_offers_auth_plain_too() -> None:
+    """Review T1 B1: a Postfix with smtpd_sasl_auth_enable = yes lists AUTH PLAIN beside XCLIENT
+    LOGIN, and its SASL need not know the service's users: AUTH PLAIN there was a 535 for a right
+    password. nginx sends LOGIN= whatever AUTH the backend offers; so does the proxy, and no AUTH."""
     login = verified_login()
-    feed(login, b"220 mx")
-    assert feed(login, *POSTFIX_XCLIENT_EHLO) == [Send(CLIENT_FIELDS + b"\r\n")]
-    assert feed(login, b"220 mx", *POSTFIX_XCLIENT_EHLO) == [Send(EHLO), Send(AUTH_LINE)]
+    assert feed(login, b"220 mx") == [Send(b"EHLO mailgress\r\n")]
+    assert feed(login, *POSTFIX_XCLIENT_EHLO) == [Send(CLIENT_FIELDS + b" LOGIN=alice@example.com\r\n")]
+    assert feed(login, b"220 mx") == [Send(EHLO)]
+    assert feed(login, *POSTFIX_XCLIENT_EHLO) == [LoginSucceeded(smtp.REPLY_AUTH_SUCCEEDED)]
+
+
+@pytest.mark.parametrize(
+    ("verified", "config", "ehlo", "xclient"),
+    [
+        # auth: backend: the backend checks the password, whatever XCLIENT it takes (kept from
+        # before review T1: XCLIENT LOGIN would let any password in).
+        (False, XCLIENT, POSTFIX_XCLIENT_EHLO, CLIENT_FIELDS),
+        # Verified, but the backend does not take LOGIN from the proxy.
+        (True, XCLIENT, [b"250-mx", b"250-XCLIENT NAME ADDR PORT", b"250 AUTH PLAIN"], CLIENT_FIELDS),
+        # Verified, but the route forwards no client information with XCLIENT.
+        (True, BackendConfig(client=ClientAddress("192.0.2.7", 40123)), POSTFIX_XCLIENT_EHLO, None),
+    ],
+    ids=["auth-backend", "no-login-attribute", "client-info-none"],
+)
+def test_auth_plain_only_where_xclient_login_is_not_available(
+    verified: bool, config: BackendConfig, ehlo: list[bytes], xclient: bytes | None
+) -> None:
+    """AUTH PLAIN, with the password the service granted (here the client's), and no LOGIN=."""
+    login = verified_login(config) if verified else submission_login(config)
+    wire = feed(login, b"220 mx", *ehlo)
+    if xclient is not None:
+        assert wire[-1] == Send(xclient + b"\r\n")
+        wire += feed(login, b"220 mx", *ehlo)
+    assert b"LOGIN=" not in sent(wire)
+    assert wire[-1] == Send(AUTH_LINE)
+    assert feed(login, b"235 2.7.0 Authentication successful") == [
+        LoginSucceeded(reply=b"235 2.7.0 Authentication successful\r\n")
+    ]
 
 
 def test_a_verified_login_goes_in_with_xclient_login_after_starttls() -> None:
@@ -817,22 +849,54 @@ def test_no_xclient_login_without_a_verified_login_and_a_backend_that_takes_it(
     assert wire[-1] == BackendFailed("backend does not offer AUTH PLAIN")
 
 
-def test_a_granted_name_too_long_for_an_xclient_line_is_a_temporary_failure() -> None:
-    """A cut line could name another user: the login is refused for now, nothing is sent, and the
-    endpoint, which did nothing wrong, is not failing."""
-    # Past RFC 5321's 512 octets (as a long AUTH PLAIN response after 334), within Postfix's 2048.
-    fits = sasl.Credentials("é" * 300 + "@example.com", PASSWORD.encode())
-    login = verified_login(credentials=fits)
+@pytest.mark.parametrize(
+    "username",
+    [
+        "x" * 242 + "@alpha.example",  # 256 characters
+        "+" * 81 + "@alpha.example",  # 95 characters, 257 xtext-encoded ("+" is "+2B")
+        "é" * 50 + "@alpha.example",  # 114 octets of UTF-8, 314 xtext-encoded
+    ],
+    ids=["ascii", "plus-signs", "utf-8"],
+)
+@pytest.mark.parametrize("ehlo", [NO_SASL_XCLIENT_EHLO, POSTFIX_XCLIENT_EHLO], ids=["no-auth", "auth-plain"])
+def test_a_granted_name_postfix_would_refuse_as_login_is_a_temporary_failure(
+    username: str, ehlo: list[bytes]
+) -> None:
+    """Review T1 B2: Postfix answers a LOGIN value over 255 characters (as sent, xtext-encoded)
+    with 501 "attribute value too long", which reads as XCLIENT not understood: the endpoint, and
+    every other in turn, was marked failing. Now nothing is sent, the client hears the temporary
+    failure and the endpoint is fine; not AUTH PLAIN either (that SASL need not know the user)."""
+    login = verified_login(credentials=sasl.Credentials(username, PASSWORD.encode()))
+    feed(login, b"220 mx")
+    assert feed(login, *ehlo) == [LoginFailed(reply=smtp.REPLY_AUTH_UNAVAILABLE, credentials=False)]
+    assert login.state is smtp.BackendState.DONE
+
+
+def test_a_granted_name_of_255_characters_goes_whole_within_rfc_5321s_line() -> None:
+    """Postfix's limit is inclusive, and with the longest ADDR (IPv6) and PORT the line keeps RFC
+    5321's 512 octets (XCLIENT_README asks for that)."""
+    name = "+" * 80 + "a@alpha.example"  # 240 + 15 = 255 characters xtext-encoded
+    config = BackendConfig(
+        client=ClientAddress("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", 65535), client_info="xclient"
+    )
+    login = verified_login(config, sasl.Credentials(name, PASSWORD.encode()))
     feed(login, b"220 mx")
     [xclient] = feed(login, *NO_SASL_XCLIENT_EHLO)
-    assert isinstance(xclient, Send) and 512 < len(xclient.data) <= smtp.MAX_XCLIENT_LINE + 2
-    assert xclient.data.endswith(b"+C3+A9@example.com\r\n")
-    too_long = sasl.Credentials("é" * 400 + "@example.com", PASSWORD.encode())
-    login = verified_login(credentials=too_long)
+    assert isinstance(xclient, Send)
+    value = xclient.data.rstrip(b"\r\n").rpartition(b" LOGIN=")[2]
+    assert len(value) == smtp.MAX_XCLIENT_VALUE and value.startswith(b"+2B+2B")
+    assert len(xclient.data) <= 512
+
+
+def test_an_empty_granted_name_goes_without_login_as_behind_nginx() -> None:
+    """Review T1 B2: Postfix refuses LOGIN= with an empty value ("501 5.5.4 Error: attribute=value
+    expected"). nginx leaves LOGIN out for an empty name: the service said OK, so the client hears
+    235, and the backend takes the session as an unauthenticated client at ADDR."""
+    login = verified_login(credentials=sasl.Credentials("", PASSWORD.encode()))
     feed(login, b"220 mx")
-    assert feed(login, *NO_SASL_XCLIENT_EHLO) == [
-        LoginFailed(reply=smtp.REPLY_AUTH_UNAVAILABLE, credentials=False)
-    ]
+    assert feed(login, *POSTFIX_XCLIENT_EHLO) == [Send(CLIENT_FIELDS + b"\r\n")]
+    assert feed(login, b"220 mx") == [Send(EHLO)]
+    assert feed(login, *POSTFIX_XCLIENT_EHLO) == [LoginSucceeded(smtp.REPLY_AUTH_SUCCEEDED)]
 
 
 def test_a_refusal_of_the_client_after_xclient_login_is_still_the_clients_reply() -> None:
