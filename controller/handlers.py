@@ -9,9 +9,9 @@ reconciler are ``async def``, so kopf runs them on its loop (the reconciler's as
 not thread-safe); the index handlers stay synchronous, in kopf's executor threads, so parsing
 never blocks the loop. kopf runs resource handlers only once every index holds its initial
 listing, so the first such call lets ``RouteGate`` open the reconciler's sync gate once the
-MailRoutes the API lists are all indexed (kopf may not watch them at all: see there); a handler
-on the MailRoute CRD itself guarantees one call even with no object at all, and its later
-events (kopf then scans API discovery again) one more.
+MailRoutes, Services, EndpointSlices and labelled Secrets the API lists are all indexed (kopf may
+not watch a kind at all: see there); a handler on the MailRoute CRD itself guarantees one call
+even with no object at all, and its later events (kopf then scans API discovery again) one more.
 Never writes to the API here (the reconciler does, through controller.operator.KubeApi), never
 raises on a user's object: a broken MailRoute is a SpecError in the index, not a handler error.
 
@@ -91,16 +91,17 @@ RESYNC_SECONDS = 60.0
 # A re-list arrives as a burst of listing events (one per object); the resync LISTs once that
 # burst has been quiet this long, not once per event.
 RELIST_QUIET_SECONDS = 1.0
-# While the MailRoutes the API lists are not all in kopf's index, the sync gate stays closed
+# While the objects the API lists are not all in kopf's indexes, the sync gate stays closed
 # (``RouteGate``) and they are listed again on every event and at the latest after this long:
 # the reconciler's retry delay, as a failed write's.
 GATE_RETRY_SECONDS = reconciler.RETRY_SECONDS
-# Once the MailRoutes the API lists have been missing from kopf's index this long (a route
-# created after kopf's listing is indexed within one watch event), kopf is asked to run again
-# (``Wiring.rescan``), which scans API discovery afresh: the CRD event that would make the
-# running kopf scan again may never come. Two retries: a needless fresh run costs kopf's
+# Once one object the API lists has been missing from kopf's index this long (one created after
+# kopf's listing is indexed within one watch event), the handlers give up (``Wiring.give_up``):
+# the controller exits to be restarted, and the fresh process scans API discovery afresh (a CRD
+# event would make the running kopf scan the MailRoute group again, but it may never come, and
+# nothing makes it scan a built-in group again). Two retries: a needless restart costs kopf's
 # listings once, before any table went out; a late one keeps every change from the proxies.
-GATE_RESCAN_SECONDS = 2 * GATE_RETRY_SECONDS
+GATE_GIVE_UP_SECONDS = 2 * GATE_RETRY_SECONDS
 
 V = TypeVar("V")
 
@@ -134,9 +135,9 @@ class Wiring:
     holdoff: float = reconciler.HOLDOFF_SECONDS
     metrics: ControllerMetrics | None = None  # compile timings, on the publisher's registry
     resync: float = RESYNC_SECONDS  # seconds between the LISTs of every indexed kind
-    # Ends this kopf run for a fresh one (which scans API discovery again), saying why; None:
+    # Ends kopf's run on an error, saying why (controller.operator exits to be restarted); None:
     # never (``RouteGate``).
-    rescan: Callable[[str], None] | None = None
+    give_up: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,9 @@ class _Sighting:
     # Sightings' clock, at the uid's latest index handler call: a LIST that started before it
     # may predate the object's return to the selection (``judge``).
     last_seen: float
+    # Its latest index handler call gave values (a slice of no Service or of FQDN addresses
+    # gives none, and kopf keeps none of it: found gone, it needs no hiding).
+    valued: bool
     announced: bool = False  # an event handler has had an event of it
 
 
@@ -167,7 +171,8 @@ class Sightings:
     """Which indexed objects are live, by uid, for ``inputs``.
 
     Per index, each uid's namespace and when it was first and last seen (``indexed``, from the
-    index handlers), and whether an event handler has announced it (``announce``: a listing event
+    index handlers, with values or none: the sync gate asks whether kopf's watch listed an
+    object, whatever it holds), and whether an event handler has announced it (``announce``: a listing event
     of an announced uid is kopf re-listing after a watch gap). ``judge`` applies a LIST: a uid
     last seen before the LIST started and absent from it is gone, and stays gone unless an index
     handler sees it again (a Secret labelled again keeps its uid; its DELETED may have been lost,
@@ -190,22 +195,22 @@ class Sightings:
 
     def indexed(self, index: str, body: Mapping[str, Any], values: Mapping[Any, V]) -> dict[Any, Indexed[V]]:
         """What an index handler returns: ``values`` (index key to value) tagged with the body's
-        uid, whose sighting is recorded now (the first too, if it is new) when it holds a value.
+        uid, whose sighting is recorded now (the first too, if it is new), with values or none.
         A body without a uid (never from the API server) is tagged "" and never judged."""
         found = body.get("metadata")
         metadata: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
         uid = metadata.get("uid")
         uid = uid if isinstance(uid, str) else ""
-        if uid and values:
+        if uid:
             with self._lock:
                 self._gone.discard(uid)  # seen again (a Secret labelled again keeps its uid)
                 now = self._clock()
                 known = self._seen[index]
                 sighting = known.get(uid)
                 known[uid] = (
-                    _Sighting(str(metadata.get("namespace") or ""), now, now)
+                    _Sighting(str(metadata.get("namespace") or ""), now, now, bool(values))
                     if sighting is None
-                    else dataclasses.replace(sighting, last_seen=now)
+                    else dataclasses.replace(sighting, last_seen=now, valued=bool(values))
                 )
         return {key: Indexed(uid, value) for key, value in values.items()}
 
@@ -240,7 +245,8 @@ class Sightings:
         """Apply a LIST of ``index``'s kind in ``namespace`` (None: all) that started at
         ``started`` (``now``) and found ``listed``: every uid last seen before it started and
         not listed is gone. A uid indexed since (first or again) is kept whatever the LIST says:
-        it may be newer than the LIST's snapshot. Returns how many uids this made gone."""
+        it may be newer than the LIST's snapshot. Returns how many uids this made gone that
+        kopf keeps values of (a uid without values is only forgotten)."""
         with self._lock:
             known = self._seen[index]
             lost = [
@@ -250,10 +256,11 @@ class Sightings:
                 and uid not in listed
                 and (namespace is None or sighting.namespace == namespace)
             ]
+            gone = [uid for uid in lost if known[uid].valued]
+            self._gone.update(gone)
             for uid in lost:
                 del known[uid]
-            self._gone.update(lost)
-        return len(lost)
+        return len(gone)
 
     def live(
         self, index: str, values: Iterable[Indexed[V]], name: Callable[[V], str] = _whole_store
@@ -388,20 +395,23 @@ class Resync:
 
 
 class RouteGate:
-    """Opens the reconciler's sync gate once the MailRoutes themselves are in kopf's index.
+    """Opens the reconciler's sync gate once what routes are made of is in kopf's indexes.
 
     kopf calls the resource handlers once every index it serves holds its initial listing, but
-    it serves only the kinds its one scan of API discovery found at start. When that read of the
-    MailRoute group failed (a 404 while an API server's CRD handler has not synced), kopf starts
-    no MailRoute watch at all, the other indexes fill, and the first handler call would publish
-    a table without any route to every proxy and write it to the snapshot Secret. So ``run``
-    waits for the first ``wake`` (kopf's indexes are filled), then LISTs the MailRoutes of the
-    served namespaces itself (uids only) and opens the gate once every uid listed is indexed (an
-    empty listing is a listing too). Until then it lists again on each ``wake`` and at the
+    it serves only the kinds its one scan of API discovery found at start. When that read of a
+    group failed (a 404 while an API server's CRD handler has not synced, or for a built-in
+    group while its discovery is unavailable), kopf starts no watch of that kind at all, the
+    other indexes fill, and the first handler call would publish a table without any route, or
+    with routes without their endpoints, to every proxy and write it to the snapshot Secret. So
+    ``run`` waits for the first ``wake`` (kopf's indexes are filled), then LISTs the objects of
+    each of ``listings`` in the served namespaces itself (uids only, with the selectors of
+    kopf's watch) and opens the gate once every uid listed has been seen by kopf's index handler
+    (an empty listing is a listing too). Until then it lists again on each ``wake`` and at the
     latest every ``retry`` seconds, logging why once per problem: a CRD event makes kopf scan
-    the group again and start the watch, whose listing fills the index and opens the gate; and
-    once listed routes have been missing from the index for ``rescan_after`` seconds, ``rescan``
-    is called (once) to have kopf run again and scan afresh.
+    the MailRoute group again and start its watch, whose listing fills the index and opens the
+    gate; and once one listed object has been missing from its index for ``give_up_after``
+    seconds, ``give_up`` is called (once): the controller exits to be restarted, which scans
+    every group afresh.
     """
 
     def __init__(
@@ -409,74 +419,86 @@ class RouteGate:
         sightings: Sightings,
         lister: Lister,
         served: frozenset[str] | None,
+        listings: Iterable[Listing],
         open_gate: Callable[[], None],
         *,
         retry: float = GATE_RETRY_SECONDS,
-        rescan: Callable[[str], None] | None = None,
-        rescan_after: float = GATE_RESCAN_SECONDS,
+        give_up: Callable[[str], None] | None = None,
+        give_up_after: float = GATE_GIVE_UP_SECONDS,
     ) -> None:
         self._sightings = sightings
         self._lister = lister
         self._scopes: list[str | None] = [None] if served is None else [*sorted(served)]
+        self._listings = tuple(listings)
         self._open_gate = open_gate
         self._retry = retry
-        self._rescan = rescan
-        self._rescan_after = rescan_after
+        self._give_up = give_up
+        self._give_up_after = give_up_after
         self._woken = asyncio.Event()
         self._problem: str | None = None
+        # Each uid listed and missing from its index, and when it was first found so: one
+        # object missing for long says kopf does not watch its kind; under churn, each LIST
+        # may find another one just created, which kopf indexes a watch event later.
+        self._missing_since: dict[str, float] = {}
 
     def wake(self) -> None:
         """A resource handler ran (on kopf's loop): list again now, if the gate is still closed."""
         self._woken.set()
 
     async def run(self) -> None:
-        """Open the gate once MailRoutes are indexed (see the class docstring), then return."""
+        """Open the gate once every listed object is indexed (see the class docstring), then
+        return."""
         await self._woken.wait()
         loop = asyncio.get_running_loop()
-        missing_since: float | None = None  # when listed routes were first found unindexed
         while True:
             self._woken.clear()
-            problem, missing = await self._unindexed()
-            if missing and missing_since is None:
-                missing_since = loop.time()
-            if (
-                missing_since is not None
-                and self._rescan is not None
-                and loop.time() - missing_since >= self._rescan_after
-            ):
-                self._rescan(f"for {self._rescan_after:.0f} s and more: {problem}")
-                self._rescan = None  # once: this run of kopf ends
+            problem, missing = await self._unindexed(loop.time())
             if problem is None:
                 if self._problem is not None:
-                    log.info("every MailRoute the API lists is indexed now: routing tables will be published")
+                    log.info("every object the API lists is indexed now: routing tables will be published")
                 self._open_gate()
                 return
             if problem != self._problem:
                 self._problem = problem
                 log.warning("no routing table is published yet: %s", problem)
+            overdue = any(
+                loop.time() - since >= self._give_up_after for since in self._missing_since.values()
+            )
+            if missing and overdue and self._give_up is not None:
+                self._give_up(f"for {self._give_up_after:.0f} s and more: {problem}")
+                self._give_up = None  # once: kopf's run ends
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._retry):
                     await self._woken.wait()
 
-    async def _unindexed(self) -> tuple[str | None, bool]:
-        """Why the gate stays closed (None: every MailRoute listed is indexed), and whether it
-        is that listed routes are missing from the index (else the LIST failed)."""
-        listed: set[str] = set()
+    async def _unindexed(self, now: float) -> tuple[str | None, bool]:
+        """Why the gate stays closed (None: every object listed is indexed), and whether it is
+        that listed objects are missing from their index (else a LIST failed, which leaves the
+        notes of since when each listed uid is missing as they are)."""
+        missing: dict[str, set[str]] = {}
         try:
-            for namespace in self._scopes:
-                listed |= await self._lister.list_uids((GROUP, VERSION, PLURAL), namespace)
+            for listing in self._listings:
+                listed: set[str] = set()
+                for namespace in self._scopes:
+                    listed |= await self._lister.list_uids(
+                        listing.kind, namespace, listing.label_selector, listing.field_selector
+                    )
+                missing[listing.kind[-1]] = listed - self._sightings.uids(listing.index)
         except reconciler.ClusterError as error:
-            return f"listing MailRoutes failed, trying again in {self._retry:.0f} s: {error}", False
-        missing = listed - self._sightings.uids(ROUTES_INDEX)
-        if missing:
-            return (
-                f"{len(missing)} MailRoute(s) the API lists are not in the operator's index (its "
-                "watch of MailRoutes has not listed them: API discovery may have missed the "
-                "MailRoute kind at start; a CRD event, or a fresh run of the operator after "
-                f"{self._rescan_after:.0f} s, makes it look again)",
-                True,
-            )
-        return None, False
+            return f"listing {listing.kind[-1]} failed, trying again in {self._retry:.0f} s: {error}", False
+        self._missing_since = {
+            uid: self._missing_since.get(uid, now) for uids in missing.values() for uid in uids
+        }
+        counts = ", ".join(f"{plural}: {len(uids)}" for plural, uids in missing.items() if uids)
+        if not counts:
+            return None, False
+        return (
+            f"objects the API lists are not in the operator's index ({counts}): its watch has not "
+            "listed them (API discovery may have missed their kind at start; a CRD event makes it "
+            "look again for MailRoutes, and the controller exits to be restarted, which scans "
+            f"afresh, when one is still missing after {self._give_up_after:.0f} s)",
+            True,
+        )
 
 
 def _scope(index: str, namespace: str | None) -> str:
@@ -649,10 +671,13 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
             sightings,
             wiring.cluster,
             wiring.served,
+            # Every kind of the served namespaces a route is made of (the proxy pods only count
+            # towards its status).
+            [listing for listing in listings if listing.index != PROXIES_INDEX],
             worker.mark_synced,
             retry=GATE_RETRY_SECONDS,
-            rescan=wiring.rescan,
-            rescan_after=GATE_RESCAN_SECONDS,
+            give_up=wiring.give_up,
+            give_up_after=GATE_GIVE_UP_SECONDS,
         )
         state["reconciler"] = worker
         state["resync"] = resync

@@ -3,8 +3,10 @@ adds ``add_arguments`` to its ``controller`` subcommand and calls ``command``; t
 with a kubeconfig that points at the emulator. ``run`` loads the Kubernetes client configuration (a
 kubeconfig, or the pod's service account), starts the push channel (controller.publisher, its
 connections bounded by the guard mailgress/cli.py hands in), registers controller.handlers on a
-fresh kopf registry and runs kopf until stopped (a run that ends on an error, such as a watch
-ERROR event kopf treats as fatal, is logged and followed by a fresh one after a pause).
+fresh kopf registry and runs kopf until stopped. A run that ends on an error (a watch ERROR event
+kopf treats as fatal), or that the handlers give up on (``handlers.RouteGate``), raises
+``OperatorError``: ``command`` logs it in one line and the process exits with EXIT_RESTART, to be
+restarted by Kubernetes (with the kubelet's backoff), which scans API discovery afresh.
 ``KubeApi`` is the reconciler's ``Cluster``: the few writes kopf does not make for us (status
 patches with a resourceVersion precondition, the snapshot Secret, Events) and two reads (the
 snapshot Secret at start, and the handlers' resync LISTs of uids), over aiohttp with the same
@@ -63,7 +65,6 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import ssl
 import sys
 import threading
@@ -73,7 +74,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import kopf
@@ -83,7 +84,6 @@ import uvloop
 
 from controller import handlers, publisher, reconciler
 from controller.mailroute import API_VERSION, KIND
-from proxy import table
 
 log = logging.getLogger(__name__)
 
@@ -127,19 +127,16 @@ EVENT_REFILL_SECONDS = 300.0
 # again: a grant may come without a restart. One aggregation interval, as client-go's.
 EVENT_PATCH_RETRY_SECONDS = EVENT_AGGREGATION_SECONDS
 EXIT_USAGE = 2
-# kopf ends its run on a watch ERROR event other than 410 Gone (an API server's 500 while etcd
-# times out, say): fatal by design (kopf's watching.continuous_watch, which has no setting to
-# resume instead). ``run`` runs kopf again after KOPF_RERUN_SECONDS, twice as long after each
-# failure in a row, at most MAX_KOPF_RERUN_SECONDS (an outage must not cost a full re-list of
-# every watched kind each second); a run that lasted longer than that starts the count afresh.
-# Exiting instead would be a CrashLoopBackOff, the kubelet's restarts backing off up to five
-# minutes. Either way kopf's end cuts the push streams open then (it cancels every task started
-# during its run); the proxies keep their tables and reconnect.
-KOPF_RERUN_SECONDS = 1.0
-MAX_KOPF_RERUN_SECONDS = 60.0
-# How long one wait for a stop flag given as a threading.Event (a test's thread) lasts before it
-# looks again: a thread outlives the kopf run it waited for at most this long.
-STOP_POLL_SECONDS = 1.0
+# The exit status of ``mailgress controller`` when the operator stopped on an error
+# (``OperatorError``): kopf ends its run on a watch ERROR event other than 410 Gone (an API
+# server's 500 while etcd times out, say), fatal by design (kopf's watching.continuous_watch has no
+# setting to resume instead), and the handlers give up when kopf's scan of API discovery at start
+# missed a kind (``handlers.RouteGate``). Kubernetes restarts the container, backing off up to five
+# minutes when it keeps failing; the fresh process lists and scans everything afresh, which a
+# second kopf run in the same process could not do soundly (kopf's SIGKILL timer of the run that
+# ended, its signal handlers, its threads). The proxies keep serving their tables meanwhile and
+# reconnect to the new process.
+EXIT_RESTART = 1
 
 # Builds the push channel's certificates from the certificate and key files. mailgress/cli.py,
 # the composition root, passes proxy.server.certificates.CertificateStore's (the one reload logic
@@ -863,92 +860,15 @@ def push_channel(
     )
 
 
-class RunPublisher:
-    """The push channel as the reconciler of one kopf run sees it (``reconciler.Publisher``).
-
-    The channel outlives kopf runs and keeps every change callback it is given; this object is
-    given it once and keeps the callbacks of the current run only (``next_run`` drops the last
-    run's), so a run that ended leaves no reconciler, with the indexes it reads, to be called.
-    """
-
-    def __init__(self, channel: reconciler.Publisher) -> None:
-        self._channel = channel
-        self._callbacks: list[Callable[[], None]] = []
-        channel.on_change(self._changed)
-
-    def publish(self, new: table.RoutingTable) -> None:
-        self._channel.publish(new)
-
-    def acks(self) -> Mapping[str, reconciler.Ack]:
-        return self._channel.acks()
-
-    def on_change(self, callback: Callable[[], None]) -> None:
-        self._callbacks.append(callback)
-
-    def next_run(self) -> None:
-        """A new kopf run starts: the callbacks of the last one are dropped."""
-        self._callbacks = []
-
-    def _changed(self) -> None:
-        for callback in self._callbacks:
-            callback()
+class OperatorError(Exception):
+    """The operator stopped on an error (see EXIT_RESTART); the message says what failed."""
 
 
-def _is_set(flag: asyncio.Event | threading.Event | None) -> bool:
-    return flag is not None and flag.is_set()
-
-
-class _RunStop:
-    """One kopf run's stop flag: set when the controller is stopped (``_forward_stop``) or when
-    the handlers ask for a fresh run (``handlers.Wiring.rescan``), which ``rescan`` then says."""
-
-    def __init__(self) -> None:
-        self.flag = asyncio.Event()
-        self.rescan: str | None = None  # why a fresh run was asked for (None: it was not)
-
-    def request_rescan(self, reason: str) -> None:
-        if self.rescan is None:
-            self.rescan = reason
-        self.flag.set()
-
-
-async def _forward_stop(stop_flag: asyncio.Event | threading.Event | None, run_stop: asyncio.Event) -> None:
-    """Set ``run_stop`` once ``stop_flag`` is set (a None flag never is: SIGTERM and SIGINT stop
-    kopf itself); cancelled when the run ends."""
-    if isinstance(stop_flag, asyncio.Event):
-        await stop_flag.wait()
-    elif isinstance(stop_flag, threading.Event):
-        while not await asyncio.to_thread(stop_flag.wait, STOP_POLL_SECONDS):
-            pass
-    else:
-        return
-    run_stop.set()
-
-
-async def _pause(seconds: float, stop_flag: asyncio.Event | threading.Event | None) -> bool:
-    """Wait ``seconds`` between two kopf runs; True if told to stop meanwhile: ``stop_flag``, or
-    SIGTERM or SIGINT in the main thread (kopf leaves its own handlers installed after a run,
-    pointing at that finished run: they are replaced for the wait, and the next run installs
-    its own again)."""
-    loop = asyncio.get_running_loop()
-    signalled = asyncio.Event()
-    numbers = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    for number in numbers:
-        loop.add_signal_handler(number, signalled.set)
-    waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(signalled.wait())}
-    if isinstance(stop_flag, asyncio.Event):
-        waiters.add(asyncio.ensure_future(stop_flag.wait()))
-    elif isinstance(stop_flag, threading.Event):
-        waiters.add(asyncio.ensure_future(asyncio.to_thread(stop_flag.wait, seconds)))
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
-        for number in numbers:
-            loop.remove_signal_handler(number)
-    return signalled.is_set() or _is_set(stop_flag)
+async def _given_up(reason: asyncio.Future[str]) -> NoReturn:
+    """A kopf root task that fails with the reason the handlers gave up for, once they do: kopf
+    then stops its run as it does when a watch fails (its other root tasks, its cleanup handlers)
+    and raises that error."""
+    raise OperatorError(f"the handlers gave up: {await reason}")
 
 
 async def run(
@@ -975,15 +895,11 @@ async def run(
         resync: seconds between the handlers' LISTs that find objects a watch gap hid the
             deletion of (tests shorten it).
 
-    kopf runs until stopped; a run that ends on an error (see KOPF_RERUN_SECONDS) is logged and
-    kopf runs again after a pause, with fresh handlers (a fresh reconciler starts from the
-    snapshot Secret, as after a restart) on the same push channel and API client. So does a run
-    the handlers end because kopf does not watch MailRoutes it should (``handlers.RouteGate``),
-    at once: the fresh run scans API discovery again.
-
     Raises:
         SettingsError: two listeners on one port (``check_ports``), or credentials, the token or
             the TLS files cannot be loaded.
+        OperatorError: kopf's run ended on an error, or the handlers gave up on it (see
+            EXIT_RESTART); the push channel and the API client are stopped first.
     """
     check_ports(settings)
     configuration = kube_configuration(settings.kubeconfig)
@@ -992,7 +908,28 @@ async def run(
     await channel.start(settings.listen_address, settings.listen_port)
     api = KubeApi(configuration, settings.namespace, settings.snapshot_secret)
     await api.start()
-    run_publisher = RunPublisher(channel)
+    given_up: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def give_up(reason: str) -> None:
+        if not given_up.done():
+            given_up.set_result(reason)
+
+    registry = kopf.OperatorRegistry()
+    handlers.register(
+        registry,
+        handlers.Wiring(
+            namespace=settings.namespace,
+            served=settings.watch_namespaces,
+            proxy_labels=dict(settings.proxy_selector),
+            login=lambda: connection_info(configuration),
+            publisher=channel,
+            cluster=api,
+            holdoff=holdoff,
+            resync=resync,
+            metrics=channel.metrics,
+            give_up=give_up,
+        ),
+    )
     # kopf watches every kind it handles in every namespace it serves: the proxy pods are in the
     # controller's own namespace, served or not (the handlers drop the rest of what it sees there).
     watched = (
@@ -1000,75 +937,56 @@ async def run(
         if settings.watch_namespaces is None
         else tuple(sorted(settings.watch_namespaces | {settings.namespace}))
     )
-    loop = asyncio.get_running_loop()
-    delay: float | None = None  # the last pause between runs (None: the last run went well)
     try:
-        while True:
-            run_publisher.next_run()
-            run_stop = _RunStop()
-            registry = kopf.OperatorRegistry()
-            handlers.register(
-                registry,
-                handlers.Wiring(
-                    namespace=settings.namespace,
-                    served=settings.watch_namespaces,
-                    proxy_labels=dict(settings.proxy_selector),
-                    login=lambda: connection_info(configuration),
-                    publisher=run_publisher,
-                    cluster=api,
-                    holdoff=holdoff,
-                    resync=resync,
-                    metrics=channel.metrics,
-                    rescan=run_stop.request_rescan,
-                ),
-            )
-            # Created before kopf starts, so kopf's end (which cancels every task started during
-            # its run) leaves it to us.
-            forwarding = asyncio.create_task(_forward_stop(stop_flag, run_stop.flag))
-            started = loop.time()
-            try:
-                await kopf.operator(
-                    registry=registry,
-                    clusterwide=settings.watch_namespaces is None,
-                    namespaces=watched,
-                    standalone=True,
-                    liveness_endpoint=settings.health or None,
-                    stop_flag=run_stop.flag,
-                    ready_flag=ready_flag,
-                )
-            except Exception as error:
-                if _is_set(stop_flag):
-                    raise
-                if delay is None or loop.time() - started > MAX_KOPF_RERUN_SECONDS:
-                    delay = KOPF_RERUN_SECONDS
-                else:
-                    delay = min(delay * 2, MAX_KOPF_RERUN_SECONDS)
-                log.error(
-                    "the operator stopped on an error, running it again in %.0f s (proxies keep "
-                    "their tables meanwhile): %s",
-                    delay,
-                    error,
-                    exc_info=error,
-                )
-            else:
-                if run_stop.rescan is None or _is_set(stop_flag):
-                    return  # stopped: the stop flag, or a signal
-                log.warning("running the operator again, to scan API discovery afresh: %s", run_stop.rescan)
-                continue
-            finally:
-                forwarding.cancel()
-                await asyncio.gather(forwarding, return_exceptions=True)
-            if await _pause(delay, stop_flag):
-                return
+        # kopf.operator's two halves, with one root task of ours beside kopf's: the tasks that
+        # exist now are not kopf's to stop when its run ends.
+        existing = asyncio.all_tasks()
+        kopf_tasks = await kopf.spawn_tasks(
+            registry=registry,
+            clusterwide=settings.watch_namespaces is None,
+            namespaces=watched,
+            standalone=True,
+            liveness_endpoint=settings.health or None,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+        ours = asyncio.create_task(_given_up(given_up), name="mailgress handlers given up")
+        # A run that ends without its stop flag has kopf schedule a SIGKILL of this thread
+        # (settings.process.ultimate_exiting_timeout, 10 minutes) on this loop: the loop, and
+        # with it the process, ends long before.
+        await kopf.run_tasks([*kopf_tasks, ours], ignored=existing)
+    except OperatorError:
+        raise
+    except Exception as error:
+        raise OperatorError(f"the operator stopped on an error: {error}") from error
     finally:
         await api.stop()
         await channel.stop()
 
 
+def _fatal_failures_at_debug(record: logging.LogRecord) -> bool:
+    """kopf logs the failure of each task a fatal error ends (a watcher, then the task that ran
+    it) at ERROR with its traceback (its aiotasks.guard: "... has failed: ERROR"); ``command``
+    says what failed once, in one line, so those records become DEBUG lines without the
+    traceback, kept only when debug logging is on. Any other record of kopf's is left alone."""
+    error = record.exc_info[1] if record.exc_info else None
+    if (
+        error is None
+        or not record.name.startswith("kopf.")
+        or not record.getMessage().endswith(f" has failed: {error}")
+    ):
+        return True
+    # Changed in place: Python 3.11's filters cannot hand back a replacement record.
+    record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+    record.exc_info, record.exc_text = None, None
+    return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def command(
     arguments: argparse.Namespace, *, certificates: CertificateLoader, guards: publisher.ConnectionGuards
 ) -> int:
-    """``mailgress controller``: run until SIGTERM; exit status 2 on bad settings.
+    """``mailgress controller``: run until SIGTERM (exit status 0); exit status 2 on bad
+    settings, EXIT_RESTART when the operator stopped on an error (one error line, no traceback).
 
     ``certificates`` loads the push channel's TLS files and ``guards`` bounds its connections
     (mailgress/cli.py passes both: the controller never runs an unguarded push port).
@@ -1078,10 +996,15 @@ def command(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_fatal_failures_at_debug)
     try:
         settings = settings_from(arguments, os.environ)
         uvloop.run(run(settings, certificates=certificates, guards=guards))
     except SettingsError as error:
         print(f"mailgress controller: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except OperatorError as error:
+        log.error("%s; the proxies keep serving their tables; the controller exits to be restarted", error)
+        return EXIT_RESTART
     return 0

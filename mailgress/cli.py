@@ -19,7 +19,10 @@ Exit status 2 (EXIT_USAGE): a settings or route file that cannot be read or is n
 bad settings, a listener or the admin endpoint that cannot bind, a listener certificate or a
 backend CA file that cannot be loaded. Exit status 1 (EXIT_INVALID_ROUTES, routes check
 only): a MailRoute that is not Accepted (Invalid or Conflicted), or no MailRoute in the files;
-a backend not found or without endpoints is printed but leaves the status 0.
+a backend not found or without endpoints is printed but leaves the status 0. Exit status 1
+(operator.EXIT_RESTART, controller only): the operator stopped on an error (a watch ERROR kopf
+treats as fatal, or kinds kopf's scan of API discovery missed), said in one error line; the
+proxies keep serving their tables while Kubernetes restarts the controller.
 """
 
 import argparse

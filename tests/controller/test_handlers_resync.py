@@ -213,13 +213,24 @@ def test_a_gone_uid_indexed_again_is_live_from_then_on() -> None:
     assert sightings.judge(handlers.SECRETS_INDEX, "mail", 1.5, set()) == 0, "seen after that LIST"
 
 
-def test_a_body_without_uid_or_value_is_never_judged() -> None:
+def test_a_body_without_uid_is_never_judged() -> None:
     sightings = handlers.Sightings(Clock())
     assert sightings.indexed(ROUTES, {"metadata": {"namespace": "mail"}}, {"key": "v"}) == {
         "key": handlers.Indexed("", "v")
     }
-    assert sightings.indexed(handlers.SERVICES_INDEX, body("s"), {}) == {}
-    assert sightings.namespaces(ROUTES) == sightings.namespaces(handlers.SERVICES_INDEX) == set()
+    assert sightings.namespaces(ROUTES) == set()
+
+
+def test_an_object_without_values_is_seen_and_only_forgotten_when_found_gone() -> None:
+    """A slice of no Service (or of FQDN addresses) gives no index value: the sync gate still
+    needs to know kopf's watch listed it, and a LIST that lacks it has nothing to hide."""
+    clock = Clock()
+    sightings = handlers.Sightings(clock)
+    assert sightings.indexed(SLICES, body("s"), {}) == {}
+    assert (sightings.uids(SLICES), sightings.namespaces(SLICES)) == ({"s"}, {"mail"})
+    clock.now = 1.0
+    assert sightings.judge(SLICES, "mail", clock(), set()) == 0, "nothing of it in kopf's index"
+    assert sightings.uids(SLICES) == set()
 
 
 def test_a_listing_event_of_an_announced_uid_is_the_sign_of_a_relist() -> None:

@@ -362,9 +362,12 @@ class FakeProxy:
                         await asyncio.sleep(POLL_SECONDS)
                         continue
                     assert response.status == 200, f"stream refused: HTTP {response.status}"
-                    async for line in response.content:
-                        if line.strip():
-                            await self._apply(session, line)
+                    # The stream ends when the controller stops, or cut short when it exits on
+                    # an error (to be restarted): either way this proxy keeps what it has.
+                    with contextlib.suppress(aiohttp.ClientPayloadError):
+                        async for line in response.content:
+                            if line.strip():
+                                await self._apply(session, line)
                 return
 
     async def _apply(self, session: aiohttp.ClientSession, line: bytes) -> None:

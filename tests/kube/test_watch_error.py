@@ -1,29 +1,40 @@
 """A watch ended by an ERROR event other than 410 Gone (an API server's 500 while etcd times out),
-with the real operator against the emulator: kopf ends its run on it (fatal by design), and
-controller.operator.run must run kopf again, with a log line, instead of exiting (repeated, a
-CrashLoopBackOff); later changes of that kind then reach the statuses, and a stop still stops
-(the fixture's teardown)."""
+with ``mailgress controller`` itself, in a process of its own, against the emulator: kopf ends its
+run on it (fatal by design), and the controller must exit with EXIT_RESTART and one clear error
+line, no traceback, to be restarted by Kubernetes; what the proxies and the snapshot hold stays
+as it was (nothing emptier is published on the way out)."""
 
 import asyncio
-import logging
+import contextlib
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from controller import operator
+from testbed import mailservers
 from tests.kube.conftest import (
+    CONTROLLER_NAMESPACE,
+    CONTROLLER_TOKEN,
     NAMESPACE,
+    PUSH_TOKEN,
+    WAIT_SECONDS,
     Api,
-    Controller,
+    FakeProxy,
     create_backend,
+    create_crd,
     create_route,
+    create_snapshot_secret,
     eventually,
     imap_route,
+    kubeconfig_text,
     serving,
+    snapshot_of,
 )
 from tests.kube.emulator import Emulator
-from tests.kube.test_operator import create_proxy_pods, fake_proxies, is_
+from tests.kube.test_operator import PROXIES, create_proxy_pods, is_, route_names
 
 # The metav1.Status an API server ends a watch with when etcd does not answer in time.
 INTERNAL_ERROR = {
@@ -86,29 +97,49 @@ async def emulator() -> AsyncIterator[FailingWatchEmulator]:
         yield emu
 
 
-async def test_a_watch_error_reruns_the_operator_and_changes_reach_the_status(
-    emulator: FailingWatchEmulator, api: Api, controller: Controller, caplog: pytest.LogCaptureFixture
+async def test_a_watch_error_exits_the_controller_to_be_restarted(
+    emulator: FailingWatchEmulator, api: Api, tmp_path: Path
 ) -> None:
+    await create_crd(api)
+    await create_snapshot_secret(api)
     await create_proxy_pods(api)
     await create_backend(api, "dovecot", ["10.0.0.1"])
-    # The proxies leave before the failure: kopf's end cuts the push streams open then (a real
-    # proxy reconnects; the test's fake ones do not), and new ones follow the next run.
-    async with fake_proxies(controller):
-        await create_route(api, imap_route("example", "example.com"))
-        await eventually(lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "programmed")
-    emulator.fail()
-    await eventually(lambda: emulator.failed, "the watch ended with a 500 ERROR event")
-    await api.patch(SLICE, {"endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": False}}]})
-    async with fake_proxies(controller):
-        await eventually(
-            lambda: is_(emulator, "example", "ResolvedRefs", "False", "NoReadyEndpoints"),
-            "the slice changed after the error reaches the status",
-        )
-    reruns = [
-        record
-        for record in caplog.records
-        if record.name == operator.__name__ and record.levelno == logging.ERROR
-        if "running it again" in record.getMessage()
-    ]
-    assert reruns, "the rerun was not logged"
-    assert "InternalError" in reruns[0].getMessage()
+    await create_route(api, imap_route("example", "example.com"))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(kubeconfig_text(str(emulator.url), CONTROLLER_TOKEN))
+    token = tmp_path / "push-token"
+    token.write_text(PUSH_TOKEN + "\n")
+    port = mailservers.free_port()
+    argv = ["controller", f"--kubeconfig={kubeconfig}", f"--token-file={token}", "--health="]
+    argv += [f"--namespace={CONTROLLER_NAMESPACE}", f"--watch-namespace={NAMESPACE}"]
+    argv += ["--listen-address=127.0.0.1", f"--listen-port={port}"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailgress.cli", *argv, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        # Accepted is written after the first compilation, long after the push port is bound.
+        await eventually(lambda: is_(emulator, "example", "Accepted", "True", "Accepted"), "compiled")
+        async with contextlib.AsyncExitStack() as stack:
+            proxies = [await stack.enter_async_context(FakeProxy(name, port)) for name in PROXIES]
+            await eventually(
+                lambda: is_(emulator, "example", "Programmed", "True", "Programmed"), "programmed"
+            )
+            stored = snapshot_of(emulator)
+            emulator.fail()
+            async with asyncio.timeout(WAIT_SECONDS):
+                _, err = await process.communicate()
+        assert emulator.failed, "the watch ended with a 500 ERROR event"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == operator.EXIT_RESTART
+    log = err.decode()
+    assert "Traceback" not in log
+    [line] = [line for line in log.splitlines() if " ERROR " in line]
+    assert f"ERROR {operator.__name__}: the operator stopped on an error: " in line
+    assert "InternalError" in line
+    assert line.endswith("the proxies keep serving their tables; the controller exits to be restarted")
+    for proxy in proxies:
+        assert proxy.tables and all(route_names(table) == ["mail/example"] for table in proxy.tables)
+    assert snapshot_of(emulator) == stored and stored is not None and "mail/example" in stored
