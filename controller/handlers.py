@@ -716,7 +716,9 @@ def register(registry: kopf.OperatorRegistry, wiring: Wiring) -> None:
     def endpointslice_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
         view = endpoints.slice_view(body)
         if view is None:
-            return {}
+            # Left out of the table (no Service label, say), yet seen: the sync gate lists every
+            # slice and must not wait for this one for ever (review T3).
+            return sightings.indexed(SLICES_INDEX, body, {})
         # An address no proxy could dial is left out of the table (it would be refused whole);
         # the Service's owner learns why here, once per address, not on every slice event.
         for message in ignored_addresses.report(view):

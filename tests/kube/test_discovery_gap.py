@@ -31,6 +31,7 @@ from tests.kube.conftest import (
     eventually,
     imap_route,
     serving,
+    slice_body,
     snapshot_of,
 )
 from tests.kube.emulator import Emulator
@@ -191,4 +192,25 @@ async def test_objects_still_missing_exit_the_controller_and_the_restart_serves_
     async with fake_proxies(controller) as proxies:
         await eventually(lambda: serving_the_route(proxies), "the route published after the restart")
         assert all(len(proxy.tables) == 1 for proxy in proxies), "a table without the route went out"
+        assert endpoints_of(proxies[0].latest) == ["10.0.0.1:10143"]
+
+
+async def test_an_endpointslice_of_no_service_does_not_hold_the_gate(
+    emulator: GapEmulator, api: Api, controller_runner: ControllerRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review T3: a slice without the kubernetes.io/service-name label (a hand-made one) is left
+    out of the index, and its uid was never recorded as seen: the gate, which lists every slice,
+    waited for it, published nothing and the controller exited, at every restart."""
+    await create_crd(api)
+    await create_proxy_pods(api)
+    await create_backend(api, "dovecot", ["10.0.0.1"])
+    await create_route(api, imap_route("example", "example.com"))
+    unlabelled = slice_body("manual", ["10.0.0.9"])
+    del unlabelled["metadata"]["labels"]
+    namespace = unlabelled["metadata"]["namespace"]
+    await api.create(f"{SLICES_GROUP_PATH}/namespaces/{namespace}/endpointslices", unlabelled)
+    monkeypatch.setattr(handlers, "GATE_GIVE_UP_SECONDS", 0.0)  # give up at the first look
+    controller = await controller_runner.start()
+    async with fake_proxies(controller) as proxies:
+        await eventually(lambda: serving_the_route(proxies), "the route published")
         assert endpoints_of(proxies[0].latest) == ["10.0.0.1:10143"]
