@@ -780,6 +780,21 @@ def test_a_verified_login_goes_in_with_xclient_login_where_the_backend_offers_au
     assert feed(login, *POSTFIX_XCLIENT_EHLO) == [LoginSucceeded(smtp.REPLY_AUTH_SUCCEEDED)]
 
 
+def without_xclient_login(
+    verified: bool, config: BackendConfig, ehlo: list[bytes], xclient: bytes | None
+) -> tuple[smtp.BackendLogin, list[Command]]:
+    """A submission backend login through the greeting, the EHLO ``ehlo`` and the XCLIENT the
+    route asks for (``xclient``: its line, None for none): the machine and all it sent, no LOGIN=
+    among it."""
+    login = verified_login(config) if verified else submission_login(config)
+    wire = feed(login, b"220 mx", *ehlo)
+    if xclient is not None:
+        assert wire[-1] == Send(xclient + b"\r\n")
+        wire += feed(login, b"220 mx", *ehlo)
+    assert b"LOGIN=" not in sent(wire)
+    return login, wire
+
+
 @pytest.mark.parametrize(
     ("verified", "config", "ehlo", "xclient"),
     [
@@ -797,12 +812,7 @@ def test_auth_plain_only_where_xclient_login_is_not_available(
     verified: bool, config: BackendConfig, ehlo: list[bytes], xclient: bytes | None
 ) -> None:
     """AUTH PLAIN, with the password the service granted (here the client's), and no LOGIN=."""
-    login = verified_login(config) if verified else submission_login(config)
-    wire = feed(login, b"220 mx", *ehlo)
-    if xclient is not None:
-        assert wire[-1] == Send(xclient + b"\r\n")
-        wire += feed(login, b"220 mx", *ehlo)
-    assert b"LOGIN=" not in sent(wire)
+    login, wire = without_xclient_login(verified, config, ehlo, xclient)
     assert wire[-1] == Send(AUTH_LINE)
     assert feed(login, b"235 2.7.0 Authentication successful") == [
         LoginSucceeded(reply=b"235 2.7.0 Authentication successful\r\n")
@@ -840,12 +850,7 @@ def test_no_xclient_login_without_a_verified_login_and_a_backend_that_takes_it(
     """Only a login an auth_http service accepted goes in by XCLIENT LOGIN, and only in the
     XCLIENT the route asks for: otherwise a backend without AUTH PLAIN fails the attempt (the
     client hears the temporary failure), however right or wrong the password."""
-    login = verified_login(config) if verified else submission_login(config)
-    wire = feed(login, b"220 mx", *ehlo)
-    if xclient is not None:
-        assert wire[-1] == Send(xclient + b"\r\n")
-        wire += feed(login, b"220 mx", *ehlo)
-    assert b"LOGIN=" not in sent(wire)
+    _, wire = without_xclient_login(verified, config, ehlo, xclient)
     assert wire[-1] == BackendFailed("backend does not offer AUTH PLAIN")
 
 
