@@ -272,6 +272,11 @@ async def assert_alpha_kept(emulator: Emulator, proxies: list[FakeProxy]) -> Non
     assert programmed(emulator, "alpha", OTHER_NAMESPACE)
 
 
+async def both_programmed(emulator: Emulator) -> None:
+    await eventually(lambda: programmed(emulator, "alpha", OTHER_NAMESPACE), "team-x's route Programmed")
+    await eventually(lambda: programmed(emulator, "misc", NAMESPACE), "mail's route Programmed")
+
+
 async def test_an_older_route_edited_to_claim_a_served_domain_does_not_take_it(
     emulator: Emulator,
     api: Api,
@@ -285,10 +290,7 @@ async def test_an_older_route_edited_to_claim_a_served_domain_does_not_take_it(
     try:
         controller = await runner.start()
         async with fake_proxies(controller) as proxies:
-            await eventually(
-                lambda: programmed(emulator, "alpha", OTHER_NAMESPACE), "team-x's route Programmed"
-            )
-            await eventually(lambda: programmed(emulator, "misc", NAMESPACE), "mail's route Programmed")
+            await both_programmed(emulator)
             await api.patch(route_path("misc"), {"spec": {"domains": GRAB_DOMAINS}})
             await assert_alpha_kept(emulator, proxies)
     finally:
@@ -308,10 +310,7 @@ async def test_a_restarted_controller_keeps_a_served_domain_with_its_route(
     try:
         controller = await runner.start()
         async with fake_proxies(controller) as proxies:
-            await eventually(
-                lambda: programmed(emulator, "alpha", OTHER_NAMESPACE), "team-x's route Programmed"
-            )
-            await eventually(lambda: programmed(emulator, "misc", NAMESPACE), "mail's route Programmed")
+            await both_programmed(emulator)
             served = proxies[0].latest.version if proxies[0].latest else ""
             await eventually(
                 lambda: table.from_json(snapshot_of(emulator) or "").version == served, "snapshot"
