@@ -440,6 +440,7 @@ class RouteGate:
         # object missing for long says kopf does not watch its kind; under churn, each LIST
         # may find another one just created, which kopf indexes a watch event later.
         self._missing_since: dict[str, float] = {}
+        self._forbidden: set[tuple[str, str]] = set()  # (index, namespace) refused, logged once
 
     def wake(self) -> None:
         """A resource handler ran (on kopf's loop): list again now, if the gate is still closed."""
@@ -471,6 +472,24 @@ class RouteGate:
                 async with asyncio.timeout(self._retry):
                     await self._woken.wait()
 
+    async def _listed(self, listing: Listing, namespace: str | None) -> frozenset[str]:
+        """The uids a LIST of ``listing`` in ``namespace`` finds. A served namespace whose LIST
+        is forbidden lists none: deleted after install, it took its Role with it, and kopf,
+        refused the same, indexes nothing there either, so waiting for it would hold every
+        table back for ever (review T3). A forbidden LIST of every namespace is a failure: it
+        says the release's RBAC is broken, and taking it as empty would publish no route."""
+        try:
+            return await self._lister.list_uids(
+                listing.kind, namespace, listing.label_selector, listing.field_selector
+            )
+        except reconciler.ForbiddenError as error:
+            if namespace is None:
+                raise
+            if (listing.index, namespace) not in self._forbidden:
+                self._forbidden.add((listing.index, namespace))
+                log.warning("%s: taken as none, as kopf's watch there is refused too", error)
+            return frozenset()
+
     async def _unindexed(self, now: float) -> tuple[str | None, bool]:
         """Why the gate stays closed (None: every object listed is indexed), and whether it is
         that listed objects are missing from their index (else a LIST failed, which leaves the
@@ -480,9 +499,7 @@ class RouteGate:
             for listing in self._listings:
                 listed: set[str] = set()
                 for namespace in self._scopes:
-                    listed |= await self._lister.list_uids(
-                        listing.kind, namespace, listing.label_selector, listing.field_selector
-                    )
+                    listed |= await self._listed(listing, namespace)
                 missing[listing.kind[-1]] = listed - self._sightings.uids(listing.index)
         except reconciler.ClusterError as error:
             return f"listing {listing.kind[-1]} failed, trying again in {self._retry:.0f} s: {error}", False

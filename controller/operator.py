@@ -375,10 +375,6 @@ def _ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLConte
 # The reconciler's API writes
 
 
-class ForbiddenError(reconciler.ClusterError):
-    """HTTP 403: no RBAC rule grants the request, or an admission check refused it."""
-
-
 # At most this much of the API server's explanation of a refusal (a metav1.Status message: the
 # object, the field and the rule; an admission webhook's own words) goes into an error.
 MAX_REFUSAL_MESSAGE = 300
@@ -560,7 +556,7 @@ class KubeApi:
         except (aiohttp.ClientError, TimeoutError) as error:
             raise reconciler.ClusterUnavailableError(f"{method} {path}: {error!r}") from error
         if status == 403:
-            raise ForbiddenError(f"{method} {path}: HTTP {status}{_refusal(content)}")
+            raise reconciler.ForbiddenError(f"{method} {path}: HTTP {status}{_refusal(content)}")
         if status >= 500 or status in (401, 429):
             raise reconciler.ClusterUnavailableError(f"{method} {path}: HTTP {status}")
         return status, content
@@ -676,7 +672,7 @@ class KubeApi:
             }
             try:
                 code, _ = await self._call("POST", base, created, "application/json")
-            except ForbiddenError as error:
+            except reconciler.ForbiddenError as error:
                 # The same words at every retry: the reconciler logs a repeated failure once.
                 raise reconciler.ClusterError(
                     f"the Secret {self._secret} does not exist in {self._namespace} and creating it "
@@ -736,7 +732,7 @@ class KubeApi:
         # goes on; an unavailable API still ends it.
         try:
             code, content = await self._call("POST", path, event, "application/json")
-        except ForbiddenError as error:
+        except reconciler.ForbiddenError as error:
             refused = str(error)
         else:
             if code < 300:
@@ -756,7 +752,7 @@ class KubeApi:
         body = {"count": count, "lastTimestamp": now}
         try:
             code, content = await self._call("PATCH", path, body, "application/merge-patch+json")
-        except ForbiddenError as error:
+        except reconciler.ForbiddenError as error:
             first = self._events.patch_forbidden(namespace)
             log.log(
                 logging.WARNING if first else logging.DEBUG,

@@ -187,6 +187,10 @@ class ClusterError(Exception):
     retry may not be refused), or it is unavailable (the subclass below)."""
 
 
+class ForbiddenError(ClusterError):
+    """HTTP 403: no RBAC rule grants the request, or an admission check refused it."""
+
+
 class ClusterUnavailableError(ClusterError):
     """The API server cannot be reached or answers no request of ours now (network trouble, a
     timeout, 401, 429, 5xx): every other call would fail too, so a status sweep stops here."""

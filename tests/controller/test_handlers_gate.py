@@ -157,3 +157,35 @@ async def test_a_failed_list_keeps_it_closed_until_one_works(
     problems = warnings(caplog)
     assert len(problems) == 1 and "HTTP 503" in problems[0], "logged once per problem"
     assert [call[1] for call in lister.calls][-6:] == ["mail", "team-x"] * 3, "each served namespace"
+
+
+async def test_a_served_namespace_whose_list_is_forbidden_lists_nothing(
+    sightings: handlers.Sightings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review T3: a served namespace deleted after install took its Role with it; every LIST
+    there got 403 and the gate stayed shut for ever (kopf, refused the same, indexes nothing
+    there). Its listings count as empty, said once per kind; the other namespaces still count."""
+    index(sightings, ROUTES, "r1", "r1")
+    lister = FakeLister({(ROUTE_KIND, "mail"): {"r1"}})
+    for kind, _ in KINDS:
+        lister.errors[(kind, "gone")] = reconciler.ForbiddenError("GET: HTTP 403: forbidden in gone")
+    async with running(Gate(sightings, lister, frozenset({"gone", "mail"}))) as gate:
+        gate.gate.wake()
+        async with asyncio.timeout(WAIT_SECONDS):
+            await gate.opened.wait()
+    assert gate.reasons == []
+    assert len([problem for problem in warnings(caplog) if "HTTP 403" in problem]) == len(KINDS)
+
+
+async def test_a_forbidden_list_of_every_namespace_keeps_it_closed(sightings: handlers.Sightings) -> None:
+    """Taken as empty, it would publish a table without any route: the release's RBAC is broken."""
+    lister = FakeLister({})
+    lister.errors[(ROUTE_KIND, None)] = reconciler.ForbiddenError("GET: HTTP 403: forbidden")
+    async with running(Gate(sightings, lister, None)) as gate:
+        count = len(lister.calls)
+        gate.gate.wake()
+        await wait_for_calls(lister, count + 1)
+        count = len(lister.calls)
+        gate.gate.wake()
+        await wait_for_calls(lister, count + 1)
+        assert not gate.opened.is_set() and gate.reasons == []

@@ -196,7 +196,7 @@ async def test_a_patch_forbidden_in_one_namespace_aggregates_on_in_the_others(
 
     async def policy(method: str, path: str, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
         if denied["team-x"] and method == "PATCH" and path.startswith("/api/v1/namespaces/team-x/events/"):
-            raise operator.ForbiddenError(f"{method} {path}: HTTP 403: denied in team-x")
+            raise reconciler.ForbiddenError(f"{method} {path}: HTTP 403: denied in team-x")
         return await real_call(method, path, *args, **kwargs)
 
     monkeypatch.setattr(writer, "_call", policy)

@@ -50,7 +50,7 @@ async def test_the_selected_objects_of_a_namespace_or_of_all(
 async def test_a_refused_list_is_a_refusal(kube_api: tuple[Emulator, operator.KubeApi]) -> None:  # noqa: F811
     emulator, api = kube_api
     emulator.forbidden["writer-token"] = {Access(verb="list", resource="services")}
-    with pytest.raises(operator.ForbiddenError, match="HTTP 403"):
+    with pytest.raises(reconciler.ForbiddenError, match="HTTP 403"):
         await api.list_uids(handlers.SERVICES, "mail")
 
 
