@@ -80,6 +80,15 @@ async def running(gate: Gate) -> AsyncIterator[Gate]:
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def looks_twice(gate: Gate, lister: FakeLister, calls: int) -> None:
+    """Wake the gate twice, each time waiting for the ``calls`` LISTs one look makes (a failed
+    LIST ends a look early)."""
+    for _ in range(2):
+        count = len(lister.calls)
+        gate.gate.wake()
+        await wait_for_calls(lister, count + calls)
+
+
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
 
@@ -142,12 +151,7 @@ async def test_a_failed_list_keeps_it_closed_until_one_works(
     lister = FakeLister({(ROUTE_KIND, "mail"): {"r1"}, (ROUTE_KIND, "team-x"): set()})
     lister.errors[(ROUTE_KIND, "team-x")] = reconciler.ClusterUnavailableError("GET mailroutes: HTTP 503")
     async with running(Gate(sightings, lister, frozenset({"team-x", "mail"}))) as gate:
-        count = len(lister.calls)
-        gate.gate.wake()
-        await wait_for_calls(lister, count + 2)
-        count = len(lister.calls)
-        gate.gate.wake()
-        await wait_for_calls(lister, count + 2)
+        await looks_twice(gate, lister, 2)
         assert not gate.opened.is_set()
         assert gate.reasons == [], "a failed LIST says nothing of kopf's watch"
         del lister.errors[(ROUTE_KIND, "team-x")]
@@ -182,10 +186,5 @@ async def test_a_forbidden_list_of_every_namespace_keeps_it_closed(sightings: ha
     lister = FakeLister({})
     lister.errors[(ROUTE_KIND, None)] = reconciler.ForbiddenError("GET: HTTP 403: forbidden")
     async with running(Gate(sightings, lister, None)) as gate:
-        count = len(lister.calls)
-        gate.gate.wake()
-        await wait_for_calls(lister, count + 1)
-        count = len(lister.calls)
-        gate.gate.wake()
-        await wait_for_calls(lister, count + 1)
+        await looks_twice(gate, lister, 1)
         assert not gate.opened.is_set() and gate.reasons == []
